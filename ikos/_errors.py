@@ -1,0 +1,202 @@
+"""The one exception tree of ikos.
+
+Every error ikos raises derives from :class:`IkosError`. Errors carry what a
+user needs to act on them (daemon name, pid, file and key) and survive
+pickling, because they cross process boundaries: an actor's failure is
+raised again in the process that asked it.
+
+::
+
+    IkosError
+    ├── ConfigError              a bad ikos.toml entry (file, table, key, expected)
+    │   └── SpecError            an invalid child or supervisor specification
+    ├── ActorError               something went wrong talking to an actor
+    │   ├── ActorDeadError       the actor is not running, or stopped before answering
+    │   ├── ActorCrashed         receive() raised while handling your ask
+    │   ├── AskTimeout           no answer within the timeout (also a TimeoutError)
+    │   ├── MailboxFull          the mailbox stayed full for the whole timeout
+    │   └── MessageTooLarge      the encoded message exceeds the frame limit
+    ├── AuthenticationError      a peer failed the HMAC challenge
+    ├── SpawnError               a process could not be started (daemon, field, reason)
+    └── ManagerError             the manager refused or failed a request
+        ├── ManagerUnavailable   no manager answers on the control socket
+        ├── NoSuchDaemon         no daemon, actor or supervisor by that name
+        └── PermissionDenied     the caller may read but not control
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class IkosError(Exception):
+    """Root of every error raised by ikos.
+
+    Subclasses store their constructor arguments in ``self.args`` in order, so
+    that the default pickling of exceptions rebuilds them in another process.
+    """
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), self.args)
+
+
+class ConfigError(IkosError):
+    """A configuration entry is invalid.
+
+    ``file``, ``table`` and ``key`` locate the entry; ``expected`` says what
+    was expected and ``got`` what was found.
+    """
+
+    def __init__(
+        self,
+        file: str | None,
+        table: str | None,
+        key: str | None,
+        expected: str,
+        got: object = None,
+    ) -> None:
+        super().__init__(file, table, key, expected, got)
+        self.file, self.table, self.key = file, table, key
+        self.expected, self.got = expected, got
+
+    def __str__(self) -> str:
+        where = []
+        if self.file:
+            where.append(str(self.file))
+        if self.table:
+            where.append(f"[{self.table}]")
+        if self.key:
+            where.append(f"key '{self.key}'")
+        loc = " ".join(where) or "configuration"
+        text = f"{loc}: expected {self.expected}"
+        if self.got is not None:
+            text += f", got {self.got!r}"
+        return text
+
+
+class SpecError(ConfigError):
+    """A supervision-tree specification is invalid.
+
+    ``path`` is the chain of supervisor names down to the offending child,
+    e.g. ``"root/workers/echo"``.
+    """
+
+    def __init__(self, path: str, key: str | None, expected: str, got: object = None) -> None:
+        IkosError.__init__(self, path, key, expected, got)
+        self.file, self.table, self.key = None, path, key
+        self.expected, self.got = expected, got
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.path, self.key, self.expected, self.got))
+
+    def __str__(self) -> str:
+        text = f"{self.path}"
+        if self.key:
+            text += f": {self.key}"
+        text += f": expected {self.expected}"
+        if self.got is not None:
+            text += f", got {self.got!r}"
+        return text
+
+
+class ActorError(IkosError):
+    """Talking to an actor failed. ``name`` is the actor's name."""
+
+    def __init__(self, name: str, message: str = "") -> None:
+        super().__init__(name, message)
+        self.name = name
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"actor '{self.name}': {self.message}" if self.message else f"actor '{self.name}'"
+
+
+class ActorDeadError(ActorError):
+    """The actor is not running, or stopped before it answered."""
+
+
+class ActorCrashed(ActorError):
+    """``receive`` raised while handling this ask; the actor crashed.
+
+    ``exc_type`` and ``traceback`` describe the exception in the actor.
+    """
+
+    def __init__(self, name: str, message: str = "", exc_type: str = "", traceback: str = "") -> None:
+        IkosError.__init__(self, name, message, exc_type, traceback)
+        self.name, self.message = name, message
+        self.exc_type, self.traceback = exc_type, traceback
+
+
+class AskTimeout(ActorError, TimeoutError):
+    """No answer came within the ask's timeout."""
+
+
+class MailboxFull(ActorError):
+    """The actor's mailbox stayed full for the whole send timeout."""
+
+
+class MessageTooLarge(ActorError):
+    """The encoded message is larger than the frame limit."""
+
+    def __init__(self, name: str, size: int, limit: int) -> None:
+        IkosError.__init__(self, name, size, limit)
+        self.name, self.size, self.limit = name, size, limit
+        self.message = f"message of {size} bytes exceeds the limit of {limit} bytes"
+
+
+class AuthenticationError(IkosError):
+    """A peer failed the HMAC challenge, or the secret could not be read."""
+
+
+class SpawnError(IkosError):
+    """A process could not be started: ``daemon`` names it, ``field`` the cause."""
+
+    def __init__(self, daemon: str, field: str | None, reason: str) -> None:
+        super().__init__(daemon, field, reason)
+        self.daemon, self.field, self.reason = daemon, field, reason
+
+    def __str__(self) -> str:
+        where = f"daemon '{self.daemon}'" + (f", field '{self.field}'" if self.field else "")
+        return f"{where}: {self.reason}"
+
+
+class ManagerError(IkosError):
+    """The manager refused or failed a request. ``code`` is the protocol error code."""
+
+    code = "failed"
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message, code)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ManagerUnavailable(ManagerError):
+    """No manager answers on the control socket."""
+
+    code = "unavailable"
+
+
+class NoSuchDaemon(ManagerError):
+    """No daemon, actor, supervisor or service by that name."""
+
+    code = "no_such_daemon"
+
+
+class PermissionDenied(ManagerError):
+    """The caller is neither root nor the instance's owner, and asked to control."""
+
+    code = "permission_denied"
+
+
+def error_for_code(code: str, message: str) -> ManagerError:
+    """Map a control-protocol error code back to its exception class."""
+    for cls in (ManagerUnavailable, NoSuchDaemon, PermissionDenied):
+        if cls.code == code:
+            return cls(message)
+    return ManagerError(message, code)

@@ -1,0 +1,331 @@
+"""Specifications of a supervision tree: what to run, not how it runs.
+
+``Child`` (an actor), ``Exec`` (an external executable) and ``Supervisor``
+are plain immutable values. They are validated up front, as OTP's
+``supervisor:check_childspecs`` does, with errors that name the path from
+the root to the offending child and the offending value, so that a bad tree
+is refused before anything starts. Equality of specs is what a configuration
+reload uses to decide which children changed.
+
+The runtime (``ikos.supervision._runtime``) turns these values into running
+processes; keeping the two apart lets the config loader, the reload diff and
+the tests handle trees without starting anything.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeAlias, cast
+
+from ikos._errors import SpecError
+
+RestartType: TypeAlias = Literal["permanent", "transient", "temporary"]
+Strategy: TypeAlias = Literal["one_for_one", "one_for_all", "rest_for_one", "simple_one_for_one"]
+Shutdown: TypeAlias = float | Literal["brutal_kill", "infinity"]
+
+RESTART_TYPES: tuple[str, ...] = ("permanent", "transient", "temporary")
+STRATEGIES: tuple[str, ...] = ("one_for_one", "one_for_all", "rest_for_one", "simple_one_for_one")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
+NAME_RULE = "a name of 1-64 characters: letters, digits, '_', '.', '@', '-', not starting with a symbol"
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential back-off between restarts, as Akka's BackoffSupervisor computes it.
+
+    The n-th consecutive restart waits ``min(max, min * 2**n) * (1 + u * random_factor)``
+    seconds for a uniform ``u`` in [0, 1). The count returns to zero once the
+    child has run for ``reset_after`` seconds (Akka's auto-reset; defaults to
+    ``min``, as Akka's does).
+    """
+
+    min: float = 0.1
+    max: float = 10.0
+    random_factor: float = 0.2
+    reset_after: float | None = None
+
+    @property
+    def reset_period(self) -> float:
+        """Seconds of stable running after which the back-off count resets."""
+        return self.min if self.reset_after is None else self.reset_after
+
+
+@dataclass(frozen=True)
+class _ChildBase:
+    """Fields every kind of child has."""
+
+    name: str
+    restart: RestartType = "permanent"
+    shutdown: Shutdown = 5.0
+    requires: tuple[str, ...] = ()
+    after: tuple[str, ...] = ()
+    description: str = ""
+
+
+@dataclass(frozen=True, eq=True)
+class Child(_ChildBase):
+    """An actor child: ``actor`` is an :class:`ikos.Actor` subclass or ``"pkg.mod:Class"``.
+
+    Example::
+
+        Child("echo", Echo, restart="transient", shutdown=2.0, args=(1,))
+    """
+
+    actor: Any = None
+    args: tuple[Any, ...] = ()
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    mailbox_size: int = 1000
+    start_timeout: float = 30.0
+    backoff: Backoff | None = None
+
+    def __init__(
+        self,
+        name: str,
+        actor: Any,
+        restart: RestartType = "permanent",
+        shutdown: Shutdown = 5.0,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        requires: Sequence[str] = (),
+        after: Sequence[str] = (),
+        description: str = "",
+        mailbox_size: int = 1000,
+        start_timeout: float = 30.0,
+        backoff: Backoff | None = None,
+    ) -> None:
+        _set(self, name=name, actor=actor, restart=restart, shutdown=shutdown)
+        _set(self, args=tuple(args), kwargs=dict(kwargs or {}), requires=tuple(requires))
+        _set(self, after=tuple(after), description=description, mailbox_size=mailbox_size)
+        _set(self, start_timeout=start_timeout, backoff=backoff)
+
+    @property
+    def actor_path(self) -> str:
+        """``module:qualname`` of the actor class (for display and the fork server)."""
+        if isinstance(self.actor, str):
+            return self.actor
+        return f"{self.actor.__module__}:{self.actor.__qualname__}"
+
+
+@dataclass(frozen=True, eq=True)
+class Exec(_ChildBase):
+    """An external executable supervised like any child.
+
+    ``fields`` are those of the design's ``daemon_config_t`` and the contract
+    (``args``, ``environment``, ``working_directory``, ``type``, ``stdout``...).
+    """
+
+    executable: str = ""
+    fields: Mapping[str, Any] = field(default_factory=dict)
+    start_timeout: float = 30.0
+    backoff: Backoff | None = None
+
+    def __init__(
+        self,
+        name: str,
+        executable: str,
+        *,
+        restart: RestartType = "permanent",
+        shutdown: Shutdown = 5.0,
+        requires: Sequence[str] = (),
+        after: Sequence[str] = (),
+        description: str = "",
+        start_timeout: float = 30.0,
+        backoff: Backoff | None = None,
+        **fields: Any,
+    ) -> None:
+        _set(self, name=name, executable=executable, restart=restart, shutdown=shutdown)
+        _set(self, requires=tuple(requires), after=tuple(after), description=description)
+        _set(self, start_timeout=start_timeout, backoff=backoff, fields=dict(fields))
+
+
+@dataclass(frozen=True, eq=True)
+class Supervisor(_ChildBase):
+    """A supervisor: runs ``children`` under ``strategy`` with OTP's restart intensity.
+
+    More than ``max_restarts`` restarts within ``within`` seconds make it stop
+    its children in reverse start order and fail to its parent. With
+    ``simple_one_for_one``, ``children`` holds exactly one template child and
+    instances are added at run time.
+
+    Example::
+
+        Supervisor("root", strategy="one_for_all", max_restarts=3, within=10,
+                   children=[Child("db", Db), Child("api", Api, requires=["db"])])
+    """
+
+    strategy: Strategy = "one_for_one"
+    max_restarts: int = 1
+    within: float = 5.0
+    children: tuple[Child | Exec | Supervisor, ...] = ()
+    backoff: Backoff | None = None
+
+    def __init__(
+        self,
+        name: str,
+        strategy: Strategy = "one_for_one",
+        max_restarts: int = 1,
+        within: float = 5.0,
+        children: Sequence[Child | Exec | Supervisor] = (),
+        *,
+        restart: RestartType = "permanent",
+        shutdown: Shutdown = "infinity",
+        requires: Sequence[str] = (),
+        after: Sequence[str] = (),
+        description: str = "",
+        backoff: Backoff | None = None,
+    ) -> None:
+        _set(self, name=name, strategy=strategy, max_restarts=max_restarts, within=within)
+        _set(self, children=tuple(children), restart=restart, shutdown=shutdown)
+        _set(self, requires=tuple(requires), after=tuple(after), description=description)
+        _set(self, backoff=backoff)
+
+    def walk(self, path: str = "") -> Iterator[tuple[str, Child | Exec | Supervisor]]:
+        """Yield ``(path, spec)`` for this supervisor and every descendant, depth first."""
+        here = f"{path}/{self.name}" if path else self.name
+        yield here, self
+        for child in self.children:
+            if isinstance(child, Supervisor):
+                yield from child.walk(here)
+            else:
+                yield f"{here}/{child.name}", child
+
+
+AnySpec: TypeAlias = Child | Exec | Supervisor
+
+
+def _set(obj: object, **values: Any) -> None:
+    for key, value in values.items():
+        object.__setattr__(obj, key, value)
+
+
+def resolve_actor_class(ref: Any) -> type:
+    """Import ``"pkg.mod:Class"`` (or return a class as is)."""
+    if not isinstance(ref, str):
+        return cast(type, ref)
+    module_name, sep, qualname = ref.partition(":")
+    if not sep or not module_name or not qualname:
+        raise ValueError(f"expected 'package.module:Class', got {ref!r}")
+    obj: Any = importlib.import_module(module_name)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    if not isinstance(obj, type):
+        raise ValueError(f"{ref!r} is not a class")
+    return cast(type, obj)
+
+
+def _check_common(path: str, spec: AnySpec) -> None:
+    if not isinstance(spec.name, str) or not NAME_RE.match(spec.name):
+        raise SpecError(path, "name", NAME_RULE, spec.name)
+    if spec.restart not in RESTART_TYPES:
+        raise SpecError(path, "restart", "one of " + ", ".join(RESTART_TYPES), spec.restart)
+    sd = spec.shutdown
+    if not (
+        sd in ("brutal_kill", "infinity")
+        or (isinstance(sd, int | float) and not isinstance(sd, bool) and sd >= 0 and math.isfinite(sd))
+    ):
+        raise SpecError(path, "shutdown", "seconds >= 0, 'brutal_kill' or 'infinity'", sd)
+    for key in ("requires", "after"):
+        names = getattr(spec, key)
+        if not all(isinstance(n, str) and n for n in names):
+            raise SpecError(path, key, "a list of child names", list(names))
+        if spec.name in names:
+            raise SpecError(path, key, "names other than the child itself", spec.name)
+    if spec.backoff is not None:
+        _check_backoff(path, spec.backoff)
+
+
+def _check_backoff(path: str, b: Backoff) -> None:
+    if not isinstance(b, Backoff):
+        raise SpecError(path, "backoff", "an ikos.Backoff", b)
+    if not (_number(b.min) and b.min > 0):
+        raise SpecError(path, "backoff.min", "seconds > 0", b.min)
+    if not (_number(b.max) and b.max >= b.min):
+        raise SpecError(path, "backoff.max", f"seconds >= backoff.min ({b.min})", b.max)
+    if not (_number(b.random_factor) and b.random_factor >= 0):
+        raise SpecError(path, "backoff.random_factor", "a number >= 0", b.random_factor)
+    if b.reset_after is not None and not (_number(b.reset_after) and b.reset_after >= 0):
+        raise SpecError(path, "backoff.reset_after", "seconds >= 0", b.reset_after)
+
+
+def _number(x: object) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def validate_child(path: str, spec: AnySpec) -> None:
+    """Validate one child spec (not its descendants); raise :class:`SpecError`."""
+    if isinstance(spec, Supervisor):
+        _check_common(path, spec)
+        if spec.strategy not in STRATEGIES:
+            raise SpecError(path, "strategy", "one of " + ", ".join(STRATEGIES), spec.strategy)
+        mr = spec.max_restarts
+        if not (isinstance(mr, int) and not isinstance(mr, bool) and mr >= 0):
+            raise SpecError(path, "max_restarts", "an integer >= 0", mr)
+        if not (_number(spec.within) and spec.within > 0):
+            raise SpecError(path, "within", "seconds > 0", spec.within)
+        if spec.strategy == "simple_one_for_one":
+            if len(spec.children) != 1 or isinstance(spec.children[0], Supervisor):
+                raise SpecError(
+                    path, "children", "exactly one template Child or Exec for simple_one_for_one"
+                )
+        return
+    if isinstance(spec, Child):
+        _check_common(path, spec)
+        from ikos.actors._actor import Actor  # lower layer: supervision builds on actors
+
+        try:
+            cls = resolve_actor_class(spec.actor)
+        except (ImportError, AttributeError, ValueError) as exc:
+            raise SpecError(path, "actor", "an importable ikos.Actor subclass", f"{spec.actor}: {exc}")
+        if not (isinstance(cls, type) and issubclass(cls, Actor)):
+            raise SpecError(path, "actor", "a subclass of ikos.Actor", spec.actor)
+        ms = spec.mailbox_size
+        if not (isinstance(ms, int) and not isinstance(ms, bool) and ms >= 1):
+            raise SpecError(path, "mailbox_size", "an integer >= 1", ms)
+        if not (_number(spec.start_timeout) and spec.start_timeout > 0):
+            raise SpecError(path, "start_timeout", "seconds > 0", spec.start_timeout)
+        return
+    if isinstance(spec, Exec):
+        _check_common(path, spec)
+        if not isinstance(spec.executable, str) or not spec.executable:
+            raise SpecError(path, "executable", "a path to an executable", spec.executable)
+        return
+    raise SpecError(path, None, "an ikos.Child, ikos.Exec or ikos.Supervisor", type(spec).__name__)
+
+
+def validate_tree(root: object) -> Supervisor:
+    """Validate a whole tree: every spec, unique names tree-wide, known dependencies.
+
+    Returns the tree typed as a :class:`Supervisor`; raises :class:`SpecError`
+    naming the path of the first problem found.
+    """
+    if not isinstance(root, Supervisor):
+        raise SpecError("<tree>", None, "an ikos.Supervisor as the root", type(root).__name__)
+    seen: dict[str, str] = {}
+    specs: list[tuple[str, AnySpec]] = []
+
+    def visit(path: str, spec: object) -> None:
+        if not isinstance(spec, Child | Exec | Supervisor):
+            raise SpecError(path, None, "an ikos.Child, ikos.Exec or ikos.Supervisor", repr(spec))
+        here = f"{path}/{spec.name}" if path else str(spec.name)
+        validate_child(here, spec)
+        if spec.name in seen:
+            raise SpecError(here, "name", f"a name unique in the tree (also at {seen[spec.name]})",
+                            spec.name)
+        seen[spec.name] = here
+        specs.append((here, spec))
+        if isinstance(spec, Supervisor):
+            for child in spec.children:
+                visit(here, child)
+
+    visit("", root)
+    for here, spec in specs:
+        for key in ("requires", "after"):
+            for dep in getattr(spec, key):
+                if dep not in seen:
+                    raise SpecError(here, key, "the name of a child in the tree", dep)
+    return root
