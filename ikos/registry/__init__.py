@@ -1,0 +1,1 @@
+"""The service registry, service discovery and the dependency graph of the tree."""
