@@ -1,0 +1,1 @@
+"""The manager, ikosd: event loop, control socket, configuration loading, state."""

@@ -1,0 +1,857 @@
+"""Load ``ikos.toml``: turn a configuration file into a validated supervision tree.
+
+:func:`load_config` is a pure function from a file (and, when ``ikosd`` also
+got ``--tree``, a Python :class:`~ikos.supervision._spec.Supervisor`) to a
+:class:`LoadedConfig`: the tree as plain spec values, the manager's own
+settings and the warnings to show. Nothing is started here, so ``ikosd``, a
+reload (which diffs two trees) and the tests all use the same code.
+
+Main design choice: each table is read key by key through a few typed
+readers that know the file and the table, so a bad entry fails with a
+:class:`~ikos._errors.ConfigError` naming file, table, key, what was expected
+and what was found; then the assembled tree goes through the same
+``validate_tree`` the Python API uses, and its errors, which name a tree path
+(``root/workers/echo``), are mapped back to the table that produced the
+entry (``[actors.echo]``). A schema library (pydantic, jsonschema) was
+rejected: its messages name JSON paths rather than TOML tables, and the
+checks fit on a few screens.
+
+Start order: ``tomllib`` keeps insertion order only inside one table, so the
+order of children of different kinds (``[actors.*]``, ``[executables.*]``,
+``[supervisors.*]``) is recovered from the text: a line scanner records the
+line where each entry is first defined, by a table header or a key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import re
+import resource
+import signal
+import sys
+import tomllib
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, cast
+
+from ikos._errors import ConfigError, SpecError
+from ikos.supervision._spec import (
+    RESTART_TYPES,
+    STRATEGIES,
+    AnySpec,
+    Backoff,
+    Child,
+    Exec,
+    RestartType,
+    Shutdown,
+    Strategy,
+    Supervisor,
+    validate_tree,
+)
+
+__all__ = ["DEFAULT_METRICS", "LoadedConfig", "ManagerSettings", "load_config"]
+
+DEFAULT_METRICS: Final = ("127.0.0.1", 9464)
+LOG_LEVELS: Final = ("debug", "info", "warning", "error", "critical")
+EXEC_TYPES: Final = ("simple", "exec", "forking", "notify", "oneshot")
+#: Largest configuration file read, a guard against pointing ``-c`` at the wrong file.
+MAX_FILE_BYTES: Final = 16 * 1024 * 1024
+#: Deepest nesting of supervisors below the root (recursion elsewhere stays bounded).
+MAX_DEPTH: Final = 100
+
+_TOP_TABLES: Final = ("ikosd", "root", "supervisors", "actors", "executables")
+_KINDS: Final = ("supervisors", "actors", "executables")
+_KIND_NOUN: Final = {"supervisors": "supervisor", "actors": "actor", "executables": "executable"}
+_COMMON_KEYS: Final = ("restart", "shutdown", "requires", "after", "description", "backoff")
+_SETTINGS_KEYS: Final = (
+    "metrics",
+    "log_level",
+    "shutdown_timeout",
+    "mailbox_size",
+    "max_message_bytes",
+)
+_ROOT_KEYS: Final = ("name", "strategy", "max_restarts", "within", "description")
+_SUPERVISOR_KEYS: Final = ("parent", "strategy", "max_restarts", "within", *_COMMON_KEYS)
+_ACTOR_KEYS: Final = (
+    "class",
+    "supervisor",
+    "args",
+    "kwargs",
+    "mailbox_size",
+    "start_timeout",
+    *_COMMON_KEYS,
+)
+_EXEC_SPEC_KEYS: Final = ("executable", "supervisor", "start_timeout", *_COMMON_KEYS)
+_BACKOFF_KEYS: Final = ("min", "max", "random_factor", "reset_after")
+
+
+def _rlimit_names() -> tuple[str, ...]:
+    # One name per setrlimit resource, as ResourceLimits spells its fields:
+    # RLIMIT_NOFILE -> "nofile", RLIMIT_AS -> "as_". Aliases (RLIMIT_OFILE is
+    # RLIMIT_NOFILE on Linux) are dropped so that a limit has one spelling.
+    names: dict[int, str] = {}
+    for attr in sorted(dir(resource)):
+        if attr.startswith("RLIMIT_") and attr != "RLIMIT_OFILE":
+            name = attr[len("RLIMIT_") :].lower()
+            names.setdefault(getattr(resource, attr), "as_" if name == "as" else name)
+    return tuple(sorted(names.values()))
+
+
+RLIMIT_NAMES: Final = _rlimit_names()
+CGROUP_LIMITS: Final = ("memory_max", "cpu_quota", "tasks_max")
+
+
+@dataclass(frozen=True)
+class ManagerSettings:
+    """The ``[ikosd]`` table: settings of the manager itself.
+
+    ``metrics`` is the ``(host, port)`` the Prometheus endpoint listens on, or
+    ``None`` when disabled; ``mailbox_size`` is the default mailbox bound of
+    actors in the file that do not set their own.
+    """
+
+    metrics: tuple[str, int] | None = DEFAULT_METRICS
+    log_level: str = "info"
+    shutdown_timeout: float = 30.0
+    mailbox_size: int = 1000
+    max_message_bytes: int = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class LoadedConfig:
+    """The result of :func:`load_config`.
+
+    ``tree`` is validated; ``warnings`` are human-readable lines (unknown keys
+    and tables), table by table, for the caller to log.
+    """
+
+    file: Path
+    tree: Supervisor
+    settings: ManagerSettings
+    warnings: tuple[str, ...] = ()
+
+
+def load_config(path: str | Path, base_tree: Supervisor | None = None) -> LoadedConfig:
+    """Read ``path`` (TOML) and build the supervision tree and manager settings it describes.
+
+    With ``base_tree`` (``ikosd --tree``), that supervisor is the root: entries
+    without a parent go under it, entries may name its supervisors as parent,
+    and a ``[root]`` table is an error. Raises :class:`~ikos._errors.ConfigError`
+    naming file, table, key and what was expected; unknown keys only produce
+    warnings.
+
+    Example::
+
+        loaded = load_config("/etc/ikos/ikos.toml")
+        for line in loaded.warnings:
+            log.warning("%s", line)
+        ikos.run(loaded.tree)
+    """
+    file = str(path)
+    text = _read_text(file, Path(path))
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise _syntax_error(file, text, exc) from None
+    loader = _Loader(file, text, base_tree)
+    settings = loader.settings(document)
+    tree = loader.tree(document, settings.mailbox_size)
+    return LoadedConfig(Path(path).absolute(), tree, settings, tuple(loader.warnings))
+
+
+# --- reading -------------------------------------------------------------------------------
+
+
+def _read_text(file: str, path: Path) -> str:
+    try:
+        with path.open("rb") as stream:
+            data = stream.read(MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(file, None, None, "a readable configuration file", exc.strerror) from None
+    if len(data) > MAX_FILE_BYTES:
+        raise ConfigError(file, None, None, f"a file of at most {MAX_FILE_BYTES} bytes")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            file, None, None, "UTF-8 text", f"byte {exc.start}: {exc.reason}"
+        ) from None
+
+
+_SYNTAX_POS = re.compile(r"\(at line (\d+), column (\d+)\)")
+
+
+def _syntax_error(file: str, text: str, exc: tomllib.TOMLDecodeError) -> ConfigError:
+    message = str(exc)
+    table = None
+    found = _SYNTAX_POS.search(message)
+    if found:
+        # Name the table the bad line belongs to: the last header above it.
+        line = int(found.group(1))
+        for header in re.finditer(r"^[ \t]*\[+([^\]\n]+)\]", text, re.MULTILINE):
+            if text.count("\n", 0, header.start()) + 1 > line:
+                break
+            table = header.group(1).strip()
+    reason = message[0].lower() + message[1:] if message else "a syntax error"
+    return ConfigError(file, table, None, f"valid TOML syntax; {reason}")
+
+
+# --- where entries are defined -------------------------------------------------------------
+
+_KEY_TOKEN = re.compile(r"""[ \t]*([A-Za-z0-9_-]+|"(?:[^"\\\n]|\\.)*"|'[^'\n]*')[ \t]*""")
+
+
+def _dotted_key(line: str, start: int) -> tuple[list[str], int]:
+    """Parse a TOML dotted key at ``start``; return its parts and the end offset."""
+    parts: list[str] = []
+    pos = start
+    while True:
+        token = _KEY_TOKEN.match(line, pos)
+        if not token:
+            return parts, pos
+        raw = token.group(1)
+        if raw.startswith('"'):
+            try:
+                parts.append(str(tomllib.loads(f"k = {raw}")["k"]))
+            except tomllib.TOMLDecodeError:
+                return parts, pos
+        elif raw.startswith("'"):
+            parts.append(raw[1:-1])
+        else:
+            parts.append(raw)
+        pos = token.end()
+        if pos < len(line) and line[pos] == ".":
+            pos += 1
+            continue
+        return parts, pos
+
+
+def _definition_lines(text: str) -> dict[tuple[str, str], int]:
+    """Line of first definition of each ``(kind, name)`` entry, for the start order.
+
+    Sees ``[actors.echo]`` headers (and their sub-tables), ``echo = {...}`` or
+    ``echo.class = ...`` under ``[actors]``, and top-level ``actors.echo.class = ...``.
+    Entries defined only inside an inline table are not seen; they keep their
+    order within their kind and follow the others.
+    """
+    lines: dict[tuple[str, str], int] = {}
+    current: list[str] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        stripped = line.lstrip()
+        if stripped.startswith("["):
+            if stripped.startswith("[["):
+                current = []
+                continue
+            parts, end = _dotted_key(line, line.index("[") + 1)
+            if end < len(line) and line[end] == "]":
+                current = parts
+                path = parts
+            else:
+                continue
+        else:
+            parts, end = _dotted_key(line, 0)
+            if not parts or end >= len(line) or line[end] != "=":
+                continue
+            path = current + parts
+        if len(path) >= 2 and path[0] in _KINDS:
+            lines.setdefault((path[0], path[1]), number)
+    return lines
+
+
+# --- typed readers -------------------------------------------------------------------------
+
+_MISSING: Final = object()
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _table_name(kind: str, name: str) -> str:
+    """``actors.echo``, quoting names that are not bare TOML keys: ``actors."a.b"``."""
+    if re.fullmatch(r"[A-Za-z0-9_-]+", name):
+        return f"{kind}.{name}"
+    return f"{kind}.{json.dumps(name)}"
+
+
+class _Table:
+    """One TOML table being read: every error it raises names the file and the table."""
+
+    def __init__(self, file: str, name: str | None, data: Mapping[str, Any]) -> None:
+        self.file, self.name, self.data = file, name, data
+
+    def error(self, key: str | None, expected: str, got: object = None) -> ConfigError:
+        return ConfigError(self.file, self.name, key, expected, got)
+
+    def unknown(self, known: Collection[str], prefix: str = "") -> list[str]:
+        """Warnings for the keys not in ``known`` (with a close match when there is one)."""
+        warnings = []
+        where = f"{self.file}: [{self.name}]" if self.name else f"{self.file}:"
+        for key in self.data:
+            if key not in known:
+                text = f"{where} unknown key '{prefix}{key}' (ignored)"
+                close = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
+                if close:
+                    text += f", did you mean '{prefix}{close[0]}'?"
+                warnings.append(text)
+        return warnings
+
+    def get(self, key: str) -> Any:
+        return self.data.get(key, _MISSING)
+
+    def string(self, key: str, default: str) -> str:
+        value = self.get(key)
+        if value is _MISSING:
+            return default
+        if not isinstance(value, str):
+            raise self.error(key, "a string", value)
+        return value
+
+    def required_string(self, key: str, expected: str) -> str:
+        value = self.get(key)
+        if value is _MISSING:
+            raise self.error(key, f"{expected} (the key is required)")
+        if not isinstance(value, str) or not value:
+            raise self.error(key, expected, value)
+        return value
+
+    def choice(self, key: str, default: str, choices: Collection[str]) -> str:
+        value = self.get(key)
+        if value is _MISSING:
+            return default
+        if not isinstance(value, str) or value not in choices:
+            raise self.error(key, "one of " + ", ".join(choices), value)
+        return value
+
+    def integer(self, key: str, default: int, minimum: int) -> int:
+        value = self.get(key)
+        if value is _MISSING:
+            return default
+        if not _is_int(value) or value < minimum:
+            raise self.error(key, f"an integer >= {minimum}", value)
+        return cast(int, value)
+
+    def seconds(self, key: str, default: float, *, zero_ok: bool) -> float:
+        value = self.get(key)
+        if value is _MISSING:
+            return default
+        if not _is_number(value) or value < 0 or (value == 0 and not zero_ok):
+            raise self.error(key, "seconds >= 0" if zero_ok else "seconds > 0", value)
+        return float(value)
+
+    def names(self, key: str) -> tuple[str, ...]:
+        value = self.get(key)
+        if value is _MISSING:
+            return ()
+        if not isinstance(value, list) or not all(isinstance(n, str) and n for n in value):
+            raise self.error(key, "a list of names (strings)", value)
+        return tuple(value)
+
+    def restart(self) -> RestartType:
+        return cast(RestartType, self.choice("restart", "permanent", RESTART_TYPES))
+
+    def strategy(self, default: str = "one_for_one") -> Strategy:
+        return cast(Strategy, self.choice("strategy", default, STRATEGIES))
+
+    def shutdown(self, default: Shutdown) -> Shutdown:
+        value = self.get("shutdown")
+        if value is _MISSING:
+            return default
+        if value in ("brutal_kill", "infinity"):
+            return cast(Shutdown, value)
+        if not _is_number(value) or value < 0:
+            raise self.error("shutdown", "seconds >= 0, 'brutal_kill' or 'infinity'", value)
+        return float(value)
+
+    def backoff(self) -> tuple[Backoff | None, list[str]]:
+        value = self.get("backoff")
+        if value is _MISSING:
+            return None, []
+        if not isinstance(value, dict):
+            raise self.error("backoff", "a table like { min = 0.1, max = 10 }", value)
+        sub = _Table(self.file, self.name, value)
+        fields: dict[str, float] = {}
+        for key in _BACKOFF_KEYS:
+            number = sub.get(key)
+            if number is not _MISSING:
+                if not _is_number(number):
+                    raise self.error(f"backoff.{key}", "a number of seconds", number)
+                fields[key] = float(number)
+        # Ranges (min > 0, max >= min...) are validate_tree's, mapped back here.
+        return Backoff(**fields), sub.unknown(_BACKOFF_KEYS, prefix="backoff.")
+
+
+# --- executable fields ---------------------------------------------------------------------
+
+_FieldCheck = Callable[[_Table, str, Any], Any]
+
+
+def _exec_str_list(t: _Table, key: str, v: Any) -> tuple[str, ...]:
+    if not isinstance(v, list) or not all(isinstance(item, str) for item in v):
+        raise t.error(key, "a list of strings", v)
+    return tuple(v)
+
+
+def _exec_environment(t: _Table, key: str, v: Any) -> dict[str, str]:
+    if not isinstance(v, dict):
+        raise t.error(key, "a table of strings, like { LANG = 'C.UTF-8' }", v)
+    for name, item in v.items():
+        if not isinstance(item, str):
+            raise t.error(f"{key}.{name}", "a string", item)
+        if not name or "=" in name or "\0" in name:
+            raise t.error(key, "variable names without '=' or NUL", name)
+    return dict(v)
+
+
+def _exec_str(t: _Table, key: str, v: Any) -> str:
+    if not isinstance(v, str) or not v:
+        raise t.error(key, "a non-empty string", v)
+    return v
+
+
+def _exec_bool(t: _Table, key: str, v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise t.error(key, "true or false", v)
+    return v
+
+
+def _exec_delay(t: _Table, key: str, v: Any) -> float:
+    if not _is_number(v) or v < 0:
+        raise t.error(key, "seconds >= 0", v)
+    return float(v)
+
+
+def _exec_count(t: _Table, key: str, v: Any) -> int:
+    if not _is_int(v) or v < 0:
+        raise t.error(key, "an integer >= 0", v)
+    return cast(int, v)
+
+
+def _exec_umask(t: _Table, key: str, v: Any) -> int:
+    expected = "an octal string like '022' or an integer from 0 to 0o777"
+    if isinstance(v, str) and re.fullmatch(r"(0o)?[0-7]{1,4}", v):
+        v = int(v.removeprefix("0o"), 8)
+    if not _is_int(v) or not 0 <= v <= 0o777:
+        raise t.error(key, expected, v)
+    return cast(int, v)
+
+
+def _exec_stdio(t: _Table, key: str, v: Any) -> str:
+    choices: tuple[str, ...]
+    prefixes: tuple[str, ...]
+    if key == "stdin":  # a daemon reads no log and appends to no input
+        choices, prefixes = ("null", "inherit"), ("file:",)
+        expected = "'null', 'inherit' or 'file:PATH'"
+    else:
+        choices = ("null", "inherit", "log")
+        expected = "'null', 'inherit', 'log', 'file:PATH' or 'append:PATH'"
+        prefixes = ("file:", "append:")
+    if isinstance(v, str) and (
+        v in choices or any(v.startswith(p) and len(v) > len(p) for p in prefixes)
+    ):
+        return v
+    raise t.error(key, expected, v)
+
+
+def _exec_signal(t: _Table, key: str, v: Any) -> str | int:
+    expected = "a signal name like 'SIGHUP' or 'HUP', or a signal number"
+    if isinstance(v, str):
+        name = v.upper()
+        name = name if name.startswith("SIG") else "SIG" + name
+        if name in signal.Signals.__members__:
+            return name
+    elif _is_int(v) and 1 <= v < signal.NSIG:
+        return cast(int, v)
+    raise t.error(key, expected, v)
+
+
+def _exec_type(t: _Table, key: str, v: Any) -> str:
+    if not isinstance(v, str) or v not in EXEC_TYPES:
+        raise t.error(key, "one of " + ", ".join(EXEC_TYPES), v)
+    return v
+
+
+_SIZE = re.compile(r"(\d+)\s*([KMGT]?)i?B?", re.IGNORECASE)
+_PERCENT = re.compile(r"(\d+(?:\.\d+)?)%")
+
+
+def _rlimit_value(t: _Table, key: str, v: Any) -> int:
+    if v == "infinity":
+        return resource.RLIM_INFINITY
+    if not _is_int(v) or v < 0:
+        raise t.error(key, "an integer >= 0, 'infinity', or [soft, hard] of those", v)
+    return cast(int, v)
+
+
+def _exec_limits(t: _Table, key: str, v: Any) -> tuple[dict[str, Any], list[str]]:
+    if not isinstance(v, dict):
+        raise t.error(key, "a table like { nofile = 1024, core = 0 }", v)
+    limits: dict[str, Any] = {}
+    for name, value in v.items():
+        where = f"{key}.{name}"
+        if name == "as":  # `as` is a valid TOML key; the Python field is `as_`
+            name = "as_"
+        if name in RLIMIT_NAMES:
+            if isinstance(value, list):
+                if len(value) != 2:
+                    raise t.error(where, "[soft, hard]", value)
+                soft, hard = (_rlimit_value(t, where, item) for item in value)
+                infinite = resource.RLIM_INFINITY
+                if hard != infinite and (soft == infinite or soft > hard):
+                    raise t.error(where, "[soft, hard] with soft <= hard", value)
+                limits[name] = (soft, hard)
+            else:
+                limits[name] = _rlimit_value(t, where, value)
+        elif name == "memory_max":
+            size = _SIZE.fullmatch(value) if isinstance(value, str) else None
+            if size:
+                exponent = " KMGT".index(size.group(2).upper() or " ")
+                value = int(size.group(1)) * 1024**exponent
+            if not _is_int(value) or value < 1:
+                raise t.error(where, "bytes > 0, or a size like '512M' or '2G'", value)
+            limits[name] = value
+        elif name == "cpu_quota":
+            percent = _PERCENT.fullmatch(value) if isinstance(value, str) else None
+            if percent:
+                value = float(percent.group(1)) / 100
+            if not _is_number(value) or value <= 0:
+                raise t.error(where, "CPUs > 0 (1.5 = one and a half CPUs), or a percentage", value)
+            limits[name] = float(value)
+        elif name == "tasks_max":
+            if not _is_int(value) or value < 1:
+                raise t.error(where, "an integer >= 1", value)
+            limits[name] = value
+    known = (*RLIMIT_NAMES, "as", *CGROUP_LIMITS)
+    return limits, _Table(t.file, t.name, v).unknown(known, prefix=f"{key}.")
+
+
+_EXEC_FIELDS: Final[dict[str, _FieldCheck]] = {
+    "args": _exec_str_list,
+    "environment": _exec_environment,
+    "working_directory": _exec_str,
+    "pid_file": _exec_str,
+    "user": _exec_str,
+    "group": _exec_str,
+    "auto_start": _exec_bool,
+    "auto_restart": _exec_bool,
+    "restart_delay": _exec_delay,
+    "max_restarts": _exec_count,
+    "umask": _exec_umask,
+    "stdin": _exec_stdio,
+    "stdout": _exec_stdio,
+    "stderr": _exec_stdio,
+    "reload_signal": _exec_signal,
+    "type": _exec_type,
+}
+
+
+# --- the loader ----------------------------------------------------------------------------
+
+
+@dataclass
+class _Entry:
+    """One ``[supervisors.X]``, ``[actors.X]`` or ``[executables.X]`` table, read."""
+
+    kind: str
+    name: str
+    table: _Table
+    parent: str
+    parent_key: str
+    order: tuple[int, int]
+    spec: AnySpec
+
+
+class _Loader:
+    def __init__(self, file: str, text: str, base_tree: Supervisor | None) -> None:
+        self.file, self.text, self.base = file, text, base_tree
+        self.warnings: list[str] = []
+
+    def settings(self, document: Mapping[str, Any]) -> ManagerSettings:
+        t = self._section(document, "ikosd")
+        self.warnings += t.unknown(_SETTINGS_KEYS)
+        defaults = ManagerSettings()
+        return ManagerSettings(
+            metrics=self._metrics(t),
+            log_level=self._log_level(t),
+            shutdown_timeout=t.seconds(
+                "shutdown_timeout", defaults.shutdown_timeout, zero_ok=False
+            ),
+            mailbox_size=t.integer("mailbox_size", defaults.mailbox_size, 1),
+            max_message_bytes=t.integer("max_message_bytes", defaults.max_message_bytes, 1),
+        )
+
+    def tree(self, document: Mapping[str, Any], mailbox_size: int) -> Supervisor:
+        for key in document:
+            if key not in _TOP_TABLES:
+                noun = f"table [{key}]" if isinstance(document[key], dict) else f"key '{key}'"
+                self.warnings.append(f"{self.file}: unknown {noun} (ignored)")
+        root = self._root(document)
+        base_names = self._base_names()
+        entries = self._entries(document, root.name, base_names, mailbox_size)
+        self._check_parents(entries, root.name, base_names)
+        tree = self._assemble(root, entries)
+        try:
+            return validate_tree(tree)
+        except SpecError as exc:
+            raise self._spec_error(exc, entries) from None
+
+    # --- sections ------------------------------------------------------------------------
+
+    def _section(self, document: Mapping[str, Any], name: str) -> _Table:
+        value = document.get(name, {})
+        if not isinstance(value, dict):
+            raise ConfigError(self.file, None, name, f"a table [{name}]", value)
+        return _Table(self.file, name, value)
+
+    def _metrics(self, t: _Table) -> tuple[str, int] | None:
+        value = t.get("metrics")
+        if value is _MISSING or value is True:
+            return DEFAULT_METRICS
+        if value is False:
+            return None
+        expected = "'HOST:PORT' (port 0-65535) or false to disable"
+        if not isinstance(value, str):
+            raise t.error("metrics", expected, value)
+        host, sep, port = value.rpartition(":")
+        if host.startswith("[") and host.endswith("]"):  # [::1]:9464
+            host = host[1:-1]
+        if not sep or not host or not port.isdigit() or int(port) > 65535:
+            raise t.error("metrics", expected, value)
+        return host, int(port)
+
+    def _log_level(self, t: _Table) -> str:
+        value = t.get("log_level")
+        if value is _MISSING:
+            return "info"
+        if not isinstance(value, str) or value.lower() not in LOG_LEVELS:
+            raise t.error("log_level", "one of " + ", ".join(LOG_LEVELS), value)
+        return value.lower()
+
+    def _root(self, document: Mapping[str, Any]) -> Supervisor:
+        if self.base is not None:
+            if "root" in document:
+                raise ConfigError(
+                    self.file,
+                    "root",
+                    None,
+                    "no [root] table: the --tree supervisor "
+                    f"'{self.base.name}' is the root when both are given",
+                )
+            return self.base
+        t = self._section(document, "root")
+        self.warnings += t.unknown(_ROOT_KEYS)
+        return Supervisor(
+            t.string("name", "root"),
+            t.strategy(),
+            t.integer("max_restarts", 1, 0),
+            t.seconds("within", 5.0, zero_ok=False),
+            description=t.string("description", ""),
+        )
+
+    def _base_names(self) -> dict[str, bool]:
+        """Names of the --tree supervisor's specs, mapped to whether each is a supervisor."""
+        if self.base is None:
+            return {}
+        validate_tree(self.base)  # its own errors name its Python path, not this file
+        return {spec.name: isinstance(spec, Supervisor) for _, spec in self.base.walk()}
+
+    # --- entries -------------------------------------------------------------------------
+
+    def _entries(
+        self,
+        document: Mapping[str, Any],
+        root_name: str,
+        base_names: Mapping[str, bool],
+        mailbox_size: int,
+    ) -> dict[str, _Entry]:
+        lines = _definition_lines(self.text)
+        entries: dict[str, _Entry] = {}
+        found: list[tuple[tuple[int, int], str, str, Mapping[str, Any]]] = []
+        sequence = 0
+        for kind in _KINDS:
+            section = document.get(kind, {})
+            if not isinstance(section, dict):
+                raise ConfigError(self.file, None, kind, f"tables [{kind}.NAME]", section)
+            for name, data in section.items():
+                table = _table_name(kind, name)
+                if not isinstance(data, dict):
+                    raise ConfigError(self.file, kind, name, f"a table [{table}]", data)
+                found.append(((lines.get((kind, name), sys.maxsize), sequence), kind, name, data))
+                sequence += 1
+        found.sort(key=lambda item: item[0])
+        for order, kind, name, data in found:
+            t = _Table(self.file, _table_name(kind, name), data)
+            if name in entries:
+                also = f"[{entries[name].table.name}]"
+            elif name == root_name:
+                also = "the root supervisor"
+            elif name in base_names:
+                also = "a child of the --tree supervisor"
+            else:
+                also = ""
+            if also:
+                raise t.error(None, f"a name not used elsewhere in the tree (also {also})", name)
+            read = {"supervisors": self._supervisor, "actors": self._actor}.get(kind, self._exec)
+            spec, parent_key, warnings = read(t, name, mailbox_size)
+            self.warnings += warnings
+            parent = t.get(parent_key)
+            if parent is _MISSING:
+                parent = root_name
+            elif not isinstance(parent, str):
+                raise t.error(parent_key, "the name of a supervisor (a string)", parent)
+            entries[name] = _Entry(kind, name, t, parent, parent_key, order, spec)
+        return entries
+
+    def _supervisor(self, t: _Table, name: str, _mailbox: int) -> tuple[AnySpec, str, list[str]]:
+        backoff, warnings = t.backoff()
+        spec = Supervisor(
+            name,
+            t.strategy(),
+            t.integer("max_restarts", 1, 0),
+            t.seconds("within", 5.0, zero_ok=False),
+            restart=t.restart(),
+            shutdown=t.shutdown("infinity"),
+            requires=t.names("requires"),
+            after=t.names("after"),
+            description=t.string("description", ""),
+            backoff=backoff,
+        )
+        return spec, "parent", t.unknown(_SUPERVISOR_KEYS) + warnings
+
+    def _actor(self, t: _Table, name: str, mailbox: int) -> tuple[AnySpec, str, list[str]]:
+        backoff, warnings = t.backoff()
+        args = t.get("args")
+        if args is _MISSING:
+            args = []
+        elif not isinstance(args, list):
+            raise t.error("args", "a list of positional arguments", args)
+        kwargs = t.get("kwargs")
+        if kwargs is _MISSING:
+            kwargs = {}
+        elif not isinstance(kwargs, dict):
+            raise t.error("kwargs", "a table of keyword arguments", kwargs)
+        spec = Child(
+            name,
+            t.required_string("class", "an import path 'package.module:Class'"),
+            t.restart(),
+            t.shutdown(5.0),
+            args,
+            kwargs,
+            requires=t.names("requires"),
+            after=t.names("after"),
+            description=t.string("description", ""),
+            mailbox_size=t.integer("mailbox_size", mailbox, 1),
+            start_timeout=t.seconds("start_timeout", 30.0, zero_ok=False),
+            backoff=backoff,
+        )
+        return spec, "supervisor", t.unknown(_ACTOR_KEYS) + warnings
+
+    def _exec(self, t: _Table, name: str, _mailbox: int) -> tuple[AnySpec, str, list[str]]:
+        backoff, warnings = t.backoff()
+        fields: dict[str, Any] = {}
+        for key, value in t.data.items():
+            check = _EXEC_FIELDS.get(key)
+            if check is not None:
+                fields[key] = check(t, key, value)
+            elif key == "limits":
+                fields[key], limit_warnings = _exec_limits(t, key, value)
+                warnings += limit_warnings
+        spec = Exec(
+            name,
+            t.required_string("executable", "the path or name of an executable"),
+            restart=t.restart(),
+            shutdown=t.shutdown(5.0),
+            requires=t.names("requires"),
+            after=t.names("after"),
+            description=t.string("description", ""),
+            start_timeout=t.seconds("start_timeout", 30.0, zero_ok=False),
+            backoff=backoff,
+            **fields,
+        )
+        known = (*_EXEC_SPEC_KEYS, *_EXEC_FIELDS, "limits")
+        return spec, "supervisor", t.unknown(known) + warnings
+
+    # --- the tree ------------------------------------------------------------------------
+
+    def _check_parents(
+        self, entries: Mapping[str, _Entry], root_name: str, base_names: Mapping[str, bool]
+    ) -> None:
+        supervisors = [root_name]
+        supervisors += [n for n, is_sup in base_names.items() if is_sup and n != root_name]
+        supervisors += [e.name for e in entries.values() if e.kind == "supervisors"]
+        for entry in entries.values():
+            parent = entries.get(entry.parent)
+            known = entry.parent in supervisors
+            if not known:
+                shown = ", ".join(supervisors[:10]) + (", ..." if len(supervisors) > 10 else "")
+                what = "the name of a supervisor"
+                if parent is not None:
+                    what += f" ('{entry.parent}' is an {_KIND_NOUN[parent.kind]})"
+                raise entry.table.error(entry.parent_key, f"{what}: one of {shown}", entry.parent)
+        for entry in entries.values():
+            if entry.kind != "supervisors":
+                continue
+            chain = [entry.name]
+            parent = entries.get(entry.parent)
+            while parent is not None:
+                if parent.name in chain:
+                    cycle = " -> ".join([*chain[chain.index(parent.name) :], parent.name])
+                    expected = f"a parent chain that reaches the root, not a cycle ({cycle})"
+                    raise entry.table.error("parent", expected, entry.parent)
+                chain.append(parent.name)
+                if len(chain) > MAX_DEPTH:
+                    raise entry.table.error("parent", f"at most {MAX_DEPTH} nested supervisors")
+                parent = entries.get(parent.parent)
+
+    def _assemble(self, root: Supervisor, entries: Mapping[str, _Entry]) -> Supervisor:
+        children: dict[str, list[_Entry]] = {}
+        for entry in sorted(entries.values(), key=lambda e: e.order):
+            children.setdefault(entry.parent, []).append(entry)
+
+        def build(spec: AnySpec) -> AnySpec:
+            if not isinstance(spec, Supervisor):
+                return spec
+            added = [build(e.spec) for e in children.get(spec.name, [])]
+            # Supervisors of the --tree keep their own children first; file entries follow.
+            kept = [build(c) for c in spec.children]
+            if not added and kept == list(spec.children):
+                return spec
+            return Supervisor(
+                spec.name,
+                spec.strategy,
+                spec.max_restarts,
+                spec.within,
+                [*kept, *added],
+                restart=spec.restart,
+                shutdown=spec.shutdown,
+                requires=spec.requires,
+                after=spec.after,
+                description=spec.description,
+                backoff=spec.backoff,
+            )
+
+        return cast(Supervisor, build(root))
+
+    def _spec_error(self, exc: SpecError, entries: Mapping[str, _Entry]) -> ConfigError:
+        """Map validate_tree's error, which names a tree path, back to the table at fault."""
+        name = exc.path.rsplit("/", 1)[-1]
+        key = {"actor": "class", "name": None, "children": "strategy"}.get(exc.key or "", exc.key)
+        entry = entries.get(name)
+        if entry is not None:
+            return ConfigError(self.file, entry.table.name, key, exc.expected, exc.got)
+        if self.base is None:
+            return ConfigError(self.file, "root", key, exc.expected, exc.got)
+        # A spec of the --tree supervisor, made invalid by what the file added to it
+        # (a simple_one_for_one given a second child): blame the first entry placed there.
+        for entry in sorted(entries.values(), key=lambda e: e.order):
+            if entry.parent == name:
+                expected = f"a supervisor that accepts it ({exc.path}: {exc.expected})"
+                return entry.table.error(entry.parent_key, expected, entry.parent)
+        return ConfigError(self.file, None, key, f"{exc.expected} (at {exc.path})", exc.got)
