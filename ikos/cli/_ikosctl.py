@@ -1,0 +1,533 @@
+"""ikosctl: control a running ikosd from the command line.
+
+Each verb is one small function that sends protocol requests through
+:class:`~ikos.platform._control.ControlClient` and prints the result: with
+``--json`` exactly one JSON document (JSON Lines for the streaming verbs
+``logs -f`` and ``subscribe``), otherwise text from :mod:`ikos.cli._render`.
+
+Design: exit codes and errors follow systemctl, because scripts already
+know them: 0 success, 3 "not active" (``is-active``, ``status``), 4 no such
+daemon or service, 1 any other failure, 130 interrupted; a failure prints
+one line, ``ikosctl: <message>``, on stderr and never a traceback, usage
+errors included (argparse's exit status 2 and usage dump are replaced, as
+the contract has no place for them). ``--root`` and ``--json`` are accepted
+before and after the verb: they live in a parent parser shared by the main
+parser and every subparser, with ``SUPPRESS`` defaults so that a subparser
+never overwrites a value given before the verb.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, NoReturn, TextIO
+
+from ikos._errors import IkosError, ManagerError, NoSuchDaemon
+from ikos.cli import _render
+from ikos.cli._render import Style
+from ikos.platform._control import ControlClient
+from ikos.platform._paths import InstancePaths
+
+__all__ = ["main", "parse_data", "parse_signal"]
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_NOT_ACTIVE = 3
+EXIT_NO_SUCH = 4
+EXIT_INTERRUPTED = 130
+
+#: Reads answer at once; a slower answer means ikosd is stuck.
+READ_TIMEOUT = 30.0
+#: start/stop/restart/reload/shutdown answer when the work is done, which
+#: takes as long as the daemons' own start and shutdown timeouts; ikosd
+#: enforces those, this only guards against a manager that hangs.
+LIFECYCLE_TIMEOUT = 600.0
+#: How much longer than an ask's own timeout ``call`` waits for ikosd's answer.
+CALL_MARGIN = 1.0
+#: ``call``'s ask timeout when ``--timeout`` is not given.
+DEFAULT_CALL_TIMEOUT = 10.0
+
+
+class _UsageError(Exception):
+    """A command line argparse refused."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(f"{message} (see '{self.prog} --help')")
+
+
+@dataclass
+class _Context:
+    """What a verb needs: the client, its arguments and where to print."""
+
+    client: ControlClient
+    args: argparse.Namespace
+    out: TextIO
+    json: bool
+    style: Style
+
+    def emit_json(self, document: Any, *, compact: bool = False) -> None:
+        indent = None if compact else 2
+        self.out.write(json.dumps(document, ensure_ascii=False, indent=indent) + "\n")
+        if compact:
+            self.out.flush()
+
+    def emit_text(self, text: str) -> None:
+        self.out.write(text)
+
+
+_Verb = Callable[[_Context], int]
+
+
+def parse_data(text: str) -> Any:
+    """DATA of ``call``/``tell``/``publish``/``queue put``: JSON if it parses, else the string.
+
+    >>> parse_data('{"n": 1}'), parse_data("42"), parse_data("hello"), parse_data("NaN")
+    ({'n': 1}, 42, 'hello', 'NaN')
+    """
+
+    def refuse_constant(name: str) -> NoReturn:
+        # NaN and Infinity are not JSON; keep them as the words they are.
+        raise ValueError(name)
+
+    try:
+        return json.loads(text, parse_constant=refuse_constant)
+    except ValueError:
+        return text
+
+
+def parse_signal(text: str) -> int | str:
+    """A signal for ``kill -s``: a number, or a name with or without ``SIG``.
+
+    Returns the number as is, or the canonical name, which is what the
+    protocol carries.
+
+    >>> parse_signal("9"), parse_signal("kill"), parse_signal("SIGUSR1")
+    (9, 'SIGKILL', 'SIGUSR1')
+    """
+    word = text.strip()
+    if word.isdigit():
+        number = int(word)
+        if not 0 < number < signal.NSIG:
+            raise argparse.ArgumentTypeError(f"no signal number {number}")
+        return number
+    name = word.upper()
+    if not name.startswith("SIG"):
+        name = "SIG" + name
+    if name not in signal.Signals.__members__:
+        raise argparse.ArgumentTypeError(f"unknown signal {text!r}")
+    return name
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"not a positive number of seconds: {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"not a non-negative number: {text!r}")
+    return value
+
+
+# --- verbs ------------------------------------------------------------------
+
+
+def _lifecycle(verb: str) -> _Verb:
+    def run(ctx: _Context) -> int:
+        results = [
+            ctx.client.call(verb, {"name": name}, timeout=LIFECYCLE_TIMEOUT)
+            for name in ctx.args.names
+        ]
+        if ctx.json:
+            ctx.emit_json(results)
+        return EXIT_OK
+
+    return run
+
+
+def _status(ctx: _Context) -> int:
+    statuses = _expect_list(ctx.client.call("status", {"names": ctx.args.names}), "status")
+    if ctx.json:
+        ctx.emit_json(statuses)
+    else:
+        ctx.emit_text(_render.render_status(statuses, ctx.style, time.time()))
+    running = all(s.get("state") == "running" for s in statuses)
+    return EXIT_OK if running else EXIT_NOT_ACTIVE
+
+
+def _list(ctx: _Context) -> int:
+    statuses = _expect_list(ctx.client.call("list"), "list")
+    if ctx.json:
+        ctx.emit_json(statuses)
+    else:
+        ctx.emit_text(_render.render_list(statuses, ctx.style, time.time()))
+    return EXIT_OK
+
+
+def _tree(ctx: _Context) -> int:
+    root = ctx.client.call("tree")
+    if not isinstance(root, dict):
+        raise _bad_result("tree", "an object")
+    if ctx.json:
+        ctx.emit_json(root)
+    else:
+        ctx.emit_text(_render.render_tree(root, ctx.style))
+    return EXIT_OK
+
+
+def _is_active(ctx: _Context) -> int:
+    # One request per name, so that an unknown name does not hide the
+    # others' states (``status`` refuses the whole list for one unknown).
+    entries: list[dict[str, Any]] = []
+    unknown: NoSuchDaemon | None = None
+    for name in ctx.args.names:
+        try:
+            statuses = _expect_list(ctx.client.call("status", {"names": [name]}), "status")
+        except NoSuchDaemon as exc:
+            unknown = unknown or exc
+            entries.append({"name": name, "state": "unknown", "active": False})
+            continue
+        state = statuses[0].get("state") if statuses else None
+        state = state if isinstance(state, str) else "unknown"
+        entries.append({"name": name, "state": state, "active": state == "running"})
+    if ctx.json:
+        ctx.emit_json(entries)
+    else:
+        ctx.emit_text("".join(f"{ctx.style.state(e['state'])}\n" for e in entries))
+    if unknown is not None:
+        raise unknown
+    return EXIT_OK if all(e["active"] for e in entries) else EXIT_NOT_ACTIVE
+
+
+def _kill(ctx: _Context) -> int:
+    result = ctx.client.call("kill", {"name": ctx.args.name, "signal": ctx.args.signal})
+    if ctx.json:
+        ctx.emit_json(result)
+    return EXIT_OK
+
+
+def _call(ctx: _Context) -> int:
+    timeout: float = ctx.args.timeout
+    args = {"name": ctx.args.name, "data": parse_data(ctx.args.data), "timeout": timeout}
+    result = ctx.client.call("call", args, timeout=timeout + CALL_MARGIN)
+    if not isinstance(result, dict) or not ("reply" in result or "reply_repr" in result):
+        raise _bad_result("call", 'an object with "reply" or "reply_repr"')
+    if "reply" in result:
+        reply = result["reply"]
+        if ctx.json:
+            ctx.emit_json(reply)
+        elif isinstance(reply, str):
+            ctx.emit_text(reply + "\n")
+        else:
+            ctx.emit_text(json.dumps(reply, ensure_ascii=False) + "\n")
+    elif ctx.json:
+        ctx.emit_json(result["reply_repr"])
+    else:
+        ctx.emit_text(f"{result['reply_repr']}\n")
+    return EXIT_OK
+
+
+def _tell(ctx: _Context) -> int:
+    result = ctx.client.call("tell", {"name": ctx.args.name, "data": parse_data(ctx.args.data)})
+    if ctx.json:
+        ctx.emit_json(result)
+    return EXIT_OK
+
+
+def _reload_config(ctx: _Context) -> int:
+    result = ctx.client.call("reload_config", timeout=LIFECYCLE_TIMEOUT)
+    if ctx.json:
+        ctx.emit_json(result)
+        return EXIT_OK
+    changes = result if isinstance(result, dict) else {}
+    lines = [
+        f"{what}: {', '.join(str(n) for n in changes[what])}\n"
+        for what in ("added", "removed", "changed")
+        if changes.get(what)
+    ]
+    ctx.emit_text("".join(lines) or "no changes\n")
+    return EXIT_OK
+
+
+def _shutdown(ctx: _Context) -> int:
+    result = ctx.client.call("shutdown", timeout=LIFECYCLE_TIMEOUT)
+    if ctx.json:
+        ctx.emit_json(result)
+    return EXIT_OK
+
+
+def _logs(ctx: _Context) -> int:
+    args: dict[str, Any] = {"name": ctx.args.name, "follow": ctx.args.follow}
+    if ctx.args.lines is not None:
+        args["lines"] = ctx.args.lines
+    if not ctx.args.follow:
+        result = ctx.client.call("logs", args)
+        if ctx.json:
+            ctx.emit_json(result)
+        else:
+            entries = result.get("lines") if isinstance(result, dict) else result
+            for entry in entries if isinstance(entries, list) else [entries]:
+                ctx.emit_text(_log_line(entry))
+        return EXIT_OK
+    with ctx.client.stream("logs", args) as events:
+        for event in events:
+            if ctx.json:
+                ctx.emit_json(event, compact=True)
+            else:
+                ctx.emit_text(_log_line(event))
+                ctx.out.flush()
+    return EXIT_OK
+
+
+def _log_line(entry: Any) -> str:
+    if isinstance(entry, dict):
+        text = entry.get("line", entry.get("message"))
+        if isinstance(text, str):
+            return text if text.endswith("\n") else text + "\n"
+    if isinstance(entry, str):
+        return entry if entry.endswith("\n") else entry + "\n"
+    return json.dumps(entry, ensure_ascii=False) + "\n"
+
+
+def _subscribe(ctx: _Context) -> int:
+    with ctx.client.stream("subscribe", {"topic": ctx.args.topic}) as events:
+        for event in events:
+            if ctx.json:
+                ctx.emit_json(event, compact=True)
+            else:
+                ctx.emit_text(_log_line(event))
+                ctx.out.flush()
+    return EXIT_OK
+
+
+def _simple(verb: str, build: Callable[[argparse.Namespace], dict[str, Any]]) -> _Verb:
+    """A verb whose result is shown as is: JSON, or its most readable text form."""
+
+    def run(ctx: _Context) -> int:
+        args = build(ctx.args)
+        timeout = args.get("timeout")
+        wait = timeout + CALL_MARGIN if isinstance(timeout, float) else None
+        result = ctx.client.call(verb, args, timeout=wait)
+        if ctx.json:
+            ctx.emit_json(result)
+        else:
+            ctx.emit_text(_render.render_value(result, ctx.style))
+        return EXIT_OK
+
+    return run
+
+
+def _queue_get_args(ns: argparse.Namespace) -> dict[str, Any]:
+    args: dict[str, Any] = {"queue": ns.queue}
+    if ns.timeout is not None:
+        args["timeout"] = ns.timeout
+    return args
+
+
+def _expect_list(result: Any, verb: str) -> list[dict[str, Any]]:
+    if not isinstance(result, list) or not all(isinstance(s, dict) for s in result):
+        raise _bad_result(verb, "an array of objects")
+    return result
+
+
+def _bad_result(verb: str, expected: str) -> ManagerError:
+    return ManagerError(
+        f"ikosd answered '{verb}' with something other than {expected}", "bad_response"
+    )
+
+
+# --- command line -----------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ikosctl (every verb, both option placements)."""
+    common = _Parser(add_help=False)
+    common.add_argument(
+        "--root",
+        metavar="DIR",
+        default=argparse.SUPPRESS,
+        help="the instance's root directory (default: $IKOS_ROOT, else ikosd's default)",
+    )
+    common.add_argument(
+        "--json",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="print one JSON document (JSON Lines for streams)",
+    )
+    parser = _Parser(
+        prog="ikosctl",
+        parents=[common],
+        description="Control a running ikosd.",
+        epilog="Exit status: 0 success, 1 failure, 3 not active, 4 no such daemon or service.",
+    )
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    def verb(name: str, run: _Verb, help: str) -> argparse.ArgumentParser:
+        sub = verbs.add_parser(name, parents=[common], help=help, description=help)
+        sub.set_defaults(run=run)
+        return sub
+
+    for name, does in (
+        ("start", "start daemons (a supervisor with its subtree)"),
+        ("stop", "stop daemons; they stay stopped until started"),
+        ("restart", "restart daemons"),
+        ("reload", "reload daemons (their reload signal)"),
+    ):
+        verb(name, _lifecycle(name), does).add_argument("names", nargs="+", metavar="NAME")
+    verb(
+        "status", _status, "show daemons' status (all without NAME); 3 when one is not running"
+    ).add_argument("names", nargs="*", metavar="NAME")
+    verb("list", _list, "list every daemon and supervisor")
+    verb("tree", _tree, "show the supervision tree")
+    verb(
+        "is-active", _is_active, "print each daemon's state; 3 when one is not running"
+    ).add_argument("names", nargs="+", metavar="NAME")
+    kill = verb("kill", _kill, "send a signal to a daemon")
+    kill.add_argument(
+        "-s",
+        "--signal",
+        type=parse_signal,
+        default="SIGTERM",
+        metavar="SIG",
+        help="number or name, with or without SIG (default SIGTERM)",
+    )
+    kill.add_argument("name", metavar="NAME")
+    call = verb("call", _call, "ask an actor DATA and print its reply")
+    call.add_argument("name", metavar="NAME")
+    call.add_argument("data", metavar="DATA", help="JSON if it parses as JSON, else a string")
+    call.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=DEFAULT_CALL_TIMEOUT,
+        metavar="S",
+        help=f"seconds to wait for the reply (default {DEFAULT_CALL_TIMEOUT:g})",
+    )
+    tell = verb("tell", _tell, "send DATA to an actor without waiting for a reply")
+    tell.add_argument("name", metavar="NAME")
+    tell.add_argument("data", metavar="DATA", help="JSON if it parses as JSON, else a string")
+    verb("reload-config", _reload_config, "reload ikosd's configuration")
+    verb("shutdown", _shutdown, "stop every daemon in order and ikosd itself")
+    logs = verb("logs", _logs, "print a daemon's log")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    logs.add_argument("-n", "--lines", type=_non_negative_int, metavar="N", help="last N lines")
+    logs.add_argument("name", metavar="NAME")
+    verb("top", _simple("top", lambda ns: {}), "show the daemons' resource usage")
+    verb("services", _simple("services", lambda ns: {}), "list registered services")
+    verb(
+        "discover", _simple("discover", lambda ns: {"name": ns.name}), "show one service"
+    ).add_argument("name", metavar="NAME")
+    publish = verb(
+        "publish",
+        _simple("publish", lambda ns: {"topic": ns.topic, "data": parse_data(ns.data)}),
+        "publish DATA on a topic",
+    )
+    publish.add_argument("topic", metavar="TOPIC")
+    publish.add_argument("data", metavar="DATA", help="JSON if it parses as JSON, else a string")
+    verb("subscribe", _subscribe, "print a topic's messages as they come").add_argument(
+        "topic", metavar="TOPIC"
+    )
+
+    queue = verb("queue", _no_verb, "use durable queues")
+    queue_verbs = queue.add_subparsers(dest="queue_verb", metavar="ACTION", required=True)
+
+    def queue_verb(name: str, run: _Verb, help: str) -> argparse.ArgumentParser:
+        sub = queue_verbs.add_parser(name, parents=[common], help=help, description=help)
+        sub.set_defaults(run=run)
+        return sub
+
+    put = queue_verb(
+        "put",
+        _simple("queue_put", lambda ns: {"queue": ns.queue, "data": parse_data(ns.data)}),
+        "append DATA to a queue",
+    )
+    put.add_argument("queue", metavar="QUEUE")
+    put.add_argument("data", metavar="DATA", help="JSON if it parses as JSON, else a string")
+    get = queue_verb("get", _simple("queue_get", _queue_get_args), "take the next message")
+    get.add_argument("queue", metavar="QUEUE")
+    get.add_argument(
+        "--timeout", type=_positive_float, metavar="S", help="seconds to wait for a message"
+    )
+    ack = queue_verb(
+        "ack",
+        _simple(
+            "queue_ack", lambda ns: {"queue": ns.queue, "message_id": parse_data(ns.message_id)}
+        ),
+        "acknowledge a message taken with get",
+    )
+    ack.add_argument("queue", metavar="QUEUE")
+    ack.add_argument("message_id", metavar="MESSAGE_ID")
+    queue_verb("list", _simple("queue_list", lambda ns: {}), "list the queues")
+    return parser
+
+
+def _no_verb(ctx: _Context) -> int:  # pragma: no cover - argparse requires the action
+    raise _UsageError("an action is required")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ikosctl with ``argv`` (default ``sys.argv[1:]``); return the exit status.
+
+    >>> main(["--root", "/srv/ikos", "status", "echo", "--json"])  # doctest: +SKIP
+    0
+    """
+    try:
+        args = build_parser().parse_args(argv)
+    except _UsageError as exc:
+        return _fail(str(exc), EXIT_FAILURE)
+    except SystemExit as exc:  # --help
+        return exc.code if isinstance(exc.code, int) else EXIT_OK
+    out = sys.stdout
+    try:
+        paths = InstancePaths.resolve(getattr(args, "root", None))
+        with ControlClient(paths, timeout=READ_TIMEOUT) as client:
+            ctx = _Context(client, args, out, getattr(args, "json", False), Style.for_stream(out))
+            status: int = args.run(ctx)
+        out.flush()
+        return status
+    except NoSuchDaemon as exc:
+        return _fail(str(exc), EXIT_NO_SUCH)
+    except BrokenPipeError:
+        # Our reader went away (``ikosctl list | head``): nothing to say, and
+        # the interpreter must not complain when it flushes stdout at exit.
+        _silence_stdout()
+        return EXIT_FAILURE
+    except (IkosError, OSError, _UsageError) as exc:
+        return _fail(str(exc) or type(exc).__name__, EXIT_FAILURE)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+def _fail(message: str, status: int) -> int:
+    one_line = " ".join(message.split())
+    print(f"ikosctl: {one_line}", file=sys.stderr)
+    return status
+
+
+def _silence_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,357 @@
+"""Human-readable output of ikosctl: status blocks, tables and the tree.
+
+Every function here is pure: it takes the protocol's JSON objects (as
+``docs/protocol.md`` describes them), a :class:`Style` and, where time
+matters, ``now``, and returns text. ikosctl decides what to print and where;
+the tests check the text without a terminal or a clock.
+
+Design: decoration follows the output, not the user's wishes alone: colours
+and the ``●`` bullet only on a terminal and without ``NO_COLOR``
+(https://no-color.org), box-drawing characters only where the output
+encoding can carry them. Everything that comes from the server is stripped
+of control characters before it is shown, so a daemon's description cannot
+move the cursor or recolour the terminal.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, TextIO
+
+__all__ = [
+    "Style",
+    "format_time",
+    "humanize_duration",
+    "render_list",
+    "render_mapping",
+    "render_status",
+    "render_table",
+    "render_tree",
+    "render_value",
+]
+
+Status = Mapping[str, Any]
+
+_RESET = "\x1b[0m"
+_BOLD = "\x1b[1m"
+_STATE_COLOURS = {
+    "running": "\x1b[32m",  # green
+    "starting": "\x1b[33m",  # yellow
+    "stopping": "\x1b[33m",
+    "backoff": "\x1b[33m",
+    "failed": "\x1b[31m",  # red
+    "stopped": "\x1b[90m",  # grey
+}
+_UNICODE_PROBE = "●├─│└"
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+@dataclass(frozen=True)
+class Style:
+    """How decorated the output may be.
+
+    ``color``: ANSI colours and the ``●`` bullet (a terminal, no ``NO_COLOR``);
+    ``unicode``: box-drawing characters (the output encoding can carry them).
+    """
+
+    color: bool = False
+    unicode: bool = True
+
+    @classmethod
+    def for_stream(cls, stream: TextIO) -> Style:
+        """The style that suits ``stream`` in the current environment."""
+        try:
+            tty = stream.isatty()
+        except (AttributeError, ValueError):
+            tty = False
+        encoding = getattr(stream, "encoding", None) or "ascii"
+        try:
+            _UNICODE_PROBE.encode(encoding)
+            unicode = True
+        except (LookupError, UnicodeError):
+            unicode = False
+        return cls(color=tty and not os.environ.get("NO_COLOR"), unicode=unicode)
+
+    def state(self, state: str, text: str | None = None) -> str:
+        """``text`` (default ``state``) in the colour of ``state``."""
+        text = state if text is None else text
+        colour = _STATE_COLOURS.get(state)
+        return f"{colour}{text}{_RESET}" if self.color and colour else text
+
+    def bold(self, text: str) -> str:
+        """``text`` in bold on a terminal."""
+        return f"{_BOLD}{text}{_RESET}" if self.color else text
+
+
+def humanize_duration(seconds: float) -> str:
+    """A duration in its two largest units, rounded down.
+
+    >>> [humanize_duration(s) for s in (3, 125, 3720, 273600)]
+    ['3s', '2m 5s', '1h 2m', '3d 4h']
+    """
+    if not math.isfinite(seconds) or seconds < 0:
+        seconds = 0
+    total = int(seconds)
+    days, rest = divmod(total, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours}h"
+    if hours:
+        return f"{hours}h {minutes}m"
+    if minutes:
+        return f"{minutes}m {secs}s"
+    return f"{secs}s"
+
+
+def format_time(timestamp: float) -> str:
+    """A Unix time as local ISO 8601 to the second, e.g. ``2025-11-26T05:20:00+01:00``."""
+    return datetime.fromtimestamp(timestamp).astimezone().isoformat(timespec="seconds")
+
+
+def render_status(statuses: Sequence[Status], style: Style, now: float) -> str:
+    """Status blocks in the manner of ``systemctl status``, one per daemon.
+
+    ::
+
+        ● echo - answers pings
+                Kind: actor (examples.demo:Echo)
+               State: running (pid 1234) since 2025-11-26T05:20:00+01:00; 12s ago
+             Restart: permanent
+            Restarts: 2
+          Supervisor: root
+           Last exit: killed by SIGKILL at 2025-11-26T05:19:59+01:00
+    """
+    return "\n\n".join(_status_block(status, style, now) for status in statuses) + (
+        "\n" if statuses else ""
+    )
+
+
+def _status_block(status: Status, style: Style, now: float) -> str:
+    name = _text(status.get("name"))
+    state = _text(status.get("state") or "unknown")
+    description = _text(status.get("description") or "")
+    head = style.bold(name) + (f" - {description}" if description else "")
+    if style.color and style.unicode:
+        head = style.state(state, "●") + " " + head
+    lines = [head]
+
+    def field(label: str, value: str) -> None:
+        lines.append(f"{label:>12}: {value}")
+
+    kind = _text(status.get("kind") or "-")
+    if kind == "supervisor":
+        details = [_text(status.get("strategy") or "")]
+        limit, within = status.get("max_restarts"), status.get("within")
+        if limit is not None and within is not None:
+            noun = "restart" if limit == 1 else "restarts"
+            details.append(f"at most {_text(limit)} {noun} in {_number(within)}s")
+        field("Kind", kind + _parenthesised(", ".join(d for d in details if d)))
+    else:
+        field("Kind", kind + _parenthesised(_text(status.get("target") or "")))
+    field("State", _state_line(status, state, style, now))
+    if status.get("restart"):
+        field("Restart", _text(status["restart"]))
+    field("Restarts", _text(status.get("restarts", 0)))
+    parent = status.get("supervisor")
+    field("Supervisor", _text(parent) if parent else "none (root of the tree)")
+    children = status.get("children")
+    if isinstance(children, list) and children:
+        names = [_text(c.get("name") if isinstance(c, Mapping) else c) for c in children]
+        field("Children", ", ".join(names))
+    last_exit = status.get("last_exit")
+    if isinstance(last_exit, Mapping):
+        field("Last exit", _exit_line(last_exit))
+    return "\n".join(lines)
+
+
+def _state_line(status: Status, state: str, style: Style, now: float) -> str:
+    text = style.state(state)
+    pid = status.get("pid")
+    if pid is not None:
+        text += f" (pid {_text(pid)})"
+    started = status.get("started_at")
+    if isinstance(started, int | float) and state in ("running", "starting", "stopping"):
+        text += f" since {format_time(started)}; {humanize_duration(_uptime(status, now))} ago"
+    return text
+
+
+def _exit_line(last_exit: Mapping[str, Any]) -> str:
+    reason = last_exit.get("reason")
+    if not reason:
+        if last_exit.get("signal") is not None:
+            reason = f"killed by signal {_text(last_exit['signal'])}"
+        elif last_exit.get("code") is not None:
+            reason = f"exited with status {_text(last_exit['code'])}"
+        else:
+            reason = "exited"
+    text = _text(reason)
+    at = last_exit.get("at")
+    if isinstance(at, int | float):
+        text += f" at {format_time(at)}"
+    return text
+
+
+def _uptime(status: Status, now: float) -> float:
+    uptime = status.get("uptime_seconds")
+    if isinstance(uptime, int | float):
+        return float(uptime)
+    started = status.get("started_at")
+    return now - started if isinstance(started, int | float) else 0.0
+
+
+def render_list(statuses: Sequence[Status], style: Style, now: float) -> str:
+    """The table of ``ikosctl list``: NAME KIND STATE PID RESTARTS UPTIME SUPERVISOR."""
+    rows: list[list[tuple[str, str | None]]] = []
+    for status in statuses:
+        state = _text(status.get("state") or "unknown")
+        running = status.get("started_at") is not None or status.get("uptime_seconds") is not None
+        rows.append(
+            [
+                (_text(status.get("name")), None),
+                (_text(status.get("kind") or "-"), None),
+                (state, state),
+                (_text(status.get("pid") if status.get("pid") is not None else "-"), None),
+                (_text(status.get("restarts", 0)), None),
+                (humanize_duration(_uptime(status, now)) if running else "-", None),
+                (_text(status.get("supervisor") or "-"), None),
+            ]
+        )
+    headers = ["NAME", "KIND", "STATE", "PID", "RESTARTS", "UPTIME", "SUPERVISOR"]
+    return _table(headers, rows, style)
+
+
+def render_tree(root: Status, style: Style) -> str:
+    """The supervision tree, one line per node: ``name [kind strategy] state pid``.
+
+    ::
+
+        root [supervisor one_for_one] running
+        ├─ echo [actor] running 1234
+        └─ workers [supervisor rest_for_one] running
+           └─ w1 [exec] backoff
+    """
+    if style.unicode:
+        branch, last, pipe, blank = "├─ ", "└─ ", "│  ", "   "
+    else:
+        branch, last, pipe, blank = "|- ", "`- ", "|  ", "   "
+    lines: list[str] = []
+    # An explicit stack rather than recursion: a deep tree cannot overflow it.
+    stack: list[tuple[Status, str, str]] = [(root, "", "")]
+    while stack:
+        node, lead, child_lead = stack.pop()
+        lines.append(lead + _tree_label(node, style))
+        children = [c for c in node.get("children") or [] if isinstance(c, Mapping)]
+        for index in reversed(range(len(children))):
+            is_last = index == len(children) - 1
+            stack.append(
+                (
+                    children[index],
+                    child_lead + (last if is_last else branch),
+                    child_lead + (blank if is_last else pipe),
+                )
+            )
+    return "\n".join(lines) + "\n"
+
+
+def _tree_label(node: Status, style: Style) -> str:
+    kind = _text(node.get("kind") or "-")
+    if node.get("strategy"):
+        kind += " " + _text(node["strategy"])
+    state = _text(node.get("state") or "unknown")
+    text = f"{_text(node.get('name'))} [{kind}] {style.state(state)}"
+    if node.get("pid") is not None:
+        text += f" {_text(node['pid'])}"
+    return text
+
+
+def render_table(rows: Sequence[Mapping[str, Any]], style: Style) -> str:
+    """A table of arbitrary objects: one column per key, in order of first appearance.
+
+    Columns named ``state`` are coloured as daemon states.
+    """
+    keys: list[str] = []
+    for row in rows:
+        keys.extend(k for k in row if k not in keys)
+    body = [
+        [(_cell(row.get(k)), _text(row.get(k)) if k == "state" else None) for k in keys]
+        for row in rows
+    ]
+    return _table([k.upper() for k in keys], body, style)
+
+
+def render_mapping(mapping: Mapping[str, Any]) -> str:
+    """``key: value`` lines, keys aligned (``ikosctl discover``)."""
+    if not mapping:
+        return ""
+    width = max(len(_text(k)) for k in mapping) + 1
+    return "".join(f"{_text(k) + ':':<{width}} {_cell(v)}\n" for k, v in mapping.items())
+
+
+def render_value(value: Any, style: Style) -> str:
+    """Any result in its most readable form; empty for nothing to say.
+
+    A string as is, an object as ``key: value`` lines, a list of objects as
+    a table, anything else as JSON.
+    """
+    if value is None or value == {} or value == []:
+        return ""
+    if isinstance(value, str):
+        return value if value.endswith("\n") else value + "\n"
+    if isinstance(value, Mapping):
+        return render_mapping(value)
+    if isinstance(value, list) and all(isinstance(v, Mapping) for v in value):
+        return render_table(value, style)
+    return json.dumps(value, ensure_ascii=False) + "\n"
+
+
+def _table(
+    headers: Sequence[str], rows: Sequence[Sequence[tuple[str, str | None]]], style: Style
+) -> str:
+    """Columns two spaces apart; each cell is (text, state to colour it by, or None)."""
+    widths = [len(h) for h in headers]
+    for row in rows:
+        for i, (text, _) in enumerate(row):
+            widths[i] = max(widths[i], len(text))
+    out = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    for row in rows:
+        cells = []
+        for i, (text, state) in enumerate(row):
+            padded = text if i == len(row) - 1 else text.ljust(widths[i])
+            # Pad before colouring: escape codes take no columns.
+            cells.append(style.state(state, padded) if state else padded)
+        out.append("  ".join(cells).rstrip())
+    return "\n".join(out) + "\n"
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.1f}"
+    if isinstance(value, list):
+        return ", ".join(_cell(v) for v in value) or "-"
+    if isinstance(value, Mapping):
+        return _text(json.dumps(value, ensure_ascii=False))
+    return _text(value)
+
+
+def _text(value: Any) -> str:
+    """``value`` as one line of text with no control characters."""
+    return _CONTROL.sub("?", str(value))
+
+
+def _number(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else _text(value)
+
+
+def _parenthesised(text: str) -> str:
+    return f" ({text})" if text else ""
