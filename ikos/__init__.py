@@ -1,1 +1,74 @@
-"""ikos."""
+"""ikos: daemon management for the IKOS operating system.
+
+Every daemon is a supervised actor in its own OS process, in an
+Erlang/OTP-style supervision tree run by ``ikosd`` and controlled with
+``ikosctl``. The public API is re-exported here; the layers live in the
+subpackages (platform, monitor, actors, ipc, registry, supervision,
+manager).
+
+Example::
+
+    import ikos
+
+    class Echo(ikos.Actor):
+        def receive(self, message):
+            return message
+
+    tree = ikos.Supervisor("root", strategy="one_for_one",
+                           children=[ikos.Child("echo", Echo)])
+
+    if __name__ == "__main__":
+        raise SystemExit(ikos.run(tree, root=".demo"))
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from ikos._errors import (
+    ActorCrashed,
+    ActorDeadError,
+    ActorError,
+    AskTimeout,
+    AuthenticationError,
+    ConfigError,
+    IkosError,
+    MailboxFull,
+    ManagerError,
+    ManagerUnavailable,
+    MessageTooLarge,
+    NoSuchDaemon,
+    PermissionDenied,
+    SpawnError,
+    SpecError,
+)
+from ikos.actors._actor import Actor
+from ikos.actors._ref import ActorRef
+from ikos.manager._ikosd import run
+from ikos.supervision._spec import Backoff, Child, Exec, Supervisor
+
+__all__ = [
+    "Actor",
+    "ActorCrashed",
+    "ActorDeadError",
+    "ActorError",
+    "ActorRef",
+    "AskTimeout",
+    "AuthenticationError",
+    "Backoff",
+    "Child",
+    "ConfigError",
+    "Exec",
+    "IkosError",
+    "MailboxFull",
+    "ManagerError",
+    "ManagerUnavailable",
+    "MessageTooLarge",
+    "NoSuchDaemon",
+    "PermissionDenied",
+    "SpawnError",
+    "SpecError",
+    "Supervisor",
+    "__version__",
+    "run",
+]

@@ -19,7 +19,7 @@ import math
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeAlias, cast
+from typing import Any, Literal, TypeAlias
 
 from ikos._errors import SpecError
 
@@ -30,7 +30,9 @@ Shutdown: TypeAlias = float | Literal["brutal_kill", "infinity"]
 RESTART_TYPES: tuple[str, ...] = ("permanent", "transient", "temporary")
 STRATEGIES: tuple[str, ...] = ("one_for_one", "one_for_all", "rest_for_one", "simple_one_for_one")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
-NAME_RULE = "a name of 1-64 characters: letters, digits, '_', '.', '@', '-', not starting with a symbol"
+NAME_RULE = (
+    "a name of 1-64 characters: letters, digits, '_', '.', '@', '-', not starting with a symbol"
+)
 
 
 @dataclass(frozen=True)
@@ -206,7 +208,7 @@ def _set(obj: object, **values: Any) -> None:
 def resolve_actor_class(ref: Any) -> type:
     """Import ``"pkg.mod:Class"`` (or return a class as is)."""
     if not isinstance(ref, str):
-        return cast(type, ref)
+        return ref  # type: ignore[no-any-return]
     module_name, sep, qualname = ref.partition(":")
     if not sep or not module_name or not qualname:
         raise ValueError(f"expected 'package.module:Class', got {ref!r}")
@@ -215,18 +217,23 @@ def resolve_actor_class(ref: Any) -> type:
         obj = getattr(obj, part)
     if not isinstance(obj, type):
         raise ValueError(f"{ref!r} is not a class")
-    return cast(type, obj)
+    return obj
 
 
 def _check_common(path: str, spec: AnySpec) -> None:
-    if not isinstance(spec.name, str) or not NAME_RE.match(spec.name):
+    if not isinstance(spec.name, str) or not NAME_RE.fullmatch(spec.name):
         raise SpecError(path, "name", NAME_RULE, spec.name)
     if spec.restart not in RESTART_TYPES:
         raise SpecError(path, "restart", "one of " + ", ".join(RESTART_TYPES), spec.restart)
     sd = spec.shutdown
     if not (
         sd in ("brutal_kill", "infinity")
-        or (isinstance(sd, int | float) and not isinstance(sd, bool) and sd >= 0 and math.isfinite(sd))
+        or (
+            isinstance(sd, int | float)
+            and not isinstance(sd, bool)
+            and sd >= 0
+            and math.isfinite(sd)
+        )
     ):
         raise SpecError(path, "shutdown", "seconds >= 0, 'brutal_kill' or 'infinity'", sd)
     for key in ("requires", "after"):
@@ -267,11 +274,12 @@ def validate_child(path: str, spec: AnySpec) -> None:
             raise SpecError(path, "max_restarts", "an integer >= 0", mr)
         if not (_number(spec.within) and spec.within > 0):
             raise SpecError(path, "within", "seconds > 0", spec.within)
-        if spec.strategy == "simple_one_for_one":
-            if len(spec.children) != 1 or isinstance(spec.children[0], Supervisor):
-                raise SpecError(
-                    path, "children", "exactly one template Child or Exec for simple_one_for_one"
-                )
+        if spec.strategy == "simple_one_for_one" and (
+            len(spec.children) != 1 or isinstance(spec.children[0], Supervisor)
+        ):
+            raise SpecError(
+                path, "children", "exactly one template Child or Exec for simple_one_for_one"
+            )
         return
     if isinstance(spec, Child):
         _check_common(path, spec)
@@ -280,7 +288,9 @@ def validate_child(path: str, spec: AnySpec) -> None:
         try:
             cls = resolve_actor_class(spec.actor)
         except (ImportError, AttributeError, ValueError) as exc:
-            raise SpecError(path, "actor", "an importable ikos.Actor subclass", f"{spec.actor}: {exc}")
+            raise SpecError(
+                path, "actor", "an importable ikos.Actor subclass", f"{spec.actor}: {exc}"
+            )
         if not (isinstance(cls, type) and issubclass(cls, Actor)):
             raise SpecError(path, "actor", "a subclass of ikos.Actor", spec.actor)
         ms = spec.mailbox_size
@@ -314,8 +324,9 @@ def validate_tree(root: object) -> Supervisor:
         here = f"{path}/{spec.name}" if path else str(spec.name)
         validate_child(here, spec)
         if spec.name in seen:
-            raise SpecError(here, "name", f"a name unique in the tree (also at {seen[spec.name]})",
-                            spec.name)
+            raise SpecError(
+                here, "name", f"a name unique in the tree (also at {seen[spec.name]})", spec.name
+            )
         seen[spec.name] = here
         specs.append((here, spec))
         if isinstance(spec, Supervisor):

@@ -1,0 +1,59 @@
+"""Which ikos instance this process talks to, and the secret that proves it may.
+
+An actor process gets its instance from the runtime that started it; any
+other process finds it as ikosctl does (``$IKOS_ROOT``, else the default
+paths). The secret is read once per instance and cached.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from ikos.platform._paths import InstancePaths
+from ikos.platform._wire import DEFAULT_MAX_FRAME, read_secret
+
+
+@dataclass(frozen=True)
+class InstanceContext:
+    """An instance's paths, secret and frame limit, as seen by a client."""
+
+    paths: InstancePaths
+    secret: bytes
+    max_frame: int = DEFAULT_MAX_FRAME
+
+
+_lock = threading.Lock()
+_default: InstanceContext | None = None
+_by_root: dict[Path | None, InstanceContext] = {}
+
+
+def set_default(ctx: InstanceContext) -> None:
+    """Make ``ctx`` the instance of this process (done by the actor runtime)."""
+    global _default
+    with _lock:
+        _default = ctx
+        _by_root[ctx.paths.root] = ctx
+
+
+def get(root: str | os.PathLike[str] | None = None) -> InstanceContext:
+    """The context for ``root``, else this process's instance, else ``$IKOS_ROOT``."""
+    if root is None and _default is not None:
+        return _default
+    paths = InstancePaths.resolve(root)
+    with _lock:
+        ctx = _by_root.get(paths.root)
+        if ctx is None:
+            ctx = InstanceContext(paths, read_secret(paths.secret_file))
+            _by_root[paths.root] = ctx
+        return ctx
+
+
+def _reset_after_fork() -> None:
+    global _lock
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)

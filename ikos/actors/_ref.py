@@ -1,0 +1,312 @@
+"""ActorRef: how any process talks to an actor, directly over its mailbox socket.
+
+The manager is not on the message path: a reference knows the mailbox
+socket from the actor's name, connects once per thread, authenticates, and
+then each ``tell`` is one ``sendall`` and each ``ask`` one ``sendall`` plus
+the reply's ``recv``. One connection per (thread, actor) keeps per-sender
+FIFO order and needs no locks; a pooled connection shared by threads was
+rejected because it would need a reply dispatcher on the hot path.
+
+Restarts are transparent where they can be: the manager keeps an actor's
+listening socket open while it restarts it, so a reconnect made during the
+restart waits in the socket's backlog and is served by the new
+incarnation. A broken connection is re-made once per call.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+import socket
+import struct
+import threading
+import time
+from typing import Any
+
+from ikos._codec import decode, encode
+from ikos._errors import (
+    ActorDeadError,
+    ActorError,
+    AskTimeout,
+    AuthenticationError,
+    MailboxFull,
+    MessageTooLarge,
+)
+from ikos.actors import _context
+from ikos.platform._unix import connect_unix
+from ikos.platform._wire import HEADER, client_handshake
+
+log = logging.getLogger("ikos.actors")
+
+TELL, ASK, REPLY_OK, REPLY_ERR = 0, 1, 2, 3
+DEFAULT_ASK_TIMEOUT = 5.0
+DEFAULT_SEND_TIMEOUT = 5.0
+
+_dead_letters = 0
+_dead_lock = threading.Lock()
+
+
+def dead_letter_count() -> int:
+    """Dead letters this process recorded (messages to actors that were not there)."""
+    return _dead_letters
+
+
+def _record_dead_letter(name: str, reason: str) -> None:
+    global _dead_letters
+    with _dead_lock:
+        _dead_letters += 1
+    log.warning("dead letter to actor '%s': %s", name, reason)
+    try:
+        from ikos.platform._control import ControlClient
+
+        with ControlClient(_context.get().paths, timeout=1.0) as client:
+            client.call("dead_letter", {"name": name, "reason": reason})
+    except Exception:  # best effort: counting must never break the sender
+        pass
+
+
+_TIMEVAL = struct.Struct("@ll")
+
+
+class _Connection:
+    """One authenticated mailbox connection, in blocking mode with kernel timeouts.
+
+    Timeouts are SO_RCVTIMEO/SO_SNDTIMEO rather than Python's socket timeout,
+    which would add a poll() before every send and recv; they are only
+    re-set when the wanted timeout changes, so the hot path is one
+    ``sendall`` and one ``recv_into``.
+    """
+
+    __slots__ = ("buf", "ids", "rcv", "scratch", "snd", "sock", "view")
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.settimeout(None)
+        self.sock = sock
+        self.buf = bytearray()
+        self.ids = itertools.count(1)
+        self.rcv = self.snd = -1.0
+        # recv_into a reused buffer: a fresh 256 KiB bytes per recv would cost an
+        # mmap/munmap pair on every message.
+        self.scratch = bytearray(262144)
+        self.view = memoryview(self.scratch)
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def _timeout(self, option: int, seconds: float) -> None:
+        seconds = max(seconds, 0.001)
+        sec = int(seconds)
+        self.sock.setsockopt(
+            socket.SOL_SOCKET, option, _TIMEVAL.pack(sec, int((seconds - sec) * 1e6))
+        )
+
+    def send(self, packet: bytes, timeout: float) -> None:
+        """Send a whole frame; TimeoutError when the peer's buffer stays full."""
+        if timeout != self.snd:
+            self._timeout(socket.SO_SNDTIMEO, timeout)
+            self.snd = timeout
+        try:
+            self.sock.sendall(packet)
+        except BlockingIOError:
+            raise TimeoutError
+
+    def read_frame(self, deadline: float) -> bytes | None:
+        """The next frame's bytes, or None on EOF; TimeoutError past the deadline."""
+        buf = self.buf
+        while True:
+            if len(buf) >= 4:
+                (n,) = HEADER.unpack_from(buf)
+                if len(buf) >= 4 + n:
+                    data = bytes(buf[4 : 4 + n])
+                    del buf[: 4 + n]
+                    return data
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError
+            if not (remaining * 0.5 <= self.rcv <= remaining):
+                self._timeout(socket.SO_RCVTIMEO, remaining)
+                self.rcv = remaining
+            try:
+                got = self.sock.recv_into(self.scratch)
+            except BlockingIOError:
+                raise TimeoutError
+            if not got:
+                return None
+            buf += self.view[:got]
+
+
+class _Pool(threading.local):
+    def __init__(self) -> None:
+        self.conns: dict[tuple[Any, str], _Connection] = {}
+
+
+_pool = _Pool()
+
+
+def _reset_pool() -> None:
+    global _pool
+    _pool = _Pool()
+
+
+os.register_at_fork(after_in_child=_reset_pool)
+
+
+class ActorRef:
+    """A reference to an actor by name; picklable, so it can be sent in messages.
+
+    Example::
+
+        echo = ikos.ActorRef("echo")          # in a process of the instance
+        echo.tell({"log": "hello"})
+        assert echo.ask("ping", timeout=2) == "pong"
+    """
+
+    __slots__ = ("_ctx", "_root", "name")
+
+    def __init__(self, name: str, *, root: str | os.PathLike[str] | None = None) -> None:
+        self.name = name
+        self._root = os.fspath(root) if root is not None else None
+        self._ctx: _context.InstanceContext | None = None
+
+    def _context(self) -> _context.InstanceContext:
+        ctx = self._ctx
+        if ctx is None:
+            ctx = self._ctx = _context.get(self._root)
+        return ctx
+
+    def __repr__(self) -> str:
+        return f"ActorRef({self.name!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ActorRef) and (other.name, other._root) == (self.name, self._root)
+
+    def __hash__(self) -> int:
+        return hash((self.name, self._root))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_ref, (self.name, self._root))
+
+    # -- connections -------------------------------------------------------
+
+    def _connect(self, deadline: float) -> _Connection:
+        ctx = self._context()
+        path = ctx.paths.actor_socket(self.name)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(max(deadline - time.monotonic(), 0.001))
+            connect_unix(sock, path)
+            client_handshake(sock, ctx.secret, max(deadline - time.monotonic(), 0.001))
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+            raise ActorDeadError(self.name, "not running (no mailbox is listening)")
+        except TimeoutError:
+            sock.close()
+            raise
+        except (ConnectionResetError, BrokenPipeError):
+            sock.close()
+            raise ActorDeadError(self.name, "closed the connection during the handshake")
+        except AuthenticationError:
+            sock.close()
+            raise
+        except OSError as exc:
+            sock.close()
+            if exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
+                raise ActorDeadError(self.name, "not running (no mailbox is listening)")
+            raise ActorError(self.name, f"cannot connect: {exc}")
+        return _Connection(sock)
+
+    def _conn(self, deadline: float) -> _Connection:
+        key = (self._root, self.name)
+        conn = _pool.conns.get(key)
+        if conn is None:
+            conn = self._connect(deadline)
+            _pool.conns[key] = conn
+        return conn
+
+    def _drop(self) -> None:
+        conn = _pool.conns.pop((self._root, self.name), None)
+        if conn is not None:
+            conn.close()
+
+    def _send(self, data: bytes, timeout: float) -> _Connection:
+        """Send one frame; reconnect once if the connection broke since last use."""
+        ctx = self._context()
+        if len(data) > ctx.max_frame:
+            raise MessageTooLarge(self.name, len(data), ctx.max_frame)
+        packet = HEADER.pack(len(data)) + data
+        deadline = time.monotonic() + timeout
+        for attempt in (0, 1):
+            try:
+                conn = self._conn(deadline)
+            except TimeoutError:
+                raise MailboxFull(self.name, "could not connect before the timeout")
+            try:
+                conn.send(packet, timeout)
+                return conn
+            except (BrokenPipeError, ConnectionResetError):
+                self._drop()
+                if attempt:
+                    raise ActorDeadError(self.name, "the connection broke")
+            except TimeoutError:
+                # part of the frame may be in the socket: the stream is unusable
+                self._drop()
+                raise MailboxFull(self.name, "mailbox full: the send timed out")
+        raise AssertionError("unreachable")
+
+    # -- messaging ---------------------------------------------------------
+
+    def tell(self, message: Any, timeout: float = DEFAULT_SEND_TIMEOUT) -> None:
+        """Send ``message`` without waiting for an answer.
+
+        Blocks while the actor's mailbox is full, up to ``timeout`` seconds,
+        then raises :class:`MailboxFull`. A message to an actor that is not
+        running becomes a dead letter: logged and counted, not raised.
+        """
+        data = encode((TELL, 0, message))
+        try:
+            self._send(data, timeout)
+        except ActorDeadError as exc:
+            _record_dead_letter(self.name, exc.message)
+
+    def ask(self, message: Any, timeout: float = DEFAULT_ASK_TIMEOUT) -> Any:
+        """Send ``message`` and return the actor's reply (the value ``receive`` returned).
+
+        Raises :class:`AskTimeout` when no reply comes within ``timeout``
+        seconds, :class:`ActorDeadError` when the actor is not running or
+        stops before answering, and :class:`ActorCrashed` when ``receive``
+        raised while handling this message.
+        """
+        deadline = time.monotonic() + timeout
+        key = (self._root, self.name)
+        existing = _pool.conns.get(key)
+        corr = next(existing.ids) if existing is not None else 1
+        data = encode((ASK, corr, message))
+        conn = self._send(data, timeout)
+        if conn is not existing:
+            # a fresh connection numbers from 1: keep the id we sent consistent
+            conn.ids = itertools.count(corr + 1)
+        while True:
+            try:
+                raw = conn.read_frame(deadline)
+            except TimeoutError:
+                raise AskTimeout(self.name, f"no reply within {timeout:g} s")
+            except (ConnectionResetError, BrokenPipeError):
+                raw = None
+            if raw is None:
+                self._drop()
+                raise ActorDeadError(self.name, "stopped before answering")
+            kind, rid, value = decode(raw)
+            if rid != corr:
+                continue  # a late reply to an ask that timed out earlier
+            if kind == REPLY_OK:
+                return value
+            raise value
+
+
+def _rebuild_ref(name: str, root: str | None) -> ActorRef:
+    return ActorRef(name, root=root)

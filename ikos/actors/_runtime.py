@@ -1,0 +1,409 @@
+"""The actor process: one mailbox, one message at a time, one thread.
+
+This is what runs in every actor's process after the fork server forked it.
+The manager created the listening socket and passed it in (socket
+activation), so the mailbox address outlives any one incarnation. A single
+thread multiplexes the listener and every client connection with epoll and
+calls ``receive`` for one message at a time; there is no I/O thread, because
+handing each message from one thread to another would cost more than the
+whole round trip it serves.
+
+The mailbox is bounded: once ``mailbox_size`` messages wait, the runtime
+stops reading from its connections, their kernel buffers fill, and senders
+block (up to their timeout, then :class:`MailboxFull`).
+
+Life cycle, reported to the manager as JSON lines on a status pipe:
+``{"event": "ready"}`` once ``on_start`` returned, ``{"event": "exit", ...}``
+with the reason before the process ends. SIGTERM asks for an orderly stop:
+the current message finishes, queued asks are answered with
+:class:`ActorDeadError`, queued tells are counted as dead letters, then
+``on_stop`` runs and the process exits 0. Exit codes: 0 normal, 1 crash in
+``receive``, 2 crash in ``on_start``.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import select
+import signal
+import socket
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+from ikos._codec import decode, encode
+from ikos._errors import ActorCrashed, ActorDeadError, AuthenticationError
+from ikos.actors import _context
+from ikos.actors._actor import Actor
+from ikos.actors._ref import ASK, REPLY_ERR, REPLY_OK, TELL
+from ikos.platform._wire import HEADER, ServerHandshake
+
+EXIT_NORMAL, EXIT_CRASH, EXIT_START_FAILED = 0, 1, 2
+HANDSHAKE_TIMEOUT = 5.0
+MAX_PENDING_HANDSHAKES = 64
+REPLY_TIMEOUT = 10.0
+READ_CHUNK = 262144
+
+
+@dataclass
+class ActorBoot:
+    """Everything an actor process needs, sent by the manager through the fork server."""
+
+    name: str
+    cls: type[Actor]
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    context: _context.InstanceContext
+    mailbox_size: int
+
+
+class _Client:
+    __slots__ = ("buf", "deadline", "hs", "sock")
+
+    def __init__(self, sock: socket.socket, secret: bytes) -> None:
+        self.sock = sock
+        self.buf = bytearray()
+        self.hs: ServerHandshake | None = ServerHandshake(secret)
+        self.deadline = time.monotonic() + HANDSHAKE_TIMEOUT
+
+
+class ActorProcess:
+    """Drives one actor instance; see the module docstring."""
+
+    def __init__(self, boot: ActorBoot, listener: socket.socket, status_fd: int) -> None:
+        self.boot = boot
+        self.name = boot.name
+        self.listener = listener
+        self.status_fd = status_fd
+        self.secret = boot.context.secret
+        self.max_frame = boot.context.max_frame
+        self.capacity = boot.mailbox_size
+        self.ep = select.epoll()
+        self.clients: dict[int, _Client] = {}
+        self.mailbox: collections.deque[tuple[_Client, int, int, Any]] = collections.deque()
+        self.paused = False
+        self.handshaking = 0  # connections still in the handshake
+        self.stopping = False
+        self.dead_letters = 0
+        self.actor: Actor | None = None
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._scratch = bytearray(READ_CHUNK)
+        self._view = memoryview(self._scratch)
+
+    # -- status pipe ---------------------------------------------------------
+
+    def _status(self, **event: Any) -> None:
+        try:
+            os.write(self.status_fd, (json.dumps(event) + "\n").encode())
+        except OSError:
+            pass
+
+    def _exit(self, code: int, reason: str, detail: str = "") -> NoReturn:
+        self._status(
+            event="exit",
+            code=code,
+            reason=reason,
+            detail=detail[-4000:],
+            dead_letters=self.dead_letters,
+        )
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+    # -- main --------------------------------------------------------------
+
+    def run(self) -> NoReturn:
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        _context.set_default(self.boot.context)
+        try:
+            actor = self.boot.cls(*self.boot.args, **self.boot.kwargs)
+            actor.name = self.name
+            self.actor = actor
+            actor.on_start()
+        except BaseException as exc:
+            self._exit(
+                EXIT_START_FAILED, f"on_start raised {_describe(exc)}", traceback.format_exc()
+            )
+        self.listener.setblocking(False)
+        self.ep.register(self.listener.fileno(), select.EPOLLIN)
+        self.ep.register(self._wake_r.fileno(), select.EPOLLIN)
+        self._status(event="ready", pid=os.getpid())
+        try:
+            self._loop()
+        except BaseException as exc:  # a bug in the runtime itself: still report it
+            self._exit(EXIT_CRASH, f"runtime error {_describe(exc)}", traceback.format_exc())
+        self._shutdown()
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        self.stopping = True
+
+    def _loop(self) -> None:
+        actor = self.actor
+        assert actor is not None
+        mailbox = self.mailbox
+        while not self.stopping:
+            if mailbox:
+                self._poll(0.0)
+            else:
+                self._poll(self._next_timeout())
+            while mailbox and not self.stopping:
+                client, kind, corr, message = mailbox.popleft()
+                try:
+                    result = actor.receive(message)
+                except BaseException as exc:
+                    if kind == ASK:
+                        err = ActorCrashed(
+                            self.name,
+                            f"receive raised {_describe(exc)}",
+                            type(exc).__name__,
+                            traceback.format_exc(),
+                        )
+                        self._reply(client, REPLY_ERR, corr, err)
+                    self._crash(exc)
+                if kind == ASK:
+                    self._reply(client, REPLY_OK, corr, result)
+                if getattr(actor, "_ikos_stop_requested", False):
+                    self.stopping = True
+                if self.paused and len(mailbox) < self.capacity:
+                    self._resume()
+                    self._pump_buffers()
+
+    def _next_timeout(self) -> float | None:
+        if not self.handshaking:
+            return None
+        pending = [c.deadline for c in self.clients.values() if c.hs is not None]
+        if not pending:
+            return None
+        return max(0.0, min(pending) - time.monotonic())
+
+    def _poll(self, timeout: float | None) -> None:
+        clients = self.clients
+        for fd, _ in self.ep.poll(-1 if timeout is None else timeout):
+            client = clients.get(fd)
+            if client is not None:
+                self._read(client)
+            elif fd == self.listener.fileno():
+                self._accept()
+            elif fd == self._wake_r.fileno():
+                try:
+                    while self._wake_r.recv(512):
+                        pass
+                except BlockingIOError:
+                    pass
+        if self.handshaking:
+            now = time.monotonic()
+            for client in [c for c in self.clients.values() if c.hs is not None]:
+                if now > client.deadline:
+                    self._close(client)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            if self.handshaking >= MAX_PENDING_HANDSHAKES:
+                sock.close()
+                continue
+            sock.setblocking(False)
+            client = _Client(sock, self.secret)
+            self.handshaking += 1
+            self.clients[sock.fileno()] = client
+            if not self.paused:
+                self.ep.register(sock.fileno(), select.EPOLLIN)
+
+    def _close(self, client: _Client) -> None:
+        fd = client.sock.fileno()
+        if client.hs is not None:
+            client.hs = None
+            self.handshaking -= 1
+        if fd >= 0 and self.clients.pop(fd, None) is not None:
+            try:
+                self.ep.unregister(fd)
+            except (KeyError, ValueError, OSError):
+                pass
+        try:
+            client.sock.close()
+        except OSError:
+            pass
+
+    def _read(self, client: _Client) -> None:
+        try:
+            n = client.sock.recv_into(self._scratch)
+        except (BlockingIOError, InterruptedError, TimeoutError):
+            return
+        except OSError:
+            n = 0
+        if not n:
+            self._close(client)
+            return
+        if client.hs is None:
+            client.buf += self._view[:n]
+            self._pump(client)
+            return
+        data = bytes(self._view[:n])
+        if client.hs is not None:
+            try:
+                out = client.hs.feed(data)
+                if out:
+                    client.sock.sendall(out)
+            except (AuthenticationError, OSError):
+                self._close(client)
+                return
+            if not client.hs.done:
+                return
+            data = client.hs.leftover
+            client.hs = None
+            self.handshaking -= 1
+        client.buf += data
+        self._pump(client)
+
+    def _pump(self, client: _Client) -> None:
+        """Move complete frames from the client's buffer into the mailbox, while room."""
+        buf = client.buf
+        mailbox = self.mailbox
+        while len(buf) >= 4:
+            (n,) = HEADER.unpack_from(buf)
+            if n > self.max_frame or n == 0:
+                self._close(client)  # oversized or empty frame: a broken or hostile peer
+                return
+            if len(buf) < 4 + n:
+                return
+            if len(mailbox) >= self.capacity:
+                self._pause()
+                return
+            raw = bytes(buf[4 : 4 + n])
+            del buf[: 4 + n]
+            try:
+                kind, corr, message = decode(raw)
+            except Exception as exc:
+                # an authenticated peer sent what we cannot decode: answer if we can
+                self._reply(client, REPLY_ERR, 0, ActorDeadError(self.name, f"undecodable: {exc}"))
+                continue
+            mailbox.append((client, kind, corr, message))
+
+    def _pump_buffers(self) -> None:
+        for client in list(self.clients.values()):
+            if client.buf:
+                self._pump(client)
+
+    def _pause(self) -> None:
+        if self.paused:
+            return
+        self.paused = True
+        for fd in self.clients:
+            try:
+                self.ep.unregister(fd)
+            except (KeyError, ValueError, OSError):
+                pass
+
+    def _resume(self) -> None:
+        self.paused = False
+        for client in self.clients.values():
+            self.ep.register(client.sock.fileno(), select.EPOLLIN)
+
+    def _reply(self, client: _Client, kind: int, corr: int, value: Any) -> None:
+        try:
+            payload = encode((kind, corr, value))
+        except Exception as exc:
+            payload = encode(
+                (
+                    REPLY_ERR,
+                    corr,
+                    ActorCrashed(
+                        self.name,
+                        f"the reply could not be encoded: {_describe(exc)}",
+                        type(exc).__name__,
+                    ),
+                )
+            )
+        packet = HEADER.pack(len(payload)) + payload
+        sock = client.sock
+        try:
+            sent = sock.send(packet)  # non-blocking: almost always all of it
+            if sent < len(packet):
+                sock.settimeout(REPLY_TIMEOUT)
+                try:
+                    sock.sendall(memoryview(packet)[sent:])
+                finally:
+                    sock.setblocking(False)
+        except BlockingIOError:
+            sock.settimeout(REPLY_TIMEOUT)
+            try:
+                sock.sendall(packet)
+            except OSError:
+                self._close(client)
+            else:
+                sock.setblocking(False)
+        except OSError:
+            self._close(client)
+
+    # -- endings -----------------------------------------------------------
+
+    def _drain(self) -> None:
+        """Answer every queued ask with a dead-actor error; count tells as dead letters."""
+        for client in list(self.clients.values()):
+            if client.hs is None:
+                try:
+                    client.sock.setblocking(False)
+                    while True:
+                        data = client.sock.recv(READ_CHUNK)
+                        if not data:
+                            break
+                        client.buf += data
+                except OSError:
+                    pass
+                self.capacity = sys.maxsize
+                self._pump(client)
+        while self.mailbox:
+            client, kind, corr, _ = self.mailbox.popleft()
+            if kind == ASK:
+                self._reply(
+                    client, REPLY_ERR, corr, ActorDeadError(self.name, "stopped before answering")
+                )
+            elif kind == TELL:
+                self.dead_letters += 1
+
+    def _crash(self, exc: BaseException) -> NoReturn:
+        detail = traceback.format_exc()
+        self._drain()
+        self._exit(EXIT_CRASH, f"receive raised {_describe(exc)}", detail)
+
+    def _shutdown(self) -> NoReturn:
+        self._drain()
+        try:
+            if self.actor is not None:
+                self.actor.on_stop()
+        except BaseException as exc:
+            self._exit(EXIT_CRASH, f"on_stop raised {_describe(exc)}", traceback.format_exc())
+        self._exit(EXIT_NORMAL, "normal")
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def run_actor(boot: ActorBoot, listener_fd: int, status_fd: int) -> NoReturn:
+    """Entry point in the forked actor process; never returns."""
+    os.setsid()  # its own session: terminal signals to ikosd's group never reach it
+    listener = socket.socket(fileno=listener_fd)
+    ActorProcess(boot, listener, status_fd).run()
+
+
+def spawn_entry(payload: bytes, fds: list[int]) -> NoReturn:
+    """The fork server's entry point for actors: ``fds`` is ``[listener, status pipe]``."""
+    boot = decode(payload)
+    run_actor(boot, fds[0], fds[1])

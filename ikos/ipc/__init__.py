@@ -1,0 +1,1 @@
+"""ikos.ipc layer."""

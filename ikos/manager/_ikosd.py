@@ -1,0 +1,210 @@
+"""``ikosd``: the command that runs a supervision tree until it is told to stop.
+
+Exit status: 0 after an orderly shutdown, 1 when the root supervisor gave
+up (or the manager could not run), 2 for a usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import importlib.util
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ikos._errors import ConfigError, IkosError
+from ikos.platform._paths import InstancePaths
+from ikos.supervision._spec import Supervisor
+
+log = logging.getLogger("ikos.manager")
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def load_tree_ref(ref: str) -> Supervisor:
+    """Load ``MODULE:ATTR`` (a module on sys.path, or a ``.py`` file path) as a Supervisor."""
+    module_part, sep, attr = ref.rpartition(":")
+    if not sep or not module_part or not attr:
+        raise ConfigError(None, None, "--tree", "MODULE:ATTR (e.g. mypkg.tree:root)", ref)
+    # Like `python -m` and gunicorn: the working directory is importable.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    if module_part.endswith(".py") or os.sep in module_part:
+        path = Path(module_part).resolve()
+        if not path.is_file():
+            raise ConfigError(str(path), None, "--tree", "an existing Python file", module_part)
+        # Run it as `python file.py` would see it: its directory first on sys.path, and
+        # importable by its plain name, so the fork server can import it too.
+        directory = str(path.parent)
+        if directory not in sys.path:
+            sys.path.insert(0, directory)
+        module_name = path.stem
+    else:
+        module_name = module_part
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(None, None, "--tree", f"an importable module ({exc})", module_part)
+    except Exception as exc:
+        raise ConfigError(
+            None, None, "--tree", f"a module that imports cleanly ({exc!r})", module_part
+        )
+    obj: Any = module
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise ConfigError(None, None, "--tree", f"an attribute '{attr}' of {module_name}", ref)
+    if callable(obj) and not isinstance(obj, Supervisor):
+        obj = obj()
+    if not isinstance(obj, Supervisor):
+        raise ConfigError(
+            None,
+            None,
+            "--tree",
+            "an ikos.Supervisor (or a function returning one)",
+            type(obj).__name__,
+        )
+    return obj
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ikosd", description="Run an ikos supervision tree (the ikos manager)."
+    )
+    p.add_argument("--root", metavar="DIR", help="keep every path of this instance under DIR")
+    p.add_argument("-c", "--config", metavar="CONFIG", help="an ikos.toml configuration file")
+    p.add_argument("--tree", metavar="MODULE:ATTR", help="a Supervisor defined in Python")
+    p.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics here ('off')")
+    p.add_argument(
+        "--log-level",
+        default=None,
+        metavar="LEVEL",
+        help="debug, info, warning or error (default info)",
+    )
+    return p
+
+
+def setup_logging(level: str, log_dir: Path | None) -> None:
+    root = logging.getLogger()
+    root.handlers.clear()
+    root.setLevel(level.upper())
+    stderr = logging.StreamHandler(sys.stderr)
+    stderr.setFormatter(logging.Formatter(LOG_FORMAT))
+    root.addHandler(stderr)
+    if log_dir is not None:
+        try:
+            log_dir.mkdir(parents=True, exist_ok=True)
+            fh = logging.FileHandler(log_dir / "ikosd.log")
+            fh.setFormatter(logging.Formatter(LOG_FORMAT))
+            root.addHandler(fh)
+        except OSError as exc:
+            log.warning("cannot write %s: %s", log_dir / "ikosd.log", exc)
+
+
+def prepare(
+    args: argparse.Namespace,
+) -> tuple[InstancePaths, Supervisor, Callable[[], Supervisor] | None, dict[str, Any]]:
+    """Resolve paths and load the tree (raises ConfigError)."""
+    paths = InstancePaths.resolve(args.root) if args.root else InstancePaths.default()
+    config_file = Path(args.config) if args.config else None
+    if config_file is None and args.tree is None and paths.config_file.is_file():
+        config_file = paths.config_file
+    if config_file is None and args.tree is None:
+        raise ConfigError(
+            None,
+            None,
+            None,
+            f"a tree to run: --tree MODULE:ATTR, -c CONFIG, or {paths.config_file}",
+        )
+    base = load_tree_ref(args.tree) if args.tree else None
+    settings: dict[str, Any] = {}
+    reload_tree: Callable[[], Supervisor] | None = None
+    if config_file is not None:
+        from ikos.manager._config import load_config
+
+        loaded = load_config(config_file, base_tree=base)
+        for warning in loaded.warnings:
+            log.warning("%s", warning)
+        tree = loaded.tree
+        s = loaded.settings
+        settings = {
+            "mailbox_size": s.mailbox_size,
+            "max_message_bytes": s.max_message_bytes,
+            "shutdown_timeout": s.shutdown_timeout,
+            "log_level": s.log_level,
+            "metrics": s.metrics,
+        }
+
+        def reload_tree() -> Supervisor:
+            fresh = load_tree_ref(args.tree) if args.tree else None
+            again = load_config(config_file, base_tree=fresh)
+            for warning in again.warnings:
+                log.warning("%s", warning)
+            return again.tree
+    else:
+        assert base is not None
+        tree = base
+    return paths, tree, reload_tree, settings
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``ikosd`` command."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=(args.log_level or "info").upper(), format=LOG_FORMAT)
+    try:
+        paths, tree, reload_tree, settings = prepare(args)
+    except IkosError as exc:
+        print(f"ikosd: {exc}", file=sys.stderr)
+        return 2
+    level = args.log_level or settings.get("log_level") or "info"
+    try:
+        setup_logging(level, paths.log_dir)
+    except ValueError:
+        print(f"ikosd: unknown log level {level!r}", file=sys.stderr)
+        return 2
+    from ikos.manager._manager import Manager
+
+    try:
+        manager = Manager(
+            paths,
+            tree,
+            config_file=Path(args.config) if args.config else None,
+            reload_tree=reload_tree,
+            mailbox_size=settings.get("mailbox_size", 1000),
+            max_message_bytes=settings.get("max_message_bytes", 64 * 1024 * 1024),
+            shutdown_timeout=settings.get("shutdown_timeout", 30.0),
+        )
+    except IkosError as exc:
+        print(f"ikosd: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(manager.run())
+    except IkosError as exc:
+        print(f"ikosd: {exc}", file=sys.stderr)
+        return 1
+
+
+def run(tree: Supervisor, root: str | os.PathLike[str] | None = None) -> int:
+    """Run ``tree`` as ikosd would, blocking until shutdown; return the exit status.
+
+    Example::
+
+        if __name__ == "__main__":
+            raise SystemExit(ikos.run(ikos.Supervisor("root", children=[...]), root=".demo"))
+    """
+    from ikos.manager._manager import Manager
+
+    paths = InstancePaths.resolve(root)
+    if not logging.getLogger().handlers:
+        setup_logging("info", paths.log_dir)
+    return asyncio.run(Manager(paths, tree).run())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

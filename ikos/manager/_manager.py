@@ -1,0 +1,455 @@
+"""ikosd's core: one asyncio loop that owns the tree, the processes and the control socket.
+
+The manager is the supervision tree's host: it spawns processes through the
+fork server, watches them through pidfds, owns each actor's listening socket
+(so that the mailbox address survives restarts) and records every state
+transition. It never blocks its loop: spawns are requests to the fork
+server, exits are pidfd readiness, asks made on behalf of ``ikosctl call``
+run in a worker thread.
+
+Shutdown is the root supervisor's orderly terminate (reverse start order,
+each child's shutdown timeout, then SIGKILL); when the root gives up the
+manager stops everything and exits with status 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import functools
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ikos._codec import encode
+from ikos._errors import IkosError, ManagerError, NoSuchDaemon, SpawnError
+from ikos.actors._context import InstanceContext
+from ikos.actors._runtime import ActorBoot
+from ikos.platform._forkserver import ForkServer
+from ikos.platform._paths import InstancePaths
+from ikos.platform._process import ProcessHandle, become_subreaper
+from ikos.platform._unix import bind_unix
+from ikos.platform._wire import ensure_secret
+from ikos.registry._graph import check_graph, start_order
+from ikos.supervision._runtime import Node, State, SupervisorNode, WorkerNode
+from ikos.supervision._spec import Child, Exec, Supervisor, resolve_actor_class, validate_tree
+
+log = logging.getLogger("ikos.manager")
+translog = logging.getLogger("ikos.daemon")
+
+ACTOR_ENTRY = "ikos.actors._runtime:spawn_entry"
+EXEC_ENTRY = "ikos.manager._execspawn:exec_entry"
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class InstanceLocked(ManagerError):
+    """Another ikosd already runs on this root."""
+
+
+class Manager:
+    """Runs one supervision tree until shutdown; see the module docstring."""
+
+    def __init__(
+        self,
+        paths: InstancePaths,
+        tree: Supervisor,
+        *,
+        config_file: Path | None = None,
+        reload_tree: Callable[[], Supervisor] | None = None,
+        mailbox_size: int = 1000,
+        max_message_bytes: int = 64 * 1024 * 1024,
+        shutdown_timeout: float = 30.0,
+        ready_line: bool = True,
+    ) -> None:
+        self.paths = paths
+        self.tree = validate_tree(tree)
+        self.graph = check_graph(self.tree)
+        self.config_file = config_file
+        self.reload_tree = reload_tree
+        self.mailbox_size = mailbox_size
+        self.max_message_bytes = max_message_bytes
+        self.shutdown_timeout = shutdown_timeout
+        self.ready_line = ready_line
+        self.forkserver = ForkServer()
+        self.nodes: dict[str, Node] = {}
+        self.listeners: dict[str, socket.socket] = {}
+        self.transitions: Counter[tuple[str, str]] = Counter()
+        self.dead_letters: Counter[str] = Counter()
+        self.exit_code = EXIT_OK
+        self.started_at = time.time()
+        self.root: SupervisorNode | None = None
+        self.ctx: InstanceContext | None = None
+        self._stop: asyncio.Event | None = None
+        self._lock_fd: int | None = None
+        self._control: Any = None
+        self._shutting_down = False
+
+    # -- Host interface (used by the supervision runtime) -------------------
+
+    def node_added(self, node: Node) -> None:
+        self.nodes[node.name] = node
+
+    def node_removed(self, node: Node) -> None:
+        if self.nodes.get(node.name) is node:
+            del self.nodes[node.name]
+        if isinstance(node, SupervisorNode):
+            for child in node.walk()[1:]:
+                self.node_removed(child)
+
+    def transition(self, node: Node, old: State, new: State, why: str) -> None:
+        self.transitions[(node.name, new.value)] += 1
+        level = logging.WARNING if new is State.FAILED else logging.INFO
+        translog.log(level, "%s %s: %s -> %s (%s)", node.kind, node.name, old.value, new.value, why)
+
+    def root_failed(self, reason: str) -> None:
+        log.critical("the root supervisor gave up (%s): stopping everything", reason)
+        self.exit_code = EXIT_FAILED
+        if self._stop is not None:
+            self._stop.set()
+
+    def retire(self, node: WorkerNode) -> None:
+        sock = self.listeners.pop(node.name, None)
+        if sock is not None:
+            sock.close()
+            with contextlib.suppress(FileNotFoundError):
+                self.paths.actor_socket(node.name).unlink()
+
+    async def spawn(self, node: WorkerNode) -> ProcessHandle:
+        spec = node.spec
+        if isinstance(spec, Child):
+            return await self._spawn_actor(spec)
+        return await self._spawn_exec(spec)
+
+    # -- spawning ----------------------------------------------------------
+
+    def _listener(self, name: str) -> socket.socket:
+        sock = self.listeners.get(name)
+        if sock is None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            bind_unix(sock, self.paths.actor_socket(name), 0o600)
+            sock.listen(1024)
+            self.listeners[name] = sock
+        return sock
+
+    async def _spawn_actor(self, spec: Child) -> ProcessHandle:
+        try:
+            cls = resolve_actor_class(spec.actor)
+        except (ImportError, AttributeError, ValueError) as exc:
+            raise SpawnError(spec.name, "actor", f"cannot import {spec.actor!r}: {exc}")
+        assert self.ctx is not None
+        boot = ActorBoot(
+            spec.name, cls, tuple(spec.args), dict(spec.kwargs), self.ctx, spec.mailbox_size
+        )
+        try:
+            payload = encode(boot)
+        except Exception as exc:
+            raise SpawnError(spec.name, "args", f"cannot be sent to the actor process: {exc}")
+        modules = [] if cls.__module__ == "__main__" else [cls.__module__]
+        listener = self._listener(spec.name)
+        r, w = os.pipe2(os.O_CLOEXEC)
+        try:
+            pid = await self.forkserver.spawn(
+                spec.name, ACTOR_ENTRY, payload, [listener.fileno(), w], modules
+            )
+        except BaseException:
+            os.close(r)
+            raise
+        finally:
+            os.close(w)
+        return ProcessHandle(pid, status_fd=r)
+
+    async def _spawn_exec(self, spec: Exec) -> ProcessHandle:
+        from ikos.manager._execspawn import spawn_exec
+
+        return await spawn_exec(self, spec)
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def _lock_instance(self) -> None:
+        pid_file = self.paths.pid_file
+        fd = os.open(pid_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise InstanceLocked(
+                f"another ikosd (pid {holder}) already runs on {self.paths.run_dir}; "
+                "stop it first or use another --root"
+            )
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def _unlock_instance(self) -> None:
+        if self._lock_fd is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.paths.pid_file.unlink()
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _order(self, sup: Supervisor) -> list[str]:
+        return start_order(sup, self.graph)
+
+    def preload_modules(self, tree: Supervisor) -> list[str]:
+        mods: list[str] = []
+        for _, spec in tree.walk():
+            if isinstance(spec, Supervisor):
+                for child in spec.children:
+                    if isinstance(child, Child):
+                        path = child.actor_path
+                        mod = path.partition(":")[0]
+                        if mod != "__main__" and mod not in mods:
+                            mods.append(mod)
+        return mods
+
+    async def run(self) -> int:
+        """Start the tree, serve until shutdown, stop everything; return the exit status."""
+        from ikos.manager._control_server import ControlServer
+
+        loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        self.paths.create()
+        self._lock_instance()
+        try:
+            if not become_subreaper():
+                log.warning("could not become a child subreaper: exit statuses may be lost")
+            secret = ensure_secret(self.paths.secret_file)
+            self.ctx = InstanceContext(self.paths, secret, self.max_message_bytes)
+            failed = await self.forkserver.start(sys.path, self.preload_modules(self.tree))
+            for mod, err in failed.items():
+                log.warning("fork server could not preload %s: %s", mod, err)
+            self._control = ControlServer(self)
+            await self._control.start()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.request_shutdown)
+            loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+            self.root = SupervisorNode(self.tree, None, self, self._order)
+            self.node_added(self.root)
+            try:
+                await self.root.start()
+            except IkosError as exc:
+                log.critical("the root supervisor failed to start: %s", exc)
+                self.exit_code = EXIT_FAILED
+                self._stop.set()
+            if not self._stop.is_set():
+                self._announce_ready()
+            await self._stop.wait()
+            await self._shutdown()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                with contextlib.suppress(ValueError, RuntimeError):
+                    loop.remove_signal_handler(sig)
+            if self._control is not None:
+                await self._control.close()
+            self.forkserver.close()
+            for name in list(self.listeners):
+                sock = self.listeners.pop(name)
+                sock.close()
+                with contextlib.suppress(FileNotFoundError):
+                    self.paths.actor_socket(name).unlink()
+            self._unlock_instance()
+        log.info("ikosd stopped (exit status %d)", self.exit_code)
+        return self.exit_code
+
+    def _announce_ready(self) -> None:
+        running = sum(
+            1 for n in self.nodes.values() if n.kind != "supervisor" and n.state is State.RUNNING
+        )
+        if self.ready_line:
+            print(
+                f"ikosd ready: {running} daemons running, pid {os.getpid()}, "
+                f"control socket {self.paths.control_socket}",
+                flush=True,
+            )
+        _sd_notify(f"READY=1\nSTATUS=running\nMAINPID={os.getpid()}")
+
+    def request_shutdown(self) -> None:
+        """Begin an orderly shutdown (SIGTERM, SIGINT, ``ikosctl shutdown``)."""
+        if self._stop is not None:
+            self._stop.set()
+
+    async def _shutdown(self) -> None:
+        if self._shutting_down:
+            return
+        self._shutting_down = True
+        _sd_notify("STOPPING=1")
+        root = self.root
+        if root is None:
+            return
+        log.info("stopping all daemons in reverse start order")
+        try:
+            await asyncio.wait_for(root.terminate("ikosd shutting down"), self.shutdown_timeout)
+        except TimeoutError:
+            log.error(
+                "shutdown did not finish within %gs: killing what is left", self.shutdown_timeout
+            )
+            root.kill_subtree()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wait_all_exited(), 10)
+        root.close()
+
+    async def _wait_all_exited(self) -> None:
+        for node in list(self.nodes.values()):
+            if isinstance(node, WorkerNode) and node.handle is not None:
+                await node.handle.exited
+
+    def _on_sighup(self) -> None:
+        asyncio.get_running_loop().create_task(self._reload_logged())
+
+    async def _reload_logged(self) -> None:
+        try:
+            result = await self.reload_config()
+            log.info("configuration reloaded: %s", json.dumps(result))
+        except IkosError as exc:
+            log.error("configuration reload refused: %s", exc)
+
+    # -- operations (control protocol) -------------------------------------
+
+    def node(self, name: str) -> Node:
+        node = self.nodes.get(name)
+        if node is None:
+            raise NoSuchDaemon(f"no daemon, actor or supervisor named '{name}'")
+        return node
+
+    async def start_node(self, name: str) -> dict[str, Any]:
+        node = self.node(name)
+        parent = node.parent
+        if parent is None:
+            assert isinstance(node, SupervisorNode)
+            node.held = False
+            await node.start()
+        else:
+            await parent.call(lambda: parent.start_child(node))
+        return node.status()
+
+    async def stop_node(self, name: str) -> dict[str, Any]:
+        node = self.node(name)
+        parent = node.parent
+        if parent is None:
+            node.held = True
+            await node.terminate("stopped by request")
+        else:
+            await parent.call(lambda: parent.stop_child(node))
+        return node.status()
+
+    async def restart_node(self, name: str) -> dict[str, Any]:
+        node = self.node(name)
+        parent = node.parent
+        if parent is None:
+            await node.terminate("restart requested")
+            node.held = False
+            await node.start()
+        else:
+            await parent.call(lambda: parent.restart_child(node))
+        return node.status()
+
+    def kill_node(self, name: str, sig: int) -> dict[str, Any]:
+        node = self.node(name)
+        workers = node.walk() if isinstance(node, SupervisorNode) else [node]
+        pids = []
+        for w in workers:
+            if isinstance(w, WorkerNode) and w.handle is not None and w.handle.send_signal(sig):
+                pids.append(w.handle.pid)
+        if not pids:
+            raise ManagerError(f"'{name}' has no running process to signal")
+        return {"name": name, "pid": pids[0] if len(pids) == 1 else pids, "signal": sig}
+
+    def tree_json(self, node: Node | None = None) -> dict[str, Any]:
+        node = node or self.root
+        assert node is not None
+        out = node.status()
+        if isinstance(node, SupervisorNode):
+            out["children"] = [self.tree_json(c) for c in node.children]
+        return out
+
+    def list_json(self) -> list[dict[str, Any]]:
+        assert self.root is not None
+        return [n.status() for n in self.root.walk()]
+
+    async def reload_config(self) -> dict[str, list[str]]:
+        """Apply a re-read configuration: start added, stop removed, restart changed."""
+        if self.reload_tree is None:
+            raise ManagerError(
+                "ikosd was started without a configuration file (-c): nothing to reload"
+            )
+        new_tree = validate_tree(self.reload_tree())
+        new_graph = check_graph(new_tree)
+        if new_tree.name != self.tree.name:
+            raise ManagerError(
+                f"the root supervisor's name changed ({self.tree.name} -> {new_tree.name}): "
+                "restart ikosd to apply that"
+            )
+        self.graph = new_graph
+        result: dict[str, list[str]] = {"added": [], "removed": [], "changed": []}
+        assert self.root is not None
+        await self._reconcile(self.root, new_tree, result)
+        self.tree = new_tree
+        return result
+
+    async def _reconcile(
+        self, sup: SupervisorNode, spec: Supervisor, result: dict[str, list[str]]
+    ) -> None:
+        """Bring a running supervisor in line with its new spec (children by name)."""
+        by_name = {c.name: c for c in spec.children}
+        for node in list(sup.children):
+            if node.name not in by_name:
+                await sup.call(functools.partial(sup.remove_child, node))
+                result["removed"].append(node.name)
+        sup.spec = spec
+        dynamic = spec.strategy == "simple_one_for_one"
+        order = [c.name for c in spec.children] if dynamic else start_order(spec, self.graph)
+        for name in order:
+            child_spec = by_name[name]
+            current = next((n for n in sup.children if n.name == name), None)
+            if current is None:
+                if not dynamic:
+                    await sup.call(functools.partial(sup.add_child, child_spec, None))
+                    result["added"].append(name)
+            elif isinstance(child_spec, Supervisor) and isinstance(current, SupervisorNode):
+                if _own_fields(child_spec) != _own_fields(current.spec):
+                    await sup.call(functools.partial(sup.replace_child, current, child_spec))
+                    result["changed"].append(name)
+                else:
+                    await self._reconcile(current, child_spec, result)
+            elif child_spec != current.spec:
+                await sup.call(functools.partial(sup.replace_child, current, child_spec))
+                result["changed"].append(name)
+        if not dynamic:
+            rank = {n: i for i, n in enumerate(order)}
+            sup.children.sort(key=lambda n: rank.get(n.name, len(rank)))
+
+
+def _own_fields(spec: Supervisor) -> tuple[Any, ...]:
+    return (
+        spec.strategy,
+        spec.max_restarts,
+        spec.within,
+        spec.restart,
+        spec.shutdown,
+        spec.requires,
+        spec.after,
+        spec.backoff,
+    )
+
+
+def _sd_notify(state: str) -> None:
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.sendto(state.encode(), address)
+    except OSError as exc:
+        log.warning("could not notify %s: %s", address, exc)

@@ -1,0 +1,283 @@
+"""The fork server: every daemon process starts as a fork of this one.
+
+The manager is an asyncio program with worker threads, and forking a
+threaded process is unsafe (locks held by other threads stay locked in the
+child). So at start-up the manager launches this small single-threaded
+server with a fresh interpreter, has it import ikos and the actor modules
+once (``preload``), freezes the heap against copy-on-write, and from then on
+asks it to fork. The server double-forks: the intermediate child exits at
+once, so the daemon is re-parented to the manager, which is a child
+subreaper; the manager then owns a pidfd for it and collects its exit status
+itself, exactly as if it had forked the daemon directly. What runs in the
+daemon is named by an entry point (``"package.module:function"``) taking
+the request's payload and the file descriptors passed along with it, so
+this layer knows nothing of actors or executables.
+
+Requests and answers are pickles on a SOCK_SEQPACKET socket pair, with
+descriptors passed as SCM_RIGHTS; both ends are the same trusted program.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import gc
+import importlib
+import itertools
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from ikos._errors import SpawnError
+
+MAX_REQUEST = 4 * 1024 * 1024
+MAX_FDS = 16
+
+
+def resolve_entry(path: str) -> Any:
+    """Import ``"package.module:function"`` and return the function."""
+    module_name, _, attr = path.partition(":")
+    obj: Any = importlib.import_module(module_name)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+# -- the server process ------------------------------------------------------
+
+
+def _recv(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
+    fds = array.array("i")
+    data, ancdata, _flags, _ = sock.recvmsg(MAX_REQUEST, socket.CMSG_SPACE(MAX_FDS * fds.itemsize))
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(payload) - (len(payload) % fds.itemsize)
+            fds.frombytes(payload[:usable])
+    if not data:
+        return None, list(fds)
+    return pickle.loads(data), list(fds)
+
+
+def _spawn(sock: socket.socket, req: dict[str, Any], fds: list[int]) -> int:
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # intermediate: fork the daemon and vanish
+        try:
+            os.close(r)
+            sock.close()
+            gpid = os.fork()
+            if gpid == 0:
+                os.close(w)
+                _become_daemon(req, fds)
+            os.write(w, str(gpid).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    try:
+        data = b""
+        while True:
+            chunk = os.read(r, 64)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        os.close(r)
+        os.waitpid(pid, 0)
+    if not data:
+        raise OSError("the intermediate process failed to fork")
+    return int(data)
+
+
+def _become_daemon(req: dict[str, Any], fds: list[int]) -> None:
+    code = 127
+    try:
+        # the entry point starts its own session (exec_in_child does, as systemd's
+        # units get one); doing it here would make a second setsid fail with EPERM
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGPIPE):
+            signal.signal(sig, signal.SIG_DFL)
+        gc.unfreeze()
+        entry = resolve_entry(req["entry"])
+        entry(req["payload"], fds)
+    except BaseException as exc:
+        try:
+            os.write(2, f"ikos fork server: {req.get('entry')} failed: {exc!r}\n".encode())
+        except OSError:
+            pass
+    finally:
+        os._exit(code)
+
+
+def serve(fd: int) -> None:
+    """Run the fork server on the inherited socket ``fd`` until the manager closes it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    sock = socket.socket(fileno=fd)
+    sock.setblocking(True)
+    while True:
+        try:
+            req, fds = _recv(sock)
+        except (ConnectionResetError, EOFError):
+            return
+        if req is None:
+            return
+        answer: dict[str, Any] = {"id": req.get("id")}
+        try:
+            op = req["op"]
+            if op == "init":
+                for p in reversed(req.get("sys_path", [])):
+                    if p not in sys.path:
+                        sys.path.insert(0, p)
+                os.environ.update(req.get("environ", {}))
+                answer["ok"] = True
+            elif op == "preload":
+                failed = {}
+                for name in req.get("modules", []):
+                    try:
+                        importlib.import_module(name)
+                    except Exception as exc:  # reported, and the spawn will fail clearly
+                        failed[name] = repr(exc)
+                gc.collect()
+                gc.freeze()
+                answer["ok"] = True
+                answer["failed"] = failed
+            elif op == "spawn":
+                # import in the server, once: every later fork finds them loaded
+                resolve_entry(req["entry"])
+                for name in req.get("modules", []):
+                    importlib.import_module(name)
+                answer["pid"] = _spawn(sock, req, fds)
+            else:
+                answer["error"] = f"unknown op {op!r}"
+        except Exception as exc:
+            answer["error"] = f"{type(exc).__name__}: {exc}"
+        finally:
+            for f in fds:
+                try:
+                    os.close(f)
+                except OSError:
+                    pass
+        sock.send(pickle.dumps(answer))
+
+
+# -- the manager's side ------------------------------------------------------
+
+
+class ForkServer:
+    """The manager's handle on its fork server (asyncio; one request per spawn)."""
+
+    def __init__(self) -> None:
+        self._sock: socket.socket | None = None
+        self.process: subprocess.Popen[bytes] | None = None
+        self._ids = itertools.count(1)
+        self._waiting: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+    async def start(self, sys_path: Sequence[str], preload: Sequence[str]) -> dict[str, str]:
+        """Launch the server and preload modules; returns modules that failed to import."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        for s in (ours, theirs):
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, MAX_REQUEST)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "ikos.platform._forkserver", str(theirs.fileno())],
+            pass_fds=[theirs.fileno()],
+            stdin=subprocess.DEVNULL,
+        )
+        theirs.close()
+        ours.setblocking(False)
+        self._sock = ours
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(ours.fileno(), self._on_readable)
+        await self._request({"op": "init", "sys_path": list(sys_path)}, [])
+        answer = await self._request({"op": "preload", "modules": list(preload)}, [])
+        return dict(answer.get("failed", {}))
+
+    def _on_readable(self) -> None:
+        assert self._sock is not None
+        while True:
+            try:
+                data = self._sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._fail_all("the fork server exited")
+                return
+            answer = pickle.loads(data)
+            fut = self._waiting.pop(answer.get("id"), None)
+            if fut is not None and not fut.done():
+                fut.set_result(answer)
+
+    def _fail_all(self, reason: str) -> None:
+        if self._loop is not None and self._sock is not None:
+            self._loop.remove_reader(self._sock.fileno())
+        for fut in self._waiting.values():
+            if not fut.done():
+                fut.set_exception(OSError(reason))
+        self._waiting.clear()
+
+    async def _request(self, req: dict[str, Any], fds: Sequence[int]) -> dict[str, Any]:
+        if self._sock is None or self._loop is None:
+            raise OSError("the fork server is not running")
+        rid = next(self._ids)
+        req["id"] = rid
+        data = pickle.dumps(req)
+        if len(data) > MAX_REQUEST:
+            raise ValueError(f"spawn request of {len(data)} bytes exceeds {MAX_REQUEST}")
+        fut: asyncio.Future[dict[str, Any]] = self._loop.create_future()
+        self._waiting[rid] = fut
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        while True:
+            try:
+                self._sock.sendmsg([data], anc)
+                break
+            except BlockingIOError:
+                writable = self._loop.create_future()
+                self._loop.add_writer(self._sock.fileno(), writable.set_result, None)
+                try:
+                    await writable
+                finally:
+                    self._loop.remove_writer(self._sock.fileno())
+        return await fut
+
+    async def spawn(
+        self, daemon: str, entry: str, payload: Any, fds: Sequence[int], modules: Sequence[str] = ()
+    ) -> int:
+        """Fork a daemon running ``entry(payload, fds)``; return its PID."""
+        answer = await self._request(
+            {"op": "spawn", "entry": entry, "payload": payload, "modules": list(modules)}, fds
+        )
+        if "error" in answer:
+            raise SpawnError(daemon, None, f"the fork server could not start it: {answer['error']}")
+        return int(answer["pid"])
+
+    def close(self) -> None:
+        """Close the socket (the server exits on EOF) and reap the server."""
+        if self._sock is not None:
+            if self._loop is not None:
+                try:
+                    self._loop.remove_reader(self._sock.fileno())
+                except (ValueError, RuntimeError):
+                    pass
+            self._sock.close()
+            self._sock = None
+        if self.process is not None:
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+            self.process = None
+
+
+if __name__ == "__main__":
+    serve(int(sys.argv[1]))

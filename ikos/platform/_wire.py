@@ -1,0 +1,147 @@
+"""The mailbox wire: framing and the HMAC handshake, before anything is unpickled.
+
+A connection to an actor's mailbox starts with a mutual challenge on the
+instance's random secret (a 0600 file): the client sends ``IKOS1`` and a
+nonce, the server answers its own nonce and a MAC proving it knows the
+secret, the client answers a MAC over both nonces. Until the server has
+checked that last MAC, received bytes are only buffered, never decoded.
+SO_PEERCRED is not needed for authentication (the secret is), but the
+mailbox directory is 0700 as a second fence.
+
+After the handshake each message is a frame: a 4-byte big-endian length
+and that many bytes (codec byte + pickle). A frame longer than the
+configured limit closes the connection. The format costs one ``sendall``
+per message and lets a reader parse many frames from one ``recv``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+import socket
+import struct
+import time
+from pathlib import Path
+
+from ikos._errors import AuthenticationError
+
+MAGIC = b"IKOS1"
+NONCE = 32
+MAC = 32
+HELLO_LEN = len(MAGIC) + NONCE
+SERVER_LEN = NONCE + MAC
+HEADER = struct.Struct("!I")
+DEFAULT_MAX_FRAME = 64 * 1024 * 1024
+
+
+def ensure_secret(path: Path) -> bytes:
+    """Read the instance secret, creating it (0600, 32 random bytes) if missing."""
+    try:
+        return read_secret(path)
+    except AuthenticationError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, secrets.token_bytes(32))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    return read_secret(path)
+
+
+def read_secret(path: Path) -> bytes:
+    """Read the instance secret; a clear error when it is missing or unreadable."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise AuthenticationError(f"no instance secret at {path} (is ikosd running on this root?)")
+    except PermissionError:
+        raise AuthenticationError(f"cannot read the instance secret {path}: permission denied")
+    if len(data) < 16:
+        raise AuthenticationError(f"the instance secret {path} is too short")
+    return data
+
+
+def _mac(secret: bytes, label: bytes, a: bytes, b: bytes) -> bytes:
+    return hmac.new(secret, label + a + b, hashlib.sha256).digest()
+
+
+def _recv_exact(sock: socket.socket, n: int, deadline: float) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("handshake timed out")
+        sock.settimeout(remaining)
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionResetError("peer closed during the handshake")
+        buf += chunk
+    return bytes(buf)
+
+
+def client_handshake(sock: socket.socket, secret: bytes, timeout: float) -> None:
+    """Authenticate both ways on a freshly connected socket (blocking, bounded)."""
+    deadline = time.monotonic() + timeout
+    nonce_c = secrets.token_bytes(NONCE)
+    sock.settimeout(timeout)
+    sock.sendall(MAGIC + nonce_c)
+    answer = _recv_exact(sock, SERVER_LEN, deadline)
+    nonce_s, mac_s = answer[:NONCE], answer[NONCE:]
+    if not hmac.compare_digest(mac_s, _mac(secret, b"server", nonce_c, nonce_s)):
+        raise AuthenticationError("the peer failed the HMAC challenge (wrong instance secret)")
+    sock.sendall(_mac(secret, b"client", nonce_s, nonce_c))
+
+
+class ServerHandshake:
+    """The server side of the handshake as a non-blocking state machine.
+
+    Feed it received bytes; it returns bytes to send. ``done`` turns true once
+    the client proved the secret; ``leftover`` then holds frame bytes that
+    arrived behind the proof. Any violation raises :class:`AuthenticationError`.
+    """
+
+    __slots__ = ("_buf", "_nonce_c", "_nonce_s", "_secret", "done", "leftover")
+
+    def __init__(self, secret: bytes) -> None:
+        self._secret = secret
+        self._buf = bytearray()
+        self._nonce_c = b""
+        self._nonce_s = b""
+        self.done = False
+        self.leftover = b""
+
+    def feed(self, data: bytes) -> bytes:
+        self._buf += data
+        out = b""
+        if not self._nonce_c:
+            if len(self._buf) < HELLO_LEN:
+                if not MAGIC.startswith(bytes(self._buf[: len(MAGIC)])):
+                    raise AuthenticationError("not an ikos client (bad magic)")
+                return b""
+            if bytes(self._buf[: len(MAGIC)]) != MAGIC:
+                raise AuthenticationError("not an ikos client (bad magic)")
+            self._nonce_c = bytes(self._buf[len(MAGIC) : HELLO_LEN])
+            del self._buf[:HELLO_LEN]
+            self._nonce_s = secrets.token_bytes(NONCE)
+            out = self._nonce_s + _mac(self._secret, b"server", self._nonce_c, self._nonce_s)
+        if len(self._buf) >= MAC:
+            proof = bytes(self._buf[:MAC])
+            if not hmac.compare_digest(
+                proof, _mac(self._secret, b"client", self._nonce_s, self._nonce_c)
+            ):
+                raise AuthenticationError("the client failed the HMAC challenge")
+            self.done = True
+            self.leftover = bytes(self._buf[MAC:])
+            self._buf.clear()
+        return out
+
+
+def frame(payload: bytes) -> bytes:
+    """Length-prefix one encoded message."""
+    return HEADER.pack(len(payload)) + payload

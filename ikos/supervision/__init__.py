@@ -1,0 +1,1 @@
+"""ikos.supervision layer."""

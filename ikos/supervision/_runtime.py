@@ -1,0 +1,674 @@
+"""The running supervision tree: OTP supervisors as event-driven objects in the manager.
+
+Each daemon's life is one explicit state machine, in :class:`Node`::
+
+    stopped --start--> starting --ready--> running --exit--> stopped | failed
+       ^                  |                   |                  |
+       |                  +--start failed-----+                  +--restart--> starting
+       |                                      +--terminate--> stopping --exit--> stopped
+       +-- backoff <-- (restart with a delay) -- stopped
+
+Every transition goes through :meth:`Node.set_state`, which logs it and
+tells the host (the manager counts it).
+
+Supervisors are not processes here, unlike in OTP: the manager sees every
+exit through pidfds, so a supervisor is an object with its own command
+queue, processed by one asyncio task, one command at a time, exactly like
+an OTP supervisor's mailbox. Child exits, restart timers and operator
+requests (start, stop, restart, shutdown) are all commands, so a restart
+in progress is never interleaved with another event of the same
+supervisor. Work propagates through these queues, never by recursion: a
+child that fails to start posts its failure back to its supervisor's
+queue, where it counts against restart intensity like any crash.
+
+One deliberate difference from OTP: a child whose start fails at boot does
+not abort its supervisor's start; the failure is handled by the child's
+restart type and the restart intensity, as a crash would be. A daemon
+manager should boot what it can; a child that keeps failing still exhausts
+the intensity and fails the supervisor, as OTP would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import functools
+import logging
+import random
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
+
+from ikos._errors import IkosError
+from ikos.platform._process import ExitStatus, ProcessHandle
+from ikos.supervision._backoff import BackoffState
+from ikos.supervision._intensity import RestartIntensity
+from ikos.supervision._spec import AnySpec, Child, Exec, Supervisor
+
+log = logging.getLogger("ikos.supervision")
+
+
+class State(enum.Enum):
+    """The states of a daemon (and of a supervisor)."""
+
+    STOPPED = "stopped"
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    BACKOFF = "backoff"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class ExitReason:
+    """Why a child stopped; ``normal`` decides whether a transient child restarts."""
+
+    reason: str
+    code: int | None = None
+    signal: int | None = None
+    detail: str = ""
+    shutdown: bool = False
+    at: float = 0.0
+
+    @property
+    def normal(self) -> bool:
+        """Normal exits (status 0, or stopped by its supervisor) do not restart transients."""
+        return self.shutdown or self.code == 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"reason": self.reason, "code": self.code, "signal": self.signal, "at": self.at}
+
+    @classmethod
+    def from_process(cls, status: ExitStatus, event: dict[str, Any] | None) -> ExitReason:
+        """Combine the kernel's exit status with the child's own explanation, if any."""
+        reason = status.describe()
+        detail = ""
+        if event is not None and status.signal is None:
+            reason = str(event.get("reason") or reason)
+            detail = str(event.get("detail") or "")
+        return cls(reason, status.code, status.signal, detail, False, status.at)
+
+
+class StartFailed(IkosError):
+    """A child could not be started; ``reason`` says why."""
+
+    def __init__(self, name: str, reason: ExitReason) -> None:
+        super().__init__(name, reason)
+        self.name, self.reason = name, reason
+
+    def __str__(self) -> str:
+        return f"'{self.name}' failed to start: {self.reason.reason}"
+
+
+class Host(Protocol):
+    """What the supervision tree needs from the manager that runs it."""
+
+    async def spawn(self, node: WorkerNode) -> ProcessHandle:
+        """Start the node's process; the handle's ``ready`` resolves when it is ready."""
+
+    def retire(self, node: WorkerNode) -> None:
+        """The node will not run again until started explicitly: release its resources."""
+
+    def transition(self, node: Node, old: State, new: State, why: str) -> None:
+        """Record a state transition (log it, count it)."""
+
+    def root_failed(self, reason: str) -> None:
+        """The root supervisor gave up: the manager stops and exits 1."""
+
+    def node_added(self, node: Node) -> None:
+        """A node joined the tree (dynamic children, reloads)."""
+
+    def node_removed(self, node: Node) -> None:
+        """A node left the tree."""
+
+
+def should_restart(restart: str, reason: ExitReason) -> bool:
+    """OTP's restart types: permanent always, transient on abnormal exits, temporary never."""
+    if restart == "permanent":
+        return True
+    if restart == "transient":
+        return not reason.normal
+    return False
+
+
+class Node:
+    """One node of the running tree: a worker (actor or executable) or a supervisor."""
+
+    kind = "node"
+
+    def __init__(self, spec: AnySpec, parent: SupervisorNode | None, host: Host) -> None:
+        self.spec = spec
+        self.parent = parent
+        self.host = host
+        self.state = State.STOPPED
+        self.restarts = 0
+        self.started_at: float | None = None
+        self.last_exit: ExitReason | None = None
+        self.incarnation = 0
+        self.held = False  # stopped by an operator: not restarted until started again
+        self.backoff = BackoffState()
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def alive(self) -> bool:
+        raise NotImplementedError
+
+    @property
+    def pid(self) -> int | None:
+        return None
+
+    def set_state(self, new: State, why: str = "") -> None:
+        old = self.state
+        if old is new:
+            return
+        self.state = new
+        self.host.transition(self, old, new, why)
+
+    async def start(self) -> None:
+        raise NotImplementedError
+
+    async def terminate(self, why: str = "shutdown") -> None:
+        raise NotImplementedError
+
+    def status(self) -> dict[str, Any]:
+        now = time.time()
+        running = self.state is State.RUNNING and self.started_at is not None
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "state": self.state.value,
+            "pid": self.pid,
+            "restarts": self.restarts,
+            "started_at": self.started_at if running else None,
+            "uptime_seconds": round(now - self.started_at, 3)
+            if running and self.started_at
+            else None,
+            "supervisor": self.parent.name if self.parent else None,
+            "restart": self.spec.restart,
+            "last_exit": self.last_exit.to_json() if self.last_exit else None,
+            "description": self.spec.description,
+        }
+
+
+class WorkerNode(Node):
+    """An actor or an executable: one OS process per incarnation."""
+
+    def __init__(self, spec: Child | Exec, parent: SupervisorNode | None, host: Host) -> None:
+        super().__init__(spec, parent, host)
+        self.kind = "actor" if isinstance(spec, Child) else "exec"
+        self.handle: ProcessHandle | None = None
+        self.spec: Child | Exec = spec
+
+    @property
+    def alive(self) -> bool:
+        return self.handle is not None and self.handle.alive
+
+    @property
+    def pid(self) -> int | None:
+        return self.handle.pid if self.alive and self.handle is not None else None
+
+    def status(self) -> dict[str, Any]:
+        st = super().status()
+        spec = self.spec
+        st["target"] = spec.actor_path if isinstance(spec, Child) else spec.executable
+        return st
+
+    async def start(self) -> None:
+        """Spawn and wait for readiness; raise :class:`StartFailed` otherwise."""
+        if self.alive:
+            return
+        self.incarnation += 1
+        inc = self.incarnation
+        self.set_state(State.STARTING, "starting")
+        try:
+            handle = await self.host.spawn(self)
+        except IkosError as exc:
+            reason = ExitReason(str(exc), at=time.time())
+            self._stopped(reason)
+            raise StartFailed(self.name, reason)
+        self.handle = handle
+        waiters: set[asyncio.Future[Any]] = {handle.ready, handle.exited}
+        done, _ = await asyncio.wait(
+            waiters, timeout=self.spec.start_timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+        if handle.ready in done and not handle.exited.done():
+            self.started_at = time.time()
+            self.backoff = self.backoff.started(time.monotonic())
+            self.set_state(State.RUNNING, f"ready (pid {handle.pid})")
+            handle.exited.add_done_callback(functools.partial(self._exited, inc))
+            return
+        if not done:
+            log.warning("%s: not ready within %gs: killing it", self.name, self.spec.start_timeout)
+            handle.kill()
+            await handle.exited
+            reason = ExitReason(
+                f"did not become ready within {self.spec.start_timeout:g} s", at=time.time()
+            )
+        else:
+            status = await handle.exited
+            reason = ExitReason.from_process(status, handle.exit_event())
+        self.handle = None
+        self._stopped(reason)
+        raise StartFailed(self.name, reason)
+
+    def _stopped(self, reason: ExitReason) -> None:
+        self.last_exit = reason
+        self.started_at = None
+        self.set_state(State.STOPPED if reason.normal else State.FAILED, reason.reason)
+
+    def _exited(self, inc: int, fut: asyncio.Future[ExitStatus]) -> None:
+        if inc != self.incarnation or self.state is not State.RUNNING:
+            return  # an orderly stop (terminate is waiting) or a stale incarnation
+        handle = self.handle
+        reason = ExitReason.from_process(fut.result(), handle.exit_event() if handle else None)
+        if reason.detail:
+            log.error("%s: %s\n%s", self.name, reason.reason, reason.detail.rstrip())
+        self.handle = None
+        self._stopped(reason)
+        if self.parent is not None:
+            self.parent.post(functools.partial(self.parent.child_exited, self, inc, reason))
+
+    async def terminate(self, why: str = "shutdown") -> None:
+        """OTP's shutdown: SIGTERM, wait the shutdown timeout, then SIGKILL."""
+        handle = self.handle
+        if handle is None or not handle.alive:
+            self.handle = None
+            if self.state in (State.BACKOFF, State.STARTING, State.RUNNING):
+                self.set_state(State.STOPPED, why)
+            return
+        self.set_state(State.STOPPING, why)
+        shutdown = self.spec.shutdown
+        if shutdown == "brutal_kill":
+            handle.kill()
+        else:
+            sig: int = signal.SIGTERM
+            if isinstance(self.spec, Exec):
+                sig = _signal_number(self.spec.fields.get("stop_signal", "SIGTERM"))
+            handle.send_signal(sig)
+            timeout = None if shutdown == "infinity" else float(shutdown)
+            try:
+                await asyncio.wait_for(asyncio.shield(handle.exited), timeout)
+            except TimeoutError:
+                log.warning("%s: did not stop within %gs: sending SIGKILL", self.name, timeout)
+                handle.kill()
+        status = await handle.exited
+        self.handle = None
+        self.started_at = None
+        reason = ExitReason.from_process(status, handle.exit_event())
+        self.last_exit = replace(reason, shutdown=True)
+        self.set_state(State.STOPPED, f"{why}: {reason.reason}")
+
+
+def _signal_number(value: Any) -> int:
+    if isinstance(value, int):
+        return value
+    text = str(value).upper()
+    if not text.startswith("SIG"):
+        text = "SIG" + text
+    return int(signal.Signals[text])
+
+
+Command = Callable[[], Awaitable[Any]]
+
+
+class SupervisorNode(Node):
+    """An OTP supervisor: strategy, restart intensity, ordered start and stop."""
+
+    kind = "supervisor"
+
+    def __init__(
+        self,
+        spec: Supervisor,
+        parent: SupervisorNode | None,
+        host: Host,
+        order: Callable[[Supervisor], list[str]] | None = None,
+    ) -> None:
+        super().__init__(spec, parent, host)
+        self.spec: Supervisor = spec
+        self.order = order or (lambda s: [c.name for c in s.children])
+        self.children: list[Node] = []
+        self.template: Child | Exec | None = None
+        self._dynamic = 0
+        self.intensity = RestartIntensity(spec.max_restarts, spec.within)
+        self.queue: asyncio.Queue[tuple[Command, asyncio.Future[Any] | None]] = asyncio.Queue()
+        self.task: asyncio.Task[None] | None = None
+        self.timers: set[asyncio.TimerHandle] = set()
+        self._build_children()
+
+    def _build_children(self) -> None:
+        spec = self.spec
+        if spec.strategy == "simple_one_for_one":
+            first = spec.children[0]
+            assert not isinstance(first, Supervisor)
+            self.template = first
+            return
+        by_name = {c.name: c for c in spec.children}
+        for name in self.order(spec):
+            self.children.append(self._make(by_name[name]))
+
+    def _make(self, spec: AnySpec) -> Node:
+        node: Node
+        if isinstance(spec, Supervisor):
+            node = SupervisorNode(spec, self, self.host, self.order)
+        else:
+            node = WorkerNode(spec, self, self.host)
+        self.host.node_added(node)
+        return node
+
+    # -- the command queue -------------------------------------------------
+
+    def _ensure_task(self) -> None:
+        if self.task is None or self.task.done():
+            self.task = asyncio.get_running_loop().create_task(
+                self._run(), name=f"supervisor:{self.name}"
+            )
+
+    async def _run(self) -> None:
+        while True:
+            command, fut = await self.queue.get()
+            try:
+                result = await command()
+            except Exception as exc:
+                if fut is not None and not fut.done():
+                    fut.set_exception(exc)
+                else:
+                    log.exception("supervisor %s: command failed", self.name)
+            else:
+                if fut is not None and not fut.done():
+                    fut.set_result(result)
+
+    def post(self, command: Command) -> None:
+        """Queue a command without waiting for it."""
+        self._ensure_task()
+        self.queue.put_nowait((command, None))
+
+    async def call(self, command: Command) -> Any:
+        """Queue a command and wait for its result."""
+        self._ensure_task()
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.queue.put_nowait((command, fut))
+        return await fut
+
+    def close(self) -> None:
+        """Cancel this supervisor's task and timers, and its descendants' (final teardown)."""
+        for t in self.timers:
+            t.cancel()
+        self.timers.clear()
+        for child in self.children:
+            if isinstance(child, SupervisorNode):
+                child.close()
+        if self.task is not None:
+            self.task.cancel()
+
+    # -- Node interface ----------------------------------------------------
+
+    @property
+    def alive(self) -> bool:
+        return self.state in (State.STARTING, State.RUNNING)
+
+    def status(self) -> dict[str, Any]:
+        st = super().status()
+        st.update(
+            strategy=self.spec.strategy,
+            max_restarts=self.spec.max_restarts,
+            within=self.spec.within,
+            children=[c.name for c in self.children],
+            target=self.spec.strategy,
+        )
+        return st
+
+    async def start(self) -> None:
+        await self.call(self._do_start)
+
+    async def terminate(self, why: str = "shutdown") -> None:
+        shutdown = self.spec.shutdown
+        if shutdown in ("infinity", "brutal_kill") or self.state in (State.STOPPED, State.FAILED):
+            await self.call(functools.partial(self._do_terminate, why))
+            return
+        try:
+            await asyncio.wait_for(
+                self.call(functools.partial(self._do_terminate, why)), float(shutdown)
+            )
+        except TimeoutError:
+            log.warning(
+                "supervisor %s: subtree not stopped within %gs: killing", self.name, float(shutdown)
+            )
+            self.kill_subtree()
+            await self.call(functools.partial(self._do_terminate, why))
+
+    def kill_subtree(self) -> None:
+        for child in self.children:
+            if isinstance(child, SupervisorNode):
+                child.kill_subtree()
+            elif isinstance(child, WorkerNode) and child.handle is not None:
+                child.handle.kill()
+
+    # -- commands ----------------------------------------------------------
+
+    async def _do_start(self) -> None:
+        if self.alive:
+            return
+        self.incarnation += 1
+        self.intensity = RestartIntensity(self.spec.max_restarts, self.spec.within)
+        self.set_state(State.STARTING, "starting children")
+        for child in list(self.children):
+            if child.held:
+                continue
+            await self._start_one(child)
+            if self.state is State.FAILED:
+                assert self.last_exit is not None
+                raise StartFailed(self.name, self.last_exit)
+        if self.state is State.STARTING:
+            self.started_at = time.time()
+            self.set_state(State.RUNNING, "children started")
+
+    async def _start_one(self, child: Node) -> bool:
+        """Start a child; a failure is posted back as an exit to count against intensity."""
+        try:
+            await child.start()
+            return True
+        except StartFailed as exc:
+            self.post(functools.partial(self.child_exited, child, child.incarnation, exc.reason))
+            return False
+
+    async def _do_terminate(self, why: str) -> None:
+        self._cancel_timers()
+        if self.state in (State.STOPPED, State.FAILED) and not any(
+            c.alive or c.state is State.BACKOFF for c in self.children
+        ):
+            return
+        self.set_state(State.STOPPING, why)
+        await self._terminate_children(why)
+        self.started_at = None
+        self.set_state(State.STOPPED, why)
+
+    async def _terminate_children(self, why: str) -> None:
+        for child in reversed(self.children):
+            if child.alive or child.state in (State.BACKOFF, State.STARTING):
+                await child.terminate(why)
+            if isinstance(child, WorkerNode):
+                self.host.retire(child)
+
+    def _cancel_timers(self) -> None:
+        for t in self.timers:
+            t.cancel()
+        self.timers.clear()
+
+    async def child_exited(self, child: Node, inc: int, reason: ExitReason) -> None:
+        """A child died (or failed to start): apply restart type, intensity and strategy."""
+        if inc != child.incarnation or child.alive or child not in self.children:
+            return  # stale: restarted or removed since
+        if self.state not in (State.RUNNING, State.STARTING):
+            return  # we are stopping or failed: nothing restarts
+        if child.held:
+            return
+        if not should_restart(child.spec.restart, reason):
+            if isinstance(child, WorkerNode):
+                self.host.retire(child)
+            if self.template is not None:
+                self._remove(child)
+            return
+        self.intensity, allowed = self.intensity.add(time.monotonic())
+        if not allowed:
+            await self._give_up(child, reason)
+            return
+        group = self._restart_group(child)
+        for other in reversed(group):
+            if other is not child and (other.alive or other.state is State.BACKOFF):
+                await other.terminate(f"restarting with {child.name} ({self.spec.strategy})")
+        backoff = child.spec.backoff or self.spec.backoff
+        if backoff is not None:
+            child.backoff, delay = child.backoff.next_delay(
+                backoff, time.monotonic(), random.random()
+            )
+            if delay > 0:
+                child.set_state(State.BACKOFF, f"restarting in {delay:.3f} s")
+                loop = asyncio.get_running_loop()
+                timer: asyncio.TimerHandle | None = None
+
+                def due() -> None:
+                    if timer is not None:
+                        self.timers.discard(timer)
+                    self.post(functools.partial(self._restart_due, group, child, inc))
+
+                timer = loop.call_later(delay, due)
+                self.timers.add(timer)
+                return
+        await self._start_group(group, child)
+
+    async def _restart_due(self, group: list[Node], child: Node, inc: int) -> None:
+        if child.state is not State.BACKOFF or child.incarnation != inc:
+            return
+        if self.state not in (State.RUNNING, State.STARTING):
+            return
+        await self._start_group(group, child)
+
+    def _restart_group(self, child: Node) -> list[Node]:
+        strategy = self.spec.strategy
+        if strategy == "one_for_all":
+            return list(self.children)
+        if strategy == "rest_for_one":
+            return self.children[self.children.index(child) :]
+        return [child]
+
+    async def _start_group(self, group: list[Node], failed: Node) -> None:
+        for node in group:
+            if node not in self.children or node.held or node.alive:
+                continue
+            if node is not failed and node.spec.restart == "temporary":
+                if isinstance(node, WorkerNode):
+                    self.host.retire(node)
+                continue  # OTP: a temporary sibling terminated by the strategy stays down
+            node.restarts += 1
+            if not await self._start_one(node):
+                return  # the failure is queued; it will restart the group again
+
+    async def _give_up(self, child: Node, reason: ExitReason) -> None:
+        why = (
+            f"reached max restart intensity ({self.spec.max_restarts} in {self.spec.within:g} s)"
+            f" after '{child.name}' {reason.reason}"
+        )
+        log.error("supervisor %s: %s: stopping its children", self.name, why)
+        self._cancel_timers()
+        await self._terminate_children("supervisor giving up")
+        self.last_exit = ExitReason(why, at=time.time())
+        self.started_at = None
+        self.set_state(State.FAILED, why)
+        parent = self.parent
+        if parent is not None:
+            parent.post(
+                functools.partial(parent.child_exited, self, self.incarnation, self.last_exit)
+            )
+        else:
+            self.host.root_failed(why)
+
+    # -- operator requests (run through the queue of the node's parent) ----
+
+    async def stop_child(self, node: Node) -> None:
+        node.held = True
+        await node.terminate("stopped by request")
+        if isinstance(node, WorkerNode):
+            self.host.retire(node)
+
+    async def start_child(self, node: Node) -> None:
+        node.held = False
+        if node.alive:
+            return
+        if isinstance(node, SupervisorNode):
+            await node.start()
+        else:
+            node.restarts += 1 if node.incarnation else 0
+            await node.start()
+
+    async def restart_child(self, node: Node) -> None:
+        await node.terminate("restart requested")
+        node.held = False
+        node.restarts += 1
+        await node.start()
+
+    async def add_dynamic(self, args: tuple[Any, ...]) -> Node:
+        """simple_one_for_one: start one more instance of the template with extra args."""
+        if self.template is None:
+            raise IkosError(f"supervisor '{self.name}' is not simple_one_for_one")
+        self._dynamic += 1
+        spec: Child | Exec
+        if isinstance(self.template, Child):
+            spec = replace(
+                self.template,
+                name=f"{self.template.name}.{self._dynamic}",
+                args=(*self.template.args, *args),
+            )
+        else:
+            spec = replace(self.template, name=f"{self.template.name}.{self._dynamic}")
+        node = self._make(spec)
+        self.children.append(node)
+        await node.start()
+        return node
+
+    async def remove_child(self, node: Node) -> None:
+        """Stop a child and drop it from the tree (dynamic children, reloads)."""
+        if node.alive or node.state is State.BACKOFF:
+            await node.terminate("removed")
+        if isinstance(node, WorkerNode):
+            self.host.retire(node)
+        self._remove(node)
+
+    def _remove(self, node: Node) -> None:
+        with contextlib.suppress(ValueError):
+            self.children.remove(node)
+        if isinstance(node, SupervisorNode):
+            node.close()
+        self.host.node_removed(node)
+
+    async def add_child(self, spec: AnySpec, index: int | None = None) -> Node:
+        """Add a child (configuration reload) and start it."""
+        node = self._make(spec)
+        if index is None:
+            self.children.append(node)
+        else:
+            self.children.insert(index, node)
+        if self.alive:
+            await self._start_one(node)
+        return node
+
+    async def replace_child(self, node: Node, spec: AnySpec) -> Node:
+        """Restart a changed child with its new spec, keeping its place in the order."""
+        index = self.children.index(node)
+        await self.remove_child(node)
+        return await self.add_child(spec, index)
+
+    def walk(self) -> list[Node]:
+        """This supervisor and every descendant, in start order (depth first)."""
+        out: list[Node] = [self]
+        for child in self.children:
+            if isinstance(child, SupervisorNode):
+                out.extend(child.walk())
+            else:
+                out.append(child)
+        return out
