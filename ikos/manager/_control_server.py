@@ -230,7 +230,7 @@ class ControlServer:
         names = req.names()
         if not names:
             return self.m.list_json()
-        return [self.m.node(n).status() for n in names]
+        return [self.m.status_of(self.m.node(n)) for n in names]
 
     async def list(self, req: Request) -> Any:
         return self.m.list_json()

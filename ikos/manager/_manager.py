@@ -107,6 +107,8 @@ class Manager:
 
     def transition(self, node: Node, old: State, new: State, why: str) -> None:
         self.transitions[(node.name, new.value)] += 1
+        if new in (State.STOPPED, State.FAILED) and node.last_exit and node.last_exit.dead_letters:
+            self.dead_letters[node.name] += node.last_exit.dead_letters
         level = logging.WARNING if new is State.FAILED else logging.INFO
         translog.log(level, "%s %s: %s -> %s (%s)", node.kind, node.name, old.value, new.value, why)
 
@@ -330,7 +332,7 @@ class Manager:
             await node.start()
         else:
             await parent.call(lambda: parent.start_child(node))
-        return node.status()
+        return self.status_of(node)
 
     async def stop_node(self, name: str) -> dict[str, Any]:
         node = self.node(name)
@@ -340,7 +342,7 @@ class Manager:
             await node.terminate("stopped by request")
         else:
             await parent.call(lambda: parent.stop_child(node))
-        return node.status()
+        return self.status_of(node)
 
     async def restart_node(self, name: str) -> dict[str, Any]:
         node = self.node(name)
@@ -351,7 +353,7 @@ class Manager:
             await node.start()
         else:
             await parent.call(lambda: parent.restart_child(node))
-        return node.status()
+        return self.status_of(node)
 
     def kill_node(self, name: str, sig: int) -> dict[str, Any]:
         node = self.node(name)
@@ -364,17 +366,24 @@ class Manager:
             raise ManagerError(f"'{name}' has no running process to signal")
         return {"name": name, "pid": pids[0] if len(pids) == 1 else pids, "signal": sig}
 
+    def status_of(self, node: Node) -> dict[str, Any]:
+        """A node's status object (docs/protocol.md), with the manager's counters."""
+        out = node.status()
+        if node.kind == "actor":
+            out["dead_letters"] = self.dead_letters.get(node.name, 0)
+        return out
+
     def tree_json(self, node: Node | None = None) -> dict[str, Any]:
         node = node or self.root
         assert node is not None
-        out = node.status()
+        out = self.status_of(node)
         if isinstance(node, SupervisorNode):
             out["children"] = [self.tree_json(c) for c in node.children]
         return out
 
     def list_json(self) -> list[dict[str, Any]]:
         assert self.root is not None
-        return [n.status() for n in self.root.walk()]
+        return [self.status_of(n) for n in self.root.walk()]
 
     async def reload_config(self) -> dict[str, list[str]]:
         """Apply a re-read configuration: start added, stop removed, restart changed."""

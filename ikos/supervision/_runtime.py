@@ -72,6 +72,7 @@ class ExitReason:
     detail: str = ""
     shutdown: bool = False
     at: float = 0.0
+    dead_letters: int = 0  # queued tells the process never handled
 
     @property
     def normal(self) -> bool:
@@ -86,10 +87,13 @@ class ExitReason:
         """Combine the kernel's exit status with the child's own explanation, if any."""
         reason = status.describe()
         detail = ""
+        dead = 0
         if event is not None and status.signal is None:
             reason = str(event.get("reason") or reason)
             detail = str(event.get("detail") or "")
-        return cls(reason, status.code, status.signal, detail, False, status.at)
+            raw = event.get("dead_letters", 0)
+            dead = raw if isinstance(raw, int) and raw > 0 else 0
+        return cls(reason, status.code, status.signal, detail, False, status.at, dead)
 
 
 class StartFailed(IkosError):
