@@ -24,6 +24,7 @@ from ikos.supervision._spec import Supervisor
 log = logging.getLogger("ikos.manager")
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
 def load_tree_ref(ref: str) -> Supervisor:
@@ -73,6 +74,15 @@ def load_tree_ref(ref: str) -> Supervisor:
     return obj
 
 
+def _log_level(text: str) -> str:
+    level = text.strip().lower()
+    if level not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(
+            f"unknown log level {text!r} (expected one of {', '.join(LOG_LEVELS)})"
+        )
+    return level
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ikosd", description="Run an ikos supervision tree (the ikos manager)."
@@ -83,9 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics here ('off')")
     p.add_argument(
         "--log-level",
+        type=_log_level,
         default=None,
         metavar="LEVEL",
-        help="debug, info, warning or error (default info)",
+        help="debug, info, warning, error or critical (default info)",
     )
     return p
 
