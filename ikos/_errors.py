@@ -122,7 +122,9 @@ class ActorCrashed(ActorError):
     ``exc_type`` and ``traceback`` describe the exception in the actor.
     """
 
-    def __init__(self, name: str, message: str = "", exc_type: str = "", traceback: str = "") -> None:
+    def __init__(
+        self, name: str, message: str = "", exc_type: str = "", traceback: str = ""
+    ) -> None:
         IkosError.__init__(self, name, message, exc_type, traceback)
         self.name, self.message = name, message
         self.exc_type, self.traceback = exc_type, traceback

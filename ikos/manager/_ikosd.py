@@ -164,12 +164,34 @@ def prepare(
     return paths, tree, reload_tree, settings
 
 
+DEFAULT_METRICS = ("127.0.0.1", 9464)
+
+
+def parse_metrics(value: str) -> tuple[str, int] | None:
+    """``HOST:PORT`` (or ``off``) of the metrics endpoint; ConfigError otherwise."""
+    if value.strip().lower() in ("off", "none", "false", "no"):
+        return None
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(None, None, "--metrics", "HOST:PORT (e.g. 127.0.0.1:9464) or off", value)
+    return (host.strip("[]") or "0.0.0.0", int(port))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ikosd`` command."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=(args.log_level or "info").upper(), format=LOG_FORMAT)
     try:
         paths, tree, reload_tree, settings = prepare(args)
+    except IkosError as exc:
+        print(f"ikosd: {exc}", file=sys.stderr)
+        return 2
+    try:
+        metrics = (
+            parse_metrics(args.metrics)
+            if args.metrics
+            else settings.get("metrics", DEFAULT_METRICS)
+        )
     except IkosError as exc:
         print(f"ikosd: {exc}", file=sys.stderr)
         return 2
@@ -190,6 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             mailbox_size=settings.get("mailbox_size", 1000),
             max_message_bytes=settings.get("max_message_bytes", 64 * 1024 * 1024),
             shutdown_timeout=settings.get("shutdown_timeout", 30.0),
+            metrics=metrics,
         )
     except IkosError as exc:
         print(f"ikosd: {exc}", file=sys.stderr)

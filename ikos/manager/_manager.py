@@ -69,6 +69,7 @@ class Manager:
         max_message_bytes: int = 64 * 1024 * 1024,
         shutdown_timeout: float = 30.0,
         ready_line: bool = True,
+        metrics: tuple[str, int] | None = None,
     ) -> None:
         self.paths = paths
         self.tree = validate_tree(tree)
@@ -79,6 +80,8 @@ class Manager:
         self.max_message_bytes = max_message_bytes
         self.shutdown_timeout = shutdown_timeout
         self.ready_line = ready_line
+        self.metrics_address = metrics
+        self._metrics: Any = None
         self.forkserver = ForkServer()
         self.nodes: dict[str, Node] = {}
         self.listeners: dict[str, socket.socket] = {}
@@ -232,6 +235,10 @@ class Manager:
                 log.warning("fork server could not preload %s: %s", mod, err)
             self._control = ControlServer(self)
             await self._control.start()
+            if self.metrics_address is not None:
+                from ikos.manager._metrics import serve_metrics
+
+                self._metrics = serve_metrics(self, *self.metrics_address)
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_shutdown)
             loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
@@ -253,6 +260,9 @@ class Manager:
                     loop.remove_signal_handler(sig)
             if self._control is not None:
                 await self._control.close()
+            if self._metrics is not None:
+                self._metrics.shutdown()
+                self._metrics.server_close()
             self.forkserver.close()
             for name in list(self.listeners):
                 sock = self.listeners.pop(name)
@@ -268,9 +278,13 @@ class Manager:
             1 for n in self.nodes.values() if n.kind != "supervisor" and n.state is State.RUNNING
         )
         if self.ready_line:
+            metrics = ""
+            if self._metrics is not None:
+                host, port = self._metrics.server_address[:2]
+                metrics = f", metrics http://{host}:{port}/metrics"
             print(
                 f"ikosd ready: {running} daemons running, pid {os.getpid()}, "
-                f"control socket {self.paths.control_socket}",
+                f"control socket {self.paths.control_socket}{metrics}",
                 flush=True,
             )
         _sd_notify(f"READY=1\nSTATUS=running\nMAINPID={os.getpid()}")

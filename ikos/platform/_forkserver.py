@@ -98,7 +98,10 @@ def _become_daemon(req: dict[str, Any], fds: list[int]) -> None:
     try:
         # the entry point starts its own session (exec_in_child does, as systemd's
         # units get one); doing it here would make a second setsid fail with EPERM
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGPIPE):
+        # SIGPIPE stays ignored, as in any Python process: a write to a peer that
+        # died must be an EPIPE error, not the death of the actor (an exec resets
+        # every disposition itself)
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, signal.SIG_DFL)
         gc.unfreeze()
         entry = resolve_entry(req["entry"])

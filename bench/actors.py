@@ -1,0 +1,399 @@
+"""Actor benchmark: ikos against the raw floor and against Ray, Thespian and Pykka.
+
+Run with ``make bench`` (or ``python -m bench.actors``). Measures, in one run:
+ask round trip p50/p99 to an actor in another process, tell throughput,
+time to start 100 actors to ready, time from SIGKILL of an actor to its
+answering again (no back-off), USS per idle actor and the manager's idle CPU
+with 100 actors. The floor is a ``multiprocessing.Pipe`` round trip to a
+process that echoes. Peers that are not installed are skipped (``pip install
+-e '.[bench]'`` installs them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from bench._common import Table, percentile, summary_us
+
+MSG = {"op": "echo", "n": 1, "payload": "x" * 32}
+
+TREE = textwrap.dedent(
+    """
+    import os
+    import ikos
+
+    class Echo(ikos.Actor):
+        def receive(self, message):
+            return message
+
+    class Sink(ikos.Actor):
+        def on_start(self):
+            self.count = 0
+
+        def receive(self, message):
+            if message == "count?":
+                return self.count
+            self.count += 1
+
+    def tree():
+        return ikos.Supervisor("root", max_restarts=100000, within=1, children=[
+            ikos.Child("echo", Echo),
+            ikos.Child("sink", Sink, mailbox_size=100000),
+            ikos.Supervisor("pool", max_restarts=100, within=1, children=[
+                ikos.Child(f"w{i}", Echo) for i in range(100)
+            ]),
+        ])
+    """
+)
+
+
+# -- the floor -------------------------------------------------------------------
+
+
+def _pipe_echo(conn: Any) -> None:
+    while True:
+        m = conn.recv()
+        if m is None:
+            return
+        conn.send(m)
+
+
+def _pipe_sink(conn: Any, n: int) -> None:
+    for _ in range(n):
+        conn.recv()
+    conn.send("done")
+
+
+def floor_ask(n: int) -> list[float]:
+    a, b = mp.Pipe()
+    p = mp.Process(target=_pipe_echo, args=(b,))
+    p.start()
+    for _ in range(200):
+        a.send(MSG)
+        a.recv()
+    samples = []
+    for _ in range(n):
+        t = time.perf_counter()
+        a.send(MSG)
+        a.recv()
+        samples.append(time.perf_counter() - t)
+    a.send(None)
+    p.join()
+    return samples
+
+
+def floor_tell(n: int) -> float:
+    a, b = mp.Pipe()
+    p = mp.Process(target=_pipe_sink, args=(b, n))
+    p.start()
+    t = time.perf_counter()
+    for _ in range(n):
+        a.send(MSG)
+    a.recv()
+    elapsed = time.perf_counter() - t
+    p.join()
+    return n / elapsed
+
+
+# -- ikos -------------------------------------------------------------------------
+
+
+class IkosInstance:
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="ikos-bench-"))
+        (self.dir / "benchtree.py").write_text(TREE)
+        self.root = self.dir / "root"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ikos.manager._ikosd", "--root", str(self.root),
+             "--tree", f"{self.dir / 'benchtree.py'}:tree", "--log-level", "warning"],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if "ready" not in line:
+            raise RuntimeError(f"ikosd did not start: {line!r}")
+
+    def close(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=60)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def ikos_figures(inst: IkosInstance, n: int, tells: int, kills: int) -> dict[str, Any]:
+    import ikos
+    from ikos.platform._control import ControlClient
+    from ikos.platform._paths import InstancePaths
+
+    out: dict[str, Any] = {}
+    echo = ikos.ActorRef("echo", root=inst.root)
+    for _ in range(200):
+        echo.ask(MSG)
+    samples = []
+    for _ in range(n):
+        t = time.perf_counter()
+        echo.ask(MSG)
+        samples.append(time.perf_counter() - t)
+    out["ask"] = samples
+
+    sink = ikos.ActorRef("sink", root=inst.root)
+    sink.ask("count?")
+    before = sink.ask("count?")
+    t = time.perf_counter()
+    for _ in range(tells):
+        sink.tell(MSG)
+    got = sink.ask("count?", timeout=120)
+    out["tell_per_s"] = tells / (time.perf_counter() - t)
+    assert got - before == tells, (got, before)
+
+    client = ControlClient(InstancePaths.for_root(inst.root), timeout=300)
+    client.call("stop", {"name": "pool"})
+    t = time.perf_counter()
+    client.call("start", {"name": "pool"})
+    out["start_100_s"] = time.perf_counter() - t
+
+    restarts = []
+    for _ in range(kills):
+        pid = client.call("status", {"names": ["echo"]})[0]["pid"]
+        t = time.perf_counter()
+        os.kill(pid, signal.SIGKILL)
+        while True:
+            try:
+                echo.ask(MSG, timeout=5)
+                break
+            except ikos.ActorDeadError:
+                continue
+        restarts.append(time.perf_counter() - t)
+        time.sleep(0.05)
+    out["restart"] = restarts
+
+    statuses = client.call("status", {"names": [f"w{i}" for i in range(100)]})
+    uss = [psutil.Process(s["pid"]).memory_full_info().uss for s in statuses]
+    out["uss_per_actor"] = sum(uss) / len(uss)
+    manager = psutil.Process(inst.proc.pid)
+    out["manager_uss"] = manager.memory_full_info().uss
+    c0 = manager.cpu_times()
+    time.sleep(5)
+    c1 = manager.cpu_times()
+    out["manager_idle_cpu_pct"] = ((c1.user - c0.user) + (c1.system - c0.system)) / 5 * 100
+    client.close()
+    return out
+
+
+# -- peers --------------------------------------------------------------------------
+
+
+def ray_figures(n: int, kills: int) -> dict[str, Any] | None:
+    try:
+        import ray
+    except ImportError:
+        return None
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR",
+             log_to_driver=False)
+
+    @ray.remote(max_restarts=-1)
+    class Echo:
+        def echo(self, m: Any) -> Any:
+            return m
+
+        def pid(self) -> int:
+            return os.getpid()
+
+    out: dict[str, Any] = {}
+    a = Echo.remote()
+    for _ in range(200):
+        ray.get(a.echo.remote(MSG))
+    samples = []
+    for _ in range(min(n, 3000)):
+        t = time.perf_counter()
+        ray.get(a.echo.remote(MSG))
+        samples.append(time.perf_counter() - t)
+    out["ask"] = samples
+    t = time.perf_counter()
+    actors = [Echo.remote() for _ in range(100)]
+    ray.get([x.pid.remote() for x in actors])
+    out["start_100_s"] = time.perf_counter() - t
+    pids = ray.get([x.pid.remote() for x in actors])
+    out["uss_per_actor"] = sum(psutil.Process(p).memory_full_info().uss for p in pids) / 100
+    for x in actors:
+        ray.kill(x)
+    restarts = []
+    for _ in range(min(kills, 5)):
+        pid = ray.get(a.pid.remote())
+        t = time.perf_counter()
+        os.kill(pid, signal.SIGKILL)
+        while True:
+            try:
+                ray.get(a.echo.remote(MSG), timeout=30)
+                break
+            except Exception:
+                continue
+        restarts.append(time.perf_counter() - t)
+    out["restart"] = restarts
+    ray.shutdown()
+    return out
+
+
+def thespian_figures(n: int) -> dict[str, Any] | None:
+    try:
+        from thespian.actors import Actor, ActorSystem
+    except ImportError:
+        return None
+
+    out: dict[str, Any] = {}
+    system = ActorSystem("multiprocTCPBase")
+    try:
+        a = system.createActor(ThespianEcho)
+        for _ in range(100):
+            system.ask(a, MSG, 5)
+        samples = []
+        for _ in range(min(n, 2000)):
+            t = time.perf_counter()
+            system.ask(a, MSG, 5)
+            samples.append(time.perf_counter() - t)
+        out["ask"] = samples
+        t = time.perf_counter()
+        actors = [system.createActor(ThespianEcho) for _ in range(100)]
+        pids = [system.ask(x, "pid", 10) for x in actors]
+        out["start_100_s"] = time.perf_counter() - t
+        out["uss_per_actor"] = sum(
+            psutil.Process(p).memory_full_info().uss for p in pids if p
+        ) / max(1, len([p for p in pids if p]))
+    finally:
+        system.shutdown()
+    _ = Actor
+    return out
+
+
+try:
+    from thespian.actors import Actor as _ThespianActor
+
+    class ThespianEcho(_ThespianActor):  # type: ignore[misc]
+        def receiveMessage(self, message: Any, sender: Any) -> None:  # noqa: N802
+            if message == "pid":
+                self.send(sender, os.getpid())
+            elif isinstance(message, dict):
+                self.send(sender, message)
+
+except ImportError:  # pragma: no cover - optional peer
+    pass
+
+
+def pykka_figures(n: int) -> dict[str, Any] | None:
+    try:
+        import pykka
+    except ImportError:
+        return None
+
+    class Echo(pykka.ThreadingActor):  # type: ignore[misc]
+        def on_receive(self, message: Any) -> Any:
+            return message
+
+    out: dict[str, Any] = {}
+    ref = Echo.start()
+    samples = []
+    for _ in range(n):
+        t = time.perf_counter()
+        ref.ask(MSG)
+        samples.append(time.perf_counter() - t)
+    out["ask"] = samples
+    t = time.perf_counter()
+    refs = [Echo.start() for _ in range(100)]
+    for r in refs:
+        r.ask("x")
+    out["start_100_s"] = time.perf_counter() - t
+    pykka.ActorRegistry.stop_all()
+    return out
+
+
+# -- report ---------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=20000, help="asks per measurement")
+    ap.add_argument("--tells", type=int, default=100000)
+    ap.add_argument("--kills", type=int, default=30)
+    ap.add_argument("--no-peers", action="store_true")
+    args = ap.parse_args(argv)
+
+    print("floor: multiprocessing.Pipe ...", flush=True)
+    fl_ask = floor_ask(args.n)
+    fl_tell = floor_tell(args.tells)
+    print("ikos ...", flush=True)
+    inst = IkosInstance()
+    try:
+        ik = ikos_figures(inst, args.n, args.tells, args.kills)
+    finally:
+        inst.close()
+    peers: dict[str, dict[str, Any] | None] = {}
+    if not args.no_peers:
+        for name, fn in (("Ray", lambda: ray_figures(args.n, args.kills)),
+                         ("Thespian", lambda: thespian_figures(args.n)),
+                         ("Pykka (threads)", lambda: pykka_figures(args.n))):
+            print(f"{name} ...", flush=True)
+            try:
+                peers[name] = fn()
+            except Exception as exc:  # a peer failing must not lose ikos's figures
+                print(f"  {name} failed: {exc!r}", flush=True)
+                peers[name] = None
+
+    fa, ia = summary_us(fl_ask), summary_us(ik["ask"])
+    names = [n for n, v in peers.items() if v]
+    table = Table("Actors: ikos against the floor and its peers",
+                  ["metric", "floor (mp.Pipe)", "ikos", "ikos / floor", *names])
+
+    def peer(key: str, f: Any) -> list[Any]:
+        row = []
+        for n in names:
+            v = peers[n]
+            row.append(f(v[key]) if v and key in v else "-")
+        return row
+
+    table.add("ask p50 (µs)", fa["p50_us"], ia["p50_us"], ia["p50_us"] / fa["p50_us"],
+              *peer("ask", lambda s: summary_us(s)["p50_us"]))
+    table.add("ask p99 (µs)", fa["p99_us"], ia["p99_us"], ia["p99_us"] / fa["p99_us"],
+              *peer("ask", lambda s: summary_us(s)["p99_us"]))
+    table.add("tell throughput (msg/s)", fl_tell, ik["tell_per_s"], ik["tell_per_s"] / fl_tell,
+              *peer("tell_per_s", lambda v: v))
+    table.add("start 100 actors to ready (s)", "-", ik["start_100_s"], "-",
+              *peer("start_100_s", lambda v: v))
+    med = percentile(ik["restart"], 50) * 1e3
+    table.add("SIGKILL to answering again, median (ms)", "-", med, "-",
+              *peer("restart", lambda s: percentile(s, 50) * 1e3))
+    table.add("SIGKILL to answering again, p99 (ms)", "-", percentile(ik["restart"], 99) * 1e3,
+              "-", *peer("restart", lambda s: percentile(s, 99) * 1e3))
+    table.add("USS per idle actor (KiB)", "-", ik["uss_per_actor"] / 1024, "-",
+              *peer("uss_per_actor", lambda v: v / 1024))
+    table.add("manager USS with 102 actors (MiB)", "-", ik["manager_uss"] / 2**20, "-",
+              *["-" for _ in names])
+    table.add("manager idle CPU with 102 actors (%)", "-", ik["manager_idle_cpu_pct"], "-",
+              *["-" for _ in names])
+    table.notes.append("ask: a small dict to an actor in another process, answered by return value.")
+    table.notes.append("Pykka runs actors as threads of the caller's process (no process boundary).")
+    table.notes.append("Ray restarts are measured on a max_restarts=-1 actor killed with SIGKILL.")
+    table.raw = {"floor": {"ask": fa, "tell_per_s": fl_tell},
+                 "ikos": {k: (summary_us(v) if k in ("ask", "restart") else v)
+                          for k, v in ik.items()},
+                 "peers": {n: {k: (summary_us(v) if k in ("ask", "restart") else v)
+                               for k, v in (p or {}).items()} for n, p in peers.items()}}
+    path = table.write("actors")
+    print(table.markdown())
+    print(f"written to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
