@@ -51,6 +51,13 @@ EXEC_ENTRY = "ikos.manager._execspawn:exec_entry"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
+#: Services that extend the manager, imported lazily: each has
+#: ``async start(manager)``, ``async stop()`` and may define
+#: ``on_transition(node, old, new, why)``. They register their control verbs
+#: with ``manager.control.register``.
+EXTENSIONS: list[str] = []
+
+
 class InstanceLocked(ManagerError):
     """Another ikosd already runs on this root."""
 
@@ -82,6 +89,7 @@ class Manager:
         self.ready_line = ready_line
         self.metrics_address = metrics
         self._metrics: Any = None
+        self.extensions: list[Any] = []
         self.forkserver = ForkServer()
         self.nodes: dict[str, Node] = {}
         self.listeners: dict[str, socket.socket] = {}
@@ -93,7 +101,7 @@ class Manager:
         self.ctx: InstanceContext | None = None
         self._stop: asyncio.Event | None = None
         self._lock_fd: int | None = None
-        self._control: Any = None
+        self.control: Any = None
         self._shutting_down = False
 
     # -- Host interface (used by the supervision runtime) -------------------
@@ -114,6 +122,13 @@ class Manager:
             self.dead_letters[node.name] += node.last_exit.dead_letters
         level = logging.WARNING if new is State.FAILED else logging.INFO
         translog.log(level, "%s %s: %s -> %s (%s)", node.kind, node.name, old.value, new.value, why)
+        for ext in self.extensions:
+            hook = getattr(ext, "on_transition", None)
+            if hook is not None:
+                try:
+                    hook(node, old, new, why)
+                except Exception:  # an extension must never break the tree
+                    log.exception("extension %s failed on a transition", type(ext).__name__)
 
     def root_failed(self, reason: str) -> None:
         log.critical("the root supervisor gave up (%s): stopping everything", reason)
@@ -233,12 +248,18 @@ class Manager:
             failed = await self.forkserver.start(sys.path, self.preload_modules(self.tree))
             for mod, err in failed.items():
                 log.warning("fork server could not preload %s: %s", mod, err)
-            self._control = ControlServer(self)
-            await self._control.start()
+            self.control = ControlServer(self)
+            await self.control.start()
             if self.metrics_address is not None:
                 from ikos.manager._metrics import serve_metrics
 
                 self._metrics = serve_metrics(self, *self.metrics_address)
+            for path in EXTENSIONS:
+                from ikos.platform._forkserver import resolve_entry
+
+                ext = resolve_entry(path)()
+                await ext.start(self)
+                self.extensions.append(ext)
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_shutdown)
             loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
@@ -258,8 +279,13 @@ class Manager:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 with contextlib.suppress(ValueError, RuntimeError):
                     loop.remove_signal_handler(sig)
-            if self._control is not None:
-                await self._control.close()
+            for ext in reversed(self.extensions):
+                try:
+                    await ext.stop()
+                except Exception:
+                    log.exception("extension %s failed to stop", type(ext).__name__)
+            if self.control is not None:
+                await self.control.close()
             if self._metrics is not None:
                 self._metrics.shutdown()
                 self._metrics.server_close()
