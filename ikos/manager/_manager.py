@@ -53,8 +53,9 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 #: Services that extend the manager, imported lazily: each has
 #: ``async start(manager)``, ``async stop()`` and may define
-#: ``on_transition(node, old, new, why)``. They register their control verbs
-#: with ``manager.control.register``.
+#: ``on_transition(node, old, new, why)`` and ``decorate_status(node, status)``
+#: (add fields to a status object). They register their control verbs with
+#: ``manager.control.register``.
 EXTENSIONS: list[str] = []
 
 
@@ -411,6 +412,10 @@ class Manager:
         out = node.status()
         if node.kind == "actor":
             out["dead_letters"] = self.dead_letters.get(node.name, 0)
+        for ext in self.extensions:
+            decorate = getattr(ext, "decorate_status", None)
+            if decorate is not None:
+                decorate(node, out)
         return out
 
     def tree_json(self, node: Node | None = None) -> dict[str, Any]:
