@@ -1,0 +1,348 @@
+"""sd_notify: real senders, kernel credentials, and what a hostile sender cannot do."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ikos.platform._notify import (
+    MAX_NOTIFY_BYTES,
+    NotifyMessage,
+    NotifySocket,
+    main_pid,
+    notify,
+    parse_notify,
+)
+from ikos.platform._paths import InstancePaths
+from ikos.platform._spawn import build_exec_plan, spawn_exec
+from ikos.supervision._spec import Exec
+
+REPO = str(Path(__file__).resolve().parents[1])
+
+
+def wait_for(cond: Callable[[], Any], timeout: float = 10.0) -> Any:
+    deadline = time.monotonic() + timeout
+    delay = 0.001
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met within timeout")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
+def python(code: str, address: str, **kw: Any) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "PYTHONPATH": REPO, "NOTIFY_SOCKET": address}
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], env=env, **kw)
+
+
+@pytest.fixture
+def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for p in started:
+        p.kill()
+        p.wait(timeout=10)
+
+
+@pytest.fixture
+def sock(tmp_path: Path) -> Iterator[NotifySocket]:
+    s = NotifySocket(tmp_path / "notify.sock")
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+# -- parsing ---------------------------------------------------------------------------------
+
+
+def test_parse_notify() -> None:
+    assert parse_notify(b"READY=1\nSTATUS=Serving 3 clients\nMAINPID=42\n") == {
+        "READY": "1",
+        "STATUS": "Serving 3 clients",
+        "MAINPID": "42",
+    }
+    assert parse_notify(b"STATUS=a=b") == {"STATUS": "a=b"}
+    assert parse_notify("STATUS=caf\u00e9".encode()) == {"STATUS": "caf\u00e9"}
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"", "no KEY=VALUE"),
+        (b"\n\n", "no KEY=VALUE"),
+        (b"READY", "no '='"),
+        (b"READY=1\ngarbage", "line 2"),
+        (b"=1", "invalid key"),
+        (b"BAD KEY=1", "invalid key"),
+        (b"STATUS=\xff\xfe", "not UTF-8"),
+        (b"READY=1\x00", "NUL"),
+        (b"STATUS=" + b"x" * MAX_NOTIFY_BYTES, "more than 4096"),
+    ],
+)
+def test_parse_notify_rejects(data: bytes, reason: str) -> None:
+    with pytest.raises(ValueError, match=reason):
+        parse_notify(data)
+
+
+def test_main_pid_checks() -> None:
+    me = os.getpid()
+    assert main_pid({}, owner_pgid=os.getpgrp()) is None
+    assert main_pid({"MAINPID": str(me)}, owner_pgid=os.getpgrp()) == me
+    for value, reason in (
+        ("1", "init"),
+        ("abc", "not a PID"),
+        ("-3", "not a PID"),
+        ("0", "not a PID"),
+    ):
+        with pytest.raises(ValueError, match=reason):
+            main_pid({"MAINPID": value}, owner_pgid=os.getpgrp())
+    stranger = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    try:
+        with pytest.raises(ValueError, match="outside the daemon's process group"):
+            main_pid({"MAINPID": str(stranger.pid)}, owner_pgid=os.getpgrp())
+        assert main_pid({"MAINPID": str(stranger.pid)}, owner_pgid=stranger.pid) == stranger.pid
+        pids = frozenset({stranger.pid})
+        assert (
+            main_pid({"MAINPID": str(stranger.pid)}, owner_pgid=1, owner_pids=pids) == stranger.pid
+        )
+    finally:
+        stranger.kill()
+        stranger.wait(timeout=10)
+    with pytest.raises(ValueError, match="not running"):
+        main_pid({"MAINPID": str(stranger.pid)}, owner_pgid=os.getpgrp())
+
+
+# -- real senders ----------------------------------------------------------------------------
+
+
+def test_real_child_notifies_with_kernel_credentials(
+    sock: NotifySocket, procs: list[subprocess.Popen[bytes]]
+) -> None:
+    child = python(
+        """
+        import os
+        from ikos.platform._notify import notify
+        assert notify("STATUS=starting")
+        assert notify(f"READY=1\\nSTATUS=ready\\nMAINPID={os.getpid()}")
+        """,
+        sock.address,
+    )
+    procs.append(child)
+    assert child.wait(timeout=30) == 0
+    messages = wait_for(lambda: sock.drain() or None)
+    while len(messages) < 2:
+        messages += wait_for(lambda: sock.drain() or None)
+    assert messages == [
+        NotifyMessage(child.pid, os.getuid(), os.getgid(), {"STATUS": "starting"}),
+        NotifyMessage(
+            child.pid,
+            os.getuid(),
+            os.getgid(),
+            {"READY": "1", "STATUS": "ready", "MAINPID": str(child.pid)},
+        ),
+    ]
+    assert sock.recv() is None
+    assert sock.dropped == 0
+
+
+def test_systemd_notify_binary_is_understood(sock: NotifySocket) -> None:
+    tool = shutil.which("systemd-notify")
+    if tool is None:
+        pytest.skip("systemd-notify is not installed")
+    env = {**os.environ, "NOTIFY_SOCKET": sock.address}
+    # --pid names the main PID explicitly; the sender is systemd-notify itself. systemd 250+
+    # then sends BARRIER=1 with a pipe and waits until the manager closes it.
+    tool_proc = subprocess.Popen(
+        [tool, "--ready", "--status=from systemd-notify", f"--pid={os.getpid()}"],
+        env=env,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        messages: list[NotifyMessage] = []
+        while tool_proc.poll() is None:
+            messages += sock.drain()
+        messages += sock.drain()
+        assert tool_proc.stderr is not None
+        assert tool_proc.returncode == 0, tool_proc.stderr.read()
+    finally:
+        tool_proc.kill()
+        tool_proc.wait(timeout=10)
+        if tool_proc.stderr is not None:
+            tool_proc.stderr.close()
+    assert sock.dropped == 0
+    (msg,) = messages
+    # As root, systemd-notify --pid sends with the credentials of that PID (CAP_SYS_ADMIN).
+    assert msg.pid == (os.getpid() if os.geteuid() == 0 else tool_proc.pid)
+    assert msg.fields["READY"] == "1"
+    assert msg.fields["STATUS"] == "from systemd-notify"
+    assert msg.fields["MAINPID"] == str(os.getpid())
+    assert msg.uid == os.getuid()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="running as another user needs root")
+def test_abstract_socket_and_a_daemon_running_as_nobody(tmp_path: Path) -> None:
+    """A notify daemon spawned as nobody: the kernel says uid 65534, whatever it claims."""
+    address = f"@ikos-test-{uuid.uuid4().hex}/notify"
+    paths = InstancePaths.for_root(tmp_path / "inst")
+    paths.create()
+    tool = shutil.which("systemd-notify")
+    if tool is None:
+        pytest.skip("systemd-notify is not installed")
+    with NotifySocket(address) as s:
+        plan = build_exec_plan(
+            Exec(
+                "nb",
+                tool,
+                args=["--ready", "--status=up"],
+                type="notify",
+                user="nobody",
+                stdout="null",
+                stderr="null",
+            ),
+            paths,
+        )
+        env = dict(plan.env)
+        env["NOTIFY_SOCKET"] = address  # the manager would point at its own socket
+        import dataclasses
+
+        pid = spawn_exec(dataclasses.replace(plan, env=tuple(env.items())))
+        try:
+            msg = wait_for(s.recv)
+        finally:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            os.waitpid(pid, 0)
+        assert (msg.pid, msg.uid, msg.gid) == (pid, 65534, 65534)
+        assert msg.fields["READY"] == "1" and msg.fields["STATUS"] == "up"
+
+
+def test_long_socket_path(tmp_path: Path) -> None:
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    address = str(deep / "notify.sock")
+    assert len(address) > 108
+    with NotifySocket(address) as s:
+        assert os.path.exists(address)
+        assert notify("READY=1", address)
+        msg = wait_for(s.recv)
+        assert msg.pid == os.getpid() and msg.fields == {"READY": "1"}
+    assert not os.path.exists(address)  # close() unlinks
+
+
+def test_notify_without_a_socket_is_a_no_op(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    assert notify("READY=1") is False
+    with pytest.raises(ValueError, match="absolute path"):
+        notify("READY=1", "relative/path")
+
+
+# -- hostile senders -------------------------------------------------------------------------
+
+
+def _raw_sender(address: str) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.connect(address)
+    return s
+
+
+def test_oversized_malformed_and_fd_carrying_datagrams_are_dropped(
+    sock: NotifySocket, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="ikos.notify")
+    with _raw_sender(sock.address) as s:
+        s.send(b"STATUS=" + b"x" * 10_000)  # oversized
+        s.send(b"\xff\xfe\xfd")  # not UTF-8
+        s.send(b"no equals sign")
+        r, w = os.pipe()
+        try:
+            s.sendmsg([b"FDSTORE=1"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, bytes(memoryview(
+                __import__("array").array("i", [r, w]))))])  # fmt: skip
+        finally:
+            os.close(r)
+            os.close(w)
+        s.send(b"READY=1")
+    fds_before = set(os.listdir("/proc/self/fd"))
+    msg = sock.recv()
+    assert msg is not None and msg.fields == {"READY": "1"} and msg.pid == os.getpid()
+    assert sock.dropped == 4
+    assert set(os.listdir("/proc/self/fd")) <= fds_before  # passed descriptors were closed
+    text = caplog.text
+    assert (
+        "oversized" in text and "not UTF-8" in text and "no '='" in text and "descriptors" in text
+    )
+
+
+def test_flood_of_10000_datagrams_leaves_the_socket_usable(
+    sock: NotifySocket, procs: list[subprocess.Popen[bytes]], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="ikos.notify")
+    flooder = python(
+        """
+        import os, socket, sys
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        s.connect(os.environ["NOTIFY_SOCKET"])
+        s.setblocking(False)
+        sent = 0
+        for i in range(10_000):
+            payload = [b"STATUS=flood %d" % i, b"garbage", b"x" * 5000, b"\\xff"][i % 4]
+            try:
+                s.send(payload)
+                sent += 1
+            except BlockingIOError:
+                pass  # the manager's queue is full: the flood is throttled by the kernel
+        print(sent)
+        """,
+        sock.address,
+        stdout=subprocess.PIPE,
+    )
+    procs.append(flooder)
+    received: list[NotifyMessage] = []
+    while flooder.poll() is None:
+        received += sock.drain()
+    received += sock.drain()
+    assert flooder.stdout is not None
+    sent = int(flooder.stdout.read())
+    flooder.stdout.close()
+    assert sent > 0
+    assert all(m.pid == flooder.pid and m.fields["STATUS"].startswith("flood") for m in received)
+    assert len(received) + sock.dropped == sent
+    # Logging stayed bounded however many were dropped.
+    assert len([r for r in caplog.records if r.name == "ikos.notify"]) <= 20
+    # And the socket still works.
+    assert notify("READY=1", sock.address)
+    msg = wait_for(sock.recv)
+    assert msg.fields == {"READY": "1"} and msg.pid == os.getpid()
+
+
+def test_recv_skips_a_bounded_number_of_bad_datagrams_per_call(tmp_path: Path) -> None:
+    with NotifySocket(tmp_path / "n.sock", max_skip=5) as s, _raw_sender(s.address) as raw:
+        # The kernel queues few datagrams per socket (net.unix.max_dgram_qlen, 10 here).
+        for _ in range(8):
+            raw.send(b"garbage")
+        raw.send(b"READY=1")
+        calls = 0
+        msg = None
+        while msg is None:
+            calls += 1
+            msg = s.recv()
+        assert calls == 2  # 6 datagrams consumed per empty-handed call, never all at once
+        assert s.dropped == 8
