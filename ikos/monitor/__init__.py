@@ -1,0 +1,1 @@
+"""Watching daemons: log capture and rotation, resource sampling, limits, alerts."""

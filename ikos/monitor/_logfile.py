@@ -1,0 +1,253 @@
+"""Daemon log files: lines captured from stdout/stderr, timestamped, rotated by size.
+
+The manager reads each daemon's stdout and stderr pipes in arbitrary byte
+chunks; :class:`LineSplitter` turns those into lines (bounded: a line longer
+than 64 KiB is cut, invalid UTF-8 is replaced) and :class:`RotatingLog`
+appends them to ``NAME.log`` as ``<ISO-8601 time with ms> <stream> <line>``,
+renaming ``NAME.log`` to ``NAME.log.1`` (and so on up to ``backups``) when
+it would exceed ``max_bytes``. :func:`tail` reads the last lines from the
+end of the files, for ``ikosctl logs -n N``.
+
+Main design choice: one file per daemon with both streams interleaved and
+tagged, written by the manager itself, one flush per batch of lines (a loop
+turn), so the order of lines across stdout and stderr is the order the
+manager read them. Rejected: ``logging.handlers.RotatingFileHandler``, which
+flushes every record, formats through the logging machinery (a lock and a
+LogRecord per line) and checks the size by seeking on every emit, the hot
+path of a chatty daemon; and handing the pipes to a separate logger process
+(one more process per daemon, as supervisord's does not, for no gain on one
+machine).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import BinaryIO
+
+#: Lines longer than this many bytes are cut into pieces of this size.
+MAX_LINE_BYTES = 64 * 1024
+DEFAULT_MAX_BYTES = 10 * 1024 * 1024
+DEFAULT_BACKUPS = 5
+
+
+def format_timestamp(when: float) -> str:
+    """ISO-8601 local time with milliseconds and offset, e.g. ``2024-05-01T12:00:00.123+02:00``."""
+    return datetime.fromtimestamp(when).astimezone().isoformat(timespec="milliseconds")
+
+
+class RotatingLog:
+    """Append-only log of one daemon at ``path``, rotated by size, keeping ``backups`` old files.
+
+    Example::
+
+        log = RotatingLog(paths.log_dir / "web.log")
+        log.write_lines("stdout", ["listening on :80", "ready"])
+        log.close()
+
+    The file is opened lazily and kept open; :meth:`write_lines` flushes
+    once per call, so a batch costs one ``write(2)``.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        backups: int = DEFAULT_BACKUPS,
+    ) -> None:
+        if max_bytes <= 0:
+            raise ValueError(f"max_bytes must be > 0, got {max_bytes}")
+        if backups < 0:
+            raise ValueError(f"backups must be >= 0, got {backups}")
+        self.path = Path(path)
+        self.max_bytes = max_bytes
+        self.backups = backups
+        self._file: BinaryIO | None = None
+        self._size = 0
+
+    def backup_path(self, n: int) -> Path:
+        """The n-th rotated file, ``NAME.log.n``."""
+        return self.path.with_name(f"{self.path.name}.{n}")
+
+    def _open(self) -> BinaryIO:
+        if self._file is None:
+            self._file = open(self.path, "ab")  # noqa: SIM115 - kept open across calls
+            self._size = self._file.seek(0, os.SEEK_END)
+        return self._file
+
+    def write(self, stream: str, line: str, when: float | None = None) -> None:
+        """Append one line (see :meth:`write_lines`)."""
+        self.write_lines(stream, [line], when)
+
+    def write_lines(self, stream: str, lines: list[str], when: float | None = None) -> None:
+        """Append ``lines`` of ``stream`` (``stdout``/``stderr``) stamped ``when``, then flush.
+
+        A line holding newlines becomes several records; a trailing ``\\r``
+        is dropped. Rotation happens before a record that would take the
+        file over ``max_bytes`` (a record larger than that still gets a file
+        of its own).
+        """
+        if not stream or any(c.isspace() for c in stream):
+            raise ValueError(f"invalid stream name {stream!r}")
+        stamp = format_timestamp(time.time() if when is None else when)
+        f = self._open()
+        for line in lines:
+            for part in line.split("\n"):
+                text = part[:-1] if part.endswith("\r") else part
+                record = f"{stamp} {stream} {text}\n".encode("utf-8", "backslashreplace")
+                if self._size and self._size + len(record) > self.max_bytes:
+                    self._rotate()
+                    f = self._open()
+                f.write(record)
+                self._size += len(record)
+        f.flush()
+
+    def _rotate(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self.backups == 0:
+            os.truncate(self.path, 0)
+            return
+        # Backups beyond the count (left by a larger setting) go first.
+        extra = self.backups + 1
+        while self.backup_path(extra).exists():
+            self.backup_path(extra).unlink()
+            extra += 1
+        for n in range(self.backups - 1, 0, -1):
+            if self.backup_path(n).exists():
+                os.replace(self.backup_path(n), self.backup_path(n + 1))
+        os.replace(self.path, self.backup_path(1))
+
+    def flush(self) -> None:
+        """Flush buffered records to the file."""
+        if self._file is not None:
+            self._file.flush()
+
+    def close(self) -> None:
+        """Flush and close the file (the next write reopens it)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> RotatingLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class LineSplitter:
+    """Turns byte chunks from a pipe into text lines, with a bound on a line's length.
+
+    >>> s = LineSplitter()
+    >>> s.feed(b"hello\\nwor")
+    ['hello']
+    >>> s.feed(b"ld\\n")
+    ['world']
+
+    Lines longer than ``max_line`` bytes are cut into pieces (at a UTF-8
+    character boundary when one is near), so at most ``max_line`` bytes are
+    ever held; invalid UTF-8 is replaced by U+FFFD; a trailing ``\\r`` is
+    dropped. :meth:`flush` returns the last, unterminated line at EOF.
+    """
+
+    def __init__(self, max_line: int = MAX_LINE_BYTES) -> None:
+        if max_line < 4:
+            raise ValueError(f"max_line must be >= 4, got {max_line}")
+        self.max_line = max_line
+        self._buf = bytearray()
+
+    @property
+    def pending(self) -> int:
+        """Bytes held of a line not yet terminated."""
+        return len(self._buf)
+
+    @staticmethod
+    def _decode(raw: bytes | bytearray) -> str:
+        text = bytes(raw).decode("utf-8", "replace")
+        return text[:-1] if text.endswith("\r") else text
+
+    def _cut(self, start: int) -> int:
+        end = start + self.max_line
+        buf = self._buf
+        cut = end
+        # Do not split a multi-byte character: back up over continuation bytes.
+        while cut > end - 3 and cut < len(buf) and (buf[cut] & 0xC0) == 0x80:
+            cut -= 1
+        return cut if (buf[cut] & 0xC0) != 0x80 else end
+
+    def feed(self, chunk: bytes) -> list[str]:
+        """Add ``chunk``; return the lines it completes."""
+        buf = self._buf
+        buf += chunk
+        out: list[str] = []
+        pos, n = 0, len(buf)
+        while pos < n:
+            nl = buf.find(b"\n", pos, pos + self.max_line + 1)
+            if nl >= 0:
+                out.append(self._decode(buf[pos:nl]))
+                pos = nl + 1
+            elif n - pos > self.max_line:
+                cut = self._cut(pos)
+                out.append(self._decode(buf[pos:cut]))
+                pos = cut
+            else:
+                break
+        del buf[:pos]
+        return out
+
+    def flush(self) -> list[str]:
+        """Return the unterminated last line, if any (call at EOF), and clear."""
+        if not self._buf:
+            return []
+        line = self._decode(self._buf)
+        self._buf.clear()
+        return [line]
+
+
+def _tail_file(path: Path, n: int, block: int = 64 * 1024) -> list[str]:
+    try:
+        f = open(path, "rb")  # noqa: SIM115
+    except FileNotFoundError:
+        return []
+    with f:
+        pos = f.seek(0, os.SEEK_END)
+        data = b""
+        newlines = 0
+        while pos > 0:
+            step = min(block, pos)
+            pos -= step
+            f.seek(pos)
+            chunk = f.read(step)
+            data = chunk + data
+            newlines += chunk.count(b"\n")
+            # n + 1 newlines (the last one ends the file) bound n whole lines.
+            if newlines > n:
+                break
+    if not data:
+        return []
+    if data.endswith(b"\n"):
+        data = data[:-1]
+    lines = data.split(b"\n")
+    if pos > 0:
+        lines = lines[1:]  # the first piece may start mid-line
+    return [line.decode("utf-8", "replace") for line in lines[-n:]]
+
+
+def tail(path: str | os.PathLike[str], n: int) -> list[str]:
+    """The last ``n`` lines of the log at ``path``, oldest first, reading from the end.
+
+    When the current file has fewer than ``n`` lines (it was just rotated),
+    the rest come from the end of ``path.1``. Missing files give no lines.
+    """
+    if n <= 0:
+        return []
+    p = Path(path)
+    lines = _tail_file(p, n)
+    if len(lines) < n:
+        older = _tail_file(p.with_name(f"{p.name}.1"), n - len(lines))
+        lines = older + lines
+    return lines
