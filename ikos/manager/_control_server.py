@@ -108,6 +108,8 @@ class ControlServer:
             "stop": (True, self.stop),
             "restart": (True, self.restart),
             "kill": (True, self.kill),
+            "reload": (True, self.reload),
+            "logs": (False, self.logs),
             "call": (True, self.call),
             "tell": (True, self.tell),
             "reload_config": (True, self.reload_config),
@@ -246,6 +248,17 @@ class ControlServer:
 
     async def restart(self, req: Request) -> Any:
         return await self.m.restart_node(req.text("name"))
+
+    async def reload(self, req: Request) -> Any:
+        return await self.m.reload_node(req.text("name"))
+
+    async def logs(self, req: Request) -> Any:
+        name = req.text("name")
+        self.m.node(name)
+        lines = req.args.get("lines", 10)
+        if isinstance(lines, bool) or not isinstance(lines, int) or not 0 <= lines <= 100000:
+            raise BadRequest("'logs': 'lines' must be an integer from 0 to 100000")
+        return {"name": name, "lines": self.m.execs.tail(name, lines)}
 
     async def kill(self, req: Request) -> Any:
         return self.m.kill_node(req.text("name"), parse_signal(req.args.get("signal", "SIGTERM")))

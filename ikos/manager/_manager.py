@@ -34,13 +34,14 @@ from ikos._codec import encode
 from ikos._errors import IkosError, ManagerError, NoSuchDaemon, SpawnError
 from ikos.actors._context import InstanceContext
 from ikos.actors._runtime import ActorBoot
+from ikos.manager._exec import ExecHandle, ExecRuntime
 from ikos.platform._forkserver import ForkServer
 from ikos.platform._paths import InstancePaths
 from ikos.platform._process import ProcessHandle, become_subreaper
 from ikos.platform._unix import bind_unix
 from ikos.platform._wire import ensure_secret
 from ikos.registry._graph import check_graph, start_order
-from ikos.supervision._runtime import Node, State, SupervisorNode, WorkerNode
+from ikos.supervision._runtime import Node, Running, State, SupervisorNode, WorkerNode
 from ikos.supervision._spec import Child, Exec, Supervisor, resolve_actor_class, validate_tree
 
 log = logging.getLogger("ikos.manager")
@@ -91,6 +92,7 @@ class Manager:
         self.metrics_address = metrics
         self._metrics: Any = None
         self.extensions: list[Any] = []
+        self.execs = ExecRuntime(self)
         self.forkserver = ForkServer()
         self.nodes: dict[str, Node] = {}
         self.listeners: dict[str, socket.socket] = {}
@@ -144,11 +146,11 @@ class Manager:
             with contextlib.suppress(FileNotFoundError):
                 self.paths.actor_socket(node.name).unlink()
 
-    async def spawn(self, node: WorkerNode) -> ProcessHandle:
+    async def spawn(self, node: WorkerNode) -> Running:
         spec = node.spec
         if isinstance(spec, Child):
             return await self._spawn_actor(spec)
-        return await self._spawn_exec(spec)
+        return await self.execs.spawn(spec)
 
     # -- spawning ----------------------------------------------------------
 
@@ -187,11 +189,6 @@ class Manager:
         finally:
             os.close(w)
         return ProcessHandle(pid, status_fd=r)
-
-    async def _spawn_exec(self, spec: Exec) -> ProcessHandle:
-        from ikos.manager._execspawn import spawn_exec
-
-        return await spawn_exec(self, spec)
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -251,6 +248,7 @@ class Manager:
                 log.warning("fork server could not preload %s: %s", mod, err)
             self.control = ControlServer(self)
             await self.control.start()
+            await self.execs.start()
             if self.metrics_address is not None:
                 from ikos.manager._metrics import serve_metrics
 
@@ -291,6 +289,7 @@ class Manager:
                 self._metrics.shutdown()
                 self._metrics.server_close()
             self.forkserver.close()
+            self.execs.close()
             for name in list(self.listeners):
                 sock = self.listeners.pop(name)
                 sock.close()
@@ -412,11 +411,24 @@ class Manager:
         out = node.status()
         if node.kind == "actor":
             out["dead_letters"] = self.dead_letters.get(node.name, 0)
+        elif isinstance(node, WorkerNode) and isinstance(node.handle, ExecHandle):
+            out["status_text"] = node.handle.status_text
         for ext in self.extensions:
             decorate = getattr(ext, "decorate_status", None)
             if decorate is not None:
                 decorate(node, out)
         return out
+
+    async def reload_node(self, name: str) -> dict[str, Any]:
+        """Reload an executable (its reload command or signal; notify waits for READY=1)."""
+        node = self.node(name)
+        if not isinstance(node, WorkerNode) or not isinstance(node.spec, Exec):
+            raise ManagerError(f"'{name}' is {node.kind}: only executables reload (use restart)")
+        handle = node.handle
+        if not isinstance(handle, ExecHandle) or not handle.alive:
+            raise ManagerError(f"'{name}' is not running")
+        await handle.reload()
+        return self.status_of(node)
 
     def tree_json(self, node: Node | None = None) -> dict[str, Any]:
         node = node or self.root

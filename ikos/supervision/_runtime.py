@@ -43,10 +43,10 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from ikos._errors import IkosError
-from ikos.platform._process import ExitStatus, ProcessHandle
+from ikos.platform._process import ExitStatus
 from ikos.supervision._backoff import BackoffState
 from ikos.supervision._intensity import RestartIntensity
-from ikos.supervision._spec import AnySpec, Child, Exec, Supervisor
+from ikos.supervision._spec import AnySpec, Backoff, Child, Exec, Supervisor
 
 log = logging.getLogger("ikos.supervision")
 
@@ -88,7 +88,7 @@ class ExitReason:
         reason = status.describe()
         detail = ""
         dead = 0
-        if event is not None and status.signal is None:
+        if event is not None and (status.signal is None or event.get("override")):
             reason = str(event.get("reason") or reason)
             detail = str(event.get("detail") or "")
             raw = event.get("dead_letters", 0)
@@ -107,10 +107,29 @@ class StartFailed(IkosError):
         return f"'{self.name}' failed to start: {self.reason.reason}"
 
 
+class Running(Protocol):
+    """A running daemon as the tree sees it (``ProcessHandle`` or an executable's handle)."""
+
+    @property
+    def pid(self) -> int: ...
+
+    ready: asyncio.Future[dict[str, Any]]
+    exited: asyncio.Future[ExitStatus]
+
+    @property
+    def alive(self) -> bool: ...
+
+    def send_signal(self, sig: int) -> bool: ...
+
+    def kill(self) -> bool: ...
+
+    def exit_event(self) -> dict[str, Any] | None: ...
+
+
 class Host(Protocol):
     """What the supervision tree needs from the manager that runs it."""
 
-    async def spawn(self, node: WorkerNode) -> ProcessHandle:
+    async def spawn(self, node: WorkerNode) -> Running:
         """Start the node's process; the handle's ``ready`` resolves when it is ready."""
 
     def retire(self, node: WorkerNode) -> None:
@@ -136,6 +155,40 @@ def should_restart(restart: str, reason: ExitReason) -> bool:
     if restart == "transient":
         return not reason.normal
     return False
+
+
+#: systemd's ``Restart=`` choices, for executables (field ``restart_on``).
+RESTART_ON = ("no", "always", "on-success", "on-failure", "on-abnormal", "on-abort", "on-watchdog")
+
+
+def should_restart_spec(spec: AnySpec, reason: ExitReason) -> bool:
+    """The restart decision for any child: OTP's restart type, refined for executables.
+
+    An executable may say ``auto_restart = false`` (never) or ``restart_on`` with
+    systemd's ``Restart=`` semantics; both narrow the OTP restart type.
+    """
+    if not isinstance(spec, Exec):
+        return should_restart(spec.restart, reason)
+    fields = spec.fields
+    if fields.get("auto_restart") is False or spec.restart == "temporary":
+        return False
+    mode = fields.get("restart_on")
+    if mode is None:
+        return should_restart(spec.restart, reason)
+    clean = reason.code == 0 or (reason.signal in _CLEAN_SIGNALS)
+    watchdog = reason.reason == "watchdog timeout"
+    return {
+        "no": False,
+        "always": True,
+        "on-success": clean,
+        "on-failure": not clean,
+        "on-abnormal": reason.signal is not None or watchdog,
+        "on-abort": reason.signal is not None and reason.signal not in _CLEAN_SIGNALS,
+        "on-watchdog": watchdog,
+    }.get(str(mode), should_restart(spec.restart, reason))
+
+
+_CLEAN_SIGNALS = frozenset({1, 2, 13, 15})  # SIGHUP, SIGINT, SIGPIPE, SIGTERM (systemd)
 
 
 class Node:
@@ -206,7 +259,7 @@ class WorkerNode(Node):
     def __init__(self, spec: Child | Exec, parent: SupervisorNode | None, host: Host) -> None:
         super().__init__(spec, parent, host)
         self.kind = "actor" if isinstance(spec, Child) else "exec"
-        self.handle: ProcessHandle | None = None
+        self.handle: Running | None = None
         self.spec: Child | Exec = spec
 
     @property
@@ -238,8 +291,12 @@ class WorkerNode(Node):
             raise StartFailed(self.name, reason)
         self.handle = handle
         waiters: set[asyncio.Future[Any]] = {handle.ready, handle.exited}
+        # an executable's handle enforces its own start timeout (EXTEND_TIMEOUT_USEC)
+        own = getattr(handle, "manages_start_timeout", False)
         done, _ = await asyncio.wait(
-            waiters, timeout=self.spec.start_timeout, return_when=asyncio.FIRST_COMPLETED
+            waiters,
+            timeout=None if own else self.spec.start_timeout,
+            return_when=asyncio.FIRST_COMPLETED,
         )
         if handle.ready in done and not handle.exited.done():
             self.started_at = time.time()
@@ -307,6 +364,18 @@ class WorkerNode(Node):
         reason = ExitReason.from_process(status, handle.exit_event())
         self.last_exit = replace(reason, shutdown=True)
         self.set_state(State.STOPPED, f"{why}: {reason.reason}")
+
+
+def _fixed_delay(spec: AnySpec) -> Backoff | None:
+    """An executable's ``restart_delay`` as a constant back-off (min = max, no jitter)."""
+    if not isinstance(spec, Exec):
+        return None
+    delay = spec.fields.get("restart_delay")
+    if isinstance(delay, int | float) and not isinstance(delay, bool) and delay > 0:
+        return Backoff(
+            min=float(delay), max=float(delay), random_factor=0.0, reset_after=float(delay)
+        )
+    return None
 
 
 def _signal_number(value: Any) -> int:
@@ -512,7 +581,20 @@ class SupervisorNode(Node):
             return  # we are stopping or failed: nothing restarts
         if child.held:
             return
-        if not should_restart(child.spec.restart, reason):
+        limit = child.spec.fields.get("max_restarts") if isinstance(child.spec, Exec) else None
+        if (
+            isinstance(limit, int)
+            and not isinstance(limit, bool)
+            and child.restarts >= limit
+            and should_restart_spec(child.spec, reason)
+        ):
+            why = f"restart limit reached ({limit} restarts); last: {reason.reason}"
+            child.last_exit = replace(reason, reason=why)
+            child.set_state(State.FAILED, why)
+            if isinstance(child, WorkerNode):
+                self.host.retire(child)
+            return
+        if not should_restart_spec(child.spec, reason):
             if isinstance(child, WorkerNode):
                 self.host.retire(child)
             if self.template is not None:
@@ -526,7 +608,7 @@ class SupervisorNode(Node):
         for other in reversed(group):
             if other is not child and (other.alive or other.state is State.BACKOFF):
                 await other.terminate(f"restarting with {child.name} ({self.spec.strategy})")
-        backoff = child.spec.backoff or self.spec.backoff
+        backoff = child.spec.backoff or self.spec.backoff or _fixed_delay(child.spec)
         if backoff is not None:
             child.backoff, delay = child.backoff.next_delay(
                 backoff, time.monotonic(), random.random()
@@ -632,7 +714,15 @@ class SupervisorNode(Node):
             spec = replace(self.template, name=f"{self.template.name}.{self._dynamic}")
         node = self._make(spec)
         self.children.append(node)
-        await node.start()
+        try:
+            await node.start()
+        except StartFailed:
+            # OTP's start_child: a child that fails to start is not added. Kept, it
+            # would stay `failed` forever (nothing restarts it) and hold its socket.
+            if isinstance(node, WorkerNode):
+                self.host.retire(node)
+            self._remove(node)
+            raise
         return node
 
     async def remove_child(self, node: Node) -> None:

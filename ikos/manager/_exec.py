@@ -1,0 +1,546 @@
+"""External executables as daemons: systemd's service types, sd_notify, logs, cgroups.
+
+An :class:`ExecHandle` stands for one run of an executable and looks, to the
+supervision tree, like any process handle (``pid``, ``ready``, ``exited``,
+``send_signal``): readiness follows systemd's ``Type=``:
+
+- ``simple``/``exec``: ready once the exec succeeded (the CLOEXEC error pipe
+  closed without a word);
+- ``notify``: ready on ``READY=1`` from one of the daemon's own processes,
+  with ``STATUS=``, ``MAINPID=``, ``RELOADING=1``, ``STOPPING=1``,
+  ``WATCHDOG=1``/``WATCHDOG=trigger`` and ``EXTEND_TIMEOUT_USEC=``;
+- ``forking``: ready when the started process exits 0; the main process is
+  read from the PID file (refused if it is PID 1, not running, or outside
+  the daemon), else the one process left in the daemon's cgroup or session;
+- ``oneshot``: ready when the process exited 0.
+
+Notifications are accepted only from the daemon's processes (its cgroup, or
+its session, which ikos created with ``setsid``); anything else is dropped
+and logged. The daemon's stdout and stderr (mode ``log``) are pipes that the
+manager splits into timestamped lines in ``LOG/NAME.log``, rotated by size.
+When the main process ends, what is left of the daemon is killed: no
+process outlives its daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from ikos._errors import IkosError, ManagerError, SpawnError
+from ikos.monitor._logfile import LineSplitter, RotatingLog, tail
+from ikos.platform._cgroups import CgroupManager, DaemonCgroup, instance_cgroup_name
+from ikos.platform._notify import NotifyMessage, NotifySocket, main_pid
+from ikos.platform._pidfile import PidFileError, read_pid_file
+from ikos.platform._process import ExitStatus, ProcessHandle
+from ikos.platform._spawn import ExecPlan, build_exec_plan, exec_in_child, notify_socket_address
+from ikos.supervision._spec import Exec
+
+if TYPE_CHECKING:
+    from ikos.manager._manager import Manager
+
+log = logging.getLogger("ikos.exec")
+
+EXEC_ENTRY = "ikos.manager._exec:exec_entry"
+LOG_MAX_BYTES = 10 * 1024 * 1024
+LOG_BACKUPS = 5
+
+
+def exec_entry(payload: tuple[ExecPlan, dict[int, int]], fds: list[int]) -> NoReturn:
+    """Fork-server entry: ``fds[0]`` is the error pipe, the others the stdio targets."""
+    plan, stdio_index = payload
+    # descriptors received over SCM_RIGHTS are inheritable: the error pipe must
+    # close on exec, or the manager would never see the EOF that means success
+    os.set_inheritable(fds[0], False)
+    stdio = {target: fds[index] for target, index in stdio_index.items()}
+    exec_in_child(plan, stdio, (), fds[0])
+
+
+class ExecHandle:
+    """One run of an executable daemon; see the module docstring."""
+
+    manages_start_timeout = True
+
+    def __init__(
+        self,
+        runtime: ExecRuntime,
+        spec: Exec,
+        plan: ExecPlan,
+        proc: ProcessHandle,
+        cgroup: DaemonCgroup | None,
+    ) -> None:
+        self.rt = runtime
+        self.spec = spec
+        self.plan = plan
+        self.proc = proc
+        self.main = proc
+        self.sid = proc.pid  # exec_in_child starts a new session: sid = pgid = first pid
+        self.cgroup = cgroup
+        self.loop = asyncio.get_running_loop()
+        self.ready: asyncio.Future[dict[str, Any]] = self.loop.create_future()
+        self.exited: asyncio.Future[ExitStatus] = self.loop.create_future()
+        self.events: list[dict[str, Any]] = []
+        self.status_text = ""
+        self.notify_ready = self.loop.create_future()
+        self.main_changed: asyncio.Future[None] = self.loop.create_future()
+        self.reloading: asyncio.Future[None] | None = None
+        self.deadline = time.monotonic() + spec.start_timeout
+        self.watchdog_usec = int(spec.fields.get("watchdog_sec", 0) * 1e6)
+        self.watchdog: asyncio.TimerHandle | None = None
+        self.task = self.loop.create_task(self._run(), name=f"exec:{spec.name}")
+
+    @property
+    def pid(self) -> int:
+        return self.main.pid
+
+    @property
+    def alive(self) -> bool:
+        return not self.exited.done()
+
+    def exit_event(self) -> dict[str, Any] | None:
+        for event in reversed(self.events):
+            if event.get("event") == "exit":
+                return dict(event)
+        return self.proc.exit_event()
+
+    # -- life --------------------------------------------------------------------
+
+    async def _first(self, *futs: asyncio.Future[Any]) -> set[asyncio.Future[Any]]:
+        remaining = self.deadline - time.monotonic()
+        while remaining > 0:
+            done, _ = await asyncio.wait(
+                futs, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+            )
+            if done:
+                return done
+            remaining = self.deadline - time.monotonic()  # EXTEND_TIMEOUT_USEC moves it
+        return set()
+
+    async def _run(self) -> None:
+        try:
+            await self._life()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # never leave the tree waiting on a handle
+            log.exception("%s: supervising the executable failed", self.spec.name)
+            self._fail(f"internal error: {exc}")
+
+    async def _life(self) -> None:
+        kind = self.plan.type
+        done = await self._first(self.proc.ready, self.proc.exited)
+        if not done:
+            return self._timeout()
+        if self.proc.exited in done and not self.proc.ready.done():
+            return self._finish(self.proc.exited.result())
+        if kind == "notify":
+            done = await self._first(self.notify_ready, self.proc.exited)
+            if not done:
+                return self._timeout()
+            if self.notify_ready not in done:
+                return self._finish(self.proc.exited.result())
+        elif kind == "forking":
+            done = await self._first(self.proc.exited)
+            if not done:
+                return self._timeout()
+            status = self.proc.exited.result()
+            if status.code != 0:
+                return self._finish(status)
+            try:
+                self._adopt_main(self._forked_main())
+            except (PidFileError, OSError, ValueError) as exc:
+                self.events.append({"event": "exit", "reason": f"forking: {exc}", "override": True})
+                return self._finish(status)
+        elif kind == "oneshot":
+            done = await self._first(self.proc.exited)
+            if not done:
+                return self._timeout()
+            status = self.proc.exited.result()
+            if status.code == 0:
+                self._set_ready()
+                self.loop.call_soon(self._finish, status)
+            else:
+                self._finish(status)
+            return
+        self._set_ready()
+        while True:
+            main = self.main
+            changed = self.main_changed
+            waiters: set[asyncio.Future[Any]] = {main.exited, changed}
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            if self.main is main and main.exited.done():
+                return self._finish(main.exited.result())
+
+    def _set_ready(self) -> None:
+        if not self.ready.done():
+            self.ready.set_result({"event": "ready", "pid": self.pid})
+        self._arm_watchdog()
+
+    def _timeout(self) -> None:
+        why = f"did not become ready within {self.spec.start_timeout:g} s"
+        self.events.append({"event": "exit", "reason": why, "override": True})
+        self.kill()
+        self.loop.create_task(self._finish_after_kill())
+
+    async def _finish_after_kill(self) -> None:
+        status = await self.main.exited
+        self._finish(status)
+
+    def _fail(self, why: str) -> None:
+        self.events.append({"event": "exit", "reason": why, "override": True})
+        self.kill()
+        self._finish(ExitStatus(None, signal.SIGKILL, time.time()))
+
+    def _finish(self, status: ExitStatus) -> None:
+        if self.watchdog is not None:
+            self.watchdog.cancel()
+        self._kill_leftovers()
+        self.rt.forget(self)
+        if not self.exited.done():
+            self.exited.set_result(status)
+
+    def _kill_leftovers(self) -> None:
+        if self.cgroup is not None:
+            with contextlib.suppress(OSError, IkosError):
+                self.cgroup.kill_all(signal.SIGKILL, timeout=2.0)
+                self.cgroup.remove()
+        with contextlib.suppress(OSError):
+            os.killpg(self.sid, signal.SIGKILL)
+
+    # -- forking ---------------------------------------------------------------------
+
+    def _forked_main(self) -> int:
+        members = self._members()
+        if self.plan.pid_file:
+            return read_pid_file(
+                self.plan.pid_file, owner_pgid=self.sid, owner_pids=frozenset(members) or None
+            )
+        alive = [p for p in members if p != self.proc.pid]
+        if len(alive) == 1:
+            return alive[0]
+        raise ValueError(
+            f"forking daemon without pid_file left {len(alive)} processes: set pid_file"
+        )
+
+    def _members(self) -> set[int]:
+        if self.cgroup is not None:
+            with contextlib.suppress(OSError):
+                return set(self.cgroup.pids())
+        found = set()
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                with contextlib.suppress(OSError):
+                    if os.getsid(int(entry)) == self.sid:
+                        found.add(int(entry))
+        return found
+
+    def _adopt_main(self, pid: int) -> None:
+        if pid == self.main.pid:
+            return
+        self.main = ProcessHandle(pid)
+        log.info("%s: main process is now %d", self.spec.name, pid)
+        self.rt.index(self)
+        if not self.main_changed.done():
+            self.main_changed.set_result(None)
+        self.main_changed = self.loop.create_future()
+
+    # -- sd_notify ---------------------------------------------------------------------
+
+    def on_notify(self, msg: NotifyMessage) -> None:
+        fields = msg.fields
+        try:
+            new_main = main_pid(fields, owner_pgid=self.sid, owner_pids=frozenset(self._members()))
+        except ValueError as exc:
+            log.warning("%s: ignored notification from pid %d: %s", self.spec.name, msg.pid, exc)
+            new_main = None
+        if new_main is not None:
+            for other in self.rt.handles:
+                if other is not self and new_main in (other.pid, other.sid):
+                    log.warning(
+                        "%s: ignored MAINPID=%d of daemon %s",
+                        self.spec.name,
+                        new_main,
+                        other.spec.name,
+                    )
+                    new_main = None
+                    break
+        if new_main is not None:
+            self._adopt_main(new_main)
+        if "STATUS" in fields:
+            self.status_text = fields["STATUS"][:512]
+        if "EXTEND_TIMEOUT_USEC" in fields and not self.ready.done():
+            with contextlib.suppress(ValueError):
+                extra = int(fields["EXTEND_TIMEOUT_USEC"]) / 1e6
+                self.deadline = max(self.deadline, time.monotonic() + min(extra, 3600.0))
+        if fields.get("RELOADING") == "1" and (self.reloading is None or self.reloading.done()):
+            self.reloading = self.loop.create_future()
+        if fields.get("STOPPING") == "1":
+            log.info("%s: stopping", self.spec.name)
+        if fields.get("READY") == "1":
+            if not self.notify_ready.done():
+                self.notify_ready.set_result(None)
+            if self.reloading is not None and not self.reloading.done():
+                self.reloading.set_result(None)
+        wd = fields.get("WATCHDOG")
+        if wd == "1":
+            self._arm_watchdog()
+        elif wd == "trigger":
+            self._watchdog_expired()
+
+    def _arm_watchdog(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.cancel()
+        if self.watchdog_usec > 0 and self.ready.done() and not self.exited.done():
+            self.watchdog = self.loop.call_later(self.watchdog_usec / 1e6, self._watchdog_expired)
+
+    def _watchdog_expired(self) -> None:
+        log.error("%s: watchdog timeout: killing it", self.spec.name)
+        self.events.append({"event": "exit", "reason": "watchdog timeout", "override": True})
+        self.send_signal(signal.SIGABRT)
+        self.loop.call_later(2.0, self.kill)
+
+    # -- signals -------------------------------------------------------------------
+
+    def send_signal(self, sig: int) -> bool:
+        """Signal the whole daemon: its cgroup (or session), main process included."""
+        sent = self.main.send_signal(sig)
+        targets: set[int] = set()
+        if self.cgroup is not None:
+            with contextlib.suppress(OSError):
+                targets = set(self.cgroup.pids())
+        for pid in targets - {self.main.pid}:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+                sent = True
+        if not targets and self.main.alive:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.sid, sig)
+                sent = True
+        return sent
+
+    def kill(self) -> bool:
+        return self.send_signal(signal.SIGKILL)
+
+    async def reload(self) -> None:
+        """Reload: the reload command, else the reload signal; for notify, wait for READY=1."""
+        command = self.spec.fields.get("reload_command")
+        if self.plan.type == "notify":
+            self.reloading = self.loop.create_future()
+        if command:
+            argv = (
+                [str(a) for a in command]
+                if isinstance(command, list | tuple)
+                else ["/bin/sh", "-c", str(command)]
+            )
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                env={**os.environ, "MAINPID": str(self.pid)},
+            )
+            try:
+                code = await asyncio.wait_for(proc.wait(), self.spec.start_timeout)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+                raise ManagerError(f"'{self.spec.name}': reload command timed out", "timeout")
+            if code != 0:
+                raise ManagerError(f"'{self.spec.name}': reload command exited with {code}")
+        else:
+            sig = self.plan.reload_signal or signal.SIGHUP
+            if not self.send_signal(sig):
+                raise ManagerError(f"'{self.spec.name}' is not running")
+        if self.reloading is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self.reloading), self.spec.start_timeout)
+            except TimeoutError:
+                raise ManagerError(
+                    f"'{self.spec.name}' did not report READY=1 after the reload", "timeout"
+                )
+
+
+class ExecRuntime:
+    """The manager's executables: notify socket, cgroups, log capture, spawning."""
+
+    def __init__(self, manager: Manager) -> None:
+        self.m = manager
+        self.handles: list[ExecHandle] = []
+        self._by_pid: dict[int, ExecHandle] = {}
+        self.notify: NotifySocket | None = None
+        self.cgroups: CgroupManager | None = None
+        self.logs: dict[str, RotatingLog] = {}
+        self._warned_cgroups = False
+
+    async def start(self) -> None:
+        address = notify_socket_address(self.m.paths)
+        try:
+            self.notify = NotifySocket(address)
+        except OSError as exc:
+            log.warning(
+                "no sd_notify socket at %s: %s (Type=notify daemons cannot start)", address, exc
+            )
+            return
+        asyncio.get_running_loop().add_reader(self.notify.fileno(), self._on_notify)
+
+    def close(self) -> None:
+        if self.notify is not None:
+            with contextlib.suppress(ValueError, RuntimeError):
+                asyncio.get_running_loop().remove_reader(self.notify.fileno())
+            self.notify.close()
+            self.notify = None
+        for rl in self.logs.values():
+            rl.close()
+        self.logs.clear()
+        if self.cgroups is not None:
+            with contextlib.suppress(Exception):
+                self.cgroups.cleanup()
+
+    def index(self, handle: ExecHandle) -> None:
+        self._by_pid[handle.pid] = handle
+        self._by_pid[handle.sid] = handle
+
+    def forget(self, handle: ExecHandle) -> None:
+        with contextlib.suppress(ValueError):
+            self.handles.remove(handle)
+        for pid in [p for p, h in self._by_pid.items() if h is handle]:
+            del self._by_pid[pid]
+
+    def _owner(self, pid: int) -> ExecHandle | None:
+        handle = self._by_pid.get(pid)
+        if handle is not None:
+            return handle
+        try:
+            sid = os.getsid(pid)
+        except OSError:
+            sid = -1
+        for h in self.handles:
+            if sid == h.sid:
+                return h
+            if h.cgroup is not None:
+                with contextlib.suppress(OSError):
+                    if pid in h.cgroup.pids():
+                        return h
+        return None
+
+    def _on_notify(self) -> None:
+        assert self.notify is not None
+        for msg in self.notify.drain():
+            handle = self._owner(msg.pid)
+            if handle is None:
+                log.warning("sd_notify from pid %d, which belongs to no daemon: ignored", msg.pid)
+                continue
+            handle.on_notify(msg)
+
+    def _cgroup(self, spec: Exec, plan: ExecPlan) -> DaemonCgroup | None:
+        if self.cgroups is None:
+            self.cgroups = CgroupManager(instance_cgroup_name(self.m.paths))
+        cg = self.cgroups.create(spec.name, plan.limits, track=True)
+        for warning in self.cgroups.warnings:
+            log.warning("%s", warning)
+        self.cgroups.warnings.clear()
+        return cg
+
+    def log_for(self, name: str) -> RotatingLog:
+        rl = self.logs.get(name)
+        if rl is None:
+            self.m.paths.log_dir.mkdir(parents=True, exist_ok=True)
+            rl = RotatingLog(self.m.paths.log_dir / f"{name}.log", LOG_MAX_BYTES, LOG_BACKUPS)
+            self.logs[name] = rl
+        return rl
+
+    def _capture(self, name: str, stream: str, fd: int) -> None:
+        loop = asyncio.get_running_loop()
+        splitter = LineSplitter()
+        os.set_blocking(fd, False)
+        rl = self.log_for(name)
+
+        def readable() -> None:
+            lines: list[str] = []
+            eof = False
+            for _ in range(16):  # bounded work per loop turn: a chatty daemon waits its turn
+                try:
+                    chunk = os.read(fd, 65536)
+                except BlockingIOError:
+                    break
+                except OSError:
+                    chunk = b""
+                if not chunk:
+                    eof = True
+                    break
+                lines.extend(splitter.feed(chunk))
+            if eof:
+                lines.extend(splitter.flush())
+            if lines:
+                rl.write_lines(stream, lines)
+                rl.flush()
+            if eof:
+                loop.remove_reader(fd)
+                os.close(fd)
+
+        loop.add_reader(fd, readable)
+
+    async def spawn(self, spec: Exec) -> ExecHandle:
+        plan = build_exec_plan(spec, self.m.paths)
+        if plan.type == "notify" and self.notify is None:
+            raise SpawnError(spec.name, "type", "notify needs the sd_notify socket, which failed")
+        if self.watchdog_env(spec):
+            plan = dataclasses.replace(
+                plan,
+                env=(*plan.env, ("WATCHDOG_USEC", str(int(spec.fields["watchdog_sec"] * 1e6)))),
+            )
+        cgroup = self._cgroup(spec, plan)
+        if cgroup is not None:
+            plan = dataclasses.replace(plan, cgroup_procs=tuple(cgroup.procs_files))
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        fds = [err_w]
+        stdio_index: dict[int, int] = {}
+        ours: list[int] = []
+        theirs: list[int] = []
+        try:
+            for target, std, stream in ((1, plan.stdout, "stdout"), (2, plan.stderr, "stderr")):
+                if std.mode == "log":
+                    r, w = os.pipe2(os.O_CLOEXEC)
+                    ours.append(r)
+                    theirs.append(w)
+                    stdio_index[target] = len(fds)
+                    fds.append(w)
+                    self._capture(spec.name, stream, r)
+            pid = await self.m.forkserver.spawn(spec.name, EXEC_ENTRY, (plan, stdio_index), fds)
+        except BaseException:
+            os.close(err_r)
+            for r in ours:
+                with contextlib.suppress(ValueError, RuntimeError):
+                    asyncio.get_running_loop().remove_reader(r)
+                with contextlib.suppress(OSError):
+                    os.close(r)
+            if cgroup is not None:
+                with contextlib.suppress(Exception):
+                    cgroup.remove()
+            raise
+        finally:
+            os.close(err_w)
+            for w in theirs:
+                os.close(w)
+        proc = ProcessHandle(pid, status_fd=err_r, exec_pipe=True)
+        handle = ExecHandle(self, spec, plan, proc, cgroup)
+        self.handles.append(handle)
+        self.index(handle)
+        return handle
+
+    @staticmethod
+    def watchdog_env(spec: Exec) -> bool:
+        value = spec.fields.get("watchdog_sec")
+        return isinstance(value, int | float) and not isinstance(value, bool) and value > 0
+
+    def tail(self, name: str, lines: int) -> list[str]:
+        path = Path(self.m.paths.log_dir) / f"{name}.log"
+        if name in self.logs:
+            self.logs[name].flush()
+        if not path.exists():
+            return []
+        return tail(path, lines)
