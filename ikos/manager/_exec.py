@@ -75,13 +75,18 @@ class ExecHandle:
         plan: ExecPlan,
         proc: ProcessHandle,
         cgroup: DaemonCgroup | None,
+        *,
+        sid: int | None = None,
+        adopted: bool = False,
     ) -> None:
         self.rt = runtime
         self.spec = spec
         self.plan = plan
         self.proc = proc
         self.main = proc
-        self.sid = proc.pid  # exec_in_child starts a new session: sid = pgid = first pid
+        # exec_in_child starts a new session: sid = pgid = the first pid
+        self.sid = proc.pid if sid is None else sid
+        self.adopted = adopted
         self.cgroup = cgroup
         self.loop = asyncio.get_running_loop()
         self.ready: asyncio.Future[dict[str, Any]] = self.loop.create_future()
@@ -133,7 +138,7 @@ class ExecHandle:
             self._fail(f"internal error: {exc}")
 
     async def _life(self) -> None:
-        kind = self.plan.type
+        kind = "simple" if self.adopted else self.plan.type
         done = await self._first(self.proc.ready, self.proc.exited)
         if not done:
             return self._timeout()
@@ -200,6 +205,7 @@ class ExecHandle:
     def _finish(self, status: ExitStatus) -> None:
         if self.watchdog is not None:
             self.watchdog.cancel()
+        self.rt.m.fdstore.drop(self.spec.name, ["stdout", "stderr"])
         self._kill_leftovers()
         self.rt.forget(self)
         if not self.exited.done():
@@ -454,6 +460,7 @@ class ExecRuntime:
         return rl
 
     def _capture(self, name: str, stream: str, fd: int) -> None:
+        self.m.fdstore.put(name, stream, fd)
         loop = asyncio.get_running_loop()
         splitter = LineSplitter()
         os.set_blocking(fd, False)
@@ -528,6 +535,21 @@ class ExecRuntime:
                 os.close(w)
         proc = ProcessHandle(pid, status_fd=err_r, exec_pipe=True)
         handle = ExecHandle(self, spec, plan, proc, cgroup)
+        self.handles.append(handle)
+        self.index(handle)
+        return handle
+
+    def adopt(self, spec: Exec, pid: int, sid: int, fds: dict[str, int]) -> ExecHandle:
+        """Watch an executable that a previous ikosd started; resume its log capture."""
+        plan = build_exec_plan(spec, self.m.paths)
+        proc = ProcessHandle(pid)
+        if not proc.ready.done():
+            proc.ready.set_result({"event": "ready", "pid": pid, "adopted": True})
+        for stream in ("stdout", "stderr"):
+            fd = fds.pop(stream, None)
+            if fd is not None:
+                self._capture(spec.name, stream, fd)
+        handle = ExecHandle(self, spec, plan, proc, None, sid=sid, adopted=True)
         self.handles.append(handle)
         self.index(handle)
         return handle

@@ -35,6 +35,8 @@ from ikos._errors import IkosError, ManagerError, NoSuchDaemon, SpawnError
 from ikos.actors._context import InstanceContext
 from ikos.actors._runtime import ActorBoot
 from ikos.manager._exec import ExecHandle, ExecRuntime
+from ikos.manager._state import RunningRecord, StateStore
+from ikos.platform._fdstore import FdStore
 from ikos.platform._forkserver import ForkServer
 from ikos.platform._paths import InstancePaths
 from ikos.platform._process import ProcessHandle, become_subreaper
@@ -93,6 +95,10 @@ class Manager:
         self._metrics: Any = None
         self.extensions: list[Any] = []
         self.execs = ExecRuntime(self)
+        self.fdstore = FdStore(paths.run_dir / "fdstore.sock")
+        self.state: StateStore | None = None
+        self.adoptable: dict[str, RunningRecord] = {}
+        self.held_fds: dict[str, dict[str, int]] = {}
         self.forkserver = ForkServer()
         self.nodes: dict[str, Node] = {}
         self.listeners: dict[str, socket.socket] = {}
@@ -121,6 +127,20 @@ class Manager:
 
     def transition(self, node: Node, old: State, new: State, why: str) -> None:
         self.transitions[(node.name, new.value)] += 1
+        if self.state is not None and isinstance(node, WorkerNode):
+            handle = node.handle
+            if new is State.RUNNING and handle is not None:
+                sid = handle.sid if isinstance(handle, ExecHandle) else handle.pid
+                self.state.running(
+                    node.name,
+                    node.kind,
+                    handle.pid,
+                    sid,
+                    node.restarts,
+                    node.started_at or time.time(),
+                )
+            elif old is State.RUNNING:
+                self.state.gone(node.name)
         if new in (State.STOPPED, State.FAILED) and node.last_exit and node.last_exit.dead_letters:
             self.dead_letters[node.name] += node.last_exit.dead_letters
         level = logging.WARNING if new is State.FAILED else logging.INFO
@@ -145,9 +165,15 @@ class Manager:
             sock.close()
             with contextlib.suppress(FileNotFoundError):
                 self.paths.actor_socket(node.name).unlink()
+            self.fdstore.drop(node.name, ["listener"])
 
     async def spawn(self, node: WorkerNode) -> Running:
         spec = node.spec
+        record = self.adoptable.pop(spec.name, None)
+        if record is not None and record.kind == node.kind:
+            return self._adopt(node, record)
+        if record is not None:
+            self._orphan(record)
         if isinstance(spec, Child):
             return await self._spawn_actor(spec)
         return await self.execs.spawn(spec)
@@ -161,6 +187,7 @@ class Manager:
             bind_unix(sock, self.paths.actor_socket(name), 0o600)
             sock.listen(1024)
             self.listeners[name] = sock
+            self.fdstore.put(name, "listener", sock.fileno())
         return sock
 
     async def _spawn_actor(self, spec: Child) -> ProcessHandle:
@@ -188,7 +215,46 @@ class Manager:
             raise
         finally:
             os.close(w)
+        self.fdstore.put(spec.name, "status", r)
         return ProcessHandle(pid, status_fd=r)
+
+    # -- adoption after a crash of ikosd -----------------------------------
+
+    def _adopt(self, node: WorkerNode, record: RunningRecord) -> Running:
+        """Take over a daemon that kept running while no ikosd was there."""
+        fds = self.held_fds.pop(node.name, {})
+        node.restarts = record.restarts
+        log.info("%s: adopting pid %d, left running by the previous ikosd", node.name, record.pid)
+        if isinstance(node.spec, Child):
+            listener = fds.pop("listener", None)
+            if listener is not None:
+                self.listeners[node.name] = socket.socket(fileno=listener)
+            handle = ProcessHandle(record.pid, status_fd=fds.pop("status", None))
+            if not handle.ready.done():
+                handle.ready.set_result({"event": "ready", "pid": record.pid, "adopted": True})
+            result: Running = handle
+        else:
+            result = self.execs.adopt(node.spec, record.pid, record.sid, fds)
+        for fd in fds.values():
+            os.close(fd)
+        return result
+
+    def _orphan(self, record: RunningRecord) -> None:
+        """A daemon left running that the tree no longer has: stop it, never duplicate it."""
+        log.warning(
+            "%s (pid %d) was left running but is no longer in the tree: stopping it",
+            record.name,
+            record.pid,
+        )
+        with contextlib.suppress(OSError):
+            pidfd = os.pidfd_open(record.pid)
+            try:
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            finally:
+                os.close(pidfd)
+        for fd in self.held_fds.pop(record.name, {}).values():
+            os.close(fd)
+        self.fdstore.drop(record.name)
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -243,6 +309,7 @@ class Manager:
                 log.warning("could not become a child subreaper: exit statuses may be lost")
             secret = ensure_secret(self.paths.secret_file)
             self.ctx = InstanceContext(self.paths, secret, self.max_message_bytes)
+            self._recover()
             failed = await self.forkserver.start(sys.path, self.preload_modules(self.tree))
             for mod, err in failed.items():
                 log.warning("fork server could not preload %s: %s", mod, err)
@@ -270,6 +337,9 @@ class Manager:
                 log.critical("the root supervisor failed to start: %s", exc)
                 self.exit_code = EXIT_FAILED
                 self._stop.set()
+            for record in list(self.adoptable.values()):
+                self._orphan(record)
+            self.adoptable.clear()
             if not self._stop.is_set():
                 self._announce_ready()
             await self._stop.wait()
@@ -290,6 +360,11 @@ class Manager:
                 self._metrics.server_close()
             self.forkserver.close()
             self.execs.close()
+            if self.state is not None:
+                if self.exit_code == EXIT_OK or self._shutting_down:
+                    self.state.clear()
+                self.state.close()
+            self.fdstore.quit()
             for name in list(self.listeners):
                 sock = self.listeners.pop(name)
                 sock.close()
@@ -298,6 +373,25 @@ class Manager:
             self._unlock_instance()
         log.info("ikosd stopped (exit status %d)", self.exit_code)
         return self.exit_code
+
+    def _recover(self) -> None:
+        """Read what a previous ikosd left running, and the descriptors it deposited."""
+        try:
+            self.held_fds = self.fdstore.open()
+        except OSError as exc:
+            log.warning("no descriptor keeper (%s): a crash of ikosd would break log pipes", exc)
+        self.state = StateStore(self.paths.state_dir / "state.db")
+        records = self.state.load()
+        for name, record in records.items():
+            if record.still_running():
+                self.adoptable[name] = record
+            else:
+                log.info("%s (pid %d) ended while no ikosd was running", name, record.pid)
+        for name in [n for n in self.held_fds if n not in self.adoptable]:
+            for key, fd in self.held_fds.pop(name).items():
+                os.close(fd)
+                self.fdstore.drop(name, [key])
+        self.state.clear()
 
     def _announce_ready(self) -> None:
         running = sum(
