@@ -42,7 +42,7 @@ from ikos.platform._paths import InstancePaths
 from ikos.platform._process import ProcessHandle, become_subreaper
 from ikos.platform._unix import bind_unix
 from ikos.platform._wire import ensure_secret
-from ikos.registry._graph import check_graph, start_order
+from ikos.registry._graph import check_graph, start_order, start_waves
 from ikos.supervision._runtime import Node, Running, State, SupervisorNode, WorkerNode
 from ikos.supervision._spec import Child, Exec, Supervisor, resolve_actor_class, validate_tree
 
@@ -284,6 +284,9 @@ class Manager:
     def _order(self, sup: Supervisor) -> list[str]:
         return start_order(sup, self.graph)
 
+    def _waves(self, sup: Supervisor) -> list[list[str]]:
+        return start_waves(sup, self.graph)
+
     def preload_modules(self, tree: Supervisor) -> list[str]:
         mods: list[str] = []
         for _, spec in tree.walk():
@@ -329,7 +332,7 @@ class Manager:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_shutdown)
             loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
-            self.root = SupervisorNode(self.tree, None, self, self._order)
+            self.root = SupervisorNode(self.tree, None, self, self._order, self._waves)
             self.node_added(self.root)
             try:
                 await self.root.start()

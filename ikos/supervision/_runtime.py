@@ -401,10 +401,12 @@ class SupervisorNode(Node):
         parent: SupervisorNode | None,
         host: Host,
         order: Callable[[Supervisor], list[str]] | None = None,
+        waves: Callable[[Supervisor], list[list[str]]] | None = None,
     ) -> None:
         super().__init__(spec, parent, host)
         self.spec: Supervisor = spec
         self.order = order or (lambda s: [c.name for c in s.children])
+        self.waves = waves
         self.children: list[Node] = []
         self.template: Child | Exec | None = None
         self._dynamic = 0
@@ -428,7 +430,7 @@ class SupervisorNode(Node):
     def _make(self, spec: AnySpec) -> Node:
         node: Node
         if isinstance(spec, Supervisor):
-            node = SupervisorNode(spec, self, self.host, self.order)
+            node = SupervisorNode(spec, self, self.host, self.order, self.waves)
         else:
             node = WorkerNode(spec, self, self.host)
         self.host.node_added(node)
@@ -530,10 +532,21 @@ class SupervisorNode(Node):
         self.incarnation += 1
         self.intensity = RestartIntensity(self.spec.max_restarts, self.spec.within)
         self.set_state(State.STARTING, "starting children")
-        for child in list(self.children):
-            if child.held:
-                continue
-            await self._start_one(child)
+        by_name = {c.name: c for c in self.children}
+        if self.waves is not None and self.template is None:
+            groups = self.waves(self.spec)
+            grouped = {n for g in groups for n in g}
+            groups.extend([c.name] for c in self.children if c.name not in grouped)
+        else:
+            groups = [[c.name] for c in self.children]
+        for group in groups:
+            # a wave's members need nothing from each other: start them together,
+            # each waiting for its own readiness; the next wave waits for all
+            nodes = [by_name[n] for n in group if n in by_name and not by_name[n].held]
+            if len(nodes) == 1:
+                await self._start_one(nodes[0])
+            elif nodes:
+                await asyncio.gather(*(self._start_one(n) for n in nodes))
             if self.state is State.FAILED:
                 assert self.last_exit is not None
                 raise StartFailed(self.name, self.last_exit)
