@@ -77,22 +77,39 @@ def _pipe_sink(conn: Any, n: int) -> None:
     conn.send("done")
 
 
-def floor_ask(n: int) -> list[float]:
+def interleaved_ask(root: Path, n: int, blocks: int = 20) -> tuple[list[float], list[float]]:
+    """Round trips to the floor and to an ikos actor, alternating in blocks.
+
+    This machine is shared and noisy: measuring the two one after the other
+    would compare two different moments; alternating small blocks exposes
+    both to the same noise, so their ratio means something.
+    """
+    import ikos
+
     a, b = mp.Pipe()
     p = mp.Process(target=_pipe_echo, args=(b,))
     p.start()
-    for _ in range(200):
+    echo = ikos.ActorRef("echo", root=root)
+    for _ in range(500):
         a.send(MSG)
         a.recv()
-    samples = []
-    for _ in range(n):
-        t = time.perf_counter()
-        a.send(MSG)
-        a.recv()
-        samples.append(time.perf_counter() - t)
+        echo.ask(MSG)
+    floor: list[float] = []
+    ik: list[float] = []
+    per = max(1, n // blocks)
+    for _ in range(blocks):
+        for _ in range(per):
+            t = time.perf_counter()
+            a.send(MSG)
+            a.recv()
+            floor.append(time.perf_counter() - t)
+        for _ in range(per):
+            t = time.perf_counter()
+            echo.ask(MSG)
+            ik.append(time.perf_counter() - t)
     a.send(None)
     p.join()
-    return samples
+    return floor, ik
 
 
 def floor_tell(n: int) -> float:
@@ -117,9 +134,20 @@ class IkosInstance:
         (self.dir / "benchtree.py").write_text(TREE)
         self.root = self.dir / "root"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ikos.manager._ikosd", "--root", str(self.root),
-             "--tree", f"{self.dir / 'benchtree.py'}:tree", "--log-level", "warning"],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+            [
+                sys.executable,
+                "-m",
+                "ikos.manager._ikosd",
+                "--root",
+                str(self.root),
+                "--tree",
+                f"{self.dir / 'benchtree.py'}:tree",
+                "--log-level",
+                "warning",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
         )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
@@ -139,14 +167,7 @@ def ikos_figures(inst: IkosInstance, n: int, tells: int, kills: int) -> dict[str
 
     out: dict[str, Any] = {}
     echo = ikos.ActorRef("echo", root=inst.root)
-    for _ in range(200):
-        echo.ask(MSG)
-    samples = []
-    for _ in range(n):
-        t = time.perf_counter()
-        echo.ask(MSG)
-        samples.append(time.perf_counter() - t)
-    out["ask"] = samples
+    out["floor_ask"], out["ask"] = interleaved_ask(inst.root, n)
 
     sink = ikos.ActorRef("sink", root=inst.root)
     sink.ask("count?")
@@ -200,8 +221,7 @@ def ray_figures(n: int, kills: int) -> dict[str, Any] | None:
         import ray
     except ImportError:
         return None
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR",
-             log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
 
     @ray.remote(max_restarts=-1)
     class Echo:
@@ -281,7 +301,7 @@ try:
     from thespian.actors import Actor as _ThespianActor
 
     class ThespianEcho(_ThespianActor):  # type: ignore[misc]
-        def receiveMessage(self, message: Any, sender: Any) -> None:  # noqa: N802
+        def receiveMessage(self, message: Any, sender: Any) -> None:
             if message == "pid":
                 self.send(sender, os.getpid())
             elif isinstance(message, dict):
@@ -330,7 +350,6 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     print("floor: multiprocessing.Pipe ...", flush=True)
-    fl_ask = floor_ask(args.n)
     fl_tell = floor_tell(args.tells)
     print("ikos ...", flush=True)
     inst = IkosInstance()
@@ -340,9 +359,11 @@ def main(argv: list[str] | None = None) -> int:
         inst.close()
     peers: dict[str, dict[str, Any] | None] = {}
     if not args.no_peers:
-        for name, fn in (("Ray", lambda: ray_figures(args.n, args.kills)),
-                         ("Thespian", lambda: thespian_figures(args.n)),
-                         ("Pykka (threads)", lambda: pykka_figures(args.n))):
+        for name, fn in (
+            ("Ray", lambda: ray_figures(args.n, args.kills)),
+            ("Thespian", lambda: thespian_figures(args.n)),
+            ("Pykka (threads)", lambda: pykka_figures(args.n)),
+        ):
             print(f"{name} ...", flush=True)
             try:
                 peers[name] = fn()
@@ -350,10 +371,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {name} failed: {exc!r}", flush=True)
                 peers[name] = None
 
-    fa, ia = summary_us(fl_ask), summary_us(ik["ask"])
+    fa, ia = summary_us(ik.pop("floor_ask")), summary_us(ik["ask"])
     names = [n for n, v in peers.items() if v]
-    table = Table("Actors: ikos against the floor and its peers",
-                  ["metric", "floor (mp.Pipe)", "ikos", "ikos / floor", *names])
+    table = Table(
+        "Actors: ikos against the floor and its peers",
+        ["metric", "floor (mp.Pipe)", "ikos", "ikos / floor", *names],
+    )
 
     def peer(key: str, f: Any) -> list[Any]:
         row = []
@@ -362,33 +385,85 @@ def main(argv: list[str] | None = None) -> int:
             row.append(f(v[key]) if v and key in v else "-")
         return row
 
-    table.add("ask p50 (µs)", fa["p50_us"], ia["p50_us"], ia["p50_us"] / fa["p50_us"],
-              *peer("ask", lambda s: summary_us(s)["p50_us"]))
-    table.add("ask p99 (µs)", fa["p99_us"], ia["p99_us"], ia["p99_us"] / fa["p99_us"],
-              *peer("ask", lambda s: summary_us(s)["p99_us"]))
-    table.add("tell throughput (msg/s)", fl_tell, ik["tell_per_s"], ik["tell_per_s"] / fl_tell,
-              *peer("tell_per_s", lambda v: v))
-    table.add("start 100 actors to ready (s)", "-", ik["start_100_s"], "-",
-              *peer("start_100_s", lambda v: v))
+    table.add(
+        "ask p50 (µs)",
+        fa["p50_us"],
+        ia["p50_us"],
+        ia["p50_us"] / fa["p50_us"],
+        *peer("ask", lambda s: summary_us(s)["p50_us"]),
+    )
+    table.add(
+        "ask p99 (µs)",
+        fa["p99_us"],
+        ia["p99_us"],
+        ia["p99_us"] / fa["p99_us"],
+        *peer("ask", lambda s: summary_us(s)["p99_us"]),
+    )
+    table.add(
+        "tell throughput (msg/s)",
+        fl_tell,
+        ik["tell_per_s"],
+        ik["tell_per_s"] / fl_tell,
+        *peer("tell_per_s", lambda v: v),
+    )
+    table.add(
+        "start 100 actors to ready (s)",
+        "-",
+        ik["start_100_s"],
+        "-",
+        *peer("start_100_s", lambda v: v),
+    )
     med = percentile(ik["restart"], 50) * 1e3
-    table.add("SIGKILL to answering again, median (ms)", "-", med, "-",
-              *peer("restart", lambda s: percentile(s, 50) * 1e3))
-    table.add("SIGKILL to answering again, p99 (ms)", "-", percentile(ik["restart"], 99) * 1e3,
-              "-", *peer("restart", lambda s: percentile(s, 99) * 1e3))
-    table.add("USS per idle actor (KiB)", "-", ik["uss_per_actor"] / 1024, "-",
-              *peer("uss_per_actor", lambda v: v / 1024))
-    table.add("manager USS with 102 actors (MiB)", "-", ik["manager_uss"] / 2**20, "-",
-              *["-" for _ in names])
-    table.add("manager idle CPU with 102 actors (%)", "-", ik["manager_idle_cpu_pct"], "-",
-              *["-" for _ in names])
-    table.notes.append("ask: a small dict to an actor in another process, answered by return value.")
-    table.notes.append("Pykka runs actors as threads of the caller's process (no process boundary).")
+    table.add(
+        "SIGKILL to answering again, median (ms)",
+        "-",
+        med,
+        "-",
+        *peer("restart", lambda s: percentile(s, 50) * 1e3),
+    )
+    table.add(
+        "SIGKILL to answering again, p99 (ms)",
+        "-",
+        percentile(ik["restart"], 99) * 1e3,
+        "-",
+        *peer("restart", lambda s: percentile(s, 99) * 1e3),
+    )
+    table.add(
+        "USS per idle actor (KiB)",
+        "-",
+        ik["uss_per_actor"] / 1024,
+        "-",
+        *peer("uss_per_actor", lambda v: v / 1024),
+    )
+    table.add(
+        "manager USS with 102 actors (MiB)",
+        "-",
+        ik["manager_uss"] / 2**20,
+        "-",
+        *["-" for _ in names],
+    )
+    table.add(
+        "manager idle CPU with 102 actors (%)",
+        "-",
+        ik["manager_idle_cpu_pct"],
+        "-",
+        *["-" for _ in names],
+    )
+    table.notes.append(
+        "ask: a small dict to an actor in another process, answered by return value."
+    )
+    table.notes.append(
+        "Pykka runs actors as threads of the caller's process (no process boundary)."
+    )
     table.notes.append("Ray restarts are measured on a max_restarts=-1 actor killed with SIGKILL.")
-    table.raw = {"floor": {"ask": fa, "tell_per_s": fl_tell},
-                 "ikos": {k: (summary_us(v) if k in ("ask", "restart") else v)
-                          for k, v in ik.items()},
-                 "peers": {n: {k: (summary_us(v) if k in ("ask", "restart") else v)
-                               for k, v in (p or {}).items()} for n, p in peers.items()}}
+    table.raw = {
+        "floor": {"ask": fa, "tell_per_s": fl_tell},
+        "ikos": {k: (summary_us(v) if k in ("ask", "restart") else v) for k, v in ik.items()},
+        "peers": {
+            n: {k: (summary_us(v) if k in ("ask", "restart") else v) for k, v in (p or {}).items()}
+            for n, p in peers.items()
+        },
+    }
     path = table.write("actors")
     print(table.markdown())
     print(f"written to {path}")
