@@ -45,6 +45,7 @@ from ikos._errors import (
 from ikos.actors._actor import Actor
 from ikos.actors._ref import ActorRef
 from ikos.manager._ikosd import run
+from ikos.supervision._client import start_child, terminate_child
 from ikos.supervision._spec import Backoff, Child, Exec, Supervisor
 
 __all__ = [
@@ -71,4 +72,6 @@ __all__ = [
     "Supervisor",
     "__version__",
     "run",
+    "start_child",
+    "terminate_child",
 ]

@@ -317,6 +317,8 @@ class Manager:
             for mod, err in failed.items():
                 log.warning("fork server could not preload %s: %s", mod, err)
             self.control = ControlServer(self)
+            self.control.register("start_child", True, self._verb_start_child)
+            self.control.register("terminate_child", True, self._verb_terminate_child)
             await self.control.start()
             await self.execs.start()
             if self.metrics_address is not None:
@@ -526,6 +528,32 @@ class Manager:
             raise ManagerError(f"'{name}' is not running")
         await handle.reload()
         return self.status_of(node)
+
+    async def start_child(self, supervisor: str, args: tuple[Any, ...]) -> dict[str, Any]:
+        """simple_one_for_one: start a new instance of the supervisor's template."""
+        sup = self.node(supervisor)
+        if not isinstance(sup, SupervisorNode) or sup.template is None:
+            raise ManagerError(f"'{supervisor}' is not a simple_one_for_one supervisor")
+        node = await sup.call(functools.partial(sup.add_dynamic, args))
+        return self.status_of(node)
+
+    async def terminate_child(self, name: str) -> dict[str, Any]:
+        """Stop a dynamic child and remove it from its supervisor."""
+        node = self.node(name)
+        sup = node.parent
+        if sup is None or sup.template is None:
+            raise ManagerError(f"'{name}' is not a dynamic child (simple_one_for_one)")
+        await sup.call(functools.partial(sup.remove_child, node))
+        return {"name": name, "removed": True}
+
+    async def _verb_start_child(self, req: Any) -> Any:
+        args = req.args.get("args", [])
+        if not isinstance(args, list):
+            raise ManagerError("'start_child': 'args' must be a list", "bad_request")
+        return await self.start_child(req.text("supervisor"), tuple(args))
+
+    async def _verb_terminate_child(self, req: Any) -> Any:
+        return await self.terminate_child(req.text("name"))
 
     def tree_json(self, node: Node | None = None) -> dict[str, Any]:
         node = node or self.root

@@ -138,11 +138,18 @@ class Exec(_ChildBase):
         description: str = "",
         start_timeout: float = 30.0,
         backoff: Backoff | None = None,
-        **fields: Any,
+        fields: Mapping[str, Any] | None = None,
+        **more_fields: Any,
     ) -> None:
+        # `fields` lets dataclasses.replace() rebuild an Exec; users pass keywords
         _set(self, name=name, executable=executable, restart=restart, shutdown=shutdown)
         _set(self, requires=tuple(requires), after=tuple(after), description=description)
-        _set(self, start_timeout=start_timeout, backoff=backoff, fields=dict(fields))
+        _set(
+            self,
+            start_timeout=start_timeout,
+            backoff=backoff,
+            fields={**(fields or {}), **more_fields},
+        )
 
 
 @dataclass(frozen=True, eq=True)
