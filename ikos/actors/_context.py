@@ -7,6 +7,7 @@ paths). The secret is read once per instance and cached.
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from dataclasses import dataclass
@@ -46,9 +47,20 @@ def get(root: str | os.PathLike[str] | None = None) -> InstanceContext:
     with _lock:
         ctx = _by_root.get(paths.root)
         if ctx is None:
-            ctx = InstanceContext(paths, read_secret(paths.secret_file))
+            ctx = InstanceContext(paths, read_secret(paths.secret_file), _frame_limit(paths))
             _by_root[paths.root] = ctx
         return ctx
+
+
+def _frame_limit(paths: InstancePaths) -> int:
+    """The instance's frame limit, published by ikosd in ``instance.json``."""
+    try:
+        value = json.loads(paths.instance_file.read_text()).get("max_message_bytes")
+    except (OSError, ValueError, AttributeError):
+        return DEFAULT_MAX_FRAME
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    return DEFAULT_MAX_FRAME
 
 
 def _reset_after_fork() -> None:

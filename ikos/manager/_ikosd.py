@@ -12,6 +12,7 @@ import importlib
 import importlib.util
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -218,10 +219,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ikosd: {exc}", file=sys.stderr)
         return 2
     try:
-        return asyncio.run(manager.run())
+        code = asyncio.run(manager.run())
     except IkosError as exc:
         print(f"ikosd: {exc}", file=sys.stderr)
         return 1
+    # everything is stopped and cleaned up: a late SIGTERM must not turn exit 0 into -15
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    return code
 
 
 def run(tree: Supervisor, root: str | os.PathLike[str] | None = None) -> int:

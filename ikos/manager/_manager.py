@@ -50,7 +50,6 @@ log = logging.getLogger("ikos.manager")
 translog = logging.getLogger("ikos.daemon")
 
 ACTOR_ENTRY = "ikos.actors._runtime:spawn_entry"
-EXEC_ENTRY = "ikos.manager._execspawn:exec_entry"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
@@ -59,7 +58,10 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 #: ``on_transition(node, old, new, why)`` and ``decorate_status(node, status)``
 #: (add fields to a status object). They register their control verbs with
 #: ``manager.control.register``.
-EXTENSIONS: list[str] = []
+EXTENSIONS: list[str] = [
+    "ikos.manager._registry_service:RegistryService",
+    "ikos.manager._daemon_service:DaemonService",
+]
 
 
 class InstanceLocked(ManagerError):
@@ -312,6 +314,11 @@ class Manager:
                 log.warning("could not become a child subreaper: exit statuses may be lost")
             secret = ensure_secret(self.paths.secret_file)
             self.ctx = InstanceContext(self.paths, secret, self.max_message_bytes)
+            # what clients outside the tree need to know of this instance (frame limit)
+            _write_atomically(
+                self.paths.instance_file,
+                json.dumps({"pid": os.getpid(), "max_message_bytes": self.max_message_bytes}),
+            )
             self._recover()
             failed = await self.forkserver.start(sys.path, self.preload_modules(self.tree))
             for mod, err in failed.items():
@@ -350,9 +357,6 @@ class Manager:
             await self._stop.wait()
             await self._shutdown()
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                with contextlib.suppress(ValueError, RuntimeError):
-                    loop.remove_signal_handler(sig)
             for ext in reversed(self.extensions):
                 try:
                     await ext.stop()
@@ -375,7 +379,14 @@ class Manager:
                 sock.close()
                 with contextlib.suppress(FileNotFoundError):
                     self.paths.actor_socket(name).unlink()
+            with contextlib.suppress(FileNotFoundError):
+                self.paths.instance_file.unlink()
             self._unlock_instance()
+            # a signal during or after the cleanup must not kill ikosd half-way: keep
+            # the handlers, as no-ops (asyncio.run removes them when the loop closes)
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                with contextlib.suppress(ValueError, RuntimeError):
+                    loop.add_signal_handler(sig, _ignore_signal)
         log.info("ikosd stopped (exit status %d)", self.exit_code)
         return self.exit_code
 
@@ -631,6 +642,16 @@ def _own_fields(spec: Supervisor) -> tuple[Any, ...]:
         spec.after,
         spec.backoff,
     )
+
+
+def _ignore_signal() -> None:
+    log.debug("signal ignored: ikosd is already stopping")
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _sd_notify(state: str) -> None:

@@ -43,6 +43,11 @@ class InstancePaths:
         return self.state_dir / "secret"
 
     @property
+    def instance_file(self) -> Path:
+        """JSON facts a client needs about the running instance (e.g. the frame limit)."""
+        return self.run_dir / "instance.json"
+
+    @property
     def pid_file(self) -> Path:
         """ikosd's own PID file, locked while it runs."""
         return self.run_dir / "ikosd.pid"
