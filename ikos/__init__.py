@@ -23,6 +23,8 @@ Example::
 
 from __future__ import annotations
 
+from typing import Any
+
 __version__ = "0.1.0"
 
 from ikos._errors import (
@@ -75,3 +77,15 @@ __all__ = [
     "start_child",
     "terminate_child",
 ]
+
+#: Public submodules that ``import ikos`` exposes as attributes, imported on
+#: first use (``ikos.daemon.create(...)``) so that ``import ikos`` stays light.
+_LAZY_SUBMODULES = ("daemon",)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY_SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"ikos.{name}")
+    raise AttributeError(f"module 'ikos' has no attribute {name!r}")

@@ -1,0 +1,869 @@
+"""Daemons created and changed at run time: the manager's side of :mod:`ikos.daemon`.
+
+:class:`DaemonService` is a manager extension (``EXTENSIONS`` in
+:mod:`ikos.manager._manager`) serving four control verbs (``docs/protocol.md``):
+
+- ``daemon_create`` adds an executable to a running supervisor, as OTP's
+  ``supervisor:start_child``: the spec is validated first (field types, the
+  whole tree's names and dependencies, then :func:`build_exec_plan`, which
+  resolves users, files and limits), and a daemon that fails to start is
+  not kept. With ``auto_start = false`` it joins the tree held, stopped
+  until started.
+- ``daemon_update`` changes fields of any executable, created or from the
+  configuration. Fields that shape the process (executable, arguments,
+  environment, directory, user, limits, stdio...) restart a running daemon
+  to apply; restart-policy fields (``auto_restart``, ``restart_delay``,
+  ``max_restarts``, ``restart_on``, ``backoff``...) are read by the
+  supervisor at the daemon's next exit, so they apply without a restart. A
+  stopped or failed daemon keeps the change for its next start.
+- ``daemon_revert`` drops the changes made to a daemon of the
+  configuration, as ``systemctl revert`` drops ``set-property`` drop-ins.
+- ``daemon_delete`` stops and removes a created daemon.
+- ``daemon_get`` (read) returns a daemon's current configuration.
+
+Persistence: created daemons and the changes made to configured ones are
+rows of ``daemons.db`` (SQLite) in the state directory, committed before a
+request is answered. ikosd starts its extensions before it builds the
+root supervisor, so at start the service puts the created daemons into
+the tree the manager is about to build (with the changes applied to the
+configured ones): they start in order with everything else, ``requires``
+included, and ``auto_start = false`` ones are held when the root starts.
+The configuration reload is wrapped the same way, so that ``reload-config``
+neither removes created daemons nor undoes changes.
+
+Rejected: replaying ``daemon_create`` requests once the tree is running.
+That would start created daemons after the ready line, outside the start
+order, and a daemon whose ``requires`` names another created one would
+depend on replay order; making them part of the tree gives them the same
+life as every other child.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import json
+import logging
+import math
+import re
+import sqlite3
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ikos._errors import ConfigError, IkosError, ManagerError, NoSuchDaemon, SpawnError, SpecError
+from ikos.manager._control_server import BadRequest, Request
+from ikos.platform._spawn import ResourceLimits, build_exec_plan
+from ikos.registry._graph import check_graph
+from ikos.supervision._runtime import (
+    RESTART_ON,
+    Node,
+    StartFailed,
+    State,
+    SupervisorNode,
+    WorkerNode,
+)
+from ikos.supervision._spec import (
+    NAME_RE,
+    NAME_RULE,
+    AnySpec,
+    Backoff,
+    Exec,
+    Supervisor,
+    validate_child,
+    validate_tree,
+)
+
+if TYPE_CHECKING:
+    from ikos.manager._manager import Manager
+
+log = logging.getLogger("ikos.daemons")
+
+DB_NAME = "daemons.db"
+#: Bound on the daemons a client can make the manager keep.
+MAX_CREATED = 1024
+
+#: Fields of the spec itself (``Exec`` attributes); ``supervisor`` says where it joins.
+SPEC_KEYS: tuple[str, ...] = (
+    "name", "executable", "supervisor", "restart", "shutdown", "requires", "after",
+    "description", "start_timeout", "backoff",
+)  # fmt: skip
+#: Fields kept in ``Exec.fields``.
+FIELD_KEYS: tuple[str, ...] = (
+    "args", "environment", "environment_files", "clear_environment", "working_directory",
+    "pid_file", "user", "group", "supplementary_groups", "umask", "stdin", "stdout", "stderr",
+    "limits", "type", "reload_signal", "reload_command", "stop_signal", "watchdog_sec",
+    "auto_start", "auto_restart", "restart_delay", "max_restarts", "restart_on",
+)  # fmt: skip
+#: Fields read when the daemon exits or stops, or at its next start: changing
+#: them never restarts it. Every other field shapes the running process.
+LIVE_FIELDS: frozenset[str] = frozenset(
+    {"auto_start", "auto_restart", "restart_delay", "max_restarts", "restart_on", "stop_signal"}
+)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS created (
+    name TEXT PRIMARY KEY,
+    config TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS changed (
+    name TEXT PRIMARY KEY,
+    changes TEXT NOT NULL,
+    updated_at REAL NOT NULL
+);
+"""
+
+
+# --- pure logic: configurations and specs ------------------------------------------------
+
+
+def _where(name: str) -> str:
+    return f"daemon {name}"
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _names(name: str, key: str, value: object) -> tuple[str, ...]:
+    if isinstance(value, list | tuple) and all(isinstance(n, str) and n for n in value):
+        return tuple(value)
+    raise ConfigError(None, _where(name), key, "a list of daemon names", value)
+
+
+def _backoff(name: str, value: object) -> Backoff | None:
+    if value is None or isinstance(value, Backoff):
+        return value
+    if not isinstance(value, Mapping):
+        raise ConfigError(
+            None, _where(name), "backoff", "a table {min, max, random_factor, reset_after}", value
+        )
+    known = {f.name for f in dataclasses.fields(Backoff)}
+    for key in value:
+        if key not in known:
+            raise ConfigError(None, _where(name), f"backoff.{key}", "one of " + ", ".join(known))
+    return Backoff(**value)
+
+
+def check_field(name: str, key: str, value: Any) -> Any:
+    """Validate one field's value (not None) and return it normalised.
+
+    Raises :class:`ConfigError` naming the daemon and the field. Values that
+    :func:`build_exec_plan` resolves (users, files, signals, stdio) are only
+    checked for their JSON shape here; the plan checks the rest.
+    """
+    bad = functools.partial(ConfigError, None, _where(name), key)
+    if key in ("auto_start", "auto_restart", "clear_environment"):
+        if not isinstance(value, bool):
+            raise bad("true or false", value)
+    elif key in ("restart_delay", "watchdog_sec"):
+        if not (_is_number(value) and value >= 0):
+            raise bad("seconds >= 0", value)
+    elif key == "start_timeout":
+        if not (_is_number(value) and value > 0):
+            raise bad("seconds > 0", value)
+    elif key == "max_restarts":
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise bad("an integer >= 0", value)
+    elif key == "restart_on":
+        if value not in RESTART_ON:
+            raise bad("one of " + ", ".join(RESTART_ON), value)
+    elif key in ("requires", "after"):
+        return _names(name, key, value)
+    elif key == "backoff":
+        return _backoff(name, value)
+    elif key == "limits":
+        if isinstance(value, ResourceLimits):
+            value = value.as_mapping()
+        return ResourceLimits.from_mapping(name, value)
+    elif key == "description":
+        if not isinstance(value, str):
+            raise bad("a string", value)
+    elif key == "reload_command":
+        if not (
+            (isinstance(value, str) and value)
+            or (
+                isinstance(value, list | tuple) and value and all(isinstance(a, str) for a in value)
+            )
+        ):
+            raise bad("a shell command, or a list of arguments", value)
+        return list(value) if isinstance(value, tuple) else value
+    elif key in ("args", "supplementary_groups", "environment_files") and isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def apply_changes(spec: Exec, changes: Mapping[str, Any]) -> Exec:
+    """``spec`` with ``changes`` applied (a None value resets a field); validated.
+
+    ``name`` may be given but not changed; ``supervisor`` is the caller's
+    business and ignored here.
+    """
+    name = spec.name
+    attrs: dict[str, Any] = {
+        "executable": spec.executable,
+        "restart": spec.restart,
+        "shutdown": spec.shutdown,
+        "requires": spec.requires,
+        "after": spec.after,
+        "description": spec.description,
+        "start_timeout": spec.start_timeout,
+        "backoff": spec.backoff,
+    }
+    defaults: dict[str, Any] = {
+        "restart": "permanent",
+        "shutdown": 5.0,
+        "requires": (),
+        "after": (),
+        "description": "",
+        "start_timeout": 30.0,
+        "backoff": None,
+    }
+    fields = dict(spec.fields)
+    for key, value in changes.items():
+        if key == "supervisor":
+            continue
+        if key == "name":
+            if value != name:
+                raise ConfigError(None, _where(name), "name", f"'{name}' (names do not change)")
+            continue
+        if key not in SPEC_KEYS and key not in FIELD_KEYS:
+            raise ConfigError(
+                None, _where(name), key, "a daemon field: " + ", ".join((*SPEC_KEYS, *FIELD_KEYS))
+            )
+        if key == "executable":
+            if not isinstance(value, str) or not value:
+                raise SpawnError(name, "executable", f"expected a path or a command, got {value!r}")
+            attrs[key] = value
+        elif key in attrs:
+            attrs[key] = defaults[key] if value is None else check_field(name, key, value)
+        elif value is None:
+            fields.pop(key, None)
+        else:
+            fields[key] = check_field(name, key, value)
+    new = Exec(name, **attrs, **fields)
+    try:
+        validate_child(_where(name), new)
+    except SpecError as exc:
+        raise ConfigError(None, _where(name), exc.key, exc.expected, exc.got)
+    return new
+
+
+def exec_from_config(config: object) -> tuple[Exec, str | None]:
+    """The spec and supervisor of a ``daemon_create`` configuration; validated."""
+    if not isinstance(config, Mapping):
+        raise ConfigError(None, "daemon", None, "an object of daemon fields", type(config).__name__)
+    name = config.get("name")
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        raise ConfigError(None, "daemon", "name", NAME_RULE, name)
+    executable = config.get("executable")
+    if not isinstance(executable, str) or not executable:
+        raise SpawnError(name, "executable", f"expected a path or a command, got {executable!r}")
+    supervisor = config.get("supervisor")
+    if supervisor is not None and not isinstance(supervisor, str):
+        raise ConfigError(None, _where(name), "supervisor", "the name of a supervisor", supervisor)
+    return apply_changes(Exec(name, executable), config), supervisor
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, ResourceLimits):
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in value.as_mapping().items()}
+    if isinstance(value, Backoff):
+        return dataclasses.asdict(value)
+    if isinstance(value, tuple):
+        return [_json_value(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _json_value(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_value(v) for v in value]
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    return str(value)  # a signal enum, a Path: their text is what a field accepts
+
+
+def config_of(spec: Exec, supervisor: str | None) -> dict[str, Any]:
+    """A spec as a JSON configuration (what ``daemon_create`` takes and ``daemon_get`` gives)."""
+    out: dict[str, Any] = {"name": spec.name, "executable": spec.executable}
+    if supervisor is not None:
+        out["supervisor"] = supervisor
+    out.update(
+        restart=spec.restart,
+        shutdown=spec.shutdown,
+        requires=list(spec.requires),
+        after=list(spec.after),
+        description=spec.description,
+        start_timeout=spec.start_timeout,
+        backoff=_json_value(spec.backoff),
+    )
+    for key, value in spec.fields.items():
+        out[key] = _json_value(value)
+    return out
+
+
+def needs_restart(old: Exec, new: Exec) -> bool:
+    """Whether a running daemon must restart for ``new`` to apply (see LIVE_FIELDS)."""
+    if old.executable != new.executable:
+        return True
+    keys = (set(old.fields) | set(new.fields)) - LIVE_FIELDS
+    return any(old.fields.get(k) != new.fields.get(k) for k in keys)
+
+
+def _rebuilt(sup: Supervisor, children: Sequence[AnySpec]) -> Supervisor:
+    return dataclasses.replace(sup, children=tuple(children))
+
+
+def map_children(
+    tree: Supervisor, visit: Callable[[Supervisor, list[AnySpec]], list[AnySpec]]
+) -> Supervisor:
+    """Rebuild ``tree`` with ``visit(supervisor, children)`` giving each supervisor's children."""
+
+    def walk(sup: Supervisor) -> Supervisor:
+        children = [walk(c) if isinstance(c, Supervisor) else c for c in sup.children]
+        children = visit(sup, children)
+        if len(children) == len(sup.children) and all(
+            a is b for a, b in zip(children, sup.children, strict=True)
+        ):
+            return sup
+        return _rebuilt(sup, children)
+
+    return walk(tree)
+
+
+def insert_spec(tree: Supervisor, parent: str, spec: AnySpec) -> Supervisor:
+    return map_children(tree, lambda s, c: [*c, spec] if s.name == parent else c)
+
+
+def replace_spec(tree: Supervisor, spec: AnySpec) -> Supervisor:
+    return map_children(tree, lambda s, c: [spec if x.name == spec.name else x for x in c])
+
+
+def remove_spec(tree: Supervisor, name: str) -> Supervisor:
+    return map_children(tree, lambda s, c: [x for x in c if x.name != name])
+
+
+def find_spec(tree: Supervisor, name: str) -> tuple[AnySpec, Supervisor | None] | None:
+    """The spec called ``name`` and its supervisor's spec, if the tree has one."""
+    if tree.name == name:
+        return tree, None
+    for child in tree.children:
+        if child.name == name:
+            return child, tree
+        if isinstance(child, Supervisor):
+            found = find_spec(child, name)
+            if found is not None:
+                return found
+    return None
+
+
+def checked_tree(tree: Supervisor, daemon: str) -> tuple[Supervisor, Any]:
+    """``validate_tree`` and ``check_graph``, their errors told about ``daemon``."""
+    try:
+        return validate_tree(tree), check_graph(tree)
+    except SpecError as exc:
+        raise ConfigError(None, _where(daemon), exc.key, f"{exc.expected} (at {exc.path})", exc.got)
+
+
+_EXEC_FAILED = re.compile(r"^exec failed: ([a-z_.]+): (.*)$", re.DOTALL)
+
+
+def start_error(name: str, exc: StartFailed) -> SpawnError:
+    """A start failure as a SpawnError, naming the field when the exec said which."""
+    reason = exc.reason.reason
+    found = _EXEC_FAILED.match(reason)
+    if found:
+        return SpawnError(name, found.group(1), found.group(2))
+    return SpawnError(name, None, f"failed to start: {reason}")
+
+
+# --- the store ---------------------------------------------------------------------------
+
+
+class DaemonStore:
+    """``daemons.db``: created daemons' configurations, changes to configured ones."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def _rows(self, sql: str) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for name, text in self.db.execute(sql):
+            try:
+                value = json.loads(text)
+            except ValueError:
+                value = None
+            if not isinstance(value, dict):
+                log.error("%s: the row of '%s' is not a JSON object: ignored", self.path, name)
+                continue
+            out[name] = value
+        return out
+
+    def created(self) -> dict[str, dict[str, Any]]:
+        """Created daemons' configurations, in creation order."""
+        return self._rows("SELECT name, config FROM created ORDER BY rowid")
+
+    def changed(self) -> dict[str, dict[str, Any]]:
+        """Changes made to daemons of the configuration, by name."""
+        return self._rows("SELECT name, changes FROM changed")
+
+    def put_created(self, name: str, config: Mapping[str, Any]) -> None:
+        now = time.time()
+        self.db.execute(
+            "INSERT INTO created (name, config, created_at, updated_at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT(name) DO UPDATE SET config = excluded.config, "
+            "updated_at = excluded.updated_at",
+            (name, json.dumps(config, sort_keys=True), now, now),
+        )
+
+    def delete_created(self, name: str) -> None:
+        self.db.execute("DELETE FROM created WHERE name = ?", (name,))
+
+    def put_changes(self, name: str, changes: Mapping[str, Any]) -> None:
+        self.db.execute(
+            "INSERT INTO changed (name, changes, updated_at) VALUES (?, ?, ?) "
+            "ON CONFLICT(name) DO UPDATE SET changes = excluded.changes, "
+            "updated_at = excluded.updated_at",
+            (name, json.dumps(changes, sort_keys=True), time.time()),
+        )
+
+    def delete_changes(self, name: str) -> None:
+        self.db.execute("DELETE FROM changed WHERE name = ?", (name,))
+
+
+# --- the service -------------------------------------------------------------------------
+
+
+class DaemonService:
+    """The manager extension; see the module docstring."""
+
+    def __init__(self) -> None:
+        self._m: Manager | None = None
+        self.store: DaemonStore | None = None
+        #: created daemons: name -> JSON configuration (its supervisor included)
+        self.created: dict[str, dict[str, Any]] = {}
+        #: changes to configured daemons, and the specs the configuration gave them
+        self.changes: dict[str, dict[str, Any]] = {}
+        self.base_specs: dict[str, Exec] = {}
+        #: created daemons that could not join the tree at start, with the reason
+        self.unrestored: dict[str, str] = {}
+        self._pending: set[str] = set()
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._root_started = False
+
+    @property
+    def m(self) -> Manager:
+        assert self._m is not None, "the daemon service has not started"
+        return self._m
+
+    # -- extension interface -------------------------------------------------------
+
+    async def start(self, manager: Manager) -> None:
+        self._m = manager
+        self.store = DaemonStore(manager.paths.state_dir / DB_NAME)
+        self.created = self.store.created()
+        self.changes = self.store.changed()
+        if manager.root is None:
+            tree = self._desired(manager.tree, at_start=True)
+            manager.tree, manager.graph = tree, check_graph(tree)
+        else:  # the tree already runs: created daemons join it as at run time
+            asyncio.get_running_loop().create_task(self._join_running_tree())
+        original = manager.reload_tree
+        if original is not None:
+            manager.reload_tree = functools.partial(self._reload_tree, original)
+        control = manager.control
+        control.register("daemon_create", True, self.create)
+        control.register("daemon_update", True, self.update)
+        control.register("daemon_revert", True, self.revert)
+        control.register("daemon_delete", True, self.delete)
+        control.register("daemon_get", False, self.get)
+        if self.created or self.changes:
+            log.info(
+                "%d created daemons, %d changed daemons restored from %s",
+                len(self.created) - len(self.unrestored),
+                len(self.changes),
+                self.store.path,
+            )
+
+    async def stop(self) -> None:
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+
+    def on_transition(self, node: Node, old: State, new: State, why: str) -> None:
+        # auto_start = false: held when the tree starts, until started by request.
+        if node.parent is None and new is State.STARTING and not self._root_started:
+            self._root_started = True
+            for name, config in self.created.items():
+                created = self.m.nodes.get(name)
+                if config.get("auto_start") is False and created is not None:
+                    created.held = True
+
+    def decorate_status(self, node: Node, status: dict[str, Any]) -> None:
+        if node.kind != "exec":
+            return
+        status["created"] = node.name in self.created
+        changed = self.changes.get(node.name)
+        if changed:
+            status["changed"] = sorted(changed)
+
+    # -- the desired tree: configuration + created daemons + changes ------------------
+
+    def _desired(self, tree: Supervisor, *, at_start: bool = False) -> Supervisor:
+        """``tree`` (the configuration's) with the changes applied and created daemons added.
+
+        At start, a created daemon that cannot join (its supervisor is gone, its
+        name now taken, a dependency missing) is left out and logged, and a change
+        that no longer applies is skipped; on a reload either refuses the reload.
+        """
+        self.base_specs = {}
+        for name, changes in self.changes.items():
+            found = find_spec(tree, name)
+            if found is None or not isinstance(found[0], Exec):
+                continue  # kept: it applies again if the daemon comes back
+            try:
+                changed = apply_changes(found[0], changes)
+            except IkosError as exc:
+                if not at_start:
+                    raise
+                log.error("the changes made to daemon '%s' no longer apply: %s", name, exc)
+                continue
+            self.base_specs[name] = found[0]
+            tree = replace_spec(tree, changed)
+        self.unrestored = {}
+        for name, config in self.created.items():
+            try:
+                spec, parent = exec_from_config(config)
+                tree = self._joined(tree, spec, parent)
+            except IkosError as exc:
+                if not at_start:
+                    raise ConfigError(
+                        None,
+                        _where(name),
+                        None,
+                        f"a configuration that leaves room for this created daemon, "
+                        f"or ikos.daemon.delete('{name}') first ({exc})",
+                    )
+                log.error("created daemon '%s' was not restored: %s", name, exc)
+                self.unrestored[name] = str(exc)
+        return tree
+
+    def _joined(self, tree: Supervisor, spec: Exec, parent: str | None) -> Supervisor:
+        """``tree`` with ``spec`` added under ``parent`` (default the root); validated."""
+        parent = parent or tree.name
+        if find_spec(tree, spec.name) is not None:
+            raise DaemonExistsError(spec.name)
+        found = find_spec(tree, parent)
+        if found is None or not isinstance(found[0], Supervisor):
+            raise ConfigError(
+                None, _where(spec.name), "supervisor", "the name of a supervisor", parent
+            )
+        if found[0].strategy == "simple_one_for_one":
+            raise ConfigError(
+                None,
+                _where(spec.name),
+                "supervisor",
+                f"a supervisor that takes named children ('{parent}' is simple_one_for_one)",
+                parent,
+            )
+        new, _ = checked_tree(insert_spec(tree, parent, spec), spec.name)
+        return new
+
+    def _reload_tree(self, original: Callable[[], Supervisor]) -> Supervisor:
+        return self._desired(original())
+
+    async def _join_running_tree(self) -> None:
+        for name, config in list(self.created.items()):
+            try:
+                spec, parent = exec_from_config(config)
+                await self._add(spec, parent, start=config.get("auto_start") is not False)
+            except IkosError as exc:
+                log.error("created daemon '%s' was not restored: %s", name, exc)
+                self.unrestored[name] = str(exc)
+
+    # -- helpers ----------------------------------------------------------------------
+
+    def _store(self) -> DaemonStore:
+        if self.store is None:
+            raise ManagerError("ikosd is shutting down")
+        return self.store
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        """The lock that serialises changes to one daemon (only for names that exist)."""
+        lock = self._locks.get(name)
+        if lock is None:
+            if name not in self.m.nodes and name not in self.created:
+                raise NoSuchDaemon(f"no daemon named '{name}'")
+            lock = self._locks[name] = asyncio.Lock()
+        return lock
+
+    def _exec_node(self, name: str) -> WorkerNode:
+        node = self.m.node(name)
+        if not isinstance(node, WorkerNode) or not isinstance(node.spec, Exec):
+            raise ManagerError(
+                f"'{name}' is {'an actor' if node.kind == 'actor' else 'a supervisor'}: "
+                "only executables have daemon fields"
+            )
+        return node
+
+    def _supervisor_of(self, name: str) -> str | None:
+        node = self.m.nodes.get(name)
+        return node.parent.name if node is not None and node.parent is not None else None
+
+    async def _add(self, spec: Exec, parent: str | None, *, start: bool) -> WorkerNode:
+        """Join ``spec`` to its supervisor (OTP's start_child: not kept if it fails)."""
+        m = self.m
+        if m.root is None:
+            raise ManagerError("ikosd is still starting: try again once it is ready")
+        self._joined(m.tree, spec, parent)  # names, supervisor, dependencies
+        sup = m.nodes.get(parent or m.root.name)
+        if not isinstance(sup, SupervisorNode):
+            raise ConfigError(
+                None, _where(spec.name), "supervisor", "the name of a supervisor", parent
+            )
+        build_exec_plan(spec, m.paths)  # users, files, limits: SpawnError naming the field
+        node: WorkerNode = await sup.call(functools.partial(self._join, sup, spec, start))
+        self._set_tree(insert_spec(m.tree, sup.name, spec), sup)
+        return node
+
+    def _set_tree(self, tree: Supervisor, sup: SupervisorNode | None) -> None:
+        """Make ``tree`` the manager's; ``sup``, whose children changed, gets its new spec."""
+        m = self.m
+        m.tree = tree
+        try:
+            m.graph = check_graph(tree)
+        except IkosError as exc:  # only if the tree changed under the request (a reload)
+            log.error("the tree after a daemon change does not check: %s", exc)
+        if sup is not None:
+            found = find_spec(tree, sup.name)
+            if found is not None and isinstance(found[0], Supervisor):
+                sup.spec = found[0]
+
+    @staticmethod
+    async def _join(sup: SupervisorNode, spec: Exec, start: bool) -> WorkerNode:
+        """A supervisor command: add ``spec`` as a child; start it unless held."""
+        node = WorkerNode(spec, sup, sup.host)
+        node.held = not start
+        sup.host.node_added(node)
+        sup.children.append(node)
+        if start and sup.alive:
+            try:
+                await node.start()
+            except StartFailed:
+                await sup.remove_child(node)
+                raise
+        return node
+
+    @staticmethod
+    async def _swap(node: WorkerNode, spec: Exec, restart: bool) -> None:
+        """A supervisor command: give ``node`` its new spec, restarting it if it must."""
+        active = node.alive or node.state in (State.STARTING, State.BACKOFF)
+        if not (restart and active):
+            node.spec = spec
+            return
+        await node.terminate("configuration changed")
+        node.spec = spec
+        node.held = False
+        node.restarts += 1
+        await node.start()
+
+    async def _apply(self, node: WorkerNode, spec: Exec) -> dict[str, Any]:
+        old = node.spec
+        assert isinstance(old, Exec) and node.parent is not None
+        m = self.m
+        sup = node.parent
+        try:
+            await sup.call(functools.partial(self._swap, node, spec, needs_restart(old, spec)))
+        except StartFailed as exc:
+            raise start_error(node.name, exc)
+        finally:
+            if m.nodes.get(node.name) is node:
+                self._set_tree(replace_spec(m.tree, spec), None)
+        return m.status_of(node)
+
+    # -- verbs ------------------------------------------------------------------------
+
+    async def create(self, req: Request) -> Any:
+        """``daemon_create {"config": {...}}``: the new daemon's status."""
+        try:
+            spec, parent = exec_from_config(req.args.get("config"))
+            name = spec.name
+            if name in self._pending or name in self.created or name in self.m.nodes:
+                if name in self.unrestored:
+                    raise DaemonExistsError(
+                        name,
+                        f"a created daemon named '{name}' exists but was not restored "
+                        f"({self.unrestored[name]}): delete it first",
+                    )
+                raise DaemonExistsError(name)
+            if len(self.created) >= MAX_CREATED:
+                raise ManagerError(
+                    f"ikosd keeps at most {MAX_CREATED} created daemons: delete some first",
+                    "limit",
+                )
+            config = config_of(spec, parent)
+            self._pending.add(name)
+            try:
+                store = self._store()
+                store.put_created(name, config)
+                try:
+                    start = spec.fields.get("auto_start") is not False
+                    node = await self._add(spec, parent, start=start)
+                except BaseException:
+                    store.delete_created(name)
+                    raise
+                self.created[name] = config
+            finally:
+                self._pending.discard(name)
+        except StartFailed as exc:
+            raise _refusal(start_error(exc.name, exc))
+        except IkosError as exc:
+            raise _refusal(exc)
+        log.info("daemon '%s' created by pid %d", name, req.pid)
+        return self.m.status_of(node)
+
+    async def update(self, req: Request) -> Any:
+        """``daemon_update {"name", "changes": {...}}``: the status once applied."""
+        name = req.text("name")
+        changes = req.args.get("changes")
+        if not isinstance(changes, dict):
+            raise BadRequest("'daemon_update' needs 'changes' as an object of fields")
+        try:
+            async with self._lock(name):
+                node = self._exec_node(name)
+                old = node.spec
+                assert isinstance(old, Exec)
+                if "supervisor" in changes and changes["supervisor"] != self._supervisor_of(name):
+                    raise ConfigError(
+                        None,
+                        _where(name),
+                        "supervisor",
+                        f"'{self._supervisor_of(name)}' (to move a daemon, delete and create it)",
+                        changes["supervisor"],
+                    )
+                spec = apply_changes(old, changes)
+                checked_tree(replace_spec(self.m.tree, spec), name)
+                build_exec_plan(spec, self.m.paths)
+                store = self._store()
+                if name in self.created:
+                    config = config_of(spec, self.created[name].get("supervisor"))
+                    store.put_created(name, config)
+                    self.created[name] = config
+                else:
+                    merged = {**self.changes.get(name, {}), **_json_value(dict(changes))}
+                    merged.pop("name", None)
+                    merged.pop("supervisor", None)
+                    store.put_changes(name, merged)
+                    self.changes[name] = merged
+                    self.base_specs.setdefault(name, old)
+                log.info(
+                    "daemon '%s' changed by pid %d: %s", name, req.pid, ", ".join(sorted(changes))
+                )
+                return await self._apply(node, spec)
+        except StartFailed as exc:
+            raise _refusal(start_error(name, exc))
+        except IkosError as exc:
+            raise _refusal(exc)
+
+    async def revert(self, req: Request) -> Any:
+        """``daemon_revert {"name"}``: back to the configuration's fields."""
+        name = req.text("name")
+        try:
+            async with self._lock(name):
+                node = self._exec_node(name)
+                if name in self.created:
+                    raise ManagerError(
+                        f"'{name}' was created at run time: it has no configuration to revert to"
+                    )
+                base = self.base_specs.pop(name, None)
+                if name in self.changes:
+                    self._store().delete_changes(name)
+                    del self.changes[name]
+                if base is None:
+                    return self.m.status_of(node)
+                log.info("daemon '%s' reverted to its configuration by pid %d", name, req.pid)
+                return await self._apply(node, base)
+        except IkosError as exc:
+            raise _refusal(exc)
+
+    async def delete(self, req: Request) -> Any:
+        """``daemon_delete {"name"}``: stop and remove a created daemon."""
+        name = req.text("name")
+        try:
+            async with self._lock(name):
+                m = self.m
+                if name not in self.created:
+                    if name in m.nodes:
+                        raise ManagerError(
+                            f"'{name}' is part of the configuration, not created at run time: "
+                            "remove it from the configuration and reload"
+                        )
+                    raise NoSuchDaemon(f"no daemon named '{name}'")
+                users = [
+                    spec.name
+                    for _, spec in m.tree.walk()
+                    if name in spec.requires or name in spec.after
+                ]
+                if users:
+                    raise ManagerError(
+                        f"'{name}' is needed by {', '.join(users)} (requires/after): "
+                        "change or delete those first"
+                    )
+                node = m.nodes.get(name)
+                if node is not None and node.parent is not None:
+                    sup = node.parent
+                    await sup.call(functools.partial(sup.remove_child, node))
+                parent = node.parent if node is not None else None
+                self._set_tree(remove_spec(m.tree, name), parent)
+                self._store().delete_created(name)
+                del self.created[name]
+                self.unrestored.pop(name, None)
+                self._locks.pop(name, None)
+                log.info("daemon '%s' deleted by pid %d", name, req.pid)
+                return {"name": name, "deleted": True}
+        except IkosError as exc:
+            raise _refusal(exc)
+
+    async def get(self, req: Request) -> Any:
+        """``daemon_get {"name"}``: ``{"config", "created", "changes"}``."""
+        name = req.text("name")
+        if name in self.unrestored:
+            return {"config": self.created[name], "created": True, "changes": {}}
+        node = self._exec_node(name)
+        assert isinstance(node.spec, Exec)
+        return {
+            "config": config_of(node.spec, self._supervisor_of(name)),
+            "created": name in self.created,
+            "changes": self.changes.get(name, {}),
+        }
+
+
+class DaemonExistsError(ManagerError):
+    """The name is taken (``ikos.daemon.DaemonExists`` on the client side)."""
+
+    code = "daemon_exists"
+
+    def __init__(self, name: str, message: str | None = None) -> None:
+        IkosError.__init__(self, name, message)
+        self.name = name
+        self.message = message or f"a daemon, actor or supervisor named '{name}' already exists"
+
+
+def _refusal(exc: IkosError) -> ManagerError:
+    """The protocol error of a refused request: field errors get their own codes."""
+    if isinstance(exc, ManagerError):
+        return exc
+    if isinstance(exc, SpawnError):
+        return ManagerError(str(exc), "spawn_error")
+    if isinstance(exc, ConfigError):
+        return ManagerError(str(exc), "config_error")
+    return ManagerError(str(exc))
