@@ -260,6 +260,8 @@ class WorkerNode(Node):
         super().__init__(spec, parent, host)
         self.kind = "actor" if isinstance(spec, Child) else "exec"
         self.handle: Running | None = None
+        # auto_start = false: part of the tree, but started only when asked to
+        self.held = isinstance(spec, Exec) and spec.fields.get("auto_start") is False
         self.spec: Child | Exec = spec
 
     @property
