@@ -16,11 +16,14 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ikos._errors import ConfigError, IkosError
 from ikos.platform._paths import InstancePaths
 from ikos.supervision._spec import Supervisor
+
+if TYPE_CHECKING:
+    from ikos.manager._manager import Manager
 
 log = logging.getLogger("ikos.manager")
 
@@ -219,14 +222,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ikosd: {exc}", file=sys.stderr)
         return 2
     try:
-        code = asyncio.run(manager.run())
+        return asyncio.run(_serve(manager))
     except IkosError as exc:
         print(f"ikosd: {exc}", file=sys.stderr)
         return 1
-    # everything is stopped and cleaned up: a late SIGTERM must not turn exit 0 into -15
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_IGN)
-    return code
+
+
+#: The signals that stop or reload ikosd: handled while it runs, ignored once it is done.
+_CONTROL_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+async def _serve(manager: Manager) -> int:
+    """Run the manager; once it is done, make the control signals harmless for good.
+
+    Closing the loop (at the end of ``asyncio.run``) puts back SIG_DFL for
+    every signal that still has a loop handler, so a SIGTERM between that and
+    the process's exit would kill ikosd after a clean shutdown (status -15
+    instead of 0); setting SIG_IGN only after ``asyncio.run`` returns left
+    that window open. Here the handlers are taken off the loop while the
+    signals are blocked and SIG_IGN is set in the same breath, so the loop has
+    nothing to restore and no disposition in between is SIG_DFL for a signal
+    that can be delivered to this thread.
+    """
+    try:
+        return await manager.run()
+    finally:
+        loop = asyncio.get_running_loop()
+        signal.pthread_sigmask(signal.SIG_BLOCK, _CONTROL_SIGNALS)
+        for sig in _CONTROL_SIGNALS:
+            loop.remove_signal_handler(sig)
+            signal.signal(sig, signal.SIG_IGN)  # a pending one is discarded
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _CONTROL_SIGNALS)
 
 
 def run(tree: Supervisor, root: str | os.PathLike[str] | None = None) -> int:
