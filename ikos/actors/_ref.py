@@ -53,7 +53,7 @@ def dead_letter_count() -> int:
     return _dead_letters
 
 
-def _record_dead_letter(name: str, reason: str) -> None:
+def _record_dead_letter(ctx: _context.InstanceContext, name: str, reason: str) -> None:
     global _dead_letters
     with _dead_lock:
         _dead_letters += 1
@@ -61,7 +61,8 @@ def _record_dead_letter(name: str, reason: str) -> None:
     try:
         from ikos.platform._control import ControlClient
 
-        with ControlClient(_context.get().paths, timeout=1.0) as client:
+        # the reference's own instance: it may not be this process's default one
+        with ControlClient(ctx.paths, timeout=1.0) as client:
             client.call("dead_letter", {"name": name, "reason": reason})
     except Exception:  # best effort: counting must never break the sender
         pass
@@ -271,7 +272,7 @@ class ActorRef:
         try:
             self._send(data, timeout)
         except ActorDeadError as exc:
-            _record_dead_letter(self.name, exc.message)
+            _record_dead_letter(self._context(), self.name, exc.message)
 
     def ask(self, message: Any, timeout: float = DEFAULT_ASK_TIMEOUT) -> Any:
         """Send ``message`` and return the actor's reply (the value ``receive`` returned).
