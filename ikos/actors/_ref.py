@@ -99,6 +99,10 @@ class _Connection:
         except OSError:
             pass
 
+    # A thread's pool dies with the thread, and the user has no handle on pooled
+    # connections: close them here rather than leave a ResourceWarning to the GC.
+    __del__ = close
+
     def _timeout(self, option: int, seconds: float) -> None:
         seconds = max(seconds, 0.001)
         sec = int(seconds)
