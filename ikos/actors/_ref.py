@@ -238,7 +238,7 @@ class ActorRef:
         if conn is not None:
             conn.close()
 
-    def _send(self, data: bytes, timeout: float) -> _Connection:
+    def _send(self, data: bytes, timeout: float, asking: bool = False) -> _Connection:
         """Send one frame; reconnect once if the connection broke since last use."""
         ctx = self._context()
         if len(data) > ctx.max_frame:
@@ -249,6 +249,12 @@ class ActorRef:
             try:
                 conn = self._conn(deadline)
             except TimeoutError:
+                # A busy actor takes new connections only between messages. For an
+                # ask that is a timeout like any other: callers catch TimeoutError.
+                if asking:
+                    raise AskTimeout(
+                        self.name, f"no reply within {timeout:g} s (the connection was not taken)"
+                    )
                 raise MailboxFull(self.name, "could not connect before the timeout")
             try:
                 conn.send(packet, timeout)
@@ -291,7 +297,7 @@ class ActorRef:
         existing = _pool.conns.get(key)
         corr = next(existing.ids) if existing is not None else 1
         data = encode((ASK, corr, message))
-        conn = self._send(data, timeout)
+        conn = self._send(data, timeout, asking=True)
         if conn is not existing:
             # a fresh connection numbers from 1: keep the id we sent consistent
             conn.ids = itertools.count(corr + 1)
