@@ -80,11 +80,12 @@ class _Connection:
     ``sendall`` and one ``recv_into``.
     """
 
-    __slots__ = ("buf", "ids", "rcv", "scratch", "snd", "sock", "view")
+    __slots__ = ("buf", "ids", "max_frame", "rcv", "scratch", "snd", "sock", "view")
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, max_frame: int) -> None:
         sock.settimeout(None)
         self.sock = sock
+        self.max_frame = max_frame  # the actor's limit, announced in the handshake
         self.buf = bytearray()
         self.ids = itertools.count(1)
         self.rcv = self.snd = -1.0
@@ -205,7 +206,7 @@ class ActorRef:
         try:
             sock.settimeout(max(deadline - time.monotonic(), 0.001))
             connect_unix(sock, path)
-            client_handshake(sock, ctx.secret, max(deadline - time.monotonic(), 0.001))
+            max_frame = client_handshake(sock, ctx.secret, max(deadline - time.monotonic(), 0.001))
         except (FileNotFoundError, ConnectionRefusedError):
             sock.close()
             raise ActorDeadError(self.name, "not running (no mailbox is listening)")
@@ -223,7 +224,7 @@ class ActorRef:
             if exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
                 raise ActorDeadError(self.name, "not running (no mailbox is listening)")
             raise ActorError(self.name, f"cannot connect: {exc}")
-        return _Connection(sock)
+        return _Connection(sock, max_frame)
 
     def _conn(self, deadline: float) -> _Connection:
         key = (self._root, self.name)
@@ -256,6 +257,8 @@ class ActorRef:
                         self.name, f"no reply within {timeout:g} s (the connection was not taken)"
                     )
                 raise MailboxFull(self.name, "could not connect before the timeout")
+            if len(data) > conn.max_frame:
+                raise MessageTooLarge(self.name, len(data), conn.max_frame)
             try:
                 conn.send(packet, timeout)
                 return conn

@@ -64,10 +64,10 @@ class ActorBoot:
 class _Client:
     __slots__ = ("buf", "deadline", "hs", "sock")
 
-    def __init__(self, sock: socket.socket, secret: bytes) -> None:
+    def __init__(self, sock: socket.socket, secret: bytes, max_frame: int) -> None:
         self.sock = sock
         self.buf = bytearray()
-        self.hs: ServerHandshake | None = ServerHandshake(secret)
+        self.hs: ServerHandshake | None = ServerHandshake(secret, max_frame)
         self.deadline = time.monotonic() + HANDSHAKE_TIMEOUT
 
 
@@ -218,7 +218,7 @@ class ActorProcess:
                 sock.close()
                 continue
             sock.setblocking(False)
-            client = _Client(sock, self.secret)
+            client = _Client(sock, self.secret, self.max_frame)
             self.handshaking += 1
             self.clients[sock.fileno()] = client
             if not self.paused:

@@ -1,17 +1,21 @@
 """The mailbox wire: framing and the HMAC handshake, before anything is unpickled.
 
 A connection to an actor's mailbox starts with a mutual challenge on the
-instance's random secret (a 0600 file): the client sends ``IKOS1`` and a
-nonce, the server answers its own nonce and a MAC proving it knows the
-secret, the client answers a MAC over both nonces. Until the server has
-checked that last MAC, received bytes are only buffered, never decoded.
-SO_PEERCRED is not needed for authentication (the secret is), but the
-mailbox directory is 0700 as a second fence.
+instance's random secret (a 0600 file): the client sends ``IKOS2`` and a
+nonce, the server answers its own nonce, its frame limit (4 bytes) and a
+MAC over both nonces and the limit proving it knows the secret, the client
+answers a MAC over both nonces. Until the server has checked that last MAC,
+received bytes are only buffered, never decoded. SO_PEERCRED is not needed
+for authentication (the secret is), but the mailbox directory is 0700 as a
+second fence.
 
 After the handshake each message is a frame: a 4-byte big-endian length
 and that many bytes (codec byte + pickle). A frame longer than the
-configured limit closes the connection. The format costs one ``sendall``
-per message and lets a reader parse many frames from one ``recv``.
+server's limit closes the connection, so the server announces the limit in
+the handshake: a client cannot otherwise know the ``max_message_bytes`` its
+instance was started with, and refuses an oversized message itself, with a
+clear error, before sending it. The format costs one ``sendall`` per
+message and lets a reader parse many frames from one ``recv``.
 """
 
 from __future__ import annotations
@@ -27,12 +31,12 @@ from pathlib import Path
 
 from ikos._errors import AuthenticationError
 
-MAGIC = b"IKOS1"
+MAGIC = b"IKOS2"  # 2: the server's answer carries its frame limit
 NONCE = 32
 MAC = 32
-HELLO_LEN = len(MAGIC) + NONCE
-SERVER_LEN = NONCE + MAC
 HEADER = struct.Struct("!I")
+HELLO_LEN = len(MAGIC) + NONCE
+SERVER_LEN = NONCE + HEADER.size + MAC
 DEFAULT_MAX_FRAME = 64 * 1024 * 1024
 
 
@@ -85,17 +89,22 @@ def _recv_exact(sock: socket.socket, n: int, deadline: float) -> bytes:
     return bytes(buf)
 
 
-def client_handshake(sock: socket.socket, secret: bytes, timeout: float) -> None:
-    """Authenticate both ways on a freshly connected socket (blocking, bounded)."""
+def client_handshake(sock: socket.socket, secret: bytes, timeout: float) -> int:
+    """Authenticate both ways on a freshly connected socket (blocking, bounded).
+
+    Returns the server's frame limit: the largest frame it accepts.
+    """
     deadline = time.monotonic() + timeout
     nonce_c = secrets.token_bytes(NONCE)
     sock.settimeout(timeout)
     sock.sendall(MAGIC + nonce_c)
     answer = _recv_exact(sock, SERVER_LEN, deadline)
-    nonce_s, mac_s = answer[:NONCE], answer[NONCE:]
-    if not hmac.compare_digest(mac_s, _mac(secret, b"server", nonce_c, nonce_s)):
+    nonce_s, limit, mac_s = answer[:NONCE], answer[NONCE:-MAC], answer[-MAC:]
+    if not hmac.compare_digest(mac_s, _mac(secret, b"server", nonce_c, nonce_s + limit)):
         raise AuthenticationError("the peer failed the HMAC challenge (wrong instance secret)")
     sock.sendall(_mac(secret, b"client", nonce_s, nonce_c))
+    (max_frame,) = HEADER.unpack(limit)
+    return int(max_frame)
 
 
 class ServerHandshake:
@@ -104,12 +113,14 @@ class ServerHandshake:
     Feed it received bytes; it returns bytes to send. ``done`` turns true once
     the client proved the secret; ``leftover`` then holds frame bytes that
     arrived behind the proof. Any violation raises :class:`AuthenticationError`.
+    ``max_frame`` is the limit announced to the client.
     """
 
-    __slots__ = ("_buf", "_nonce_c", "_nonce_s", "_secret", "done", "leftover")
+    __slots__ = ("_buf", "_limit", "_nonce_c", "_nonce_s", "_secret", "done", "leftover")
 
-    def __init__(self, secret: bytes) -> None:
+    def __init__(self, secret: bytes, max_frame: int = DEFAULT_MAX_FRAME) -> None:
         self._secret = secret
+        self._limit = HEADER.pack(max_frame)
         self._buf = bytearray()
         self._nonce_c = b""
         self._nonce_s = b""
@@ -129,7 +140,9 @@ class ServerHandshake:
             self._nonce_c = bytes(self._buf[len(MAGIC) : HELLO_LEN])
             del self._buf[:HELLO_LEN]
             self._nonce_s = secrets.token_bytes(NONCE)
-            out = self._nonce_s + _mac(self._secret, b"server", self._nonce_c, self._nonce_s)
+            limit = self._limit
+            mac = _mac(self._secret, b"server", self._nonce_c, self._nonce_s + limit)
+            out = self._nonce_s + limit + mac
         if len(self._buf) >= MAC:
             proof = bytes(self._buf[:MAC])
             if not hmac.compare_digest(
