@@ -215,8 +215,11 @@ class ActorProcess:
             except OSError:
                 return
             if self.handshaking >= MAX_PENDING_HANDSHAKES:
-                sock.close()
-                continue
+                # Evict the oldest pending handshake rather than refuse the newcomer:
+                # refusing would let idle peers lock every legitimate client out
+                # until their handshake timeout, while a real client completes
+                # its handshake in one round trip and is rarely the oldest.
+                self._close(next(c for c in self.clients.values() if c.hs is not None))
             sock.setblocking(False)
             client = _Client(sock, self.secret, self.max_frame)
             self.handshaking += 1
