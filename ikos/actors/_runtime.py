@@ -262,6 +262,10 @@ class ActorProcess:
                 out = client.hs.feed(data)
                 if out:
                     client.sock.sendall(out)
+                    # The peer's time to prove starts now: time spent in receive()
+                    # since the accept must not count against it (the deadline is
+                    # checked right after this read, before the proof can arrive).
+                    client.deadline = time.monotonic() + HANDSHAKE_TIMEOUT
             except (AuthenticationError, OSError):
                 self._close(client)
                 return
