@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from ikos._codec import decode, encode
-from ikos._errors import ActorCrashed, ActorDeadError, AuthenticationError
+from ikos._errors import ActorCrashed, ActorDeadError, ActorError, AuthenticationError
 from ikos.actors import _context
 from ikos.actors._actor import Actor
 from ikos.actors._ref import ASK, REPLY_ERR, REPLY_OK, TELL
@@ -296,10 +296,22 @@ class ActorProcess:
             try:
                 kind, corr, message = decode(raw)
             except Exception as exc:
-                # an authenticated peer sent what we cannot decode: answer if we can
-                self._reply(client, REPLY_ERR, 0, ActorDeadError(self.name, f"undecodable: {exc}"))
+                self._undecodable(client, raw, exc)
                 continue
             mailbox.append((client, kind, corr, message))
+
+    def _undecodable(self, client: _Client, raw: bytes, exc: Exception) -> None:
+        """An authenticated peer sent what this process cannot decode (say, an instance
+        of a class it cannot import): answer the ask it belongs to, or drop the tell
+        as a dead letter. Replying under any other correlation id would leave the
+        asker waiting for its whole timeout."""
+        why = f"could not decode the message: {_describe(exc)}"
+        header = _frame_header(raw)
+        if header is not None and header[0] == ASK:
+            self._reply(client, REPLY_ERR, header[1], ActorError(self.name, why))
+            return
+        self.dead_letters += 1
+        sys.stderr.write(f"ikos: actor '{self.name}' dropped a message: {why}\n")
 
     def _pump_buffers(self) -> None:
         for client in list(self.clients.values()):
@@ -396,6 +408,26 @@ class ActorProcess:
         except BaseException as exc:
             self._exit(EXIT_CRASH, f"on_stop raised {_describe(exc)}", traceback.format_exc())
         self._exit(EXIT_NORMAL, "normal")
+
+
+def _frame_header(raw: bytes) -> tuple[int, int] | None:
+    """``(kind, corr)`` of an encoded ``(kind, corr, message)``, read from the pickle's
+    opcodes without executing any: for frames whose message failed to decode."""
+    import pickletools  # the error path only
+
+    ints: list[int] = []
+    try:
+        for op, arg, _ in pickletools.genops(raw[1:]):
+            if op.name in ("PROTO", "FRAME"):
+                continue
+            if op.name not in ("BININT1", "BININT2", "BININT", "LONG1") or not isinstance(arg, int):
+                return None
+            ints.append(arg)
+            if len(ints) == 2:
+                return ints[0], ints[1]
+    except Exception:
+        return None
+    return None
 
 
 def _describe(exc: BaseException) -> str:
