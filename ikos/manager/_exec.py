@@ -358,8 +358,12 @@ class ExecHandle:
             if code != 0:
                 raise ManagerError(f"'{self.spec.name}': reload command exited with {code}")
         else:
+            # The main process only, as systemd's `kill -HUP $MAINPID`: helpers and
+            # workers are the main process's business (nginx's workers must not see
+            # HUP), and what the main process forks to handle the signal must not be
+            # hit by it too, as a cgroup-wide send racing with that fork would.
             sig = self.plan.reload_signal or signal.SIGHUP
-            if not self.send_signal(sig):
+            if not self.main.send_signal(sig):
                 raise ManagerError(f"'{self.spec.name}' is not running")
         if self.reloading is not None:
             try:
