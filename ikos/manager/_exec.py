@@ -51,6 +51,16 @@ log = logging.getLogger("ikos.exec")
 EXEC_ENTRY = "ikos.manager._exec:exec_entry"
 LOG_MAX_BYTES = 10 * 1024 * 1024
 LOG_BACKUPS = 5
+#: How often a forking daemon's PID file is read again while it is not valid yet.
+PID_FILE_POLL = 0.05
+
+
+def _names_pid_1(pid_file: str) -> bool:
+    try:
+        with open(pid_file, "rb") as f:
+            return f.read(64).strip() == b"1"
+    except OSError:
+        return False
 
 
 def exec_entry(payload: tuple[ExecPlan, dict[int, int]], fds: list[int]) -> NoReturn:
@@ -157,11 +167,11 @@ class ExecHandle:
             status = self.proc.exited.result()
             if status.code != 0:
                 return self._finish(status)
-            try:
-                self._adopt_main(self._forked_main())
-            except (PidFileError, OSError, ValueError) as exc:
-                self.events.append({"event": "exit", "reason": f"forking: {exc}", "override": True})
-                return self._finish(status)
+            forked = await self._wait_forked_main()
+            if forked is None:
+                # no main process is a failure of the daemon, not the launcher's clean exit
+                return self._finish(ExitStatus(None, None, status.at))
+            self._adopt_main(forked)
         elif kind == "oneshot":
             done = await self._first(self.proc.exited)
             if not done:
@@ -220,6 +230,30 @@ class ExecHandle:
             os.killpg(self.sid, signal.SIGKILL)
 
     # -- forking ---------------------------------------------------------------------
+
+    async def _wait_forked_main(self) -> int | None:
+        """The main PID of a forking daemon whose launcher exited 0; None (and why) if none.
+
+        As systemd does, a PID file that is missing, stale or not yet naming one of
+        the daemon's processes is read again while the daemon has processes left,
+        until the start deadline: nginx's launcher exits before the master, which
+        has forked and called setsid, writes the file. PID 1 is refused at once.
+        """
+        while True:
+            try:
+                return self._forked_main()
+            except (PidFileError, OSError, ValueError) as exc:
+                error = str(exc)
+            pid_file = self.plan.pid_file
+            expired = time.monotonic() >= self.deadline
+            if pid_file is None or _names_pid_1(pid_file) or expired or not self._members():
+                if expired:
+                    error += f" (waited {self.spec.start_timeout:g} s for the daemon to write it)"
+                self.events.append(
+                    {"event": "exit", "reason": f"forking: {error}", "override": True}
+                )
+                return None
+            await asyncio.sleep(PID_FILE_POLL)
 
     def _forked_main(self) -> int:
         members = self._members()
