@@ -55,6 +55,34 @@ LOG_BACKUPS = 5
 PID_FILE_POLL = 0.05
 
 
+class NotifyLog:
+    """Log lines caused by notifications: at most ``burst`` per ``window`` seconds.
+
+    What a daemon sends must not make the manager write without bound: a flood
+    of refused ``MAINPID=`` would otherwise cost a log line per datagram.
+    Beyond the burst, lines are counted and the count logged when the next
+    window opens (as :class:`~ikos.platform._notify.NotifySocket` does for
+    the datagrams it drops).
+    """
+
+    def __init__(self, burst: int = 10, window: float = 10.0) -> None:
+        self.burst, self.window = burst, window
+        self.opened = -window
+        self.logged = self.suppressed = 0
+
+    def log(self, level: int, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self.opened >= self.window:
+            if self.suppressed:
+                log.warning("%d more log lines about notifications suppressed", self.suppressed)
+            self.opened, self.logged, self.suppressed = now, 0, 0
+        if self.logged < self.burst:
+            self.logged += 1
+            log.log(level, msg, *args)
+        else:
+            self.suppressed += 1
+
+
 def _names_pid_1(pid_file: str) -> bool:
     try:
         with open(pid_file, "rb") as f:
@@ -109,6 +137,7 @@ class ExecHandle:
         self.deadline = time.monotonic() + spec.start_timeout
         self.watchdog_usec = int(spec.fields.get("watchdog_sec", 0) * 1e6)
         self.watchdog: asyncio.TimerHandle | None = None
+        self.notify_log = NotifyLog()
         self.task = self.loop.create_task(self._run(), name=f"exec:{spec.name}")
 
     @property
@@ -284,7 +313,8 @@ class ExecHandle:
         if pid == self.main.pid:
             return
         self.main = ProcessHandle(pid)
-        log.info("%s: main process is now %d", self.spec.name, pid)
+        self.notify_log.log(logging.INFO, "%s: main process is now %d", self.spec.name, pid)
+
         self.rt.index(self)
         if not self.main_changed.done():
             self.main_changed.set_result(None)
@@ -294,15 +324,24 @@ class ExecHandle:
 
     def on_notify(self, msg: NotifyMessage) -> None:
         fields = msg.fields
-        try:
-            new_main = main_pid(fields, owner_pgid=self.sid, owner_pids=frozenset(self._members()))
-        except ValueError as exc:
-            log.warning("%s: ignored notification from pid %d: %s", self.spec.name, msg.pid, exc)
-            new_main = None
+        new_main = None
+        if "MAINPID" in fields:  # the cgroup is read only when needed: floods are cheap
+            try:
+                members = frozenset(self._members())
+                new_main = main_pid(fields, owner_pgid=self.sid, owner_pids=members)
+            except ValueError as exc:
+                self.notify_log.log(
+                    logging.WARNING,
+                    "%s: ignored notification from pid %d: %s",
+                    self.spec.name,
+                    msg.pid,
+                    exc,
+                )
         if new_main is not None:
             for other in self.rt.handles:
                 if other is not self and new_main in (other.pid, other.sid):
-                    log.warning(
+                    self.notify_log.log(
+                        logging.WARNING,
                         "%s: ignored MAINPID=%d of daemon %s",
                         self.spec.name,
                         new_main,
@@ -321,7 +360,7 @@ class ExecHandle:
         if fields.get("RELOADING") == "1" and (self.reloading is None or self.reloading.done()):
             self.reloading = self.loop.create_future()
         if fields.get("STOPPING") == "1":
-            log.info("%s: stopping", self.spec.name)
+            self.notify_log.log(logging.INFO, "%s: stopping", self.spec.name)
         if fields.get("READY") == "1":
             if not self.notify_ready.done():
                 self.notify_ready.set_result(None)
@@ -419,6 +458,7 @@ class ExecRuntime:
         self.cgroups: CgroupManager | None = None
         self.logs: dict[str, RotatingLog] = {}
         self._warned_cgroups = False
+        self.notify_log = NotifyLog()
 
     async def start(self) -> None:
         address = notify_socket_address(self.m.paths)
@@ -476,7 +516,11 @@ class ExecRuntime:
         for msg in self.notify.drain():
             handle = self._owner(msg.pid)
             if handle is None:
-                log.warning("sd_notify from pid %d, which belongs to no daemon: ignored", msg.pid)
+                self.notify_log.log(
+                    logging.WARNING,
+                    "sd_notify from pid %d, which belongs to no daemon: ignored",
+                    msg.pid,
+                )
                 continue
             handle.on_notify(msg)
 
