@@ -314,7 +314,6 @@ class ExecHandle:
             return
         self.main = ProcessHandle(pid)
         self.notify_log.log(logging.INFO, "%s: main process is now %d", self.spec.name, pid)
-
         self.rt.index(self)
         if not self.main_changed.done():
             self.main_changed.set_result(None)
@@ -459,6 +458,7 @@ class ExecRuntime:
         self.logs: dict[str, RotatingLog] = {}
         self._warned_cgroups = False
         self.notify_log = NotifyLog()
+        self._spawning_notify = 0
 
     async def start(self) -> None:
         address = notify_socket_address(self.m.paths)
@@ -483,6 +483,23 @@ class ExecRuntime:
         if self.cgroups is not None:
             with contextlib.suppress(Exception):
                 self.cgroups.cleanup()
+
+    def _hold_notify(self) -> None:
+        """Stop reading notifications while a notify daemon is spawned without its handle.
+
+        The daemon runs before the fork server has told the manager its PID; a
+        READY=1 read in that window would belong to no daemon and be lost, and
+        the start would time out. Held, it waits in the socket's queue (bounded
+        by the kernel) until the handle is indexed and can claim it.
+        """
+        self._spawning_notify += 1
+        if self._spawning_notify == 1 and self.notify is not None:
+            asyncio.get_running_loop().remove_reader(self.notify.fileno())
+
+    def _release_notify(self) -> None:
+        self._spawning_notify -= 1
+        if self._spawning_notify == 0 and self.notify is not None:
+            asyncio.get_running_loop().add_reader(self.notify.fileno(), self._on_notify)
 
     def index(self, handle: ExecHandle) -> None:
         self._by_pid[handle.pid] = handle
@@ -585,6 +602,15 @@ class ExecRuntime:
         cgroup = self._cgroup(spec, plan)
         if cgroup is not None:
             plan = dataclasses.replace(plan, cgroup_procs=tuple(cgroup.procs_files))
+        if plan.type != "notify":
+            return await self._spawn(spec, plan, cgroup)
+        self._hold_notify()
+        try:
+            return await self._spawn(spec, plan, cgroup)
+        finally:
+            self._release_notify()
+
+    async def _spawn(self, spec: Exec, plan: ExecPlan, cgroup: DaemonCgroup | None) -> ExecHandle:
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
         fds = [err_w]
         stdio_index: dict[int, int] = {}
