@@ -6,6 +6,11 @@ argument types) and a bad request gets an error answer, never a crash of
 the manager. Authorization is by the peer's uid (SO_PEERCRED): root and the
 instance's owner may control, anyone else may only read. Every control
 action is logged with the peer's pid and uid (the audit trail).
+
+A handler may answer with a :class:`Stream` instead of a result: the
+connection then carries ``{"id", "event"}`` lines until the stream ends with
+one final answer, or until the client hangs up, and then closes (a
+streaming connection carries nothing else, as the client expects).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from ikos import __version__
@@ -67,6 +72,24 @@ class Request:
         if not isinstance(value, list) or not all(isinstance(n, str) for n in value):
             raise BadRequest(f"'{self.verb}': 'names' must be a list of strings")
         return value
+
+
+class Stream:
+    """A streaming answer: each item of ``events`` as an event line, then ``result``.
+
+    A handler returns one instead of its result. The server writes
+    ``{"id": ID, "event": item}`` for every item as soon as it comes; when the
+    iterator ends it writes ``{"id": ID, "ok": true, "result": result}``, and
+    an error raised by the iterator becomes the final error answer. When the
+    client hangs up (or sends anything: the stream owns the connection), the
+    iterator is closed and so is the connection. Writes wait for the client
+    to read (``drain``), so the producer is what must bound what it queues.
+    """
+
+    def __init__(self, events: AsyncIterator[Any], result: Any = None) -> None:
+        self.events = events
+        self.result = result
+        self.rid: Any = None
 
 
 def parse_signal(value: Any) -> int:
@@ -161,6 +184,9 @@ class ControlServer:
                 if not line:
                     return
                 answer = await self._answer(line, pid, uid)
+                if isinstance(answer, Stream):
+                    await self._stream(answer, reader, writer)
+                    return
                 writer.write(json.dumps(answer, default=repr).encode() + b"\n")
                 await writer.drain()
         except (ConnectionError, OSError):
@@ -173,7 +199,55 @@ class ControlServer:
             with contextlib.suppress(Exception):
                 writer.close()
 
-    async def _answer(self, line: bytes, pid: int, uid: int) -> dict[str, Any]:
+    async def _stream(
+        self, stream: Stream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """Write ``stream``'s events until it ends or the client hangs up."""
+        rid = stream.rid
+        events = stream.events
+        hangup = asyncio.ensure_future(reader.read(1))
+        final: dict[str, Any] | None = None
+        try:
+            while final is None:
+                following = asyncio.ensure_future(anext(events))
+                await asyncio.wait({following, hangup}, return_when=asyncio.FIRST_COMPLETED)
+                if hangup.done():
+                    following.cancel()
+                    with contextlib.suppress(BaseException):
+                        await following
+                    return
+                try:
+                    event = following.result()
+                except StopAsyncIteration:
+                    final = {"id": rid, "ok": True, "result": stream.result}
+                    break
+                except Exception as exc:
+                    final = self._error_answer(rid, exc)
+                    break
+                writer.write(json.dumps({"id": rid, "event": event}, default=repr).encode() + b"\n")
+                await writer.drain()
+            writer.write(json.dumps(final, default=repr).encode() + b"\n")
+            await writer.drain()
+        finally:
+            hangup.cancel()
+            aclose = getattr(events, "aclose", None)
+            if aclose is not None:
+                with contextlib.suppress(Exception):
+                    await aclose()
+
+    def _error_answer(self, rid: Any, exc: Exception) -> dict[str, Any]:
+        if isinstance(exc, ManagerError):
+            return {"id": rid, "ok": False, "error": {"code": exc.code, "message": str(exc)}}
+        if isinstance(exc, IkosError):
+            return {"id": rid, "ok": False, "error": {"code": "failed", "message": str(exc)}}
+        log.error("control request failed", exc_info=exc)  # a bug must not take the manager down
+        return {
+            "id": rid,
+            "ok": False,
+            "error": {"code": "failed", "message": f"{type(exc).__name__}: {exc}"},
+        }
+
+    async def _answer(self, line: bytes, pid: int, uid: int) -> dict[str, Any] | Stream:
         rid: Any = None
         try:
             try:
@@ -204,18 +278,12 @@ class ControlServer:
             if control and verb != "dead_letter":
                 audit.info("pid %d uid %d: %s %s", pid, uid, verb, json.dumps(args)[:500])
             result = await handler(Request(verb, args, pid, uid))
+            if isinstance(result, Stream):
+                result.rid = rid
+                return result
             return {"id": rid, "ok": True, "result": result}
-        except ManagerError as exc:
-            return {"id": rid, "ok": False, "error": {"code": exc.code, "message": str(exc)}}
-        except IkosError as exc:
-            return {"id": rid, "ok": False, "error": {"code": "failed", "message": str(exc)}}
-        except Exception as exc:  # a bug must not take the manager down
-            log.exception("control request failed")
-            return {
-                "id": rid,
-                "ok": False,
-                "error": {"code": "failed", "message": f"{type(exc).__name__}: {exc}"},
-            }
+        except Exception as exc:
+            return self._error_answer(rid, exc)
 
     # -- verbs ---------------------------------------------------------------
 
@@ -317,4 +385,4 @@ class ControlServer:
         return {}
 
 
-__all__ = ["ControlServer", "NoSuchDaemon", "parse_signal"]
+__all__ = ["ControlServer", "NoSuchDaemon", "Request", "Stream", "parse_signal"]
