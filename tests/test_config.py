@@ -22,7 +22,10 @@ from ikos.manager._config import (
     LoadedConfig,
     ManagerSettings,
     load_config,
+    read_declarations,
 )
+from ikos.registry._health import HealthCheck
+from ikos.registry._service import ServiceInfo
 from ikos.supervision._spec import RESTART_TYPES, Backoff, Child, Exec, Supervisor
 
 TESTS = Path(__file__).parent
@@ -1178,3 +1181,225 @@ def test_the_documented_full_example_loads_without_warnings(tmp_path: Path) -> N
     assert loaded.warnings == ()
     walked = [path for path, _ in loaded.tree.walk()]
     assert walked == ["root", "root/db", "root/workers", "root/workers/echo", "root/workers/web"]
+
+
+# --- service metadata and health checks ----------------------------------------------------
+
+DECLARING = f"""
+[actors.net]
+class = "{ECHO}"
+description = "the network"
+[[actors.net.service]]
+type = "dhcp"
+version = "4.4"
+endpoint = "udp://0.0.0.0:67"
+capabilities = ["dhcpv4", "dhcpv6"]
+metadata = {{ region = "eu" }}
+[[actors.net.service]]
+name = "net/dns"
+[[actors.net.health]]
+kind = "method"
+target = "healthy"
+interval = 1
+[[actors.net.health]]
+kind = "tcp"
+target = "127.0.0.1:53"
+timeout = 0.5
+unhealthy_threshold = 2
+on_failure = "restart"
+
+[executables.web]
+executable = "true"
+service = {{ name = "web/http", capabilities = ["http"] }}
+[executables.web.health]
+kind = "http"
+target = "http://127.0.0.1:8080/health"
+
+[executables.hb]
+executable = "true"
+health = [{{ kind = "ttl", ttl = 5 }}, {{ kind = "exec", target = "pgrep -x hb" }}]
+"""
+
+
+def test_services_and_health_checks_are_read_per_daemon(tmp_path: Path) -> None:
+    loaded = load(tmp_path, DECLARING)
+    assert loaded.warnings == ()
+    assert names(loaded.tree) == ["net", "web", "hb"]
+    assert loaded.services == {
+        "net": (
+            ServiceInfo(
+                "net",
+                description="the network",
+                version="4.4",
+                type="dhcp",
+                endpoint="udp://0.0.0.0:67",
+                capabilities=("dhcpv4", "dhcpv6"),
+                owner="net",
+                metadata={"region": "eu"},
+            ),
+            ServiceInfo("net/dns", description="the network", owner="net"),
+        ),
+        "web": (ServiceInfo("web/http", capabilities=("http",), owner="web"),),
+    }
+    assert loaded.health == {
+        "net": (
+            HealthCheck("method", "healthy", interval=1.0),
+            HealthCheck(
+                "tcp", "127.0.0.1:53", timeout=0.5, unhealthy_threshold=2, on_failure="restart"
+            ),
+        ),
+        "web": (HealthCheck("http", "http://127.0.0.1:8080/health"),),
+        "hb": (HealthCheck("ttl", ttl=5.0), HealthCheck("exec", ("pgrep", "-x", "hb"))),
+    }
+    declared = read_declarations(tmp_path / "ikos.toml")
+    assert (declared.services, declared.health) == (loaded.services, loaded.health)
+
+
+def test_a_file_without_declarations_declares_nothing(tmp_path: Path) -> None:
+    loaded = load(tmp_path, f'[actors.a]\nclass = "{ECHO}"\n')
+    assert (loaded.services, loaded.health) == ({}, {})
+
+
+def test_health_tables_place_their_entry_in_the_start_order(tmp_path: Path) -> None:
+    text = f"""
+        [[executables.b.health]]
+        kind = "ttl"
+        ttl = 1
+        [actors.a]
+        class = "{ECHO}"
+        [executables.b]
+        executable = "true"
+    """
+    assert names(load(tmp_path, text).tree) == ["b", "a"]
+
+
+@pytest.mark.parametrize(
+    ("text", "table", "key", "fragment"),
+    [
+        (
+            '[executables.x.service]\nname = "bad name"\n',
+            "executables.x.service",
+            "name",
+            "expected a name of 1-128 characters",
+        ),
+        (
+            "[executables.x.service]\ncapabilities = [1]\n",
+            "executables.x.service",
+            "capabilities",
+            "expected a list of strings",
+        ),
+        (
+            '[executables.x.service]\ncapabilities = ["a", "a"]\n',
+            "executables.x.service",
+            "capabilities",
+            "item 1: duplicate 'a'",
+        ),
+        (
+            "[executables.x.service]\nmetadata = { k = 1 }\n",
+            "executables.x.service",
+            "metadata.k",
+            "expected a string",
+        ),
+        (
+            f'[executables.x.service]\nmetadata = {{ k = "{"v" * 5000}" }}\n',
+            "executables.x.service",
+            "metadata",
+            "limit of 4096 bytes",
+        ),
+        (
+            '[executables.x.service]\ndescription = "x"\nversion = 2\n',
+            "executables.x.service",
+            "version",
+            "expected a string",
+        ),
+        ("service = 3\n", "executables.x", "service", "an array of tables"),
+        (
+            '[executables.x.health]\nkind = "method"\ntarget = "ok"\n',
+            "executables.x.health",
+            "kind",
+            "exec, tcp, http or ttl (a method check asks an actor)",
+        ),
+        (
+            '[executables.x.health]\nkind = "magic"\n',
+            "executables.x.health",
+            "kind",
+            "one of exec, tcp, http, ttl, method",
+        ),
+        (
+            '[[executables.x.health]]\nkind = "ttl"\nttl = 1\n'
+            '[[executables.x.health]]\nkind = "tcp"\ntarget = "nohost"\n',
+            "executables.x.health[1]",
+            "target",
+            "an address 'host:port'",
+        ),
+        (
+            '[executables.x.health]\nkind = "ttl"\n',
+            "executables.x.health",
+            "ttl",
+            "required for kind ttl",
+        ),
+        (
+            '[executables.x.health]\nkind = "exec"\ntarget = "true"\ninterval = 0\n',
+            "executables.x.health",
+            "interval",
+            "a positive number of seconds",
+        ),
+        (
+            '[executables.x.health]\nkind = "http"\ntarget = "ftp://h/"\n',
+            "executables.x.health",
+            "target",
+            "an http:// or https:// URL",
+        ),
+        (
+            '[executables.x.health]\nkind = "ttl"\nttl = 1\non_failure = "pray"\n',
+            "executables.x.health",
+            "on_failure",
+            "one of restart, alert",
+        ),
+    ],
+)
+def test_bad_service_and_health_tables_name_file_table_and_key(
+    tmp_path: Path, text: str, table: str, key: str, fragment: str
+) -> None:
+    path = write(tmp_path, '[executables.x]\nexecutable = "true"\n' + text)
+    for reader in (load_config, read_declarations):
+        with pytest.raises(ConfigError) as info:
+            reader(path)
+        assert (info.value.file, info.value.table, info.value.key) == (str(path), table, key)
+        assert fragment in str(info.value)
+
+
+def test_a_service_name_is_declared_once(tmp_path: Path) -> None:
+    text = """
+        [executables.a]
+        executable = "true"
+        service = { name = "shared" }
+        [executables.b]
+        executable = "true"
+        service = { name = "shared" }
+    """
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path, text)
+    assert (info.value.table, info.value.key) == ("executables.b.service", "name")
+    assert "also [executables.a.service]" in str(info.value)
+
+
+def test_unknown_keys_of_service_and_health_tables_are_warnings(tmp_path: Path) -> None:
+    text = """
+        [executables.a]
+        executable = "true"
+        [executables.a.service]
+        versoin = "1"
+        [executables.a.health]
+        kind = "ttl"
+        ttl = 1
+        intreval = 2
+    """
+    loaded = load(tmp_path, text)
+    file = tmp_path / "ikos.toml"
+    assert loaded.warnings == (
+        f"{file}: [executables.a.service] unknown key 'versoin' (ignored), did you mean 'version'?",
+        f"{file}: [executables.a.health] unknown key 'intreval' (ignored),"
+        " did you mean 'interval'?",
+    )
+    assert loaded.health["a"] == (HealthCheck("ttl", ttl=1.0),)

@@ -20,6 +20,12 @@ Start order: ``tomllib`` keeps insertion order only inside one table, so the
 order of children of different kinds (``[actors.*]``, ``[executables.*]``,
 ``[supervisors.*]``) is recovered from the text: a line scanner records the
 line where each entry is first defined, by a table header or a key.
+
+Service metadata (``[actors.NAME.service]``) and health checks
+(``[[actors.NAME.health]]``) are read by the same readers but kept apart
+from the tree, in :class:`Declarations`: the manager's registry applies
+them, and it reads them again itself (:func:`read_declarations`) because
+the manager receives only the tree.
 """
 
 from __future__ import annotations
@@ -33,11 +39,13 @@ import signal
 import sys
 import tomllib
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, cast
 
 from ikos._errors import ConfigError, SpecError
+from ikos.registry._health import HealthCheck
+from ikos.registry._service import InvalidService, ServiceInfo, validate_service
 from ikos.supervision._spec import (
     RESTART_TYPES,
     STRATEGIES,
@@ -52,7 +60,14 @@ from ikos.supervision._spec import (
     validate_tree,
 )
 
-__all__ = ["DEFAULT_METRICS", "LoadedConfig", "ManagerSettings", "load_config"]
+__all__ = [
+    "DEFAULT_METRICS",
+    "Declarations",
+    "LoadedConfig",
+    "ManagerSettings",
+    "load_config",
+    "read_declarations",
+]
 
 DEFAULT_METRICS: Final = ("127.0.0.1", 9464)
 LOG_LEVELS: Final = ("debug", "info", "warning", "error", "critical")
@@ -61,11 +76,34 @@ EXEC_TYPES: Final = ("simple", "exec", "forking", "notify", "oneshot")
 MAX_FILE_BYTES: Final = 16 * 1024 * 1024
 #: Deepest nesting of supervisors below the root (recursion elsewhere stays bounded).
 MAX_DEPTH: Final = 100
+#: Most services one daemon may declare, and most health checks it may have.
+MAX_DECLARED_SERVICES: Final = 32
+MAX_HEALTH_CHECKS: Final = 32
 
 _TOP_TABLES: Final = ("ikosd", "root", "supervisors", "actors", "executables")
 _KINDS: Final = ("supervisors", "actors", "executables")
 _KIND_NOUN: Final = {"supervisors": "supervisor", "actors": "actor", "executables": "executable"}
 _COMMON_KEYS: Final = ("restart", "shutdown", "requires", "after", "description", "backoff")
+_DECLARATION_KEYS: Final = ("service", "health")
+_SERVICE_KEYS: Final = (
+    "name",
+    "description",
+    "version",
+    "type",
+    "endpoint",
+    "capabilities",
+    "metadata",
+)
+_HEALTH_KEYS: Final = (
+    "kind",
+    "target",
+    "interval",
+    "timeout",
+    "healthy_threshold",
+    "unhealthy_threshold",
+    "on_failure",
+    "ttl",
+)
 _SETTINGS_KEYS: Final = (
     "metrics",
     "log_level",
@@ -83,8 +121,15 @@ _ACTOR_KEYS: Final = (
     "mailbox_size",
     "start_timeout",
     *_COMMON_KEYS,
+    *_DECLARATION_KEYS,
 )
-_EXEC_SPEC_KEYS: Final = ("executable", "supervisor", "start_timeout", *_COMMON_KEYS)
+_EXEC_SPEC_KEYS: Final = (
+    "executable",
+    "supervisor",
+    "start_timeout",
+    *_COMMON_KEYS,
+    *_DECLARATION_KEYS,
+)
 _BACKOFF_KEYS: Final = ("min", "max", "random_factor", "reset_after")
 
 
@@ -121,17 +166,36 @@ class ManagerSettings:
 
 
 @dataclass(frozen=True)
+class Declarations:
+    """The service and health tables of a file, by daemon name.
+
+    ``services[daemon]`` are the :class:`~ikos.registry._service.ServiceInfo`
+    values the daemon offers (``owner`` set to the daemon; the manager
+    registers them when the daemon runs); ``health[daemon]`` its checks.
+    ``warnings`` are the unknown keys of those tables.
+    """
+
+    services: dict[str, tuple[ServiceInfo, ...]] = field(default_factory=dict)
+    health: dict[str, tuple[HealthCheck, ...]] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class LoadedConfig:
     """The result of :func:`load_config`.
 
     ``tree`` is validated; ``warnings`` are human-readable lines (unknown keys
-    and tables), table by table, for the caller to log.
+    and tables), table by table, for the caller to log. ``services`` and
+    ``health`` are the daemons' declared services and health checks (see
+    :class:`Declarations`).
     """
 
     file: Path
     tree: Supervisor
     settings: ManagerSettings
     warnings: tuple[str, ...] = ()
+    services: dict[str, tuple[ServiceInfo, ...]] = field(default_factory=dict)
+    health: dict[str, tuple[HealthCheck, ...]] = field(default_factory=dict)
 
 
 def load_config(path: str | Path, base_tree: Supervisor | None = None) -> LoadedConfig:
@@ -159,7 +223,163 @@ def load_config(path: str | Path, base_tree: Supervisor | None = None) -> Loaded
     loader = _Loader(file, text, base_tree)
     settings = loader.settings(document)
     tree = loader.tree(document, settings.mailbox_size)
-    return LoadedConfig(Path(path).absolute(), tree, settings, tuple(loader.warnings))
+    declared = _declarations(file, document)
+    return LoadedConfig(
+        Path(path).absolute(),
+        tree,
+        settings,
+        (*loader.warnings, *declared.warnings),
+        declared.services,
+        declared.health,
+    )
+
+
+def read_declarations(path: str | Path) -> Declarations:
+    """Read only the service and health tables of ``path``, with the same checks.
+
+    For the manager's registry, which gets the tree but not the file's
+    other contents; the tree's own errors are :func:`load_config`'s.
+
+    Example::
+
+        declared = read_declarations("/etc/ikos/ikos.toml")
+        declared.health["net"]       # (HealthCheck("tcp", "127.0.0.1:53"),)
+    """
+    file = str(path)
+    text = _read_text(file, Path(path))
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise _syntax_error(file, text, exc) from None
+    return _declarations(file, document)
+
+
+# --- service metadata and health checks ----------------------------------------------------
+
+
+def _declarations(file: str, document: Mapping[str, Any]) -> Declarations:
+    services: dict[str, tuple[ServiceInfo, ...]] = {}
+    health: dict[str, tuple[HealthCheck, ...]] = {}
+    warnings: list[str] = []
+    declared_by: dict[str, str] = {}  # service name -> table that declared it
+    for kind in ("actors", "executables"):
+        section = document.get(kind, {})
+        if not isinstance(section, dict):
+            continue  # the tree's loader reports it
+        for name, data in section.items():
+            if not isinstance(data, dict):
+                continue
+            base = _table_name(kind, name)
+            description = data.get("description", "")
+            if "service" in data:
+                services[name] = _declared_services(
+                    file,
+                    base,
+                    name,
+                    data["service"],
+                    description if isinstance(description, str) else "",
+                    declared_by,
+                    warnings,
+                )
+            if "health" in data:
+                health[name] = _declared_checks(file, base, kind, name, data["health"], warnings)
+    return Declarations(services, health, tuple(warnings))
+
+
+def _tables(
+    file: str, base: str, key: str, value: Any, limit: int
+) -> list[tuple[str, Mapping[str, Any]]]:
+    """``[base.key]`` or ``[[base.key]]``: the tables with the names errors give them."""
+    expected = f"a table [{base}.{key}] or an array of tables [[{base}.{key}]]"
+    if isinstance(value, dict):
+        return [(f"{base}.{key}", value)]
+    if not isinstance(value, list) or not value:
+        raise ConfigError(file, base, key, expected, value)
+    if len(value) > limit:
+        raise ConfigError(file, base, key, f"at most {limit} tables", f"{len(value)} tables")
+    tables: list[tuple[str, Mapping[str, Any]]] = []
+    for index, item in enumerate(value):
+        table = f"{base}.{key}" if len(value) == 1 else f"{base}.{key}[{index}]"
+        if not isinstance(item, dict):
+            raise ConfigError(file, table, None, expected, item)
+        tables.append((table, item))
+    return tables
+
+
+def _declared_services(
+    file: str,
+    base: str,
+    daemon: str,
+    value: Any,
+    description: str,
+    declared_by: dict[str, str],
+    warnings: list[str],
+) -> tuple[ServiceInfo, ...]:
+    infos = []
+    for table, data in _tables(file, base, "service", value, MAX_DECLARED_SERVICES):
+        t = _Table(file, table, data)
+        warnings += t.unknown(_SERVICE_KEYS)
+        capabilities = t.get("capabilities")
+        if capabilities is _MISSING:
+            capabilities = []
+        elif not isinstance(capabilities, list) or not all(
+            isinstance(c, str) for c in capabilities
+        ):
+            raise t.error("capabilities", "a list of strings", capabilities)
+        metadata = t.get("metadata")
+        if metadata is _MISSING:
+            metadata = {}
+        elif not isinstance(metadata, dict):
+            raise t.error("metadata", "a table of strings, like { region = 'eu' }", metadata)
+        for key, item in metadata.items():
+            if not isinstance(item, str):
+                raise t.error(f"metadata.{key}", "a string", item)
+        info = ServiceInfo(
+            name=t.string("name", daemon),
+            description=t.string("description", description),
+            version=t.string("version", ""),
+            type=t.string("type", ""),
+            endpoint=t.string("endpoint", ""),
+            capabilities=tuple(capabilities),
+            metadata=dict(metadata),
+            owner=daemon,
+        )
+        try:
+            validate_service(info)
+        except InvalidService as exc:
+            reason = exc.reason.removeprefix("expected ")
+            if reason == exc.reason:
+                reason = f"a value within the registry's limits ({reason})"
+            key = exc.field if exc.field in data else None
+            raise t.error(key, reason) from None
+        if info.name in declared_by:
+            raise t.error(
+                "name",
+                f"a service name not declared elsewhere (also [{declared_by[info.name]}])",
+                info.name,
+            )
+        declared_by[info.name] = table
+        infos.append(info)
+    return tuple(infos)
+
+
+def _declared_checks(
+    file: str, base: str, kind: str, daemon: str, value: Any, warnings: list[str]
+) -> tuple[HealthCheck, ...]:
+    checks = []
+    for table, data in _tables(file, base, "health", value, MAX_HEALTH_CHECKS):
+        t = _Table(file, table, data)
+        warnings += t.unknown(_HEALTH_KEYS)
+        if kind == "executables" and data.get("kind") == "method":
+            raise t.error("kind", "exec, tcp, http or ttl (a method check asks an actor)", "method")
+        try:
+            check = HealthCheck.from_mapping(
+                daemon, {k: data[k] for k in _HEALTH_KEYS if k in data}
+            )
+        except ConfigError as exc:
+            raise ConfigError(file, table, exc.key, exc.expected, exc.got) from None
+        checks.append(check)
+    return tuple(checks)
 
 
 # --- reading -------------------------------------------------------------------------------
@@ -241,10 +461,12 @@ def _definition_lines(text: str) -> dict[tuple[str, str], int]:
     current: list[str] = []
     for number, line in enumerate(text.splitlines(), start=1):
         stripped = line.lstrip()
-        if stripped.startswith("["):
-            if stripped.startswith("[["):
-                current = []
-                continue
+        if stripped.startswith("[["):
+            # An array of tables ([[actors.echo.health]]): it places its entry,
+            # and the keys below it belong to the array's item, not to an entry.
+            current = []
+            path, _ = _dotted_key(line, line.index("[[") + 2)
+        elif stripped.startswith("["):
             parts, end = _dotted_key(line, line.index("[") + 1)
             if end < len(line) and line[end] == "]":
                 current = parts
