@@ -317,6 +317,47 @@ def _subscribe(ctx: _Context) -> int:
     return EXIT_OK
 
 
+def _services(ctx: _Context) -> int:
+    args: dict[str, Any] = {}
+    if ctx.args.active:
+        args["active_only"] = True
+    services = _expect_list(ctx.client.call("services", args), "services")
+    if ctx.json:
+        ctx.emit_json(services)
+    else:
+        ctx.emit_text(_render.render_services(services, ctx.style))
+    return EXIT_OK
+
+
+def _discover(ctx: _Context) -> int:
+    ns = ctx.args
+    args: dict[str, Any] = {}
+    if ns.name is not None:
+        # A name with glob characters is a pattern: `ikosctl discover 'net/*'`.
+        args["pattern" if any(c in ns.name for c in "*?[") else "name"] = ns.name
+    if ns.capability is not None:
+        args["capability"] = ns.capability
+    if ns.type is not None:
+        args["type"] = ns.type
+    if ns.active:
+        args["active_only"] = True
+    if not args or args == {"active_only": True}:
+        raise _UsageError("discover needs a NAME (or glob), --capability or --type")
+    result = ctx.client.call("discover", args)
+    if isinstance(result, list) and not result:
+        what = ", ".join(f"{k} {v!r}" for k, v in args.items() if k != "active_only")
+        raise NoSuchDaemon(f"no {'active ' if ns.active else ''}service matches {what}")
+    if ctx.json:
+        ctx.emit_json(result)
+    elif isinstance(result, dict):
+        ctx.emit_text(_render.render_service(result))
+    elif isinstance(result, list) and len(result) == 1 and isinstance(result[0], dict):
+        ctx.emit_text(_render.render_service(result[0]))
+    else:
+        ctx.emit_text(_render.render_services(_expect_list(result, "discover"), ctx.style))
+    return EXIT_OK
+
+
 def _simple(verb: str, build: Callable[[argparse.Namespace], dict[str, Any]]) -> _Verb:
     """A verb whose result is shown as is: JSON, or its most readable text form."""
 
@@ -429,10 +470,17 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("-n", "--lines", type=_non_negative_int, metavar="N", help="last N lines")
     logs.add_argument("name", metavar="NAME")
     verb("top", _simple("top", lambda ns: {}), "show the daemons' resource usage")
-    verb("services", _simple("services", lambda ns: {}), "list registered services")
-    verb(
-        "discover", _simple("discover", lambda ns: {"name": ns.name}), "show one service"
-    ).add_argument("name", metavar="NAME")
+    services = verb("services", _services, "list registered services")
+    services.add_argument("--active", action="store_true", help="only services whose owner runs")
+    discover = verb(
+        "discover",
+        _discover,
+        "show a service by name, or the services matching a glob, capability or type; 4 when none",
+    )
+    discover.add_argument("name", metavar="NAME", nargs="?", help="a name, or a glob like 'net/*'")
+    discover.add_argument("--capability", metavar="CAP", help="services offering CAP")
+    discover.add_argument("--type", metavar="TYPE", help="services of type TYPE")
+    discover.add_argument("--active", action="store_true", help="only services whose owner runs")
     publish = verb(
         "publish",
         _simple("publish", lambda ns: {"topic": ns.topic, "data": parse_data(ns.data)}),

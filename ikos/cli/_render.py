@@ -30,6 +30,8 @@ __all__ = [
     "humanize_duration",
     "render_list",
     "render_mapping",
+    "render_service",
+    "render_services",
     "render_status",
     "render_table",
     "render_tree",
@@ -47,6 +49,13 @@ _STATE_COLOURS = {
     "backoff": "\x1b[33m",
     "failed": "\x1b[31m",  # red
     "stopped": "\x1b[90m",  # grey
+}
+#: A service's health drawn in the colour of the daemon state that means the same.
+_HEALTH_AS_STATE = {
+    "passing": "running",
+    "warning": "backoff",
+    "critical": "failed",
+    "unknown": "stopped",
 }
 _UNICODE_PROBE = "●├─│└"
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -168,7 +177,26 @@ def _status_block(status: Status, style: Style, now: float) -> str:
     last_exit = status.get("last_exit")
     if isinstance(last_exit, Mapping):
         field("Last exit", _exit_line(last_exit))
+    services = status.get("services")
+    if isinstance(services, list) and services:
+        field("Services", ", ".join(_text(name) for name in services))
+    health = status.get("health")
+    if isinstance(health, str):
+        field("Health", _health_line(health, status.get("health_checks"), style))
     return "\n".join(lines)
+
+
+def _health_line(health: str, checks: Any, style: Style) -> str:
+    text = style.state(_HEALTH_AS_STATE.get(health, ""), _text(health))
+    if isinstance(checks, list):
+        parts = [
+            f"{_text(c.get('check'))}: {_text(c.get('status'))}"
+            for c in checks
+            if isinstance(c, Mapping)
+        ]
+        if parts:
+            text += " (" + "; ".join(parts) + ")"
+    return text
 
 
 def _state_line(status: Status, state: str, style: Style, now: float) -> str:
@@ -269,6 +297,59 @@ def _tree_label(node: Status, style: Style) -> str:
     if node.get("pid") is not None:
         text += f" {_text(node['pid'])}"
     return text
+
+
+#: Columns of ``ikosctl services``, in order; a column shows when any service has the key.
+_SERVICE_COLUMNS = (
+    "name",
+    "type",
+    "version",
+    "endpoint",
+    "capabilities",
+    "pid",
+    "owner",
+    "active",
+    "health",
+)
+
+
+def render_services(services: Sequence[Mapping[str, Any]], style: Style) -> str:
+    """The table of ``ikosctl services``: NAME TYPE VERSION ENDPOINT ... ACTIVE HEALTH.
+
+    Only the columns that some service has are shown; ``active`` and
+    ``health`` are coloured on a terminal (inactive grey, critical red...).
+
+    ::
+
+        NAME      TYPE  VERSION  ENDPOINT          CAPABILITIES  PID   OWNER  ACTIVE  HEALTH
+        net/dhcp  dhcp  4.4      udp://0.0.0.0:67  dhcpv4        1234  net    yes     passing
+    """
+    keys = [k for k in _SERVICE_COLUMNS if any(k in s for s in services)]
+    rows: list[list[tuple[str, str | None]]] = []
+    for service in services:
+        row: list[tuple[str, str | None]] = []
+        for key in keys:
+            value = service.get(key)
+            colour: str | None = None
+            if key == "active" and isinstance(value, bool):
+                colour = "running" if value else "stopped"
+            elif key == "health" and isinstance(value, str):
+                colour = _HEALTH_AS_STATE.get(value)
+            row.append((_cell(value), colour))
+        rows.append(row)
+    return _table([k.upper() for k in keys], rows, style)
+
+
+def render_service(service: Mapping[str, Any]) -> str:
+    """One service as ``key: value`` lines (``ikosctl discover NAME``); times as dates."""
+    shown = dict(service)
+    started = shown.get("start_time")
+    if isinstance(started, int | float) and not isinstance(started, bool):
+        shown["start_time"] = format_time(started)
+    metadata = shown.get("metadata")
+    if isinstance(metadata, Mapping) and not metadata:
+        del shown["metadata"]
+    return render_mapping(shown)
 
 
 def render_table(rows: Sequence[Mapping[str, Any]], style: Style) -> str:
