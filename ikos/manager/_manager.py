@@ -343,19 +343,28 @@ class Manager:
             loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
             self.root = SupervisorNode(self.tree, None, self, self._order, self._waves)
             self.node_added(self.root)
-            try:
-                await self.root.start()
-            except IkosError as exc:
-                log.critical("the root supervisor failed to start: %s", exc)
-                self.exit_code = EXIT_FAILED
-                self._stop.set()
-            for record in list(self.adoptable.values()):
-                self._orphan(record)
-            self.adoptable.clear()
-            if not self._stop.is_set():
-                self._announce_ready()
-            await self._stop.wait()
-            await self._shutdown()
+            starting = asyncio.ensure_future(self.root.start())
+            stopping = asyncio.ensure_future(self._stop.wait())
+            await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if starting.done():
+                try:
+                    starting.result()
+                except IkosError as exc:
+                    log.critical("the root supervisor failed to start: %s", exc)
+                    self.exit_code = EXIT_FAILED
+                    self._stop.set()
+                for record in list(self.adoptable.values()):
+                    self._orphan(record)
+                self.adoptable.clear()
+                if not self._stop.is_set():
+                    self._announce_ready()
+                await stopping
+                await self._shutdown()
+            else:
+                # SIGTERM while daemons are still starting: do not wait for their
+                # start timeouts; stop what runs, in reverse order, now
+                starting.cancel()
+                await self._stop_during_start()
         finally:
             for ext in reversed(self.extensions):
                 try:
@@ -449,6 +458,23 @@ class Manager:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wait_all_exited(), 10)
         root.close()
+
+    async def _stop_during_start(self) -> None:
+        self._shutting_down = True
+        _sd_notify("STOPPING=1")
+        root = self.root
+        if root is None:
+            return
+        log.info("shutdown requested while starting: stopping what runs")
+        root.close()  # cancels the supervisors' command queues, start included
+        for node in reversed(root.walk()):
+            if isinstance(node, WorkerNode) and node.handle is not None and node.handle.alive:
+                try:
+                    await asyncio.wait_for(
+                        node.terminate("ikosd shutting down"), self.shutdown_timeout
+                    )
+                except TimeoutError:
+                    node.handle.kill()
 
     async def _wait_all_exited(self) -> None:
         for node in list(self.nodes.values()):
