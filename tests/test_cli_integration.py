@@ -1,0 +1,585 @@
+"""ikosctl against a real ikosd, verb by verb, as a user runs it.
+
+Every test starts the real ``ikosd`` on a small tree in a temporary root
+(the ``ikosd_factory`` fixture) and drives it only through the real
+``ikosctl`` command: exit codes, stdout and stderr are what is checked,
+never the manager's internals. PIDs come from ``ikosctl --json status``
+and liveness from /proc, so a restart is seen as a user would see it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import pwd
+import re
+import select
+import shutil
+import stat
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import IKOSCTL, Instance, wait_for
+
+TREE = """
+import signal
+
+import ikos
+from examples.actors import Counter, Echo
+
+
+class Signalled(ikos.Actor):
+    '''Counts the SIGUSR1 it received; any message answers the count.'''
+
+    def on_start(self):
+        self.usr1 = 0
+        signal.signal(signal.SIGUSR1, self._on_usr1)
+
+    def _on_usr1(self, signum, frame):
+        self.usr1 += 1
+
+    def receive(self, message):
+        return self.usr1
+
+
+tree = ikos.Supervisor(
+    "root",
+    max_restarts=20,
+    within=5,
+    children=[
+        ikos.Child("echo", Echo, description="answers every message"),
+        ikos.Child("counter", Counter),
+        ikos.Child("sig", Signalled),
+        ikos.Supervisor(
+            "workers",
+            strategy="rest_for_one",
+            max_restarts=20,
+            within=5,
+            children=[ikos.Child("w1", Echo), ikos.Child("w2", Echo)],
+        ),
+    ],
+)
+"""
+
+TREE_ORDER = ["root", "echo", "counter", "sig", "workers", "w1", "w2"]
+STATUS_KEYS = {"name", "state", "pid", "restarts", "started_at", "supervisor"}
+STATES = {"stopped", "starting", "running", "stopping", "backoff", "failed"}
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` is a live (not zombie) process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except OSError:
+        return False
+
+
+def one_error_line(res: subprocess.CompletedProcess[str]) -> str:
+    """The single ``ikosctl: ...`` line a failure must print on stderr."""
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1, f"expected one stderr line, got {res.stderr!r}"
+    assert lines[0].startswith("ikosctl: "), lines[0]
+    assert "Traceback" not in res.stderr
+    return lines[0]
+
+
+def pids(inst: Instance) -> dict[str, int | None]:
+    return {s["name"]: s["pid"] for s in inst.status()}
+
+
+@pytest.fixture
+def inst(ikosd_factory: Any) -> Instance:
+    instance: Instance = ikosd_factory(tree=TREE)
+    return instance
+
+
+# -- status, list, tree, is-active ------------------------------------------
+
+
+def test_status_json_has_the_contract_fields(inst: Instance) -> None:
+    res = inst.ctl("status", "--json")
+    assert res.returncode == 0, res.stderr
+    statuses = json.loads(res.stdout)
+    assert [s["name"] for s in statuses] == TREE_ORDER
+    for s in statuses:
+        assert set(s) >= STATUS_KEYS, s
+        assert s["state"] == "running"
+        assert s["restarts"] == 0
+        assert isinstance(s["started_at"], int | float)
+    by_name = {s["name"]: s for s in statuses}
+    assert by_name["root"]["supervisor"] is None
+    assert by_name["echo"]["supervisor"] == "root"
+    assert by_name["w1"]["supervisor"] == "workers"
+    assert by_name["workers"]["pid"] is None
+    for name in ("echo", "counter", "sig", "w1", "w2"):
+        assert alive(by_name[name]["pid"]), name
+
+
+def test_status_human_block(inst: Instance) -> None:
+    pid = inst.pid_of("echo")
+    res = inst.ctl("status", "echo")
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    assert out.splitlines()[0] == "echo - answers every message"
+    since = r"since \S+; \d+[smhd]( \d+[smhd])? ago"
+    assert re.search(rf"State: running \(pid {pid}\) {since}", out), out
+    assert re.search(r"Restarts: 0$", out, re.M), out
+    assert re.search(r"Supervisor: root$", out, re.M), out
+    assert "\x1b[" not in out  # piped: no colours
+
+
+def test_status_exit_codes(inst: Instance) -> None:
+    assert inst.ctl("status").returncode == 0
+    assert inst.ctl("status", "echo", "w2").returncode == 0
+    inst.ctl("stop", "echo", check=True)
+    assert inst.ctl("status").returncode == 3
+    assert inst.ctl("status", "echo").returncode == 3
+    assert inst.ctl("status", "counter").returncode == 0
+
+    res = inst.ctl("status", "nosuch")
+    assert res.returncode == 4
+    assert "nosuch" in one_error_line(res)
+    assert res.stdout == ""
+    res = inst.ctl("status", "counter", "nosuch", "--json")
+    assert res.returncode == 4
+    assert "nosuch" in one_error_line(res)
+
+
+def test_list_table_and_json(inst: Instance) -> None:
+    res = inst.ctl("list")
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[0].split() == [
+        "NAME",
+        "KIND",
+        "STATE",
+        "PID",
+        "RESTARTS",
+        "UPTIME",
+        "SUPERVISOR",
+    ]
+    assert [line.split()[0] for line in lines[1:]] == TREE_ORDER
+    w1 = next(line.split() for line in lines if line.startswith("w1 "))
+    assert w1[1:4] == ["actor", "running", str(inst.pid_of("w1"))]
+    assert w1[-1] == "workers"
+
+    res = inst.ctl("list", "--json")
+    assert res.returncode == 0, res.stderr
+    listing = json.loads(res.stdout)
+    assert isinstance(listing, list)
+    assert [s["name"] for s in listing] == TREE_ORDER
+    for s in listing:
+        assert set(s) >= STATUS_KEYS and s["state"] in STATES
+
+
+def test_tree_text_and_json(inst: Instance) -> None:
+    res = inst.ctl("tree")
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[0] == "root [supervisor one_for_one] running"
+    assert lines[1] == f"├─ echo [actor] running {inst.pid_of('echo')}"
+    assert lines[4] == "└─ workers [supervisor rest_for_one] running"
+    assert lines[5].startswith("   ├─ w1 [actor] running ")
+    assert lines[6].startswith("   └─ w2 [actor] running ")
+
+    res = inst.ctl("tree", "--json")
+    assert res.returncode == 0, res.stderr
+    root = json.loads(res.stdout)
+    assert root["name"] == "root" and root["supervisor"] is None
+    assert [c["name"] for c in root["children"]] == ["echo", "counter", "sig", "workers"]
+    workers = root["children"][3]
+    assert workers["strategy"] == "rest_for_one"
+    assert [c["name"] for c in workers["children"]] == ["w1", "w2"]
+    assert all(c["supervisor"] == "workers" for c in workers["children"])
+
+
+def test_is_active_exit_codes(inst: Instance) -> None:
+    res = inst.ctl("is-active", "echo")
+    assert (res.returncode, res.stdout) == (0, "running\n")
+    assert inst.ctl("is-active", "echo", "w1").returncode == 0
+    inst.ctl("stop", "w1", check=True)
+    res = inst.ctl("is-active", "w1")
+    assert (res.returncode, res.stdout) == (3, "stopped\n")
+    assert inst.ctl("is-active", "echo", "w1").returncode == 3
+    res = inst.ctl("is-active", "nosuch")
+    assert res.returncode == 4
+    assert "nosuch" in one_error_line(res)
+    res = inst.ctl("is-active", "echo", "--json")
+    assert json.loads(res.stdout) == [{"name": "echo", "state": "running", "active": True}]
+
+
+# -- start, stop, restart ---------------------------------------------------
+
+
+def test_stop_then_start(inst: Instance) -> None:
+    pid = inst.pid_of("echo")
+    assert pid is not None
+    res = inst.ctl("stop", "echo")
+    assert (res.returncode, res.stdout, res.stderr) == (0, "", "")
+    st = inst.status("echo")
+    assert st["state"] == "stopped" and st["pid"] is None
+    assert not alive(pid)
+    # Stopped by request: the supervisor leaves it stopped.
+    assert inst.state("echo") == "stopped"
+
+    res = inst.ctl("start", "echo", "--json")
+    assert res.returncode == 0, res.stderr
+    [started] = json.loads(res.stdout)
+    assert started["name"] == "echo" and started["state"] == "running"
+    assert started["pid"] not in (None, pid) and alive(started["pid"])
+    assert inst.ctl("call", "echo", "back").stdout == "back\n"
+
+
+def test_restart_changes_pid_and_counts(inst: Instance) -> None:
+    assert inst.ctl("call", "counter", "incr").stdout == "1\n"
+    before = inst.status("counter")
+    res = inst.ctl("restart", "counter")
+    assert res.returncode == 0, res.stderr
+    after = inst.status("counter")
+    assert after["state"] == "running"
+    assert after["pid"] != before["pid"] and alive(after["pid"])
+    assert not alive(before["pid"])
+    assert after["restarts"] == before["restarts"] + 1
+    # A fresh process: the count started again.
+    assert inst.ctl("call", "counter", "get").stdout == "0\n"
+
+
+def test_restart_a_supervisor_restarts_its_subtree(inst: Instance) -> None:
+    before = pids(inst)
+    assert inst.ctl("restart", "workers").returncode == 0
+    after = pids(inst)
+    assert after["w1"] != before["w1"] and after["w2"] != before["w2"]
+    for name in ("echo", "counter", "sig"):
+        assert after[name] == before[name], name
+
+
+def test_unknown_daemon_for_control_verbs(inst: Instance) -> None:
+    for verb in ("start", "stop", "restart"):
+        res = inst.ctl(verb, "nosuch")
+        assert res.returncode == 4, (verb, res.stderr)
+        assert "nosuch" in one_error_line(res)
+    res = inst.ctl("kill", "-s", "KILL", "nosuch")
+    assert res.returncode == 4
+    res = inst.ctl("call", "nosuch", "x")
+    assert res.returncode == 4
+
+
+# -- kill -------------------------------------------------------------------
+
+
+def test_kill_sigkill_is_restarted_by_the_supervisor(inst: Instance) -> None:
+    before = pids(inst)
+    res = inst.ctl("kill", "-s", "SIGKILL", "w1", "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout) == {"name": "w1", "pid": before["w1"], "signal": 9}
+    new_w1 = inst.wait_running_new_pid("w1", before["w1"])
+    # rest_for_one: w2, started after w1, restarts with it; the rest keeps running.
+    new_w2 = inst.wait_running_new_pid("w2", before["w2"])
+    assert alive(new_w1) and alive(new_w2)
+    st = inst.status("w1")
+    assert st["restarts"] == 1
+    assert st["last_exit"]["signal"] == 9
+    after = pids(inst)
+    for name in ("echo", "counter", "sig"):
+        assert after[name] == before[name]
+    assert inst.ctl("call", "w1", "pid").stdout == f"{new_w1}\n"
+
+
+def test_kill_usr1_reaches_the_actors_handler(inst: Instance) -> None:
+    pid = inst.pid_of("sig")
+    assert inst.ctl("call", "sig", "count").stdout == "0\n"
+    assert inst.ctl("kill", "-s", "USR1", "sig").returncode == 0
+    wait_for(lambda: inst.ctl("call", "sig", "count").stdout == "1\n", message="USR1 handled")
+    assert inst.ctl("kill", "--signal", "10", "sig").returncode == 0  # by number
+    wait_for(lambda: inst.ctl("call", "sig", "count").stdout == "2\n", message="second USR1")
+    st = inst.status("sig")
+    assert st["pid"] == pid and st["restarts"] == 0 and st["state"] == "running"
+
+
+def test_kill_refuses_an_unknown_signal(inst: Instance) -> None:
+    res = inst.ctl("kill", "-s", "SIGNOPE", "echo")
+    assert res.returncode == 1
+    assert "SIGNOPE" in one_error_line(res)
+    assert inst.status("echo")["restarts"] == 0
+
+
+# -- call -------------------------------------------------------------------
+
+
+def test_call_with_json_and_plain_data(inst: Instance) -> None:
+    res = inst.ctl("call", "echo", '{"a": [1, 2], "b": null}')
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout) == {"a": [1, 2], "b": None}
+    res = inst.ctl("call", "echo", "hello world")
+    assert (res.returncode, res.stdout) == (0, "hello world\n")
+    res = inst.ctl("--json", "call", "echo", "hello")
+    assert json.loads(res.stdout) == "hello"
+    res = inst.ctl("call", "echo", "42", "--json")
+    assert json.loads(res.stdout) == 42
+    for expected in ("1\n", "2\n", "3\n"):
+        assert inst.ctl("call", "counter", "incr").stdout == expected
+
+
+def test_call_to_a_supervisor_is_refused(inst: Instance) -> None:
+    res = inst.ctl("call", "workers", "x")
+    assert res.returncode == 1
+    assert "not an actor" in one_error_line(res)
+
+
+# -- reload-config and shutdown ----------------------------------------------
+
+
+def test_reload_config_without_a_config_file_fails_clearly(inst: Instance) -> None:
+    before = pids(inst)
+    res = inst.ctl("reload-config")
+    assert res.returncode == 1
+    assert "configuration file" in one_error_line(res)
+    assert pids(inst) == before
+
+
+def test_reload_config_with_a_config(ikosd_factory: Any) -> None:
+    inst = ikosd_factory(
+        config="""
+        [ikosd]
+        metrics = false
+        [actors.echo]
+        class = "examples.actors:Echo"
+        """
+    )
+    echo = inst.pid_of("echo")
+    config = inst.root.parent / "ikos.toml"
+    config.write_text(
+        config.read_text() + '\n[actors.counter]\nclass = "examples.actors:Counter"\n'
+    )
+    res = inst.ctl("reload-config")
+    assert (res.returncode, res.stdout) == (0, "added: counter\n"), res.stderr
+    assert inst.state("counter") == "running"
+    assert inst.pid_of("echo") == echo
+    res = inst.ctl("reload-config", "--json")
+    assert json.loads(res.stdout) == {"added": [], "removed": [], "changed": []}
+    assert inst.ctl("reload-config").stdout == "no changes\n"
+
+
+def test_shutdown_stops_everything(inst: Instance) -> None:
+    workers = [p for p in pids(inst).values() if p]
+    res = inst.ctl("shutdown")
+    assert (res.returncode, res.stderr) == (0, "")
+    assert inst.proc.wait(timeout=60) == 0
+    assert inst.leftovers() == []
+    assert not any(alive(p) for p in workers)
+    assert not (inst.root / "run" / "ikos" / "ikosd.sock").exists()
+    assert "ikosd stopped (exit status 0)" in inst.log_text()
+    res = inst.ctl("list")
+    assert res.returncode == 1
+    one_error_line(res)
+
+
+# -- how ikosctl finds ikosd and reads its options ----------------------------
+
+
+def test_root_and_json_before_or_after_the_verb(inst: Instance) -> None:
+    env = {**inst.env}
+    env.pop("IKOS_ROOT")
+    root = str(inst.root)
+    variants = [
+        ["--root", root, "--json", "status", "echo"],
+        ["--json", "--root", root, "status", "echo"],
+        ["status", "echo", "--root", root, "--json"],
+        ["status", "--json", "echo", "--root", root],
+        ["--root", root, "status", "--json", "echo"],
+        ["--json", "status", "--root", root, "echo"],
+    ]
+    for argv in variants:
+        res = subprocess.run([IKOSCTL, *argv], capture_output=True, text=True, env=env, timeout=60)
+        assert res.returncode == 0, (argv, res.stderr)
+        assert json.loads(res.stdout)[0]["name"] == "echo", argv
+
+
+def test_ikos_root_environment_variable(inst: Instance) -> None:
+    res = subprocess.run(
+        [IKOSCTL, "list", "--json"], capture_output=True, text=True, env=inst.env, timeout=60
+    )
+    assert res.returncode == 0, res.stderr
+    assert [s["name"] for s in json.loads(res.stdout)] == TREE_ORDER
+    # --root wins over $IKOS_ROOT.
+    env = {**inst.env, "IKOS_ROOT": str(inst.root.parent / "elsewhere")}
+    res = subprocess.run(
+        [IKOSCTL, "--root", str(inst.root), "is-active", "echo"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert res.returncode == 0, res.stderr
+
+
+def test_no_ikosd_is_one_clear_line(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "IKOS_ROOT"}
+    for argv in (
+        ["--root", str(tmp_path / "none"), "status"],
+        ["list", "--root", str(tmp_path / "none"), "--json"],
+    ):
+        res = subprocess.run([IKOSCTL, *argv], capture_output=True, text=True, env=env)
+        assert res.returncode == 1
+        assert res.stdout == ""
+        line = one_error_line(res)
+        assert "no ikosd" in line and str(tmp_path / "none") in line
+    res = subprocess.run(
+        [IKOSCTL, "status"],
+        capture_output=True,
+        text=True,
+        env={**env, "IKOS_ROOT": str(tmp_path / "none")},
+    )
+    assert res.returncode == 1
+    assert str(tmp_path / "none") in one_error_line(res)
+
+
+# -- terminals --------------------------------------------------------------
+
+
+def run_in_pty(argv: list[str], env: dict[str, str], timeout: float = 60) -> tuple[int, str]:
+    """Run ``argv`` with a pseudo-terminal as stdout/stderr; return (status, output)."""
+    main_fd, child_fd = pty.openpty()
+    try:
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=child_fd, stderr=child_fd, env=env
+        )
+    finally:
+        os.close(child_fd)
+    chunks: list[bytes] = []
+    try:
+        while True:
+            ready, _, _ = select.select([main_fd], [], [], timeout)
+            if not ready:
+                proc.kill()
+                raise AssertionError(f"no output from {argv} within {timeout}s")
+            try:
+                data = os.read(main_fd, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+        return proc.wait(timeout=timeout), b"".join(chunks).decode(errors="replace")
+    finally:
+        os.close(main_fd)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_colours_only_on_a_terminal(inst: Instance) -> None:
+    env = {k: v for k, v in inst.env.items() if k != "NO_COLOR"}
+    env["TERM"] = "xterm"
+    status, out = run_in_pty([IKOSCTL, "--root", str(inst.root), "list"], env)
+    assert status == 0, out
+    assert "\x1b[32m" in out  # "running" in green
+    plain = ANSI.sub("", out)
+    assert "echo" in plain and "running" in plain
+
+    status, out = run_in_pty([IKOSCTL, "--root", str(inst.root), "status", "echo"], env)
+    assert status == 0 and "\x1b[" in out and "●" in out
+
+    status, out = run_in_pty([IKOSCTL, "--root", str(inst.root), "list"], {**env, "NO_COLOR": "1"})
+    assert status == 0 and "\x1b[" not in out
+
+    for argv in (["list"], ["status"], ["tree"]):
+        res = inst.ctl(*argv)
+        assert "\x1b" not in res.stdout, argv
+
+
+# -- authorization -----------------------------------------------------------
+
+
+@pytest.fixture
+def world_reachable_dir() -> Iterator[Path]:
+    """A directory other users can traverse (0711), outside pytest's private tmp.
+
+    pytest keeps its base temporary directory 0700 and every new pytest
+    session (other developers run theirs concurrently) resets it to that, so
+    an instance that another user must reach lives here instead.
+    """
+    path = Path(tempfile.mkdtemp(prefix="ikos-test-"))
+    os.chmod(path, 0o711)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as nobody")
+
+
+@needs_root
+def test_another_user_may_only_read(world_reachable_dir: Path, ikosd_factory: Any) -> None:
+    nobody = pwd.getpwnam("nobody")
+    started = ikosd_factory(tree=TREE, args=["--root", str(world_reachable_dir / "root")])
+    # The last --root wins: the instance lives where nobody can reach it.
+    inst = Instance(world_reachable_dir / "root", started.proc, started.mark, started.log)
+    run_dir = inst.root / "run" / "ikos"
+    # What lets nobody in: a world-reachable run dir and socket, while the
+    # mailboxes and the secret stay private.
+    assert stat.S_IMODE(run_dir.stat().st_mode) & 0o005 == 0o005
+    assert stat.S_IMODE((run_dir / "ikosd.sock").stat().st_mode) == 0o666
+    assert stat.S_IMODE((run_dir / "actors").stat().st_mode) == 0o700
+    assert stat.S_IMODE((inst.root / "var/lib/ikos/secret").stat().st_mode) == 0o600
+
+    env = {k: v for k, v in inst.env.items() if k != "IKOS_ROOT"}
+    env["HOME"] = nobody.pw_dir
+
+    def as_nobody(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [
+                "setpriv",
+                "--reuid=nobody",
+                "--regid=nogroup",
+                "--clear-groups",
+                IKOSCTL,
+                "--root",
+                str(inst.root),
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+
+    before = inst.status()
+    res = as_nobody("status", "--json")
+    assert res.returncode == 0, res.stderr
+    assert [s["pid"] for s in json.loads(res.stdout)] == [s["pid"] for s in before]
+    assert as_nobody("list").returncode == 0
+    assert as_nobody("tree", "--json").returncode == 0
+    assert as_nobody("is-active", "echo").returncode == 0
+
+    for args in (
+        ["stop", "echo"],
+        ["restart", "echo"],
+        ["kill", "-s", "KILL", "echo"],
+        ["call", "echo", "hi"],
+        ["reload-config"],
+        ["shutdown"],
+    ):
+        res = as_nobody(*args)
+        assert res.returncode == 1, (args, res.stderr)
+        line = one_error_line(res)
+        assert "may only read" in line, line
+        assert f"uid {nobody.pw_uid}" in line, line
+
+    after = inst.status()
+    assert [(s["name"], s["state"], s["pid"], s["restarts"]) for s in after] == [
+        (s["name"], s["state"], s["pid"], s["restarts"]) for s in before
+    ]
+    assert inst.proc.poll() is None
+    log = (inst.root / "var/log/ikos/ikosd.log").read_text()
+    assert f"uid {nobody.pw_uid}: stop" not in log  # refused before the audit line
+    assert inst.terminate() == 0
+    assert inst.leftovers() == []
