@@ -1,0 +1,337 @@
+"""The ikos demo, run by ``make demo``: a small supervision tree under ikosd.
+
+``python -m examples.demo --root .demo`` starts the real ``ikosd --root .demo
+--tree examples.demo:tree`` as a subprocess, waits for its ready line, and
+drives it with the real ``ikosctl`` as a user would: it shows the tree, asks
+actors, kills a worker and shows the supervisor restarting it (with the
+``rest_for_one`` strategy taking the later stages along), then prints where
+to look. On a terminal ikosd then stays up until Ctrl-C; otherwise, or with
+``--once``, the demo shuts it down and exits with ikosd's exit status.
+
+The demo is a client, not a library user: everything goes through the
+command line and the control socket, so what it prints is what a user
+typing the same commands sees. ikosd runs in its own session, so a Ctrl-C
+reaches the demo alone, which then stops ikosd in order and waits for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any, NoReturn
+
+import ikos
+from examples.actors import Counter, Crashy, Echo, Store
+
+__all__ = ["Counter", "Crashy", "Echo", "Store", "main", "tree"]
+
+REPO = Path(__file__).resolve().parent.parent
+
+#: The demo system: a store and a counter, then a three-stage pipeline of
+#: workers that needs the store. In the pipeline a failure restarts the stage
+#: that failed and the stages after it (``rest_for_one``), never the ones before.
+tree = ikos.Supervisor(
+    "root",
+    strategy="one_for_one",
+    max_restarts=5,
+    within=10,
+    description="the ikos demo system",
+    children=[
+        ikos.Child("store", Store, description="key-value store"),
+        ikos.Child("counter", Counter, description="counts 'incr' messages"),
+        ikos.Supervisor(
+            "workers",
+            strategy="rest_for_one",
+            max_restarts=5,
+            within=10,
+            requires=["store"],
+            description="a pipeline: ingest, work, report",
+            children=[
+                ikos.Child("ingest", Echo, description="first stage"),
+                ikos.Child("worker", Crashy, description="crashes when asked to"),
+                ikos.Child("report", Echo, description="last stage"),
+            ],
+        ),
+    ],
+)
+
+READY_TIMEOUT = 60.0
+RESTART_TIMEOUT = 30.0
+SHUTDOWN_TIMEOUT = 120.0
+
+
+class DemoError(Exception):
+    """Something the demo cannot go on from; the message says what."""
+
+
+def _command(script: str, module: str) -> list[str]:
+    """The installed console script next to this Python, else ``python -m module``."""
+    path = Path(sys.executable).parent / script
+    return [str(path)] if path.is_file() else [sys.executable, "-m", module]
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> NoReturn:
+    raise KeyboardInterrupt
+
+
+class Demo:
+    """One ikosd under ``root``, driven through ikosctl."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+        self.ikosd = _command("ikosd", "ikos.manager._ikosd")
+        self.ikosctl = _command("ikosctl", "ikos.cli._ikosctl")
+        path = os.environ.get("PYTHONPATH")
+        self.env = {
+            **os.environ,
+            "PYTHONPATH": str(REPO) + (os.pathsep + path if path else ""),
+        }
+        self.env.pop("IKOS_ROOT", None)  # --root says where; a stray value must not
+        self.console = self.root / "ikosd.out"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.ready = ""
+
+    # -- ikosd -------------------------------------------------------------
+
+    def start(self) -> str:
+        """Start ikosd and return its ready line."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        argv = [*self.ikosd, "--root", str(self.root), "--tree", "examples.demo:tree"]
+        shown = ["ikosd", "--root", self.shown_root, "--tree", "examples.demo:tree"]
+        print(f"$ {_quote(shown)} &", flush=True)
+        with open(self.console, "wb") as out:
+            self.proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+                env=self.env,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + READY_TIMEOUT
+        while time.monotonic() < deadline:
+            ready = self._ready_line()
+            if ready:
+                self.ready = ready
+                return ready
+            if self.proc.poll() is not None:
+                raise DemoError(
+                    f"ikosd exited with status {self.proc.returncode}:\n{self._console_tail()}"
+                )
+            time.sleep(0.05)
+        raise DemoError(f"ikosd was not ready after {READY_TIMEOUT:g}s:\n{self._console_tail()}")
+
+    def _ready_line(self) -> str | None:
+        text = self.console.read_text(errors="replace")
+        return next((ln for ln in text.splitlines() if ln.startswith("ikosd ready")), None)
+
+    def _console_tail(self, lines: int = 20) -> str:
+        text = self.console.read_text(errors="replace").splitlines()
+        return "\n".join("    " + ln for ln in text[-lines:])
+
+    def stop(self, *, signal_it: bool = True) -> int:
+        """Shut ikosd down in order (if it still runs) and return its exit status.
+
+        ``signal_it=False`` only waits: after ``ikosctl shutdown`` ikosd is
+        already on its way out, and a SIGTERM in its last moments would kill it.
+        """
+        proc = self.proc
+        if proc is None:
+            return 0
+        if signal_it and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.wait(timeout=SHUTDOWN_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            # ikosd enforces the daemons' own shutdown timeouts; one that
+            # hangs beyond all of them is killed with its process group.
+            os.killpg(proc.pid, signal.SIGKILL)
+            return proc.wait()
+
+    # -- ikosctl -----------------------------------------------------------
+
+    def show(self, *args: str) -> None:
+        """Run ``ikosctl --root ROOT ARGS`` in front of the user, output unchanged."""
+        print(f"\n$ {_quote(['ikosctl', '--root', self.shown_root, *args])}", flush=True)
+        res = subprocess.run([*self.ikosctl, "--root", str(self.root), *args], env=self.env)
+        if res.returncode != 0:
+            raise DemoError(f"ikosctl {' '.join(args)} failed with status {res.returncode}")
+
+    def query(self, *args: str) -> Any:
+        """``ikosctl --json ARGS``, parsed."""
+        res = subprocess.run(
+            [*self.ikosctl, "--root", str(self.root), "--json", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+        )
+        if res.returncode not in (0, 3):
+            raise DemoError(res.stderr.strip() or f"ikosctl {' '.join(args)} failed")
+        return json.loads(res.stdout)
+
+    @property
+    def shown_root(self) -> str:
+        """The root as the user would type it: relative when under the working directory."""
+        try:
+            return str(self.root.relative_to(Path.cwd()))
+        except ValueError:
+            return str(self.root)
+
+    def pids(self) -> dict[str, int | None]:
+        return {s["name"]: s["pid"] for s in self.query("status")}
+
+    def wait_restarted(self, name: str, old_pid: int | None) -> dict[str, Any]:
+        deadline = time.monotonic() + RESTART_TIMEOUT
+        while time.monotonic() < deadline:
+            [status] = self.query("status", name)
+            if status["state"] == "running" and status["pid"] not in (None, old_pid):
+                return dict(status)
+            time.sleep(0.05)
+        raise DemoError(f"{name} did not come back within {RESTART_TIMEOUT:g}s")
+
+    # -- the tour ----------------------------------------------------------
+
+    def tour(self) -> None:
+        heading("The supervision tree")
+        self.show("tree")
+
+        heading("Asking actors (DATA is JSON when it parses, else a string)")
+        self.show("call", "store", '["put", "greeting", "hello from ikos"]')
+        self.show("call", "store", '["get", "greeting"]')
+        self.show("call", "counter", "incr")
+        self.show("call", "counter", "incr")
+        self.show("call", "ingest", "any string comes back")
+
+        heading("A worker dies; its supervisor restarts it")
+        before = self.pids()
+        self.show("kill", "-s", "SIGKILL", "worker")
+        worker = self.wait_restarted("worker", before["worker"])
+        self.wait_restarted("report", before["report"])
+        after = self.pids()
+        print(
+            f"\nworker: pid {before['worker']} -> {worker['pid']} "
+            f"(restarts: {worker['restarts']}). The workers supervisor is rest_for_one:\n"
+            f"report, started after worker, restarted too (pid {before['report']} -> "
+            f"{after['report']}); ingest kept pid {after['ingest']}, and the store and "
+            f"counter were not touched.",
+            flush=True,
+        )
+        self.show("status", "worker")
+        self.show("list")
+
+    def where_to_look(self) -> None:
+        root = self.shown_root
+        paths = ikos_paths(self.root)
+        heading("Where to look")
+        print(f"  control socket  {paths['socket']}   (JSON Lines: docs/protocol.md)")
+        print(f"  ikosd's log     {paths['log']}")
+        print(f"  state           {paths['state']}")
+        print(f"  ikosd's output  {self.console}")
+        metrics = re.search(r"metrics (http://\S+)", self.ready)
+        if metrics:
+            print(f"  metrics         {metrics.group(1)}   (Prometheus text format)")
+        print("\n  Try, from another terminal in this directory:")
+        for command in try_commands(root):
+            print(f"    {command}")
+        print(flush=True)
+
+
+def ikos_paths(root: Path) -> dict[str, Path]:
+    """The files of an instance under ``root`` (as ikosd lays them out)."""
+    from ikos.platform._paths import InstancePaths
+
+    paths = InstancePaths.for_root(root)
+    return {
+        "socket": paths.control_socket,
+        "log": paths.log_dir / "ikosd.log",
+        "state": paths.state_dir,
+    }
+
+
+def try_commands(root: str) -> list[str]:
+    """ikosctl commands worth trying on the demo (each one a valid command line)."""
+    ctl = f".venv/bin/ikosctl --root {shlex.quote(root)}"
+    return [
+        f"{ctl} list",
+        f"{ctl} status store",
+        f"{ctl} call counter incr",
+        f'{ctl} call store \'["get", "greeting"]\'',
+        f"{ctl} call worker crash          # an exception in receive: a restart",
+        f"{ctl} restart workers",
+        f"{ctl} stop counter",
+        f"{ctl} --json tree",
+        f"{ctl} shutdown",
+    ]
+
+
+def heading(text: str) -> None:
+    print(f"\n== {text} ==", flush=True)
+
+
+def _quote(argv: list[str]) -> str:
+    return " ".join(shlex.quote(a) for a in argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m examples.demo", description="Run the ikos demo system."
+    )
+    parser.add_argument("--root", default=".demo", help="the instance root (default .demo)")
+    parser.add_argument(
+        "--once",
+        action="store_true",
+        help="shut down after the tour even on a terminal",
+    )
+    args = parser.parse_args(argv)
+    demo = Demo(Path(args.root))
+    signal.signal(signal.SIGTERM, _interrupt)
+    status = 1
+    try:
+        ready = demo.start()
+        print(ready, flush=True)
+        demo.tour()
+        demo.where_to_look()
+        if sys.stdin.isatty() and not args.once:
+            print(
+                "ikosd runs in the foreground: press Ctrl-C to stop it "
+                "(or run the shutdown command above).",
+                flush=True,
+            )
+            assert demo.proc is not None
+            status = demo.proc.wait()
+            print(f"ikosd exited with status {status}", flush=True)
+            return status
+        print("Shutting down (run on a terminal without --once to keep it running).", flush=True)
+        demo.show("shutdown")
+        status = demo.stop(signal_it=False)
+        print(f"ikosd exited with status {status}", flush=True)
+        return status
+    except KeyboardInterrupt:
+        print("\nStopping ikosd...", flush=True)
+        status = demo.stop()
+        print(f"ikosd exited with status {status}", flush=True)
+        return status
+    except DemoError as exc:
+        print(f"demo: {exc}", file=sys.stderr, flush=True)
+        if demo.proc is not None and demo.proc.poll() is None:
+            demo.stop()
+        return 1
+    finally:
+        # Whatever happened, leave no ikosd behind (a no-op once it exited).
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if demo.proc is not None and demo.proc.poll() is None:
+            demo.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
