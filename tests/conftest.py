@@ -24,6 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import settings
+
+# The machine running the suite is shared and noisy: a property test is about
+# its property, not about how fast one example ran.
+settings.register_profile("ikos", deadline=None)
+settings.load_profile("ikos")
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

@@ -304,22 +304,30 @@ class ActorRef:
         if conn is not existing:
             # a fresh connection numbers from 1: keep the id we sent consistent
             conn.ids = itertools.count(corr + 1)
+        kind, value = self._reply(conn, corr, deadline, timeout)
+        # raised from this frame, which holds no connection: a caller keeping the
+        # exception (and so this frame) must not keep a socket alive with it
+        del conn, existing
+        if kind == REPLY_OK:
+            return value
+        raise value
+
+    def _reply(self, conn: _Connection, corr: int, deadline: float, timeout: float) -> Any:
+        """Read frames until the reply to ``corr``: ``(kind, value)``; errors raised here."""
         while True:
             try:
                 raw = conn.read_frame(deadline)
             except TimeoutError:
-                raise AskTimeout(self.name, f"no reply within {timeout:g} s")
+                raise AskTimeout(self.name, f"no reply within {timeout:g} s") from None
             except (ConnectionResetError, BrokenPipeError):
                 raw = None
             if raw is None:
                 self._drop()
-                raise ActorDeadError(self.name, "stopped before answering")
+                raise ActorDeadError(self.name, "stopped before answering") from None
             kind, rid, value = decode(raw)
             if rid != corr:
                 continue  # a late reply to an ask that timed out earlier
-            if kind == REPLY_OK:
-                return value
-            raise value
+            return kind, value
 
 
 def _rebuild_ref(name: str, root: str | None) -> ActorRef:
