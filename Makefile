@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.ikos-installed
 
-.PHONY: demo test lint typecheck pytest bench clean
+.PHONY: demo test test-deps lint typecheck pytest bench clean
 
 $(STAMP): pyproject.toml
 	@if ! $(PYTHON) -c 'import venv, ensurepip' 2>/dev/null; then \
@@ -29,10 +29,15 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
-pytest: $(STAMP)
+# Debian packages the tests run as real daemons (nginx, redis-server, systemd-notify):
+# installed when missing and root, else those tests are skipped with the reason.
+test-deps:
+	@sh scripts/test-deps.sh
+
+pytest: $(STAMP) test-deps
 	$(VENV)/bin/pytest
 
-test: lint typecheck pytest
+test: test-deps lint typecheck pytest
 
 bench: $(STAMP)
 	$(PY) -m bench.run
