@@ -114,6 +114,7 @@ class Manager:
         self._lock_fd: int | None = None
         self.control: Any = None
         self._shutting_down = False
+        self._reload_lock = asyncio.Lock()
 
     # -- Host interface (used by the supervision runtime) -------------------
 
@@ -610,6 +611,11 @@ class Manager:
             raise ManagerError(
                 "ikosd was started without a configuration file (-c): nothing to reload"
             )
+        async with self._reload_lock:  # two reloads at once would split one diff in two
+            return await self._reload_config()
+
+    async def _reload_config(self) -> dict[str, list[str]]:
+        assert self.reload_tree is not None
         new_tree = validate_tree(self.reload_tree())
         new_graph = check_graph(new_tree)
         if new_tree.name != self.tree.name:

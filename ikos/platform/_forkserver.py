@@ -36,6 +36,7 @@ from typing import Any
 from ikos._errors import SpawnError
 
 MAX_REQUEST = 4 * 1024 * 1024
+_PRIVATE_ENV = frozenset({"NOTIFY_SOCKET", "INVOCATION_ID"})
 MAX_FDS = 16
 
 
@@ -189,10 +190,17 @@ class ForkServer:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         for s in (ours, theirs):
             s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, MAX_REQUEST)
+        # what ikosd's own service manager gave it is not for the daemons
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in _PRIVATE_ENV and not k.startswith(("LISTEN_", "WATCHDOG_"))
+        }
         self.process = subprocess.Popen(
             [sys.executable, "-m", "ikos.platform._forkserver", str(theirs.fileno())],
             pass_fds=[theirs.fileno()],
             stdin=subprocess.DEVNULL,
+            env=env,
         )
         theirs.close()
         ours.setblocking(False)
