@@ -67,9 +67,14 @@ class Table:
                 return f"{v:,.3g}" if abs(v) < 1000 else f"{v:,.0f}"
             return str(v)
 
-        lines = [f"## {self.title}", "", f"Measured {machine()['date']} on "
-                 f"{machine()['cpus']} CPUs, Python {machine()['python']}, "
-                 f"Linux {machine()['kernel']}.", ""]
+        lines = [
+            f"## {self.title}",
+            "",
+            f"Measured {machine()['date']} on "
+            f"{machine()['cpus']} CPUs, Python {machine()['python']}, "
+            f"Linux {machine()['kernel']}.",
+            "",
+        ]
         lines.append("| " + " | ".join(self.columns) + " |")
         lines.append("|" + "---|" * len(self.columns))
         for row in self.rows:
@@ -84,7 +89,16 @@ class Table:
         md = RESULTS / f"{name}.md"
         md.write_text(self.markdown())
         (RESULTS / f"{name}.json").write_text(
-            json.dumps({"machine": machine(), "title": self.title, "columns": self.columns,
-                        "rows": self.rows, "raw": self.raw}, indent=2, default=str)
+            json.dumps(
+                {
+                    "machine": machine(),
+                    "title": self.title,
+                    "columns": self.columns,
+                    "rows": self.rows,
+                    "raw": self.raw,
+                },
+                indent=2,
+                default=str,
+            )
         )
         return md
