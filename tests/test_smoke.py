@@ -32,3 +32,29 @@ def test_boot_ask_restart_and_clean_shutdown(ikosd_factory):
     assert inst.status("echo")["restarts"] == 1
     assert inst.terminate() == 0
     assert inst.leftovers() == []
+
+
+DEPS_TREE = """
+import ikos
+
+class Slow(ikos.Actor):
+    def receive(self, message):
+        return message
+
+tree = ikos.Supervisor("root", children=[
+    ikos.Child("api", Slow, requires=["db"]),
+    ikos.Child("db", Slow),
+    ikos.Child("cache", Slow, after=["db"]),
+])
+"""
+
+
+def test_tree_shows_dependency_order(ikosd_factory):
+    inst = ikosd_factory(tree=DEPS_TREE, args=["--metrics", "off"])
+    out = inst.ctl("tree", "--deps", check=True).stdout
+    lines = [line for line in out.splitlines() if "[actor]" in line]
+    # children are listed in start order: db before what requires or follows it
+    assert [line.split()[1] for line in lines] == ["db", "api", "cache"]
+    assert "(requires db)" in lines[1] and "(after db)" in lines[2]
+    status = inst.status("api")
+    assert status["requires"] == ["db"] and status["after"] == []

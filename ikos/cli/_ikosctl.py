@@ -188,7 +188,8 @@ def _tree(ctx: _Context) -> int:
     if ctx.json:
         ctx.emit_json(root)
     else:
-        ctx.emit_text(_render.render_tree(root, ctx.style))
+        deps = bool(getattr(ctx.args, "deps", False))
+        ctx.emit_text(_render.render_tree(root, ctx.style, deps=deps))
     return EXIT_OK
 
 
@@ -436,7 +437,11 @@ def build_parser() -> argparse.ArgumentParser:
         "status", _status, "show daemons' status (all without NAME); 3 when one is not running"
     ).add_argument("names", nargs="*", metavar="NAME")
     verb("list", _list, "list every daemon and supervisor")
-    verb("tree", _tree, "show the supervision tree")
+    verb("tree", _tree, "show the supervision tree").add_argument(
+        "--deps",
+        action="store_true",
+        help="show each child's requires/after (children are listed in start order)",
+    )
     verb(
         "is-active", _is_active, "print each daemon's state; 3 when one is not running"
     ).add_argument("names", nargs="+", metavar="NAME")

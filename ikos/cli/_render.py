@@ -255,7 +255,7 @@ def render_list(statuses: Sequence[Status], style: Style, now: float) -> str:
     return _table(headers, rows, style)
 
 
-def render_tree(root: Status, style: Style) -> str:
+def render_tree(root: Status, style: Style, *, deps: bool = False) -> str:
     """The supervision tree, one line per node: ``name [kind strategy] state pid``.
 
     ::
@@ -274,7 +274,13 @@ def render_tree(root: Status, style: Style) -> str:
     stack: list[tuple[Status, str, str]] = [(root, "", "")]
     while stack:
         node, lead, child_lead = stack.pop()
-        lines.append(lead + _tree_label(node, style))
+        label = _tree_label(node, style)
+        if deps:
+            for key in ("requires", "after"):
+                names = [_text(n) for n in node.get(key) or []]
+                if names:
+                    label += f" ({key} {', '.join(names)})"
+        lines.append(lead + label)
         children = [c for c in node.get("children") or [] if isinstance(c, Mapping)]
         for index in reversed(range(len(children))):
             is_last = index == len(children) - 1

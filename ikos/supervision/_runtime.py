@@ -250,6 +250,8 @@ class Node:
             "restart": self.spec.restart,
             "last_exit": self.last_exit.to_json() if self.last_exit else None,
             "description": self.spec.description,
+            "requires": list(self.spec.requires),
+            "after": list(self.spec.after),
         }
 
 
