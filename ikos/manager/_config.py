@@ -700,6 +700,35 @@ def _exec_type(t: _Table, key: str, v: Any) -> str:
     return v
 
 
+_RESTART_ON: Final = (
+    "no",
+    "always",
+    "on-success",
+    "on-failure",
+    "on-abnormal",
+    "on-abort",
+    "on-watchdog",
+)
+_KILL_MODES: Final = ("control-group", "process-group")
+
+
+def _exec_choice(choices: tuple[str, ...]) -> _FieldCheck:
+    def check(t: _Table, key: str, v: Any) -> str:
+        if not isinstance(v, str) or v not in choices:
+            raise t.error(key, "one of " + ", ".join(choices), v)
+        return v
+
+    return check
+
+
+def _exec_command(t: _Table, key: str, v: Any) -> str | tuple[str, ...]:
+    if isinstance(v, str) and v:
+        return v
+    if isinstance(v, list) and v and all(isinstance(item, str) for item in v):
+        return tuple(v)
+    raise t.error(key, "a shell command string, or a list of strings (argv)", v)
+
+
 _SIZE = re.compile(r"(\d+)\s*([KMGT]?)i?B?", re.IGNORECASE)
 _PERCENT = re.compile(r"(\d+(?:\.\d+)?)%")
 
@@ -770,7 +799,15 @@ _EXEC_FIELDS: Final[dict[str, _FieldCheck]] = {
     "stdout": _exec_stdio,
     "stderr": _exec_stdio,
     "reload_signal": _exec_signal,
+    "stop_signal": _exec_signal,
+    "reload_command": _exec_command,
     "type": _exec_type,
+    "environment_files": _exec_str_list,
+    "supplementary_groups": _exec_str_list,
+    "clear_environment": _exec_bool,
+    "watchdog_sec": _exec_delay,
+    "restart_on": _exec_choice(_RESTART_ON),
+    "kill_mode": _exec_choice(_KILL_MODES),
 }
 
 
