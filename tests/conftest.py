@@ -61,6 +61,18 @@ def wait_for(
     )
 
 
+#: glibc reserves signals 32 and 33 for itself: sigaction() refuses them, so no
+#: spawner (ikos, systemd) can reset them, and a parent that ignores them passes
+#: that on. They are left out of "every signal is back to its default".
+GLIBC_RESERVED = frozenset({32, 33})
+
+
+def ignored_signals(status: dict[str, str]) -> set[int]:
+    """Signals a /proc status (``SigIgn``) says are ignored, glibc's reserved ones aside."""
+    mask = int(status["SigIgn"], 16)
+    return {n for n in range(1, 65) if mask & (1 << (n - 1))} - GLIBC_RESERVED
+
+
 def marked_pids(mark: str) -> list[int]:
     """PIDs of live processes whose environment holds ``IKOS_TEST_MARK=mark``."""
     needle = f"IKOS_TEST_MARK={mark}".encode()
