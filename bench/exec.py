@@ -76,7 +76,7 @@ from bench._common import Table, percentile
 
 TINY = "run"  # the comm of every managed process
 BIN = Path(sys.executable).parent
-PEER_NAMES = ("supervisord", "circus", "runit", "s6")
+PEER_NAMES = ("ikos-pg", "supervisord", "circus", "runit", "s6")
 
 
 # -- the managed process ---------------------------------------------------------
@@ -400,6 +400,24 @@ class Ikos(Manager):
             self.client.close()
             self.client = None
         super().close()
+
+
+class IkosProcessGroup(Ikos):
+    """ikos with kill_mode = "process-group": no tracking cgroup, posix_spawn starts.
+
+    This is the closest to what runit, s6, supervisord and circus do by default
+    (they track a process, not a cgroup): a daemon's child that leaves its
+    session is not stopped with it. The default ikos column keeps the cgroup.
+    """
+
+    name = "ikos-pg"
+
+    def configure(self) -> None:
+        super().configure()
+        tree = IKOS_TREE.format(tiny=str(self.tiny), n=self.n).replace(
+            f"{str(self.tiny)!r})", f"{str(self.tiny)!r}, kill_mode='process-group')"
+        )
+        (self.dir / "benchtree.py").write_text(tree)
 
 
 class Supervisord(Manager):
@@ -771,6 +789,7 @@ def install_peers(names: list[str]) -> None:
 
 CLASSES: dict[str, type[Manager]] = {
     "ikos": Ikos,
+    "ikos-pg": IkosProcessGroup,
     "supervisord": Supervisord,
     "circus": Circus,
     "runit": Runit,
