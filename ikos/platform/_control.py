@@ -23,17 +23,17 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from ikos._errors import ManagerError, ManagerUnavailable, error_for_code
 from ikos.platform._paths import InstancePaths
+from ikos.platform._unix import bind_unix, connect_unix
 
 __all__ = [
     "MAX_ANSWER_BYTES",
@@ -44,48 +44,11 @@ __all__ = [
     "connect_unix",
 ]
 
-#: ``sockaddr_un.sun_path`` holds 108 bytes, the terminating NUL included.
-_SUN_PATH_MAX = 107
 #: The server closes the connection on a longer request line.
 MAX_REQUEST_BYTES = 1 << 20
 #: Bound of one answer line; a status list of thousands of daemons fits.
 MAX_ANSWER_BYTES = 64 << 20
 _RECV_CHUNK = 1 << 16
-
-
-def connect_unix(sock: socket.socket, path: str | os.PathLike[str]) -> None:
-    """Connect the ``AF_UNIX`` socket ``sock`` to ``path``, however long the path.
-
-    Paths longer than ``sun_path`` allows are reached through
-    ``/proc/self/fd/N/NAME`` with N an ``O_PATH`` descriptor of the directory
-    (Linux). The socket's timeout applies, as for ``sock.connect``.
-
-    >>> s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    >>> connect_unix(s, "/some/very/long/.../ikosd.sock")  # doctest: +SKIP
-    """
-    _with_short_address(sock.connect, path)
-
-
-def bind_unix(sock: socket.socket, path: str | os.PathLike[str]) -> None:
-    """Bind the ``AF_UNIX`` socket ``sock`` to ``path``, however long the path.
-
-    The counterpart of :func:`connect_unix` for servers; the socket file is
-    created at ``path`` itself.
-    """
-    _with_short_address(sock.bind, path)
-
-
-def _with_short_address(op: Callable[[bytes], None], path: str | os.PathLike[str]) -> None:
-    raw = os.fsencode(path)
-    if len(raw) <= _SUN_PATH_MAX:
-        op(raw)
-        return
-    directory, name = os.path.split(raw)
-    fd = os.open(directory or b".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        op(b"/proc/self/fd/%d/%s" % (fd, name))
-    finally:
-        os.close(fd)
 
 
 class _Connection:
