@@ -89,9 +89,10 @@ class _Connection:
         self.buf = bytearray()
         self.ids = itertools.count(1)
         self.rcv = self.snd = -1.0
-        # recv_into a reused buffer: a fresh 256 KiB bytes per recv would cost an
-        # mmap/munmap pair on every message.
-        self.scratch = bytearray(262144)
+        # recv_into a reused 64 KiB buffer: a fresh bytes object per recv would cost
+        # an allocation per message; a larger buffer would cost every idle actor
+        # (each holds one per connection) its pages.
+        self.scratch = bytearray(65536)
         self.view = memoryview(self.scratch)
 
     def close(self) -> None:
