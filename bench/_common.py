@@ -11,7 +11,12 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
+import signal
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -102,3 +107,41 @@ class Table:
             )
         )
         return md
+
+
+class IkosInstance:
+    """A real ikosd running ``tree_source`` (a module defining ``tree``) in a temporary root."""
+
+    def __init__(self, tree_source: str, prefix: str = "ikos-bench-") -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix=prefix))
+        (self.dir / "benchtree.py").write_text(tree_source)
+        self.root = self.dir / "root"
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "ikos.manager._ikosd",
+                "--root",
+                str(self.root),
+                "--tree",
+                f"{self.dir / 'benchtree.py'}:tree",
+                "--metrics",
+                "off",
+                "--log-level",
+                "warning",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if "ready" not in line:
+            self.close()
+            raise RuntimeError(f"ikosd did not start: {line!r}")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=60)
+        shutil.rmtree(self.dir, ignore_errors=True)

@@ -14,11 +14,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
-import shutil
 import signal
-import subprocess
-import sys
-import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -26,7 +22,7 @@ from typing import Any
 
 import psutil
 
-from bench._common import Table, percentile, summary_us
+from bench._common import IkosInstance, Table, percentile, summary_us
 
 MSG = {"op": "echo", "n": 1, "payload": "x" * 32}
 
@@ -126,38 +122,6 @@ def floor_tell(n: int) -> float:
 
 
 # -- ikos -------------------------------------------------------------------------
-
-
-class IkosInstance:
-    def __init__(self) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="ikos-bench-"))
-        (self.dir / "benchtree.py").write_text(TREE)
-        self.root = self.dir / "root"
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "ikos.manager._ikosd",
-                "--root",
-                str(self.root),
-                "--tree",
-                f"{self.dir / 'benchtree.py'}:tree",
-                "--log-level",
-                "warning",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if "ready" not in line:
-            raise RuntimeError(f"ikosd did not start: {line!r}")
-
-    def close(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(timeout=60)
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def ikos_figures(inst: IkosInstance, n: int, tells: int, kills: int) -> dict[str, Any]:
@@ -352,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     print("floor: multiprocessing.Pipe ...", flush=True)
     fl_tell = floor_tell(args.tells)
     print("ikos ...", flush=True)
-    inst = IkosInstance()
+    inst = IkosInstance(TREE)
     try:
         ik = ikos_figures(inst, args.n, args.tells, args.kills)
     finally:

@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench._common import RESULTS, Table, percentile
+from bench._common import RESULTS, IkosInstance, Table, percentile
 
 EMPTY_TREE = "import ikos\ntree = ikos.Supervisor('root')\n"
 N_SERVICES = 10_000
@@ -57,42 +57,6 @@ def service_fields(i: int) -> dict[str, Any]:
         "capabilities": [f"cap{i % 100}", "all"],
         "description": f"benchmark service {i}",
     }
-
-
-class Instance:
-    """A real ikosd in a temporary root."""
-
-    def __init__(self) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="ikos-bench-registry-"))
-        (self.dir / "benchtree.py").write_text(EMPTY_TREE)
-        self.root = self.dir / "root"
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "ikos.manager._ikosd",
-                "--root",
-                str(self.root),
-                "--tree",
-                f"{self.dir / 'benchtree.py'}:tree",
-                "--metrics",
-                "off",
-                "--log-level",
-                "warning",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if "ready" not in line:
-            raise RuntimeError(f"ikosd did not start: {line!r}")
-
-    def close(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(timeout=60)
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def register_sequentially(root: Path, n: int) -> float:
@@ -391,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def registry_figures(total: int, n: int) -> None:
 
-    inst = Instance()
+    inst = IkosInstance(EMPTY_TREE, "ikos-bench-registry-")
     try:
         seq_rate = register_sequentially(inst.root, total)
         reads = read_from_another_process(inst.root, n, total)
