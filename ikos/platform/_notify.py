@@ -40,11 +40,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from ikos.platform._unix import short_path
+
 log = logging.getLogger("ikos.notify")
 
 #: The largest notification accepted, as systemd's limit.
 MAX_NOTIFY_BYTES = 4096
-SUN_PATH_MAX = 107
 _UCRED = struct.Struct("3i")  # struct ucred: pid_t pid; uid_t uid; gid_t gid
 _MAX_FDS = 16
 _ANCBUF = socket.CMSG_SPACE(_UCRED.size) + socket.CMSG_SPACE(_MAX_FDS * 4)
@@ -124,18 +125,8 @@ def _sockaddr(address: str) -> Iterator[str]:
     if address.startswith("@"):
         yield "\0" + address[1:]
         return
-    if len(os.fsencode(address)) <= SUN_PATH_MAX:
-        yield address
-        return
-    directory, name = os.path.split(address)
-    dfd = os.open(directory or ".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        short = f"/proc/self/fd/{dfd}/{name}"
-        if len(os.fsencode(short)) > SUN_PATH_MAX:
-            raise OSError(36, f"socket name too long: {name!r}")  # ENAMETOOLONG
-        yield short
-    finally:
-        os.close(dfd)
+    with short_path(address) as path:
+        yield path
 
 
 class NotifySocket:
