@@ -172,6 +172,18 @@ def kill_marked(mark: str) -> list[int]:
 
 
 @pytest.fixture
+def children() -> Iterator[list[int]]:
+    """PIDs a test forked itself: killed and reaped after it, whatever happens."""
+    pids: list[int] = []
+    yield pids
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+
+
+@pytest.fixture
 def ikosd_factory(tmp_path: Path) -> Iterator[Callable[..., Instance]]:
     """Start real ikosd instances: ``factory(tree=SRC or config=TOML, extra_args=[...])``."""
     started: list[Instance] = []

@@ -5,13 +5,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
+from conftest import wait_for
 
 from ikos.platform._cgroups import (
     CgroupManager,
@@ -22,20 +21,6 @@ from ikos.platform._cgroups import (
 from ikos.platform._paths import InstancePaths
 from ikos.platform._spawn import ResourceLimits, build_exec_plan, spawn_exec
 from ikos.supervision._spec import Exec
-
-
-def wait_for(cond: Callable[[], Any], timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    delay = 0.001
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met within timeout")
-        time.sleep(delay)
-        delay = min(delay * 2, 0.05)
-
 
 # -- pure parts ------------------------------------------------------------------------------
 
@@ -150,21 +135,6 @@ def cgroups() -> Iterator[CgroupManager]:
             cg.kill_all()
             cg.remove()
         mgr.cleanup()
-
-
-@pytest.fixture
-def children() -> Iterator[list[int]]:
-    pids: list[int] = []
-    yield pids
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        try:
-            os.waitpid(pid, 0)
-        except ChildProcessError:
-            pass
 
 
 def _require(mgr: CgroupManager, *limits: str) -> None:

@@ -10,13 +10,13 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import wait_for
 
 from ikos.platform._notify import (
     MAX_NOTIFY_BYTES,
@@ -31,19 +31,6 @@ from ikos.platform._spawn import build_exec_plan, spawn_exec
 from ikos.supervision._spec import Exec
 
 REPO = str(Path(__file__).resolve().parents[1])
-
-
-def wait_for(cond: Callable[[], Any], timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    delay = 0.001
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met within timeout")
-        time.sleep(delay)
-        delay = min(delay * 2, 0.05)
 
 
 def python(code: str, address: str, **kw: Any) -> subprocess.Popen[bytes]:

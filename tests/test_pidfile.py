@@ -8,12 +8,11 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
+from conftest import wait_for
 
 from ikos._errors import IkosError
 from ikos.platform._pidfile import PidFile, PidFileError, PidFileLocked, read_pid_file
@@ -57,19 +56,6 @@ def start_holder(path: Path, procs: list[subprocess.Popen[str]]) -> subprocess.P
     assert p.stdout is not None
     assert p.stdout.readline() == "held\n"  # blocks until the child holds the lock
     return p
-
-
-def wait_for(cond: Callable[[], Any], timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    delay = 0.001
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met within timeout")
-        time.sleep(delay)
-        delay = min(delay * 2, 0.05)
 
 
 def dead_pid() -> int:

@@ -10,12 +10,11 @@ import signal
 import stat
 import tempfile
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ignored_signals
+from conftest import ignored_signals, wait_for
 
 from ikos._errors import SpawnError
 from ikos.platform._paths import InstancePaths
@@ -35,19 +34,6 @@ from ikos.supervision._spec import Exec
 ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not ROOT, reason="changing user/group needs root")
 SLEEP = shutil.which("sleep") or "/bin/sleep"
-
-
-def wait_for(cond: Callable[[], Any], timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    delay = 0.001
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met within timeout")
-        time.sleep(delay)
-        delay = min(delay * 2, 0.05)
 
 
 def proc_status(pid: int) -> dict[str, str]:
@@ -78,22 +64,6 @@ def paths(tmp_path: Path) -> InstancePaths:
     p.create()
     p.config_file.parent.mkdir(parents=True, exist_ok=True)
     return p
-
-
-@pytest.fixture
-def children() -> Iterator[list[int]]:
-    """PIDs to kill and reap after the test, whatever happens."""
-    pids: list[int] = []
-    yield pids
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        try:
-            os.waitpid(pid, 0)
-        except ChildProcessError:
-            pass
 
 
 def plan_for(paths: InstancePaths, executable: str = SLEEP, **fields: Any) -> ExecPlan:
