@@ -29,6 +29,7 @@ exists for re-adoption and tests.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import hashlib
@@ -371,6 +372,20 @@ class CgroupManager:
             return None
         return DaemonCgroup(daemon, tuple(sorted(dirs.values())), applied)
 
+    def existing(self) -> dict[str, DaemonCgroup]:
+        """The daemon cgroups of this instance that exist now (a previous ikosd's too)."""
+        places = [p for p in self._detect().values() if p is not None]
+        if self._tracking is not None:
+            places.append(self._tracking)
+        found: dict[str, list[str]] = {}
+        for base in sorted({p.base for p in places}):
+            path = os.path.join(base, self.instance)
+            with contextlib.suppress(OSError):
+                for entry in os.scandir(path):
+                    if entry.is_dir(follow_symlinks=False) and entry.name.endswith(".service"):
+                        found.setdefault(entry.name[: -len(".service")], []).append(entry.path)
+        return {name: DaemonCgroup(name, tuple(dirs), {}) for name, dirs in found.items()}
+
     def cleanup(self) -> None:
         """Remove this instance's (empty) directories in every hierarchy; keep busy ones."""
         places = [p for p in self._detect().values() if p is not None]
@@ -436,26 +451,68 @@ class DaemonCgroup:
         """
         deadline = time.monotonic() + timeout
         signalled: set[int] = set()
-        if sig == signal.SIGKILL:
-            for d in self.dirs:
-                kill_file = os.path.join(d, "cgroup.kill")
-                if os.path.exists(kill_file):
-                    with contextlib.suppress(OSError):
-                        _write(kill_file, "1")
+        self._kill_file(sig)
         delay = 0.001
-        while True:
-            live = self.pids()
-            if not live:
-                return True
-            for pid in live:
-                if sig == signal.SIGKILL or pid not in signalled:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, sig)
-                    signalled.add(pid)
+        while not self._kill_round(sig, signalled):
             if time.monotonic() >= deadline:
                 return False
             time.sleep(delay)  # waiting for the kernel to tear processes down
             delay = min(delay * 2, 0.05)
+        return True
+
+    async def kill_all_async(self, sig: int = signal.SIGKILL, *, timeout: float = 5.0) -> bool:
+        """:meth:`kill_all` for the event loop: it waits with ``asyncio.sleep``."""
+        deadline = time.monotonic() + timeout
+        signalled: set[int] = set()
+        self._kill_file(sig)
+        delay = 0.001
+        while not self._kill_round(sig, signalled):
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.05)
+        return True
+
+    def _kill_file(self, sig: int) -> None:
+        if sig != signal.SIGKILL:
+            return
+        for d in self.dirs:
+            kill_file = os.path.join(d, "cgroup.kill")
+            if os.path.exists(kill_file):
+                with contextlib.suppress(OSError):
+                    _write(kill_file, "1")
+
+    def _kill_round(self, sig: int, signalled: set[int]) -> bool:
+        """Signal the members not signalled yet (all of them for SIGKILL); True when empty."""
+        live = self.pids()
+        if not live:
+            return True
+        for pid in live:
+            if sig == signal.SIGKILL or pid not in signalled:
+                self.signal_member(pid, sig)
+                signalled.add(pid)
+        return False
+
+    def signal_member(self, pid: int, sig: int) -> bool:
+        """Signal ``pid`` if it is (still) in this cgroup: pinned by a pidfd, then checked.
+
+        A PID read from ``cgroup.procs`` may have exited and been recycled by
+        the time it is signalled; once a pidfd holds the process, finding the
+        PID in ``cgroup.procs`` again proves it is the same process.
+        """
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            return False
+        try:
+            if pid not in self.pids():
+                return False
+            signal.pidfd_send_signal(pidfd, sig)
+            return True
+        except OSError:
+            return False
+        finally:
+            os.close(pidfd)
 
     def remove(self) -> bool:
         """Remove the daemon's cgroup directories; True if all are gone.

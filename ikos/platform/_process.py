@@ -10,6 +10,23 @@ The optional status pipe carries JSON lines from the child (the actor
 runtime writes ``ready`` and ``exit`` events); it is drained when the
 process exits so that the exit's explanation is never lost to a race
 between the two descriptors.
+
+**Orphans.** A child subreaper inherits every orphan of the processes below
+it: a daemon's shell that forks and exits leaves its children to ikosd.
+Those must be reaped, or they pile up as zombies, but without stealing the
+exit status of a process someone is watching. So every child the manager
+watches or waits for is *owned* (:func:`own`; a :class:`ProcessHandle`
+owns its process), and :func:`reap_orphans` collects only exited children
+that nobody owns: it peeks at the next exited child with ``WNOWAIT`` and
+reaps it only if it is not owned; an owned one is left to its owner, and
+the caller tries again once the owner had its turn.
+
+**Groups of processes.** A signal to a process group or session after its
+leader was reaped may hit a stranger, once the group's number was recycled.
+:func:`signal_session` therefore signals a session through a group call
+only while the leader is known to be unreaped, and otherwise through pidfds
+of the members it finds, each checked to belong to the session after the
+pidfd pins it.
 """
 
 from __future__ import annotations
@@ -22,6 +39,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +47,149 @@ log = logging.getLogger("ikos.process")
 
 PR_SET_CHILD_SUBREAPER = 36
 MAX_STATUS_BYTES = 64 * 1024
+
+_owned: set[int] = set()
+
+
+def own(pid: int) -> None:
+    """Mark child ``pid`` as watched by someone: :func:`reap_orphans` leaves it alone."""
+    _owned.add(pid)
+
+
+def disown(pid: int) -> None:
+    """``pid`` was collected by its owner (or never will be by anyone but the reaper)."""
+    _owned.discard(pid)
+
+
+def reap_orphans(limit: int = 10_000) -> tuple[list[int], bool]:
+    """Reap every exited child nobody owns; return the PIDs reaped and whether to come back.
+
+    The second value is True when an owned child that exited stands first in
+    line (its owner will collect it on its next turn): call again after that.
+    """
+    reaped: list[int] = []
+    for _ in range(limit):
+        try:
+            info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return reaped, False
+        if info is None or info.si_pid == 0:
+            return reaped, False
+        pid = info.si_pid
+        if pid in _owned:
+            return reaped, True
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        reaped.append(pid)
+    return reaped, True
+
+
+@dataclass(frozen=True)
+class ProcInfo:
+    """What ``/proc`` says of a process: parent, session and start time."""
+
+    pid: int
+    ppid: int
+    sid: int
+    start_ticks: int
+
+
+def proc_info(pid: int) -> ProcInfo | None:
+    """``/proc/PID/stat`` of a live process (None when it is gone or a zombie)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    fields = data.rpartition(b")")[2].split()
+    # after the command: state ppid pgrp session tty_nr tpgid flags minflt cminflt
+    # majflt cmajflt utime stime cutime cstime priority nice num_threads itrealvalue starttime
+    if len(fields) < 20 or fields[0] in (b"Z", b"X"):
+        return None
+    return ProcInfo(pid, int(fields[1]), int(fields[3]), int(fields[19]))
+
+
+def all_pids() -> list[int]:
+    """Every PID in ``/proc``."""
+    return [int(e) for e in os.listdir("/proc") if e.isdigit()]
+
+
+def session_members(sid: int) -> list[int]:
+    """The live processes of session ``sid`` (a scan of ``/proc``)."""
+    out = []
+    for pid in all_pids():
+        info = proc_info(pid)
+        if info is not None and info.sid == sid:
+            out.append(pid)
+    return out
+
+
+def environ_of(pid: int) -> dict[str, str] | None:
+    """The environment process ``pid`` was started with (None if it cannot be read)."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    env: dict[str, str] = {}
+    for item in raw.split(b"\0"):
+        key, sep, value = item.partition(b"=")
+        if sep:
+            env[key.decode(errors="replace")] = value.decode(errors="replace")
+    return env
+
+
+def signal_pid(pid: int, sig: int, *, sid: int | None = None) -> bool:
+    """Signal ``pid`` through a pidfd; with ``sid``, only if it still belongs to that session.
+
+    The pidfd pins the process before its session is checked, so a PID
+    recycled between the check and the signal is never hit.
+    """
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return False
+    try:
+        if sid is not None:
+            info = proc_info(pid)
+            if info is None or info.sid != sid or not _pidfd_alive(pidfd):
+                return False
+        signal.pidfd_send_signal(pidfd, sig)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(pidfd)
+
+
+def _pidfd_alive(pidfd: int) -> bool:
+    """Whether the process a pidfd refers to is still alive (``Pid:`` in its fdinfo)."""
+    try:
+        with open(f"/proc/self/fdinfo/{pidfd}") as f:
+            for line in f:
+                if line.startswith("Pid:"):
+                    return int(line.split()[1]) > 0
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def signal_session(sid: int, sig: int, *, leader_unreaped: bool) -> int:
+    """Send ``sig`` to every process of session ``sid``; return how many were signalled.
+
+    ``leader_unreaped`` says the caller still holds the session leader
+    unreaped (alive or a zombie it has not collected): its PID, which is the
+    session's number, cannot have been recycled, so one ``killpg`` reaches
+    exactly the session. Otherwise each member found in ``/proc`` is signalled
+    through a pidfd, checked to be in the session once pinned.
+    """
+    if leader_unreaped:
+        try:
+            os.killpg(sid, sig)
+            return 1
+        except (ProcessLookupError, PermissionError):
+            return 0
+    return sum(1 for pid in session_members(sid) if signal_pid(pid, sig, sid=sid))
 
 
 def become_subreaper() -> bool:
@@ -65,11 +226,14 @@ class ProcessHandle:
 
     def __init__(self, pid: int, status_fd: int | None = None, *, exec_pipe: bool = False) -> None:
         self.pid = pid
+        own(pid)
         self.started_at = time.time()
         self.loop = asyncio.get_running_loop()
         self.exited: asyncio.Future[ExitStatus] = self.loop.create_future()
         self.ready: asyncio.Future[dict[str, Any]] = self.loop.create_future()
         self.events: list[dict[str, Any]] = []
+        #: Called once the process has exited and before it is reaped (children only).
+        self.before_reap: Callable[[], None] | None = None
         self._status_fd = status_fd
         self._status_buf = bytearray()
         # exec_pipe: the status pipe is a CLOEXEC error pipe of an exec: EOF with
@@ -152,7 +316,16 @@ class ProcessHandle:
     def _on_exit(self) -> None:
         assert self.pidfd is not None
         try:
-            res = os.waitid(os.P_PIDFD, self.pidfd, os.WEXITED | os.WNOHANG)
+            res = os.waitid(os.P_PIDFD, self.pidfd, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            if res is not None and self.before_reap is not None:
+                # the process is a zombie, not yet reaped: its PID (and the number of
+                # the group and session it leads) cannot have been recycled
+                try:
+                    self.before_reap()
+                except Exception:
+                    log.exception("pid %d: the hook before reaping failed", self.pid)
+            if res is not None:
+                res = os.waitid(os.P_PIDFD, self.pidfd, os.WEXITED | os.WNOHANG)
         except ChildProcessError:
             res = None
             status = ExitStatus(None, None, time.time())  # not our child (adopted)
@@ -170,6 +343,7 @@ class ProcessHandle:
         self._finish(status)
 
     def _finish(self, status: ExitStatus) -> None:
+        disown(self.pid)
         if self.pidfd is not None:
             with contextlib.suppress(ValueError, RuntimeError):
                 self.loop.remove_reader(self.pidfd)
@@ -192,3 +366,102 @@ class ProcessHandle:
 
     def kill(self) -> bool:
         return self.send_signal(signal.SIGKILL)
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """How a command run by :func:`run_command` ended, and what it printed (bounded)."""
+
+    status: ExitStatus | None  # None: killed at its timeout
+    output: bytes
+    truncated: bool
+
+
+_ALL_SIGNALS = frozenset(signal.valid_signals()) - {signal.SIGKILL, signal.SIGSTOP}
+
+
+async def run_command(
+    argv: list[str],
+    *,
+    env: dict[str, str] | None = None,
+    timeout: float,
+    output_limit: int = 64 * 1024,
+) -> CommandResult:
+    """Run a short command from the manager (a reload command, a health probe).
+
+    The command starts with ``posix_spawnp`` (no Python runs in the child, so
+    it is safe from a threaded process) in a session of its own, stdin from
+    ``/dev/null``, stdout and stderr into one pipe of which the first
+    ``output_limit`` bytes are kept. It is watched like any daemon (a pidfd,
+    owned, so :func:`reap_orphans` never steals its status); at ``timeout``
+    its whole session is killed. Raises ``OSError`` when it cannot start.
+    Rejected: asyncio's subprocesses, whose child watcher reaps by PID in a
+    thread of its own, racing the manager's reaper of orphans.
+    """
+    loop = asyncio.get_running_loop()
+    r, w = os.pipe2(os.O_CLOEXEC)
+    try:
+        pid = os.posix_spawnp(
+            argv[0],
+            argv,
+            os.environ if env is None else env,
+            file_actions=[
+                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_DUP2, w, 1),
+                (os.POSIX_SPAWN_DUP2, w, 2),
+            ],
+            setsid=True,
+            setsigmask=(),
+            setsigdef=_ALL_SIGNALS,
+        )
+    except BaseException:
+        os.close(r)
+        raise
+    finally:
+        os.close(w)
+    handle = ProcessHandle(pid)
+    kept = bytearray()
+    truncated = False
+    eof: asyncio.Future[None] = loop.create_future()
+    os.set_blocking(r, False)
+
+    def readable() -> None:
+        nonlocal truncated
+        while True:
+            try:
+                chunk = os.read(r, 65536)
+            except BlockingIOError:
+                return
+            except OSError:
+                chunk = b""
+            if not chunk:
+                loop.remove_reader(r)
+                if not eof.done():
+                    eof.set_result(None)
+                return
+            room = output_limit - len(kept)
+            if len(chunk) > room:
+                truncated = True
+            kept.extend(chunk[: max(room, 0)])
+
+    loop.add_reader(r, readable)
+    try:
+        try:
+            async with asyncio.timeout(timeout):
+                status = await asyncio.shield(handle.exited)
+        except TimeoutError:
+            if handle.alive:
+                signal_session(pid, signal.SIGKILL, leader_unreaped=True)
+                await handle.exited
+            return CommandResult(None, bytes(kept), truncated)
+        # what the command printed last; a helper it left behind may hold the pipe open
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(1.0):
+                await eof
+        return CommandResult(status, bytes(kept), truncated)
+    finally:
+        with contextlib.suppress(ValueError, RuntimeError):
+            loop.remove_reader(r)
+        os.close(r)
+        if handle.alive:
+            handle.kill()
