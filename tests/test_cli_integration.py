@@ -363,7 +363,7 @@ def test_reload_config_with_a_config(ikosd_factory: Any) -> None:
     assert inst.state("counter") == "running"
     assert inst.pid_of("echo") == echo
     res = inst.ctl("reload-config", "--json")
-    assert json.loads(res.stdout) == {"added": [], "removed": [], "changed": []}
+    assert json.loads(res.stdout) == {"added": [], "removed": [], "changed": [], "warnings": []}
     assert inst.ctl("reload-config").stdout == "no changes\n"
 
 

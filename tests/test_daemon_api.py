@@ -47,12 +47,9 @@ from ikos.manager._daemon_service import (
     apply_changes,
     config_of,
     exec_from_config,
-    find_spec,
-    insert_spec,
     needs_restart,
-    remove_spec,
-    replace_spec,
 )
+from ikos.supervision._edit import find_spec, insert_spec, remove_spec, replace_spec
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="sets users and limits: needs root")
 
@@ -545,7 +542,7 @@ def test_reload_config_keeps_created_daemons_and_changes(ikosd_factory: Any) -> 
 
     res = inst.ctl("--json", "reload-config")
     assert res.returncode == 0, res.stderr
-    assert json.loads(res.stdout) == {"added": [], "removed": [], "changed": []}
+    assert json.loads(res.stdout) == {"added": [], "removed": [], "changed": [], "warnings": []}
     assert inst.pid_of("extra") == extra
     assert inst.pid_of("configured") == changed
 

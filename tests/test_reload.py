@@ -67,14 +67,18 @@ def reload_by_sighup(inst: Instance) -> dict[str, list[str]]:
         message="the reload's log line",
     )
     last = inst.log_text().rsplit("configuration reloaded: ", 1)[1].splitlines()[0]
-    result: dict[str, list[str]] = json.loads(last)
-    return result
+    return _without_warnings(json.loads(last))
 
 
 def reload_by_ikosctl(inst: Instance) -> dict[str, list[str]]:
     res = inst.ctl("reload-config", "--json")
     assert res.returncode == 0, res.stderr
-    result: dict[str, list[str]] = json.loads(res.stdout)
+    return _without_warnings(json.loads(res.stdout))
+
+
+def _without_warnings(result: dict[str, list[str]]) -> dict[str, list[str]]:
+    """The diff of a reload; its ``warnings`` (the file's unknown keys) must be none here."""
+    assert result.pop("warnings") == [], result
     return result
 
 

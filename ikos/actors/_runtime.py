@@ -496,6 +496,20 @@ def run_actor(boot: ActorBoot, listener_fd: int, status_fd: int) -> NoReturn:
 
 
 def spawn_entry(payload: bytes, fds: list[int]) -> NoReturn:
-    """The fork server's entry point for actors: ``fds`` is ``[listener, status pipe]``."""
+    """The fork server's entry point for actors.
+
+    ``fds`` is ``[listener, status pipe]``, then optionally the write ends of
+    the pipes that become the actor's stdout and stderr (the manager puts
+    them in the daemon's log). Output is line-buffered, so that a ``print``
+    reaches the log when it is made, not when a buffer fills.
+    """
+    if len(fds) >= 4:
+        for target, fd in ((1, fds[2]), (2, fds[3])):
+            os.dup2(fd, target)
+            os.close(fd)
+        for stream in (sys.stdout, sys.stderr):
+            reconfigure = getattr(stream, "reconfigure", None)
+            if reconfigure is not None:
+                reconfigure(line_buffering=True)
     boot = decode(payload)
     run_actor(boot, fds[0], fds[1])

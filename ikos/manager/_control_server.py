@@ -140,9 +140,9 @@ class ControlServer:
             "dead_letter": (True, self.dead_letter),
         }
 
-    def register(self, verb: str, control: bool, handler: Handler) -> None:
+    def register(self, verb: str, access: bool | str, handler: Handler) -> None:
         """Add a verb (used by the layers that extend the protocol)."""
-        self.verbs[verb] = (control, handler)
+        self.verbs[verb] = (access in (True, "control"), handler)
 
     async def start(self) -> None:
         path = self.m.paths.control_socket
@@ -309,16 +309,16 @@ class ControlServer:
         return self.m.tree_json()
 
     async def start_(self, req: Request) -> Any:
-        return await self.m.start_node(req.text("name"))
+        return await self.m.ops.start(req.text("name"))
 
     async def stop(self, req: Request) -> Any:
-        return await self.m.stop_node(req.text("name"))
+        return await self.m.ops.stop(req.text("name"))
 
     async def restart(self, req: Request) -> Any:
-        return await self.m.restart_node(req.text("name"))
+        return await self.m.ops.restart(req.text("name"))
 
     async def reload(self, req: Request) -> Any:
-        return await self.m.reload_node(req.text("name"))
+        return await self.m.ops.reload(req.text("name"))
 
     async def logs(self, req: Request) -> Any:
         name = req.text("name")
@@ -326,10 +326,10 @@ class ControlServer:
         lines = req.args.get("lines", 10)
         if isinstance(lines, bool) or not isinstance(lines, int) or not 0 <= lines <= 100000:
             raise BadRequest("'logs': 'lines' must be an integer from 0 to 100000")
-        return {"name": name, "lines": self.m.execs.tail(name, lines)}
+        return {"name": name, "lines": self.m.logs.tail(name, lines)}
 
     async def kill(self, req: Request) -> Any:
-        return self.m.kill_node(req.text("name"), parse_signal(req.args.get("signal", "SIGTERM")))
+        return self.m.ops.kill(req.text("name"), parse_signal(req.args.get("signal", "SIGTERM")))
 
     def _actor(self, name: str) -> Any:
         from ikos.actors._ref import ActorRef
@@ -375,7 +375,7 @@ class ControlServer:
 
     async def dead_letter(self, req: Request) -> Any:
         name = req.text("name")
-        self.m.dead_letters[name] += 1
+        self.m.actors.dead_letters[name] += 1
         log.warning(
             "dead letter to '%s' from pid %d: %s",
             name,

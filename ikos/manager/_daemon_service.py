@@ -1,7 +1,7 @@
 """Daemons created and changed at run time: the manager's side of :mod:`ikos.daemon`.
 
-:class:`DaemonService` is a manager extension (``EXTENSIONS`` in
-:mod:`ikos.manager._manager`) serving four control verbs (``docs/protocol.md``):
+:class:`DaemonService` is a manager extension (:mod:`ikos.manager._extension`)
+serving four control verbs (``docs/protocol.md``):
 
 - ``daemon_create`` adds an executable to a running supervisor, as OTP's
   ``supervisor:start_child``: the spec is validated first (field types, the
@@ -23,13 +23,13 @@
 
 Persistence: created daemons and the changes made to configured ones are
 rows of ``daemons.db`` (SQLite) in the state directory, committed before a
-request is answered. ikosd starts its extensions before it builds the
-root supervisor, so at start the service puts the created daemons into
-the tree the manager is about to build (with the changes applied to the
+request is answered. Through the extension hook ``amend_tree``, called
+before the root supervisor is built, the service puts the created daemons
+into the tree the manager is about to run (with the changes applied to the
 configured ones): they start in order with everything else, ``requires``
-included, and ``auto_start = false`` ones are held when the root starts.
-The configuration reload is wrapped the same way, so that ``reload-config``
-neither removes created daemons nor undoes changes.
+included, and ``auto_start = false`` ones join held. A configuration reload
+goes through the same hook, so that ``reload-config`` neither removes
+created daemons nor undoes changes.
 
 Rejected: replaying ``daemon_create`` requests once the tree is running.
 That would start created daemons after the ready line, outside the start
@@ -49,35 +49,26 @@ import math
 import re
 import sqlite3
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ikos._errors import ConfigError, IkosError, ManagerError, NoSuchDaemon, SpawnError, SpecError
 from ikos.manager._control_server import BadRequest, Request
+from ikos.manager._extension import Extension, ExtensionHost, NodeView, Operations, TreeView
 from ikos.platform._spawn import ResourceLimits, build_exec_plan
 from ikos.registry._graph import check_graph
-from ikos.supervision._runtime import (
-    RESTART_ON,
-    Node,
-    StartFailed,
-    State,
-    SupervisorNode,
-    WorkerNode,
-)
+from ikos.supervision._edit import find_spec, insert_spec, replace_spec
+from ikos.supervision._runtime import RESTART_ON, StartFailed
 from ikos.supervision._spec import (
     NAME_RE,
     NAME_RULE,
-    AnySpec,
     Backoff,
     Exec,
     Supervisor,
     validate_child,
     validate_tree,
 )
-
-if TYPE_CHECKING:
-    from ikos.manager._manager import Manager
 
 log = logging.getLogger("ikos.daemons")
 
@@ -312,53 +303,6 @@ def needs_restart(old: Exec, new: Exec) -> bool:
     return any(old.fields.get(k) != new.fields.get(k) for k in keys)
 
 
-def _rebuilt(sup: Supervisor, children: Sequence[AnySpec]) -> Supervisor:
-    return dataclasses.replace(sup, children=tuple(children))
-
-
-def map_children(
-    tree: Supervisor, visit: Callable[[Supervisor, list[AnySpec]], list[AnySpec]]
-) -> Supervisor:
-    """Rebuild ``tree`` with ``visit(supervisor, children)`` giving each supervisor's children."""
-
-    def walk(sup: Supervisor) -> Supervisor:
-        children = [walk(c) if isinstance(c, Supervisor) else c for c in sup.children]
-        children = visit(sup, children)
-        if len(children) == len(sup.children) and all(
-            a is b for a, b in zip(children, sup.children, strict=True)
-        ):
-            return sup
-        return _rebuilt(sup, children)
-
-    return walk(tree)
-
-
-def insert_spec(tree: Supervisor, parent: str, spec: AnySpec) -> Supervisor:
-    return map_children(tree, lambda s, c: [*c, spec] if s.name == parent else c)
-
-
-def replace_spec(tree: Supervisor, spec: AnySpec) -> Supervisor:
-    return map_children(tree, lambda s, c: [spec if x.name == spec.name else x for x in c])
-
-
-def remove_spec(tree: Supervisor, name: str) -> Supervisor:
-    return map_children(tree, lambda s, c: [x for x in c if x.name != name])
-
-
-def find_spec(tree: Supervisor, name: str) -> tuple[AnySpec, Supervisor | None] | None:
-    """The spec called ``name`` and its supervisor's spec, if the tree has one."""
-    if tree.name == name:
-        return tree, None
-    for child in tree.children:
-        if child.name == name:
-            return child, tree
-        if isinstance(child, Supervisor):
-            found = find_spec(child, name)
-            if found is not None:
-                return found
-    return None
-
-
 def checked_tree(tree: Supervisor, daemon: str) -> tuple[Supervisor, Any]:
     """``validate_tree`` and ``check_graph``, their errors told about ``daemon``."""
     try:
@@ -443,11 +387,14 @@ class DaemonStore:
 # --- the service -------------------------------------------------------------------------
 
 
-class DaemonService:
+class DaemonService(Extension):
     """The manager extension; see the module docstring."""
 
+    name = "daemons"
+
     def __init__(self) -> None:
-        self._m: Manager | None = None
+        self._view: TreeView | None = None
+        self._ops: Operations | None = None
         self.store: DaemonStore | None = None
         #: created daemons: name -> JSON configuration (its supervisor included)
         self.created: dict[str, dict[str, Any]] = {}
@@ -458,57 +405,48 @@ class DaemonService:
         self.unrestored: dict[str, str] = {}
         self._pending: set[str] = set()
         self._locks: dict[str, asyncio.Lock] = {}
-        self._root_started = False
 
     @property
-    def m(self) -> Manager:
-        assert self._m is not None, "the daemon service has not started"
-        return self._m
+    def view(self) -> TreeView:
+        assert self._view is not None, "the daemon service has not started"
+        return self._view
+
+    @property
+    def ops(self) -> Operations:
+        assert self._ops is not None, "the daemon service has not started"
+        return self._ops
 
     # -- extension interface -------------------------------------------------------
 
-    async def start(self, manager: Manager) -> None:
-        self._m = manager
-        self.store = DaemonStore(manager.paths.state_dir / DB_NAME)
+    async def start(self, host: ExtensionHost) -> None:
+        self._view, self._ops = host.view, host.ops
+        self.store = DaemonStore(host.view.paths.state_dir / DB_NAME)
         self.created = self.store.created()
         self.changes = self.store.changed()
-        if manager.root is None:
-            tree = self._desired(manager.tree, at_start=True)
-            manager.tree, manager.graph = tree, check_graph(tree)
-        else:  # the tree already runs: created daemons join it as at run time
-            asyncio.get_running_loop().create_task(self._join_running_tree())
-        original = manager.reload_tree
-        if original is not None:
-            manager.reload_tree = functools.partial(self._reload_tree, original)
-        control = manager.control
-        control.register("daemon_create", True, self.create)
-        control.register("daemon_update", True, self.update)
-        control.register("daemon_revert", True, self.revert)
-        control.register("daemon_delete", True, self.delete)
-        control.register("daemon_get", False, self.get)
-        if self.created or self.changes:
+        verbs = host.verbs
+        verbs.register("daemon_create", "control", self.create)
+        verbs.register("daemon_update", "control", self.update)
+        verbs.register("daemon_revert", "control", self.revert)
+        verbs.register("daemon_delete", "control", self.delete)
+        verbs.register("daemon_get", "private", self.get)
+
+    def amend_tree(self, tree: Supervisor, *, at_start: bool) -> Supervisor:
+        desired = self._desired(tree, at_start=at_start)
+        if at_start and (self.created or self.changes):
             log.info(
                 "%d created daemons, %d changed daemons restored from %s",
                 len(self.created) - len(self.unrestored),
                 len(self.changes),
-                self.store.path,
+                self._store().path,
             )
+        return desired
 
     async def stop(self) -> None:
         if self.store is not None:
             self.store.close()
             self.store = None
 
-    def on_transition(self, node: Node, old: State, new: State, why: str) -> None:
-        # auto_start = false: held when the tree starts, until started by request.
-        if node.parent is None and new is State.STARTING and not self._root_started:
-            self._root_started = True
-            for name, config in self.created.items():
-                created = self.m.nodes.get(name)
-                if config.get("auto_start") is False and created is not None:
-                    created.held = True
-
-    def decorate_status(self, node: Node, status: dict[str, Any]) -> None:
+    def decorate_status(self, node: NodeView, status: dict[str, Any]) -> None:
         if node.kind != "exec":
             return
         status["created"] = node.name in self.created
@@ -578,18 +516,6 @@ class DaemonService:
         new, _ = checked_tree(insert_spec(tree, parent, spec), spec.name)
         return new
 
-    def _reload_tree(self, original: Callable[[], Supervisor]) -> Supervisor:
-        return self._desired(original())
-
-    async def _join_running_tree(self) -> None:
-        for name, config in list(self.created.items()):
-            try:
-                spec, parent = exec_from_config(config)
-                await self._add(spec, parent, start=config.get("auto_start") is not False)
-            except IkosError as exc:
-                log.error("created daemon '%s' was not restored: %s", name, exc)
-                self.unrestored[name] = str(exc)
-
     # -- helpers ----------------------------------------------------------------------
 
     def _store(self) -> DaemonStore:
@@ -601,14 +527,14 @@ class DaemonService:
         """The lock that serialises changes to one daemon (only for names that exist)."""
         lock = self._locks.get(name)
         if lock is None:
-            if name not in self.m.nodes and name not in self.created:
+            if self.view.find(name) is None and name not in self.created:
                 raise NoSuchDaemon(f"no daemon named '{name}'")
             lock = self._locks[name] = asyncio.Lock()
         return lock
 
-    def _exec_node(self, name: str) -> WorkerNode:
-        node = self.m.node(name)
-        if not isinstance(node, WorkerNode) or not isinstance(node.spec, Exec):
+    def _exec_node(self, name: str) -> NodeView:
+        node = self.view.node(name)
+        if node.kind != "exec" or not isinstance(node.spec, Exec):
             raise ManagerError(
                 f"'{name}' is {'an actor' if node.kind == 'actor' else 'a supervisor'}: "
                 "only executables have daemon fields"
@@ -616,79 +542,24 @@ class DaemonService:
         return node
 
     def _supervisor_of(self, name: str) -> str | None:
-        node = self.m.nodes.get(name)
+        node = self.view.find(name)
         return node.parent.name if node is not None and node.parent is not None else None
 
-    async def _add(self, spec: Exec, parent: str | None, *, start: bool) -> WorkerNode:
+    async def _add(self, spec: Exec, parent: str | None, *, start: bool) -> NodeView:
         """Join ``spec`` to its supervisor (OTP's start_child: not kept if it fails)."""
-        m = self.m
-        if m.root is None:
-            raise ManagerError("ikosd is still starting: try again once it is ready")
-        self._joined(m.tree, spec, parent)  # names, supervisor, dependencies
-        sup = m.nodes.get(parent or m.root.name)
-        if not isinstance(sup, SupervisorNode):
-            raise ConfigError(
-                None, _where(spec.name), "supervisor", "the name of a supervisor", parent
-            )
-        build_exec_plan(spec, m.paths)  # users, files, limits: SpawnError naming the field
-        node: WorkerNode = await sup.call(functools.partial(self._join, sup, spec, start))
-        self._set_tree(insert_spec(m.tree, sup.name, spec), sup)
-        return node
+        view = self.view
+        self._joined(view.tree, spec, parent)  # names, supervisor, dependencies
+        build_exec_plan(spec, view.paths)  # users, files, limits: SpawnError naming the field
+        return await self.ops.add_child(spec, parent, start=start)
 
-    def _set_tree(self, tree: Supervisor, sup: SupervisorNode | None) -> None:
-        """Make ``tree`` the manager's; ``sup``, whose children changed, gets its new spec."""
-        m = self.m
-        m.tree = tree
-        try:
-            m.graph = check_graph(tree)
-        except IkosError as exc:  # only if the tree changed under the request (a reload)
-            log.error("the tree after a daemon change does not check: %s", exc)
-        if sup is not None:
-            found = find_spec(tree, sup.name)
-            if found is not None and isinstance(found[0], Supervisor):
-                sup.spec = found[0]
-
-    @staticmethod
-    async def _join(sup: SupervisorNode, spec: Exec, start: bool) -> WorkerNode:
-        """A supervisor command: add ``spec`` as a child; start it unless held."""
-        node = WorkerNode(spec, sup, sup.host)
-        node.held = not start
-        sup.host.node_added(node)
-        sup.children.append(node)
-        if start and sup.alive:
-            try:
-                await node.start()
-            except StartFailed:
-                await sup.remove_child(node)
-                raise
-        return node
-
-    @staticmethod
-    async def _swap(node: WorkerNode, spec: Exec, restart: bool) -> None:
-        """A supervisor command: give ``node`` its new spec, restarting it if it must."""
-        active = node.alive or node.state in (State.STARTING, State.BACKOFF)
-        if not (restart and active):
-            node.spec = spec
-            return
-        await node.terminate("configuration changed")
-        node.spec = spec
-        node.held = False
-        node.restarts += 1
-        await node.start()
-
-    async def _apply(self, node: WorkerNode, spec: Exec) -> dict[str, Any]:
+    async def _apply(self, node: NodeView, spec: Exec) -> dict[str, Any]:
         old = node.spec
-        assert isinstance(old, Exec) and node.parent is not None
-        m = self.m
-        sup = node.parent
+        assert isinstance(old, Exec)
         try:
-            await sup.call(functools.partial(self._swap, node, spec, needs_restart(old, spec)))
+            await self.ops.update_child(node.name, spec, restart=needs_restart(old, spec))
         except StartFailed as exc:
             raise start_error(node.name, exc)
-        finally:
-            if m.nodes.get(node.name) is node:
-                self._set_tree(replace_spec(m.tree, spec), None)
-        return m.status_of(node)
+        return self.view.status_of(node)
 
     # -- verbs ------------------------------------------------------------------------
 
@@ -697,7 +568,7 @@ class DaemonService:
         try:
             spec, parent = exec_from_config(req.args.get("config"))
             name = spec.name
-            if name in self._pending or name in self.created or name in self.m.nodes:
+            if name in self._pending or name in self.created or self.view.find(name):
                 if name in self.unrestored:
                     raise DaemonExistsError(
                         name,
@@ -729,7 +600,7 @@ class DaemonService:
         except IkosError as exc:
             raise _refusal(exc)
         log.info("daemon '%s' created by pid %d", name, req.pid)
-        return self.m.status_of(node)
+        return self.view.status_of(node)
 
     async def update(self, req: Request) -> Any:
         """``daemon_update {"name", "changes": {...}}``: the status once applied."""
@@ -751,8 +622,8 @@ class DaemonService:
                         changes["supervisor"],
                     )
                 spec = apply_changes(old, changes)
-                checked_tree(replace_spec(self.m.tree, spec), name)
-                build_exec_plan(spec, self.m.paths)
+                checked_tree(replace_spec(self.view.tree, spec), name)
+                build_exec_plan(spec, self.view.paths)
                 store = self._store()
                 if name in self.created:
                     config = config_of(spec, self.created[name].get("supervisor"))
@@ -789,7 +660,7 @@ class DaemonService:
                     self._store().delete_changes(name)
                     del self.changes[name]
                 if base is None:
-                    return self.m.status_of(node)
+                    return self.view.status_of(node)
                 log.info("daemon '%s' reverted to its configuration by pid %d", name, req.pid)
                 return await self._apply(node, base)
         except IkosError as exc:
@@ -800,9 +671,9 @@ class DaemonService:
         name = req.text("name")
         try:
             async with self._lock(name):
-                m = self.m
+                view = self.view
                 if name not in self.created:
-                    if name in m.nodes:
+                    if view.find(name) is not None:
                         raise ManagerError(
                             f"'{name}' is part of the configuration, not created at run time: "
                             "remove it from the configuration and reload"
@@ -810,7 +681,7 @@ class DaemonService:
                     raise NoSuchDaemon(f"no daemon named '{name}'")
                 users = [
                     spec.name
-                    for _, spec in m.tree.walk()
+                    for _, spec in view.tree.walk()
                     if name in spec.requires or name in spec.after
                 ]
                 if users:
@@ -818,12 +689,8 @@ class DaemonService:
                         f"'{name}' is needed by {', '.join(users)} (requires/after): "
                         "change or delete those first"
                     )
-                node = m.nodes.get(name)
-                if node is not None and node.parent is not None:
-                    sup = node.parent
-                    await sup.call(functools.partial(sup.remove_child, node))
-                parent = node.parent if node is not None else None
-                self._set_tree(remove_spec(m.tree, name), parent)
+                if view.find(name) is not None:
+                    await self.ops.remove_child(name)
                 self._store().delete_created(name)
                 del self.created[name]
                 self.unrestored.pop(name, None)

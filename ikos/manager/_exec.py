@@ -31,26 +31,31 @@ import logging
 import os
 import signal
 import time
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 from ikos._errors import IkosError, ManagerError, SpawnError
-from ikos.monitor._logfile import LineSplitter, RotatingLog, tail
+from ikos.manager._logs import DaemonLogs
 from ikos.platform._cgroups import CgroupManager, DaemonCgroup, instance_cgroup_name
+from ikos.platform._fdstore import FdStore
+from ikos.platform._forkserver import ForkServer
 from ikos.platform._notify import NotifyMessage, NotifySocket, main_pid
+from ikos.platform._paths import InstancePaths
 from ikos.platform._pidfile import PidFileError, read_pid_file
-from ikos.platform._process import ExitStatus, ProcessHandle
+from ikos.platform._process import (
+    ExitStatus,
+    ProcessHandle,
+    run_command,
+    session_members,
+    signal_session,
+)
 from ikos.platform._spawn import ExecPlan, build_exec_plan, exec_in_child, notify_socket_address
+from ikos.supervision._runtime import WorkerNode
 from ikos.supervision._spec import Exec
-
-if TYPE_CHECKING:
-    from ikos.manager._manager import Manager
 
 log = logging.getLogger("ikos.exec")
 
 EXEC_ENTRY = "ikos.manager._exec:exec_entry"
-LOG_MAX_BYTES = 10 * 1024 * 1024
-LOG_BACKUPS = 5
 #: How often a forking daemon's PID file is read again while it is not valid yet.
 PID_FILE_POLL = 0.05
 
@@ -156,6 +161,9 @@ class ExecHandle:
         self.watchdog_usec = int(spec.fields.get("watchdog_sec", 0) * 1e6)
         self.watchdog: asyncio.TimerHandle | None = None
         self.notify_log = NotifyLog()
+        self._finishing = False
+        if not adopted:
+            proc.before_reap = self._kill_session_before_reap
         self.task = self.loop.create_task(self._run(), name=f"exec:{spec.name}")
 
     @property
@@ -260,21 +268,52 @@ class ExecHandle:
         self._finish(ExitStatus(None, signal.SIGKILL, time.time()))
 
     def _finish(self, status: ExitStatus) -> None:
+        """The daemon is over: clean up what is left of it, then tell the tree."""
+        if self._finishing:
+            return
+        self._finishing = True
         if self.watchdog is not None:
             self.watchdog.cancel()
-        self.rt.m.fdstore.drop(self.spec.name, ["stdout", "stderr"])
-        self._kill_leftovers()
+        self.rt.logs.release(self.spec.name)
         self.rt.forget(self)
-        if not self.exited.done():
-            self.exited.set_result(status)
+        self.loop.create_task(self._clean_up(status), name=f"exec-cleanup:{self.spec.name}")
 
-    def _kill_leftovers(self) -> None:
+    async def _clean_up(self, status: ExitStatus) -> None:
+        try:
+            await self._kill_leftovers()
+        except Exception:
+            log.exception("%s: killing what is left of the daemon failed", self.spec.name)
+        finally:
+            if not self.exited.done():
+                self.exited.set_result(status)
+
+    def _leader_pinned(self) -> bool:
+        """Whether the session leader is our unreaped child: its number cannot be recycled."""
+        return not self.adopted and not self.proc.exited.done()
+
+    def _kill_session_before_reap(self) -> None:
+        """The session leader exited and is not reaped yet: kill what is left of its session.
+
+        Only when the leader is the main process (a forking daemon's launcher
+        exits while the daemon lives on): the leader's zombie pins the
+        session's number, so one ``killpg`` reaches exactly this daemon.
+        """
+        if self.main is self.proc and self.plan.type != "forking":
+            with contextlib.suppress(OSError):
+                os.killpg(self.sid, signal.SIGKILL)
+
+    async def _kill_leftovers(self) -> None:
         if self.cgroup is not None:
             with contextlib.suppress(OSError, IkosError):
-                self.cgroup.kill_all(signal.SIGKILL, timeout=2.0)
+                await self.cgroup.kill_all_async(signal.SIGKILL, timeout=2.0)
                 self.cgroup.remove()
-        with contextlib.suppress(OSError):
-            os.killpg(self.sid, signal.SIGKILL)
+            return
+        if self._leader_pinned():
+            signal_session(self.sid, signal.SIGKILL, leader_unreaped=True)
+        elif self.main is not self.proc or self.adopted or self.plan.type == "forking":
+            # the leader is gone: find the members (a /proc scan, off the loop), pin
+            # each with a pidfd, and only then signal it
+            await asyncio.to_thread(signal_session, self.sid, signal.SIGKILL, leader_unreaped=False)
 
     # -- forking ---------------------------------------------------------------------
 
@@ -287,13 +326,14 @@ class ExecHandle:
         has forked and called setsid, writes the file. PID 1 is refused at once.
         """
         while True:
+            members = await self._members_async()
             try:
-                return self._forked_main()
+                return self._forked_main(members)
             except (PidFileError, OSError, ValueError) as exc:
                 error = str(exc)
             pid_file = self.plan.pid_file
             expired = time.monotonic() >= self.deadline
-            if pid_file is None or _names_pid_1(pid_file) or expired or not self._members():
+            if pid_file is None or _names_pid_1(pid_file) or expired or not members:
                 if expired:
                     error += f" (waited {self.spec.start_timeout:g} s for the daemon to write it)"
                 self.events.append(
@@ -302,8 +342,7 @@ class ExecHandle:
                 return None
             await asyncio.sleep(PID_FILE_POLL)
 
-    def _forked_main(self) -> int:
-        members = self._members()
+    def _forked_main(self, members: set[int]) -> int:
         if self.plan.pid_file:
             return read_pid_file(
                 self.plan.pid_file, owner_pgid=self.sid, owner_pids=frozenset(members) or None
@@ -316,16 +355,17 @@ class ExecHandle:
         )
 
     def _members(self) -> set[int]:
+        """The daemon's processes: its cgroup's, else its session's (a scan of /proc)."""
         if self.cgroup is not None:
             with contextlib.suppress(OSError):
                 return set(self.cgroup.pids())
-        found = set()
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                with contextlib.suppress(OSError):
-                    if os.getsid(int(entry)) == self.sid:
-                        found.add(int(entry))
-        return found
+        return set(session_members(self.sid))
+
+    async def _members_async(self) -> set[int]:
+        """:meth:`_members` without scanning /proc on the event loop."""
+        if self.cgroup is not None:
+            return self._members()
+        return await asyncio.to_thread(self._members)
 
     def _adopt_main(self, pid: int) -> None:
         if pid == self.main.pid:
@@ -344,7 +384,9 @@ class ExecHandle:
         new_main = None
         if "MAINPID" in fields:  # the cgroup is read only when needed: floods are cheap
             try:
-                members = frozenset(self._members())
+                # the cgroup's members, or the session checked for that one PID:
+                # never a scan of /proc on the loop
+                members = frozenset(self._members()) if self.cgroup is not None else frozenset()
                 new_main = main_pid(fields, owner_pgid=self.sid, owner_pids=members)
             except ValueError as exc:
                 self.notify_log.log(
@@ -404,20 +446,27 @@ class ExecHandle:
     # -- signals -------------------------------------------------------------------
 
     def send_signal(self, sig: int) -> bool:
-        """Signal the whole daemon: its cgroup (or session), main process included."""
+        """Signal the whole daemon: its cgroup (or session), main process included.
+
+        Never through a group number that may have been recycled: the cgroup's
+        members are pinned by pidfds before they are signalled, and the session
+        is signalled as a group only while its leader is our unreaped child;
+        otherwise its members are found off the loop and pinned one by one.
+        """
         sent = self.main.send_signal(sig)
-        targets: set[int] = set()
         if self.cgroup is not None:
             with contextlib.suppress(OSError):
-                targets = set(self.cgroup.pids())
-        for pid in targets - {self.main.pid}:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, sig)
-                sent = True
-        if not targets and self.main.alive:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.sid, sig)
-                sent = True
+                for pid in self.cgroup.pids() - {self.main.pid}:
+                    sent = self.cgroup.signal_member(pid, sig) or sent
+            return sent
+        if not self.main.alive:
+            return sent
+        if self._leader_pinned():
+            return signal_session(self.sid, sig, leader_unreaped=True) > 0 or sent
+        self.loop.create_task(
+            asyncio.to_thread(signal_session, self.sid, sig, leader_unreaped=False),
+            name=f"exec-signal:{self.spec.name}",
+        )
         return sent
 
     def kill(self) -> bool:
@@ -434,19 +483,20 @@ class ExecHandle:
                 if isinstance(command, list | tuple)
                 else ["/bin/sh", "-c", str(command)]
             )
-            proc = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                env={**os.environ, "MAINPID": str(self.pid)},
-            )
             try:
-                code = await asyncio.wait_for(proc.wait(), self.spec.start_timeout)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
+                result = await run_command(
+                    argv,
+                    env={**os.environ, "MAINPID": str(self.pid)},
+                    timeout=self.spec.start_timeout,
+                )
+            except OSError as exc:
+                raise ManagerError(
+                    f"'{self.spec.name}': cannot run the reload command: {exc.strerror or exc}"
+                ) from None
+            if result.status is None:
                 raise ManagerError(f"'{self.spec.name}': reload command timed out", "timeout")
-            if code != 0:
-                raise ManagerError(f"'{self.spec.name}': reload command exited with {code}")
+            if result.status.code != 0:
+                raise ManagerError(f"'{self.spec.name}': reload command {result.status.describe()}")
         else:
             # The main process only, as systemd's `kill -HUP $MAINPID`: helpers and
             # workers are the main process's business (nginx's workers must not see
@@ -465,21 +515,37 @@ class ExecHandle:
 
 
 class ExecRuntime:
-    """The manager's executables: notify socket, cgroups, log capture, spawning."""
+    """The spawner of executables: notify socket, cgroups, log capture, the two spawn paths."""
 
-    def __init__(self, manager: Manager) -> None:
-        self.m = manager
+    def __init__(
+        self,
+        paths: InstancePaths,
+        forkserver: ForkServer,
+        fdstore: FdStore,
+        logs: DaemonLogs,
+        on_forked: Callable[[WorkerNode, int], None],
+        environ: dict[str, str] | None = None,
+        daemon_variable: str | None = None,
+    ) -> None:
+        self.paths = paths
+        self.forkserver = forkserver
+        self.fdstore = fdstore
+        self.logs = logs
+        self._on_forked = on_forked
+        #: Added to every executable's environment (the instance's marker), with
+        #: ``daemon_variable`` set to the daemon's name: how a later ikosd finds them.
+        self.environ = dict(environ or {})
+        self.daemon_variable = daemon_variable
         self.handles: list[ExecHandle] = []
         self._by_pid: dict[int, ExecHandle] = {}
         self.notify: NotifySocket | None = None
         self.cgroups: CgroupManager | None = None
-        self.logs: dict[str, RotatingLog] = {}
         self._warned_cgroups = False
         self.notify_log = NotifyLog()
         self._spawning_notify = 0
 
     async def start(self) -> None:
-        address = notify_socket_address(self.m.paths)
+        address = notify_socket_address(self.paths)
         try:
             self.notify = NotifySocket(address)
         except OSError as exc:
@@ -495,9 +561,6 @@ class ExecRuntime:
                 asyncio.get_running_loop().remove_reader(self.notify.fileno())
             self.notify.close()
             self.notify = None
-        for rl in self.logs.values():
-            rl.close()
-        self.logs.clear()
         if self.cgroups is not None:
             with contextlib.suppress(Exception):
                 self.cgroups.cleanup()
@@ -561,55 +624,17 @@ class ExecRuntime:
 
     def _cgroup(self, spec: Exec, plan: ExecPlan) -> DaemonCgroup | None:
         if self.cgroups is None:
-            self.cgroups = CgroupManager(instance_cgroup_name(self.m.paths))
+            self.cgroups = CgroupManager(instance_cgroup_name(self.paths))
         cg = self.cgroups.create(spec.name, plan.limits, track=True)
         for warning in self.cgroups.warnings:
             log.warning("%s", warning)
         self.cgroups.warnings.clear()
         return cg
 
-    def log_for(self, name: str) -> RotatingLog:
-        rl = self.logs.get(name)
-        if rl is None:
-            self.m.paths.log_dir.mkdir(parents=True, exist_ok=True)
-            rl = RotatingLog(self.m.paths.log_dir / f"{name}.log", LOG_MAX_BYTES, LOG_BACKUPS)
-            self.logs[name] = rl
-        return rl
-
-    def _capture(self, name: str, stream: str, fd: int) -> None:
-        self.m.fdstore.put(name, stream, fd)
-        loop = asyncio.get_running_loop()
-        splitter = LineSplitter()
-        os.set_blocking(fd, False)
-        rl = self.log_for(name)
-
-        def readable() -> None:
-            lines: list[str] = []
-            eof = False
-            for _ in range(16):  # bounded work per loop turn: a chatty daemon waits its turn
-                try:
-                    chunk = os.read(fd, 65536)
-                except BlockingIOError:
-                    break
-                except OSError:
-                    chunk = b""
-                if not chunk:
-                    eof = True
-                    break
-                lines.extend(splitter.feed(chunk))
-            if eof:
-                lines.extend(splitter.flush())
-            if lines:
-                rl.write_lines(stream, lines)
-                rl.flush()
-            if eof:
-                loop.remove_reader(fd)
-                os.close(fd)
-
-        loop.add_reader(fd, readable)
-
-    async def spawn(self, spec: Exec) -> ExecHandle:
-        plan = build_exec_plan(spec, self.m.paths)
+    async def spawn(self, node: WorkerNode) -> ExecHandle:
+        spec = node.spec
+        assert isinstance(spec, Exec)
+        plan = build_exec_plan(spec, self.paths)
         if plan.type == "notify" and self.notify is None:
             raise SpawnError(spec.name, "type", "notify needs the sd_notify socket, which failed")
         if self.watchdog_env(spec):
@@ -629,17 +654,24 @@ class ExecRuntime:
             cgroup = self._cgroup(spec, plan)
         if cgroup is not None:
             plan = dataclasses.replace(plan, cgroup_procs=tuple(cgroup.procs_files))
+        marks = dict(self.environ)
+        if self.daemon_variable:
+            marks[self.daemon_variable] = spec.name
+        if marks:
+            plan = dataclasses.replace(plan, env=(*plan.env, *marks.items()))
         if plan.type != "notify":
-            return await self._spawn(spec, plan, cgroup)
+            return await self._spawn(node, spec, plan, cgroup)
         self._hold_notify()
         try:
-            return await self._spawn(spec, plan, cgroup)
+            return await self._spawn(node, spec, plan, cgroup)
         finally:
             self._release_notify()
 
-    async def _spawn(self, spec: Exec, plan: ExecPlan, cgroup: DaemonCgroup | None) -> ExecHandle:
+    async def _spawn(
+        self, node: WorkerNode, spec: Exec, plan: ExecPlan, cgroup: DaemonCgroup | None
+    ) -> ExecHandle:
         if cgroup is None and direct_spawn_possible(plan):
-            return self._spawn_direct(spec, plan)
+            return self._spawn_direct(node, spec, plan)
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
         fds = [err_w]
         stdio_index: dict[int, int] = {}
@@ -653,8 +685,14 @@ class ExecRuntime:
                     theirs.append(w)
                     stdio_index[target] = len(fds)
                     fds.append(w)
-                    self._capture(spec.name, stream, r)
-            pid = await self.m.forkserver.spawn(spec.name, EXEC_ENTRY, (plan, stdio_index), fds)
+                    self.logs.capture(spec.name, stream, r)
+            pid = await self.forkserver.spawn(
+                spec.name,
+                EXEC_ENTRY,
+                (plan, stdio_index),
+                fds,
+                on_forked=lambda pid: self._on_forked(node, pid),
+            )
         except BaseException:
             os.close(err_r)
             for r in ours:
@@ -676,7 +714,7 @@ class ExecRuntime:
         self.index(handle)
         return handle
 
-    def _spawn_direct(self, spec: Exec, plan: ExecPlan) -> ExecHandle:
+    def _spawn_direct(self, node: WorkerNode, spec: Exec, plan: ExecPlan) -> ExecHandle:
         """Start with posix_spawn: no fork of a large interpreter, no second fork.
 
         glibc's posix_spawn is clone(CLONE_VM | CLONE_VFORK) then exec: the child
@@ -734,7 +772,10 @@ class ExecRuntime:
             for _, _r, w in pipes:
                 os.close(w)
         for stream, r, _ in pipes:
-            self._capture(spec.name, stream, r)
+            self.logs.capture(spec.name, stream, r)
+        # posix_spawn has no gate: the record follows at once (an instance marker in
+        # the environment lets a later ikosd find it should this one die right here)
+        self._on_forked(node, pid)
         proc = ProcessHandle(pid)
         # posix_spawn returns only once the exec succeeded (or raises): ready as Type=exec
         proc.ready.set_result({"event": "ready", "pid": pid})
@@ -743,16 +784,18 @@ class ExecRuntime:
         self.index(handle)
         return handle
 
-    def adopt(self, spec: Exec, pid: int, sid: int, fds: dict[str, int]) -> ExecHandle:
+    def adopt(self, node: WorkerNode, pid: int, sid: int, fds: dict[str, int]) -> ExecHandle:
         """Watch an executable that a previous ikosd started; resume its log capture."""
-        plan = build_exec_plan(spec, self.m.paths)
+        spec = node.spec
+        assert isinstance(spec, Exec)
+        plan = build_exec_plan(spec, self.paths)
         proc = ProcessHandle(pid)
         if not proc.ready.done():
             proc.ready.set_result({"event": "ready", "pid": pid, "adopted": True})
         for stream in ("stdout", "stderr"):
             fd = fds.pop(stream, None)
             if fd is not None:
-                self._capture(spec.name, stream, fd)
+                self.logs.capture(spec.name, stream, fd)
         handle = ExecHandle(self, spec, plan, proc, None, sid=sid, adopted=True)
         self.handles.append(handle)
         self.index(handle)
@@ -763,10 +806,12 @@ class ExecRuntime:
         value = spec.fields.get("watchdog_sec")
         return isinstance(value, int | float) and not isinstance(value, bool) and value > 0
 
-    def tail(self, name: str, lines: int) -> list[str]:
-        path = Path(self.m.paths.log_dir) / f"{name}.log"
-        if name in self.logs:
-            self.logs[name].flush()
-        if not path.exists():
-            return []
-        return tail(path, lines)
+    def retire(self, node: WorkerNode) -> None:
+        """Nothing is kept for an executable between runs."""
+
+    def exited(self, node: WorkerNode) -> None:
+        """An incarnation ended (its handle already released its pipes)."""
+
+    def decorate_status(self, node: WorkerNode, status: dict[str, Any]) -> None:
+        handle = node.handle
+        status["status_text"] = handle.status_text if isinstance(handle, ExecHandle) else ""

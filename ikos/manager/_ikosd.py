@@ -11,14 +11,16 @@ import asyncio
 import importlib
 import importlib.util
 import logging
+import logging.handlers
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ikos._errors import ConfigError, IkosError
+from ikos.manager._extension import Config, ConfigSource
 from ikos.platform._paths import InstancePaths
 from ikos.supervision._spec import Supervisor
 
@@ -105,27 +107,79 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def setup_logging(level: str, log_dir: Path | None) -> None:
+#: ikosd.log is rotated at this size, keeping this many old files.
+LOG_MAX_BYTES = 10 * 1024 * 1024
+LOG_BACKUPS = 5
+
+
+class _TerminalHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Logs to stderr until stderr goes away; then only the log file gets them.
+
+    A closed stderr (``ikosd 2>&1 | head -3``) must not make every later log
+    call fail, nor take ikosd down: on the first failed write the handler
+    removes itself.
+    """
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        logging.getLogger().removeHandler(self)
+
+
+class _PrivateRotatingHandler(logging.handlers.RotatingFileHandler):
+    """ikosd.log: rotated by size, readable by the instance's owner only (it holds audit lines)."""
+
+    def _open(self) -> Any:
+        fd = os.open(
+            self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600
+        )
+        os.fchmod(fd, 0o600)
+        return os.fdopen(fd, "a", encoding=self.encoding or "utf-8", errors=self.errors)
+
+
+def setup_logging(level: str, log_dir: Path | None, *, terminal_level: str | None = None) -> None:
+    """Log to ``log_dir/ikosd.log`` at ``level`` and to stderr at ``terminal_level``.
+
+    Without an explicit ``terminal_level``, a terminal gets warnings only (the
+    ready line is printed on stdout besides), anything else (a pipe, a file,
+    journald) gets ``level``.
+    """
     root = logging.getLogger()
     root.handlers.clear()
-    root.setLevel(level.upper())
-    stderr = logging.StreamHandler(sys.stderr)
+    if terminal_level is None:
+        terminal_level = "warning" if sys.stderr.isatty() and log_dir is not None else level
+    stderr = _TerminalHandler(sys.stderr)
     stderr.setFormatter(logging.Formatter(LOG_FORMAT))
+    stderr.setLevel(terminal_level.upper())
     root.addHandler(stderr)
+    root.setLevel(min(logging.getLevelName(level.upper()), stderr.level))
     if log_dir is not None:
         try:
             log_dir.mkdir(parents=True, exist_ok=True)
-            fh = logging.FileHandler(log_dir / "ikosd.log")
+            fh = _PrivateRotatingHandler(
+                log_dir / "ikosd.log", maxBytes=LOG_MAX_BYTES, backupCount=LOG_BACKUPS
+            )
             fh.setFormatter(logging.Formatter(LOG_FORMAT))
+            fh.setLevel(level.upper())
             root.addHandler(fh)
         except OSError as exc:
-            log.warning("cannot write %s: %s", log_dir / "ikosd.log", exc)
+            log.warning("cannot write %s: %s", log_dir / "ikosd.log", exc.strerror or exc)
+
+
+def _importable(*directories: str) -> None:
+    """Put ``directories`` first on ``sys.path`` (as ``python -m`` does with the cwd)."""
+    for directory in reversed(directories):
+        if directory not in sys.path:
+            sys.path.insert(0, directory)
 
 
 def prepare(
     args: argparse.Namespace,
-) -> tuple[InstancePaths, Supervisor, Callable[[], Supervisor] | None, dict[str, Any]]:
-    """Resolve paths and load the tree (raises ConfigError)."""
+) -> tuple[InstancePaths, Config, ConfigSource | None, dict[str, Any]]:
+    """Resolve paths and load the configuration (raises ConfigError).
+
+    With ``-c``, the configuration file's directory and the working directory
+    are importable, in that order, so that ``class = "examples.demo:Echo"``
+    works from where the file is as from where ikosd was started.
+    """
     paths = InstancePaths.resolve(args.root) if args.root else InstancePaths.default()
     config_file = Path(args.config) if args.config else None
     if config_file is None and args.tree is None and paths.config_file.is_file():
@@ -137,35 +191,39 @@ def prepare(
             None,
             f"a tree to run: --tree MODULE:ATTR, -c CONFIG, or {paths.config_file}",
         )
+    if config_file is not None:
+        _importable(str(config_file.resolve().parent), os.getcwd())
     base = load_tree_ref(args.tree) if args.tree else None
     settings: dict[str, Any] = {}
-    reload_tree: Callable[[], Supervisor] | None = None
-    if config_file is not None:
-        from ikos.manager._config import load_config
-
-        loaded = load_config(config_file, base_tree=base)
-        for warning in loaded.warnings:
-            log.warning("%s", warning)
-        tree = loaded.tree
-        s = loaded.settings
-        settings = {
-            "mailbox_size": s.mailbox_size,
-            "max_message_bytes": s.max_message_bytes,
-            "shutdown_timeout": s.shutdown_timeout,
-            "log_level": s.log_level,
-            "metrics": s.metrics,
-        }
-
-        def reload_tree() -> Supervisor:
-            fresh = load_tree_ref(args.tree) if args.tree else None
-            again = load_config(config_file, base_tree=fresh)
-            for warning in again.warnings:
-                log.warning("%s", warning)
-            return again.tree
-    else:
+    if config_file is None:
         assert base is not None
-        tree = base
-    return paths, tree, reload_tree, settings
+        return paths, Config(base), None, settings
+    from ikos.manager._config import load_config
+
+    def read() -> Config:
+        fresh = load_tree_ref(args.tree) if args.tree else None
+        loaded = load_config(config_file, base_tree=fresh)
+        return Config(
+            loaded.tree,
+            loaded.file,
+            loaded.services,
+            loaded.health,
+            loaded.warnings,
+        )
+
+    loaded = load_config(config_file, base_tree=base)
+    for warning in loaded.warnings:
+        log.warning("%s", warning)
+    s = loaded.settings
+    settings = {
+        "mailbox_size": s.mailbox_size,
+        "max_message_bytes": s.max_message_bytes,
+        "shutdown_timeout": s.shutdown_timeout,
+        "log_level": s.log_level,
+        "metrics": s.metrics,
+    }
+    config = Config(loaded.tree, loaded.file, loaded.services, loaded.health, loaded.warnings)
+    return paths, config, read, settings
 
 
 DEFAULT_METRICS = ("127.0.0.1", 9464)
@@ -186,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=(args.log_level or "info").upper(), format=LOG_FORMAT)
     try:
-        paths, tree, reload_tree, settings = prepare(args)
+        paths, config, reload, settings = prepare(args)
     except IkosError as exc:
         print(f"ikosd: {exc}", file=sys.stderr)
         return 2
@@ -201,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     level = args.log_level or settings.get("log_level") or "info"
     try:
-        setup_logging(level, paths.log_dir)
+        setup_logging(level, paths.log_dir, terminal_level=args.log_level)
     except ValueError:
         print(f"ikosd: unknown log level {level!r}", file=sys.stderr)
         return 2
@@ -210,9 +268,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         manager = Manager(
             paths,
-            tree,
-            config_file=Path(args.config) if args.config else None,
-            reload_tree=reload_tree,
+            config,
+            reload=reload,
             mailbox_size=settings.get("mailbox_size", 1000),
             max_message_bytes=settings.get("max_message_bytes", 64 * 1024 * 1024),
             shutdown_timeout=settings.get("shutdown_timeout", 30.0),

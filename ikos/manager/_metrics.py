@@ -1,103 +1,77 @@
-"""Prometheus metrics of one ikosd, served over HTTP at ``/metrics``.
+"""The metrics service: ikosd's Prometheus endpoint, as an extension of the manager.
 
-A custom collector reads the manager's state at scrape time instead of
-updating gauges on every event: the tree is the source of truth, nothing
-can drift, and the event loop pays nothing between scrapes. The HTTP server
-is prometheus_client's (a daemon thread); a scrape reads plain attributes,
-which is safe under the GIL since the loop only replaces them wholesale.
-Names follow the contract: ``ikos_`` prefix, base units, ``_total`` for
-counters, labels for daemon and supervisor.
+It counts the daemons' state transitions as they happen and, at scrape
+time, takes a :class:`~ikos.monitor._metrics.Snapshot` of the tree through
+the extension API's read-only view; the collector and the HTTP server live
+in :mod:`ikos.monitor._metrics`. A scrape runs in the HTTP server's thread
+and only reads: each node's attributes are replaced whole by the loop, so
+the worst a race can give is a value one event old.
 """
 
 from __future__ import annotations
 
-import logging
 import time
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from collections import Counter
 
-from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.registry import Collector
-
-if TYPE_CHECKING:
-    from ikos.manager._manager import Manager
-
-log = logging.getLogger("ikos.metrics")
-
-STATES = ("stopped", "starting", "running", "stopping", "backoff", "failed")
+from ikos.manager._extension import Extension, ExtensionHost, NodeView, TreeView
+from ikos.monitor._metrics import DaemonCollector, DaemonRow, MetricsEndpoint, Snapshot
+from ikos.supervision._runtime import State
 
 
-class ManagerCollector(Collector):
-    """Collects the daemon states, restarts, transitions and dead letters of a manager."""
+class MetricsService(Extension):
+    """Serves ``/metrics`` on ``host:port`` for as long as ikosd runs."""
 
-    def __init__(self, manager: Manager) -> None:
-        self.m = manager
+    name = "metrics"
 
-    def collect(self) -> Iterator[Any]:
-        m = self.m
-        nodes = list(m.nodes.values())
-        state = GaugeMetricFamily(
-            "ikos_daemon_state",
-            "1 for the daemon's current state, 0 otherwise",
-            labels=["daemon", "kind", "supervisor", "state"],
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.endpoint = MetricsEndpoint()
+        self.transitions: Counter[tuple[str, str]] = Counter()
+        self._view: TreeView | None = None
+
+    @property
+    def url(self) -> str | None:
+        """Where the metrics are served (None when the address could not be bound)."""
+        return self.endpoint.url
+
+    async def start(self, host: ExtensionHost) -> None:
+        self._view = host.view
+        self.endpoint.add(DaemonCollector(self.snapshot))
+        self.endpoint.serve(self.host, self.port)
+
+    async def stop(self) -> None:
+        self.endpoint.close()
+
+    def on_transition(self, node: NodeView, old: State, new: State, why: str) -> None:
+        self.transitions[(node.name, new.value)] += 1
+
+    def snapshot(self) -> Snapshot:
+        view = self._view
+        assert view is not None, "the metrics service has not started"
+        rows = []
+        dead = view.dead_letters
+        for node in list(view.walk()):
+            parent = node.parent
+            rows.append(
+                DaemonRow(
+                    node.name,
+                    node.kind,
+                    parent.name if parent is not None else "",
+                    node.state.value,
+                    node.restarts,
+                    node.started_at,
+                    dead.get(node.name, 0),
+                )
+            )
+        health = view.health()
+        store = health.get("state_store") or {}
+        return Snapshot(
+            rows,
+            dict(self.transitions),
+            view.started_at,
+            time.time(),
+            int(store.get("failures", 0)),
+            int(store.get("pending", 0)),
+            int(health.get("fork_server_restarts", 0)),
+            int(health.get("orphans_reaped", 0)),
         )
-        up = GaugeMetricFamily(
-            "ikos_daemon_up", "1 when the daemon runs", labels=["daemon", "kind", "supervisor"]
-        )
-        restarts = CounterMetricFamily(
-            "ikos_daemon_restarts",
-            "Restarts of the daemon",
-            labels=["daemon", "kind", "supervisor"],
-        )
-        started = GaugeMetricFamily(
-            "ikos_daemon_start_time_seconds",
-            "Unix time the daemon's current run started",
-            labels=["daemon", "kind", "supervisor"],
-        )
-        for node in nodes:
-            sup = node.parent.name if node.parent else ""
-            labels = [node.name, node.kind, sup]
-            for s in STATES:
-                state.add_metric([*labels, s], 1.0 if node.state.value == s else 0.0)
-            up.add_metric(labels, 1.0 if node.state.value == "running" else 0.0)
-            restarts.add_metric(labels, float(node.restarts))
-            if node.started_at is not None and node.state.value == "running":
-                started.add_metric(labels, node.started_at)
-        yield state
-        yield up
-        yield restarts
-        yield started
-        trans = CounterMetricFamily(
-            "ikos_state_transitions", "State transitions of daemons", labels=["daemon", "state"]
-        )
-        for (name, new), count in list(m.transitions.items()):
-            trans.add_metric([name, new], float(count))
-        yield trans
-        dead = CounterMetricFamily(
-            "ikos_dead_letters", "Messages to actors that were not there", labels=["daemon"]
-        )
-        for name, count in list(m.dead_letters.items()):
-            dead.add_metric([name], float(count))
-        yield dead
-        yield GaugeMetricFamily(
-            "ikos_manager_start_time_seconds", "Unix time ikosd started", value=m.started_at
-        )
-        yield GaugeMetricFamily(
-            "ikos_manager_uptime_seconds",
-            "Seconds since ikosd started",
-            value=time.time() - m.started_at,
-        )
-
-
-def serve_metrics(manager: Manager, host: str, port: int) -> Any:
-    """Start the /metrics HTTP server; returns the server (or None when it cannot bind)."""
-    registry = CollectorRegistry()
-    registry.register(ManagerCollector(manager))
-    try:
-        server, _thread = start_http_server(port, addr=host, registry=registry)
-    except OSError as exc:
-        log.warning("metrics not served: cannot listen on %s:%d: %s", host, port, exc)
-        return None
-    log.info("metrics at http://%s:%d/metrics", host, server.server_address[1])
-    return server

@@ -1,35 +1,35 @@
-"""The registry inside ikosd: the store, owners' lives, health monitors, and the verbs.
+"""The registry inside ikosd: the store, owners' lives, health monitors, the verbs.
 
-:class:`RegistryService` is a manager extension (``EXTENSIONS`` in
-:mod:`ikos.manager._manager`). It owns the :class:`RegistryStore` under the
+:class:`RegistryService` is a manager extension
+(:mod:`ikos.manager._extension`). It owns the :class:`RegistryStore` under the
 state directory and serves the registry's control verbs (``register``,
-``discover``, ``wait_service``, ``watch``... in ``docs/protocol.md``). It
-also ties the registry to the tree: services a daemon declares in the
-configuration are registered when it runs, every service of a daemon turns
-inactive when it stops running, and each daemon with health checks gets a
-:class:`HealthMonitor` while it runs, whose status shows in ``status``, in
-the services' ``health`` and as events, and which may restart the daemon.
+``discover``, ``wait_service``, ``watch``... in ``docs/protocol.md``). It also
+ties the registry to the tree: services a daemon declares in the configuration
+are registered when it runs, every service of a daemon turns inactive when it
+stops running, and each daemon with health checks gets a
+:class:`HealthMonitor` while it runs, whose status shows in ``status``, in the
+services' ``health`` and as events, and which may restart the daemon.
 
-Ownership: a registration belongs to the process that sent it, as the
-kernel says (``SO_PEERCRED``), never as the request says. The manager
-watches every owner through a pidfd, the way it watches its own children:
-the exit of an owner turns its services inactive at once, with no polling,
-whether it is a daemon or a plain process. At start, owners that died
-while ikosd was down are found by the store's reconciliation.
+Ownership: a registration belongs to the process that sent it, as the kernel
+says (``SO_PEERCRED``), never as the request says. The manager watches every
+owner through a pidfd, the way it watches its own children: the exit of an
+owner turns its services inactive at once, with no polling, whether it is a
+daemon or a plain process. At start, owners that died while ikosd was down are
+found by the store's reconciliation.
 
 Writes are batched: every change leaves the store's transaction open and
 schedules one commit for the next turn of the loop (``call_soon``), and a
-request that changed the registry is answered only after that commit (a
-group commit), so an acknowledged registration survives a ``kill -9`` of
-ikosd while a burst of them still costs one commit. Waiters
-(``wait_service``) and watchers (``watch``) are fed from the store's change
-events, never by polling; both are bounded, and a watcher that falls too
-far behind is dropped rather than allowed to grow the manager's memory.
+request that changed the registry is answered only after that commit (a group
+commit), so an acknowledged registration survives a ``kill -9`` of ikosd while
+a burst of them still costs one commit. Waiters (``wait_service``) and
+watchers (``watch``) are fed from the store's change events, never by polling;
+both are bounded, and a watcher that falls too far behind is dropped rather
+than allowed to grow the manager's memory.
 
-Rejected: running the health probes or SQLite in a worker thread. The
-probes are asyncio coroutines already and the store's statements are a
-few indexed lookups, so the loop never waits on them; only the ``method``
-probe, a blocking actor ask, goes to the default executor.
+Rejected: running the health probes or SQLite in a worker thread. The probes
+are asyncio coroutines already and the store's statements are a few indexed
+lookups, so the loop never waits on them; only the ``method`` probe, a
+blocking actor ask, goes to the default executor.
 """
 
 from __future__ import annotations
@@ -43,11 +43,11 @@ import os
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ikos._errors import IkosError, ManagerError, PermissionDenied
 from ikos.manager._control_server import BadRequest, Request, Stream
+from ikos.manager._extension import Config, Extension, ExtensionHost, NodeView, Operations, TreeView
 from ikos.registry._client import HEALTH_REQUEST_KEY
 from ikos.registry._graph import DependencyCycle
 from ikos.registry._health import HealthCheck, HealthMonitor, HealthState
@@ -65,10 +65,7 @@ from ikos.registry._store import (
     process_alive,
     process_start_time,
 )
-from ikos.supervision._runtime import Node, State, WorkerNode
-
-if TYPE_CHECKING:
-    from ikos.manager._manager import Manager
+from ikos.supervision._runtime import State
 
 log = logging.getLogger("ikos.registry")
 audit = logging.getLogger("ikos.audit")
@@ -194,11 +191,14 @@ class _Daemon:
     early_heartbeat: str | None = None
 
 
-class RegistryService:
+class RegistryService(Extension):
     """The manager's registry extension; see the module docstring."""
 
+    name = "registry"
+
     def __init__(self) -> None:
-        self.m: Manager | None = None
+        self._view: TreeView | None = None
+        self._ops: Operations | None = None
         self.store: RegistryStore | None = None
         self._services: dict[str, _Service] = {}
         self._by_owner: dict[str, set[str]] = {}
@@ -207,7 +207,6 @@ class RegistryService:
         self._daemons: dict[str, _Daemon] = {}
         self._declared: dict[str, tuple[ServiceInfo, ...]] = {}
         self._checks: dict[str, tuple[HealthCheck, ...]] = {}
-        self._config_stamp: tuple[float, int] | None = None
         self._waiters: list[tuple[_Criteria, asyncio.Future[ServiceInfo]]] = []
         self._watchers: list[_Watcher] = []
         self._commit: asyncio.Future[None] | None = None
@@ -217,10 +216,10 @@ class RegistryService:
 
     # -- life cycle ----------------------------------------------------------
 
-    async def start(self, manager: Manager) -> None:
-        self.m = manager
+    async def start(self, host: ExtensionHost) -> None:
+        self._view, self._ops = host.view, host.ops
         self._loop = asyncio.get_running_loop()
-        store = self.store = RegistryStore(manager.paths.state_dir / DB_NAME)
+        store = self.store = RegistryStore(host.view.paths.state_dir / DB_NAME)
         dead = store.reconcile_dead_owners()
         if dead:
             log.info(
@@ -229,23 +228,22 @@ class RegistryService:
         self._index()
         store.commit()
         store.add_listener(self._on_event)
-        self._read_declarations()
-        control = manager.control
-        for verb, is_control, handler in (
-            ("register", False, self.register),
-            ("unregister", False, self.unregister),
-            ("services", False, self.services),
-            ("discover", False, self.discover),
-            ("wait_service", False, self.wait_service),
-            ("watch", False, self.watch),
-            ("add_dependency", False, self.add_dependency),
-            ("remove_dependency", False, self.remove_dependency),
-            ("get_dependencies", False, self.get_dependencies),
-            ("heartbeat", False, self.heartbeat),
+        self._declarations(host.view.config)
+        for verb, handler in (
+            ("register", self.register),
+            ("unregister", self.unregister),
+            ("services", self.services),
+            ("discover", self.discover),
+            ("wait_service", self.wait_service),
+            ("watch", self.watch),
+            ("add_dependency", self.add_dependency),
+            ("remove_dependency", self.remove_dependency),
+            ("get_dependencies", self.get_dependencies),
+            ("heartbeat", self.heartbeat),
         ):
-            # Writers are "read" verbs for the server: they authorize themselves
+            # Writers are public verbs for the server: they authorize themselves
             # (_authorize), because a daemon running as another user must reach them.
-            control.register(verb, is_control, handler)
+            host.verbs.register(verb, "public", handler)
         log.info(
             "registry: %d services (%d active) in %s", store.count(), store.count(True), store.path
         )
@@ -293,9 +291,9 @@ class RegistryService:
         return self.store
 
     @property
-    def _manager(self) -> Manager:
-        assert self.m is not None, "the registry is not started"
-        return self.m
+    def _tree(self) -> TreeView:
+        assert self._view is not None, "the registry is not started"
+        return self._view
 
     # -- batched commits -------------------------------------------------------
 
@@ -422,11 +420,8 @@ class RegistryService:
 
     def _daemon_of_pid(self, pid: int) -> str | None:
         """The worker of the tree that process ``pid`` is (starting or running), if any."""
-        for node in self._manager.nodes.values():
-            handle = node.handle if isinstance(node, WorkerNode) else None
-            if handle is not None and handle.pid == pid and handle.alive:
-                return node.name
-        return None
+        node = self._tree.worker_of_pid(pid)
+        return node.name if node is not None else None
 
     def _authorize(self, req: Request) -> str | None:
         """Let root, the instance's owner and the tree's own daemons write; return the daemon."""
@@ -440,8 +435,8 @@ class RegistryService:
 
     # -- the tree --------------------------------------------------------------
 
-    def on_transition(self, node: Node, old: State, new: State, why: str) -> None:
-        if not isinstance(node, WorkerNode) or self.store is None:
+    def on_transition(self, node: NodeView, old: State, new: State, why: str) -> None:
+        if node.kind == "supervisor" or self.store is None:
             return
         daemon = self._daemons.setdefault(node.name, _Daemon(node.name))
         if new is State.RUNNING:
@@ -451,11 +446,10 @@ class RegistryService:
         elif new is State.STARTING:
             daemon.early_heartbeat = None
 
-    def _daemon_running(self, node: WorkerNode, daemon: _Daemon) -> None:
-        pid = node.handle.pid if node.handle is not None else None
+    def _daemon_running(self, node: NodeView, daemon: _Daemon) -> None:
+        pid = node.pid
         daemon.pid = pid
         daemon.restarting = False
-        self._reread_declarations_if_changed()
         if pid is None:
             return
         checks = self._checks.get(node.name, ())
@@ -511,7 +505,7 @@ class RegistryService:
             self._forget_pid(daemon.pid)
         daemon.pid = None
 
-    def decorate_status(self, node: Node, status: dict[str, Any]) -> None:
+    def decorate_status(self, node: NodeView, status: dict[str, Any]) -> None:
         names = self._by_owner.get(node.name)
         checks = self._checks.get(node.name, ())
         if not names and not checks:
@@ -535,7 +529,7 @@ class RegistryService:
     def _health_of(self, daemon: str, state: State | None = None) -> HealthState:
         """A daemon's health: its checks' while it runs, passing without checks, else critical."""
         if state is None:
-            node = self._manager.nodes.get(daemon)
+            node = self._tree.find(daemon)
             state = node.state if node is not None else State.RUNNING
         if state is not State.RUNNING:
             return "critical"
@@ -546,48 +540,19 @@ class RegistryService:
 
     # -- configuration ---------------------------------------------------------
 
-    def _config_file(self) -> Path | None:
-        m = self._manager
-        if m.config_file is not None:
-            return Path(m.config_file)
-        # ikosd found its default configuration itself (no -c): reload_tree reads it.
-        if m.reload_tree is not None and m.paths.config_file.is_file():
-            return m.paths.config_file
-        return None
+    def _declarations(self, config: Config) -> None:
+        """Take the services and health checks the configuration declares, by daemon."""
+        self._declared = dict(config.services)
+        self._checks = dict(config.health)
 
-    def _read_declarations(self) -> None:
-        from ikos.manager._config import read_declarations
-
-        path = self._config_file()
-        if path is None:
-            return
-        try:
-            stat = path.stat()
-            declared = read_declarations(path)
-        except (OSError, IkosError) as exc:
-            log.error("registry: cannot read services and health checks from %s: %s", path, exc)
-            return
-        self._config_stamp = (stat.st_mtime, stat.st_size)
-        self._declared = declared.services
-        self._checks = declared.health
-
-    def _reread_declarations_if_changed(self) -> None:
-        # The manager does not tell extensions about a reload: a changed file is
-        # noticed when a daemon (re)starts, which is when declarations apply.
-        path = self._config_file()
-        if path is None:
-            return
-        try:
-            stat = path.stat()
-        except OSError:
-            return
-        if (stat.st_mtime, stat.st_size) != self._config_stamp:
-            self._read_declarations()
+    async def on_reload(self, config: Config) -> None:
+        # Declarations apply when a daemon (re)starts, as they always did.
+        self._declarations(config)
 
     # -- health ----------------------------------------------------------------
 
     def _start_monitor(
-        self, node: WorkerNode, daemon: _Daemon, checks: tuple[HealthCheck, ...]
+        self, node: NodeView, daemon: _Daemon, checks: tuple[HealthCheck, ...]
     ) -> None:
         self._stop_monitor(daemon)
         caller = None
@@ -617,7 +582,7 @@ class RegistryService:
     def _method_caller(self, name: str, timeout: float) -> Callable[[str], Any]:
         from ikos.actors._ref import ActorRef
 
-        ref = ActorRef(name, root=self._manager.paths.root)
+        ref = ActorRef(name, root=self._tree.paths.root)
 
         async def call(method: str) -> object:
             loop = asyncio.get_running_loop()
@@ -645,14 +610,16 @@ class RegistryService:
         restart = new == "critical" and daemon.monitor.snapshot().restart_requested
         if restart and not daemon.restarting:
             daemon.restarting = True
-            log.warning("health of %s is critical: restarting it", daemon.name)
-            self._spawn(self._restart(daemon.name))
+            log.warning("health of %s is critical: failing it for its supervisor", daemon.name)
+            self._spawn(self._fail(daemon.name, f"health check failed{why}"[:500]))
 
-    async def _restart(self, name: str) -> None:
+    async def _fail(self, name: str, reason: str) -> None:
+        # A failure like any other: restart type, intensity and back-off decide.
+        assert self._ops is not None
         try:
-            await self._manager.restart_node(name)
+            await self._ops.fail(name, reason)
         except IkosError as exc:
-            log.error("registry: restarting unhealthy %s failed: %s", name, exc)
+            log.error("registry: failing unhealthy %s failed: %s", name, exc)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -716,9 +683,8 @@ class RegistryService:
         current = self._services.get(name)
         if current is None or not current.active or current.owner != daemon:
             return
-        node = self._manager.nodes.get(daemon)
-        handle = node.handle if isinstance(node, WorkerNode) else None
-        if current.pid is None or (handle is not None and handle.pid == current.pid):
+        node = self._tree.find(daemon)
+        if current.pid is None or (node is not None and node.pid == current.pid):
             return
         log.warning(
             "registry: %s is held by pid %d, a former %s this ikosd does not run: taking it over",
@@ -882,7 +848,7 @@ class RegistryService:
             daemon = service.owner  # a service's name stands for its daemon
         checks = self._checks.get(daemon, ())
         if not any(c.kind == "ttl" for c in checks):
-            self._manager.node(daemon)  # no_such_daemon for an unknown name
+            self._tree.node(daemon)  # no_such_daemon for an unknown name
             raise ManagerError(f"'{daemon}' has no ttl health check to feed")
         record = self._daemons.setdefault(daemon, _Daemon(daemon))
         if record.monitor is not None:

@@ -1,23 +1,41 @@
-"""What must survive a crash of ikosd: which daemons run, with which PIDs.
+"""What must survive a crash of ikosd: which daemon processes exist, with which PIDs.
 
-One SQLite database (WAL) under the state directory, one row per running
-daemon: its PID, the process's start time (so a recycled PID is never
-mistaken for the daemon), its session and restart count. Rows change on
-state transitions and are committed once per loop turn, never blocking the
-loop on a disk flush per event. After ``kill -9`` of ikosd, the next ikosd
-reads the rows, checks each process is still the same one, and adopts it
-instead of starting a duplicate.
+One SQLite database (WAL) under the state directory, one row per daemon
+process that ikosd created and that has not ended: its PID and the
+process's start time (so that a recycled PID is never mistaken for it), its
+session, restart count, and its phase: ``starting`` from the moment the
+process exists (written and committed *before* it may run any user code:
+see the fork server's gate) and ``running`` once it is ready. After ``kill
+-9`` of ikosd, the next one adopts the ``running`` ones that still live and
+stops the ``starting`` ones, whose start it cannot finish.
+
+The table in memory is the truth; the database is its durable copy. Changes
+are written once per loop turn, and a write that fails (a full disk, an I/O
+error) is not lost: the rows stay pending and are written again, with a
+growing delay, until a write succeeds. While writes fail, :meth:`health`
+says so (status and metrics show it), and every daemon whose row is not
+saved is known (:meth:`unsaved`).
+
+Rejected: executing each change as SQL at once and committing per turn, as
+the first version did. SQLite may roll a failed commit back whole, and the
+changes in it were then lost for good without anyone noticing.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import logging
 import sqlite3
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
+
+from ikos.platform._database import close_quietly, open_database
+
+log = logging.getLogger("ikos.state")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS running (
@@ -27,14 +45,17 @@ CREATE TABLE IF NOT EXISTS running (
     create_time REAL NOT NULL,
     sid INTEGER NOT NULL,
     restarts INTEGER NOT NULL,
-    started_at REAL NOT NULL
-)
+    started_at REAL NOT NULL,
+    phase TEXT NOT NULL DEFAULT 'running'
+);
 """
+#: Delays between attempts to write pending rows after a failure (the last repeats).
+RETRY_DELAYS = (0.1, 0.5, 1.0, 2.0, 5.0)
 
 
 @dataclass(frozen=True)
 class RunningRecord:
-    """A daemon that was running when the state was last committed."""
+    """A daemon process as the state records it."""
 
     name: str
     kind: str
@@ -43,6 +64,7 @@ class RunningRecord:
     sid: int
     restarts: int
     started_at: float
+    phase: str = "running"
 
     def still_running(self) -> bool:
         """True when the same process (PID and start time) is alive and not a zombie."""
@@ -57,6 +79,7 @@ class RunningRecord:
 
 
 def process_create_time(pid: int) -> float | None:
+    """The start time of process ``pid`` as psutil gives it, or None if it is gone."""
     try:
         return float(psutil.Process(pid).create_time())
     except psutil.Error:
@@ -64,54 +87,189 @@ def process_create_time(pid: int) -> float | None:
 
 
 class StateStore:
-    """The running-daemons table, with one commit per loop turn."""
+    """The daemon-process table: in memory, written to SQLite once per loop turn, retried."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.execute(SCHEMA)
-        self._pending = False
+        self.path = path
+        self.db, self.damage = open_database(path, SCHEMA)
+        self._migrate()
+        self.rows: dict[str, RunningRecord] = self._read()
+        self._dirty: set[str] = set()
+        self._scheduled = False
+        self._retry: asyncio.TimerHandle | None = None
+        self.failures = 0
+        self.failing_since: float | None = None
+        self.last_error: str | None = None
+        self._attempt = 0
+        self._closed = False
 
-    def load(self) -> dict[str, RunningRecord]:
+    def _migrate(self) -> None:
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(running)")}
+        if "phase" not in columns:  # written by an ikos before the phase existed
+            self.db.execute("ALTER TABLE running ADD COLUMN phase TEXT NOT NULL DEFAULT 'running'")
+
+    def _read(self) -> dict[str, RunningRecord]:
         rows = self.db.execute(
-            "SELECT name, kind, pid, create_time, sid, restarts, started_at FROM running"
+            "SELECT name, kind, pid, create_time, sid, restarts, started_at, phase FROM running"
         ).fetchall()
         return {r[0]: RunningRecord(*r) for r in rows}
 
-    def _begin(self) -> None:
-        if not self._pending:
-            self.db.execute("BEGIN")
-            self._pending = True
-            with contextlib.suppress(RuntimeError):
-                asyncio.get_running_loop().call_soon(self.commit)
+    def load(self) -> dict[str, RunningRecord]:
+        """The records a previous ikosd left (read when the store was opened)."""
+        return dict(self.rows)
+
+    # -- changes ----------------------------------------------------------------------
+
+    def starting(self, name: str, kind: str, pid: int, sid: int, restarts: int) -> bool:
+        """Record a process that exists but has not run user code yet, and write it now.
+
+        Returns whether it was written; when it was not (the disk is full), the
+        row stays pending and the process must start anyway: supervision
+        comes before bookkeeping.
+        """
+        created = process_create_time(pid)
+        if created is None:
+            return True  # already gone: there is nothing to find after a crash
+        self._put(RunningRecord(name, kind, pid, created, sid, restarts, time.time(), "starting"))
+        return self.flush()
 
     def running(
         self, name: str, kind: str, pid: int, sid: int, restarts: int, started_at: float
     ) -> None:
-        created = process_create_time(pid)
-        if created is None:
-            return
-        self._begin()
-        self.db.execute(
-            "INSERT OR REPLACE INTO running VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (name, kind, pid, created, sid, restarts, started_at),
-        )
+        """The daemon ``name`` is ready (a new process, or one adopted)."""
+        old = self.rows.get(name)
+        if old is not None and old.pid == pid:
+            created = old.create_time
+        else:
+            found = process_create_time(pid)
+            if found is None:
+                return
+            created = found
+        self._put(RunningRecord(name, kind, pid, created, sid, restarts, started_at, "running"))
+
+    def _put(self, record: RunningRecord) -> None:
+        self.rows[record.name] = record
+        self._touch(record.name)
 
     def gone(self, name: str) -> None:
-        self._begin()
-        self.db.execute("DELETE FROM running WHERE name = ?", (name,))
+        """The daemon's process ended (or will never be adopted)."""
+        if self.rows.pop(name, None) is not None:
+            self._touch(name)
 
     def clear(self) -> None:
-        self._begin()
-        self.db.execute("DELETE FROM running")
+        """Forget every row (after an orderly shutdown)."""
+        for name in list(self.rows):
+            self.gone(name)
 
-    def commit(self) -> None:
-        if self._pending:
-            self._pending = False
-            self.db.execute("COMMIT")
+    def _touch(self, name: str) -> None:
+        self._dirty.add(name)
+        if self._scheduled or self._retry is not None or self._closed:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._scheduled = True
+        loop.call_soon(self._flush_turn)
+
+    # -- writing ------------------------------------------------------------------------
+
+    def _flush_turn(self) -> None:
+        self._scheduled = False
+        self.flush()
+
+    def flush(self) -> bool:
+        """Write every pending row now; True when nothing is left pending."""
+        if not self._dirty or self._closed:
+            return not self._dirty
+        names = sorted(self._dirty)
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                for name in names:
+                    row = self.rows.get(name)
+                    if row is None:
+                        self.db.execute("DELETE FROM running WHERE name = ?", (name,))
+                    else:
+                        self.db.execute(
+                            "INSERT OR REPLACE INTO running VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                            (
+                                row.name,
+                                row.kind,
+                                row.pid,
+                                row.create_time,
+                                row.sid,
+                                row.restarts,
+                                row.started_at,
+                                row.phase,
+                            ),
+                        )
+                self.db.execute("COMMIT")
+            except BaseException:
+                if self.db.in_transaction:
+                    self.db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            self._failed(exc)
+            return False
+        self._dirty.difference_update(names)
+        if self.failing_since is not None:
+            log.warning(
+                "%s written again after %.1f s of failures: the state is saved",
+                self.path,
+                time.time() - self.failing_since,
+            )
+        self.failing_since = None
+        self.last_error = None
+        self._attempt = 0
+        return True
+
+    def _failed(self, exc: sqlite3.Error) -> None:
+        self.failures += 1
+        self.last_error = str(exc)
+        if self.failing_since is None:
+            self.failing_since = time.time()
+            log.error(
+                "cannot write %s (%s): %d daemons' records are pending; retrying until it works "
+                "(until then a crash of ikosd could not be recovered from cleanly)",
+                self.path,
+                exc,
+                len(self._dirty),
+            )
+        delay = RETRY_DELAYS[min(self._attempt, len(RETRY_DELAYS) - 1)]
+        self._attempt += 1
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        if self._retry is None and not self._closed:
+            self._retry = loop.call_later(delay, self._retry_due)
+
+    def _retry_due(self) -> None:
+        self._retry = None
+        self.flush()
+
+    # -- what status and metrics show -------------------------------------------------
+
+    def unsaved(self) -> set[str]:
+        """Daemons whose current row is not on disk yet."""
+        return set(self._dirty)
+
+    def health(self) -> dict[str, Any]:
+        """``{"ok", "pending", "failures", "error", "since"}``: whether writes succeed."""
+        return {
+            "ok": self.failing_since is None,
+            "pending": len(self._dirty),
+            "failures": self.failures,
+            "error": self.last_error,
+            "since": self.failing_since,
+        }
 
     def close(self) -> None:
-        self.commit()
-        self.db.close()
+        """Write what is pending (once more) and close the database."""
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        self.flush()
+        self._closed = True
+        close_quietly(self.db)

@@ -757,16 +757,46 @@ class SupervisorNode(Node):
             node.close()
         self.host.node_removed(node)
 
-    async def add_child(self, spec: AnySpec, index: int | None = None) -> Node:
-        """Add a child (configuration reload) and start it."""
+    async def add_child(
+        self, spec: AnySpec, index: int | None = None, *, start: bool = True, strict: bool = False
+    ) -> Node:
+        """Add a child and start it, unless ``start`` is false (it then joins held).
+
+        With ``strict`` (OTP's ``start_child``, for children added at run time)
+        a child that fails to start is removed again and the failure raised;
+        otherwise (a configuration reload) the failure is handled like a crash.
+        """
         node = self._make(spec)
+        if not start:
+            node.held = True
         if index is None:
             self.children.append(node)
         else:
             self.children.insert(index, node)
-        if self.alive:
+        if not (start and self.alive):
+            return node
+        if not strict:
             await self._start_one(node)
+            return node
+        try:
+            await node.start()
+        except StartFailed:
+            if isinstance(node, WorkerNode):
+                self.host.retire(node)
+            self._remove(node)
+            raise
         return node
+
+    async def update_child(self, node: WorkerNode, spec: Child | Exec, *, restart: bool) -> None:
+        """Give ``node`` a new spec; if ``restart`` and it is active, restart it to apply it."""
+        active = node.alive or node.state in (State.STARTING, State.BACKOFF)
+        if not (restart and active):
+            node.spec = spec
+            return
+        await node.terminate("configuration changed")
+        node.spec = spec
+        node.held = False
+        await node.start()
 
     async def replace_child(self, node: Node, spec: AnySpec) -> Node:
         """Restart a changed child with its new spec, keeping its place in the order."""

@@ -1,0 +1,243 @@
+"""The contract between ikosd and the services that extend it.
+
+ikosd's core is the supervision tree's host: it starts processes, watches
+them and records their transitions. Everything else it offers (the service
+registry, daemons created at run time, metrics, and the IPC broker, the
+resource sampler, upgrades and Ray placement to come) is an
+:class:`Extension`: an object with a life (``start``, ``stop``) and hooks the
+manager calls, that sees the tree only through a read-only
+:class:`TreeView`, changes it only through :class:`Operations` (which go
+through the supervisors' command queues, so a service can never interleave
+with a restart), and adds control verbs through a :class:`VerbRegistry`.
+
+The hooks are plain methods of the :class:`Extension` base class with empty
+defaults, called in the order the extensions were started (``stop`` in
+reverse). A hook that raises is logged and never breaks the tree or another
+extension.
+
+Rejected: letting services reach into the manager (``manager.nodes``,
+``sup.children.append``), which is what the first services did. It made the
+manager's internals their API: a service could add a child behind its
+supervisor's queue, and the manager could not change without breaking them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+from ikos.platform._paths import InstancePaths
+from ikos.supervision._runtime import ExitReason, Running, State, WorkerNode
+from ikos.supervision._spec import AnySpec, Supervisor
+
+if TYPE_CHECKING:
+    from ikos.registry._health import HealthCheck
+    from ikos.registry._service import ServiceInfo
+
+#: Who may call a control verb: anyone (names and states only), the owner,
+#: root and the configured readers, or the owner and root.
+Access = Literal["public", "private", "control"]
+
+
+@dataclass(frozen=True)
+class Config:
+    """What ikosd runs: the tree, and what the configuration file declares beside it.
+
+    ``services`` and ``health`` are the services each daemon offers and its
+    health checks, by daemon name (``[actors.NAME.service]``,
+    ``[[executables.NAME.health]]``); ``warnings`` the unknown keys of the
+    file, for whoever loaded it to show.
+    """
+
+    tree: Supervisor
+    file: Path | None = None
+    services: Mapping[str, tuple[ServiceInfo, ...]] = field(default_factory=dict)
+    health: Mapping[str, tuple[HealthCheck, ...]] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()
+    #: ``[control] readers``: the group whose members may read private verbs.
+    reader_group: str | None = None
+
+
+#: Reads the configuration again (``ikosctl reload-config``, SIGHUP).
+ConfigSource = Callable[[], Config]
+
+
+class NodeView(Protocol):
+    """A node of the running tree, read-only."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def state(self) -> State: ...
+
+    @property
+    def spec(self) -> AnySpec: ...
+
+    @property
+    def pid(self) -> int | None: ...
+
+    @property
+    def restarts(self) -> int: ...
+
+    @property
+    def started_at(self) -> float | None: ...
+
+    @property
+    def last_exit(self) -> ExitReason | None: ...
+
+    @property
+    def parent(self) -> NodeView | None: ...
+
+    @property
+    def alive(self) -> bool: ...
+
+
+class TreeView(Protocol):
+    """What a service may read of the manager: the instance, the tree and its nodes."""
+
+    @property
+    def paths(self) -> InstancePaths: ...
+
+    @property
+    def tree(self) -> Supervisor:
+        """The tree's current specification (the configuration with run-time changes)."""
+
+    @property
+    def config(self) -> Config:
+        """The configuration last loaded (at start or by the last reload)."""
+
+    def node(self, name: str) -> NodeView:
+        """The node called ``name``; :class:`~ikos._errors.NoSuchDaemon` if none."""
+
+    def find(self, name: str) -> NodeView | None:
+        """The node called ``name``, or None."""
+
+    def walk(self) -> Iterator[NodeView]:
+        """Every node, the root first, in start order."""
+
+    def worker_of_pid(self, pid: int) -> NodeView | None:
+        """The actor or executable whose current process is ``pid`` (starting or running)."""
+
+    def status_of(self, node: NodeView) -> dict[str, Any]:
+        """A node's status object, as the control protocol gives it."""
+
+    @property
+    def started_at(self) -> float:
+        """When ikosd started (Unix time)."""
+
+    def health(self) -> dict[str, Any]:
+        """ikosd's own health: its state store, fork server and reaper."""
+
+    @property
+    def dead_letters(self) -> Mapping[str, int]:
+        """Messages sent to each actor while it was not there."""
+
+
+class Operations(Protocol):
+    """What a service may ask the manager to do; each goes through the supervisors' queues."""
+
+    async def start(self, name: str) -> dict[str, Any]: ...
+
+    async def stop(self, name: str) -> dict[str, Any]: ...
+
+    async def restart(self, name: str) -> dict[str, Any]: ...
+
+    async def fail(self, name: str, reason: str) -> None:
+        """Stop a running daemon as a failure: its supervisor restarts it by its rules."""
+
+    async def add_child(self, spec: AnySpec, supervisor: str | None, *, start: bool) -> NodeView:
+        """Add a child to a supervisor (default the root); if it fails to start it is not kept."""
+
+    async def update_child(self, name: str, spec: AnySpec, *, restart: bool) -> NodeView:
+        """Give a child a new spec, restarting it if ``restart`` and it is active."""
+
+    async def remove_child(self, name: str) -> None:
+        """Stop a child and remove it from the tree."""
+
+
+Handler = Callable[[Any], Awaitable[Any]]
+
+
+class VerbRegistry(Protocol):
+    """Where services add control verbs (``docs/protocol.md``)."""
+
+    def register(self, verb: str, access: Access, handler: Handler) -> None: ...
+
+
+class Spawner(Protocol):
+    """Starts the processes of one kind of child (actors, executables, Ray actors...).
+
+    The manager picks the spawner by the node's kind; ``adopt`` takes over a
+    process that a previous ikosd started (``fds`` are the descriptors the
+    keeper held for it); ``retire`` releases what the spawner keeps for a
+    node that will not run again until started explicitly.
+    """
+
+    async def start(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    async def spawn(self, node: WorkerNode) -> Running: ...
+
+    def adopt(self, node: WorkerNode, pid: int, sid: int, fds: dict[str, int]) -> Running: ...
+
+    def retire(self, node: WorkerNode) -> None: ...
+
+    def exited(self, node: WorkerNode) -> None: ...
+
+    def decorate_status(self, node: WorkerNode, status: dict[str, Any]) -> None: ...
+
+
+@dataclass(frozen=True)
+class ExtensionHost:
+    """What an extension gets when it starts."""
+
+    view: TreeView
+    ops: Operations
+    verbs: VerbRegistry
+
+
+class Extension:
+    """A service of ikosd; override the hooks it needs (all default to doing nothing).
+
+    Order of calls: :meth:`start` (before the root supervisor starts, so that
+    a service sees every transition; the view's tree is then the
+    configuration's), :meth:`amend_tree` (once every extension started, before
+    the tree starts, and again for every reload), then :meth:`on_transition`
+    and :meth:`decorate_status` while ikosd runs, :meth:`on_reload` after a
+    configuration reload was applied, and :meth:`stop` once every daemon has
+    stopped.
+    """
+
+    #: A short name, for logs.
+    name = "extension"
+
+    async def start(self, host: ExtensionHost) -> None:
+        """Begin: register verbs, open stores, start tasks."""
+
+    async def stop(self) -> None:
+        """End: every daemon has stopped; release what the service holds."""
+
+    def amend_tree(self, tree: Supervisor, *, at_start: bool) -> Supervisor:
+        """The tree to run, given the configuration's: add or change children here.
+
+        Called after :meth:`start` with ``at_start`` true, and for every
+        reload with it false (raise :class:`~ikos._errors.IkosError` to refuse
+        the reload). The default returns ``tree`` unchanged.
+        """
+        return tree
+
+    def on_transition(self, node: NodeView, old: State, new: State, why: str) -> None:
+        """A daemon changed state (called synchronously: do not block)."""
+
+    def decorate_status(self, node: NodeView, status: dict[str, Any]) -> None:
+        """Add fields to a node's status object."""
+
+    async def on_reload(self, config: Config) -> None:
+        """A reloaded configuration was applied (the tree already runs it)."""

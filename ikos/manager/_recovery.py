@@ -1,0 +1,197 @@
+"""After a crash of ikosd: adopt what runs, stop what cannot be trusted, never start twice.
+
+When ikosd dies (``kill -9``, a bug, the machine's OOM killer), its daemons
+live on. The next ikosd on the same root must end up with exactly one
+supervised copy of each. It learns what runs from three sources, none of
+which it trusts alone:
+
+1. ``state.db``: a row per daemon process, written before the process could
+   run any user code (see the fork server's gate). A row in phase
+   ``running`` whose process still lives (same PID *and* start time) is
+   **adopted**: watched through a pidfd, its descriptors taken back from the
+   keeper. A row in phase ``starting`` is a start this ikosd cannot finish
+   (the readiness it waited for was addressed to the dead one): the process
+   is **stopped**, and the tree starts the daemon afresh.
+2. **The processes themselves.** Every process ikosd creates carries the
+   instance's marker in its environment (``IKOS_INSTANCE``, and
+   ``IKOS_DAEMON=NAME`` for executables; actors inherit it from the fork
+   server), so they can be found in ``/proc`` even if ``state.db`` was lost,
+   truncated or could not be written (a full disk). A marked process that is
+   not an adopted daemon, one of its descendants, or in an adopted
+   executable's session is stopped, and the log says what it was and why.
+3. **The daemons' cgroups** (``kill_mode = "control-group"``): what is left
+   in the cgroup of a daemon that is not adopted is killed.
+
+What was stopped is said in the log, daemon by daemon, with the reason
+("state.db did not record it", "it was still starting"...). The stray
+processes are killed with SIGKILL through pidfds and waited for (bounded)
+before the tree starts, so the old copy is gone before the new one runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import select
+import signal
+import time
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass, field
+
+from ikos.manager._state import RunningRecord
+from ikos.platform._cgroups import CgroupManager, instance_cgroup_name
+from ikos.platform._paths import InstancePaths
+from ikos.platform._process import ProcInfo, all_pids, environ_of, proc_info
+
+log = logging.getLogger("ikos.recovery")
+
+#: The environment variables that mark the processes of an instance.
+MARK_INSTANCE = "IKOS_INSTANCE"
+MARK_DAEMON = "IKOS_DAEMON"
+#: How long the stray processes get to disappear after SIGKILL.
+KILL_WAIT = 10.0
+
+
+def instance_mark(paths: InstancePaths) -> str:
+    """The value of ``IKOS_INSTANCE`` for this instance (stable across restarts of ikosd)."""
+    return hashlib.sha256(str(paths.run_dir).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Marked:
+    """A live process carrying this instance's marker."""
+
+    info: ProcInfo
+    daemon: str | None
+
+
+@dataclass
+class RecoveryPlan:
+    """What a new ikosd found: daemons to adopt, processes to stop, and why."""
+
+    adoptable: dict[str, RunningRecord] = field(default_factory=dict)
+    #: pid -> (daemon name or a description, why it is stopped)
+    strays: dict[int, tuple[str, str]] = field(default_factory=dict)
+    ended: list[RunningRecord] = field(default_factory=list)
+
+
+def find_marked(mark: str, exclude: Collection[int] = ()) -> list[Marked]:
+    """Every live process whose environment says it belongs to the instance ``mark``."""
+    me = os.getpid()
+    found = []
+    for pid in all_pids():
+        if pid == me or pid in exclude:
+            continue
+        env = environ_of(pid)
+        if env is None or env.get(MARK_INSTANCE) != mark:
+            continue
+        info = proc_info(pid)
+        if info is not None:
+            found.append(Marked(info, env.get(MARK_DAEMON) or None))
+    return found
+
+
+def plan_recovery(
+    records: dict[str, RunningRecord],
+    tree_names: Collection[str],
+    marked: Iterable[Marked],
+    *,
+    state_damage: str | None = None,
+) -> RecoveryPlan:
+    """Decide, from the state's records and the marked processes, what to adopt and stop.
+
+    Pure apart from asking whether each recorded process still runs.
+    """
+    plan = RecoveryPlan()
+    for name, record in records.items():
+        if not record.still_running():
+            plan.ended.append(record)
+        elif name not in tree_names:
+            plan.strays[record.pid] = (name, "it is no longer in the tree")
+        elif record.phase != "running":
+            plan.strays[record.pid] = (name, "it was still starting")
+        else:
+            plan.adoptable[name] = record
+    adopted_pids = {r.pid for r in plan.adoptable.values()}
+    adopted_sids = {r.sid for r in plan.adoptable.values() if r.kind == "exec"}
+    adopted_names = set(plan.adoptable)
+    marked = list(marked)
+    by_pid = {m.info.pid: m for m in marked}
+
+    def descends_from_adopted(m: Marked) -> bool:
+        seen = set()
+        pid = m.info.ppid
+        while pid > 1 and pid not in seen:
+            if pid in adopted_pids:
+                return True
+            seen.add(pid)
+            parent = by_pid.get(pid)
+            info = parent.info if parent is not None else proc_info(pid)
+            if info is None:
+                return False
+            pid = info.ppid
+        return False
+
+    why = (
+        f"state.db did not record it ({state_damage})"
+        if state_damage
+        else "state.db did not record it"
+    )
+    for m in marked:
+        pid = m.info.pid
+        if pid in adopted_pids or pid in plan.strays:
+            continue
+        if m.daemon is not None and m.daemon in adopted_names:
+            continue  # a process of an adopted executable (its workers, its helpers)
+        if m.info.sid in adopted_sids or descends_from_adopted(m):
+            continue
+        plan.strays[pid] = (m.daemon or "an actor or helper process", why)
+    return plan
+
+
+def stray_cgroups(paths: InstancePaths, keep: Collection[str]) -> dict[int, tuple[str, str]]:
+    """The processes in this instance's daemon cgroups whose daemon is not in ``keep``."""
+    out: dict[int, tuple[str, str]] = {}
+    for name, cgroup in CgroupManager(instance_cgroup_name(paths)).existing().items():
+        if name in keep:
+            continue
+        with contextlib.suppress(OSError):
+            for pid in cgroup.pids():
+                out[pid] = (name, "it was left in the daemon's cgroup")
+    return out
+
+
+def kill_strays(strays: dict[int, tuple[str, str]], timeout: float = KILL_WAIT) -> list[int]:
+    """SIGKILL every stray through a pidfd and wait for them to go; return those that stayed."""
+    pidfds: dict[int, int] = {}
+    for pid, (what, why) in sorted(strays.items()):
+        log.warning("stopping pid %d (%s): %s", pid, what, why)
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError:
+            continue
+        try:
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
+        except OSError:
+            os.close(fd)
+            continue
+        pidfds[pid] = fd
+    deadline = time.monotonic() + timeout
+    poller = select.poll()
+    for fd in pidfds.values():
+        poller.register(fd, select.POLLIN)
+    left = dict(pidfds)
+    while left:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        for fd, _ in poller.poll(remaining * 1000):
+            poller.unregister(fd)
+            for pid, pfd in list(left.items()):
+                if pfd == fd:
+                    del left[pid]
+    for fd in pidfds.values():
+        os.close(fd)
+    return sorted(left)

@@ -1,0 +1,169 @@
+"""Prometheus metrics of an ikos instance: the collector and the ``/metrics`` endpoint.
+
+A collector reads the instance's state at scrape time instead of updating
+gauges on every event: the tree is the source of truth, nothing can drift,
+and the event loop pays nothing between scrapes. It knows nothing of the
+manager: it is given a function returning a :class:`Snapshot`, plain data
+taken from the tree, and turns it into metric families. Other parts add
+collectors of their own to the same :class:`MetricsEndpoint` (the registry,
+the resource sampler). The HTTP server is prometheus_client's (a daemon
+thread). Names follow the contract: ``ikos_`` prefix, base units,
+``_total`` for counters, labels for daemon and supervisor.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+log = logging.getLogger("ikos.metrics")
+
+STATES = ("stopped", "starting", "running", "stopping", "backoff", "failed")
+
+
+@dataclass(frozen=True)
+class DaemonRow:
+    """One node of the tree at scrape time."""
+
+    name: str
+    kind: str
+    supervisor: str
+    state: str
+    restarts: int
+    started_at: float | None
+    dead_letters: int = 0
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What the daemon collector exports, taken at scrape time."""
+
+    daemons: list[DaemonRow]
+    transitions: Mapping[tuple[str, str], int] = field(default_factory=dict)
+    manager_started_at: float = 0.0
+    now: float = 0.0
+    state_write_failures: int = 0
+    state_pending_writes: int = 0
+    fork_server_restarts: int = 0
+    orphans_reaped: int = 0
+
+
+class DaemonCollector(Collector):
+    """Daemon states, restarts, transitions, dead letters, and the manager's own health."""
+
+    def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
+        self.snapshot = snapshot
+
+    def collect(self) -> Iterator[Any]:
+        snap = self.snapshot()
+        labels = ["daemon", "kind", "supervisor"]
+        state = GaugeMetricFamily(
+            "ikos_daemon_state",
+            "1 for the daemon's current state, 0 otherwise",
+            labels=[*labels, "state"],
+        )
+        up = GaugeMetricFamily("ikos_daemon_up", "1 when the daemon runs", labels=labels)
+        restarts = CounterMetricFamily(
+            "ikos_daemon_restarts", "Restarts of the daemon", labels=labels
+        )
+        started = GaugeMetricFamily(
+            "ikos_daemon_start_time_seconds",
+            "Unix time the daemon's current run started",
+            labels=labels,
+        )
+        dead = CounterMetricFamily(
+            "ikos_dead_letters", "Messages to actors that were not there", labels=["daemon"]
+        )
+        for row in snap.daemons:
+            values = [row.name, row.kind, row.supervisor]
+            for s in STATES:
+                state.add_metric([*values, s], 1.0 if row.state == s else 0.0)
+            up.add_metric(values, 1.0 if row.state == "running" else 0.0)
+            restarts.add_metric(values, float(row.restarts))
+            if row.started_at is not None and row.state == "running":
+                started.add_metric(values, row.started_at)
+            if row.kind == "actor":
+                dead.add_metric([row.name], float(row.dead_letters))
+        yield state
+        yield up
+        yield restarts
+        yield started
+        yield dead
+        trans = CounterMetricFamily(
+            "ikos_state_transitions", "State transitions of daemons", labels=["daemon", "state"]
+        )
+        for (name, new), count in snap.transitions.items():
+            trans.add_metric([name, new], float(count))
+        yield trans
+        yield GaugeMetricFamily(
+            "ikos_manager_start_time_seconds",
+            "Unix time ikosd started",
+            value=snap.manager_started_at,
+        )
+        yield GaugeMetricFamily(
+            "ikos_manager_uptime_seconds",
+            "Seconds since ikosd started",
+            value=snap.now - snap.manager_started_at,
+        )
+        yield CounterMetricFamily(
+            "ikos_state_write_failures",
+            "Failed writes of the crash-recovery state (state.db)",
+            value=snap.state_write_failures,
+        )
+        yield GaugeMetricFamily(
+            "ikos_state_pending_writes",
+            "Daemon records not yet written to state.db (non-zero while writes fail)",
+            value=snap.state_pending_writes,
+        )
+        yield CounterMetricFamily(
+            "ikos_fork_server_restarts",
+            "Times the fork server died or hung and was replaced",
+            value=snap.fork_server_restarts,
+        )
+        yield CounterMetricFamily(
+            "ikos_orphans_reaped",
+            "Orphaned processes re-parented to ikosd and reaped by it",
+            value=snap.orphans_reaped,
+        )
+
+
+class MetricsEndpoint:
+    """A Prometheus registry served over HTTP at ``/metrics``."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.server: Any = None
+
+    def add(self, collector: Collector) -> None:
+        """Export ``collector``'s metrics too."""
+        self.registry.register(collector)
+
+    def serve(self, host: str, port: int) -> bool:
+        """Listen on ``host:port`` (0 for any free port); False (and a warning) if it cannot."""
+        try:
+            self.server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:
+            log.warning("metrics not served: cannot listen on %s:%d: %s", host, port, exc)
+            return False
+        log.info("metrics at %s", self.url)
+        return True
+
+    @property
+    def url(self) -> str | None:
+        """``http://HOST:PORT/metrics`` once serving."""
+        if self.server is None:
+            return None
+        host, port = self.server.server_address[:2]
+        return f"http://{host}:{port}/metrics"
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
