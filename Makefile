@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.ikos-installed
 
-.PHONY: demo test test-deps lint typecheck pytest bench clean
+.PHONY: demo test test-deps lint typecheck dist pytest bench clean
 
 $(STAMP): pyproject.toml
 	@if ! $(PYTHON) -c 'import venv, ensurepip' 2>/dev/null; then \
@@ -34,8 +34,18 @@ typecheck: $(STAMP)
 test-deps:
 	@sh scripts/test-deps.sh
 
-pytest: $(STAMP) test-deps
-	$(VENV)/bin/pytest
+# The sdist and wheel users install, built as they would build them (isolated, with the
+# setuptools pyproject.toml asks for) and checked as PyPI checks an upload; the tests
+# install these same files into clean venvs (tests/test_packaging.py). The old
+# ikos.egg-info goes first: setuptools would merge its SOURCES.txt into the sdist.
+DIST := dist
+dist: $(STAMP)
+	rm -rf $(DIST) ikos.egg-info
+	$(PY) -m build --quiet --outdir $(DIST) .
+	$(VENV)/bin/twine check --strict $(DIST)/*
+
+pytest: $(STAMP) test-deps dist
+	IKOS_TEST_DIST_DIR=$(abspath $(DIST)) $(VENV)/bin/pytest
 
 test: test-deps lint typecheck pytest
 
@@ -43,4 +53,4 @@ bench: $(STAMP)
 	$(PY) -m bench.run
 
 clean:
-	rm -rf $(VENV) .demo .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) .demo .mypy_cache .pytest_cache .ruff_cache build $(DIST) *.egg-info
