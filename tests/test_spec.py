@@ -492,6 +492,10 @@ def test_exec_fields_are_typed_normalised_and_hashable():
     # a default given explicitly is the same spec as one left out
     assert Exec("x", "/bin/true", stdin="null", auto_start=True) == Exec("x", "/bin/true")
     assert Exec("x", "/bin/true", umask="022").fields == {"umask": 0o22}
+    # reprs show what differs from the defaults, not twenty default fields
+    assert repr(Exec("x", "/bin/true", umask="022", limits={"nofile": 4}).options) == (
+        "ExecOptions(umask=18, limits=ResourceLimits(nofile=4))"
+    )
     assert Exec("x", "/bin/true", fields={"user": "nobody"}).options.user == "nobody"
 
 

@@ -170,7 +170,7 @@ def _umask_json(mask: int) -> str:
     return f"{mask:03o}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class ExecOptions:
     """How an executable's process is made: every field normalised and hashable.
 
@@ -256,6 +256,11 @@ class ExecOptions:
         (:class:`~ikos.platform._fields.UnknownField` for an unknown one).
         """
         return cls(**check_fields(EXEC_OPTIONS, values))
+
+    def __repr__(self) -> str:
+        # Only what differs from the defaults: twenty default fields hide the one that matters.
+        shown = ", ".join(f"{k}={v!r}" for k, v in self.changed_fields().items())
+        return f"ExecOptions({shown})"
 
     def changed_fields(self) -> dict[str, Any]:
         """The fields whose value is not the default, by name, in table order."""

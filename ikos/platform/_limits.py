@@ -59,7 +59,7 @@ def rlimit_resource(name: str) -> int | None:
     return cast("int | None", number)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class ResourceLimits:
     """Resource limits of a daemon: setrlimit resources plus cgroup limits.
 
@@ -110,6 +110,10 @@ class ResourceLimits:
         except InvalidField as exc:
             error = exc.within("limits")
             raise SpawnError(daemon, error.key, str(InvalidField(None, exc.expected, exc.got)))
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{k}={v!r}" for k, v in self.as_mapping().items())
+        return f"ResourceLimits({shown})"
 
     def as_mapping(self) -> dict[str, Any]:
         """The fields that are set, by name (the inverse of :meth:`from_mapping`)."""
