@@ -249,6 +249,7 @@ BAD_VALUES: list[tuple[dict[str, Any], str]] = [
     ({"working_directory": 3}, "working_directory"),
     ({"kill_mode": "nonsense"}, "kill_mode"),
     ({"reload_command": []}, "reload_command"),
+    ({"reload_command": ["kill", None]}, "reload_command"),
     ({"watchdog_sec": -1}, "watchdog_sec"),
 ]
 

@@ -128,7 +128,7 @@ def _check_umask(value: object) -> int:
     mask = value
     if isinstance(value, str):
         text = value.strip().lower().removeprefix("0o")
-        if not text or len(text) > 4 or any(c not in "01234567" for c in text):
+        if not text or any(c not in "01234567" for c in text):
             raise InvalidField(None, expected, value)
         mask = int(text, 8)
     if not is_int(mask) or not 0 <= cast(int, mask) <= 0o777:
@@ -161,8 +161,11 @@ def _check_signal(value: object) -> int:
 def _check_command(value: object) -> str | tuple[str, ...]:
     if _text(value):
         return cast(str, value)
-    if isinstance(value, list | tuple) and value and all(_text(a) for a in value):
-        return tuple(value)
+    if isinstance(value, list | tuple) and value:
+        try:
+            return _check_args(value)  # an argv, like args (numbers turned into strings)
+        except InvalidField:
+            pass
     raise InvalidField(None, "a shell command string, or a list of strings (argv)", value)
 
 
