@@ -25,8 +25,6 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
-
 from ikos._errors import (
     ActorCrashed,
     ActorDeadError,
@@ -44,6 +42,7 @@ from ikos._errors import (
     SpawnError,
     SpecError,
 )
+from ikos._version import __version__
 from ikos.actors._actor import Actor
 from ikos.actors._ref import ActorRef
 from ikos.manager._ikosd import run

@@ -5,27 +5,48 @@ user needs to act on them (daemon name, pid, file and key) and survive
 pickling, because they cross process boundaries: an actor's failure is
 raised again in the process that asked it.
 
-::
+Every subclass of :class:`IkosError` in the package is drawn here; those
+defined next to the code that raises them name their module in brackets
+(a test walks the classes and checks this drawing)::
 
     IkosError
-    ├── ConfigError              a bad ikos.toml entry (file, table, key, expected)
-    │   └── SpecError            an invalid child or supervisor specification
-    ├── ActorError               something went wrong talking to an actor
-    │   ├── ActorDeadError       the actor is not running, or stopped before answering
-    │   ├── ActorCrashed         receive() raised while handling your ask
-    │   ├── AskTimeout           no answer within the timeout (also a TimeoutError)
-    │   ├── MailboxFull          the mailbox stayed full for the whole timeout
-    │   └── MessageTooLarge      the encoded message exceeds the frame limit
-    ├── AuthenticationError      a peer failed the HMAC challenge
-    ├── SpawnError               a process could not be started (daemon, field, reason)
-    └── ManagerError             the manager refused or failed a request
-        ├── ManagerUnavailable   no manager answers on the control socket
-        ├── NoSuchDaemon         no daemon, actor or supervisor by that name
-        └── PermissionDenied     the caller may read but not control
+    ├── ConfigError                a bad ikos.toml entry (file, table, key, expected)
+    │   └── SpecError              an invalid child or supervisor specification (path, key)
+    │       ├── DependencyCycle    requires/after form a cycle [registry._graph]
+    │       └── UnknownDependency  requires/after names no child [registry._graph]
+    ├── ActorError                 something went wrong talking to an actor
+    │   ├── ActorDeadError         the actor is not running, or stopped before answering
+    │   ├── ActorCrashed           receive() raised while handling your ask
+    │   ├── AskTimeout             no answer within the timeout (also a TimeoutError)
+    │   ├── MailboxFull            the mailbox stayed full for the whole timeout
+    │   └── MessageTooLarge        the encoded message exceeds the frame limit
+    ├── AuthenticationError        a peer failed the HMAC challenge
+    ├── SpawnError                 a process could not be started (daemon, field, reason)
+    ├── StartFailed                a child did not start: its exit reason [supervision._runtime]
+    ├── PidFileError               a PID file is unreadable or names the wrong process
+    │   │                          [platform._pidfile]
+    │   └── PidFileLocked          another live holder owns the PID file [platform._pidfile]
+    ├── InvalidService             a ServiceInfo field breaks a rule [registry._service]
+    └── ManagerError               the manager refused or failed a request (code)
+        ├── ManagerUnavailable     no manager answers on the control socket
+        ├── NoSuchDaemon           no daemon, actor or supervisor by that name
+        │   └── NoSuchService      no service by that name [registry._service]
+        ├── PermissionDenied       the caller may read but not control
+        │   └── NotServiceOwner    only the service's owner may change it [registry._service]
+        ├── DaemonExists           daemon_create: the name is taken (ikos.daemon.DaemonExists)
+        ├── ServiceConflict        the service name is held by a live owner [registry._service]
+        ├── RegistryFull           the registry holds its limit of services [registry._service]
+        ├── ServiceTimeout         no matching service became active in time (also a
+        │                          TimeoutError) [registry._client]
+        ├── BadRequest             a malformed control request [manager._control_server]
+        ├── UnknownVerb            a control verb the manager does not serve
+        │                          [manager._control_server]
+        └── InstanceLocked         another ikosd already runs on this root [manager._manager]
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 
@@ -196,8 +217,31 @@ class PermissionDenied(ManagerError):
     code = "permission_denied"
 
 
+class DaemonExists(ManagerError):
+    """``daemon_create``: a daemon, actor or supervisor by that name already exists.
+
+    Raised by the manager, and again by the client (``ikos.daemon.create``)
+    from the answer's code, ``daemon_exists``; ``name`` is the name taken.
+    """
+
+    code = "daemon_exists"
+
+    def __init__(self, name: str, message: str | None = None) -> None:
+        IkosError.__init__(self, name, message)
+        self.name = name
+        self.message = message or f"a daemon, actor or supervisor named '{name}' already exists"
+
+    @classmethod
+    def from_answer(cls, message: str) -> DaemonExists:
+        """The error again, from the message of a ``daemon_exists`` answer."""
+        found = re.search(r"named '([^']*)'", message)
+        return cls(found.group(1) if found else "", message)
+
+
 def error_for_code(code: str, message: str) -> ManagerError:
     """Map a control-protocol error code back to its exception class."""
+    if code == DaemonExists.code:
+        return DaemonExists.from_answer(message)
     for cls in (ManagerUnavailable, NoSuchDaemon, PermissionDenied):
         if cls.code == code:
             return cls(message)

@@ -57,17 +57,19 @@ from typing import Any
 
 from ikos._errors import (
     ConfigError,
+    DaemonExists,
     IkosError,
     ManagerError,
     ManagerUnavailable,
     NoSuchDaemon,
     PermissionDenied,
     SpawnError,
+    SpecError,
 )
 from ikos.platform._control import ControlClient
 from ikos.platform._paths import InstancePaths
 from ikos.platform._spawn import ResourceLimits
-from ikos.supervision._spec import Backoff
+from ikos.supervision._spec import EXEC_FIELDS, Backoff, Exec
 
 __all__ = [
     "Backoff",
@@ -106,15 +108,15 @@ Root = str | os.PathLike[str] | None
 CALL_TIMEOUT = 60.0
 
 
-class DaemonExists(ManagerError):
-    """:func:`create`: a daemon, actor or supervisor by that name already exists."""
+def _check_fields(name: str, fields: Mapping[str, Any]) -> None:
+    """Check daemon fields as ``ikos.Exec`` does (their one table), before a round trip.
 
-    code = "daemon_exists"
-
-    def __init__(self, name: str, message: str | None = None) -> None:
-        IkosError.__init__(self, name, message)
-        self.name = name
-        self.message = message or f"a daemon, actor or supervisor named '{name}' already exists"
+    Raises :class:`ConfigError` naming the daemon and the field, as ikosd would.
+    """
+    try:
+        Exec(name, "-", fields=fields)
+    except SpecError as exc:
+        raise ConfigError(None, f"daemon {name}", exc.key, exc.expected, exc.got) from None
 
 
 # --- the design's structures ------------------------------------------------------------
@@ -127,8 +129,9 @@ class DaemonConfig:
     ``supervisor`` names the supervisor the daemon joins (default: the root);
     ``restart`` is its OTP restart type and ``shutdown`` the seconds a stop
     waits before SIGKILL (or ``"brutal_kill"``/``"infinity"``). The others
-    are described in ``docs/configuration.md`` under executables; None
-    leaves a field unset.
+    are the fields of ``ikos.Exec``, described in ``docs/configuration.md``
+    under executables and checked by the same table (a test pins that the
+    two lists are the same); None leaves a field unset.
     """
 
     name: str
@@ -165,9 +168,15 @@ class DaemonConfig:
     supplementary_groups: Sequence[str | int] | None = None
     environment_files: Sequence[str] | None = None
     clear_environment: bool = False
+    kill_mode: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        """The configuration as the ``daemon_create`` verb takes it."""
+        """The configuration as the ``daemon_create`` verb takes it.
+
+        Raises :class:`ConfigError` naming the daemon and the field when a
+        field's value is of the wrong kind (ikosd checks the rest).
+        """
+        _check_fields(self.name, {key: getattr(self, key) for key in EXEC_FIELDS})
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -368,7 +377,6 @@ _SPAWN_RE = re.compile(
 _CONFIG_RE = re.compile(
     r"^\[(?P<table>[^\]]*)\](?: key '(?P<key>[^']*)')?: expected (?P<expected>.*)$", re.DOTALL
 )
-_EXISTS_RE = re.compile(r"named '([^']*)'")
 
 
 def _daemon_error(exc: ManagerError) -> IkosError:
@@ -382,9 +390,6 @@ def _daemon_error(exc: ManagerError) -> IkosError:
         found = _CONFIG_RE.match(message)
         if found:
             return ConfigError(None, found["table"], found["key"], found["expected"])
-    elif exc.code == "daemon_exists":
-        found = _EXISTS_RE.search(message)
-        return DaemonExists(found.group(1) if found else "", message)
     return exc
 
 
@@ -455,6 +460,9 @@ def update(
 
     >>> update("web", umask="027", environment={"MODE": "prod"})  # doctest: +SKIP
     """
+    # The daemon's own fields are checked here; the spec's keys (restart, requires...) by ikosd.
+    spec_keys = {f.name for f in dataclasses.fields(DaemonConfig)} - set(EXEC_FIELDS)
+    _check_fields(name, {k: v for k, v in changes.items() if k not in spec_keys})
     args = {"name": name, "changes": {k: _to_json(v) for k, v in changes.items()}}
     return _status(_call("daemon_update", args, root, timeout))
 

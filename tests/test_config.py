@@ -6,6 +6,7 @@ import math
 import pickle
 import re
 import resource
+import signal
 import sys
 import textwrap
 from collections.abc import Iterator
@@ -24,9 +25,10 @@ from ikos.manager._config import (
     load_config,
     read_declarations,
 )
+from ikos.platform._spawn import ResourceLimits
 from ikos.registry._health import HealthCheck
 from ikos.registry._service import ServiceInfo
-from ikos.supervision._spec import RESTART_TYPES, Backoff, Child, Exec, Supervisor
+from ikos.supervision._spec import EXEC_FIELDS, RESTART_TYPES, Backoff, Child, Exec, Supervisor
 
 TESTS = Path(__file__).parent
 ECHO = "config_actors:Echo"
@@ -303,10 +305,10 @@ def test_reload_signal_forms(tmp_path: Path) -> None:
         reload_signal = 10
         """,
     )
-    assert [c.fields["reload_signal"] for c in loaded.tree.children if isinstance(c, Exec)] == [
-        "SIGUSR1",
-        10,
-    ]
+    # Normalised to the signal itself, however it was written.
+    a, b = (c for c in loaded.tree.children if isinstance(c, Exec))
+    assert a.options.reload_signal is signal.SIGUSR1 is b.options.reload_signal
+    assert a == Exec("a", "true", reload_signal="SIGUSR1")
 
 
 # --- start order ---------------------------------------------------------------------------
@@ -648,14 +650,14 @@ ERRORS: list[tuple[str, str, str | None, str | None, str]] = [
     ),
     (
         "exec-args",
-        '[executables.e]\nexecutable = "true"\nargs = ["a", 1]\n',
+        '[executables.e]\nexecutable = "true"\nargs = ["a", true]\n',
         "executables.e",
         "args",
         "a list of strings",
     ),
     (
         "exec-environment-value",
-        '[executables.e]\nexecutable = "true"\nenvironment = { A = 1 }\n',
+        '[executables.e]\nexecutable = "true"\nenvironment = { A = true }\n',
         "executables.e",
         "environment.A",
         "a string",
@@ -676,10 +678,10 @@ ERRORS: list[tuple[str, str, str | None, str | None, str]] = [
     ),
     (
         "exec-user",
-        '[executables.e]\nexecutable = "true"\nuser = 0\n',
+        '[executables.e]\nexecutable = "true"\nuser = true\n',
         "executables.e",
         "user",
-        "a non-empty string",
+        "a user name or uid",
     ),
     (
         "exec-auto-start",
@@ -760,7 +762,7 @@ ERRORS: list[tuple[str, str, str | None, str | None, str]] = [
     ),
     (
         "exec-limit-negative",
-        '[executables.e]\nexecutable = "true"\nlimits = { nofile = -1 }\n',
+        '[executables.e]\nexecutable = "true"\nlimits = { nofile = -2 }\n',
         "executables.e",
         "limits.nofile",
         "an integer >= 0, 'infinity', or [soft, hard]",
@@ -955,7 +957,7 @@ def test_unknown_keys_are_warnings_not_errors(tmp_path: Path) -> None:
     assert isinstance(sup, Supervisor) and sup.strategy == "one_for_one"
     assert sup.backoff == Backoff(min=1.0)
     assert isinstance(web, Exec)
-    assert web.fields == {"limits": {"nofile": 10}}  # unknown keys are not passed on
+    assert web.fields == {"limits": ResourceLimits(nofile=10)}  # unknown keys are not passed on
     assert loaded.settings.metrics == DEFAULT_METRICS
 
 
@@ -1403,3 +1405,24 @@ def test_unknown_keys_of_service_and_health_tables_are_warnings(tmp_path: Path) 
         " did you mean 'interval'?",
     )
     assert loaded.health["a"] == (HealthCheck("ttl", ttl=1.0),)
+
+
+def test_every_executable_field_is_documented() -> None:
+    docs = (TESTS.parent / "docs" / "configuration.md").read_text(encoding="utf-8")
+    section = docs[docs.index("### `[executables.NAME]`") : docs.index("`limits` has one key")]
+    rows = {
+        name
+        for line in section.splitlines()
+        if line.startswith("| `")
+        for name in re.findall(r"`([a-z_]+)`", line.split("|")[1])
+    }
+    assert set(EXEC_FIELDS) <= rows, set(EXEC_FIELDS) - rows
+
+
+def test_a_misspelt_executable_key_is_a_warning_with_a_suggestion(tmp_path: Path) -> None:
+    loaded = load(tmp_path, '[executables.e]\nexecutable = "true"\nrestart_dealy = 3\n')
+    assert loaded.warnings == (
+        f"{tmp_path / 'ikos.toml'}: [executables.e] unknown key 'restart_dealy' (ignored), "
+        "did you mean 'restart_delay'?",
+    )
+    assert loaded.tree.children == (Exec("e", "true"),)

@@ -13,6 +13,7 @@ the end.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import grp
 import json
 import os
@@ -33,6 +34,7 @@ from conftest import REPO, Instance, wait_for
 
 import ikos
 from ikos import ConfigError, Exec, SpawnError, Supervisor
+from ikos._errors import error_for_code
 from ikos.daemon import (
     DaemonConfig,
     DaemonExists,
@@ -42,7 +44,9 @@ from ikos.daemon import (
     _daemon_error,
 )
 from ikos.manager._daemon_service import (
-    DaemonExistsError,
+    FIELD_KEYS,
+    LIVE_FIELDS,
+    SPEC_KEYS,
     _refusal,
     apply_changes,
     config_of,
@@ -50,6 +54,7 @@ from ikos.manager._daemon_service import (
     needs_restart,
 )
 from ikos.supervision._edit import find_spec, insert_spec, remove_spec, replace_spec
+from ikos.supervision._spec import EXEC_FIELDS, EXEC_SPEC_KEYS
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="sets users and limits: needs root")
 
@@ -422,8 +427,14 @@ def test_errors_are_exceptions_that_name_the_daemon_and_field(inst: Instance, ap
     assert err["type"] == "SpawnError"
     assert err["attrs"] == {"daemon": "nouser", "field": "user"}
 
+    # A value of the wrong form is refused by the client, with ikosd's own checks.
     err = api.error(f"d.create({sleeper('badlimit')[:-1]}, limits={{'nofile': [10, 5]}}))")
-    assert err["type"] == "SpawnError" and err["attrs"]["field"] == "limits.nofile"
+    assert err["type"] == "ConfigError" and err["attrs"]["key"] == "limits.nofile"
+    assert err["attrs"]["table"] == "daemon badlimit"
+    err = api.error(f"d.create({sleeper('badmask', umask='999')})")
+    assert err["type"] == "ConfigError" and err["attrs"]["key"] == "umask"
+    err = api.error("d.update('configured', restart_dealy=3)")
+    assert err["type"] == "ConfigError" and "did you mean 'restart_delay'?" in err["message"]
 
     err = api.error(f"d.create({sleeper('badtype', restart='sometimes')})")
     assert err["type"] == "ConfigError" and err["attrs"]["key"] == "restart"
@@ -436,7 +447,7 @@ def test_errors_are_exceptions_that_name_the_daemon_and_field(inst: Instance, ap
     assert err["type"] == "ConfigError" and err["attrs"]["key"] == "requires"
 
     # A refused create leaves nothing behind.
-    for name in ("nofile", "nouser", "badlimit", "badtype", "nosup", "cyclic"):
+    for name in ("nofile", "nouser", "badlimit", "badmask", "badtype", "nosup", "cyclic"):
         assert api.error(f"d.status({name!r})")["type"] == "NoSuchDaemon"
 
     # Names are unique in the whole tree: created daemons, configured ones, supervisors.
@@ -583,7 +594,7 @@ def test_a_configuration_round_trips_through_its_json() -> None:
 def test_changes_reset_with_none_and_keep_the_rest() -> None:
     spec = Exec("web", "/bin/sleep", restart="transient", user="nobody", umask="027")
     changed = apply_changes(spec, {"user": None, "working_directory": "/srv", "restart": None})
-    assert changed.fields == {"umask": "027", "working_directory": "/srv"}
+    assert changed.fields == {"umask": 0o027, "working_directory": "/srv"}
     assert changed.restart == "permanent"
     assert spec.fields["user"] == "nobody"  # specs are values: the old one is untouched
 
@@ -593,6 +604,11 @@ def test_changes_reset_with_none_and_keep_the_rest() -> None:
     [
         ({"name": "other"}, "name"),
         ({"colour": "blue"}, "colour"),
+        ({"options": {}}, "options"),
+        ({"umask": "999"}, "umask"),
+        ({"limits": {"nofile": [10, 5]}}, "limits.nofile"),
+        ({"start_timeout": 0}, "start_timeout"),
+        ({"description": 3}, "description"),
         ({"auto_restart": "yes"}, "auto_restart"),
         ({"max_restarts": -1}, "max_restarts"),
         ({"restart_delay": float("nan")}, "restart_delay"),
@@ -611,13 +627,33 @@ def test_a_bad_change_is_a_config_error_naming_daemon_and_field(
     assert info.value.table == "daemon web"
 
 
-def test_bad_limits_and_executables_are_spawn_errors() -> None:
-    with pytest.raises(SpawnError) as info:
-        apply_changes(Exec("web", "/bin/sleep"), {"limits": {"nofile": [10, 5]}})
-    assert (info.value.daemon, info.value.field) == ("web", "limits.nofile")
+def test_a_misspelt_field_is_an_error_with_a_suggestion() -> None:
+    with pytest.raises(ConfigError) as info:
+        apply_changes(Exec("web", "/bin/sleep"), {"restart_dealy": 3})
+    assert info.value.key == "restart_dealy"
+    assert "did you mean 'restart_delay'?" in str(info.value)
+
+
+def test_a_missing_executable_is_a_spawn_error() -> None:
     with pytest.raises(SpawnError) as info:
         exec_from_config({"name": "web"})
     assert info.value.field == "executable"
+
+
+def test_the_api_speaks_the_fields_of_the_one_table() -> None:
+    config_fields = {f.name: f for f in dataclasses.fields(DaemonConfig)}
+    assert set(config_fields) == {"name", "executable", "supervisor", *EXEC_SPEC_KEYS, *EXEC_FIELDS}
+    assert set(FIELD_KEYS) == set(EXEC_FIELDS) and set(SPEC_KEYS) == set(config_fields) - set(
+        EXEC_FIELDS
+    )
+    for key, spec in EXEC_FIELDS.items():  # unset (None), or the table's own default
+        default = config_fields[key].default
+        if default is dataclasses.MISSING:
+            default = config_fields[key].default_factory()
+        assert default is None or default == spec.default, key
+    policy = {f.name for f in dataclasses.fields(RestartPolicy)}
+    assert policy - {"backoff"} <= LIVE_FIELDS
+    assert "stop_signal" in LIVE_FIELDS and "user" not in LIVE_FIELDS
 
 
 def test_only_fields_that_shape_the_process_need_a_restart() -> None:
@@ -668,7 +704,9 @@ def test_server_refusals_become_the_same_exceptions_in_the_client() -> None:
         assert type(back) is type(exc) and str(back) == str(exc)
         assert getattr(back, "field", None) == getattr(exc, "field", None)
         assert getattr(back, "key", None) == getattr(exc, "key", None)
-    exists = _daemon_error(DaemonExistsError("web"))
+    # One class on both sides: the client rebuilds it from the protocol code.
+    assert DaemonExists is ikos._errors.DaemonExists
+    exists = _daemon_error(error_for_code("daemon_exists", str(_refusal(DaemonExists("web")))))
     assert isinstance(exists, DaemonExists) and exists.name == "web"
     again = pickle.loads(pickle.dumps(exists))
     assert (type(again), again.name, str(again)) == (DaemonExists, "web", str(exists))

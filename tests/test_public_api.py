@@ -9,7 +9,10 @@ interpreter.
 
 from __future__ import annotations
 
+import importlib
 import pickle
+import pkgutil
+import re
 import subprocess
 import sys
 
@@ -97,6 +100,59 @@ def test_no_error_class_hides_outside_the_tree():
     assert defined
     for cls in defined:
         assert issubclass(cls, ikos.IkosError), cls
+
+
+def all_error_classes() -> set[type[ikos.IkosError]]:
+    """Every subclass of IkosError in the package, once every ikos module is imported."""
+    for info in pkgutil.walk_packages(ikos.__path__, "ikos."):
+        importlib.import_module(info.name)
+    found: set[type[ikos.IkosError]] = set()
+    todo = [ikos.IkosError]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            if sub.__module__.startswith("ikos.") and sub not in found:
+                found.add(sub)
+                todo.append(sub)
+    return found
+
+
+def drawn_tree() -> dict[str, str | None]:
+    """The tree drawn in ``ikos/_errors.py``'s docstring: each class and its drawn parent."""
+    doc = ikos._errors.__doc__ or ""
+    drawing = doc[doc.index("    IkosError\n") :]
+    parents: dict[str, str | None] = {}
+    stack: list[str] = []
+    for line in drawing.splitlines():
+        found = re.match(r"^    ((?:[│ ]   )*)(├── |└── )?([A-Za-z]+)\b", line)
+        if found is None or (found.group(2) is None and found.group(1)):
+            continue  # a blank line, or a description continued on the next line
+        depth = len(found.group(1)) // 4 + (1 if found.group(2) else 0)
+        name = found.group(3)
+        del stack[depth:]
+        assert name not in parents, f"{name} is drawn twice"
+        parents[name] = stack[-1] if stack else None
+        stack.append(name)
+    return parents
+
+
+def test_the_drawn_tree_has_every_error_of_the_package_under_its_parent():
+    classes = all_error_classes() | {ikos.IkosError}
+    drawn = drawn_tree()
+    assert drawn["IkosError"] is None
+    assert sorted(drawn) == sorted({c.__name__ for c in classes}), "draw every class, once"
+    for cls in classes - {ikos.IkosError}:
+        bases = {b.__name__ for b in cls.__mro__[1:] if issubclass(b, ikos.IkosError)}
+        parent = drawn[cls.__name__]
+        assert parent in bases and parent == cls.__bases__[0].__name__, (cls, parent)
+
+
+def test_daemon_exists_is_one_class_found_again_from_its_code():
+    import ikos.daemon
+
+    assert ikos.daemon.DaemonExists is ikos._errors.DaemonExists
+    err = ikos._errors.error_for_code("daemon_exists", str(ikos._errors.DaemonExists("web")))
+    assert type(err) is ikos._errors.DaemonExists and err.name == "web"
+    assert ikos._errors.error_for_code("no_such_daemon", "x").code == "no_such_daemon"
 
 
 def samples() -> list[ikos.IkosError]:

@@ -16,8 +16,9 @@ from typing import Any
 import pytest
 from conftest import ignored_signals, wait_for
 
-from ikos._errors import SpawnError
+from ikos._errors import SpawnError, SpecError
 from ikos.platform._paths import InstancePaths
+from ikos.platform._signals import parse_signal, signal_name
 from ikos.platform._spawn import (
     CAP_SYS_RESOURCE,
     RLIMIT_FIELDS,
@@ -139,6 +140,20 @@ def test_resource_limits_from_mapping_names_the_bad_limit(
     assert "web" in str(info.value) and field in str(info.value)
 
 
+# -- signals ---------------------------------------------------------------------------------
+
+
+def test_parse_signal_accepts_every_spelling_and_refuses_the_rest() -> None:
+    for spelling in (9, "9", " 9 ", "KILL", "SIGKILL", "sigkill", "kill", signal.SIGKILL):
+        assert parse_signal(spelling) is signal.SIGKILL, spelling
+    rt = signal.SIGRTMIN + 3  # a real-time signal has no name of its own, but works
+    assert parse_signal(rt) == rt and parse_signal(str(int(rt))) == rt
+    assert signal_name(signal.SIGHUP) == "SIGHUP" and signal_name(rt) == rt
+    for bad in (True, False, 0, -1, signal.NSIG, 100000, "", "SIG", "NOPE", "9x", 9.0, None, [9]):
+        with pytest.raises(ValueError):
+            parse_signal(bad)
+
+
 # -- validation in the parent ---------------------------------------------------------------
 
 
@@ -186,41 +201,66 @@ def _bad_field_cases(tmp: Path) -> list[tuple[str, dict[str, Any], str]]:
         (SLEEP, {"user": "no-such-user-ikos"}, "user"),
         (SLEEP, {"group": "no-such-group-ikos"}, "group"),
         (SLEEP, {"supplementary_groups": ["no-such-group-ikos"]}, "supplementary_groups"),
-        (SLEEP, {"umask": "999"}, "umask"),
-        (SLEEP, {"umask": 0o1777}, "umask"),
-        (SLEEP, {"umask": [1]}, "umask"),
-        (SLEEP, {"stdout": "syslog"}, "stdout"),
-        (SLEEP, {"stdout": "file:"}, "stdout"),
         (SLEEP, {"stderr": f"file:{tmp}/no/such/dir/x.log"}, "stderr"),
-        (SLEEP, {"stdin": "log"}, "stdin"),
         (SLEEP, {"stdin": f"file:{tmp}/missing-input"}, "stdin"),
-        (SLEEP, {"stdin": "append:/tmp/x"}, "stdin"),
         (SLEEP, {"environment_files": [str(bad_env)]}, "environment_files"),
         (SLEEP, {"environment_files": [str(tmp / "missing.env")]}, "environment_files"),
-        (SLEEP, {"environment": {"A=B": "x"}}, "environment"),
-        (SLEEP, {"environment": ["A=B"]}, "environment"),
-        (SLEEP, {"limits": {"nofile": "many"}}, "limits.nofile"),
         (SLEEP, {"limits": {"nofile": 1 << 40}}, "limits.nofile"),
-        (SLEEP, {"limits": {"bogus": 1}}, "limits.bogus"),
-        (SLEEP, {"limits": 5}, "limits"),
-        (SLEEP, {"type": "daemonized"}, "type"),
-        (SLEEP, {"reload_signal": "SIGNOPE"}, "reload_signal"),
-        (SLEEP, {"stop_signal": 999}, "stop_signal"),
         (SLEEP, {"working_directory": str(tmp / "nowhere")}, "working_directory"),
-        (SLEEP, {"args": "30"}, "args"),
-        (SLEEP, {"clear_environment": "yes"}, "clear_environment"),
     ]
 
 
 def test_build_exec_plan_names_daemon_and_field_for_each_bad_field(
     paths: InstancePaths, tmp_path: Path
 ) -> None:
+    # What only the machine can tell (users, files, its limits) is found by the plan.
     for executable, fields, field in _bad_field_cases(tmp_path):
         spec = Exec("broken", executable, **{"stdout": "null", "stderr": "null", **fields})
         with pytest.raises(SpawnError) as info:
             build_exec_plan(spec, paths)
         assert (info.value.daemon, info.value.field) == ("broken", field), (fields, info.value)
         assert str(info.value).startswith(f"daemon 'broken', field '{field}': ")
+
+
+BAD_VALUES: list[tuple[dict[str, Any], str]] = [
+    ({"umask": "999"}, "umask"),
+    ({"umask": 0o1777}, "umask"),
+    ({"umask": [1]}, "umask"),
+    ({"stdout": "syslog"}, "stdout"),
+    ({"stdout": "file:"}, "stdout"),
+    ({"stdin": "log"}, "stdin"),
+    ({"stdin": "append:/tmp/x"}, "stdin"),
+    ({"environment": {"A=B": "x"}}, "environment"),
+    ({"environment": ["A=B"]}, "environment"),
+    ({"environment": {"A": True}}, "environment.A"),
+    ({"limits": {"nofile": "many"}}, "limits.nofile"),
+    ({"limits": {"bogus": 1}}, "limits.bogus"),
+    ({"limits": 5}, "limits"),
+    ({"type": "daemonized"}, "type"),
+    ({"reload_signal": "SIGNOPE"}, "reload_signal"),
+    ({"stop_signal": 999}, "stop_signal"),
+    ({"stop_signal": True}, "stop_signal"),
+    ({"args": "30"}, "args"),
+    ({"args": ["a\0b"]}, "args"),
+    ({"clear_environment": "yes"}, "clear_environment"),
+    ({"user": ""}, "user"),
+    ({"group": -1}, "group"),
+    ({"supplementary_groups": [None]}, "supplementary_groups"),
+    ({"working_directory": 3}, "working_directory"),
+    ({"kill_mode": "nonsense"}, "kill_mode"),
+    ({"reload_command": []}, "reload_command"),
+    ({"reload_command": ["kill", None]}, "reload_command"),
+    ({"watchdog_sec": -1}, "watchdog_sec"),
+]
+
+
+@pytest.mark.parametrize(("fields", "field"), BAD_VALUES, ids=lambda v: str(v)[:30])
+def test_a_bad_value_is_refused_when_the_spec_is_made(fields: dict[str, Any], field: str) -> None:
+    # A value of the wrong form is refused up front, by the spec, before any plan.
+    with pytest.raises(SpecError) as info:
+        Exec("broken", SLEEP, **fields)
+    assert (info.value.path, info.value.key) == ("broken", field), fields
+    assert str(info.value).startswith(f"broken: {field}: expected ")
 
 
 def test_setting_user_or_groups_requires_root(

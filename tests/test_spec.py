@@ -9,7 +9,10 @@ it (docs/configuration.md).
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import pickle
+import signal
 from typing import Any
 
 import pytest
@@ -17,7 +20,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ikos
+from ikos.platform._exec_options import EXEC_OPTIONS, ExecOptions
+from ikos.platform._fields import FrozenDict
+from ikos.platform._limits import ResourceLimits
 from ikos.supervision._spec import (
+    EXEC_FIELDS,
+    RESTART_POLICY,
     Backoff,
     Child,
     Exec,
@@ -142,6 +150,8 @@ def test_good_names(name):
 EXEC_CASES = [
     ({"executable": ""}, "executable", "a path to an executable"),
     ({"executable": None}, "executable", "a path to an executable"),
+    ({"start_timeout": 0}, "start_timeout", "seconds > 0"),
+    ({"description": 3}, "description", "a string"),
     ({"restart": "always"}, "restart", "one of"),
     ({"shutdown": -0.5}, "shutdown", "seconds >= 0"),
     ({"requires": ["tool"]}, "requires", "names other than the child itself"),
@@ -395,3 +405,139 @@ def test_backoff_rule(lo, hi, factor):
     else:
         err = refused(Supervisor("root", children=[spec]))
         assert err.path == "root/echo" and err.key.startswith("backoff.")
+
+
+# --- the typed fields of an executable ----------------------------------------------------
+
+
+def test_an_unknown_exec_keyword_is_refused_with_a_suggestion():
+    with pytest.raises(ikos.SpecError) as info:
+        Exec("web", "/bin/true", restart_dealy=3)
+    assert (info.value.path, info.value.key) == ("web", "restart_dealy")
+    assert str(info.value) == (
+        "web: restart_dealy: expected a known executable field (did you mean 'restart_delay'?)"
+    )
+    with pytest.raises(ikos.SpecError, match="did you mean 'shutdown'"):
+        Exec("web", "/bin/true", shutdwon=3)
+    with pytest.raises(ikos.SpecError) as info:
+        Exec("web", "/bin/true", colour="blue")
+    assert "one of args, environment" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("fields", "key", "text"),
+    [
+        ({"auto_start": "no"}, "auto_start", "true or false"),
+        ({"auto_restart": 0}, "auto_restart", "true or false"),
+        ({"restart_delay": -1}, "restart_delay", "seconds >= 0"),
+        ({"restart_delay": math.nan}, "restart_delay", "seconds >= 0"),
+        ({"max_restarts": 1.5}, "max_restarts", "an integer >= 0"),
+        ({"restart_on": "sometimes"}, "restart_on", "one of no, always"),
+        ({"umask": "089"}, "umask", "an octal string like '022'"),
+        ({"environment": {"A": None}}, "environment.A", "a string"),
+        ({"limits": {"nofile": -5}}, "limits.nofile", "an integer >= 0, 'infinity'"),
+    ],
+)
+def test_a_field_of_the_wrong_kind_is_refused_naming_it(fields, key, text):
+    with pytest.raises(ikos.SpecError) as info:
+        Exec("web", "/bin/true", **fields)
+    assert (info.value.path, info.value.key) == ("web", key)
+    assert text in str(info.value)
+    assert pickle.loads(pickle.dumps(info.value)).key == key
+
+
+def test_exec_fields_are_typed_normalised_and_hashable():
+    web = Exec(
+        "web",
+        "/usr/sbin/nginx",
+        args=["-g", "daemon off;", 8080],
+        environment={"PORT": 8080},
+        umask="027",
+        reload_signal="hup",
+        stop_signal=2,
+        limits={"nofile": [1024, 4096], "as": "infinity"},
+        supplementary_groups="adm",
+        auto_start=False,
+        restart_delay=2,
+        max_restarts=3,
+    )
+    o = web.options
+    assert o.args == ("-g", "daemon off;", "8080")
+    assert o.environment == {"PORT": "8080"} and isinstance(o.environment, FrozenDict)
+    assert o.umask == 0o027
+    assert o.reload_signal is signal.SIGHUP and o.stop_signal is signal.SIGINT
+    assert o.limits == ResourceLimits(nofile=(1024, 4096), as_=-1)
+    assert o.supplementary_groups == ("adm",)
+    assert (web.auto_start, web.restart_delay, web.max_restarts) == (False, 2.0, 3)
+    assert web.restart_on is None and web.auto_restart is True
+    # specs are values: hashable, equal whatever the spelling, rebuilt by replace()
+    same = Exec(
+        "web",
+        "/usr/sbin/nginx",
+        args=("-g", "daemon off;", "8080"),
+        environment={"PORT": "8080"},
+        umask=0o27,
+        reload_signal=signal.SIGHUP,
+        stop_signal="SIGINT",
+        limits=ResourceLimits(nofile=(1024, 4096), as_=-1),
+        supplementary_groups=["adm"],
+        auto_start=False,
+        restart_delay=2.0,
+        max_restarts=3,
+    )
+    assert web == same and hash(web) == hash(same) and len({web, same}) == 1
+    assert dataclasses.replace(web, name="web2").options is web.options
+    assert dataclasses.replace(web, name="web2") == Exec("web2", "/usr/sbin/nginx", **web.fields)
+    assert web != dataclasses.replace(web, restart_delay=3.0)
+    # a default given explicitly is the same spec as one left out
+    assert Exec("x", "/bin/true", stdin="null", auto_start=True) == Exec("x", "/bin/true")
+    assert Exec("x", "/bin/true", umask="022").fields == {"umask": 0o22}
+    # reprs show what differs from the defaults, not twenty default fields
+    assert repr(Exec("x", "/bin/true", umask="022", limits={"nofile": 4}).options) == (
+        "ExecOptions(umask=18, limits=ResourceLimits(nofile=4))"
+    )
+    assert Exec("x", "/bin/true", fields={"user": "nobody"}).options.user == "nobody"
+
+
+def test_the_field_table_is_one_and_each_check_is_idempotent():
+    assert set(EXEC_FIELDS) == set(EXEC_OPTIONS) | set(RESTART_POLICY)
+    assert not set(EXEC_OPTIONS) & set(RESTART_POLICY)
+    assert {f.name for f in dataclasses.fields(ExecOptions)} == set(EXEC_OPTIONS)
+    samples = {
+        "args": ["a", 1],
+        "environment": {"A": 1},
+        "environment_files": "-/etc/default/x",
+        "clear_environment": True,
+        "working_directory": "~/www",
+        "pid_file": "x.pid",
+        "user": 0,
+        "group": "adm",
+        "supplementary_groups": [4, "adm"],
+        "umask": "00022",
+        "stdin": "file:/dev/null",
+        "stdout": "append:x.log",
+        "stderr": "inherit",
+        "limits": {"nofile": 10, "memory_max": "1G", "cpu_quota": "50%", "tasks_max": "max"},
+        "type": "notify",
+        "reload_signal": 40,
+        "reload_command": ["kill", -1, "$MAINPID"],
+        "stop_signal": "sigquit",
+        "watchdog_sec": 5,
+        "kill_mode": "process-group",
+        "auto_start": False,
+        "auto_restart": False,
+        "restart_delay": 1,
+        "max_restarts": 0,
+        "restart_on": "on-failure",
+    }
+    assert set(samples) == set(EXEC_FIELDS)
+    for key, value in samples.items():
+        field = EXEC_FIELDS[key]
+        once = field.check(value)
+        assert field.check(once) == once, key
+        hash(once)
+        # the JSON form reads back to the same value (what daemon_get gives, daemon_create takes)
+        assert field.check(field.to_json(once)) == once, key
+        assert field.doc, key
+        if field.default is not None:
+            assert field.check(field.default) == field.default, key

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -33,6 +32,8 @@ from ikos.cli import _render
 from ikos.cli._render import Style
 from ikos.platform._control import ControlClient
 from ikos.platform._paths import InstancePaths
+from ikos.platform._signals import parse_signal as _parse_signal
+from ikos.platform._signals import signal_name
 
 __all__ = ["main", "parse_data", "parse_signal"]
 
@@ -112,18 +113,11 @@ def parse_signal(text: str) -> int | str:
     >>> parse_signal("9"), parse_signal("kill"), parse_signal("SIGUSR1")
     (9, 'SIGKILL', 'SIGUSR1')
     """
-    word = text.strip()
-    if word.isdigit():
-        number = int(word)
-        if not 0 < number < signal.NSIG:
-            raise argparse.ArgumentTypeError(f"no signal number {number}")
-        return number
-    name = word.upper()
-    if not name.startswith("SIG"):
-        name = "SIG" + name
-    if name not in signal.Signals.__members__:
-        raise argparse.ArgumentTypeError(f"unknown signal {text!r}")
-    return name
+    try:
+        sig = _parse_signal(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return int(sig) if text.strip().isdigit() else signal_name(sig)
 
 
 def _positive_float(text: str) -> float:

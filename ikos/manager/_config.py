@@ -12,7 +12,11 @@ readers that know the file and the table, so a bad entry fails with a
 and what was found; then the assembled tree goes through the same
 ``validate_tree`` the Python API uses, and its errors, which name a tree path
 (``root/workers/echo``), are mapped back to the table that produced the
-entry (``[actors.echo]``). A schema library (pydantic, jsonschema) was
+entry (``[actors.echo]``). An executable's own fields (``args``, ``user``,
+``limits``, ``restart_delay``...) are not read here: ``ikos.Exec`` checks
+them with their one table (:mod:`ikos.platform._exec_options`, shared with
+the Python API and the ``daemon_*`` verbs), and its error is mapped to the
+table and key the same way. A schema library (pydantic, jsonschema) was
 rejected: its messages name JSON paths rather than TOML tables, and the
 checks fit on a few screens.
 
@@ -30,23 +34,23 @@ the manager receives only the tree.
 
 from __future__ import annotations
 
-import difflib
 import json
 import math
 import re
-import resource
-import signal
 import sys
 import tomllib
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, cast
 
 from ikos._errors import ConfigError, SpecError
+from ikos.platform._fields import close_match
+from ikos.platform._limits import LIMIT_NAMES
 from ikos.registry._health import HealthCheck
 from ikos.registry._service import InvalidService, ServiceInfo, validate_service
 from ikos.supervision._spec import (
+    EXEC_FIELDS,
     RESTART_TYPES,
     STRATEGIES,
     AnySpec,
@@ -71,7 +75,6 @@ __all__ = [
 
 DEFAULT_METRICS: Final = ("127.0.0.1", 9464)
 LOG_LEVELS: Final = ("debug", "info", "warning", "error", "critical")
-EXEC_TYPES: Final = ("simple", "exec", "forking", "notify", "oneshot")
 #: Largest configuration file read, a guard against pointing ``-c`` at the wrong file.
 MAX_FILE_BYTES: Final = 16 * 1024 * 1024
 #: Deepest nesting of supervisors below the root (recursion elsewhere stays bounded).
@@ -131,22 +134,6 @@ _EXEC_SPEC_KEYS: Final = (
     *_DECLARATION_KEYS,
 )
 _BACKOFF_KEYS: Final = ("min", "max", "random_factor", "reset_after")
-
-
-def _rlimit_names() -> tuple[str, ...]:
-    # One name per setrlimit resource, as ResourceLimits spells its fields:
-    # RLIMIT_NOFILE -> "nofile", RLIMIT_AS -> "as_". Aliases (RLIMIT_OFILE is
-    # RLIMIT_NOFILE on Linux) are dropped so that a limit has one spelling.
-    names: dict[int, str] = {}
-    for attr in sorted(dir(resource)):
-        if attr.startswith("RLIMIT_") and attr != "RLIMIT_OFILE":
-            name = attr[len("RLIMIT_") :].lower()
-            names.setdefault(getattr(resource, attr), "as_" if name == "as" else name)
-    return tuple(sorted(names.values()))
-
-
-RLIMIT_NAMES: Final = _rlimit_names()
-CGROUP_LIMITS: Final = ("memory_max", "cpu_quota", "tasks_max")
 
 
 @dataclass(frozen=True)
@@ -519,9 +506,9 @@ class _Table:
         for key in self.data:
             if key not in known:
                 text = f"{where} unknown key '{prefix}{key}' (ignored)"
-                close = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
-                if close:
-                    text += f", did you mean '{prefix}{close[0]}'?"
+                close = close_match(key, known)
+                if close is not None:
+                    text += f", did you mean '{prefix}{close}'?"
                 warnings.append(text)
         return warnings
 
@@ -608,207 +595,6 @@ class _Table:
                 fields[key] = float(number)
         # Ranges (min > 0, max >= min...) are validate_tree's, mapped back here.
         return Backoff(**fields), sub.unknown(_BACKOFF_KEYS, prefix="backoff.")
-
-
-# --- executable fields ---------------------------------------------------------------------
-
-_FieldCheck = Callable[[_Table, str, Any], Any]
-
-
-def _exec_str_list(t: _Table, key: str, v: Any) -> tuple[str, ...]:
-    if not isinstance(v, list) or not all(isinstance(item, str) for item in v):
-        raise t.error(key, "a list of strings", v)
-    return tuple(v)
-
-
-def _exec_environment(t: _Table, key: str, v: Any) -> dict[str, str]:
-    if not isinstance(v, dict):
-        raise t.error(key, "a table of strings, like { LANG = 'C.UTF-8' }", v)
-    for name, item in v.items():
-        if not isinstance(item, str):
-            raise t.error(f"{key}.{name}", "a string", item)
-        if not name or "=" in name or "\0" in name:
-            raise t.error(key, "variable names without '=' or NUL", name)
-    return dict(v)
-
-
-def _exec_str(t: _Table, key: str, v: Any) -> str:
-    if not isinstance(v, str) or not v:
-        raise t.error(key, "a non-empty string", v)
-    return v
-
-
-def _exec_bool(t: _Table, key: str, v: Any) -> bool:
-    if not isinstance(v, bool):
-        raise t.error(key, "true or false", v)
-    return v
-
-
-def _exec_delay(t: _Table, key: str, v: Any) -> float:
-    if not _is_number(v) or v < 0:
-        raise t.error(key, "seconds >= 0", v)
-    return float(v)
-
-
-def _exec_count(t: _Table, key: str, v: Any) -> int:
-    if not _is_int(v) or v < 0:
-        raise t.error(key, "an integer >= 0", v)
-    return cast(int, v)
-
-
-def _exec_umask(t: _Table, key: str, v: Any) -> int:
-    expected = "an octal string like '022' or an integer from 0 to 0o777"
-    if isinstance(v, str) and re.fullmatch(r"(0o)?[0-7]{1,4}", v):
-        v = int(v.removeprefix("0o"), 8)
-    if not _is_int(v) or not 0 <= v <= 0o777:
-        raise t.error(key, expected, v)
-    return cast(int, v)
-
-
-def _exec_stdio(t: _Table, key: str, v: Any) -> str:
-    choices: tuple[str, ...]
-    prefixes: tuple[str, ...]
-    if key == "stdin":  # a daemon reads no log and appends to no input
-        choices, prefixes = ("null", "inherit"), ("file:",)
-        expected = "'null', 'inherit' or 'file:PATH'"
-    else:
-        choices = ("null", "inherit", "log")
-        expected = "'null', 'inherit', 'log', 'file:PATH' or 'append:PATH'"
-        prefixes = ("file:", "append:")
-    if isinstance(v, str) and (
-        v in choices or any(v.startswith(p) and len(v) > len(p) for p in prefixes)
-    ):
-        return v
-    raise t.error(key, expected, v)
-
-
-def _exec_signal(t: _Table, key: str, v: Any) -> str | int:
-    expected = "a signal name like 'SIGHUP' or 'HUP', or a signal number"
-    if isinstance(v, str):
-        name = v.upper()
-        name = name if name.startswith("SIG") else "SIG" + name
-        if name in signal.Signals.__members__:
-            return name
-    elif _is_int(v) and 1 <= v < signal.NSIG:
-        return cast(int, v)
-    raise t.error(key, expected, v)
-
-
-def _exec_type(t: _Table, key: str, v: Any) -> str:
-    if not isinstance(v, str) or v not in EXEC_TYPES:
-        raise t.error(key, "one of " + ", ".join(EXEC_TYPES), v)
-    return v
-
-
-_RESTART_ON: Final = (
-    "no",
-    "always",
-    "on-success",
-    "on-failure",
-    "on-abnormal",
-    "on-abort",
-    "on-watchdog",
-)
-_KILL_MODES: Final = ("control-group", "process-group")
-
-
-def _exec_choice(choices: tuple[str, ...]) -> _FieldCheck:
-    def check(t: _Table, key: str, v: Any) -> str:
-        if not isinstance(v, str) or v not in choices:
-            raise t.error(key, "one of " + ", ".join(choices), v)
-        return v
-
-    return check
-
-
-def _exec_command(t: _Table, key: str, v: Any) -> str | tuple[str, ...]:
-    if isinstance(v, str) and v:
-        return v
-    if isinstance(v, list) and v and all(isinstance(item, str) for item in v):
-        return tuple(v)
-    raise t.error(key, "a shell command string, or a list of strings (argv)", v)
-
-
-_SIZE = re.compile(r"(\d+)\s*([KMGT]?)i?B?", re.IGNORECASE)
-_PERCENT = re.compile(r"(\d+(?:\.\d+)?)%")
-
-
-def _rlimit_value(t: _Table, key: str, v: Any) -> int:
-    if v == "infinity":
-        return resource.RLIM_INFINITY
-    if not _is_int(v) or v < 0:
-        raise t.error(key, "an integer >= 0, 'infinity', or [soft, hard] of those", v)
-    return cast(int, v)
-
-
-def _exec_limits(t: _Table, key: str, v: Any) -> tuple[dict[str, Any], list[str]]:
-    if not isinstance(v, dict):
-        raise t.error(key, "a table like { nofile = 1024, core = 0 }", v)
-    limits: dict[str, Any] = {}
-    for name, value in v.items():
-        where = f"{key}.{name}"
-        if name == "as":  # `as` is a valid TOML key; the Python field is `as_`
-            name = "as_"
-        if name in RLIMIT_NAMES:
-            if isinstance(value, list):
-                if len(value) != 2:
-                    raise t.error(where, "[soft, hard]", value)
-                soft, hard = (_rlimit_value(t, where, item) for item in value)
-                infinite = resource.RLIM_INFINITY
-                if hard != infinite and (soft == infinite or soft > hard):
-                    raise t.error(where, "[soft, hard] with soft <= hard", value)
-                limits[name] = (soft, hard)
-            else:
-                limits[name] = _rlimit_value(t, where, value)
-        elif name == "memory_max":
-            size = _SIZE.fullmatch(value) if isinstance(value, str) else None
-            if size:
-                exponent = " KMGT".index(size.group(2).upper() or " ")
-                value = int(size.group(1)) * 1024**exponent
-            if not _is_int(value) or value < 1:
-                raise t.error(where, "bytes > 0, or a size like '512M' or '2G'", value)
-            limits[name] = value
-        elif name == "cpu_quota":
-            percent = _PERCENT.fullmatch(value) if isinstance(value, str) else None
-            if percent:
-                value = float(percent.group(1)) / 100
-            if not _is_number(value) or value <= 0:
-                raise t.error(where, "CPUs > 0 (1.5 = one and a half CPUs), or a percentage", value)
-            limits[name] = float(value)
-        elif name == "tasks_max":
-            if not _is_int(value) or value < 1:
-                raise t.error(where, "an integer >= 1", value)
-            limits[name] = value
-    known = (*RLIMIT_NAMES, "as", *CGROUP_LIMITS)
-    return limits, _Table(t.file, t.name, v).unknown(known, prefix=f"{key}.")
-
-
-_EXEC_FIELDS: Final[dict[str, _FieldCheck]] = {
-    "args": _exec_str_list,
-    "environment": _exec_environment,
-    "working_directory": _exec_str,
-    "pid_file": _exec_str,
-    "user": _exec_str,
-    "group": _exec_str,
-    "auto_start": _exec_bool,
-    "auto_restart": _exec_bool,
-    "restart_delay": _exec_delay,
-    "max_restarts": _exec_count,
-    "umask": _exec_umask,
-    "stdin": _exec_stdio,
-    "stdout": _exec_stdio,
-    "stderr": _exec_stdio,
-    "reload_signal": _exec_signal,
-    "stop_signal": _exec_signal,
-    "reload_command": _exec_command,
-    "type": _exec_type,
-    "environment_files": _exec_str_list,
-    "supplementary_groups": _exec_str_list,
-    "clear_environment": _exec_bool,
-    "watchdog_sec": _exec_delay,
-    "restart_on": _exec_choice(_RESTART_ON),
-    "kill_mode": _exec_choice(_KILL_MODES),
-}
 
 
 # --- the loader ----------------------------------------------------------------------------
@@ -1014,28 +800,30 @@ class _Loader:
 
     def _exec(self, t: _Table, name: str, _mailbox: int) -> tuple[AnySpec, str, list[str]]:
         backoff, warnings = t.backoff()
-        fields: dict[str, Any] = {}
-        for key, value in t.data.items():
-            check = _EXEC_FIELDS.get(key)
-            if check is not None:
-                fields[key] = check(t, key, value)
-            elif key == "limits":
-                fields[key], limit_warnings = _exec_limits(t, key, value)
-                warnings += limit_warnings
-        spec = Exec(
-            name,
-            t.required_string("executable", "the path or name of an executable"),
-            restart=t.restart(),
-            shutdown=t.shutdown(5.0),
-            requires=t.names("requires"),
-            after=t.names("after"),
-            description=t.string("description", ""),
-            start_timeout=t.seconds("start_timeout", 30.0, zero_ok=False),
-            backoff=backoff,
-            **fields,
-        )
-        known = (*_EXEC_SPEC_KEYS, *_EXEC_FIELDS, "limits")
-        return spec, "supervisor", t.unknown(known) + warnings
+        # The fields are checked by ikos.Exec itself (their one table); unknown
+        # keys, here warnings, are left out before it sees them.
+        fields = {key: value for key, value in t.data.items() if key in EXEC_FIELDS}
+        limits = fields.get("limits")
+        if isinstance(limits, dict):
+            warnings += _Table(t.file, t.name, limits).unknown(LIMIT_NAMES, prefix="limits.")
+            fields["limits"] = {k: v for k, v in limits.items() if k in LIMIT_NAMES}
+        executable = t.required_string("executable", "the path or name of an executable")
+        try:
+            spec = Exec(
+                name,
+                executable,
+                restart=t.restart(),
+                shutdown=t.shutdown(5.0),
+                requires=t.names("requires"),
+                after=t.names("after"),
+                description=t.string("description", ""),
+                start_timeout=t.seconds("start_timeout", 30.0, zero_ok=False),
+                backoff=backoff,
+                **fields,
+            )
+        except SpecError as exc:
+            raise t.error(exc.key, exc.expected, exc.got) from None
+        return spec, "supervisor", t.unknown((*_EXEC_SPEC_KEYS, *EXEC_FIELDS)) + warnings
 
     # --- the tree ------------------------------------------------------------------------
 

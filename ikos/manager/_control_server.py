@@ -20,13 +20,13 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from ikos import __version__
 from ikos._errors import IkosError, ManagerError, NoSuchDaemon, PermissionDenied
+from ikos._version import __version__
+from ikos.platform._signals import parse_signal as _parse_signal
 from ikos.platform._unix import bind_unix, peer_credentials
 
 if TYPE_CHECKING:
@@ -93,25 +93,11 @@ class Stream:
 
 
 def parse_signal(value: Any) -> int:
-    """A signal number from ``9``, ``"9"``, ``"KILL"`` or ``"SIGKILL"``."""
-    if isinstance(value, bool):
-        raise BadRequest(f"not a signal: {value!r}")
-    if isinstance(value, int):
-        sig = value
-    elif isinstance(value, str) and value.strip().isdigit():
-        sig = int(value)
-    elif isinstance(value, str):
-        name = value.strip().upper()
-        name = name if name.startswith("SIG") else "SIG" + name
-        try:
-            return int(signal.Signals[name])
-        except KeyError:
-            raise BadRequest(f"unknown signal {value!r}")
-    else:
-        raise BadRequest(f"not a signal: {value!r}")
-    if not 0 < sig < signal.NSIG:
-        raise BadRequest(f"signal number out of range: {sig}")
-    return sig
+    """A signal number from ``9``, ``"9"``, ``"KILL"`` or ``"SIGKILL"`` (BadRequest if none)."""
+    try:
+        return int(_parse_signal(value))
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
 
 
 class ControlServer:

@@ -42,10 +42,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import json
 import logging
-import math
 import re
 import sqlite3
 import time
@@ -53,14 +51,26 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ikos._errors import ConfigError, IkosError, ManagerError, NoSuchDaemon, SpawnError, SpecError
+from ikos._errors import (
+    ConfigError,
+    DaemonExists,
+    IkosError,
+    ManagerError,
+    NoSuchDaemon,
+    SpawnError,
+    SpecError,
+)
 from ikos.manager._control_server import BadRequest, Request
 from ikos.manager._extension import Extension, ExtensionHost, NodeView, Operations, TreeView
-from ikos.platform._spawn import ResourceLimits, build_exec_plan
+from ikos.platform._exec_options import EXEC_OPTIONS
+from ikos.platform._fields import json_value
+from ikos.platform._spawn import build_exec_plan
 from ikos.registry._graph import check_graph
 from ikos.supervision._edit import find_spec, insert_spec, replace_spec
-from ikos.supervision._runtime import RESTART_ON, StartFailed
+from ikos.supervision._runtime import StartFailed
 from ikos.supervision._spec import (
+    EXEC_FIELDS,
+    EXEC_SPEC_KEYS,
     NAME_RE,
     NAME_RULE,
     Backoff,
@@ -77,22 +87,12 @@ DB_NAME = "daemons.db"
 MAX_CREATED = 1024
 
 #: Fields of the spec itself (``Exec`` attributes); ``supervisor`` says where it joins.
-SPEC_KEYS: tuple[str, ...] = (
-    "name", "executable", "supervisor", "restart", "shutdown", "requires", "after",
-    "description", "start_timeout", "backoff",
-)  # fmt: skip
-#: Fields kept in ``Exec.fields``.
-FIELD_KEYS: tuple[str, ...] = (
-    "args", "environment", "environment_files", "clear_environment", "working_directory",
-    "pid_file", "user", "group", "supplementary_groups", "umask", "stdin", "stdout", "stderr",
-    "limits", "type", "reload_signal", "reload_command", "stop_signal", "watchdog_sec",
-    "auto_start", "auto_restart", "restart_delay", "max_restarts", "restart_on",
-)  # fmt: skip
+SPEC_KEYS: tuple[str, ...] = ("name", "executable", "supervisor", *EXEC_SPEC_KEYS)
+#: The daemon's fields (its options and restart policy: ``ikos.Exec``'s one table).
+FIELD_KEYS: tuple[str, ...] = tuple(EXEC_FIELDS)
 #: Fields read when the daemon exits or stops, or at its next start: changing
 #: them never restarts it. Every other field shapes the running process.
-LIVE_FIELDS: frozenset[str] = frozenset(
-    {"auto_start", "auto_restart", "restart_delay", "max_restarts", "restart_on", "stop_signal"}
-)
+LIVE_FIELDS: frozenset[str] = frozenset(k for k, f in EXEC_FIELDS.items() if not f.restarts)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS created (
@@ -116,10 +116,6 @@ def _where(name: str) -> str:
     return f"daemon {name}"
 
 
-def _is_number(x: object) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
-
-
 def _names(name: str, key: str, value: object) -> tuple[str, ...]:
     if isinstance(value, list | tuple) and all(isinstance(n, str) and n for n in value):
         return tuple(value)
@@ -140,51 +136,26 @@ def _backoff(name: str, value: object) -> Backoff | None:
     return Backoff(**value)
 
 
-def check_field(name: str, key: str, value: Any) -> Any:
-    """Validate one field's value (not None) and return it normalised.
+#: The defaults a None in a change restores, for the keys that are not daemon fields.
+_SPEC_DEFAULTS: dict[str, Any] = {
+    "restart": "permanent",
+    "shutdown": 5.0,
+    "requires": (),
+    "after": (),
+    "description": "",
+    "start_timeout": 30.0,
+    "backoff": None,
+}
 
-    Raises :class:`ConfigError` naming the daemon and the field. Values that
-    :func:`build_exec_plan` resolves (users, files, signals, stdio) are only
-    checked for their JSON shape here; the plan checks the rest.
-    """
-    bad = functools.partial(ConfigError, None, _where(name), key)
-    if key in ("auto_start", "auto_restart", "clear_environment"):
-        if not isinstance(value, bool):
-            raise bad("true or false", value)
-    elif key in ("restart_delay", "watchdog_sec"):
-        if not (_is_number(value) and value >= 0):
-            raise bad("seconds >= 0", value)
-    elif key == "start_timeout":
-        if not (_is_number(value) and value > 0):
-            raise bad("seconds > 0", value)
-    elif key == "max_restarts":
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise bad("an integer >= 0", value)
-    elif key == "restart_on":
-        if value not in RESTART_ON:
-            raise bad("one of " + ", ".join(RESTART_ON), value)
-    elif key in ("requires", "after"):
+
+def _spec_value(name: str, key: str, value: Any) -> Any:
+    """A JSON value of a spec key as ``Exec`` takes it; ``validate_child`` checks the rest."""
+    if value is None:
+        return _SPEC_DEFAULTS[key]
+    if key in ("requires", "after"):
         return _names(name, key, value)
-    elif key == "backoff":
+    if key == "backoff":
         return _backoff(name, value)
-    elif key == "limits":
-        if isinstance(value, ResourceLimits):
-            value = value.as_mapping()
-        return ResourceLimits.from_mapping(name, value)
-    elif key == "description":
-        if not isinstance(value, str):
-            raise bad("a string", value)
-    elif key == "reload_command":
-        if not (
-            (isinstance(value, str) and value)
-            or (
-                isinstance(value, list | tuple) and value and all(isinstance(a, str) for a in value)
-            )
-        ):
-            raise bad("a shell command, or a list of arguments", value)
-        return list(value) if isinstance(value, tuple) else value
-    elif key in ("args", "supplementary_groups", "environment_files") and isinstance(value, tuple):
-        return list(value)
     return value
 
 
@@ -192,28 +163,14 @@ def apply_changes(spec: Exec, changes: Mapping[str, Any]) -> Exec:
     """``spec`` with ``changes`` applied (a None value resets a field); validated.
 
     ``name`` may be given but not changed; ``supervisor`` is the caller's
-    business and ignored here.
+    business and ignored here. The daemon's fields are checked by ``Exec``
+    (their one table), the rest by ``validate_child``; errors are
+    :class:`ConfigError` naming the daemon and the field. What only the
+    machine can tell (users, files) is :func:`build_exec_plan`'s.
     """
     name = spec.name
-    attrs: dict[str, Any] = {
-        "executable": spec.executable,
-        "restart": spec.restart,
-        "shutdown": spec.shutdown,
-        "requires": spec.requires,
-        "after": spec.after,
-        "description": spec.description,
-        "start_timeout": spec.start_timeout,
-        "backoff": spec.backoff,
-    }
-    defaults: dict[str, Any] = {
-        "restart": "permanent",
-        "shutdown": 5.0,
-        "requires": (),
-        "after": (),
-        "description": "",
-        "start_timeout": 30.0,
-        "backoff": None,
-    }
+    attrs: dict[str, Any] = {key: getattr(spec, key) for key in EXEC_SPEC_KEYS}
+    executable = spec.executable
     fields = dict(spec.fields)
     for key, value in changes.items():
         if key == "supervisor":
@@ -221,26 +178,19 @@ def apply_changes(spec: Exec, changes: Mapping[str, Any]) -> Exec:
         if key == "name":
             if value != name:
                 raise ConfigError(None, _where(name), "name", f"'{name}' (names do not change)")
-            continue
-        if key not in SPEC_KEYS and key not in FIELD_KEYS:
-            raise ConfigError(
-                None, _where(name), key, "a daemon field: " + ", ".join((*SPEC_KEYS, *FIELD_KEYS))
-            )
-        if key == "executable":
+        elif key == "executable":
             if not isinstance(value, str) or not value:
                 raise SpawnError(name, "executable", f"expected a path or a command, got {value!r}")
-            attrs[key] = value
+            executable = value
         elif key in attrs:
-            attrs[key] = defaults[key] if value is None else check_field(name, key, value)
-        elif value is None:
-            fields.pop(key, None)
+            attrs[key] = _spec_value(name, key, value)
         else:
-            fields[key] = check_field(name, key, value)
-    new = Exec(name, **attrs, **fields)
+            fields[key] = value  # None: back to the default; unknown keys: Exec says so
     try:
+        new = Exec(name, executable, **attrs, fields=fields)
         validate_child(_where(name), new)
     except SpecError as exc:
-        raise ConfigError(None, _where(name), exc.key, exc.expected, exc.got)
+        raise ConfigError(None, _where(name), exc.key, exc.expected, exc.got) from None
     return new
 
 
@@ -261,19 +211,9 @@ def exec_from_config(config: object) -> tuple[Exec, str | None]:
 
 
 def _json_value(value: Any) -> Any:
-    if isinstance(value, ResourceLimits):
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in value.as_mapping().items()}
     if isinstance(value, Backoff):
         return dataclasses.asdict(value)
-    if isinstance(value, tuple):
-        return [_json_value(v) for v in value]
-    if isinstance(value, Mapping):
-        return {str(k): _json_value(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_value(v) for v in value]
-    if value is None or isinstance(value, str | int | float | bool):
-        return value
-    return str(value)  # a signal enum, a Path: their text is what a field accepts
+    return json_value(value)
 
 
 def config_of(spec: Exec, supervisor: str | None) -> dict[str, Any]:
@@ -291,7 +231,7 @@ def config_of(spec: Exec, supervisor: str | None) -> dict[str, Any]:
         backoff=_json_value(spec.backoff),
     )
     for key, value in spec.fields.items():
-        out[key] = _json_value(value)
+        out[key] = EXEC_FIELDS[key].to_json(value)
     return out
 
 
@@ -299,8 +239,11 @@ def needs_restart(old: Exec, new: Exec) -> bool:
     """Whether a running daemon must restart for ``new`` to apply (see LIVE_FIELDS)."""
     if old.executable != new.executable:
         return True
-    keys = (set(old.fields) | set(new.fields)) - LIVE_FIELDS
-    return any(old.fields.get(k) != new.fields.get(k) for k in keys)
+    return any(
+        getattr(old.options, key) != getattr(new.options, key)
+        for key, field in EXEC_OPTIONS.items()
+        if field.restarts
+    )
 
 
 def checked_tree(tree: Supervisor, daemon: str) -> tuple[Supervisor, Any]:
@@ -499,7 +442,7 @@ class DaemonService(Extension):
         """``tree`` with ``spec`` added under ``parent`` (default the root); validated."""
         parent = parent or tree.name
         if find_spec(tree, spec.name) is not None:
-            raise DaemonExistsError(spec.name)
+            raise DaemonExists(spec.name)
         found = find_spec(tree, parent)
         if found is None or not isinstance(found[0], Supervisor):
             raise ConfigError(
@@ -545,12 +488,13 @@ class DaemonService(Extension):
         node = self.view.find(name)
         return node.parent.name if node is not None and node.parent is not None else None
 
-    async def _add(self, spec: Exec, parent: str | None, *, start: bool) -> NodeView:
+    async def _add(self, spec: Exec, parent: str | None) -> NodeView:
         """Join ``spec`` to its supervisor (OTP's start_child: not kept if it fails)."""
         view = self.view
         self._joined(view.tree, spec, parent)  # names, supervisor, dependencies
         build_exec_plan(spec, view.paths)  # users, files, limits: SpawnError naming the field
-        return await self.ops.add_child(spec, parent, start=start)
+        # auto_start = false: the node joins held (the supervision runtime decides)
+        return await self.ops.add_child(spec, parent, start=True)
 
     async def _apply(self, node: NodeView, spec: Exec) -> dict[str, Any]:
         old = node.spec
@@ -570,12 +514,12 @@ class DaemonService(Extension):
             name = spec.name
             if name in self._pending or name in self.created or self.view.find(name):
                 if name in self.unrestored:
-                    raise DaemonExistsError(
+                    raise DaemonExists(
                         name,
                         f"a created daemon named '{name}' exists but was not restored "
                         f"({self.unrestored[name]}): delete it first",
                     )
-                raise DaemonExistsError(name)
+                raise DaemonExists(name)
             if len(self.created) >= MAX_CREATED:
                 raise ManagerError(
                     f"ikosd keeps at most {MAX_CREATED} created daemons: delete some first",
@@ -587,8 +531,7 @@ class DaemonService(Extension):
                 store = self._store()
                 store.put_created(name, config)
                 try:
-                    start = spec.fields.get("auto_start") is not False
-                    node = await self._add(spec, parent, start=start)
+                    node = await self._add(spec, parent)
                 except BaseException:
                     store.delete_created(name)
                     raise
@@ -712,17 +655,6 @@ class DaemonService(Extension):
             "created": name in self.created,
             "changes": self.changes.get(name, {}),
         }
-
-
-class DaemonExistsError(ManagerError):
-    """The name is taken (``ikos.daemon.DaemonExists`` on the client side)."""
-
-    code = "daemon_exists"
-
-    def __init__(self, name: str, message: str | None = None) -> None:
-        IkosError.__init__(self, name, message)
-        self.name = name
-        self.message = message or f"a daemon, actor or supervisor named '{name}' already exists"
 
 
 def _refusal(exc: IkosError) -> ManagerError:

@@ -96,9 +96,6 @@ def _names_pid_1(pid_file: str) -> bool:
         return False
 
 
-#: systemd's KillMode choices that ikos supports (``kill_mode`` field of an executable).
-KILL_MODES = ("control-group", "process-group")
-
 _DEFAULT_SIGNALS = frozenset(signal.valid_signals()) - {signal.SIGKILL, signal.SIGSTOP}
 
 
@@ -158,7 +155,7 @@ class ExecHandle:
         self.main_changed: asyncio.Future[None] = self.loop.create_future()
         self.reloading: asyncio.Future[None] | None = None
         self.deadline = time.monotonic() + spec.start_timeout
-        self.watchdog_usec = int(spec.fields.get("watchdog_sec", 0) * 1e6)
+        self.watchdog_usec = int(spec.options.watchdog_sec * 1e6)
         self.watchdog: asyncio.TimerHandle | None = None
         self.notify_log = NotifyLog()
         self._finishing = False
@@ -474,7 +471,7 @@ class ExecHandle:
 
     async def reload(self) -> None:
         """Reload: the reload command, else the reload signal; for notify, wait for READY=1."""
-        command = self.spec.fields.get("reload_command")
+        command = self.spec.options.reload_command
         if self.plan.type == "notify":
             self.reloading = self.loop.create_future()
         if command:
@@ -640,11 +637,9 @@ class ExecRuntime:
         if self.watchdog_env(spec):
             plan = dataclasses.replace(
                 plan,
-                env=(*plan.env, ("WATCHDOG_USEC", str(int(spec.fields["watchdog_sec"] * 1e6)))),
+                env=(*plan.env, ("WATCHDOG_USEC", str(int(spec.options.watchdog_sec * 1e6)))),
             )
-        kill_mode = spec.fields.get("kill_mode", "control-group")
-        if kill_mode not in KILL_MODES:
-            raise SpawnError(spec.name, "kill_mode", f"expected one of {', '.join(KILL_MODES)}")
+        kill_mode = spec.options.kill_mode
         # control-group (systemd's default KillMode): a tracking cgroup, joined by the
         # child before exec, so no process of the daemon escapes its stop, setsid or
         # not; process-group: no cgroup unless limits need one, signals go to the
@@ -803,8 +798,7 @@ class ExecRuntime:
 
     @staticmethod
     def watchdog_env(spec: Exec) -> bool:
-        value = spec.fields.get("watchdog_sec")
-        return isinstance(value, int | float) and not isinstance(value, bool) and value > 0
+        return spec.options.watchdog_sec > 0
 
     def retire(self, node: WorkerNode) -> None:
         """Nothing is kept for an executable between runs."""

@@ -1,17 +1,20 @@
 """Starting an external executable with its isolation applied before exec.
 
 The work is split in two. :func:`build_exec_plan`, run in the manager,
-turns an :class:`~ikos.supervision._spec.Exec` spec into an
-:class:`ExecPlan`: every name resolved to a number (user, groups, signals,
-the executable on ``PATH``), every file checked, the environment computed,
-every limit validated, so that a bad field is a :class:`SpawnError` naming
-the daemon and the field *before* anything is forked, and the other daemons
-carry on. :func:`exec_in_child`, run in a freshly forked child, only makes
-system calls from the plan, in a fixed order (session, cgroup, stdio,
-rlimits, umask, directory, groups, gid, uid, fds, signals, exec), and
-reports the first failure as one ``"<field>: <reason>"`` line on a CLOEXEC
-pipe: EOF on that pipe means ``execve`` succeeded, which is also systemd's
-readiness for ``Type=exec``.
+turns an executable's spec (anything with a ``name``, an ``executable``
+and :class:`~ikos.platform._exec_options.ExecOptions`, such as
+``ikos.Exec``) into an :class:`ExecPlan`: every name resolved to a number
+(user, groups, the executable on ``PATH``), every file checked, the
+environment computed, every limit checked against what the machine allows,
+so that a field that cannot be applied is a :class:`SpawnError` naming the
+daemon and the field *before* anything is forked, and the other daemons
+carry on. (The values themselves were checked when the options were made:
+see :mod:`ikos.platform._exec_options`.) :func:`exec_in_child`, run in a
+freshly forked child, only makes system calls from the plan, in a fixed
+order (session, cgroup, stdio, rlimits, umask, directory, groups, gid, uid,
+fds, signals, exec), and reports the first failure as one ``"<field>:
+<reason>"`` line on a CLOEXEC pipe: EOF on that pipe means ``execve``
+succeeded, which is also systemd's readiness for ``Type=exec``.
 
 Rejected alternative: ``subprocess.Popen(preexec_fn=...)``. ``preexec_fn``
 is documented as unsafe with threads, runs user code after the fork of the
@@ -27,7 +30,6 @@ import errno
 import fcntl
 import grp
 import hashlib
-import math
 import os
 import pwd
 import re
@@ -36,23 +38,27 @@ import select
 import shutil
 import signal
 import stat
-import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, NoReturn, TypeAlias, cast
+from typing import Literal, NoReturn, TypeAlias, cast
 
 from ikos._errors import SpawnError
+from ikos.platform._exec_options import ExecTarget
+from ikos.platform._limits import CGROUP_FIELDS as CGROUP_FIELDS
+from ikos.platform._limits import RLIMIT_FIELDS as RLIMIT_FIELDS
+from ikos.platform._limits import ResourceLimits as ResourceLimits
+from ikos.platform._limits import rlimit_key
+from ikos.platform._limits import rlimit_resource as rlimit_resource
 from ikos.platform._paths import InstancePaths
-from ikos.supervision._spec import Exec
+
+# ResourceLimits and its constants moved to _limits (the options' table needs
+# them below this module); they stay importable from here, where they were.
 
 ExecType: TypeAlias = Literal["simple", "exec", "forking", "notify", "oneshot"]
 StdioMode: TypeAlias = Literal["null", "inherit", "log", "file", "append"]
-RLimitValue: TypeAlias = int | tuple[int, int] | None
 
-EXEC_TYPES: tuple[str, ...] = ("simple", "exec", "forking", "notify", "oneshot")
-STDIO_MODES: tuple[str, ...] = ("null", "inherit", "log", "file:PATH", "append:PATH")
 #: systemd's default ``PATH`` when the environment has none.
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 #: The file name of the manager's notify socket in the run directory.
@@ -64,187 +70,6 @@ MANAGER_ONLY_ENV: tuple[str, ...] = (
 )  # fmt: skip
 #: Environment files larger than this are refused (a bound on what a file makes us read).
 MAX_ENV_FILE_BYTES = 1 << 20
-
-# The setrlimit resources, as fields of ResourceLimits. RLIMIT_LOCKS is
-# missing from some builds of Python's ``resource`` module although Linux
-# has it (number 10); RLIMIT_OFILE is the BSD alias of RLIMIT_NOFILE.
-RLIMIT_FIELDS: tuple[str, ...] = (
-    "as_", "core", "cpu", "data", "fsize", "locks", "memlock", "msgqueue",
-    "nice", "nofile", "nproc", "rss", "rtprio", "rttime", "sigpending", "stack",
-)  # fmt: skip
-CGROUP_FIELDS: tuple[str, ...] = ("memory_max", "cpu_quota", "tasks_max")
-_LINUX_RLIMIT_FALLBACK = {"locks": 10}
-
-
-def rlimit_resource(name: str) -> int | None:
-    """The ``resource.RLIMIT_*`` number of a :class:`ResourceLimits` field, or None."""
-    number = getattr(resource, "RLIMIT_" + name.rstrip("_").upper(), None)
-    if number is None and sys.platform.startswith("linux"):
-        number = _LINUX_RLIMIT_FALLBACK.get(name)
-    return cast("int | None", number)
-
-
-@dataclass(frozen=True)
-class ResourceLimits:
-    """Resource limits of a daemon: setrlimit resources plus cgroup limits.
-
-    Each rlimit field is named as ``resource.RLIMIT_<NAME>`` in lower case
-    (``as_`` for ``RLIMIT_AS``); its value is None (unchanged), an int (soft
-    and hard) or a ``(soft, hard)`` pair, ``resource.RLIM_INFINITY`` meaning
-    unlimited. ``memory_max`` (bytes), ``cpu_quota`` (a fraction of one CPU,
-    0.5 = half a CPU, 2 = two CPUs) and ``tasks_max`` are applied through
-    cgroups (see :mod:`ikos.platform._cgroups`).
-
-    Example::
-
-        ResourceLimits(nofile=4096, core=0, memory_max=512 << 20, cpu_quota=0.5)
-        ResourceLimits.from_mapping("web", {"nofile": [1024, 4096], "as": "infinity"})
-    """
-
-    as_: RLimitValue = None
-    core: RLimitValue = None
-    cpu: RLimitValue = None
-    data: RLimitValue = None
-    fsize: RLimitValue = None
-    locks: RLimitValue = None
-    memlock: RLimitValue = None
-    msgqueue: RLimitValue = None
-    nice: RLimitValue = None
-    nofile: RLimitValue = None
-    nproc: RLimitValue = None
-    rss: RLimitValue = None
-    rtprio: RLimitValue = None
-    rttime: RLimitValue = None
-    sigpending: RLimitValue = None
-    stack: RLimitValue = None
-    memory_max: int | None = None
-    cpu_quota: float | None = None
-    tasks_max: int | None = None
-
-    @classmethod
-    def from_mapping(cls, daemon: str, m: Mapping[str, Any]) -> ResourceLimits:
-        """Validate a mapping of limits (e.g. a TOML table) into ResourceLimits.
-
-        Keys are field names (``as`` is accepted for ``as_``); values as
-        described on the class, with ``"infinity"`` for RLIM_INFINITY,
-        ``memory_max`` also as ``"512M"``/``"2G"`` and ``cpu_quota`` also as
-        ``"50%"``. Raises :class:`SpawnError` naming ``limits.<key>``.
-        """
-        if not isinstance(m, Mapping):
-            raise SpawnError(daemon, "limits", f"expected a table of limits, got {m!r}")
-        values: dict[str, Any] = {}
-        for key, value in m.items():
-            name = "as_" if key == "as" else key
-            where = f"limits.{key}"
-            if name in RLIMIT_FIELDS:
-                values[name] = _check_rlimit(daemon, where, name, value)
-            elif name == "memory_max":
-                values[name] = _check_memory(daemon, where, value)
-            elif name == "cpu_quota":
-                values[name] = _check_cpu_quota(daemon, where, value)
-            elif name == "tasks_max":
-                values[name] = _check_positive_int(daemon, where, value)
-            else:
-                known = ", ".join(f.name for f in fields(cls))
-                raise SpawnError(daemon, where, f"unknown limit; expected one of {known}")
-        return cls(**values)
-
-    def as_mapping(self) -> dict[str, Any]:
-        """The fields that are set, by name (the inverse of :meth:`from_mapping`)."""
-        return {
-            f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None
-        }
-
-    def rlimits(self) -> list[tuple[str, int, tuple[int, int]]]:
-        """``(field, resource number, (soft, hard))`` for every rlimit that is set."""
-        out = []
-        for name in RLIMIT_FIELDS:
-            value = getattr(self, name)
-            if value is None:
-                continue
-            number = rlimit_resource(name)
-            if number is None:  # refused by from_mapping; possible only if built by hand
-                continue
-            pair = (value, value) if isinstance(value, int) else (value[0], value[1])
-            out.append((name, number, pair))
-        return out
-
-    @property
-    def needs_cgroup(self) -> bool:
-        """Whether any limit must be applied through a cgroup."""
-        return any(getattr(self, name) is not None for name in CGROUP_FIELDS)
-
-
-def _is_int(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _rlim_value(daemon: str, where: str, v: object) -> int:
-    if isinstance(v, str) and v.strip().lower() in ("infinity", "unlimited"):
-        return resource.RLIM_INFINITY
-    if _is_int(v) and (cast(int, v) >= 0 or v == resource.RLIM_INFINITY):
-        return cast(int, v)
-    raise SpawnError(daemon, where, f"expected an integer >= 0 or 'infinity', got {v!r}")
-
-
-def _rlim_key(v: int) -> float:
-    return math.inf if v == resource.RLIM_INFINITY else v
-
-
-def _check_rlimit(daemon: str, where: str, name: str, value: object) -> RLimitValue:
-    if value is None:
-        return None
-    if rlimit_resource(name) is None:
-        raise SpawnError(daemon, where, f"RLIMIT_{name.rstrip('_').upper()} is not supported here")
-    if isinstance(value, list | tuple):
-        if len(value) != 2:
-            raise SpawnError(daemon, where, f"expected [soft, hard], got {value!r}")
-        soft, hard = (_rlim_value(daemon, where, v) for v in value)
-        if _rlim_key(soft) > _rlim_key(hard):
-            raise SpawnError(daemon, where, f"soft limit {soft} exceeds hard limit {hard}")
-        return (soft, hard)
-    return _rlim_value(daemon, where, value)
-
-
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
-
-
-def _check_memory(daemon: str, where: str, value: object) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        if value.strip().lower() in ("infinity", "max"):
-            return None
-        match = _SIZE_RE.match(value)
-        if match is None:
-            raise SpawnError(daemon, where, f"expected bytes or a size like '512M', got {value!r}")
-        value = int(match.group(1)) << (10 * " KMGT".index(match.group(2).upper() or " "))
-    if not _is_int(value) or cast(int, value) <= 0:
-        raise SpawnError(daemon, where, f"expected a number of bytes > 0, got {value!r}")
-    return cast(int, value)
-
-
-def _check_cpu_quota(daemon: str, where: str, value: object) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, str) and value.strip().endswith("%"):
-        try:
-            value = float(value.strip()[:-1]) / 100
-        except ValueError:
-            raise SpawnError(daemon, where, f"expected a fraction of a CPU or 'N%', got {value!r}")
-    if not isinstance(value, int | float) or isinstance(value, bool):
-        raise SpawnError(daemon, where, f"expected a fraction of a CPU (e.g. 0.5), got {value!r}")
-    if not (math.isfinite(value) and value > 0):
-        raise SpawnError(daemon, where, f"expected a fraction of a CPU > 0, got {value!r}")
-    return float(value)
-
-
-def _check_positive_int(daemon: str, where: str, value: object) -> int | None:
-    if value is None or (isinstance(value, str) and value.strip().lower() in ("infinity", "max")):
-        return None
-    if not _is_int(value) or cast(int, value) < 1:
-        raise SpawnError(daemon, where, f"expected an integer >= 1 or 'infinity', got {value!r}")
-    return cast(int, value)
 
 
 @dataclass(frozen=True)
@@ -291,8 +116,8 @@ class ExecPlan:
     stderr: StdioSpec = field(default_factory=lambda: StdioSpec("log"))
     limits: ResourceLimits = field(default_factory=ResourceLimits)
     pid_file: str | None = None
-    reload_signal: signal.Signals | None = None
-    stop_signal: signal.Signals = signal.SIGTERM
+    reload_signal: int | None = None
+    stop_signal: int = signal.SIGTERM
     log_path: str | None = None
     notify_socket: str | None = None
     cgroup_procs: tuple[str, ...] = ()
@@ -370,95 +195,43 @@ def parse_environment_file(text: str) -> dict[str, str]:
 _ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
-def parse_signal(value: object) -> signal.Signals:
-    """A signal from ``signal.Signals``, a number, ``"SIGHUP"``, ``"HUP"`` or ``"hup"``."""
-    if isinstance(value, signal.Signals):
-        return value
-    if _is_int(value):
-        try:
-            return signal.Signals(cast(int, value))
-        except ValueError:
-            raise ValueError(f"{value} is not a signal number") from None
-    if isinstance(value, str):
-        name = value.strip().upper()
-        name = name if name.startswith("SIG") else "SIG" + name
-        try:
-            return signal.Signals[name]
-        except KeyError:
-            pass
-    raise ValueError(f"expected a signal name such as 'SIGHUP', got {value!r}")
-
-
-def _parse_stdio(daemon: str, fd_name: str, value: object, base_dir: Path) -> StdioSpec:
-    if not isinstance(value, str):
-        raise SpawnError(
-            daemon, fd_name, f"expected one of {', '.join(STDIO_MODES)}, got {value!r}"
-        )
+def _parse_stdio(daemon: str, fd_name: str, value: str, base_dir: Path) -> StdioSpec:
+    # The form ("null", "file:PATH"...) was checked with the options: resolve the file.
     mode, sep, path = value.partition(":")
-    if not sep and mode in ("null", "inherit", "log"):
-        if fd_name == "stdin" and mode == "log":
-            raise SpawnError(
-                daemon, fd_name, "stdin cannot be 'log'; use null, inherit or file:PATH"
-            )
+    if not sep:
         return StdioSpec(cast(StdioMode, mode))
-    if sep and mode in ("file", "append") and path:
-        if fd_name == "stdin" and mode == "append":
-            raise SpawnError(daemon, fd_name, "stdin cannot be 'append:'; use file:PATH")
-        full = (base_dir / path).resolve() if not os.path.isabs(path) else Path(path)
-        if fd_name == "stdin":
-            if not full.is_file():
-                raise SpawnError(daemon, fd_name, f"no such file: {full}")
-        elif not full.parent.is_dir():
-            raise SpawnError(daemon, fd_name, f"directory {full.parent} does not exist")
-        elif full.is_dir():
-            raise SpawnError(daemon, fd_name, f"{full} is a directory")
-        return StdioSpec(cast(StdioMode, mode), str(full))
-    raise SpawnError(daemon, fd_name, f"expected one of {', '.join(STDIO_MODES)}, got {value!r}")
+    full = (base_dir / path).resolve() if not os.path.isabs(path) else Path(path)
+    if fd_name == "stdin":
+        if not full.is_file():
+            raise SpawnError(daemon, fd_name, f"no such file: {full}")
+    elif not full.parent.is_dir():
+        raise SpawnError(daemon, fd_name, f"directory {full.parent} does not exist")
+    elif full.is_dir():
+        raise SpawnError(daemon, fd_name, f"{full} is a directory")
+    return StdioSpec(cast(StdioMode, mode), str(full))
 
 
-def _lookup_user(daemon: str, value: object) -> pwd.struct_passwd:
+def _lookup_user(daemon: str, value: str | int) -> pwd.struct_passwd:
     try:
-        if _is_int(value) or (isinstance(value, str) and value.isdigit()):
-            return pwd.getpwuid(int(cast(int | str, value)))
-        if isinstance(value, str) and value:
-            return pwd.getpwnam(value)
+        if isinstance(value, int) or value.isdigit():
+            return pwd.getpwuid(int(value))
+        return pwd.getpwnam(value)
     except KeyError:
         raise SpawnError(daemon, "user", f"unknown user {value!r}")
-    raise SpawnError(daemon, "user", f"expected a user name or uid, got {value!r}")
 
 
-def _lookup_group(daemon: str, where: str, value: object) -> grp.struct_group:
+def _lookup_group(daemon: str, where: str, value: str | int) -> grp.struct_group:
     try:
-        if _is_int(value) or (isinstance(value, str) and value.isdigit()):
-            return grp.getgrgid(int(cast(int | str, value)))
-        if isinstance(value, str) and value:
-            return grp.getgrnam(value)
+        if isinstance(value, int) or value.isdigit():
+            return grp.getgrgid(int(value))
+        return grp.getgrnam(value)
     except KeyError:
         raise SpawnError(daemon, where, f"unknown group {value!r}")
-    raise SpawnError(daemon, where, f"expected a group name or gid, got {value!r}")
 
 
-def _env_str(daemon: str, where: str, key: object, value: object) -> tuple[str, str]:
-    if not isinstance(key, str) or not key or "=" in key or "\0" in key:
-        raise SpawnError(daemon, where, f"invalid variable name {key!r}")
-    if isinstance(value, bool) or not isinstance(value, str | int | float):
-        raise SpawnError(daemon, where, f"{key}: expected a string, got {value!r}")
-    text = str(value)
-    if "\0" in text:
-        raise SpawnError(daemon, where, f"{key}: value contains a NUL byte")
-    return key, text
-
-
-def _read_env_files(daemon: str, value: object, base_dir: Path) -> dict[str, str]:
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list | tuple):
-        raise SpawnError(daemon, "environment_files", f"expected a list of paths, got {value!r}")
+def _read_env_files(daemon: str, files: Sequence[str], base_dir: Path) -> dict[str, str]:
     env: dict[str, str] = {}
-    for entry in value:
-        if not isinstance(entry, str | os.PathLike) or not os.fspath(entry):
-            raise SpawnError(daemon, "environment_files", f"expected a path, got {entry!r}")
-        text_path = os.fspath(entry)
+    for text_path in files:
         optional = text_path.startswith("-")
         full = base_dir / (text_path[1:] if optional else text_path)
         try:
@@ -566,10 +339,10 @@ def _check_rlimits_allowed(daemon: str, limits: ResourceLimits) -> None:
                 nr_open = int(Path("/proc/sys/fs/nr_open").read_text())
             except (OSError, ValueError):
                 nr_open = None
-            if nr_open is not None and _rlim_key(hard) > nr_open:
+            if nr_open is not None and rlimit_key(hard) > nr_open:
                 raise SpawnError(daemon, where, f"exceeds the kernel's fs.nr_open ({nr_open})")
         current = resource.getrlimit(number)[1]
-        if _rlim_key(hard) > _rlim_key(current):
+        if rlimit_key(hard) > rlimit_key(current):
             if capable is None:
                 capable = has_capability(CAP_SYS_RESOURCE)
             if not capable:
@@ -579,23 +352,6 @@ def _check_rlimits_allowed(daemon: str, limits: ResourceLimits) -> None:
                     where,
                     f"raising the hard limit from {current} to {shown} requires CAP_SYS_RESOURCE",
                 )
-
-
-def _parse_umask(daemon: str, value: object) -> int:
-    if _is_int(value):
-        mask = cast(int, value)
-    elif isinstance(value, str):
-        text = value.strip().lower().removeprefix("0o")
-        if not text or any(c not in "01234567" for c in text):
-            raise SpawnError(
-                daemon, "umask", f"expected an octal mask such as '022', got {value!r}"
-            )
-        mask = int(text, 8)
-    else:
-        raise SpawnError(daemon, "umask", f"expected an octal mask such as '022', got {value!r}")
-    if not 0 <= mask <= 0o777:
-        raise SpawnError(daemon, "umask", f"expected a mask between 000 and 777, got {value!r}")
-    return mask
 
 
 def notify_socket_address(paths: InstancePaths) -> str:
@@ -614,14 +370,16 @@ def notify_socket_address(paths: InstancePaths) -> str:
     return f"@ikos-{digest}/notify"
 
 
-def build_exec_plan(spec: Exec, paths: InstancePaths) -> ExecPlan:
-    """Validate an ``Exec`` spec in the manager and resolve it into an :class:`ExecPlan`.
+def build_exec_plan(spec: ExecTarget, paths: InstancePaths) -> ExecPlan:
+    """Resolve an executable's spec (such as an ``ikos.Exec``) into an :class:`ExecPlan`.
 
-    Raises :class:`SpawnError` naming the daemon and the field. Relative
-    paths resolve against: the manager's directory for ``working_directory``,
-    the working directory for the executable, the instance's log directory
-    for ``file:``/``append:`` stdio, its run directory for ``pid_file`` and
-    the configuration file's directory for ``environment_files``.
+    Raises :class:`SpawnError` naming the daemon and the field that cannot be
+    applied on this machine (an unknown user, a missing file, a hard limit
+    above ours...). Relative paths resolve against: the manager's directory
+    for ``working_directory``, the working directory for the executable, the
+    instance's log directory for ``file:``/``append:`` stdio, its run
+    directory for ``pid_file`` and the configuration file's directory for
+    ``environment_files``.
 
     The environment is built in systemd's order: the manager's (unless
     ``clear_environment``; never its ``NOTIFY_SOCKET``, ``LISTEN_*``,
@@ -636,50 +394,33 @@ def build_exec_plan(spec: Exec, paths: InstancePaths) -> ExecPlan:
                                     user="www-data", stdout="log"), paths)
     """
     daemon = spec.name
-    f: Mapping[str, Any] = spec.fields
+    o = spec.options
     root = os.geteuid() == 0
-
-    exec_type = f.get("type", "simple")
-    if exec_type not in EXEC_TYPES:
-        raise SpawnError(
-            daemon, "type", f"expected one of {', '.join(EXEC_TYPES)}, got {exec_type!r}"
-        )
-
-    args = f.get("args", ())
-    if isinstance(args, str) or not isinstance(args, list | tuple):
-        raise SpawnError(daemon, "args", f"expected a list of strings, got {args!r}")
-    for a in args:
-        if isinstance(a, bool) or not isinstance(a, str | int | float) or "\0" in str(a):
-            raise SpawnError(daemon, "args", f"expected strings without NUL bytes, got {a!r}")
 
     # User and groups.
     pw: pwd.struct_passwd | None = None
     uid = gid = None
     groups: tuple[int, ...] | None = None
-    if f.get("user") is not None:
-        pw = _lookup_user(daemon, f["user"])
+    if o.user is not None:
+        pw = _lookup_user(daemon, o.user)
         if not root and pw.pw_uid != os.geteuid():
             raise SpawnError(daemon, "user", f"setting user {pw.pw_name!r} requires root")
         uid, gid = pw.pw_uid, pw.pw_gid
     group_name = None
-    if f.get("group") is not None:
-        gr = _lookup_group(daemon, "group", f["group"])
+    if o.group is not None:
+        gr = _lookup_group(daemon, "group", o.group)
         if not root and gr.gr_gid != os.getegid():
             raise SpawnError(daemon, "group", f"setting group {gr.gr_name!r} requires root")
         gid, group_name = gr.gr_gid, gr.gr_name
-    extra = f.get("supplementary_groups")
-    if extra is not None:
-        if isinstance(extra, str | int):
-            extra = [extra]
-        if not isinstance(extra, list | tuple):
-            raise SpawnError(
-                daemon, "supplementary_groups", f"expected a list of groups, got {extra!r}"
-            )
-        if extra and not root:
+    extra: list[int] | None = None
+    if o.supplementary_groups is not None:
+        if o.supplementary_groups and not root:
             raise SpawnError(
                 daemon, "supplementary_groups", "setting supplementary groups requires root"
             )
-        extra = [_lookup_group(daemon, "supplementary_groups", g).gr_gid for g in extra]
+        extra = [
+            _lookup_group(daemon, "supplementary_groups", g).gr_gid for g in o.supplementary_groups
+        ]
     if root and (pw is not None or gid is not None or extra is not None):
         base_groups = os.getgrouplist(pw.pw_name, pw.pw_gid) if pw is not None else []
         groups = tuple(dict.fromkeys([*base_groups, *(extra or [])]))
@@ -688,11 +429,8 @@ def build_exec_plan(spec: Exec, paths: InstancePaths) -> ExecPlan:
 
     # Working directory.
     cwd: str | None = None
-    wd = f.get("working_directory")
-    if wd is not None:
-        if not isinstance(wd, str | os.PathLike) or not os.fspath(wd):
-            raise SpawnError(daemon, "working_directory", f"expected a directory path, got {wd!r}")
-        text = os.fspath(wd)
+    if o.working_directory is not None:
+        text = o.working_directory
         if text == "~" or text.startswith("~/"):
             home = pw.pw_dir if pw is not None else os.path.expanduser("~")
             text = home + text[1:]
@@ -700,25 +438,17 @@ def build_exec_plan(spec: Exec, paths: InstancePaths) -> ExecPlan:
         if not os.path.isdir(cwd):
             raise SpawnError(daemon, "working_directory", f"{cwd} is not a directory")
 
-    umask = _parse_umask(daemon, f["umask"]) if f.get("umask") is not None else None
-
     # Environment.
-    clear = f.get("clear_environment", False)
-    if not isinstance(clear, bool):
-        raise SpawnError(daemon, "clear_environment", f"expected true or false, got {clear!r}")
-    env: dict[str, str] = {} if clear else dict(os.environ)
+    env: dict[str, str] = {} if o.clear_environment else dict(os.environ)
     for name in MANAGER_ONLY_ENV:  # ikosd's own protocol variables, e.g. from an outer systemd
         env.pop(name, None)
     if pw is not None:
         env.update(HOME=pw.pw_dir, USER=pw.pw_name, LOGNAME=pw.pw_name, SHELL=pw.pw_shell)
-    given = f.get("environment", {})
-    if not isinstance(given, Mapping):
-        raise SpawnError(daemon, "environment", f"expected a table of variables, got {given!r}")
-    env.update(_env_str(daemon, "environment", k, v) for k, v in given.items())
-    if f.get("environment_files") is not None:
-        env.update(_read_env_files(daemon, f["environment_files"], paths.config_file.parent))
+    env.update(o.environment)
+    if o.environment_files:
+        env.update(_read_env_files(daemon, o.environment_files, paths.config_file.parent))
     notify_socket = None
-    if exec_type == "notify":
+    if o.type == "notify":
         notify_socket = notify_socket_address(paths)
         env["NOTIFY_SOCKET"] = notify_socket
     env.setdefault("PATH", DEFAULT_PATH)
@@ -745,55 +475,32 @@ def build_exec_plan(spec: Exec, paths: InstancePaths) -> ExecPlan:
             )
 
     stdio_base = paths.log_dir
-    stdin = _parse_stdio(daemon, "stdin", f.get("stdin", "null"), stdio_base)
-    stdout = _parse_stdio(daemon, "stdout", f.get("stdout", "log"), stdio_base)
-    stderr = _parse_stdio(daemon, "stderr", f.get("stderr", "log"), stdio_base)
-
-    raw_limits = f.get("limits")
-    if raw_limits is None:
-        limits = ResourceLimits()
-    elif isinstance(raw_limits, ResourceLimits):
-        limits = ResourceLimits.from_mapping(daemon, raw_limits.as_mapping())
-    else:
-        limits = ResourceLimits.from_mapping(daemon, raw_limits)
-    _check_rlimits_allowed(daemon, limits)
-
-    pid_file = f.get("pid_file")
-    if pid_file is not None:
-        if not isinstance(pid_file, str | os.PathLike) or not os.fspath(pid_file):
-            raise SpawnError(daemon, "pid_file", f"expected a path, got {pid_file!r}")
-        pid_file = str(paths.run_dir / os.fspath(pid_file))
-
-    signals: dict[str, signal.Signals | None] = {}
-    for key, default in (("reload_signal", None), ("stop_signal", signal.SIGTERM)):
-        value = f.get(key)
-        try:
-            signals[key] = parse_signal(value) if value is not None else default
-        except ValueError as exc:
-            raise SpawnError(daemon, key, str(exc))
-    stop_signal = signals["stop_signal"]
-    assert stop_signal is not None
+    stdin = _parse_stdio(daemon, "stdin", o.stdin, stdio_base)
+    stdout = _parse_stdio(daemon, "stdout", o.stdout, stdio_base)
+    stderr = _parse_stdio(daemon, "stderr", o.stderr, stdio_base)
+    _check_rlimits_allowed(daemon, o.limits)
+    pid_file = str(paths.run_dir / o.pid_file) if o.pid_file is not None else None
 
     return ExecPlan(
         daemon=daemon,
         executable=full,
-        argv=(executable, *(str(a) for a in args)),
+        argv=(executable, *o.args),
         env=tuple(env.items()),
-        type=cast(ExecType, exec_type),
+        type=cast(ExecType, o.type),
         working_directory=cwd,
         user=pw.pw_name if pw is not None else None,
         group=group_name,
         uid=uid,
         gid=gid,
         groups=groups,
-        umask=umask,
+        umask=o.umask,
         stdin=stdin,
         stdout=stdout,
         stderr=stderr,
-        limits=limits,
+        limits=o.limits,
         pid_file=pid_file,
-        reload_signal=signals["reload_signal"],
-        stop_signal=stop_signal,
+        reload_signal=o.reload_signal,
+        stop_signal=o.stop_signal,
         log_path=str(paths.log_dir / f"{daemon}.log"),
         notify_socket=notify_socket,
     )

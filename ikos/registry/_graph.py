@@ -26,19 +26,44 @@ exactly as OTP would start it, and ``rest_for_one``, which restarts a child
 and every sibling started after it, always takes along what depends on it.
 Hand-written depth-first ordering was rejected: networkx already gives
 sorts, generations and cycle paths, and tested ones.
+
+This layer sits below supervision, so it does not know ``ikos.Supervisor``:
+it reads a tree through two small protocols, :class:`DependencyNode` (a
+name and its dependencies) and :class:`DependencyGroup` (one with
+``children``), which the supervision specs satisfy as they are.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator
-from typing import Any
+from collections.abc import Collection, Iterator, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import networkx as nx
 
 from ikos._errors import SpecError
-from ikos.supervision._spec import AnySpec, Supervisor
 
 DEP_KINDS: tuple[str, ...] = ("requires", "after")
+
+
+class DependencyNode(Protocol):
+    """What the graph reads of a spec: its name and what it needs (``ikos.Child``, ``Exec``)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def requires(self) -> Sequence[str]: ...
+
+    @property
+    def after(self) -> Sequence[str]: ...
+
+
+@runtime_checkable
+class DependencyGroup(DependencyNode, Protocol):
+    """A node with children, started by itself (``ikos.Supervisor``)."""
+
+    @property
+    def children(self) -> Sequence[DependencyNode]: ...
 
 
 class DependencyCycle(SpecError):
@@ -88,18 +113,18 @@ class UnknownDependency(SpecError):
         )
 
 
-def _walk(root: Supervisor) -> Iterator[tuple[str, AnySpec, str | None]]:
+def _walk(root: DependencyNode) -> Iterator[tuple[str, DependencyNode, str | None]]:
     """``(path, spec, parent name)`` for every spec of the tree, depth first."""
-    stack: list[tuple[str, AnySpec, str | None]] = [(root.name, root, None)]
+    stack: list[tuple[str, DependencyNode, str | None]] = [(root.name, root, None)]
     while stack:
         path, spec, parent = stack.pop()
         yield path, spec, parent
-        if isinstance(spec, Supervisor):
+        if isinstance(spec, DependencyGroup):
             for child in reversed(spec.children):
                 stack.append((f"{path}/{child.name}", child, spec.name))
 
 
-def build_graph(root: Supervisor) -> nx.DiGraph:
+def build_graph(root: DependencyGroup) -> nx.DiGraph:
     """The dependency graph of the whole tree under ``root``.
 
     Nodes are spec names with attributes ``spec``, ``path`` (``"root/sub/x"``)
@@ -135,13 +160,11 @@ def build_graph(root: Supervisor) -> nx.DiGraph:
     return graph
 
 
-def _subtree_names(spec: AnySpec) -> list[str]:
-    if isinstance(spec, Supervisor):
-        return [s.name for _, s in spec.walk()]
-    return [spec.name]
+def _subtree_names(spec: DependencyNode) -> list[str]:
+    return [s.name for _, s, _ in _walk(spec)]
 
 
-def _projection(sup: Supervisor, graph: nx.DiGraph) -> nx.DiGraph:
+def _projection(sup: DependencyGroup, graph: nx.DiGraph) -> nx.DiGraph:
     """``sup``'s children, with an edge B -> A when A's subtree needs B's subtree.
 
     Each projected edge keeps in ``why`` one dependency that causes it, for
@@ -184,7 +207,7 @@ def _cycle_error(graph: nx.DiGraph, order: dict[str, int], path: str, why: bool)
     return DependencyCycle([*cycle, cycle[0]], path, detail)
 
 
-def start_order(sup: Supervisor, graph: nx.DiGraph) -> list[str]:
+def start_order(sup: DependencyGroup, graph: nx.DiGraph) -> list[str]:
     """The order in which ``sup`` starts its direct children (names).
 
     A topological order of the children under the sibling projection of the
@@ -207,7 +230,7 @@ def start_order(sup: Supervisor, graph: nx.DiGraph) -> list[str]:
         raise _cycle_error(proj, index, _path_of(sup, graph), why=True) from None
 
 
-def start_waves(sup: Supervisor, graph: nx.DiGraph) -> list[list[str]]:
+def start_waves(sup: DependencyGroup, graph: nx.DiGraph) -> list[list[str]]:
     """``sup``'s direct children grouped in waves that may start in parallel.
 
     Wave k holds the children all of whose sibling dependencies are in
@@ -229,12 +252,12 @@ def start_waves(sup: Supervisor, graph: nx.DiGraph) -> list[list[str]]:
         raise _cycle_error(proj, index, _path_of(sup, graph), why=True) from None
 
 
-def stop_order(sup: Supervisor, graph: nx.DiGraph) -> list[str]:
+def stop_order(sup: DependencyGroup, graph: nx.DiGraph) -> list[str]:
     """The order in which ``sup`` stops its direct children: the start order reversed."""
     return start_order(sup, graph)[::-1]
 
 
-def check_graph(root: Supervisor) -> nx.DiGraph:
+def check_graph(root: DependencyGroup) -> nx.DiGraph:
     """Build the graph of ``root``'s tree and check that the tree can start; return it.
 
     Raises :class:`UnknownDependency` for a ``requires``/``after`` naming
@@ -265,7 +288,7 @@ def check_graph(root: Supervisor) -> nx.DiGraph:
                 detail = f"{upper} contains {lower} and is ready only once it is"
                 raise DependencyCycle(cycle, graph.nodes[name]["path"], detail)
     for _, spec, _ in _walk(root):
-        if isinstance(spec, Supervisor):
+        if isinstance(spec, DependencyGroup):
             start_order(spec, graph)
     return graph
 
@@ -279,7 +302,7 @@ def _is_ancestor(graph: nx.DiGraph, upper: str, lower: str) -> bool:
     return False
 
 
-def _path_of(sup: Supervisor, graph: nx.DiGraph) -> str:
+def _path_of(sup: DependencyGroup, graph: nx.DiGraph) -> str:
     if sup.name in graph:
         return str(graph.nodes[sup.name].get("path", sup.name))
     return sup.name

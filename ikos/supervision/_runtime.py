@@ -157,10 +157,6 @@ def should_restart(restart: str, reason: ExitReason) -> bool:
     return False
 
 
-#: systemd's ``Restart=`` choices, for executables (field ``restart_on``).
-RESTART_ON = ("no", "always", "on-success", "on-failure", "on-abnormal", "on-abort", "on-watchdog")
-
-
 def should_restart_spec(spec: AnySpec, reason: ExitReason) -> bool:
     """The restart decision for any child: OTP's restart type, refined for executables.
 
@@ -169,10 +165,9 @@ def should_restart_spec(spec: AnySpec, reason: ExitReason) -> bool:
     """
     if not isinstance(spec, Exec):
         return should_restart(spec.restart, reason)
-    fields = spec.fields
-    if fields.get("auto_restart") is False or spec.restart == "temporary":
+    if not spec.auto_restart or spec.restart == "temporary":
         return False
-    mode = fields.get("restart_on")
+    mode = spec.restart_on
     if mode is None:
         return should_restart(spec.restart, reason)
     clean = reason.code == 0 or (reason.signal in _CLEAN_SIGNALS)
@@ -263,7 +258,7 @@ class WorkerNode(Node):
         self.kind = "actor" if isinstance(spec, Child) else "exec"
         self.handle: Running | None = None
         # auto_start = false: part of the tree, but started only when asked to
-        self.held = isinstance(spec, Exec) and spec.fields.get("auto_start") is False
+        self.held = isinstance(spec, Exec) and not spec.auto_start
         self.spec: Child | Exec = spec
 
     @property
@@ -354,7 +349,7 @@ class WorkerNode(Node):
         else:
             sig: int = signal.SIGTERM
             if isinstance(self.spec, Exec):
-                sig = _signal_number(self.spec.fields.get("stop_signal", "SIGTERM"))
+                sig = self.spec.options.stop_signal
             handle.send_signal(sig)
             timeout = None if shutdown == "infinity" else float(shutdown)
             try:
@@ -374,21 +369,12 @@ def _fixed_delay(spec: AnySpec) -> Backoff | None:
     """An executable's ``restart_delay`` as a constant back-off (min = max, no jitter)."""
     if not isinstance(spec, Exec):
         return None
-    delay = spec.fields.get("restart_delay")
-    if isinstance(delay, int | float) and not isinstance(delay, bool) and delay > 0:
+    delay = spec.restart_delay
+    if delay > 0:
         return Backoff(
             min=float(delay), max=float(delay), random_factor=0.0, reset_after=float(delay)
         )
     return None
-
-
-def _signal_number(value: Any) -> int:
-    if isinstance(value, int):
-        return value
-    text = str(value).upper()
-    if not text.startswith("SIG"):
-        text = "SIG" + text
-    return int(signal.Signals[text])
 
 
 Command = Callable[[], Awaitable[Any]]
@@ -598,10 +584,9 @@ class SupervisorNode(Node):
             return  # we are stopping or failed: nothing restarts
         if child.held:
             return
-        limit = child.spec.fields.get("max_restarts") if isinstance(child.spec, Exec) else None
+        limit = child.spec.max_restarts if isinstance(child.spec, Exec) else None
         if (
-            isinstance(limit, int)
-            and not isinstance(limit, bool)
+            limit is not None
             and child.restarts >= limit
             and should_restart_spec(child.spec, reason)
         ):
@@ -773,7 +758,7 @@ class SupervisorNode(Node):
             self.children.append(node)
         else:
             self.children.insert(index, node)
-        if not (start and self.alive):
+        if node.held or not (start and self.alive):
             return node
         if not strict:
             await self._start_one(node)

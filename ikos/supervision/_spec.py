@@ -14,6 +14,7 @@ the tests handle trees without starting anything.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import math
 import re
@@ -22,12 +23,30 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, TypeAlias
 
 from ikos._errors import SpecError
+from ikos.platform._exec_options import EXEC_OPTIONS, ExecOptions
+from ikos.platform._fields import (
+    FieldSpec,
+    FrozenDict,
+    InvalidField,
+    UnknownField,
+    boolean,
+    check_fields,
+    choice,
+    field_table,
+    integer,
+    option,
+    seconds,
+)
 
 RestartType: TypeAlias = Literal["permanent", "transient", "temporary"]
 Strategy: TypeAlias = Literal["one_for_one", "one_for_all", "rest_for_one", "simple_one_for_one"]
 Shutdown: TypeAlias = float | Literal["brutal_kill", "infinity"]
 
 RESTART_TYPES: tuple[str, ...] = ("permanent", "transient", "temporary")
+#: systemd's ``Restart=`` choices, for executables (field ``restart_on``).
+RESTART_ON: tuple[str, ...] = (
+    "no", "always", "on-success", "on-failure", "on-abnormal", "on-abort", "on-watchdog",
+)  # fmt: skip
 STRATEGIES: tuple[str, ...] = ("one_for_one", "one_for_all", "rest_for_one", "simple_one_for_one")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 NAME_RULE = (
@@ -113,18 +132,57 @@ class Child(_ChildBase):
         return f"{self.actor.__module__}:{self.actor.__qualname__}"
 
 
+#: The keywords of ``ikos.Exec`` that every kind of child has, plus ``start_timeout``.
+EXEC_SPEC_KEYS: tuple[str, ...] = (
+    "restart", "shutdown", "requires", "after", "description", "start_timeout", "backoff",
+)  # fmt: skip
+_NO_OPTIONS = ExecOptions()
+
+
 @dataclass(frozen=True, eq=True)
 class Exec(_ChildBase):
     """An external executable supervised like any child.
 
     ``fields`` are those of the design's ``daemon_config_t`` and the contract
-    (``args``, ``environment``, ``working_directory``, ``type``, ``stdout``...).
+    (``args``, ``environment``, ``working_directory``, ``type``, ``stdout``...,
+    see ``docs/configuration.md``): the process-shaping ones are kept,
+    checked and normalised, in :attr:`options` (an
+    :class:`~ikos.platform._exec_options.ExecOptions`), the restart policy
+    (``auto_start``, ``auto_restart``, ``restart_delay``, ``max_restarts``,
+    ``restart_on``) as attributes of the spec. An unknown field or a value of
+    the wrong kind is a :class:`SpecError` naming the daemon and the field,
+    raised here; what depends on the machine (does the user exist) is checked
+    when the daemon starts. Specs are values: hashable, equal when they run
+    the same process with the same policy.
+
+    Example::
+
+        Exec("web", "/usr/sbin/nginx", args=["-g", "daemon off;"], user="www-data",
+             restart_delay=1.5, limits={"nofile": 4096})
     """
 
     executable: str = ""
-    fields: Mapping[str, Any] = field(default_factory=dict)
     start_timeout: float = 30.0
     backoff: Backoff | None = None
+    options: ExecOptions = _NO_OPTIONS
+    auto_start: bool = option(
+        True, boolean, "start with the tree (false: stopped until started)", restarts=False
+    )
+    auto_restart: bool = option(
+        True, boolean, "restart after an exit at all (false: never)", restarts=False
+    )
+    restart_delay: float = option(
+        0.0, seconds(), "seconds to wait before each restart", restarts=False
+    )
+    max_restarts: int | None = option(
+        None,
+        integer(0),
+        "restarts after which the daemon is failed (none: no limit)",
+        restarts=False,
+    )
+    restart_on: str | None = option(
+        None, choice(RESTART_ON), "systemd's Restart=: which exits restart", restarts=False
+    )
 
     def __init__(
         self,
@@ -138,18 +196,50 @@ class Exec(_ChildBase):
         description: str = "",
         start_timeout: float = 30.0,
         backoff: Backoff | None = None,
+        options: ExecOptions | None = None,
         fields: Mapping[str, Any] | None = None,
         **more_fields: Any,
     ) -> None:
-        # `fields` lets dataclasses.replace() rebuild an Exec; users pass keywords
+        # `options` (and the policy keywords) let dataclasses.replace() rebuild an
+        # Exec; `fields` is the older spelling of the keywords. Users pass keywords.
         _set(self, name=name, executable=executable, restart=restart, shutdown=shutdown)
         _set(self, requires=tuple(requires), after=tuple(after), description=description)
-        _set(
-            self,
-            start_timeout=start_timeout,
-            backoff=backoff,
-            fields={**(fields or {}), **more_fields},
-        )
+        _set(self, start_timeout=start_timeout, backoff=backoff)
+        try:
+            values = check_fields(EXEC_FIELDS, {**(fields or {}), **more_fields})
+        except UnknownField as exc:
+            known = (*EXEC_FIELDS, *EXEC_SPEC_KEYS)
+            unknown = UnknownField.among(str(exc.key), known, "executable field")
+            raise SpecError(name, unknown.key, unknown.expected) from None
+        except InvalidField as exc:
+            raise SpecError(name, exc.key, exc.expected, exc.got) from None
+        given = {k: v for k, v in values.items() if k in EXEC_OPTIONS}
+        if options is None:
+            options = ExecOptions(**given) if given else _NO_OPTIONS
+        elif given:
+            options = dataclasses.replace(options, **given)
+        _set(self, options=options)
+        for key, spec in RESTART_POLICY.items():
+            _set(self, **{key: values.get(key, spec.default)})
+
+    @property
+    def fields(self) -> Mapping[str, Any]:
+        """The fields set to other than their defaults, by name (normalised values).
+
+        Example: ``Exec("x", "/bin/true", umask="027").fields == {"umask": 0o27}``.
+        """
+        policy = {
+            key: getattr(self, key)
+            for key, spec in RESTART_POLICY.items()
+            if getattr(self, key) != spec.default
+        }
+        return FrozenDict({**self.options.changed_fields(), **policy})
+
+
+#: The restart policy's fields (attributes of :class:`Exec`), by name.
+RESTART_POLICY: Mapping[str, FieldSpec] = FrozenDict(field_table(Exec))
+#: Every field of an executable: its process options, then its restart policy.
+EXEC_FIELDS: Mapping[str, FieldSpec] = FrozenDict({**EXEC_OPTIONS, **RESTART_POLICY})
 
 
 @dataclass(frozen=True, eq=True)
@@ -230,6 +320,8 @@ def resolve_actor_class(ref: Any) -> type:
 def _check_common(path: str, spec: AnySpec) -> None:
     if not isinstance(spec.name, str) or not NAME_RE.fullmatch(spec.name):
         raise SpecError(path, "name", NAME_RULE, spec.name)
+    if not isinstance(spec.description, str):
+        raise SpecError(path, "description", "a string", spec.description)
     if spec.restart not in RESTART_TYPES:
         raise SpecError(path, "restart", "one of " + ", ".join(RESTART_TYPES), spec.restart)
     sd = spec.shutdown
@@ -310,6 +402,8 @@ def validate_child(path: str, spec: AnySpec) -> None:
         _check_common(path, spec)
         if not isinstance(spec.executable, str) or not spec.executable:
             raise SpecError(path, "executable", "a path to an executable", spec.executable)
+        if not (_number(spec.start_timeout) and spec.start_timeout > 0):
+            raise SpecError(path, "start_timeout", "seconds > 0", spec.start_timeout)
         return
     raise SpecError(path, None, "an ikos.Child, ikos.Exec or ikos.Supervisor", type(spec).__name__)
 

@@ -1,0 +1,3 @@
+"""The version of ikos, kept apart so that any layer can read it without the facade."""
+
+__version__ = "0.1.0"
