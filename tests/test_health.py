@@ -328,6 +328,9 @@ def test_from_mapping_builds_every_kind() -> None:
         ({"kind": "tcp", "target": "h:1", "healthy_threshold": 0}, "healthy_threshold"),
         ({"kind": "tcp", "target": "h:1", "unhealthy_threshold": 1.5}, "unhealthy_threshold"),
         ({"kind": "tcp", "target": "h:1", "on_failure": "panic"}, "on_failure"),
+        ({"kind": "tcp", "target": "h:1", "start_period": -1}, "start_period"),
+        ({"kind": "tcp", "target": "h:1", "start_period": "30s"}, "start_period"),
+        ({"kind": "tcp", "target": "h:1", "start_period": float("inf")}, "start_period"),
     ],
 )
 def test_from_mapping_refuses_bad_entries_naming_table_and_key(
@@ -577,3 +580,111 @@ def test_run_without_checks_returns() -> None:
 
 def test_probe_result_is_a_value() -> None:
     assert ProbeResult(True, "", 0.0) == ProbeResult(True, "", 0.0)
+
+
+# -- the start period of a new incarnation -------------------------------------------
+
+
+class Clock:
+    """Monotonic seconds that move only when the test says so."""
+
+    def __init__(self) -> None:
+        self.now = 50.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_start_period_is_read_and_defaults_to_zero() -> None:
+    assert HealthCheck("tcp", "h:1").start_period == 0
+    check = HealthCheck.from_mapping("web", {"kind": "tcp", "target": "h:1", "start_period": 30})
+    assert check.start_period == 30.0 and isinstance(check.start_period, float)
+
+
+def test_failures_in_the_start_period_do_not_count() -> None:
+    clock, switch = Clock(), Switch()
+    check = HealthCheck("method", "healthy", unhealthy_threshold=2, start_period=10)
+    monitor = HealthMonitor("web", [check], call_method=switch, clock=clock)
+    switch.ok = False
+
+    async def main() -> list[tuple[str, int]]:
+        seen = []
+        for now in (50.0, 55.0, 59.9, 60.0, 61.0):  # the period ends at 60
+            clock.now = now
+            snap = await monitor.run_once()
+            seen.append((snap.status, snap.checks[0].state.failures))
+        return seen
+
+    assert asyncio.run(main()) == [
+        ("unknown", 0),
+        ("unknown", 0),
+        ("unknown", 0),
+        ("unknown", 1),
+        ("critical", 2),
+    ]
+    last = monitor.snapshot().checks[0].last
+    assert last is not None and "unhealthy" in last.output  # shown even while not counted
+
+
+def test_a_pass_ends_the_start_period_early() -> None:
+    clock, switch = Clock(), Switch()
+    check = HealthCheck("method", "healthy", unhealthy_threshold=2, start_period=300)
+    monitor = HealthMonitor("web", [check], call_method=switch, clock=clock)
+
+    async def main() -> list[str]:
+        seen = []
+        for ok in (False, True, False, False):
+            switch.ok = ok
+            seen.append((await monitor.run_once()).status)
+        return seen
+
+    assert monitor.in_start_period(0)
+    assert asyncio.run(main()) == ["unknown", "passing", "warning", "critical"]
+    assert not monitor.in_start_period(0)  # over for good, though 300 s have not passed
+
+
+def test_without_a_start_period_failures_count_at_once() -> None:
+    switch = Switch()
+    switch.ok = False
+    monitor = HealthMonitor(
+        "web", [HealthCheck("method", "healthy", unhealthy_threshold=1)], call_method=switch
+    )
+    assert not monitor.in_start_period(0)
+    assert asyncio.run(monitor.run_once()).status == "critical"
+
+
+def test_each_check_has_its_own_start_period() -> None:
+    clock = Clock()
+    quick = HealthCheck("exec", ("false",), unhealthy_threshold=1)
+    slow = HealthCheck("exec", ("false",), unhealthy_threshold=1, start_period=5)
+    monitor = HealthMonitor("web", [quick, slow], clock=clock)
+    snap = asyncio.run(monitor.run_once())
+    assert [c.status for c in snap.checks] == ["critical", "unknown"]
+
+
+def test_a_new_monitor_starts_unknown_with_nothing_counted() -> None:
+    """The manager makes one monitor per incarnation: nothing carries over."""
+    monitor = HealthMonitor("web", [HealthCheck("exec", ("true",))])
+    snap = monitor.snapshot()
+    assert snap.status == "unknown"
+    assert [(c.state.passes, c.state.failures, c.last) for c in snap.checks] == [(0, 0, None)]
+
+
+def test_the_configuration_file_gives_a_check_its_start_period(tmp_path: Path) -> None:
+    from ikos.manager._config import read_declarations
+
+    conf = tmp_path / "ikos.toml"
+    conf.write_text(
+        '[executables.web]\nexecutable = "sleep"\n'
+        '[[executables.web.health]]\nkind = "tcp"\ntarget = "127.0.0.1:80"\nstart_period = 15\n'
+        '[executables.bad]\nexecutable = "sleep"\n'
+        '[[executables.bad.health]]\nkind = "tcp"\ntarget = "127.0.0.1:80"\nstart_period = -1\n'
+    )
+    with pytest.raises(ConfigError) as err:
+        read_declarations(conf)
+    assert "[executables.bad.health] key 'start_period': expected a number of seconds >= 0" in (
+        str(err.value)
+    )
+    conf.write_text(conf.read_text().split("[executables.bad]")[0])
+    (check,) = read_declarations(conf).health["web"]
+    assert check.start_period == 15.0

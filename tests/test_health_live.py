@@ -70,10 +70,11 @@ on_failure = "{on_failure}"
 
 
 class Toggle:
-    """A flag shared with a server thread."""
+    """A flag shared with a server thread, and the status it answers when not ok."""
 
-    def __init__(self) -> None:
+    def __init__(self, failing_status: int = 503) -> None:
         self.ok = True
+        self.failing_status = failing_status
 
 
 class TcpListener:
@@ -122,12 +123,12 @@ class TcpListener:
 
 @contextlib.contextmanager
 def http_server(toggle: Toggle) -> Iterator[int]:
-    """A real ``http.server`` answering 200, or 503 when ``toggle.ok`` is false."""
+    """A real ``http.server`` answering 200, or (503) ``toggle.failing_status`` when not ok."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             body = b"ok" if toggle.ok else b"unwell"
-            self.send_response(200 if toggle.ok else 503)
+            self.send_response(200 if toggle.ok else toggle.failing_status)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
@@ -305,6 +306,67 @@ on_failure = "restart"
     assert "health of picky is critical: restarting it" in inst.log_text()
     svc = info(inst, "fragile/svc")
     assert svc.active and svc.pid == inst.pid_of("fragile")
+
+
+GIVING_UP_TREE = """
+import ikos
+
+tree = ikos.Supervisor("root", max_restarts=2, within=60)
+"""
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="needs the registry service to call Node.fail (WorkerNode.fail) instead of "
+    "Manager.restart_node",
+)
+def test_health_restarts_count_against_restart_intensity(ikosd_factory, tmp_path: Path):
+    """Issue 7.12: a health restart is a failure like any other.
+
+    The endpoint starts answering 404. Each health restart counts against the
+    root's intensity (2 in 60 s), so the third makes it give up and ikosd exit
+    1, where an operator-style restart would go on for ever; and the second
+    incarnation, failing from its first probe, is given its start period
+    before its checks count.
+    """
+    starts = tmp_path / "starts"
+    web = Toggle(failing_status=404)
+    with http_server(web) as port:
+        config = f"""
+[ikosd]
+metrics = false
+
+[executables.web]
+executable = "sh"
+args = ["-c", "date +%s.%N >> {starts}; exec sleep 1000"]
+
+[[executables.web.health]]
+kind = "http"
+target = "http://127.0.0.1:{port}/health"
+on_failure = "restart"
+start_period = 1
+{FAST}
+"""
+        inst = ikosd_factory(tree=GIVING_UP_TREE, config=config)
+        wait_for(lambda: health(inst, "web") == "passing", message="web passing")
+        web.ok = False
+
+        def times() -> list[float]:
+            return [float(t) for t in starts.read_text().split()]
+
+        def outcome() -> str | None:
+            if len(times()) > 3:
+                return "restarted a third time"
+            return "exited" if inst.proc.poll() is not None else None
+
+        assert wait_for(outcome, 60, message="ikosd to exit or web to restart") == "exited"
+        assert inst.proc.returncode == 1
+        assert len(times()) == 3
+        _, second, third = times()
+        assert third - second >= 1.0  # the start period of the second incarnation
+        text = inst.log_text()
+        assert "reached max restart intensity (2 in 60 s) after 'web' health check failed" in text
+        assert inst.leftovers() == []
 
 
 @pytest.mark.parametrize(

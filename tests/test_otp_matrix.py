@@ -339,3 +339,83 @@ def test_the_expectation_table_is_otp():
     assert expected("simple_one_for_one", "transient", "normal") == (set(), "removed")
     assert expected("simple_one_for_one", "permanent", "kill") == ({1}, "running")
     assert expected("simple_one_for_one", "permanent", "on_start") == (set(), "removed")
+
+
+SUPERVISORS_TREE = (
+    PROBE
+    + """
+
+KW = {"log": LOG, "fail_dir": FAIL_DIR}
+
+
+def sub(restart):
+    # A child supervisor of the restart type under test, giving up at its second restart.
+    workers = [ikos.Child(f"{w}-{restart}", Probe, kwargs=KW) for w in ("x", "y")]
+    return ikos.Supervisor(
+        f"sub-{restart}", restart=restart, max_restarts=1, within=30, children=workers
+    )
+
+
+tree = ikos.Supervisor(
+    "root",
+    max_restarts=10,
+    within=60,
+    children=[*(sub(restart) for restart in RESTARTS), ikos.Child("z", Probe, kwargs=KW)],
+)
+"""
+)
+
+
+def test_a_child_supervisor_that_gives_up_exits_with_reason_shutdown(ikosd_factory, tmp_path):
+    """OTP: a supervisor reaching its restart intensity exits with reason ``shutdown``.
+
+    For its parent that is a normal exit: a ``transient`` or ``temporary``
+    child supervisor stays down (``failed``, saying why), a ``permanent``
+    one is restarted. One ikosd holds a child supervisor of each restart
+    type (``sub-RESTART`` with workers ``x-RESTART``, ``y-RESTART``, at most
+    1 restart in 30 s) and a worker ``z``; ``x`` is killed twice in each.
+    """
+    log, fail_dir = tmp_path / "starts.log", tmp_path / "fail"
+    fail_dir.mkdir()
+    header = f"RESTARTS = {RESTARTS!r}\nLOG, FAIL_DIR = {str(log)!r}, {str(fail_dir)!r}\n"
+    inst = ikosd_factory(tree=header + SUPERVISORS_TREE, args=["--metrics", "off"])
+
+    def start_pids(name: str, count: int) -> list[int]:
+        return wait_for(
+            lambda: len(p := [pid for pid, _ in starts(log).get(name, [])]) >= count and p,
+            message=f"start #{count} of {name}",
+        )
+
+    with ControlClient(InstancePaths.for_root(inst.root)) as client:
+        for restart in RESTARTS:
+            x = f"x-{restart}"
+            os.kill(start_pids(x, 1)[-1], signal.SIGKILL)  # sub restarts x
+            os.kill(start_pids(x, 2)[-1], signal.SIGKILL)  # the second within 30 s: sub gives up
+        for restart in RESTARTS:
+            wanted = "running" if restart == "permanent" else "failed"
+            wait_for(
+                lambda r=restart, w=wanted: (
+                    (s := client.call("status", {"names": [f"sub-{r}"]}))
+                    and s[0]["state"] == w
+                    and (w == "failed" or s[0]["restarts"] == 1)
+                ),
+                message=f"sub-{restart} to be {wanted}",
+            )
+        client.call("start", {"name": "z"})  # a barrier through root's queue
+        st = {s["name"]: s for s in client.call("list")}
+    counts = {name: len(runs) for name, runs in starts(log).items()}
+    for restart in RESTARTS:
+        sub = st[f"sub-{restart}"]
+        assert sub["last_exit"]["reason"].startswith(
+            f"reached max restart intensity (1 in 30 s) after 'x-{restart}' killed by SIGKILL"
+        ), sub
+        if restart == "permanent":  # restarted by root, with its workers
+            assert (sub["state"], sub["restarts"]) == ("running", 1)
+            assert (counts[f"x-{restart}"], counts[f"y-{restart}"]) == (3, 2)
+        else:  # a normal exit for root: stays down
+            assert (sub["state"], sub["restarts"]) == ("failed", 0)
+            assert (counts[f"x-{restart}"], counts[f"y-{restart}"]) == (2, 1)
+            assert st[f"x-{restart}"]["state"] == "failed"  # its own crash
+            assert st[f"y-{restart}"]["state"] == "stopped"  # stopped by sub as it gave up
+    assert counts["z"] == 1 and st["z"]["restarts"] == 0
+    assert st["root"]["state"] == "running" and inst.proc.poll() is None

@@ -192,7 +192,9 @@ tree = ikos.Supervisor("root", children=[
     assert inst.leftovers() == []
 
 
-def test_ikosctl_stop_holds_a_child_until_ikosctl_start(ikosd_factory, tmp_path):
+def test_ikosctl_stop_holds_a_child_until_ikosctl_start_which_is_no_restart(
+    ikosd_factory, tmp_path
+):
     events = tmp_path / "events"
     inst = ikosd_factory(
         tree=tree_source(
@@ -222,6 +224,10 @@ tree = ikos.Supervisor("root", strategy="one_for_all", max_restarts=10, within=6
     st = inst.ctl("--json", "start", "b", check=True)
     new_b = inst.wait_running_new_pid("b", None)
     assert pids_of(events)["b"] == [first["b"], new_b], st.stdout
+    # An operator's stop and start are not a restart; a's crash restarted a and c.
+    assert {n: inst.status(n)["restarts"] for n in "abc"} == {"a": 1, "b": 0, "c": 1}
+    inst.ctl("restart", "b", check=True)  # nor is an operator's restart
+    assert len(pids_of(events)["b"]) == 3 and inst.status("b")["restarts"] == 0
     assert inst.terminate() == 0
     assert inst.leftovers() == []
 

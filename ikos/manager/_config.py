@@ -106,6 +106,7 @@ _HEALTH_KEYS: Final = (
     "unhealthy_threshold",
     "on_failure",
     "ttl",
+    "start_period",
 )
 _SETTINGS_KEYS: Final = (
     "metrics",

@@ -19,6 +19,19 @@ The state machine is a pure function, kept apart from the probes so that it
 is tested on its own; :class:`HealthMonitor` wires the two together and
 reports changes.
 
+A monitor belongs to one incarnation of a daemon: the manager makes a new
+one each time the daemon becomes ready, so every incarnation starts
+``unknown`` with no passes or failures counted. Each check may give it a
+``start_period`` (Docker's name; Kubernetes' startup probe): failures
+during that many seconds after the monitor started do not count, and the
+first pass ends the period early. The default is 0, as Docker's: ikos
+probes a daemon only once it reported ready, the thresholds already give
+``interval * unhealthy_threshold`` seconds before a check turns
+``critical``, and a restart for health counts against the supervisor's
+restart intensity, so a daemon killed too early shows up as a supervisor
+giving up, not as a silent restart loop; a daemon that says it is ready
+before it serves (``type = "simple"``) sets a ``start_period``.
+
 HTTP is spoken by hand over asyncio streams (one GET, ``Connection:
 close``, status line and headers parsed, a bounded piece of the body kept
 as output) rather than with aiohttp or httpx: a health GET needs a few
@@ -68,6 +81,7 @@ _KEYS = (
     "unhealthy_threshold",
     "on_failure",
     "ttl",
+    "start_period",
 )
 
 
@@ -339,7 +353,9 @@ class HealthCheck:
     it ``passing`` and ``unhealthy_threshold`` consecutive failures
     ``critical``, when ``on_failure`` says whether the manager restarts the
     daemon or only alerts. ``ttl`` (``ttl`` kind only) is the heartbeat's
-    time to live. Invalid values raise :class:`~ikos._errors.ConfigError`.
+    time to live. During the first ``start_period`` seconds of an
+    incarnation failures do not count, until the first pass. Invalid values
+    raise :class:`~ikos._errors.ConfigError`.
 
     Example::
 
@@ -355,6 +371,7 @@ class HealthCheck:
     unhealthy_threshold: int = 3
     on_failure: OnFailure = "alert"
     ttl: float | None = None
+    start_period: float = 0.0
 
     def __post_init__(self) -> None:
         target = _validate_check(
@@ -396,6 +413,7 @@ class HealthCheck:
             unhealthy_threshold=cast(int, values["unhealthy_threshold"]),
             on_failure=cast(OnFailure, values["on_failure"]),
             ttl=None if ttl is None else float(cast(float, ttl)),
+            start_period=float(cast(float, values["start_period"])),
         )
 
     @property
@@ -425,6 +443,7 @@ _DEFAULTS: dict[str, object] = {
     "unhealthy_threshold": 3,
     "on_failure": "alert",
     "ttl": None,
+    "start_period": 0.0,
 }
 
 
@@ -440,6 +459,9 @@ def _validate_check(table: str, v: Mapping[str, object]) -> tuple[str, ...] | st
     for key in ("interval", "timeout"):
         if not _positive(v[key]):
             raise fail(key, "a positive number of seconds")
+    period = v["start_period"]
+    if not (_positive(period) or (_number(period) and period == 0)):
+        raise fail("start_period", "a number of seconds >= 0")
     for key in ("healthy_threshold", "unhealthy_threshold"):
         n = v[key]
         if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= THRESHOLD_MAX:
@@ -490,8 +512,12 @@ def _validate_check(table: str, v: Mapping[str, object]) -> tuple[str, ...] | st
     return None
 
 
+def _number(x: object) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
 def _positive(x: object) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+    return _number(x) and cast(float, x) > 0
 
 
 def _split_host_port(text: object) -> tuple[str, int]:
@@ -604,6 +630,9 @@ class HealthMonitor:
     probes every check once; :meth:`run` probes each at its own interval
     until cancelled, calling ``on_change(service, old, new)`` whenever the
     service's status changes. :meth:`heartbeat` feeds the ``ttl`` checks.
+    One monitor watches one incarnation: it starts ``unknown``, and each
+    check's ``start_period`` runs from its creation on ``clock`` (monotonic
+    seconds).
 
     Example::
 
@@ -619,6 +648,7 @@ class HealthMonitor:
         checks: Sequence[HealthCheck],
         *,
         call_method: MethodCaller | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.service = service
         self.checks: tuple[HealthCheck, ...] = tuple(checks)
@@ -634,6 +664,10 @@ class HealthMonitor:
         self._states = [CheckState() for _ in self.checks]
         self._last: list[ProbeResult | None] = [None for _ in self.checks]
         self._reported: HealthState = "unknown"
+        self._clock = clock
+        self._started = clock()
+        # checks still in their start period: failures do not count yet
+        self._starting = [c.start_period > 0 for c in self.checks]
 
     @property
     def status(self) -> HealthState:
@@ -694,9 +728,21 @@ class HealthMonitor:
                     log.exception("health on_change callback failed for %s", self.service)
             await asyncio.sleep(max(0.0, started + interval - loop.time()))
 
+    def in_start_period(self, index: int) -> bool:
+        """Whether check ``index`` is still in its start period (no pass yet, not over)."""
+        if self._starting[index] and (
+            self._clock() - self._started >= self.checks[index].start_period
+        ):
+            self._starting[index] = False
+        return self._starting[index]
+
     def _record(self, index: int, result: ProbeResult) -> None:
         check = self.checks[index]
         self._last[index] = result
+        if self.in_start_period(index):
+            if not result.ok:
+                return  # a failure in the start period: shown, not counted
+            self._starting[index] = False
         self._states[index] = next_check_state(
             self._states[index], result.ok, check.healthy_threshold, check.unhealthy_threshold
         )

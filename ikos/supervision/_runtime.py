@@ -1,15 +1,30 @@
 """The running supervision tree: OTP supervisors as event-driven objects in the manager.
 
-Each daemon's life is one explicit state machine, in :class:`Node`::
+Each daemon's life, and each supervisor's, is one explicit state machine in
+:class:`Node`. These are all of its transitions, with the events that cause
+them; :data:`TRANSITIONS` is the same table, :meth:`Node.set_state` refuses
+any other pair as a bug (:class:`IllegalTransition`), and a test checks that
+this list, the table and ``docs/architecture.md`` agree::
 
-    stopped --start--> starting --ready--> running --exit--> stopped | failed
-       ^                  |                   |                  |
-       |                  +--start failed-----+                  +--restart--> starting
-       |                                      +--terminate--> stopping --exit--> stopped
-       +-- backoff <-- (restart with a delay) -- stopped
+    stopped  -> starting   start: boot, a restart, an operator's start
+    stopped  -> backoff    a restart after a delay (the child exited with status 0)
+    stopped  -> failed     an executable's max_restarts reached (after an exit 0)
+    failed   -> starting   a restart, an operator's start
+    failed   -> backoff    a restart after a delay
+    backoff  -> starting   the delay is over
+    backoff  -> stopped    terminated while waiting (stop, shutdown, a sibling's restart)
+    starting -> running    ready
+    starting -> stopped    exited with status 0 before ready; terminated before spawned
+    starting -> failed     the start failed; a supervisor gave up while starting
+    starting -> stopping   terminated while starting
+    running  -> stopping   terminated (stop, restart, shutdown) or failed (a health check)
+    running  -> stopped    exited with status 0
+    running  -> failed     crashed; a supervisor reached its restart intensity
+    stopping -> stopped    exited after being terminated
+    stopping -> failed     exited after being failed (a health check)
 
-Every transition goes through :meth:`Node.set_state`, which logs it and
-tells the host (the manager counts it).
+Every transition goes through :meth:`Node.set_state`, which checks it,
+logs it and tells the host (the manager counts it).
 
 Supervisors are not processes here, unlike in OTP: the manager sees every
 exit through pidfds, so a supervisor is an object with its own command
@@ -21,11 +36,29 @@ supervisor. Work propagates through these queues, never by recursion: a
 child that fails to start posts its failure back to its supervisor's
 queue, where it counts against restart intensity like any crash.
 
-One deliberate difference from OTP: a child whose start fails at boot does
+A failure the manager learns of from outside the process (a health check
+gone critical) goes through the same path: :meth:`WorkerNode.fail` stops the
+process as a shutdown would and hands its supervisor an abnormal exit, so
+restart type, strategy, restart intensity and back-off apply as to a crash.
+
+A supervisor that reaches its restart intensity exits, as OTP's does, with
+reason ``shutdown``: it shows ``failed`` (with why), but for its parent the
+exit is normal, so a ``transient`` or ``temporary`` child supervisor is not
+restarted; a ``permanent`` one is, and that restart counts against the
+parent's intensity.
+
+Two deliberate differences from OTP. A child whose start fails at boot does
 not abort its supervisor's start; the failure is handled by the child's
 restart type and the restart intensity, as a crash would be. A daemon
 manager should boot what it can; a child that keeps failing still exhausts
-the intensity and fails the supervisor, as OTP would.
+the intensity and fails the supervisor, as OTP would. And a child stopped
+by an operator stays stopped (``held``) when a ``one_for_all`` or
+``rest_for_one`` restart takes its siblings along, where OTP's
+``terminate_child`` child would be restarted with them: an operator who
+stops a daemon means it to stay down until they start it again.
+
+``restarts`` counts automatic restarts only, as systemd's ``NRestarts``: an
+operator's start or restart is not one.
 """
 
 from __future__ import annotations
@@ -38,7 +71,7 @@ import logging
 import random
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -62,6 +95,46 @@ class State(enum.Enum):
     FAILED = "failed"
 
 
+#: Every legal state transition of a node, with the events that cause it: the
+#: table of the module docstring (a test keeps the two, and the architecture
+#: document, in agreement).
+TRANSITIONS: Mapping[tuple[State, State], str] = {
+    (State.STOPPED, State.STARTING): "start: boot, a restart, an operator's start",
+    (State.STOPPED, State.BACKOFF): "a restart after a delay (the child exited with status 0)",
+    (State.STOPPED, State.FAILED): "an executable's max_restarts reached (after an exit 0)",
+    (State.FAILED, State.STARTING): "a restart, an operator's start",
+    (State.FAILED, State.BACKOFF): "a restart after a delay",
+    (State.BACKOFF, State.STARTING): "the delay is over",
+    (State.BACKOFF, State.STOPPED): (
+        "terminated while waiting (stop, shutdown, a sibling's restart)"
+    ),
+    (State.STARTING, State.RUNNING): "ready",
+    (State.STARTING, State.STOPPED): (
+        "exited with status 0 before ready; terminated before spawned"
+    ),
+    (State.STARTING, State.FAILED): "the start failed; a supervisor gave up while starting",
+    (State.STARTING, State.STOPPING): "terminated while starting",
+    (State.RUNNING, State.STOPPING): (
+        "terminated (stop, restart, shutdown) or failed (a health check)"
+    ),
+    (State.RUNNING, State.STOPPED): "exited with status 0",
+    (State.RUNNING, State.FAILED): "crashed; a supervisor reached its restart intensity",
+    (State.STOPPING, State.STOPPED): "exited after being terminated",
+    (State.STOPPING, State.FAILED): "exited after being failed (a health check)",
+}
+
+
+class IllegalTransition(IkosError):
+    """A node was asked to make a transition the state diagram does not have: a bug of ikos."""
+
+    def __init__(self, name: str, old: str, new: str, why: str) -> None:
+        super().__init__(name, old, new, why)
+        self.name, self.old, self.new, self.why = name, old, new, why
+
+    def __str__(self) -> str:
+        return f"'{self.name}': illegal state transition {self.old} -> {self.new} ({self.why})"
+
+
 @dataclass(frozen=True)
 class ExitReason:
     """Why a child stopped; ``normal`` decides whether a transient child restarts."""
@@ -73,11 +146,18 @@ class ExitReason:
     shutdown: bool = False
     at: float = 0.0
     dead_letters: int = 0  # queued tells the process never handled
+    # Stopped by its supervisor because it failed (a health check): abnormal
+    # whatever status the process exited with after its SIGTERM.
+    failure: bool = False
 
     @property
     def normal(self) -> bool:
-        """Normal exits (status 0, or stopped by its supervisor) do not restart transients."""
-        return self.shutdown or self.code == 0
+        """Normal exits (status 0, or stopped by its supervisor) do not restart transients.
+
+        A child stopped because it failed (:meth:`WorkerNode.fail`) is never a
+        normal exit, even when it answered its SIGTERM with status 0.
+        """
+        return not self.failure and (self.shutdown or self.code == 0)
 
     def to_json(self) -> dict[str, Any]:
         return {"reason": self.reason, "code": self.code, "signal": self.signal, "at": self.at}
@@ -161,7 +241,9 @@ def should_restart_spec(spec: AnySpec, reason: ExitReason) -> bool:
     """The restart decision for any child: OTP's restart type, refined for executables.
 
     An executable may say ``auto_restart = false`` (never) or ``restart_on`` with
-    systemd's ``Restart=`` semantics; both narrow the OTP restart type.
+    systemd's ``Restart=`` semantics; both narrow the OTP restart type. A
+    failure found from outside (a health check, :meth:`WorkerNode.fail`)
+    counts as systemd's watchdog timeout: unclean, whatever the exit status.
     """
     if not isinstance(spec, Exec):
         return should_restart(spec.restart, reason)
@@ -170,8 +252,8 @@ def should_restart_spec(spec: AnySpec, reason: ExitReason) -> bool:
     mode = spec.restart_on
     if mode is None:
         return should_restart(spec.restart, reason)
-    clean = reason.code == 0 or (reason.signal in _CLEAN_SIGNALS)
-    watchdog = reason.reason == "watchdog timeout"
+    clean = not reason.failure and (reason.code == 0 or reason.signal in _CLEAN_SIGNALS)
+    watchdog = reason.failure or reason.reason == "watchdog timeout"
     return {
         "no": False,
         "always": True,
@@ -202,6 +284,9 @@ class Node:
         self.incarnation = 0
         self.held = False  # stopped by an operator: not restarted until started again
         self.backoff = BackoffState()
+        # monotonic seconds for restart intensity and back-off; the whole tree
+        # shares its root's clock, which tests replace to skip time
+        self.clock: Callable[[], float] = parent.clock if parent is not None else time.monotonic
 
     @property
     def name(self) -> str:
@@ -216,9 +301,24 @@ class Node:
         return None
 
     def set_state(self, new: State, why: str = "") -> None:
+        """Move to ``new`` (logged and counted by the host); staying put is a no-op.
+
+        A pair missing from :data:`TRANSITIONS` is a bug in ikos: it is logged
+        at ERROR and raised as :class:`IllegalTransition`, the state unchanged.
+        """
         old = self.state
         if old is new:
             return
+        if (old, new) not in TRANSITIONS:
+            log.error(
+                "%s %s: illegal state transition %s -> %s (%s)",
+                self.kind,
+                self.name,
+                old.value,
+                new.value,
+                why,
+            )
+            raise IllegalTransition(self.name, old.value, new.value, why)
         self.state = new
         self.host.transition(self, old, new, why)
 
@@ -227,6 +327,10 @@ class Node:
 
     async def terminate(self, why: str = "shutdown") -> None:
         raise NotImplementedError
+
+    async def fail(self, reason: str) -> bool:
+        """Fail this node for ``reason``; only a daemon can be (see :meth:`WorkerNode.fail`)."""
+        raise IkosError(f"'{self.name}' is a {self.kind}: only a daemon can be failed")
 
     def status(self) -> dict[str, Any]:
         now = time.time()
@@ -279,6 +383,10 @@ class WorkerNode(Node):
         """Spawn and wait for readiness; raise :class:`StartFailed` otherwise."""
         if self.alive:
             return
+        if self.state is State.RUNNING and self.handle is not None:
+            # The process is gone but the loop has not run our exit callback yet:
+            # record that exit first (the restart it posts will be stale).
+            self._exited(self.incarnation, self.handle.exited)
         self.incarnation += 1
         inc = self.incarnation
         self.set_state(State.STARTING, "starting")
@@ -299,7 +407,7 @@ class WorkerNode(Node):
         )
         if handle.ready in done and not handle.exited.done():
             self.started_at = time.time()
-            self.backoff = self.backoff.started(time.monotonic())
+            self.backoff = self.backoff.started(self.clock())
             self.set_state(State.RUNNING, f"ready (pid {handle.pid})")
             handle.exited.add_done_callback(functools.partial(self._exited, inc))
             return
@@ -336,12 +444,46 @@ class WorkerNode(Node):
 
     async def terminate(self, why: str = "shutdown") -> None:
         """OTP's shutdown: SIGTERM, wait the shutdown timeout, then SIGKILL."""
+        reason = await self._halt(why)
+        if reason is not None:
+            self.last_exit = replace(reason, shutdown=True)
+            self.set_state(State.STOPPED, f"{why}: {reason.reason}")
+
+    async def fail(self, reason: str) -> bool:
+        """Fail this daemon for ``reason``, as if it had crashed; False if it was not running.
+
+        For failures found from outside the process, such as a health check
+        gone critical (``reason`` then reads ``"health check failed: ..."``).
+        Runs :meth:`SupervisorNode.fail_child` through the parent's command
+        queue (so never call it from a command of that queue) and returns once
+        the parent has applied restart type, strategy, restart intensity and
+        back-off. Only the incarnation running now is failed: if it has been
+        replaced by the time the command runs, nothing happens.
+        """
+        parent = self.parent
+        if parent is None:
+            raise IkosError(f"'{self.name}' has no supervisor to fail to")
+        inc = self.incarnation
+        return bool(await parent.call(functools.partial(parent.fail_child, self, inc, reason)))
+
+    async def _stop_failed(self, reason: str) -> ExitReason:
+        """Stop the process as a shutdown does, but record the exit as the failure ``reason``."""
+        stopped = await self._halt(reason)
+        failed = replace(
+            stopped or ExitReason(reason, at=time.time()), reason=reason, detail="", failure=True
+        )
+        self.last_exit = failed
+        self.set_state(State.FAILED, f"{reason}: {stopped.reason if stopped else 'not running'}")
+        return failed
+
+    async def _halt(self, why: str) -> ExitReason | None:
+        """Stop the process: signal, wait, kill; its exit, or None if none was running."""
         handle = self.handle
         if handle is None or not handle.alive:
             self.handle = None
             if self.state in (State.BACKOFF, State.STARTING, State.RUNNING):
                 self.set_state(State.STOPPED, why)
-            return
+            return None
         self.set_state(State.STOPPING, why)
         shutdown = self.spec.shutdown
         if shutdown == "brutal_kill":
@@ -360,9 +502,7 @@ class WorkerNode(Node):
         status = await handle.exited
         self.handle = None
         self.started_at = None
-        reason = ExitReason.from_process(status, handle.exit_event())
-        self.last_exit = replace(reason, shutdown=True)
-        self.set_state(State.STOPPED, f"{why}: {reason.reason}")
+        return ExitReason.from_process(status, handle.exit_event())
 
 
 def _fixed_delay(spec: AnySpec) -> Backoff | None:
@@ -392,8 +532,12 @@ class SupervisorNode(Node):
         host: Host,
         order: Callable[[Supervisor], list[str]] | None = None,
         waves: Callable[[Supervisor], list[list[str]]] | None = None,
+        *,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         super().__init__(spec, parent, host)
+        if clock is not None:
+            self.clock = clock
         self.spec: Supervisor = spec
         self.order = order or (lambda s: [c.name for c in s.children])
         self.waves = waves
@@ -403,7 +547,7 @@ class SupervisorNode(Node):
         self.intensity = RestartIntensity(spec.max_restarts, spec.within)
         self.queue: asyncio.Queue[tuple[Command, asyncio.Future[Any] | None]] = asyncio.Queue()
         self.task: asyncio.Task[None] | None = None
-        self.timers: set[asyncio.TimerHandle] = set()
+        self.timers: dict[Node, asyncio.TimerHandle] = {}  # pending back-off restarts
         self._build_children()
 
     def _build_children(self) -> None:
@@ -462,9 +606,7 @@ class SupervisorNode(Node):
 
     def close(self) -> None:
         """Cancel this supervisor's task and timers, and its descendants' (final teardown)."""
-        for t in self.timers:
-            t.cancel()
-        self.timers.clear()
+        self._cancel_timers()
         for child in self.children:
             if isinstance(child, SupervisorNode):
                 child.close()
@@ -559,10 +701,14 @@ class SupervisorNode(Node):
             c.alive or c.state is State.BACKOFF for c in self.children
         ):
             return
-        self.set_state(State.STOPPING, why)
+        if self.state in (State.STARTING, State.RUNNING):
+            self.set_state(State.STOPPING, why)
+        # A stopped or failed supervisor may still have children an operator
+        # started one by one: stop them, and let the supervisor keep its state.
         await self._terminate_children(why)
         self.started_at = None
-        self.set_state(State.STOPPED, why)
+        if self.state in (State.STOPPING, State.BACKOFF):
+            self.set_state(State.STOPPED, why)
 
     async def _terminate_children(self, why: str) -> None:
         for child in reversed(self.children):
@@ -571,10 +717,12 @@ class SupervisorNode(Node):
             if isinstance(child, WorkerNode):
                 self.host.retire(child)
 
-    def _cancel_timers(self) -> None:
-        for t in self.timers:
-            t.cancel()
-        self.timers.clear()
+    def _cancel_timers(self, child: Node | None = None) -> None:
+        """Cancel the pending back-off restart of ``child``, or every one."""
+        for key in list(self.timers) if child is None else [child]:
+            timer = self.timers.pop(key, None)
+            if timer is not None:
+                timer.cancel()
 
     async def child_exited(self, child: Node, inc: int, reason: ExitReason) -> None:
         """A child died (or failed to start): apply restart type, intensity and strategy."""
@@ -602,31 +750,30 @@ class SupervisorNode(Node):
             if self.template is not None:
                 self._remove(child)
             return
-        self.intensity, allowed = self.intensity.add(time.monotonic())
+        self.intensity, allowed = self.intensity.add(self.clock())
         if not allowed:
             await self._give_up(child, reason)
             return
         group = self._restart_group(child)
         for other in reversed(group):
             if other is not child and (other.alive or other.state is State.BACKOFF):
+                self._cancel_timers(other)
                 await other.terminate(f"restarting with {child.name} ({self.spec.strategy})")
         backoff = child.spec.backoff or self.spec.backoff or _fixed_delay(child.spec)
         if backoff is not None:
-            child.backoff, delay = child.backoff.next_delay(
-                backoff, time.monotonic(), random.random()
-            )
+            child.backoff, delay = child.backoff.next_delay(backoff, self.clock(), random.random())
             if delay > 0:
                 child.set_state(State.BACKOFF, f"restarting in {delay:.3f} s")
                 loop = asyncio.get_running_loop()
                 timer: asyncio.TimerHandle | None = None
 
                 def due() -> None:
-                    if timer is not None:
-                        self.timers.discard(timer)
+                    if self.timers.get(child) is timer:
+                        del self.timers[child]
                     self.post(functools.partial(self._restart_due, group, child, inc))
 
                 timer = loop.call_later(delay, due)
-                self.timers.add(timer)
+                self.timers[child] = timer
                 return
         await self._start_group(group, child)
 
@@ -665,7 +812,9 @@ class SupervisorNode(Node):
         log.error("supervisor %s: %s: stopping its children", self.name, why)
         self._cancel_timers()
         await self._terminate_children("supervisor giving up")
-        self.last_exit = ExitReason(why, at=time.time())
+        # OTP's supervisor exits with reason `shutdown` here: a normal exit for
+        # its parent, which restarts it only if it is permanent.
+        self.last_exit = ExitReason(why, at=time.time(), shutdown=True)
         self.started_at = None
         self.set_state(State.FAILED, why)
         parent = self.parent
@@ -679,26 +828,45 @@ class SupervisorNode(Node):
     # -- operator requests (run through the queue of the node's parent) ----
 
     async def stop_child(self, node: Node) -> None:
+        """An operator's stop: the child stays down (``held``) until started again."""
         node.held = True
+        self._cancel_timers(node)
         await node.terminate("stopped by request")
         if isinstance(node, WorkerNode):
             self.host.retire(node)
 
     async def start_child(self, node: Node) -> None:
+        """An operator's start: not a restart, so ``restarts`` stays as it is."""
         node.held = False
+        self._cancel_timers(node)
         if node.alive:
             return
-        if isinstance(node, SupervisorNode):
-            await node.start()
-        else:
-            node.restarts += 1 if node.incarnation else 0
-            await node.start()
+        await node.start()
 
     async def restart_child(self, node: Node) -> None:
+        """An operator's restart: not counted in ``restarts`` (systemd's NRestarts neither)."""
+        self._cancel_timers(node)
         await node.terminate("restart requested")
         node.held = False
-        node.restarts += 1
         await node.start()
+
+    async def fail_child(self, child: WorkerNode, inc: int, reason: str) -> bool:
+        """Fail a running child for ``reason``: stop it, then handle its exit as a crash's.
+
+        The child is stopped as OTP's shutdown does (its stop signal, its
+        ``shutdown`` timeout, SIGKILL) and its exit is abnormal whatever its
+        status, so ``child_exited`` applies restart type, strategy, restart
+        intensity and back-off as to any crash. Nothing happens (False) when
+        ``inc`` is no longer the running incarnation of the child.
+        """
+        if child not in self.children or child.incarnation != inc:
+            return False
+        if child.state is not State.RUNNING:
+            return False
+        log.warning("%s: %s: stopping it as failed", child.name, reason)
+        failed = await child._stop_failed(reason)
+        await self.child_exited(child, inc, failed)
+        return True
 
     async def add_dynamic(self, args: tuple[Any, ...]) -> Node:
         """simple_one_for_one: start one more instance of the template with extra args."""
@@ -729,6 +897,7 @@ class SupervisorNode(Node):
 
     async def remove_child(self, node: Node) -> None:
         """Stop a child and drop it from the tree (dynamic children, reloads)."""
+        self._cancel_timers(node)
         if node.alive or node.state is State.BACKOFF:
             await node.terminate("removed")
         if isinstance(node, WorkerNode):
