@@ -23,6 +23,10 @@ defined next to the code that raises them name their module in brackets
     ├── AuthenticationError        a peer failed the HMAC challenge
     ├── SpawnError                 a process could not be started (daemon, field, reason)
     ├── StartFailed                a child did not start: its exit reason [supervision._runtime]
+    ├── IllegalTransition          a state change the state diagram forbids (a bug)
+    │                              [supervision._runtime]
+    ├── DatabaseUnavailable        a store cannot be opened or written (permissions, disk)
+    │                              [platform._database]
     ├── PidFileError               a PID file is unreadable or names the wrong process
     │   │                          [platform._pidfile]
     │   └── PidFileLocked          another live holder owns the PID file [platform._pidfile]

@@ -303,7 +303,7 @@ on_failure = "restart"
     assert ikos.ActorRef("picky", root=inst.root).ask("sick", timeout=10) == old_actor
     inst.wait_running_new_pid("picky", old_actor)
     wait_for(lambda: health(inst, "picky") == "passing")
-    assert "health of picky is critical: restarting it" in inst.log_text()
+    assert "health of picky is critical: failing it for its supervisor" in inst.log_text()
     svc = info(inst, "fragile/svc")
     assert svc.active and svc.pid == inst.pid_of("fragile")
 
@@ -315,11 +315,6 @@ tree = ikos.Supervisor("root", max_restarts=2, within=60)
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs the registry service to call Node.fail (WorkerNode.fail) instead of "
-    "Manager.restart_node",
-)
 def test_health_restarts_count_against_restart_intensity(ikosd_factory, tmp_path: Path):
     """Issue 7.12: a health restart is a failure like any other.
 

@@ -70,12 +70,10 @@ class TreeOperations:
     async def fail(self, name: str, reason: str) -> None:
         """Stop a running worker as a failure, for its supervisor to handle like a crash."""
         node = self.m.node(name)
-        if not isinstance(node, WorkerNode):
+        if isinstance(node, WorkerNode) and node.alive:
+            await node.fail(reason)
+        elif not isinstance(node, WorkerNode):
             raise ManagerError(f"'{name}' is a supervisor: only workers can be failed")
-        parent = node.parent
-        if parent is None or not node.alive:
-            return
-        await parent.call(functools.partial(parent.fail_child, node, reason))
 
     def kill(self, name: str, sig: int) -> dict[str, Any]:
         """Send ``sig`` to the daemon (every worker of a supervisor's subtree)."""
