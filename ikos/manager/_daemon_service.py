@@ -45,7 +45,6 @@ import dataclasses
 import json
 import logging
 import re
-import sqlite3
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -62,6 +61,7 @@ from ikos._errors import (
 )
 from ikos.manager._control_server import BadRequest, Request
 from ikos.manager._extension import Extension, ExtensionHost, NodeView, Operations, TreeView
+from ikos.platform._database import close_quietly, open_database, write_durably
 from ikos.platform._exec_options import EXEC_OPTIONS
 from ikos.platform._fields import json_value
 from ikos.platform._spawn import build_exec_plan
@@ -106,6 +106,9 @@ CREATE TABLE IF NOT EXISTS changed (
     changes TEXT NOT NULL,
     updated_at REAL NOT NULL
 );
+"""
+META_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 
@@ -270,17 +273,118 @@ def start_error(name: str, exc: StartFailed) -> SpawnError:
 
 
 class DaemonStore:
-    """``daemons.db``: created daemons' configurations, changes to configured ones."""
+    """``daemons.db``: created daemons' configurations, changes to configured ones.
+
+    Each change is committed (``synchronous=FULL``: it survives a power cut)
+    before the request that made it is answered, and the whole table is then
+    mirrored to ``daemons.json`` (written aside, synced, renamed), both
+    stamped with a generation number. A ``daemons.db`` that is damaged, or
+    older than its mirror (truncated, replaced by an old copy), is restored
+    from the mirror, and :attr:`problem` says what happened, for ikosd to log:
+    a created daemon is never silently forgotten.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.executescript(SCHEMA)
+        self.mirror = path.with_suffix(".json")
+        self.db, damage = open_database(path, SCHEMA + META_SCHEMA, synchronous="FULL")
+        #: What was wrong with the files when they were opened, and what was done.
+        self.problem: str | None = None
+        self.generation = self._generation()
+        mirrored, mirror_problem = self._read_mirror()
+        if mirrored is not None and (damage or mirrored["generation"] > self.generation):
+            self._restore(mirrored)
+            self.problem = (
+                f"{damage or f'{path} is older than its mirror (it was truncated or replaced)'}; "
+                f"restored {len(mirrored['created'])} created daemons and "
+                f"{len(mirrored['changed'])} changes from {self.mirror.name}"
+            )
+        elif damage:
+            self.problem = (
+                f"{damage}; no usable {self.mirror.name} either ({mirror_problem}): the daemons "
+                "created at run time and the changes made to configured ones are lost"
+            )
+        elif mirror_problem and (self.generation or self.created() or self.changed()):
+            self.problem = f"{self.mirror.name} {mirror_problem}: written again from {path.name}"
+            self._write_mirror()
 
     def close(self) -> None:
-        self.db.close()
+        close_quietly(self.db)
+
+    def _generation(self) -> int:
+        row = self.db.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
+        return int(row[0]) if row else 0
+
+    def _read_mirror(self) -> tuple[dict[str, Any] | None, str | None]:
+        try:
+            data = json.loads(self.mirror.read_text())
+        except FileNotFoundError:
+            return None, "is missing"
+        except (OSError, ValueError) as exc:
+            return None, f"is unreadable ({exc})"
+        if (
+            not isinstance(data, dict)
+            or not isinstance(data.get("generation"), int)
+            or not isinstance(data.get("created"), list)
+            or not isinstance(data.get("changed"), dict)
+            or not all(
+                isinstance(e, dict) and isinstance(e.get("name"), str) for e in data["created"]
+            )
+        ):
+            return None, "is not a mirror of daemons.db"
+        return data, None
+
+    def _restore(self, mirrored: dict[str, Any]) -> None:
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        db.execute("DELETE FROM created")
+        db.execute("DELETE FROM changed")
+        now = time.time()
+        for entry in mirrored["created"]:
+            db.execute(
+                "INSERT INTO created (name, config, created_at, updated_at) VALUES (?, ?, ?, ?)",
+                (entry["name"], json.dumps(entry.get("config", {}), sort_keys=True), now, now),
+            )
+        for name, changes in mirrored["changed"].items():
+            db.execute(
+                "INSERT INTO changed (name, changes, updated_at) VALUES (?, ?, ?)",
+                (str(name), json.dumps(changes, sort_keys=True), now),
+            )
+        self._set_generation(int(mirrored["generation"]))
+        db.execute("COMMIT")
+
+    def _set_generation(self, generation: int) -> None:
+        self.generation = generation
+        self.db.execute(
+            "INSERT INTO meta (key, value) VALUES ('generation', ?) "
+            "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            (str(generation),),
+        )
+
+    def _write_mirror(self) -> None:
+        document = {
+            "generation": self.generation,
+            "created": [{"name": n, "config": c} for n, c in self.created().items()],
+            "changed": self.changed(),
+        }
+        write_durably(self.mirror, json.dumps(document, sort_keys=True, indent=1))
+
+    def _change(self, sql: str, params: tuple[Any, ...]) -> None:
+        """One change: committed with a new generation, then mirrored."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self.db.execute(sql, params)
+            self._set_generation(self.generation + 1)
+            self.db.execute("COMMIT")
+        except BaseException:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            self.generation = self._generation()
+            raise
+        try:
+            self._write_mirror()
+        except OSError as exc:
+            log.error("cannot write %s: %s (daemons.db has the change)", self.mirror, exc)
 
     def _rows(self, sql: str) -> dict[str, dict[str, Any]]:
         out: dict[str, dict[str, Any]] = {}
@@ -305,7 +409,7 @@ class DaemonStore:
 
     def put_created(self, name: str, config: Mapping[str, Any]) -> None:
         now = time.time()
-        self.db.execute(
+        self._change(
             "INSERT INTO created (name, config, created_at, updated_at) VALUES (?, ?, ?, ?) "
             "ON CONFLICT(name) DO UPDATE SET config = excluded.config, "
             "updated_at = excluded.updated_at",
@@ -313,10 +417,10 @@ class DaemonStore:
         )
 
     def delete_created(self, name: str) -> None:
-        self.db.execute("DELETE FROM created WHERE name = ?", (name,))
+        self._change("DELETE FROM created WHERE name = ?", (name,))
 
     def put_changes(self, name: str, changes: Mapping[str, Any]) -> None:
-        self.db.execute(
+        self._change(
             "INSERT INTO changed (name, changes, updated_at) VALUES (?, ?, ?) "
             "ON CONFLICT(name) DO UPDATE SET changes = excluded.changes, "
             "updated_at = excluded.updated_at",
@@ -324,7 +428,7 @@ class DaemonStore:
         )
 
     def delete_changes(self, name: str) -> None:
-        self.db.execute("DELETE FROM changed WHERE name = ?", (name,))
+        self._change("DELETE FROM changed WHERE name = ?", (name,))
 
 
 # --- the service -------------------------------------------------------------------------
@@ -364,6 +468,8 @@ class DaemonService(Extension):
     async def start(self, host: ExtensionHost) -> None:
         self._view, self._ops = host.view, host.ops
         self.store = DaemonStore(host.view.paths.state_dir / DB_NAME)
+        if self.store.problem:
+            log.error("%s", self.store.problem)
         self.created = self.store.created()
         self.changes = self.store.changed()
         verbs = host.verbs

@@ -220,6 +220,8 @@ class RegistryService(Extension):
         self._view, self._ops = host.view, host.ops
         self._loop = asyncio.get_running_loop()
         store = self.store = RegistryStore(host.view.paths.state_dir / DB_NAME)
+        if store.damage:
+            log.error("registry: %s", store.damage)
         dead = store.reconcile_dead_owners()
         if dead:
             log.info(

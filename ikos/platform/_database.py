@@ -43,7 +43,8 @@ class DatabaseUnavailable(IkosError):
         return f"cannot use {self.path}: {self.reason}"
 
 
-def _damaged(exc: sqlite3.Error) -> bool:
+def is_damage(exc: sqlite3.Error) -> bool:
+    """Whether SQLite's error says the file is damaged (rather than unreachable)."""
     code = getattr(exc, "sqlite_errorcode", None)
     if code is not None:
         return (code & 0xFF) in _DAMAGE_CODES
@@ -108,7 +109,7 @@ def open_database(
     try:
         return _connect(path, schema, synchronous), None
     except sqlite3.Error as exc:
-        if not _damaged(exc):
+        if not is_damage(exc):
             raise DatabaseUnavailable(str(path), _reason(exc)) from None
         damage = str(exc)
     except OSError as exc:
@@ -125,3 +126,24 @@ def close_quietly(db: sqlite3.Connection) -> None:
     """Close ``db``, whatever state it is in."""
     with contextlib.suppress(sqlite3.Error):
         db.close()
+
+
+def write_durably(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` so that a crash leaves the old or the new file, whole."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    dirfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dirfd)
+    finally:
+        os.close(dirfd)

@@ -47,6 +47,7 @@ from typing import Any, Literal, TypeAlias
 import psutil
 
 from ikos._errors import IkosError
+from ikos.platform._database import is_damage, move_aside
 from ikos.registry._graph import DependencyCycle
 from ikos.registry._service import (
     HEALTH_STATES,
@@ -191,27 +192,46 @@ class RegistryStore:
         self.max_services = max_services
         self._listeners: builtins.list[Listener] = []
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        # isolation_level=None: transactions are begun and ended here, explicitly.
-        self._conn = sqlite3.connect(str(self.path), isolation_level=None, timeout=5.0)
+        #: Set when the file was damaged and replaced by an empty registry (say so).
+        self.damage: str | None = None
         try:
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=NORMAL")
-            version = self._conn.execute("PRAGMA user_version").fetchone()[0]
+            self._conn = self._open()
+        except sqlite3.DatabaseError as exc:
+            if not is_damage(exc):
+                raise
+            moved = move_aside(self.path)
+            self.damage = (
+                f"{self.path} was damaged ({exc}): moved to {moved.name}; the registry starts "
+                "empty (services declared in the configuration register again as their "
+                "daemons start; others must register again)"
+            )
+            self._conn = self._open()
+
+    def _open(self) -> sqlite3.Connection:
+        # isolation_level=None: transactions are begun and ended here, explicitly.
+        conn = sqlite3.connect(str(self.path), isolation_level=None, timeout=5.0)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            if conn.execute("PRAGMA quick_check").fetchall() != [("ok",)]:
+                raise sqlite3.DatabaseError("database disk image is malformed")
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise IkosError(
                     f"{self.path}: registry schema version {version} is newer than"
                     f" this ikos understands ({SCHEMA_VERSION})"
                 )
             # Not executescript(), which commits first: the schema goes in one transaction.
-            self._conn.execute("BEGIN")
+            conn.execute("BEGIN")
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
-                    self._conn.execute(statement)
-            self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            self._conn.execute("COMMIT")
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            conn.execute("COMMIT")
         except BaseException:
-            self._conn.close()
+            conn.close()
             raise
+        return conn
 
     # -- transactions -------------------------------------------------------
 
