@@ -77,18 +77,29 @@ class BackoffState:
     count: int = 0
     last_start: float | None = None
 
-    def next_delay(self, spec: Backoff, now: float, u: float) -> tuple[BackoffState, float]:
+    def next_delay(
+        self, spec: Backoff, now: float, u: float, *, first_free: bool = False
+    ) -> tuple[BackoffState, float]:
         """The child stopped at ``now``: return the new state and the delay before restarting.
 
         If the child had run for at least ``spec.reset_period`` seconds since
         its last start, the count first returns to 0 (Akka's automatic
         reset). The returned state has the count incremented and no start
-        time, until :meth:`started` is called again.
+        time, until :meth:`started` is called again. With ``first_free`` the
+        first restart of a series waits nothing and the series is shifted by
+        one: only a child that fails again soon after waits.
         """
         count = self.count
         if self.last_start is not None and now - self.last_start >= spec.reset_period:
             count = 0
-        delay = backoff_delay(count, spec.min, spec.max, spec.random_factor, u)
+        if first_free:
+            delay = (
+                0.0
+                if count == 0
+                else backoff_delay(count - 1, spec.min, spec.max, spec.random_factor, u)
+            )
+        else:
+            delay = backoff_delay(count, spec.min, spec.max, spec.random_factor, u)
         return BackoffState(count + 1, None), delay
 
     def started(self, now: float) -> BackoffState:

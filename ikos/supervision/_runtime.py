@@ -505,6 +505,14 @@ class WorkerNode(Node):
         return ExitReason.from_process(status, handle.exit_event())
 
 
+#: The spacing of restarts of an executable that sets no back-off and no
+#: ``restart_delay``: the first restart of a series is immediate, then each one
+#: that follows a run shorter than a second waits 0.1 s, 0.2 s, 0.4 s... up to
+#: 5 s. An executable whose exec keeps failing would otherwise be restarted as
+#: fast as the machine forks (systemd waits RestartSec=100ms every time).
+EXEC_RESTART_SPACING = Backoff(min=0.1, max=5.0, random_factor=0.0, reset_after=1.0)
+
+
 def _fixed_delay(spec: AnySpec) -> Backoff | None:
     """An executable's ``restart_delay`` as a constant back-off (min = max, no jitter)."""
     if not isinstance(spec, Exec):
@@ -760,8 +768,13 @@ class SupervisorNode(Node):
                 self._cancel_timers(other)
                 await other.terminate(f"restarting with {child.name} ({self.spec.strategy})")
         backoff = child.spec.backoff or self.spec.backoff or _fixed_delay(child.spec)
+        first_free = False
+        if backoff is None and isinstance(child.spec, Exec):
+            backoff, first_free = EXEC_RESTART_SPACING, True
         if backoff is not None:
-            child.backoff, delay = child.backoff.next_delay(backoff, self.clock(), random.random())
+            child.backoff, delay = child.backoff.next_delay(
+                backoff, self.clock(), random.random(), first_free=first_free
+            )
             if delay > 0:
                 child.set_state(State.BACKOFF, f"restarting in {delay:.3f} s")
                 loop = asyncio.get_running_loop()
@@ -841,14 +854,28 @@ class SupervisorNode(Node):
         self._cancel_timers(node)
         if node.alive:
             return
-        await node.start()
+        await self._operator_start(node)
 
     async def restart_child(self, node: Node) -> None:
         """An operator's restart: not counted in ``restarts`` (systemd's NRestarts neither)."""
         self._cancel_timers(node)
         await node.terminate("restart requested")
         node.held = False
-        await node.start()
+        await self._operator_start(node)
+
+    async def _operator_start(self, node: Node) -> None:
+        """Start ``node`` for an operator; a failure is the operator's error *and* a crash.
+
+        The caller hears why the start failed, and the supervisor handles the
+        failure as it handles any failed start (restart type, intensity,
+        back-off), so that a daemon an operator restarted is not left down
+        by a transient failure (the fork server dying, say).
+        """
+        try:
+            await node.start()
+        except StartFailed as exc:
+            self.post(functools.partial(self.child_exited, node, node.incarnation, exc.reason))
+            raise
 
     async def fail_child(self, child: WorkerNode, inc: int, reason: str) -> bool:
         """Fail a running child for ``reason``: stop it, then handle its exit as a crash's.
