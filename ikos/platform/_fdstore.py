@@ -172,6 +172,9 @@ class FdStore:
             [sys.executable, "-m", "ikos.platform._fdstore", str(self.path)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
+            # it outlives ikosd: holding ikosd's stderr would keep a pipe that ikosd
+            # writes to (`ikosd | head`, a test's capture) open for ever
+            stderr=subprocess.DEVNULL,
             start_new_session=True,  # survives ikosd's death and its process group's signals
         )
         assert proc.stdout is not None
