@@ -73,23 +73,36 @@ def ignored_signals(status: dict[str, str]) -> set[int]:
     return {n for n in range(1, 65) if mask & (1 << (n - 1))} - GLIBC_RESERVED
 
 
-def marked_pids(mark: str) -> list[int]:
-    """PIDs of live processes whose environment holds ``IKOS_TEST_MARK=mark``."""
-    needle = f"IKOS_TEST_MARK={mark}".encode()
+def alive(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie is not)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in (b"Z", b"X")
+
+
+def env_pids(entry: str) -> list[int]:
+    """PIDs of live processes whose environment holds ``entry`` (``NAME=value``)."""
+    needle = entry.encode()
     found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
             continue
         try:
-            with open(f"/proc/{entry}/environ", "rb") as f:
+            with open(f"/proc/{name}/environ", "rb") as f:
                 env = f.read()
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                state = f.read().rsplit(b")", 1)[1].split()[0]
         except OSError:
             continue
-        if state != b"Z" and needle in env.split(b"\0"):
-            found.append(int(entry))
+        if needle in env.split(b"\0") and alive(int(name)):
+            found.append(int(name))
     return found
+
+
+def marked_pids(mark: str) -> list[int]:
+    """PIDs of live processes whose environment holds ``IKOS_TEST_MARK=mark``."""
+    return env_pids(f"IKOS_TEST_MARK={mark}")
 
 
 class Instance:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import IKOSCTL, IKOSD, REPO, kill_marked, marked_pids, wait_for
+from conftest import IKOSCTL, IKOSD, REPO, alive, env_pids, kill_marked, marked_pids, wait_for
 
 from ikos.manager._recovery import MARK_INSTANCE, instance_mark
 from ikos.platform._paths import InstancePaths
@@ -81,16 +81,6 @@ tree = ikos.Supervisor(
 """
 
 
-def alive(pid: int) -> bool:
-    """Whether ``pid`` is a live process (not a zombie)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rpartition(b")")[2].split()[0]
-    except OSError:
-        return False
-    return state not in (b"Z", b"X")
-
-
 def copies(directory: Path, name: str) -> list[int]:
     """PIDs of the live copies of daemon ``name`` (each wrote ``name.PID`` when it began)."""
     found = []
@@ -103,19 +93,7 @@ def copies(directory: Path, name: str) -> list[int]:
 
 def instance_pids(root: Path) -> list[int]:
     """Live processes carrying the instance's marker (every process ikosd created)."""
-    mark = f"{MARK_INSTANCE}={instance_mark(InstancePaths.for_root(root))}".encode()
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                env = f.read().split(b"\0")
-        except OSError:
-            continue
-        if mark in env and alive(int(entry)):
-            found.append(int(entry))
-    return found
+    return env_pids(f"{MARK_INSTANCE}={instance_mark(InstancePaths.for_root(root))}")
 
 
 class Ikosd:
@@ -473,11 +451,8 @@ def test_a_dead_fork_server_is_replaced_and_its_spawn_fails_clearly(
     assert inst.shutdown(proc) == 0
 
 
-def test_a_read_only_state_directory_is_one_clear_line(tmp_path: Path) -> None:
-    """Item 5: ikosd on a root whose state directory cannot be written."""
-    root = tmp_path / "root"
-    (root / "var" / "lib").mkdir(parents=True)
-    (root / "var" / "lib" / "ikos").write_text("a file where a directory should be")
+def the_one_error_line(root: Path, tmp_path: Path) -> str:
+    """Run ikosd on ``root`` expecting exit 1 and one ``ikosd:`` line, no traceback."""
     (tmp_path / "t.py").write_text("import ikos\ntree = ikos.Supervisor('root')\n")
     res = subprocess.run(
         [IKOSD, "--root", str(root), "--tree", f"{tmp_path / 't.py'}:tree", "--metrics", "off"],
@@ -486,10 +461,19 @@ def test_a_read_only_state_directory_is_one_clear_line(tmp_path: Path) -> None:
         timeout=60,
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
-    assert res.returncode == 1
+    assert res.returncode == 1, res.stderr
+    assert "Traceback" not in res.stderr, res.stderr
     errors = [ln for ln in res.stderr.splitlines() if ln.startswith("ikosd:")]
-    assert len(errors) == 1 and "var/lib/ikos" in errors[0], res.stderr
-    assert "Traceback" not in res.stderr
+    assert len(errors) == 1, res.stderr
+    return errors[0]
+
+
+def test_a_read_only_state_directory_is_one_clear_line(tmp_path: Path) -> None:
+    """Item 5: ikosd on a root whose state directory cannot be written."""
+    root = tmp_path / "root"
+    (root / "var" / "lib").mkdir(parents=True)
+    (root / "var" / "lib" / "ikos").write_text("a file where a directory should be")
+    assert "var/lib/ikos" in the_one_error_line(root, tmp_path)
 
 
 @needs_root
@@ -502,18 +486,7 @@ def test_a_read_only_file_system_is_one_clear_line(tmp_path: Path) -> None:
         for d in ("run/ikos", "var/lib/ikos", "var/log/ikos"):
             (root / d).mkdir(parents=True)
         subprocess.run(["mount", "-o", "remount,ro", str(root)], check=True)
-        (tmp_path / "t.py").write_text("import ikos\ntree = ikos.Supervisor('root')\n")
-        res = subprocess.run(
-            [IKOSD, "--root", str(root), "--tree", f"{tmp_path / 't.py'}:tree", "--metrics", "off"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
-        )
-        assert res.returncode == 1
-        errors = [ln for ln in res.stderr.splitlines() if ln.startswith("ikosd:")]
-        assert len(errors) == 1 and "Read-only file system" in errors[0], res.stderr
-        assert "Traceback" not in res.stderr
+        assert "Read-only file system" in the_one_error_line(root, tmp_path)
     finally:
         subprocess.run(["umount", str(root)], check=False)
 

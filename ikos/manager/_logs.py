@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ikos.monitor._logfile import LineSplitter, RotatingLog, tail
 from ikos.platform._fdstore import FdStore
+from ikos.platform._process import read_available
 
 LOG_MAX_BYTES = 10 * 1024 * 1024
 LOG_BACKUPS = 5
@@ -57,17 +58,8 @@ class DaemonLogs:
 
         def readable() -> None:
             lines: list[str] = []
-            eof = False
-            for _ in range(READS_PER_TURN):
-                try:
-                    chunk = os.read(fd, 65536)
-                except BlockingIOError:
-                    break
-                except OSError:
-                    chunk = b""
-                if not chunk:
-                    eof = True
-                    break
+            chunks, eof = read_available(fd, READS_PER_TURN)
+            for chunk in chunks:
                 lines.extend(splitter.feed(chunk))
             if eof:
                 lines.extend(splitter.flush())

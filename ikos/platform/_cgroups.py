@@ -37,10 +37,12 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Generator
 from dataclasses import dataclass
 
 from ikos._errors import SpawnError
 from ikos.platform._paths import InstancePaths
+from ikos.platform._process import signal_pid
 from ikos.platform._spawn import CGROUP_FIELDS, ResourceLimits
 
 log = logging.getLogger("ikos.cgroups")
@@ -449,19 +451,26 @@ class DaemonCgroup:
         signals each process gets it once and True means all have exited by
         ``timeout``. Zombies not yet reaped by their parent no longer count.
         """
-        deadline = time.monotonic() + timeout
-        signalled: set[int] = set()
-        self._kill_file(sig)
-        delay = 0.001
-        while not self._kill_round(sig, signalled):
-            if time.monotonic() >= deadline:
-                return False
+        steps = self._kill_steps(sig, timeout)
+        while True:
+            try:
+                delay = next(steps)
+            except StopIteration as done:
+                return bool(done.value)
             time.sleep(delay)  # waiting for the kernel to tear processes down
-            delay = min(delay * 2, 0.05)
-        return True
 
     async def kill_all_async(self, sig: int = signal.SIGKILL, *, timeout: float = 5.0) -> bool:
         """:meth:`kill_all` for the event loop: it waits with ``asyncio.sleep``."""
+        steps = self._kill_steps(sig, timeout)
+        while True:
+            try:
+                delay = next(steps)
+            except StopIteration as done:
+                return bool(done.value)
+            await asyncio.sleep(delay)
+
+    def _kill_steps(self, sig: int, timeout: float) -> Generator[float, None, bool]:
+        """Signal rounds, yielding how long to wait before the next; return whether it emptied."""
         deadline = time.monotonic() + timeout
         signalled: set[int] = set()
         self._kill_file(sig)
@@ -469,7 +478,7 @@ class DaemonCgroup:
         while not self._kill_round(sig, signalled):
             if time.monotonic() >= deadline:
                 return False
-            await asyncio.sleep(delay)
+            yield delay
             delay = min(delay * 2, 0.05)
         return True
 
@@ -500,19 +509,7 @@ class DaemonCgroup:
         the time it is signalled; once a pidfd holds the process, finding the
         PID in ``cgroup.procs`` again proves it is the same process.
         """
-        try:
-            pidfd = os.pidfd_open(pid)
-        except OSError:
-            return False
-        try:
-            if pid not in self.pids():
-                return False
-            signal.pidfd_send_signal(pidfd, sig)
-            return True
-        except OSError:
-            return False
-        finally:
-            os.close(pidfd)
+        return signal_pid(pid, sig, check=lambda: pid in self.pids())
 
     def remove(self) -> bool:
         """Remove the daemon's cgroup directories; True if all are gone.

@@ -347,14 +347,17 @@ class ForkServer:
                 fut.set_exception(_ServerGone(reason))
         self._waiting.clear()
 
-    def _discard(self) -> None:
-        """Forget the current server: close the socket, kill and reap the process."""
+    def _close_socket(self) -> None:
         if self._sock is not None:
             if self._loop is not None:
                 with contextlib.suppress(ValueError, RuntimeError):
                     self._loop.remove_reader(self._sock.fileno())
             self._sock.close()
             self._sock = None
+
+    def _discard(self) -> None:
+        """Forget the current server: close the socket, kill and reap the process."""
+        self._close_socket()
         proc, self.process = self.process, None
         if proc is not None and proc.poll() is None:
             proc.kill()
@@ -451,12 +454,7 @@ class ForkServer:
 
     def close(self) -> None:
         """Close the socket (the server exits on EOF) and reap the server."""
-        if self._sock is not None:
-            if self._loop is not None:
-                with contextlib.suppress(ValueError, RuntimeError):
-                    self._loop.remove_reader(self._sock.fileno())
-            self._sock.close()
-            self._sock = None
+        self._close_socket()
         if self.process is not None:
             try:
                 self.process.wait(timeout=5)

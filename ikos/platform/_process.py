@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import functools
 import json
 import logging
 import os
@@ -49,6 +50,26 @@ PR_SET_CHILD_SUBREAPER = 36
 MAX_STATUS_BYTES = 64 * 1024
 
 _owned: set[int] = set()
+
+
+def read_available(fd: int, max_reads: int = 16, size: int = 65536) -> tuple[list[bytes], bool]:
+    """Read what a non-blocking pipe holds now: the chunks, and whether it reached EOF.
+
+    At most ``max_reads`` reads, so that one chatty writer cannot hold the
+    event loop; a read error counts as EOF.
+    """
+    chunks: list[bytes] = []
+    for _ in range(max_reads):
+        try:
+            chunk = os.read(fd, size)
+        except BlockingIOError:
+            return chunks, False
+        except OSError:
+            return chunks, True
+        if not chunk:
+            return chunks, True
+        chunks.append(chunk)
+    return chunks, False
 
 
 def own(pid: int) -> None:
@@ -139,27 +160,31 @@ def environ_of(pid: int) -> dict[str, str] | None:
     return env
 
 
-def signal_pid(pid: int, sig: int, *, sid: int | None = None) -> bool:
-    """Signal ``pid`` through a pidfd; with ``sid``, only if it still belongs to that session.
+def signal_pid(pid: int, sig: int, *, check: Callable[[], bool] | None = None) -> bool:
+    """Signal ``pid`` through a pidfd; with ``check``, only if it says the process is still ours.
 
-    The pidfd pins the process before its session is checked, so a PID
-    recycled between the check and the signal is never hit.
+    The pidfd pins the process before ``check`` runs (it reads the session,
+    the cgroup...), so a PID recycled between the check and the signal is
+    never hit.
     """
     try:
         pidfd = os.pidfd_open(pid)
     except OSError:
         return False
     try:
-        if sid is not None:
-            info = proc_info(pid)
-            if info is None or info.sid != sid or not _pidfd_alive(pidfd):
-                return False
+        if check is not None and (not check() or not _pidfd_alive(pidfd)):
+            return False
         signal.pidfd_send_signal(pidfd, sig)
         return True
     except OSError:
         return False
     finally:
         os.close(pidfd)
+
+
+def _in_session(pid: int, sid: int) -> bool:
+    info = proc_info(pid)
+    return info is not None and info.sid == sid
 
 
 def _pidfd_alive(pidfd: int) -> bool:
@@ -189,7 +214,11 @@ def signal_session(sid: int, sig: int, *, leader_unreaped: bool) -> int:
             return 1
         except (ProcessLookupError, PermissionError):
             return 0
-    return sum(1 for pid in session_members(sid) if signal_pid(pid, sig, sid=sid))
+    sent = 0
+    for pid in session_members(sid):
+        if signal_pid(pid, sig, check=functools.partial(_in_session, pid, sid)):
+            sent += 1
+    return sent
 
 
 def become_subreaper() -> bool:
@@ -427,22 +456,15 @@ async def run_command(
 
     def readable() -> None:
         nonlocal truncated
-        while True:
-            try:
-                chunk = os.read(r, 65536)
-            except BlockingIOError:
-                return
-            except OSError:
-                chunk = b""
-            if not chunk:
-                loop.remove_reader(r)
-                if not eof.done():
-                    eof.set_result(None)
-                return
+        chunks, at_eof = read_available(r)
+        for chunk in chunks:
             room = output_limit - len(kept)
-            if len(chunk) > room:
-                truncated = True
+            truncated = truncated or len(chunk) > room
             kept.extend(chunk[: max(room, 0)])
+        if at_eof:
+            loop.remove_reader(r)
+            if not eof.done():
+                eof.set_result(None)
 
     loop.add_reader(r, readable)
     try:
