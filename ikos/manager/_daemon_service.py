@@ -45,6 +45,7 @@ import dataclasses
 import json
 import logging
 import re
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -290,6 +291,7 @@ class DaemonStore:
         self.db, damage = open_database(path, SCHEMA + META_SCHEMA, synchronous="FULL")
         #: What was wrong with the files when they were opened, and what was done.
         self.problem: str | None = None
+        self._lock = threading.Lock()
         self.generation = self._generation()
         mirrored, mirror_problem = self._read_mirror()
         if mirrored is not None and (damage or mirrored["generation"] > self.generation):
@@ -370,7 +372,15 @@ class DaemonStore:
         write_durably(self.mirror, json.dumps(document, sort_keys=True, indent=1))
 
     def _change(self, sql: str, params: tuple[Any, ...]) -> None:
-        """One change: committed with a new generation, then mirrored."""
+        """One change: committed with a new generation, then mirrored.
+
+        Called from a worker thread (the commit and the mirror wait for the
+        disk), one change at a time.
+        """
+        with self._lock:
+            self._change_locked(sql, params)
+
+    def _change_locked(self, sql: str, params: tuple[Any, ...]) -> None:
         self.db.execute("BEGIN IMMEDIATE")
         try:
             self.db.execute(sql, params)
@@ -635,11 +645,11 @@ class DaemonService(Extension):
             self._pending.add(name)
             try:
                 store = self._store()
-                store.put_created(name, config)
+                await asyncio.to_thread(store.put_created, name, config)
                 try:
                     node = await self._add(spec, parent)
                 except BaseException:
-                    store.delete_created(name)
+                    await asyncio.to_thread(store.delete_created, name)
                     raise
                 self.created[name] = config
             finally:
@@ -676,13 +686,13 @@ class DaemonService(Extension):
                 store = self._store()
                 if name in self.created:
                     config = config_of(spec, self.created[name].get("supervisor"))
-                    store.put_created(name, config)
+                    await asyncio.to_thread(store.put_created, name, config)
                     self.created[name] = config
                 else:
                     merged = {**self.changes.get(name, {}), **_json_value(dict(changes))}
                     merged.pop("name", None)
                     merged.pop("supervisor", None)
-                    store.put_changes(name, merged)
+                    await asyncio.to_thread(store.put_changes, name, merged)
                     self.changes[name] = merged
                     self.base_specs.setdefault(name, old)
                 log.info(
@@ -706,7 +716,7 @@ class DaemonService(Extension):
                     )
                 base = self.base_specs.pop(name, None)
                 if name in self.changes:
-                    self._store().delete_changes(name)
+                    await asyncio.to_thread(self._store().delete_changes, name)
                     del self.changes[name]
                 if base is None:
                     return self.view.status_of(node)
@@ -740,7 +750,7 @@ class DaemonService(Extension):
                     )
                 if view.find(name) is not None:
                     await self.ops.remove_child(name)
-                self._store().delete_created(name)
+                await asyncio.to_thread(self._store().delete_created, name)
                 del self.created[name]
                 self.unrestored.pop(name, None)
                 self._locks.pop(name, None)
