@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import signal
@@ -47,7 +48,7 @@ from ikos.platform._process import (
     ProcessHandle,
     run_command,
     session_members,
-    signal_session,
+    signal_group,
 )
 from ikos.platform._spawn import ExecPlan, build_exec_plan, exec_in_child, notify_socket_address
 from ikos.supervision._runtime import WorkerNode
@@ -159,8 +160,7 @@ class ExecHandle:
         self.watchdog: asyncio.TimerHandle | None = None
         self.notify_log = NotifyLog()
         self._finishing = False
-        if not adopted:
-            proc.before_reap = self._kill_session_before_reap
+        proc.before_reap = functools.partial(self._before_reap, proc)
         self.task = self.loop.create_task(self._run(), name=f"exec:{spec.name}")
 
     @property
@@ -284,33 +284,20 @@ class ExecHandle:
             if not self.exited.done():
                 self.exited.set_result(status)
 
-    def _leader_pinned(self) -> bool:
-        """Whether the session leader is our unreaped child: its number cannot be recycled."""
-        return not self.adopted and not self.proc.exited.done()
-
-    def _kill_session_before_reap(self) -> None:
-        """The session leader exited and is not reaped yet: kill what is left of its session.
-
-        Only when the leader is the main process (a forking daemon's launcher
-        exits while the daemon lives on): the leader's zombie pins the
-        session's number, so one ``killpg`` reaches exactly this daemon.
-        """
-        if self.main is self.proc and self.plan.type != "forking":
-            with contextlib.suppress(OSError):
-                os.killpg(self.sid, signal.SIGKILL)
+    def _before_reap(self, handle: ProcessHandle) -> None:
+        """``handle`` exited and is not reaped yet: if it was the main process and led its
+        session, kill what is left of the session now, while the zombie pins its number."""
+        if handle is self.main and self.cgroup is None:
+            signal_group(handle, signal.SIGKILL)
 
     async def _kill_leftovers(self) -> None:
+        # Without a cgroup, the main process's session was killed before the main
+        # process was reaped (_before_reap); a session whose leader is gone (a forking
+        # daemon's launcher) is not signalled at all: its number may name a stranger.
         if self.cgroup is not None:
             with contextlib.suppress(OSError, IkosError):
                 await self.cgroup.kill_all_async(signal.SIGKILL, timeout=2.0)
                 self.cgroup.remove()
-            return
-        if self._leader_pinned():
-            signal_session(self.sid, signal.SIGKILL, leader_unreaped=True)
-        elif self.main is not self.proc or self.adopted or self.plan.type == "forking":
-            # the leader is gone: find the members (a /proc scan, off the loop), pin
-            # each with a pidfd, and only then signal it
-            await asyncio.to_thread(signal_session, self.sid, signal.SIGKILL, leader_unreaped=False)
 
     # -- forking ---------------------------------------------------------------------
 
@@ -368,6 +355,7 @@ class ExecHandle:
         if pid == self.main.pid:
             return
         self.main = ProcessHandle(pid)
+        self.main.before_reap = functools.partial(self._before_reap, self.main)
         self.notify_log.log(logging.INFO, "%s: main process is now %d", self.spec.name, pid)
         self.rt.index(self)
         if not self.main_changed.done():
@@ -446,9 +434,10 @@ class ExecHandle:
         """Signal the whole daemon: its cgroup (or session), main process included.
 
         Never through a group number that may have been recycled: the cgroup's
-        members are pinned by pidfds before they are signalled, and the session
-        is signalled as a group only while its leader is our unreaped child;
-        otherwise its members are found off the loop and pinned one by one.
+        members are pinned by pidfds before they are signalled, and a session
+        is signalled as a group only while its leader (the main process, or
+        the first process when it is still there) is our unreaped child.
+        Otherwise the main process alone gets the signal, through its pidfd.
         """
         sent = self.main.send_signal(sig)
         if self.cgroup is not None:
@@ -456,15 +445,7 @@ class ExecHandle:
                 for pid in self.cgroup.pids() - {self.main.pid}:
                     sent = self.cgroup.signal_member(pid, sig) or sent
             return sent
-        if not self.main.alive:
-            return sent
-        if self._leader_pinned():
-            return signal_session(self.sid, sig, leader_unreaped=True) > 0 or sent
-        self.loop.create_task(
-            asyncio.to_thread(signal_session, self.sid, sig, leader_unreaped=False),
-            name=f"exec-signal:{self.spec.name}",
-        )
-        return sent
+        return any(signal_group(leader, sig) for leader in (self.main, self.proc)) or sent
 
     def kill(self) -> bool:
         return self.send_signal(signal.SIGKILL)
@@ -791,7 +772,12 @@ class ExecRuntime:
             fd = fds.pop(stream, None)
             if fd is not None:
                 self.logs.capture(spec.name, stream, fd)
-        handle = ExecHandle(self, spec, plan, proc, None, sid=sid, adopted=True)
+        # its cgroup, if it has one, is how its processes are reached from now on: an
+        # adopted process is no longer our child, so nothing pins its session's number
+        if self.cgroups is None:
+            self.cgroups = CgroupManager(instance_cgroup_name(self.paths))
+        cgroup = self.cgroups.existing().get(spec.name)
+        handle = ExecHandle(self, spec, plan, proc, cgroup, sid=sid, adopted=True)
         self.handles.append(handle)
         self.index(handle)
         return handle

@@ -23,10 +23,9 @@ the caller tries again once the owner had its turn.
 
 **Groups of processes.** A signal to a process group or session after its
 leader was reaped may hit a stranger, once the group's number was recycled.
-:func:`signal_session` therefore signals a session through a group call
-only while the leader is known to be unreaped, and otherwise through pidfds
-of the members it finds, each checked to belong to the session after the
-pidfd pins it.
+:func:`signal_group` therefore signals a session as a group only while its
+leader is an unreaped child of ours, which pins the number, and otherwise
+not at all; single processes are signalled through pidfds.
 """
 
 from __future__ import annotations
@@ -34,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import functools
 import json
 import logging
 import os
@@ -115,8 +113,8 @@ class ProcInfo:
     start_ticks: int
 
 
-def proc_info(pid: int) -> ProcInfo | None:
-    """``/proc/PID/stat`` of a live process (None when it is gone or a zombie)."""
+def proc_info(pid: int, *, zombies: bool = False) -> ProcInfo | None:
+    """``/proc/PID/stat`` of a live process (None when it is gone, or a zombie unless asked)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
@@ -125,7 +123,7 @@ def proc_info(pid: int) -> ProcInfo | None:
     fields = data.rpartition(b")")[2].split()
     # after the command: state ppid pgrp session tty_nr tpgid flags minflt cminflt
     # majflt cmajflt utime stime cutime cstime priority nice num_threads itrealvalue starttime
-    if len(fields) < 20 or fields[0] in (b"Z", b"X"):
+    if len(fields) < 20 or fields[0] == b"X" or (fields[0] == b"Z" and not zombies):
         return None
     return ProcInfo(pid, int(fields[1]), int(fields[3]), int(fields[19]))
 
@@ -182,11 +180,6 @@ def signal_pid(pid: int, sig: int, *, check: Callable[[], bool] | None = None) -
         os.close(pidfd)
 
 
-def _in_session(pid: int, sid: int) -> bool:
-    info = proc_info(pid)
-    return info is not None and info.sid == sid
-
-
 def _pidfd_alive(pidfd: int) -> bool:
     """Whether the process a pidfd refers to is still alive (``Pid:`` in its fdinfo)."""
     try:
@@ -197,28 +190,6 @@ def _pidfd_alive(pidfd: int) -> bool:
     except (OSError, ValueError):
         return False
     return True
-
-
-def signal_session(sid: int, sig: int, *, leader_unreaped: bool) -> int:
-    """Send ``sig`` to every process of session ``sid``; return how many were signalled.
-
-    ``leader_unreaped`` says the caller still holds the session leader
-    unreaped (alive or a zombie it has not collected): its PID, which is the
-    session's number, cannot have been recycled, so one ``killpg`` reaches
-    exactly the session. Otherwise each member found in ``/proc`` is signalled
-    through a pidfd, checked to be in the session once pinned.
-    """
-    if leader_unreaped:
-        try:
-            os.killpg(sid, sig)
-            return 1
-        except (ProcessLookupError, PermissionError):
-            return 0
-    sent = 0
-    for pid in session_members(sid):
-        if signal_pid(pid, sig, check=functools.partial(_in_session, pid, sid)):
-            sent += 1
-    return sent
 
 
 def become_subreaper() -> bool:
@@ -383,6 +354,16 @@ class ProcessHandle:
         if not self.exited.done():
             self.exited.set_result(status)
 
+    def unreaped_child(self) -> bool:
+        """Whether the process is our child and not reaped yet (alive, or a zombie)."""
+        if self.pidfd is None or self.exited.done():
+            return False
+        try:
+            os.waitid(os.P_PIDFD, self.pidfd, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except OSError:  # ChildProcessError: adopted, not ours
+            return False
+        return True
+
     def send_signal(self, sig: int) -> bool:
         """Signal the process through its pidfd; False if it is already gone."""
         if self.pidfd is None:
@@ -395,6 +376,33 @@ class ProcessHandle:
 
     def kill(self) -> bool:
         return self.send_signal(signal.SIGKILL)
+
+
+def leads_session(pid: int) -> bool:
+    """Whether process ``pid`` (alive or a zombie) is the leader of its session."""
+    info = proc_info(pid, zombies=True)
+    return info is not None and info.sid == pid
+
+
+def signal_group(leader: ProcessHandle, sig: int) -> bool:
+    """Signal the session ``leader`` leads, if that number is pinned now; True if sent.
+
+    The number of a session (and of its process group) is its leader's PID,
+    and it is pinned, so cannot name anyone else, only while the leader
+    exists: alive, or a zombie its parent has not reaped. The manager is the
+    parent of the processes it watches and reaps them only in
+    :class:`ProcessHandle`, so an unreaped child of ours pins its session;
+    anything else (a process adopted after a crash of the manager, no longer
+    our child) does not, and then nothing is sent: the caller signals what it
+    holds pidfds of instead.
+    """
+    if not leader.unreaped_child() or not leads_session(leader.pid):
+        return False
+    try:
+        os.killpg(leader.pid, sig)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
 
 
 @dataclass(frozen=True)
@@ -473,7 +481,8 @@ async def run_command(
                 status = await asyncio.shield(handle.exited)
         except TimeoutError:
             if handle.alive:
-                signal_session(pid, signal.SIGKILL, leader_unreaped=True)
+                signal_group(handle, signal.SIGKILL)  # it leads its own session (setsid)
+                handle.kill()
                 await handle.exited
             return CommandResult(None, bytes(kept), truncated)
         # what the command printed last; a helper it left behind may hold the pipe open
