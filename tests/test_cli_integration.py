@@ -12,14 +12,9 @@ from __future__ import annotations
 import json
 import os
 import pty
-import pwd
 import re
 import select
-import shutil
-import stat
 import subprocess
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -493,93 +488,3 @@ def test_colours_only_on_a_terminal(inst: Instance) -> None:
     for argv in (["list"], ["status"], ["tree"]):
         res = inst.ctl(*argv)
         assert "\x1b" not in res.stdout, argv
-
-
-# -- authorization -----------------------------------------------------------
-
-
-@pytest.fixture
-def world_reachable_dir() -> Iterator[Path]:
-    """A directory other users can traverse (0711), outside pytest's private tmp.
-
-    pytest keeps its base temporary directory 0700 and every new pytest
-    session (other developers run theirs concurrently) resets it to that, so
-    an instance that another user must reach lives here instead.
-    """
-    path = Path(tempfile.mkdtemp(prefix="ikos-test-"))
-    os.chmod(path, 0o711)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as nobody")
-
-
-@needs_root
-def test_another_user_may_only_read(world_reachable_dir: Path, ikosd_factory: Any) -> None:
-    nobody = pwd.getpwnam("nobody")
-    started = ikosd_factory(tree=TREE, args=["--root", str(world_reachable_dir / "root")])
-    # The last --root wins: the instance lives where nobody can reach it.
-    inst = Instance(world_reachable_dir / "root", started.proc, started.mark, started.log)
-    run_dir = inst.root / "run" / "ikos"
-    # What lets nobody in: a world-reachable run dir and socket, while the
-    # mailboxes and the secret stay private.
-    assert stat.S_IMODE(run_dir.stat().st_mode) & 0o005 == 0o005
-    assert stat.S_IMODE((run_dir / "ikosd.sock").stat().st_mode) == 0o666
-    assert stat.S_IMODE((run_dir / "actors").stat().st_mode) == 0o700
-    assert stat.S_IMODE((inst.root / "var/lib/ikos/secret").stat().st_mode) == 0o600
-
-    env = {k: v for k, v in inst.env.items() if k != "IKOS_ROOT"}
-    env["HOME"] = nobody.pw_dir
-
-    def as_nobody(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [
-                "setpriv",
-                "--reuid=nobody",
-                "--regid=nogroup",
-                "--clear-groups",
-                IKOSCTL,
-                "--root",
-                str(inst.root),
-                *args,
-            ],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=60,
-        )
-
-    before = inst.status()
-    res = as_nobody("status", "--json")
-    assert res.returncode == 0, res.stderr
-    assert [s["pid"] for s in json.loads(res.stdout)] == [s["pid"] for s in before]
-    assert as_nobody("list").returncode == 0
-    assert as_nobody("tree", "--json").returncode == 0
-    assert as_nobody("is-active", "echo").returncode == 0
-
-    for args in (
-        ["stop", "echo"],
-        ["restart", "echo"],
-        ["kill", "-s", "KILL", "echo"],
-        ["call", "echo", "hi"],
-        ["reload-config"],
-        ["shutdown"],
-    ):
-        res = as_nobody(*args)
-        assert res.returncode == 1, (args, res.stderr)
-        line = one_error_line(res)
-        assert "may only read" in line, line
-        assert f"uid {nobody.pw_uid}" in line, line
-
-    after = inst.status()
-    assert [(s["name"], s["state"], s["pid"], s["restarts"]) for s in after] == [
-        (s["name"], s["state"], s["pid"], s["restarts"]) for s in before
-    ]
-    assert inst.proc.poll() is None
-    log = (inst.root / "var/log/ikos/ikosd.log").read_text()
-    assert f"uid {nobody.pw_uid}: stop" not in log  # refused before the audit line
-    assert inst.terminate() == 0
-    assert inst.leftovers() == []

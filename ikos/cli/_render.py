@@ -183,6 +183,8 @@ def _status_block(status: Status, style: Style, now: float) -> str:
     health = status.get("health")
     if isinstance(health, str):
         field("Health", _health_line(health, status.get("health_checks"), style))
+    if status.get("redacted"):
+        field("Details", "hidden (shown to root, the owner and the reader group)")
     return "\n".join(lines)
 
 
