@@ -251,6 +251,10 @@ class _RateLimited:
 
     def warning(self, key: int, message: str, *args: Any) -> None:
         now = time.monotonic()
+        if len(self._windows) > 4096:  # one entry per uid seen: forget the closed windows
+            self._windows = {
+                k: w for k, w in self._windows.items() if now - w[0] < self.window or w[2]
+            }
         start, logged, held = self._windows.get(key, (now, 0, 0))
         if now - start >= self.window:
             self._report(key, held)
@@ -512,8 +516,11 @@ class ControlServer:
         if self._listener is not None:
             self._listener.close()
             self._listener = None
-        for task in list(self.connections):
+        tasks = list(self.connections)
+        for task in tasks:
             task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=2)
         with contextlib.suppress(FileNotFoundError):
             self.m.paths.control_socket.unlink()
 
