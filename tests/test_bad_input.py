@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import pickle
+import re
 import secrets
 import socket
 import subprocess
@@ -329,6 +330,16 @@ def hello_works(inst: Instance) -> None:
     assert answer[0]["result"]["pid"] == inst.pid
 
 
+DEEP_DATA = b'{"id": 1, "verb": "call", "args": {"name": "echo", "data": %s}}\n' % (
+    b"[" * 5000 + b"]" * 5000
+)
+HUGE_TIMEOUT = b'{"id": 1, "verb": "call", "args": {"name": "echo", "timeout": %s}}\n' % (
+    b"9" * 400
+)
+HUGE_SIGNAL = b'{"id": 1, "verb": "kill", "args": {"name": "echo", "signal": "%s"}}\n' % (
+    b"9" * 5000
+)
+
 MALFORMED_REQUESTS = [
     (b"not json\n", "bad_request"),
     (b"\xff\xfe\x00garbage\n", "bad_request"),
@@ -351,8 +362,22 @@ MALFORMED_REQUESTS = [
     (b'{"id": 1, "verb": "call", "args": {"name": "echo", "timeout": -1}}\n', "bad_request"),
     (b'{"id": 1, "verb": "call", "args": {"name": "root"}}\n', "failed"),
     (b'{"id": 1, "verb": "status", "args": {"names": ["nobody"]}}\n', "no_such_daemon"),
-    # nested past the parser's recursion limit: an error answer, whatever its code
-    (b"[" * 100_000 + b"]" * 100_000 + b"\n", ("bad_request", "failed")),
+    # nested past the parser's recursion limit (a RecursionError, once a traceback)
+    (b"[" * 100_000 + b"]" * 100_000 + b"\n", "bad_request"),
+    (DEEP_DATA, "bad_request"),
+    # numbers a float cannot hold, and the constants JSON does not have (once OverflowError)
+    (b'{"id": 1, "verb": "call", "args": {"name": "echo", "timeout": 1e308}}\n', "bad_request"),
+    (b'{"id": 1, "verb": "call", "args": {"name": "echo", "timeout": 1e999}}\n', "bad_request"),
+    (b'{"id": 1, "verb": "call", "args": {"name": "echo", "timeout": Infinity}}\n', "bad_request"),
+    (b'{"id": 1, "verb": "call", "args": {"name": "echo", "timeout": NaN}}\n', "bad_request"),
+    (b'{"id": 1, "verb": "call", "args": {"name": "echo", "timeout": 86401}}\n', "bad_request"),
+    (HUGE_TIMEOUT, "bad_request"),
+    (HUGE_SIGNAL, "bad_request"),
+    (b'{"id": 1, "verb": "kill", "args": {"name": "echo", "signal": "\\u00b2"}}\n', "bad_request"),
+    (b'{"id": 1, "verb": "logs", "args": {"name": "echo", "follow": "yes"}}\n', "bad_request"),
+    # a boolean is not an id, though Python's bool is an int
+    (b'{"id": true, "verb": "hello"}\n', "bad_request"),
+    (b'{"id": false, "verb": "hello"}\n', "bad_request"),
 ]
 
 
@@ -364,12 +389,69 @@ def test_malformed_control_requests_get_an_error_answer(ikosd_factory):
         what = request_line[:60]
         assert answer is not None and len(answer) == 1, what
         assert answer[0]["ok"] is False, what
-        expected = code if isinstance(code, tuple) else (code,)
-        assert answer[0]["error"]["code"] in expected, (what, answer)
+        assert answer[0]["error"]["code"] == code, (what, answer)
         assert answer[0]["error"]["message"], what
+        assert answer[0]["id"] in (1, None), what
         hello_works(inst)
     assert inst.pid_of("echo") == pid
     assert inst.status("echo")["restarts"] == 0
+    assert "Traceback" not in manager_log(inst)
+
+
+def manager_log(inst: Instance) -> str:
+    return (inst.root / "var/log/ikos/ikosd.log").read_text()
+
+
+#: Arguments of the wrong kind for whatever verb receives them.
+JUNK_ARGS = [
+    {"name": 5},
+    {"name": ["echo"]},
+    {"name": "echo", "names": "echo", "lines": -1, "timeout": "soon", "follow": 1},
+    {"supervisor": {}, "args": "x", "signal": [], "data": None},
+    {"service": 5, "config": [], "changes": "x", "depends_on": 7, "pattern": 5, "limit": 1e999},
+    {"name": "echo", "config": {"name": 5}, "changes": {"args": 5}, "timeout": 0.01},
+]
+
+
+def test_no_verb_answers_wrong_arguments_with_a_traceback(ikosd_factory):
+    inst = ikosd_factory(tree=TREE)
+    verbs = control_exchange(inst, b'{"id": 1, "verb": "hello"}\n')[0]["result"]["verbs"]
+    assert {"hello", "list", "logs", "stop"} <= set(verbs)
+    for verb in sorted(set(verbs) - {"shutdown", "reload_config"}):
+        for args in JUNK_ARGS:
+            request = json.dumps({"id": 1, "verb": verb, "args": args}).encode() + b"\n"
+            answer = control_exchange(inst, request)
+            assert answer is not None, (verb, args)
+            message = (answer[0].get("error") or {}).get("message", "")
+            assert not re.match(r"[A-Z]\w*(Error|Exception)\b", message), (verb, args, answer)
+    assert "Traceback" not in manager_log(inst)
+    assert "control request failed" not in manager_log(inst)
+    hello_works(inst)
+
+
+def wait_closed(sock: socket.socket, timeout: float = 60.0) -> bytes:
+    """Read until the server closes ``sock``; what it sent before."""
+    sock.settimeout(timeout)
+    received = b""
+    while chunk := sock.recv(65536):
+        received += chunk
+    return received
+
+
+@pytest.mark.parametrize(
+    "start",
+    [
+        b'{"id": 1, "verb": "sta',
+        b'{"verb": "' + b"a" * 500_000,  # a long line, begun and never finished
+    ],
+)
+def test_a_request_line_begun_and_never_finished_is_closed(ikosd_factory, start):
+    inst = ikosd_factory(tree=TREE)
+    with connection(InstancePaths.for_root(inst.root).control_socket) as sock:
+        sock.sendall(start)
+        assert wait_closed(sock) == b""
+    assert "did not finish a request line" in manager_log(inst)
+    hello_works(inst)
 
 
 def test_control_socket_survives_huge_lines_and_hangups(ikosd_factory):

@@ -12,19 +12,20 @@ from __future__ import annotations
 import json
 import os
 import pty
-import pwd
 import re
 import select
-import shutil
-import stat
+import signal
 import subprocess
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import IKOSCTL, Instance, wait_for
+
+from ikos.cli._ikosctl import PROTOCOL_VERBS, UNAVAILABLE_VERBS
+from ikos.cli._render import LIST_COLUMNS
+from ikos.platform._control import ControlClient
+from ikos.platform._paths import InstancePaths
 
 TREE = """
 import signal
@@ -152,23 +153,17 @@ def test_status_exit_codes(inst: Instance) -> None:
     assert "nosuch" in one_error_line(res)
 
 
-def test_list_table_and_json(inst: Instance) -> None:
+def test_list_rows_and_json(inst: Instance) -> None:
     res = inst.ctl("list")
     assert res.returncode == 0, res.stderr
-    lines = res.stdout.splitlines()
-    assert lines[0].split() == [
-        "NAME",
-        "KIND",
-        "STATE",
-        "PID",
-        "RESTARTS",
-        "UPTIME",
-        "SUPERVISOR",
-    ]
-    assert [line.split()[0] for line in lines[1:]] == TREE_ORDER
-    w1 = next(line.split() for line in lines if line.startswith("w1 "))
+    # Piped: one tab-separated row per daemon, no header, uptime in seconds.
+    rows = [line.split("\t") for line in res.stdout.splitlines()]
+    assert [row[0] for row in rows] == TREE_ORDER
+    assert all(len(row) == 7 for row in rows)
+    w1 = next(row for row in rows if row[0] == "w1")
     assert w1[1:4] == ["actor", "running", str(inst.pid_of("w1"))]
-    assert w1[-1] == "workers"
+    assert w1[4] == "0" and w1[5].isdigit() and w1[6] == "workers"
+    assert rows[0][3] == "-" and rows[0][6] == "-"  # root: no pid, no supervisor
 
     res = inst.ctl("list", "--json")
     assert res.returncode == 0, res.stderr
@@ -490,97 +485,178 @@ def test_colours_only_on_a_terminal(inst: Instance) -> None:
 
     status, out = run_in_pty([IKOSCTL, "--root", str(inst.root), "list"], {**env, "NO_COLOR": "1"})
     assert status == 0 and "\x1b[" not in out
+    # On a terminal list is a table with a header, NO_COLOR or not.
+    assert out.splitlines()[0].split() == list(LIST_COLUMNS)
+    # Nothing to list: a hint for the person, not a blank line.
+    status, out = run_in_pty([IKOSCTL, "--root", str(inst.root), "services"], env)
+    assert (status, out) == (0, "no services registered\r\n")
+    res = inst.ctl("services")
+    assert (res.returncode, res.stdout, res.stderr) == (0, "", "")
 
     for argv in (["list"], ["status"], ["tree"]):
         res = inst.ctl(*argv)
         assert "\x1b" not in res.stdout, argv
 
 
-# -- authorization -----------------------------------------------------------
+# -- every verb of ikosctl, and only verbs ikosd serves ---------------------------------------
+
+EVERY_VERB_CONFIG = """
+[ikosd]
+metrics = false
+
+[actors.echo]
+class = "examples.actors:Echo"
+description = "answers every message"
+
+[actors.echo.service]
+name = "demo/echo"
+type = "echo"
+capabilities = ["ping"]
+
+[actors.counter]
+class = "examples.actors:Counter"
+
+[executables.ticker]
+executable = "/bin/sh"
+args = ["-c", "trap 'echo reloaded' HUP; i=0; while :; do echo tick $i; i=$((i+1)); sleep .2; done"]
+"""
+
+RECORD = re.compile(r"^\S+ (stdout|stderr) (.*)$")
 
 
-@pytest.fixture
-def world_reachable_dir() -> Iterator[Path]:
-    """A directory other users can traverse (0711), outside pytest's private tmp.
+def follow(inst: Instance, *args: str) -> subprocess.Popen[str]:
+    """``ikosctl logs -f ARGS`` running, its stdout a pipe."""
+    return subprocess.Popen(
+        [IKOSCTL, "--root", str(inst.root), "logs", "-f", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=inst.env,
+    )
 
-    pytest keeps its base temporary directory 0700 and every new pytest
-    session (other developers run theirs concurrently) resets it to that, so
-    an instance that another user must reach lives here instead.
-    """
-    path = Path(tempfile.mkdtemp(prefix="ikos-test-"))
-    os.chmod(path, 0o711)
+
+def test_logs_follow_prints_new_lines_as_they_are_written(ikosd_factory: Any) -> None:
+    inst = ikosd_factory(config=EVERY_VERB_CONFIG)
+    proc = follow(inst, "-n", "1", "ticker")
     try:
-        yield path
+        assert proc.stdout is not None
+        texts = []
+        for _ in range(4):
+            line = proc.stdout.readline()
+            match = RECORD.match(line)
+            assert match, line
+            texts.append(match.group(2))
+        numbers = [int(t.split()[1]) for t in texts]
+        assert numbers == list(range(numbers[0], numbers[0] + 4))  # none lost, none twice
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert (proc.returncode, err) == (0, "")
     finally:
-        shutil.rmtree(path, ignore_errors=True)
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=60)
+    # Into a pipe whose reader leaves (``| head -2``): a quiet end too.
+    head = subprocess.run(
+        f"{IKOSCTL} --root {inst.root} logs -f ticker | head -2",
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=inst.env,
+        executable="/bin/bash",
+    )
+    assert (head.returncode, head.stderr, len(head.stdout.splitlines())) == (0, "", 2)
 
 
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as nobody")
+def test_every_verb_against_a_real_ikosd(ikosd_factory: Any) -> None:
+    inst = ikosd_factory(config=EVERY_VERB_CONFIG)
+    wait_for(lambda: "tick 3" in inst.ctl("logs", "ticker").stdout, message="ticker's output")
+    seen: set[str] = set()
 
+    def ctl(*args: str) -> str:
+        seen.add(args[0])
+        res = inst.ctl(*args)
+        assert (res.returncode, res.stderr) == (0, ""), (args, res.stderr)
+        return res.stdout
 
-@needs_root
-def test_another_user_may_only_read(world_reachable_dir: Path, ikosd_factory: Any) -> None:
-    nobody = pwd.getpwnam("nobody")
-    started = ikosd_factory(tree=TREE, args=["--root", str(world_reachable_dir / "root")])
-    # The last --root wins: the instance lives where nobody can reach it.
-    inst = Instance(world_reachable_dir / "root", started.proc, started.mark, started.log)
-    run_dir = inst.root / "run" / "ikos"
-    # What lets nobody in: a world-reachable run dir and socket, while the
-    # mailboxes and the secret stay private.
-    assert stat.S_IMODE(run_dir.stat().st_mode) & 0o005 == 0o005
-    assert stat.S_IMODE((run_dir / "ikosd.sock").stat().st_mode) == 0o666
-    assert stat.S_IMODE((run_dir / "actors").stat().st_mode) == 0o700
-    assert stat.S_IMODE((inst.root / "var/lib/ikos/secret").stat().st_mode) == 0o600
-
-    env = {k: v for k, v in inst.env.items() if k != "IKOS_ROOT"}
-    env["HOME"] = nobody.pw_dir
-
-    def as_nobody(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [
-                "setpriv",
-                "--reuid=nobody",
-                "--regid=nogroup",
-                "--clear-groups",
-                IKOSCTL,
-                "--root",
-                str(inst.root),
-                *args,
-            ],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=60,
-        )
-
-    before = inst.status()
-    res = as_nobody("status", "--json")
-    assert res.returncode == 0, res.stderr
-    assert [s["pid"] for s in json.loads(res.stdout)] == [s["pid"] for s in before]
-    assert as_nobody("list").returncode == 0
-    assert as_nobody("tree", "--json").returncode == 0
-    assert as_nobody("is-active", "echo").returncode == 0
-
-    for args in (
-        ["stop", "echo"],
-        ["restart", "echo"],
-        ["kill", "-s", "KILL", "echo"],
-        ["call", "echo", "hi"],
-        ["reload-config"],
-        ["shutdown"],
-    ):
-        res = as_nobody(*args)
-        assert res.returncode == 1, (args, res.stderr)
-        line = one_error_line(res)
-        assert "may only read" in line, line
-        assert f"uid {nobody.pw_uid}" in line, line
-
-    after = inst.status()
-    assert [(s["name"], s["state"], s["pid"], s["restarts"]) for s in after] == [
-        (s["name"], s["state"], s["pid"], s["restarts"]) for s in before
+    assert ctl("status", "echo").splitlines()[0] == "echo - answers every message"
+    assert [row.split("\t")[0] for row in ctl("list").splitlines()] == [
+        "root",
+        "echo",
+        "counter",
+        "ticker",
     ]
-    assert inst.proc.poll() is None
-    log = (inst.root / "var/log/ikos/ikosd.log").read_text()
-    assert f"uid {nobody.pw_uid}: stop" not in log  # refused before the audit line
-    assert inst.terminate() == 0
-    assert inst.leftovers() == []
+    assert ctl("tree").splitlines()[0] == "root [supervisor one_for_one] running"
+    assert ctl("is-active", "echo", "ticker") == "running\nrunning\n"
+    assert ctl("call", "counter", "incr") == "1\n"
+    assert ctl("tell", "counter", "incr") == ""
+    wait_for(lambda: inst.ctl("call", "counter", "get").stdout == "2\n", message="the tell")
+    lines = ctl("logs", "-n", "3", "ticker").splitlines()
+    assert len(lines) == 3 and all(RECORD.match(line) for line in lines)
+    assert ctl("reload", "ticker") == ""
+    wait_for(lambda: "reloaded" in inst.ctl("logs", "ticker").stdout, message="the reload")
+    assert ctl("kill", "-s", "HUP", "ticker") == ""
+    wait_for(
+        lambda: inst.ctl("logs", "-n", "100", "ticker").stdout.count("reloaded") == 2,
+        message="the HUP",
+    )
+    proc = follow(inst, "-n", "0", "ticker")
+    try:
+        assert proc.stdout is not None
+        assert RECORD.match(proc.stdout.readline())
+        seen.add("logs")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=60)
+    row = wait_for(lambda: inst.ctl("services").stdout, message="the echo service")
+    assert row.split("\t")[:3] == ["demo/echo", "echo", "-"]
+    assert ctl("services", "--active").split("\t")[0] == "demo/echo"
+    assert "name:         demo/echo" in ctl("discover", "demo/echo")
+    assert ctl("stop", "echo") == "" and inst.state("echo") == "stopped"
+    assert ctl("start", "echo") == "" and inst.state("echo") == "running"
+    pid = inst.pid_of("counter")
+    assert ctl("restart", "counter") == "" and inst.pid_of("counter") != pid
+    assert ctl("reload-config") == "no changes\n"
+    assert ctl("shutdown") == ""
+    assert inst.proc.wait(timeout=60) == 0
+    assert seen == set(PROTOCOL_VERBS), set(PROTOCOL_VERBS) ^ seen
+
+
+def documented_verbs() -> dict[str, tuple[str, str]]:
+    """docs/protocol.md's verb table: verb -> (access, ikosctl column)."""
+    table: dict[str, tuple[str, str]] = {}
+    text = (Path(__file__).resolve().parent.parent / "docs" / "protocol.md").read_text()
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 5 and re.fullmatch(r"`[a-z_]+`", cells[0]):
+            table[cells[0].strip("`")] = (cells[1], cells[2])
+    return table
+
+
+def test_help_offers_only_verbs_ikosd_serves_and_docs_name_them_all(inst: Instance) -> None:
+    with ControlClient(InstancePaths.for_root(inst.root)) as client:
+        served: dict[str, str] = client.call("hello")["verbs"]
+    help_text = inst.ctl("--help").stdout
+    offered = {v for v in PROTOCOL_VERBS if re.search(rf"^    {re.escape(v)}\b", help_text, re.M)}
+    assert offered == set(PROTOCOL_VERBS)
+    for verb in offered:
+        assert set(PROTOCOL_VERBS[verb]) <= set(served), verb
+    for verb in UNAVAILABLE_VERBS:
+        assert not re.search(rf"^    {verb}\b", help_text, re.M), verb
+        res = inst.ctl(verb)
+        assert res.returncode == 1
+        assert one_error_line(res) == f"ikosctl: '{verb}' is not available in this version of ikos"
+    documented = documented_verbs()
+    assert set(served) <= set(documented), set(served) - set(documented)
+    sent_by_ikosctl = {p for verbs in PROTOCOL_VERBS.values() for p in verbs}
+    for verb, access in served.items():
+        doc_access, doc_ikosctl = documented[verb]
+        assert doc_access.startswith(access), (verb, access, doc_access)
+        if verb in sent_by_ikosctl:
+            assert doc_ikosctl != "API only", verb
+        else:
+            # A control verb ikosctl does not offer must be documented as API only.
+            assert doc_ikosctl == "API only", verb

@@ -20,14 +20,22 @@ from typing import Any
 
 import pytest
 
-from ikos.cli._ikosctl import main, parse_data, parse_signal
+from ikos.cli._ikosctl import (
+    PROTOCOL_VERBS,
+    UNAVAILABLE_VERBS,
+    build_parser,
+    main,
+    parse_data,
+    parse_signal,
+)
 from ikos.cli._render import (
+    LIST_COLUMNS,
     Style,
     humanize_duration,
     render_list,
+    render_services,
     render_status,
     render_tree,
-    render_value,
 )
 from ikos.platform._paths import InstancePaths
 
@@ -191,7 +199,6 @@ def test_root_option_wins_over_ikos_root(
         ["kill", "-s", "0", "echo"],
         ["call", "echo", "1", "--timeout", "-1"],
         ["start"],
-        ["queue"],
         ["logs", "-n", "x", "echo"],
     ],
 )
@@ -260,26 +267,32 @@ def test_status_of_an_unknown_name_exits_4(
     assert captured.out == ""
 
 
-def test_list_prints_a_table_or_a_json_array(
+def test_list_off_a_terminal_prints_tab_separated_rows_or_a_json_array(
     peer: ScriptedPeer, root: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     statuses = [ROOT_STATUS, status_of("echo"), status_of("w1", "stopped")]
     peer.scripts["list"] = ok(statuses)
     assert run(root, "list") == 0
-    lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == [
-        "NAME",
-        "KIND",
-        "STATE",
-        "PID",
-        "RESTARTS",
-        "UPTIME",
-        "SUPERVISOR",
-    ]
-    assert lines[2].split() == ["echo", "actor", "running", "1234", "2", "12s", "root"]
-    assert lines[3].split() == ["w1", "actor", "stopped", "-", "2", "-", "root"]
+    assert capsys.readouterr().out == (
+        "root\tsupervisor\trunning\t-\t2\t12\t-\n"
+        "echo\tactor\trunning\t1234\t2\t12\troot\n"
+        "w1\tactor\tstopped\t-\t2\t-\troot\n"
+    )
     assert run(root, "--json", "list") == 0
     assert json.loads(capsys.readouterr().out) == statuses
+
+
+def test_list_on_a_terminal_is_a_table_with_a_header() -> None:
+    statuses = [ROOT_STATUS, status_of("echo"), status_of("w1", "stopped")]
+    lines = render_list(statuses, Style(table=True), NOW).splitlines()
+    assert lines[0].split() == list(LIST_COLUMNS)
+    assert lines[2].split() == ["echo", "actor", "running", "1234", "2", "12s", "root"]
+    assert lines[3].split() == ["w1", "actor", "stopped", "-", "2", "-", "root"]
+
+
+def test_a_tab_in_a_name_cannot_shift_a_column() -> None:
+    out = render_list([status_of("a\tb")], Style(table=False), NOW)
+    assert out.split("\t")[0] == "a?b"
 
 
 def test_tree_prints_box_drawing_or_the_root_node(
@@ -474,40 +487,34 @@ def test_reload_config_and_shutdown(
     assert peer.sent() == [("reload_config", {}), ("shutdown", {}), ("shutdown", {})]
 
 
-# --- verbs the server may not implement yet ------------------------------------------------
+# --- verbs the server serves, and those it does not ------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("argv", "verb", "args"),
-    [
-        (["logs", "echo"], "logs", {"name": "echo", "follow": False}),
-        (["logs", "-n", "5", "echo"], "logs", {"name": "echo", "follow": False, "lines": 5}),
-        (["top"], "top", {}),
-        (["services"], "services", {}),
-        (["discover", "db"], "discover", {"name": "db"}),
-        (["publish", "news", '{"a": 1}'], "publish", {"topic": "news", "data": {"a": 1}}),
-        (["queue", "put", "jobs", "work"], "queue_put", {"queue": "jobs", "data": "work"}),
-        (["queue", "get", "jobs"], "queue_get", {"queue": "jobs"}),
-        (
-            ["queue", "get", "jobs", "--timeout", "2"],
-            "queue_get",
-            {"queue": "jobs", "timeout": 2.0},
-        ),
-        (["queue", "ack", "jobs", "17"], "queue_ack", {"queue": "jobs", "message_id": 17}),
-        (["queue", "list"], "queue_list", {}),
-    ],
-)
-def test_unimplemented_verbs_print_the_servers_error_and_exit_1(
-    peer: ScriptedPeer,
-    root: Path,
-    capsys: pytest.CaptureFixture[str],
-    argv: list[str],
-    verb: str,
-    args: dict[str, Any],
+@pytest.mark.parametrize("verb", sorted(UNAVAILABLE_VERBS))
+def test_verbs_this_version_lacks_say_so_and_exit_1(
+    peer: ScriptedPeer, root: Path, capsys: pytest.CaptureFixture[str], verb: str
 ) -> None:
-    assert run(root, *argv) == 1
-    assert one_error_line(capsys.readouterr().err) == f"unknown verb '{verb}'"
-    assert peer.sent() == [(verb, args)]
+    assert run(root, verb, "x", "y") == 1
+    captured = capsys.readouterr()
+    assert one_error_line(captured.err) == f"'{verb}' is not available in this version of ikos"
+    assert captured.out == ""
+    assert peer.requests == []
+    assert main(["--json", verb, "--root", str(root)]) == 1
+    assert "not available" in capsys.readouterr().err
+
+
+def test_help_offers_exactly_the_verbs_with_protocol_requests(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for verb in PROTOCOL_VERBS:
+        assert f"    {verb} " in out or f"    {verb}\n" in out, verb
+    for verb in UNAVAILABLE_VERBS:
+        assert f" {verb} " not in out, verb
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(subparsers.choices) == set(PROTOCOL_VERBS)
 
 
 @pytest.mark.parametrize(
@@ -518,14 +525,15 @@ def test_unimplemented_verbs_print_the_servers_error_and_exit_1(
             ["services"],
             "services",
             [{"name": "db", "version": "1.0", "pid": 7, "active": True}],
-            "NAME  VERSION  PID  ACTIVE\ndb    1.0      7    yes\n",
+            "db\t-\t1.0\t-\t-\t7\t-\tyes\t-\n",
         ),
         (["discover", "db"], "discover", {"name": "db", "pid": 7}, "name: db\npid:  7\n"),
-        (["queue", "put", "jobs", "x"], "queue_put", {"message_id": 3}, "message_id: 3\n"),
-        (["publish", "news", "x"], "publish", {}, ""),
+        # Nothing to show, off a terminal: nothing printed, not even a blank line.
+        (["services"], "services", [], ""),
+        (["logs", "echo"], "logs", {"name": "echo", "lines": []}, ""),
     ],
 )
-def test_implemented_reading_verbs_print_text_or_one_json_document(
+def test_reading_verbs_print_text_or_one_json_document(
     peer: ScriptedPeer,
     root: Path,
     capsys: pytest.CaptureFixture[str],
@@ -536,35 +544,54 @@ def test_implemented_reading_verbs_print_text_or_one_json_document(
 ) -> None:
     peer.scripts[verb] = ok(result)
     assert run(root, *argv) == 0
-    assert capsys.readouterr().out == plain
+    assert capsys.readouterr() == (plain, "")
     assert run(root, *argv, "--json") == 0
     assert json.loads(capsys.readouterr().out) == result
 
 
-def test_logs_follow_and_subscribe_print_events_as_they_come(
+def test_services_table_on_a_terminal_shows_only_the_columns_in_use() -> None:
+    services = [{"name": "db", "version": "1.0", "pid": 7, "active": True}]
+    assert render_services(services, Style(table=True)) == (
+        "NAME  VERSION  PID  ACTIVE\ndb    1.0      7    yes\n"
+    )
+    assert render_services([], Style(table=True)) == ""
+
+
+def test_reload_config_prints_the_servers_warnings_on_stderr(
+    peer: ScriptedPeer, root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    result = {"added": [], "removed": [], "changed": [], "warnings": ["unknown key 'x'", "b\nc"]}
+    peer.scripts["reload_config"] = ok(result)
+    assert run(root, "reload-config") == 0
+    captured = capsys.readouterr()
+    assert captured.out == "no changes\n"
+    assert captured.err == "ikosctl: warning: unknown key 'x'\nikosctl: warning: b c\n"
+    assert run(root, "reload-config", "--json") == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out) == result
+    assert captured.err.count("ikosctl: warning:") == 2
+
+
+def test_logs_follow_prints_events_as_they_come(
     peer: ScriptedPeer, root: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     peer.scripts["logs"] = events(["one", {"line": "two"}])
-    peer.scripts["subscribe"] = events(["text", {"n": 1}])
     assert run(root, "logs", "-f", "echo") == 0
     assert capsys.readouterr().out == "one\ntwo\n"
-    assert run(root, "subscribe", "news") == 0
-    assert capsys.readouterr().out == 'text\n{"n": 1}\n'
-    assert run(root, "subscribe", "news", "--json") == 0
+    assert run(root, "logs", "-f", "echo", "--json") == 0
     out = capsys.readouterr().out
-    assert [json.loads(line) for line in out.splitlines()] == ["text", {"n": 1}]
+    assert [json.loads(line) for line in out.splitlines()] == ["one", {"line": "two"}]
     assert peer.sent() == [
         ("logs", {"name": "echo", "follow": True}),
-        ("subscribe", {"topic": "news"}),
-        ("subscribe", {"topic": "news"}),
+        ("logs", {"name": "echo", "follow": True}),
     ]
 
 
 def test_a_streaming_verb_the_server_lacks_exits_1(
     peer: ScriptedPeer, root: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert run(root, "subscribe", "news") == 1
-    assert one_error_line(capsys.readouterr().err) == "unknown verb 'subscribe'"
+    assert run(root, "logs", "-f", "echo") == 1
+    assert one_error_line(capsys.readouterr().err) == "unknown verb 'logs'"
 
 
 # --- transport failures -----------------------------------------------------------------
@@ -690,9 +717,10 @@ def test_style_follows_the_terminal_and_no_color(
 
     assert Style.for_stream(Terminal()) == Style(color=True, unicode=True)  # type: ignore[arg-type]
     monkeypatch.setenv("NO_COLOR", "1")
-    assert Style.for_stream(Terminal()) == Style(color=False, unicode=True)  # type: ignore[arg-type]
+    # NO_COLOR takes the colours away, not the table.
+    assert Style.for_stream(Terminal()) == Style(color=False, unicode=True, table=True)  # type: ignore[arg-type]
     with open(tmp_path / "out", "w", encoding="ascii") as not_a_terminal:
-        assert Style.for_stream(not_a_terminal) == Style(color=False, unicode=False)
+        assert Style.for_stream(not_a_terminal) == Style(color=False, unicode=False, table=False)
 
 
 def test_tree_falls_back_to_ascii() -> None:
@@ -710,13 +738,6 @@ def test_text_from_the_server_cannot_drive_the_terminal() -> None:
     assert text.splitlines()[0] == "echo - evil?[2J?line"
 
 
-def test_render_value_forms() -> None:
-    assert render_value(None, Style()) == ""
-    assert render_value("text", Style()) == "text\n"
-    assert render_value([1, "a"], Style()) == '[1, "a"]\n'
-    assert render_value([{"a": 1.25, "b": None}], Style()) == "A    B\n1.2  -\n"
-
-
 def test_ikosctl_runs_as_a_program(peer: ScriptedPeer, root: Path) -> None:
     peer.scripts["list"] = ok([status_of("echo")])
     peer.scripts["status"] = fail("no_such_daemon", "no daemon named 'ech'")
@@ -729,21 +750,46 @@ def test_ikosctl_runs_as_a_program(peer: ScriptedPeer, root: Path) -> None:
     assert unknown.stderr == b"ikosctl: no daemon named 'ech'\n"
 
 
-def test_an_interrupted_stream_exits_130_without_a_traceback(
-    peer: ScriptedPeer, root: Path
-) -> None:
-    peer.scripts["subscribe"] = lambda request: [{"id": request["id"], "event": "first"}, HANG]
-    command = [sys.executable, "-m", "ikos.cli._ikosctl", "--root", str(root), "subscribe", "t"]
+def follow_in_a_process(root: Path) -> subprocess.Popen[bytes]:
+    """``ikosctl logs -f echo`` as a program, once it printed its first line."""
+    command = [sys.executable, "-m", "ikos.cli._ikosctl", "--root", str(root), "logs", "-f", "echo"]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], 60)
+    assert ready, "ikosctl printed no line"
+    assert proc.stdout.readline() == b"first\n"
+    return proc
+
+
+def test_ctrl_c_ends_logs_follow_quietly_with_status_0(peer: ScriptedPeer, root: Path) -> None:
+    peer.scripts["logs"] = lambda request: [{"id": request["id"], "event": "first"}, HANG]
+    proc = follow_in_a_process(root)
     try:
-        assert proc.stdout is not None
-        ready, _, _ = select.select([proc.stdout], [], [], 60)
-        assert ready, "ikosctl printed no event"
-        assert proc.stdout.readline() == b"first\n"
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
-        assert proc.returncode == 130
-        assert b"Traceback" not in err
+        assert (proc.returncode, err) == (0, b"")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=60)
+
+
+def test_logs_follow_into_a_closed_pipe_ends_quietly_with_status_0(
+    peer: ScriptedPeer, root: Path
+) -> None:
+    peer.scripts["logs"] = lambda request: [
+        {"id": request["id"], "event": "first"},
+        *({"id": request["id"], "event": f"line {n}"} for n in range(1000)),
+        HANG,
+    ]
+    proc = follow_in_a_process(root)
+    try:
+        assert proc.stdout is not None
+        proc.stdout.close()  # ``| head -1`` has read its line and left
+        assert proc.wait(timeout=60) == 0
+        assert proc.stderr is not None
+        with proc.stderr:
+            assert proc.stderr.read() == b""
     finally:
         if proc.poll() is None:
             proc.kill()

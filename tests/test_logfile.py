@@ -1,8 +1,11 @@
-"""Daemon logs: line splitting, timestamped records, size rotation, tail."""
+"""Daemon logs: line splitting, timestamped records, size rotation, tail, modes, followers."""
 
 from __future__ import annotations
 
+import grp
+import os
 import re
+import stat
 from datetime import datetime
 from pathlib import Path
 
@@ -10,7 +13,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ikos.monitor._logfile import LineSplitter, RotatingLog, format_timestamp, tail
+from ikos.monitor._logfile import (
+    LineSplitter,
+    RotatingLog,
+    format_timestamp,
+    secure_log_dir,
+    tail,
+)
 
 RECORD_RE = re.compile(r"^(\S+) (stdout|stderr) (.*)$")
 
@@ -226,3 +235,111 @@ def test_tail_of_a_file_without_final_newline_and_long_lines(tmp_path: Path) -> 
     empty = tmp_path / "empty.log"
     empty.write_bytes(b"")
     assert tail(empty, 3) == []
+
+
+# -- who may read them ----------------------------------------------------------------------
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_log_files_are_the_owners_alone_rotated_ones_too(tmp_path: Path) -> None:
+    old_umask = os.umask(0o022)  # the usual umask would make a plain open() 0644
+    try:
+        with RotatingLog(tmp_path / "web.log", max_bytes=200, backups=2) as log:
+            for i in range(20):
+                log.write("stdout", f"API_TOKEN=secret {i}")
+        assert log.backup_path(2).exists()
+        for path in (log.path, log.backup_path(1), log.backup_path(2)):
+            assert mode(path) == 0o600, path
+    finally:
+        os.umask(old_umask)
+
+
+def test_a_log_file_left_readable_is_made_private_when_opened(tmp_path: Path) -> None:
+    path = tmp_path / "old.log"
+    path.write_text("written by an older ikos\n")
+    path.chmod(0o644)
+    with RotatingLog(path) as log:
+        log.write("stdout", "new line")
+    assert mode(path) == 0o600
+    assert path.read_text().startswith("written by an older ikos\n")
+
+
+def test_the_log_directory_is_private_unless_a_reader_group_is_set(tmp_path: Path) -> None:
+    path = tmp_path / "var" / "log" / "ikos"
+    secure_log_dir(path)
+    assert mode(path) == 0o700
+    path.chmod(0o755)
+    secure_log_dir(path)
+    assert mode(path) == 0o700
+    group = grp.getgrnam("adm").gr_gid if os.geteuid() == 0 else os.getgid()
+    secure_log_dir(path, group)
+    assert mode(path) == 0o750
+    assert path.stat().st_gid == group
+
+
+# -- followers (ikosctl logs -f) ---------------------------------------------------------------
+
+
+def texts(lines: list[str]) -> list[str]:
+    return [line.split(" ", 2)[2] for line in lines]
+
+
+def test_a_follower_gets_every_line_written_after_it_attached(tmp_path: Path) -> None:
+    with RotatingLog(tmp_path / "web.log") as log:
+        log.write("stdout", "before")
+        follower = log.follow()
+        woken: list[int] = []
+        follower.wake = lambda: woken.append(1)
+        log.write_lines("stdout", ["one", "two"])
+        log.write("stderr", "three")
+        assert len(woken) == 2  # once per batch
+        lines = follower.take()
+        assert texts(lines) == ["one", "two", "three"]
+        assert lines[2].split(" ")[1] == "stderr"
+        assert follower.take() == []
+        follower.close()
+        log.write("stdout", "after")
+        assert follower.take() == [] and follower.closed
+
+
+def test_a_follower_survives_rotation(tmp_path: Path) -> None:
+    with RotatingLog(tmp_path / "web.log", max_bytes=300, backups=1) as log:
+        follower = log.follow()
+        for i in range(50):
+            log.write("stdout", f"line {i}")
+        assert log.backup_path(1).exists()
+        assert texts(follower.take()) == [f"line {i}" for i in range(50)]
+        follower.close()
+
+
+def test_a_follower_that_falls_behind_gets_a_marker_not_unbounded_memory(tmp_path: Path) -> None:
+    with RotatingLog(tmp_path / "web.log") as log:
+        follower = log.follow(limit_bytes=4096)
+        for i in range(10_000):
+            log.write("stdout", f"line {i:05d}")
+        lines = follower.take()
+        kept = len(lines) - 1
+        assert 0 < kept < 100  # about 4 KiB of records, not 10,000 of them
+        assert texts(lines[:kept]) == [f"line {i:05d}" for i in range(kept)]
+        assert re.fullmatch(rf"\S+ ikos {10_000 - kept} lines dropped \(.*\)", lines[-1])
+        # Caught up: new lines flow again.
+        log.write("stdout", "fresh")
+        assert texts(follower.take()) == ["fresh"]
+        follower.close()
+
+
+def test_followers_are_independent(tmp_path: Path) -> None:
+    with RotatingLog(tmp_path / "web.log") as log:
+        first, second = log.follow(), log.follow()
+        log.write("stdout", "a")
+        assert texts(first.take()) == ["a"]
+        log.write("stdout", "b")
+        assert texts(first.take()) == ["b"]
+        assert texts(second.take()) == ["a", "b"]
+        first.close()
+        second.close()
+        with pytest.raises(ValueError, match="limit_bytes"):
+            log.follow(0)

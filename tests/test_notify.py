@@ -18,10 +18,12 @@ from typing import Any
 import pytest
 from conftest import wait_for
 
+from ikos.platform import _notify
 from ikos.platform._notify import (
     MAX_NOTIFY_BYTES,
     NotifyMessage,
     NotifySocket,
+    SenderLimits,
     main_pid,
     notify,
     parse_notify,
@@ -333,3 +335,83 @@ def test_recv_skips_a_bounded_number_of_bad_datagrams_per_call(tmp_path: Path) -
             msg = s.recv()
         assert calls == 2  # 6 datagrams consumed per empty-handed call, never all at once
         assert s.dropped == 8
+
+
+# -- rate limits per sender --------------------------------------------------------------------
+
+
+def drain_all(sock: NotifySocket) -> list[NotifyMessage]:
+    """Every valid notification already queued (the senders sent before this)."""
+    out: list[NotifyMessage] = []
+    while batch := sock.drain():
+        out += batch
+    return out
+
+
+def test_a_sender_over_its_rate_is_dropped_before_parsing(
+    tmp_path: Path, procs: list[subprocess.Popen[bytes]], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="ikos.notify")
+    limits = SenderLimits(pid_rate=0.001, pid_burst=5)
+    with NotifySocket(tmp_path / "n.sock", limits=limits) as sock:
+        with _raw_sender(sock.address) as raw:
+            for n in range(5):
+                raw.send(b"STATUS=%d" % n)
+            for _ in range(3):  # over the budget: not even parsed
+                raw.send(b"no equals sign")
+        received = drain_all(sock)
+        assert [m.fields for m in received] == [{"STATUS": str(n)} for n in range(5)]
+        assert sock.dropped == 3 and sock.rate_limited == {os.getuid(): 3}
+        assert "no '='" not in caplog.text
+        assert caplog.text.count("over its rate limit") == 1
+        # Another process of the same user has a budget of its own.
+        child = python("from ikos.platform._notify import notify; notify('READY=1')", sock.address)
+        procs.append(child)
+        assert child.wait(timeout=30) == 0
+        msg = wait_for(sock.recv)
+        assert (msg.pid, msg.fields) == (child.pid, {"READY": "1"})
+
+
+def test_a_users_processes_share_the_users_budget(
+    tmp_path: Path, procs: list[subprocess.Popen[bytes]]
+) -> None:
+    limits = SenderLimits(uid_rate=0.001, uid_burst=3)
+    with NotifySocket(tmp_path / "n.sock", limits=limits) as sock:
+        for _ in range(2):
+            assert notify("WATCHDOG=1", sock.address)
+        child = python(
+            "from ikos.platform._notify import notify\nfor _ in range(3): notify('STATUS=x')",
+            sock.address,
+        )
+        procs.append(child)
+        assert child.wait(timeout=30) == 0
+        received = drain_all(sock)
+        assert len(received) == 3
+        assert sock.rate_limited[os.getuid()] == 2
+
+
+def test_the_count_of_dropped_datagrams_is_logged_once_per_window(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    caplog.set_level(logging.WARNING, logger="ikos.notify")
+    with NotifySocket(tmp_path / "n.sock", limits=SenderLimits(pid_rate=0.001, pid_burst=1)) as s:
+        with _raw_sender(s.address) as raw:
+            for _ in range(8):
+                raw.send(b"WATCHDOG=1")
+        assert len(drain_all(s)) == 1
+        assert "dropped 7 datagrams" not in caplog.text
+        monkeypatch.setattr(_notify, "LOG_WINDOW", 0.0)  # the window closes at the next datagram
+        assert notify("WATCHDOG=1", s.address)
+        wait_for(lambda: s.recv() is None and s.dropped == 8)
+        assert f"dropped 7 datagrams of uid {os.getuid()} over its rate limit" in caplog.text
+
+
+def test_the_table_of_senders_is_bounded() -> None:
+    buckets = _notify._Buckets(rate=1.0, burst=2.0, max_tracked=10)
+    for pid in range(1000):
+        assert buckets.has(pid, 0.0)
+        buckets.take(pid, 0.0)
+        assert len(buckets._state) <= 11
+    buckets.take(999, 0.0)
+    assert not buckets.has(999, 0.0)  # its burst of two is spent
+    assert buckets.has(999, 1.0)  # one second refills one token

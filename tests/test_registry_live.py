@@ -477,12 +477,12 @@ def test_ikosctl_services_and_discover(ikosd_factory, owners):
 
     table = inst.ctl("services")
     assert table.returncode == 0
-    lines = table.stdout.splitlines()
-    assert lines[0].split() == [
-        "NAME", "TYPE", "VERSION", "ENDPOINT", "CAPABILITIES", "PID", "OWNER", "ACTIVE", "HEALTH",
-    ]  # fmt: skip
-    assert lines[1].split()[:4] == ["cli/db", "sql", "15", "tcp://127.0.0.1:5432"]
-    assert "\x1b[" not in table.stdout  # no colours off a terminal
+    # Off a terminal: tab-separated rows in fixed columns, no header, no colours.
+    rows = [line.split("\t") for line in table.stdout.splitlines()]
+    assert [row[0] for row in rows] == ["cli/db", "ping/main"]
+    assert rows[0][:4] == ["cli/db", "sql", "15", "tcp://127.0.0.1:5432"]
+    assert all(len(row) == 9 for row in rows)
+    assert "\x1b[" not in table.stdout
 
     found = ctl_json(inst, "discover", "cli/db")
     assert [s["name"] for s in found] == ["cli/db"] and found[0]["endpoint"].endswith(":5432")

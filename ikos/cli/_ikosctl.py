@@ -2,8 +2,8 @@
 
 Each verb is one small function that sends protocol requests through
 :class:`~ikos.platform._control.ControlClient` and prints the result: with
-``--json`` exactly one JSON document (JSON Lines for the streaming verbs
-``logs -f`` and ``subscribe``), otherwise text from :mod:`ikos.cli._render`.
+``--json`` exactly one JSON document (JSON Lines for the stream of
+``logs -f``), otherwise text from :mod:`ikos.cli._render`.
 
 Design: exit codes and errors follow systemctl, because scripts already
 know them: 0 success, 3 "not active" (``is-active``, ``status``), 4 no such
@@ -14,6 +14,20 @@ the contract has no place for them). ``--root`` and ``--json`` are accepted
 before and after the verb: they live in a parent parser shared by the main
 parser and every subparser, with ``SUPPRESS`` defaults so that a subparser
 never overwrites a value given before the verb.
+
+Output on a terminal is for people: aligned tables with a header, colours
+(unless ``NO_COLOR``), a hint line on stderr when there is nothing to show.
+Anywhere else (a pipe, a file) it is for programs, and stable: ``list`` and
+``services`` print one tab-separated row per entry and no header (``list``:
+NAME KIND STATE PID RESTARTS UPTIME_SECONDS SUPERVISOR; ``services``: NAME
+TYPE VERSION ENDPOINT CAPABILITIES PID OWNER ACTIVE HEALTH, capabilities
+comma-separated), ``-`` for an empty field, no colour, and nothing at all
+for an empty result. ``--json`` is the format to parse when in doubt.
+
+Only verbs that ikosd serves are offered (:data:`PROTOCOL_VERBS` names the
+requests each one sends, and a test checks them against a real ikosd); the
+contract's verbs that this version lacks (:data:`UNAVAILABLE_VERBS`) answer
+one line saying so and exit 1.
 """
 
 from __future__ import annotations
@@ -35,7 +49,14 @@ from ikos.platform._paths import InstancePaths
 from ikos.platform._signals import parse_signal as _parse_signal
 from ikos.platform._signals import signal_name
 
-__all__ = ["main", "parse_data", "parse_signal"]
+__all__ = [
+    "PROTOCOL_VERBS",
+    "UNAVAILABLE_VERBS",
+    "build_parser",
+    "main",
+    "parse_data",
+    "parse_signal",
+]
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -53,6 +74,30 @@ LIFECYCLE_TIMEOUT = 600.0
 CALL_MARGIN = 1.0
 #: ``call``'s ask timeout when ``--timeout`` is not given.
 DEFAULT_CALL_TIMEOUT = 10.0
+
+#: Every verb of ikosctl and the protocol requests it sends.
+PROTOCOL_VERBS: dict[str, tuple[str, ...]] = {
+    "start": ("start",),
+    "stop": ("stop",),
+    "restart": ("restart",),
+    "reload": ("reload",),
+    "status": ("status",),
+    "list": ("list",),
+    "tree": ("tree",),
+    "is-active": ("status",),
+    "kill": ("kill",),
+    "call": ("call",),
+    "tell": ("tell",),
+    "reload-config": ("reload_config",),
+    "shutdown": ("shutdown",),
+    "logs": ("logs",),
+    "services": ("services",),
+    "discover": ("discover",),
+}
+#: Verbs of the contract (CONTRACT.md) that this version of ikosd does not serve yet.
+UNAVAILABLE_VERBS = frozenset(
+    {"top", "publish", "subscribe", "queue", "upgrade", "alerts", "events"}
+)
 
 
 class _UsageError(Exception):
@@ -83,12 +128,17 @@ class _Context:
     def emit_text(self, text: str) -> None:
         self.out.write(text)
 
+    def hint(self, text: str) -> None:
+        """Say why nothing was printed, to a person only: on a terminal, on stderr."""
+        if self.style.table:
+            print(text, file=sys.stderr)
+
 
 _Verb = Callable[[_Context], int]
 
 
 def parse_data(text: str) -> Any:
-    """DATA of ``call``/``tell``/``publish``/``queue put``: JSON if it parses, else the string.
+    """DATA of ``call``/``tell``: JSON if it parses, else the string.
 
     >>> parse_data('{"n": 1}'), parse_data("42"), parse_data("hello"), parse_data("NaN")
     ({'n': 1}, 42, 'hello', 'NaN')
@@ -248,10 +298,13 @@ def _tell(ctx: _Context) -> int:
 
 def _reload_config(ctx: _Context) -> int:
     result = ctx.client.call("reload_config", timeout=LIFECYCLE_TIMEOUT)
+    changes = result if isinstance(result, dict) else {}
+    warnings = changes.get("warnings")
+    for warning in warnings if isinstance(warnings, list) else []:
+        print(f"ikosctl: warning: {' '.join(str(warning).split())}", file=sys.stderr)
     if ctx.json:
         ctx.emit_json(result)
         return EXIT_OK
-    changes = result if isinstance(result, dict) else {}
     lines = [
         f"{what}: {', '.join(str(n) for n in changes[what])}\n"
         for what in ("added", "removed", "changed")
@@ -276,18 +329,29 @@ def _logs(ctx: _Context) -> int:
         result = ctx.client.call("logs", args)
         if ctx.json:
             ctx.emit_json(result)
-        else:
-            entries = result.get("lines") if isinstance(result, dict) else result
-            for entry in entries if isinstance(entries, list) else [entries]:
-                ctx.emit_text(_log_line(entry))
+            return EXIT_OK
+        entries = result.get("lines") if isinstance(result, dict) else result
+        entries = entries if isinstance(entries, list) else [entries]
+        for entry in entries:
+            ctx.emit_text(_log_line(entry))
+        if not entries:
+            ctx.hint(f"no log lines of '{ctx.args.name}'")
         return EXIT_OK
-    with ctx.client.stream("logs", args) as events:
-        for event in events:
-            if ctx.json:
-                ctx.emit_json(event, compact=True)
-            else:
-                ctx.emit_text(_log_line(event))
-                ctx.out.flush()
+    # Following ends when the user says so: Ctrl-C, or the reader of a pipe
+    # leaving (``| head``). Both are a normal end, not a failure.
+    try:
+        with ctx.client.stream("logs", args) as events:
+            for event in events:
+                if ctx.json:
+                    ctx.emit_json(event, compact=True)
+                else:
+                    ctx.emit_text(_log_line(event))
+                    ctx.out.flush()
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_OK
     return EXIT_OK
 
 
@@ -301,17 +365,6 @@ def _log_line(entry: Any) -> str:
     return json.dumps(entry, ensure_ascii=False) + "\n"
 
 
-def _subscribe(ctx: _Context) -> int:
-    with ctx.client.stream("subscribe", {"topic": ctx.args.topic}) as events:
-        for event in events:
-            if ctx.json:
-                ctx.emit_json(event, compact=True)
-            else:
-                ctx.emit_text(_log_line(event))
-                ctx.out.flush()
-    return EXIT_OK
-
-
 def _services(ctx: _Context) -> int:
     args: dict[str, Any] = {}
     if ctx.args.active:
@@ -319,8 +372,10 @@ def _services(ctx: _Context) -> int:
     services = _expect_list(ctx.client.call("services", args), "services")
     if ctx.json:
         ctx.emit_json(services)
-    else:
+    elif services:
         ctx.emit_text(_render.render_services(services, ctx.style))
+    else:
+        ctx.hint("no active services" if ctx.args.active else "no services registered")
     return EXIT_OK
 
 
@@ -351,30 +406,6 @@ def _discover(ctx: _Context) -> int:
     else:
         ctx.emit_text(_render.render_services(_expect_list(result, "discover"), ctx.style))
     return EXIT_OK
-
-
-def _simple(verb: str, build: Callable[[argparse.Namespace], dict[str, Any]]) -> _Verb:
-    """A verb whose result is shown as is: JSON, or its most readable text form."""
-
-    def run(ctx: _Context) -> int:
-        args = build(ctx.args)
-        timeout = args.get("timeout")
-        wait = timeout + CALL_MARGIN if isinstance(timeout, float) else None
-        result = ctx.client.call(verb, args, timeout=wait)
-        if ctx.json:
-            ctx.emit_json(result)
-        else:
-            ctx.emit_text(_render.render_value(result, ctx.style))
-        return EXIT_OK
-
-    return run
-
-
-def _queue_get_args(ns: argparse.Namespace) -> dict[str, Any]:
-    args: dict[str, Any] = {"queue": ns.queue}
-    if ns.timeout is not None:
-        args["timeout"] = ns.timeout
-    return args
 
 
 def _expect_list(result: Any, verb: str) -> list[dict[str, Any]]:
@@ -468,7 +499,6 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
     logs.add_argument("-n", "--lines", type=_non_negative_int, metavar="N", help="last N lines")
     logs.add_argument("name", metavar="NAME")
-    verb("top", _simple("top", lambda ns: {}), "show the daemons' resource usage")
     services = verb("services", _services, "list registered services")
     services.add_argument("--active", action="store_true", help="only services whose owner runs")
     discover = verb(
@@ -480,52 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
     discover.add_argument("--capability", metavar="CAP", help="services offering CAP")
     discover.add_argument("--type", metavar="TYPE", help="services of type TYPE")
     discover.add_argument("--active", action="store_true", help="only services whose owner runs")
-    publish = verb(
-        "publish",
-        _simple("publish", lambda ns: {"topic": ns.topic, "data": parse_data(ns.data)}),
-        "publish DATA on a topic",
-    )
-    publish.add_argument("topic", metavar="TOPIC")
-    publish.add_argument("data", metavar="DATA", help="JSON if it parses as JSON, else a string")
-    verb("subscribe", _subscribe, "print a topic's messages as they come").add_argument(
-        "topic", metavar="TOPIC"
-    )
-
-    queue = verb("queue", _no_verb, "use durable queues")
-    queue_verbs = queue.add_subparsers(dest="queue_verb", metavar="ACTION", required=True)
-
-    def queue_verb(name: str, run: _Verb, help: str) -> argparse.ArgumentParser:
-        sub = queue_verbs.add_parser(name, parents=[common], help=help, description=help)
-        sub.set_defaults(run=run)
-        return sub
-
-    put = queue_verb(
-        "put",
-        _simple("queue_put", lambda ns: {"queue": ns.queue, "data": parse_data(ns.data)}),
-        "append DATA to a queue",
-    )
-    put.add_argument("queue", metavar="QUEUE")
-    put.add_argument("data", metavar="DATA", help="JSON if it parses as JSON, else a string")
-    get = queue_verb("get", _simple("queue_get", _queue_get_args), "take the next message")
-    get.add_argument("queue", metavar="QUEUE")
-    get.add_argument(
-        "--timeout", type=_positive_float, metavar="S", help="seconds to wait for a message"
-    )
-    ack = queue_verb(
-        "ack",
-        _simple(
-            "queue_ack", lambda ns: {"queue": ns.queue, "message_id": parse_data(ns.message_id)}
-        ),
-        "acknowledge a message taken with get",
-    )
-    ack.add_argument("queue", metavar="QUEUE")
-    ack.add_argument("message_id", metavar="MESSAGE_ID")
-    queue_verb("list", _simple("queue_list", lambda ns: {}), "list the queues")
     return parser
-
-
-def _no_verb(ctx: _Context) -> int:  # pragma: no cover - argparse requires the action
-    raise _UsageError("an action is required")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -534,9 +519,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     >>> main(["--root", "/srv/ikos", "status", "echo", "--json"])  # doctest: +SKIP
     0
     """
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser().parse_args(argv)
     except _UsageError as exc:
+        verb = _verb_of(argv)
+        if verb in UNAVAILABLE_VERBS:
+            return _fail(f"'{verb}' is not available in this version of ikos", EXIT_FAILURE)
         return _fail(str(exc), EXIT_FAILURE)
     except SystemExit as exc:  # --help
         return exc.code if isinstance(exc.code, int) else EXIT_OK
@@ -559,6 +548,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(exc) or type(exc).__name__, EXIT_FAILURE)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+
+
+def _verb_of(argv: Sequence[str]) -> str | None:
+    """The verb of a command line: its first word that is not a global option."""
+    words = iter(argv)
+    for word in words:
+        if word == "--root":
+            next(words, None)
+        elif not word.startswith("-"):
+            return word
+    return None
 
 
 def _fail(message: str, status: int) -> int:

@@ -8,9 +8,12 @@ the tests check the text without a terminal or a clock.
 Design: decoration follows the output, not the user's wishes alone: colours
 and the ``●`` bullet only on a terminal and without ``NO_COLOR``
 (https://no-color.org), box-drawing characters only where the output
-encoding can carry them. Everything that comes from the server is stripped
-of control characters before it is shown, so a daemon's description cannot
-move the cursor or recolour the terminal.
+encoding can carry them, and tables (aligned, with a header) only on a
+terminal: elsewhere a table is tab-separated rows without a header, with
+fixed columns, which ``cut`` and ``awk`` read reliably. Everything that
+comes from the server is stripped of control characters (tabs included)
+before it is shown, so a daemon's description cannot move the cursor,
+recolour the terminal or shift a column.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from datetime import datetime
 from typing import Any, TextIO
 
 __all__ = [
+    "LIST_COLUMNS",
     "Style",
     "format_time",
     "humanize_duration",
@@ -33,9 +37,7 @@ __all__ = [
     "render_service",
     "render_services",
     "render_status",
-    "render_table",
     "render_tree",
-    "render_value",
 ]
 
 Status = Mapping[str, Any]
@@ -57,6 +59,8 @@ _HEALTH_AS_STATE = {
     "critical": "failed",
     "unknown": "stopped",
 }
+#: The columns of ``ikosctl list``, in order (the header on a terminal).
+LIST_COLUMNS = ("NAME", "KIND", "STATE", "PID", "RESTARTS", "UPTIME", "SUPERVISOR")
 _UNICODE_PROBE = "●├─│└"
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
@@ -66,11 +70,14 @@ class Style:
     """How decorated the output may be.
 
     ``color``: ANSI colours and the ``●`` bullet (a terminal, no ``NO_COLOR``);
-    ``unicode``: box-drawing characters (the output encoding can carry them).
+    ``unicode``: box-drawing characters (the output encoding can carry them);
+    ``table``: aligned columns under a header (a terminal), else
+    tab-separated rows with fixed columns and no header.
     """
 
     color: bool = False
     unicode: bool = True
+    table: bool = True
 
     @classmethod
     def for_stream(cls, stream: TextIO) -> Style:
@@ -85,7 +92,7 @@ class Style:
             unicode = True
         except (LookupError, UnicodeError):
             unicode = False
-        return cls(color=tty and not os.environ.get("NO_COLOR"), unicode=unicode)
+        return cls(color=tty and not os.environ.get("NO_COLOR"), unicode=unicode, table=tty)
 
     def state(self, state: str, text: str | None = None) -> str:
         """``text`` (default ``state``) in the colour of ``state``."""
@@ -183,6 +190,8 @@ def _status_block(status: Status, style: Style, now: float) -> str:
     health = status.get("health")
     if isinstance(health, str):
         field("Health", _health_line(health, status.get("health_checks"), style))
+    if status.get("redacted"):
+        field("Details", "hidden (shown to root, the owner and the reader group)")
     return "\n".join(lines)
 
 
@@ -235,11 +244,16 @@ def _uptime(status: Status, now: float) -> float:
 
 
 def render_list(statuses: Sequence[Status], style: Style, now: float) -> str:
-    """The table of ``ikosctl list``: NAME KIND STATE PID RESTARTS UPTIME SUPERVISOR."""
+    """The table of ``ikosctl list``: NAME KIND STATE PID RESTARTS UPTIME SUPERVISOR.
+
+    Without ``style.table``, UPTIME is a whole number of seconds.
+    """
     rows: list[list[tuple[str, str | None]]] = []
     for status in statuses:
         state = _text(status.get("state") or "unknown")
         running = status.get("started_at") is not None or status.get("uptime_seconds") is not None
+        uptime = _uptime(status, now)
+        shown = humanize_duration(uptime) if style.table else str(int(max(uptime, 0)))
         rows.append(
             [
                 (_text(status.get("name")), None),
@@ -247,12 +261,11 @@ def render_list(statuses: Sequence[Status], style: Style, now: float) -> str:
                 (state, state),
                 (_text(status.get("pid") if status.get("pid") is not None else "-"), None),
                 (_text(status.get("restarts", 0)), None),
-                (humanize_duration(_uptime(status, now)) if running else "-", None),
+                (shown if running else "-", None),
                 (_text(status.get("supervisor") or "-"), None),
             ]
         )
-    headers = ["NAME", "KIND", "STATE", "PID", "RESTARTS", "UPTIME", "SUPERVISOR"]
-    return _table(headers, rows, style)
+    return _table(LIST_COLUMNS, rows, style)
 
 
 def render_tree(root: Status, style: Style, *, deps: bool = False) -> str:
@@ -330,7 +343,10 @@ def render_services(services: Sequence[Mapping[str, Any]], style: Style) -> str:
         NAME      TYPE  VERSION  ENDPOINT          CAPABILITIES  PID   OWNER  ACTIVE  HEALTH
         net/dhcp  dhcp  4.4      udp://0.0.0.0:67  dhcpv4        1234  net    yes     passing
     """
-    keys = [k for k in _SERVICE_COLUMNS if any(k in s for s in services)]
+    if style.table:
+        keys = [k for k in _SERVICE_COLUMNS if any(k in s for s in services)]
+    else:
+        keys = list(_SERVICE_COLUMNS)  # fixed columns: a script must not guess
     rows: list[list[tuple[str, str | None]]] = []
     for service in services:
         row: list[tuple[str, str | None]] = []
@@ -358,21 +374,6 @@ def render_service(service: Mapping[str, Any]) -> str:
     return render_mapping(shown)
 
 
-def render_table(rows: Sequence[Mapping[str, Any]], style: Style) -> str:
-    """A table of arbitrary objects: one column per key, in order of first appearance.
-
-    Columns named ``state`` are coloured as daemon states.
-    """
-    keys: list[str] = []
-    for row in rows:
-        keys.extend(k for k in row if k not in keys)
-    body = [
-        [(_cell(row.get(k)), _text(row.get(k)) if k == "state" else None) for k in keys]
-        for row in rows
-    ]
-    return _table([k.upper() for k in keys], body, style)
-
-
 def render_mapping(mapping: Mapping[str, Any]) -> str:
     """``key: value`` lines, keys aligned (``ikosctl discover``)."""
     if not mapping:
@@ -381,27 +382,17 @@ def render_mapping(mapping: Mapping[str, Any]) -> str:
     return "".join(f"{_text(k) + ':':<{width}} {_cell(v)}\n" for k, v in mapping.items())
 
 
-def render_value(value: Any, style: Style) -> str:
-    """Any result in its most readable form; empty for nothing to say.
-
-    A string as is, an object as ``key: value`` lines, a list of objects as
-    a table, anything else as JSON.
-    """
-    if value is None or value == {} or value == []:
-        return ""
-    if isinstance(value, str):
-        return value if value.endswith("\n") else value + "\n"
-    if isinstance(value, Mapping):
-        return render_mapping(value)
-    if isinstance(value, list) and all(isinstance(v, Mapping) for v in value):
-        return render_table(value, style)
-    return json.dumps(value, ensure_ascii=False) + "\n"
-
-
 def _table(
     headers: Sequence[str], rows: Sequence[Sequence[tuple[str, str | None]]], style: Style
 ) -> str:
-    """Columns two spaces apart; each cell is (text, state to colour it by, or None)."""
+    """Columns two spaces apart; each cell is (text, state to colour it by, or None).
+
+    Nothing for no rows. Without ``style.table``: tab-separated rows, no header.
+    """
+    if not rows:
+        return ""
+    if not style.table:
+        return "".join("\t".join(text for text, _ in row) + "\n" for row in rows)
     widths = [len(h) for h in headers]
     for row in rows:
         for i, (text, _) in enumerate(row):
@@ -418,7 +409,7 @@ def _table(
 
 
 def _cell(value: Any) -> str:
-    if value is None:
+    if value is None or value == "":
         return "-"
     if isinstance(value, bool):
         return "yes" if value else "no"

@@ -34,6 +34,7 @@ the manager receives only the tree.
 
 from __future__ import annotations
 
+import grp
 import json
 import math
 import re
@@ -114,6 +115,7 @@ _SETTINGS_KEYS: Final = (
     "shutdown_timeout",
     "mailbox_size",
     "max_message_bytes",
+    "readers",
 )
 _ROOT_KEYS: Final = ("name", "strategy", "max_restarts", "within", "description")
 _SUPERVISOR_KEYS: Final = ("parent", "strategy", "max_restarts", "within", *_COMMON_KEYS)
@@ -143,7 +145,9 @@ class ManagerSettings:
 
     ``metrics`` is the ``(host, port)`` the Prometheus endpoint listens on, or
     ``None`` when disabled; ``mailbox_size`` is the default mailbox bound of
-    actors in the file that do not set their own.
+    actors in the file that do not set their own; ``readers`` the group id
+    whose members may read what only the owner and root read otherwise
+    (logs, daemons' configurations).
     """
 
     metrics: tuple[str, int] | None = DEFAULT_METRICS
@@ -151,6 +155,7 @@ class ManagerSettings:
     shutdown_timeout: float = 30.0
     mailbox_size: int = 1000
     max_message_bytes: int = 64 * 1024 * 1024
+    readers: int | None = None
 
 
 @dataclass(frozen=True)
@@ -631,7 +636,21 @@ class _Loader:
             ),
             mailbox_size=t.integer("mailbox_size", defaults.mailbox_size, 1),
             max_message_bytes=t.integer("max_message_bytes", defaults.max_message_bytes, 1),
+            readers=self._readers(t),
         )
+
+    def _readers(self, t: _Table) -> int | None:
+        value = t.get("readers")
+        if value is _MISSING:
+            return None
+        expected = "the name or number of an existing group"
+        if isinstance(value, bool) or not isinstance(value, str | int):
+            raise t.error("readers", expected, value)
+        try:
+            found = grp.getgrnam(value) if isinstance(value, str) else grp.getgrgid(value)
+        except (KeyError, OverflowError):
+            raise t.error("readers", expected, value) from None
+        return int(found.gr_gid)
 
     def tree(self, document: Mapping[str, Any], mailbox_size: int) -> Supervisor:
         for key in document:

@@ -221,6 +221,7 @@ def prepare(
         "shutdown_timeout": s.shutdown_timeout,
         "log_level": s.log_level,
         "metrics": s.metrics,
+        "readers": s.readers,
     }
     config = Config(loaded.tree, loaded.file, loaded.services, loaded.health, loaded.warnings)
     return paths, config, read, settings
@@ -274,6 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_message_bytes=settings.get("max_message_bytes", 64 * 1024 * 1024),
             shutdown_timeout=settings.get("shutdown_timeout", 30.0),
             metrics=metrics,
+            reader_gid=settings.get("readers"),
         )
     except IkosError as exc:
         print(f"ikosd: {exc}", file=sys.stderr)

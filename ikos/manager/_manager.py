@@ -112,6 +112,7 @@ class Manager:
         ready_line: bool = True,
         metrics: tuple[str, int] | None = None,
         extensions: Sequence[Extension] | None = None,
+        reader_gid: int | None = None,
     ) -> None:
         if isinstance(config, Supervisor):
             config = Config(config)
@@ -124,6 +125,8 @@ class Manager:
         self.max_message_bytes = max_message_bytes
         self.shutdown_timeout = shutdown_timeout
         self.ready_line = ready_line
+        #: The group whose members may read private verbs (``[ikosd] readers``).
+        self.reader_gid = reader_gid
         self.mark = instance_mark(paths)
         self.fdstore = FdStore(paths.run_dir / "fdstore.sock")
         self.forkserver = ForkServer({MARK_INSTANCE: self.mark})
@@ -474,7 +477,7 @@ class Manager:
         failed = await self.forkserver.start(sys.path, self.preload_modules(self._tree))
         for mod, err in failed.items():
             log.warning("fork server could not preload %s: %s", mod, err)
-        self.control = ControlServer(self)
+        self.control = ControlServer(self, reader_gid=self.reader_gid)
         self.control.register("start_child", "control", self._verb_start_child)
         self.control.register("terminate_child", "control", self._verb_terminate_child)
         await self.control.start()

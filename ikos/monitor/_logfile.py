@@ -17,12 +17,23 @@ LogRecord per line) and checks the size by seeking on every emit, the hot
 path of a chatty daemon; and handing the pipes to a separate logger process
 (one more process per daemon, as supervisord's does not, for no gain on one
 machine).
+
+Daemon output may hold secrets, so the files are created 0600 (rotation
+renames, which keeps the mode) and :func:`secure_log_dir` keeps the
+directory to the owner (and a reader group, when one is configured).
+Followers (``ikosctl logs -f``) attach to the :class:`RotatingLog` object,
+not to the file, so rotation does not disturb them; each has a bounded
+queue, and one that falls behind gets a marker line saying how many lines it
+missed instead of making the manager grow.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import stat
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO
@@ -31,6 +42,8 @@ from typing import BinaryIO
 MAX_LINE_BYTES = 64 * 1024
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024
 DEFAULT_BACKUPS = 5
+#: Mode of every daemon log file: the owner's alone (the reader group reads through ikosd).
+LOG_FILE_MODE = 0o600
 
 
 def format_timestamp(when: float) -> str:
@@ -66,6 +79,7 @@ class RotatingLog:
         self.backups = backups
         self._file: BinaryIO | None = None
         self._size = 0
+        self._followers: set[LogFollower] = set()
 
     def backup_path(self, n: int) -> Path:
         """The n-th rotated file, ``NAME.log.n``."""
@@ -73,9 +87,34 @@ class RotatingLog:
 
     def _open(self) -> BinaryIO:
         if self._file is None:
-            self._file = open(self.path, "ab")  # noqa: SIM115 - kept open across calls
+            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+            fd = os.open(self.path, flags, LOG_FILE_MODE)
+            try:
+                if stat.S_IMODE(os.fstat(fd).st_mode) != LOG_FILE_MODE:
+                    os.fchmod(fd, LOG_FILE_MODE)  # left wider by an older ikos
+                self._file = open(fd, "ab")  # noqa: SIM115 - kept open across calls
+            except BaseException:
+                os.close(fd)
+                raise
             self._size = self._file.seek(0, os.SEEK_END)
         return self._file
+
+    def follow(self, limit_bytes: int = 1024 * 1024) -> LogFollower:
+        """A follower that receives every record written from now on (see :class:`LogFollower`).
+
+        Example::
+
+            follower = log.follow()
+            log.write("stdout", "hello")
+            follower.take()   # ['2025-11-26T05:20:00.123+01:00 stdout hello']
+            follower.close()
+        """
+        follower = LogFollower(self, limit_bytes)
+        self._followers.add(follower)
+        return follower
+
+    def _unfollow(self, follower: LogFollower) -> None:
+        self._followers.discard(follower)
 
     def write(self, stream: str, line: str, when: float | None = None) -> None:
         """Append one line (see :meth:`write_lines`)."""
@@ -102,7 +141,11 @@ class RotatingLog:
                     f = self._open()
                 f.write(record)
                 self._size += len(record)
+                for follower in self._followers:
+                    follower.push(record)
         f.flush()
+        for follower in self._followers:
+            follower.notify()
 
     def _rotate(self) -> None:
         if self._file is not None:
@@ -137,6 +180,74 @@ class RotatingLog:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class LogFollower:
+    """New records of one :class:`RotatingLog`, queued for a reader (``logs -f``).
+
+    The queue holds at most ``limit_bytes`` of records; past that, records
+    are counted instead of kept, and :meth:`take` ends with a marker record
+    ``<time> ikos N lines dropped (...)`` in their place. ``wake`` (any
+    callable) is called after each batch written, e.g. an asyncio Event's
+    ``set``.
+    """
+
+    def __init__(self, log: RotatingLog, limit_bytes: int) -> None:
+        if limit_bytes <= 0:
+            raise ValueError(f"limit_bytes must be > 0, got {limit_bytes}")
+        self.limit_bytes = limit_bytes
+        self.wake: Callable[[], None] | None = None
+        self.closed = False
+        self._log: RotatingLog | None = log
+        self._records: list[bytes] = []
+        self._bytes = 0
+        self._dropped = 0
+
+    def push(self, record: bytes) -> None:
+        """Queue one record (called by the log; the newest are dropped when full)."""
+        if self._dropped or self._bytes + len(record) > self.limit_bytes:
+            self._dropped += 1
+            return
+        self._records.append(record)
+        self._bytes += len(record)
+
+    def notify(self) -> None:
+        if self.wake is not None:
+            self.wake()
+
+    def take(self) -> list[str]:
+        """The queued records as text lines (oldest first), the drop marker last; clears."""
+        lines = [r.decode("utf-8", "replace").rstrip("\n") for r in self._records]
+        if self._dropped:
+            lines.append(
+                f"{format_timestamp(time.time())} ikos {self._dropped} lines dropped "
+                "(this reader fell behind)"
+            )
+        self._records, self._bytes, self._dropped = [], 0, 0
+        return lines
+
+    def close(self) -> None:
+        """Stop following (idempotent)."""
+        self.closed = True
+        if self._log is not None:
+            self._log._unfollow(self)
+            self._log = None
+        self.notify()
+
+
+def secure_log_dir(path: Path, reader_gid: int | None = None) -> None:
+    """Create ``path`` if needed and restrict it: 0700, or 0750 owned by ``reader_gid``.
+
+    The log directory holds daemons' output and ikosd's own log, which other
+    users must not read unless they are in the configured reader group.
+    """
+    path.mkdir(parents=True, exist_ok=True)
+    if reader_gid is None:
+        os.chmod(path, 0o700)
+        return
+    with contextlib.suppress(PermissionError):  # a non-root owner outside the group
+        os.chown(path, -1, reader_gid)
+    os.chmod(path, 0o750)
 
 
 class LineSplitter:

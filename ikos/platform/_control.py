@@ -42,6 +42,7 @@ __all__ = [
     "EventStream",
     "bind_unix",
     "connect_unix",
+    "take_line",
 ]
 
 #: The server closes the connection on a longer request line.
@@ -49,6 +50,19 @@ MAX_REQUEST_BYTES = 1 << 20
 #: Bound of one answer line; a status list of thousands of daemons fits.
 MAX_ANSWER_BYTES = 64 << 20
 _RECV_CHUNK = 1 << 16
+
+
+def take_line(buffer: bytearray, start: int = 0) -> bytes | None:
+    """Remove and return the first line of ``buffer`` (without its newline), if it has one.
+
+    ``start``: where to look for the newline, past bytes known to hold none.
+    """
+    end = buffer.find(b"\n", start)
+    if end < 0:
+        return None
+    line = bytes(buffer[:end])
+    del buffer[: end + 1]
+    return line
 
 
 class _Connection:
@@ -112,10 +126,8 @@ class _Connection:
         """The next answer line; ``deadline`` None waits as long as it takes."""
         scanned = 0  # the bytes before this hold no newline: never rescan them
         while True:
-            end = self._buffer.find(b"\n", scanned)
-            if end >= 0:
-                line = bytes(self._buffer[:end])
-                del self._buffer[: end + 1]
+            line = take_line(self._buffer, scanned)
+            if line is not None:
                 return line
             if len(self._buffer) > MAX_ANSWER_BYTES:
                 raise _garbage_error(

@@ -21,6 +21,13 @@ descriptors closed; ``BARRIER=1`` is answered by that very close), and a
 flood cannot starve the event loop because each :meth:`NotifySocket.recv`
 skips at most ``max_skip`` bad datagrams.
 
+Every sender is rate-limited before its datagram is parsed: a token bucket
+per uid and one per pid (:class:`SenderLimits`). A datagram over either
+budget costs one ``recvmsg`` and a look at its credentials, nothing more; it
+is counted, and the count is logged once per window, so a flood from another
+user can neither make the manager parse nor make it log at the flood's rate,
+while the daemons keep their own budgets.
+
 The credentials are the kernel's, with one caveat: a sender with
 CAP_SYS_ADMIN may present another PID's (``systemd-notify --pid`` as root
 does), so they prove who sent only for unprivileged daemons.
@@ -37,6 +44,7 @@ import socket
 import stat
 import struct
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -50,6 +58,47 @@ _UCRED = struct.Struct("3i")  # struct ucred: pid_t pid; uid_t uid; gid_t gid
 _MAX_FDS = 16
 _ANCBUF = socket.CMSG_SPACE(_UCRED.size) + socket.CMSG_SPACE(_MAX_FDS * 4)
 _KEY_RE = re.compile(r"^[A-Za-z0-9_]+$")
+#: How often (seconds) the dropped-datagram counts are logged, at most.
+LOG_WINDOW = 10.0
+
+
+@dataclass(frozen=True)
+class SenderLimits:
+    """Token buckets of notifications: ``rate`` per second, bursts of ``burst``.
+
+    A daemon sends a handful of notifications in its life plus one
+    ``WATCHDOG=1`` every few seconds; the defaults leave room for chatty
+    ``STATUS=`` updates and for many daemons of one user, and stop a flood.
+    """
+
+    pid_rate: float = 100.0
+    pid_burst: float = 200.0
+    uid_rate: float = 1000.0
+    uid_burst: float = 2000.0
+    #: Senders tracked at once; past it the idle buckets are forgotten (a full one is idle).
+    max_tracked: int = 4096
+
+
+class _Buckets:
+    """Token buckets by key (a pid or a uid), refilled by elapsed time."""
+
+    def __init__(self, rate: float, burst: float, max_tracked: int) -> None:
+        self.rate, self.burst, self.max_tracked = rate, burst, max_tracked
+        self._state: dict[int, tuple[float, float]] = {}  # key: tokens, at
+
+    def has(self, key: int, now: float) -> bool:
+        """Whether ``key`` has a token now (without taking it)."""
+        tokens, at = self._state.get(key, (self.burst, now))
+        return min(self.burst, tokens + (now - at) * self.rate) >= 1.0
+
+    def take(self, key: int, now: float) -> None:
+        tokens, at = self._state.get(key, (self.burst, now))
+        self._state[key] = (min(self.burst, tokens + (now - at) * self.rate) - 1.0, now)
+        if len(self._state) > self.max_tracked:
+            full = self.burst / self.rate  # seconds for an empty bucket to refill
+            self._state = {k: v for k, v in self._state.items() if now - v[1] < full}
+            if len(self._state) > self.max_tracked:  # a fork bomb of senders: start afresh
+                self._state = {key: self._state[key]}
 
 
 @dataclass(frozen=True, eq=True)
@@ -146,12 +195,25 @@ class NotifySocket:
     """
 
     def __init__(
-        self, address: str | os.PathLike[str], *, mode: int = 0o666, max_skip: int = 64
+        self,
+        address: str | os.PathLike[str],
+        *,
+        mode: int = 0o666,
+        max_skip: int = 64,
+        limits: SenderLimits | None = None,
     ) -> None:
         self.address = os.fspath(address)
         self.max_skip = max_skip
-        #: Datagrams dropped since creation (oversized, malformed, no credentials, fds).
+        self.limits = limits if limits is not None else SenderLimits()
+        #: Datagrams dropped since creation (oversized, malformed, no credentials, fds,
+        #: over a sender's rate limit).
         self.dropped = 0
+        #: Of which over a sender's rate limit, by uid.
+        self.rate_limited: Counter[int] = Counter()
+        self._pids = _Buckets(self.limits.pid_rate, self.limits.pid_burst, self.limits.max_tracked)
+        self._uids = _Buckets(self.limits.uid_rate, self.limits.uid_burst, self.limits.max_tracked)
+        self._limited_window = 0.0
+        self._limited_now: Counter[int] = Counter()
         self._log_window = 0.0
         self._logged = 0
         self._suppressed = 0
@@ -209,6 +271,8 @@ class NotifySocket:
                         with contextlib.suppress(OSError):
                             os.close(fd)
                     fds += len(received)
+            if creds is not None and creds[0] > 0 and not self._within_limits(creds[0], creds[1]):
+                continue  # before anything else is looked at: a flood costs this much only
             sender = f"PID {creds[0]}" if creds else "an unknown sender"
             if flags & socket.MSG_TRUNC or len(data) > MAX_NOTIFY_BYTES:
                 self._drop(f"oversized datagram from {sender} (more than {MAX_NOTIFY_BYTES} bytes)")
@@ -241,6 +305,30 @@ class NotifySocket:
                 break
             out.append(msg)
         return out
+
+    def _within_limits(self, pid: int, uid: int) -> bool:
+        """Take a token of ``pid`` and of ``uid``; False (counted, logged per window) if none."""
+        now = time.monotonic()
+        if now - self._limited_window >= LOG_WINDOW:
+            for who, count in self._limited_now.items():
+                log.warning(
+                    "notify socket: dropped %d datagrams of uid %d over its rate limit in %gs",
+                    count,
+                    who,
+                    LOG_WINDOW,
+                )
+            self._limited_window = now
+            self._limited_now.clear()
+        if self._pids.has(pid, now) and self._uids.has(uid, now):
+            self._pids.take(pid, now)
+            self._uids.take(uid, now)
+            return True
+        self.dropped += 1
+        self.rate_limited[uid] += 1
+        if not self._limited_now[uid]:
+            log.warning("notify socket: uid %d (pid %d) is over its rate limit: dropping", uid, pid)
+        self._limited_now[uid] += 1
+        return False
 
     def _drop(self, reason: str) -> None:
         self.dropped += 1

@@ -41,19 +41,21 @@ def parse_signal(value: object) -> int:
         number = value
     elif isinstance(value, str):
         text = value.strip()
-        if text.isdigit():
-            number = int(text)
+        if text.isascii() and text.isdigit():
+            # a 5,000-digit string is out of range, not a reason to parse it
+            number = int(text) if len(text) <= 3 else signal.NSIG
         else:
             name = text.upper()
             name = name if name.startswith("SIG") else "SIG" + name
             member = signal.Signals.__members__.get(name)
             if member is None:
-                raise ValueError(f"unknown signal {value!r}")
+                raise ValueError(f"unknown signal {value[:40]!r}")
             return member
     else:
-        raise ValueError(f"not a signal: {value!r}")
+        raise ValueError(f"not a signal: {str(value)[:40]}")
     if not 0 < number < signal.NSIG:
-        raise ValueError(f"no signal number {number} (1-{signal.NSIG - 1})")
+        shown = str(value).strip()[:20]
+        raise ValueError(f"no signal number {shown} (1-{signal.NSIG - 1})")
     try:
         return signal.Signals(number)
     except ValueError:
