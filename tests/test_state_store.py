@@ -19,11 +19,12 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import alive
 from hypothesis import given
 from hypothesis import strategies as st
 
 from ikos.manager._daemon_service import DaemonStore
-from ikos.manager._recovery import Marked, plan_recovery
+from ikos.manager._recovery import Marked, Stray, kill_strays, plan_recovery
 from ikos.manager._state import RunningRecord, StateStore
 from ikos.platform._database import DatabaseUnavailable, open_database
 from ikos.platform._process import ProcInfo, proc_info
@@ -202,7 +203,7 @@ def test_running_records_are_adopted_starting_ones_stopped(
     }
     plan = plan_recovery(records, {"a", "b", "dead"}, [marked(a), marked(b), marked(gone_tree)])
     assert set(plan.adoptable) == {"a"}
-    assert plan.strays == {
+    assert {pid: (s.what, s.why) for pid, s in plan.strays.items()} == {
         b: ("b", "it was still starting"),
         gone_tree: ("old", "it is no longer in the tree"),
     }
@@ -230,7 +231,8 @@ def test_unrecorded_processes_are_stopped_but_an_adopted_daemons_own_are_kept(
     )
     assert set(plan.adoptable) == {"web"}
     assert set(plan.strays) == {stray_exec, stray_actor}
-    assert plan.strays[stray_exec] == ("db", "state.db did not record it (state.db was damaged)")
+    found = plan.strays[stray_exec]
+    assert (found.what, found.why) == ("db", "state.db did not record it (state.db was damaged)")
 
 
 def test_descendants_and_session_members_of_adopted_daemons_are_kept(
@@ -277,3 +279,21 @@ def test_first_free_back_off_starts_at_zero_and_then_follows_the_series(
 def test_owner_lookups_need_a_live_pid() -> None:
     assert proc_info(os.getpid()) is not None
     assert proc_info(2**22 - 3) is None
+
+
+def test_a_stray_whose_pid_was_recycled_is_left_alone(
+    children: list[subprocess.Popen[bytes]],
+) -> None:
+    """Between finding a stray and killing it, its PID may name someone else: not killed."""
+    innocent, stray = sleeper(children), sleeper(children)
+    innocent_ticks = proc_info(innocent).start_ticks  # type: ignore[union-attr]
+    stray_ticks = proc_info(stray).start_ticks  # type: ignore[union-attr]
+    left = kill_strays(
+        {
+            innocent: Stray("old", "recycled since", innocent_ticks + 1),
+            stray: Stray("x", "a real stray", stray_ticks),
+        },
+        timeout=10,
+    )
+    assert left == []
+    assert alive(innocent) and not alive(stray)

@@ -241,3 +241,7 @@ class Extension:
 
     async def on_reload(self, config: Config) -> None:
         """A reloaded configuration was applied (the tree already runs it)."""
+
+    def ready_note(self) -> str | None:
+        """A few words for ikosd's ready line (``metrics http://...``), if any."""
+        return None

@@ -53,16 +53,8 @@ from ikos.manager._extension import (
 )
 from ikos.manager._logs import DaemonLogs
 from ikos.manager._operations import TreeOperations
-from ikos.manager._recovery import (
-    MARK_DAEMON,
-    MARK_INSTANCE,
-    find_marked,
-    instance_mark,
-    kill_strays,
-    plan_recovery,
-    stray_cgroups,
-)
-from ikos.manager._state import RunningRecord, StateStore
+from ikos.manager._recovery import MARK_DAEMON, MARK_INSTANCE, Recovery, instance_mark
+from ikos.manager._state import StateStore
 from ikos.platform._database import DatabaseUnavailable
 from ikos.platform._fdstore import FdStore
 from ikos.platform._forkserver import ForkServer
@@ -151,8 +143,7 @@ class Manager:
         self._started: list[Extension] = []
         self.ops = TreeOperations(self)
         self.state: StateStore | None = None
-        self.adoptable: dict[str, RunningRecord] = {}
-        self.held_fds: dict[str, dict[str, int]] = {}
+        self.recovery: Recovery | None = None
         self.nodes: dict[str, Node] = {}
         self.root: SupervisorNode | None = None
         self.ctx: InstanceContext | None = None
@@ -285,12 +276,16 @@ class Manager:
         self.spawners[node.kind].retire(node)
 
     async def spawn(self, node: WorkerNode) -> Running:
-        record = self.adoptable.pop(node.name, None)
-        if record is not None and record.kind == node.kind:
-            return self._adopt(node, record)
-        if record is not None:
-            self._orphan(record)
-        return await self.spawners[node.kind].spawn(node)
+        found = self.recovery.take(node.name, node.kind) if self.recovery is not None else None
+        if found is None:
+            return await self.spawners[node.kind].spawn(node)
+        record, fds = found
+        node.restarts = record.restarts
+        try:
+            return self.spawners[node.kind].adopt(node, record.pid, record.sid, fds)
+        finally:
+            for fd in fds.values():
+                os.close(fd)
 
     def _forked(self, node: WorkerNode, pid: int) -> None:
         """A process exists for ``node`` and has run no user code: record it before it may."""
@@ -301,78 +296,6 @@ class Manager:
     def _context(self) -> InstanceContext:
         assert self.ctx is not None, "the manager has not started"
         return self.ctx
-
-    # -- adoption after a crash of ikosd ---------------------------------------------
-
-    def _adopt(self, node: WorkerNode, record: RunningRecord) -> Running:
-        """Take over a daemon that kept running while no ikosd was there."""
-        fds = self.held_fds.pop(node.name, {})
-        node.restarts = record.restarts
-        log.info("%s: adopting pid %d, left running by the previous ikosd", node.name, record.pid)
-        try:
-            return self.spawners[node.kind].adopt(node, record.pid, record.sid, fds)
-        finally:
-            for fd in fds.values():
-                os.close(fd)
-
-    def _orphan(self, record: RunningRecord) -> None:
-        """A daemon left running that the tree no longer has (or no longer runs): stop it."""
-        log.warning(
-            "%s (pid %d) was left running but is not started by this tree: stopping it",
-            record.name,
-            record.pid,
-        )
-        with contextlib.suppress(OSError):
-            pidfd = os.pidfd_open(record.pid)
-            try:
-                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-            finally:
-                os.close(pidfd)
-        for fd in self.held_fds.pop(record.name, {}).values():
-            os.close(fd)
-        self.fdstore.drop(record.name)
-        if self.state is not None:
-            self.state.gone(record.name)
-
-    async def _recover(self) -> None:
-        """Find what a previous ikosd left: adopt what can be, stop the rest, and say so."""
-        try:
-            self.held_fds = self.fdstore.open()
-        except OSError as exc:
-            log.warning("no descriptor keeper (%s): a crash of ikosd would break log pipes", exc)
-        assert self.state is not None
-        if self.state.damage:
-            log.error("%s", self.state.damage)
-        records = self.state.load()
-        names = {spec.name for _, spec in self._tree.walk()}
-        marked = await asyncio.to_thread(find_marked, self.mark)
-        plan = plan_recovery(records, names, marked, state_damage=self.state.damage)
-        for pid, what in stray_cgroups(self.paths, set(plan.adoptable)).items():
-            plan.strays.setdefault(pid, what)
-        for record in plan.ended:
-            log.info("%s (pid %d) ended while no ikosd was running", record.name, record.pid)
-        if plan.strays:
-            unrecorded = sorted(
-                {what for what, why in plan.strays.values() if why.startswith("state.db")}
-            )
-            if unrecorded and not self.state.damage:
-                log.error(
-                    "found processes of this instance that state.db does not record (it was "
-                    "lost, truncated or could not be written): %s; stopping them so that no "
-                    "daemon runs twice",
-                    ", ".join(unrecorded),
-                )
-            left = await asyncio.to_thread(kill_strays, plan.strays)
-            if left:
-                log.error("processes that would not die after SIGKILL: %s", left)
-        self.adoptable = plan.adoptable
-        for name in [n for n in self.held_fds if n not in self.adoptable]:
-            for key, fd in self.held_fds.pop(name).items():
-                os.close(fd)
-                self.fdstore.drop(name, [key])
-        for name in records:
-            if name not in self.adoptable:
-                self.state.gone(name)
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -471,7 +394,9 @@ class Manager:
         if not become_subreaper():
             log.warning("could not become a child subreaper: exit statuses may be lost")
         loop.add_signal_handler(signal.SIGCHLD, self._reap)
-        await self._recover()
+        assert self.state is not None
+        self.recovery = Recovery(self.paths, self.state, self.fdstore)
+        await self.recovery.run({spec.name for _, spec in self._tree.walk()})
         if self.fdstore.process is not None:
             own(self.fdstore.process.pid)
         failed = await self.forkserver.start(sys.path, self.preload_modules(self._tree))
@@ -512,9 +437,7 @@ class Manager:
             log.critical("the root supervisor failed to start: %s", exc)
             self.exit_code = EXIT_FAILED
             self._stop.set()
-        for record in list(self.adoptable.values()):
-            self._orphan(record)
-        self.adoptable.clear()
+        self.recovery.finish()
         if not self._stop.is_set():
             self._announce_ready()
         await stopping
@@ -578,14 +501,10 @@ class Manager:
             1 for n in self.nodes.values() if n.kind != "supervisor" and n.state is State.RUNNING
         )
         if self.ready_line:
-            metrics = ""
-            for ext in self._started:
-                url = getattr(ext, "url", None)
-                if isinstance(url, str):
-                    metrics = f", metrics {url}"
+            notes = "".join(f", {note}" for ext in self._started if (note := ext.ready_note()))
             line = (
                 f"ikosd ready: {running} daemons running, pid {os.getpid()}, "
-                f"control socket {self.paths.control_socket}{metrics}"
+                f"control socket {self.paths.control_socket}{notes}"
             )
             if not _write_line(sys.stdout, line):
                 log.warning("stdout is closed: %s", line)

@@ -34,6 +34,9 @@ class MetricsService(Extension):
         """Where the metrics are served (None when the address could not be bound)."""
         return self.endpoint.url
 
+    def ready_note(self) -> str | None:
+        return f"metrics {self.url}" if self.url else None
+
     async def start(self, host: ExtensionHost) -> None:
         self._view = host.view
         self.endpoint.add(DaemonCollector(self.snapshot))

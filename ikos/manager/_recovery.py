@@ -30,6 +30,7 @@ before the tree starts, so the old copy is gone before the new one runs.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import logging
@@ -40,8 +41,9 @@ import time
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
-from ikos.manager._state import RunningRecord
+from ikos.manager._state import RunningRecord, StateStore
 from ikos.platform._cgroups import CgroupManager, instance_cgroup_name
+from ikos.platform._fdstore import FdStore
 from ikos.platform._paths import InstancePaths
 from ikos.platform._process import ProcInfo, all_pids, environ_of, proc_info
 
@@ -67,13 +69,21 @@ class Marked:
     daemon: str | None
 
 
+@dataclass(frozen=True)
+class Stray:
+    """A process to stop: what it is, why, and its start time (to know it is still it)."""
+
+    what: str
+    why: str
+    start_ticks: int | None
+
+
 @dataclass
 class RecoveryPlan:
-    """What a new ikosd found: daemons to adopt, processes to stop, and why."""
+    """What a new ikosd found: daemons to adopt, processes to stop (by PID), and why."""
 
     adoptable: dict[str, RunningRecord] = field(default_factory=dict)
-    #: pid -> (daemon name or a description, why it is stopped)
-    strays: dict[int, tuple[str, str]] = field(default_factory=dict)
+    strays: dict[int, Stray] = field(default_factory=dict)
     ended: list[RunningRecord] = field(default_factory=list)
 
 
@@ -109,9 +119,9 @@ def plan_recovery(
         if not record.still_running():
             plan.ended.append(record)
         elif name not in tree_names:
-            plan.strays[record.pid] = (name, "it is no longer in the tree")
+            plan.strays[record.pid] = Stray(name, "it is no longer in the tree", _ticks(record.pid))
         elif record.phase != "running":
-            plan.strays[record.pid] = (name, "it was still starting")
+            plan.strays[record.pid] = Stray(name, "it was still starting", _ticks(record.pid))
         else:
             plan.adoptable[name] = record
     adopted_pids = {r.pid for r in plan.adoptable.values()}
@@ -147,31 +157,47 @@ def plan_recovery(
             continue  # a process of an adopted executable (its workers, its helpers)
         if m.info.sid in adopted_sids or descends_from_adopted(m):
             continue
-        plan.strays[pid] = (m.daemon or "an actor or helper process", why)
+        plan.strays[pid] = Stray(m.daemon or "an actor or helper process", why, m.info.start_ticks)
     return plan
 
 
-def stray_cgroups(paths: InstancePaths, keep: Collection[str]) -> dict[int, tuple[str, str]]:
+def _ticks(pid: int) -> int | None:
+    info = proc_info(pid)
+    return info.start_ticks if info is not None else None
+
+
+def stray_cgroups(paths: InstancePaths, keep: Collection[str]) -> dict[int, Stray]:
     """The processes in this instance's daemon cgroups whose daemon is not in ``keep``."""
-    out: dict[int, tuple[str, str]] = {}
+    out: dict[int, Stray] = {}
     for name, cgroup in CgroupManager(instance_cgroup_name(paths)).existing().items():
         if name in keep:
             continue
         with contextlib.suppress(OSError):
             for pid in cgroup.pids():
-                out[pid] = (name, "it was left in the daemon's cgroup")
+                out[pid] = Stray(name, "it was left in the daemon's cgroup", _ticks(pid))
     return out
 
 
-def kill_strays(strays: dict[int, tuple[str, str]], timeout: float = KILL_WAIT) -> list[int]:
-    """SIGKILL every stray through a pidfd and wait for them to go; return those that stayed."""
+def kill_strays(strays: dict[int, Stray], timeout: float = KILL_WAIT) -> list[int]:
+    """SIGKILL every stray through a pidfd and wait for them to go; return those that stayed.
+
+    Each is pinned by its pidfd and checked to be the process that was found
+    (same start time) before it is signalled: a PID recycled in between is
+    left alone.
+    """
     pidfds: dict[int, int] = {}
-    for pid, (what, why) in sorted(strays.items()):
-        log.warning("stopping pid %d (%s): %s", pid, what, why)
+    for pid, stray in sorted(strays.items()):
         try:
             fd = os.pidfd_open(pid)
         except OSError:
             continue
+        info = proc_info(pid)
+        if info is None or (
+            stray.start_ticks is not None and info.start_ticks != stray.start_ticks
+        ):
+            os.close(fd)
+            continue
+        log.warning("stopping pid %d (%s): %s", pid, stray.what, stray.why)
         try:
             signal.pidfd_send_signal(fd, signal.SIGKILL)
         except OSError:
@@ -182,16 +208,96 @@ def kill_strays(strays: dict[int, tuple[str, str]], timeout: float = KILL_WAIT) 
     poller = select.poll()
     for fd in pidfds.values():
         poller.register(fd, select.POLLIN)
-    left = dict(pidfds)
+    by_fd = {fd: pid for pid, fd in pidfds.items()}
+    left = set(pidfds)
     while left:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             break
         for fd, _ in poller.poll(remaining * 1000):
             poller.unregister(fd)
-            for pid, pfd in list(left.items()):
-                if pfd == fd:
-                    del left[pid]
+            left.discard(by_fd[fd])
     for fd in pidfds.values():
         os.close(fd)
     return sorted(left)
+
+
+class Recovery:
+    """A new ikosd's take-over of what the previous one left; see the module docstring.
+
+    :meth:`run` (before the tree starts) stops what cannot be trusted and
+    keeps the rest for adoption; :meth:`take` hands a daemon's record and
+    descriptors to the spawn of its node; :meth:`finish` (once the tree has
+    started) stops what no node took.
+    """
+
+    def __init__(self, paths: InstancePaths, state: StateStore, fdstore: FdStore) -> None:
+        self.paths, self.state, self.fdstore = paths, state, fdstore
+        self.adoptable: dict[str, RunningRecord] = {}
+        self.held_fds: dict[str, dict[str, int]] = {}
+
+    async def run(self, tree_names: Collection[str]) -> None:
+        """Find what a previous ikosd left: adopt what can be, stop the rest, and say so."""
+        try:
+            self.held_fds = self.fdstore.open()
+        except OSError as exc:
+            log.warning("no descriptor keeper (%s): a crash of ikosd would break log pipes", exc)
+        state = self.state
+        if state.damage:
+            log.error("%s", state.damage)
+        records = state.load()
+        marked = await asyncio.to_thread(find_marked, instance_mark(self.paths))
+        plan = plan_recovery(records, tree_names, marked, state_damage=state.damage)
+        for pid, stray in stray_cgroups(self.paths, set(plan.adoptable)).items():
+            plan.strays.setdefault(pid, stray)
+        for record in plan.ended:
+            log.info("%s (pid %d) ended while no ikosd was running", record.name, record.pid)
+        if plan.strays:
+            unrecorded = sorted({s.what for s in plan.strays.values() if s.why.startswith("state")})
+            if unrecorded and not state.damage:
+                log.error(
+                    "found processes of this instance that state.db does not record (it was "
+                    "lost, truncated or could not be written): %s; stopping them so that no "
+                    "daemon runs twice",
+                    ", ".join(unrecorded),
+                )
+            left = await asyncio.to_thread(kill_strays, plan.strays)
+            if left:
+                log.error("processes that would not die after SIGKILL: %s", left)
+        self.adoptable = plan.adoptable
+        for name in [n for n in self.held_fds if n not in self.adoptable]:
+            for key, fd in self.held_fds.pop(name).items():
+                os.close(fd)
+                self.fdstore.drop(name, [key])
+        for name in records:
+            if name not in self.adoptable:
+                state.gone(name)
+
+    def take(self, name: str, kind: str) -> tuple[RunningRecord, dict[str, int]] | None:
+        """The record and descriptors of daemon ``name`` if it can be adopted as a ``kind``."""
+        record = self.adoptable.pop(name, None)
+        if record is None:
+            return None
+        if record.kind != kind:
+            self._stop(record)
+            return None
+        log.info("%s: adopting pid %d, left running by the previous ikosd", name, record.pid)
+        return record, self.held_fds.pop(name, {})
+
+    def finish(self) -> None:
+        """The tree has started: what no node adopted is not wanted (held, or gone)."""
+        for record in list(self.adoptable.values()):
+            self._stop(record)
+        self.adoptable.clear()
+
+    def _stop(self, record: RunningRecord) -> None:
+        log.warning(
+            "%s (pid %d) was left running but is not started by this tree: stopping it",
+            record.name,
+            record.pid,
+        )
+        kill_strays({record.pid: Stray(record.name, "not started", _ticks(record.pid))}, 0)
+        for fd in self.held_fds.pop(record.name, {}).values():
+            os.close(fd)
+        self.fdstore.drop(record.name)
+        self.state.gone(record.name)
