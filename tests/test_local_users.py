@@ -565,7 +565,10 @@ class StubManager:
     def __init__(self, root: Path) -> None:
         self.paths = InstancePaths.for_root(root)
         self.paths.run_dir.mkdir(parents=True)
-        self.execs = StubExecs(root)
+        self.logs = StubExecs(root)  # the daemons' logs: tail and follow
+
+    def health(self) -> dict[str, Any]:
+        return {"state_store": {"ok": True}}
 
     def node(self, name: str) -> str:
         if name != "web":
@@ -598,7 +601,7 @@ def serving(root: Path, reader_gid: int | None = None) -> Iterator[Path]:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(30)
         loop.close()
-        manager.execs.log.close()
+        manager.logs.log.close()
 
 
 def hello(user: pwd.struct_passwd, path: Path, **kwargs: Any) -> dict[str, Any]:

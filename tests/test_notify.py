@@ -352,7 +352,7 @@ def test_a_sender_over_its_rate_is_dropped_before_parsing(
     tmp_path: Path, procs: list[subprocess.Popen[bytes]], caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="ikos.notify")
-    limits = SenderLimits(pid_rate=0.001, pid_burst=5)
+    limits = SenderLimits(pid_rate=0.001, pid_burst=5, exempt_uids=frozenset())
     with NotifySocket(tmp_path / "n.sock", limits=limits) as sock:
         with _raw_sender(sock.address) as raw:
             for n in range(5):
@@ -375,7 +375,7 @@ def test_a_sender_over_its_rate_is_dropped_before_parsing(
 def test_a_users_processes_share_the_users_budget(
     tmp_path: Path, procs: list[subprocess.Popen[bytes]]
 ) -> None:
-    limits = SenderLimits(uid_rate=0.001, uid_burst=3)
+    limits = SenderLimits(uid_rate=0.001, uid_burst=3, exempt_uids=frozenset())
     with NotifySocket(tmp_path / "n.sock", limits=limits) as sock:
         for _ in range(2):
             assert notify("WATCHDOG=1", sock.address)
@@ -394,7 +394,10 @@ def test_the_count_of_dropped_datagrams_is_logged_once_per_window(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     caplog.set_level(logging.WARNING, logger="ikos.notify")
-    with NotifySocket(tmp_path / "n.sock", limits=SenderLimits(pid_rate=0.001, pid_burst=1)) as s:
+    with NotifySocket(
+        tmp_path / "n.sock",
+        limits=SenderLimits(pid_rate=0.001, pid_burst=1, exempt_uids=frozenset()),
+    ) as s:
         with _raw_sender(s.address) as raw:
             for _ in range(8):
                 raw.send(b"WATCHDOG=1")
@@ -415,3 +418,16 @@ def test_the_table_of_senders_is_bounded() -> None:
     buckets.take(999, 0.0)
     assert not buckets.has(999, 0.0)  # its burst of two is spent
     assert buckets.has(999, 1.0)  # one second refills one token
+
+
+def test_root_and_the_owner_are_not_rate_limited(tmp_path: Path) -> None:
+    """A daemon of the owner that bursts STATUS= lines must not lose its READY=1."""
+    limits = SenderLimits(pid_rate=0.001, pid_burst=1)
+    assert os.getuid() in limits.exempt_uids
+    with NotifySocket(tmp_path / "n.sock", limits=limits) as s:
+        sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        for n in range(5):
+            sender.sendto(f"STATUS={n}".encode(), str(tmp_path / "n.sock"))
+        sender.close()
+        got = [m.fields for m in s.drain()]
+    assert [f["STATUS"] for f in got] == ["0", "1", "2", "3", "4"]

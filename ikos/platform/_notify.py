@@ -69,6 +69,10 @@ class SenderLimits:
     A daemon sends a handful of notifications in its life plus one
     ``WATCHDOG=1`` every few seconds; the defaults leave room for chatty
     ``STATUS=`` updates and for many daemons of one user, and stop a flood.
+    Root and the manager's own user are not limited (``exempt_uids``, by
+    default those two): what the limits guard against is *another* user's
+    flood, and a daemon of the instance's owner that reports ``READY=1``
+    after a burst of ``STATUS=`` lines must not lose it.
     """
 
     pid_rate: float = 100.0
@@ -77,6 +81,7 @@ class SenderLimits:
     uid_burst: float = 2000.0
     #: Senders tracked at once; past it the idle buckets are forgotten (a full one is idle).
     max_tracked: int = 4096
+    exempt_uids: frozenset[int] = frozenset({0, os.getuid()})
 
 
 class _Buckets:
@@ -319,6 +324,8 @@ class NotifySocket:
                 )
             self._limited_window = now
             self._limited_now.clear()
+        if uid in self.limits.exempt_uids:
+            return True
         if self._pids.has(pid, now) and self._uids.has(uid, now):
             self._pids.take(pid, now)
             self._uids.take(uid, now)
