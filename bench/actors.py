@@ -3,10 +3,12 @@
 Run with ``make bench`` (or ``python -m bench.actors``). Measures, in one run:
 ask round trip p50/p99 to an actor in another process, tell throughput,
 time to start 100 actors to ready, time from SIGKILL of an actor to its
-answering again (no back-off), USS per idle actor and the manager's idle CPU
-with 100 actors. The floor is a ``multiprocessing.Pipe`` round trip to a
-process that echoes. Peers that are not installed are skipped (``pip install
--e '.[bench]'`` installs them).
+answering again (no back-off), how late an ``AskTimeout`` comes past its
+timeout and how soon an ask to a stopped actor fails (where the tests only
+bound hangs), USS per idle actor and the manager's idle CPU with 100
+actors. The floor is a ``multiprocessing.Pipe`` round trip to a process
+that echoes. Peers that are not installed are skipped (``pip install -e
+'.[bench]'`` installs them).
 """
 
 from __future__ import annotations
@@ -25,10 +27,12 @@ import psutil
 from bench._common import IkosInstance, Table, percentile, summary_us
 
 MSG = {"op": "echo", "n": 1, "payload": "x" * 32}
+ASK_TIMEOUT = 0.05  # the timeout whose lateness is measured
 
 TREE = textwrap.dedent(
     """
     import os
+    import time
     import ikos
 
     class Echo(ikos.Actor):
@@ -44,10 +48,17 @@ TREE = textwrap.dedent(
                 return self.count
             self.count += 1
 
+    class Mute(ikos.Actor):
+        def receive(self, message):
+            if message == "block":
+                time.sleep(3600)  # never answers again
+            return message
+
     def tree():
         return ikos.Supervisor("root", max_restarts=100000, within=1, children=[
             ikos.Child("echo", Echo),
             ikos.Child("sink", Sink, mailbox_size=100000),
+            ikos.Child("mute", Mute, shutdown="brutal_kill"),
             ikos.Supervisor("pool", max_restarts=100, within=1, children=[
                 ikos.Child(f"w{i}", Echo) for i in range(100)
             ]),
@@ -124,7 +135,38 @@ def floor_tell(n: int) -> float:
 # -- ikos -------------------------------------------------------------------------
 
 
-def ikos_figures(inst: IkosInstance, n: int, tells: int, kills: int) -> dict[str, Any]:
+def failed_asks(root: Path, client: Any, timeouts: int, dead: int) -> dict[str, list[float]]:
+    """How late ``AskTimeout`` comes past its timeout; how soon a stopped actor's ask fails.
+
+    ``mute`` answers once (so that the ref is connected), then never again:
+    every later ask times out. Then it is stopped, and fresh refs ask it.
+    """
+    import ikos
+
+    mute = ikos.ActorRef("mute", root=root)
+    mute.ask("hello")
+    mute.tell("block")
+    late = []
+    for _ in range(timeouts):
+        t = time.perf_counter()
+        try:
+            mute.ask(MSG, timeout=ASK_TIMEOUT)
+        except ikos.AskTimeout:
+            late.append(time.perf_counter() - t - ASK_TIMEOUT)
+    client.call("stop", {"name": "mute"})
+    refused = []
+    for _ in range(dead):
+        t = time.perf_counter()
+        try:
+            ikos.ActorRef("mute", root=root).ask(MSG, timeout=5)
+        except ikos.ActorDeadError:
+            refused.append(time.perf_counter() - t)
+    return {"ask_timeout_late": late, "dead_ask": refused}
+
+
+def ikos_figures(
+    inst: IkosInstance, n: int, tells: int, kills: int, timeouts: int
+) -> dict[str, Any]:
     import ikos
     from ikos.platform._control import ControlClient
     from ikos.platform._paths import InstancePaths
@@ -163,6 +205,7 @@ def ikos_figures(inst: IkosInstance, n: int, tells: int, kills: int) -> dict[str
         restarts.append(time.perf_counter() - t)
         time.sleep(0.05)
     out["restart"] = restarts
+    out.update(failed_asks(inst.root, client, timeouts, dead=1000))
 
     statuses = client.call("status", {"names": [f"w{i}" for i in range(100)]})
     uss = [psutil.Process(s["pid"]).memory_full_info().uss for s in statuses]
@@ -310,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=20000, help="asks per measurement")
     ap.add_argument("--tells", type=int, default=100000)
     ap.add_argument("--kills", type=int, default=30)
+    ap.add_argument("--timeouts", type=int, default=100, help="asks left to time out")
     ap.add_argument("--no-peers", action="store_true")
     args = ap.parse_args(argv)
 
@@ -318,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     print("ikos ...", flush=True)
     inst = IkosInstance(TREE)
     try:
-        ik = ikos_figures(inst, args.n, args.tells, args.kills)
+        ik = ikos_figures(inst, args.n, args.tells, args.kills, args.timeouts)
     finally:
         inst.close()
     peers: dict[str, dict[str, Any] | None] = {}
@@ -392,6 +436,18 @@ def main(argv: list[str] | None = None) -> int:
         "-",
         *peer("restart", lambda s: percentile(s, 99) * 1e3),
     )
+    for label, key, unit, scale in (
+        (f"AskTimeout, late past its {ASK_TIMEOUT * 1e3:g} ms", "ask_timeout_late", "ms", 1e3),
+        ("ask to a stopped actor to ActorDeadError", "dead_ask", "µs", 1e6),
+    ):
+        for q in (50, 99):
+            table.add(
+                f"{label}: p{q} ({unit})",
+                "-",
+                percentile(ik[key], q) * scale,
+                "-",
+                *["-" for _ in names],
+            )
     table.add(
         "USS per idle actor (KiB)",
         "-",
@@ -420,9 +476,13 @@ def main(argv: list[str] | None = None) -> int:
         "Pykka runs actors as threads of the caller's process (no process boundary)."
     )
     table.notes.append("Ray restarts are measured on a max_restarts=-1 actor killed with SIGKILL.")
+    table.notes.append(
+        "AskTimeout: asks to an actor that never answers; ActorDeadError: fresh refs asking an"
+        " actor stopped with brutal_kill. tests/test_mailbox.py only bounds both against hangs."
+    )
     table.raw = {
         "floor": {"ask": fa, "tell_per_s": fl_tell},
-        "ikos": {k: (summary_us(v) if k in ("ask", "restart") else v) for k, v in ik.items()},
+        "ikos": {k: (summary_us(v) if isinstance(v, list) else v) for k, v in ik.items()},
         "peers": {
             n: {k: (summary_us(v) if k in ("ask", "restart") else v) for k, v in (p or {}).items()}
             for n, p in peers.items()

@@ -2,14 +2,16 @@
 
 With ``Backoff(min=0.2, max=0.8, random_factor=0.5)`` the n-th consecutive
 restart waits ``min(max, min * 2**n) * (1 + u * random_factor)`` seconds,
-``u`` uniform in [0, 1) (Akka's BackoffSupervisor). Measured from just
-before the SIGKILL to the next ``on_start`` (the actor writes
-``time.time()`` to its start log), a delay lies between the lower bound
-``min(max, min * 2**n)`` and the upper bound times ``1 + random_factor``,
-plus 0.5 s of slack for detecting the exit and forking the new process; the
-delay ikosd logs when it enters ``backoff`` must meet the bounds exactly.
-The delay is a real state: the status says ``backoff`` meanwhile. After
-``reset_after`` seconds of stable running the count starts again at 0.
+``u`` uniform in [0, 1) (Akka's BackoffSupervisor). The delay ikosd logs
+when it enters ``backoff`` must lie between the lower bound
+``min(max, min * 2**n)`` and that times ``1 + random_factor``, exactly. The
+wait is real: measured from just before the SIGKILL to the next
+``on_start`` (the actor writes ``time.time()`` to its start log), it is at
+least the lower bound, and the status says ``backoff`` meanwhile. How soon
+after the delay the new process runs is restart latency, a benchmark's
+business (bench/exec.py, bench/actors.py), so the measured delay's upper
+bound here is only one on hangs. After ``reset_after`` seconds of stable
+running the count starts again at 0.
 """
 
 from __future__ import annotations
@@ -21,13 +23,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from conftest import wait_for
+from conftest import HANG, wait_for
 
 from ikos.platform._control import ControlClient
 from ikos.platform._paths import InstancePaths
 
-MIN, MAX, RANDOM_FACTOR, RESET_AFTER = 0.2, 0.8, 0.5, 1.5
-SLACK = 0.5
+# reset_after is long enough for the test to kill each incarnation well before it,
+# even on a loaded machine (a kill after it would reset the count it checks).
+MIN, MAX, RANDOM_FACTOR, RESET_AFTER = 0.2, 0.8, 0.5, 3.0
 
 # Metrics off: instances running side by side must not fight over the default port.
 NO_METRICS = ["--metrics", "off"]
@@ -109,7 +112,6 @@ def test_backoff_delays_stay_within_akka_bounds_and_reset(ikosd_factory, tmp_pat
             os.kill(pid, signal.SIGKILL)
             return started, killed
 
-        delays = []
         for n in range(4):  # 0.2, 0.4, 0.8, then capped at 0.8 (before jitter)
             started, killed = kill_when_running(n + 1)
             # Killed before reset_after of running, so the count keeps growing.
@@ -125,10 +127,8 @@ def test_backoff_delays_stay_within_akka_bounds_and_reset(ikosd_factory, tmp_pat
                 assert seen["pid"] is None
             _, restarted = start_number(log, n + 2)
             delay = restarted - killed
-            delays.append(delay)
-            assert low <= delay <= high + SLACK, (
-                f"restart {n}: {delay:.3f} s, not in [{low}, {high}]"
-            )
+            # at least the delay; the upper bound is on hangs, not a performance claim
+            assert low <= delay < high + HANG, f"restart {n}: {delay:.3f} s, below {low}"
         assert status()["restarts"] == 4
 
         # Running for longer than reset_after: the next delay is the first one again.
@@ -141,9 +141,7 @@ def test_backoff_delays_stay_within_akka_bounds_and_reset(ikosd_factory, tmp_pat
         _, restarted = start_number(log, 6)
         low, high = bounds(0)
         delay = restarted - killed
-        assert low <= delay <= high + SLACK, f"after a reset: {delay:.3f} s, not in [{low}, {high}]"
-        # Without the reset it would have been the capped delay, at least MAX.
-        assert delay < MAX, delays
+        assert low <= delay < high + HANG, f"after a reset: {delay:.3f} s, below {low}"
 
     # ikosd's own account of each delay: exactly the bounds, without any slack.
     announced = announced_delays(inst.log_text())
@@ -151,6 +149,7 @@ def test_backoff_delays_stay_within_akka_bounds_and_reset(ikosd_factory, tmp_pat
     for n, d in enumerate(announced[:4]):
         low, high = bounds(n)
         assert low <= d <= high + 0.001, (n, announced)
+    # after the reset, the first delay again: without it, the capped one (at least MAX)
     assert bounds(0)[0] <= announced[4] <= bounds(0)[1] + 0.001, announced
     assert inst.terminate() == 0
     assert inst.leftovers() == []

@@ -288,7 +288,11 @@ def serve(sock: socket.socket, secret: bytes, result: dict) -> None:
                 sock.sendall(out)
         rest = hs.leftover
         while len(rest) < 4 or len(rest) < 4 + HEADER.unpack_from(rest)[0]:
-            rest += sock.recv(4096)
+            data = sock.recv(4096)  # at most 5 s each (the timeout above)
+            if not data:
+                result["error"] = ConnectionResetError("client hung up mid-message")
+                return
+            rest += data
         result["message"] = decode(rest[4:])
     except Exception as exc:
         result["error"] = exc
@@ -333,10 +337,13 @@ def test_wrong_secret_raises_authentication_error_on_both_sides():
     server.start()
     try:
         nonce_c = os.urandom(NONCE)
+        a.settimeout(10)  # a server that died or hangs is a failure, not a hang
         a.sendall(client_hello(nonce_c))
         answer = b""
         while len(answer) < SERVER_LEN:
-            answer += a.recv(SERVER_LEN - len(answer))
+            chunk = a.recv(SERVER_LEN - len(answer))
+            assert chunk, "the server hung up before its answer"
+            answer += chunk
         a.sendall(_mac(other, b"client", answer[:NONCE], nonce_c) + frame(encode("x")))
     finally:
         server.join(10)

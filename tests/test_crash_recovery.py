@@ -25,7 +25,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import IKOSCTL, IKOSD, REPO, alive, env_pids, kill_marked, marked_pids, wait_for
+from conftest import (
+    IKOSCTL,
+    IKOSD,
+    REPO,
+    alive,
+    env_pids,
+    kill_and_check,
+    read_line,
+    wait_for,
+)
 
 from ikos.manager._recovery import MARK_INSTANCE, instance_mark
 from ikos.platform._paths import InstancePaths
@@ -166,14 +175,9 @@ class Ikosd:
         proc.send_signal(signal.SIGTERM)
         return proc.wait(timeout=60)
 
-    def cleanup(self) -> list[int]:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        left = [p for p in marked_pids(self.mark) if p != os.getpid()]
-        kill_marked(self.mark)
-        return left
+    def cleanup(self) -> str | None:
+        """Kill what still runs; say what was left behind (None: nothing)."""
+        return kill_and_check(self.mark, *self.procs)
 
 
 @pytest.fixture
@@ -188,8 +192,8 @@ def ikosd(tmp_path: Path) -> Iterator[Any]:
         return inst
 
     yield make
-    leftovers = [inst.cleanup() for inst in made]
-    assert not any(leftovers), f"processes left behind: {leftovers}"
+    leftovers = [left for inst in made if (left := inst.cleanup())]
+    assert not leftovers, "\n".join(leftovers)
 
 
 def tree(copies_dir: Path, delay: float) -> str:
@@ -273,7 +277,7 @@ def test_closed_stdout_and_stderr_do_not_stop_ikosd(ikosd: Any, tmp_path: Path) 
     proc = inst.start(wait=False, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     assert proc.stdout is not None
     for _ in range(3):
-        proc.stdout.readline()
+        read_line(proc.stdout)
     proc.stdout.close()
     inst.wait_ready(proc)
     old = copies(where, "slow")
@@ -532,5 +536,6 @@ def test_a_full_disk_is_retried_shown_and_survives_a_crash(ikosd: Any, tmp_path:
         assert len(copies(where, "slow")) == 1 and len(copies(where, "svc")) == 1
         assert inst.shutdown(proc) == 0
     finally:
-        inst.cleanup()
+        left = inst.cleanup()  # before the unmount, which the fixture's cleanup comes after
         subprocess.run(["umount", "-l", str(inst.root)], check=False)
+    assert left is None, left

@@ -21,7 +21,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import BIN, REPO, kill_marked, marked_pids, wait_for
+from conftest import BIN, REPO, kill_marked, left_behind, read_line, wait_for
 
 from ikos.cli._ikosctl import build_parser
 
@@ -77,7 +77,7 @@ def test_demo_tours_and_shuts_down(tmp_path: Path, once: bool) -> None:
         assert res.returncode == 0, res.stdout + res.stderr
         check_tour(res.stdout, root)
         assert "Traceback" not in res.stderr
-        assert marked_pids(mark) == []
+        assert (left := left_behind(mark)) is None, left
         assert not (root / "run/ikos/ikosd.sock").exists()
         assert "actor worker: running -> failed" in (root / "var/log/ikos/ikosd.log").read_text()
     finally:
@@ -131,7 +131,7 @@ def test_demo_on_a_terminal_runs_until_ctrl_c(tmp_path: Path) -> None:
             read_available(0.1)
         text = output.decode(errors="replace")
         assert "ikosd exited with status 0" in text, text
-        assert marked_pids(mark) == []
+        assert (left := left_behind(mark)) is None, left
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -220,7 +220,7 @@ def test_readme_quick_start_works_as_written(tmp_path: Path) -> None:
                     env=env,
                 )
                 assert ikosd.stdout is not None
-                ready = ikosd.stdout.readline()
+                ready = read_line(ikosd.stdout)
                 for text in promised:
                     assert shows(ready, text), (line, ready)
                 continue
@@ -256,7 +256,7 @@ def test_readme_quick_start_works_as_written(tmp_path: Path) -> None:
         assert ran_client
         assert ikosd is not None
         assert ikosd.wait(timeout=60) == 0
-        assert marked_pids(mark) == []
+        assert (left := left_behind(mark)) is None, left
     finally:
         if ikosd is not None:
             if ikosd.poll() is None:

@@ -99,6 +99,7 @@ tree = ikos.Supervisor("root", max_restarts=1, within=60, children=[
 """,
         ),
         args=NO_METRICS,
+        expect_exit=1,  # every test here ends in an escalation
     )
     side = next_start(log, "side", 1)
     # Round 1: mid absorbs the first crash, gives up at the second; root restarts mid.
@@ -139,6 +140,7 @@ tree = ikos.Supervisor("root", strategy="one_for_all", max_restarts=1, within=60
 """,
         ),
         args=NO_METRICS,
+        expect_exit=1,  # every test here ends in an escalation
     )
     first = {n: next_start(log, n, 1) for n in "abc"}
     crash(log, "b", 1)
@@ -166,6 +168,7 @@ tree = ikos.Supervisor("root", max_restarts=0, within=60, children=[
 """,
         ),
         args=NO_METRICS,
+        expect_exit=1,  # every test here ends in an escalation
     )
     next_start(log, "a", 1)
     crash(log, "b", 1)
@@ -190,6 +193,7 @@ tree = ikos.Supervisor("root", max_restarts=1, within={within}, children=[
 """,
         ),
         args=NO_METRICS,
+        expect_exit=1,  # every test here ends in an escalation
     )
     for n in range(1, 4):
         crash(log, "w", n)

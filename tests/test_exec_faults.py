@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from conftest import wait_for
+from conftest import HANG, wait_for
 from test_exec_live import (
     CAN_TRACK,
     SETSID,
@@ -143,18 +143,18 @@ def test_a_notify_flood_leaves_ikosd_responsive_and_others_unaffected(
     try:
         flooder = inst.wait_state("flood", "running")["pid"]
         wait_for(lambda: int(count.read_text() or 0) >= 20_000, 60, message="20000 datagrams")
-        # ikosd answers while the flood goes on
+        # ikosd answers while the flood goes on (bounds on a starved loop, not on speed)
         for _ in range(5):
             t0 = time.monotonic()
             st = inst.status("victim")
-            assert time.monotonic() - t0 < 10
+            assert time.monotonic() - t0 < HANG
         assert st["state"] == "running" and st["status_text"] == "fine"
         before = int(count.read_text())
         # another daemon still restarts, becomes ready and is heard
         old = st["pid"]
         t0 = time.monotonic()
         inst.ctl("restart", "victim", check=True)
-        assert time.monotonic() - t0 < 20
+        assert time.monotonic() - t0 < HANG
         new = inst.wait_running_new_pid("victim", old)
         inst.ctl("reload", "victim", check=True)  # SIGUSR1: it answers READY=1 STATUS=pinged
         wait_for(lambda: inst.status("victim")["status_text"] == "pinged")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import http.server
 import logging
+import signal
 import socket
 import threading
 import time
@@ -18,6 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ikos._errors import AskTimeout, ConfigError
+from ikos.platform._process import reap_orphans
 from ikos.registry._health import (
     CheckState,
     HealthCheck,
@@ -111,6 +113,25 @@ def test_exec_passes_and_fails_on_exit_status() -> None:
     assert not bad.ok and "exit status 1" in bad.output
     said = asyncio.run(probe_exec(["sh", "-c", "echo all good; echo oops >&2"], timeout=5))
     assert said.ok and said.output == "all good\noops\n"
+
+
+def test_exec_status_is_not_lost_to_the_managers_reaper_of_orphans() -> None:
+    """ikosd reaps every unowned child on SIGCHLD: a probe's command must be owned.
+
+    Run from asyncio's subprocesses, the reaper took the command's status
+    about one time in ten, and asyncio then reported exit status 255: a
+    passing check failed, a failing one said the wrong thing.
+    """
+
+    async def main() -> list[str]:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGCHLD, reap_orphans)
+        try:
+            return [(await probe_exec(["false"], timeout=10)).output for _ in range(100)]
+        finally:
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGCHLD)
+
+    outputs = asyncio.run(main())
+    assert set(outputs) == {"exit status 1"}, sorted(set(outputs))
 
 
 def test_exec_output_is_truncated_and_fully_drained() -> None:

@@ -15,6 +15,7 @@ import contextlib
 import http.server
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -261,8 +262,10 @@ health = {{ kind = "method", target = "healthy", {", ".join(FAST.split(chr(10))[
         def recovered(changes: list[str]) -> bool:
             return changes[-2:] == ["critical", "passing"]
 
+        deadline = time.monotonic() + 60
         while not all(recovered(changes) for changes in seen.values()):
-            event = next(events)
+            assert time.monotonic() < deadline, f"not every service recovered: {seen}"
+            event = next(events)  # at most 30 s each (the watch's idle timeout)
             if event.kind == "health" and event.service is not None:
                 changes = seen[event.service.name]
                 new = event.service.health
@@ -342,7 +345,7 @@ on_failure = "restart"
 start_period = 1
 {FAST}
 """
-        inst = ikosd_factory(tree=GIVING_UP_TREE, config=config)
+        inst = ikosd_factory(tree=GIVING_UP_TREE, config=config, expect_exit=1)
         wait_for(lambda: health(inst, "web") == "passing", message="web passing")
         web.ok = False
 
@@ -380,6 +383,8 @@ start_period = 1
     ],
 )
 def test_ikosd_refuses_a_bad_health_table_naming_it(ikosd_factory, table: str, message: str):
-    inst = ikosd_factory(config="[ikosd]\nmetrics = false\n" + table, wait_ready=False)
+    inst = ikosd_factory(
+        config="[ikosd]\nmetrics = false\n" + table, wait_ready=False, expect_exit=2
+    )
     assert inst.proc.wait(timeout=60) == 2
     assert message in inst.log_text()

@@ -18,7 +18,6 @@ import signal
 import socket
 import subprocess
 import textwrap
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -191,7 +190,8 @@ def test_the_root_giving_up_exits_1(ikosd_factory: Any) -> None:
         from examples.actors import Echo
         tree = ikos.Supervisor("root", max_restarts=0, children=[
             ikos.Child("echo", Echo), ikos.Child("other", Echo)])
-        """
+        """,
+        expect_exit=1,
     )
     inst.ctl("kill", "-s", "KILL", "echo", check=True)
     assert inst.proc.wait(timeout=60) == 1
@@ -388,9 +388,12 @@ def test_a_sigterm_during_the_last_moments_of_shutdown_is_harmless(
     # A service manager may well send SIGTERM after `ikosctl shutdown` began.
     inst = ikosd_factory(tree=TREE)
     inst.ctl("shutdown", check=True)
-    while inst.proc.poll() is None:
+
+    def stopped_after_one_more_sigterm() -> bool:
         with contextlib.suppress(ProcessLookupError):
-            os.kill(inst.pid, signal.SIGTERM)
-        time.sleep(0.001)
+            os.kill(inst.pid, signal.SIGTERM)  # not reaped yet: the pid is still ikosd's
+        return inst.proc.poll() is not None
+
+    wait_for(stopped_after_one_more_sigterm, 60, interval=0.001, message="ikosd to exit")
     assert inst.proc.wait() == 0
     assert not (inst.root / "run/ikos/ikosd.pid").exists()

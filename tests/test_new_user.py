@@ -16,7 +16,7 @@ import time
 import uuid
 from pathlib import Path
 
-from conftest import IKOSCTL, IKOSD, REPO, kill_marked, wait_for
+from conftest import IKOSCTL, IKOSD, REPO, kill_and_check, read_line, wait_for
 
 CONFIG = """
 [actors.echo]
@@ -42,7 +42,7 @@ def test_a_config_file_finds_actors_from_the_checkout(tmp_path: Path) -> None:
     )
     try:
         assert proc.stdout is not None
-        line = proc.stdout.readline()
+        line = read_line(proc.stdout)
         assert line.startswith("ikosd ready: 1 daemons running"), (line, proc.stderr)
         res = subprocess.run(
             [IKOSCTL, "--root", str(root), "call", "echo", '"hi"'],
@@ -54,9 +54,12 @@ def test_a_config_file_finds_actors_from_the_checkout(tmp_path: Path) -> None:
         assert res.stdout == "hi\n", res.stderr
     finally:
         proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=60)
-        kill_marked(mark)
+        try:
+            proc.communicate(timeout=60)
+        finally:
+            left = kill_and_check(mark, proc)
     assert proc.returncode == 0
+    assert left is None, left
 
 
 def test_on_a_terminal_only_warnings_and_the_ready_line(tmp_path: Path) -> None:
@@ -91,7 +94,8 @@ def test_on_a_terminal_only_warnings_and_the_ready_line(tmp_path: Path) -> None:
                     break
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
-        while True:  # what was printed while stopping
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # what was printed while stopping
             ready, _, _ = select.select([primary], [], [], 0.5)
             if not ready:
                 break
@@ -104,10 +108,9 @@ def test_on_a_terminal_only_warnings_and_the_ready_line(tmp_path: Path) -> None:
             seen += chunk
     finally:
         os.close(primary)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        kill_marked(mark)
+        left = kill_and_check(mark, proc)
+    assert proc.returncode == 0
+    assert left is None, left
     lines = [ln for ln in seen.decode(errors="replace").splitlines() if ln.strip()]
     assert [ln for ln in lines if "ikosd ready" in ln], lines
     assert not [ln for ln in lines if " INFO " in ln or " DEBUG " in ln], lines

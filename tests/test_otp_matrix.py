@@ -47,15 +47,13 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import IKOSD, REPO, Instance, kill_marked, wait_for
+from conftest import Instance, start_ikosd, stop_and_check, wait_for
 
 import ikos
 from ikos.platform._control import ControlClient
@@ -211,36 +209,14 @@ def matrix(request, tmp_path_factory) -> Iterator[Matrix]:
     header = f"STRATEGY, RESTARTS, REASONS = {strategy!r}, {RESTARTS!r}, {REASONS!r}\n"
     header += f"LOG, FAIL_DIR = {str(log)!r}, {str(fail_dir)!r}\n"
     tree.write_text(header + TREE)
-    mark = uuid.uuid4().hex
-    out = base / "ikosd.out"
-    cmd = [IKOSD, "--root", str(base / "root"), "--log-level", "debug", "--metrics", "off"]
-    cmd += ["--tree", f"{tree}:tree"]
-    with open(out, "w") as sink:
-        proc = subprocess.Popen(
-            cmd,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            cwd=base,
-            env={**os.environ, "IKOS_TEST_MARK": mark, "PYTHONPATH": str(REPO)},
-        )
-    inst = Instance(base / "root", proc, mark, out)
+    inst = start_ikosd(base, ["--metrics", "off", "--tree", f"{tree}:tree"])
     try:
-        wait_for(
-            lambda: "ikosd ready" in inst.log_text() or proc.poll() is not None,
-            60,
-            message="ikosd's ready line",
-        )
-        assert proc.poll() is None, inst.log_text()
+        inst.wait_ready()
         with ControlClient(InstancePaths.for_root(inst.root)) as client:
             yield Matrix(strategy, inst, client, log)
-        assert inst.terminate() == 0
-        assert inst.leftovers() == []
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(30)
-        kill_marked(mark)
+        # SIGTERM, then no hang, exit 0 and nothing left behind, or the last case errs
+        stop_and_check([inst])
 
 
 @pytest.mark.parametrize("reason", REASONS)

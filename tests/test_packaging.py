@@ -35,7 +35,7 @@ from pathlib import Path
 
 import pytest
 import trove_classifiers
-from conftest import REPO, kill_marked, wait_for
+from conftest import REPO, kill_and_check, wait_for
 
 pytestmark = pytest.mark.slow  # builds, installs from PyPI's cache, starts ikosd
 
@@ -222,11 +222,8 @@ def test_installed_ikosd_runs_a_tree(venv: Path, tmp_path: Path) -> None:
         run([*ikosctl, "shutdown"], cwd=tmp_path)
         assert ikosd.wait(timeout=60) == 0, out_path.read_text(errors="replace")
     finally:
-        if ikosd.poll() is None:
-            ikosd.kill()
-            ikosd.wait()
-        left_behind = kill_marked(mark)
-    assert left_behind == [], "processes left behind"
+        left = kill_and_check(mark, ikosd)
+    assert left is None, left
 
 
 def metadata_of_wheel(wheel: Path) -> tuple[email.message.Message, list[str]]:

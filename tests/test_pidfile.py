@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import wait_for
+from conftest import read_line, wait_for
 
 from ikos._errors import IkosError
 from ikos.platform._pidfile import PidFile, PidFileError, PidFileLocked, read_pid_file
@@ -54,7 +54,7 @@ def start_holder(path: Path, procs: list[subprocess.Popen[str]]) -> subprocess.P
     )
     procs.append(p)
     assert p.stdout is not None
-    assert p.stdout.readline() == "held\n"  # blocks until the child holds the lock
+    assert read_line(p.stdout) == "held\n"  # waits until the child holds the lock
     return p
 
 
@@ -98,7 +98,7 @@ def test_second_holder_in_another_process_is_refused_with_the_holder_pid(
     # When the holder lets go, the claim succeeds.
     assert holder.stdin is not None and holder.stdout is not None
     holder.stdin.close()
-    assert holder.stdout.readline() == "released\n"
+    assert read_line(holder.stdout) == "released\n"
     assert holder.wait(timeout=10) == 0
     pf = PidFile(path)
     pf.acquire()

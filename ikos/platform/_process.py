@@ -430,8 +430,9 @@ async def run_command(
     it is safe from a threaded process) in a session of its own, stdin from
     ``/dev/null``, stdout and stderr into one pipe of which the first
     ``output_limit`` bytes are kept. It is watched like any daemon (a pidfd,
-    owned, so :func:`reap_orphans` never steals its status); at ``timeout``
-    its whole session is killed. Raises ``OSError`` when it cannot start.
+    owned, so :func:`reap_orphans` never steals its status); at ``timeout``,
+    or when the caller is cancelled, its whole session is killed and the
+    command reaped. Raises ``OSError`` when it cannot start.
     Rejected: asyncio's subprocesses, whose child watcher reaps by PID in a
     thread of its own, racing the manager's reaper of orphans.
     """
@@ -495,4 +496,7 @@ async def run_command(
             loop.remove_reader(r)
         os.close(r)
         if handle.alive:
-            handle.kill()
+            # cancelled: the command's whole session goes, and the command is reaped
+            # before this returns (the caller's loop may end right after)
+            signal_session(pid, signal.SIGKILL, leader_unreaped=True)
+            await asyncio.shield(handle.exited)

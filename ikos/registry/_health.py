@@ -46,9 +46,7 @@ import contextlib
 import inspect
 import logging
 import math
-import os
 import shlex
-import signal
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -56,6 +54,7 @@ from typing import Literal, TypeAlias, cast
 from urllib.parse import urlsplit
 
 from ikos._errors import ConfigError
+from ikos.platform._process import run_command
 
 log = logging.getLogger(__name__)
 
@@ -111,9 +110,13 @@ async def probe_exec(cmd: Sequence[str], timeout: float) -> ProbeResult:
     Standard output and error are captured together (the first 4 KiB kept,
     the rest drained so the command never blocks on a full pipe). The
     command runs in a new session; on timeout, or when the probe is
-    cancelled, its whole process group is killed with SIGKILL and the
-    command reaped. (A descendant that leaves the group with ``setsid``
-    escapes, as it would escape any supervisor short of a cgroup.)
+    cancelled, its whole session is killed with SIGKILL and the command
+    reaped. (A descendant that leaves the session with ``setsid`` escapes,
+    as it would escape any supervisor short of a cgroup.) It is started and
+    watched by :func:`run_command`, as the manager's other short commands:
+    asyncio's subprocesses were rejected, because their child watcher races
+    the manager's reaper of orphans, which took the status of about one
+    command in ten (asyncio then reports status 255).
 
     Example::
 
@@ -124,67 +127,22 @@ async def probe_exec(cmd: Sequence[str], timeout: float) -> ProbeResult:
     if not cmd:
         return _result(False, "empty command", started)
     try:
-        proc = await asyncio.create_subprocess_exec(
-            *cmd,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            start_new_session=True,
-        )
+        result = await run_command(list(cmd), timeout=timeout, output_limit=OUTPUT_MAX)
     except OSError as exc:
         return _result(False, f"cannot run {cmd[0]!r}: {exc.strerror or exc}", started)
-    assert proc.stdout is not None
-    kept = bytearray()
-    reader = asyncio.ensure_future(_drain(proc.stdout, kept))
-    try:
-        async with asyncio.timeout(timeout):
-            # Shielded: on timeout the reader goes on until the killed
-            # command's pipe reaches EOF, so the transport closes cleanly.
-            await asyncio.shield(reader)
-            code = await proc.wait()
-    except TimeoutError:
-        await _kill_and_reap(proc, reader)
-        note = f"timed out after {timeout:g}s, killed"
-        return _result(False, note + ("\n" + _text(kept) if kept else ""), started)
-    except BaseException:
-        await _kill_and_reap(proc, reader)
-        raise
-    if code == 0:
-        return _result(True, bytes(kept), started)
-    status = f"exit status {code}" if code > 0 else f"killed by signal {-code}"
-    return _result(False, f"{status}" + ("\n" + _text(kept) if kept else ""), started)
-
-
-async def _drain(stream: asyncio.StreamReader, kept: bytearray) -> None:
-    while chunk := await stream.read(65536):
-        room = OUTPUT_MAX - len(kept)
-        if room > 0:
-            kept += chunk[:room]
+    said = "\n" + _text(result.output) if result.output else ""
+    status = result.status
+    if status is None:
+        return _result(False, f"timed out after {timeout:g}s, killed{said}", started)
+    if status.code == 0:
+        return _result(True, result.output, started)
+    if status.code is not None:
+        return _result(False, f"exit status {status.code}{said}", started)
+    return _result(False, f"killed by signal {status.signal}{said}", started)
 
 
 def _text(data: bytes | bytearray) -> str:
     return bytes(data[:OUTPUT_MAX]).decode("utf-8", "replace")
-
-
-async def _kill_and_reap(proc: asyncio.subprocess.Process, reader: asyncio.Future[None]) -> None:
-    """SIGKILL ``proc``'s process group, wait for it, and stop reading its output."""
-    if proc.returncode is None or not reader.done():
-        # Only while the command or something holding its pipe may still run:
-        # once both are gone the group id may belong to someone else.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-    try:
-        # Shielded: cancelling this wait must not cancel the reaping itself; a
-        # cancellation still propagates, and the child watcher reaps the
-        # killed command on its own.
-        await asyncio.shield(proc.wait())
-        if not reader.done():
-            async with asyncio.timeout(1.0):
-                await asyncio.shield(reader)
-    except (TimeoutError, OSError, ValueError):
-        pass  # output that never ends or breaks is not worth waiting for
-    finally:
-        reader.cancel()
 
 
 async def probe_tcp(host: str, port: int, timeout: float) -> ProbeResult:
