@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import IKOSD, Instance
+from conftest import HANG, IKOSD, Instance
 
 import ikos
 from ikos._codec import encode
@@ -209,9 +209,10 @@ def test_idle_peer_is_dropped_after_the_handshake_timeout(ikosd_factory):
     pid = inst.pid_of("echo")
     with connection(mailbox(inst)) as sock:
         t0 = time.monotonic()
-        assert read_until_closed(sock, timeout=_runtime.HANDSHAKE_TIMEOUT + 10) == b""
+        assert read_until_closed(sock, timeout=_runtime.HANDSHAKE_TIMEOUT + HANG) == b""
         elapsed = time.monotonic() - t0
-    assert _runtime.HANDSHAKE_TIMEOUT - 0.5 <= elapsed < _runtime.HANDSHAKE_TIMEOUT + 5
+    # not before the handshake timeout; the upper bound is a bound on hangs, not a claim
+    assert _runtime.HANDSHAKE_TIMEOUT - 0.5 <= elapsed < _runtime.HANDSHAKE_TIMEOUT + HANG
     still_serving(inst, pid)
 
 
@@ -228,7 +229,7 @@ def test_a_flood_of_idle_connections_does_not_lock_out_legitimate_clients(ikosd_
         # While they are all still open, a legitimate client gets in at once.
         t0 = time.monotonic()
         still_serving(inst, pid)
-        assert time.monotonic() - t0 < 2.0
+        assert time.monotonic() - t0 < HANG  # a bound on hangs, not a performance claim
     finally:
         for sock in idle:
             sock.close()
@@ -275,8 +276,8 @@ def test_client_outside_the_instance_refuses_a_message_over_the_default_limit(ik
     limit = 64 * 1024 * 1024
     t0 = time.monotonic()
     with pytest.raises(ikos.MessageTooLarge) as info:
-        echo.ask(b"x" * limit, timeout=10)
-    assert time.monotonic() - t0 < 5
+        echo.ask(b"x" * limit, timeout=HANG)
+    assert time.monotonic() - t0 < HANG  # a bound on hangs, not a performance claim
     assert info.value.limit == limit and info.value.size > limit
     assert echo.ask("count", timeout=10) == 0
 

@@ -16,11 +16,12 @@ import re
 import select
 import signal
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import IKOSCTL, Instance, wait_for
+from conftest import HANG, IKOSCTL, Instance, wait_for
 
 from ikos.cli._ikosctl import PROTOCOL_VERBS, UNAVAILABLE_VERBS
 from ikos.cli._render import LIST_COLUMNS
@@ -450,8 +451,9 @@ def run_in_pty(argv: list[str], env: dict[str, str], timeout: float = 60) -> tup
     finally:
         os.close(child_fd)
     chunks: list[bytes] = []
+    deadline = time.monotonic() + HANG  # a chatty child must not keep the test going either
     try:
-        while True:
+        while time.monotonic() < deadline:
             ready, _, _ = select.select([main_fd], [], [], timeout)
             if not ready:
                 proc.kill()

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import wait_for
+from conftest import HANG, wait_for
 
 from ikos.platform import _notify
 from ikos.platform._notify import (
@@ -135,9 +135,13 @@ def test_real_child_notifies_with_kernel_credentials(
     )
     procs.append(child)
     assert child.wait(timeout=30) == 0
-    messages = wait_for(lambda: sock.drain() or None)
-    while len(messages) < 2:
-        messages += wait_for(lambda: sock.drain() or None)
+    messages: list[NotifyMessage] = []
+
+    def two() -> bool:
+        messages.extend(sock.drain())
+        return len(messages) >= 2
+
+    wait_for(two, message="the two notifications")
     assert messages == [
         NotifyMessage(child.pid, os.getuid(), os.getgid(), {"STATUS": "starting"}),
         NotifyMessage(
@@ -165,8 +169,12 @@ def test_systemd_notify_binary_is_understood(sock: NotifySocket) -> None:
     )
     try:
         messages: list[NotifyMessage] = []
-        while tool_proc.poll() is None:
-            messages += sock.drain()
+
+        def tool_done() -> bool:
+            messages.extend(sock.drain())  # it waits for its barrier to be read
+            return tool_proc.poll() is not None
+
+        wait_for(tool_done, HANG, interval=0.001, message="systemd-notify to finish")
         messages += sock.drain()
         assert tool_proc.stderr is not None
         assert tool_proc.returncode == 0, tool_proc.stderr.read()
@@ -305,8 +313,12 @@ def test_flood_of_10000_datagrams_leaves_the_socket_usable(
     )
     procs.append(flooder)
     received: list[NotifyMessage] = []
-    while flooder.poll() is None:
-        received += sock.drain()
+
+    def flooder_done() -> bool:
+        received.extend(sock.drain())
+        return flooder.poll() is not None
+
+    wait_for(flooder_done, HANG, interval=0.001, message="the flooder to finish")
     received += sock.drain()
     assert flooder.stdout is not None
     sent = int(flooder.stdout.read())
@@ -330,7 +342,7 @@ def test_recv_skips_a_bounded_number_of_bad_datagrams_per_call(tmp_path: Path) -
         raw.send(b"READY=1")
         calls = 0
         msg = None
-        while msg is None:
+        while msg is None and calls < 100:  # a deadline: a bug must fail, not spin
             calls += 1
             msg = s.recv()
         assert calls == 2  # 6 datagrams consumed per empty-handed call, never all at once
