@@ -498,5 +498,6 @@ async def run_command(
         if handle.alive:
             # cancelled: the command's whole session goes, and the command is reaped
             # before this returns (the caller's loop may end right after)
-            signal_session(pid, signal.SIGKILL, leader_unreaped=True)
+            signal_group(handle, signal.SIGKILL)
+            handle.kill()
             await asyncio.shield(handle.exited)
