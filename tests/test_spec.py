@@ -541,3 +541,14 @@ def test_the_field_table_is_one_and_each_check_is_idempotent():
         assert field.doc, key
         if field.default is not None:
             assert field.check(field.default) == field.default, key
+
+
+def test_a_lone_name_in_requires_or_after_is_one_name_not_its_letters() -> None:
+    """``requires="db"`` used to become ``("d", "b")``, refused as unknown children 'd'."""
+    for make in (
+        lambda: Exec("web", "/bin/true", requires="db", after="log"),
+        lambda: Child("web", "examples.actors:Echo", requires="db", after="log"),
+        lambda: Supervisor("web", requires="db", after="log"),
+    ):
+        spec = make()
+        assert (spec.requires, spec.after) == (("db",), ("log",))

@@ -51,7 +51,7 @@ class ActorSpawner:
         fdstore: FdStore,
         logs: DaemonLogs,
         context: Callable[[], InstanceContext],
-        on_forked: Callable[[WorkerNode, int], None],
+        on_forked: Callable[[WorkerNode, int, bool], None],
     ) -> None:
         self.paths = paths
         self.forkserver = forkserver
@@ -115,7 +115,7 @@ class ActorSpawner:
                 payload,
                 [listener.fileno(), status_w, out_w, err_w],
                 modules,
-                on_forked=lambda pid: self._on_forked(node, pid),
+                on_forked=lambda pid: self._on_forked(node, pid, True),
             )
         except BaseException:
             for fd in (status_r, out_r, err_r):

@@ -501,7 +501,7 @@ class ExecRuntime:
         forkserver: ForkServer,
         fdstore: FdStore,
         logs: DaemonLogs,
-        on_forked: Callable[[WorkerNode, int], None],
+        on_forked: Callable[[WorkerNode, int, bool], None],
         environ: dict[str, str] | None = None,
         daemon_variable: str | None = None,
     ) -> None:
@@ -667,7 +667,7 @@ class ExecRuntime:
                 EXEC_ENTRY,
                 (plan, stdio_index),
                 fds,
-                on_forked=lambda pid: self._on_forked(node, pid),
+                on_forked=lambda pid: self._on_forked(node, pid, True),
             )
         except BaseException:
             os.close(err_r)
@@ -749,9 +749,9 @@ class ExecRuntime:
                 os.close(w)
         for stream, r, _ in pipes:
             self.logs.capture(spec.name, stream, r)
-        # posix_spawn has no gate: the record follows at once (an instance marker in
-        # the environment lets a later ikosd find it should this one die right here)
-        self._on_forked(node, pid)
+        # posix_spawn has no gate: the row joins the loop turn's batch (the instance's
+        # marker in the environment lets a later ikosd find it should this one die now)
+        self._on_forked(node, pid, False)
         proc = ProcessHandle(pid)
         # posix_spawn returns only once the exec succeeded (or raises): ready as Type=exec
         proc.ready.set_result({"event": "ready", "pid": pid})

@@ -287,11 +287,11 @@ class Manager:
             for fd in fds.values():
                 os.close(fd)
 
-    def _forked(self, node: WorkerNode, pid: int) -> None:
-        """A process exists for ``node`` and has run no user code: record it before it may."""
+    def _forked(self, node: WorkerNode, pid: int, gated: bool) -> None:
+        """A process exists for ``node``: record it (if ``gated``, before it runs user code)."""
         own(pid)
         if self.state is not None:
-            self.state.starting(node.name, node.kind, pid, pid, node.restarts)
+            self.state.starting(node.name, node.kind, pid, pid, node.restarts, now=gated)
 
     def _context(self) -> InstanceContext:
         assert self.ctx is not None, "the manager has not started"

@@ -120,18 +120,23 @@ class StateStore:
 
     # -- changes ----------------------------------------------------------------------
 
-    def starting(self, name: str, kind: str, pid: int, sid: int, restarts: int) -> bool:
-        """Record a process that exists but has not run user code yet, and write it now.
+    def starting(
+        self, name: str, kind: str, pid: int, sid: int, restarts: int, *, now: bool = True
+    ) -> bool:
+        """Record a new process; with ``now``, write it before returning.
 
-        Returns whether it was written; when it was not (the disk is full), the
-        row stays pending and the process must start anyway: supervision
-        comes before bookkeeping.
+        ``now`` is for a process waiting at the fork server's gate: it must be
+        on disk before it runs user code. A process that already runs (started
+        by ``posix_spawn``, which has no gate) gains nothing from a write of
+        its own, and joins the loop turn's batch. Returns whether the row is
+        written; when it is not (the disk is full), the row stays pending and
+        the process must start anyway: supervision comes before bookkeeping.
         """
         created = process_create_time(pid)
         if created is None:
             return True  # already gone: there is nothing to find after a crash
         self._put(RunningRecord(name, kind, pid, created, sid, restarts, time.time(), "starting"))
-        return self.flush()
+        return self.flush() if now else False
 
     def running(
         self, name: str, kind: str, pid: int, sid: int, restarts: int, started_at: float

@@ -120,8 +120,8 @@ class Child(_ChildBase):
         backoff: Backoff | None = None,
     ) -> None:
         _set(self, name=name, actor=actor, restart=restart, shutdown=shutdown)
-        _set(self, args=tuple(args), kwargs=dict(kwargs or {}), requires=tuple(requires))
-        _set(self, after=tuple(after), description=description, mailbox_size=mailbox_size)
+        _set(self, args=tuple(args), kwargs=dict(kwargs or {}), requires=_names(requires))
+        _set(self, after=_names(after), description=description, mailbox_size=mailbox_size)
         _set(self, start_timeout=start_timeout, backoff=backoff)
 
     @property
@@ -203,7 +203,7 @@ class Exec(_ChildBase):
         # `options` (and the policy keywords) let dataclasses.replace() rebuild an
         # Exec; `fields` is the older spelling of the keywords. Users pass keywords.
         _set(self, name=name, executable=executable, restart=restart, shutdown=shutdown)
-        _set(self, requires=tuple(requires), after=tuple(after), description=description)
+        _set(self, requires=_names(requires), after=_names(after), description=description)
         _set(self, start_timeout=start_timeout, backoff=backoff)
         try:
             values = check_fields(EXEC_FIELDS, {**(fields or {}), **more_fields})
@@ -280,7 +280,7 @@ class Supervisor(_ChildBase):
     ) -> None:
         _set(self, name=name, strategy=strategy, max_restarts=max_restarts, within=within)
         _set(self, children=tuple(children), restart=restart, shutdown=shutdown)
-        _set(self, requires=tuple(requires), after=tuple(after), description=description)
+        _set(self, requires=_names(requires), after=_names(after), description=description)
         _set(self, backoff=backoff)
 
     def walk(self, path: str = "") -> Iterator[tuple[str, Child | Exec | Supervisor]]:
@@ -295,6 +295,13 @@ class Supervisor(_ChildBase):
 
 
 AnySpec: TypeAlias = Child | Exec | Supervisor
+
+
+def _names(value: Sequence[str] | str) -> tuple[str, ...]:
+    """``requires``/``after`` as a tuple; a lone string stays one name, not its letters."""
+    if isinstance(value, str):
+        return (value,)
+    return tuple(value)
 
 
 def _set(obj: object, **values: Any) -> None:
