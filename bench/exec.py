@@ -910,7 +910,10 @@ def report(results: dict[str, dict[str, Any]], extra: dict[str, Any], sizes: lis
         "runit waits 1 s before restarting a process that lived under 1 s, s6 a process "
         "that was ready for under 1 s (s6 runs with notification-fd, without which it waits "
         "1 s after every death): the quick second kill shows it. supervisord restarts when "
-        "it wakes from its 1 s poll.",
+        "it wakes from its 1 s poll. ikos restarts at once the first time, then waits 0.1 s "
+        "(doubling to 5 s) after each run shorter than 1 s, as systemd's RestartSec=100ms: "
+        "an executable whose exec keeps failing must not be restarted as fast as the "
+        "machine forks.",
         "ikos and supervisord capture each child's stdout/stderr into log files by default "
         "(two pipes per child); circus, runit and s6 let it inherit theirs.",
     ]
