@@ -1426,3 +1426,15 @@ def test_a_misspelt_executable_key_is_a_warning_with_a_suggestion(tmp_path: Path
         "did you mean 'restart_delay'?",
     )
     assert loaded.tree.children == (Exec("e", "true"),)
+
+
+def test_readers_names_an_existing_group(tmp_path: Path) -> None:
+    """``[ikosd] readers``: a group name or gid, resolved; anything else names the key."""
+    path = tmp_path / "ikos.toml"
+    path.write_text('[ikosd]\nreaders = "root"\n')
+    assert load_config(path).settings.readers == 0
+    path.write_text("[ikosd]\nreaders = 0\n")
+    assert load_config(path).settings.readers == 0
+    path.write_text('[ikosd]\nreaders = "no-such-group-here"\n')
+    with pytest.raises(ConfigError, match=r"\[ikosd\] key 'readers'"):
+        load_config(path)

@@ -732,3 +732,27 @@ def test_refusals_past_the_burst_are_counted_in_one_line_when_the_window_closes(
         "another user's line",
         "uid 1001: 5 more like the above in 0.2s, not logged one by one",
     ]
+
+
+def test_the_readers_of_the_configuration_read_the_logs_of_a_real_ikosd(
+    ikosd_factory: Any, reachable: Path, stranger: pwd.struct_passwd
+) -> None:
+    """``[ikosd] readers = GROUP``: its members read logs and daemons' configurations."""
+    root = reachable / "readers-root"
+    config = CONFIG.replace("metrics = false", f"metrics = false\nreaders = {stranger.pw_gid}")
+    started = ikosd_factory(config=config, name="readers", args=["--root", str(root)])
+    inst = Instance(root, started.proc, started.mark, started.log)
+    wait_for(lambda: "token=" in "".join(ikosd_logs(inst)))
+    answer = request_as(stranger, inst, {"id": 1, "verb": "logs", "args": {"name": "leaky"}})
+    assert answer["ok"] is True, answer
+    assert SECRET in json.dumps(answer)  # a reader may read it: that is what the group is for
+    answer = request_as(stranger, inst, {"id": 2, "verb": "stop", "args": {"name": "leaky"}})
+    assert answer["error"]["code"] == "permission_denied"  # but not control
+    mode = (root / "var" / "log" / "ikos").stat()
+    assert (mode.st_mode & 0o777, mode.st_gid) == (0o750, stranger.pw_gid)
+
+
+def ikosd_logs(inst: Instance) -> list[str]:
+    with ControlClient(InstancePaths.for_root(inst.root)) as client:
+        lines: list[str] = client.call("logs", {"name": "leaky", "lines": 5})["lines"]
+    return lines
