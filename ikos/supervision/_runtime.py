@@ -911,16 +911,22 @@ class SupervisorNode(Node):
             spec = replace(self.template, name=f"{self.template.name}.{self._dynamic}")
         node = self._make(spec)
         self.children.append(node)
+        await self._start_or_drop(node)
+        return node
+
+    async def _start_or_drop(self, node: Node) -> None:
+        """OTP's ``start_child``: a child that fails to start is not added (raises).
+
+        Kept, it would stay ``failed`` for ever (nothing restarts it) and hold
+        its resources (an actor's socket).
+        """
         try:
             await node.start()
         except StartFailed:
-            # OTP's start_child: a child that fails to start is not added. Kept, it
-            # would stay `failed` forever (nothing restarts it) and hold its socket.
             if isinstance(node, WorkerNode):
                 self.host.retire(node)
             self._remove(node)
             raise
-        return node
 
     async def remove_child(self, node: Node) -> None:
         """Stop a child and drop it from the tree (dynamic children, reloads)."""
@@ -956,16 +962,10 @@ class SupervisorNode(Node):
             self.children.insert(index, node)
         if node.held or not (start and self.alive):
             return node
-        if not strict:
+        if strict:
+            await self._start_or_drop(node)
+        else:
             await self._start_one(node)
-            return node
-        try:
-            await node.start()
-        except StartFailed:
-            if isinstance(node, WorkerNode):
-                self.host.retire(node)
-            self._remove(node)
-            raise
         return node
 
     async def update_child(self, node: WorkerNode, spec: Child | Exec, *, restart: bool) -> None:
