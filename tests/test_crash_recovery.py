@@ -139,9 +139,8 @@ class Ikosd:
             if proc.poll() is not None:
                 return True  # it exited: said below, at once rather than at the timeout
             res = self.ctl("--json", "status", check=False)
-            return res.returncode == 0 and all(
-                s["state"] == "running" for s in json.loads(res.stdout)
-            )
+            statuses = json.loads(res.stdout) if res.returncode == 0 else []
+            return bool(statuses) and all(s["state"] == "running" for s in statuses)
 
         wait_for(ready, timeout, interval=0.05, message="ikosd ready with every daemon running")
         if proc.poll() is not None:
@@ -359,16 +358,7 @@ def test_a_truncated_daemons_db_is_restored_from_its_mirror(ikosd: Any, tmp_path
     where.mkdir()
     inst = ikosd(tree(where, 0.0))
     proc = inst.start()
-    inst.ctl("--json", "status")
-    config = {"name": "made", "executable": "/bin/sleep", "args": ["1000"]}
-    code = (
-        "import ikos.daemon, json, sys; "
-        f"ikos.daemon.create(ikos.daemon.DaemonConfig(**json.loads(sys.argv[1])), "
-        f"root={str(inst.root)!r})"
-    )
-    subprocess.run(
-        [sys.executable, "-c", code, json.dumps(config)], env=inst.env, check=True, timeout=60
-    )
+    create_sleeper(inst, "made")
     assert inst.shutdown(proc) == 0
     db = inst.root / "var" / "lib" / "ikos" / "daemons.db"
     for suffix in ("-wal", "-shm"):
@@ -378,6 +368,35 @@ def test_a_truncated_daemons_db_is_restored_from_its_mirror(ikosd: Any, tmp_path
     proc = inst.start()
     assert inst.status("made")["state"] == "running"
     assert "restored 1 created daemons" in inst.log()
+    assert inst.shutdown(proc) == 0
+
+
+def create_sleeper(inst: Ikosd, name: str) -> None:
+    """Create an executable at run time, as ``ikos.daemon.create`` from another process."""
+    config = {"name": name, "executable": "/bin/sleep", "args": ["1000"]}
+    code = (
+        "import ikos.daemon, json, sys; "
+        f"ikos.daemon.create(ikos.daemon.DaemonConfig(**json.loads(sys.argv[1])), "
+        f"root={str(inst.root)!r})"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code, json.dumps(config)], env=inst.env, check=True, timeout=60
+    )
+
+
+def test_a_daemon_created_at_run_time_is_adopted_after_kill_9(ikosd: Any, tmp_path: Path) -> None:
+    """Item 1: created daemons join the tree before recovery decides: adopted, not killed."""
+    where = tmp_path / "copies"
+    where.mkdir()
+    inst = ikosd(tree(where, 0.0))
+    proc = inst.start()
+    create_sleeper(inst, "made")
+    before = inst.status("made")["pid"]
+    proc.kill()
+    proc.wait()
+    proc = inst.start()
+    assert inst.status("made")["pid"] == before
+    assert f"made: adopting pid {before}" in inst.log()
     assert inst.shutdown(proc) == 0
 
 

@@ -216,7 +216,6 @@ def prepare(
         log.warning("%s", warning)
     s = loaded.settings
     settings = {
-        "mailbox_size": s.mailbox_size,
         "max_message_bytes": s.max_message_bytes,
         "shutdown_timeout": s.shutdown_timeout,
         "log_level": s.log_level,
@@ -271,7 +270,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             paths,
             config,
             reload=reload,
-            mailbox_size=settings.get("mailbox_size", 1000),
             max_message_bytes=settings.get("max_message_bytes", 64 * 1024 * 1024),
             shutdown_timeout=settings.get("shutdown_timeout", 30.0),
             metrics=metrics,

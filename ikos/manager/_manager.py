@@ -68,7 +68,7 @@ from ikos.supervision._spec import Supervisor, validate_tree
 log = logging.getLogger("ikos.manager")
 translog = logging.getLogger("ikos.daemon")
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED = 0, 1
 #: States in which a worker has a process: leaving them for stopped or failed ends it.
 _WITH_PROCESS = frozenset({State.STARTING, State.RUNNING, State.STOPPING})
 
@@ -98,7 +98,6 @@ class Manager:
         config: Config | Supervisor,
         *,
         reload: ConfigSource | None = None,
-        mailbox_size: int = 1000,
         max_message_bytes: int = 64 * 1024 * 1024,
         shutdown_timeout: float = 30.0,
         ready_line: bool = True,
@@ -113,7 +112,6 @@ class Manager:
         self._tree = validate_tree(config.tree)
         self.graph = check_graph(self._tree)
         self.reload_source = reload
-        self.mailbox_size = mailbox_size
         self.max_message_bytes = max_message_bytes
         self.shutdown_timeout = shutdown_timeout
         self.ready_line = ready_line
@@ -394,18 +392,9 @@ class Manager:
         if not become_subreaper():
             log.warning("could not become a child subreaper: exit statuses may be lost")
         loop.add_signal_handler(signal.SIGCHLD, self._reap)
-        assert self.state is not None
-        self.recovery = Recovery(self.paths, self.state, self.fdstore)
-        await self.recovery.run({spec.name for _, spec in self._tree.walk()})
-        if self.fdstore.process is not None:
-            own(self.fdstore.process.pid)
-        failed = await self.forkserver.start(sys.path, self.preload_modules(self._tree))
-        for mod, err in failed.items():
-            log.warning("fork server could not preload %s: %s", mod, err)
         self.control = ControlServer(self, reader_gid=self.reader_gid)
         self.control.register("start_child", "control", self._verb_start_child)
         self.control.register("terminate_child", "control", self._verb_terminate_child)
-        await self.control.start()
         for spawner in self.spawners.values():
             await spawner.start()
         host = ExtensionHost(self, self.ops, self.control)
@@ -417,6 +406,17 @@ class Manager:
             tree = ext.amend_tree(tree, at_start=True)
         if tree is not self._tree:
             self.set_tree(validate_tree(tree), check_graph(tree))
+        # Recovery decides on the tree as it will run (created daemons included), and
+        # before the fork server exists: it carries the instance's marker too.
+        assert self.state is not None
+        self.recovery = Recovery(self.paths, self.state, self.fdstore)
+        await self.recovery.run({spec.name for _, spec in self._tree.walk()})
+        if self.fdstore.process is not None:
+            own(self.fdstore.process.pid)
+        failed = await self.forkserver.start(sys.path, self.preload_modules(self._tree))
+        for mod, err in failed.items():
+            log.warning("fork server could not preload %s: %s", mod, err)
+        await self.control.start()  # listening once there is something to answer about
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_shutdown)
         loop.add_signal_handler(signal.SIGHUP, self._on_sighup)

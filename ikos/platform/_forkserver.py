@@ -199,7 +199,10 @@ def serve(fd: int) -> None:
                     os.close(f)
                 except OSError:
                     pass
-        sock.send(pickle.dumps(answer))
+        try:
+            sock.send(pickle.dumps(answer))
+        except OSError:  # the manager is gone: so is the reason to serve
+            return
 
 
 # -- the manager's side ------------------------------------------------------
