@@ -749,3 +749,13 @@ def test_the_public_names_of_ikos_daemon_are_pinned() -> None:
         assert hasattr(ikos.daemon, name), name
     assert issubclass(DaemonExists, ikos.ManagerError)
     assert ikos.daemon.ResourceLimits is ikos.platform._spawn.ResourceLimits
+
+
+def test_a_created_daemon_that_fails_to_start_is_refused_and_not_kept(api: Driver) -> None:
+    """OTP's start_child: the caller hears why, and nothing is left to restart in a loop."""
+    err = api.error(
+        "d.create(d.DaemonConfig(name='flop', executable='/bin/false', type='forking'))"
+    )
+    assert err["type"] == "SpawnError" and err["attrs"]["daemon"] == "flop", err
+    assert "failed to start" in err["message"] and "status 1" in err["message"]
+    assert api.error("d.status('flop')")["type"] == "NoSuchDaemon"

@@ -38,7 +38,6 @@ from typing import Any, NoReturn
 from ikos._errors import IkosError, ManagerError, SpawnError
 from ikos.manager._logs import DaemonLogs
 from ikos.platform._cgroups import CgroupManager, DaemonCgroup, instance_cgroup_name
-from ikos.platform._fdstore import FdStore
 from ikos.platform._forkserver import ForkServer
 from ikos.platform._notify import NotifyMessage, NotifySocket, main_pid
 from ikos.platform._paths import InstancePaths
@@ -499,7 +498,6 @@ class ExecRuntime:
         self,
         paths: InstancePaths,
         forkserver: ForkServer,
-        fdstore: FdStore,
         logs: DaemonLogs,
         on_forked: Callable[[WorkerNode, int, bool], None],
         environ: dict[str, str] | None = None,
@@ -507,7 +505,6 @@ class ExecRuntime:
     ) -> None:
         self.paths = paths
         self.forkserver = forkserver
-        self.fdstore = fdstore
         self.logs = logs
         self._on_forked = on_forked
         #: Added to every executable's environment (the instance's marker), with
@@ -518,7 +515,6 @@ class ExecRuntime:
         self._by_pid: dict[int, ExecHandle] = {}
         self.notify: NotifySocket | None = None
         self.cgroups: CgroupManager | None = None
-        self._warned_cgroups = False
         self.notify_log = NotifyLog()
         self._spawning_notify = 0
 
@@ -600,13 +596,17 @@ class ExecRuntime:
                 continue
             handle.on_notify(msg)
 
-    def _cgroup(self, spec: Exec, plan: ExecPlan) -> DaemonCgroup | None:
+    def _cgroup_manager(self) -> CgroupManager:
         if self.cgroups is None:
             self.cgroups = CgroupManager(instance_cgroup_name(self.paths))
-        cg = self.cgroups.create(spec.name, plan.limits, track=True)
-        for warning in self.cgroups.warnings:
+        return self.cgroups
+
+    def _cgroup(self, spec: Exec, plan: ExecPlan) -> DaemonCgroup | None:
+        cgroups = self._cgroup_manager()
+        cg = cgroups.create(spec.name, plan.limits, track=True)
+        for warning in cgroups.warnings:
             log.warning("%s", warning)
-        self.cgroups.warnings.clear()
+        cgroups.warnings.clear()
         return cg
 
     async def spawn(self, node: WorkerNode) -> ExecHandle:
@@ -774,9 +774,7 @@ class ExecRuntime:
                 self.logs.capture(spec.name, stream, fd)
         # its cgroup, if it has one, is how its processes are reached from now on: an
         # adopted process is no longer our child, so nothing pins its session's number
-        if self.cgroups is None:
-            self.cgroups = CgroupManager(instance_cgroup_name(self.paths))
-        cgroup = self.cgroups.existing().get(spec.name)
+        cgroup = self._cgroup_manager().existing().get(spec.name)
         handle = ExecHandle(self, spec, plan, proc, cgroup, sid=sid, adopted=True)
         self.handles.append(handle)
         self.index(handle)

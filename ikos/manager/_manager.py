@@ -128,7 +128,6 @@ class Manager:
         self.execs = ExecRuntime(
             paths,
             self.forkserver,
-            self.fdstore,
             self.logs,
             self._forked,
             environ={MARK_INSTANCE: self.mark},
@@ -197,7 +196,7 @@ class Manager:
         out = node.status()
         if isinstance(node, WorkerNode):
             self.spawners[node.kind].decorate_status(node, out)
-            if self.state is not None and node.name in self.state.unsaved():
+            if self.state is not None and not self.state.saved(node.name):
                 out["state_saved"] = False
         for ext in self._started:
             try:

@@ -17,10 +17,10 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING, Any
 
-from ikos._errors import IkosError, ManagerError
+from ikos._errors import ManagerError
 from ikos.registry._graph import check_graph, start_order
-from ikos.supervision._edit import find_spec, insert_spec, remove_spec, replace_spec
-from ikos.supervision._runtime import Node, State, SupervisorNode, WorkerNode
+from ikos.supervision._edit import insert_spec, remove_spec, replace_spec
+from ikos.supervision._runtime import Node, SupervisorNode, WorkerNode
 from ikos.supervision._spec import AnySpec, Exec, Supervisor, validate_tree
 
 if TYPE_CHECKING:
@@ -130,7 +130,10 @@ class TreeOperations:
         tree = insert_spec(self.m.tree, sup.name, spec)
         validate_tree(tree)
         check_graph(tree)
-        node: Node = await sup.call(functools.partial(sup.add_child, spec, None, start=start))
+        # OTP's start_child: a child that fails to start is not kept, and the caller
+        # hears why (a configuration reload, which adds what it can, is not strict)
+        add = functools.partial(sup.add_child, spec, None, start=start, strict=True)
+        node: Node = await sup.call(add)
         self._set_tree(tree)
         return node
 
@@ -238,12 +241,3 @@ def _own_fields(spec: Supervisor) -> tuple[Any, ...]:
         spec.after,
         spec.backoff,
     )
-
-
-def find_in_tree(tree: Supervisor, name: str) -> AnySpec | None:
-    """The spec called ``name`` in ``tree``, if any."""
-    found = find_spec(tree, name)
-    return None if found is None else found[0]
-
-
-__all__ = ["IkosError", "State", "TreeOperations", "find_in_tree"]

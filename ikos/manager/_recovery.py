@@ -76,6 +76,8 @@ class Stray:
     what: str
     why: str
     start_ticks: int | None
+    #: Found by its marker with no row in state.db (the state was lost).
+    unrecorded: bool = False
 
 
 @dataclass
@@ -87,12 +89,12 @@ class RecoveryPlan:
     ended: list[RunningRecord] = field(default_factory=list)
 
 
-def find_marked(mark: str, exclude: Collection[int] = ()) -> list[Marked]:
+def find_marked(mark: str) -> list[Marked]:
     """Every live process whose environment says it belongs to the instance ``mark``."""
     me = os.getpid()
     found = []
     for pid in all_pids():
-        if pid == me or pid in exclude:
+        if pid == me:
             continue
         env = environ_of(pid)
         if env is None or env.get(MARK_INSTANCE) != mark:
@@ -157,7 +159,8 @@ def plan_recovery(
             continue  # a process of an adopted executable (its workers, its helpers)
         if m.info.sid in adopted_sids or descends_from_adopted(m):
             continue
-        plan.strays[pid] = Stray(m.daemon or "an actor or helper process", why, m.info.start_ticks)
+        what = m.daemon or "an actor or helper process"
+        plan.strays[pid] = Stray(what, why, m.info.start_ticks, unrecorded=True)
     return plan
 
 
@@ -253,7 +256,7 @@ class Recovery:
         for record in plan.ended:
             log.info("%s (pid %d) ended while no ikosd was running", record.name, record.pid)
         if plan.strays:
-            unrecorded = sorted({s.what for s in plan.strays.values() if s.why.startswith("state")})
+            unrecorded = sorted({s.what for s in plan.strays.values() if s.unrecorded})
             if unrecorded and not state.damage:
                 log.error(
                     "found processes of this instance that state.db does not record (it was "

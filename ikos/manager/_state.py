@@ -260,6 +260,10 @@ class StateStore:
         """Daemons whose current row is not on disk yet."""
         return set(self._dirty)
 
+    def saved(self, name: str) -> bool:
+        """Whether daemon ``name``'s current row (or its absence) is on disk."""
+        return name not in self._dirty
+
     def health(self) -> dict[str, Any]:
         """``{"ok", "pending", "failures", "error", "since"}``: whether writes succeed."""
         return {
