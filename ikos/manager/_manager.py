@@ -120,7 +120,6 @@ class Manager:
         self.mark = instance_mark(paths)
         self.fdstore = FdStore(paths.run_dir / "fdstore.sock")
         self.forkserver = ForkServer({MARK_INSTANCE: self.mark})
-        self.forkserver.on_launch = own
         self.logs = DaemonLogs(paths.log_dir, self.fdstore)
         self.actors = ActorSpawner(
             paths, self.forkserver, self.fdstore, self.logs, self._context, self._forked
@@ -410,8 +409,6 @@ class Manager:
         assert self.state is not None
         self.recovery = Recovery(self.paths, self.state, self.fdstore)
         await self.recovery.run({spec.name for _, spec in self._tree.walk()})
-        if self.fdstore.process is not None:
-            own(self.fdstore.process.pid)
         failed = await self.forkserver.start(sys.path, self.preload_modules(self._tree))
         for mod, err in failed.items():
             log.warning("fork server could not preload %s: %s", mod, err)

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ikos.platform._process import disown, own
 from ikos.platform._unix import bind_unix, connect_unix, peer_credentials
 
 MAX_MESSAGE = 65536
@@ -177,6 +178,7 @@ class FdStore:
             stderr=subprocess.DEVNULL,
             start_new_session=True,  # survives ikosd's death and its process group's signals
         )
+        own(proc.pid)  # ours to reap (quit does), not the orphan reaper's
         assert proc.stdout is not None
         deadline = time.monotonic() + 10
         line = proc.stdout.readline()
@@ -184,6 +186,7 @@ class FdStore:
         if b"ready" not in line or time.monotonic() > deadline:
             proc.kill()
             proc.wait()
+            disown(proc.pid)
             raise OSError("the descriptor keeper failed to start")
         self.process = proc  # not waited for until quit(): it must outlive a crash of ikosd
 
@@ -215,6 +218,7 @@ class FdStore:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+            disown(self.process.pid)
             self.process = None
 
     def close(self) -> None:

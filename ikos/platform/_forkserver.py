@@ -49,6 +49,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ikos._errors import SpawnError
+from ikos.platform._process import disown, own
 
 log = logging.getLogger("ikos.forkserver")
 
@@ -227,8 +228,6 @@ class ForkServer:
         self._starting: asyncio.Future[None] | None = None
         #: How many times the server died or hung and was replaced.
         self.restarts = 0
-        #: Called with the PID of every server process launched (to keep it from the reaper).
-        self.on_launch: Callable[[int], None] | None = None
 
     @property
     def pid(self) -> int | None:
@@ -261,8 +260,7 @@ class ForkServer:
             stdin=subprocess.DEVNULL,
             env=env,
         )
-        if self.on_launch is not None:
-            self.on_launch(self.process.pid)
+        own(self.process.pid)  # ours to reap (Popen does), not the orphan reaper's
         theirs.close()
         ours.setblocking(False)
         self._sock = ours
@@ -362,10 +360,12 @@ class ForkServer:
         """Forget the current server: close the socket, kill and reap the process."""
         self._close_socket()
         proc, self.process = self.process, None
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=5)
+        if proc is not None:
+            if proc.poll() is None:
+                proc.kill()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=5)
+            disown(proc.pid)
 
     async def _request(
         self, req: dict[str, Any], fds: Sequence[int], timeout: float = REQUEST_TIMEOUT
@@ -464,6 +464,7 @@ class ForkServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+            disown(self.process.pid)
             self.process = None
 
 
