@@ -140,12 +140,17 @@ def fill(path: Path) -> None:
     store.close()
 
 
+def overwrite(path: Path, content: bytes) -> None:
+    """Replace a closed SQLite database (and drop its WAL) with ``content``."""
+    for extra in path.parent.glob(f"{path.name}-*"):
+        extra.unlink()
+    path.write_bytes(content)
+
+
 def test_a_truncated_daemons_db_is_restored_from_the_mirror(tmp_path: Path) -> None:
     path = tmp_path / "daemons.db"
     fill(path)
-    for extra in tmp_path.glob("daemons.db-*"):
-        extra.unlink()
-    path.write_bytes(b"")
+    overwrite(path, b"")
     store = DaemonStore(path)
     assert store.problem is not None and "restored 2 created daemons and 1 changes" in store.problem
     assert list(store.created()) == ["a", "b"] and store.changed() == {"web": {"umask": "027"}}
@@ -154,9 +159,7 @@ def test_a_truncated_daemons_db_is_restored_from_the_mirror(tmp_path: Path) -> N
 def test_a_damaged_daemons_db_is_restored_from_the_mirror(tmp_path: Path) -> None:
     path = tmp_path / "daemons.db"
     fill(path)
-    for extra in tmp_path.glob("daemons.db-*"):
-        extra.unlink()
-    path.write_bytes(b"garbage" * 1000)
+    overwrite(path, b"garbage" * 1000)
     store = DaemonStore(path)
     assert store.problem is not None and "was damaged" in store.problem
     assert list(store.created()) == ["a", "b"]
@@ -174,9 +177,7 @@ def test_a_damaged_mirror_is_written_again(tmp_path: Path) -> None:
 def test_both_lost_is_said_plainly(tmp_path: Path) -> None:
     path = tmp_path / "daemons.db"
     fill(path)
-    for extra in tmp_path.glob("daemons.db-*"):
-        extra.unlink()
-    path.write_bytes(b"garbage" * 1000)
+    overwrite(path, b"garbage" * 1000)
     (tmp_path / "daemons.json").unlink()
     store = DaemonStore(path)
     assert store.problem is not None and "are lost" in store.problem

@@ -70,10 +70,8 @@ class TreeOperations:
     async def fail(self, name: str, reason: str) -> None:
         """Stop a running worker as a failure, for its supervisor to handle like a crash."""
         node = self.m.node(name)
-        if isinstance(node, WorkerNode) and node.alive:
-            await node.fail(reason)
-        elif not isinstance(node, WorkerNode):
-            raise ManagerError(f"'{name}' is a supervisor: only workers can be failed")
+        if node.alive or node.kind == "supervisor":
+            await node.fail(reason)  # a supervisor's fail raises: only a daemon can be
 
     def kill(self, name: str, sig: int) -> dict[str, Any]:
         """Send ``sig`` to the daemon (every worker of a supervisor's subtree)."""
