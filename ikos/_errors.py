@@ -31,6 +31,15 @@ defined next to the code that raises them name their module in brackets
     │   │                          [platform._pidfile]
     │   └── PidFileLocked          another live holder owns the PID file [platform._pidfile]
     ├── InvalidService             a ServiceInfo field breaks a rule [registry._service]
+    ├── IpcError                   an ikos.ipc call failed (the broker's error type)
+    │   ├── IpcBadRequest          the broker refused a malformed request
+    │   ├── IpcDenied              the policy does not grant this to the caller
+    │   ├── IpcNoSuchTarget        no actor, served name, service or queue by that name
+    │   ├── IpcTimeout             no answer within the timeout (also a TimeoutError)
+    │   ├── IpcTooLarge            the payload exceeds the frame limit
+    │   ├── IpcFull                a bound was reached (queue, clients)
+    │   ├── IpcUnavailable         the broker cannot be reached (names the socket)
+    │   └── IpcRemoteError         the target raised while handling the request
     └── ManagerError               the manager refused or failed a request (code)
         ├── ManagerUnavailable     no manager answers on the control socket
         ├── NoSuchDaemon           no daemon, actor or supervisor by that name
@@ -240,6 +249,91 @@ class DaemonExists(ManagerError):
         """The error again, from the message of a ``daemon_exists`` answer."""
         found = re.search(r"named '([^']*)'", message)
         return cls(found.group(1) if found else "", message)
+
+
+class IpcError(IkosError):
+    """An ``ikos.ipc`` call failed; ``message`` says what, ``type`` is the wire's error type."""
+
+    type = "error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class IpcBadRequest(IpcError):
+    """The broker refused a malformed request (a bug in the caller or the client)."""
+
+    type = "bad_request"
+
+
+class IpcDenied(IpcError):
+    """The policy does not grant this operation to the caller's user or groups."""
+
+    type = "denied"
+
+
+class IpcNoSuchTarget(IpcError):
+    """No actor, served name, registered service or queue answers to that name."""
+
+    type = "no_such_target"
+
+
+class IpcTimeout(IpcError, TimeoutError):
+    """No answer, message or delivery came within the timeout."""
+
+    type = "timeout"
+
+
+class IpcTooLarge(IpcError):
+    """The payload exceeds the broker's frame limit."""
+
+    type = "too_large"
+
+
+class IpcFull(IpcError):
+    """A bound was reached: a queue's ``max_messages``, the broker's client limits."""
+
+    type = "full"
+
+
+class IpcUnavailable(IpcError):
+    """The broker cannot be reached, or its connection was lost mid-call."""
+
+    type = "unavailable"
+
+
+class IpcRemoteError(IpcError):
+    """The target raised while handling the request.
+
+    ``remote_type`` is the exception's class name there and ``traceback`` its
+    traceback, as text (empty when the target did not send one).
+    """
+
+    type = "remote"
+
+    def __init__(self, message: str, remote_type: str = "", traceback: str = "") -> None:
+        IkosError.__init__(self, message, remote_type, traceback)
+        self.message, self.remote_type, self.traceback = message, remote_type, traceback
+
+
+#: The broker's error types (docs/protocol.md) and the exceptions they raise.
+IPC_ERRORS: dict[str, type[IpcError]] = {
+    cls.type: cls
+    for cls in (
+        IpcBadRequest,
+        IpcDenied,
+        IpcNoSuchTarget,
+        IpcTimeout,
+        IpcTooLarge,
+        IpcFull,
+        IpcUnavailable,
+        IpcRemoteError,
+    )
+}
 
 
 def error_for_code(code: str, message: str) -> ManagerError:
