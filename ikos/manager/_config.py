@@ -37,6 +37,7 @@ from __future__ import annotations
 import grp
 import json
 import math
+import pwd
 import re
 import sys
 import tomllib
@@ -68,10 +69,13 @@ from ikos.supervision._spec import (
 __all__ = [
     "DEFAULT_METRICS",
     "Declarations",
+    "IpcRule",
+    "IpcSettings",
     "LoadedConfig",
     "ManagerSettings",
     "load_config",
     "read_declarations",
+    "read_ipc_settings",
 ]
 
 DEFAULT_METRICS: Final = ("127.0.0.1", 9464)
@@ -84,7 +88,7 @@ MAX_DEPTH: Final = 100
 MAX_DECLARED_SERVICES: Final = 32
 MAX_HEALTH_CHECKS: Final = 32
 
-_TOP_TABLES: Final = ("ikosd", "root", "supervisors", "actors", "executables")
+_TOP_TABLES: Final = ("ikosd", "root", "supervisors", "actors", "executables", "ipc")
 _KINDS: Final = ("supervisors", "actors", "executables")
 _KIND_NOUN: Final = {"supervisors": "supervisor", "actors": "actor", "executables": "executable"}
 _COMMON_KEYS: Final = ("restart", "shutdown", "requires", "after", "description", "backoff")
@@ -137,6 +141,25 @@ _EXEC_SPEC_KEYS: Final = (
     *_DECLARATION_KEYS,
 )
 _BACKOFF_KEYS: Final = ("min", "max", "random_factor", "reset_after")
+_IPC_KEYS: Final = (
+    "enabled",
+    "subscriber_queue",
+    "slow_subscriber",
+    "shm_threshold",
+    "max_frame",
+    "max_clients",
+    "max_clients_per_uid",
+    "queues",
+    "allow",
+)
+_IPC_QUEUE_KEYS: Final = ("max_deliveries", "visibility_timeout", "max_messages")
+_IPC_GRANTS: Final = ("call", "serve", "publish", "subscribe", "queues")
+_IPC_RULE_KEYS: Final = ("users", "groups", *_IPC_GRANTS)
+SLOW_SUBSCRIBER: Final = ("drop-oldest", "disconnect")
+#: Most ``[[ipc.allow]]`` rules, and most patterns in one of their lists.
+MAX_IPC_RULES: Final = 1000
+MAX_IPC_PATTERNS: Final = 1000
+_PATTERN_SEGMENT = re.compile(r"^(?:[A-Za-z0-9_@:/-]+|\*|#)$")
 
 
 @dataclass(frozen=True)
@@ -156,6 +179,67 @@ class ManagerSettings:
     mailbox_size: int = 1000
     max_message_bytes: int = 64 * 1024 * 1024
     readers: int | None = None
+
+
+@dataclass(frozen=True)
+class IpcRule:
+    """One ``[[ipc.allow]]`` rule: who (uids, gids) may do what (patterns per operation)."""
+
+    uids: tuple[int, ...] = ()
+    gids: tuple[int, ...] = ()
+    call: tuple[str, ...] = ()
+    serve: tuple[str, ...] = ()
+    publish: tuple[str, ...] = ()
+    subscribe: tuple[str, ...] = ()
+    queues: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "uids": list(self.uids),
+            "gids": list(self.gids),
+            **{grant: list(getattr(self, grant)) for grant in _IPC_GRANTS},
+        }
+
+
+@dataclass(frozen=True)
+class IpcSettings:
+    """The ``[ipc]`` table: the broker's bounds, its queues' policy and who may do what.
+
+    ``enabled = false`` runs the instance without a broker. Every value is
+    checked here, so the broker only ever reads a valid ``broker.json``
+    (:meth:`broker_config`).
+    """
+
+    enabled: bool = True
+    subscriber_queue: int = 10000
+    slow_subscriber: str = "drop-oldest"
+    shm_threshold: int = 1024 * 1024
+    max_frame: int = 64 * 1024 * 1024
+    max_clients: int = 4096
+    max_clients_per_uid: int = 256
+    max_deliveries: int = 5
+    visibility_timeout: float = 30.0
+    max_messages: int = 1_000_000
+    rules: tuple[IpcRule, ...] = ()
+
+    def broker_config(self, owner_uid: int, audit_log: str) -> dict[str, Any]:
+        """The broker's ``broker.json`` (docs/protocol.md): every key, always."""
+        return {
+            "owner_uid": owner_uid,
+            "subscriber_queue": self.subscriber_queue,
+            "slow_subscriber": self.slow_subscriber,
+            "shm_threshold": self.shm_threshold,
+            "max_frame": self.max_frame,
+            "max_clients": self.max_clients,
+            "max_clients_per_uid": self.max_clients_per_uid,
+            "queues": {
+                "max_deliveries": self.max_deliveries,
+                "visibility_timeout": self.visibility_timeout,
+                "max_messages": self.max_messages,
+            },
+            "policy": [rule.to_json() for rule in self.rules],
+            "audit_log": audit_log,
+        }
 
 
 @dataclass(frozen=True)
@@ -189,6 +273,7 @@ class LoadedConfig:
     warnings: tuple[str, ...] = ()
     services: dict[str, tuple[ServiceInfo, ...]] = field(default_factory=dict)
     health: dict[str, tuple[HealthCheck, ...]] = field(default_factory=dict)
+    ipc: IpcSettings = field(default_factory=IpcSettings)
 
 
 def load_config(path: str | Path, base_tree: Supervisor | None = None) -> LoadedConfig:
@@ -217,13 +302,15 @@ def load_config(path: str | Path, base_tree: Supervisor | None = None) -> Loaded
     settings = loader.settings(document)
     tree = loader.tree(document, settings.mailbox_size)
     declared = _declarations(file, document)
+    ipc, ipc_warnings = _ipc_settings(file, document)
     return LoadedConfig(
         Path(path).absolute(),
         tree,
         settings,
-        (*loader.warnings, *declared.warnings),
+        (*loader.warnings, *declared.warnings, *ipc_warnings),
         declared.services,
         declared.health,
+        ipc,
     )
 
 
@@ -245,6 +332,131 @@ def read_declarations(path: str | Path) -> Declarations:
     except tomllib.TOMLDecodeError as exc:
         raise _syntax_error(file, text, exc) from None
     return _declarations(file, document)
+
+
+def read_ipc_settings(path: str | Path | None) -> tuple[IpcSettings, tuple[str, ...]]:
+    """The ``[ipc]`` table of ``path`` (defaults without a file) and its warnings.
+
+    For the manager's IPC service, which reads the file again at start and on
+    every reload, as the registry does its declarations.
+
+    Example::
+
+        settings, warnings = read_ipc_settings("/etc/ikos/ikos.toml")
+        settings.subscriber_queue        # 10000
+    """
+    if path is None:
+        return IpcSettings(), ()
+    file = str(path)
+    text = _read_text(file, Path(path))
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise _syntax_error(file, text, exc) from None
+    return _ipc_settings(file, document)
+
+
+# --- [ipc] ---------------------------------------------------------------------------------
+
+
+def _ipc_settings(file: str, document: Mapping[str, Any]) -> tuple[IpcSettings, tuple[str, ...]]:
+    value = document.get("ipc", {})
+    if not isinstance(value, dict):
+        raise ConfigError(file, None, "ipc", "a table [ipc]", value)
+    t = _Table(file, "ipc", value)
+    warnings = t.unknown(_IPC_KEYS)
+    d = IpcSettings()
+    enabled = t.get("enabled")
+    if enabled is not _MISSING and not isinstance(enabled, bool):
+        raise t.error("enabled", "true or false", enabled)
+    queues = t.get("queues")
+    if queues is _MISSING:
+        queues = {}
+    if not isinstance(queues, dict):
+        raise t.error("queues", "a table [ipc.queues]", queues)
+    q = _Table(file, "ipc.queues", queues)
+    warnings += q.unknown(_IPC_QUEUE_KEYS)
+    rules: list[IpcRule] = []
+    allow = t.get("allow")
+    if allow is not _MISSING:
+        for table, data in _tables(file, "ipc", "allow", allow, MAX_IPC_RULES):
+            rule, rule_warnings = _ipc_rule(_Table(file, table, data))
+            rules.append(rule)
+            warnings += rule_warnings
+    settings = IpcSettings(
+        enabled=d.enabled if enabled is _MISSING else bool(enabled),
+        subscriber_queue=t.integer("subscriber_queue", d.subscriber_queue, 1),
+        slow_subscriber=t.choice("slow_subscriber", d.slow_subscriber, SLOW_SUBSCRIBER),
+        shm_threshold=t.integer("shm_threshold", d.shm_threshold, 0),
+        max_frame=t.integer("max_frame", d.max_frame, 1024),
+        max_clients=t.integer("max_clients", d.max_clients, 1),
+        max_clients_per_uid=t.integer("max_clients_per_uid", d.max_clients_per_uid, 1),
+        max_deliveries=q.integer("max_deliveries", d.max_deliveries, 1),
+        visibility_timeout=q.seconds("visibility_timeout", d.visibility_timeout, zero_ok=False),
+        max_messages=q.integer("max_messages", d.max_messages, 1),
+        rules=tuple(rules),
+    )
+    return settings, tuple(warnings)
+
+
+def _ipc_rule(t: _Table) -> tuple[IpcRule, list[str]]:
+    warnings = t.unknown(_IPC_RULE_KEYS)
+    if t.get("users") is _MISSING and t.get("groups") is _MISSING:
+        raise t.error("users", "'users' or 'groups': whom the rule allows (the key is required)")
+    grants = {grant: _ipc_patterns(t, grant) for grant in _IPC_GRANTS}
+    return (
+        IpcRule(_ids(t, "users", _uid), _ids(t, "groups", _gid), **grants),
+        warnings,
+    )
+
+
+def _uid(value: str | int) -> int:
+    found = pwd.getpwnam(value) if isinstance(value, str) else pwd.getpwuid(value)
+    return int(found.pw_uid)
+
+
+def _gid(value: str | int) -> int:
+    found = grp.getgrnam(value) if isinstance(value, str) else grp.getgrgid(value)
+    return int(found.gr_gid)
+
+
+def _ids(t: _Table, key: str, look_up: Any) -> tuple[int, ...]:
+    """``users``/``groups``: names or numbers of existing users or groups, as ids."""
+    value = t.get(key)
+    if value is _MISSING:
+        return ()
+    noun = "user" if key == "users" else "group"
+    expected = f"a list of {noun} names or numbers"
+    if not isinstance(value, list) or len(value) > MAX_IPC_PATTERNS:
+        raise t.error(key, expected, value)
+    ids: list[int] = []
+    for item in value:
+        if isinstance(item, bool) or not isinstance(item, str | int) or item == "":
+            raise t.error(key, expected, item)
+        try:
+            ids.append(look_up(item))
+        except (KeyError, OverflowError, ValueError):
+            raise t.error(key, f"the name or number of an existing {noun}", item) from None
+    return tuple(ids)
+
+
+def _ipc_patterns(t: _Table, key: str) -> tuple[str, ...]:
+    """A list of topic-syntax patterns (``net.*``, ``app.#``, ``#``)."""
+    value = t.get(key)
+    if value is _MISSING:
+        return ()
+    expected = 'a list of patterns like "net.*", "app.#" or "#"'
+    if not isinstance(value, list) or len(value) > MAX_IPC_PATTERNS:
+        raise t.error(key, expected, value)
+    for item in value:
+        if (
+            not isinstance(item, str)
+            or not item
+            or len(item.encode()) > 255
+            or not all(_PATTERN_SEGMENT.match(part) for part in item.split("."))
+        ):
+            raise t.error(key, expected, item)
+    return tuple(value)
 
 
 # --- service metadata and health checks ----------------------------------------------------
