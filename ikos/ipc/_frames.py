@@ -34,6 +34,10 @@ class FrameError(ValueError):
     """A frame that breaks the protocol; the message says how."""
 
 
+class FrameTooLarge(FrameError):
+    """A frame announcing a payload above the reader's limit."""
+
+
 @dataclass(slots=True)
 class Frame:
     """One decoded frame: its header, its payload, and the descriptor it carried."""
@@ -104,7 +108,7 @@ class FrameReader:
             if hlen == 0 or hlen > MAX_HEADER or total < 4 + hlen:
                 raise FrameError(f"bad frame lengths (total {total}, header {hlen})")
             if total - 4 - hlen > self.max_payload:
-                raise FrameError(
+                raise FrameTooLarge(
                     f"frame payload of {total - 4 - hlen} bytes exceeds the limit of "
                     f"{self.max_payload} bytes"
                 )
