@@ -78,14 +78,17 @@ class InstanceLocked(ManagerError):
 
 
 def default_extensions(metrics: tuple[str, int] | None) -> list[Extension]:
-    """The services every ikosd runs: the registry, run-time daemons, and metrics."""
+    """The services every ikosd runs: the registry, run-time daemons, metrics, the IPC broker."""
     from ikos.manager._daemon_service import DaemonService
+    from ikos.manager._ipc_service import IpcService
     from ikos.manager._metrics import MetricsService
     from ikos.manager._registry_service import RegistryService
 
     extensions: list[Extension] = [RegistryService(), DaemonService()]
-    if metrics is not None:
-        extensions.append(MetricsService(*metrics))
+    service = MetricsService(*metrics) if metrics is not None else None
+    if service is not None:
+        extensions.append(service)
+    extensions.append(IpcService(service))
     return extensions
 
 

@@ -1,0 +1,341 @@
+"""The IPC service: runs the instance's broker as a daemon of the tree, and reports on it.
+
+The broker (``ikos.ipc._broker``) is a process of its own, supervised like any
+daemon: this extension inserts it as ``ikos-broker``, an ``ikos.Exec`` of type
+``notify``, as the first child of the root (``amend_tree``, at start and on every
+reload), so it starts before anything that might talk to it and stops after
+everything else. The manager's loop stays off the message path: all it does for
+IPC is write the broker's configuration (``RUN/ipc/broker.json``, from the
+``[ipc]`` table, atomically, before the broker starts and on every reload, then
+SIGHUP), and read the broker's figures for ``ikosctl status`` (the private verb
+``ipc_stats``) and for Prometheus (``ikos_ipc_*``).
+
+Figures are fetched with the synchronous client in a worker thread (a scrape
+runs in the HTTP server's thread already), at most once per :data:`STATS_TTL`,
+so that neither a busy broker nor a scraper hammering ``/metrics`` can make the
+manager wait: a broker that does not answer within :data:`STATS_TIMEOUT` is
+reported as down.
+
+Rejected: running the broker inside ikosd (every publication would cross the
+manager's loop, and a flood of clients would compete with supervision), and
+making the broker an actor (the actor runtime's one-message-at-a-time mailbox is
+the wrong shape for a fan-out server holding thousands of connections).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any, Final
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+import ikos
+from ikos._errors import ConfigError, IkosError
+from ikos.ipc._client import BrokerClient
+from ikos.manager._config import IpcSettings, read_ipc_settings
+from ikos.manager._extension import Config, Extension, ExtensionHost, NodeView, TreeView
+from ikos.supervision._spec import Exec, Supervisor
+
+log = logging.getLogger("ikos.ipc")
+
+BROKER_NAME: Final = "ikos-broker"
+#: How long fetched figures are reused, and how long a fetch may take.
+STATS_TTL: Final = 1.0
+STATS_TIMEOUT: Final = 2.0
+
+
+def broker_spec(paths_root: Path | None, environ: dict[str, str] | None = None) -> Exec:
+    """The ``ikos-broker`` daemon of an instance (``paths_root`` None: the default instance).
+
+    The broker must import the same ikos as ikosd, wherever ikosd found it (an
+    editable checkout, ``PYTHONPATH``), so the package's parent directory goes
+    first on the broker's ``PYTHONPATH``.
+    """
+    env = os.environ if environ is None else environ
+    package_parent = str(Path(ikos.__file__).resolve().parent.parent)
+    pythonpath = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH", "")) if p)
+    args = ["-m", "ikos.ipc._broker"]
+    if paths_root is not None:
+        args += ["--root", str(paths_root)]
+    return Exec(
+        BROKER_NAME,
+        sys.executable,
+        description="the IPC broker (ikos.ipc: publish/subscribe, queues, calls)",
+        shutdown=10.0,
+        fields={"args": args, "type": "notify", "environment": {"PYTHONPATH": pythonpath}},
+    )
+
+
+def write_atomically(path: Path, text: str, mode: int = 0o644) -> None:
+    """Replace ``path`` with ``text`` so that a reader sees the old file or the new, whole."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+class IpcService(Extension):
+    """Runs ``ikos-broker`` with the ``[ipc]`` settings; answers ``ipc_stats``; exports metrics."""
+
+    name = "ipc"
+
+    def __init__(self, metrics: Any = None) -> None:
+        #: the MetricsService whose endpoint gets the ``ikos_ipc_*`` collector, if any
+        self._metrics = metrics
+        self._view: TreeView | None = None
+        self.settings = IpcSettings()
+        self._pending: IpcSettings | None = None
+        self._client: BrokerClient | None = None
+        self._client_lock = threading.Lock()
+        self._cache: tuple[float, dict[str, Any] | None, str] = (0.0, None, "")
+
+    # -- life ---------------------------------------------------------------------------
+
+    async def start(self, host: ExtensionHost) -> None:
+        self._view = host.view
+        self.settings = self._read(host.view.config)
+        if self.settings.enabled:
+            self._write_broker_json(self.settings)
+        host.verbs.register("ipc_stats", "private", self._verb_stats)
+        if self._metrics is not None:
+            self._metrics.endpoint.add(IpcCollector(self.figures))
+
+    async def stop(self) -> None:
+        with self._client_lock:
+            if self._client is not None:
+                self._client.close()
+                self._client = None
+
+    def _read(self, config: Config) -> IpcSettings:
+        settings, _warnings = read_ipc_settings(config.file)  # warnings: load_config's
+        return settings
+
+    @property
+    def broker_json(self) -> Path:
+        assert self._view is not None
+        return self._view.paths.run_dir / "ipc" / "broker.json"
+
+    def _write_broker_json(self, settings: IpcSettings) -> None:
+        assert self._view is not None
+        paths = self._view.paths
+        directory = self.broker_json.parent
+        directory.mkdir(parents=True, exist_ok=True)
+        os.chmod(directory, 0o755)  # other users connect to the socket in it
+        document = settings.broker_config(os.geteuid(), str(paths.log_dir / "ipc-audit.log"))
+        write_atomically(self.broker_json, json.dumps(document, indent=2) + "\n")
+
+    # -- the tree -----------------------------------------------------------------------
+
+    def amend_tree(self, tree: Supervisor, *, at_start: bool) -> Supervisor:
+        assert self._view is not None
+        if not at_start:
+            # A bad [ipc] table refuses the whole reload, before anything changed.
+            self._pending = self._read(self._view.config)
+        settings = self.settings if at_start else self._pending
+        assert settings is not None
+        kept = [c for c in tree.children if c.name != BROKER_NAME]
+        if len(kept) != len(tree.children) or any(s.name == BROKER_NAME for _, s in tree.walk()):
+            raise ConfigError(
+                str(self._view.config.file) if self._view.config.file else None,
+                None,
+                BROKER_NAME,
+                f"no daemon named '{BROKER_NAME}': ikosd runs the IPC broker under that name",
+            )
+        if not settings.enabled:
+            return tree
+        return Supervisor(
+            tree.name,
+            tree.strategy,
+            tree.max_restarts,
+            tree.within,
+            [broker_spec(self._view.paths.root), *tree.children],
+            restart=tree.restart,
+            shutdown=tree.shutdown,
+            requires=tree.requires,
+            after=tree.after,
+            description=tree.description,
+            backoff=tree.backoff,
+        )
+
+    async def on_reload(self, config: Config) -> None:
+        settings = self._pending or self._read(config)
+        self._pending = None
+        changed = settings != self.settings
+        self.settings = settings
+        if not settings.enabled:
+            return
+        self._write_broker_json(settings)
+        node = self._view.find(BROKER_NAME) if self._view is not None else None
+        if changed and node is not None and node.pid is not None and node.alive:
+            try:
+                os.kill(node.pid, signal.SIGHUP)
+                log.info("ipc: broker.json rewritten; the broker (pid %d) re-reads it", node.pid)
+            except ProcessLookupError:
+                pass  # it is restarting: it reads the new file when it starts
+
+    # -- figures --------------------------------------------------------------------------
+
+    def figures(self) -> tuple[dict[str, Any] | None, str]:
+        """The broker's stats and why they are missing (cached for :data:`STATS_TTL`)."""
+        fetched, stats, error = self._cache
+        if time.monotonic() - fetched < STATS_TTL:
+            return stats, error
+        if not self.settings.enabled:
+            self._cache = (time.monotonic(), None, "the IPC broker is disabled ([ipc] enabled)")
+            return self._cache[1:]
+        assert self._view is not None
+        with self._client_lock:
+            try:
+                if self._client is None:
+                    self._client = BrokerClient(
+                        self._view.paths, label="ikosd", reconnect_timeout=0.5
+                    )
+                stats, error = self._client.stats(timeout=STATS_TIMEOUT), ""
+            except IkosError as exc:
+                stats, error = None, str(exc)
+                if self._client is not None:
+                    self._client.close()
+                    self._client = None
+        self._cache = (time.monotonic(), stats, error)
+        return stats, error
+
+    async def _verb_stats(self, req: Any) -> Any:
+        stats, error = await asyncio.get_running_loop().run_in_executor(None, self.figures)
+        if stats is None:
+            return {"enabled": self.settings.enabled, "up": False, "error": error}
+        return {"enabled": True, "up": True, **summarize(stats), "stats": stats}
+
+    def decorate_status(self, node: NodeView, status: dict[str, Any]) -> None:
+        if node.name != BROKER_NAME:
+            return
+        fetched, stats, _error = self._cache
+        if stats is not None and time.monotonic() - fetched < 30 * STATS_TTL:
+            status["ipc"] = summarize(stats)
+
+
+def summarize(stats: dict[str, Any]) -> dict[str, Any]:
+    """The figures ``ikosctl status`` shows: totals over topics, subscribers and queues."""
+    topics = stats.get("topics")
+    topics = topics if isinstance(topics, dict) else {}
+
+    def total(key: str) -> int:
+        return sum(int(t.get(key, 0)) for t in _dicts(topics.values()))
+
+    queues = list(_dicts(stats.get("queues") or []))
+    return {
+        "clients": int(stats.get("clients", 0) or 0),
+        "subscriptions": int(stats.get("subscriptions", 0) or 0),
+        "served": len(stats.get("served") or []),
+        "published": total("published"),
+        "delivered": total("delivered"),
+        "dropped": total("dropped"),
+        "undeliverable": total("undeliverable"),
+        "queues": len(queues),
+        "queued": sum(queue_depth(q) for q in queues),
+        "dead": sum(_int(q, "dead") for q in queues),
+    }
+
+
+def queue_depth(queue: dict[str, Any]) -> int:
+    """Messages a queue holds that are not dead: ready, delayed by a nack, or leased."""
+    return _int(queue, "ready") + _int(queue, "delayed") + _int(queue, "leased")
+
+
+def _int(data: dict[str, Any], key: str) -> int:
+    value = data.get(key, 0)
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _dicts(items: Any) -> Iterator[dict[str, Any]]:
+    if isinstance(items, Iterable) and not isinstance(items, str | bytes | dict):
+        for item in items:
+            if isinstance(item, dict):
+                yield item
+
+
+class IpcCollector(Collector):
+    """``ikos_ipc_*``: the broker's clients, per-topic and per-subscriber counts, queues.
+
+    Read at scrape time from :meth:`IpcService.figures` (cached, fetched in the
+    scraping thread); ``ikos_ipc_broker_up`` is 0 when the broker did not answer.
+    """
+
+    def __init__(self, figures: Callable[[], tuple[dict[str, Any] | None, str]]) -> None:
+        self.figures = figures
+
+    def collect(self) -> Iterator[Any]:
+        stats, _error = self.figures()
+        up = GaugeMetricFamily("ikos_ipc_broker_up", "1 when the IPC broker answers")
+        up.add_metric([], 1 if stats is not None else 0)
+        yield up
+        if stats is None:
+            return
+        clients = GaugeMetricFamily("ikos_ipc_clients", "Connections to the IPC broker")
+        clients.add_metric([], _int(stats, "clients"))
+        yield clients
+        subs = GaugeMetricFamily("ikos_ipc_subscriptions", "Topic subscriptions in the broker")
+        subs.add_metric([], _int(stats, "subscriptions"))
+        yield subs
+        topics = stats.get("topics")
+        topics = topics if isinstance(topics, dict) else {}
+        for key, what in (
+            ("published", "Messages published"),
+            ("delivered", "Deliveries made to subscribers"),
+            ("dropped", "Deliveries dropped for slow subscribers"),
+            ("undeliverable", "Deliveries skipped (pickle to another uid)"),
+        ):
+            family = CounterMetricFamily(f"ikos_ipc_{key}", f"{what}, per topic", labels=["topic"])
+            for topic, figures in topics.items():
+                if isinstance(figures, dict):
+                    family.add_metric([str(topic)], _int(figures, key))
+            yield family
+        dropped = CounterMetricFamily(
+            "ikos_ipc_subscriber_dropped",
+            "Deliveries dropped for one subscriber connection (drop-oldest)",
+            labels=["subscriber", "pid"],
+        )
+        for sub in _dicts(stats.get("subscribers") or []):
+            label = str(sub.get("name", "")) or f"client-{sub.get('client')}"
+            dropped.add_metric([label, str(sub.get("pid", ""))], _int(sub, "dropped"))
+        yield dropped
+        queues = list(_dicts(stats.get("queues") or []))
+        depth = GaugeMetricFamily(
+            "ikos_ipc_queue_messages", "Messages in a durable queue, not dead", labels=["queue"]
+        )
+        leased = GaugeMetricFamily(
+            "ikos_ipc_queue_leased_messages", "Messages handed out, not acked", labels=["queue"]
+        )
+        dead = GaugeMetricFamily(
+            "ikos_ipc_queue_dead_messages", "Messages in a queue's dead letters", labels=["queue"]
+        )
+        size = GaugeMetricFamily(
+            "ikos_ipc_queue_bytes", "Payload bytes held by a durable queue", labels=["queue"]
+        )
+        puts = CounterMetricFamily("ikos_ipc_queue_puts", "Durable puts", labels=["queue"])
+        acks = CounterMetricFamily("ikos_ipc_queue_acks", "Acknowledged messages", labels=["queue"])
+        for queue in queues:
+            name = [str(queue.get("name", ""))]
+            depth.add_metric(name, queue_depth(queue))
+            leased.add_metric(name, _int(queue, "leased"))
+            dead.add_metric(name, _int(queue, "dead"))
+            size.add_metric(name, _int(queue, "bytes"))
+            puts.add_metric(name, _int(queue, "puts"))
+            acks.add_metric(name, _int(queue, "acks"))
+        yield from (depth, leased, dead, size, puts, acks)
