@@ -44,6 +44,7 @@ from ikos._errors import ConfigError, IkosError
 from ikos.ipc._client import BrokerClient
 from ikos.manager._config import IpcSettings, read_ipc_settings
 from ikos.manager._extension import Config, Extension, ExtensionHost, NodeView, TreeView
+from ikos.platform._database import write_durably
 from ikos.supervision._spec import Exec, Supervisor
 
 log = logging.getLogger("ikos.ipc")
@@ -74,21 +75,6 @@ def broker_spec(paths_root: Path | None, environ: dict[str, str] | None = None) 
         shutdown=10.0,
         fields={"args": args, "type": "notify", "environment": {"PYTHONPATH": pythonpath}},
     )
-
-
-def write_atomically(path: Path, text: str, mode: int = 0o644) -> None:
-    """Replace ``path`` with ``text`` so that a reader sees the old file or the new, whole."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        with os.fdopen(fd, "w") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 class IpcService(Extension):
@@ -139,7 +125,7 @@ class IpcService(Extension):
         directory.mkdir(parents=True, exist_ok=True)
         os.chmod(directory, 0o755)  # other users connect to the socket in it
         document = settings.broker_config(os.geteuid(), str(paths.log_dir / "ipc-audit.log"))
-        write_atomically(self.broker_json, json.dumps(document, indent=2) + "\n")
+        write_durably(self.broker_json, json.dumps(document, indent=2) + "\n")
 
     # -- the tree -----------------------------------------------------------------------
 
