@@ -24,6 +24,14 @@ TYPE VERSION ENDPOINT CAPABILITIES PID OWNER ACTIVE HEALTH, capabilities
 comma-separated), ``-`` for an empty field, no colour, and nothing at all
 for an empty result. ``--json`` is the format to parse when in doubt.
 
+The IPC verbs (``publish``, ``subscribe``, ``queue``) talk to the instance's
+broker (``RUN/ipc/broker.sock``) through :mod:`ikos.ipc`, not to ikosd; their
+data is JSON. A queue lease belongs to a broker connection, and a command line
+lives one invocation, so ``queue get --ack`` takes and acknowledges in one go,
+while a plain ``queue get`` asks for a detached lease (kept until the queue's
+visibility timeout, whatever becomes of the connection) that a later ``queue
+ack QUEUE ID`` or ``queue nack QUEUE ID`` by the owner settles.
+
 Only verbs that ikosd serves are offered (:data:`PROTOCOL_VERBS` names the
 requests each one sends, and a test checks them against a real ikosd); the
 contract's verbs that this version lacks (:data:`UNAVAILABLE_VERBS`) answer
@@ -33,6 +41,7 @@ one line saying so and exit 1.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import sys
@@ -41,7 +50,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn, TextIO
 
-from ikos._errors import IkosError, ManagerError, NoSuchDaemon
+from ikos._errors import (
+    IkosError,
+    IpcNoSuchTarget,
+    ManagerError,
+    NoSuchDaemon,
+)
 from ikos.cli import _render
 from ikos.cli._render import Style
 from ikos.platform._control import ControlClient
@@ -81,7 +95,7 @@ PROTOCOL_VERBS: dict[str, tuple[str, ...]] = {
     "stop": ("stop",),
     "restart": ("restart",),
     "reload": ("reload",),
-    "status": ("status",),
+    "status": ("status", "ipc_stats"),
     "list": ("list",),
     "tree": ("tree",),
     "is-active": ("status",),
@@ -93,11 +107,15 @@ PROTOCOL_VERBS: dict[str, tuple[str, ...]] = {
     "logs": ("logs",),
     "services": ("services",),
     "discover": ("discover",),
+    # the IPC verbs talk to the broker; status also reads its figures from ikosd
+    "publish": (),
+    "subscribe": (),
+    "queue": (),
 }
 #: Verbs of the contract (CONTRACT.md) that this version of ikosd does not serve yet.
-UNAVAILABLE_VERBS = frozenset(
-    {"top", "publish", "subscribe", "queue", "upgrade", "alerts", "events"}
-)
+UNAVAILABLE_VERBS = frozenset({"top", "upgrade", "alerts", "events"})
+#: ``queue get``'s wait when ``--timeout`` is not given.
+DEFAULT_QUEUE_TIMEOUT = 0.0
 
 
 class _UsageError(Exception):
@@ -118,6 +136,23 @@ class _Context:
     out: TextIO
     json: bool
     style: Style
+    paths: InstancePaths | None = None
+
+    def broker(self) -> Any:
+        """This invocation's connection to the instance's IPC broker."""
+        from ikos.ipc._client import BrokerClient
+
+        assert self.paths is not None
+        client = getattr(self, "_broker", None)
+        if client is None:
+            client = BrokerClient(self.paths, label="ikosctl", reconnect_timeout=1.0)
+            self._broker = client
+        return client
+
+    def close(self) -> None:
+        client = getattr(self, "_broker", None)
+        if client is not None:
+            client.close()
 
     def emit_json(self, document: Any, *, compact: bool = False) -> None:
         indent = None if compact else 2
@@ -180,6 +215,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}")
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"not a non-negative number of seconds: {text!r}")
+    return value
+
+
 def _non_negative_int(text: str) -> int:
     try:
         value = int(text)
@@ -208,10 +253,16 @@ def _lifecycle(verb: str) -> _Verb:
 
 def _status(ctx: _Context) -> int:
     statuses = _expect_list(ctx.client.call("status", {"names": ctx.args.names}), "status")
+    broker = next((s for s in statuses if s.get("name") == "ikos-broker"), None)
+    ipc = _ipc_figures(ctx) if broker is not None else None
+    if ipc is not None and broker is not None and ipc.get("up"):
+        broker["ipc"] = {k: ipc.get(k, 0) for k in _IPC_FIGURES}
     if ctx.json:
         ctx.emit_json(statuses)
     else:
         ctx.emit_text(_render.render_status(statuses, ctx.style, time.time()))
+        if ipc is not None:
+            ctx.emit_text(_ipc_line(ipc))
     running = all(s.get("state") == "running" for s in statuses)
     return EXIT_OK if running else EXIT_NOT_ACTIVE
 
@@ -408,6 +459,175 @@ def _discover(ctx: _Context) -> int:
     return EXIT_OK
 
 
+# --- IPC -------------------------------------------------------------------------
+
+
+def _ipc_figures(ctx: _Context) -> dict[str, Any] | None:
+    """ikosd's ``ipc_stats`` (which also refreshes the figures in the broker's status)."""
+    try:
+        result = ctx.client.call("ipc_stats")
+    except ManagerError as exc:
+        if exc.code in ("permission_denied", "unknown_verb"):
+            return None  # another user, or an ikosd without IPC: status shows the rest
+        raise
+    return result if isinstance(result, dict) else None
+
+
+def _ipc_line(figures: dict[str, Any]) -> str:
+    if not figures.get("enabled", True):
+        return "ikos.ipc: disabled ([ipc] enabled = false)\n"
+    if not figures.get("up"):
+        return f"ikos.ipc: broker not answering: {figures.get('error', '')}\n"
+    f = {k: figures.get(k, 0) for k in _IPC_FIGURES}
+    return (
+        f"ikos.ipc: {f['clients']} clients, {f['subscriptions']} subscriptions, "
+        f"{f['served']} served names; published {f['published']}, delivered {f['delivered']}, "
+        f"dropped {f['dropped']}; {f['queues']} queues holding {f['queued']} messages "
+        f"({f['dead']} dead)\n"
+    )
+
+
+_IPC_FIGURES = (
+    "clients",
+    "subscriptions",
+    "served",
+    "published",
+    "delivered",
+    "dropped",
+    "queues",
+    "queued",
+    "dead",
+)
+
+
+def _jsonable(value: Any) -> Any:
+    """A received payload as JSON can show it: bytes as UTF-8 text, else base64."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        raw = bytes(value)
+        try:
+            return raw.decode()
+        except UnicodeDecodeError:
+            return {"base64": base64.b64encode(raw).decode()}
+    return value
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(_jsonable(value), ensure_ascii=False, default=repr)
+
+
+def _text(value: Any) -> str:
+    """DATA as one line of text: a string as is, anything else as JSON."""
+    value = _jsonable(value)
+    return value.replace("\n", "\\n") if isinstance(value, str) else _dumps(value)
+
+
+def _publish(ctx: _Context) -> int:
+    ctx.broker().publish(ctx.args.topic, parse_data(ctx.args.data), codec="json", ack=True)
+    if ctx.json:
+        ctx.emit_json({"topic": ctx.args.topic, "published": True})
+    return EXIT_OK
+
+
+def _subscribe(ctx: _Context) -> int:
+    from ikos.ipc._client import Subscription
+
+    client = ctx.broker()
+    sub = Subscription(client, ctx.args.topic)
+    client._add_subscription(sub)
+    left: int | None = ctx.args.count
+    # Until interrupted, or until the reader of the pipe goes away (``| head``):
+    # both are a normal end, as for ``logs -f``.
+    try:
+        while left is None or left > 0:
+            message = sub.get()
+            if ctx.json:
+                document = {
+                    "topic": message.topic,
+                    "data": _jsonable(message.payload),
+                    "sender_pid": message.sender_pid,
+                    "message_id": message.message_id,
+                    "timestamp": message.timestamp,
+                }
+                ctx.out.write(_dumps(document) + "\n")
+            else:
+                ctx.out.write(f"{message.topic} {_text(message.payload)}\n")
+            ctx.out.flush()
+            if left is not None:
+                left -= 1
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_OK
+    return EXIT_OK
+
+
+def _queue_message_json(queue: str, msg: int, deliveries: int, data: Any) -> dict[str, Any]:
+    return {"queue": queue, "msg": msg, "deliveries": deliveries, "data": _jsonable(data)}
+
+
+def _queue(ctx: _Context) -> int:
+    from ikos.ipc._client import Queue
+
+    ns = ctx.args
+    client = ctx.broker()
+    if ns.action == "list":
+        queues = client.queues()
+        if ctx.json:
+            ctx.emit_json(queues)
+        elif queues:
+            ctx.emit_text(_render.render_queues(queues, ctx.style))
+        else:
+            ctx.hint("no queues")
+        return EXIT_OK
+    if ns.queue is None:
+        raise _UsageError(f"queue {ns.action} needs a QUEUE")
+    queue = Queue(client, ns.queue)
+    if ns.action == "put":
+        if ns.data is None:
+            raise _UsageError("queue put needs QUEUE DATA")
+        msg = queue.put(parse_data(ns.data), codec="json")
+        if ctx.json:
+            ctx.emit_json({"queue": ns.queue, "msg": msg})
+        else:
+            ctx.emit_text(f"{msg}\n")
+        return EXIT_OK
+    if ns.action == "get":
+        m = queue.get_leased(ns.timeout, detach=not ns.ack)
+        if ns.ack:
+            m.ack()
+        if ctx.json:
+            ctx.emit_json(_queue_message_json(ns.queue, m.id, m.deliveries, m.data))
+        else:
+            ctx.emit_text(f"{m.id}\t{m.deliveries}\t{_text(m.data)}\n")
+        return EXIT_OK
+    if ns.action in ("ack", "nack"):
+        if ns.data is None:
+            raise _UsageError(f"queue {ns.action} needs QUEUE ID")
+        try:
+            msg = int(ns.data)
+        except ValueError:
+            raise _UsageError(f"queue {ns.action}: ID must be a message id, got {ns.data!r}")
+        if ns.action == "ack":
+            queue.ack(msg)
+        else:
+            queue.nack(msg, delay=ns.delay)
+        if ctx.json:
+            ctx.emit_json({"queue": ns.queue, "msg": msg, ns.action: True})
+        return EXIT_OK
+    assert ns.action == "dead"
+    dead = queue.dead(ns.limit)
+    if ctx.json:
+        ctx.emit_json(dead)
+        return EXIT_OK
+    for letter in dead:
+        data = _text(letter.get("data"))
+        ctx.emit_text(f"{letter.get('msg')}\t{letter.get('deliveries')}\t{data}\n")
+    if not dead:
+        ctx.hint(f"no dead letters in '{ns.queue}'")
+    return EXIT_OK
+
+
 def _expect_list(result: Any, verb: str) -> list[dict[str, Any]]:
     if not isinstance(result, list) or not all(isinstance(s, dict) for s in result):
         raise _bad_result(verb, "an array of objects")
@@ -510,6 +730,40 @@ def build_parser() -> argparse.ArgumentParser:
     discover.add_argument("--capability", metavar="CAP", help="services offering CAP")
     discover.add_argument("--type", metavar="TYPE", help="services of type TYPE")
     discover.add_argument("--active", action="store_true", help="only services whose owner runs")
+    publish = verb("publish", _publish, "publish DATA on TOPIC through the IPC broker")
+    publish.add_argument("topic", metavar="TOPIC", help="dot-separated, like net.eth0.up")
+    publish.add_argument("data", metavar="DATA", help="JSON if it parses as JSON, else a string")
+    subscribe = verb(
+        "subscribe", _subscribe, "print each message published on TOPIC (a pattern) until ^C"
+    )
+    subscribe.add_argument("topic", metavar="TOPIC", help="a topic or pattern: net.*, dev.#")
+    subscribe.add_argument(
+        "-n", "--count", type=_non_negative_int, metavar="N", help="exit after N messages"
+    )
+    queue = verb("queue", _queue, "put, get, ack, nack durable queue messages; list queues")
+    queue.add_argument("action", choices=("put", "get", "ack", "nack", "list", "dead"))
+    queue.add_argument("queue", metavar="QUEUE", nargs="?")
+    queue.add_argument("data", metavar="DATA|ID", nargs="?", help="put: DATA; ack, nack: ID")
+    queue.add_argument(
+        "--ack", action="store_true", help="get: acknowledge at once (take the message for good)"
+    )
+    queue.add_argument(
+        "--timeout",
+        type=_non_negative_float,
+        default=DEFAULT_QUEUE_TIMEOUT,
+        metavar="S",
+        help="get: seconds to wait for a message (default: do not wait)",
+    )
+    queue.add_argument(
+        "--delay",
+        type=_non_negative_float,
+        default=0.0,
+        metavar="S",
+        help="nack: redeliver after S",
+    )
+    queue.add_argument(
+        "--limit", type=_non_negative_int, default=100, metavar="N", help="dead: at most N"
+    )
     return parser
 
 
@@ -530,14 +784,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help
         return exc.code if isinstance(exc.code, int) else EXIT_OK
     out = sys.stdout
+    ctx: _Context | None = None
     try:
         paths = InstancePaths.resolve(getattr(args, "root", None))
         with ControlClient(paths, timeout=READ_TIMEOUT) as client:
-            ctx = _Context(client, args, out, getattr(args, "json", False), Style.for_stream(out))
+            style = Style.for_stream(out)
+            ctx = _Context(client, args, out, getattr(args, "json", False), style, paths)
             status: int = args.run(ctx)
         out.flush()
         return status
-    except NoSuchDaemon as exc:
+    except (NoSuchDaemon, IpcNoSuchTarget) as exc:
         return _fail(str(exc), EXIT_NO_SUCH)
     except BrokenPipeError:
         # Our reader went away (``ikosctl list | head``): nothing to say, and
@@ -548,6 +804,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(exc) or type(exc).__name__, EXIT_FAILURE)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    finally:
+        if ctx is not None:
+            ctx.close()
 
 
 def _verb_of(argv: Sequence[str]) -> str | None:

@@ -433,3 +433,20 @@ def _number(value: Any) -> str:
 
 def _parenthesised(text: str) -> str:
     return f" ({text})" if text else ""
+
+
+_QUEUE_COLUMNS = ("name", "ready", "delayed", "leased", "dead", "puts", "acks", "bytes")
+
+
+def render_queues(queues: Sequence[Mapping[str, Any]], style: Style) -> str:
+    """The table of ``ikosctl queue list``: NAME READY DELAYED LEASED DEAD PUTS ACKS BYTES.
+
+    Fixed columns in a pipe, as for ``services``; ``-`` where the broker gave none.
+
+    ::
+
+        NAME  READY  DELAYED  LEASED  DEAD  PUTS  ACKS  BYTES
+        jobs  12     0        2       1     15    2     4096
+    """
+    rows = [[(_cell(q.get(key)), None) for key in _QUEUE_COLUMNS] for q in queues]
+    return _table([k.upper() for k in _QUEUE_COLUMNS], rows, style)

@@ -952,13 +952,22 @@ class Queue:
 
         ``timeout=None`` waits as long as it takes; ``0`` only takes what is there.
         """
+        return self.get_leased(timeout)
+
+    def get_leased(self, timeout: float | None = None, *, detach: bool = False) -> QueueMessage:
+        """:meth:`get`; with ``detach`` the lease outlives this connection.
+
+        A detached lease ends only by ack, nack or the visibility timeout, not
+        when this process's connection does: ``ikosctl queue get`` and a later
+        ``ikosctl queue ack`` are two connections.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             wait = 60.0 if deadline is None else max(deadline - time.monotonic(), 0.0)
-            frame = self.client.call(
-                {"op": "get", "queue": self.name, "timeout": wait},
-                timeout=wait + ANSWER_MARGIN,
-            )
+            header: dict[str, Any] = {"op": "get", "queue": self.name, "timeout": wait}
+            if detach:
+                header["detach"] = True
+            frame = self.client.call(header, timeout=wait + ANSWER_MARGIN)
             if frame.op == "message":
                 payload = _payload(frame)
                 header = frame.header
