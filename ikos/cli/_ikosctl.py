@@ -388,9 +388,8 @@ def _logs(ctx: _Context) -> int:
         if not entries:
             ctx.hint(f"no log lines of '{ctx.args.name}'")
         return EXIT_OK
-    # Following ends when the user says so: Ctrl-C, or the reader of a pipe
-    # leaving (``| head``). Both are a normal end, not a failure.
-    try:
+
+    def follow() -> None:
         with ctx.client.stream("logs", args) as events:
             for event in events:
                 if ctx.json:
@@ -398,11 +397,19 @@ def _logs(ctx: _Context) -> int:
                 else:
                     ctx.emit_text(_log_line(event))
                     ctx.out.flush()
+
+    return _until_interrupted(follow)
+
+
+def _until_interrupted(follow: Callable[[], None]) -> int:
+    """Run a verb that prints until stopped: Ctrl-C, or the reader of a pipe leaving
+    (``| head``). Both are a normal end, not a failure: exit 0, quietly."""
+    try:
+        follow()
     except KeyboardInterrupt:
         return EXIT_OK
     except BrokenPipeError:
         _silence_stdout()
-        return EXIT_OK
     return EXIT_OK
 
 
@@ -535,9 +542,9 @@ def _subscribe(ctx: _Context) -> int:
     sub = Subscription(client, ctx.args.topic)
     client._add_subscription(sub)
     left: int | None = ctx.args.count
-    # Until interrupted, or until the reader of the pipe goes away (``| head``):
-    # both are a normal end, as for ``logs -f``.
-    try:
+
+    def follow() -> None:
+        nonlocal left
         while left is None or left > 0:
             message = sub.get()
             if ctx.json:
@@ -554,12 +561,8 @@ def _subscribe(ctx: _Context) -> int:
             ctx.out.flush()
             if left is not None:
                 left -= 1
-    except KeyboardInterrupt:
-        return EXIT_OK
-    except BrokenPipeError:
-        _silence_stdout()
-        return EXIT_OK
-    return EXIT_OK
+
+    return _until_interrupted(follow)
 
 
 def _queue_message_json(queue: str, msg: int, deliveries: int, data: Any) -> dict[str, Any]:
