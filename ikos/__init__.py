@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ikos import ipc as ipc
 from ikos._errors import (
     ActorCrashed,
     ActorDeadError,

@@ -11,10 +11,23 @@ hooks lives in ``ikos.actors._runtime``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
+
+from ikos._errors import ActorError
 
 if TYPE_CHECKING:
     from ikos.actors._ref import ActorRef
+
+#: How an actor subscribes to broadcasts: ``ikos.ipc`` (a layer above this one)
+#: registers its ``subscribe`` here when it is imported, as ``import ikos`` does.
+_subscribe: Callable[[str, Callable[[Any], Any]], Any] | None = None
+
+
+def set_broadcast_source(subscribe: Callable[[str, Callable[[Any], Any]], Any]) -> None:
+    """Install what :meth:`Actor.subscribe` calls (done by ``ikos.ipc``)."""
+    global _subscribe
+    _subscribe = subscribe
 
 
 class Actor:
@@ -54,6 +67,36 @@ class Actor:
         from ikos.actors._ref import ActorRef
 
         return ActorRef(name)
+
+    def subscribe(self, pattern: str) -> None:
+        """Receive the broadcasts on topics matching ``pattern`` in :meth:`receive`.
+
+        Each arrives as an :class:`~ikos.ipc.IpcMessage` (``type`` "broadcast",
+        ``topic`` set), in publication order, among the actor's other messages:
+        the subscription's thread tells them to the actor's own mailbox, so
+        ``receive`` still handles one message at a time. Subscribing twice to
+        one pattern is one subscription.
+
+        Example::
+
+            def on_start(self):
+                self.subscribe("net.*")
+
+            def receive(self, message):
+                if isinstance(message, ikos.ipc.IpcMessage):
+                    self.links[message.topic] = message.payload
+        """
+        if _subscribe is None:
+            raise ActorError(self.name, "subscribe needs ikos.ipc: import ikos.ipc")
+        subscriptions = self.__dict__.setdefault("_ikos_subscriptions", {})
+        if pattern not in subscriptions:
+            subscriptions[pattern] = _subscribe(pattern, self.ref.tell)
+
+    def unsubscribe(self, pattern: str) -> None:
+        """Stop the broadcasts of an earlier :meth:`subscribe` (nothing if there was none)."""
+        sub = self.__dict__.get("_ikos_subscriptions", {}).pop(pattern, None)
+        if sub is not None:
+            sub.unsubscribe()
 
     @property
     def ref(self) -> ActorRef:

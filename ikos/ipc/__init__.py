@@ -37,6 +37,7 @@ from ikos._errors import (
     IpcTooLarge,
     IpcUnavailable,
 )
+from ikos.actors._actor import set_broadcast_source
 from ikos.ipc._client import (
     BrokerClient,
     Connection,
@@ -173,3 +174,10 @@ def serve(
 def stats(*, root: Root = None) -> dict[str, Any]:
     """The broker's figures: clients, subscriptions, topics, drops, queues."""
     return shared_client(root).stats()
+
+
+def _actor_subscribe(pattern: str, callback: Callable[[IpcMessage], Any]) -> Subscription:
+    return subscribe(pattern, callback)
+
+
+set_broadcast_source(_actor_subscribe)

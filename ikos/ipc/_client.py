@@ -1014,23 +1014,44 @@ def _trusted_context(root: str | os.PathLike[str] | None) -> Any:
         return None
 
 
+def _service_target(paths: InstancePaths, name: str) -> str | None:
+    """The daemon or name that answers for the registered service ``name``, if one does.
+
+    An ``endpoint`` of ``ipc://NAME`` or ``actor://NAME`` names it; otherwise the
+    service's owner (the daemon that declared it) does. Asked of ikosd's registry
+    over the control socket (the registry layer sits above this one).
+    """
+    from ikos.platform._control import ControlClient
+
+    try:
+        with ControlClient(paths, timeout=DEFAULT_TIMEOUT) as control:
+            found = control.call("discover", {"name": name})
+    except (IkosError, OSError):
+        return None
+    info = found[0] if isinstance(found, list) and found and isinstance(found[0], dict) else {}
+    endpoint = str(info.get("endpoint") or "")
+    for scheme in ("ipc://", "actor://"):
+        if endpoint.startswith(scheme) and endpoint[len(scheme) :]:
+            return endpoint[len(scheme) :]
+    owner = info.get("owner")
+    return owner if isinstance(owner, str) and owner else None
+
+
 def _resolve(name: str, root: str | os.PathLike[str] | None) -> tuple[str, bool]:
-    """``(target, direct)``: the actor or broker name to talk to, and whether directly."""
+    """``(target, direct)``: the actor or broker name to talk to, and whether directly.
+
+    An actor of the instance first, then a registered service (by its daemon),
+    then whatever the broker routes ``name`` to (a served name, or an actor for a
+    process that cannot reach mailboxes).
+    """
     ctx = _trusted_context(root)
     paths = ctx.paths if ctx is not None else _instance_paths(root)
     if ctx is not None and paths.actor_socket(name).exists():
         return name, True
-    # A registered service answers through the daemon that owns it.
-    try:
-        from ikos.registry._client import lookup
-
-        info = lookup(name, root=paths.root)
-    except (IkosError, OSError):
-        return name, False
-    owner = info.owner
-    if owner and ctx is not None and paths.actor_socket(owner).exists():
-        return owner, True
-    return (owner or name), False
+    target = _service_target(paths, name) or name
+    if ctx is not None and paths.actor_socket(target).exists():
+        return target, True
+    return target, False
 
 
 def _actor_error(name: str, exc: ActorError) -> IpcError:

@@ -39,7 +39,6 @@ from typing import Any, Final
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-import ikos
 from ikos._errors import ConfigError, IkosError
 from ikos.ipc._client import BrokerClient
 from ikos.manager._config import IpcSettings, read_ipc_settings
@@ -63,7 +62,7 @@ def broker_spec(paths_root: Path | None, environ: dict[str, str] | None = None) 
     first on the broker's ``PYTHONPATH``.
     """
     env = os.environ if environ is None else environ
-    package_parent = str(Path(ikos.__file__).resolve().parent.parent)
+    package_parent = str(Path(__file__).resolve().parents[2])  # .../ikos/manager/this
     pythonpath = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH", "")) if p)
     args = ["-m", "ikos.ipc._broker"]
     if paths_root is not None:
