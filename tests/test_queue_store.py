@@ -257,6 +257,28 @@ def test_a_cancelled_waiting_get_gives_back_nothing_and_loses_nothing(db: Path) 
     run(db, body)
 
 
+def test_a_put_or_ack_whose_caller_is_cancelled_still_counts_once_committed(db: Path) -> None:
+    async def body(s: QueueStore) -> None:
+        put = asyncio.create_task(s.put("jobs", b"orphan", "bytes"))
+        await asyncio.sleep(0)  # submitted to the committer
+        put.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await put
+        m = await s.get("jobs", "a", timeout=30)  # committed: it must be handed out
+        assert m is not None and m.payload == b"orphan"
+        ack = asyncio.create_task(s.ack("jobs", m.id, "a"))
+        await asyncio.sleep(0)
+        ack.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await ack
+        assert await s.get("jobs", "b", timeout=0.3) is None
+        (info,) = s.queues()
+        assert (info.puts, info.acks, info.ready, info.leased) == (1, 1, 0, 0)
+
+    run(db, body)
+    assert rows(db) == {}
+
+
 # -- group commit and durability -----------------------------------------------------------
 
 

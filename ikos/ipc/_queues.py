@@ -45,7 +45,7 @@ import sqlite3
 import threading
 import time
 from collections import deque
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -208,20 +208,31 @@ class _Queue:
 @dataclass(slots=True)
 class _Put:
     id: int
-    queue: str
+    queue: _Queue
     codec: str
     enqueued_at: float
     payload: bytes | bytearray | memoryview
+    size: int
     future: asyncio.Future[int]
+
+
+#: Run on the loop once a write's transaction ended: its rows, or the error.
+_Then = Callable[[list[Any], BaseException | None], None]
 
 
 @dataclass(slots=True)
 class _Write:
-    """A statement in the next transaction; ``future`` (if any) resolves after its commit."""
+    """A statement in the next transaction.
+
+    ``then`` runs on the loop when the transaction ended, even if the caller
+    waiting on ``future`` was cancelled meanwhile (memory must follow the disk);
+    then ``future`` gets the rows or the error.
+    """
 
     sql: str
     args: tuple[Any, ...]
     future: asyncio.Future[list[Any]] | None = None
+    then: _Then | None = None
 
 
 @dataclass(slots=True)
@@ -240,13 +251,17 @@ _STOP = object()
 class _Committer(threading.Thread):
     """The one thread that writes: it commits whatever arrived during its last commit."""
 
-    def __init__(self, db: sqlite3.Connection, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        db: sqlite3.Connection,
+        loop: asyncio.AbstractEventLoop,
+        settle: Callable[[list[_Put | _Write], list[list[Any]], BaseException | None], None],
+    ) -> None:
         super().__init__(name="ikos-queue-committer", daemon=True)
-        self.db, self.loop = db, loop
+        self.db, self.loop, self.settle = db, loop, settle
         self.items: deque[object] = deque()
         self.wake = threading.Condition()
         self.commits = 0
-        self.committed_items = 0
         self.stopped: asyncio.Future[None] = loop.create_future()
 
     def submit(self, item: object) -> None:
@@ -280,57 +295,58 @@ class _Committer(threading.Thread):
         if writes:
             try:
                 self.db.execute("BEGIN IMMEDIATE")
+                puts: list[tuple[Any, ...]] = []
                 for i, write in enumerate(writes):
                     if isinstance(write, _Put):
-                        self.db.execute(
-                            "INSERT INTO messages (id, queue, codec, enqueued_at, payload)"
-                            " VALUES (?, ?, ?, ?, ?)",
-                            (write.id, write.queue, write.codec, write.enqueued_at, write.payload),
+                        puts.append(
+                            (
+                                write.id,
+                                write.queue.name,
+                                write.codec,
+                                write.enqueued_at,
+                                write.payload,
+                            )
                         )
-                    else:
-                        results[i] = self.db.execute(write.sql, write.args).fetchall()
+                        continue
+                    self._insert(puts)
+                    results[i] = self.db.execute(write.sql, write.args).fetchall()
+                self._insert(puts)
                 self.db.execute("COMMIT")
                 self.commits += 1
-                self.committed_items += len(writes)
             except Exception as exc:  # the thread must outlive any failure: it is reported
                 error = exc
                 with contextlib.suppress(sqlite3.Error):
                     self.db.execute("ROLLBACK")
-        answers: list[tuple[_Read, list[Any] | None, BaseException | None]] = []
+        answers: list[tuple[_Read, list[Any], BaseException | None]] = []
         for read in reads:
             try:
                 answers.append((read, self.db.execute(read.sql, read.args).fetchall(), None))
             except Exception as exc:
-                answers.append((read, None, exc))
+                answers.append((read, [], exc))
         with contextlib.suppress(RuntimeError):
-            self.loop.call_soon_threadsafe(_settle, writes, results, error, answers)
+            if writes:
+                self.loop.call_soon_threadsafe(self.settle, writes, results, error)
+            for read, rows, read_error in answers:
+                self.loop.call_soon_threadsafe(_resolve, read.future, rows, read_error)
+
+    def _insert(self, puts: list[tuple[Any, ...]]) -> None:
+        """Insert a run of puts in one call, and empty the run."""
+        if puts:
+            self.db.executemany(
+                "INSERT INTO messages (id, queue, codec, enqueued_at, payload)"
+                " VALUES (?, ?, ?, ?, ?)",
+                puts,
+            )
+            puts.clear()
 
 
 def _resolve(future: asyncio.Future[T], value: T, error: BaseException | None) -> None:
-    if future.done():
+    if future.done():  # its caller was cancelled: nobody is waiting
         return
     if error is not None:
         future.set_exception(error)
     else:
         future.set_result(value)
-
-
-def _settle(
-    writes: list[_Put | _Write],
-    results: list[list[Any]],
-    error: BaseException | None,
-    reads: list[tuple[_Read, list[Any] | None, BaseException | None]],
-) -> None:
-    """On the loop: hand each item of a finished transaction its outcome."""
-    for item, rows in zip(writes, results, strict=True):
-        if item.future is None:
-            continue
-        if isinstance(item, _Put):
-            _resolve(item.future, item.id, error)
-        else:
-            _resolve(item.future, rows, error)
-    for read, read_rows, read_error in reads:
-        _resolve(read.future, read_rows or [], read_error)
 
 
 class QueueStore:
@@ -415,7 +431,7 @@ class QueueStore:
         for q in self._queues.values():
             heapq.heapify(q.ready)
         self._next_id = seq + 1
-        self._committer = _Committer(db, loop)
+        self._committer = _Committer(db, loop, self._settle)
         self._committer.start()
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="ikos-queue-reader")
 
@@ -478,28 +494,35 @@ class QueueStore:
         q = self._queue(queue)
         if q.live() >= self.max_messages:
             raise QueueFull(queue, f"the queue holds its limit of {self.max_messages} messages")
-        memoryview(payload)  # a bytes-like object, or TypeError now rather than in the commit
+        size = memoryview(payload).nbytes  # a bytes-like object, or TypeError now
         msg_id = self._next_id
         self._next_id += 1
-        size = memoryview(payload).nbytes
-        future = self._future()
+        future: asyncio.Future[int] = self._future()
         q.pending += 1
+        committer.submit(_Put(msg_id, q, codec, time.time(), payload, size, future))
+        result: int = await self._committed(future, queue, "put")
+        return result
 
-        def committed(f: asyncio.Future[Any]) -> None:
-            # On the loop, before put() resumes, and even if its caller was cancelled:
-            # a committed message is in memory from here, never before.
-            q.pending -= 1
-            if f.cancelled() or f.exception() is not None:
-                return
-            q.puts += 1
-            q.bytes += size
-            heapq.heappush(q.ready, msg_id)
-            self._dispatch(q)
-
-        future.add_done_callback(committed)
-        committer.submit(_Put(msg_id, queue, codec, time.time(), payload, future))
-        await self._committed(future, queue, "put")
-        return msg_id
+    def _settle(
+        self, writes: list[_Put | _Write], results: list[list[Any]], error: BaseException | None
+    ) -> None:
+        """On the loop: a transaction ended. Memory follows the disk, then callers learn."""
+        for item, rows in zip(writes, results, strict=True):
+            if isinstance(item, _Put):
+                q = item.queue
+                q.pending -= 1
+                if error is None:
+                    # Only now, committed, may it be handed out (in memory from here).
+                    q.puts += 1
+                    q.bytes += item.size
+                    heapq.heappush(q.ready, item.id)
+                    self._dispatch(q)
+                _resolve(item.future, item.id, error)
+                continue
+            if item.then is not None:
+                item.then(rows, error)
+            if item.future is not None:
+                _resolve(item.future, rows, error)
 
     # -- consuming ---------------------------------------------------------------------
 
@@ -594,8 +617,8 @@ class QueueStore:
         q.bytes -= lease.size
         count = self._deliveries.pop(msg_id, 0)
 
-        def committed(f: asyncio.Future[Any]) -> None:
-            if not f.cancelled() and f.exception() is None:
+        def then(_: list[Any], error: BaseException | None) -> None:
+            if error is None:
                 q.acks += 1
                 return
             # The row is still there: memory follows the disk, and it is delivered again.
@@ -606,8 +629,7 @@ class QueueStore:
             self._dispatch(q)
 
         future = self._future()
-        future.add_done_callback(committed)
-        committer.submit(_Write("DELETE FROM messages WHERE id = ?", (msg_id,), future))
+        committer.submit(_Write("DELETE FROM messages WHERE id = ?", (msg_id,), future, then))
         await self._committed(future, queue, "ack")
 
     async def nack(self, queue: str, msg_id: int, consumer: Hashable, delay: float = 0.0) -> None:
@@ -812,24 +834,24 @@ class QueueStore:
         q = self._queue(queue)
         q.pending += 1  # not forgotten meanwhile
 
-        def committed(f: asyncio.Future[Any]) -> None:
+        def then(rows: list[Any], error: BaseException | None) -> None:
             q.pending -= 1
-            if f.cancelled() or f.exception() is not None:
+            if error is not None:
                 return
-            for msg_id, size in f.result():
+            for msg_id, size in rows:
                 q.dead -= 1
                 q.bytes += size
                 heapq.heappush(q.ready, msg_id)
             self._dispatch(q)
 
         future = self._future()
-        future.add_done_callback(committed)
         committer.submit(
             _Write(
                 "UPDATE messages SET dead = 0, deliveries = 0 WHERE queue = ? AND dead = 1"
                 " RETURNING id, length(payload)",
                 (queue,),
                 future,
+                then,
             )
         )
         rows = await self._committed(future, queue, "requeue")
@@ -850,9 +872,13 @@ class QueueStore:
         return result
 
     async def _committed(self, future: asyncio.Future[Any], queue: str, what: str) -> Any:
-        """Wait for the committer's answer; a database error becomes :class:`QueueUnavailable`."""
+        """Wait for the committer's answer; a database error becomes :class:`QueueUnavailable`.
+
+        A cancelled caller cancels only its wait: the item is committed (or not)
+        all the same, and its ``then`` keeps memory in step.
+        """
         try:
-            return await asyncio.shield(future)
+            return await future
         except Exception as exc:
             raise QueueUnavailable(
                 queue, f"the {what} could not be committed to {self.path}: {exc}"
