@@ -31,6 +31,10 @@ defined next to the code that raises them name their module in brackets
     │   │                          [platform._pidfile]
     │   └── PidFileLocked          another live holder owns the PID file [platform._pidfile]
     ├── InvalidService             a ServiceInfo field breaks a rule [registry._service]
+    ├── QueueError                 a durable queue refused a request (queue, why) [ipc._queues]
+    │   ├── QueueFull              the queue holds its max_messages [ipc._queues]
+    │   ├── NotLeased              ack/nack of a message not leased to the caller [ipc._queues]
+    │   └── QueueUnavailable       the store cannot commit (disk), or is closed [ipc._queues]
     └── ManagerError               the manager refused or failed a request (code)
         ├── ManagerUnavailable     no manager answers on the control socket
         ├── NoSuchDaemon           no daemon, actor or supervisor by that name
