@@ -40,6 +40,10 @@ defined next to the code that raises them name their module in brackets
     │   ├── IpcFull                a bound was reached (queue, clients)
     │   ├── IpcUnavailable         the broker cannot be reached (names the socket)
     │   └── IpcRemoteError         the target raised while handling the request
+    ├── QueueError                 a durable queue refused a request (queue, why) [ipc._queues]
+    │   ├── QueueFull              the queue holds its max_messages [ipc._queues]
+    │   ├── NotLeased              ack/nack of a message not leased to the caller [ipc._queues]
+    │   └── QueueUnavailable       the store cannot commit (disk), or is closed [ipc._queues]
     └── ManagerError               the manager refused or failed a request (code)
         ├── ManagerUnavailable     no manager answers on the control socket
         ├── NoSuchDaemon           no daemon, actor or supervisor by that name

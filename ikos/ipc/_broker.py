@@ -51,10 +51,12 @@ from typing import Any
 from ikos.ipc._frames import (
     LENGTHS,
     MAX_FDS,
+    MAX_HEADER,
     Frame,
     FrameError,
     FrameReader,
     FrameTooLarge,
+    dumps_header,
     encode_frame,
 )
 from ikos.ipc._policy import Peer, Policy, Right, allowed, parse_policy, supplementary_groups
@@ -1202,7 +1204,13 @@ class Broker:
 
     def op_stats(self, conn: Conn, frame: Frame) -> None:
         rid = _int(frame.header, "id")
-        self._ok(conn, rid, stats=self.stats())
+        if not conn.trusted:
+            # pids, names and topics of everyone's traffic: the owner's business only
+            self.audit.write(conn.peer, "stats", "denied (not the owner or root)")
+            raise BadRequest("denied", f"uid {conn.peer.uid} may not read the broker's stats")
+        full = self.stats()
+        payload = json.dumps(full).encode()
+        self.send(conn, {"op": "ok", "id": rid, "codec": "json", "stats": cap_stats(full)}, payload)
 
     def stats(self) -> dict[str, Any]:
         """The figures of ``stats`` (and ``ikosctl status``)."""
@@ -1236,6 +1244,38 @@ class Broker:
         }
 
     _ops: dict[str, Callable[[Broker, Conn, Frame], None]] = {}
+
+
+#: Entries of each list or map kept in the ``stats`` of an answer's header.
+STATS_HEADER_ENTRIES = 50
+
+
+def cap_stats(full: dict[str, Any]) -> dict[str, Any]:
+    """``full`` cut to fit a frame header: the busiest entries of each list and map.
+
+    The whole document travels as the answer's JSON payload; the header keeps the
+    totals and the entries an operator looks at first (most dropped, most published),
+    with ``"truncated": true`` when anything was left out.
+    """
+    n = STATS_HEADER_ENTRIES
+    out = dict(full)
+    subs = sorted(full["subscribers"], key=lambda s: (-s["dropped"], -s["queued"], s["client"]))
+    topics = sorted(full["topics"].items(), key=lambda kv: -kv[1]["published"])
+    patterns = sorted(full["patterns"].items(), key=lambda kv: -kv[1])
+    out["subscribers"] = subs[:n]
+    out["topics"] = dict(topics[:n])
+    out["patterns"] = dict(patterns[:n])
+    out["served"] = full["served"][:n]
+    out["queues"] = full["queues"][:n]
+    out["truncated"] = any(
+        len(out[k]) < len(full[k])
+        for k in ("subscribers", "topics", "patterns", "served", "queues")
+    )
+    if len(dumps_header(out)) > MAX_HEADER // 2:  # long names: keep the totals only
+        for key in ("subscribers", "topics", "patterns", "served", "queues"):
+            out[key] = type(full[key])()
+        out["truncated"] = True
+    return out
 
 
 def vars_of(stats: TopicStats) -> dict[str, int]:
