@@ -3,7 +3,10 @@
 Request/response to actors, served names and registered services
 (:func:`connect`), publish/subscribe on dotted topics with ``*`` and ``#``
 patterns (:func:`publish`, :func:`subscribe`), durable queues (:func:`queue`),
-and serving a name from any process (:func:`serve`). To an actor, the owner's
+and serving a name from any process (:func:`serve`). Bytes-like payloads of at
+least the instance's ``shm_threshold`` travel as sealed memfds and arrive as
+read-only ``memoryview`` objects; :func:`shared_buffer` gives a writable one to
+fill and send without any copy. To an actor, the owner's
 processes talk directly over its mailbox; everything else goes through the
 instance's broker (``ikos-broker``, docs/architecture.md). Errors are the
 :class:`~ikos._errors.IpcError` family of ``ikos._errors``.
@@ -48,6 +51,7 @@ from ikos.ipc._client import (
     shared_client,
 )
 from ikos.ipc._message import MESSAGE_TYPES, Codec, IpcMessage, MessageType
+from ikos.platform._memfd import SharedBuffer, shared_buffer
 
 __all__ = [
     "MESSAGE_TYPES",
@@ -66,6 +70,7 @@ __all__ = [
     "Queue",
     "QueueMessage",
     "Server",
+    "SharedBuffer",
     "Subscription",
     "connect",
     "disconnect",
@@ -75,6 +80,7 @@ __all__ = [
     "receive_message",
     "send_message",
     "serve",
+    "shared_buffer",
     "stats",
     "subscribe",
     "unsubscribe",

@@ -29,7 +29,6 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
-import mmap
 import os
 import queue as _queue
 import socket
@@ -69,6 +68,7 @@ from ikos.ipc._message import (
     encode_payload,
     now,
 )
+from ikos.platform._memfd import create_segment, map_segment, segment_of, send_with_fds
 from ikos.platform._paths import InstancePaths
 from ikos.platform._unix import connect_unix
 
@@ -112,18 +112,20 @@ def raise_error(header: dict[str, Any], context: str = "") -> None:
 
 
 def _payload(frame: Frame) -> bytes | memoryview:
-    """A frame's payload: its bytes, or a read-only view of the shared memory it carried."""
-    if frame.fd is None:
+    """A frame's payload: its bytes, or a read-only view of the shared memory it carried.
+
+    The segment is checked (a memfd of the announced size, sealed) and mapped
+    read-only; the view keeps the mapping alive, and the kernel frees the memory
+    once the last view and descriptor are gone, whoever dies first.
+    """
+    fd, frame.fd = frame.fd, None
+    if fd is None:
         return frame.payload
     size = frame.header.get("shm")
     try:
-        if not isinstance(size, int) or size <= 0:
-            return b""
-        # The segment is sealed (no writer can change it) and mapped read-only; the
-        # mapping keeps it alive after the descriptor is closed, until the view is gone.
-        return memoryview(mmap.mmap(frame.fd, size, prot=mmap.PROT_READ))
-    finally:
-        frame.close()
+        return map_segment(fd, size if isinstance(size, int) else -1)  # consumes fd
+    except ValueError as exc:
+        raise IpcBadRequest(f"a shared-memory payload from the broker is unusable: {exc}") from None
 
 
 class _Pending:
@@ -339,7 +341,9 @@ class BrokerClient:
         try:
             while True:
                 try:
-                    data, ancdata, _flags, _addr = sock.recvmsg(262144, cmsg_size)
+                    data, ancdata, _flags, _addr = sock.recvmsg(
+                        262144, cmsg_size, socket.MSG_CMSG_CLOEXEC
+                    )
                 except OSError as exc:
                     why = str(exc)
                     break
@@ -449,12 +453,20 @@ class BrokerClient:
     # -- writing ---------------------------------------------------------------------
 
     def send(self, header: dict[str, Any], payload: bytes | memoryview = b"") -> None:
-        """Send one frame; reconnect once if the connection broke since it was last used."""
-        if len(payload) > self.max_frame:
+        """Send one frame; reconnect once if the connection broke since it was last used.
+
+        A payload of at least the broker's ``shm_threshold`` travels as a sealed
+        memfd instead (a ``shared_buffer`` by its own descriptor, without a copy).
+        """
+        size = len(payload) if isinstance(payload, bytes) else memoryview(payload).nbytes
+        self._ensure()  # the thresholds are the broker's, known once connected
+        if size > self.max_frame:
             raise IpcTooLarge(
-                f"a payload of {len(payload)} bytes exceeds the broker's limit of "
-                f"{self.max_frame} bytes"
+                f"a payload of {size} bytes exceeds the broker's limit of {self.max_frame} bytes"
             )
+        if self.shm_threshold and size >= self.shm_threshold:
+            self._send_shm(header, payload, size)
+            return
         data = encode_frame(dumps_header(header), payload)
         for attempt in (0, 1):
             sock = self._ensure()
@@ -469,6 +481,28 @@ class BrokerClient:
                     raise IpcUnavailable(
                         f"the connection to the IPC broker at {self.path} broke: {exc}"
                     ) from None
+
+    def _send_shm(self, header: dict[str, Any], payload: bytes | memoryview, size: int) -> None:
+        segment = segment_of(payload)
+        fd = segment.fd if segment is not None else create_segment(payload)
+        try:
+            data = encode_frame({**header, "shm": size})
+            sock = self._ensure()
+            generation = self._generation
+            try:
+                with self._wlock:
+                    sent = send_with_fds(sock, data, [fd])
+                    if sent < len(data):
+                        sock.sendall(data[sent:])
+            except OSError as exc:
+                # not retried: the descriptor may have reached the broker already
+                self._lost(generation, str(exc))
+                raise IpcUnavailable(
+                    f"the connection to the IPC broker at {self.path} broke: {exc}"
+                ) from None
+        finally:
+            if segment is None:
+                os.close(fd)  # the broker holds its own reference now
 
     def submit(
         self,
@@ -558,9 +592,17 @@ class BrokerClient:
         self.send({"op": "notify", "to": to, "codec": chosen}, encode_payload(data, chosen))
 
     def stats(self, timeout: float = DEFAULT_TIMEOUT) -> dict[str, Any]:
-        """The broker's figures (clients, subscriptions, topics, queues)."""
+        """The broker's figures (clients, subscriptions, topics, queues).
+
+        The whole document is the answer's JSON payload; the header holds a
+        version cut to fit, used only if the payload is missing.
+        """
         frame = self.call({"op": "stats"}, timeout=timeout)
-        stats = frame.header.get("stats")
+        stats: Any = None
+        if frame.header.get("codec") == "json":
+            stats = decode_payload(_payload(frame), "json")
+        if not isinstance(stats, dict):
+            stats = frame.header.get("stats")
         return stats if isinstance(stats, dict) else {}
 
     def queues(self, timeout: float = DEFAULT_TIMEOUT) -> list[dict[str, Any]]:

@@ -18,6 +18,7 @@ to and from the owner's (and root's) processes alone.
 from __future__ import annotations
 
 import json
+import mmap
 import time
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
@@ -28,6 +29,8 @@ from ikos._errors import IpcBadRequest
 MessageType = Literal["request", "response", "notification", "broadcast"]
 Codec = Literal["json", "pickle", "bytes"]
 
+#: What travels raw by default (``shared_buffer`` objects are mmaps).
+BYTES_LIKE: Final = (bytes, bytearray, memoryview, mmap.mmap)
 #: Message types of the seed's API, in its order.
 MESSAGE_TYPES: Final = ("request", "response", "notification", "broadcast")
 CODECS: Final = ("json", "pickle", "bytes")
@@ -96,7 +99,7 @@ class IpcMessage:
 
 def default_codec(data: Any, trusted: bool) -> Codec:
     """The codec for ``data`` when the caller names none (see the module docstring)."""
-    if isinstance(data, bytes | bytearray | memoryview):
+    if isinstance(data, BYTES_LIKE):
         return "bytes"
     return "pickle" if trusted else "json"
 
@@ -104,6 +107,8 @@ def default_codec(data: Any, trusted: bool) -> Codec:
 def encode_payload(data: Any, codec: Codec) -> bytes | memoryview:
     """``data`` encoded with ``codec``; :class:`IpcBadRequest` if it cannot be."""
     if codec == "bytes":
+        if isinstance(data, mmap.mmap):  # a shared_buffer: sent by its descriptor
+            return memoryview(data)
         if isinstance(data, memoryview):
             return data.cast("B") if data.contiguous else data.tobytes()
         if isinstance(data, bytes):

@@ -98,6 +98,7 @@ class IpcService(Extension):
         self.settings = self._read(host.view.config)
         if self.settings.enabled:
             self._write_broker_json(self.settings)
+        self._publish_threshold(self.settings)
         host.verbs.register("ipc_stats", "private", self._verb_stats)
         if self._metrics is not None:
             self._metrics.endpoint.add(IpcCollector(self.figures))
@@ -116,6 +117,24 @@ class IpcService(Extension):
     def broker_json(self) -> Path:
         assert self._view is not None
         return self._view.paths.run_dir / "ipc" / "broker.json"
+
+    def _publish_threshold(self, settings: IpcSettings) -> None:
+        """Add ``shm_threshold`` to ``instance.json``, where every ActorRef reads it.
+
+        Mailbox traffic between the owner's processes never meets the broker, but
+        it follows the same threshold.
+        """
+        assert self._view is not None
+        file = self._view.paths.instance_file
+        try:
+            published = json.loads(file.read_text())
+        except (OSError, ValueError):
+            published = {}
+        if not isinstance(published, dict):
+            published = {}
+        published["shm_threshold"] = settings.shm_threshold
+        write_durably(file, json.dumps(published))
+        os.chmod(file, 0o644)  # other users read the frame limit here
 
     def _write_broker_json(self, settings: IpcSettings) -> None:
         assert self._view is not None
@@ -164,6 +183,7 @@ class IpcService(Extension):
         self._pending = None
         changed = settings != self.settings
         self.settings = settings
+        self._publish_threshold(settings)
         if not settings.enabled:
             return
         self._write_broker_json(settings)
