@@ -68,7 +68,8 @@ tree = ikos.Supervisor(
 )
 """
 
-TREE_ORDER = ["root", "echo", "counter", "sig", "workers", "w1", "w2"]
+# ikosd runs the IPC broker as the root's first child: it is a daemon of every instance.
+TREE_ORDER = ["root", "ikos-broker", "echo", "counter", "sig", "workers", "w1", "w2"]
 STATUS_KEYS = {"name", "state", "pid", "restarts", "started_at", "supervisor"}
 STATES = {"stopped", "starting", "running", "stopping", "backoff", "failed"}
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -180,17 +181,24 @@ def test_tree_text_and_json(inst: Instance) -> None:
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
     assert lines[0] == "root [supervisor one_for_one] running"
-    assert lines[1] == f"├─ echo [actor] running {inst.pid_of('echo')}"
-    assert lines[4] == "└─ workers [supervisor rest_for_one] running"
-    assert lines[5].startswith("   ├─ w1 [actor] running ")
-    assert lines[6].startswith("   └─ w2 [actor] running ")
+    assert lines[1] == f"├─ ikos-broker [exec] running {inst.pid_of('ikos-broker')}"
+    assert lines[2] == f"├─ echo [actor] running {inst.pid_of('echo')}"
+    assert lines[5] == "└─ workers [supervisor rest_for_one] running"
+    assert lines[6].startswith("   ├─ w1 [actor] running ")
+    assert lines[7].startswith("   └─ w2 [actor] running ")
 
     res = inst.ctl("tree", "--json")
     assert res.returncode == 0, res.stderr
     root = json.loads(res.stdout)
     assert root["name"] == "root" and root["supervisor"] is None
-    assert [c["name"] for c in root["children"]] == ["echo", "counter", "sig", "workers"]
-    workers = root["children"][3]
+    assert [c["name"] for c in root["children"]] == [
+        "ikos-broker",
+        "echo",
+        "counter",
+        "sig",
+        "workers",
+    ]
+    workers = root["children"][4]
     assert workers["strategy"] == "rest_for_one"
     assert [c["name"] for c in workers["children"]] == ["w1", "w2"]
     assert all(c["supervisor"] == "workers" for c in workers["children"])
@@ -584,12 +592,25 @@ def test_every_verb_against_a_real_ikosd(ikosd_factory: Any) -> None:
     assert ctl("status", "echo").splitlines()[0] == "echo - answers every message"
     assert [row.split("\t")[0] for row in ctl("list").splitlines()] == [
         "root",
+        "ikos-broker",
         "echo",
         "counter",
         "ticker",
     ]
     assert ctl("tree").splitlines()[0] == "root [supervisor one_for_one] running"
     assert ctl("is-active", "echo", "ticker") == "running\nrunning\n"
+    assert ctl("publish", "demo.tick", '{"n": 1}') == ""
+    assert ctl("queue", "put", "demo", "1") == "1\n"
+    assert ctl("queue", "get", "--ack", "demo") == "1\t1\t1\n"
+    sub = subprocess.run(  # nothing published meanwhile: -n 0 ends at once
+        [IKOSCTL, "--root", str(inst.root), "subscribe", "-n", "0", "demo.#"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=inst.env,
+    )
+    assert (sub.returncode, sub.stdout, sub.stderr) == (0, "", "")
+    seen.add("subscribe")
     assert ctl("call", "counter", "incr") == "1\n"
     assert ctl("tell", "counter", "incr") == ""
     wait_for(lambda: inst.ctl("call", "counter", "get").stdout == "2\n", message="the tell")

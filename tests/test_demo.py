@@ -36,7 +36,7 @@ def demo_env(mark: str) -> dict[str, str]:
 
 
 def check_tour(out: str, root: Path) -> None:
-    assert "ikosd ready: 5 daemons running" in out
+    assert "ikosd ready: 6 daemons running" in out  # the 5 of the demo and the IPC broker
     assert re.search(r"^root \[supervisor one_for_one\] running$", out, re.M), out
     assert re.search(r"^├─ store \[actor\] running \d+$", out, re.M), out
     assert re.search(r"^└─ workers \[supervisor rest_for_one\] running$", out, re.M), out

@@ -93,7 +93,10 @@ def pkg_path(tmp_path: Path) -> Path:
 
 
 def names(inst: Instance) -> list[str]:
-    return [s["name"] for s in inst.status()]
+    """The tree's daemons in order, less ikosd's own IPC broker (checked: the root's first)."""
+    found = [s["name"] for s in inst.status()]
+    assert found[1] == "ikos-broker", found
+    return [found[0], *found[2:]]
 
 
 # -- readiness ----------------------------------------------------------------
@@ -166,7 +169,7 @@ def test_ready_arrives_on_the_notify_socket(
 def test_a_signal_stops_everything_in_order(ikosd_factory: Any, sig: signal.Signals) -> None:
     inst = ikosd_factory(tree=TREE)
     workers = [s["pid"] for s in inst.status() if s["pid"]]
-    assert len(workers) == 2 and all(alive(p) for p in workers)
+    assert len(workers) == 3 and all(alive(p) for p in workers)  # ikos-broker, echo, counter
     assert len(inst.leftovers()) > len(workers)  # ikosd and its helpers too
     inst.proc.send_signal(sig)
     assert inst.proc.wait(timeout=60) == 0
@@ -176,11 +179,13 @@ def test_a_signal_stops_everything_in_order(ikosd_factory: Any, sig: signal.Sign
     assert not (run / "ikosd.pid").exists()
     log = inst.log_text()
     assert "ikosd stopped (exit status 0)" in log
-    # Reverse start order: workers' counter before echo, the root last.
+    # Reverse start order: workers' counter before echo, the IPC broker (the root's
+    # first child) after every daemon, the root last.
     counter = log.index("actor counter: stopping -> stopped")
     echo = log.index("actor echo: stopping -> stopped")
+    broker = log.index("exec ikos-broker: stopping -> stopped")
     root = log.index("supervisor root: stopping -> stopped")
-    assert counter < echo < root
+    assert counter < echo < broker < root
 
 
 def test_the_root_giving_up_exits_1(ikosd_factory: Any) -> None:
@@ -278,7 +283,7 @@ def test_tree_and_config_together(ikosd_factory: Any) -> None:
         """,
     )
     by_name = {s["name"]: s for s in inst.status()}
-    assert list(by_name) == ["root", "echo", "workers", "counter", "extra", "top"]
+    assert list(by_name) == ["root", "ikos-broker", "echo", "workers", "counter", "extra", "top"]
     assert by_name["extra"]["supervisor"] == "workers"
     assert by_name["top"]["supervisor"] == "root"
     assert all(s["state"] == "running" for s in by_name.values())
@@ -362,7 +367,7 @@ def test_every_transition_is_in_the_log_file(ikosd_factory: Any) -> None:
     assert "actor echo: starting -> running" in text
     assert "actor echo: running -> failed (killed by SIGKILL)" in text
     chains = transitions(text)
-    assert set(chains) == {"root", "echo", "workers", "counter"}
+    assert set(chains) == {"root", "ikos-broker", "echo", "workers", "counter"}
     for name, chain in chains.items():
         # One unbroken chain from stopped back to stopped: no transition missing.
         assert chain[0][0] == "stopped" and chain[-1][1] == "stopped", (name, chain)
