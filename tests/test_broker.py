@@ -170,6 +170,10 @@ def test_bad_policy_is_reported_where_it_is_wrong(rules: Any, message: str) -> N
 # -- a client of the wire ------------------------------------------------------------
 
 
+#: The ops that answer a request (a get answers "message" or "empty", with the id).
+ANSWERS = frozenset({"ok", "error", "response", "message", "empty"})
+
+
 class Wire:
     """A minimal broker client: frames out, frames in, descriptors both ways."""
 
@@ -238,7 +242,7 @@ class Wire:
             while True:
                 frame = self.recv()
                 assert frame is not None, f"closed while waiting for the answer to {op!r}"
-                if frame.header.get("id") == rid and frame.op in ("ok", "error", "response"):
+                if frame.header.get("id") == rid and frame.op in ANSWERS:
                     return frame
                 skipped.append(frame)
         finally:
@@ -346,16 +350,20 @@ def start_broker(base: Path, env: dict[str, str] | None = None, **config: Any) -
     broker = BrokerProcess(root, proc, output)
     broker.write_config(**config)
 
+    wait_listening(proc, broker.socket_path, output)
+    return broker
+
+
+def wait_listening(proc: subprocess.Popen[bytes], path: Path, output: Path) -> None:
+    """Wait until the broker accepts connections at ``path`` (failing if it exited)."""
+
     def up() -> bool:
         assert proc.poll() is None, output.read_text()
-        if not broker.socket_path.exists():
-            return False
         with socket.socket(socket.AF_UNIX) as s:
-            s.connect(str(broker.socket_path))
+            s.connect(str(path))
         return True
 
     wait_for(up, HANG, message="the broker listening")
-    return broker
 
 
 @pytest.fixture
@@ -943,13 +951,20 @@ def test_policy_allows_and_denies_another_uid_and_audits(
     broker = brokers(
         max_clients_per_uid=3,
         policy=[
-            {"uids": [uid], "publish": ["app.#"], "subscribe": ["app.*"], "call": ["calc"]},
+            {
+                "uids": [uid],
+                "publish": ["app.#"],
+                "subscribe": ["app.*"],
+                "call": ["calc"],
+                "queues": ["jobs"],
+            },
         ],
     )
     server = broker.connect(name="server")
     server.ok("serve", name="calc")
     owner_sub = broker.connect()
     owner_sub.ok("subscribe", pattern="app.#")
+    assert owner_sub.call("put", b"1", queue="secret", codec="json").op == "ok"
     path = broker.socket_path
 
     def stranger_session() -> dict[str, Any]:
@@ -962,6 +977,10 @@ def test_policy_allows_and_denies_another_uid_and_audits(
         out["subscribe_denied"] = w.call("subscribe", pattern="#").header
         out["serve_denied"] = w.call("serve", name="calc2").header
         out["call_denied"] = w.call("request", to="other", codec="json").header
+        out["put_ok"] = w.call("put", b"1", queue="jobs", codec="json").header
+        out["put_denied"] = w.call("put", b"1", queue="other", codec="json").header
+        out["queues"] = w.call("queues").header
+        out["stats_denied"] = w.call("stats").header
         w.send({"op": "request", "id": 77, "to": "calc", "codec": "json"}, b"[1]")
         out["message"] = w.expect("message").header  # the owner's publish below, json only
         out["response"] = w.expect("response").header
@@ -988,13 +1007,16 @@ def test_policy_allows_and_denies_another_uid_and_audits(
     out = as_user(stranger, stranger_session)
     helper.join(HANG)
     assert out["welcome"]["trusted"] is False and out["welcome"]["uid"] == uid
-    assert out["publish_ok"]["op"] == "ok"
+    assert out["publish_ok"]["op"] == "ok" and out["put_ok"]["op"] == "ok"
+    assert [q["name"] for q in out["queues"]["queues"]] == ["jobs"]  # only what it may use
     for key, what in (
         ("publish_denied", "publish to 'sys.x'"),
         ("pickle_denied", "pickle"),
         ("subscribe_denied", "subscribe to '#'"),
         ("serve_denied", "serve 'calc2'"),
         ("call_denied", "call 'other'"),
+        ("put_denied", "use queue 'other'"),
+        ("stats_denied", "stats"),
     ):
         error = out[key]["error"]
         assert error["type"] == "denied", key
@@ -1073,8 +1095,7 @@ def test_requests_reach_actors_through_the_broker(
         )
     try:
         sock = ipc / "broker.sock"
-        wait_for(sock.exists, HANG, message="the broker listening")
-        wait_for(lambda: Wire(sock).close() is None, HANG)
+        wait_listening(proc, sock, out)
         w = Wire(sock)
         resp = w.call("request", payload=b'{"x": [1, 2]}', to="echo", codec="json")
         assert resp.op == "response" and json.loads(resp.payload) == {"x": [1, 2]}
@@ -1095,3 +1116,115 @@ def test_requests_reach_actors_through_the_broker(
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(HANG) == 0, out.read_text()
+
+
+# -- durable queues ------------------------------------------------------------------
+
+
+def test_queue_put_get_ack_and_empty(broker: BrokerProcess) -> None:
+    producer = broker.connect()
+    consumer = broker.connect()
+    answer = producer.call("put", b'{"n": 1}', queue="jobs", codec="json").header
+    assert answer["op"] == "ok" and isinstance(answer["msg"], int)
+    got = consumer.call("get", queue="jobs", timeout=5)
+    assert got.op == "message" and json.loads(got.payload) == {"n": 1}
+    h = got.header
+    assert h["queue"] == "jobs" and h["msg"] == answer["msg"] and h["deliveries"] == 1
+    assert consumer.ok("ack", queue="jobs", msg=h["msg"])["op"] == "ok"
+    empty = consumer.call("get", queue="jobs", timeout=0).header
+    assert empty["op"] == "empty" and empty["queue"] == "jobs"
+    error = consumer.call("ack", queue="jobs", msg=h["msg"]).header["error"]
+    assert error["type"] == "bad_request" and "jobs" in error["message"]
+    error = consumer.call("put", b"x", queue="a.*", codec="bytes").header["error"]
+    assert error["type"] == "bad_request" and "bad segment '*'" in error["message"]
+    infos = {q["name"]: q for q in consumer.ok("queues")["queues"]}
+    assert infos["jobs"]["puts"] == 1 and infos["jobs"]["acks"] == 1
+    # a get that waits is answered by the next put
+    consumer.send({"op": "get", "id": 500, "queue": "later", "timeout": HANG})
+    producer.call("put", b"soon", queue="later", codec="bytes")
+    assert consumer.expect("message").payload == b"soon"
+
+
+def test_a_dead_consumers_message_goes_to_the_next_at_once(broker: BrokerProcess) -> None:
+    producer = broker.connect()
+    first, second = broker.connect(), broker.connect()
+    msg = producer.call("put", b"work", queue="jobs", codec="bytes").header["msg"]
+    assert first.call("get", queue="jobs", timeout=5).header["msg"] == msg
+    second.send({"op": "get", "id": 1, "queue": "jobs", "timeout": HANG})
+    first.close()  # consumer_gone: back at once, not after the visibility timeout
+    again = second.expect("message")
+    assert again.header["msg"] == msg and again.header["deliveries"] == 2
+
+
+def test_failed_deliveries_end_in_the_dead_letters(brokers: Callable[..., BrokerProcess]) -> None:
+    broker = brokers(queues={"max_deliveries": 2, "visibility_timeout": 30.0})
+    w = broker.connect()
+    msg = w.call("put", b'{"bad": true}', queue="jobs", codec="json").header["msg"]
+    w.call("put", b"\x00raw", queue="jobs", codec="bytes")
+    for _ in range(2):
+        got = w.call("get", queue="jobs", timeout=5).header
+        assert got["msg"] == msg
+        assert w.ok("nack", queue="jobs", msg=msg)["op"] == "ok"
+    dead = w.ok("dead", queue="jobs", limit=10)
+    assert dead["messages"] == [
+        {"msg": msg, "deliveries": 2, "codec": "json", "data": {"bad": True}}
+    ]
+    assert w.call("get", queue="jobs", timeout=5).payload == b"\x00raw"
+
+
+def test_acknowledged_puts_survive_kill_9_of_the_broker(base: Path) -> None:
+    broker = start_broker(base)
+    try:
+        w = broker.connect()
+        for k in range(300):  # pipelined: many are in flight when the broker dies
+            w.send({"op": "put", "id": k, "queue": "durable", "codec": "json"}, b"%d" % k)
+        acked: set[int] = set()
+        while len(acked) < 150:
+            frame = w.expect("ok")
+            acked.add(int(frame.header["id"]))
+        broker.proc.kill()
+        broker.proc.wait()
+        w.close()
+    finally:
+        if broker.proc.poll() is None:
+            broker.proc.kill()
+            broker.proc.wait()
+    # a new broker on the same root finds every acknowledged message
+    root = broker.root
+    output = base / "again.out"
+    with open(output, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ikos.ipc._broker", "--root", str(root)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_listening(proc, broker.socket_path, output)
+        w = Wire(broker.socket_path)
+        found = set()
+        while True:
+            got = w.call("get", queue="durable", timeout=0)
+            if got.op == "empty":
+                break
+            found.add(int(got.payload))
+            w.ok("ack", queue="durable", msg=got.header["msg"])
+        assert acked <= found, sorted(acked - found)
+        w.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(HANG) == 0, output.read_text()
+
+
+def test_queue_payloads_in_shared_memory(brokers: Callable[..., BrokerProcess]) -> None:
+    broker = brokers(shm_threshold=1000)
+    w = broker.connect()
+    data = os.urandom(5000)
+    fd = _sealed(data)
+    try:
+        assert w.call("put", queue="big", codec="bytes", shm=len(data), fd=fd).op == "ok"
+    finally:
+        os.close(fd)
+    got = w.call("get", queue="big", timeout=5)
+    assert got.header["shm"] == len(data) and got.fd is not None
+    assert os.pread(got.fd, len(data), 0) == data
+    got.close()

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import array
 import asyncio
+import base64
 import contextlib
 import itertools
 import json
@@ -60,7 +61,9 @@ from ikos.ipc._frames import (
     encode_frame,
 )
 from ikos.ipc._policy import Peer, Policy, Right, allowed, parse_policy, supplementary_groups
+from ikos.ipc._queues import QueueError, QueueStore, check_queue_name
 from ikos.ipc._topics import SubscriptionIndex, pattern_error, topic_error
+from ikos.platform._memfd import check_segment, create_segment
 from ikos.platform._notify import notify
 from ikos.platform._paths import InstancePaths
 from ikos.platform._unix import bind_unix, peer_credentials
@@ -404,31 +407,10 @@ def _name(header: dict[str, Any], key: str) -> str:
 
 def check_shm(fd: int, size: int) -> None:
     """Raise :class:`ProtocolViolation` unless ``fd`` is a sealed memfd of ``size`` bytes."""
-    import importlib
-
-    try:
-        check_segment = importlib.import_module("ikos.platform._memfd").check_segment
-    except ImportError:  # until the shared-memory layer lands
-        check_segment = _check_segment_fallback
     try:
         check_segment(fd, size)
-    except (ValueError, OSError) as exc:
+    except ValueError as exc:
         raise ProtocolViolation("bad_request", f"bad shared-memory segment: {exc}") from None
-
-
-def _check_segment_fallback(fd: int, size: int) -> None:
-    import fcntl
-    import stat as st
-
-    seals_needed = 0x0002 | 0x0004 | 0x0008  # F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE
-    info = os.fstat(fd)
-    if not st.S_ISREG(info.st_mode):
-        raise ValueError("the descriptor is not a memfd")
-    seals = fcntl.fcntl(fd, 1034)  # F_GET_SEALS
-    if seals & seals_needed != seals_needed:
-        raise ValueError("the memfd is not sealed against shrink, grow and write")
-    if info.st_size != size:
-        raise ValueError(f"the memfd holds {info.st_size} bytes, the header says {size}")
 
 
 # -- the broker ----------------------------------------------------------------------
@@ -484,7 +466,7 @@ class Broker:
         self.loop.add_signal_handler(signal.SIGTERM, self._stopping.set)
         self.loop.add_signal_handler(signal.SIGINT, self._stopping.set)
         self.loop.add_signal_handler(signal.SIGHUP, self.reload)
-        self.queues.open()
+        await self.queues.open()
         self.listen()
         log.info("broker pid %d listening on %s", os.getpid(), self.socket_path)
         with contextlib.suppress(OSError, ValueError):
@@ -502,6 +484,10 @@ class Broker:
             self._listener = None
             with contextlib.suppress(FileNotFoundError):
                 self.socket_path.unlink()
+        for conn in self.conns.values():  # nothing new from anyone; what is under way ends
+            if not conn.paused:
+                self.loop.remove_reader(conn.fd)
+        await self.queues.finish_commits(STOP_DRAIN * 5)
         deadline = time.monotonic() + STOP_DRAIN
         while time.monotonic() < deadline and any(
             c.ctl or c.partial is not None for c in self.conns.values()
@@ -510,7 +496,7 @@ class Broker:
         for conn in list(self.conns.values()):
             self.close(conn, "the broker is stopping")
         self.actors.shutdown()
-        self.queues.close()
+        await self.queues.close()
         self.audit.close()
 
     def reload(self) -> None:
@@ -1467,28 +1453,261 @@ def _call_actor(
 
 
 class QueueOps:
-    """The queue ops on the durable queue store (wired in once it exists)."""
+    """The queue ops of the wire on the durable :class:`~ikos.ipc._queues.QueueStore`.
+
+    Each op runs as a task on the loop (a put waits for its group commit, a get for a
+    message) and answers when done, so one connection may have many in flight, up to
+    :data:`MAX_OUTSTANDING`. The consumer of a lease is the connection's number: when
+    the connection closes its tasks are cancelled and its leases returned at once
+    (``consumer_gone``). A store that cannot be opened leaves the broker serving
+    everything else, queue ops answering ``unavailable``.
+    """
 
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
+        self.store: QueueStore | None = None
+        self.problem = "the queue store is not open"
+        self._tasks: dict[int, set[asyncio.Task[None]]] = {}
+        self._commits: set[asyncio.Task[None]] = set()
 
-    def open(self) -> None:
-        pass
+    async def open(self) -> None:
+        path = self.broker.paths.state_dir / "queues.db"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            store = QueueStore(path, **self._settings())
+            await store.open()
+        except Exception as exc:  # the broker still serves pub/sub and requests
+            self.problem = f"the queue store {path} cannot be opened: {exc}"
+            log.error("%s", self.problem)
+            return
+        if store.damage:
+            log.error("%s", store.damage)
+        self.store = store
+
+    def _settings(self) -> dict[str, Any]:
+        raw = self.broker.config.queues
+        return {
+            k: raw[k] for k in ("max_deliveries", "visibility_timeout", "max_messages") if k in raw
+        }
 
     def configure(self) -> None:
-        pass
+        """Apply reloaded settings (checked by building a throwaway store with them)."""
+        if self.store is None:
+            return
+        settings = self._settings()
+        try:
+            QueueStore(self.store.path, **settings)
+        except (TypeError, ValueError) as exc:
+            log.error("queue settings not applied: %s", exc)
+            return
+        for key, value in settings.items():
+            setattr(self.store, key, float(value) if key == "visibility_timeout" else value)
 
     def handle(self, conn: Conn, frame: Frame) -> None:
-        raise BadRequest("unavailable", "durable queues are not available in this broker yet")
+        broker = self.broker
+        header = frame.header
+        rid = _int(header, "id")
+        op = frame.op
+        if op == "queues":
+            infos = [i for i in self.infos() if broker._may(conn, "queues", i["name"])]
+            broker._ok(conn, rid, queues=infos)
+            return
+        store = self._store()
+        queue = header.get("queue")
+        try:
+            check_queue_name(queue)
+        except QueueError as exc:
+            raise BadRequest("bad_request", str(exc)) from None
+        assert isinstance(queue, str)
+        broker._require(conn, "queues", queue, f"use queue {queue!r}")
+        if conn.outstanding >= MAX_OUTSTANDING:
+            raise BadRequest("full", f"more than {MAX_OUTSTANDING} requests outstanding")
+        if op == "put":
+            codec = broker._codec(conn, header)
+            payload: bytes | memoryview = frame.payload
+            if frame.fd is not None:
+                payload = _read_segment(frame.fd, int(header["shm"]))
+            self._start(conn, rid, self._put(conn, rid, store, queue, payload, codec), commits=True)
+        elif op == "get":
+            timeout = header.get("timeout", 0)
+            if (
+                not isinstance(timeout, (int, float))
+                or isinstance(timeout, bool)
+                or not 0 <= timeout <= MAX_TIMEOUT
+            ):
+                raise BadRequest(
+                    "bad_request", f'"timeout" must be seconds in [0, {MAX_TIMEOUT:g}]'
+                )
+            self._start(conn, rid, self._get(conn, rid, store, queue, float(timeout)))
+        elif op in ("ack", "nack"):
+            msg = _int(header, "msg")
+            delay = header.get("delay", 0)
+            if op == "nack" and (
+                not isinstance(delay, (int, float))
+                or isinstance(delay, bool)
+                or not 0 <= delay <= MAX_TIMEOUT
+            ):
+                raise BadRequest("bad_request", f'"delay" must be seconds in [0, {MAX_TIMEOUT:g}]')
+            done = (
+                store.ack(queue, msg, conn.number)
+                if op == "ack"
+                else store.nack(queue, msg, conn.number, float(delay))
+            )
+            self._start(conn, rid, self._answer_ok(conn, rid, done), commits=True)
+        else:  # dead
+            limit = header.get("limit", 100)
+            if not isinstance(limit, int) or isinstance(limit, bool) or not 0 <= limit <= 1000:
+                raise BadRequest("bad_request", '"limit" must be an integer in [0, 1000]')
+            self._start(conn, rid, self._dead(conn, rid, store, queue, limit))
+
+    def _store(self) -> QueueStore:
+        if self.store is None:
+            raise BadRequest("unavailable", self.problem)
+        return self.store
+
+    def _start(self, conn: Conn, rid: int, work: Any, *, commits: bool = False) -> None:
+        conn.outstanding += 1
+        task = self.broker.loop.create_task(self._guard(conn, rid, work))
+        tasks = self._tasks.setdefault(conn.number, set())
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+        if commits:
+            self._commits.add(task)
+            task.add_done_callback(self._commits.discard)
+
+    async def finish_commits(self, timeout: float) -> None:
+        """Wait (a while) for the puts, acks and nacks under way, so that their answers go out."""
+        if self._commits:
+            await asyncio.wait(set(self._commits), timeout=timeout)
+
+    async def _guard(self, conn: Conn, rid: int, work: Any) -> None:
+        """Run one op; its store error becomes the error answer, any bug an ``unavailable``."""
+        try:
+            await work
+        except QueueError as exc:
+            self.broker._error(conn, rid, exc.error_type, str(exc))
+        except BadRequest as exc:
+            self.broker._error(conn, rid, exc.kind, exc.message, **exc.extra)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("queue op of %r failed", conn)
+            self.broker._error(conn, rid, "unavailable", f"the queue op failed: {exc!r}")
+        finally:
+            conn.outstanding -= 1
+
+    async def _answer_ok(self, conn: Conn, rid: int, done: Any) -> None:
+        await done
+        self.broker._ok(conn, rid)
+
+    async def _put(
+        self,
+        conn: Conn,
+        rid: int,
+        store: QueueStore,
+        queue: str,
+        payload: bytes | memoryview,
+        codec: str,
+    ) -> None:
+        msg_id = await store.put(queue, payload, codec)
+        self.broker._ok(conn, rid, msg=msg_id)  # only now: the transaction is on disk
+
+    async def _get(
+        self, conn: Conn, rid: int, store: QueueStore, queue: str, timeout: float
+    ) -> None:
+        message = await store.get(queue, conn.number, timeout)
+        if message is None:
+            self.broker.send(conn, {"op": "empty", "id": rid, "queue": queue})
+            return
+        if conn.closed:  # gone while the message was read: give it back
+            store.consumer_gone(conn.number)
+            return
+        if message.codec == "pickle" and not conn.trusted:
+            await store.nack(queue, message.id, conn.number)
+            raise BadRequest(
+                "denied",
+                f"message {message.id} of queue {queue!r} is a pickle, "
+                f"which uid {conn.peer.uid} may not receive",
+            )
+        header: dict[str, Any] = {
+            "op": "message",
+            "id": rid,
+            "queue": queue,
+            "msg": message.id,
+            "deliveries": message.deliveries,
+            "codec": message.codec,
+            "enqueued_at": message.enqueued_at,
+        }
+        payload = message.payload
+        shm = None
+        if len(payload) >= self.broker.config.shm_threshold:
+            shm = SharedFd(create_segment(payload))
+            header["shm"] = len(payload)
+            payload = b""
+        self.broker.send(conn, header, payload, shm)
+
+    async def _dead(self, conn: Conn, rid: int, store: QueueStore, queue: str, limit: int) -> None:
+        messages = await store.dead(queue, limit)
+        out = []
+        budget = MAX_HEADER // 2
+        for m in messages:
+            entry = {
+                "msg": m.id,
+                "deliveries": m.deliveries,
+                "codec": m.codec,
+                "data": _data_of(m.codec, m.payload, conn.trusted),
+            }
+            budget -= len(dumps_header(entry))
+            if budget < 0:
+                break  # the answer is one header: the oldest that fit, ask again after requeueing
+            out.append(entry)
+        self.broker._ok(conn, rid, queue=queue, messages=out, truncated=len(out) < len(messages))
 
     def consumer_gone(self, conn: Conn) -> None:
-        pass
+        for task in self._tasks.pop(conn.number, ()):
+            task.cancel()
+        if self.store is not None:
+            self.store.consumer_gone(conn.number)
 
     def infos(self) -> list[dict[str, Any]]:
-        return []
+        if self.store is None:
+            return []
+        return [
+            {
+                "name": i.name,
+                "ready": i.ready,
+                "delayed": i.delayed,
+                "leased": i.leased,
+                "dead": i.dead,
+                "puts": i.puts,
+                "acks": i.acks,
+                "redeliveries": i.redeliveries,
+                "dead_lettered": i.dead_lettered,
+                "bytes": i.bytes,
+            }
+            for i in self.store.queues()
+        ]
 
-    def close(self) -> None:
-        pass
+    async def close(self) -> None:
+        for tasks in self._tasks.values():
+            for task in tasks:
+                task.cancel()
+        self._tasks.clear()
+        if self.store is not None:
+            await self.store.close()  # pending commits finished first
+            self.store = None
+
+
+def _data_of(codec: str, payload: bytes, trusted: bool) -> Any:
+    """A dead letter's payload as JSON: the value for json, else base64 (no pickle to others)."""
+    if codec == "json":
+        try:
+            return json.loads(payload)
+        except ValueError:
+            pass
+    if codec == "pickle" and not trusted:
+        return None
+    return base64.b64encode(payload).decode()
 
 
 # -- the process ---------------------------------------------------------------------
