@@ -488,10 +488,9 @@ class QueueStore:
         :class:`QueueError` for a bad name or codec.
         """
         committer = self._running(queue)
-        check_queue_name(queue)
+        q = self._queue(queue)
         if codec not in CODECS:
             raise QueueError(queue, f"unknown codec {codec!r}: expected one of {sorted(CODECS)}")
-        q = self._queue(queue)
         if q.live() >= self.max_messages:
             raise QueueFull(queue, f"the queue holds its limit of {self.max_messages} messages")
         size = memoryview(payload).nbytes  # a bytes-like object, or TypeError now
@@ -894,9 +893,10 @@ class QueueStore:
         return self._committer
 
     def _queue(self, name: str) -> _Queue:
-        q = self._queues.get(name)
+        """The queue called ``name``, created (once its name is checked) if unknown."""
+        q = self._queues.get(name) if isinstance(name, str) else None
         if q is None:
-            q = self._queues[name] = _Queue(name)
+            q = self._queues[check_queue_name(name)] = _Queue(name)
         return q
 
     def _forget_if_pristine(self, q: _Queue) -> None:
