@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ikos._errors import IkosError
-from ikos.platform._database import close_quietly, open_database
+from ikos.platform._database import DatabaseUnavailable, close_quietly, open_database
 
 T = TypeVar("T")
 
@@ -415,6 +415,9 @@ class QueueStore:
         try:
             rows, seq = await asyncio.to_thread(self._load, db)
             self._read_db = await asyncio.to_thread(self._connect_reader)
+        except (sqlite3.Error, OSError) as exc:
+            close_quietly(db)
+            raise DatabaseUnavailable(str(self.path), str(exc)) from None
         except BaseException:
             close_quietly(db)
             raise
@@ -576,9 +579,11 @@ class QueueStore:
         assert self._loop is not None and self._reader is not None
         try:
             row = await self._loop.run_in_executor(self._reader, self._read_row, msg_id)
-        except BaseException:
+        except BaseException as exc:
             # Cancelled or failed while reading: the message goes back, not counted.
             self._unlease(msg_id, consumer, failed=False)
+            if isinstance(exc, sqlite3.Error | OSError):
+                raise QueueUnavailable(q.name, f"cannot read {self.path}: {exc}") from None
             raise
         lease = self._leases.get(msg_id)
         if row is None:
