@@ -14,19 +14,23 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
 import pickle
 import signal
 import socket
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import HANG, Instance, wait_for
+from conftest import HANG, IKOSCTL, Instance, read_line, wait_for
 
 import ikos
 from ikos._codec import encode, encode_out_of_band
-from ikos.actors._ref import ASK, REPLY_OK, encode_shm
+from ikos.actors import _context
+from ikos.actors._ref import ASK, REPLY_OK, by_shm, encode_shm
 from ikos.platform import _memfd
 from ikos.platform._memfd import (
     check_segment,
@@ -39,7 +43,7 @@ from ikos.platform._memfd import (
 )
 from ikos.platform._paths import InstancePaths
 from ikos.platform._unix import connect_unix
-from ikos.platform._wire import HEADER, client_handshake, read_secret
+from ikos.platform._wire import HEADER, client_handshake, ensure_secret, read_secret
 
 MIB = 1 << 20
 
@@ -335,3 +339,82 @@ def test_wrong_descriptors_close_only_that_connection(ikosd_factory, tmp_path, k
     assert not memfds_of(pid)
     good = os.urandom(2 * MIB)
     assert digest.ask(good, timeout=30)[3] == hashlib.sha256(good).hexdigest()
+
+
+SENDER = """
+import sys
+
+import ikos
+
+ref = ikos.ActorRef("gated", root=sys.argv[1])
+data = b"s" * (16 << 20)
+for _ in range(2):
+    ref.tell(data, timeout=30)
+print("sent", flush=True)
+sys.stdin.readline()  # killed here
+"""
+
+
+def test_sender_killed_after_sending_leaves_no_segment(ikosd_factory, tmp_path):
+    inst = start(ikosd_factory, tmp_path)
+    shm_before = dev_shm()
+    gated = ikos.ActorRef("gated", root=inst.root)
+    pid = gated.ask("pid", timeout=10)
+    with subprocess.Popen(
+        [sys.executable, "-c", SENDER, str(inst.root)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as sender:
+        try:
+            assert sender.stdout is not None and read_line(sender.stdout) == "sent\n"
+            assert wait_for(lambda: memfds_of(pid), 30, message="the first payload mapped")
+        finally:
+            sender.kill()
+            sender.wait()
+    # the messages outlive their sender, and are released once handled
+    (tmp_path / "gate").touch()
+    assert wait_for(lambda: not memfds_of(pid), 30, message="both payloads consumed")
+    assert gated.ask("pid", timeout=10) == pid
+    no_new_dev_shm(shm_before)
+
+
+def test_stopping_actor_answers_queued_payloads_and_stops_normally(ikosd_factory, tmp_path):
+    inst = start(ikosd_factory, tmp_path)
+    gated = ikos.ActorRef("gated", root=inst.root)
+    pid = gated.ask("pid", timeout=10)
+    data = b"q" * (4 * MIB)
+    for _ in range(3):  # one in receive, two for the drain at stop to read and map
+        gated.tell(data, timeout=30)
+    assert wait_for(lambda: memfds_of(pid), 30, message="the first payload mapped")
+    stop = subprocess.Popen([IKOSCTL, "--root", str(inst.root), "stop", "gated"])
+    try:
+        assert wait_for(lambda: inst.state("gated") == "stopping", 30)
+        (tmp_path / "gate").touch()
+        assert stop.wait(timeout=HANG) == 0
+    finally:
+        if stop.poll() is None:
+            stop.kill()
+            stop.wait()
+    assert wait_for(lambda: "actor gated: stopping -> stopped" in inst.log_text(), 30)
+    line = next(x for x in inst.log_text().splitlines() if "gated: stopping -> stopped" in x)
+    assert "normal" in line, line
+    assert not memfds_of(inst.pid)
+
+
+def test_the_threshold_is_read_from_instance_json(tmp_path):
+    paths = InstancePaths.for_root(tmp_path)
+    paths.create()
+    ensure_secret(paths.secret_file)
+    paths.instance_file.write_text(json.dumps({"max_message_bytes": 1000, "shm_threshold": 77}))
+    ctx = _context.get(tmp_path)
+    assert (ctx.max_frame, ctx.shm_threshold) == (1000, 77)
+    other = tmp_path / "other"
+    paths = InstancePaths.for_root(other)
+    paths.create()
+    ensure_secret(paths.secret_file)
+    paths.instance_file.write_text(json.dumps({"shm_threshold": "big"}))
+    assert _context.get(other).shm_threshold == _memfd.DEFAULT_SHM_THRESHOLD
+    assert by_shm(b"x" * 77, 77) and not by_shm(b"x" * 76, 77)
+    assert by_shm(shared_buffer(1), 77)  # a SharedBuffer goes by descriptor at any size
+    assert not by_shm(memoryview(b"x" * 100)[::2], 1)  # not contiguous: not shm

@@ -220,6 +220,9 @@ class ActorProcess:
                     self._crash(exc)
                 if kind == ASK:
                     self._reply(client, REPLY_OK, corr, result)
+                # a mapped payload (or reply) must not stay mapped, with its descriptors,
+                # until the next message comes: these names would keep it alive
+                message = result = None
                 if getattr(actor, "_ikos_stop_requested", False):
                     self.stopping = True
                 if self.paused and not self._full():
