@@ -36,7 +36,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 #: Bytes-like payloads from this size up travel in a memfd (bench/shm.py measures why).
-DEFAULT_SHM_THRESHOLD = 1 << 20
+DEFAULT_SHM_THRESHOLD = 256 << 10
 #: Descriptors a connection may hold received but not yet matched to their frame.
 MAX_PENDING_FDS = 8
 #: Ancillary room for one recvmsg: a frame carries at most one descriptor, and the kernel
