@@ -37,6 +37,7 @@ from ikos.platform._memfd import (
     close_all,
     create_segment,
     map_segment,
+    recv_with_fds,
     segment_of,
     send_with_fds,
     shared_buffer,
@@ -122,6 +123,26 @@ def test_shared_buffer_is_written_in_place_and_sent_by_its_own_descriptor():
     assert bytes(view[:5]) == b"hello" and bytes(view[-3:]) == b"end"
     with pytest.raises(ValueError):
         shared_buffer(0)
+
+
+def test_descriptors_cross_a_socket_and_too_many_are_all_closed():
+    a, b = socket.socketpair()
+    with a, b:
+        fd = create_segment(b"abc")
+        send_with_fds(a, b"frame", [fd])
+        os.close(fd)
+        buf = bytearray(100)
+        n, fds = recv_with_fds(b, buf)
+        assert bytes(buf[:n]) == b"frame" and len(fds) == 1
+        assert fcntl.fcntl(fds[0], fcntl.F_GETFD) & fcntl.FD_CLOEXEC
+        assert bytes(map_segment(fds[0], 3)) == b"abc"
+        many = [create_segment(b"x") for _ in range(_memfd.MAX_PENDING_FDS + 2)]
+        send_with_fds(a, b"more", many)
+        close_all(many)
+        before = fd_count()
+        with pytest.raises(ValueError, match="truncated"):
+            recv_with_fds(b, buf)
+        assert fd_count() == before  # those that arrived were closed too
 
 
 # -- the mailbox path, end to end -------------------------------------------------
