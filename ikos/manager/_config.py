@@ -49,6 +49,7 @@ from typing import Any, Final, cast
 from ikos._errors import ConfigError, SpecError
 from ikos.platform._fields import close_match
 from ikos.platform._limits import LIMIT_NAMES
+from ikos.platform._memfd import DEFAULT_SHM_THRESHOLD
 from ikos.registry._health import HealthCheck
 from ikos.registry._service import InvalidService, ServiceInfo, validate_service
 from ikos.supervision._spec import (
@@ -213,7 +214,7 @@ class IpcSettings:
     enabled: bool = True
     subscriber_queue: int = 10000
     slow_subscriber: str = "drop-oldest"
-    shm_threshold: int = 1024 * 1024
+    shm_threshold: int = DEFAULT_SHM_THRESHOLD
     max_frame: int = 64 * 1024 * 1024
     max_clients: int = 4096
     max_clients_per_uid: int = 256
