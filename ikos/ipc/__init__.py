@@ -51,7 +51,7 @@ from ikos.ipc._client import (
     shared_client,
 )
 from ikos.ipc._message import MESSAGE_TYPES, Codec, IpcMessage, MessageType
-from ikos.platform._memfd import SharedBuffer, shared_buffer
+from ikos.ipc._shm import SharedBuffer, shared_buffer
 
 __all__ = [
     "MESSAGE_TYPES",
