@@ -461,17 +461,17 @@ def drain(inst: Instance, name: str) -> list[Any]:
 
 
 def test_no_acknowledged_put_is_lost_when_the_broker_is_killed(inst: Instance) -> None:
-    producer = start_py(inst, PRODUCER.format(count=400))
+    producer = start_py(inst, PRODUCER.format(count=3000))
     try:
         assert producer.stdout is not None
-        wait_for(lambda: int(producer.stdout.readline()) >= 100, HANG, message="100 puts")
+        wait_for(lambda: int(producer.stdout.readline()) >= 300, HANG, message="300 puts")
         kill_broker(inst)  # with puts in flight
         _out, err = producer.communicate(timeout=HANG * 4)
         assert producer.returncode == 0, err
     finally:
         stop_proc(producer)
     got = {m["n"] for m in drain(inst, "durable")}
-    assert got == set(range(400))  # every acknowledged put, and nothing invented
+    assert got == set(range(3000))  # every acknowledged put, and nothing invented
 
 
 def test_no_acknowledged_put_is_lost_across_a_restart_of_ikosd(

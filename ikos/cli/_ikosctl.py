@@ -583,12 +583,8 @@ def _queue(ctx: _Context) -> int:
         else:
             ctx.hint("no queues")
         return EXIT_OK
-    if ns.queue is None:
-        raise _UsageError(f"queue {ns.action} needs a QUEUE")
     queue = Queue(client, ns.queue)
     if ns.action == "put":
-        if ns.data is None:
-            raise _UsageError("queue put needs QUEUE DATA")
         msg = queue.put(parse_data(ns.data), codec="json")
         if ctx.json:
             ctx.emit_json({"queue": ns.queue, "msg": msg})
@@ -605,18 +601,12 @@ def _queue(ctx: _Context) -> int:
             ctx.emit_text(f"{m.id}\t{m.deliveries}\t{_text(m.data)}\n")
         return EXIT_OK
     if ns.action in ("ack", "nack"):
-        if ns.data is None:
-            raise _UsageError(f"queue {ns.action} needs QUEUE ID")
-        try:
-            msg = int(ns.data)
-        except ValueError:
-            raise _UsageError(f"queue {ns.action}: ID must be a message id, got {ns.data!r}")
         if ns.action == "ack":
-            queue.ack(msg)
+            queue.ack(ns.msg, detached=True)
         else:
-            queue.nack(msg, delay=ns.delay)
+            queue.nack(ns.msg, delay=ns.delay, detached=True)
         if ctx.json:
-            ctx.emit_json({"queue": ns.queue, "msg": msg, ns.action: True})
+            ctx.emit_json({"queue": ns.queue, "msg": ns.msg, ns.action: True})
         return EXIT_OK
     assert ns.action == "dead"
     dead = queue.dead(ns.limit)
@@ -744,29 +734,41 @@ def build_parser() -> argparse.ArgumentParser:
         "-n", "--count", type=_non_negative_int, metavar="N", help="exit after N messages"
     )
     queue = verb("queue", _queue, "put, get, ack, nack durable queue messages; list queues")
-    queue.add_argument("action", choices=("put", "get", "ack", "nack", "list", "dead"))
-    queue.add_argument("queue", metavar="QUEUE", nargs="?")
-    queue.add_argument("data", metavar="DATA|ID", nargs="?", help="put: DATA; ack, nack: ID")
-    queue.add_argument(
-        "--ack", action="store_true", help="get: acknowledge at once (take the message for good)"
+    actions = queue.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    def action(name: str, help: str) -> argparse.ArgumentParser:
+        return actions.add_parser(name, parents=[common], help=help, description=help)
+
+    put = action("put", "append DATA to QUEUE; prints its id once it is on disk")
+    put.add_argument("queue", metavar="QUEUE")
+    put.add_argument("data", metavar="DATA", help="JSON if it parses as JSON, else a string")
+    get = action("get", "take the next message of QUEUE: ID, DELIVERIES, DATA")
+    get.add_argument("queue", metavar="QUEUE")
+    get.add_argument(
+        "--ack", action="store_true", help="acknowledge at once (take the message for good)"
     )
-    queue.add_argument(
+    get.add_argument(
         "--timeout",
         type=_non_negative_float,
         default=DEFAULT_QUEUE_TIMEOUT,
         metavar="S",
-        help="get: seconds to wait for a message (default: do not wait)",
+        help="seconds to wait for a message (default: do not wait)",
     )
-    queue.add_argument(
-        "--delay",
-        type=_non_negative_float,
-        default=0.0,
-        metavar="S",
-        help="nack: redeliver after S",
-    )
-    queue.add_argument(
-        "--limit", type=_non_negative_int, default=100, metavar="N", help="dead: at most N"
-    )
+    for name, does in (
+        ("ack", "acknowledge message ID of QUEUE, taken by 'queue get'"),
+        ("nack", "give message ID of QUEUE back for another delivery"),
+    ):
+        settle = action(name, does)
+        settle.add_argument("queue", metavar="QUEUE")
+        settle.add_argument("msg", metavar="ID", type=_non_negative_int)
+        if name == "nack":
+            settle.add_argument(
+                "--delay", type=_non_negative_float, default=0.0, metavar="S", help="after S s"
+            )
+    action("list", "the queues and what they hold")
+    dead = action("dead", "the dead letters of QUEUE")
+    dead.add_argument("queue", metavar="QUEUE")
+    dead.add_argument("--limit", type=_non_negative_int, default=100, metavar="N", help="at most N")
     return parser
 
 

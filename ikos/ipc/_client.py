@@ -1025,15 +1025,20 @@ class Queue:
             if deadline is not None and time.monotonic() >= deadline:
                 raise IpcTimeout(f"queue '{self.name}' stayed empty for {timeout:g} s")
 
-    def ack(self, msg: int) -> None:
-        """Acknowledge message ``msg`` (leased to this process, or any, for the owner)."""
-        self.client.call({"op": "ack", "queue": self.name, "msg": msg}, timeout=30.0).close()
+    def ack(self, msg: int, *, detached: bool = False) -> None:
+        """Acknowledge message ``msg``, leased to this process (or detached, for the owner)."""
+        header: dict[str, Any] = {"op": "ack", "queue": self.name, "msg": msg}
+        if detached:
+            header["detach"] = True
+        self.client.call(header, timeout=30.0).close()
 
-    def nack(self, msg: int, delay: float = 0.0) -> None:
+    def nack(self, msg: int, delay: float = 0.0, *, detached: bool = False) -> None:
         """Give message ``msg`` back for another delivery, after ``delay`` seconds."""
         header: dict[str, Any] = {"op": "nack", "queue": self.name, "msg": msg}
         if delay:
             header["delay"] = delay
+        if detached:
+            header["detach"] = True
         self.client.call(header, timeout=30.0).close()
 
     def dead(self, limit: int = 100) -> list[dict[str, Any]]:
