@@ -11,11 +11,17 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
+import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
+import urllib.request
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -656,3 +662,135 @@ def test_a_reload_rewrites_broker_json_and_the_broker_keeps_running(
     res = inst.ctl("reload-config")
     assert res.returncode == 1 and "no-such-user-ikos" in res.stderr
     assert json.loads(broker_json.read_text())["subscriber_queue"] == 7
+
+
+# --- another user: the policy of [[ipc.allow]], end to end -----------------------------------
+
+needs_users = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("useradd") is None or shutil.which("setpriv") is None,
+    reason="needs root, useradd and setpriv to create another user and act as it",
+)
+
+
+@pytest.fixture(scope="module")
+def stranger() -> Iterator[pwd.struct_passwd]:
+    """A system user created for these tests (and its group), removed afterwards."""
+    name = f"ikos-i-{uuid.uuid4().hex[:8]}"
+    command = ["useradd", "--system", "--user-group", "--no-create-home", "--shell", "/bin/false"]
+    wait_for(
+        lambda: subprocess.run([*command, name], capture_output=True).returncode == 0,
+        60,
+        0.2,
+        "useradd",
+    )
+    try:
+        yield pwd.getpwnam(name)
+    finally:
+        wait_for(
+            lambda: subprocess.run(["userdel", name], capture_output=True).returncode in (0, 6),
+            60,
+            0.2,
+            "userdel",
+        )
+
+
+STRANGER = """
+import json, sys, ikos.ipc
+out = {}
+ikos.ipc.publish("app.hello", {"from": "stranger"}, ack=True)
+try:
+    ikos.ipc.publish("sys.shutdown", 1, ack=True)
+except ikos.ipc.IpcDenied as exc:
+    out["publish_denied"] = str(exc)
+with ikos.ipc.connect("echo") as echo:
+    out["direct"] = echo.direct
+    out["echo"] = echo.request({"n": 1}).payload
+try:
+    ikos.ipc.connect("other").request(1, timeout=5)
+except ikos.ipc.IpcDenied as exc:
+    out["call_denied"] = str(exc)
+print(json.dumps(out))
+"""
+
+
+@needs_users
+def test_another_user_is_allowed_what_a_rule_grants_and_denied_the_rest(
+    ikosd_factory: Any, stranger: pwd.struct_passwd
+) -> None:
+    base = Path(tempfile.mkdtemp(prefix="ikos-ipc-users-"))
+    os.chmod(base, 0o711)  # pytest's tmp is 0700: the stranger must reach the socket
+    try:
+        inst = ikosd_factory(
+            tree=TREE,
+            config=f"""
+            [[ipc.allow]]
+            users = ["{stranger.pw_name}"]
+            publish = ["app.#"]
+            call = ["echo"]
+            """,
+            args=[*NO_METRICS, "--root", str(base / "root")],  # the last --root wins
+        )
+        inst = Instance(base / "root", inst.proc, inst.mark, inst.log)
+        sub = ikos.ipc.subscribe("app.#", root=inst.root)
+        command = [
+            "setpriv",
+            f"--reuid={stranger.pw_uid}",
+            f"--regid={stranger.pw_gid}",
+            "--clear-groups",
+            sys.executable,
+            "-c",
+            STRANGER,
+        ]
+        env = {
+            "PATH": os.environ["PATH"],
+            "PYTHONPATH": str(REPO),
+            "HOME": "/",
+            "IKOS_ROOT": str(inst.root),
+        }
+        res = subprocess.run(command, env=env, capture_output=True, text=True, timeout=HANG)
+        assert res.returncode == 0, res.stderr
+        out = json.loads(res.stdout)
+        assert "sys.shutdown" in out["publish_denied"]
+        assert out["direct"] is False  # no secret: through the broker, in JSON
+        assert out["echo"] == {"n": 1}
+        assert "other" in out["call_denied"]
+        message = sub.get(HANG)  # the owner's subscriber got the stranger's publication
+        assert (message.topic, message.payload, message.codec) == (
+            "app.hello",
+            {"from": "stranger"},
+            "json",
+        )
+        assert message.sender_uid == stranger.pw_uid
+        sub.unsubscribe()
+        audit = (inst.root / "var" / "log" / "ikos" / "ipc-audit.log").read_text()
+        denials = [line for line in audit.splitlines() if str(stranger.pw_uid) in line]
+        assert any("sys.shutdown" in line for line in denials), audit
+        assert any("other" in line for line in denials), audit
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_the_broker_figures_are_prometheus_metrics(ikosd_factory: Any) -> None:
+    inst = ikosd_factory(tree=TREE, args=["--metrics", "127.0.0.1:0"])
+    found = re.search(r"metrics (http://\S+/metrics)", inst.log_text())
+    assert found, inst.log_text()
+    slow = ikos.ipc.subscribe("m.#", root=inst.root)
+    ikos.ipc.publish("m.x", 1, root=inst.root, ack=True)
+    ikos.ipc.queue("metered", root=inst.root).put("job")
+
+    def scrape() -> str:
+        with urllib.request.urlopen(found.group(1), timeout=HANG) as answer:
+            return str(answer.read().decode())
+
+    text = wait_for(
+        lambda: 'ikos_ipc_queue_messages{queue="metered"} 1.0' in (t := scrape()) and t,
+        HANG,
+        message="the queue in the metrics",
+    )
+    assert "ikos_ipc_broker_up 1.0" in text
+    assert 'ikos_ipc_published_total{topic="m.x"} 1.0' in text
+    assert 'ikos_ipc_delivered_total{topic="m.x"} 1.0' in text
+    assert 'ikos_ipc_dropped_total{topic="m.x"} 0.0' in text
+    assert 'ikos_ipc_queue_puts_total{queue="metered"} 1.0' in text
+    assert re.search(r"^ikos_ipc_clients [1-9]", text, re.M), text
+    slow.unsubscribe()
