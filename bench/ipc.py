@@ -3,6 +3,7 @@
 Run with ``python -m bench.ipc``. Measures round-trip p50/p99 of:
 
 - the floor: a ``multiprocessing.Pipe`` round trip to a process that echoes;
+- ``ActorRef.ask`` to the same actor, the path the next one wraps;
 - ``ikos.ipc.connect("echo").request(m)`` to an actor: the owner's process goes
   straight to the mailbox (the ``ActorRef.ask`` path), the goal being 1.5x the floor;
 - a request to a name served by another process (``ikos.ipc.serve``) through the
@@ -10,8 +11,8 @@ Run with ``python -m bench.ipc``. Measures round-trip p50/p99 of:
 - a request to the actor through the broker in JSON, the path of another user's
   process (the broker asks the actor in a worker thread).
 
-The four are measured in alternating blocks, so that the noise of this shared
-machine hits them alike and their ratios mean something. Writes
+The five are measured in short blocks in a rotating order, so that the noise
+of this shared machine hits them alike and their ratios mean something. Writes
 ``bench/results/ipc.md`` (and ``.json``).
 """
 
@@ -63,18 +64,27 @@ def _pipe_echo(conn: Any) -> None:
         conn.send(m)
 
 
-def interleaved(paths: dict[str, Callable[[], Any]], n: int, blocks: int) -> dict[str, list[float]]:
-    """Round trips of every path, alternating blocks of ``n // blocks``, after a warm-up."""
+def interleaved(
+    paths: dict[str, Callable[[], Any]], n: int, block: int = 50
+) -> dict[str, list[float]]:
+    """``n`` round trips of every path, in short blocks, after a warm-up.
+
+    Blocks of ``block`` calls, the paths in a rotating order from one round to
+    the next: every path meets the same noise of this shared machine, and none
+    always comes right after the broker's paths (whose processes then hold the
+    CPUs), which one call of each in turn showed to skew the ratios.
+    """
     for call in paths.values():
         for _ in range(300):
             call()
+    calls = list(paths.items())
     samples: dict[str, list[float]] = {name: [] for name in paths}
-    per = max(1, n // blocks)
     clock = time.perf_counter
-    for _ in range(blocks):
-        for name, call in paths.items():
+    for round_ in range(max(1, n // block)):
+        shift = round_ % len(calls)
+        for name, call in calls[shift:] + calls[:shift]:
             out = samples[name]
-            for _ in range(per):
+            for _ in range(block):
                 t = clock()
                 call()
                 out.append(clock() - t)
@@ -84,9 +94,9 @@ def interleaved(paths: dict[str, Callable[[], Any]], n: int, blocks: int) -> dic
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=10000, help="round trips per path")
-    ap.add_argument("--blocks", type=int, default=20)
     args = ap.parse_args(argv)
 
+    import ikos
     import ikos.ipc
     from ikos.ipc._client import shared_client
 
@@ -116,14 +126,16 @@ def main(argv: list[str] | None = None) -> int:
             a.send(MSG)
             return a.recv()
 
+        ref = ikos.ActorRef("echo", root=inst.root)
         paths: dict[str, Callable[[], Any]] = {
             "floor": floor_call,
+            "ask": lambda: ref.ask(MSG),
             "actor": lambda: actor.request(MSG),
             "served": lambda: served.request(MSG),
             "actor_via_broker": lambda: broker.request("echo", MSG, codec="json"),
         }
-        print(f"{args.n} round trips per path, {args.blocks} alternating blocks ...", flush=True)
-        samples = interleaved(paths, args.n, args.blocks)
+        print(f"{args.n} round trips per path, in rotating blocks ...", flush=True)
+        samples = interleaved(paths, args.n)
     finally:
         a.send(None)
         floor.join()
@@ -140,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     labels = {
         "floor": "floor: multiprocessing.Pipe round trip",
+        "ask": "ActorRef.ask (the mailbox path itself, for reference)",
         "actor": "ikos.ipc to an actor (direct, mailbox)",
         "served": "ikos.ipc to a served name (through the broker)",
         "actor_via_broker": "ikos.ipc to an actor through the broker (JSON)",
@@ -150,11 +163,12 @@ def main(argv: list[str] | None = None) -> int:
             label, f["p50_us"], f["p99_us"], f["p50_us"] / fl["p50_us"], f["p99_us"] / fl["p99_us"]
         )
     table.notes += [
-        f"{args.n} round trips per path, in {args.blocks} alternating blocks after a warm-up; "
+        f"{args.n} round trips per path, in blocks of 50 in a rotating order, after a "
+        "warm-up; "
         f"message {MSG!r} (pickle codec where the path allows it).",
-        "Goal: the actor path within 1.5x of the floor (it is ActorRef.ask plus the "
-        "IpcMessage wrapping). Through the broker a request crosses two sockets each way "
-        "and the broker's loop, so about twice the floor and a bit is what that design costs.",
+        "Goal: the actor path within 1.5x of the floor: it is ActorRef.ask plus the "
+        "IpcMessage wrapping (about 1 µs). Through the broker a request crosses the broker's "
+        "loop twice and, to a served name, two more sockets and the server's thread hand-off.",
     ]
     table.raw = {name: {"summary": figures[name]} for name in samples}
     md = table.write("ipc")

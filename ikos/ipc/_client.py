@@ -58,7 +58,7 @@ from ikos._errors import (
     IpcUnavailable,
     MessageTooLarge,
 )
-from ikos.ipc._frames import MAX_FDS, Frame, FrameError, FrameReader, dumps_header, encode_frame
+from ikos.ipc._frames import Frame, FrameError, FrameReader, dumps_header, encode_frame
 from ikos.ipc._message import (
     Codec,
     IpcMessage,
@@ -68,7 +68,15 @@ from ikos.ipc._message import (
     encode_payload,
     now,
 )
-from ikos.platform._memfd import create_segment, map_segment, segment_of, send_with_fds
+from ikos.platform._memfd import (
+    ANCILLARY_SIZE,
+    close_all,
+    create_segment,
+    map_segment,
+    recv_with_fds,
+    segment_of,
+    send_with_fds,
+)
 from ikos.platform._paths import InstancePaths
 from ikos.platform._unix import connect_unix
 
@@ -87,6 +95,8 @@ LOCAL_QUEUE: Final = 10000
 #: The largest frame accepted before the broker says its own limit.
 INITIAL_MAX_FRAME: Final = 64 * 1024 * 1024
 SERVER_THREADS: Final = 8
+#: Bytes one read of the broker's socket takes at most.
+READ_CHUNK: Final = 256 * 1024
 
 
 def broker_socket(paths: InstancePaths) -> Path:
@@ -129,12 +139,17 @@ def _payload(frame: Frame) -> bytes | memoryview:
 
 
 class _Pending:
-    """One request waiting for its answer (or a callback to hand the answer to)."""
+    """One request waiting for its answer (or a callback to hand the answer to).
 
-    __slots__ = ("callback", "event", "exc", "frame")
+    The waiter blocks on a bare lock that the reader releases: an Event would
+    build a Condition and a lock per wait, on the path of every call.
+    """
+
+    __slots__ = ("callback", "done", "exc", "frame")
 
     def __init__(self, callback: Callable[[Frame | None, BaseException | None], None] | None):
-        self.event = threading.Event()
+        self.done = threading.Lock()
+        self.done.acquire()
         self.frame: Frame | None = None
         self.exc: BaseException | None = None
         self.callback = callback
@@ -146,7 +161,11 @@ class _Pending:
                 self.callback(frame, exc)
             except Exception:
                 log.exception("ikos.ipc: an answer's callback failed")
-        self.event.set()
+        self.done.release()
+
+    def wait(self, timeout: float) -> bool:
+        """True once finished, False if ``timeout`` seconds passed first."""
+        return self.done.acquire(timeout=max(timeout, 0.0))
 
 
 class BrokerClient:
@@ -336,27 +355,21 @@ class BrokerClient:
 
     def _read_loop(self, sock: socket.socket, generation: int) -> None:
         reader = FrameReader(max(self.max_frame, INITIAL_MAX_FRAME))
-        cmsg_size = socket.CMSG_SPACE(MAX_FDS * 4)
+        # one reused buffer: recvmsg(262144) would allocate (and shrink) 256 KiB per read
+        buffer = bytearray(READ_CHUNK)
+        view = memoryview(buffer)
         why = "the broker closed it"
         try:
             while True:
                 try:
-                    data, ancdata, _flags, _addr = sock.recvmsg(
-                        262144, cmsg_size, socket.MSG_CMSG_CLOEXEC
-                    )
-                except OSError as exc:
+                    got, fds = recv_with_fds(sock, buffer, ANCILLARY_SIZE)
+                except (OSError, ValueError) as exc:
                     why = str(exc)
                     break
-                fds: list[int] = []
-                for level, kind, blob in ancdata:
-                    if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                        usable = len(blob) - len(blob) % 4
-                        fds.extend(memoryview(blob)[:usable].cast("i"))
-                if not data:
-                    for fd in fds:
-                        os.close(fd)
+                if not got:
+                    close_all(fds)
                     break
-                reader.feed(data, fds)
+                reader.feed(view[:got], fds)
                 for frame in reader.frames():
                     self._dispatch(frame)
         except FrameError as exc:
@@ -532,7 +545,7 @@ class BrokerClient:
     ) -> Frame:
         """Send a request and wait for its answer; an ``error`` answer is raised."""
         rid, waiter = self.submit(header, payload)
-        if not waiter.event.wait(timeout):
+        if not waiter.wait(timeout):
             with self._lock:
                 self._pending.pop(rid, None)
             raise IpcTimeout(
