@@ -260,6 +260,21 @@ def test_a_plain_process_calls_a_served_name_and_an_actor_through_the_broker(
     assert result["echo"] == {"via": "broker"}
 
 
+def test_a_handler_raising_a_huge_error_answers_it_cut_and_keeps_serving(inst: Instance) -> None:
+    def handler(message: ikos.ipc.IpcMessage) -> Any:
+        if message.payload == "huge":
+            raise RuntimeError("x" * 200_000)  # far more than a frame header may hold
+        return "fine"
+
+    with ikos.ipc.serve("fragile", handler, root=inst.root):
+        conn = ikos.ipc.connect("fragile", root=inst.root)
+        with pytest.raises(ikos.ipc.IpcRemoteError) as raised:
+            conn.request("huge")
+        assert raised.value.remote_type == "RuntimeError"
+        assert len(str(raised.value)) < 2000 and "RuntimeError" in raised.value.traceback
+        assert conn.request("again").payload == "fine"  # the server is still served
+
+
 def test_connect_to_a_registered_service_reaches_its_daemon(inst: Instance) -> None:
     ikos.registry.register("demo/echo", endpoint="actor://echo", root=inst.root)
     try:

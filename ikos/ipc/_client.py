@@ -95,6 +95,8 @@ LOCAL_QUEUE: Final = 10000
 #: The largest frame accepted before the broker says its own limit.
 INITIAL_MAX_FRAME: Final = 64 * 1024 * 1024
 SERVER_THREADS: Final = 8
+#: Characters of an error message sent back (a traceback: eight times as many).
+ERROR_TEXT: Final = 1000
 #: Bytes one read of the broker's socket takes at most.
 READ_CHUNK: Final = 256 * 1024
 
@@ -119,6 +121,14 @@ def raise_error(header: dict[str, Any], context: str = "") -> None:
             message, str(error.get("remote_type", "")), str(error.get("traceback", ""))
         )
     raise cls(message)
+
+
+def _cut(text: str, limit: int) -> str:
+    """``text``, its middle cut out when longer than ``limit`` (both ends say the most)."""
+    if len(text) <= limit:
+        return text
+    half = limit // 2
+    return f"{text[:half]} [... {len(text) - 2 * half} characters cut ...] {text[-half:]}"
 
 
 def _payload(frame: Frame) -> bytes | memoryview:
@@ -560,11 +570,12 @@ class BrokerClient:
             raise_error(frame.header)
         return frame
 
-    def _answer_error(self, rid: Any, kind: str, message: str, **extra: Any) -> None:
+    def _answer_error(self, rid: Any, kind: str, message: str, **extra: str) -> None:
+        """Answer a forwarded request with an error; texts cut so the header stays small."""
+        error = {"type": kind, "message": _cut(message, ERROR_TEXT)}
+        error.update({key: _cut(value, ERROR_TEXT * 8) for key, value in extra.items()})
         try:
-            self.send(
-                {"op": "response", "id": rid, "error": {"type": kind, "message": message, **extra}}
-            )
+            self.send({"op": "response", "id": rid, "error": error})
         except IpcError:
             pass
 
