@@ -536,7 +536,7 @@ def _publish(ctx: _Context) -> int:
 
 
 def _subscribe(ctx: _Context) -> int:
-    from ikos.ipc._client import Subscription
+    from ikos.ipc._subscription import Subscription
 
     client = ctx.broker()
     sub = Subscription(client, ctx.args.topic)
@@ -570,7 +570,7 @@ def _queue_message_json(queue: str, msg: int, deliveries: int, data: Any) -> dic
 
 
 def _queue(ctx: _Context) -> int:
-    from ikos.ipc._client import Queue
+    from ikos.ipc._durable import Queue
 
     ns = ctx.args
     client = ctx.broker()

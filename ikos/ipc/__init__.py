@@ -41,17 +41,13 @@ from ikos._errors import (
     IpcUnavailable,
 )
 from ikos.actors._actor import set_broadcast_source
-from ikos.ipc._client import (
-    BrokerClient,
-    Connection,
-    Queue,
-    QueueMessage,
-    Server,
-    Subscription,
-    shared_client,
-)
+from ikos.ipc._client import BrokerClient, shared_client
+from ikos.ipc._connection import Connection
+from ikos.ipc._durable import Queue, QueueMessage
 from ikos.ipc._message import MESSAGE_TYPES, Codec, IpcMessage, MessageType
+from ikos.ipc._server import Server
 from ikos.ipc._shm import SharedBuffer, shared_buffer
+from ikos.ipc._subscription import Subscription
 
 __all__ = [
     "MESSAGE_TYPES",

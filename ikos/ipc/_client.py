@@ -26,43 +26,30 @@ every answer of the process): each callback subscription has its own thread.
 
 from __future__ import annotations
 
-import collections
 import itertools
 import logging
 import os
-import queue as _queue
 import socket
 import threading
 import time
-import traceback
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from ikos._errors import (
     IPC_ERRORS,
-    ActorCrashed,
-    ActorDeadError,
-    ActorError,
-    AskTimeout,
-    AuthenticationError,
     IkosError,
     IpcBadRequest,
     IpcError,
-    IpcNoSuchTarget,
     IpcRemoteError,
     IpcTimeout,
     IpcTooLarge,
     IpcUnavailable,
-    MessageTooLarge,
 )
 from ikos.ipc._frames import Frame, FrameError, FrameReader, dumps_header, encode_frame
 from ikos.ipc._message import (
     Codec,
     IpcMessage,
-    MessageType,
     decode_payload,
     default_codec,
     encode_payload,
@@ -80,6 +67,10 @@ from ikos.platform._memfd import (
 from ikos.platform._paths import InstancePaths
 from ikos.platform._unix import connect_unix
 
+if TYPE_CHECKING:
+    from ikos.ipc._server import Server
+    from ikos.ipc._subscription import Subscription
+
 log = logging.getLogger("ikos.ipc")
 
 PROTOCOL_VERSION: Final = 1
@@ -90,11 +81,8 @@ DEFAULT_TIMEOUT: Final = 5.0
 #: Added to a request's own timeout while waiting for the broker's answer, which
 #: carries the broker's ``timeout`` error when the target was too slow.
 ANSWER_MARGIN: Final = 2.0
-#: Deliveries one subscription holds before the oldest is dropped (counted).
-LOCAL_QUEUE: Final = 10000
 #: The largest frame accepted before the broker says its own limit.
 INITIAL_MAX_FRAME: Final = 64 * 1024 * 1024
-SERVER_THREADS: Final = 8
 #: Characters of an error message sent back (a traceback: eight times as many).
 ERROR_TEXT: Final = 1000
 #: Bytes one read of the broker's socket takes at most.
@@ -131,7 +119,7 @@ def _cut(text: str, limit: int) -> str:
     return f"{text[:half]} [... {len(text) - 2 * half} characters cut ...] {text[-half:]}"
 
 
-def _payload(frame: Frame) -> bytes | memoryview:
+def frame_payload(frame: Frame) -> bytes | memoryview:
     """A frame's payload: its bytes, or a read-only view of the shared memory it carried.
 
     The segment is checked (a memfd of the announced size, sealed) and mapped
@@ -450,7 +438,7 @@ class BrokerClient:
             frame.close()
             return
         codec = str(header.get("codec", "bytes"))
-        payload = _payload(frame)
+        payload = frame_payload(frame)
         try:
             value = decode_payload(payload, codec)
         except Exception as exc:  # a bad payload must not kill the reader
@@ -607,7 +595,7 @@ class BrokerClient:
         chosen = self.codec_for(data, codec)
         header = {"op": "request", "to": to, "codec": chosen, "timeout": timeout}
         frame = self.call(header, encode_payload(data, chosen), timeout=timeout + ANSWER_MARGIN)
-        payload = _payload(frame)
+        payload = frame_payload(frame)
         return decode_payload(payload, str(frame.header.get("codec", chosen))), frame
 
     def notify(self, to: str, data: Any, *, codec: Codec | None = None) -> None:
@@ -624,7 +612,7 @@ class BrokerClient:
         frame = self.call({"op": "stats"}, timeout=timeout)
         stats: Any = None
         if frame.header.get("codec") == "json":
-            stats = decode_payload(_payload(frame), "json")
+            stats = decode_payload(frame_payload(frame), "json")
         if not isinstance(stats, dict):
             stats = frame.header.get("stats")
         return stats if isinstance(stats, dict) else {}
@@ -700,7 +688,7 @@ _shared: dict[Path, BrokerClient] = {}
 
 def shared_client(root: str | os.PathLike[str] | None = None) -> BrokerClient:
     """This process's connection to the broker of ``root`` (default: this process's instance)."""
-    paths = _instance_paths(root)
+    paths = instance_paths(root)
     key = broker_socket(paths)
     with _shared_lock:
         client = _shared.get(key)
@@ -709,7 +697,7 @@ def shared_client(root: str | os.PathLike[str] | None = None) -> BrokerClient:
         return client
 
 
-def _instance_paths(root: str | os.PathLike[str] | None) -> InstancePaths:
+def instance_paths(root: str | os.PathLike[str] | None) -> InstancePaths:
     if root is None:
         # An actor's instance is the one that started it, whatever $IKOS_ROOT says.
         from ikos.actors import _context
@@ -727,550 +715,3 @@ def _forget_after_fork() -> None:
 
 
 os.register_at_fork(after_in_child=_forget_after_fork)
-
-
-# --- subscriptions ---------------------------------------------------------------------
-
-
-class Subscription:
-    """Deliveries of one topic pattern: to a callback (in its own thread) or to be taken.
-
-    Without a callback, take messages with :meth:`get` or by iterating; at most
-    :data:`LOCAL_QUEUE` wait here, past that the oldest is dropped. ``dropped``
-    counts the deliveries lost, here and in the broker (its ``dropped`` notices).
-
-    Example::
-
-        with ikos.ipc.subscribe("net.*") as sub:
-            for message in sub:
-                print(message.topic, message.payload)
-    """
-
-    def __init__(
-        self,
-        client: BrokerClient,
-        pattern: str,
-        callback: Callable[[IpcMessage], Any] | None = None,
-        maxsize: int = LOCAL_QUEUE,
-    ) -> None:
-        self.client, self.pattern, self.callback = client, pattern, callback
-        self.dropped = 0
-        self.received = 0
-        self._items: collections.deque[IpcMessage] = collections.deque()
-        self._maxsize = maxsize
-        self._cond = threading.Condition()
-        self._ended = False
-        self._error: BaseException | None = None
-        self._thread: threading.Thread | None = None
-        if callback is not None:
-            self._thread = threading.Thread(
-                target=self._run_callbacks, name=f"ikos-ipc-sub-{pattern}", daemon=True
-            )
-            self._thread.start()
-
-    def __repr__(self) -> str:
-        return f"Subscription({self.pattern!r})"
-
-    @property
-    def active(self) -> bool:
-        return not self._ended
-
-    def _put(self, message: IpcMessage) -> None:
-        with self._cond:
-            if self._ended:
-                return
-            if len(self._items) >= self._maxsize:
-                self._items.popleft()
-                self.dropped += 1
-            self._items.append(message)
-            self.received += 1
-            self._cond.notify()
-
-    def _end(self, error: BaseException | None) -> None:
-        with self._cond:
-            self._ended = True
-            self._error = error
-            self._cond.notify_all()
-
-    def get(self, timeout: float | None = None) -> IpcMessage:
-        """The next delivery; :class:`IpcTimeout` when none came within ``timeout`` s."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
-            while not self._items:
-                if self._ended:
-                    if self._error is not None:
-                        raise self._error
-                    raise IpcUnavailable(f"the subscription to {self.pattern!r} has ended")
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    raise IpcTimeout(f"no message on {self.pattern!r} within {timeout:g} s")
-                self._cond.wait(remaining)
-            return self._items.popleft()
-
-    def __iter__(self) -> Iterator[IpcMessage]:
-        while True:
-            try:
-                yield self.get()
-            except IpcUnavailable:
-                if self._error is not None:
-                    raise
-                return
-
-    def _run_callbacks(self) -> None:
-        callback = self.callback
-        assert callback is not None
-        while True:
-            try:
-                message = self.get()
-            except IpcError:
-                return
-            try:
-                callback(message)
-            except Exception:
-                log.exception(
-                    "ikos.ipc: the callback of the subscription to %r raised", self.pattern
-                )
-
-    def unsubscribe(self) -> None:
-        """Stop the deliveries (idempotent); a callback thread ends after the current call."""
-        if self._ended:
-            return
-        self._end(None)
-        self.client._remove_subscription(self)
-        thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout=5.0)
-
-    close = unsubscribe
-
-    def __enter__(self) -> Subscription:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.unsubscribe()
-
-
-# --- servers ---------------------------------------------------------------------------
-
-
-class Server:
-    """A served name: requests and notifications for it run ``handler`` in a thread pool.
-
-    The handler gets an :class:`IpcMessage` (``type`` ``request`` or
-    ``notification``); what it returns answers a request, in the requester's
-    codec; what it raises reaches the requester as :class:`IpcRemoteError`.
-    """
-
-    def __init__(
-        self,
-        client: BrokerClient,
-        name: str,
-        handler: Callable[[IpcMessage], Any],
-        threads: int = SERVER_THREADS,
-    ) -> None:
-        self.client, self.name, self.handler = client, name, handler
-        self.handled = 0
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix=f"ikos-ipc-serve-{name}")
-        self._ended = False
-
-    def __repr__(self) -> str:
-        return f"Server({self.name!r})"
-
-    def _submit(self, frame: Frame) -> None:
-        if self._ended:
-            frame.close()
-            return
-        try:
-            self._pool.submit(self._handle, frame)
-        except RuntimeError:  # shut down meanwhile
-            frame.close()
-
-    def _handle(self, frame: Frame) -> None:
-        header = frame.header
-        is_request = frame.op == "request"
-        codec = str(header.get("codec", "json"))
-        rid = header.get("id")
-        try:
-            payload = _payload(frame)
-            message = IpcMessage(
-                message_id=rid if isinstance(rid, int) else 0,
-                sender_pid=int(header.get("sender_pid") or 0),
-                receiver_pid=os.getpid(),
-                type="request" if is_request else "notification",
-                payload_size=len(payload),
-                timestamp=now(),
-                payload=decode_payload(payload, codec),
-                codec=codec,  # type: ignore[arg-type]
-                sender_uid=header.get("sender_uid"),
-            )
-            reply = self.handler(message)
-        except Exception as exc:
-            self.handled += 1
-            if is_request:
-                self.client._answer_error(
-                    rid,
-                    "remote",
-                    f"{type(exc).__name__}: {exc}",
-                    remote_type=type(exc).__name__,
-                    traceback=traceback.format_exc(),
-                )
-            else:
-                log.exception("ikos.ipc: the handler of '%s' raised on a notification", self.name)
-            return
-        self.handled += 1
-        if not is_request:
-            return
-        out: Codec = "json" if codec == "bytes" else codec  # type: ignore[assignment]
-        if codec == "bytes" and isinstance(reply, bytes | bytearray | memoryview):
-            out = "bytes"
-        try:
-            data = encode_payload(reply, out)
-        except IpcError as exc:
-            self.client._answer_error(rid, "remote", f"the reply cannot be sent: {exc}")
-            return
-        try:
-            self.client.send({"op": "response", "id": rid, "codec": out}, data)
-        except IpcError as exc:
-            log.warning("ikos.ipc: the reply for '%s' was not sent: %s", self.name, exc)
-
-    def _end(self) -> None:
-        self._ended = True
-        self._pool.shutdown(wait=False, cancel_futures=True)
-
-    def stop(self) -> None:
-        """Stop serving the name (idempotent); requests being handled still get their replies."""
-        if self._ended:
-            return
-        self.client._remove_server(self)
-        self._end()
-
-    close = stop
-
-    def __enter__(self) -> Server:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-# --- durable queues ----------------------------------------------------------------------
-
-
-@dataclass
-class QueueMessage:
-    """A message taken from a durable queue, leased to this process until acked or nacked.
-
-    ``id`` is the queue's message id, ``deliveries`` how many times it has been
-    handed out (this one included). Until :meth:`ack`, the broker gives it out
-    again after the visibility timeout, or at once if this process's connection
-    ends (a consumer that dies).
-    """
-
-    queue: Queue
-    id: int
-    deliveries: int
-    data: Any
-    codec: str = "json"
-    payload_size: int = 0
-    done: bool = field(default=False, repr=False)
-
-    def ack(self) -> None:
-        """The message was handled: the broker forgets it (returns once that is durable)."""
-        self.queue.ack(self.id)
-        self.done = True
-
-    def nack(self, delay: float = 0.0) -> None:
-        """The message was not handled: deliver it again (after ``delay`` s)."""
-        self.queue.nack(self.id, delay=delay)
-        self.done = True
-
-
-class Queue:
-    """A named durable queue of the instance (SQLite in the broker; docs/operations.md).
-
-    Example::
-
-        jobs = ikos.ipc.queue("jobs")
-        jobs.put({"resize": "a.png"})          # returns once the put is on disk
-        m = jobs.get(timeout=5)
-        handle(m.data)
-        m.ack()
-    """
-
-    def __init__(self, client: BrokerClient, name: str) -> None:
-        self.client, self.name = client, name
-
-    def __repr__(self) -> str:
-        return f"Queue({self.name!r})"
-
-    def put(self, data: Any, *, codec: Codec | None = None, timeout: float = 30.0) -> int:
-        """Append ``data``; returns its message id once the broker has it on disk."""
-        chosen = self.client.codec_for(data, codec)
-        frame = self.client.call(
-            {"op": "put", "queue": self.name, "codec": chosen},
-            encode_payload(data, chosen),
-            timeout=timeout,
-        )
-        return int(frame.header.get("msg") or 0)
-
-    def get(self, timeout: float | None = None) -> QueueMessage:
-        """The next message, leased to this process; :class:`IpcTimeout` if none came in time.
-
-        ``timeout=None`` waits as long as it takes; ``0`` only takes what is there.
-        """
-        return self.get_leased(timeout)
-
-    def get_leased(self, timeout: float | None = None, *, detach: bool = False) -> QueueMessage:
-        """:meth:`get`; with ``detach`` the lease outlives this connection.
-
-        A detached lease ends only by ack, nack or the visibility timeout, not
-        when this process's connection does: ``ikosctl queue get`` and a later
-        ``ikosctl queue ack`` are two connections.
-        """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            wait = 60.0 if deadline is None else max(deadline - time.monotonic(), 0.0)
-            header: dict[str, Any] = {"op": "get", "queue": self.name, "timeout": wait}
-            if detach:
-                header["detach"] = True
-            frame = self.client.call(header, timeout=wait + ANSWER_MARGIN)
-            if frame.op == "message":
-                payload = _payload(frame)
-                header = frame.header
-                codec = str(header.get("codec", "json"))
-                return QueueMessage(
-                    self,
-                    int(header.get("msg") or 0),
-                    int(header.get("deliveries") or 1),
-                    decode_payload(payload, codec),
-                    codec,
-                    len(payload),
-                )
-            if deadline is not None and time.monotonic() >= deadline:
-                raise IpcTimeout(f"queue '{self.name}' stayed empty for {timeout:g} s")
-
-    def ack(self, msg: int, *, detached: bool = False) -> None:
-        """Acknowledge message ``msg``, leased to this process (or detached, for the owner)."""
-        header: dict[str, Any] = {"op": "ack", "queue": self.name, "msg": msg}
-        if detached:
-            header["detach"] = True
-        self.client.call(header, timeout=30.0).close()
-
-    def nack(self, msg: int, delay: float = 0.0, *, detached: bool = False) -> None:
-        """Give message ``msg`` back for another delivery, after ``delay`` seconds."""
-        header: dict[str, Any] = {"op": "nack", "queue": self.name, "msg": msg}
-        if delay:
-            header["delay"] = delay
-        if detached:
-            header["detach"] = True
-        self.client.call(header, timeout=30.0).close()
-
-    def dead(self, limit: int = 100) -> list[dict[str, Any]]:
-        """The dead-lettered messages (``msg``, ``deliveries``, ``codec``, ``data``)."""
-        frame = self.client.call({"op": "dead", "queue": self.name, "limit": limit})
-        found = frame.header.get("messages")
-        return [m for m in found if isinstance(m, dict)] if isinstance(found, list) else []
-
-
-# --- connections to a target -------------------------------------------------------------
-
-
-def _trusted_context(root: str | os.PathLike[str] | None) -> Any:
-    """The instance context with its secret, or None where the secret is not readable."""
-    from ikos.actors import _context
-
-    try:
-        return _context.get(root)
-    except (AuthenticationError, OSError):
-        return None
-
-
-def _service_target(paths: InstancePaths, name: str) -> str | None:
-    """The daemon or name that answers for the registered service ``name``, if one does.
-
-    An ``endpoint`` of ``ipc://NAME`` or ``actor://NAME`` names it; otherwise the
-    service's owner (the daemon that declared it) does. Asked of ikosd's registry
-    over the control socket (the registry layer sits above this one).
-    """
-    from ikos.platform._control import ControlClient
-
-    try:
-        with ControlClient(paths, timeout=DEFAULT_TIMEOUT) as control:
-            found = control.call("discover", {"name": name})
-    except (IkosError, OSError):
-        return None
-    info = found[0] if isinstance(found, list) and found and isinstance(found[0], dict) else {}
-    endpoint = str(info.get("endpoint") or "")
-    for scheme in ("ipc://", "actor://"):
-        if endpoint.startswith(scheme) and endpoint[len(scheme) :]:
-            return endpoint[len(scheme) :]
-    owner = info.get("owner")
-    return owner if isinstance(owner, str) and owner else None
-
-
-def _resolve(name: str, root: str | os.PathLike[str] | None) -> tuple[str, bool]:
-    """``(target, direct)``: the actor or broker name to talk to, and whether directly.
-
-    An actor of the instance first, then a registered service (by its daemon),
-    then whatever the broker routes ``name`` to (a served name, or an actor for a
-    process that cannot reach mailboxes).
-    """
-    ctx = _trusted_context(root)
-    paths = ctx.paths if ctx is not None else _instance_paths(root)
-    if ctx is not None and paths.actor_socket(name).exists():
-        return name, True
-    target = _service_target(paths, name) or name
-    if ctx is not None and paths.actor_socket(target).exists():
-        return target, True
-    return target, False
-
-
-def _actor_error(name: str, exc: ActorError) -> IpcError:
-    """An actor's error as the IPC error a caller of ikos.ipc catches."""
-    if isinstance(exc, AskTimeout):
-        return IpcTimeout(f"'{name}' did not answer: {exc.message}")
-    if isinstance(exc, ActorCrashed):
-        return IpcRemoteError(f"'{name}' raised: {exc.message}", exc.exc_type, exc.traceback)
-    if isinstance(exc, ActorDeadError):
-        return IpcNoSuchTarget(f"'{name}' is not running: {exc.message}")
-    if isinstance(exc, MessageTooLarge):
-        return IpcTooLarge(str(exc))
-    return IpcError(str(exc))
-
-
-class Connection:
-    """A connection to one target: an actor, a served name, or a registered service.
-
-    :meth:`request` sends and waits for the reply; :meth:`send_message` sends and
-    returns the message id at once, the reply (for a ``request``) arriving later
-    through :meth:`receive_message`. Replies are :class:`IpcMessage` values of
-    type ``response`` whose ``correlation_id`` is the request's id.
-    """
-
-    def __init__(
-        self,
-        name: str,
-        *,
-        timeout: float = DEFAULT_TIMEOUT,
-        root: str | os.PathLike[str] | None = None,
-        codec: Codec | None = None,
-    ) -> None:
-        self.name = name
-        self.timeout = timeout
-        self.codec = codec
-        self.target, self.direct = _resolve(name, root)
-        self._root = root
-        self._ref: Any = None
-        self._client: BrokerClient | None = None
-        if self.direct:
-            from ikos.actors._ref import ActorRef
-
-            self._ref = ActorRef(self.target, root=root)
-        else:
-            self._client = shared_client(root)
-            self._client.connect()
-        self._ids = itertools.count(1)
-        self._inbox: _queue.Queue[IpcMessage | BaseException] = _queue.Queue()
-        self._worker: ThreadPoolExecutor | None = None
-        self._closed = False
-
-    def __repr__(self) -> str:
-        via = "mailbox" if self.direct else "broker"
-        return f"Connection({self.name!r}, via={via})"
-
-    def _check(self) -> None:
-        if self._closed:
-            raise IpcUnavailable(f"the connection to '{self.name}' is closed")
-
-    def _message(self, value: Any, corr: int, size: int, codec: str) -> IpcMessage:
-        return IpcMessage(
-            message_id=next(self._ids),
-            sender_pid=0,
-            receiver_pid=os.getpid(),
-            type="response",
-            payload_size=size,
-            timestamp=now(),
-            payload=value,
-            correlation_id=corr,
-            codec=codec,  # type: ignore[arg-type]
-        )
-
-    def _ask(self, data: Any, timeout: float, corr: int) -> IpcMessage:
-        if self.direct:
-            try:
-                value = self._ref.ask(data, timeout=timeout)
-            except ActorError as exc:
-                raise _actor_error(self.name, exc) from None
-            return self._message(value, corr, 0, "pickle")
-        assert self._client is not None
-        value, frame = self._client.request(self.target, data, timeout=timeout, codec=self.codec)
-        return self._message(value, corr, len(frame.payload), str(frame.header.get("codec")))
-
-    def request(self, data: Any, timeout: float | None = None) -> IpcMessage:
-        """Send ``data`` as a request and return the response (its payload: the reply).
-
-        Raises :class:`IpcTimeout`, :class:`IpcNoSuchTarget`, :class:`IpcDenied`,
-        :class:`IpcRemoteError` (the target raised) and the other IPC errors.
-        """
-        self._check()
-        return self._ask(data, self.timeout if timeout is None else timeout, next(self._ids))
-
-    def send_message(
-        self, data: Any, type: MessageType = "request", timeout: float | None = None
-    ) -> int:
-        """Send ``data`` and return its message id at once.
-
-        A ``request``'s reply comes later by :meth:`receive_message`; a
-        ``notification`` is one way (no reply).
-        """
-        self._check()
-        mid = next(self._ids)
-        wait = self.timeout if timeout is None else timeout
-        if type == "notification":
-            if self.direct:
-                self._ref.tell(data)
-            else:
-                assert self._client is not None
-                self._client.notify(self.target, data, codec=self.codec)
-            return mid
-        if type != "request":
-            raise IpcBadRequest(f"send_message sends a request or a notification, not a {type}")
-        if self._worker is None:
-            # one thread: the mailbox connection is per thread, so replies keep their order
-            self._worker = ThreadPoolExecutor(1, thread_name_prefix=f"ikos-ipc-{self.name}")
-
-        def ask() -> None:
-            try:
-                self._inbox.put(self._ask(data, wait, mid))
-            except IkosError as exc:
-                self._inbox.put(exc)
-
-        self._worker.submit(ask)
-        return mid
-
-    def receive_message(self, timeout: float | None = None) -> IpcMessage:
-        """The next response; :class:`IpcTimeout` when none came within ``timeout`` s."""
-        self._check()
-        try:
-            item = self._inbox.get(timeout=timeout)
-        except _queue.Empty:
-            raise IpcTimeout(f"no message from '{self.name}' within {timeout:g} s") from None
-        if isinstance(item, BaseException):
-            raise item
-        return item
-
-    def disconnect(self) -> None:
-        """Close the connection (idempotent); replies not yet received are discarded."""
-        if self._closed:
-            return
-        self._closed = True
-        if self._worker is not None:
-            self._worker.shutdown(wait=False, cancel_futures=True)
-
-    close = disconnect
-
-    def __enter__(self) -> Connection:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.disconnect()
