@@ -99,7 +99,10 @@ class IpcService(Extension):
         if self.settings.enabled:
             self._write_broker_json(self.settings)
         self._publish_threshold(self.settings)
-        host.verbs.register("ipc_stats", "private", self._verb_stats)
+        # public, so that anyone's ``ikosctl status`` may show the totals without a
+        # refusal in the audit trail; the whole document (pids, names, topics) only
+        # to readers
+        host.verbs.register("ipc_stats", "public", self._verb_stats)
         if self._metrics is not None:
             self._metrics.endpoint.add(IpcCollector(self.figures))
 
@@ -225,7 +228,10 @@ class IpcService(Extension):
         stats, error = await asyncio.get_running_loop().run_in_executor(None, self.figures)
         if stats is None:
             return {"enabled": self.settings.enabled, "up": False, "error": error}
-        return {"enabled": True, "up": True, **summarize(stats), "stats": stats}
+        answer = {"enabled": True, "up": True, **summarize(stats)}
+        if getattr(req, "reader", False):
+            answer["stats"] = stats
+        return answer
 
     def decorate_status(self, node: NodeView, status: dict[str, Any]) -> None:
         if node.name != BROKER_NAME:
