@@ -229,12 +229,16 @@ class Out:
     A delivery's ``Out`` is shared by every subscriber of its pattern.
     """
 
-    __slots__ = ("data", "shm", "topic")
+    __slots__ = ("data", "pattern", "shm", "topic")
 
     def __init__(
-        self, data: bytes, shm: SharedFd | None = None, topic: TopicStats | None = None
+        self,
+        data: bytes,
+        shm: SharedFd | None = None,
+        topic: TopicStats | None = None,
+        pattern: str = "",
     ) -> None:
-        self.data, self.shm, self.topic = data, shm, topic
+        self.data, self.shm, self.topic, self.pattern = data, shm, topic, pattern
 
 
 @dataclass(slots=True)
@@ -269,7 +273,7 @@ class Conn:
         self.closed = False
         self.trusted = False
         self.grants: dict[Right, tuple[str, ...]] = {}
-        self.reader = FrameReader(max_frame)
+        self.reader = FrameReader(max_frame, share_headers=True)
         self.ctl: deque[Out] = deque()
         self.ctl_bytes = 0
         self.dlv: deque[Out] = deque()
@@ -284,6 +288,8 @@ class Conn:
         self.delivered = 0
         self.dropped = 0
         self.allowed_cache: dict[tuple[Right, str], bool] = {}
+        #: Encoded delivery headers up to the message id, per (topic, pattern, codec).
+        self.prefixes: dict[tuple[str, str, str], bytes] = {}
         self.hello_timer: asyncio.TimerHandle | None = None
         self.connected_at = time.time()
 
@@ -937,17 +943,28 @@ class Broker:
         else:
             tail = "}"
             payload = frame.payload
-        common = (
-            f'","codec":"{codec}","sender_pid":{conn.peer.pid},"sender_uid":{conn.peer.uid},'
-            f'"message_id":{next(self._message_ids)},"timestamp":{time.time()!r}{tail}'
+        common = b'"message_id":%d,"timestamp":%r%s' % (
+            next(self._message_ids),
+            time.time(),
+            tail.encode(),
         )
         bound = self.config.subscriber_queue
         drop_oldest = self.config.slow_subscriber == "drop-oldest"
         pickle = codec == "pickle"
+        prefixes = conn.prefixes
         for pattern, subscribers in matched:
-            head = f'{{"op":"message","topic":"{topic}","pattern":"{pattern}{common}'.encode()
-            data = LENGTHS.pack(4 + len(head) + len(payload), len(head)) + head + payload
-            out = Out(data, shared, stats)
+            key = (topic, pattern, codec)
+            prefix = prefixes.get(key)
+            if prefix is None:
+                if len(prefixes) >= 1024:
+                    prefixes.clear()
+                prefix = prefixes[key] = (
+                    f'{{"op":"message","topic":"{topic}","pattern":"{pattern}","codec":"{codec}",'
+                    f'"sender_pid":{conn.peer.pid},"sender_uid":{conn.peer.uid},'
+                ).encode()
+            hlen = len(prefix) + len(common)
+            data = b"".join((LENGTHS.pack(4 + hlen + len(payload), hlen), prefix, common, payload))
+            out = Out(data, shared, stats, pattern)
             size_data = len(data)
             for sub in subscribers:
                 if sub.closed:
@@ -975,7 +992,7 @@ class Broker:
                             old.topic.dropped += 1
                         if old.shm is not None:
                             old.shm.release()
-                        sub.dropped_notice[_pattern_of(old.data)] += 1
+                        sub.dropped_notice[old.pattern] += 1
                 dlv.append(out)
                 sub.dlv_bytes += size_data
                 if shared is not None:
@@ -1271,13 +1288,6 @@ def vars_of(stats: TopicStats) -> dict[str, int]:
         "dropped": stats.dropped,
         "undeliverable": stats.undeliverable,
     }
-
-
-def _pattern_of(data: bytes) -> str:
-    """The pattern of an encoded delivery (for its ``dropped`` notice; drops are rare)."""
-    hlen = LENGTHS.unpack_from(data)[1]
-    header = json.loads(data[8 : 8 + hlen])
-    return str(header.get("pattern", ""))
 
 
 Broker._ops = {
