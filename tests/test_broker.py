@@ -1228,3 +1228,38 @@ def test_queue_payloads_in_shared_memory(brokers: Callable[..., BrokerProcess]) 
     assert got.header["shm"] == len(data) and got.fd is not None
     assert os.pread(got.fd, len(data), 0) == data
     got.close()
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_out_of_descriptors_the_broker_keeps_serving_without_spinning(
+    broker: BrokerProcess,
+) -> None:
+    keeper = broker.connect()
+    limit = broker.fds() + 3
+    soft, hard = resource.prlimit(broker.proc.pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(broker.proc.pid, resource.RLIMIT_NOFILE, (limit, hard))
+    waiting = []
+    try:
+        for _ in range(10):  # the kernel queues them; the broker cannot accept them all
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(str(broker.socket_path))
+            waiting.append(s)
+        wait_for(
+            lambda: keeper.ok("stats")["stats"]["counters"].get("accept_failed"),
+            HANG,
+            message="accept failing",
+        )
+        before = _cpu_seconds(broker.proc.pid)
+        time.sleep(1.0)  # a window to see whether the loop spins on the readable listener
+        spent = _cpu_seconds(broker.proc.pid) - before
+        assert spent < 0.3, f"the broker used {spent:.2f} s of CPU in 1 s while out of fds"
+        assert keeper.ok("stats")["op"] == "ok"  # those connected are still served
+    finally:
+        for s in waiting:
+            s.close()
+        resource.prlimit(broker.proc.pid, resource.RLIMIT_NOFILE, (soft, hard))
+    assert broker.connect().welcome["trusted"] is True  # accepting again

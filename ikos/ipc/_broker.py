@@ -99,6 +99,8 @@ MAX_TOPIC_STATS = 10000
 #: Audit lines per uid and window, then one line with the count.
 AUDIT_BURST = 20
 AUDIT_WINDOW = 60.0
+#: Seconds the listener is left alone after accept failed (out of descriptors).
+ACCEPT_PAUSE = 0.1
 #: Seconds SIGTERM waits for pending writes before closing the clients.
 STOP_DRAIN = 2.0
 
@@ -570,8 +572,16 @@ class Broker:
             except OSError as exc:  # EMFILE and friends: keep serving those connected
                 self.counters["accept_failed"] += 1
                 log.warning("accept failed: %s", exc.strerror)
+                # the listener stays readable: stop polling it a moment, or the loop spins
+                fd = self._listener.fileno()
+                self.loop.remove_reader(fd)
+                self.loop.call_later(ACCEPT_PAUSE, self._resume_accept, fd)
                 return
             self._admit(sock)
+
+    def _resume_accept(self, fd: int) -> None:
+        if self._listener is not None and self._listener.fileno() == fd:
+            self.loop.add_reader(fd, self._accept)
 
     def _admit(self, sock: socket.socket) -> None:
         sock.setblocking(False)
