@@ -1472,6 +1472,10 @@ def _call_actor(
 # -- durable queues ------------------------------------------------------------------
 
 
+#: The consumer of detached leases (see :meth:`QueueOps._consumer`).
+DETACHED_LEASE = "detached"
+
+
 class QueueOps:
     """The queue ops of the wire on the durable :class:`~ikos.ipc._queues.QueueStore`.
 
@@ -1558,7 +1562,8 @@ class QueueOps:
                 raise BadRequest(
                     "bad_request", f'"timeout" must be seconds in [0, {MAX_TIMEOUT:g}]'
                 )
-            self._start(conn, rid, self._get(conn, rid, store, queue, float(timeout)))
+            consumer = self._consumer(conn, header)
+            self._start(conn, rid, self._get(conn, rid, store, queue, float(timeout), consumer))
         elif op in ("ack", "nack"):
             msg = _int(header, "msg")
             delay = header.get("delay", 0)
@@ -1568,10 +1573,11 @@ class QueueOps:
                 or not 0 <= delay <= MAX_TIMEOUT
             ):
                 raise BadRequest("bad_request", f'"delay" must be seconds in [0, {MAX_TIMEOUT:g}]')
+            consumer = self._consumer(conn, header)
             done = (
-                store.ack(queue, msg, conn.number)
+                store.ack(queue, msg, consumer)
                 if op == "ack"
-                else store.nack(queue, msg, conn.number, float(delay))
+                else store.nack(queue, msg, consumer, float(delay))
             )
             self._start(conn, rid, self._answer_ok(conn, rid, done), commits=True)
         else:  # dead
@@ -1632,18 +1638,34 @@ class QueueOps:
         msg_id = await store.put(queue, payload, codec)
         self.broker._ok(conn, rid, msg=msg_id)  # only now: the transaction is on disk
 
+    def _consumer(self, conn: Conn, header: dict[str, Any]) -> Any:
+        """Who a lease belongs to: the connection, or with ``"detach": true`` no connection.
+
+        A detached lease (``ikosctl queue get``, whose process ends at once) outlives
+        the connection that took it: it ends by an ack or nack with ``detach`` from
+        any connection of the owner or root, or by the visibility timeout.
+        """
+        if header.get("detach") is True:
+            if not conn.trusted:
+                raise BadRequest("denied", "only the instance's owner and root detach leases")
+            return DETACHED_LEASE
+        return conn.number
+
     async def _get(
-        self, conn: Conn, rid: int, store: QueueStore, queue: str, timeout: float
+        self, conn: Conn, rid: int, store: QueueStore, queue: str, timeout: float, consumer: Any
     ) -> None:
-        message = await store.get(queue, conn.number, timeout)
+        message = await store.get(queue, consumer, timeout)
         if message is None:
             self.broker.send(conn, {"op": "empty", "id": rid, "queue": queue})
             return
         if conn.closed:  # gone while the message was read: give it back
-            store.consumer_gone(conn.number)
+            if consumer == DETACHED_LEASE:
+                await store.nack(queue, message.id, consumer)
+            else:
+                store.consumer_gone(conn.number)
             return
         if message.codec == "pickle" and not conn.trusted:
-            await store.nack(queue, message.id, conn.number)
+            await store.nack(queue, message.id, consumer)
             raise BadRequest(
                 "denied",
                 f"message {message.id} of queue {queue!r} is a pickle, "
