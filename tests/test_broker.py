@@ -1263,3 +1263,77 @@ def test_out_of_descriptors_the_broker_keeps_serving_without_spinning(
             s.close()
         resource.prlimit(broker.proc.pid, resource.RLIMIT_NOFILE, (soft, hard))
     assert broker.connect().welcome["trusted"] is True  # accepting again
+
+
+def test_a_client_that_does_not_read_its_answers_is_no_longer_read(
+    broker: BrokerProcess,
+) -> None:
+    greedy = broker.connect(name="greedy")
+    other = broker.connect(name="other")
+    rss = broker.rss_kib()
+    request = encode_frame({"op": "stats", "id": 1})
+    greedy.sock.setblocking(False)
+    sent = 0
+    stalled_since = None
+    # write requests until the broker stops taking them (its answers pile up unread)
+    while stalled_since is None or time.monotonic() - stalled_since < 1.0:
+        try:
+            greedy.sock.send(request)
+            sent += 1
+            stalled_since = None
+        except BlockingIOError:
+            stalled_since = stalled_since or time.monotonic()
+            time.sleep(0.01)
+        assert sent < 1_000_000, "the broker never stopped reading"
+    grown = broker.rss_kib() - rss
+    assert grown < 48 * 1024, f"the broker holds {grown} KiB for one client's unread answers"
+    assert other.ok("stats")["op"] == "ok"  # everyone else is served meanwhile
+    greedy.sock.setblocking(True)
+    answers = 0
+    while answers < sent:  # reading, it gets every answer: the broker read it again
+        frame = greedy.recv()
+        assert frame is not None and frame.op == "ok"
+        answers += 1
+
+
+@needs_users
+def test_a_reload_revokes_what_the_policy_no_longer_grants(
+    brokers: Callable[..., BrokerProcess], stranger: pwd.struct_passwd
+) -> None:
+    uid = stranger.pw_uid
+    broker = brokers(policy=[{"uids": [uid], "subscribe": ["app.#"], "serve": ["svc"]}])
+    path = broker.socket_path
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setgroups([])
+            os.setgid(stranger.pw_gid)
+            os.setuid(uid)
+            w = Wire(path)
+            w.ok("subscribe", pattern="app.#")
+            w.ok("serve", name="svc")
+            os.write(ready_w, b"1")
+            os.read(go_r, 1)
+            w.close()
+        finally:
+            os._exit(0)
+    try:
+        assert os.read(ready_r, 1) == b"1"
+        assert broker.stats()["subscriptions"] == 1 and broker.stats()["served"] == ["svc"]
+        broker.write_config(policy=[{"uids": [uid], "publish": ["#"]}])
+        broker.proc.send_signal(signal.SIGHUP)
+        wait_for(
+            lambda: broker.stats()["subscriptions"] == 0 and broker.stats()["served"] == [],
+            HANG,
+            message="the subscription and the name revoked",
+        )
+        audit = broker.audit_path.read_text()
+        assert f"uid {uid}: subscription 'app.#': revoked by reload" in audit
+        assert f"uid {uid}: serve 'svc': revoked by reload" in audit
+    finally:
+        os.write(go_w, b"1")
+        os.waitpid(pid, 0)
+        for fd in (ready_r, ready_w, go_r, go_w):
+            os.close(fd)

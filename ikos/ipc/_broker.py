@@ -740,6 +740,8 @@ class Broker:
         data = encode_frame(header, payload)
         conn.ctl.append(Out(data, shm))
         conn.ctl_bytes += len(data)
+        if conn.ctl_bytes > CONTROL_BYTES and not conn.paused:
+            self._pause(conn)
         self._mark(conn)
 
     def _error(self, conn: Conn, rid: Any, kind: str, message: str, **extra: Any) -> None:
