@@ -1337,3 +1337,24 @@ def test_a_reload_revokes_what_the_policy_no_longer_grants(
         os.waitpid(pid, 0)
         for fd in (ready_r, ready_w, go_r, go_w):
             os.close(fd)
+
+
+def test_the_audit_log_keeps_each_uid_to_its_burst(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ikos.ipc import _broker
+
+    now = [1000.0]
+    monkeypatch.setattr(_broker.time, "monotonic", lambda: now[0])
+    audit = _broker.AuditLog(str(tmp_path / "audit.log"))
+    flood, quiet = Peer(10, 2001, 2001), Peer(11, 2002, 2002)
+    for k in range(_broker.AUDIT_BURST + 30):
+        audit.write(flood, f"publish to 't{k}'", "denied (no publish grant)")
+    audit.write(quiet, "publish to 'q'", "denied (no publish grant)")
+    now[0] += _broker.AUDIT_WINDOW  # the window closes: the count of what was held back
+    audit.write(flood, "publish to 'later'", "denied (no publish grant)")
+    audit.close()
+    lines = (tmp_path / "audit.log").read_text().splitlines()
+    assert sum("uid 2001: publish" in line for line in lines) == _broker.AUDIT_BURST + 1
+    assert any("pid 11 uid 2002: publish to 'q': denied" in line for line in lines)
+    assert any("uid 2001: 30 more audit lines not written" in line for line in lines)

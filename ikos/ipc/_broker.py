@@ -263,7 +263,15 @@ class Pending:
 
 
 class Conn:
-    """One client connection and everything the broker holds for it."""
+    """One client connection and everything the broker holds for it.
+
+    Its life: *handshaking* (``hello`` false: only a ``hello`` is accepted, within
+    :data:`HELLO_TIMEOUT`), then *open*; while open it may be *writing* (the socket
+    is full: a writer callback waits for it to drain, deliveries pile up to their
+    bound) and *paused* (its unread answers passed :data:`CONTROL_BYTES`: it is not
+    read until they drain to half); *closed* is final, by either side, and releases
+    everything at once (:meth:`Broker.close`).
+    """
 
     def __init__(self, sock: socket.socket, number: int, peer: Peer, max_frame: int) -> None:
         self.sock = sock
