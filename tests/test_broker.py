@@ -1228,3 +1228,133 @@ def test_queue_payloads_in_shared_memory(brokers: Callable[..., BrokerProcess]) 
     assert got.header["shm"] == len(data) and got.fd is not None
     assert os.pread(got.fd, len(data), 0) == data
     got.close()
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_out_of_descriptors_the_broker_keeps_serving_without_spinning(
+    broker: BrokerProcess,
+) -> None:
+    keeper = broker.connect()
+    limit = broker.fds() + 3
+    soft, hard = resource.prlimit(broker.proc.pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(broker.proc.pid, resource.RLIMIT_NOFILE, (limit, hard))
+    waiting = []
+    try:
+        for _ in range(10):  # the kernel queues them; the broker cannot accept them all
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(str(broker.socket_path))
+            waiting.append(s)
+        wait_for(
+            lambda: keeper.ok("stats")["stats"]["counters"].get("accept_failed"),
+            HANG,
+            message="accept failing",
+        )
+        before = _cpu_seconds(broker.proc.pid)
+        time.sleep(1.0)  # a window to see whether the loop spins on the readable listener
+        spent = _cpu_seconds(broker.proc.pid) - before
+        assert spent < 0.3, f"the broker used {spent:.2f} s of CPU in 1 s while out of fds"
+        assert keeper.ok("stats")["op"] == "ok"  # those connected are still served
+    finally:
+        for s in waiting:
+            s.close()
+        resource.prlimit(broker.proc.pid, resource.RLIMIT_NOFILE, (soft, hard))
+    assert broker.connect().welcome["trusted"] is True  # accepting again
+
+
+def test_a_client_that_does_not_read_its_answers_is_no_longer_read(
+    broker: BrokerProcess,
+) -> None:
+    greedy = broker.connect(name="greedy")
+    other = broker.connect(name="other")
+    rss = broker.rss_kib()
+    request = encode_frame({"op": "stats", "id": 1})
+    greedy.sock.setblocking(False)
+    sent = 0
+    stalled_since = None
+    # write requests until the broker stops taking them (its answers pile up unread)
+    while stalled_since is None or time.monotonic() - stalled_since < 1.0:
+        try:
+            greedy.sock.send(request)
+            sent += 1
+            stalled_since = None
+        except BlockingIOError:
+            stalled_since = stalled_since or time.monotonic()
+            time.sleep(0.01)
+        assert sent < 1_000_000, "the broker never stopped reading"
+    grown = broker.rss_kib() - rss
+    assert grown < 48 * 1024, f"the broker holds {grown} KiB for one client's unread answers"
+    assert other.ok("stats")["op"] == "ok"  # everyone else is served meanwhile
+    greedy.sock.setblocking(True)
+    answers = 0
+    while answers < sent:  # reading, it gets every answer: the broker read it again
+        frame = greedy.recv()
+        assert frame is not None and frame.op == "ok"
+        answers += 1
+
+
+@needs_users
+def test_a_reload_revokes_what_the_policy_no_longer_grants(
+    brokers: Callable[..., BrokerProcess], stranger: pwd.struct_passwd
+) -> None:
+    uid = stranger.pw_uid
+    broker = brokers(policy=[{"uids": [uid], "subscribe": ["app.#"], "serve": ["svc"]}])
+    path = broker.socket_path
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setgroups([])
+            os.setgid(stranger.pw_gid)
+            os.setuid(uid)
+            w = Wire(path)
+            w.ok("subscribe", pattern="app.#")
+            w.ok("serve", name="svc")
+            os.write(ready_w, b"1")
+            os.read(go_r, 1)
+            w.close()
+        finally:
+            os._exit(0)
+    try:
+        assert os.read(ready_r, 1) == b"1"
+        assert broker.stats()["subscriptions"] == 1 and broker.stats()["served"] == ["svc"]
+        broker.write_config(policy=[{"uids": [uid], "publish": ["#"]}])
+        broker.proc.send_signal(signal.SIGHUP)
+        wait_for(
+            lambda: broker.stats()["subscriptions"] == 0 and broker.stats()["served"] == [],
+            HANG,
+            message="the subscription and the name revoked",
+        )
+        audit = broker.audit_path.read_text()
+        assert f"uid {uid}: subscription 'app.#': revoked by reload" in audit
+        assert f"uid {uid}: serve 'svc': revoked by reload" in audit
+    finally:
+        os.write(go_w, b"1")
+        os.waitpid(pid, 0)
+        for fd in (ready_r, ready_w, go_r, go_w):
+            os.close(fd)
+
+
+def test_the_audit_log_keeps_each_uid_to_its_burst(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ikos.ipc import _broker
+
+    now = [1000.0]
+    monkeypatch.setattr(_broker.time, "monotonic", lambda: now[0])
+    audit = _broker.AuditLog(str(tmp_path / "audit.log"))
+    flood, quiet = Peer(10, 2001, 2001), Peer(11, 2002, 2002)
+    for k in range(_broker.AUDIT_BURST + 30):
+        audit.write(flood, f"publish to 't{k}'", "denied (no publish grant)")
+    audit.write(quiet, "publish to 'q'", "denied (no publish grant)")
+    now[0] += _broker.AUDIT_WINDOW  # the window closes: the count of what was held back
+    audit.write(flood, "publish to 'later'", "denied (no publish grant)")
+    audit.close()
+    lines = (tmp_path / "audit.log").read_text().splitlines()
+    assert sum("uid 2001: publish" in line for line in lines) == _broker.AUDIT_BURST + 1
+    assert any("pid 11 uid 2002: publish to 'q': denied" in line for line in lines)
+    assert any("uid 2001: 30 more audit lines not written" in line for line in lines)

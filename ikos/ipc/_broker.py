@@ -99,6 +99,8 @@ MAX_TOPIC_STATS = 10000
 #: Audit lines per uid and window, then one line with the count.
 AUDIT_BURST = 20
 AUDIT_WINDOW = 60.0
+#: Seconds the listener is left alone after accept failed (out of descriptors).
+ACCEPT_PAUSE = 0.1
 #: Seconds SIGTERM waits for pending writes before closing the clients.
 STOP_DRAIN = 2.0
 
@@ -229,12 +231,16 @@ class Out:
     A delivery's ``Out`` is shared by every subscriber of its pattern.
     """
 
-    __slots__ = ("data", "shm", "topic")
+    __slots__ = ("data", "pattern", "shm", "topic")
 
     def __init__(
-        self, data: bytes, shm: SharedFd | None = None, topic: TopicStats | None = None
+        self,
+        data: bytes,
+        shm: SharedFd | None = None,
+        topic: TopicStats | None = None,
+        pattern: str = "",
     ) -> None:
-        self.data, self.shm, self.topic = data, shm, topic
+        self.data, self.shm, self.topic, self.pattern = data, shm, topic, pattern
 
 
 @dataclass(slots=True)
@@ -257,7 +263,15 @@ class Pending:
 
 
 class Conn:
-    """One client connection and everything the broker holds for it."""
+    """One client connection and everything the broker holds for it.
+
+    Its life: *handshaking* (``hello`` false: only a ``hello`` is accepted, within
+    :data:`HELLO_TIMEOUT`), then *open*; while open it may be *writing* (the socket
+    is full: a writer callback waits for it to drain, deliveries pile up to their
+    bound) and *paused* (its unread answers passed :data:`CONTROL_BYTES`: it is not
+    read until they drain to half); *closed* is final, by either side, and releases
+    everything at once (:meth:`Broker.close`).
+    """
 
     def __init__(self, sock: socket.socket, number: int, peer: Peer, max_frame: int) -> None:
         self.sock = sock
@@ -269,7 +283,7 @@ class Conn:
         self.closed = False
         self.trusted = False
         self.grants: dict[Right, tuple[str, ...]] = {}
-        self.reader = FrameReader(max_frame)
+        self.reader = FrameReader(max_frame, share_headers=True)
         self.ctl: deque[Out] = deque()
         self.ctl_bytes = 0
         self.dlv: deque[Out] = deque()
@@ -284,6 +298,8 @@ class Conn:
         self.delivered = 0
         self.dropped = 0
         self.allowed_cache: dict[tuple[Right, str], bool] = {}
+        #: Encoded delivery headers up to the message id, per (topic, pattern, codec).
+        self.prefixes: dict[tuple[str, str, str], bytes] = {}
         self.hello_timer: asyncio.TimerHandle | None = None
         self.connected_at = time.time()
 
@@ -564,8 +580,16 @@ class Broker:
             except OSError as exc:  # EMFILE and friends: keep serving those connected
                 self.counters["accept_failed"] += 1
                 log.warning("accept failed: %s", exc.strerror)
+                # the listener stays readable: stop polling it a moment, or the loop spins
+                fd = self._listener.fileno()
+                self.loop.remove_reader(fd)
+                self.loop.call_later(ACCEPT_PAUSE, self._resume_accept, fd)
                 return
             self._admit(sock)
+
+    def _resume_accept(self, fd: int) -> None:
+        if self._listener is not None and self._listener.fileno() == fd:
+            self.loop.add_reader(fd, self._accept)
 
     def _admit(self, sock: socket.socket) -> None:
         sock.setblocking(False)
@@ -724,6 +748,8 @@ class Broker:
         data = encode_frame(header, payload)
         conn.ctl.append(Out(data, shm))
         conn.ctl_bytes += len(data)
+        if conn.ctl_bytes > CONTROL_BYTES and not conn.paused:
+            self._pause(conn)
         self._mark(conn)
 
     def _error(self, conn: Conn, rid: Any, kind: str, message: str, **extra: Any) -> None:
@@ -937,17 +963,28 @@ class Broker:
         else:
             tail = "}"
             payload = frame.payload
-        common = (
-            f'","codec":"{codec}","sender_pid":{conn.peer.pid},"sender_uid":{conn.peer.uid},'
-            f'"message_id":{next(self._message_ids)},"timestamp":{time.time()!r}{tail}'
+        common = b'"message_id":%d,"timestamp":%r%s' % (
+            next(self._message_ids),
+            time.time(),
+            tail.encode(),
         )
         bound = self.config.subscriber_queue
         drop_oldest = self.config.slow_subscriber == "drop-oldest"
         pickle = codec == "pickle"
+        prefixes = conn.prefixes
         for pattern, subscribers in matched:
-            head = f'{{"op":"message","topic":"{topic}","pattern":"{pattern}{common}'.encode()
-            data = LENGTHS.pack(4 + len(head) + len(payload), len(head)) + head + payload
-            out = Out(data, shared, stats)
+            key = (topic, pattern, codec)
+            prefix = prefixes.get(key)
+            if prefix is None:
+                if len(prefixes) >= 1024:
+                    prefixes.clear()
+                prefix = prefixes[key] = (
+                    f'{{"op":"message","topic":"{topic}","pattern":"{pattern}","codec":"{codec}",'
+                    f'"sender_pid":{conn.peer.pid},"sender_uid":{conn.peer.uid},'
+                ).encode()
+            hlen = len(prefix) + len(common)
+            data = b"".join((LENGTHS.pack(4 + hlen + len(payload), hlen), prefix, common, payload))
+            out = Out(data, shared, stats, pattern)
             size_data = len(data)
             for sub in subscribers:
                 if sub.closed:
@@ -975,7 +1012,7 @@ class Broker:
                             old.topic.dropped += 1
                         if old.shm is not None:
                             old.shm.release()
-                        sub.dropped_notice[_pattern_of(old.data)] += 1
+                        sub.dropped_notice[old.pattern] += 1
                 dlv.append(out)
                 sub.dlv_bytes += size_data
                 if shared is not None:
@@ -1271,13 +1308,6 @@ def vars_of(stats: TopicStats) -> dict[str, int]:
         "dropped": stats.dropped,
         "undeliverable": stats.undeliverable,
     }
-
-
-def _pattern_of(data: bytes) -> str:
-    """The pattern of an encoded delivery (for its ``dropped`` notice; drops are rare)."""
-    hlen = LENGTHS.unpack_from(data)[1]
-    header = json.loads(data[8 : 8 + hlen])
-    return str(header.get("pattern", ""))
 
 
 Broker._ops = {

@@ -71,6 +71,22 @@ def encode_frame(header: dict[str, Any] | bytes, payload: bytes | memoryview = b
     return LENGTHS.pack(4 + len(head) + len(payload), len(head)) + head + bytes(payload)
 
 
+_decode = json.JSONDecoder().decode
+#: Headers shared by a FrameReader(share_headers=True): at most this long, this many.
+_CACHED_HEADER = 512
+_CACHE_ENTRIES = 256
+
+
+def _parse_header(raw: bytes) -> dict[str, Any]:
+    try:
+        header = _decode(raw.decode())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise FrameError(f"the frame header is not JSON: {exc}") from None
+    if not isinstance(header, dict) or not isinstance(header.get("op"), str):
+        raise FrameError('the frame header must be a JSON object with a string "op"')
+    return header
+
+
 class FrameReader:
     """Parses frames out of a byte stream, with descriptors, within fixed limits.
 
@@ -82,12 +98,16 @@ class FrameReader:
     descriptor left over once the buffer is empty is a protocol error.
     """
 
-    __slots__ = ("_buf", "_fds", "max_payload")
+    __slots__ = ("_buf", "_cache", "_fds", "max_payload")
 
-    def __init__(self, max_payload: int) -> None:
+    def __init__(self, max_payload: int, *, share_headers: bool = False) -> None:
         self.max_payload = max_payload
         self._buf = bytearray()
         self._fds: deque[int] = deque()
+        # A publisher sends the same header bytes again and again: with share_headers
+        # a repeated header is parsed once and the same dict is handed out each time
+        # (callers must then not modify it). Bounded, and only short headers.
+        self._cache: dict[bytes, dict[str, Any]] | None = {} if share_headers else None
 
     @property
     def buffered(self) -> int:
@@ -117,12 +137,14 @@ class FrameReader:
             raw = bytes(buf[8 : 8 + hlen])
             payload = bytes(buf[8 + hlen : 4 + total])
             del buf[: 4 + total]
-            try:
-                header = json.loads(raw)
-            except (ValueError, UnicodeDecodeError) as exc:
-                raise FrameError(f"the frame header is not JSON: {exc}") from None
-            if not isinstance(header, dict) or not isinstance(header.get("op"), str):
-                raise FrameError('the frame header must be a JSON object with a string "op"')
+            cache = self._cache
+            header = cache.get(raw) if cache is not None else None
+            if header is None:
+                header = _parse_header(raw)
+                if cache is not None and hlen <= _CACHED_HEADER:
+                    if len(cache) >= _CACHE_ENTRIES:
+                        cache.clear()
+                    cache[raw] = header
             frame = Frame(header, payload)
             if "shm" in header:
                 if not self._fds:
