@@ -312,7 +312,10 @@ class ActorProcess:
         for fd, _ in self.ep.poll(-1 if timeout is None else timeout):
             client = clients.get(fd)
             if client is not None:
-                self._read(client)
+                # paused by an earlier client of this batch: reading on would pile up
+                # bytes and descriptors outside the mailbox's bound
+                if not self.paused:
+                    self._read(client)
             elif fd == self.listener.fileno():
                 self._accept()
             elif fd == self._wake_r.fileno():
