@@ -63,6 +63,7 @@ from ikos.actors._ref import (
 )
 from ikos.platform._memfd import (
     ANCILLARY_SIZE,
+    MSG_CTRUNC,
     RECV_FLAGS,
     SharedBuffer,
     close_all,
@@ -258,7 +259,7 @@ class ActorProcess:
         except OSError:
             n = 0
         else:
-            if (anc or flags & socket.MSG_CTRUNC) and not self._take_fds(client, anc, flags):
+            if (anc or flags & MSG_CTRUNC) and not self._take_fds(client, anc, flags):
                 n = 0
         if not n:
             self._close(client)
@@ -276,7 +277,7 @@ class ActorProcess:
             raise
         except OSError:
             return 0
-        if (anc or flags & socket.MSG_CTRUNC) and not self._take_fds(client, anc, flags):
+        if (anc or flags & MSG_CTRUNC) and not self._take_fds(client, anc, flags):
             return 0
         return n
 
