@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,7 @@ from conftest import HANG, IKOSCTL, Instance, read_line, wait_for
 
 import ikos
 from ikos._codec import encode, encode_out_of_band
-from ikos.actors import _context
+from ikos.actors import _context, _runtime
 from ikos.actors._ref import ASK, REPLY_OK, by_shm, encode_shm
 from ikos.platform import _memfd
 from ikos.platform._memfd import (
@@ -169,14 +170,26 @@ class Echo(ikos.Actor):
 
 
 class Gated(ikos.Actor):
-    \"\"\"Takes its time on each payload until the gate file exists.\"\"\"
+    \"\"\"Takes its time on each payload until the gate file exists; counts the payloads
+    it handled and the most memfd descriptors it ever held.\"\"\"
 
     def __init__(self, gate):
         self.gate = gate
+        self.handled = self.peak = 0
 
     def receive(self, message):
         if message == "pid":
             return os.getpid()
+        if message in ("peak", "handled"):
+            return getattr(self, message)
+        held = 0
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                held += os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:ikos-")
+            except OSError:
+                pass
+        self.peak = max(self.peak, held)
+        self.handled += 1
         deadline = time.monotonic() + 120
         while not os.path.exists(self.gate) and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -439,3 +452,51 @@ def test_the_threshold_is_read_from_instance_json(tmp_path):
     assert by_shm(b"x" * 77, 77) and not by_shm(b"x" * 76, 77)
     assert by_shm(shared_buffer(1), 77)  # a SharedBuffer goes by descriptor at any size
     assert not by_shm(memoryview(b"x" * 100)[::2], 1)  # not contiguous: not shm
+
+
+def test_mapped_messages_waiting_in_the_mailbox_are_bounded(ikosd_factory, tmp_path):
+    """Many clients' payloads arriving at once are mapped at most MAX_QUEUED_SEGMENTS
+    at a time: the actor stops reading, as for a full mailbox, and loses nothing."""
+    inst = start(ikosd_factory, tmp_path)
+    gated = ikos.ActorRef("gated", root=inst.root)
+    pid = gated.ask("pid", timeout=10)
+    buf = shared_buffer(100)
+    clients = _runtime.MAX_QUEUED_SEGMENTS + 16
+    barriers = connected, go, sent, end = [threading.Barrier(clients + 1) for _ in range(4)]
+    one_at_a_time = threading.Lock()  # more handshakes at once than the actor keeps
+    errors: list[BaseException] = []
+
+    def client() -> None:
+        try:
+            ref = ikos.ActorRef("gated", root=inst.root)
+            with one_at_a_time:
+                ref.ask("pid", timeout=30)  # connected before the actor blocks
+            connected.wait(HANG)
+            go.wait(HANG)
+            ref.tell(buf, timeout=30)
+            sent.wait(HANG)
+            end.wait(HANG)
+        except BaseException as exc:
+            errors.append(exc)
+            for barrier in barriers:
+                barrier.abort()
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    try:
+        connected.wait(HANG)
+        gated.tell(b"blocks until the gate opens", timeout=10)
+        go.wait(HANG)
+        sent.wait(HANG)  # every payload is in the actor's sockets, none read yet
+        (tmp_path / "gate").touch()
+        # none lost (other connections' messages are not ordered with this one's: poll)
+        assert wait_for(lambda: gated.ask("handled", timeout=60) == clients + 1, 60)
+        assert gated.ask("peak", timeout=60) <= 2 * (_runtime.MAX_QUEUED_SEGMENTS + 1) + 1
+    finally:
+        if not errors:
+            end.wait(HANG)
+        for t in threads:
+            t.join(HANG)
+    assert not errors, errors
+    assert gated.ask("pid", timeout=10) == pid

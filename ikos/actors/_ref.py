@@ -56,6 +56,7 @@ from ikos.actors import _context
 from ikos.platform._memfd import (
     ANCILLARY_SIZE,
     MAX_PENDING_FDS,
+    MSG_CTRUNC,
     RECV_FLAGS,
     SharedBuffer,
     close_all,
@@ -244,7 +245,7 @@ class _Connection:
                 got, anc, flags, _ = self.sock.recvmsg_into(self.bufs, ANCILLARY_SIZE, RECV_FLAGS)
             except BlockingIOError:
                 raise TimeoutError
-            if anc or flags & socket.MSG_CTRUNC:
+            if anc or flags & MSG_CTRUNC:
                 try:
                     take_fds(self.fds, fds_of(anc, flags))
                 except ValueError:  # descriptors truncated: the stream cannot be trusted

@@ -63,6 +63,7 @@ from ikos.actors._ref import (
 )
 from ikos.platform._memfd import (
     ANCILLARY_SIZE,
+    MSG_CTRUNC,
     RECV_FLAGS,
     SharedBuffer,
     close_all,
@@ -258,7 +259,7 @@ class ActorProcess:
         except OSError:
             n = 0
         else:
-            if (anc or flags & socket.MSG_CTRUNC) and not self._take_fds(client, anc, flags):
+            if (anc or flags & MSG_CTRUNC) and not self._take_fds(client, anc, flags):
                 n = 0
         if not n:
             self._close(client)
@@ -276,7 +277,7 @@ class ActorProcess:
             raise
         except OSError:
             return 0
-        if (anc or flags & socket.MSG_CTRUNC) and not self._take_fds(client, anc, flags):
+        if (anc or flags & MSG_CTRUNC) and not self._take_fds(client, anc, flags):
             return 0
         return n
 
@@ -312,7 +313,10 @@ class ActorProcess:
         for fd, _ in self.ep.poll(-1 if timeout is None else timeout):
             client = clients.get(fd)
             if client is not None:
-                self._read(client)
+                # paused by an earlier client of this batch: reading on would pile up
+                # bytes and descriptors outside the mailbox's bound
+                if not self.paused:
+                    self._read(client)
             elif fd == self.listener.fileno():
                 self._accept()
             elif fd == self._wake_r.fileno():
