@@ -50,6 +50,9 @@ class Echo(ikos.Actor):
     def receive(self, message):
         if isinstance(message, dict) and message.get("sleep"):
             time.sleep(message["sleep"])
+        if isinstance(message, dict) and "publish" in message:
+            for n in range(message["count"]):  # an actor publishing: order kept
+                ikos.ipc.publish(message["publish"], n)
         return message
 
 
@@ -359,6 +362,14 @@ def test_pub_sub_with_patterns_to_several_subscribers_processes_and_an_actor(
     ikos.ipc.publish("net.eth0", "after", root=inst.root, ack=True)
     with pytest.raises(ikos.ipc.IpcUnavailable):
         every.get(timeout=0.05)
+
+
+def test_an_actor_publishes_in_order(inst: Instance) -> None:
+    with ikos.ipc.subscribe("from.actor", root=inst.root) as sub:
+        ikos.ActorRef("echo", root=inst.root).ask({"publish": "from.actor", "count": 100})
+        got = [sub.get(HANG) for _ in range(100)]
+    assert [m.payload for m in got] == list(range(100))
+    assert {m.sender_pid for m in got} == {inst.pid_of("echo")}
 
 
 def test_subscriptions_and_served_names_come_back_after_the_broker_restarts(
