@@ -1,4 +1,4 @@
-"""The Python side of ``ikos.ipc``: one broker connection per process, and the API on it.
+"""The broker connection of ``ikos.ipc``: one per process and instance, shared by its threads.
 
 Two paths, chosen per target. To an actor, a trusted process (the instance's owner
 or root, which can read the instance secret) talks directly over the actor's
@@ -22,6 +22,10 @@ Rejected: one broker connection per call or per subscription (a connect and a
 handshake per message, and no order across a process's publications), and
 running subscribers' callbacks in the reader thread (a slow callback would stall
 every answer of the process): each callback subscription has its own thread.
+
+What users hold is built on this connection in the sibling modules:
+``_connection`` (a target, and the choice of path), ``_subscription``,
+``_server`` (a served name) and ``_durable`` (a queue).
 """
 
 from __future__ import annotations
