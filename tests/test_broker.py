@@ -1072,6 +1072,9 @@ def test_requests_reach_actors_through_the_broker(
         [ikosd]
         metrics = false
 
+        [ipc]
+        enabled = false  # this test runs its own broker on the instance
+
         [actors.echo]
         class = "examples.actors:Echo"
 
