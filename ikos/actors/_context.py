@@ -13,17 +13,20 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from ikos.platform._memfd import DEFAULT_SHM_THRESHOLD
 from ikos.platform._paths import InstancePaths
 from ikos.platform._wire import DEFAULT_MAX_FRAME, read_secret
 
 
 @dataclass(frozen=True)
 class InstanceContext:
-    """An instance's paths, secret and frame limit, as seen by a client."""
+    """An instance's paths, secret, frame limit and shared-memory threshold, as seen by a
+    client (bytes-like payloads of at least ``shm_threshold`` bytes go by memfd)."""
 
     paths: InstancePaths
     secret: bytes
     max_frame: int = DEFAULT_MAX_FRAME
+    shm_threshold: int = DEFAULT_SHM_THRESHOLD
 
 
 _lock = threading.Lock()
@@ -47,20 +50,31 @@ def get(root: str | os.PathLike[str] | None = None) -> InstanceContext:
     with _lock:
         ctx = _by_root.get(paths.root)
         if ctx is None:
-            ctx = InstanceContext(paths, read_secret(paths.secret_file), _frame_limit(paths))
+            published = _published(paths)
+            ctx = InstanceContext(
+                paths,
+                read_secret(paths.secret_file),
+                _positive(published, "max_message_bytes", DEFAULT_MAX_FRAME),
+                _positive(published, "shm_threshold", DEFAULT_SHM_THRESHOLD),
+            )
             _by_root[paths.root] = ctx
         return ctx
 
 
-def _frame_limit(paths: InstancePaths) -> int:
-    """The instance's frame limit, published by ikosd in ``instance.json``."""
+def _published(paths: InstancePaths) -> dict[str, object]:
+    """What ikosd published in ``instance.json`` (frame limit, shm threshold), or {}."""
     try:
-        value = json.loads(paths.instance_file.read_text()).get("max_message_bytes")
-    except (OSError, ValueError, AttributeError):
-        return DEFAULT_MAX_FRAME
+        data = json.loads(paths.instance_file.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _positive(published: dict[str, object], key: str, default: int) -> int:
+    value = published.get(key)
     if isinstance(value, int) and not isinstance(value, bool) and value > 0:
         return value
-    return DEFAULT_MAX_FRAME
+    return default
 
 
 def _reset_after_fork() -> None:

@@ -11,6 +11,15 @@ Restarts are transparent where they can be: the manager keeps an actor's
 listening socket open while it restarts it, so a reconnect made during the
 restart waits in the socket's backlog and is served by the new
 incarnation. A broken connection is re-made once per call.
+
+A message (or a reply) that is a bytes-like value of at least the instance's
+``shm_threshold`` bytes, or a :class:`~ikos.platform._memfd.SharedBuffer` of any
+size, travels as a sealed memfd passed with the frame (SCM_RIGHTS) instead
+of through the socket: the receiver gets a read-only ``memoryview`` of the
+mapping. So both ends read with ``recvmsg_into``, and a connection keeps the
+descriptors it received in a FIFO until the frames that announce them are
+complete (the kernel hands a descriptor over with the first byte of its
+frame, possibly in a read that also completes earlier frames).
 """
 
 from __future__ import annotations
@@ -19,13 +28,22 @@ import errno
 import itertools
 import logging
 import os
+import pickle
 import socket
 import struct
 import threading
 import time
+from collections import deque
 from typing import Any
 
-from ikos._codec import decode, encode
+from ikos._codec import (
+    SHM,
+    decode,
+    decode_out_of_band,
+    encode,
+    encode_out_of_band,
+    out_of_band_size,
+)
 from ikos._errors import (
     ActorDeadError,
     ActorError,
@@ -35,6 +53,19 @@ from ikos._errors import (
     MessageTooLarge,
 )
 from ikos.actors import _context
+from ikos.platform._memfd import (
+    ANCILLARY_SIZE,
+    MAX_PENDING_FDS,
+    MSG_CTRUNC,
+    RECV_FLAGS,
+    SharedBuffer,
+    close_all,
+    create_segment,
+    fds_of,
+    map_segment,
+    segment_of,
+    send_with_fds,
+)
 from ikos.platform._unix import connect_unix
 from ikos.platform._wire import HEADER, client_handshake
 
@@ -70,6 +101,58 @@ def _record_dead_letter(ctx: _context.InstanceContext, name: str, reason: str) -
 
 _TIMEVAL = struct.Struct("@ll")
 
+#: The classes of payload that may go by shared memory (checked before anything else,
+#: so that every other message pays one set lookup for the feature).
+SHM_TYPES = frozenset({bytes, bytearray, memoryview, SharedBuffer})
+
+
+def by_shm(message: Any, threshold: int) -> bool:
+    """Whether ``message`` (of a class in :data:`SHM_TYPES`) travels in a memfd."""
+    if message.__class__ is memoryview:
+        if not message.c_contiguous:
+            return False  # cannot be encoded anyway: left to the ordinary error
+        return message.nbytes >= threshold or segment_of(message) is not None
+    if message.__class__ is SharedBuffer:
+        return True  # any size: it was made to be sent without a copy
+    return len(message) >= threshold
+
+
+def encode_shm(kind: int, corr: int, message: Any) -> tuple[bytes, int, bool]:
+    """``(body, fd, owned)`` for a frame whose payload goes in a memfd.
+
+    A :class:`SharedBuffer`, or a whole received view of one, is passed by its own
+    descriptor (``owned`` False: the caller must not close it); anything else is
+    copied once into a new sealed memfd that the caller closes once sent.
+    """
+    body, raw = encode_out_of_band((kind, corr, pickle.PickleBuffer(message)))
+    segment = segment_of(message)
+    if segment is not None:
+        return body, segment.fd, False
+    return body, create_segment(raw), True
+
+
+class ShmProtocolError(ValueError):
+    """A peer's frames and descriptors do not match (or a descriptor is not a sealed memfd)."""
+
+
+def decode_shm(body: bytes, fds: deque[int]) -> Any:
+    """Decode an ``m`` frame with the oldest pending descriptor (consumed);
+    :class:`ShmProtocolError` when there is none or it is not a fitting segment."""
+    if not fds:
+        raise ShmProtocolError("a frame announced a shared-memory segment but no descriptor came")
+    try:
+        view = map_segment(fds.popleft(), out_of_band_size(body))
+    except ValueError as exc:
+        raise ShmProtocolError(str(exc)) from None
+    return decode_out_of_band(body, view)
+
+
+def take_fds(fds: deque[int], received: Any) -> None:
+    """Queue descriptors just received; :class:`ShmProtocolError` past the bound."""
+    fds.extend(received)
+    if len(fds) > MAX_PENDING_FDS:
+        raise ShmProtocolError(f"more than {MAX_PENDING_FDS} descriptors without their frames")
+
 
 class _Connection:
     """One authenticated mailbox connection, in blocking mode with kernel timeouts.
@@ -80,13 +163,25 @@ class _Connection:
     ``sendall`` and one ``recv_into``.
     """
 
-    __slots__ = ("buf", "ids", "max_frame", "rcv", "scratch", "snd", "sock", "view")
+    __slots__ = (
+        "buf",
+        "bufs",
+        "fds",
+        "ids",
+        "max_frame",
+        "rcv",
+        "scratch",
+        "snd",
+        "sock",
+        "view",
+    )
 
     def __init__(self, sock: socket.socket, max_frame: int) -> None:
         sock.settimeout(None)
         self.sock = sock
         self.max_frame = max_frame  # the actor's limit, announced in the handshake
         self.buf = bytearray()
+        self.fds: deque[int] = deque()  # received, not yet taken by their frame
         self.ids = itertools.count(1)
         self.rcv = self.snd = -1.0
         # recv_into a reused 64 KiB buffer: a fresh bytes object per recv would cost
@@ -94,8 +189,10 @@ class _Connection:
         # (each holds one per connection) its pages.
         self.scratch = bytearray(65536)
         self.view = memoryview(self.scratch)
+        self.bufs = (self.scratch,)  # recvmsg_into's argument, made once
 
     def close(self) -> None:
+        close_all(self.fds)
         try:
             self.sock.close()
         except OSError:
@@ -112,13 +209,19 @@ class _Connection:
             socket.SOL_SOCKET, option, _TIMEVAL.pack(sec, int((seconds - sec) * 1e6))
         )
 
-    def send(self, packet: bytes, timeout: float) -> None:
-        """Send a whole frame; TimeoutError when the peer's buffer stays full."""
+    def send(self, packet: bytes, timeout: float, fd: int = -1) -> None:
+        """Send a whole frame (with ``fd`` attached when >= 0); TimeoutError when the
+        peer's buffer stays full."""
         if timeout != self.snd:
             self._timeout(socket.SO_SNDTIMEO, timeout)
             self.snd = timeout
         try:
-            self.sock.sendall(packet)
+            if fd < 0:
+                self.sock.sendall(packet)
+                return
+            sent = send_with_fds(self.sock, packet, [fd])
+            if sent < len(packet):
+                self.sock.sendall(memoryview(packet)[sent:])
         except BlockingIOError:
             raise TimeoutError
 
@@ -139,9 +242,14 @@ class _Connection:
                 self._timeout(socket.SO_RCVTIMEO, remaining)
                 self.rcv = remaining
             try:
-                got = self.sock.recv_into(self.scratch)
+                got, anc, flags, _ = self.sock.recvmsg_into(self.bufs, ANCILLARY_SIZE, RECV_FLAGS)
             except BlockingIOError:
                 raise TimeoutError
+            if anc or flags & MSG_CTRUNC:
+                try:
+                    take_fds(self.fds, fds_of(anc, flags))
+                except ValueError:  # descriptors truncated: the stream cannot be trusted
+                    return None
             if not got:
                 return None
             buf += self.view[:got]
@@ -240,7 +348,7 @@ class ActorRef:
         if conn is not None:
             conn.close()
 
-    def _send(self, data: bytes, timeout: float, asking: bool = False) -> _Connection:
+    def _send(self, data: bytes, timeout: float, asking: bool = False, fd: int = -1) -> _Connection:
         """Send one frame; reconnect once if the connection broke since last use."""
         ctx = self._context()
         if len(data) > ctx.max_frame:
@@ -261,7 +369,7 @@ class ActorRef:
             if len(data) > conn.max_frame:
                 raise MessageTooLarge(self.name, len(data), conn.max_frame)
             try:
-                conn.send(packet, timeout)
+                conn.send(packet, timeout, fd)
                 return conn
             except (BrokenPipeError, ConnectionResetError):
                 self._drop()
@@ -282,11 +390,28 @@ class ActorRef:
         then raises :class:`MailboxFull`. A message to an actor that is not
         running becomes a dead letter: logged and counted, not raised.
         """
+        if message.__class__ in SHM_TYPES and by_shm(message, self._context().shm_threshold):
+            self._send_shm(TELL, 0, message, timeout)
+            return
         data = encode((TELL, 0, message))
         try:
             self._send(data, timeout)
         except ActorDeadError as exc:
             _record_dead_letter(self._context(), self.name, exc.message)
+
+    def _send_shm(self, kind: int, corr: int, message: Any, timeout: float) -> _Connection | None:
+        """Send ``message`` in a memfd; the connection (None: a tell became a dead letter)."""
+        data, fd, owned = encode_shm(kind, corr, message)
+        try:
+            return self._send(data, timeout, asking=kind == ASK, fd=fd)
+        except ActorDeadError as exc:
+            if kind == ASK:
+                raise
+            _record_dead_letter(self._context(), self.name, exc.message)
+            return None
+        finally:
+            if owned:
+                os.close(fd)
 
     def ask(self, message: Any, timeout: float = DEFAULT_ASK_TIMEOUT) -> Any:
         """Send ``message`` and return the actor's reply (the value ``receive`` returned).
@@ -295,13 +420,20 @@ class ActorRef:
         seconds, :class:`ActorDeadError` when the actor is not running or
         stops before answering, and :class:`ActorCrashed` when ``receive``
         raised while handling this message.
+
+        A bytes-like message or reply of at least the shared-memory threshold
+        travels in a memfd, and arrives as a read-only ``memoryview``.
         """
         deadline = time.monotonic() + timeout
         key = (self._root, self.name)
         existing = _pool.conns.get(key)
         corr = next(existing.ids) if existing is not None else 1
-        data = encode((ASK, corr, message))
-        conn = self._send(data, timeout, asking=True)
+        if message.__class__ in SHM_TYPES and by_shm(message, self._context().shm_threshold):
+            sent = self._send_shm(ASK, corr, message, timeout)
+            assert sent is not None  # an ask raises instead of dead-lettering
+            conn = sent
+        else:
+            conn = self._send(encode((ASK, corr, message)), timeout, asking=True)
         if conn is not existing:
             # a fresh connection numbers from 1: keep the id we sent consistent
             conn.ids = itertools.count(corr + 1)
@@ -318,14 +450,23 @@ class ActorRef:
         while True:
             try:
                 raw = conn.read_frame(deadline)
+                if raw is not None:
+                    if raw[0] == SHM:
+                        kind, rid, value = decode_shm(raw, conn.fds)
+                    else:
+                        kind, rid, value = decode(raw)
+                    if conn.fds and not conn.buf:
+                        raise ShmProtocolError("a descriptor came without a frame announcing it")
             except TimeoutError:
                 raise AskTimeout(self.name, f"no reply within {timeout:g} s") from None
             except (ConnectionResetError, BrokenPipeError):
                 raw = None
+            except ShmProtocolError as exc:
+                self._drop()
+                raise ActorError(self.name, f"bad shared-memory reply: {exc}") from None
             if raw is None:
                 self._drop()
                 raise ActorDeadError(self.name, "stopped before answering") from None
-            kind, rid, value = decode(raw)
             if rid != corr:
                 continue  # a late reply to an ask that timed out earlier
             return kind, value

@@ -19,6 +19,15 @@ the current message finishes, queued asks are answered with
 :class:`ActorDeadError`, queued tells are counted as dead letters, then
 ``on_stop`` runs and the process exits 0. Exit codes: 0 normal, 1 crash in
 ``receive``, 2 crash in ``on_start``.
+
+Large bytes-like messages and replies travel as sealed memfds (see
+``ikos.actors._ref``): every read is a ``recvmsg_into`` that may bring a
+descriptor, kept per connection until its frame is complete and then mapped
+(``receive`` gets a read-only ``memoryview``). A connection whose frames and
+descriptors do not match, or that passes anything but a sealed memfd of the
+announced size, is closed, its descriptors with it. Mapped messages waiting in
+the mailbox are bounded apart (:data:`MAX_QUEUED_SEGMENTS`), since each holds
+descriptors: past it the runtime stops reading, as for a full mailbox.
 """
 
 from __future__ import annotations
@@ -36,11 +45,31 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from ikos._codec import decode, encode
+from ikos._codec import SHM, SHM_HEAD, decode, encode
 from ikos._errors import ActorCrashed, ActorDeadError, ActorError, AuthenticationError
 from ikos.actors import _context
 from ikos.actors._actor import Actor
-from ikos.actors._ref import ASK, REPLY_ERR, REPLY_OK, TELL
+from ikos.actors._ref import (
+    ASK,
+    REPLY_ERR,
+    REPLY_OK,
+    SHM_TYPES,
+    TELL,
+    ShmProtocolError,
+    by_shm,
+    decode_shm,
+    encode_shm,
+    take_fds,
+)
+from ikos.platform._memfd import (
+    ANCILLARY_SIZE,
+    MSG_CTRUNC,
+    RECV_FLAGS,
+    SharedBuffer,
+    close_all,
+    fds_of,
+    send_with_fds,
+)
 from ikos.platform._wire import HEADER, ServerHandshake
 
 EXIT_NORMAL, EXIT_CRASH, EXIT_START_FAILED = 0, 1, 2
@@ -49,6 +78,7 @@ MAX_PENDING_HANDSHAKES = 64
 REPLY_TIMEOUT = 10.0
 FAST_IDLE = 0.02  # seconds the one-client fast path waits in recv before epoll
 READ_CHUNK = 65536  # per recv; larger frames arrive over several reads
+MAX_QUEUED_SEGMENTS = 64  # mapped messages waiting in the mailbox (each holds 2 fds)
 
 
 @dataclass
@@ -64,11 +94,12 @@ class ActorBoot:
 
 
 class _Client:
-    __slots__ = ("blocking", "buf", "deadline", "hs", "sock")
+    __slots__ = ("blocking", "buf", "deadline", "fds", "hs", "sock")
 
     def __init__(self, sock: socket.socket, secret: bytes, max_frame: int) -> None:
         self.sock = sock
         self.buf = bytearray()
+        self.fds: collections.deque[int] = collections.deque()  # not yet taken by a frame
         self.blocking = False  # in blocking mode for the one-client fast path
         self.hs: ServerHandshake | None = ServerHandshake(secret, max_frame)
         self.deadline = time.monotonic() + HANDSHAKE_TIMEOUT
@@ -85,6 +116,8 @@ class ActorProcess:
         self.secret = boot.context.secret
         self.max_frame = boot.context.max_frame
         self.capacity = boot.mailbox_size
+        self.shm_threshold = boot.context.shm_threshold
+        self.segments = 0  # mapped messages in the mailbox
         self.ep = select.epoll()
         self.clients: dict[int, _Client] = {}
         self.mailbox: collections.deque[tuple[_Client, int, int, Any]] = collections.deque()
@@ -96,6 +129,7 @@ class ActorProcess:
         self._wake_r, self._wake_w = socket.socketpair()
         self._scratch = bytearray(READ_CHUNK)
         self._view = memoryview(self._scratch)
+        self._bufs = (self._scratch,)
 
     # -- status pipe ---------------------------------------------------------
 
@@ -173,6 +207,8 @@ class ActorProcess:
                 last_poll = time.monotonic()
             while mailbox and not self.stopping:
                 client, kind, corr, message = mailbox.popleft()
+                if message.__class__ is memoryview and isinstance(message.obj, SharedBuffer):
+                    self.segments -= 1
                 try:
                     result = actor.receive(message)
                 except BaseException as exc:
@@ -187,9 +223,12 @@ class ActorProcess:
                     self._crash(exc)
                 if kind == ASK:
                     self._reply(client, REPLY_OK, corr, result)
+                # a mapped payload (or reply) must not stay mapped, with its descriptors,
+                # until the next message comes: these names would keep it alive
+                message = result = None
                 if getattr(actor, "_ikos_stop_requested", False):
                     self.stopping = True
-                if self.paused and len(mailbox) < self.capacity:
+                if self.paused and not self._full():
                     self._resume()
                     self._pump_buffers()
 
@@ -211,20 +250,55 @@ class ActorProcess:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(FAST_IDLE))
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(REPLY_TIMEOUT))
             client.blocking = True
-        try:
-            n = sock.recv_into(self._scratch)
+        try:  # inlined (not self._recv): this is the hot path
+            n, anc, flags, _ = sock.recvmsg_into(self._bufs, ANCILLARY_SIZE, RECV_FLAGS)
         except BlockingIOError:  # FAST_IDLE passed without a message
             sock.setblocking(False)
             client.blocking = False
             return False
         except OSError:
             n = 0
+        else:
+            if (anc or flags & MSG_CTRUNC) and not self._take_fds(client, anc, flags):
+                n = 0
         if not n:
             self._close(client)
             return True
         client.buf += self._view[:n]
         self._pump(client)
         return True
+
+    def _recv(self, client: _Client) -> int:
+        """One ``recvmsg_into`` into the scratch buffer, descriptors queued on the client;
+        0 when the connection is over (EOF, error, or descriptors it may not send)."""
+        try:
+            n, anc, flags, _ = client.sock.recvmsg_into(self._bufs, ANCILLARY_SIZE, RECV_FLAGS)
+        except (BlockingIOError, InterruptedError, TimeoutError):
+            raise
+        except OSError:
+            return 0
+        if (anc or flags & MSG_CTRUNC) and not self._take_fds(client, anc, flags):
+            return 0
+        return n
+
+    def _take_fds(self, client: _Client, anc: list[tuple[int, int, bytes]], flags: int) -> bool:
+        """Queue the descriptors a read brought; False (all closed) when the peer broke
+        the rules. Kept even before the handshake is done: a client's first frame may
+        come in the same read as its proof. Nothing is mapped before the proof checks,
+        and the bound holds for unauthenticated peers too."""
+        try:
+            take_fds(client.fds, fds_of(anc, flags))
+        except ValueError as exc:  # ShmProtocolError included
+            self._refuse(client, str(exc))
+            return False
+        return True
+
+    def _refuse(self, client: _Client, why: str) -> None:
+        """Say in the actor's log why a connection is being closed (the caller closes it)."""
+        sys.stderr.write(f"ikos: actor '{self.name}' closed a connection: {why}\n")
+
+    def _full(self) -> bool:
+        return len(self.mailbox) >= self.capacity or self.segments >= MAX_QUEUED_SEGMENTS
 
     def _next_timeout(self) -> float | None:
         if not self.handshaking:
@@ -239,7 +313,10 @@ class ActorProcess:
         for fd, _ in self.ep.poll(-1 if timeout is None else timeout):
             client = clients.get(fd)
             if client is not None:
-                self._read(client)
+                # paused by an earlier client of this batch: reading on would pile up
+                # bytes and descriptors outside the mailbox's bound
+                if not self.paused:
+                    self._read(client)
             elif fd == self.listener.fileno():
                 self._accept()
             elif fd == self._wake_r.fileno():
@@ -276,6 +353,7 @@ class ActorProcess:
                 self.ep.register(sock.fileno(), select.EPOLLIN)
 
     def _close(self, client: _Client) -> None:
+        close_all(client.fds)
         fd = client.sock.fileno()
         if client.hs is not None:
             client.hs = None
@@ -292,11 +370,9 @@ class ActorProcess:
 
     def _read(self, client: _Client) -> None:
         try:
-            n = client.sock.recv_into(self._scratch)
+            n = self._recv(client)
         except (BlockingIOError, InterruptedError, TimeoutError):
             return
-        except OSError:
-            n = 0
         if not n:
             self._close(client)
             return
@@ -336,17 +412,28 @@ class ActorProcess:
                 return
             if len(buf) < 4 + n:
                 return
-            if len(mailbox) >= self.capacity:
+            if len(mailbox) >= self.capacity or self.segments >= MAX_QUEUED_SEGMENTS:
                 self._pause()
                 return
             raw = bytes(buf[4 : 4 + n])
             del buf[: 4 + n]
             try:
-                kind, corr, message = decode(raw)
+                if raw[0] == SHM:
+                    kind, corr, message = decode_shm(raw, client.fds)
+                    self.segments += 1
+                else:
+                    kind, corr, message = decode(raw)
+            except ShmProtocolError as exc:
+                self._refuse(client, str(exc))
+                self._close(client)
+                return
             except Exception as exc:
                 self._undecodable(client, raw, exc)
                 continue
             mailbox.append((client, kind, corr, message))
+        if client.fds and not buf:
+            self._refuse(client, "a descriptor came without a frame announcing it")
+            self._close(client)
 
     def _undecodable(self, client: _Client, raw: bytes, exc: Exception) -> None:
         """An authenticated peer sent what this process cannot decode (say, an instance
@@ -354,7 +441,8 @@ class ActorProcess:
         as a dead letter. Replying under any other correlation id would leave the
         asker waiting for its whole timeout."""
         why = f"could not decode the message: {_describe(exc)}"
-        header = _frame_header(raw)
+        # an "m" frame: its pickle stream starts after the segment's size
+        header = _frame_header(raw[SHM_HEAD.size - 1 :] if raw[0] == SHM else raw)
         if header is not None and header[0] == ASK:
             self._reply(client, REPLY_ERR, header[1], ActorError(self.name, why))
             return
@@ -382,8 +470,12 @@ class ActorProcess:
             self.ep.register(client.sock.fileno(), select.EPOLLIN)
 
     def _reply(self, client: _Client, kind: int, corr: int, value: Any) -> None:
+        fd, owned = -1, False
         try:
-            payload = encode((kind, corr, value))
+            if value.__class__ in SHM_TYPES and by_shm(value, self.shm_threshold):
+                payload, fd, owned = encode_shm(kind, corr, value)
+            else:
+                payload = encode((kind, corr, value))
         except Exception as exc:
             payload = encode(
                 (
@@ -397,23 +489,29 @@ class ActorProcess:
                 )
             )
         packet = HEADER.pack(len(payload)) + payload
+        try:
+            self._send(client, packet, fd)
+        finally:
+            if owned:
+                os.close(fd)
+
+    def _send(self, client: _Client, packet: bytes, fd: int) -> None:
+        """Send one frame (with ``fd`` attached when >= 0); a peer that does not take
+        it within REPLY_TIMEOUT is closed."""
         sock = client.sock
         try:
-            sent = sock.send(packet)  # non-blocking: almost always all of it
+            try:  # non-blocking: almost always all of it
+                sent = sock.send(packet) if fd < 0 else send_with_fds(sock, packet, [fd])
+            except BlockingIOError:
+                sent = -1  # nothing went, the descriptor neither
             if sent < len(packet):
                 sock.settimeout(REPLY_TIMEOUT)
                 try:
+                    if sent < 0:
+                        sent = sock.send(packet) if fd < 0 else send_with_fds(sock, packet, [fd])
                     sock.sendall(memoryview(packet)[sent:])
                 finally:
                     sock.setblocking(False)
-        except BlockingIOError:
-            sock.settimeout(REPLY_TIMEOUT)
-            try:
-                sock.sendall(packet)
-            except OSError:
-                self._close(client)
-            else:
-                sock.setblocking(False)
         except OSError:
             self._close(client)
 
@@ -423,17 +521,22 @@ class ActorProcess:
         """Answer every queued ask with a dead-actor error; count tells as dead letters."""
         for client in list(self.clients.values()):
             if client.hs is None:
+                self.capacity = sys.maxsize
+                self.segments = -sys.maxsize  # every waiting message gets its answer
                 try:
                     client.sock.setblocking(False)
-                    while True:
-                        data = client.sock.recv(READ_CHUNK)
-                        if not data:
+                    # read and pump in turns: the descriptors of waiting frames stay
+                    # within the connection's bound, and none is left unclosed
+                    while client.sock.fileno() >= 0:
+                        n = self._recv(client)
+                        if not n:
                             break
-                        client.buf += data
+                        client.buf += self._view[:n]
+                        self._pump(client)
                 except OSError:
                     pass
-                self.capacity = sys.maxsize
-                self._pump(client)
+                if client.sock.fileno() >= 0:
+                    self._pump(client)
         while self.mailbox:
             client, kind, corr, _ = self.mailbox.popleft()
             if kind == ASK:
