@@ -35,7 +35,7 @@ from conftest import HANG, wait_for
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ikos.ipc._frames import LENGTHS, Frame, FrameReader, encode_frame
+from ikos.ipc._frames import LENGTHS, Frame, FrameError, FrameReader, FrameTooLarge, encode_frame
 from ikos.ipc._policy import Peer, allowed, covers, parse_policy
 from ikos.ipc._topics import SubscriptionIndex, matches, pattern_error, topic_error
 
@@ -109,6 +109,57 @@ def test_index_agrees_with_brute_force(
     for pattern, n in subs:
         index.remove(pattern, n)
     assert len(index) == 0 and index._root.children == {}
+
+
+# -- frames --------------------------------------------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    frames=st.lists(
+        st.tuples(
+            st.dictionaries(st.sampled_from(["id", "topic", "x"]), st.integers(), max_size=3),
+            st.binary(max_size=300),
+        ),
+        min_size=1,
+        max_size=8,
+    ),
+    cuts=st.lists(st.integers(0, 4000), max_size=6),
+    share=st.booleans(),
+)
+def test_frames_parse_the_same_however_the_stream_is_cut(
+    frames: list[tuple[dict[str, int], bytes]], cuts: list[int], share: bool
+) -> None:
+    stream = b"".join(encode_frame({"op": "t", **h}, p) for h, p in frames)
+    reader = FrameReader(1000, share_headers=share)
+    got = []
+    start = 0
+    for cut in [*sorted(c % (len(stream) + 1) for c in cuts), len(stream)]:
+        reader.feed(stream[start:cut])
+        start = cut
+        got.extend((f.header, f.payload) for f in reader.frames())
+    assert got == [({"op": "t", **h}, p) for h, p in frames]
+    assert reader.buffered == 0
+
+
+def test_frame_limits_are_checked_before_buffering() -> None:
+    reader = FrameReader(100)
+    reader.feed(LENGTHS.pack(4 + 10 + 101, 10))  # only the lengths: refused already
+    with pytest.raises(FrameTooLarge, match="101 bytes exceeds the limit of 100"):
+        list(reader.frames())
+    for lengths, message in (
+        (LENGTHS.pack(4, 0), "bad frame lengths"),
+        (LENGTHS.pack(70000, 65537), "bad frame lengths"),
+        (LENGTHS.pack(5, 2), "bad frame lengths"),
+    ):
+        reader = FrameReader(100)
+        reader.feed(lengths)
+        with pytest.raises(FrameError, match=message):
+            list(reader.frames())
+    shared = FrameReader(100, share_headers=True)
+    shared.feed(encode_frame({"op": "p", "topic": "a"}) * 2)
+    first, second = shared.frames()
+    assert first.header is second.header  # parsed once
 
 
 # -- the policy ----------------------------------------------------------------------
@@ -734,7 +785,11 @@ def _bad_clients(broker: BrokerProcess) -> Iterator[tuple[str, Callable[[Wire], 
         finally:
             os.close(fd)
 
+    def shm_without_fd(w: Wire) -> None:
+        w.send({"op": "publish", "topic": "a", "codec": "bytes", "shm": 3})
+
     yield "garbage", garbage
+    yield "shm without fd", shm_without_fd
     yield "truncated", truncated
     yield "oversized", oversized
     yield "not json", not_json
@@ -777,7 +832,7 @@ def test_bad_frames_are_refused_and_leave_nothing_behind(broker: BrokerProcess) 
     wait_for(lambda: broker.fds() == fds, HANG, message=f"the broker's fds back to {fds}")
     grown = broker.rss_kib() - rss
     assert grown < 4096, f"the broker grew by {grown} KiB"
-    assert broker.stats()["counters"]["protocol_errors"] >= 40 * 12
+    assert broker.stats()["counters"]["protocol_errors"] >= 40 * 14
 
 
 def test_error_frames_name_what_was_wrong(broker: BrokerProcess) -> None:
