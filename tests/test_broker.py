@@ -1415,3 +1415,26 @@ def test_the_audit_log_keeps_each_uid_to_its_burst(
     assert sum("uid 2001: publish" in line for line in lines) == _broker.AUDIT_BURST + 1
     assert any("pid 11 uid 2002: publish to 'q': denied" in line for line in lines)
     assert any("uid 2001: 30 more audit lines not written" in line for line in lines)
+
+
+def test_segments_waiting_for_a_subscriber_that_dies_are_released(
+    brokers: Callable[..., BrokerProcess],
+) -> None:
+    broker = brokers(subscriber_queue=20)
+    pub = broker.connect()
+    stuck = _small_rcvbuf_wire(broker, "stuck")
+    stuck.ok("subscribe", pattern="seg")
+    fds = broker.fds()
+    for _ in range(20):  # fill the socket between them, so that the broker has to hold on
+        pub.send({"op": "publish", "topic": "seg", "codec": "bytes"}, b"f" * 100_000)
+    for k in range(50):  # more than the bound: the oldest are dropped, their fds closed
+        fd = _sealed(b"%04d" % k)
+        try:
+            pub.send({"op": "publish", "topic": "seg", "codec": "bytes", "shm": 4}, fd=fd)
+        finally:
+            os.close(fd)
+    pub.ok("stats")
+    held = broker.fds() - fds
+    assert 0 < held <= 20, f"the broker holds {held} segments for a bound of 20"
+    stuck.sock.close()  # dies without reading: the broker closes what it held for it
+    wait_for(lambda: broker.fds() == fds - 1, HANG, message="the segments released")
