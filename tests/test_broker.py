@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import test_local_users
 from conftest import HANG, wait_for
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -948,26 +949,8 @@ needs_users = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module")
-def stranger() -> Iterator[pwd.struct_passwd]:
-    """A system user created for these tests (and its group), removed afterwards."""
-    name = f"ikos-b-{uuid.uuid4().hex[:8]}"
-    command = ["useradd", "--system", "--user-group", "--no-create-home", "--shell", "/bin/false"]
-    wait_for(
-        lambda: subprocess.run([*command, name], capture_output=True).returncode == 0,
-        60,
-        0.2,
-        "useradd",
-    )
-    try:
-        yield pwd.getpwnam(name)
-    finally:
-        wait_for(
-            lambda: subprocess.run(["userdel", name], capture_output=True).returncode in (0, 6),
-            60,
-            0.2,
-            "userdel",
-        )
+# a system user created for these tests, as tests/test_local_users.py makes it
+stranger = test_local_users.stranger
 
 
 def as_user(user: pwd.struct_passwd, job: Callable[[], Any]) -> Any:
