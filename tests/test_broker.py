@@ -1421,3 +1421,32 @@ def test_segments_waiting_for_a_subscriber_that_dies_are_released(
     assert 0 < held <= 20, f"the broker holds {held} segments for a bound of 20"
     stuck.sock.close()  # dies without reading: the broker closes what it held for it
     wait_for(lambda: broker.fds() == fds - 1, HANG, message="the segments released")
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ([], "broker.json must hold a JSON object"),
+        ({"max_frame": "big"}, "max_frame must be an integer >= 1024, got 'big'"),
+        ({"subscriber_queue": 0}, "subscriber_queue must be an integer >= 1, got 0"),
+        ({"slow_subscriber": "block"}, 'slow_subscriber must be "drop-oldest" or "disconnect"'),
+        ({"owner_uid": -1}, "owner_uid must be a uid"),
+        ({"policy": [{"uids": [1], "call": ["a.."]}]}, "policy[0].call: bad segment ''"),
+        ({"queues": []}, "queues must be an object"),
+    ],
+)
+def test_a_bad_broker_json_names_the_key(raw: Any, message: str, tmp_path: Path) -> None:
+    from ikos.ipc._broker import BrokerConfig, ConfigProblem
+
+    with pytest.raises(ConfigProblem) as caught:
+        BrokerConfig.parse(raw, tmp_path)
+    assert message in str(caught.value)
+
+
+def test_broker_json_defaults_and_the_audit_path(tmp_path: Path) -> None:
+    from ikos.ipc._broker import BrokerConfig
+
+    config = BrokerConfig.parse({"audit_log": "LOG/ipc-audit.log"}, tmp_path)
+    assert config.owner_uid == os.getuid() and config.subscriber_queue == 10000
+    assert config.audit_log == str(tmp_path / "ipc-audit.log")
+    assert BrokerConfig.parse({"audit_log": "/x/a.log"}, tmp_path).audit_log == "/x/a.log"
