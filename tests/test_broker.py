@@ -1212,6 +1212,59 @@ def test_failed_deliveries_end_in_the_dead_letters(brokers: Callable[..., Broker
     assert w.call("get", queue="jobs", timeout=5).payload == b"\x00raw"
 
 
+def _restart(broker: BrokerProcess, base: Path) -> subprocess.Popen[bytes]:
+    """A new broker on the same root (the caller stops it)."""
+    output = base / f"again-{uuid.uuid4().hex[:6]}.out"
+    with open(output, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ikos.ipc._broker", "--root", str(broker.root)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    wait_listening(proc, broker.socket_path, output)
+    return proc
+
+
+def _drain_queue(path: Path, queue: str) -> set[int]:
+    w = Wire(path)
+    found = set()
+    while True:
+        got = w.call("get", queue=queue, timeout=0)
+        if got.op == "empty":
+            break
+        found.add(int(got.payload))
+        w.ok("ack", queue=queue, msg=got.header["msg"])
+    w.close()
+    return found
+
+
+def test_sigterm_finishes_the_puts_under_way_and_answers_them(
+    brokers: Callable[..., BrokerProcess], base: Path
+) -> None:
+    broker = brokers()
+    w = broker.connect()
+    n = 300
+    for k in range(n):
+        w.send({"op": "put", "id": k, "queue": "stop", "codec": "json"}, b"%d" % k)
+    w.ok("stats")  # all read by the broker: what follows is under way or done
+    broker.proc.send_signal(signal.SIGTERM)
+    acked = set()
+    while True:
+        frame = w.recv()
+        if frame is None:
+            break
+        if frame.op == "ok":
+            acked.add(int(frame.header["id"]))
+    assert broker.proc.wait(HANG) == 0
+    assert acked == set(range(n))  # every put read before SIGTERM was committed and answered
+    proc = _restart(broker, base)
+    try:
+        assert _drain_queue(broker.socket_path, "stop") == set(range(n))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(HANG) == 0
+
+
 def test_acknowledged_puts_survive_kill_9_of_the_broker(base: Path) -> None:
     broker = start_broker(base)
     try:
@@ -1230,29 +1283,13 @@ def test_acknowledged_puts_survive_kill_9_of_the_broker(base: Path) -> None:
             broker.proc.kill()
             broker.proc.wait()
     # a new broker on the same root finds every acknowledged message
-    root = broker.root
-    output = base / "again.out"
-    with open(output, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "ikos.ipc._broker", "--root", str(root)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    proc = _restart(broker, base)
     try:
-        wait_listening(proc, broker.socket_path, output)
-        w = Wire(broker.socket_path)
-        found = set()
-        while True:
-            got = w.call("get", queue="durable", timeout=0)
-            if got.op == "empty":
-                break
-            found.add(int(got.payload))
-            w.ok("ack", queue="durable", msg=got.header["msg"])
+        found = _drain_queue(broker.socket_path, "durable")
         assert acked <= found, sorted(acked - found)
-        w.close()
     finally:
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(HANG) == 0, output.read_text()
+        assert proc.wait(HANG) == 0
 
 
 def test_queue_payloads_in_shared_memory(brokers: Callable[..., BrokerProcess]) -> None:
