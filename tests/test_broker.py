@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -110,6 +111,27 @@ def test_index_agrees_with_brute_force(
     for pattern, n in subs:
         index.remove(pattern, n)
     assert len(index) == 0 and index._root.children == {}
+
+
+def test_many_hashes_in_a_pattern_cost_polynomial_time() -> None:
+    # '#.#.#...x' against a long topic: exponential for a backtracking matcher, and a
+    # pattern any subscriber may send. Run apart, so that a regression fails (timeout)
+    # instead of hanging the suite.
+    code = textwrap.dedent(
+        """
+        from ikos.ipc._policy import covers
+        from ikos.ipc._topics import SubscriptionIndex, matches
+        p = ".".join(["#"] * 120 + ["x"])
+        t = ".".join(["a"] * 127)
+        index = SubscriptionIndex()
+        index.add(p, 1)
+        assert not matches(p, t) and matches(p, t + ".x")
+        assert not index.match(t) and index.match(t + ".x")
+        assert covers("#.x.#", p) and not covers("a.#", p)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], timeout=HANG, capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()
 
 
 # -- frames --------------------------------------------------------------------------
