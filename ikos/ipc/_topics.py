@@ -164,32 +164,41 @@ class SubscriptionIndex(Generic[K]):
         hit = self._cache.get(topic)
         if hit is not None:
             return hit
-        found: dict[str, tuple[K, ...]] = {}
-        self._walk(self._root, topic.split("."), 0, [], found, set())
-        result = tuple(found.items())
+        search: _Search[K] = _Search(topic.split("."))
+        search.walk(self._root, 0)
+        result = tuple(search.found.items())
         if len(self._cache) >= CACHE_SIZE:
             self._cache.clear()
         self._cache[topic] = result
         return result
 
-    def _walk(
-        self,
-        node: _Node[K],
-        segs: list[str],
-        j: int,
-        path: list[str],
-        found: dict[str, tuple[K, ...]],
-        seen: set[tuple[int, int]],
-    ) -> None:
-        # A node is one pattern prefix: reaching it again at the same topic position
-        # finds nothing new. Without this, patterns with several '#' make the walk
-        # exponential in the topic's length.
+
+class _Search(Generic[K]):
+    """One walk of the trie for one topic: the patterns found and the states seen.
+
+    A trie node is one pattern prefix, so reaching it again at the same topic
+    position finds nothing new: each (node, position) is visited once, for
+    :meth:`walk` and for :meth:`absorb` apart. Without this, patterns with several
+    '#' make the walk exponential in the topic's length.
+    """
+
+    __slots__ = ("found", "path", "seen", "segs")
+
+    def __init__(self, segs: list[str]) -> None:
+        self.segs = segs
+        self.path: list[str] = []
+        self.found: dict[str, tuple[K, ...]] = {}
+        self.seen: set[tuple[int, int]] = set()
+
+    def walk(self, node: _Node[K], j: int) -> None:
+        """At ``node`` with the topic's segments before ``j`` matched."""
         visit = (id(node), j)
-        if visit in seen:
+        if visit in self.seen:
             return
-        seen.add(visit)
+        self.seen.add(visit)
+        segs, path = self.segs, self.path
         if j == len(segs) and node.keys:
-            found.setdefault(".".join(path), tuple(node.keys))
+            self.found.setdefault(".".join(path), tuple(node.keys))
         children = node.children
         if not children:
             return
@@ -198,28 +207,20 @@ class SubscriptionIndex(Generic[K]):
                 child = children.get(seg)
                 if child is not None:
                     path.append(seg)
-                    self._walk(child, segs, j + 1, path, found, seen)
+                    self.walk(child, j + 1)
                     path.pop()
         hash_child = children.get("#")
         if hash_child is not None:
             path.append("#")
-            self._absorb(hash_child, segs, j, path, found, seen)
+            self.absorb(hash_child, j)
             path.pop()
 
-    def _absorb(
-        self,
-        node: _Node[K],
-        segs: list[str],
-        j: int,
-        path: list[str],
-        found: dict[str, tuple[K, ...]],
-        seen: set[tuple[int, int]],
-    ) -> None:
+    def absorb(self, node: _Node[K], j: int) -> None:
         """After a '#' (``node``): it takes segments j.. one by one, each a place to go on."""
-        visit = (id(node), -1 - j)  # its own states, apart from _walk's
-        if visit in seen:
+        visit = (id(node), -1 - j)
+        if visit in self.seen:
             return
-        seen.add(visit)
-        self._walk(node, segs, j, path, found, seen)
-        if j < len(segs):
-            self._absorb(node, segs, j + 1, path, found, seen)
+        self.seen.add(visit)
+        self.walk(node, j)
+        if j < len(self.segs):
+            self.absorb(node, j + 1)
