@@ -523,6 +523,20 @@ def test_no_acknowledged_put_is_lost_and_no_acked_message_returns_across_kill_9(
     assert not back, f"acked messages came back: {sorted(back)[:20]}"
 
 
+def test_a_damaged_file_is_moved_aside_and_the_store_starts_empty_saying_so(db: Path) -> None:
+    db.parent.mkdir(parents=True)
+    db.write_bytes(b"this is not a database" * 1000)
+
+    async def body(s: QueueStore) -> str | None:
+        assert s.queues() == []
+        await s.put("jobs", b"x", "bytes")
+        return s.damage
+
+    damage = run(db, body)
+    assert damage is not None and "damaged" in damage and "moved to queues.db.damaged-" in damage
+    assert len(list(db.parent.glob("queues.db.damaged-*"))) == 1
+
+
 # -- a full disk -----------------------------------------------------------------------------
 
 

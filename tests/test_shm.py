@@ -14,32 +14,38 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
 import pickle
 import signal
 import socket
+import subprocess
+import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
-from conftest import HANG, Instance, wait_for
+from conftest import HANG, IKOSCTL, Instance, read_line, wait_for
 
 import ikos
 from ikos._codec import encode, encode_out_of_band
-from ikos.actors._ref import ASK, REPLY_OK, encode_shm
+from ikos.actors import _context, _runtime
+from ikos.actors._ref import ASK, REPLY_OK, by_shm, encode_shm
 from ikos.platform import _memfd
 from ikos.platform._memfd import (
     check_segment,
     close_all,
     create_segment,
     map_segment,
+    recv_with_fds,
     segment_of,
     send_with_fds,
     shared_buffer,
 )
 from ikos.platform._paths import InstancePaths
 from ikos.platform._unix import connect_unix
-from ikos.platform._wire import HEADER, client_handshake, read_secret
+from ikos.platform._wire import HEADER, client_handshake, ensure_secret, read_secret
 
 MIB = 1 << 20
 
@@ -120,6 +126,26 @@ def test_shared_buffer_is_written_in_place_and_sent_by_its_own_descriptor():
         shared_buffer(0)
 
 
+def test_descriptors_cross_a_socket_and_too_many_are_all_closed():
+    a, b = socket.socketpair()
+    with a, b:
+        fd = create_segment(b"abc")
+        send_with_fds(a, b"frame", [fd])
+        os.close(fd)
+        buf = bytearray(100)
+        n, fds = recv_with_fds(b, buf)
+        assert bytes(buf[:n]) == b"frame" and len(fds) == 1
+        assert fcntl.fcntl(fds[0], fcntl.F_GETFD) & fcntl.FD_CLOEXEC
+        assert bytes(map_segment(fds[0], 3)) == b"abc"
+        many = [create_segment(b"x") for _ in range(_memfd.MAX_PENDING_FDS + 2)]
+        send_with_fds(a, b"more", many)
+        close_all(many)
+        before = fd_count()
+        with pytest.raises(ValueError, match="truncated"):
+            recv_with_fds(b, buf)
+        assert fd_count() == before  # those that arrived were closed too
+
+
 # -- the mailbox path, end to end -------------------------------------------------
 
 ACTORS = """
@@ -144,14 +170,26 @@ class Echo(ikos.Actor):
 
 
 class Gated(ikos.Actor):
-    \"\"\"Takes its time on each payload until the gate file exists.\"\"\"
+    \"\"\"Takes its time on each payload until the gate file exists; counts the payloads
+    it handled and the most memfd descriptors it ever held.\"\"\"
 
     def __init__(self, gate):
         self.gate = gate
+        self.handled = self.peak = 0
 
     def receive(self, message):
         if message == "pid":
             return os.getpid()
+        if message in ("peak", "handled"):
+            return getattr(self, message)
+        held = 0
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                held += os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:ikos-")
+            except OSError:
+                pass
+        self.peak = max(self.peak, held)
+        self.handled += 1
         deadline = time.monotonic() + 120
         while not os.path.exists(self.gate) and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -335,3 +373,130 @@ def test_wrong_descriptors_close_only_that_connection(ikosd_factory, tmp_path, k
     assert not memfds_of(pid)
     good = os.urandom(2 * MIB)
     assert digest.ask(good, timeout=30)[3] == hashlib.sha256(good).hexdigest()
+
+
+SENDER = """
+import sys
+
+import ikos
+
+ref = ikos.ActorRef("gated", root=sys.argv[1])
+data = b"s" * (16 << 20)
+for _ in range(2):
+    ref.tell(data, timeout=30)
+print("sent", flush=True)
+sys.stdin.readline()  # killed here
+"""
+
+
+def test_sender_killed_after_sending_leaves_no_segment(ikosd_factory, tmp_path):
+    inst = start(ikosd_factory, tmp_path)
+    shm_before = dev_shm()
+    gated = ikos.ActorRef("gated", root=inst.root)
+    pid = gated.ask("pid", timeout=10)
+    with subprocess.Popen(
+        [sys.executable, "-c", SENDER, str(inst.root)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as sender:
+        try:
+            assert sender.stdout is not None and read_line(sender.stdout) == "sent\n"
+            assert wait_for(lambda: memfds_of(pid), 30, message="the first payload mapped")
+        finally:
+            sender.kill()
+            sender.wait()
+    # the messages outlive their sender, and are released once handled
+    (tmp_path / "gate").touch()
+    assert wait_for(lambda: not memfds_of(pid), 30, message="both payloads consumed")
+    assert gated.ask("pid", timeout=10) == pid
+    no_new_dev_shm(shm_before)
+
+
+def test_stopping_actor_answers_queued_payloads_and_stops_normally(ikosd_factory, tmp_path):
+    inst = start(ikosd_factory, tmp_path)
+    gated = ikos.ActorRef("gated", root=inst.root)
+    pid = gated.ask("pid", timeout=10)
+    data = b"q" * (4 * MIB)
+    for _ in range(3):  # one in receive, two for the drain at stop to read and map
+        gated.tell(data, timeout=30)
+    assert wait_for(lambda: memfds_of(pid), 30, message="the first payload mapped")
+    stop = subprocess.Popen([IKOSCTL, "--root", str(inst.root), "stop", "gated"])
+    try:
+        assert wait_for(lambda: inst.state("gated") == "stopping", 30)
+        (tmp_path / "gate").touch()
+        assert stop.wait(timeout=HANG) == 0
+    finally:
+        if stop.poll() is None:
+            stop.kill()
+            stop.wait()
+    assert wait_for(lambda: "actor gated: stopping -> stopped" in inst.log_text(), 30)
+    line = next(x for x in inst.log_text().splitlines() if "gated: stopping -> stopped" in x)
+    assert "normal" in line, line
+    assert not memfds_of(inst.pid)
+
+
+def test_the_threshold_is_read_from_instance_json(tmp_path):
+    paths = InstancePaths.for_root(tmp_path)
+    paths.create()
+    ensure_secret(paths.secret_file)
+    paths.instance_file.write_text(json.dumps({"max_message_bytes": 1000, "shm_threshold": 77}))
+    ctx = _context.get(tmp_path)
+    assert (ctx.max_frame, ctx.shm_threshold) == (1000, 77)
+    other = tmp_path / "other"
+    paths = InstancePaths.for_root(other)
+    paths.create()
+    ensure_secret(paths.secret_file)
+    paths.instance_file.write_text(json.dumps({"shm_threshold": "big"}))
+    assert _context.get(other).shm_threshold == _memfd.DEFAULT_SHM_THRESHOLD
+    assert by_shm(b"x" * 77, 77) and not by_shm(b"x" * 76, 77)
+    assert by_shm(shared_buffer(1), 77)  # a SharedBuffer goes by descriptor at any size
+    assert not by_shm(memoryview(b"x" * 100)[::2], 1)  # not contiguous: not shm
+
+
+def test_mapped_messages_waiting_in_the_mailbox_are_bounded(ikosd_factory, tmp_path):
+    """Many clients' payloads arriving at once are mapped at most MAX_QUEUED_SEGMENTS
+    at a time: the actor stops reading, as for a full mailbox, and loses nothing."""
+    inst = start(ikosd_factory, tmp_path)
+    gated = ikos.ActorRef("gated", root=inst.root)
+    pid = gated.ask("pid", timeout=10)
+    buf = shared_buffer(100)
+    clients = _runtime.MAX_QUEUED_SEGMENTS + 16
+    barriers = connected, go, sent, end = [threading.Barrier(clients + 1) for _ in range(4)]
+    one_at_a_time = threading.Lock()  # more handshakes at once than the actor keeps
+    errors: list[BaseException] = []
+
+    def client() -> None:
+        try:
+            ref = ikos.ActorRef("gated", root=inst.root)
+            with one_at_a_time:
+                ref.ask("pid", timeout=30)  # connected before the actor blocks
+            connected.wait(HANG)
+            go.wait(HANG)
+            ref.tell(buf, timeout=30)
+            sent.wait(HANG)
+            end.wait(HANG)
+        except BaseException as exc:
+            errors.append(exc)
+            for barrier in barriers:
+                barrier.abort()
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    try:
+        connected.wait(HANG)
+        gated.tell(b"blocks until the gate opens", timeout=10)
+        go.wait(HANG)
+        sent.wait(HANG)  # every payload is in the actor's sockets, none read yet
+        (tmp_path / "gate").touch()
+        # none lost (other connections' messages are not ordered with this one's: poll)
+        assert wait_for(lambda: gated.ask("handled", timeout=60) == clients + 1, 60)
+        assert gated.ask("peak", timeout=60) <= 2 * (_runtime.MAX_QUEUED_SEGMENTS + 1) + 1
+    finally:
+        if not errors:
+            end.wait(HANG)
+        for t in threads:
+            t.join(HANG)
+    assert not errors, errors
+    assert gated.ask("pid", timeout=10) == pid

@@ -56,11 +56,13 @@ from ikos.actors import _context
 from ikos.platform._memfd import (
     ANCILLARY_SIZE,
     MAX_PENDING_FDS,
+    MSG_CTRUNC,
+    RECV_FLAGS,
     SharedBuffer,
     close_all,
     create_segment,
+    fds_of,
     map_segment,
-    recv_with_fds,
     segment_of,
     send_with_fds,
 )
@@ -161,7 +163,18 @@ class _Connection:
     ``sendall`` and one ``recv_into``.
     """
 
-    __slots__ = ("buf", "fds", "ids", "max_frame", "rcv", "scratch", "snd", "sock", "view")
+    __slots__ = (
+        "buf",
+        "bufs",
+        "fds",
+        "ids",
+        "max_frame",
+        "rcv",
+        "scratch",
+        "snd",
+        "sock",
+        "view",
+    )
 
     def __init__(self, sock: socket.socket, max_frame: int) -> None:
         sock.settimeout(None)
@@ -176,6 +189,7 @@ class _Connection:
         # (each holds one per connection) its pages.
         self.scratch = bytearray(65536)
         self.view = memoryview(self.scratch)
+        self.bufs = (self.scratch,)  # recvmsg_into's argument, made once
 
     def close(self) -> None:
         close_all(self.fds)
@@ -228,13 +242,14 @@ class _Connection:
                 self._timeout(socket.SO_RCVTIMEO, remaining)
                 self.rcv = remaining
             try:
-                got, fds = recv_with_fds(self.sock, self.scratch, ANCILLARY_SIZE)
+                got, anc, flags, _ = self.sock.recvmsg_into(self.bufs, ANCILLARY_SIZE, RECV_FLAGS)
             except BlockingIOError:
                 raise TimeoutError
-            except ValueError:  # descriptors truncated: the stream cannot be trusted
-                return None
-            if fds:
-                take_fds(self.fds, fds)
+            if anc or flags & MSG_CTRUNC:
+                try:
+                    take_fds(self.fds, fds_of(anc, flags))
+                except ValueError:  # descriptors truncated: the stream cannot be trusted
+                    return None
             if not got:
                 return None
             buf += self.view[:got]

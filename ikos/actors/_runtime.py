@@ -63,9 +63,11 @@ from ikos.actors._ref import (
 )
 from ikos.platform._memfd import (
     ANCILLARY_SIZE,
+    MSG_CTRUNC,
+    RECV_FLAGS,
     SharedBuffer,
     close_all,
-    recv_with_fds,
+    fds_of,
     send_with_fds,
 )
 from ikos.platform._wire import HEADER, ServerHandshake
@@ -127,6 +129,7 @@ class ActorProcess:
         self._wake_r, self._wake_w = socket.socketpair()
         self._scratch = bytearray(READ_CHUNK)
         self._view = memoryview(self._scratch)
+        self._bufs = (self._scratch,)
 
     # -- status pipe ---------------------------------------------------------
 
@@ -220,6 +223,9 @@ class ActorProcess:
                     self._crash(exc)
                 if kind == ASK:
                     self._reply(client, REPLY_OK, corr, result)
+                # a mapped payload (or reply) must not stay mapped, with its descriptors,
+                # until the next message comes: these names would keep it alive
+                message = result = None
                 if getattr(actor, "_ikos_stop_requested", False):
                     self.stopping = True
                 if self.paused and not self._full():
@@ -244,12 +250,17 @@ class ActorProcess:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(FAST_IDLE))
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(REPLY_TIMEOUT))
             client.blocking = True
-        try:
-            n = self._recv(client)
+        try:  # inlined (not self._recv): this is the hot path
+            n, anc, flags, _ = sock.recvmsg_into(self._bufs, ANCILLARY_SIZE, RECV_FLAGS)
         except BlockingIOError:  # FAST_IDLE passed without a message
             sock.setblocking(False)
             client.blocking = False
             return False
+        except OSError:
+            n = 0
+        else:
+            if (anc or flags & MSG_CTRUNC) and not self._take_fds(client, anc, flags):
+                n = 0
         if not n:
             self._close(client)
             return True
@@ -261,21 +272,26 @@ class ActorProcess:
         """One ``recvmsg_into`` into the scratch buffer, descriptors queued on the client;
         0 when the connection is over (EOF, error, or descriptors it may not send)."""
         try:
-            n, fds = recv_with_fds(client.sock, self._scratch, ANCILLARY_SIZE)
+            n, anc, flags, _ = client.sock.recvmsg_into(self._bufs, ANCILLARY_SIZE, RECV_FLAGS)
         except (BlockingIOError, InterruptedError, TimeoutError):
             raise
-        except (OSError, ValueError):
+        except OSError:
             return 0
-        if fds:
-            # Kept even before the handshake is done: a client's first frame may come
-            # in the same read as its proof. Nothing is mapped before the proof checks,
-            # and the bound holds for unauthenticated peers too.
-            try:
-                take_fds(client.fds, fds)
-            except ShmProtocolError as exc:
-                self._refuse(client, str(exc))
-                return 0
+        if (anc or flags & MSG_CTRUNC) and not self._take_fds(client, anc, flags):
+            return 0
         return n
+
+    def _take_fds(self, client: _Client, anc: list[tuple[int, int, bytes]], flags: int) -> bool:
+        """Queue the descriptors a read brought; False (all closed) when the peer broke
+        the rules. Kept even before the handshake is done: a client's first frame may
+        come in the same read as its proof. Nothing is mapped before the proof checks,
+        and the bound holds for unauthenticated peers too."""
+        try:
+            take_fds(client.fds, fds_of(anc, flags))
+        except ValueError as exc:  # ShmProtocolError included
+            self._refuse(client, str(exc))
+            return False
+        return True
 
     def _refuse(self, client: _Client, why: str) -> None:
         """Say in the actor's log why a connection is being closed (the caller closes it)."""
@@ -297,7 +313,10 @@ class ActorProcess:
         for fd, _ in self.ep.poll(-1 if timeout is None else timeout):
             client = clients.get(fd)
             if client is not None:
-                self._read(client)
+                # paused by an earlier client of this batch: reading on would pile up
+                # bytes and descriptors outside the mailbox's bound
+                if not self.paused:
+                    self._read(client)
             elif fd == self.listener.fileno():
                 self._accept()
             elif fd == self._wake_r.fileno():

@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ikos._errors import IkosError
-from ikos.platform._database import close_quietly, open_database
+from ikos.platform._database import DatabaseUnavailable, close_quietly, open_database
 
 T = TypeVar("T")
 
@@ -415,6 +415,9 @@ class QueueStore:
         try:
             rows, seq = await asyncio.to_thread(self._load, db)
             self._read_db = await asyncio.to_thread(self._connect_reader)
+        except (sqlite3.Error, OSError) as exc:
+            close_quietly(db)
+            raise DatabaseUnavailable(str(self.path), str(exc)) from None
         except BaseException:
             close_quietly(db)
             raise
@@ -488,10 +491,9 @@ class QueueStore:
         :class:`QueueError` for a bad name or codec.
         """
         committer = self._running(queue)
-        check_queue_name(queue)
+        q = self._queue(queue)
         if codec not in CODECS:
             raise QueueError(queue, f"unknown codec {codec!r}: expected one of {sorted(CODECS)}")
-        q = self._queue(queue)
         if q.live() >= self.max_messages:
             raise QueueFull(queue, f"the queue holds its limit of {self.max_messages} messages")
         size = memoryview(payload).nbytes  # a bytes-like object, or TypeError now
@@ -577,9 +579,11 @@ class QueueStore:
         assert self._loop is not None and self._reader is not None
         try:
             row = await self._loop.run_in_executor(self._reader, self._read_row, msg_id)
-        except BaseException:
+        except BaseException as exc:
             # Cancelled or failed while reading: the message goes back, not counted.
             self._unlease(msg_id, consumer, failed=False)
+            if isinstance(exc, sqlite3.Error | OSError):
+                raise QueueUnavailable(q.name, f"cannot read {self.path}: {exc}") from None
             raise
         lease = self._leases.get(msg_id)
         if row is None:
@@ -894,9 +898,10 @@ class QueueStore:
         return self._committer
 
     def _queue(self, name: str) -> _Queue:
-        q = self._queues.get(name)
+        """The queue called ``name``, created (once its name is checked) if unknown."""
+        q = self._queues.get(name) if isinstance(name, str) else None
         if q is None:
-            q = self._queues[name] = _Queue(name)
+            q = self._queues[check_queue_name(name)] = _Queue(name)
         return q
 
     def _forget_if_pristine(self, q: _Queue) -> None:
