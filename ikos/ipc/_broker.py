@@ -310,13 +310,38 @@ class Conn:
 # -- the audit log -------------------------------------------------------------------
 
 
+class Burst:
+    """At most ``burst`` events per key (a uid) and ``window`` seconds: a flood from one
+    uid can neither flood a log nor hide another uid's lines."""
+
+    def __init__(self, burst: int, window: float) -> None:
+        self.burst, self.window = burst, window
+        self._windows: dict[int, tuple[float, int, int]] = {}  # key: start, taken, held
+
+    def take(self, key: int) -> tuple[bool, int]:
+        """``(allowed, held)``: whether this event may be written, and how many were
+        held back in the window that just closed (to be reported once, now)."""
+        now = time.monotonic()
+        if len(self._windows) > 4096:
+            self._windows = {k: w for k, w in self._windows.items() if now - w[0] < self.window}
+        start, taken, held = self._windows.get(key, (now, 0, 0))
+        closed = 0
+        if now - start >= self.window:
+            start, taken, closed, held = now, 0, held, 0
+        if taken < self.burst:
+            self._windows[key] = (start, taken + 1, held)
+            return True, closed
+        self._windows[key] = (start, taken, held + 1)
+        return False, closed
+
+
 class AuditLog:
     """Audit lines (uid, pid, what, result) in a file, at most a burst per uid and window."""
 
     def __init__(self, path: str) -> None:
         self.path = path
         self._file: Any = None
-        self._windows: dict[int, tuple[float, int, int]] = {}
+        self._burst = Burst(AUDIT_BURST, AUDIT_WINDOW)
         self.reopen()
 
     def reopen(self) -> None:
@@ -336,22 +361,11 @@ class AuditLog:
 
     def write(self, peer: Peer, what: str, result: str) -> None:
         """Record ``what`` done by ``peer`` and its ``result`` ("allowed", "denied: why")."""
-        now = time.monotonic()
-        if len(self._windows) > 4096:
-            self._windows = {k: w for k, w in self._windows.items() if now - w[0] < AUDIT_WINDOW}
-        start, logged, held = self._windows.get(peer.uid, (now, 0, 0))
-        if now - start >= AUDIT_WINDOW:
-            if held:
-                self._line(
-                    f"uid {peer.uid}: {held} more audit lines not written in the last minute"
-                )
-            start, logged, held = now, 0, 0
-        if logged < AUDIT_BURST:
+        ok, held = self._burst.take(peer.uid)
+        if held:
+            self._line(f"uid {peer.uid}: {held} more audit lines not written in the last minute")
+        if ok:
             self._line(f"pid {peer.pid} uid {peer.uid}: {what}: {result}")
-            logged += 1
-        else:
-            held += 1
-        self._windows[peer.uid] = (start, logged, held)
 
     def _line(self, text: str) -> None:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
@@ -459,6 +473,8 @@ class Broker:
         self._flush_scheduled = False
         self._listener: socket.socket | None = None
         self._stopping: asyncio.Event | None = None
+        self._closing = False  # stopping: no connection is read again
+        self._violations = Burst(AUDIT_BURST, AUDIT_WINDOW)
         self.actors = ActorCalls(self)
         self.queues = QueueOps(self)
         self._valid_topics: set[str] = set()
@@ -500,6 +516,7 @@ class Broker:
             self._listener = None
             with contextlib.suppress(FileNotFoundError):
                 self.socket_path.unlink()
+        self._closing = True
         for conn in self.conns.values():  # nothing new from anyone; what is under way ends
             if not conn.paused:
                 self.loop.remove_reader(conn.fd)
@@ -671,7 +688,11 @@ class Broker:
         if conn.closed:
             return
         self.counters["protocol_errors"] += 1
-        log.info("%r: %s: %s", conn, kind, message)
+        ok, held = self._violations.take(conn.peer.uid)
+        if held:
+            log.info("uid %d: %d more protocol errors not logged", conn.peer.uid, held)
+        if ok:
+            log.info("%r: %s: %s", conn, kind, message)
         if conn.partial is None:
             with contextlib.suppress(OSError):
                 conn.sock.send(
@@ -707,6 +728,12 @@ class Broker:
             handler(self, conn, frame)
         except BadRequest as exc:
             self._error(conn, rid, exc.kind, exc.message, **exc.extra)
+        except ProtocolViolation:
+            raise
+        except Exception as exc:  # a bug: answered and logged, the broker goes on
+            self.counters["internal_errors"] += 1
+            log.exception("%r: %s failed", conn, op)
+            self._error(conn, rid, "unavailable", f"the broker failed on {op!r}: {exc!r}")
 
     def _hello(self, conn: Conn, header: dict[str, Any]) -> None:
         if header.get("version") != VERSION:
@@ -844,7 +871,7 @@ class Broker:
                 conn.dlv_bytes -= written
             else:
                 conn.ctl_bytes -= written
-                if conn.paused and conn.ctl_bytes < CONTROL_BYTES // 2:
+                if conn.paused and conn.ctl_bytes < CONTROL_BYTES // 2 and not self._closing:
                     conn.paused = False
                     self.loop.add_reader(conn.fd, self._readable, conn)
             if conn.dropped_notice and not conn.ctl:

@@ -17,6 +17,7 @@ that a bad ``broker.json`` is reported where it is wrong.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -91,21 +92,23 @@ def covers(granted: str, requested: str) -> bool:
     (wildcards included), ``*`` covers one segment that is a name or ``*``, a
     name covers only itself.
     """
-    return _covers(granted.split("."), 0, requested.split("."), 0)
+    g, r = granted.split("."), requested.split(".")
 
-
-def _covers(g: list[str], i: int, r: list[str], j: int) -> bool:
-    while i < len(g):
+    @functools.cache
+    def cover(i: int, j: int) -> bool:
+        # memoised on (grant position, request position): polynomial for any patterns
+        if i == len(g):
+            return j == len(r)
         seg = g[i]
         if seg == "#":
-            return any(_covers(g, i + 1, r, k) for k in range(j, len(r) + 1))
+            return cover(i + 1, j) or (j < len(r) and cover(i, j + 1))
         if j >= len(r) or r[j] == "#":
             return False
         if seg != "*" and seg != r[j]:
             return False
-        i += 1
-        j += 1
-    return j == len(r)
+        return cover(i + 1, j + 1)
+
+    return cover(0, 0)
 
 
 def parse_policy(owner_uid: int, rules: Any) -> Policy:

@@ -58,21 +58,40 @@ def _check(text: object, what: str, *, wildcards: bool) -> str | None:
 
 
 def matches(pattern: str, topic: str) -> bool:
-    """Whether ``pattern`` matches ``topic`` (both assumed valid)."""
-    return _match(pattern.split("."), 0, topic.split("."), 0)
+    """Whether ``pattern`` matches ``topic`` (both assumed valid).
 
-
-def _match(pat: list[str], i: int, top: list[str], j: int) -> bool:
-    while i < len(pat):
-        seg = pat[i]
-        if seg == "#":
-            # '#' takes zero or more segments: try every split point
-            return any(_match(pat, i + 1, top, k) for k in range(j, len(top) + 1))
-        if j >= len(top) or (seg != "*" and seg != top[j]):
+    Runs the pattern as an automaton over the topic's segments, keeping the set of
+    pattern positions reached: O(pattern * topic) whatever the pattern, where
+    backtracking over several ``#`` would be exponential (``#.#.#...x`` against a
+    long topic is a pattern anyone may send).
+    """
+    pat = pattern.split(".")
+    states = _closure(pat, {0})
+    for seg in topic.split("."):
+        nxt = set()
+        for i in states:
+            if i < len(pat):
+                p = pat[i]
+                if p == "#":
+                    nxt.add(i)  # '#' takes this segment and may take more
+                elif p == "*" or p == seg:
+                    nxt.add(i + 1)
+        if not nxt:
             return False
-        i += 1
-        j += 1
-    return j == len(top)
+        states = _closure(pat, nxt)
+    return len(pat) in states
+
+
+def _closure(pat: list[str], states: set[int]) -> set[int]:
+    """``states`` plus the positions after any ``#`` taking zero segments."""
+    out = set(states)
+    todo = list(states)
+    while todo:
+        i = todo.pop()
+        if i < len(pat) and pat[i] == "#" and i + 1 not in out:
+            out.add(i + 1)
+            todo.append(i + 1)
+    return out
 
 
 class _Node(Generic[K]):
@@ -145,24 +164,41 @@ class SubscriptionIndex(Generic[K]):
         hit = self._cache.get(topic)
         if hit is not None:
             return hit
-        found: dict[str, tuple[K, ...]] = {}
-        self._walk(self._root, topic.split("."), 0, [], found)
-        result = tuple(found.items())
+        search: _Search[K] = _Search(topic.split("."))
+        search.walk(self._root, 0)
+        result = tuple(search.found.items())
         if len(self._cache) >= CACHE_SIZE:
             self._cache.clear()
         self._cache[topic] = result
         return result
 
-    def _walk(
-        self,
-        node: _Node[K],
-        segs: list[str],
-        j: int,
-        path: list[str],
-        found: dict[str, tuple[K, ...]],
-    ) -> None:
+
+class _Search(Generic[K]):
+    """One walk of the trie for one topic: the patterns found and the states seen.
+
+    A trie node is one pattern prefix, so reaching it again at the same topic
+    position finds nothing new: each (node, position) is visited once, for
+    :meth:`walk` and for :meth:`absorb` apart. Without this, patterns with several
+    '#' make the walk exponential in the topic's length.
+    """
+
+    __slots__ = ("found", "path", "seen", "segs")
+
+    def __init__(self, segs: list[str]) -> None:
+        self.segs = segs
+        self.path: list[str] = []
+        self.found: dict[str, tuple[K, ...]] = {}
+        self.seen: set[tuple[int, int]] = set()
+
+    def walk(self, node: _Node[K], j: int) -> None:
+        """At ``node`` with the topic's segments before ``j`` matched."""
+        visit = (id(node), j)
+        if visit in self.seen:
+            return
+        self.seen.add(visit)
+        segs, path = self.segs, self.path
         if j == len(segs) and node.keys:
-            found.setdefault(".".join(path), tuple(node.keys))
+            self.found.setdefault(".".join(path), tuple(node.keys))
         children = node.children
         if not children:
             return
@@ -171,12 +207,20 @@ class SubscriptionIndex(Generic[K]):
                 child = children.get(seg)
                 if child is not None:
                     path.append(seg)
-                    self._walk(child, segs, j + 1, path, found)
+                    self.walk(child, j + 1)
                     path.pop()
         hash_child = children.get("#")
         if hash_child is not None:
             path.append("#")
-            # '#' swallows zero or more segments: continue after it from every position
-            for k in range(j, len(segs) + 1):
-                self._walk(hash_child, segs, k, path, found)
+            self.absorb(hash_child, j)
             path.pop()
+
+    def absorb(self, node: _Node[K], j: int) -> None:
+        """After a '#' (``node``): it takes segments j.. one by one, each a place to go on."""
+        visit = (id(node), -1 - j)
+        if visit in self.seen:
+            return
+        self.seen.add(visit)
+        self.walk(node, j)
+        if j < len(self.segs):
+            self.absorb(node, j + 1)
