@@ -162,7 +162,11 @@ def main(argv: list[str] | None = None) -> int:
         table.add(
             label, f["p50_us"], f["p99_us"], f["p50_us"] / fl["p50_us"], f["p99_us"] / fl["p99_us"]
         )
+    ratio = figures["actor"]["p50_us"] / fl["p50_us"]
     table.notes += [
+        f"Closing note: ikos.ipc to an actor is {ratio:.2f}x the floor at p50 "
+        f"({'within' if ratio <= 1.5 else 'beyond'} the 1.5x goal); through the broker, "
+        f"{figures['served']['p50_us'] / fl['p50_us']:.1f}x to a served name.",
         f"{args.n} round trips per path, in blocks of 50 in a rotating order, after a "
         "warm-up; "
         f"message {MSG!r} (pickle codec where the path allows it).",
