@@ -975,15 +975,15 @@ needs_users = pytest.mark.skipif(
 stranger = test_local_users.stranger
 
 
-def as_user(user: pwd.struct_passwd, job: Callable[[], Any]) -> Any:
-    """Run ``job`` in a forked child as ``user``; its JSON-able result, or its exception text."""
+def as_user(user: pwd.struct_passwd, job: Callable[[], Any], groups: tuple[int, ...] = ()) -> Any:
+    """Run ``job`` in a forked child as ``user`` (with supplementary ``groups``): its result."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: never returns into pytest
         status = 0
         try:
             os.close(r)
-            os.setgroups([])
+            os.setgroups(list(groups))
             os.setgid(user.pw_gid)
             os.setuid(user.pw_uid)
             try:
@@ -1512,3 +1512,22 @@ def test_broker_json_defaults_and_the_audit_path(tmp_path: Path) -> None:
     assert config.owner_uid == os.getuid() and config.subscriber_queue == 10000
     assert config.audit_log == str(tmp_path / "ipc-audit.log")
     assert BrokerConfig.parse({"audit_log": "/x/a.log"}, tmp_path).audit_log == "/x/a.log"
+
+
+@needs_users
+def test_a_supplementary_group_is_granted_what_its_rule_says(
+    brokers: Callable[..., BrokerProcess], stranger: pwd.struct_passwd
+) -> None:
+    group = 42424  # a gid of no one else: given to the child as a supplementary group
+    broker = brokers(policy=[{"gids": [group], "publish": ["grp.#"]}])
+    path = broker.socket_path
+
+    def publish() -> str:
+        w = Wire(path)
+        try:
+            return str(w.call("publish", topic="grp.x", codec="json", ack=True).op)
+        finally:
+            w.close()
+
+    assert as_user(stranger, publish, groups=(group,)) == "ok"
+    assert as_user(stranger, publish) == "error"

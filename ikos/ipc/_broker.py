@@ -118,6 +118,7 @@ ERROR_TYPES = frozenset(
     }
 )
 _ANC_SPACE = socket.CMSG_SPACE(MAX_FDS * 4)
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)  # a plain int: & on the IntFlag runs enum code per read
 _NAME_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_@:.-")
 
 
@@ -658,7 +659,7 @@ class Broker:
                 arr = array.array("i")
                 arr.frombytes(data[: len(data) - len(data) % arr.itemsize])
                 fds.extend(arr)
-        if flags & socket.MSG_CTRUNC:
+        if flags & _MSG_CTRUNC:
             for fd in fds:
                 with contextlib.suppress(OSError):
                     os.close(fd)
