@@ -68,8 +68,9 @@ tree = ikos.Supervisor(
 )
 """
 
-# ikosd runs the IPC broker as the root's first child: it is a daemon of every instance.
-TREE_ORDER = ["root", "ikos-broker", "echo", "counter", "sig", "workers", "w1", "w2"]
+# ikosd runs the IPC broker under ikos-system, the root's first child: it is a daemon of
+# every instance.
+TREE_ORDER = ["root", "ikos-system", "ikos-broker", "echo", "counter", "sig", "workers", "w1", "w2"]
 STATUS_KEYS = {"name", "state", "pid", "restarts", "started_at", "supervisor"}
 STATES = {"stopped", "starting", "running", "stopping", "backoff", "failed"}
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -181,18 +182,19 @@ def test_tree_text_and_json(inst: Instance) -> None:
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
     assert lines[0] == "root [supervisor one_for_one] running"
-    assert lines[1] == f"├─ ikos-broker [exec] running {inst.pid_of('ikos-broker')}"
-    assert lines[2] == f"├─ echo [actor] running {inst.pid_of('echo')}"
-    assert lines[5] == "└─ workers [supervisor rest_for_one] running"
-    assert lines[6].startswith("   ├─ w1 [actor] running ")
-    assert lines[7].startswith("   └─ w2 [actor] running ")
+    assert lines[1] == "├─ ikos-system [supervisor one_for_one] running"
+    assert lines[2] == f"│  └─ ikos-broker [exec] running {inst.pid_of('ikos-broker')}"
+    assert lines[3] == f"├─ echo [actor] running {inst.pid_of('echo')}"
+    assert lines[6] == "└─ workers [supervisor rest_for_one] running"
+    assert lines[7].startswith("   ├─ w1 [actor] running ")
+    assert lines[8].startswith("   └─ w2 [actor] running ")
 
     res = inst.ctl("tree", "--json")
     assert res.returncode == 0, res.stderr
     root = json.loads(res.stdout)
     assert root["name"] == "root" and root["supervisor"] is None
     assert [c["name"] for c in root["children"]] == [
-        "ikos-broker",
+        "ikos-system",
         "echo",
         "counter",
         "sig",
@@ -592,6 +594,7 @@ def test_every_verb_against_a_real_ikosd(ikosd_factory: Any) -> None:
     assert ctl("status", "echo").splitlines()[0] == "echo - answers every message"
     assert [row.split("\t")[0] for row in ctl("list").splitlines()] == [
         "root",
+        "ikos-system",
         "ikos-broker",
         "echo",
         "counter",

@@ -93,10 +93,11 @@ def pkg_path(tmp_path: Path) -> Path:
 
 
 def names(inst: Instance) -> list[str]:
-    """The tree's daemons in order, less ikosd's own IPC broker (checked: the root's first)."""
+    """The tree's daemons in order, less ikosd's own IPC broker (checked: the root's first
+    child is ``ikos-system``, holding ``ikos-broker``)."""
     found = [s["name"] for s in inst.status()]
-    assert found[1] == "ikos-broker", found
-    return [found[0], *found[2:]]
+    assert found[1:3] == ["ikos-system", "ikos-broker"], found
+    return [found[0], *found[3:]]
 
 
 # -- readiness ----------------------------------------------------------------
@@ -283,7 +284,16 @@ def test_tree_and_config_together(ikosd_factory: Any) -> None:
         """,
     )
     by_name = {s["name"]: s for s in inst.status()}
-    assert list(by_name) == ["root", "ikos-broker", "echo", "workers", "counter", "extra", "top"]
+    assert list(by_name) == [
+        "root",
+        "ikos-system",
+        "ikos-broker",
+        "echo",
+        "workers",
+        "counter",
+        "extra",
+        "top",
+    ]
     assert by_name["extra"]["supervisor"] == "workers"
     assert by_name["top"]["supervisor"] == "root"
     assert all(s["state"] == "running" for s in by_name.values())
@@ -367,7 +377,7 @@ def test_every_transition_is_in_the_log_file(ikosd_factory: Any) -> None:
     assert "actor echo: starting -> running" in text
     assert "actor echo: running -> failed (killed by SIGKILL)" in text
     chains = transitions(text)
-    assert set(chains) == {"root", "ikos-broker", "echo", "workers", "counter"}
+    assert set(chains) == {"root", "ikos-system", "ikos-broker", "echo", "workers", "counter"}
     for name, chain in chains.items():
         # One unbroken chain from stopped back to stopped: no transition missing.
         assert chain[0][0] == "stopped" and chain[-1][1] == "stopped", (name, chain)

@@ -406,6 +406,27 @@ def test_subscriptions_and_served_names_come_back_after_the_broker_restarts(
         server.stop()
 
 
+def test_a_broker_killed_again_and_again_never_takes_the_instance_down(
+    ikosd_factory: Any,
+) -> None:
+    # A root with OTP's default intensity, 1 restart in 5 s: were the broker its
+    # child, the second kill would stop every daemon and ikosd. Under ikos-system
+    # it is only restarted.
+    default_root = TREE.replace("max_restarts=20,\n    within=5,\n", "")
+    assert default_root != TREE
+    inst = ikosd_factory(tree=default_root, args=NO_METRICS)
+    echo = inst.pid_of("echo")
+    for _ in range(4):
+        kill_broker(inst)
+    assert inst.proc.poll() is None
+    assert inst.pid_of("echo") == echo
+    system = inst.status("ikos-system")
+    assert system["state"] == "running" and system["supervisor"] == "root"
+    assert inst.status("ikos-broker")["restarts"] >= 4
+    with ikos.ipc.connect("echo", root=inst.root) as conn:
+        assert conn.request("still", timeout=HANG).payload == "still"
+
+
 def test_a_broker_that_stays_down_is_an_error_naming_its_socket(tmp_path: Path) -> None:
     paths = InstancePaths.for_root(tmp_path)
     client = ikos.ipc.BrokerClient(paths, reconnect_timeout=0.2)
@@ -673,7 +694,7 @@ def test_a_reload_rewrites_broker_json_and_the_broker_keeps_running(
         args=NO_METRICS,
         env={"PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}"},
     )
-    assert [s["name"] for s in inst.status()] == ["root", "ikos-broker", "echo"]
+    assert [s["name"] for s in inst.status()] == ["root", "ikos-system", "ikos-broker", "echo"]
     broker_json = inst.root / "run" / "ikos" / "ipc" / "broker.json"
     assert json.loads(broker_json.read_text())["subscriber_queue"] == 100
     pid = inst.pid_of("ikos-broker")

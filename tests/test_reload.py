@@ -114,7 +114,15 @@ def test_added_removed_changed_and_unchanged(ikosd_factory: Any, reload: Any) ->
     assert result == {"added": ["fresh"], "removed": ["gone"], "changed": ["changed"]}
 
     after = {s["name"]: s for s in inst.status()}
-    assert list(after) == ["root", "ikos-broker", "keep", "changed", "counter", "fresh"]
+    assert list(after) == [
+        "root",
+        "ikos-system",
+        "ikos-broker",
+        "keep",
+        "changed",
+        "counter",
+        "fresh",
+    ]
     assert all(s["state"] == "running" for s in after.values())
     # unchanged: same process, same state
     assert after["keep"]["pid"] == before["keep"]
@@ -220,7 +228,16 @@ def test_a_changed_child_of_a_nested_supervisor(ikosd_factory: Any, reload: Any)
     rewrite(inst, nested("one_for_one", "Counter", actor("w3", supervisor='"workers"')))
     assert reload(inst) == {"added": ["w3"], "removed": [], "changed": ["w2"]}
     after = {s["name"]: s for s in inst.status()}
-    assert list(after) == ["root", "ikos-broker", "echo", "workers", "w1", "w2", "w3"]
+    assert list(after) == [
+        "root",
+        "ikos-system",
+        "ikos-broker",
+        "echo",
+        "workers",
+        "w1",
+        "w2",
+        "w3",
+    ]
     assert after["w3"]["supervisor"] == "workers" and after["w3"]["state"] == "running"
     assert after["w2"]["pid"] != before["w2"] and after["w2"]["state"] == "running"
     assert after["w1"]["pid"] == before["w1"]
@@ -233,7 +250,7 @@ def test_a_changed_nested_supervisor_restarts_its_subtree(ikosd_factory: Any, re
     rewrite(inst, nested("rest_for_one", "Echo"))
     assert reload(inst) == {"added": [], "removed": [], "changed": ["workers"]}
     tree = json.loads(inst.ctl("tree", "--json").stdout)
-    workers = tree["children"][2]  # after ikos-broker and echo
+    workers = tree["children"][2]  # after ikos-system (the IPC broker) and echo
     assert workers["name"] == "workers" and workers["strategy"] == "rest_for_one"
     after = pids(inst)
     assert after["w1"] != before["w1"] and after["w2"] != before["w2"]

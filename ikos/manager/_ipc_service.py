@@ -2,13 +2,17 @@
 
 The broker (``ikos.ipc._broker``) is a process of its own, supervised like any
 daemon: this extension inserts it as ``ikos-broker``, an ``ikos.Exec`` of type
-``notify``, as the first child of the root (``amend_tree``, at start and on every
-reload), so it starts before anything that might talk to it and stops after
-everything else. The manager's loop stays off the message path: all it does for
-IPC is write the broker's configuration (``RUN/ipc/broker.json``, from the
-``[ipc]`` table, atomically, before the broker starts and on every reload, then
-SIGHUP), and read the broker's figures for ``ikosctl status`` (the private verb
-``ipc_stats``) and for Prometheus (``ikos_ipc_*``).
+``notify``, under a supervisor of its own, ``ikos-system``, the first child of the
+root (``amend_tree``, at start and on every reload), so it starts before anything
+that might talk to it and stops after everything else. ``ikos-system`` restarts
+the broker with back-off and never gives up, so the broker's failures never count
+against the root's restart intensity: a broker that keeps crashing leaves IPC
+down (and visible as such), never the instance's daemons. The manager's loop
+stays off the message path: all it does for IPC is write the broker's
+configuration (``RUN/ipc/broker.json``, from the ``[ipc]`` table, atomically,
+before the broker starts and on every reload, then SIGHUP), and read the
+broker's figures for ``ikosctl status`` (the verb ``ipc_stats``) and for
+Prometheus (``ikos_ipc_*``).
 
 Figures are fetched with the synchronous client in a worker thread (a scrape
 runs in the HTTP server's thread already), at most once per :data:`STATS_TTL`,
@@ -44,11 +48,17 @@ from ikos.ipc._client import BrokerClient
 from ikos.manager._config import IpcSettings, read_ipc_settings
 from ikos.manager._extension import Config, Extension, ExtensionHost, NodeView, TreeView
 from ikos.platform._database import write_durably
-from ikos.supervision._spec import Exec, Supervisor
+from ikos.supervision._spec import Backoff, Exec, Supervisor
 
 log = logging.getLogger("ikos.ipc")
 
 BROKER_NAME: Final = "ikos-broker"
+#: The supervisor that holds the broker, the root's first child.
+SYSTEM_NAME: Final = "ikos-system"
+#: The broker is restarted with growing pauses, and its supervisor never gives up
+#: (no window holds 1,000 restarts spaced by the back-off): a broker that keeps
+#: failing leaves IPC down and says so, it never takes the instance's daemons down.
+SYSTEM_BACKOFF: Final = Backoff(min=0.1, max=5.0, random_factor=0.2, reset_after=10.0)
 #: How long fetched figures are reused, and how long a fetch may take.
 STATS_TTL: Final = 1.0
 STATS_TIMEOUT: Final = 2.0
@@ -157,22 +167,32 @@ class IpcService(Extension):
             self._pending = self._read(self._view.config)
         settings = self.settings if at_start else self._pending
         assert settings is not None
-        kept = [c for c in tree.children if c.name != BROKER_NAME]
-        if len(kept) != len(tree.children) or any(s.name == BROKER_NAME for _, s in tree.walk()):
-            raise ConfigError(
-                str(self._view.config.file) if self._view.config.file else None,
-                None,
-                BROKER_NAME,
-                f"no daemon named '{BROKER_NAME}': ikosd runs the IPC broker under that name",
-            )
+        for _, spec in tree.walk():
+            if spec.name in (BROKER_NAME, SYSTEM_NAME):
+                raise ConfigError(
+                    str(self._view.config.file) if self._view.config.file else None,
+                    None,
+                    spec.name,
+                    f"no daemon or supervisor may be named '{spec.name}': "
+                    "ikosd runs the IPC broker under that name",
+                )
         if not settings.enabled:
             return tree
+        system = Supervisor(
+            SYSTEM_NAME,
+            "one_for_one",
+            max_restarts=1000,
+            within=60.0,
+            children=[broker_spec(self._view.paths.root)],
+            backoff=SYSTEM_BACKOFF,
+            description="ikos's own daemons (the IPC broker)",
+        )
         return Supervisor(
             tree.name,
             tree.strategy,
             tree.max_restarts,
             tree.within,
-            [broker_spec(self._view.paths.root), *tree.children],
+            [system, *tree.children],
             restart=tree.restart,
             shutdown=tree.shutdown,
             requires=tree.requires,
