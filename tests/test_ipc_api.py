@@ -241,6 +241,7 @@ def test_a_plain_process_calls_a_served_name_and_an_actor_through_the_broker(
             assert not calc.direct
             reply = calc.request([1, 2, 3])
             result = {"calc": reply.payload, "me": os.getpid(), "type": reply.type}
+            result["server"] = reply.sender_pid
             try:
                 calc.request("boom")
             except ikos.ipc.IpcRemoteError as exc:
@@ -257,6 +258,7 @@ def test_a_plain_process_calls_a_served_name_and_an_actor_through_the_broker(
         )
     result = json.loads(out)
     assert result["calc"] == {"sum": 6, "from": result["me"]}
+    assert result["server"] == os.getpid()  # this test process serves "calc"
     assert result["type"] == "response"
     assert result["boom"] == ["ValueError", True]
     assert "nobody" in result["nobody"]

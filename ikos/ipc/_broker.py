@@ -1244,7 +1244,12 @@ class Broker:
                 "the server answered in pickle, refused across uids",
             )
             return
-        out: dict[str, Any] = {"op": "response", "id": p.client_id, "codec": codec}
+        out: dict[str, Any] = {
+            "op": "response",
+            "id": p.client_id,
+            "codec": codec,
+            "sender_pid": conn.peer.pid,  # the server's, as the kernel gave it
+        }
         shm = self._take_shm(frame, out)
         self.send(p.requester, out, frame.payload, shm)
 

@@ -154,10 +154,10 @@ class Connection:
         if self._closed:
             raise IpcUnavailable(f"the connection to '{self.name}' is closed")
 
-    def _message(self, value: Any, corr: int, size: int, codec: str) -> IpcMessage:
+    def _message(self, value: Any, corr: int, size: int, codec: str, sender: int = 0) -> IpcMessage:
         return IpcMessage(
             message_id=next(self._ids),
-            sender_pid=0,
+            sender_pid=sender,
             receiver_pid=os.getpid(),
             type="response",
             payload_size=size,
@@ -176,7 +176,14 @@ class Connection:
             return self._message(value, corr, 0, "pickle")
         assert self._client is not None
         value, frame = self._client.request(self.target, data, timeout=timeout, codec=self.codec)
-        return self._message(value, corr, len(frame.payload), str(frame.header.get("codec")))
+        sender = frame.header.get("sender_pid")
+        return self._message(
+            value,
+            corr,
+            len(frame.payload),
+            str(frame.header.get("codec")),
+            sender if isinstance(sender, int) else 0,
+        )
 
     def request(self, data: Any, timeout: float | None = None) -> IpcMessage:
         """Send ``data`` as a request and return the response (its payload: the reply).
