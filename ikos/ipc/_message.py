@@ -46,7 +46,9 @@ class IpcMessage:
     Unix time when it was sent (or received, where the sender did not say).
     ``topic`` is set for a broadcast, ``correlation_id`` for a response (the
     ``message_id`` of the request it answers); ``codec`` says how the payload
-    travelled.
+    travelled. ``sender_pid`` and ``payload_size`` are 0 where the path does
+    not carry them: a response straight from an actor's mailbox (the ask path
+    sends the reply alone, to stay at the pipe floor).
 
     Example::
 
