@@ -1,11 +1,19 @@
-"""Run every benchmark (``make bench``): actors, executables, registry; tables in bench/results/."""
+"""Run every benchmark (``make bench``): actors, executables, registry, IPC; tables in results/."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 
-BENCHMARKS = ("bench.actors", "bench.exec", "bench.registry")
+BENCHMARKS = (
+    "bench.actors",
+    "bench.exec",
+    "bench.registry",
+    "bench.ipc",
+    "bench.pubsub",
+    "bench.queues",
+    "bench.shm",
+)
 
 
 def main() -> int:
