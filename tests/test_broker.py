@@ -717,7 +717,9 @@ def test_request_to_a_served_name_and_back(broker: BrokerProcess) -> None:
     assert json.loads(req.payload) == [2, 3]
     server.send({"op": "response", "id": h["id"], "codec": "json"}, b"5")
     resp = client.expect("response")
-    assert resp.header == {"op": "response", "id": 41, "codec": "json"} and resp.payload == b"5"
+    # the server's pid, from SO_PEERCRED (both ends are this process here)
+    assert resp.header == {"op": "response", "id": 41, "codec": "json", "sender_pid": os.getpid()}
+    assert resp.payload == b"5"
     # an error answer is passed on with its type and details
     client.send({"op": "request", "id": 42, "to": "calc", "codec": "json"}, b"[]")
     h = server.expect("request").header
