@@ -441,6 +441,23 @@ def test_a_broker_that_stays_down_is_an_error_naming_its_socket(tmp_path: Path) 
 # --- durable queues ----------------------------------------------------------------------
 
 
+def test_pipelined_puts_are_on_disk_in_order_and_bounded(ikosd_factory: Any) -> None:
+    inst = ikosd_factory(tree=TREE, args=NO_METRICS, config="[ipc.queues]\nmax_messages = 1500\n")
+    jobs = ikos.ipc.queue("stream", root=inst.root)
+    futures = [jobs.put_async(n) for n in range(1500)]
+    ids = [f.result(timeout=HANG) for f in futures]
+    assert ids == sorted(ids) and len(set(ids)) == 1500
+    # past max_messages the future fails with the broker's error, nothing hangs
+    with pytest.raises(ikos.ipc.IpcFull):
+        jobs.put_async("one too many").result(timeout=HANG)
+    # on disk before the futures resolved: a kill -9 of the broker loses none
+    kill_broker(inst)
+    got = [jobs.get(timeout=HANG) for _ in range(1500)]
+    assert [m.data for m in got] == list(range(1500))
+    for m in got:
+        m.ack()
+
+
 def test_queue_put_get_ack_nack(inst: Instance) -> None:
     jobs = ikos.ipc.queue("jobs", root=inst.root)
     ids = [jobs.put({"n": n}) for n in range(3)]

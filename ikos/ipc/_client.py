@@ -140,6 +140,10 @@ def frame_payload(frame: Frame) -> bytes | memoryview:
         raise IpcBadRequest(f"a shared-memory payload from the broker is unusable: {exc}") from None
 
 
+#: In-flight ``put_async`` puts per process (see ``BrokerClient.async_puts``).
+ASYNC_PUTS = 512
+
+
 class _Pending:
     """One request waiting for its answer (or a callback to hand the answer to).
 
@@ -202,6 +206,10 @@ class BrokerClient:
         self._connect_lock = threading.RLock()
         self._ids = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
+        #: Unanswered ``Queue.put_async`` puts of this process, bounded below the
+        #: broker's limit of outstanding requests per connection (1,024) so that
+        #: the other threads' calls keep room: a fast producer waits, it is not refused.
+        self.async_puts = threading.BoundedSemaphore(ASYNC_PUTS)
         self._subs: dict[str, list[Subscription]] = {}
         self._servers: dict[str, Server] = {}
         self._closed = False

@@ -10,17 +10,21 @@ once, asks for detached leases instead, settled by a later invocation.
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
 from ikos._errors import (
+    IkosError,
     IpcTimeout,
 )
 from ikos.ipc._client import (
     ANSWER_MARGIN,
     BrokerClient,
     frame_payload,
+    raise_error,
 )
+from ikos.ipc._frames import Frame
 from ikos.ipc._message import (
     Codec,
     decode_payload,
@@ -84,6 +88,52 @@ class Queue:
             timeout=timeout,
         )
         return int(frame.header.get("msg") or 0)
+
+    def put_async(self, data: Any, *, codec: Codec | None = None) -> Future[int]:
+        """Append ``data`` without waiting: a future of its message id, set once on disk.
+
+        Puts sent this way are pipelined on the process's one broker connection,
+        in order, and the broker commits whatever arrived together in one
+        transaction: one thread streaming puts gets the group commit that many
+        waiting producers would. While 512 of the process's puts are unanswered
+        it waits for one to be (back-pressure). The future fails with the IPC error (a full
+        queue, a lost connection) instead; a put whose future failed may still
+        be on disk if the broker died after its commit (at-least-once).
+
+        Example::
+
+            futures = [jobs.put_async(item) for item in batch]
+            ids = [f.result(timeout=30) for f in futures]   # all on disk now
+        """
+        chosen = self.client.codec_for(data, codec)
+        payload = encode_payload(data, chosen)
+        future: Future[int] = Future()
+        future.set_running_or_notify_cancel()
+        slots = self.client.async_puts
+
+        def answered(frame: Frame | None, exc: BaseException | None) -> None:
+            slots.release()
+            if exc is not None:
+                future.set_exception(exc)
+                return
+            assert frame is not None
+            if frame.op == "error":
+                try:
+                    raise_error(frame.header)
+                except IkosError as error:
+                    future.set_exception(error)
+                return
+            future.set_result(int(frame.header.get("msg") or 0))
+
+        slots.acquire()  # back-pressure: at most ASYNC_PUTS unanswered
+        try:
+            self.client.submit(
+                {"op": "put", "queue": self.name, "codec": chosen}, payload, callback=answered
+            )
+        except BaseException:
+            slots.release()
+            raise
+        return future
 
     def get(self, timeout: float | None = None) -> QueueMessage:
         """The next message, leased to this process; :class:`IpcTimeout` if none came in time.
