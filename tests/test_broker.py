@@ -37,9 +37,12 @@ from conftest import HANG, wait_for
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ikos.ipc._client import BrokerClient
 from ikos.ipc._frames import LENGTHS, Frame, FrameError, FrameReader, FrameTooLarge, encode_frame
 from ikos.ipc._policy import Peer, allowed, covers, parse_policy
+from ikos.ipc._subscription import Subscription
 from ikos.ipc._topics import SubscriptionIndex, matches, pattern_error, topic_error
+from ikos.platform._paths import InstancePaths
 
 # -- topics and patterns -------------------------------------------------------------
 
@@ -1533,3 +1536,75 @@ def test_a_supplementary_group_is_granted_what_its_rule_says(
 
     assert as_user(stranger, publish, groups=(group,)) == "ok"
     assert as_user(stranger, publish) == "error"
+
+
+class _Planted:
+    """Unpickling this creates the file it names: a payload that must never be decoded."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (open, (self.path, "w"))
+
+
+@needs_users
+def test_root_never_unpickles_what_another_users_instance_carries(
+    base: Path, stranger: pwd.struct_passwd
+) -> None:
+    # An instance owned by another user: its broker runs as that user and trusts
+    # its owner and root. Root's client must not take that for trust: it would
+    # unpickle what the user's processes publish, as root.
+    root = base / "theirs"
+    ipc = root / "run" / "ikos" / "ipc"
+    ipc.mkdir(parents=True)
+    (ipc / "broker.json").write_text(json.dumps({**DEFAULT_CONFIG, "owner_uid": stranger.pw_uid}))
+    for path in (root, root / "run", root / "run" / "ikos", ipc):
+        os.chown(path, stranger.pw_uid, stranger.pw_gid)
+    os.chown(ipc / "broker.json", stranger.pw_uid, stranger.pw_gid)
+    from ikos.ipc._broker import main  # imported here: the user cannot read root's Python
+
+    pid = os.fork()
+    if pid == 0:  # the user's broker, in a child that never returns into pytest
+        status = 1
+        try:
+            os.setgroups([])
+            os.setgid(stranger.pw_gid)
+            os.setuid(stranger.pw_uid)
+            status = main(["--root", str(root)])
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            os._exit(status)
+    planted = base / "planted"
+    os.chmod(base, 0o733)  # the user may create the file, were the pickle ever decoded
+    try:
+        wait_for(lambda: (ipc / "broker.sock").exists(), HANG, message="the user's broker")
+        client = BrokerClient(InstancePaths.for_root(root))
+        try:
+            sub = Subscription(client, "loot.#")
+            client._add_subscription(sub)
+            assert client.broker_uid == stranger.pw_uid
+            assert not client.trusted  # the broker said "trusted" (root); not enough
+
+            def publish() -> bool:
+                theirs = BrokerClient(InstancePaths.for_root(root))
+                theirs.connect()
+                assert theirs.trusted  # the owner, under its own broker: pickle allowed
+                theirs.publish("loot.a", _Planted(str(planted)), codec="pickle", ack=True)
+                theirs.publish("loot.b", "after", codec="json", ack=True)
+                theirs.close()
+                return True
+
+            assert as_user(stranger, publish)
+            # the JSON message after it arrives; the pickle before it was refused
+            assert sub.get(timeout=HANG).payload == "after"
+            assert not planted.exists()
+        finally:
+            client.close()
+    finally:
+        os.kill(pid, signal.SIGTERM)
+        os.waitpid(pid, 0)
+        os.chmod(base, 0o711)

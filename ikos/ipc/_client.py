@@ -69,7 +69,7 @@ from ikos.platform._memfd import (
     send_with_fds,
 )
 from ikos.platform._paths import InstancePaths
-from ikos.platform._unix import connect_unix
+from ikos.platform._unix import connect_unix, peer_credentials
 
 if TYPE_CHECKING:
     from ikos.ipc._server import Server
@@ -195,7 +195,8 @@ class BrokerClient:
         self.path = broker_socket(paths)
         self.label = label or f"python:{os.getpid()}"
         self.reconnect_timeout = reconnect_timeout
-        self.trusted = False
+        self.trusted = False  # may send and decode pickle (see _open)
+        self.broker_uid = -1
         self.broker_pid = 0
         self.max_frame = INITIAL_MAX_FRAME
         self.shm_threshold = 0
@@ -291,7 +292,13 @@ class BrokerClient:
             sock.close()
             raise IpcUnavailable(f"the IPC broker does not answer on {self.path}: {exc}") from None
         sock.settimeout(None)
-        self.trusted = bool(welcome.get("trusted"))
+        # Pickle crosses only where unpickling cannot raise anyone's privileges: the
+        # broker must say this process is trusted (the owner, root) AND run as this
+        # process's own uid or as root. Root talking to a user's instance (the broker
+        # trusts root) would otherwise unpickle what that user's processes published.
+        _, broker_uid, _ = peer_credentials(sock)
+        self.broker_uid = broker_uid
+        self.trusted = bool(welcome.get("trusted")) and broker_uid in (0, os.geteuid())
         self.broker_pid = int(welcome.get("broker_pid") or 0)
         self.max_frame = int(welcome.get("max_frame") or INITIAL_MAX_FRAME)
         self.shm_threshold = int(welcome.get("shm_threshold") or 0)
@@ -452,7 +459,7 @@ class BrokerClient:
         codec = str(header.get("codec", "bytes"))
         payload = frame_payload(frame)
         try:
-            value = decode_payload(payload, codec)
+            value = decode_payload(payload, codec, allow_pickle=self.trusted)
         except Exception as exc:  # a bad payload must not kill the reader
             log.warning(
                 "ikos.ipc: undecodable %s delivery on %r: %s", codec, header.get("topic"), exc
@@ -608,7 +615,8 @@ class BrokerClient:
         header = {"op": "request", "to": to, "codec": chosen, "timeout": timeout}
         frame = self.call(header, encode_payload(data, chosen), timeout=timeout + ANSWER_MARGIN)
         payload = frame_payload(frame)
-        return decode_payload(payload, str(frame.header.get("codec", chosen))), frame
+        answered = str(frame.header.get("codec", chosen))
+        return decode_payload(payload, answered, allow_pickle=self.trusted), frame
 
     def notify(self, to: str, data: Any, *, codec: Codec | None = None) -> None:
         """A one-way message to an actor or a served name, through the broker."""

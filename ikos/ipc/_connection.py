@@ -48,13 +48,21 @@ from ikos.platform._paths import InstancePaths
 
 
 def _trusted_context(root: str | os.PathLike[str] | None) -> Any:
-    """The instance context with its secret, or None where the secret is not readable."""
+    """The instance context with its secret, where this process may take the direct path.
+
+    None where the secret is not readable, and where it belongs to another uid:
+    root can read any user's secret, but the direct path unpickles the actor's
+    replies, and root must not unpickle what a user's process wrote. Such a
+    caller goes through the broker, which then speaks JSON to it.
+    """
     from ikos.actors import _context
 
     try:
-        return _context.get(root)
+        ctx = _context.get(root)
+        owner = ctx.paths.secret_file.stat().st_uid
     except (AuthenticationError, OSError):
         return None
+    return ctx if owner == os.geteuid() else None
 
 
 def _service_target(paths: InstancePaths, name: str) -> str | None:

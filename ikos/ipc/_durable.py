@@ -164,7 +164,7 @@ class Queue:
                     self,
                     int(header.get("msg") or 0),
                     int(header.get("deliveries") or 1),
-                    decode_payload(payload, codec),
+                    decode_payload(payload, codec, allow_pickle=self.client.trusted),
                     codec,
                     len(payload),
                 )

@@ -128,14 +128,25 @@ def encode_payload(data: Any, codec: Codec) -> bytes | memoryview:
     raise IpcBadRequest(f"unknown codec {codec!r}: expected one of {', '.join(CODECS)}")
 
 
-def decode_payload(payload: bytes | memoryview, codec: str) -> Any:
-    """The value of a received payload (the broker checked who may send pickle)."""
+def decode_payload(payload: bytes | memoryview, codec: str, *, allow_pickle: bool = True) -> Any:
+    """The value of a received payload.
+
+    The broker delivers pickle only between trusted peers; ``allow_pickle``
+    False (a client that is not trusted, or whose broker runs as another
+    non-root uid) refuses it here as well, so no path unpickles another uid's
+    data.
+    """
     if codec == "json":
         try:
             return json.loads(bytes(payload)) if payload else None
         except ValueError as exc:
             raise IpcBadRequest(f"a JSON payload did not parse: {exc}") from None
     if codec == "pickle":
+        if not allow_pickle:
+            raise IpcBadRequest(
+                "refused a pickled payload: pickle is only decoded between the instance "
+                "owner's processes and root, under a broker of the same uid or root"
+            )
         return _codec.decode(payload)
     return payload
 

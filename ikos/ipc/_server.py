@@ -83,7 +83,7 @@ class Server:
                 type="request" if is_request else "notification",
                 payload_size=len(payload),
                 timestamp=now(),
-                payload=decode_payload(payload, codec),
+                payload=decode_payload(payload, codec, allow_pickle=self.client.trusted),
                 codec=codec,  # type: ignore[arg-type]
                 sender_uid=header.get("sender_uid"),
             )
