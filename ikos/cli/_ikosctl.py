@@ -107,13 +107,16 @@ PROTOCOL_VERBS: dict[str, tuple[str, ...]] = {
     "logs": ("logs",),
     "services": ("services",),
     "discover": ("discover",),
+    "top": ("list",),
     # the IPC verbs talk to the broker; status also reads its figures from ikosd
     "publish": (),
     "subscribe": (),
     "queue": (),
 }
 #: Verbs of the contract (CONTRACT.md) that this version of ikosd does not serve yet.
-UNAVAILABLE_VERBS = frozenset({"top", "upgrade", "alerts", "events"})
+UNAVAILABLE_VERBS = frozenset({"upgrade", "alerts", "events"})
+#: ``top``'s refresh interval on a terminal when ``--interval`` is not given.
+DEFAULT_TOP_INTERVAL = 2.0
 #: ``queue get``'s wait when ``--timeout`` is not given.
 DEFAULT_QUEUE_TIMEOUT = 0.0
 
@@ -273,6 +276,24 @@ def _list(ctx: _Context) -> int:
         ctx.emit_json(statuses)
     else:
         ctx.emit_text(_render.render_list(statuses, ctx.style, time.time()))
+    return EXIT_OK
+
+
+def _top(ctx: _Context) -> int:
+    from ikos.cli import _top as top
+
+    def fetch() -> list[dict[str, Any]]:
+        return top.top_rows(_expect_list(ctx.client.call("list"), "list"))
+
+    sort = str(ctx.args.sort)
+    if ctx.json:
+        ctx.emit_json(top.sort_rows(fetch(), sort))
+    elif ctx.args.once or not ctx.style.table:
+        ctx.emit_text(_render.render_top(top.sort_rows(fetch(), sort), ctx.style))
+    else:
+        return _until_interrupted(
+            lambda: top.run_live(fetch, sort, float(ctx.args.interval), ctx.out)
+        )
     return EXIT_OK
 
 
@@ -675,6 +696,27 @@ def build_parser() -> argparse.ArgumentParser:
         "status", _status, "show daemons' status (all without NAME); 3 when one is not running"
     ).add_argument("names", nargs="*", metavar="NAME")
     verb("list", _list, "list every daemon and supervisor")
+    top = verb(
+        "top",
+        _top,
+        "daemons' CPU, memory, files and processes; refreshing on a terminal (q quits)",
+    )
+    top.add_argument(
+        "--sort",
+        choices=("cpu", "memory", "restarts", "name"),
+        default="cpu",
+        help="order of the rows (default cpu)",
+    )
+    top.add_argument(
+        "--interval",
+        type=_positive_float,
+        default=DEFAULT_TOP_INTERVAL,
+        metavar="S",
+        help=f"seconds between refreshes on a terminal (default {DEFAULT_TOP_INTERVAL:g})",
+    )
+    top.add_argument(
+        "--once", action="store_true", help="print one snapshot and exit, even on a terminal"
+    )
     verb("tree", _tree, "show the supervision tree").add_argument(
         "--deps",
         action="store_true",

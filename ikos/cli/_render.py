@@ -29,7 +29,9 @@ from typing import Any, TextIO
 
 __all__ = [
     "LIST_COLUMNS",
+    "TOP_COLUMNS",
     "Style",
+    "format_bytes",
     "format_time",
     "humanize_duration",
     "render_list",
@@ -37,6 +39,7 @@ __all__ = [
     "render_service",
     "render_services",
     "render_status",
+    "render_top",
     "render_tree",
 ]
 
@@ -61,6 +64,20 @@ _HEALTH_AS_STATE = {
 }
 #: The columns of ``ikosctl list``, in order (the header on a terminal).
 LIST_COLUMNS = ("NAME", "KIND", "STATE", "PID", "RESTARTS", "UPTIME", "SUPERVISOR")
+#: The columns of ``ikosctl top``, in order.
+TOP_COLUMNS = (
+    "NAME",
+    "STATE",
+    "PID",
+    "CPU%",
+    "CPU",
+    "RSS",
+    "USS",
+    "FDS",
+    "THR",
+    "PROC",
+    "RESTARTS",
+)
 _UNICODE_PROBE = "●├─│└"
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
@@ -190,9 +207,97 @@ def _status_block(status: Status, style: Style, now: float) -> str:
     health = status.get("health")
     if isinstance(health, str):
         field("Health", _health_line(health, status.get("health_checks"), style))
+    usage = status.get("usage")
+    if isinstance(usage, Mapping):
+        field("CPU", _cpu_line(usage))
+        field("Memory", _memory_line(usage))
+        field("Tasks", _tasks_line(usage))
     if status.get("redacted"):
         field("Details", "hidden (shown to root, the owner and the reader group)")
     return "\n".join(lines)
+
+
+def _cpu_line(usage: Mapping[str, Any]) -> str:
+    text = f"{_seconds(usage.get('cpu_seconds'))}s"
+    percent = usage.get("cpu_percent")
+    if isinstance(percent, int | float):
+        text += f" ({percent:.1f}% over the last interval)"
+    return text
+
+
+def _memory_line(usage: Mapping[str, Any]) -> str:
+    text = f"{format_bytes(usage.get('rss_bytes'))} resident"
+    if usage.get("uss_bytes") is not None:
+        text += f", {format_bytes(usage.get('uss_bytes'))} unique"
+    return text
+
+
+def _tasks_line(usage: Mapping[str, Any]) -> str:
+    processes = usage.get("processes")
+    noun = "process" if processes == 1 else "processes"
+    return (
+        f"{_text(processes)} {noun}, {_text(usage.get('threads'))} threads, "
+        f"{_text(usage.get('open_fds'))} open files"
+    )
+
+
+def _seconds(value: Any) -> str:
+    return f"{value:.2f}" if isinstance(value, int | float) else "-"
+
+
+def format_bytes(value: Any) -> str:
+    """A byte count in binary units, as ``top`` shows memory.
+
+    >>> [format_bytes(v) for v in (512, 2048, 67108864, None)]
+    ['512B', '2.0K', '64.0M', '-']
+    """
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return "-"
+    amount = float(value)
+    for unit in ("B", "K", "M", "G", "T"):
+        if amount < 1024 or unit == "T":
+            return f"{int(amount)}B" if unit == "B" else f"{amount:.1f}{unit}"
+        amount /= 1024
+    return "-"  # not reached
+
+
+def render_top(rows: Sequence[Status], style: Style) -> str:
+    """The table of ``ikosctl top``, one row per daemon (see :data:`TOP_COLUMNS`).
+
+    On a terminal figures are rounded for people; without ``style.table``
+    they are raw numbers (seconds, bytes) and ``-`` where unknown.
+    """
+    out: list[list[tuple[str, str | None]]] = []
+    for row in rows:
+        usage = row.get("usage")
+        u: Mapping[str, Any] = usage if isinstance(usage, Mapping) else {}
+        state = _text(row.get("state") or "unknown")
+
+        def raw(key: str, u: Mapping[str, Any] = u) -> str:
+            value = u.get(key)
+            return "-" if value is None else _text(value)
+
+        percent = u.get("cpu_percent")
+        if style.table:
+            cpu_pct = f"{percent:.1f}" if isinstance(percent, int | float) else "-"
+            cells = [cpu_pct, _seconds(u.get("cpu_seconds")) if u else "-"]
+            cells += [format_bytes(u.get("rss_bytes")), format_bytes(u.get("uss_bytes"))]
+        else:
+            cells = [raw("cpu_percent"), raw("cpu_seconds"), raw("rss_bytes"), raw("uss_bytes")]
+        pid = row.get("pid")
+        out.append(
+            [
+                (_text(row.get("name")), None),
+                (state, state),
+                (_text(pid) if pid is not None else "-", None),
+                *((c, None) for c in cells),
+                (raw("open_fds"), None),
+                (raw("threads"), None),
+                (raw("processes"), None),
+                (_text(row.get("restarts", 0)), None),
+            ]
+        )
+    return _table(TOP_COLUMNS, out, style)
 
 
 def _health_line(health: str, checks: Any, style: Style) -> str:

@@ -74,9 +74,11 @@ __all__ = [
     "IpcSettings",
     "LoadedConfig",
     "ManagerSettings",
+    "MonitorSettings",
     "load_config",
     "read_declarations",
     "read_ipc_settings",
+    "read_monitor_settings",
 ]
 
 DEFAULT_METRICS: Final = ("127.0.0.1", 9464)
@@ -89,7 +91,15 @@ MAX_DEPTH: Final = 100
 MAX_DECLARED_SERVICES: Final = 32
 MAX_HEALTH_CHECKS: Final = 32
 
-_TOP_TABLES: Final = ("ikosd", "root", "supervisors", "actors", "executables", "ipc")
+_TOP_TABLES: Final = (
+    "ikosd",
+    "root",
+    "supervisors",
+    "actors",
+    "executables",
+    "ipc",
+    "monitor",
+)
 _KINDS: Final = ("supervisors", "actors", "executables")
 _KIND_NOUN: Final = {"supervisors": "supervisor", "actors": "actor", "executables": "executable"}
 _COMMON_KEYS: Final = ("restart", "shutdown", "requires", "after", "description", "backoff")
@@ -153,10 +163,13 @@ _IPC_KEYS: Final = (
     "queues",
     "allow",
 )
+_MONITOR_KEYS: Final = ("interval", "uss", "uss_every")
 _IPC_QUEUE_KEYS: Final = ("max_deliveries", "visibility_timeout", "max_messages")
 _IPC_GRANTS: Final = ("call", "serve", "publish", "subscribe", "queues")
 _IPC_RULE_KEYS: Final = ("users", "groups", *_IPC_GRANTS)
 SLOW_SUBSCRIBER: Final = ("drop-oldest", "disconnect")
+#: Shortest ``[monitor] interval``: a pass reads every daemon's processes.
+MIN_MONITOR_INTERVAL: Final = 0.1
 #: Most ``[[ipc.allow]]`` rules, and most patterns in one of their lists.
 MAX_IPC_RULES: Final = 1000
 MAX_IPC_PATTERNS: Final = 1000
@@ -244,6 +257,19 @@ class IpcSettings:
 
 
 @dataclass(frozen=True)
+class MonitorSettings:
+    """The ``[monitor]`` table: how often daemons' resource usage is sampled, and how.
+
+    ``uss = false`` leaves out the unique set size, the dearest figure to read
+    (docs/configuration.md); else it is read every ``uss_every`` passes.
+    """
+
+    interval: float = 5.0
+    uss: bool = True
+    uss_every: int = 6
+
+
+@dataclass(frozen=True)
 class Declarations:
     """The service and health tables of a file, by daemon name.
 
@@ -275,6 +301,7 @@ class LoadedConfig:
     services: dict[str, tuple[ServiceInfo, ...]] = field(default_factory=dict)
     health: dict[str, tuple[HealthCheck, ...]] = field(default_factory=dict)
     ipc: IpcSettings = field(default_factory=IpcSettings)
+    monitor: MonitorSettings = field(default_factory=MonitorSettings)
 
 
 def load_config(path: str | Path, base_tree: Supervisor | None = None) -> LoadedConfig:
@@ -304,14 +331,16 @@ def load_config(path: str | Path, base_tree: Supervisor | None = None) -> Loaded
     tree = loader.tree(document, settings.mailbox_size)
     declared = _declarations(file, document)
     ipc, ipc_warnings = _ipc_settings(file, document)
+    monitor, monitor_warnings = _monitor_settings(file, document)
     return LoadedConfig(
         Path(path).absolute(),
         tree,
         settings,
-        (*loader.warnings, *declared.warnings, *ipc_warnings),
+        (*loader.warnings, *declared.warnings, *ipc_warnings, *monitor_warnings),
         declared.services,
         declared.health,
         ipc,
+        monitor,
     )
 
 
@@ -326,13 +355,7 @@ def read_declarations(path: str | Path) -> Declarations:
         declared = read_declarations("/etc/ikos/ikos.toml")
         declared.health["net"]       # (HealthCheck("tcp", "127.0.0.1:53"),)
     """
-    file = str(path)
-    text = _read_text(file, Path(path))
-    try:
-        document = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise _syntax_error(file, text, exc) from None
-    return _declarations(file, document)
+    return _declarations(*_parse_file(path))
 
 
 def read_ipc_settings(path: str | Path | None) -> tuple[IpcSettings, tuple[str, ...]]:
@@ -348,13 +371,53 @@ def read_ipc_settings(path: str | Path | None) -> tuple[IpcSettings, tuple[str, 
     """
     if path is None:
         return IpcSettings(), ()
+    return _ipc_settings(*_parse_file(path))
+
+
+def read_monitor_settings(path: str | Path | None) -> tuple[MonitorSettings, tuple[str, ...]]:
+    """The ``[monitor]`` table of ``path`` (defaults without a file) and its warnings.
+
+    Example::
+
+        settings, warnings = read_monitor_settings("/etc/ikos/ikos.toml")
+        settings.interval        # 5.0
+    """
+    if path is None:
+        return MonitorSettings(), ()
+    return _monitor_settings(*_parse_file(path))
+
+
+def _parse_file(path: str | Path) -> tuple[str, dict[str, Any]]:
+    """``path``'s name as errors show it and its TOML document (syntax errors located)."""
     file = str(path)
     text = _read_text(file, Path(path))
     try:
-        document = tomllib.loads(text)
+        return file, tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise _syntax_error(file, text, exc) from None
-    return _ipc_settings(file, document)
+
+
+def _monitor_settings(
+    file: str, document: Mapping[str, Any]
+) -> tuple[MonitorSettings, tuple[str, ...]]:
+    value = document.get("monitor", {})
+    if not isinstance(value, dict):
+        raise ConfigError(file, None, "monitor", "a table [monitor]", value)
+    t = _Table(file, "monitor", value)
+    warnings = t.unknown(_MONITOR_KEYS)
+    d = MonitorSettings()
+    uss = t.get("uss")
+    if uss is not _MISSING and not isinstance(uss, bool):
+        raise t.error("uss", "true or false", uss)
+    interval = t.seconds("interval", d.interval, zero_ok=False)
+    if interval < MIN_MONITOR_INTERVAL:
+        raise t.error("interval", f"seconds >= {MIN_MONITOR_INTERVAL:g}", t.get("interval"))
+    settings = MonitorSettings(
+        interval=interval,
+        uss=d.uss if uss is _MISSING else bool(uss),
+        uss_every=t.integer("uss_every", d.uss_every, 1),
+    )
+    return settings, tuple(warnings)
 
 
 # --- [ipc] ---------------------------------------------------------------------------------

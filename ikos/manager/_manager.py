@@ -78,17 +78,20 @@ class InstanceLocked(ManagerError):
 
 
 def default_extensions(metrics: tuple[str, int] | None) -> list[Extension]:
-    """The services every ikosd runs: the registry, run-time daemons, metrics, the IPC broker."""
+    """The services every ikosd runs: the registry, run-time daemons, metrics, the IPC
+    broker, the resource sampler."""
     from ikos.manager._daemon_service import DaemonService
     from ikos.manager._ipc_service import IpcService
     from ikos.manager._metrics import MetricsService
     from ikos.manager._registry_service import RegistryService
+    from ikos.manager._sampler_service import SamplerService
 
     extensions: list[Extension] = [RegistryService(), DaemonService()]
     service = MetricsService(*metrics) if metrics is not None else None
     if service is not None:
         extensions.append(service)
     extensions.append(IpcService(service))
+    extensions.append(SamplerService(service))
     return extensions
 
 

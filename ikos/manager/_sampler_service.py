@@ -1,0 +1,133 @@
+"""The sampler service: daemons' resource usage, in their status and in ``/metrics``.
+
+Every ``[monitor] interval`` seconds it takes the running daemons' main pids
+from the manager's own table (on the loop: a few attribute reads per
+daemon) and hands them to a :class:`~ikos.monitor._sampler.Sampler` on a
+worker thread, which reads ``/proc``; the event loop never waits on a
+pass. The latest usage per daemon is replaced whole when a pass ends, so
+``status`` (on the loop) and a scrape (in the HTTP thread) read it without a
+lock; both show a daemon's usage only while the pid it was taken from is
+still the daemon's, so a stopped or restarted daemon never shows the figures
+of its previous run.
+
+Also exports ikosd's own process metrics (prometheus_client's
+``ProcessCollector``, as ``ikos_manager_process_*``) when the endpoint does
+not have them yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import ProcessCollector
+
+from ikos._errors import IkosError
+from ikos.manager._config import MonitorSettings, read_monitor_settings
+from ikos.manager._extension import Config, Extension, ExtensionHost, NodeView, TreeView
+from ikos.monitor._sampler import Sampler, Target, Usage, UsageCollector
+from ikos.supervision._runtime import State
+
+log = logging.getLogger("ikos.sampler")
+
+
+class SamplerService(Extension):
+    """Samples every running daemon's processes; see the module docstring."""
+
+    name = "sampler"
+
+    def __init__(self, metrics: Any = None) -> None:
+        #: the MetricsService whose endpoint gets the usage collector, if any
+        self._metrics = metrics
+        self._view: TreeView | None = None
+        self.settings = MonitorSettings()
+        self.sampler = Sampler(uss=self.settings.uss, uss_every=self.settings.uss_every)
+        #: the latest usage by daemon name (replaced whole by each pass)
+        self.latest: dict[str, Usage] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+
+    async def start(self, host: ExtensionHost) -> None:
+        self._view = host.view
+        self._apply(self._read(host.view.config))
+        if self._metrics is not None:
+            self._metrics.endpoint.add(UsageCollector(self.current))
+            with contextlib.suppress(ValueError):  # already there: the endpoint has its own
+                self._metrics.endpoint.add(
+                    ProcessCollector(namespace="ikos_manager", registry=None)
+                )
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="sampler")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def on_reload(self, config: Config) -> None:
+        try:
+            self._apply(self._read(config))
+        except IkosError as exc:  # load_config refused the file before this: not expected
+            log.warning("sampler: [monitor] kept as it was: %s", exc)
+        self._wake.set()
+
+    def _read(self, config: Config) -> MonitorSettings:
+        settings, _warnings = read_monitor_settings(config.file)  # warnings: load_config's
+        return settings
+
+    def _apply(self, settings: MonitorSettings) -> None:
+        self.sampler.uss, self.sampler.uss_every = settings.uss, settings.uss_every
+        self.settings = settings
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.sample_once()
+            except Exception:  # a bug in a pass must not end sampling for good
+                log.exception("sampler: a pass failed")
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.settings.interval)
+
+    async def sample_once(self) -> None:
+        """One pass: the running daemons' pids here, their processes read on a worker thread."""
+        targets = list(self._targets())
+        self.latest = await asyncio.to_thread(self.sampler.sample, targets)
+
+    def _targets(self) -> Iterator[Target]:
+        assert self._view is not None
+        for node in self._view.walk():
+            if node.kind != "supervisor" and node.pid is not None and _active(node):
+                yield Target(node.name, node.pid)
+
+    def usage_of(self, node: NodeView) -> Usage | None:
+        """The latest usage of ``node``, if it was taken from the process it runs now."""
+        usage = self.latest.get(node.name)
+        if usage is None or usage.pid != node.pid or not _active(node):
+            return None
+        return usage
+
+    def current(self) -> Iterator[tuple[str, Usage]]:
+        """The latest usage of each daemon that runs now (for the collector)."""
+        view = self._view
+        if view is None:
+            return
+        latest = self.latest
+        for name in list(latest):
+            node = view.find(name)
+            usage = self.usage_of(node) if node is not None else None
+            if usage is not None:
+                yield name, usage
+
+    def decorate_status(self, node: NodeView, status: dict[str, Any]) -> None:
+        usage = self.usage_of(node)
+        if usage is not None:
+            status["usage"] = usage.to_json()
+
+
+def _active(node: NodeView) -> bool:
+    return node.state in (State.STARTING, State.RUNNING, State.STOPPING)

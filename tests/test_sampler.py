@@ -1,0 +1,296 @@
+"""Resource sampling against processes whose usage is known, through the real ikosd.
+
+An actor that holds 64 MiB, an executable that burns CPU, one that holds a
+known number of open files, one with a child process: each must show in
+``ikosctl status --json`` (the ``usage`` object), in ``/metrics`` and in
+``ikosctl top``; a stopped daemon's series go. The sampler's own logic
+(CPU seconds kept across exited children, vanished processes skipped) is
+tested directly on processes this test starts.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import urllib.request
+from typing import Any
+
+import pytest
+from conftest import HANG, alive, wait_for
+
+from ikos._errors import ConfigError
+from ikos.manager._config import MonitorSettings, load_config, read_monitor_settings
+from ikos.monitor._sampler import Sampler, Target
+
+MIB = 1024 * 1024
+FDS = 40
+PY = sys.executable
+
+TREE = f"""
+import ikos
+
+
+class Hog(ikos.Actor):
+    def on_start(self):
+        # touched page by page, so that every page is resident and the process's own
+        self.block = bytearray(64 * {MIB})
+        for i in range(0, len(self.block), 4096):
+            self.block[i] = 1
+
+    def receive(self, message):
+        return len(self.block)
+
+
+tree = ikos.Supervisor(
+    "root",
+    max_restarts=50,
+    within=60.0,
+    children=[
+        ikos.Child("hog", Hog),
+        ikos.Exec("burner", {PY!r}, args=["-c", "while True: pass"]),
+        ikos.Exec(
+            "files",
+            {PY!r},
+            args=["-c", "import os, time; fds = [os.open('/dev/null', os.O_RDONLY) "
+                  "for _ in range({FDS})]; time.sleep(3600)"],
+        ),
+        ikos.Exec(
+            "parent",
+            "/bin/sh",
+            args=["-c", "sleep 3600 & sleep 3600 & wait"],
+        ),
+    ],
+)
+"""
+
+CONFIG = """
+[ikosd]
+metrics = "127.0.0.1:0"
+
+[monitor]
+interval = 0.2
+"""
+
+
+@pytest.fixture
+def inst(ikosd_factory: Any) -> Any:
+    instance = ikosd_factory(tree=TREE, config=CONFIG)
+    for name in ("hog", "burner", "files", "parent"):
+        instance.wait_state(name, "running", timeout=HANG)
+    return instance
+
+
+def usage_of(inst: Any, name: str, check: Any) -> dict[str, Any]:
+    """The usage object of ``name`` once ``check(usage)`` holds."""
+
+    def ready() -> dict[str, Any] | None:
+        usage = inst.status(name).get("usage")
+        return usage if usage is not None and check(usage) else None
+
+    return wait_for(ready, HANG, message=f"the usage of {name} to satisfy the check")  # type: ignore[no-any-return]
+
+
+def metrics_url(inst: Any) -> str:
+    found = re.search(r"metrics (http://\S+/metrics)", inst.log_text())
+    assert found, inst.log_text()
+    return found.group(1)
+
+
+def scrape(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=HANG) as answer:
+        return str(answer.read().decode())
+
+
+def test_known_usage_shows_in_status(inst: Any) -> None:
+    hog = usage_of(inst, "hog", lambda u: u["rss_bytes"] >= 64 * MIB)
+    assert hog["uss_bytes"] >= 64 * MIB
+    assert hog["processes"] >= 1 and hog["threads"] >= 1
+    assert set(hog) == {
+        "cpu_seconds",
+        "cpu_percent",
+        "rss_bytes",
+        "uss_bytes",
+        "open_fds",
+        "threads",
+        "io_read_bytes",
+        "io_write_bytes",
+        "processes",
+        "sampled_at",
+    }
+    first = usage_of(inst, "burner", lambda u: u["cpu_seconds"] > 0)["cpu_seconds"]
+    later = usage_of(inst, "burner", lambda u: u["cpu_seconds"] >= first + 0.5)
+    assert later["cpu_percent"] is not None and later["cpu_percent"] > 0
+    usage_of(inst, "files", lambda u: u["open_fds"] >= FDS)
+    # the shell and its two sleeps: the session's processes count, not only the main one
+    usage_of(inst, "parent", lambda u: u["processes"] == 3)
+    text = inst.ctl("status", "hog").stdout
+    assert re.search(r"Memory: \d+\.\dM resident, \d+\.\dM unique", text), text
+    assert "CPU: " in text and "Tasks: " in text
+
+
+def test_usage_metrics_and_stopped_daemons_leave(inst: Any) -> None:
+    url = metrics_url(inst)
+    text = wait_for(
+        lambda: 'ikos_daemon_open_fds{daemon="files"}' in (t := scrape(url)) and t,
+        HANG,
+        message="the files daemon's series",
+    )
+    for series in (
+        'ikos_daemon_cpu_seconds_total{daemon="burner"}',
+        'ikos_daemon_memory_bytes{daemon="hog",kind="rss"}',
+        'ikos_daemon_memory_bytes{daemon="hog",kind="uss"}',
+        'ikos_daemon_threads{daemon="hog"}',
+        'ikos_daemon_processes{daemon="parent"}',
+        "ikos_manager_process_resident_memory_bytes",
+    ):
+        assert series in text, series
+    hog = re.search(r'ikos_daemon_memory_bytes\{daemon="hog",kind="rss"\} (\S+)', text)
+    assert hog is not None and float(hog.group(1)) >= 64 * MIB
+    inst.ctl("stop", "burner", check=True)
+    wait_for(
+        lambda: 'daemon="burner"}' not in scrape(url).replace("ikos_daemon_up", "#"),
+        HANG,
+        message="the stopped daemon's usage series to go",
+    )
+    after = scrape(url)
+    assert not re.search(
+        r'ikos_daemon_(cpu|memory|open_fds|threads|processes)\S*\{daemon="burner"', after
+    )
+    assert 'ikos_daemon_open_fds{daemon="files"}' in after
+    assert "usage" not in inst.status("burner")
+
+
+def test_top_json_and_table(inst: Any) -> None:
+    usage_of(inst, "hog", lambda u: u["rss_bytes"] >= 64 * MIB)
+
+    def top() -> list[dict[str, Any]]:
+        res = inst.ctl("top", "--json")
+        assert res.returncode == 0, res.stderr
+        return json.loads(res.stdout)  # type: ignore[no-any-return]
+
+    def all_sampled() -> list[dict[str, Any]] | None:
+        rows = top()
+        return rows if all(r["usage"] for r in rows) else None
+
+    rows = wait_for(
+        all_sampled,
+        HANG,
+        message="every daemon's usage in top",
+    )
+    names = [r["name"] for r in rows]
+    assert {"hog", "burner", "files", "parent"} <= set(names)
+    for row in rows:
+        assert {"name", "kind", "state", "pid", "restarts", "usage"} <= set(row)
+        assert row["kind"] != "supervisor"
+    # sorted by CPU (the default): the burner first
+    ordered = inst.ctl("top", "--json", "--sort", "cpu")
+    assert json.loads(ordered.stdout)[0]["name"] == "burner"
+    by_memory = json.loads(inst.ctl("top", "--json", "--sort", "memory").stdout)
+    assert by_memory[0]["name"] == "hog"
+    # not a terminal: one snapshot, tab-separated rows, no header
+    plain = inst.ctl("top")
+    assert plain.returncode == 0, plain.stderr
+    lines = plain.stdout.splitlines()
+    assert lines and all(len(line.split("\t")) == 11 for line in lines)
+    assert inst.ctl("top", "--sort", "colour").returncode == 1
+
+
+# --- the sampler and the [monitor] table alone -------------------------------------------
+
+
+def test_cpu_of_exited_children_is_kept_and_vanished_processes_skipped(tmp_path: Any) -> None:
+    script = (
+        "import os, subprocess, sys, time\n"
+        "os.setsid()\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time\\n"
+        "end = time.process_time() + 0.5\\nwhile time.process_time() < end: pass\\n"
+        "import sys; sys.stdin.read()'], stdin=subprocess.PIPE)\n"
+        "print(child.pid, flush=True)\n"
+        "sys.stdin.readline()\n"
+        "child.stdin.close(); child.wait()\n"
+        "print('done', flush=True)\n"
+        "sys.stdin.readline()\n"
+    )
+    with subprocess.Popen(
+        [PY, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    ) as proc:
+        try:
+            assert proc.stdout is not None and proc.stdin is not None
+            child = int(proc.stdout.readline())
+            sampler = Sampler()
+            target = Target("x", proc.pid)
+            seen = wait_for(
+                lambda: (u := sampler.sample([target])["x"]).cpu_seconds >= 0.5 and u,
+                HANG,
+                message="the child's CPU",
+            )
+            assert seen.processes == 2
+            proc.stdin.write("\n")
+            proc.stdin.flush()
+            assert proc.stdout.readline().strip() == "done"
+            assert not alive(child)
+            after = sampler.sample([target])["x"]
+            assert after.processes == 1  # the child is gone, its CPU seconds are not
+            assert after.cpu_seconds >= seen.cpu_seconds
+        finally:
+            proc.kill()
+            proc.wait()
+    # a process that is gone is left out, not an error
+    assert Sampler().sample([Target("gone", proc.pid)]) == {}
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ("[monitor]\ninterval = 0\n", "[monitor] key 'interval': expected seconds > 0"),
+        ("[monitor]\ninterval = 0.01\n", "expected seconds >= 0.1"),
+        ("[monitor]\ninterval = 'often'\n", "key 'interval'"),
+        ("[monitor]\nuss = 'yes'\n", "key 'uss': expected true or false"),
+        ("[monitor]\nuss_every = 0\n", "key 'uss_every': expected an integer >= 1"),
+        ("monitor = 5\n", "expected a table [monitor]"),
+    ],
+)
+def test_bad_monitor_table_is_an_error_naming_it(tmp_path: Any, table: str, message: str) -> None:
+    path = tmp_path / "ikos.toml"
+    path.write_text(table + '[executables.a]\nexecutable = "/bin/true"\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(path) in str(info.value)
+    assert message in str(info.value), str(info.value)
+
+
+def test_monitor_table_read_with_warnings(tmp_path: Any) -> None:
+    path = tmp_path / "ikos.toml"
+    path.write_text("[monitor]\ninterval = 2\nuss = false\nuss_every = 3\nintervall = 3\n")
+    settings, warnings = read_monitor_settings(path)
+    assert settings == MonitorSettings(interval=2.0, uss=False, uss_every=3)
+    assert len(warnings) == 1 and "did you mean 'interval'" in warnings[0]
+    assert read_monitor_settings(None) == (MonitorSettings(), ())
+
+
+def test_ikosd_refuses_a_bad_monitor_table(ikosd_factory: Any) -> None:
+    inst = ikosd_factory(
+        config="[ikosd]\nmetrics = false\n[monitor]\ninterval = -1\n",
+        wait_ready=False,
+        expect_exit=2,
+    )
+    assert inst.proc.wait(timeout=60) == 2
+    assert "[monitor] key 'interval'" in inst.log_text()
+
+
+def test_uss_is_read_every_nth_pass_and_kept_between() -> None:
+    with subprocess.Popen(
+        [PY, "-c", "import time; time.sleep(3600)"], start_new_session=True
+    ) as proc:
+        try:
+            sampler = Sampler(uss=True, uss_every=3)
+            target = Target("x", proc.pid)
+            passes = [sampler.sample([target])["x"] for _ in range(4)]
+            assert all(p.uss_bytes is not None and p.uss_bytes > 0 for p in passes)
+            assert passes[0].uss_bytes == passes[1].uss_bytes == passes[2].uss_bytes
+            assert Sampler(uss=False).sample([target])["x"].uss_bytes is None
+        finally:
+            proc.kill()
+            proc.wait()
