@@ -11,14 +11,17 @@ tested directly on processes this test starts.
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 import urllib.request
 from typing import Any
 
 import pytest
-from conftest import HANG, alive, wait_for
+from conftest import HANG, Instance, alive, wait_for
+from test_local_users import ctl_as, reachable, stranger  # noqa: F401 (fixtures)
 
 from ikos._errors import ConfigError
 from ikos.manager._config import MonitorSettings, load_config, read_monitor_settings
@@ -294,3 +297,26 @@ def test_uss_is_read_every_nth_pass_and_kept_between() -> None:
         finally:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("useradd") is None or shutil.which("setpriv") is None,
+    reason="needs root, useradd and setpriv to create another user and act as it",
+)
+def test_another_user_sees_no_usage(
+    ikosd_factory: Any,
+    reachable: Any,  # noqa: F811 (the fixture imported above)
+    stranger: Any,  # noqa: F811
+) -> None:
+    root = reachable / "root"
+    started = ikosd_factory(tree=TREE, config=CONFIG, args=["--root", str(root)])
+    inst = Instance(root, started.proc, started.mark, started.log)
+    usage_of(inst, "hog", lambda u: u["rss_bytes"] >= 64 * MIB)
+    res = ctl_as(stranger, inst, "top", "--json")
+    assert res.returncode == 0, res.stderr
+    rows = json.loads(res.stdout)
+    assert {"hog", "burner"} <= {r["name"] for r in rows}
+    assert all(r["usage"] is None and r["state"] for r in rows)
+    res = ctl_as(stranger, inst, "status", "hog", "--json")
+    assert res.returncode == 0, res.stderr
+    assert "usage" not in json.loads(res.stdout)[0]
