@@ -601,6 +601,12 @@ def test_every_verb_against_a_real_ikosd(ikosd_factory: Any) -> None:
         "ticker",
     ]
     assert ctl("tree").splitlines()[0] == "root [supervisor one_for_one] running"
+    assert [row.split("\t")[0] for row in ctl("top", "--sort", "name").splitlines()] == [
+        "counter",
+        "echo",
+        "ikos-broker",
+        "ticker",
+    ]
     assert ctl("is-active", "echo", "ticker") == "running\nrunning\n"
     assert ctl("publish", "demo.tick", '{"n": 1}') == ""
     assert ctl("queue", "put", "demo", "1") == "1\n"
