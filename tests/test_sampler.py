@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import re
+import select
 import shutil
 import subprocess
 import sys
+import termios
 import urllib.request
 from typing import Any
 
 import pytest
-from conftest import HANG, Instance, alive, wait_for
+from conftest import HANG, IKOSCTL, Instance, alive, wait_for
 from test_local_users import ctl_as, reachable, stranger  # noqa: F401 (fixtures)
 
 from ikos._errors import ConfigError
@@ -320,3 +323,42 @@ def test_another_user_sees_no_usage(
     res = ctl_as(stranger, inst, "status", "hog", "--json")
     assert res.returncode == 0, res.stderr
     assert "usage" not in json.loads(res.stdout)[0]
+
+
+def test_top_on_a_terminal_refreshes_sorts_and_restores_it(inst: Any) -> None:
+    usage_of(inst, "burner", lambda u: u["cpu_percent"] is not None)
+    primary, secondary = pty.openpty()
+    before = termios.tcgetattr(secondary)
+    proc = subprocess.Popen(
+        [IKOSCTL, "--root", str(inst.root), "top", "--interval", "0.2"],
+        stdin=secondary,
+        stdout=secondary,
+        stderr=secondary,
+        env={**inst.env, "COLUMNS": "200", "LINES": "50"},
+    )
+    seen = bytearray()
+
+    def output_has(text: bytes) -> bool:
+        while select.select([primary], [], [], 0.05)[0]:
+            try:
+                seen.extend(os.read(primary, 65536))
+            except OSError:
+                break
+        return text in seen
+
+    try:
+        wait_for(lambda: output_has(b"sorted by cpu"), HANG, message="the first frame")
+        assert b"burner" in seen and b"CPU%" in seen
+        os.write(primary, b"n")
+        wait_for(lambda: output_has(b"sorted by name"), HANG, message="the sort key")
+        os.write(primary, b"q")
+        assert proc.wait(timeout=HANG) == 0
+        output_has(b"")
+        assert seen.endswith(b"\x1b[?25h\x1b[?1049l"), bytes(seen[-40:])
+        assert termios.tcgetattr(secondary) == before
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(primary)
+        os.close(secondary)
