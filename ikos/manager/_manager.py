@@ -77,7 +77,13 @@ class InstanceLocked(ManagerError):
     """Another ikosd already runs on this root."""
 
 
-def default_extensions(metrics: tuple[str, int] | None) -> list[Extension]:
+class _StartRefused(ManagerError):
+    """A service of ikosd cannot start (its metrics address is taken): nothing has run yet."""
+
+
+def default_extensions(
+    metrics: tuple[str, int] | tuple[str, int, bool] | None,
+) -> list[Extension]:
     """The services every ikosd runs: the registry, run-time daemons, metrics, the IPC broker."""
     from ikos.manager._daemon_service import DaemonService
     from ikos.manager._ipc_service import IpcService
@@ -104,7 +110,7 @@ class Manager:
         max_message_bytes: int = 64 * 1024 * 1024,
         shutdown_timeout: float = 30.0,
         ready_line: bool = True,
-        metrics: tuple[str, int] | None = None,
+        metrics: tuple[str, int] | tuple[str, int, bool] | None = None,
         extensions: Sequence[Extension] | None = None,
         reader_gid: int | None = None,
     ) -> None:
@@ -370,6 +376,12 @@ class Manager:
         self._prepare()
         try:
             await self._serve()
+        except _StartRefused:
+            # Before recovery: a crashed predecessor's daemons and their records
+            # stay as they are, for the next ikosd (as when abandoning them).
+            self._abandoned = True
+            self.exit_code = EXIT_FAILED
+            raise
         except Exception:
             # A bug of the manager's own: keep the daemons adoptable rather than
             # abandoning or killing them, and let the next ikosd take over.
@@ -400,7 +412,10 @@ class Manager:
             await spawner.start()
         host = ExtensionHost(self, self.ops, self.control)
         for ext in self.extensions:
-            await ext.start(host)
+            try:
+                await ext.start(host)
+            except IkosError as exc:  # a refusal, named by the service (an OSError is a bug)
+                raise _StartRefused(str(exc)) from None
             self._started.append(ext)
         tree = self._tree
         for ext in self._started:
