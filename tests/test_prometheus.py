@@ -8,6 +8,7 @@ the address tests is that the default is safe for several on one machine.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -26,6 +27,12 @@ from prometheus import (
     promtool_check_metrics,
     running_prometheus,
 )
+
+from ikos._errors import ManagerError
+from ikos.manager._config import AUTO_METRICS
+from ikos.manager._ikosd import metrics_address
+from ikos.manager._metrics import MetricsService, metrics_file
+from ikos.platform._paths import InstancePaths
 
 HEAD = """
 [root]
@@ -152,3 +159,53 @@ def test_a_daemon_removed_by_reload_leaves_no_series(
     assert daemons(prometheus.query(f'ikos_daemon_up{{instance="{address}",kind="actor"}}')) == {
         "alpha": 1.0
     }
+
+
+# --- the address, without a Prometheus ----------------------------------------------------
+
+
+def test_the_default_address_depends_on_the_instance(tmp_path: Path) -> None:
+    system = InstancePaths.default()
+    mine = InstancePaths.for_root(tmp_path)
+    if os.geteuid() == 0:  # the system instance keeps the well-known port, falling back
+        assert metrics_address(system, AUTO_METRICS) == ("127.0.0.1", 9464, True)
+    else:
+        assert metrics_address(system, AUTO_METRICS) == ("127.0.0.1", 0, False)
+    assert metrics_address(mine, AUTO_METRICS) == ("127.0.0.1", 0, False)
+    assert metrics_address(system, ("0.0.0.0", 9100)) == ("0.0.0.0", 9100, False)
+    assert metrics_address(mine, None) is None
+
+
+class _Host:
+    """The part of an ExtensionHost the metrics service uses: the view's paths."""
+
+    def __init__(self, paths: InstancePaths) -> None:
+        self.view = self
+        self.paths = paths
+
+
+@pytest.mark.parametrize("fallback", [True, False])
+def test_a_taken_default_port_falls_back_and_an_explicit_one_refuses(
+    tmp_path: Path, fallback: bool
+) -> None:
+    paths = InstancePaths.for_root(tmp_path)
+    paths.create()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        service = MetricsService("127.0.0.1", port, fallback=fallback)
+        try:
+            if not fallback:
+                with pytest.raises(ManagerError, match=f"cannot serve metrics on 127.0.0.1:{port}"):
+                    asyncio.run(service.start(_Host(paths)))  # type: ignore[arg-type]
+                assert not metrics_file(paths).exists()
+                return
+            asyncio.run(service.start(_Host(paths)))  # type: ignore[arg-type]
+            address = service.endpoint.address
+            assert address is not None and address != f"127.0.0.1:{port}"
+            [group] = json.loads(metrics_file(paths).read_text())
+            assert group["targets"] == [address]
+        finally:
+            asyncio.run(service.stop())
+    assert not metrics_file(paths).exists()
