@@ -97,7 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", metavar="DIR", help="keep every path of this instance under DIR")
     p.add_argument("-c", "--config", metavar="CONFIG", help="an ikos.toml configuration file")
     p.add_argument("--tree", metavar="MODULE:ATTR", help="a Supervisor defined in Python")
-    p.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics here ('off')")
+    p.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics here, or 'off' (default: a free port of 127.0.0.1; "
+        "127.0.0.1:9464 for the system instance)",
+    )
     p.add_argument(
         "--log-level",
         type=_log_level,
