@@ -77,10 +77,6 @@ class InstanceLocked(ManagerError):
     """Another ikosd already runs on this root."""
 
 
-class _StartRefused(ManagerError):
-    """A service of ikosd cannot start (its metrics address is taken): nothing has run yet."""
-
-
 def default_extensions(
     metrics: tuple[str, int] | tuple[str, int, bool] | None,
 ) -> list[Extension]:
@@ -162,6 +158,8 @@ class Manager:
         self._abandoned = False
         self._reload_lock = asyncio.Lock()
         self._reap_retry: asyncio.TimerHandle | None = None
+        #: the error with which a service refused to start, ending ikosd before recovery
+        self._refusal: IkosError | None = None
 
     # -- the tree and its index (TreeView) -------------------------------------------------
 
@@ -376,13 +374,14 @@ class Manager:
         self._prepare()
         try:
             await self._serve()
-        except _StartRefused:
-            # Before recovery: a crashed predecessor's daemons and their records
-            # stay as they are, for the next ikosd (as when abandoning them).
+        except Exception as exc:
             self._abandoned = True
             self.exit_code = EXIT_FAILED
-            raise
-        except Exception:
+            if exc is self._refusal:
+                # A service refused to start (its metrics address is taken), before
+                # recovery: a crashed predecessor's daemons and their records stay
+                # as they are, for the next ikosd; main() prints the one line.
+                raise
             # A bug of the manager's own: keep the daemons adoptable rather than
             # abandoning or killing them, and let the next ikosd take over.
             log.critical(
@@ -390,8 +389,6 @@ class Manager:
                 "on this root adopts them",
                 exc_info=True,
             )
-            self._abandoned = True
-            self.exit_code = EXIT_FAILED
         finally:
             await self._release()
         log.info("ikosd stopped (exit status %d)", self.exit_code)
@@ -415,7 +412,8 @@ class Manager:
             try:
                 await ext.start(host)
             except IkosError as exc:  # a refusal, named by the service (an OSError is a bug)
-                raise _StartRefused(str(exc)) from None
+                self._refusal = exc
+                raise
             self._started.append(ext)
         tree = self._tree
         for ext in self._started:
