@@ -3,9 +3,11 @@
 #   nginx          a forking daemon with a PID file (tests/test_real_daemons.py)
 #   redis-server   a daemon that speaks sd_notify (tests/test_real_daemons.py)
 #   systemd        for systemd-notify, the sd_notify client in tests' scripts
+#   prometheus     a real Prometheus server (and promtool) scraping ikosd
+#                  (tests/prometheus.py, tests/test_prometheus.py)
 # A fast no-op when they are installed. As root, apt-get installs what is
 # missing, non-interactively and quietly, with no service started by the
-# packages' scripts (they would take ports 80 and 6379 system-wide; the tests
+# packages' scripts (they would take ports 80, 6379 and 9090 system-wide; the tests
 # start their own instances). Anyone else gets one line saying what is
 # missing, and the tests that need it are skipped with that reason.
 set -eu
@@ -15,6 +17,7 @@ missing=""
 command -v nginx >/dev/null 2>&1 || missing="$missing nginx"
 command -v redis-server >/dev/null 2>&1 || missing="$missing redis-server"
 command -v systemd-notify >/dev/null 2>&1 || missing="$missing systemd"
+command -v prometheus >/dev/null 2>&1 || missing="$missing prometheus"
 [ -z "$missing" ] && exit 0
 
 if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from ikos._errors import ConfigError, SpecError
 from ikos.manager._config import (
-    DEFAULT_METRICS,
+    AUTO_METRICS,
     LoadedConfig,
     ManagerSettings,
     load_config,
@@ -225,7 +225,7 @@ def test_empty_file_gives_an_empty_default_root_and_default_settings(tmp_path: P
     loaded = load(tmp_path, "")
     assert loaded.tree == Supervisor("root", "one_for_one", 1, 5.0)
     assert loaded.settings == ManagerSettings()
-    assert loaded.settings.metrics == DEFAULT_METRICS == ("127.0.0.1", 9464)
+    assert loaded.settings.metrics == AUTO_METRICS  # ikosd decides, per instance
     assert loaded.settings.max_message_bytes == 64 * 1024 * 1024
     assert loaded.warnings == ()
 
@@ -268,7 +268,7 @@ def test_ikosd_mailbox_size_is_the_default_of_actors(tmp_path: Path) -> None:
     ("value", "expected"),
     [
         ("false", None),
-        ("true", DEFAULT_METRICS),
+        ("true", AUTO_METRICS),
         ('"localhost:0"', ("localhost", 0)),
         ('"[::1]:9464"', ("::1", 9464)),
     ],
@@ -958,7 +958,7 @@ def test_unknown_keys_are_warnings_not_errors(tmp_path: Path) -> None:
     assert sup.backoff == Backoff(min=1.0)
     assert isinstance(web, Exec)
     assert web.fields == {"limits": ResourceLimits(nofile=10)}  # unknown keys are not passed on
-    assert loaded.settings.metrics == DEFAULT_METRICS
+    assert loaded.settings.metrics == AUTO_METRICS
 
 
 # --- merging with --tree -------------------------------------------------------------------

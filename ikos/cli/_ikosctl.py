@@ -266,6 +266,10 @@ def _status(ctx: _Context) -> int:
         ctx.emit_text(_render.render_status(statuses, ctx.style, time.time()))
         if ipc is not None:
             ctx.emit_text(_ipc_line(ipc))
+        # ikosd's own facts travel with the root supervisor's status
+        root = next((s for s in statuses if s.get("supervisor") is None), None)
+        if root is not None and "metrics" in root:
+            ctx.emit_text(f"ikosd: metrics at {root['metrics'] or 'nowhere (not serving)'}\n")
     running = all(s.get("state") == "running" for s in statuses)
     return EXIT_OK if running else EXIT_NOT_ACTIVE
 

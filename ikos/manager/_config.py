@@ -44,7 +44,7 @@ import tomllib
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, cast
+from typing import Any, Final, Literal, cast
 
 from ikos._errors import ConfigError, SpecError
 from ikos.platform._fields import close_match
@@ -68,6 +68,7 @@ from ikos.supervision._spec import (
 )
 
 __all__ = [
+    "AUTO_METRICS",
     "DEFAULT_METRICS",
     "Declarations",
     "IpcRule",
@@ -81,7 +82,12 @@ __all__ = [
     "read_monitor_settings",
 ]
 
+#: The metrics address of the system instance (root's, without ``--root``): the port
+#: Prometheus's exporter list gives ikos. Every other instance takes a free port
+#: unless told otherwise (``"auto"`` below), so that instances never collide.
 DEFAULT_METRICS: Final = ("127.0.0.1", 9464)
+#: ``metrics`` left out (or ``true``): the default of the instance, decided by ikosd.
+AUTO_METRICS: Final = "auto"
 LOG_LEVELS: Final = ("debug", "info", "warning", "error", "critical")
 #: Largest configuration file read, a guard against pointing ``-c`` at the wrong file.
 MAX_FILE_BYTES: Final = 16 * 1024 * 1024
@@ -180,14 +186,15 @@ _PATTERN_SEGMENT = re.compile(r"^(?:[A-Za-z0-9_@:/-]+|\*|#)$")
 class ManagerSettings:
     """The ``[ikosd]`` table: settings of the manager itself.
 
-    ``metrics`` is the ``(host, port)`` the Prometheus endpoint listens on, or
-    ``None`` when disabled; ``mailbox_size`` is the default mailbox bound of
+    ``metrics`` is the ``(host, port)`` the Prometheus endpoint listens on,
+    ``None`` when disabled, or :data:`AUTO_METRICS` when the file leaves it
+    to ikosd (docs/operations.md, *Metrics*); ``mailbox_size`` is the default mailbox bound of
     actors in the file that do not set their own; ``readers`` the group id
     whose members may read what only the owner and root read otherwise
     (logs, daemons' configurations).
     """
 
-    metrics: tuple[str, int] | None = DEFAULT_METRICS
+    metrics: tuple[str, int] | Literal["auto"] | None = AUTO_METRICS
     log_level: str = "info"
     shutdown_timeout: float = 30.0
     mailbox_size: int = 1000
@@ -951,10 +958,10 @@ class _Loader:
             raise ConfigError(self.file, None, name, f"a table [{name}]", value)
         return _Table(self.file, name, value)
 
-    def _metrics(self, t: _Table) -> tuple[str, int] | None:
+    def _metrics(self, t: _Table) -> tuple[str, int] | Literal["auto"] | None:
         value = t.get("metrics")
         if value is _MISSING or value is True:
-            return DEFAULT_METRICS
+            return AUTO_METRICS
         if value is False:
             return None
         expected = "'HOST:PORT' (port 0-65535) or false to disable"

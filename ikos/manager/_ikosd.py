@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ikos._errors import ConfigError, IkosError
+from ikos.manager._config import AUTO_METRICS, DEFAULT_METRICS
 from ikos.manager._extension import Config, ConfigSource
 from ikos.platform._paths import InstancePaths
 from ikos.supervision._spec import Supervisor
@@ -96,7 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", metavar="DIR", help="keep every path of this instance under DIR")
     p.add_argument("-c", "--config", metavar="CONFIG", help="an ikos.toml configuration file")
     p.add_argument("--tree", metavar="MODULE:ATTR", help="a Supervisor defined in Python")
-    p.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics here ('off')")
+    p.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics here, or 'off' (default: a free port of 127.0.0.1; "
+        "127.0.0.1:9464 for the system instance)",
+    )
     p.add_argument(
         "--log-level",
         type=_log_level,
@@ -226,9 +232,6 @@ def prepare(
     return paths, config, read, settings
 
 
-DEFAULT_METRICS = ("127.0.0.1", 9464)
-
-
 def parse_metrics(value: str) -> tuple[str, int] | None:
     """``HOST:PORT`` (or ``off``) of the metrics endpoint; ConfigError otherwise."""
     if value.strip().lower() in ("off", "none", "false", "no"):
@@ -237,6 +240,27 @@ def parse_metrics(value: str) -> tuple[str, int] | None:
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ConfigError(None, None, "--metrics", "HOST:PORT (e.g. 127.0.0.1:9464) or off", value)
     return (host.strip("[]") or "0.0.0.0", int(port))
+
+
+def metrics_address(
+    paths: InstancePaths, given: tuple[str, int] | str | None
+) -> tuple[str, int, bool] | None:
+    """``(host, port, fallback)`` to serve metrics on, or None when they are off.
+
+    ``given`` is ``--metrics`` or ``[ikosd] metrics`` (``"auto"`` when neither
+    says). By default the system instance (root's, without ``--root``) listens
+    on 127.0.0.1:9464, falling back to a free port if that one is taken, and
+    every other instance on a free port of 127.0.0.1, so that any number of
+    them run side by side; an explicit address is used as given (``fallback``
+    false: ikosd refuses to start when it cannot be bound).
+    """
+    if given is None:
+        return None
+    if isinstance(given, tuple):
+        return (*given, False)
+    if paths.root is None and os.geteuid() == 0:
+        return (*DEFAULT_METRICS, True)
+    return ("127.0.0.1", 0, False)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -249,10 +273,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ikosd: {exc}", file=sys.stderr)
         return 2
     try:
-        metrics = (
-            parse_metrics(args.metrics)
-            if args.metrics
-            else settings.get("metrics", DEFAULT_METRICS)
+        metrics = metrics_address(
+            paths,
+            parse_metrics(args.metrics) if args.metrics else settings.get("metrics", AUTO_METRICS),
         )
     except IkosError as exc:
         print(f"ikosd: {exc}", file=sys.stderr)

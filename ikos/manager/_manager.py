@@ -77,7 +77,9 @@ class InstanceLocked(ManagerError):
     """Another ikosd already runs on this root."""
 
 
-def default_extensions(metrics: tuple[str, int] | None) -> list[Extension]:
+def default_extensions(
+    metrics: tuple[str, int] | tuple[str, int, bool] | None,
+) -> list[Extension]:
     """The services every ikosd runs: the registry, run-time daemons, metrics, the IPC
     broker, the resource sampler."""
     from ikos.manager._daemon_service import DaemonService
@@ -107,7 +109,7 @@ class Manager:
         max_message_bytes: int = 64 * 1024 * 1024,
         shutdown_timeout: float = 30.0,
         ready_line: bool = True,
-        metrics: tuple[str, int] | None = None,
+        metrics: tuple[str, int] | tuple[str, int, bool] | None = None,
         extensions: Sequence[Extension] | None = None,
         reader_gid: int | None = None,
     ) -> None:
@@ -159,6 +161,8 @@ class Manager:
         self._abandoned = False
         self._reload_lock = asyncio.Lock()
         self._reap_retry: asyncio.TimerHandle | None = None
+        #: the error with which a service refused to start, ending ikosd before recovery
+        self._refusal: IkosError | None = None
 
     # -- the tree and its index (TreeView) -------------------------------------------------
 
@@ -373,7 +377,14 @@ class Manager:
         self._prepare()
         try:
             await self._serve()
-        except Exception:
+        except Exception as exc:
+            self._abandoned = True
+            self.exit_code = EXIT_FAILED
+            if exc is self._refusal:
+                # A service refused to start (its metrics address is taken), before
+                # recovery: a crashed predecessor's daemons and their records stay
+                # as they are, for the next ikosd; main() prints the one line.
+                raise
             # A bug of the manager's own: keep the daemons adoptable rather than
             # abandoning or killing them, and let the next ikosd take over.
             log.critical(
@@ -381,8 +392,6 @@ class Manager:
                 "on this root adopts them",
                 exc_info=True,
             )
-            self._abandoned = True
-            self.exit_code = EXIT_FAILED
         finally:
             await self._release()
         log.info("ikosd stopped (exit status %d)", self.exit_code)
@@ -403,7 +412,11 @@ class Manager:
             await spawner.start()
         host = ExtensionHost(self, self.ops, self.control)
         for ext in self.extensions:
-            await ext.start(host)
+            try:
+                await ext.start(host)
+            except IkosError as exc:  # a refusal, named by the service (an OSError is a bug)
+                self._refusal = exc
+                raise
             self._started.append(ext)
         tree = self._tree
         for ext in self._started:

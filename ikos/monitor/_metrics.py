@@ -144,23 +144,24 @@ class MetricsEndpoint:
         """Export ``collector``'s metrics too."""
         self.registry.register(collector)
 
-    def serve(self, host: str, port: int) -> bool:
-        """Listen on ``host:port`` (0 for any free port); False (and a warning) if it cannot."""
-        try:
-            self.server, _thread = start_http_server(port, addr=host, registry=self.registry)
-        except OSError as exc:
-            log.warning("metrics not served: cannot listen on %s:%d: %s", host, port, exc)
-            return False
+    def serve(self, host: str, port: int) -> None:
+        """Listen on ``host:port`` (port 0: any free port); OSError if it cannot."""
+        self.server, _thread = start_http_server(port, addr=host, registry=self.registry)
         log.info("metrics at %s", self.url)
-        return True
+
+    @property
+    def address(self) -> str | None:
+        """``HOST:PORT`` actually bound (IPv6 in brackets), once serving."""
+        if self.server is None:
+            return None
+        host, port = self.server.server_address[:2]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     @property
     def url(self) -> str | None:
         """``http://HOST:PORT/metrics`` once serving."""
-        if self.server is None:
-            return None
-        host, port = self.server.server_address[:2]
-        return f"http://{host}:{port}/metrics"
+        address = self.address
+        return f"http://{address}/metrics" if address else None
 
     def close(self) -> None:
         if self.server is not None:
