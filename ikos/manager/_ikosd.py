@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ikos._errors import ConfigError, IkosError
-from ikos.manager._config import AUTO_METRICS, DEFAULT_METRICS
 from ikos.manager._extension import Config, ConfigSource
 from ikos.platform._paths import InstancePaths
 from ikos.supervision._spec import Supervisor
@@ -254,6 +253,10 @@ def metrics_address(
     them run side by side; an explicit address is used as given (``fallback``
     false: ikosd refuses to start when it cannot be bound).
     """
+    # deferred, as load_config is: ``import ikos`` reaches this module, and the
+    # configuration reader pulls in the registry's health checks and SQLite
+    from ikos.manager._config import DEFAULT_METRICS
+
     if given is None:
         return None
     if isinstance(given, tuple):
@@ -272,6 +275,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except IkosError as exc:
         print(f"ikosd: {exc}", file=sys.stderr)
         return 2
+    from ikos.manager._config import AUTO_METRICS
+
     try:
         metrics = metrics_address(
             paths,
