@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from ikos.ipc._topics import matches, pattern_error
+from ikos.platform._unix import process_groups
 
 Right = Literal["call", "serve", "publish", "subscribe", "queues"]
 RIGHTS: tuple[Right, ...] = ("call", "serve", "publish", "subscribe", "queues")
@@ -151,13 +152,9 @@ def supplementary_groups(pid: int, uid: int) -> frozenset[int]:
     Falls back to the user's groups in the group database when the process is
     already gone (``os.getgrouplist``), and to none when the user has no name.
     """
-    try:
-        with open(f"/proc/{pid}/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"Groups:"):
-                    return frozenset(int(g) for g in line.split()[1:])
-    except (OSError, ValueError):
-        pass
+    groups = process_groups(pid)
+    if groups is not None:
+        return groups
     try:
         import pwd
 

@@ -52,7 +52,7 @@ from ikos._version import __version__
 from ikos.monitor._logfile import LogFollower, secure_log_dir
 from ikos.platform._control import take_line
 from ikos.platform._signals import parse_signal as _parse_signal
-from ikos.platform._unix import bind_unix, peer_credentials
+from ikos.platform._unix import bind_unix, peer_credentials, process_groups
 
 if TYPE_CHECKING:
     from ikos.manager._manager import Manager
@@ -210,18 +210,6 @@ def redact_status(status: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def supplementary_groups(pid: int) -> frozenset[int]:
-    """The supplementary groups of process ``pid`` (``Groups:`` of /proc/PID/status)."""
-    try:
-        with open(f"/proc/{pid}/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"Groups:"):
-                    return frozenset(int(g) for g in line.split()[1:])
-    except (OSError, ValueError):
-        pass
-    return frozenset()
-
-
 class _RateLimited:
     """At most ``burst`` log lines per key and ``window`` seconds, then one line with the count.
 
@@ -308,7 +296,7 @@ class _Peer:
         if self.gid == gid:
             return True
         if self._groups is None:
-            self._groups = supplementary_groups(self.pid)
+            self._groups = process_groups(self.pid) or frozenset()
         return gid in self._groups
 
     def _account(self, pending: int = 0) -> None:

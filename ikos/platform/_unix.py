@@ -52,6 +52,22 @@ def bind_unix(sock: socket.socket, path: str | os.PathLike[str], mode: int | Non
         os.chmod(p, mode)
 
 
+def process_groups(pid: int) -> frozenset[int] | None:
+    """The supplementary groups of process ``pid`` (``Groups:`` of /proc/PID/status).
+
+    None when they cannot be read (the process is gone): callers decide what
+    that means for them.
+    """
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Groups:"):
+                    return frozenset(int(g) for g in line.split()[1:])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
     """``(pid, uid, gid)`` of the peer of a connected Unix socket (SO_PEERCRED)."""
     import struct
