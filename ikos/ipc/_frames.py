@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 LENGTHS = struct.Struct("!II")
-U32 = struct.Struct("!I")
 MAX_HEADER = 65536
 #: Descriptors one recvmsg may carry (more are closed and the connection dropped).
 MAX_FDS = 4
