@@ -320,24 +320,17 @@ _CONTROL_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 async def _serve(manager: Manager) -> int:
     """Run the manager; once it is done, make the control signals harmless for good.
 
-    Closing the loop (at the end of ``asyncio.run``) puts back SIG_DFL for
-    every signal that still has a loop handler, so a SIGTERM between that and
-    the process's exit would kill ikosd after a clean shutdown (status -15
-    instead of 0); setting SIG_IGN only after ``asyncio.run`` returns left
-    that window open. Here the handlers are taken off the loop while the
-    signals are blocked and SIG_IGN is set in the same breath, so the loop has
-    nothing to restore and no disposition in between is SIG_DFL for a signal
-    that can be delivered to this thread.
+    The manager's handlers are Python-level ones (never the loop's, whose
+    removal puts back SIG_DFL process-wide while other threads can still take
+    the signal: a SIGTERM after a clean shutdown then ended ikosd with -15).
+    Going from them to SIG_IGN is one ``signal.signal`` each, with no SIG_DFL
+    in between, and nothing is left for the closing loop to restore.
     """
     try:
         return await manager.run()
     finally:
-        loop = asyncio.get_running_loop()
-        signal.pthread_sigmask(signal.SIG_BLOCK, _CONTROL_SIGNALS)
         for sig in _CONTROL_SIGNALS:
-            loop.remove_signal_handler(sig)
-            signal.signal(sig, signal.SIG_IGN)  # a pending one is discarded
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _CONTROL_SIGNALS)
+            signal.signal(sig, signal.SIG_IGN)
 
 
 def run(tree: Supervisor, root: str | os.PathLike[str] | None = None) -> int:
@@ -353,7 +346,12 @@ def run(tree: Supervisor, root: str | os.PathLike[str] | None = None) -> int:
     paths = InstancePaths.resolve(root)
     if not logging.getLogger().handlers:
         setup_logging("info", paths.log_dir)
-    return asyncio.run(Manager(paths, tree).run())
+    saved = {sig: signal.getsignal(sig) for sig in _CONTROL_SIGNALS}
+    try:
+        return asyncio.run(Manager(paths, tree).run())
+    finally:  # the caller's process gets its own handlers back
+        for sig, handler in saved.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -161,6 +161,7 @@ class Manager:
         self._abandoned = False
         self._reload_lock = asyncio.Lock()
         self._reap_retry: asyncio.TimerHandle | None = None
+        self._signals_handled = False
         #: the error with which a service refused to start, ending ikosd before recovery
         self._refusal: IkosError | None = None
 
@@ -432,9 +433,10 @@ class Manager:
         for mod, err in failed.items():
             log.warning("fork server could not preload %s: %s", mod, err)
         await self.control.start()  # listening once there is something to answer about
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.request_shutdown)
-        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+        _handle_signal(loop, signal.SIGTERM, self.request_shutdown)
+        _handle_signal(loop, signal.SIGINT, self.request_shutdown)
+        _handle_signal(loop, signal.SIGHUP, self._on_sighup)
+        self._signals_handled = True
         self.root = SupervisorNode(self._tree, None, self, self._order, self._waves)
         self.node_added(self.root)
         starting = asyncio.ensure_future(self.root.start())
@@ -494,11 +496,12 @@ class Manager:
         with contextlib.suppress(FileNotFoundError):
             self.paths.instance_file.unlink()
         self._unlock_instance()
-        # a signal during or after the cleanup must not kill ikosd half-way: keep
-        # the handlers, as no-ops (asyncio.run removes them when the loop closes)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            with contextlib.suppress(ValueError, RuntimeError):
-                loop.add_signal_handler(sig, _ignore_signal)
+        # a signal during or after the cleanup must not kill ikosd half-way: the
+        # handlers become SIG_IGN, in one step each (never SIG_DFL in between;
+        # ikos.run puts the caller's back)
+        if self._signals_handled:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_IGN)
 
     def _reap(self) -> None:
         """SIGCHLD: reap the orphans re-parented to ikosd (never a watched process)."""
@@ -623,8 +626,37 @@ class Manager:
         return await self.ops.terminate_child(req.text("name"))
 
 
-def _ignore_signal() -> None:
-    log.debug("signal ignored: ikosd is already stopping")
+def _handle_signal(
+    loop: asyncio.AbstractEventLoop, sig: int, callback: Callable[[], object]
+) -> None:
+    """Have ``callback`` run on ``loop`` whenever ``sig`` arrives.
+
+    A Python-level handler rather than ``loop.add_signal_handler``: Python runs
+    it in the main thread whichever thread the kernel delivers the signal to,
+    and asyncio's wake-up descriptor (set for SIGCHLD) wakes the loop. The
+    difference matters at the end: taking a handler off the loop puts back
+    SIG_DFL, and a SIGTERM that lands on another of ikosd's threads in that
+    moment (the sampler's, the metrics server's) killed it after a clean
+    shutdown (status -15). Replacing a Python handler never leaves SIG_DFL.
+
+    Signals are coalesced: while one call is pending, more of the same signal
+    add nothing, so a burst of them cannot grow the loop's ready queue faster
+    than it drains (one callback each starved the shutdown under a storm).
+    """
+    pending = False
+
+    def run() -> None:
+        nonlocal pending
+        pending = False
+        callback()
+
+    def handler(signum: int, frame: object) -> None:
+        nonlocal pending
+        if not pending:
+            pending = True
+            loop.call_soon_threadsafe(run)
+
+    signal.signal(sig, handler)
 
 
 def _write_line(stream: Any, line: str) -> bool:
