@@ -47,6 +47,8 @@ from pathlib import Path
 from typing import Any, Final, Literal, cast
 
 from ikos._errors import ConfigError, SpecError
+from ikos.monitor._alerts import ACTIONS, SEVERITIES, THRESHOLD_KINDS, AlertRules, Rule, parse_size
+from ikos.monitor._alerts import KINDS as ALERT_KINDS
 from ikos.platform._fields import close_match
 from ikos.platform._limits import LIMIT_NAMES
 from ikos.platform._memfd import DEFAULT_SHM_THRESHOLD
@@ -70,6 +72,7 @@ from ikos.supervision._spec import (
 __all__ = [
     "AUTO_METRICS",
     "DEFAULT_METRICS",
+    "AlertSettings",
     "Declarations",
     "IpcRule",
     "IpcSettings",
@@ -77,6 +80,7 @@ __all__ = [
     "ManagerSettings",
     "MonitorSettings",
     "load_config",
+    "read_alert_settings",
     "read_declarations",
     "read_ipc_settings",
     "read_monitor_settings",
@@ -105,11 +109,12 @@ _TOP_TABLES: Final = (
     "executables",
     "ipc",
     "monitor",
+    "alerts",
 )
 _KINDS: Final = ("supervisors", "actors", "executables")
 _KIND_NOUN: Final = {"supervisors": "supervisor", "actors": "actor", "executables": "executable"}
 _COMMON_KEYS: Final = ("restart", "shutdown", "requires", "after", "description", "backoff")
-_DECLARATION_KEYS: Final = ("service", "health")
+_DECLARATION_KEYS: Final = ("service", "health", "alerts")
 _SERVICE_KEYS: Final = (
     "name",
     "description",
@@ -170,6 +175,19 @@ _IPC_KEYS: Final = (
     "allow",
 )
 _MONITOR_KEYS: Final = ("interval", "uss", "uss_every")
+_ALERT_SETTINGS_KEYS: Final = ("notify_interval", "max_per_minute")
+_RULE_KEYS: Final = (
+    "above",
+    "for",
+    "resolve_for",
+    "resolve_below",
+    "window",
+    "severity",
+    "action",
+    "command",
+    "command_timeout",
+    "enabled",
+)
 _IPC_QUEUE_KEYS: Final = ("max_deliveries", "visibility_timeout", "max_messages")
 _IPC_GRANTS: Final = ("call", "serve", "publish", "subscribe", "queues")
 _IPC_RULE_KEYS: Final = ("users", "groups", *_IPC_GRANTS)
@@ -277,6 +295,20 @@ class MonitorSettings:
 
 
 @dataclass(frozen=True)
+class AlertSettings:
+    """The ``[alerts]`` table and the daemons' ``alerts`` tables (docs/configuration.md).
+
+    ``notify_interval``: the shortest time between two notifications of one
+    alert of one daemon; ``max_per_minute``: notifications of all alerts
+    together; ``rules``: the thresholds and event alerts, defaults and per daemon.
+    """
+
+    notify_interval: float = 300.0
+    max_per_minute: int = 30
+    rules: AlertRules = field(default_factory=AlertRules)
+
+
+@dataclass(frozen=True)
 class Declarations:
     """The service and health tables of a file, by daemon name.
 
@@ -309,6 +341,7 @@ class LoadedConfig:
     health: dict[str, tuple[HealthCheck, ...]] = field(default_factory=dict)
     ipc: IpcSettings = field(default_factory=IpcSettings)
     monitor: MonitorSettings = field(default_factory=MonitorSettings)
+    alerts: AlertSettings = field(default_factory=AlertSettings)
 
 
 def load_config(path: str | Path, base_tree: Supervisor | None = None) -> LoadedConfig:
@@ -339,15 +372,17 @@ def load_config(path: str | Path, base_tree: Supervisor | None = None) -> Loaded
     declared = _declarations(file, document)
     ipc, ipc_warnings = _ipc_settings(file, document)
     monitor, monitor_warnings = _monitor_settings(file, document)
+    alerts, alert_warnings = _alert_settings(file, document)
     return LoadedConfig(
         Path(path).absolute(),
         tree,
         settings,
-        (*loader.warnings, *declared.warnings, *ipc_warnings, *monitor_warnings),
+        (*loader.warnings, *declared.warnings, *ipc_warnings, *monitor_warnings, *alert_warnings),
         declared.services,
         declared.health,
         ipc,
         monitor,
+        alerts,
     )
 
 
@@ -394,6 +429,19 @@ def read_monitor_settings(path: str | Path | None) -> tuple[MonitorSettings, tup
     return _monitor_settings(*_parse_file(path))
 
 
+def read_alert_settings(path: str | Path | None) -> tuple[AlertSettings, tuple[str, ...]]:
+    """The ``[alerts]`` table and every daemon's ``alerts`` table of ``path``, and their warnings.
+
+    Example::
+
+        settings, warnings = read_alert_settings("/etc/ikos/ikos.toml")
+        settings.rules.for_daemon("web")["memory"].above     # 536870912.0
+    """
+    if path is None:
+        return AlertSettings(), ()
+    return _alert_settings(*_parse_file(path))
+
+
 def _parse_file(path: str | Path) -> tuple[str, dict[str, Any]]:
     """``path``'s name as errors show it and its TOML document (syntax errors located)."""
     file = str(path)
@@ -425,6 +473,138 @@ def _monitor_settings(
         uss_every=t.integer("uss_every", d.uss_every, 1),
     )
     return settings, tuple(warnings)
+
+
+# --- [alerts] ------------------------------------------------------------------------------
+
+
+def _alert_settings(
+    file: str, document: Mapping[str, Any]
+) -> tuple[AlertSettings, tuple[str, ...]]:
+    value = document.get("alerts", {})
+    if not isinstance(value, dict):
+        raise ConfigError(file, None, "alerts", "a table [alerts]", value)
+    t = _Table(file, "alerts", value)
+    warnings = t.unknown((*_ALERT_SETTINGS_KEYS, *ALERT_KINDS))
+    d = AlertSettings()
+    defaults: dict[str, Rule | None] = {}
+    default_fields: dict[str, dict[str, Any]] = {}
+    for kind in ALERT_KINDS:
+        if kind not in value:
+            continue
+        fields, more = _rule_fields(file, "alerts", kind, value[kind])
+        warnings += more
+        # a daemon's table that names this kind turns it on whatever the default says
+        default_fields[kind] = {k: v for k, v in fields.items() if k != "enabled"}
+        defaults[kind] = _rule(file, f"alerts.{kind}", kind, fields)
+    daemons: dict[str, dict[str, Rule | None]] = {}
+    for section in ("actors", "executables"):
+        entries = document.get(section, {})
+        if not isinstance(entries, dict):
+            continue  # the tree's loader reports it
+        for name, data in entries.items():
+            if not isinstance(data, dict) or "alerts" not in data:
+                continue
+            base = f"{_table_name(section, name)}.alerts"
+            own = data["alerts"]
+            if not isinstance(own, dict):
+                raise ConfigError(
+                    file, _table_name(section, name), "alerts", f"a table [{base}]", own
+                )
+            warnings += _Table(file, base, own).unknown(ALERT_KINDS)
+            rules: dict[str, Rule | None] = {}
+            for kind in ALERT_KINDS:
+                if kind not in own:
+                    continue
+                if own[kind] is False:
+                    rules[kind] = None
+                    continue
+                fields, more = _rule_fields(file, base, kind, own[kind])
+                warnings += more
+                # a daemon's table changes the defaults' keys it names, and keeps the others
+                rules[kind] = _rule(
+                    file, f"{base}.{kind}", kind, {**default_fields.get(kind, {}), **fields}
+                )
+            daemons[name] = rules
+    settings = AlertSettings(
+        notify_interval=t.seconds("notify_interval", d.notify_interval, zero_ok=True),
+        max_per_minute=t.integer("max_per_minute", d.max_per_minute, 1),
+        rules=AlertRules(defaults, daemons),
+    )
+    return settings, tuple(warnings)
+
+
+def _rule_fields(file: str, base: str, kind: str, value: Any) -> tuple[dict[str, Any], list[str]]:
+    """The keys given in ``[base.kind]``, each checked; the rule is built by :func:`_rule`."""
+    table = f"{base}.{kind}"
+    if not isinstance(value, dict):
+        raise ConfigError(file, base, kind, f"a table [{table}] (or false to turn it off)", value)
+    t = _Table(file, table, value)
+    known = (
+        _RULE_KEYS
+        if kind in THRESHOLD_KINDS
+        else tuple(
+            k
+            for k in _RULE_KEYS
+            if k not in ("above", "for", "resolve_for", "resolve_below", "window")
+        )
+    )
+    warnings = t.unknown(known)
+    fields: dict[str, Any] = {}
+    if "above" in value and "above" in known:
+        fields["above"] = _threshold(t, kind, value["above"])
+    if "resolve_below" in value and "resolve_below" in known:
+        fields["resolve_below"] = _threshold(t, kind, value["resolve_below"], "resolve_below")
+    for key, field_name in (("for", "for_"), ("resolve_for", "resolve_for"), ("window", "window")):
+        if key in value and key in known:
+            fields[field_name] = t.seconds(key, 0.0, zero_ok=key != "window")
+    if "command_timeout" in value:
+        fields["command_timeout"] = t.seconds("command_timeout", 30.0, zero_ok=False)
+    if "severity" in value:
+        fields["severity"] = t.choice("severity", "warning", SEVERITIES)
+    if "action" in value:
+        fields["action"] = t.choice("action", "restart", ACTIONS)
+    if "command" in value:
+        fields["command"] = t.required_string("command", "a shell command line")
+    if "enabled" in value:
+        enabled = value["enabled"]
+        if not isinstance(enabled, bool):
+            raise t.error("enabled", "true or false", enabled)
+        fields["enabled"] = enabled
+    return fields, warnings
+
+
+def _threshold(t: _Table, kind: str, value: Any, key: str = "above") -> float:
+    if kind == "memory":
+        try:
+            return float(parse_size(value))
+        except (ValueError, TypeError):
+            raise t.error(key, 'bytes: an integer or a size like "512MiB" or "1G"', value)
+    if kind == "cpu":
+        if not _is_number(value) or value <= 0:
+            raise t.error(key, "a fraction of one CPU core > 0 (0.9 is 90% of one core)", value)
+        return float(value)
+    if not _is_int(value) or value < 1:
+        raise t.error(key, "an integer >= 1", value)
+    return float(value)
+
+
+def _rule(file: str, table: str, kind: str, fields: dict[str, Any]) -> Rule | None:
+    """The rule of ``[table]`` from its checked keys (None when ``enabled = false``)."""
+    fields = dict(fields)
+    if not fields.pop("enabled", True):
+        return None
+    if kind in THRESHOLD_KINDS and "above" not in fields:
+        raise ConfigError(file, table, "above", "the threshold (the key is required)")
+    action = fields.get("action")
+    if action == "command" and not fields.get("command"):
+        raise ConfigError(file, table, "command", 'the command to run for action = "command"')
+    if fields.get("command") and action != "command":
+        raise ConfigError(file, table, "action", '"command" when a command is given', action)
+    above, below = fields.get("above"), fields.get("resolve_below")
+    if above is not None and below is not None and below > above:
+        raise ConfigError(file, table, "resolve_below", f"at most above ({above:g})", below)
+    return Rule(cast(Any, kind), **fields)
 
 
 # --- [ipc] ---------------------------------------------------------------------------------
