@@ -81,19 +81,23 @@ def default_extensions(
     metrics: tuple[str, int] | tuple[str, int, bool] | None,
 ) -> list[Extension]:
     """The services every ikosd runs: the registry, run-time daemons, metrics, the IPC
-    broker, the resource sampler."""
+    broker, the resource sampler, alerts."""
+    from ikos.manager._alert_service import AlertService
     from ikos.manager._daemon_service import DaemonService
     from ikos.manager._ipc_service import IpcService
     from ikos.manager._metrics import MetricsService
     from ikos.manager._registry_service import RegistryService
     from ikos.manager._sampler_service import SamplerService
 
-    extensions: list[Extension] = [RegistryService(), DaemonService()]
+    registry = RegistryService()
+    extensions: list[Extension] = [registry, DaemonService()]
     service = MetricsService(*metrics) if metrics is not None else None
     if service is not None:
         extensions.append(service)
     extensions.append(IpcService(service))
-    extensions.append(SamplerService(service))
+    sampler = SamplerService(service)
+    extensions.append(sampler)
+    extensions.append(AlertService(sampler, service, registry))
     return extensions
 
 

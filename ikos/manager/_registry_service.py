@@ -197,6 +197,8 @@ class RegistryService(Extension):
     name = "registry"
 
     def __init__(self) -> None:
+        #: called on the loop with (daemon, old health, new health, why) (the alert service)
+        self.health_listeners: list[Callable[[str, str, str, str], None]] = []
         self._view: TreeView | None = None
         self._ops: Operations | None = None
         self.store: RegistryStore | None = None
@@ -605,6 +607,11 @@ class RegistryService(Extension):
         why = f" ({'; '.join(failing)})" if failing else ""
         log.log(level, "health of %s: %s -> %s%s", daemon.name, old, new, why[:1000])
         self._sync_health(daemon.name, new)
+        for listener in list(self.health_listeners):
+            try:
+                listener(daemon.name, old, new, why)
+            except Exception:  # a listener's bug must not stop health checking
+                log.exception("registry: a health listener failed")
         self._publish(
             {"kind": "daemon_health", "daemon": daemon.name, "old_health": old, "health": new},
             lambda c: c.matches_daemon(daemon.name),

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import ProcessCollector
@@ -49,6 +49,8 @@ class SamplerService(Extension):
         self.latest: dict[str, Usage] = {}
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        #: called on the loop with each pass's usage by daemon (the alert service's feed)
+        self.listeners: list[Callable[[Mapping[str, Usage]], None]] = []
 
     async def start(self, host: ExtensionHost) -> None:
         self._view = host.view
@@ -97,6 +99,11 @@ class SamplerService(Extension):
         """One pass: the running daemons' pids here, their processes read on a worker thread."""
         targets = list(self._targets())
         self.latest = await asyncio.to_thread(self.sampler.sample, targets)
+        for listener in list(self.listeners):
+            try:
+                listener(self.latest)
+            except Exception:  # a listener's bug must not end sampling
+                log.exception("sampler: a listener failed")
 
     def _targets(self) -> Iterator[Target]:
         assert self._view is not None
