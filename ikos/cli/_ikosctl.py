@@ -108,13 +108,15 @@ PROTOCOL_VERBS: dict[str, tuple[str, ...]] = {
     "services": ("services",),
     "discover": ("discover",),
     "top": ("list",),
+    "alerts": ("alerts",),
+    "events": ("events",),
     # the IPC verbs talk to the broker; status also reads its figures from ikosd
     "publish": (),
     "subscribe": (),
     "queue": (),
 }
 #: Verbs of the contract (CONTRACT.md) that this version of ikosd does not serve yet.
-UNAVAILABLE_VERBS = frozenset({"upgrade", "alerts", "events"})
+UNAVAILABLE_VERBS = frozenset({"upgrade"})
 #: ``top``'s refresh interval on a terminal when ``--interval`` is not given.
 DEFAULT_TOP_INTERVAL = 2.0
 #: ``queue get``'s wait when ``--timeout`` is not given.
@@ -426,6 +428,32 @@ def _logs(ctx: _Context) -> int:
     return _until_interrupted(follow)
 
 
+def _alerts(ctx: _Context) -> int:
+    alerts = _expect_list(ctx.client.call("alerts"), "alerts")
+    if ctx.json:
+        ctx.emit_json(alerts)
+    elif alerts:
+        ctx.emit_text(_render.render_alerts(alerts, ctx.style, time.time()))
+    else:
+        ctx.hint("no active alerts")
+    return EXIT_OK
+
+
+def _events(ctx: _Context) -> int:
+    def follow() -> None:
+        with ctx.client.stream("events") as events:
+            for event in events:
+                if not isinstance(event, dict) or event.get("type") == "subscribed":
+                    continue  # the server's first word, so that the stream is known to be open
+                if ctx.json:
+                    ctx.emit_json(event, compact=True)
+                else:
+                    ctx.emit_text(_render.render_event(event))
+                    ctx.out.flush()
+
+    return _until_interrupted(follow)
+
+
 def _until_interrupted(follow: Callable[[], None]) -> int:
     """Run a verb that prints until stopped: Ctrl-C, or the reader of a pipe leaving
     (``| head``). Both are a normal end, not a failure: exit 0, quietly."""
@@ -720,6 +748,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     top.add_argument(
         "--once", action="store_true", help="print one snapshot and exit, even on a terminal"
+    )
+    verb("alerts", _alerts, "list the active alerts")
+    verb(
+        "events",
+        _events,
+        "print daemons' state transitions and alerts as they happen, until ikosd stops or ^C",
     )
     verb("tree", _tree, "show the supervision tree").add_argument(
         "--deps",

@@ -25,7 +25,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeGuard
 
 __all__ = [
     "LIST_COLUMNS",
@@ -555,3 +555,94 @@ def render_queues(queues: Sequence[Mapping[str, Any]], style: Style) -> str:
     """
     rows = [[(_cell(q.get(key)), None) for key in _QUEUE_COLUMNS] for q in queues]
     return _table([k.upper() for k in _QUEUE_COLUMNS], rows, style)
+
+
+#: Severities shown in the colour of the daemon state they are as bad as.
+_SEVERITY_STATES = {"critical": "failed", "warning": "backoff"}
+
+
+def render_alerts(alerts: Sequence[Mapping[str, Any]], style: Style, now: float) -> str:
+    """The table of ``ikosctl alerts``: ALERT DAEMON SEVERITY VALUE THRESHOLD SINCE MESSAGE.
+
+    In a pipe: tab-separated, SINCE as Unix seconds, VALUE and THRESHOLD as
+    numbers; on a terminal: sizes and percentages, and how long ago.
+
+    ::
+
+        ALERT   DAEMON  SEVERITY  VALUE   THRESHOLD  SINCE  MESSAGE
+        memory  web     warning   1.2GiB  1.0GiB     3m 2s  web memory (RSS) at 1.2GiB, ...
+    """
+    rows = []
+    for a in alerts:
+        kind = _text(a.get("alert", ""))
+        if style.table:
+            value, threshold = (
+                _alert_value(kind, a.get("value")),
+                _alert_value(kind, a.get("threshold")),
+            )
+            since = a.get("since")
+            ago = humanize_duration(max(0.0, now - since)) if _is_seconds(since) else "-"
+        else:
+            value, threshold = _cell_number(a.get("value")), _cell_number(a.get("threshold"))
+            ago = _cell_number(a.get("since"))
+        severity = _text(a.get("severity", ""))
+        rows.append(
+            [
+                (kind, None),
+                (_cell(a.get("daemon")), None),
+                (severity, _SEVERITY_STATES.get(severity)),
+                (value, None),
+                (threshold, None),
+                (ago, None),
+                (_cell(a.get("message")), None),
+            ]
+        )
+    headers = ["ALERT", "DAEMON", "SEVERITY", "VALUE", "THRESHOLD", "SINCE", "MESSAGE"]
+    return _table(headers, rows, style)
+
+
+def render_event(event: Mapping[str, Any]) -> str:
+    """One line of ``ikosctl events``: time, then a transition or an alert fired/resolved.
+
+    ::
+
+        2026-12-05T20:00:01+00:00 web running -> stopped (stopped by request)
+        2026-12-05T20:00:03+00:00 alert fired memory web warning: web memory (RSS) at ...
+    """
+    at = event.get("time")
+    stamp = format_time(at) if _is_seconds(at) else "-"
+    kind = event.get("type")
+    if kind == "transition":
+        what = (
+            f"{_text(event.get('daemon'))} {_text(event.get('old'))} -> "
+            f"{_text(event.get('new'))}{_parenthesised(_text(event.get('why', '')))}"
+        )
+    elif kind == "alert":
+        what = (
+            f"alert {_text(event.get('event'))} {_text(event.get('alert'))} "
+            f"{_text(event.get('daemon'))} {_text(event.get('severity'))}: "
+            f"{_text(event.get('message'))}"
+        )
+    elif kind == "dropped":
+        what = f"({_text(event.get('count'))} events dropped: this reader was too slow)"
+    else:
+        what = _text(json.dumps(event, ensure_ascii=False))
+    return f"{stamp} {what}\n"
+
+
+def _is_seconds(value: Any) -> TypeGuard[float]:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _cell_number(value: Any) -> str:
+    return _number(value) if _is_seconds(value) else "-"
+
+
+def _alert_value(kind: str, value: Any) -> str:
+    if not _is_seconds(value):
+        return "-"
+    if kind == "memory":
+        return format_bytes(value)
+    if kind == "cpu":
+        return f"{value * 100:.0f}%"
+    return _number(value)
