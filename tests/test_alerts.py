@@ -13,9 +13,11 @@ crash-looping daemon raises ``restarts``, and its supervisor ``gave_up``.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import subprocess
+import sys
 import threading
 import urllib.request
 from pathlib import Path
@@ -536,3 +538,85 @@ restart = "temporary"
     assert alert["severity"] == "critical" and "exit" in alert["message"]
     inst.ctl("start", "once", check=True)
     wait_for(lambda: find_alert(inst, "failed", "once") is None, HANG, message="resolution")
+
+
+FORTY_FILES = (
+    "import os, time; fds = [os.open('/dev/null', os.O_RDONLY) for _ in range(40)]; "
+    "time.sleep(3600)"
+)
+COMMAND = 'echo "$IKOS_EVENT $IKOS_ALERT $IKOS_DAEMON $IKOS_SEVERITY $IKOS_VALUE $IKOS_THRESHOLD"'
+
+
+def test_command_action_and_health_alert(ikosd_factory: Any, tmp_path: Path) -> None:
+    flag, out = tmp_path / "healthy", tmp_path / "command.out"
+    inst = start(
+        ikosd_factory,
+        tmp_path,
+        f"""
+[monitor]
+interval = 0.2
+
+[executables.files]
+executable = "{sys.executable}"
+args = ["-c", "{FORTY_FILES}"]
+
+[executables.files.alerts.fds]
+above = 30
+action = "command"
+command = '{COMMAND} > {out}; echo said-something'
+
+[executables.sick]
+executable = "/bin/sleep"
+args = ["3600"]
+
+[[executables.sick.health]]
+kind = "exec"
+target = "test -e {flag}"
+interval = 0.2
+unhealthy_threshold = 1
+on_failure = "alert"
+""",
+    )
+    wait_for(lambda: out.is_file() and out.read_text(), HANG, message="the command's output")
+    event, alert, daemon, severity, value, threshold = out.read_text().split()
+    assert (event, alert, daemon, severity, threshold) == ("fired", "fds", "files", "warning", "30")
+    assert int(value) >= 40
+    wait_for(lambda: "said-something" in inst.log_text(), HANG, message="its output in the log")
+    assert find_alert(inst, "fds", "files") is not None
+
+    health = wait_for(lambda: find_alert(inst, "health", "sick"), HANG, message="health alert")
+    assert health["severity"] == "warning" and "critical" in health["message"]
+    flag.write_text("")
+    wait_for(lambda: find_alert(inst, "health", "sick") is None, HANG, message="health resolved")
+
+    # reload-config applies new thresholds: 40 files are no longer too many
+    config = tmp_path / "inst" / "ikos.toml"
+    config.write_text(config.read_text().replace("above = 30", "above = 100"))
+    inst.ctl("reload-config", check=True)
+    wait_for(lambda: find_alert(inst, "fds", "files") is None, HANG, message="fds resolved")
+
+
+def test_a_slow_follower_of_events_is_bounded() -> None:
+    from ikos.manager._alert_service import EVENTS_QUEUE, _Follower
+
+    async def main() -> list[dict[str, Any]]:
+        followers: set[_Follower] = set()
+        follower = _Follower(followers)
+        followers.add(follower)
+        for i in range(EVENTS_QUEUE + 500):
+            follower.put({"n": i})
+        assert follower.dropped == 500
+        got = [await anext(follower) for _ in range(EVENTS_QUEUE)]
+        follower.put({"n": "after"})
+        got += [await anext(follower), await anext(follower)]
+        follower.close()
+        assert follower not in followers
+        with pytest.raises(StopAsyncIteration):
+            await anext(follower)
+        return got
+
+    got = asyncio.run(main())
+    assert [e["n"] for e in got[:EVENTS_QUEUE]] == list(range(EVENTS_QUEUE))
+    # the gap is marked where it is, with its size
+    assert got[EVENTS_QUEUE]["type"] == "dropped" and got[EVENTS_QUEUE]["count"] == 500
+    assert got[EVENTS_QUEUE + 1] == {"n": "after"}

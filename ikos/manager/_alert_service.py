@@ -382,8 +382,14 @@ class _Follower:
                 log.warning("alerts: a follower of 'events' is too slow: dropping its events")
             self.dropped += 1
             return
+        if self.dropped:  # the marker goes where the gap is
+            self._queue.append(self._gap())
         self._queue.append(event)
         self._wake.set()
+
+    def _gap(self) -> dict[str, Any]:
+        dropped, self.dropped = self.dropped, 0
+        return {"type": "dropped", "time": time.time(), "count": dropped}
 
     def close(self) -> None:
         self._closed = True
@@ -395,13 +401,12 @@ class _Follower:
 
     async def __anext__(self) -> dict[str, Any]:
         while not self._queue:
+            if self.dropped:  # the reader caught up with the gap
+                return self._gap()
             if self._closed:
                 raise StopAsyncIteration
             self._wake.clear()
             await self._wake.wait()
-        if self.dropped:  # said where it happened, once the reader caught up with it
-            dropped, self.dropped = self.dropped, 0
-            return {"type": "dropped", "time": time.time(), "count": dropped}
         return self._queue.popleft()
 
     async def aclose(self) -> None:
