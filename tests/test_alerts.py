@@ -124,6 +124,16 @@ def test_event_alerts_fire_at_once_and_clear() -> None:
     assert engine.clear_event("w", "failed", now=8.0) == []
 
 
+def test_a_removed_daemon_takes_its_alerts_along() -> None:
+    engine = AlertEngine(AlertRules({"fds": Rule("fds", above=1)}))
+    engine.observe("gone", {"fds": 5}, now=0.0)
+    engine.observe("kept", {"fds": 5}, now=0.0)
+    engine.restarted("gone", now=0.0)
+    assert events(engine.forget(["kept"], now=1.0)) == [("resolved", "fds", "gone")]
+    assert [a.daemon for a in engine.active()] == ["kept"]
+    assert engine.tick(now=2.0) == [] and engine.forget(["kept"], now=3.0) == []
+
+
 def test_per_daemon_rules_replace_or_turn_off_the_defaults() -> None:
     rules = AlertRules(
         {"fds": Rule("fds", above=10)},
@@ -620,3 +630,47 @@ def test_a_slow_follower_of_events_is_bounded() -> None:
     # the gap is marked where it is, with its size
     assert got[EVENTS_QUEUE]["type"] == "dropped" and got[EVENTS_QUEUE]["count"] == 500
     assert got[EVENTS_QUEUE + 1] == {"n": "after"}
+
+
+def test_render_alerts_and_events() -> None:
+    from ikos.cli._render import Style, render_alerts, render_event
+
+    alert = {
+        "alert": "memory",
+        "daemon": "web",
+        "severity": "critical",
+        "value": 3 * MIB,
+        "threshold": 2 * MIB,
+        "since": 1000.0,
+        "message": "web memory (RSS) at 3.0MiB",
+    }
+    table = render_alerts([alert], Style(color=False, table=True), now=1062.0)
+    header, row = table.splitlines()
+    assert header.split() == [
+        "ALERT",
+        "DAEMON",
+        "SEVERITY",
+        "VALUE",
+        "THRESHOLD",
+        "SINCE",
+        "MESSAGE",
+    ]
+    assert row.split()[:7] == ["memory", "web", "critical", "3.0M", "2.0M", "1m", "2s"]
+    plain = render_alerts([alert], Style(color=False, table=False), now=1062.0)
+    assert (
+        plain == f"memory\tweb\tcritical\t{3 * MIB}\t{2 * MIB}\t1000\tweb memory (RSS) at 3.0MiB\n"
+    )
+    line = render_event(
+        {
+            "type": "transition",
+            "time": 0,
+            "daemon": "web",
+            "old": "running",
+            "new": "stopping",
+            "why": "asked",
+        }
+    )
+    assert line.endswith(" web running -> stopping (asked)\n")
+    assert render_event({"type": "dropped", "time": 0, "count": 3}).endswith(
+        " (3 events dropped: this reader was too slow)\n"
+    )

@@ -649,8 +649,32 @@ def test_every_verb_against_a_real_ikosd(ikosd_factory: Any) -> None:
     assert "name:         demo/echo" in ctl("discover", "demo/echo")
     assert ctl("stop", "echo") == "" and inst.state("echo") == "stopped"
     assert ctl("start", "echo") == "" and inst.state("echo") == "running"
-    pid = inst.pid_of("counter")
-    assert ctl("restart", "counter") == "" and inst.pid_of("counter") != pid
+    assert ctl("alerts") == ""
+    seen.add("events")
+    events = subprocess.Popen(
+        [IKOSCTL, "--root", str(inst.root), "events", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=inst.env,
+    )
+    try:
+        assert events.stdout is not None
+        assert json.loads(events.stdout.readline())["type"] == "subscribed"
+        pid = inst.pid_of("counter")
+        assert ctl("restart", "counter") == "" and inst.pid_of("counter") != pid
+        first = json.loads(events.stdout.readline())
+        assert (first["type"], first["daemon"], first["new"]) == (
+            "transition",
+            "counter",
+            "stopping",
+        )
+        events.send_signal(signal.SIGINT)
+        assert events.wait(timeout=60) == 0
+    finally:
+        if events.poll() is None:
+            events.kill()
+        events.communicate(timeout=60)
     assert ctl("reload-config") == "no changes\n"
     assert ctl("shutdown") == ""
     assert inst.proc.wait(timeout=60) == 0

@@ -443,11 +443,9 @@ def _events(ctx: _Context) -> int:
     def follow() -> None:
         with ctx.client.stream("events") as events:
             for event in events:
-                if not isinstance(event, dict) or event.get("type") == "subscribed":
-                    continue  # the server's first word, so that the stream is known to be open
-                if ctx.json:
+                if ctx.json:  # ``subscribed`` first: a script knows when it may act
                     ctx.emit_json(event, compact=True)
-                else:
+                elif isinstance(event, dict) and event.get("type") != "subscribed":
                     ctx.emit_text(_render.render_event(event))
                     ctx.out.flush()
 

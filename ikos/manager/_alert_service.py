@@ -128,7 +128,10 @@ class AlertService(Extension):
         except IkosError as exc:  # load_config refused the file before this: not expected
             log.warning("alerts: settings kept as they were: %s", exc)
         assert self._view is not None
-        self._handle(self.engine.forget((n.name for n in self._view.walk()), time.time()))
+        names = {node.name for node in self._view.walk()}
+        # what is kept per daemon goes with the daemon (a bound on memory)
+        self._restarts_seen = {k: v for k, v in self._restarts_seen.items() if k in names}
+        self._handle(self.engine.forget(names, time.time()))
 
     def _read(self, config: Config) -> AlertSettings:
         settings, _warnings = read_alert_settings(config.file)  # warnings: load_config's
@@ -157,6 +160,8 @@ class AlertService(Extension):
                 values["cpu"] = usage.cpu_percent / 100.0
             changes += self.engine.observe(name, values, now)
         changes += self.engine.tick(now)
+        # a daemon deleted at run time takes its alerts along
+        changes += self.engine.forget({node.name for node in view.walk()}, now)
         self._handle(changes)
         self._summarize(now)
 
