@@ -228,6 +228,20 @@ memory = false
     assert settings.rules.for_daemon("other")["memory"].above == 512 * MIB
 
 
+def test_config_alerts_of_daemons_the_file_does_not_define(tmp_path: Path) -> None:
+    path = write(tmp_path, "[alerts.daemons.pyd.fds]\nabove = 5\n[alerts.daemons.pyd]\ntypo = 1\n")
+    settings, warnings = read_alert_settings(path)
+    assert settings.rules.for_daemon("pyd")["fds"] == Rule("fds", above=5)
+    assert warnings == (f"{path}: [alerts.daemons.pyd] unknown key 'typo' (ignored)",)
+    twice = write(
+        tmp_path,
+        '[executables.web]\nexecutable = "/bin/true"\n[executables.web.alerts.fds]\nabove = 5\n'
+        "[alerts.daemons.web.fds]\nabove = 6\n",
+    )
+    with pytest.raises(ConfigError, match=r"\[alerts\.daemons\.web\].*given twice"):
+        load_config(twice)
+
+
 @pytest.mark.parametrize(
     ("text", "table", "key", "expected"),
     [
@@ -604,6 +618,28 @@ on_failure = "alert"
     config.write_text(config.read_text().replace("above = 30", "above = 100"))
     inst.ctl("reload-config", check=True)
     wait_for(lambda: find_alert(inst, "fds", "files") is None, HANG, message="fds resolved")
+
+
+def test_alerts_of_a_python_tree(ikosd_factory: Any) -> None:
+    inst = ikosd_factory(
+        tree=f"""
+import ikos
+
+tree = ikos.Supervisor(
+    "root", children=[ikos.Exec("files", {sys.executable!r}, args=["-c", {FORTY_FILES!r}])]
+)
+""",
+        config="""
+[monitor]
+interval = 0.2
+
+[alerts.daemons.files.fds]
+above = 30
+severity = "critical"
+""",
+    )
+    alert = wait_for(lambda: find_alert(inst, "fds", "files"), HANG, message="the fds alert")
+    assert alert["severity"] == "critical" and alert["value"] >= 40
 
 
 def test_a_slow_follower_of_events_is_bounded() -> None:

@@ -175,7 +175,7 @@ _IPC_KEYS: Final = (
     "allow",
 )
 _MONITOR_KEYS: Final = ("interval", "uss", "uss_every")
-_ALERT_SETTINGS_KEYS: Final = ("notify_interval", "max_per_minute")
+_ALERT_SETTINGS_KEYS: Final = ("notify_interval", "max_per_minute", "daemons")
 _RULE_KEYS: Final = (
     "above",
     "for",
@@ -498,34 +498,43 @@ def _alert_settings(
         default_fields[kind] = {k: v for k, v in fields.items() if k != "enabled"}
         defaults[kind] = _rule(file, f"alerts.{kind}", kind, fields)
     daemons: dict[str, dict[str, Rule | None]] = {}
+    # [actors.NAME.alerts], [executables.NAME.alerts], and [alerts.daemons.NAME] for the
+    # daemons the file does not define (a --tree's, those created at run time)
+    tables: list[tuple[str, str, str, Any]] = []
     for section in ("actors", "executables"):
         entries = document.get(section, {})
         if not isinstance(entries, dict):
             continue  # the tree's loader reports it
         for name, data in entries.items():
-            if not isinstance(data, dict) or "alerts" not in data:
+            if isinstance(data, dict) and "alerts" in data:
+                tables.append((name, _table_name(section, name), "alerts", data["alerts"]))
+    others = value.get("daemons", {})
+    if not isinstance(others, dict):
+        raise ConfigError(file, "alerts", "daemons", "a table [alerts.daemons.NAME]", others)
+    tables += [(name, "alerts.daemons", name, own) for name, own in others.items()]
+    for name, parent, key, own in tables:
+        base = f"{parent}.{key}" if key == "alerts" else _table_name("alerts.daemons", name)
+        if not isinstance(own, dict):
+            raise ConfigError(file, parent, key, f"a table [{base}]", own)
+        if name in daemons:
+            raise ConfigError(
+                file, base, None, f"the alerts of '{name}' in one table (they are given twice)"
+            )
+        warnings += _Table(file, base, own).unknown(ALERT_KINDS)
+        rules: dict[str, Rule | None] = {}
+        for kind in ALERT_KINDS:
+            if kind not in own:
                 continue
-            base = f"{_table_name(section, name)}.alerts"
-            own = data["alerts"]
-            if not isinstance(own, dict):
-                raise ConfigError(
-                    file, _table_name(section, name), "alerts", f"a table [{base}]", own
-                )
-            warnings += _Table(file, base, own).unknown(ALERT_KINDS)
-            rules: dict[str, Rule | None] = {}
-            for kind in ALERT_KINDS:
-                if kind not in own:
-                    continue
-                if own[kind] is False:
-                    rules[kind] = None
-                    continue
-                fields, more = _rule_fields(file, base, kind, own[kind])
-                warnings += more
-                # a daemon's table changes the defaults' keys it names, and keeps the others
-                rules[kind] = _rule(
-                    file, f"{base}.{kind}", kind, {**default_fields.get(kind, {}), **fields}
-                )
-            daemons[name] = rules
+            if own[kind] is False:
+                rules[kind] = None
+                continue
+            fields, more = _rule_fields(file, base, kind, own[kind])
+            warnings += more
+            # a daemon's table changes the defaults' keys it names, and keeps the others
+            rules[kind] = _rule(
+                file, f"{base}.{kind}", kind, {**default_fields.get(kind, {}), **fields}
+            )
+        daemons[name] = rules
     settings = AlertSettings(
         notify_interval=t.seconds("notify_interval", d.notify_interval, zero_ok=True),
         max_per_minute=t.integer("max_per_minute", d.max_per_minute, 1),
