@@ -2,8 +2,8 @@
 
 Each verb is one small function that sends protocol requests through
 :class:`~ikos.platform._control.ControlClient` and prints the result: with
-``--json`` exactly one JSON document (JSON Lines for the stream of
-``logs -f``), otherwise text from :mod:`ikos.cli._render`.
+``--json`` exactly one JSON document (JSON Lines for the streams of
+``logs -f`` and ``events``), otherwise text from :mod:`ikos.cli._render`.
 
 Design: exit codes and errors follow systemctl, because scripts already
 know them: 0 success, 3 "not active" (``is-active``, ``status``), 4 no such
