@@ -710,3 +710,21 @@ def test_render_alerts_and_events() -> None:
     assert render_event({"type": "dropped", "time": 0, "count": 3}).endswith(
         " (3 events dropped: this reader was too slow)\n"
     )
+
+
+def test_publications_to_a_broker_that_is_down_are_lost_counted_and_logged_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from ikos.manager._alert_service import _Publisher
+    from ikos.platform._paths import InstancePaths
+
+    publisher = _Publisher(InstancePaths.resolve(tmp_path / "no-such-instance"))
+    with caplog.at_level("WARNING", logger="ikos.alerts"):
+        for n in range(3):
+            publisher.publish({"n": n})  # returns at once: the thread does the waiting
+        wait_for(lambda: publisher.lost == 3, HANG, message="three publications lost")
+        publisher.close()
+    lines = [
+        r.getMessage() for r in caplog.records if "not published on ikos.alerts" in r.getMessage()
+    ]
+    assert len(lines) == 1, lines
