@@ -41,6 +41,7 @@ from typing import Any
 
 from ikos._errors import IkosError, ManagerError, NoSuchDaemon
 from ikos.actors._context import InstanceContext
+from ikos.actors._stats import ActorFigures
 from ikos.manager._actors import ActorSpawner
 from ikos.manager._exec import ExecHandle, ExecRuntime
 from ikos.manager._extension import (
@@ -229,6 +230,9 @@ class Manager:
     @property
     def dead_letters(self) -> Mapping[str, int]:
         return self.actors.dead_letters
+
+    def actor_figures(self, name: str) -> ActorFigures | None:
+        return self.actors.figures(name)
 
     def health(self) -> dict[str, Any]:
         """How ikosd itself is doing: its state store, fork server and reaper."""
