@@ -70,6 +70,8 @@ TAKEN, RECEIVED, ASK_SUM_NS, FIRST_BUCKET = 0, 1, 2, 3  # TAKEN first: see read_
 SLOTS = FIRST_BUCKET + len(ASK_BUCKETS) + 1
 SIZE = SLOTS * 8
 _LAYOUT = struct.Struct(f"={SLOTS}Q")
+#: The memfd's name, as ``/proc/PID/fd`` shows it (``/memfd:ikos-actor-stats``).
+MEMFD_NAME = "ikos-actor-stats"
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
 
@@ -90,7 +92,7 @@ class ActorFigures:
 
 def create_stats_fd() -> int:
     """A new zeroed, sealed memfd of :data:`SIZE` bytes (close-on-exec)."""
-    fd = os.memfd_create("ikos-actor-stats", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    fd = os.memfd_create(MEMFD_NAME, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         os.ftruncate(fd, SIZE)
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
