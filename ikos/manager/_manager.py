@@ -89,8 +89,8 @@ def default_extensions(
     from ikos.manager._registry_service import RegistryService
     from ikos.manager._sampler_service import SamplerService
 
-    extensions: list[Extension] = [RegistryService(), DaemonService()]
     service = MetricsService(*metrics) if metrics is not None else None
+    extensions: list[Extension] = [RegistryService(service), DaemonService()]
     if service is not None:
         extensions.append(service)
     extensions.append(IpcService(service))
