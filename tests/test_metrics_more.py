@@ -11,6 +11,7 @@ ikosd, whose successor adopts the running actors.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
@@ -20,6 +21,7 @@ import pytest
 from conftest import Instance, wait_for
 from prometheus import fetch_metrics, promtool_check_metrics
 from prometheus_client.parser import text_string_to_metric_families
+from test_health_live import sleeper
 
 import ikos
 from ikos.actors._stats import (
@@ -53,34 +55,12 @@ CRASHY = """
 class = "examples.actors:Crashy"
 supervisor = "crashers"
 """
-# Probes every 0.1 s; the failing one is critical at its first failure.
-CHECKED = """
-[executables.well]
-executable = "sleep"
-args = ["1000"]
-[executables.well.service]
-name = "well/svc"
-type = "probe"
-[[executables.well.health]]
-kind = "exec"
-target = "true"
-interval = 0.1
-timeout = 5
 
-[executables.sick]
-executable = "sleep"
-args = ["1000"]
-[executables.sick.service]
-name = "sick/svc"
-type = "probe"
-[[executables.sick.health]]
-kind = "exec"
-target = "false"
-interval = 0.1
-timeout = 5
-unhealthy_threshold = 1
-on_failure = "alert"
-"""
+
+# a sleeper offering NAME/svc, checked every 0.1 s by a command
+WELL = sleeper("well", 'kind = "exec"\ntarget = "true"')
+SICK = sleeper("sick", 'kind = "exec"\ntarget = "false"')
+CHECKED = WELL + SICK
 CONFIG = HEAD + CRASHY + CHECKED
 
 
@@ -300,8 +280,6 @@ def test_services_and_health_checks_show_their_results(ikosd_factory: Any) -> No
     assert value(inst, "ikos_health_checks_total", daemon="well", check=well, result="fail") == 0
     assert value(inst, "ikos_health_checks_total", daemon="sick", check=sick, result="pass") == 0
     registered = inst.ctl("services", "--json", check=True).stdout
-    import json
-
     assert value(inst, "ikos_registry_services") == len(json.loads(registered))
     # a stopped provider: its service is down, its check has no last result, the
     # counts stay (they go on when it runs again)
@@ -332,10 +310,7 @@ def test_removed_daemons_leave_no_series_and_promtool_accepts_the_whole(
         'service="sick/svc"',
     ):
         assert label in text
-    kept = (
-        HEAD.replace("[supervisors.crashers]\nmax_restarts = 5\nwithin = 3600\n", "")
-        + CHECKED.split("[executables.sick]")[0]
-    )
+    kept = HEAD.replace("[supervisors.crashers]\nmax_restarts = 5\nwithin = 3600\n", "") + WELL
     (inst.root.parent / "ikos.toml").write_text(kept)
     inst.ctl("reload-config", check=True)
 
