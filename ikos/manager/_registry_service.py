@@ -569,7 +569,8 @@ class RegistryService(Extension):
         # Declarations apply when a daemon (re)starts, as they always did.
         self._declarations(config)
         # the counts of checks no longer declared are never exported again: forget them
-        for key in [k for k in self._check_results if k[0] not in self._checks]:
+        declared = {(d, c.describe()) for d, checks in self._checks.items() for c in checks}
+        for key in [k for k in self._check_results if k[:2] not in declared]:
             del self._check_results[key]
 
     # -- health ----------------------------------------------------------------
