@@ -32,6 +32,7 @@ import ikos
 from ikos._codec import encode, encode_out_of_band
 from ikos.actors import _context, _runtime
 from ikos.actors._ref import ASK, REPLY_OK, by_shm, encode_shm
+from ikos.actors._stats import MEMFD_NAME
 from ikos.platform import _memfd
 from ikos.platform._memfd import (
     check_segment,
@@ -212,15 +213,19 @@ def dev_shm() -> set[str]:
     return set(os.listdir("/dev/shm"))
 
 
+STATS_MEMFD = f"/memfd:{MEMFD_NAME}"
+
+
 def memfds_of(pid: int | str) -> list[str]:
-    """The shared-memory segments ``pid`` holds open (its memfd descriptors)."""
+    """The payload segments ``pid`` holds open (its memfd descriptors), leaving out an
+    actor's counters page (``ikos.actors._stats``), which lives as long as the actor."""
     found = []
     for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
             target = os.readlink(f"/proc/{pid}/fd/{fd}")
         except OSError:
             continue
-        if target.startswith("/memfd:ikos-"):
+        if target.startswith("/memfd:ikos-") and not target.startswith(STATS_MEMFD):
             found.append(target)
     return found
 

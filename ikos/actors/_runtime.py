@@ -20,6 +20,11 @@ the current message finishes, queued asks are answered with
 ``on_stop`` runs and the process exits 0. Exit codes: 0 normal, 1 crash in
 ``receive``, 2 crash in ``on_start``.
 
+The runtime counts what ikosd's metrics show (``ikos.actors._stats``): messages
+put in and taken out of the mailbox, and each ask's service time, in a page of
+shared memory the manager reads at scrape time; an update is an increment or
+two, never a message or a system call.
+
 Large bytes-like messages and replies travel as sealed memfds (see
 ``ikos.actors._ref``): every read is a ``recvmsg_into`` that may bring a
 descriptor, kept per connection until its frame is complete and then mapped
@@ -42,6 +47,7 @@ import struct
 import sys
 import time
 import traceback
+from bisect import bisect_left
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -60,6 +66,15 @@ from ikos.actors._ref import (
     decode_shm,
     encode_shm,
     take_fds,
+)
+from ikos.actors._stats import (
+    ASK_BUCKETS_NS,
+    ASK_SUM_NS,
+    FIRST_BUCKET,
+    RECEIVED,
+    TAKEN,
+    map_for_writing,
+    private_counters,
 )
 from ikos.platform._memfd import (
     ANCILLARY_SIZE,
@@ -108,8 +123,16 @@ class _Client:
 class ActorProcess:
     """Drives one actor instance; see the module docstring."""
 
-    def __init__(self, boot: ActorBoot, listener: socket.socket, status_fd: int) -> None:
+    def __init__(
+        self,
+        boot: ActorBoot,
+        listener: socket.socket,
+        status_fd: int,
+        stats: memoryview | None = None,
+    ) -> None:
         self.boot = boot
+        #: the counters the manager reads (``ikos.actors._stats``), one store per update
+        self.stats = stats if stats is not None else private_counters()
         self.name = boot.name
         self.listener = listener
         self.status_fd = status_fd
@@ -189,6 +212,9 @@ class ActorProcess:
         assert actor is not None
         mailbox = self.mailbox
         clients = self.clients
+        stats = self.stats
+        clock = time.perf_counter_ns
+        started = 0
         last_poll = time.monotonic()
         while not self.stopping:
             if mailbox:
@@ -207,6 +233,9 @@ class ActorProcess:
                 last_poll = time.monotonic()
             while mailbox and not self.stopping:
                 client, kind, corr, message = mailbox.popleft()
+                stats[TAKEN] += 1
+                if kind == ASK:
+                    started = clock()
                 if message.__class__ is memoryview and isinstance(message.obj, SharedBuffer):
                     self.segments -= 1
                 try:
@@ -223,6 +252,10 @@ class ActorProcess:
                     self._crash(exc)
                 if kind == ASK:
                     self._reply(client, REPLY_OK, corr, result)
+                    # the actor's service time: off the mailbox to the reply sent
+                    elapsed = clock() - started
+                    stats[ASK_SUM_NS] += elapsed
+                    stats[FIRST_BUCKET + bisect_left(ASK_BUCKETS_NS, elapsed)] += 1
                 # a mapped payload (or reply) must not stay mapped, with its descriptors,
                 # until the next message comes: these names would keep it alive
                 message = result = None
@@ -405,6 +438,7 @@ class ActorProcess:
         """Move complete frames from the client's buffer into the mailbox, while room."""
         buf = client.buf
         mailbox = self.mailbox
+        stats = self.stats
         while len(buf) >= 4:
             (n,) = HEADER.unpack_from(buf)
             if n > self.max_frame or n == 0:
@@ -431,6 +465,7 @@ class ActorProcess:
                 self._undecodable(client, raw, exc)
                 continue
             mailbox.append((client, kind, corr, message))
+            stats[RECEIVED] += 1
         if client.fds and not buf:
             self._refuse(client, "a descriptor came without a frame announcing it")
             self._close(client)
@@ -591,23 +626,24 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def run_actor(boot: ActorBoot, listener_fd: int, status_fd: int) -> NoReturn:
+def run_actor(boot: ActorBoot, listener_fd: int, status_fd: int, stats_fd: int) -> NoReturn:
     """Entry point in the forked actor process; never returns."""
     os.setsid()  # its own session: terminal signals to ikosd's group never reach it
     listener = socket.socket(fileno=listener_fd)
-    ActorProcess(boot, listener, status_fd).run()
+    ActorProcess(boot, listener, status_fd, map_for_writing(stats_fd)).run()
 
 
 def spawn_entry(payload: bytes, fds: list[int]) -> NoReturn:
     """The fork server's entry point for actors.
 
-    ``fds`` is ``[listener, status pipe]``, then optionally the write ends of
-    the pipes that become the actor's stdout and stderr (the manager puts
-    them in the daemon's log). Output is line-buffered, so that a ``print``
+    ``fds`` is ``[listener, status pipe, counters]`` (the memfd of
+    ``ikos.actors._stats``), then optionally the write ends of the pipes that
+    become the actor's stdout and stderr (the manager puts them in the
+    daemon's log). Output is line-buffered, so that a ``print``
     reaches the log when it is made, not when a buffer fills.
     """
-    if len(fds) >= 4:
-        for target, fd in ((1, fds[2]), (2, fds[3])):
+    if len(fds) >= 5:
+        for target, fd in ((1, fds[3]), (2, fds[4])):
             os.dup2(fd, target)
             os.close(fd)
         for stream in (sys.stdout, sys.stderr):
@@ -615,4 +651,4 @@ def spawn_entry(payload: bytes, fds: list[int]) -> NoReturn:
             if reconfigure is not None:
                 reconfigure(line_buffering=True)
     boot = decode(payload)
-    run_actor(boot, fds[0], fds[1])
+    run_actor(boot, fds[0], fds[1], fds[2])

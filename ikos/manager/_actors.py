@@ -9,14 +9,20 @@ socket is closed and removed, so that a client fails at once instead of
 waiting. Each incarnation reports ``ready`` and its exit reason on a status
 pipe, and its stdout and stderr go to the daemon's log like an executable's.
 
-The descriptors only the manager holds (listener, status pipe, log pipes) are
-deposited with the descriptor keeper, so that a new ikosd can adopt the actor
-after a crash of the old one.
+Each incarnation also gets a fresh memfd for its counters
+(:mod:`ikos.actors._stats`: mailbox depth, messages, ask durations), which
+the manager maps read-only for the metrics; the mapping goes when the
+incarnation ends, so a stopped or removed actor has no figures.
+
+The descriptors only the manager holds (listener, status pipe, log pipes,
+counters) are deposited with the descriptor keeper, so that a new ikosd can
+adopt the actor after a crash of the old one, its counters included.
 """
 
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import socket
 from collections import Counter
@@ -27,6 +33,7 @@ from ikos._codec import encode
 from ikos._errors import SpawnError
 from ikos.actors._context import InstanceContext
 from ikos.actors._runtime import ActorBoot
+from ikos.actors._stats import ActorFigures, create_stats_fd, map_for_reading, read_figures
 from ikos.manager._logs import DaemonLogs
 from ikos.platform._fdstore import FdStore
 from ikos.platform._forkserver import ForkServer
@@ -62,14 +69,19 @@ class ActorSpawner:
         self.listeners: dict[str, socket.socket] = {}
         #: Messages to actors that were not there, by actor (``dead_letter`` verb, exits).
         self.dead_letters: Counter[str] = Counter()
+        #: The counters of each running incarnation, mapped read-only. Entries are
+        #: replaced or removed whole, never closed: a scrape in another thread that
+        #: still holds a mapping keeps it valid until it lets go.
+        self.counters: dict[str, mmap.mmap] = {}
 
     async def start(self) -> None:
         """Nothing to start: the fork server is the manager's."""
 
     def close(self) -> None:
-        """Close and remove every listening socket (ikosd is stopping)."""
+        """Close and remove every listening socket and unmap the counters (ikosd is stopping)."""
         for name in list(self.listeners):
             self._close_listener(name)
+        self.counters.clear()
 
     def _listener(self, name: str) -> socket.socket:
         sock = self.listeners.get(name)
@@ -107,23 +119,26 @@ class ActorSpawner:
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        stats = create_stats_fd()
         theirs = [status_w, out_w, err_w]
         try:
             pid = await self.forkserver.spawn(
                 spec.name,
                 ACTOR_ENTRY,
                 payload,
-                [listener.fileno(), status_w, out_w, err_w],
+                [listener.fileno(), status_w, stats, out_w, err_w],
                 modules,
                 on_forked=lambda pid: self._on_forked(node, pid, True),
             )
         except BaseException:
-            for fd in (status_r, out_r, err_r):
+            for fd in (status_r, out_r, err_r, stats):
                 os.close(fd)
             raise
         finally:
             for fd in theirs:
                 os.close(fd)
+        self._keep_counters(spec.name, stats)
+        os.close(stats)
         self.fdstore.put(spec.name, "status", status_r)
         self.logs.capture(spec.name, "stdout", out_r)
         self.logs.capture(spec.name, "stderr", err_r)
@@ -138,6 +153,9 @@ class ActorSpawner:
             fd = fds.pop(stream, None)
             if fd is not None:
                 self.logs.capture(node.name, stream, fd)
+        stats = fds.get("stats")  # the caller closes what the fds hold
+        if stats is not None:
+            self._keep_counters(node.name, stats)
         handle = ProcessHandle(pid, status_fd=fds.pop("status", None))
         if not handle.ready.done():
             handle.ready.set_result({"event": "ready", "pid": pid, "adopted": True})
@@ -149,9 +167,25 @@ class ActorSpawner:
             self._close_listener(node.name)
             self.fdstore.drop(node.name, ["listener"])
 
+    def _keep_counters(self, name: str, fd: int) -> None:
+        """Map an incarnation's counters for the metrics and deposit them with the keeper."""
+        region = map_for_reading(fd)
+        if region is None:
+            self.counters.pop(name, None)
+            return
+        self.counters[name] = region
+        self.fdstore.put(name, "stats", fd)
+
+    def figures(self, name: str) -> ActorFigures | None:
+        """The counters of actor ``name``'s running incarnation (any thread), if any."""
+        region = self.counters.get(name)
+        return read_figures(region) if region is not None else None
+
     def exited(self, node: WorkerNode) -> None:
-        """An incarnation ended: its status pipe and log pipes are no successor's business."""
-        self.fdstore.drop(node.name, ["status"])
+        """An incarnation ended: its status pipe, log pipes and counters are no successor's
+        business."""
+        self.counters.pop(node.name, None)
+        self.fdstore.drop(node.name, ["status", "stats"])
         self.logs.release(node.name)
         if node.last_exit is not None and node.last_exit.dead_letters:
             self.dead_letters[node.name] += node.last_exit.dead_letters

@@ -33,6 +33,7 @@ from ikos.supervision._runtime import ExitReason, Running, State, WorkerNode
 from ikos.supervision._spec import AnySpec, Supervisor
 
 if TYPE_CHECKING:
+    from ikos.actors._stats import ActorFigures
     from ikos.registry._health import HealthCheck
     from ikos.registry._service import ServiceInfo
 
@@ -137,6 +138,9 @@ class TreeView(Protocol):
     @property
     def dead_letters(self) -> Mapping[str, int]:
         """Messages sent to each actor while it was not there."""
+
+    def actor_figures(self, name: str) -> ActorFigures | None:
+        """The counters of actor ``name``'s running process (from any thread), if any."""
 
 
 class Operations(Protocol):

@@ -41,6 +41,7 @@ from typing import Any
 
 from ikos._errors import IkosError, ManagerError, NoSuchDaemon
 from ikos.actors._context import InstanceContext
+from ikos.actors._stats import ActorFigures
 from ikos.manager._actors import ActorSpawner
 from ikos.manager._exec import ExecHandle, ExecRuntime
 from ikos.manager._extension import (
@@ -89,9 +90,9 @@ def default_extensions(
     from ikos.manager._registry_service import RegistryService
     from ikos.manager._sampler_service import SamplerService
 
-    registry = RegistryService()
-    extensions: list[Extension] = [registry, DaemonService()]
     service = MetricsService(*metrics) if metrics is not None else None
+    registry = RegistryService(service)
+    extensions: list[Extension] = [registry, DaemonService()]
     if service is not None:
         extensions.append(service)
     extensions.append(IpcService(service))
@@ -233,6 +234,9 @@ class Manager:
     @property
     def dead_letters(self) -> Mapping[str, int]:
         return self.actors.dead_letters
+
+    def actor_figures(self, name: str) -> ActorFigures | None:
+        return self.actors.figures(name)
 
     def health(self) -> dict[str, Any]:
         """How ikosd itself is doing: its state store, fork server and reaper."""

@@ -30,16 +30,25 @@ from pathlib import Path
 from typing import Any
 
 from ikos._errors import ManagerError
+from ikos.actors._stats import ASK_BUCKETS
 from ikos.manager._extension import Config, Extension, ExtensionHost, NodeView, TreeView
-from ikos.monitor._metrics import DaemonCollector, DaemonRow, MetricsEndpoint, Snapshot
+from ikos.monitor._metrics import (
+    ActorRow,
+    DaemonCollector,
+    DaemonRow,
+    MetricsEndpoint,
+    Snapshot,
+    SupervisorRow,
+)
 from ikos.platform._database import write_durably
 from ikos.platform._paths import InstancePaths
-from ikos.supervision._runtime import State
+from ikos.supervision._runtime import State, SupervisorNode
 
 log = logging.getLogger("ikos.metrics")
 
 #: Where the bound address is published, under the instance's run directory.
 METRICS_FILE = "metrics.json"
+_BOUNDS = (*ASK_BUCKETS, float("inf"))
 
 
 def metrics_file(paths: InstancePaths) -> Path:
@@ -138,9 +147,26 @@ class MetricsService(Extension):
         view = self._view
         assert view is not None, "the metrics service has not started"
         rows = []
+        supervisors, actors = [], []
         dead = view.dead_letters
         for node in list(view.walk()):
             parent = node.parent
+            if isinstance(node, SupervisorNode):
+                supervisors.append(
+                    SupervisorRow(node.name, node.restarts_performed, node.intensity_left())
+                )
+            elif node.kind == "actor" and node.state is State.RUNNING:
+                figures = view.actor_figures(node.name)
+                if figures is not None:
+                    actors.append(
+                        ActorRow(
+                            node.name,
+                            figures.mailbox_depth,
+                            figures.messages,
+                            figures.ask_sum_seconds,
+                            tuple(zip(_BOUNDS, figures.ask_buckets, strict=True)),
+                        )
+                    )
             rows.append(
                 DaemonRow(
                     node.name,
@@ -167,4 +193,6 @@ class MetricsService(Extension):
             int(store.get("pending", 0)),
             int(health.get("fork_server_restarts", 0)),
             int(health.get("orphans_reaped", 0)),
+            supervisors=supervisors,
+            actors=actors,
         )

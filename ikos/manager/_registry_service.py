@@ -26,6 +26,13 @@ watchers (``watch``) are fed from the store's change events, never by polling;
 both are bounded, and a watcher that falls too far behind is dropped rather
 than allowed to grow the manager's memory.
 
+Metrics: with ikosd's metrics service, the registry exports the services, each
+one's ``ikos_service_up`` and every health check's last result and counts of
+results (:class:`~ikos.monitor._metrics.RegistryCollector`). A scrape reads
+the in-memory index from the HTTP server's thread, never the store. The
+counts of a daemon's checks go on across its restarts; the series of a daemon
+no longer in the tree, or of a check no longer configured, disappear.
+
 Rejected: running the health probes or SQLite in a worker thread. The probes
 are asyncio coroutines already and the store's statements are a few indexed
 lookups, so the loop never waits on them; only the ``method`` probe, a
@@ -41,6 +48,7 @@ import functools
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -48,6 +56,7 @@ from typing import Any
 from ikos._errors import IkosError, ManagerError, PermissionDenied
 from ikos.manager._control_server import BadRequest, Request, Stream
 from ikos.manager._extension import Config, Extension, ExtensionHost, NodeView, Operations, TreeView
+from ikos.monitor._metrics import CheckRow, RegistryCollector, RegistrySnapshot, ServiceRow
 from ikos.registry._client import HEALTH_REQUEST_KEY
 from ikos.registry._graph import DependencyCycle
 from ikos.registry._health import HealthCheck, HealthMonitor, HealthState
@@ -177,6 +186,7 @@ class _Service:
     owner: str | None
     pid: int | None
     active: bool
+    health: str = "unknown"
 
 
 @dataclass
@@ -196,9 +206,15 @@ class RegistryService(Extension):
 
     name = "registry"
 
-    def __init__(self) -> None:
+    def __init__(self, metrics: Any = None) -> None:
+        #: the MetricsService whose endpoint gets the registry's collector, if any
+        self._metrics = metrics
         #: called on the loop with (daemon, old health, new health, why) (the alert service)
         self.health_listeners: list[Callable[[str, str, str, str], None]] = []
+        #: health-check results by (daemon, check, "pass"|"fail"), across incarnations
+        self._check_results: Counter[tuple[str, str, str]] = Counter()
+        #: the last result of each (daemon, check) of the running incarnations
+        self._check_last: dict[tuple[str, str], bool] = {}
         self._view: TreeView | None = None
         self._ops: Operations | None = None
         self.store: RegistryStore | None = None
@@ -248,6 +264,8 @@ class RegistryService(Extension):
             # Writers are public verbs for the server: they authorize themselves
             # (_authorize), because a daemon running as another user must reach them.
             host.verbs.register(verb, "public", handler)
+        if self._metrics is not None:
+            self._metrics.endpoint.add(RegistryCollector(self.figures))
         log.info(
             "registry: %d services (%d active) in %s", store.count(), store.count(True), store.path
         )
@@ -332,7 +350,7 @@ class RegistryService(Extension):
     # -- the in-memory index, fed by the store's events ---------------------------
 
     def _remember(self, info: ServiceInfo) -> None:
-        self._services[info.name] = _Service(info.owner, info.pid, info.active)
+        self._services[info.name] = _Service(info.owner, info.pid, info.active, info.health)
         if info.owner is not None:
             self._by_owner.setdefault(info.owner, set()).add(info.name)
         if info.active and info.pid is not None:
@@ -552,6 +570,10 @@ class RegistryService(Extension):
     async def on_reload(self, config: Config) -> None:
         # Declarations apply when a daemon (re)starts, as they always did.
         self._declarations(config)
+        # the counts of checks no longer declared are never exported again: forget them
+        declared = {(d, c.describe()) for d, checks in self._checks.items() for c in checks}
+        for key in [k for k in self._check_results if k[:2] not in declared]:
+            del self._check_results[key]
 
     # -- health ----------------------------------------------------------------
 
@@ -563,8 +585,15 @@ class RegistryService(Extension):
         if node.kind == "actor":
             timeout = max((c.timeout for c in checks if c.kind == "method"), default=1.0)
             caller = self._method_caller(node.name, timeout)
+        for key in [k for k in self._check_last if k[0] == node.name]:
+            del self._check_last[key]  # a new incarnation: no result yet
         try:
-            monitor = HealthMonitor(node.name, checks, call_method=caller)
+            monitor = HealthMonitor(
+                node.name,
+                checks,
+                call_method=caller,
+                on_result=functools.partial(self._check_result, node.name),
+            )
         except IkosError as exc:
             log.error("registry: health checks of %s: %s", node.name, exc)
             return
@@ -576,6 +605,48 @@ class RegistryService(Extension):
             monitor.run(functools.partial(self._health_changed, daemon)),
             name=f"health:{node.name}",
         )
+
+    def _check_result(self, daemon: str, check: HealthCheck, ok: bool) -> None:
+        label = check.describe()
+        self._check_results[(daemon, label, "pass" if ok else "fail")] += 1
+        self._check_last[(daemon, label)] = ok
+
+    def figures(self) -> RegistrySnapshot:
+        """The services and health checks for the metrics (from the HTTP server's thread).
+
+        Reads only: dictionaries the loop changes are copied in one step each
+        (``list``), values are replaced whole.
+        """
+        tree = self._view
+        services = [
+            ServiceRow(
+                name,
+                s.owner or "",
+                s.active and s.health in ("passing", "warning"),
+                # a removed daemon's service stays registered (inactive), but series
+                # labelled with that daemon must go with it
+                shown=s.owner is None or tree is None or tree.find(s.owner) is not None,
+            )
+            for name, s in list(self._services.items())
+        ]
+        results = dict(list(self._check_results.items()))
+        last = dict(list(self._check_last.items()))
+        checks: dict[tuple[str, str], CheckRow] = {}
+        for daemon, declared in list(self._checks.items()):
+            node = tree.find(daemon) if tree is not None else None
+            if node is None:
+                continue  # removed: its series go with it
+            running = node.state is State.RUNNING
+            for check in declared:
+                label = check.describe()
+                checks[(daemon, label)] = CheckRow(
+                    daemon,
+                    label,
+                    last.get((daemon, label)) if running else None,
+                    results.get((daemon, label, "pass"), 0),
+                    results.get((daemon, label, "fail"), 0),
+                )
+        return RegistrySnapshot(services, list(checks.values()))
 
     def _stop_monitor(self, daemon: _Daemon) -> None:
         if daemon.task is not None:

@@ -6,8 +6,8 @@ and the event loop pays nothing between scrapes. It knows nothing of the
 manager: it is given a function returning a :class:`Snapshot`, plain data
 taken from the tree, and turns it into metric families. Other parts add
 collectors of their own to the same :class:`MetricsEndpoint` (the registry,
-the resource sampler). The HTTP server is prometheus_client's (a daemon
-thread). Names follow the contract: ``ikos_`` prefix, base units,
+with :class:`RegistryCollector`, the resource sampler). The HTTP server is
+prometheus_client's (a daemon thread). Names follow the contract: ``ikos_`` prefix, base units,
 ``_total`` for counters, labels for daemon and supervisor.
 """
 
@@ -19,7 +19,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
 from prometheus_client.registry import Collector
 
 log = logging.getLogger("ikos.metrics")
@@ -41,6 +45,27 @@ class DaemonRow:
 
 
 @dataclass(frozen=True)
+class SupervisorRow:
+    """A supervisor's restarts and what is left of its restart intensity."""
+
+    name: str
+    restarts: int
+    intensity_left: int
+
+
+@dataclass(frozen=True)
+class ActorRow:
+    """A running actor's own counters (read from its process's shared page)."""
+
+    name: str
+    mailbox_depth: int
+    messages: int
+    ask_sum_seconds: float
+    #: ``(upper bound, cumulative count)`` per bucket, the last one's bound ``inf``
+    ask_buckets: tuple[tuple[float, int], ...]
+
+
+@dataclass(frozen=True)
 class Snapshot:
     """What the daemon collector exports, taken at scrape time."""
 
@@ -52,6 +77,8 @@ class Snapshot:
     state_pending_writes: int = 0
     fork_server_restarts: int = 0
     orphans_reaped: int = 0
+    supervisors: list[SupervisorRow] = field(default_factory=list)
+    actors: list[ActorRow] = field(default_factory=list)
 
 
 class DaemonCollector(Collector):
@@ -101,6 +128,8 @@ class DaemonCollector(Collector):
         for (name, new), count in snap.transitions.items():
             trans.add_metric([name, new], float(count))
         yield trans
+        yield from _supervisor_families(snap.supervisors)
+        yield from _actor_families(snap.actors)
         yield GaugeMetricFamily(
             "ikos_manager_start_time_seconds",
             "Unix time ikosd started",
@@ -131,6 +160,129 @@ class DaemonCollector(Collector):
             "Orphaned processes re-parented to ikosd and reaped by it",
             value=snap.orphans_reaped,
         )
+
+
+def _supervisor_families(rows: list[SupervisorRow]) -> Iterator[Any]:
+    restarts = CounterMetricFamily(
+        "ikos_supervisor_restarts",
+        "Restarts the supervisor performed (one per restart decision, counted in its intensity)",
+        labels=["supervisor"],
+    )
+    left = GaugeMetricFamily(
+        "ikos_supervisor_intensity_left",
+        "Restarts the supervisor still allows in its current window before it gives up",
+        labels=["supervisor"],
+    )
+    for row in rows:
+        restarts.add_metric([row.name], float(row.restarts))
+        left.add_metric([row.name], float(row.intensity_left))
+    yield restarts
+    yield left
+
+
+def _actor_families(rows: list[ActorRow]) -> Iterator[Any]:
+    depth = GaugeMetricFamily(
+        "ikos_actor_mailbox_depth",
+        "Messages waiting in the actor's mailbox (read from its sockets, not yet handled)",
+        labels=["daemon"],
+    )
+    messages = CounterMetricFamily(
+        "ikos_actor_messages",
+        "Messages the actor's current process handled (tells and asks)",
+        labels=["daemon"],
+    )
+    asks = HistogramMetricFamily(
+        "ikos_actor_ask_duration_seconds",
+        "Time the actor took to answer an ask, from taking it off its mailbox to sending the reply",
+        labels=["daemon"],
+    )
+    for row in rows:
+        depth.add_metric([row.name], float(row.mailbox_depth))
+        messages.add_metric([row.name], float(row.messages))
+        asks.add_metric(
+            [row.name],
+            [(_le(bound), float(count)) for bound, count in row.ask_buckets],
+            row.ask_sum_seconds,
+        )
+    yield depth
+    yield messages
+    yield asks
+
+
+def _le(bound: float) -> str:
+    """A bucket's ``le`` label as Prometheus writes it (``+Inf``, ``0.005``, ``1.0``)."""
+    return "+Inf" if bound == float("inf") else repr(float(bound))
+
+
+@dataclass(frozen=True)
+class ServiceRow:
+    """A registered service: its owning daemon ("" for a plain process) and whether it is up."""
+
+    service: str
+    daemon: str
+    up: bool
+    #: False: counted among the services, no ``ikos_service_up`` (its daemon was removed)
+    shown: bool = True
+
+
+@dataclass(frozen=True)
+class CheckRow:
+    """A health check of a daemon: its last result (None before the first) and its counts."""
+
+    daemon: str
+    check: str
+    last_passed: bool | None
+    passes: int
+    failures: int
+
+
+@dataclass(frozen=True)
+class RegistrySnapshot:
+    """What the registry collector exports, taken at scrape time."""
+
+    services: list[ServiceRow]
+    checks: list[CheckRow]
+
+
+class RegistryCollector(Collector):
+    """Registered services, whether each is up, and the daemons' health-check results."""
+
+    def __init__(self, snapshot: Callable[[], RegistrySnapshot]) -> None:
+        self.snapshot = snapshot
+
+    def collect(self) -> Iterator[Any]:
+        snap = self.snapshot()
+        yield GaugeMetricFamily(
+            "ikos_registry_services",
+            "Services registered (active or not)",
+            value=float(len(snap.services)),
+        )
+        up = GaugeMetricFamily(
+            "ikos_service_up",
+            "1 when the service is active and its provider is healthy (passing or warning)",
+            labels=["service", "daemon"],
+        )
+        for service in snap.services:
+            if service.shown:
+                up.add_metric([service.service, service.daemon], 1.0 if service.up else 0.0)
+        yield up
+        check_up = GaugeMetricFamily(
+            "ikos_health_check_up",
+            "1 when the check's last result passed, 0 when it failed",
+            labels=["daemon", "check"],
+        )
+        results = CounterMetricFamily(
+            "ikos_health_checks",
+            "Health-check results, by result",
+            labels=["daemon", "check", "result"],
+        )
+        for check in snap.checks:
+            if check.last_passed is not None:
+                check_up.add_metric([check.daemon, check.check], 1.0 if check.last_passed else 0.0)
+            results.add_metric([check.daemon, check.check, "pass"], float(check.passes))
+            results.add_metric([check.daemon, check.check, "fail"], float(check.failures))
+        yield check_up
+        yield results
 
 
 class MetricsEndpoint:

@@ -63,6 +63,7 @@ OnFailure: TypeAlias = Literal["restart", "alert"]
 HealthState: TypeAlias = Literal["unknown", "passing", "warning", "critical"]
 MethodCaller: TypeAlias = Callable[[str], Awaitable[object]]
 OnChange: TypeAlias = Callable[[str, str, str], "Awaitable[None] | None"]
+OnResult: TypeAlias = Callable[["HealthCheck", bool], None]
 
 CHECK_KINDS: tuple[str, ...] = ("exec", "tcp", "http", "ttl", "method")
 ON_FAILURE: tuple[str, ...] = ("restart", "alert")
@@ -588,6 +589,8 @@ class HealthMonitor:
     probes every check once; :meth:`run` probes each at its own interval
     until cancelled, calling ``on_change(service, old, new)`` whenever the
     service's status changes. :meth:`heartbeat` feeds the ``ttl`` checks.
+    ``on_result(check, ok)``, if given, hears every probe result as it comes
+    (start period included), for counting (the metrics).
     One monitor watches one incarnation: it starts ``unknown``, and each
     check's ``start_period`` runs from its creation on ``clock`` (monotonic
     seconds).
@@ -607,8 +610,10 @@ class HealthMonitor:
         *,
         call_method: MethodCaller | None = None,
         clock: Callable[[], float] = time.monotonic,
+        on_result: OnResult | None = None,
     ) -> None:
         self.service = service
+        self._on_result = on_result
         self.checks: tuple[HealthCheck, ...] = tuple(checks)
         for check in self.checks:
             if check.kind == "method" and call_method is None:
@@ -697,6 +702,11 @@ class HealthMonitor:
     def _record(self, index: int, result: ProbeResult) -> None:
         check = self.checks[index]
         self._last[index] = result
+        if self._on_result is not None:
+            try:
+                self._on_result(check, result.ok)
+            except Exception:  # counting must never stop the checks
+                log.exception("health on_result callback failed for %s", self.service)
         if self.in_start_period(index):
             if not result.ok:
                 return  # a failure in the start period: shown, not counted

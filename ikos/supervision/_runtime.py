@@ -553,6 +553,9 @@ class SupervisorNode(Node):
         self.template: Child | Exec | None = None
         self._dynamic = 0
         self.intensity = RestartIntensity(spec.max_restarts, spec.within)
+        #: restarts this supervisor decided (each counted against its intensity; a
+        #: one_for_all restart is one, however many children it takes along)
+        self.restarts_performed = 0
         self.queue: asyncio.Queue[tuple[Command, asyncio.Future[Any] | None]] = asyncio.Queue()
         self.task: asyncio.Task[None] | None = None
         self.timers: dict[Node, asyncio.TimerHandle] = {}  # pending back-off restarts
@@ -626,6 +629,17 @@ class SupervisorNode(Node):
     @property
     def alive(self) -> bool:
         return self.state in (State.STARTING, State.RUNNING)
+
+    def intensity_left(self) -> int:
+        """Restarts still allowed in the current window before this supervisor gives up.
+
+        ``max_restarts`` minus the restarts of the last ``within`` seconds; 0
+        once it gave up (until it is started again, with a fresh window).
+        """
+        if self.state is State.FAILED:
+            return 0
+        used = self.intensity.restarts_within(self.clock())
+        return max(0, self.spec.max_restarts - used)
 
     def status(self) -> dict[str, Any]:
         st = super().status()
@@ -762,6 +776,7 @@ class SupervisorNode(Node):
         if not allowed:
             await self._give_up(child, reason)
             return
+        self.restarts_performed += 1
         group = self._restart_group(child)
         for other in reversed(group):
             if other is not child and (other.alive or other.state is State.BACKOFF):
