@@ -23,7 +23,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from grafana_foundation_sdk.builders import (
     bargauge,
@@ -43,6 +43,8 @@ from grafana_foundation_sdk.models import common
 from grafana_foundation_sdk.models import dashboard as model
 from grafana_foundation_sdk.models import prometheus as prom_model
 
+P = TypeVar("P")
+
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "dashboards"
 
@@ -61,11 +63,16 @@ def query(expr: str, legend: str = "__auto", *, instant: bool = False) -> promet
     return q
 
 
-def _panel(p: Any, title: str, description: str, targets: Sequence[Any], w: int, h: int) -> Any:
+def _panel(panel: P, title: str, description: str, targets: Sequence[Any], w: int, h: int) -> P:
+    """``panel`` with what every panel has: title, description, data source, size, targets.
+
+    The panel builders share these methods without a common base class.
+    """
+    p: Any = panel
     p = p.title(title).description(description).datasource(DATASOURCE).span(w).height(h)
     for i, t in enumerate(targets):
         p = p.with_target(t.ref_id(chr(ord("A") + i)))
-    return p
+    return cast(P, p)
 
 
 def graph(
@@ -127,6 +134,7 @@ def timeline(
 
 
 def row(title: str) -> dashboard.Row:
+    """A row: the panels after it, up to the next row, under ``title``."""
     return dashboard.Row(title)
 
 
@@ -167,6 +175,11 @@ def variables(*, with_daemon: bool = False) -> list[Builder[Any]]:
 
 
 def board(uid: str, title: str, description: str, *, with_daemon: bool = False) -> Any:
+    """A dashboard with what the three share: tags, time, variables, links to the others.
+
+    The ``uid`` is fixed so that links and provisioning find the same
+    dashboard across rebuilds and Grafanas.
+    """
     b = (
         dashboard.Dashboard(title)
         .uid(uid)
