@@ -574,7 +574,7 @@ def daemon() -> Any:
                 w=8,
             )
         )
-        .with_row(row("Health checks and services"))
+        .with_row(row("Health checks, services, alerts"))
         .with_panel(
             timeline(
                 "Health checks",
@@ -601,6 +601,15 @@ def daemon() -> Any:
                 "Services",
                 "The services the daemon provides: 1 when it runs and is healthy.",
                 query(f"ikos_service_up{{{ONE}}}", instant=True),
+                w=12,
+            )
+        )
+        .with_panel(
+            listing(
+                "Alerts",
+                "The alerts ikosd holds active on the daemon ([alerts] in ikos.toml).",
+                query(f"ikos_alert_firing{{{ONE}}}", instant=True),
+                w=12,
             )
         )
     )
@@ -668,12 +677,22 @@ def messaging() -> Any:
         )
         .with_panel(
             graph(
-                "Subscriber drops",
-                "Deliveries dropped for slow subscribers (drop-oldest), per subscriber.",
+                "Drops",
+                "Deliveries dropped for slow subscribers (drop-oldest), per subscriber and per "
+                "topic, and deliveries skipped (pickle to another user), per topic.",
                 query(
                     f"sum by (subscriber) "
                     f"(rate(ikos_ipc_subscriber_dropped_total{{{SEL}}}[$__rate_interval]))",
                     "{{subscriber}}",
+                ),
+                query(
+                    f"sum by (topic) (rate(ikos_ipc_dropped_total{{{SEL}}}[$__rate_interval]))",
+                    "{{topic}} dropped",
+                ),
+                query(
+                    f"sum by (topic) "
+                    f"(rate(ikos_ipc_undeliverable_total{{{SEL}}}[$__rate_interval]))",
+                    "{{topic}} undeliverable",
                 ),
                 unit="ops",
             )

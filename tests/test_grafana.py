@@ -127,6 +127,9 @@ uss_every = 1
 
 [actors.{DAEMON}]
 class = "examples.actors:Echo"
+# an alert of ikosd's own on it, for the daemon dashboard's alerts
+[actors.{DAEMON}.alerts.memory]
+above = "1MiB"
 [actors.{DAEMON}.service]
 name = "{DAEMON}"
 [[actors.{DAEMON}.health]]
