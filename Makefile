@@ -1,5 +1,5 @@
 # The two commands of the README: `make demo` and `make test`.
-# Both create .venv when missing and install ikos (editable) with its test tools.
+# Both create .venv when missing and install ikos (editable) with its test and dev tools.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -16,15 +16,15 @@ $(STAMP): pyproject.toml
 	fi
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,dev]'
 	@touch $@
 
 demo: $(STAMP)
 	$(PY) -m examples.demo --root .demo
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff format --check ikos tests examples bench
-	$(VENV)/bin/ruff check ikos tests examples bench
+	$(VENV)/bin/ruff format --check ikos tests examples bench grafana
+	$(VENV)/bin/ruff check ikos tests examples bench grafana
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy

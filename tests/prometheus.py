@@ -21,7 +21,7 @@ import socket
 import subprocess
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ global:
   scrape_interval: {interval}
   scrape_timeout: {interval}
   evaluation_interval: {interval}
+rule_files: {rule_files}
 scrape_configs:
   - job_name: ikos
     file_sd_configs:
@@ -126,8 +127,11 @@ class Prometheus:
 
 
 @contextlib.contextmanager
-def running_prometheus(base: Path) -> Iterator[Prometheus]:
+def running_prometheus(base: Path, rule_files: Sequence[Path] = ()) -> Iterator[Prometheus]:
     """Run a Prometheus under ``base`` (config, targets, storage, log) until the block ends.
+
+    ``rule_files`` are loaded as the configuration's ``rule_files`` (their
+    rules evaluated every second; ``Prometheus.api("rules")`` shows them).
 
     Skips when Prometheus is not installed; fails, with the server's log,
     when it does not become ready.
@@ -137,7 +141,8 @@ def running_prometheus(base: Path) -> Iterator[Prometheus]:
     targets = base / "targets.json"
     targets.write_text("[]")
     config = base / "prometheus.yml"
-    config.write_text(CONFIG.format(interval=INTERVAL, targets=targets))
+    files = json.dumps([str(f) for f in rule_files])
+    config.write_text(CONFIG.format(interval=INTERVAL, targets=targets, rule_files=files))
     port = free_port()
     log = base / "prometheus.log"
     with open(log, "wb") as out:
