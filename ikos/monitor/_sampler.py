@@ -21,9 +21,10 @@ resident size, and the scan above has read it already; the open fds are the
 size of ``/proc/PID/fd`` (one ``stat``), the I/O counters ``/proc/PID/io``.
 psutil, even under ``oneshot()``, opened about eight files per process
 (``stat``, ``statm``, ``status``, ``io``, the fd directory, ``/proc/stat``
-for the boot time...): 104 ms of CPU per pass over 500 daemons against 39 ms
-now (bench/results/monitoring.md), 2.1 % of a core at the default 5 s
-interval against 0.8 %.
+for the boot time...): over 500 ``sleep`` processes, 104 ms of CPU per pass
+against 39 ms now; over the 500 daemons of bench/monitoring.py (half of them
+Python actors, whose USS is dear), 89 ms against 63 ms, 1.3 % of a core at
+the default 5 s interval (docs/performance.md).
 
 CPU seconds are counted per run of a daemon (its main pid and that process's
 start time) and never go down within a run: a child that exits keeps its
