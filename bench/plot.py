@@ -71,13 +71,20 @@ def monitoring(doc: dict[str, Any]) -> Figure:
     med = [r["sampling_cpu_pct"] for r in runs]
     lo = [m - min(r["sampling_cpu_pct_windows"]) for m, r in zip(med, runs, strict=True)]
     hi = [max(r["sampling_cpu_pct_windows"]) - m for m, r in zip(med, runs, strict=True)]
-    a.errorbar(n, med, yerr=[lo, hi], marker="o", capsize=3, label="ikosd, on - off (windows)")
+    a.errorbar(
+        n,
+        med,
+        yerr=[lo, hi],
+        marker="o",
+        capsize=3,
+        label="ikosd, on - off (mean, range of windows)",
+    )
     a.plot(n, [r["pass_cpu_pct_at_interval"] for r in runs], marker="s", label="Sampler.sample")
     a.axhline(2.0, color="red", linestyle="--", label="goal: 2 %")
     a.set(
         xlabel="daemons", ylabel="% of a core", title=f"sampling CPU at a {interval:g} s interval"
     )
-    a.legend(fontsize="small")
+    a.legend(fontsize="small", loc="lower right")
 
     a = ax[0][1]
     for name in runs[0]["pass_cpu_ms"]:
@@ -90,6 +97,13 @@ def monitoring(doc: dict[str, Any]) -> Figure:
     a = ax[1][0]
     a.plot(n, [r["scrape_p50_ms"] for r in runs], marker="o", label="p50")
     a.plot(n, [r["scrape_p95_ms"] for r in runs], marker="s", label="p95")
+    if "scrape_prometheus_p50_ms" in runs[0]:
+        a.plot(
+            n,
+            [r["scrape_prometheus_p50_ms"] for r in runs],
+            marker="^",
+            label="p50 as Prometheus asks (OpenMetrics, gzip)",
+        )
     a.axhline(50.0, color="red", linestyle="--", label="goal: 50 ms")
     a.set(xlabel="daemons", ylabel="ms", title="scrape of /metrics")
     a.legend(fontsize="small")
