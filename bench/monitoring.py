@@ -73,6 +73,7 @@ TREE = textwrap.dedent(
 
 
 def config(interval: float) -> str:
+    """The ikos.toml of an instance sampling every ``interval`` seconds."""
     return f"[monitor]\ninterval = {interval}\n"
 
 
@@ -84,6 +85,7 @@ def cpu_seconds(pid: int) -> float:
 
 
 def start(n: int, interval: float) -> IkosInstance:
+    """An ikosd with ``n`` daemons sampled every ``interval`` s, once all of them run."""
     inst = IkosInstance(
         TREE.format(actors=n // 2, execs=n - n // 2),
         prefix="ikos-bench-mon-",
@@ -111,6 +113,7 @@ def running(inst: IkosInstance) -> list[Target]:
 
 
 def metrics_address(inst: IkosInstance) -> tuple[str, int]:
+    """Where ``inst`` serves ``/metrics``: its ``RUN/metrics.json`` (file_sd) says."""
     document = json.loads((inst.root / "run" / "ikos" / "metrics.json").read_text())
     host, port = document[0]["targets"][0].rsplit(":", 1)
     return host, int(port)
@@ -236,6 +239,7 @@ def pass_cost(one_pass: Callable[[int], Any], passes: int, warm_up: bool = False
 
 
 def ikos_pass(targets: Sequence[Target]) -> Callable[[int], Any]:
+    """ikos's sampler as ikosd runs it (the default USS cycle)."""
     sampler = Sampler(uss=True, uss_every=USS_EVERY)
     return lambda _i: sampler.sample(targets)
 
@@ -326,6 +330,7 @@ PEERS = (
 
 
 def measure(n: int, windows: int, window: float, passes: int, scrape_n: int) -> dict[str, Any]:
+    """Every figure for ``n`` daemons (see the module docstring), as one JSON-able dict."""
     on = start(n, INTERVAL)
     try:
         off = start(n, NEVER)
@@ -371,7 +376,8 @@ def measure(n: int, windows: int, window: float, passes: int, scrape_n: int) -> 
     }
 
 
-def table(results: list[dict[str, Any]], args: argparse.Namespace) -> Table:
+def table(results: list[dict[str, Any]]) -> Table:
+    """One row per figure, one column per number of daemons; goals judged at the largest."""
     ns = [r["daemons"] for r in results]
     t = Table(
         "Monitoring: the sampler's cost and the /metrics scrape against the number of daemons",
@@ -470,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     for n in (int(c) for c in args.counts.split(",")):
         print(f"  {n} daemons", flush=True)
         results.append(measure(n, args.windows, args.window, args.passes, args.scrapes))
-    t = table(results, args)
+    t = table(results)
     spread = results[-1]["sampling_cpu_pct_windows"]
     t.notes += [
         f"Daemons: half actors (an ikos.Actor that answers messages), half `/bin/sleep infinity`"
