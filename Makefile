@@ -49,7 +49,14 @@ pytest: $(STAMP) test-deps dist
 
 test: test-deps lint typecheck pytest
 
-bench: $(STAMP)
+# The benchmarks' peers are optional (each bench skips those not installed: `pip install
+# -e '.[bench]'`); matplotlib, which draws their plots, is installed here.
+BENCH_STAMP := $(VENV)/.ikos-plot-installed
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[test,plot]'
+	@touch $@
+
+bench: $(BENCH_STAMP)
 	$(PY) -m bench.run
 
 clean:

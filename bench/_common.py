@@ -112,10 +112,23 @@ class Table:
 class IkosInstance:
     """A real ikosd running ``tree_source`` (a module defining ``tree``) in a temporary root."""
 
-    def __init__(self, tree_source: str, prefix: str = "ikos-bench-") -> None:
+    def __init__(
+        self,
+        tree_source: str,
+        prefix: str = "ikos-bench-",
+        *,
+        config: str | None = None,
+        metrics: str = "off",
+    ) -> None:
+        """``config``: the text of an ikos.toml added to the tree (``-c``); ``metrics``
+        the ``--metrics`` address (``127.0.0.1:0`` for a free port)."""
         self.dir = Path(tempfile.mkdtemp(prefix=prefix))
         (self.dir / "benchtree.py").write_text(tree_source)
         self.root = self.dir / "root"
+        extra: list[str] = []
+        if config is not None:
+            (self.dir / "ikos.toml").write_text(config)
+            extra = ["-c", str(self.dir / "ikos.toml")]
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -125,8 +138,9 @@ class IkosInstance:
                 str(self.root),
                 "--tree",
                 f"{self.dir / 'benchtree.py'}:tree",
+                *extra,
                 "--metrics",
-                "off",
+                metrics,
                 "--log-level",
                 "warning",
             ],

@@ -1,4 +1,5 @@
-"""Run every benchmark (``make bench``): actors, executables, registry, IPC; tables in results/."""
+"""Run every benchmark (``make bench``): actors, executables, registry, IPC, monitoring;
+tables in results/, then their plots (bench/plot.py) from those tables."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ BENCHMARKS = (
     "bench.pubsub",
     "bench.queues",
     "bench.shm",
+    "bench.monitoring",
 )
 
 
@@ -22,6 +24,9 @@ def main() -> int:
         print(f"== {module}", flush=True)
         if subprocess.call([sys.executable, "-m", module, *sys.argv[1:]]) != 0:
             failed.append(module)
+    print("== bench.plot", flush=True)  # from whatever results there are, failed or not
+    if subprocess.call([sys.executable, "-m", "bench.plot"]) != 0:
+        failed.append("bench.plot")
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0

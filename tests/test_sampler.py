@@ -22,6 +22,7 @@ import termios
 import urllib.request
 from typing import Any
 
+import psutil
 import pytest
 from conftest import HANG, IKOSCTL, Instance, alive, wait_for
 from test_local_users import ctl_as, reachable, stranger  # noqa: F401 (fixtures)
@@ -371,3 +372,42 @@ def test_top_on_a_terminal_refreshes_sorts_and_restores_it(inst: Any) -> None:
             proc.wait()
         os.close(primary)
         os.close(secondary)
+
+
+def test_figures_read_from_proc_agree_with_psutil() -> None:
+    # the sampler reads /proc itself (stat, the size of fd/, io, smaps_rollup): each
+    # figure must be what psutil reads for the same process, a quiet one with known fds
+    script = (
+        "import os, sys, threading, time\n"
+        "fds = [os.open('/dev/null', os.O_RDONLY) for _ in range(17)]\n"
+        "for _ in range(3):\n"
+        "    threading.Thread(target=time.sleep, args=(3600,), daemon=True).start()\n"
+        "with open('/proc/self/exe', 'rb') as f: f.read(1 << 20)\n"
+        "print('ready', flush=True)\n"
+        "sys.stdin.readline()\n"
+    )
+    with subprocess.Popen(
+        [PY, "-c", script],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    ) as proc:
+        try:
+            assert proc.stdout is not None and proc.stdin is not None
+            assert proc.stdout.readline().strip() == "ready"
+            usage = Sampler(uss=True).sample([Target("x", proc.pid)])["x"]
+            p = psutil.Process(proc.pid)
+            times, memory, io = p.cpu_times(), p.memory_full_info(), p.io_counters()
+            assert usage.processes == 1
+            assert usage.open_fds == p.num_fds() >= 17 + 3
+            assert usage.threads == p.num_threads() == 4
+            assert usage.io_read_bytes == io.read_bytes
+            assert usage.io_write_bytes == io.write_bytes
+            assert abs(usage.cpu_seconds - (times.user + times.system)) < 0.05
+            assert abs(usage.rss_bytes - memory.rss) < 256 * 1024
+            assert usage.uss_bytes is not None
+            assert abs(usage.uss_bytes - memory.uss) < 256 * 1024
+        finally:
+            proc.kill()
+            proc.wait()
