@@ -6,9 +6,11 @@ and the event loop pays nothing between scrapes. It knows nothing of the
 manager: it is given a function returning a :class:`Snapshot`, plain data
 taken from the tree, and turns it into metric families. Other parts add
 collectors of their own to the same :class:`MetricsEndpoint` (the registry,
-with :class:`RegistryCollector`, the resource sampler). The HTTP server is
-prometheus_client's (a daemon thread). Names follow the contract: ``ikos_`` prefix, base units,
-``_total`` for counters, labels for daemon and supervisor.
+with :class:`RegistryCollector`, the resource sampler). The HTTP server and
+the text writer are :mod:`ikos.monitor._exposition` (prometheus_client's
+writer was most of a scrape's time with a large tree). Names follow the
+contract: ``ikos_`` prefix, base units, ``_total`` for counters, labels for
+daemon and supervisor.
 """
 
 from __future__ import annotations
@@ -18,13 +20,15 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
     HistogramMetricFamily,
 )
 from prometheus_client.registry import Collector
+
+from ikos.monitor._exposition import MetricsServer
 
 log = logging.getLogger("ikos.metrics")
 
@@ -290,7 +294,7 @@ class MetricsEndpoint:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.server: Any = None
+        self.server: MetricsServer | None = None
 
     def add(self, collector: Collector) -> None:
         """Export ``collector``'s metrics too."""
@@ -298,7 +302,7 @@ class MetricsEndpoint:
 
     def serve(self, host: str, port: int) -> None:
         """Listen on ``host:port`` (port 0: any free port); OSError if it cannot."""
-        self.server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        self.server = MetricsServer(host, port, self.registry)
         log.info("metrics at %s", self.url)
 
     @property
@@ -307,6 +311,8 @@ class MetricsEndpoint:
         if self.server is None:
             return None
         host, port = self.server.server_address[:2]
+        if isinstance(host, bytes):  # an AF_UNIX path: never for an HTTP server
+            host = host.decode()
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     @property
@@ -317,6 +323,5 @@ class MetricsEndpoint:
 
     def close(self) -> None:
         if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
+            self.server.close()
             self.server = None
