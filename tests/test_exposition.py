@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry, Counter, ProcessCollector, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 
-from ikos.monitor._exposition import CONTENT_TYPE, MetricsServer, render
+from ikos.monitor._exposition import CONTENT_TYPE, MetricsServer, TextFamily, render
 
 
 class Odd:
@@ -115,3 +115,39 @@ def test_a_collector_that_fails_is_a_500_and_the_server_lives_on(server: Metrics
     assert response.status == 500
     response, _ = get(server, "/")
     assert response.status == 500  # still answering, still failing the same way
+
+
+def test_text_families_say_what_prometheus_clients_families_say() -> None:
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+
+    class Ours:
+        def collect(self) -> Iterator[Any]:
+            g = TextFamily("t_gauge", "gauge", "g", ["a", "b"])
+            g.add(['q"x\\y\nz', "2"], 3.5)
+            g.add(["p", "q"], -0.0)
+            c = TextFamily("t_events", "counter", "c", ["d"])
+            c.add(["x"], 12)
+            h = TextFamily("t_seconds", "histogram", "h", ["d"])
+            h.add_histogram(["x"], [("0.1", 2.0), ("+Inf", 5.0)], 1.25)
+            bare = TextFamily("t_bare", "histogram", "no labels")
+            bare.add_histogram([], [("+Inf", 1.0)], 0.5)
+            yield from (g, c, h, bare)
+
+    class Theirs:
+        def collect(self) -> Iterator[Any]:
+            g = GaugeMetricFamily("t_gauge", "g", labels=["a", "b"])
+            g.add_metric(['q"x\\y\nz', "2"], 3.5)
+            g.add_metric(["p", "q"], -0.0)
+            c = CounterMetricFamily("t_events", "c", labels=["d"])
+            c.add_metric(["x"], 12)
+            h = HistogramMetricFamily("t_seconds", "h", labels=["d"])
+            h.add_metric(["x"], [("0.1", 2.0), ("+Inf", 5.0)], 1.25)
+            bare = HistogramMetricFamily("t_bare", "no labels")
+            bare.add_metric([], [("+Inf", 1.0)], 0.5)
+            yield from (g, c, h, bare)
+
+    ours.register(Ours())  # type: ignore[arg-type]
+    theirs.register(Theirs())  # type: ignore[arg-type]
+    text = render(ours.collect()).decode()
+    assert parsed(text) == parsed(generate_latest(theirs).decode())
+    promtool_check_metrics(text)

@@ -24,11 +24,10 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
-    HistogramMetricFamily,
 )
 from prometheus_client.registry import Collector
 
-from ikos.monitor._exposition import MetricsServer
+from ikos.monitor._exposition import MetricsServer, TextFamily
 
 log = logging.getLogger("ikos.metrics")
 
@@ -94,43 +93,46 @@ class DaemonCollector(Collector):
     def collect(self) -> Iterator[Any]:
         snap = self.snapshot()
         labels = ["daemon", "kind", "supervisor"]
-        state = GaugeMetricFamily(
+        state = TextFamily(
             "ikos_daemon_state",
+            "gauge",
             "1 for the daemon's current state, 0 otherwise",
-            labels=[*labels, "state"],
+            [*labels, "state"],
         )
-        up = GaugeMetricFamily("ikos_daemon_up", "1 when the daemon runs", labels=labels)
-        restarts = CounterMetricFamily(
-            "ikos_daemon_restarts", "Restarts of the daemon", labels=labels
-        )
-        started = GaugeMetricFamily(
+        up = TextFamily("ikos_daemon_up", "gauge", "1 when the daemon runs", labels)
+        restarts = TextFamily("ikos_daemon_restarts", "counter", "Restarts of the daemon", labels)
+        started = TextFamily(
             "ikos_daemon_start_time_seconds",
+            "gauge",
             "Unix time the daemon's current run started",
-            labels=labels,
+            labels,
         )
-        dead = CounterMetricFamily(
-            "ikos_dead_letters", "Messages to actors that were not there", labels=["daemon"]
+        dead = TextFamily(
+            "ikos_dead_letters", "counter", "Messages to actors that were not there", ["daemon"]
         )
         for row in snap.daemons:
             values = [row.name, row.kind, row.supervisor]
             for s in STATES:
-                state.add_metric([*values, s], 1.0 if row.state == s else 0.0)
-            up.add_metric(values, 1.0 if row.state == "running" else 0.0)
-            restarts.add_metric(values, float(row.restarts))
+                state.add([*values, s], 1.0 if row.state == s else 0.0)
+            up.add(values, 1.0 if row.state == "running" else 0.0)
+            restarts.add(values, float(row.restarts))
             if row.started_at is not None and row.state == "running":
-                started.add_metric(values, row.started_at)
+                started.add(values, row.started_at)
             if row.kind == "actor":
-                dead.add_metric([row.name], float(row.dead_letters))
+                dead.add([row.name], float(row.dead_letters))
         yield state
         yield up
         yield restarts
         yield started
         yield dead
-        trans = CounterMetricFamily(
-            "ikos_state_transitions", "State transitions of daemons", labels=["daemon", "state"]
+        trans = TextFamily(
+            "ikos_state_transitions",
+            "counter",
+            "State transitions of daemons",
+            ["daemon", "state"],
         )
         for (name, new), count in snap.transitions.items():
-            trans.add_metric([name, new], float(count))
+            trans.add([name, new], float(count))
         yield trans
         yield from _supervisor_families(snap.supervisors)
         yield from _actor_families(snap.actors)
@@ -167,43 +169,48 @@ class DaemonCollector(Collector):
 
 
 def _supervisor_families(rows: list[SupervisorRow]) -> Iterator[Any]:
-    restarts = CounterMetricFamily(
+    restarts = TextFamily(
         "ikos_supervisor_restarts",
+        "counter",
         "Restarts the supervisor performed (one per restart decision, counted in its intensity)",
-        labels=["supervisor"],
+        ["supervisor"],
     )
-    left = GaugeMetricFamily(
+    left = TextFamily(
         "ikos_supervisor_intensity_left",
+        "gauge",
         "Restarts the supervisor still allows in its current window before it gives up",
-        labels=["supervisor"],
+        ["supervisor"],
     )
     for row in rows:
-        restarts.add_metric([row.name], float(row.restarts))
-        left.add_metric([row.name], float(row.intensity_left))
+        restarts.add([row.name], float(row.restarts))
+        left.add([row.name], float(row.intensity_left))
     yield restarts
     yield left
 
 
 def _actor_families(rows: list[ActorRow]) -> Iterator[Any]:
-    depth = GaugeMetricFamily(
+    depth = TextFamily(
         "ikos_actor_mailbox_depth",
+        "gauge",
         "Messages waiting in the actor's mailbox (read from its sockets, not yet handled)",
-        labels=["daemon"],
+        ["daemon"],
     )
-    messages = CounterMetricFamily(
+    messages = TextFamily(
         "ikos_actor_messages",
+        "counter",
         "Messages the actor's current process handled (tells and asks)",
-        labels=["daemon"],
+        ["daemon"],
     )
-    asks = HistogramMetricFamily(
+    asks = TextFamily(
         "ikos_actor_ask_duration_seconds",
+        "histogram",
         "Time the actor took to answer an ask, from taking it off its mailbox to sending the reply",
-        labels=["daemon"],
+        ["daemon"],
     )
     for row in rows:
-        depth.add_metric([row.name], float(row.mailbox_depth))
-        messages.add_metric([row.name], float(row.messages))
-        asks.add_metric(
+        depth.add([row.name], float(row.mailbox_depth))
+        messages.add([row.name], float(row.messages))
+        asks.add_histogram(
             [row.name],
             [(_le(bound), float(count)) for bound, count in row.ask_buckets],
             row.ask_sum_seconds,

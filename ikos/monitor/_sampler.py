@@ -50,9 +50,9 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from ikos.monitor._exposition import TextFamily
 from ikos.platform._process import all_pids
 
 __all__ = ["Sampler", "Target", "Usage", "UsageCollector"]
@@ -399,31 +399,33 @@ class UsageCollector(Collector):
         self.usage = usage
 
     def collect(self) -> Iterator[Any]:
-        cpu = CounterMetricFamily(
+        cpu = TextFamily(
             "ikos_daemon_cpu_seconds",
+            "counter",
             "CPU time (user and system) of the daemon's processes in its current run",
-            labels=["daemon"],
+            ["daemon"],
         )
-        memory = GaugeMetricFamily(
+        memory = TextFamily(
             "ikos_daemon_memory_bytes",
+            "gauge",
             "Memory of the daemon's processes: resident (rss) and unique (uss)",
-            labels=["daemon", "kind"],
+            ["daemon", "kind"],
         )
-        fds = GaugeMetricFamily(
-            "ikos_daemon_open_fds", "Open file descriptors of the daemon", labels=["daemon"]
+        fds = TextFamily(
+            "ikos_daemon_open_fds", "gauge", "Open file descriptors of the daemon", ["daemon"]
         )
-        threads = GaugeMetricFamily(
-            "ikos_daemon_threads", "Threads of the daemon's processes", labels=["daemon"]
+        threads = TextFamily(
+            "ikos_daemon_threads", "gauge", "Threads of the daemon's processes", ["daemon"]
         )
-        processes = GaugeMetricFamily(
-            "ikos_daemon_processes", "Processes of the daemon", labels=["daemon"]
+        processes = TextFamily(
+            "ikos_daemon_processes", "gauge", "Processes of the daemon", ["daemon"]
         )
         for name, usage in self.usage():
-            cpu.add_metric([name], usage.cpu_seconds)
-            memory.add_metric([name, "rss"], float(usage.rss_bytes))
+            cpu.add([name], usage.cpu_seconds)
+            memory.add([name, "rss"], float(usage.rss_bytes))
             if usage.uss_bytes is not None:
-                memory.add_metric([name, "uss"], float(usage.uss_bytes))
-            fds.add_metric([name], float(usage.open_fds))
-            threads.add_metric([name], float(usage.threads))
-            processes.add_metric([name], float(usage.processes))
+                memory.add([name, "uss"], float(usage.uss_bytes))
+            fds.add([name], float(usage.open_fds))
+            threads.add([name], float(usage.threads))
+            processes.add([name], float(usage.processes))
         yield from (cpu, memory, fds, threads, processes)
