@@ -696,6 +696,10 @@ def test_render_alerts_and_events() -> None:
     assert (
         plain == f"memory\tweb\tcritical\t{3 * MIB}\t{2 * MIB}\t1000\tweb memory (RSS) at 3.0MiB\n"
     )
+    # as the verb's JSON gives them (floats): exact, never 2.10452e+07
+    exact = {**alert, "value": 21045248.0, "threshold": 0.75, "since": 1796500310.25}
+    cells = render_alerts([exact], Style(color=False, table=False), now=0.0).split("\t")
+    assert cells[3:6] == ["21045248", "0.75", "1796500310.25"]
     line = render_event(
         {
             "type": "transition",
