@@ -384,6 +384,15 @@ def test_a_daemons_configuration_is_private(inst: Instance, stranger: pwd.struct
     assert SECRET not in json.dumps(answer)
 
 
+def test_alerts_and_the_events_stream_are_private(
+    inst: Instance, stranger: pwd.struct_passwd
+) -> None:
+    """Alerts carry health-check output and exit reasons: another user gets neither."""
+    for verb in ("alerts", "events"):
+        answer = request_as(stranger, inst, {"id": 1, "verb": verb})
+        assert answer["ok"] is False and answer["error"]["code"] == "permission_denied", answer
+
+
 REQUEST = """
 import socket, sys
 s = socket.socket(socket.AF_UNIX)
