@@ -137,6 +137,21 @@ def test_known_usage_shows_in_status(inst: Any) -> None:
     assert "CPU: " in text and "Tasks: " in text
 
 
+def test_a_daemon_is_sampled_soon_after_it_starts_not_at_the_next_interval(
+    ikosd_factory: Any,
+) -> None:
+    # An interval of an hour: only the pass a start schedules can sample them.
+    inst = ikosd_factory(tree=TREE, config=CONFIG.replace("interval = 0.2", "interval = 3600"))
+    inst.wait_state("hog", "running", timeout=HANG)
+    first = usage_of(inst, "hog", lambda u: u["rss_bytes"] >= 64 * MIB)
+    text = inst.ctl("status", "hog").stdout
+    assert re.search(r"Tasks: 1 process, 1 thread, \d+ open files", text), text
+    inst.ctl("restart", "hog", check=True)
+    pid = inst.status("hog")["pid"]
+    again = usage_of(inst, "hog", lambda u: u["sampled_at"] > first["sampled_at"])
+    assert inst.status("hog")["pid"] == pid and again["rss_bytes"] >= 64 * MIB
+
+
 def test_usage_metrics_and_stopped_daemons_leave(inst: Any) -> None:
     url = metrics_url(inst)
     text = wait_for(

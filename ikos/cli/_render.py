@@ -233,11 +233,11 @@ def _memory_line(usage: Mapping[str, Any]) -> str:
 
 
 def _tasks_line(usage: Mapping[str, Any]) -> str:
-    processes = usage.get("processes")
-    noun = "process" if processes == 1 else "processes"
+    processes, threads, fds = (usage.get(k) for k in ("processes", "threads", "open_fds"))
     return (
-        f"{_text(processes)} {noun}, {_text(usage.get('threads'))} threads, "
-        f"{_text(usage.get('open_fds'))} open files"
+        f"{_text(processes)} {'process' if processes == 1 else 'processes'}, "
+        f"{_text(threads)} {'thread' if threads == 1 else 'threads'}, "
+        f"{_text(fds)} open {'file' if fds == 1 else 'files'}"
     )
 
 

@@ -33,6 +33,9 @@ from ikos.supervision._runtime import State
 
 log = logging.getLogger("ikos.sampler")
 
+#: seconds from a daemon's start to the pass that samples it (starts in between share it)
+SOON = 0.5
+
 
 class SamplerService(Extension):
     """Samples every running daemon's processes; see the module docstring."""
@@ -49,6 +52,7 @@ class SamplerService(Extension):
         self.latest: dict[str, Usage] = {}
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        self._soon: asyncio.TimerHandle | None = None
         #: called on the loop with each pass's usage by daemon (the alert service's feed)
         self.listeners: list[Callable[[Mapping[str, Usage]], None]] = []
 
@@ -63,7 +67,22 @@ class SamplerService(Extension):
                 )
         self._task = asyncio.get_running_loop().create_task(self._run(), name="sampler")
 
+    def on_transition(self, node: NodeView, old: State, new: State, why: str) -> None:
+        # A daemon that just started is sampled within SOON seconds, not at the
+        # next interval: `ikosctl top` right after ikosd is ready (or a restart)
+        # showed dashes for up to 5 s. One pass for every start in that time.
+        started = new is State.RUNNING and node.kind != "supervisor"
+        if started and self._task is not None and self._soon is None:
+            self._soon = asyncio.get_running_loop().call_later(SOON, self._sample_soon)
+
+    def _sample_soon(self) -> None:
+        self._soon = None
+        self._wake.set()
+
     async def stop(self) -> None:
+        if self._soon is not None:
+            self._soon.cancel()
+            self._soon = None
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
