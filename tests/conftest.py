@@ -218,6 +218,21 @@ class Instance:
             message=f"{name} to be {state}",
         )
 
+    def wait_gave_up(self, name: str, timeout: float = 30.0) -> dict[str, Any]:
+        """Wait until ``name`` is failed for good: its restart limit reached.
+
+        Not ``wait_state(name, "failed")``: every crash passes through ``failed``
+        on its way to a restart, and a test polling then reads a restart count
+        the supervisor has not reached yet.
+        """
+
+        def check() -> dict[str, Any] | None:
+            st = self.status(name)
+            reason = (st.get("last_exit") or {}).get("reason") or ""
+            return st if st["state"] == "failed" and "restart limit reached" in reason else None
+
+        return wait_for(check, timeout, message=f"{name} to reach its restart limit")  # type: ignore[no-any-return]
+
     def wait_running_new_pid(self, name: str, old: int | None, timeout: float = 20.0) -> int:
         def check() -> int | None:
             st = self.status(name)
