@@ -53,7 +53,7 @@ from typing import Any
 from prometheus_client.registry import Collector
 
 from ikos.monitor._exposition import TextFamily
-from ikos.platform._process import all_pids
+from ikos.platform._process import all_pids, stat_fields
 
 __all__ = ["Sampler", "Target", "Usage", "UsageCollector"]
 
@@ -311,16 +311,8 @@ class _Stat:
 
 def _read_stat(pid: int) -> _Stat | None:
     """``/proc/PID/stat`` of a live process (None when it is gone or a zombie)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    # after the command (which may hold spaces and parentheses): state ppid pgrp session
-    # tty_nr tpgid flags minflt cminflt majflt cmajflt utime stime cutime cstime priority
-    # nice num_threads itrealvalue starttime vsize rss
-    fields = data.rpartition(b")")[2].split()
-    if len(fields) < 22 or fields[0] in (b"Z", b"X"):
+    fields = stat_fields(pid)  # utime stime: 11 12, num_threads 17, rss 21 (pages)
+    if fields is None or len(fields) < 22 or fields[0] in (b"Z", b"X"):
         return None
     return _Stat(
         sid=int(fields[3]),

@@ -113,17 +113,28 @@ class ProcInfo:
     start_ticks: int
 
 
-def proc_info(pid: int, *, zombies: bool = False) -> ProcInfo | None:
-    """``/proc/PID/stat`` of a live process (None when it is gone, or a zombie unless asked)."""
+def stat_fields(pid: int) -> list[bytes] | None:
+    """The fields of ``/proc/PID/stat`` after the command, the state first (None if gone).
+
+    After the command (which may hold spaces and parentheses): state ppid pgrp
+    session tty_nr tpgid flags minflt cminflt majflt cmajflt utime stime cutime
+    cstime priority nice num_threads itrealvalue starttime vsize rss ...; so
+    ``fields[3]`` is the session, ``fields[19]`` the start time in clock ticks.
+    """
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
     except OSError:
         return None
-    fields = data.rpartition(b")")[2].split()
-    # after the command: state ppid pgrp session tty_nr tpgid flags minflt cminflt
-    # majflt cmajflt utime stime cutime cstime priority nice num_threads itrealvalue starttime
-    if len(fields) < 20 or fields[0] == b"X" or (fields[0] == b"Z" and not zombies):
+    return data.rpartition(b")")[2].split()
+
+
+def proc_info(pid: int, *, zombies: bool = False) -> ProcInfo | None:
+    """``/proc/PID/stat`` of a live process (None when it is gone, or a zombie unless asked)."""
+    fields = stat_fields(pid)
+    if fields is None or len(fields) < 20:
+        return None
+    if fields[0] == b"X" or (fields[0] == b"Z" and not zombies):
         return None
     return ProcInfo(pid, int(fields[1]), int(fields[3]), int(fields[19]))
 
