@@ -796,6 +796,8 @@ def test_restart_policies(ikosd_factory: Any, tmp_path: Path) -> None:
     assert inst.status("onf-fail")["restarts"] == 2
 
     # restart_delay: each restart waited its delay
+    # (each failing run is `running` for a moment too: wait for the third, which stays)
+    wait_for(lambda: len(_runs(c["delay"])) == 3, 30, message="the third run of delay")
     st = inst.wait_state("delay", "running", timeout=30)
     times = _runs(c["delay"])
     assert len(times) == 3 and st["restarts"] == 2
