@@ -19,6 +19,7 @@ import os
 import shutil
 import socket
 import subprocess
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator, Sequence
@@ -74,8 +75,8 @@ class Prometheus:
     def api(self, path: str, **params: str) -> Any:
         """GET ``/api/v1/PATH``; the ``data`` of a successful answer (AssertionError otherwise)."""
         query = f"?{urllib.parse.urlencode(params)}" if params else ""
-        with urllib.request.urlopen(f"{self.url}/api/v1/{path}{query}", timeout=10) as res:
-            answer = json.load(res)
+        _status, body = http_get(f"{self.url}/api/v1/{path}{query}", timeout=10)
+        answer = json.loads(body)  # errors come as JSON too, with Prometheus's reason
         assert answer.get("status") == "success", answer
         return answer["data"]
 
@@ -126,6 +127,21 @@ class Prometheus:
                 self.proc.wait()
 
 
+def http_get(url: str, timeout: float) -> tuple[int, bytes]:
+    """GET ``url``: its status and body, an error status included.
+
+    An ``HTTPError`` holds the open response: dropped unclosed (as ``wait_for``
+    drops the errors of a poll, Prometheus answering 503 while it starts) its
+    socket was reported by the garbage collector in whatever test ran next.
+    """
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as res:
+            return int(res.status), res.read()
+    except urllib.error.HTTPError as err:
+        with err:
+            return err.code, err.read()
+
+
 @contextlib.contextmanager
 def running_prometheus(base: Path, rule_files: Sequence[Path] = ()) -> Iterator[Prometheus]:
     """Run a Prometheus under ``base`` (config, targets, storage, log) until the block ends.
@@ -165,8 +181,8 @@ def running_prometheus(base: Path, rule_files: Sequence[Path] = ()) -> Iterator[
         def ready() -> bool:
             if proc.poll() is not None:
                 raise AssertionError(f"prometheus exited ({proc.returncode}):\n{log.read_text()}")
-            with urllib.request.urlopen(f"{server.url}/-/ready", timeout=5) as res:
-                return bool(res.status == 200)
+            status, _body = http_get(f"{server.url}/-/ready", timeout=5)
+            return status == 200
 
         wait_for(ready, HANG * 2, interval=0.1, message="Prometheus to be ready")
         yield server
