@@ -34,6 +34,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -414,6 +415,10 @@ class Manager:
         if not become_subreaper():
             log.warning("could not become a child subreaper: exit statuses may be lost")
         loop.add_signal_handler(signal.SIGCHLD, self._reap)
+        # asyncio's wake-up descriptor, without the warning for every signal that
+        # finds it full: under a storm of signals, printing that warning with its
+        # traceback took all of the main thread's time (the loop never drained it)
+        signal.set_wakeup_fd(signal.set_wakeup_fd(-1), warn_on_full_buffer=False)
         self.control = ControlServer(self, reader_gid=self.reader_gid)
         self.control.register("start_child", "control", self._verb_start_child)
         self.control.register("terminate_child", "control", self._verb_terminate_child)
@@ -541,6 +546,13 @@ class Manager:
         """Begin an orderly shutdown (SIGTERM, SIGINT, ``ikosctl shutdown``)."""
         if self._stop is not None:
             self._stop.set()
+        if self._signals_handled and threading.current_thread() is threading.main_thread():
+            # From now on another SIGTERM or SIGINT adds nothing: let the kernel
+            # drop them. Handled one by one, a storm of them (a service manager's
+            # loop, a user's `kill` in a loop) kept ikosd's main thread from ever
+            # finishing the shutdown. One ``signal.signal`` each: never SIG_DFL.
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, signal.SIG_IGN)
 
     async def _shutdown(self) -> None:
         if self._shutting_down:
