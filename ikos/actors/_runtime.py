@@ -55,6 +55,7 @@ from ikos._codec import SHM, SHM_HEAD, decode, encode
 from ikos._errors import ActorCrashed, ActorDeadError, ActorError, AuthenticationError
 from ikos.actors import _context
 from ikos.actors._actor import Actor
+from ikos.actors._call import MethodCall
 from ikos.actors._ref import (
     ASK,
     REPLY_ERR,
@@ -239,7 +240,10 @@ class ActorProcess:
                 if message.__class__ is memoryview and isinstance(message.obj, SharedBuffer):
                     self.segments -= 1
                 try:
-                    result = actor.receive(message)
+                    if message.__class__ is MethodCall:
+                        result = message.apply(actor)
+                    else:
+                        result = actor.receive(message)
                 except BaseException as exc:
                     if kind == ASK:
                         err = ActorCrashed(
