@@ -45,6 +45,7 @@ from ikos._errors import (
 )
 from ikos._version import __version__
 from ikos.actors._actor import Actor
+from ikos.actors._monitor import Down
 from ikos.actors._ref import ActorRef
 from ikos.manager._ikosd import run
 from ikos.supervision._client import start_child, terminate_child
@@ -61,6 +62,7 @@ __all__ = [
     "Backoff",
     "Child",
     "ConfigError",
+    "Down",
     "Exec",
     "IkosError",
     "MailboxFull",

@@ -32,6 +32,7 @@ PUBLIC_NAMES = [
     "Backoff",
     "Child",
     "ConfigError",
+    "Down",
     "Exec",
     "IkosError",
     "MailboxFull",

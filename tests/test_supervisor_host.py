@@ -155,6 +155,9 @@ class FakeHost:
     def retire(self, node: WorkerNode) -> None:
         self.retired.append(node.name)
 
+    async def before_stop(self, node: WorkerNode) -> None:
+        pass
+
     def transition(self, node: Node, old: State, new: State, why: str) -> None:
         self.log.append((node.name, old.value, new.value, why))
 

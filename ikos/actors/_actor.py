@@ -23,6 +23,9 @@ if TYPE_CHECKING:
 #: registers its ``subscribe`` here when it is imported, as ``import ikos`` does.
 _subscribe: Callable[[str, Callable[[Any], Any]], Any] | None = None
 
+#: Seconds :meth:`Actor.monitor` waits for the manager's answer.
+MONITOR_CALL_TIMEOUT = 10.0
+
 
 def set_broadcast_source(subscribe: Callable[[str, Callable[[Any], Any]], Any]) -> None:
     """Install what :meth:`Actor.subscribe` calls (done by ``ikos.ipc``)."""
@@ -97,6 +100,55 @@ class Actor:
         sub = self.__dict__.get("_ikos_subscriptions", {}).pop(pattern, None)
         if sub is not None:
             sub.unsubscribe()
+
+    # -- monitors (ikos.actors._monitor; served by ikos.manager._monitor_service) --------
+
+    def monitor(self, name: str) -> None:
+        """Get an :class:`~ikos.Down` in :meth:`receive` each time the daemon ``name`` stops.
+
+        ``name`` is any actor or executable of the tree (not this actor
+        itself). If it is not running now, ``Down(name, "noproc")`` comes at
+        once. Unlike an OTP monitor, which fires once for one process, the
+        monitor is on the *name*: it stays armed across the watched daemon's
+        restarts, one ``Down`` per stop, in order, until :meth:`demonitor`.
+        It belongs to this incarnation: after a restart of this actor it is
+        gone, so set monitors in :meth:`on_start`. Monitoring a name twice is
+        one monitor. :class:`~ikos.NoSuchDaemon` if the tree has no such
+        daemon.
+
+        Example::
+
+            def on_start(self):
+                self.monitor("db")
+
+            def receive(self, message):
+                if isinstance(message, ikos.Down):
+                    self.db_up = False  # message.reason: "crashed", "killed"...
+        """
+        self._ikos_monitor_call("monitor", name)
+
+    def demonitor(self, name: str) -> None:
+        """Remove the monitor on ``name``: no ``Down`` comes for a stop after this returns.
+
+        Downs the manager has not yet handed over are dropped; one already in
+        this actor's mailbox (its stop came before the call) is still
+        received, as OTP's ``demonitor`` without ``flush``. Removing a monitor
+        that was not set does nothing.
+        """
+        self._ikos_monitor_call("demonitor", name)
+
+    def _ikos_monitor_call(self, verb: str, name: str) -> None:
+        if not isinstance(name, str) or not name:
+            raise ActorError(
+                self.name, f"{verb}: a daemon's name is a non-empty string, not {name!r}"
+            )
+        from ikos.actors import _context
+        from ikos.platform._control import ControlClient
+
+        # the manager knows this process by its pid (SO_PEERCRED) and checks
+        # that it is the actor called self.name: a monitor cannot be set for another
+        with ControlClient(_context.get().paths, timeout=MONITOR_CALL_TIMEOUT) as client:
+            client.call(verb, {"name": name, "watcher": self.name})
 
     @property
     def ref(self) -> ActorRef:

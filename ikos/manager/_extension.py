@@ -214,7 +214,8 @@ class Extension:
     a service sees every transition; the view's tree is then the
     configuration's), :meth:`amend_tree` (once every extension started, before
     the tree starts, and again for every reload), then :meth:`on_transition`
-    and :meth:`decorate_status` while ikosd runs, :meth:`on_reload` after a
+    and :meth:`decorate_status` while ikosd runs, :meth:`before_stop` before each
+    orderly stop of a worker, :meth:`on_reload` after a
     configuration reload was applied, and :meth:`stop` once every daemon has
     stopped.
     """
@@ -242,6 +243,13 @@ class Extension:
 
     def decorate_status(self, node: NodeView, status: dict[str, Any]) -> None:
         """Add fields to a node's status object."""
+
+    async def before_stop(self, node: NodeView) -> None:
+        """An actor or executable is about to get its stop signal (its state is ``stopping``).
+
+        Its supervisor waits for this (the monitor service lets the Downs on
+        their way to a watcher arrive first): return soon, and bound any wait.
+        """
 
     async def on_reload(self, config: Config) -> None:
         """A reloaded configuration was applied (the tree already runs it)."""

@@ -83,11 +83,12 @@ def default_extensions(
     metrics: tuple[str, int] | tuple[str, int, bool] | None,
 ) -> list[Extension]:
     """The services every ikosd runs: the registry, run-time daemons, metrics, the IPC
-    broker, the resource sampler, alerts."""
+    broker, the resource sampler, alerts, monitors."""
     from ikos.manager._alert_service import AlertService
     from ikos.manager._daemon_service import DaemonService
     from ikos.manager._ipc_service import IpcService
     from ikos.manager._metrics import MetricsService
+    from ikos.manager._monitor_service import MonitorService
     from ikos.manager._registry_service import RegistryService
     from ikos.manager._sampler_service import SamplerService
 
@@ -100,6 +101,7 @@ def default_extensions(
     sampler = SamplerService(service)
     extensions.append(sampler)
     extensions.append(AlertService(sampler, service, registry))
+    extensions.append(MonitorService())
     return extensions
 
 
@@ -281,6 +283,13 @@ class Manager:
             if self.state is not None:
                 self.state.gone(node.name)
             self.spawners[node.kind].exited(node)
+
+    async def before_stop(self, node: WorkerNode) -> None:
+        for ext in self._started:
+            try:
+                await ext.before_stop(node)
+            except Exception:  # an extension must never break the tree
+                log.exception("extension %s failed before a stop", ext.name)
 
     def root_failed(self, reason: str) -> None:
         log.critical("the root supervisor gave up (%s): stopping everything", reason)

@@ -218,6 +218,10 @@ class Host(Protocol):
     def transition(self, node: Node, old: State, new: State, why: str) -> None:
         """Record a state transition (log it, count it)."""
 
+    async def before_stop(self, node: WorkerNode) -> None:
+        """The node is stopping and about to get its stop signal; the stop waits for this
+        (bounded by the host: monitors' Downs reach a watcher before it stops)."""
+
     def root_failed(self, reason: str) -> None:
         """The root supervisor gave up: the manager stops and exits 1."""
 
@@ -485,6 +489,7 @@ class WorkerNode(Node):
                 self.set_state(State.STOPPED, why)
             return None
         self.set_state(State.STOPPING, why)
+        await self.host.before_stop(self)
         shutdown = self.spec.shutdown
         if shutdown == "brutal_kill":
             handle.kill()

@@ -1,0 +1,57 @@
+"""``Down``: the message a monitor delivers when the daemon it watches stops.
+
+An actor that called :meth:`~ikos.Actor.monitor` gets one :class:`Down` in its
+``receive`` each time the watched daemon's process ends (OTP's ``'DOWN'``
+message, Akka's ``Terminated``). The manager builds it (it is the one that sees
+every exit) and hands it to the watcher's mailbox; it is a small frozen value,
+pickled like any other message.
+
+The reason is one word from :data:`REASONS`, so that code can match on it;
+``detail`` is the human version (exit status, signal, the exception line,
+who stopped it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+#: Every value :attr:`Down.reason` takes, and what each means.
+REASONS: Final = {
+    "normal": "exited on its own with status 0 (an actor's self.stop(), an executable's exit 0)",
+    "crashed": "exited on its own with another status: an exception in receive or on_start, "
+    "an executable's failure, a start that failed",
+    "killed": "died of a signal nobody in ikos sent as a stop (kill -9, ikosctl kill, the OOM "
+    "killer)",
+    "stopped": "stopped by an operator (ikosctl stop, ikos.daemon.stop)",
+    "restarted": "stopped by an operator's restart (ikosctl restart); a new incarnation follows",
+    "failed": "stopped by ikos because it failed from outside (a health check gone critical)",
+    "shutdown": "stopped by its supervisor: ikosd shutting down, a sibling's restart "
+    "(one_for_all, rest_for_one), a supervisor giving up, a reload that removed or changed it",
+    "noproc": "it was not running when the monitor was set",
+}
+
+
+@dataclass(frozen=True)
+class Down:
+    """The daemon ``name`` stopped; ``reason`` is one of :data:`REASONS`.
+
+    ``detail`` says what happened in words (``"killed by SIGKILL"``,
+    ``"receive raised ValueError: bad"``, ``"stopped by request: exited with
+    status 0"``); ``pid`` is the process that ended (None for ``noproc``).
+
+    Example::
+
+        class Watcher(ikos.Actor):
+            def on_start(self):
+                self.monitor("db")
+
+            def receive(self, message):
+                if isinstance(message, ikos.Down) and message.reason != "normal":
+                    log.warning("db went down: %s", message.detail)
+    """
+
+    name: str
+    reason: str
+    detail: str = ""
+    pid: int | None = None

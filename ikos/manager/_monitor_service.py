@@ -1,0 +1,362 @@
+"""The monitor service: ``monitor``/``demonitor`` verbs, and a ``Down`` per stop to each watcher.
+
+An actor's :meth:`~ikos.Actor.monitor` asks the manager, through the control
+socket, to be told when a daemon stops; the manager sees every stop (the
+tree's state transitions), so it is the one that tells. Monitors are kept
+here, per watched name, by watcher *incarnation*: the watcher is known by the
+pid of the process that called (SO_PEERCRED), checked to be the actor it
+claims to be, and its monitors go when that process ends (a restarted
+watcher sets them again in ``on_start``). A monitor is on a name, so it
+stays armed across the watched daemon's restarts: every time a process of
+that name ends (a transition from starting, running or stopping to stopped
+or failed), each watcher gets one :class:`~ikos.actors._monitor.Down` whose
+reason :func:`stop_reason` reads from the exit and from who stopped it.
+
+Delivery never runs on the loop. Each watcher incarnation has a
+:class:`_Outbox`: a bounded FIFO that a small thread pool drains, one
+delivery at a time per watcher (so Downs keep their order) and several
+watchers at once (so a busy watcher delays only its own). A Down is handed
+over as an *ask*, so that a delivery is over only once the watcher's
+``receive`` handled it. That is what lets a stop wait for it: before a
+watcher is signalled to stop (:meth:`MonitorService.before_stop`, called by
+the supervision runtime for every orderly stop, ikosd's shutdown included),
+the stop waits, at most :data:`SETTLE_TIMEOUT`, for the Downs already on
+their way to it. At shutdown the daemons stop in reverse dependency order,
+so a watcher that requires (or was started before...) the daemon it watches
+still gets its Down; a watcher stopped first gets nothing more, and nothing
+is left behind. A full outbox drops the newest Down, counted and logged
+once per watcher.
+
+Rejected: telling from the loop (a watcher with a full mailbox would stall
+every restart); a plain ``tell`` (it returns once the bytes are in a socket
+buffer, and an actor told to stop drops what it has not handled yet, so a
+Down at shutdown would be lost most of the time); a control-socket stream
+per watching actor (one privileged connection each, out of ikosctl's pool,
+and one more thread in every watcher).
+
+The one remaining gap: a Down in flight at the instant its watcher crashes
+may be taken by the watcher's next incarnation from the mailbox socket
+(which outlives incarnations), if the loop has not yet seen the crash when
+the delivery starts. Every delivery checks that the incarnation is still
+the one it was meant for just before it is sent, so the window is that of
+one ``ask``'s send.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import threading
+from collections import deque
+from typing import Any, Final
+
+from ikos._errors import (
+    ActorCrashed,
+    ActorDeadError,
+    ActorError,
+    IkosError,
+    ManagerError,
+    PermissionDenied,
+)
+from ikos.actors._monitor import Down
+from ikos.actors._ref import ActorRef
+from ikos.manager._control_server import BadRequest
+from ikos.manager._extension import Extension, ExtensionHost, NodeView, TreeView
+from ikos.supervision._runtime import ExitReason, State
+
+log = logging.getLogger("ikos.monitors")
+
+#: Names one watcher incarnation may monitor at once.
+MAX_MONITORS: Final = 1000
+#: Downs waiting for one watcher before newer ones are dropped.
+OUTBOX_SIZE: Final = 1000
+#: Seconds a delivery (an ask) waits for the watcher to take and handle its Down.
+DELIVERY_TIMEOUT: Final = 5.0
+#: Seconds the stop of a watcher waits for the Downs on their way to it.
+SETTLE_TIMEOUT: Final = 2.0
+#: Seconds the verbs wait for a starting watcher's process to be known as it.
+IDENTIFY_TIMEOUT: Final = 2.0
+#: Threads delivering Downs (each to one watcher at a time).
+SENDERS: Final = 4
+
+#: States with a process: leaving them for one of :data:`_GONE` is a stop.
+_ALIVE: Final = frozenset({State.STARTING, State.RUNNING, State.STOPPING})
+_GONE: Final = frozenset({State.STOPPED, State.FAILED})
+#: ``why`` of the supervision runtime's stops that an operator asked for, and their word;
+#: every other stop by a supervisor (shutdown, a sibling's restart, a reload) is "shutdown".
+_BY_OPERATOR: Final = {"stopped by request": "stopped", "restart requested": "restarted"}
+
+
+def stop_reason(exit: ExitReason | None, stopped_by: str | None) -> tuple[str, str]:
+    """``(reason, detail)`` of a :class:`Down` for a process that ended.
+
+    ``exit`` is its exit (None if none was recorded); ``stopped_by`` the why
+    of its supervisor's stop (``"stopped by request"``, ``"ikosd shutting
+    down"``...), or None when it ended on its own.
+
+    >>> from ikos.supervision._runtime import ExitReason
+    >>> stop_reason(ExitReason("killed by SIGKILL", signal=9), None)
+    ('killed', 'killed by SIGKILL')
+    >>> stop_reason(ExitReason("exited normally", code=0), "stopped by request")
+    ('stopped', 'stopped by request: exited normally')
+    """
+    if exit is not None and exit.failure:
+        return "failed", exit.reason
+    if stopped_by is not None:
+        word = _BY_OPERATOR.get(stopped_by, "shutdown")
+        return word, f"{stopped_by}: {exit.reason}" if exit is not None else stopped_by
+    if exit is None:
+        return "crashed", "ended without an exit status"
+    if exit.signal is not None:
+        return "killed", exit.reason
+    if exit.code == 0:
+        return "normal", exit.reason
+    return "crashed", exit.reason
+
+
+class _Outbox:
+    """The Downs on their way to one watcher incarnation, and what it monitors.
+
+    ``queue``, ``sending`` and ``open`` are shared with the sender threads
+    under ``lock``; everything else belongs to the loop.
+    """
+
+    def __init__(self, name: str, pid: int) -> None:
+        self.name, self.pid = name, pid
+        self.targets: set[str] = set()
+        self.lock = threading.Lock()
+        self.queue: deque[Down] = deque()
+        self.sending = False
+        self.open = True
+        self.dropped = 0
+        #: set while nothing is queued or being delivered (loop side)
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+
+class MonitorService(Extension):
+    """Serves ``monitor``/``demonitor`` and delivers Downs; see the module docstring."""
+
+    name = "monitors"
+
+    def __init__(self) -> None:
+        self._view: TreeView | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        #: the outbox of each watcher's current incarnation, by watcher name
+        self._outboxes: dict[str, _Outbox] = {}
+        #: watched name -> the outboxes of its watchers (insertion order: delivery order)
+        self._watchers: dict[str, dict[str, _Outbox]] = {}
+        #: why each daemon being stopped by its supervisor is stopped
+        self._stopping: dict[str, str] = {}
+        #: the pid of each daemon's last process seen running
+        self._pids: dict[str, int] = {}
+        #: Downs handled by their watcher, and lost (outbox full, watcher gone, timeout)
+        self.delivered = 0
+        self.lost = 0
+        self._counting = threading.Lock()  # the sender threads count too
+
+    # -- life ---------------------------------------------------------------------------
+
+    async def start(self, host: ExtensionHost) -> None:
+        self._view = host.view
+        self._loop = asyncio.get_running_loop()
+        self._pool = concurrent.futures.ThreadPoolExecutor(SENDERS, thread_name_prefix="ikos-down")
+        host.verbs.register("monitor", "control", self._verb_monitor)
+        host.verbs.register("demonitor", "control", self._verb_demonitor)
+
+    async def stop(self) -> None:
+        for outbox in list(self._outboxes.values()):
+            self._close(outbox)
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            # a delivery in flight ends within DELIVERY_TIMEOUT; every watcher is gone by now
+            await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
+
+    # -- stops ----------------------------------------------------------------------------
+
+    def on_transition(self, node: NodeView, old: State, new: State, why: str) -> None:
+        if node.kind == "supervisor":
+            return
+        name = node.name
+        if new is State.RUNNING and node.pid is not None:
+            self._pids[name] = node.pid
+        elif new is State.STOPPING:
+            self._stopping[name] = why
+        if old not in _ALIVE or new not in _GONE:
+            return
+        stopped_by = self._stopping.pop(name, None)
+        pid = self._pids.pop(name, None)
+        # the watcher's incarnation ended: its monitors and its Downs in flight go with it
+        outbox = self._outboxes.get(name)
+        if outbox is not None:
+            self._close(outbox)
+        watchers = self._watchers.get(name)
+        if watchers:
+            reason, detail = stop_reason(node.last_exit, stopped_by)
+            down = Down(name, reason, detail, pid)
+            for watcher in list(watchers.values()):
+                self._post(watcher, down)
+
+    async def before_stop(self, node: NodeView) -> None:
+        """Let the Downs on their way to ``node`` (a watcher being stopped) arrive first."""
+        outbox = self._outboxes.get(node.name)
+        if outbox is None or outbox.idle.is_set():
+            return
+        try:
+            await asyncio.wait_for(outbox.idle.wait(), SETTLE_TIMEOUT)
+        except TimeoutError:
+            log.warning(
+                "monitors: %s is being stopped with Downs not yet handled after %g s",
+                node.name,
+                SETTLE_TIMEOUT,
+            )
+
+    # -- the verbs --------------------------------------------------------------------------
+
+    async def _verb_monitor(self, req: Any) -> Any:
+        target = req.text("name")
+        outbox = await self._identify(req)
+        view = self._view
+        assert view is not None
+        node = view.node(target)  # NoSuchDaemon names it
+        if node.kind == "supervisor":
+            raise BadRequest(f"'{target}' is a supervisor: monitor its actors and executables")
+        if target == outbox.name:
+            raise BadRequest(f"actor '{target}' cannot monitor itself")
+        if target not in outbox.targets:
+            if len(outbox.targets) >= MAX_MONITORS:
+                raise ManagerError(
+                    f"actor '{outbox.name}' already has {MAX_MONITORS} monitors", "limit"
+                )
+            outbox.targets.add(target)
+            self._watchers.setdefault(target, {})[outbox.name] = outbox
+        if node.state not in _ALIVE:
+            self._post(outbox, Down(target, "noproc", f"{target} is {node.state.value}"))
+        return {"name": target, "state": node.state.value}
+
+    async def _verb_demonitor(self, req: Any) -> Any:
+        target = req.text("name")
+        outbox = await self._identify(req)
+        self._forget(outbox, target)
+        with outbox.lock:
+            kept = [down for down in outbox.queue if down.name != target]
+            outbox.queue.clear()
+            outbox.queue.extend(kept)
+        return {}
+
+    async def _identify(self, req: Any) -> _Outbox:
+        """The outbox of the calling actor's incarnation, made on its first call.
+
+        The caller names itself (``watcher``) and must be that actor's
+        process: its pid (SO_PEERCRED) is checked against the node's. An
+        actor calling from ``on_start`` may be known by its pid a moment
+        after it runs, so a starting one is waited for a little.
+        """
+        view, loop = self._view, self._loop
+        assert view is not None and loop is not None
+        watcher = req.text("watcher")
+        node = view.find(watcher)
+        if node is None or node.kind != "actor":
+            raise BadRequest(f"'{req.verb}' is for actors, and '{watcher}' is no actor of the tree")
+        deadline = loop.time() + IDENTIFY_TIMEOUT
+        while node.pid != req.pid:
+            if node.state is not State.STARTING or loop.time() > deadline:
+                raise PermissionDenied(
+                    f"'{req.verb}': pid {req.pid} is not actor '{watcher}' "
+                    f"(whose pid is {node.pid})"
+                )
+            await asyncio.sleep(0.01)
+        outbox = self._outboxes.get(watcher)
+        if outbox is None or outbox.pid != req.pid:
+            if outbox is not None:
+                self._close(outbox)
+            outbox = self._outboxes[watcher] = _Outbox(watcher, req.pid)
+        return outbox
+
+    # -- bookkeeping -----------------------------------------------------------------------
+
+    def _forget(self, outbox: _Outbox, target: str) -> None:
+        outbox.targets.discard(target)
+        watchers = self._watchers.get(target)
+        if watchers is not None and watchers.get(outbox.name) is outbox:
+            del watchers[outbox.name]
+            if not watchers:
+                del self._watchers[target]
+
+    def _close(self, outbox: _Outbox) -> None:
+        """The watcher's incarnation ended: drop its monitors and what was on its way."""
+        for target in list(outbox.targets):
+            self._forget(outbox, target)
+        if self._outboxes.get(outbox.name) is outbox:
+            del self._outboxes[outbox.name]
+        with outbox.lock:
+            outbox.open = False
+            outbox.queue.clear()
+        outbox.idle.set()  # nobody waits for a watcher that is gone
+
+    # -- delivery --------------------------------------------------------------------------
+
+    def _post(self, outbox: _Outbox, down: Down) -> None:
+        """Queue ``down`` for its watcher (loop side); start a sender if none runs for it."""
+        with outbox.lock:
+            if not outbox.open:
+                return
+            if len(outbox.queue) >= OUTBOX_SIZE:
+                if not outbox.dropped:
+                    log.warning(
+                        "monitors: %s does not take its Downs: dropping the newest (%d queued)",
+                        outbox.name,
+                        OUTBOX_SIZE,
+                    )
+                outbox.dropped += 1
+                self._count(lost=1)
+                return
+            outbox.queue.append(down)
+            start = not outbox.sending
+            outbox.sending = True
+        outbox.idle.clear()
+        if start and self._pool is not None:
+            self._pool.submit(self._drain, outbox)
+
+    def _drain(self, outbox: _Outbox) -> None:
+        """Deliver ``outbox``'s Downs in order until it is empty (in a sender thread)."""
+        view, loop = self._view, self._loop
+        assert view is not None and loop is not None
+        ref = ActorRef(outbox.name, root=view.paths.root)
+        while True:
+            with outbox.lock:
+                if not outbox.open or not outbox.queue:
+                    outbox.sending = False
+                    break
+                down = outbox.queue.popleft()
+            self._deliver(ref, outbox, down)
+        with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits any more
+            loop.call_soon_threadsafe(self._maybe_idle, outbox)
+
+    def _deliver(self, ref: ActorRef, outbox: _Outbox, down: Down) -> None:
+        try:
+            ref.ask(down, timeout=DELIVERY_TIMEOUT)
+        except ActorCrashed:
+            pass  # handled, and receive raised: its supervisor's business now
+        except ActorDeadError:
+            self._count(lost=1)  # the watcher ended meanwhile: its monitors go with it
+            return
+        except (IkosError, OSError) as exc:
+            self._count(lost=1)
+            level = logging.DEBUG if type(exc) is ActorError else logging.WARNING
+            log.log(level, "monitors: Down(%s) to %s: %s", down.name, outbox.name, exc)
+            return
+        self._count(delivered=1)
+
+    def _count(self, *, delivered: int = 0, lost: int = 0) -> None:
+        with self._counting:
+            self.delivered += delivered
+            self.lost += lost
+
+    def _maybe_idle(self, outbox: _Outbox) -> None:
+        with outbox.lock:
+            if not outbox.sending:
+                outbox.idle.set()
