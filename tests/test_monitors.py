@@ -211,7 +211,9 @@ def test_noproc_demonitor_and_bad_names(ikosd_factory, tmp_path):
     # demonitor: the next stop of target brings nothing, while other's (monitored
     # after it) does; Downs to one watcher keep their order, so target's would be first
     assert ask(inst, "watcher", ("monitor", "target")) == "ok"
+    assert inst.status("watcher")["monitors"] == ["other", "target"]
     assert ask(inst, "watcher", ("demonitor", "target")) == "ok"
+    assert inst.status("watcher")["monitors"] == ["other"]
     inst.ctl("stop", "target", check=True)
     inst.ctl("start", "other", check=True)
     inst.ctl("stop", "other", check=True)

@@ -21,11 +21,10 @@ over as an *ask*, so that a delivery is over only once the watcher's
 watcher is signalled to stop (:meth:`MonitorService.before_stop`, called by
 the supervision runtime for every orderly stop, ikosd's shutdown included),
 the stop waits, at most :data:`SETTLE_TIMEOUT`, for the Downs already on
-their way to it. At shutdown the daemons stop in reverse dependency order,
-so a watcher that requires (or was started before...) the daemon it watches
-still gets its Down; a watcher stopped first gets nothing more, and nothing
-is left behind. A full outbox drops the newest Down, counted and logged
-once per watcher.
+their way to it. At shutdown the daemons stop in reverse start order, so a
+watcher started before the daemon it watches still gets its Down; a watcher
+stopped first gets nothing more, and nothing is left behind. A full outbox
+drops the newest Down, counted and logged once per watcher.
 
 Rejected: telling from the loop (a watcher with a full mailbox would stall
 every restart); a plain ``tell`` (it returns once the bytes are in a socket
@@ -56,6 +55,7 @@ from ikos._errors import (
     ActorCrashed,
     ActorDeadError,
     ActorError,
+    AskTimeout,
     IkosError,
     ManagerError,
     PermissionDenied,
@@ -214,6 +214,11 @@ class MonitorService(Extension):
                 SETTLE_TIMEOUT,
             )
 
+    def decorate_status(self, node: NodeView, status: dict[str, Any]) -> None:
+        outbox = self._outboxes.get(node.name)
+        if outbox is not None and outbox.targets:
+            status["monitors"] = sorted(outbox.targets)
+
     # -- the verbs --------------------------------------------------------------------------
 
     async def _verb_monitor(self, req: Any) -> Any:
@@ -333,6 +338,9 @@ class MonitorService(Extension):
                     break
                 down = outbox.queue.popleft()
             self._deliver(ref, outbox, down)
+        # this thread's connection to the watcher would otherwise stay open (one per
+        # sender thread and watcher ever served) until its next Down, if any
+        ref._drop()
         with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits any more
             loop.call_soon_threadsafe(self._maybe_idle, outbox)
 
@@ -343,6 +351,12 @@ class MonitorService(Extension):
             pass  # handled, and receive raised: its supervisor's business now
         except ActorDeadError:
             self._count(lost=1)  # the watcher ended meanwhile: its monitors go with it
+            return
+        except AskTimeout as exc:
+            # most often taken and not yet handled (a long receive); it may also not
+            # have been sent (the connection was not taken): either way, say so
+            self._count(lost=1)
+            log.warning("monitors: Down(%s) to %s not confirmed: %s", down.name, outbox.name, exc)
             return
         except (IkosError, OSError) as exc:
             self._count(lost=1)
