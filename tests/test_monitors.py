@@ -306,3 +306,34 @@ def test_down_at_shutdown_reaches_a_watcher_stopped_after_the_watched(ikosd_fact
     assert got["target"]["detail"].startswith("ikosd shutting down: ")
     assert got["sleeper"]["reason"] == "shutdown"
     assert len(downs(record)) == 2
+
+
+def test_a_one_for_all_restart_lets_the_watcher_handle_the_down_before_it_stops(
+    ikosd_factory, tmp_path
+):
+    """The target is killed; one_for_all stops the watcher (its sibling) right away:
+    the old watcher still handles the Down, the new one starts with its own noproc."""
+    record = tmp_path / "record.jsonl"
+    inst = ikosd_factory(
+        tree=tree(
+            record,
+            """
+            ikos.Child("watcher", Watcher, args=(RECORD, ["target"])),
+            ikos.Child("target", Target, after=["watcher"]),
+            """,
+            strategy="one_for_all",
+        )
+    )
+    (down,) = wait_downs(record, 1)  # the watcher started first: target was not running
+    old = down["pid"]
+    assert (down["name"], down["reason"]) == ("target", "noproc")
+    target = inst.wait_state("target", "running")["pid"]
+    os.kill(target, signal.SIGKILL)
+    new = inst.wait_running_new_pid("watcher", old)
+    got = wait_downs(record, 3)
+    assert [(d["pid"], d["reason"]) for d in got] == [
+        (old, "noproc"),
+        (old, "killed"),
+        (new, "noproc"),
+    ]
+    assert got[1]["of"] == target
