@@ -22,7 +22,7 @@ import pytest
 from conftest import Instance, wait_for
 
 import ikos
-from ikos.manager._monitor_service import stop_reason
+from ikos.manager._monitor_service import read_saved, stop_reason, write_saved
 from ikos.platform._control import ControlClient
 from ikos.platform._paths import InstancePaths
 from ikos.supervision._runtime import ExitReason
@@ -337,3 +337,47 @@ def test_a_one_for_all_restart_lets_the_watcher_handle_the_down_before_it_stops(
         (new, "noproc"),
     ]
     assert got[1]["of"] == target
+
+
+def test_monitors_survive_a_crash_of_ikosd(ikosd_factory, tmp_path):
+    """kill -9 of ikosd: the next one adopts the watcher and its monitors with it."""
+    record = tmp_path / "record.jsonl"
+    source = tree(
+        record,
+        """
+        ikos.Child("target", Target),
+        ikos.Child("watcher", Watcher, args=(RECORD, ["target"])),
+        """,
+    )
+    inst = ikosd_factory(tree=source)
+    wait_for(lambda: started(record), message="the watcher's on_start")
+    watcher = inst.pid_of("watcher")
+    inst.crash()
+    again = ikosd_factory(tree=source)
+    assert again.pid_of("watcher") == watcher  # adopted, not restarted
+    assert again.status("watcher")["monitors"] == ["target"]
+    again.ctl("stop", "target", check=True)
+    (down,) = wait_downs(record, 1)
+    assert (down["pid"], down["reason"]) == (watcher, "stopped")
+    assert started(record) == [watcher]
+
+
+def test_a_damaged_saved_file_adopts_what_it_can(tmp_path):
+    path = tmp_path / "monitors.json"
+    assert read_saved(path) == {}
+    path.write_text("{not json")
+    assert read_saved(path) == {}
+    path.write_text(
+        json.dumps(
+            {
+                "good": {"pid": 10, "start": 99, "targets": ["a", "b"]},
+                "no-start": {"pid": 11, "targets": ["a"]},
+                "bad-targets": {"pid": 12, "start": 1, "targets": [1]},
+                "not-a-dict": [],
+            }
+        )
+    )
+    assert read_saved(path) == {"good": (10, 99, ["a", "b"])}
+    write_saved(path, {"w": {"pid": 1, "start": 2, "targets": ["t"]}})
+    assert read_saved(path) == {"w": (1, 2, ["t"])}
+    assert [p.name for p in tmp_path.iterdir()] == ["monitors.json"]

@@ -39,6 +39,10 @@ may be taken by the watcher's next incarnation from the mailbox socket
 the delivery starts. Every delivery checks that the incarnation is still
 the one it was meant for just before it is sent, so the window is that of
 one ``ask``'s send.
+
+The monitors are saved in ``STATE/monitors.json`` (in a thread, coalesced)
+with each watcher's pid and process start time: after a crash of ikosd,
+the next one gives them back to each actor it adopts.
 """
 
 from __future__ import annotations
@@ -46,9 +50,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import json
 import logging
+import os
 import threading
 from collections import deque
+from pathlib import Path
 from typing import Any, Final
 
 from ikos._errors import (
@@ -64,6 +71,7 @@ from ikos.actors._monitor import Down
 from ikos.actors._ref import ActorRef
 from ikos.manager._control_server import BadRequest
 from ikos.manager._extension import Extension, ExtensionHost, NodeView, TreeView
+from ikos.platform._process import proc_info
 from ikos.supervision._runtime import ExitReason, State
 
 log = logging.getLogger("ikos.monitors")
@@ -80,6 +88,8 @@ SETTLE_TIMEOUT: Final = 2.0
 IDENTIFY_TIMEOUT: Final = 2.0
 #: Threads delivering Downs (each to one watcher at a time).
 SENDERS: Final = 4
+#: The file in the state directory that keeps the monitors for the next ikosd.
+SAVED_FILE: Final = "monitors.json"
 
 #: States with a process: leaving them for one of :data:`_GONE` is a stop.
 _ALIVE: Final = frozenset({State.STARTING, State.RUNNING, State.STOPPING})
@@ -116,6 +126,45 @@ def stop_reason(exit: ExitReason | None, stopped_by: str | None) -> tuple[str, s
     return "crashed", exit.reason
 
 
+def read_saved(path: Path) -> dict[str, tuple[int, int, list[str]]]:
+    """The monitors a previous ikosd saved: watcher -> (pid, start ticks, targets).
+
+    Anything malformed is left out (and said once): the file is ikosd's own,
+    but a damaged one must not stop ikosd from starting.
+    """
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        log.warning("monitors: %s is unreadable (%s): none adopted", path, exc)
+        return {}
+    out: dict[str, tuple[int, int, list[str]]] = {}
+    if not isinstance(data, dict):
+        data = {}
+    for name, entry in data.items():
+        if not isinstance(entry, dict):
+            continue
+        pid, start, targets = entry.get("pid"), entry.get("start"), entry.get("targets")
+        if (
+            isinstance(pid, int)
+            and isinstance(start, int)
+            and isinstance(targets, list)
+            and all(isinstance(t, str) for t in targets)
+        ):
+            out[name] = (pid, start, targets)
+    if len(out) != len(data):
+        log.warning("monitors: %d malformed entries of %s left out", len(data) - len(out), path)
+    return out
+
+
+def write_saved(path: Path, saved: dict[str, Any]) -> None:
+    """Replace ``path`` with ``saved`` as JSON, atomically (a crash leaves the old or the new)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(saved))
+    os.replace(tmp, path)
+
+
 class _Outbox:
     """The Downs on their way to one watcher incarnation, and what it monitors.
 
@@ -123,8 +172,10 @@ class _Outbox:
     under ``lock``; everything else belongs to the loop.
     """
 
-    def __init__(self, name: str, pid: int) -> None:
-        self.name, self.pid = name, pid
+    def __init__(self, name: str, pid: int, start: int | None) -> None:
+        #: the watcher, its process and that process's start time (clock ticks):
+        #: what identifies the incarnation in the saved monitors
+        self.name, self.pid, self.start = name, pid, start
         self.targets: set[str] = set()
         self.lock = threading.Lock()
         self.queue: deque[Down] = deque()
@@ -153,6 +204,11 @@ class MonitorService(Extension):
         self._stopping: dict[str, str] = {}
         #: the pid of each daemon's last process seen running
         self._pids: dict[str, int] = {}
+        #: where the monitors are saved, and those read there for actors to adopt
+        self._file: Path | None = None
+        self._saved: dict[str, tuple[int, int, list[str]]] = {}
+        self._saving: asyncio.Task[None] | None = None
+        self._changed = False
         #: Downs handled by their watcher, and lost (outbox full, watcher gone, timeout)
         self.delivered = 0
         self.lost = 0
@@ -164,12 +220,18 @@ class MonitorService(Extension):
         self._view = host.view
         self._loop = asyncio.get_running_loop()
         self._pool = concurrent.futures.ThreadPoolExecutor(SENDERS, thread_name_prefix="ikos-down")
+        self._file = host.view.paths.state_dir / SAVED_FILE
+        self._saved = read_saved(self._file)
         host.verbs.register("monitor", "control", self._verb_monitor)
         host.verbs.register("demonitor", "control", self._verb_demonitor)
 
     async def stop(self) -> None:
+        self._saved.clear()  # every daemon stopped: nothing is left to adopt
         for outbox in list(self._outboxes.values()):
             self._close(outbox)
+        if self._saving is not None:
+            with contextlib.suppress(Exception):
+                await self._saving  # the last write: no monitors left to adopt
         if self._pool is not None:
             pool, self._pool = self._pool, None
             # a delivery in flight ends within DELIVERY_TIMEOUT; every watcher is gone by now
@@ -183,6 +245,9 @@ class MonitorService(Extension):
         name = node.name
         if new is State.RUNNING and node.pid is not None:
             self._pids[name] = node.pid
+            saved = self._saved.pop(name, None)
+            if saved is not None:
+                self._adopt(node, *saved)
         elif new is State.STOPPING:
             self._stopping[name] = why
         if old not in _ALIVE or new not in _GONE:
@@ -236,8 +301,7 @@ class MonitorService(Extension):
                 raise ManagerError(
                     f"actor '{outbox.name}' already has {MAX_MONITORS} monitors", "limit"
                 )
-            outbox.targets.add(target)
-            self._watchers.setdefault(target, {})[outbox.name] = outbox
+            self._watch(outbox, target)
         if node.state not in _ALIVE:
             self._post(outbox, Down(target, "noproc", f"{target} is {node.state.value}"))
         return {"name": target, "state": node.state.value}
@@ -246,6 +310,7 @@ class MonitorService(Extension):
         target = req.text("name")
         outbox = await self._identify(req)
         self._forget(outbox, target)
+        self._save()
         with outbox.lock:
             kept = [down for down in outbox.queue if down.name != target]
             outbox.queue.clear()
@@ -278,10 +343,27 @@ class MonitorService(Extension):
         if outbox is None or outbox.pid != req.pid:
             if outbox is not None:
                 self._close(outbox)
-            outbox = self._outboxes[watcher] = _Outbox(watcher, req.pid)
+            info = proc_info(req.pid)
+            start = info.start_ticks if info is not None else None
+            outbox = self._outboxes[watcher] = _Outbox(watcher, req.pid, start)
         return outbox
 
+    def _adopt(self, node: NodeView, pid: int, start: int, targets: list[str]) -> None:
+        """Give an actor the monitors saved by the ikosd before, if it is the same process."""
+        info = proc_info(pid)
+        if node.pid != pid or info is None or info.start_ticks != start:
+            return  # a new incarnation: it sets its own in on_start
+        outbox = self._outboxes[node.name] = _Outbox(node.name, pid, start)
+        for target in targets[:MAX_MONITORS]:
+            self._watch(outbox, target)
+        log.info("monitors: %s keeps its %d monitors (adopted)", node.name, len(outbox.targets))
+
     # -- bookkeeping -----------------------------------------------------------------------
+
+    def _watch(self, outbox: _Outbox, target: str) -> None:
+        outbox.targets.add(target)
+        self._watchers.setdefault(target, {})[outbox.name] = outbox
+        self._save()
 
     def _forget(self, outbox: _Outbox, target: str) -> None:
         outbox.targets.discard(target)
@@ -297,10 +379,41 @@ class MonitorService(Extension):
             self._forget(outbox, target)
         if self._outboxes.get(outbox.name) is outbox:
             del self._outboxes[outbox.name]
+        self._save()
         with outbox.lock:
             outbox.open = False
             outbox.queue.clear()
         outbox.idle.set()  # nobody waits for a watcher that is gone
+
+    # -- surviving a crash of ikosd ------------------------------------------------------
+
+    def _save(self) -> None:
+        """Write the monitors soon, off the loop; changes while a write runs make one more."""
+        self._changed = True
+        if self._saving is None and self._file is not None:
+            self._saving = asyncio.get_running_loop().create_task(self._write(self._file))
+
+    async def _write(self, path: Path) -> None:
+        try:
+            while self._changed:
+                self._changed = False
+                # what the previous ikosd saved and no actor took yet is kept too,
+                # for an ikosd that crashes again before adopting it
+                saved = {
+                    name: {"pid": pid, "start": start, "targets": targets}
+                    for name, (pid, start, targets) in self._saved.items()
+                }
+                saved.update(
+                    (o.name, {"pid": o.pid, "start": o.start, "targets": sorted(o.targets)})
+                    for o in self._outboxes.values()
+                    if o.targets and o.start is not None
+                )
+                try:
+                    await asyncio.to_thread(write_saved, path, saved)
+                except OSError as exc:  # kept in memory; only a crash of ikosd loses them
+                    log.warning("monitors: cannot save them in %s: %s", path, exc)
+        finally:
+            self._saving = None
 
     # -- delivery --------------------------------------------------------------------------
 
