@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import signal
 import textwrap
 from pathlib import Path
@@ -22,6 +23,7 @@ import pytest
 from conftest import Instance, wait_for
 
 import ikos
+from ikos.actors._monitor import Addressed
 from ikos.manager._monitor_service import read_saved, stop_reason, write_saved
 from ikos.platform._control import ControlClient
 from ikos.platform._paths import InstancePaths
@@ -231,13 +233,30 @@ def test_noproc_demonitor_and_bad_names(ikosd_factory, tmp_path):
     assert inst.state("watcher") == "running"
 
 
-def test_only_the_actor_itself_sets_its_monitors(ikosd_factory, tmp_path):
+def test_a_down_unpickles_only_in_the_process_it_is_addressed_to():
+    down = ikos.Down("db", "killed", "killed by SIGKILL", 1234)
+    assert pickle.loads(pickle.dumps(Addressed(down, os.getpid()))) == down
+    with pytest.raises(ValueError, match="addressed to pid 1, an earlier incarnation"):
+        pickle.loads(pickle.dumps(Addressed(down, 1)))
+    assert pickle.loads(pickle.dumps(down)) == down  # received, it travels on as any value
+
+
+def test_only_the_actor_itself_sets_its_monitors_and_gets_its_downs(ikosd_factory, tmp_path):
     record = tmp_path / "record.jsonl"
     inst = ikosd_factory(
         tree=tree(
             record, 'ikos.Child("target", Target), ikos.Child("watcher", Watcher, args=(RECORD,))'
         )
     )
+    wait_for(lambda: started(record), message="the watcher's on_start")
+    pid = inst.pid_of("watcher")
+    down = ikos.Down("target", "killed", "killed by SIGKILL", 1)
+    # addressed to an earlier incarnation: refused before receive, the actor unharmed
+    with pytest.raises(ikos.ActorError, match="earlier incarnation"):
+        ask(inst, "watcher", Addressed(down, pid + 100000))
+    ask(inst, "watcher", Addressed(down, pid))
+    assert [(d["pid"], d["detail"]) for d in downs(record)] == [(pid, "killed by SIGKILL")]
+    assert inst.pid_of("watcher") == pid
     with ControlClient(InstancePaths.for_root(inst.root), timeout=30) as client:
         with pytest.raises(ikos.PermissionDenied, match="is not actor 'watcher'"):
             client.call("monitor", {"name": "target", "watcher": "watcher"})

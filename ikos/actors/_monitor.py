@@ -9,12 +9,23 @@ pickled like any other message.
 The reason is one word from :data:`REASONS`, so that code can match on it;
 ``detail`` is the human version (exit status, signal, the exception line,
 who stopped it).
+
+On its way, a Down is :class:`Addressed` to the watcher's process: an
+actor's mailbox socket outlives its incarnations, so a delivery that starts
+just as the watcher crashes could otherwise be taken by the next
+incarnation, which never asked for it. The check runs where only the
+receiver can make it, when the message is unpickled in the receiving
+process: elsewhere than in the process it was addressed to, unpickling
+raises, and the actor runtime answers the ask with an error instead of
+calling ``receive``. (Pids are compared as ikosd sees them: actors share its
+pid namespace.)
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 #: Every value :attr:`Down.reason` takes, and what each means.
 REASONS: Final = {
@@ -55,3 +66,26 @@ class Down:
     reason: str
     detail: str = ""
     pid: int | None = None
+
+
+class Addressed:
+    """A :class:`Down` addressed to the watcher process ``to`` (a pid); see the module
+    docstring. It unpickles as the plain ``Down``, in that process only."""
+
+    __slots__ = ("down", "to")
+
+    def __init__(self, down: Down, to: int) -> None:
+        self.down = down
+        self.to = to
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        d = self.down
+        return (_delivered, (d.name, d.reason, d.detail, d.pid, self.to))
+
+
+def _delivered(name: str, reason: str, detail: str, pid: int | None, to: int) -> Down:
+    if os.getpid() != to:
+        raise ValueError(
+            f"Down({name!r}) was addressed to pid {to}, an earlier incarnation of this actor"
+        )
+    return Down(name, reason, detail, pid)

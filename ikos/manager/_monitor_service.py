@@ -33,12 +33,12 @@ Down at shutdown would be lost most of the time); a control-socket stream
 per watching actor (one privileged connection each, out of ikosctl's pool,
 and one more thread in every watcher).
 
-The one remaining gap: a Down in flight at the instant its watcher crashes
-may be taken by the watcher's next incarnation from the mailbox socket
-(which outlives incarnations), if the loop has not yet seen the crash when
-the delivery starts. Every delivery checks that the incarnation is still
-the one it was meant for just before it is sent, so the window is that of
-one ``ask``'s send.
+A Down in flight at the instant its watcher crashes could be taken by the
+watcher's next incarnation from the mailbox socket (which outlives
+incarnations), if the loop has not yet seen the crash when the delivery
+starts: each goes :class:`~ikos.actors._monitor.Addressed` to the watcher's
+pid, and only that process can unpickle it (the next one answers the ask
+with an error, counted as lost).
 
 The monitors are saved in ``STATE/monitors.json`` (in a thread, coalesced)
 with each watcher's pid and process start time: after a crash of ikosd,
@@ -67,7 +67,7 @@ from ikos._errors import (
     ManagerError,
     PermissionDenied,
 )
-from ikos.actors._monitor import Down
+from ikos.actors._monitor import Addressed, Down
 from ikos.actors._ref import ActorRef
 from ikos.manager._control_server import BadRequest
 from ikos.manager._extension import Extension, ExtensionHost, NodeView, TreeView
@@ -459,7 +459,7 @@ class MonitorService(Extension):
 
     def _deliver(self, ref: ActorRef, outbox: _Outbox, down: Down) -> None:
         try:
-            ref.ask(down, timeout=DELIVERY_TIMEOUT)
+            ref.ask(Addressed(down, outbox.pid), timeout=DELIVERY_TIMEOUT)
         except ActorCrashed:
             pass  # handled, and receive raised: its supervisor's business now
         except ActorDeadError:
