@@ -23,6 +23,7 @@ import pytest
 from conftest import Instance, wait_for
 
 import ikos
+from ikos.actors import _monitor
 from ikos.actors._monitor import Addressed
 from ikos.manager._monitor_service import read_saved, stop_reason, write_saved
 from ikos.platform._control import ControlClient
@@ -32,6 +33,7 @@ from ikos.supervision._runtime import ExitReason
 ACTORS = """
 import json
 import os
+import time
 
 import ikos
 
@@ -58,6 +60,10 @@ class Watcher(ikos.Actor):
                         "detail": message.detail, "of": message.pid})
             return None
         verb, name = message
+        if verb == "block":  # until the file ``name`` exists
+            while not os.path.exists(name):
+                time.sleep(0.01)
+            return "ok"
         try:
             getattr(self, verb)(name)
         except ikos.IkosError as exc:
@@ -233,11 +239,15 @@ def test_noproc_demonitor_and_bad_names(ikosd_factory, tmp_path):
     assert inst.state("watcher") == "running"
 
 
-def test_a_down_unpickles_only_in_the_process_it_is_addressed_to():
+def test_a_down_unpickles_once_and_only_in_the_process_it_is_addressed_to(monkeypatch):
+    monkeypatch.setattr(_monitor, "_last_taken", 0)  # this process's sequence
     down = ikos.Down("db", "killed", "killed by SIGKILL", 1234)
-    assert pickle.loads(pickle.dumps(Addressed(down, os.getpid()))) == down
-    with pytest.raises(ValueError, match="addressed to pid 1, an earlier incarnation"):
-        pickle.loads(pickle.dumps(Addressed(down, 1)))
+    assert pickle.loads(pickle.dumps(Addressed(down, os.getpid(), 1))) == down
+    with pytest.raises(_monitor.DuplicateDown, match="number 1 was received already"):
+        pickle.loads(pickle.dumps(Addressed(down, os.getpid(), 1)))
+    assert pickle.loads(pickle.dumps(Addressed(down, os.getpid(), 2))) == down
+    with pytest.raises(_monitor.StaleDown, match="addressed to pid 1, an earlier incarnation"):
+        pickle.loads(pickle.dumps(Addressed(down, 1, 3)))
     assert pickle.loads(pickle.dumps(down)) == down  # received, it travels on as any value
 
 
@@ -251,10 +261,13 @@ def test_only_the_actor_itself_sets_its_monitors_and_gets_its_downs(ikosd_factor
     wait_for(lambda: started(record), message="the watcher's on_start")
     pid = inst.pid_of("watcher")
     down = ikos.Down("target", "killed", "killed by SIGKILL", 1)
-    # addressed to an earlier incarnation: refused before receive, the actor unharmed
-    with pytest.raises(ikos.ActorError, match="earlier incarnation"):
-        ask(inst, "watcher", Addressed(down, pid + 100000))
-    ask(inst, "watcher", Addressed(down, pid))
+    # addressed to an earlier incarnation, or a copy of one it had: refused before
+    # receive, the actor unharmed
+    with pytest.raises(ikos.ActorError, match="StaleDown"):
+        ask(inst, "watcher", Addressed(down, pid + 100000, 1))
+    ask(inst, "watcher", Addressed(down, pid, 1))
+    with pytest.raises(ikos.ActorError, match="DuplicateDown"):
+        ask(inst, "watcher", Addressed(down, pid, 1))
     assert [(d["pid"], d["detail"]) for d in downs(record)] == [(pid, "killed by SIGKILL")]
     assert inst.pid_of("watcher") == pid
     with ControlClient(InstancePaths.for_root(inst.root), timeout=30) as client:
@@ -325,6 +338,9 @@ def test_down_at_shutdown_reaches_a_watcher_stopped_after_the_watched(ikosd_fact
     assert got["target"]["detail"].startswith("ikosd shutting down: ")
     assert got["sleeper"]["reason"] == "shutdown"
     assert len(downs(record)) == 2
+    # every watcher stopped: nothing is left for a next ikosd to adopt
+    saved = InstancePaths.for_root(inst.root).state_dir / "monitors.json"
+    assert json.loads(saved.read_text()) == {}
 
 
 def test_a_one_for_all_restart_lets_the_watcher_handle_the_down_before_it_stops(
@@ -400,3 +416,34 @@ def test_a_damaged_saved_file_adopts_what_it_can(tmp_path):
     write_saved(path, {"w": {"pid": 1, "start": 2, "targets": ["t"]}})
     assert read_saved(path) == {"w": (1, 2, ["t"])}
     assert [p.name for p in tmp_path.iterdir()] == ["monitors.json"]
+
+
+def test_a_slow_watcher_delays_only_its_own_downs_and_gets_them_all_in_order(
+    ikosd_factory, tmp_path
+):
+    """One watcher is stuck in receive: the other gets its Downs meanwhile; the stuck
+    one's deliveries time out and are tried again, and each arrives once, in order."""
+    fast, slow, gate = tmp_path / "fast.jsonl", tmp_path / "slow.jsonl", tmp_path / "gate"
+    inst = ikosd_factory(
+        tree=tree(
+            fast,
+            f"""
+            ikos.Child("target", Target),
+            ikos.Child("fast", Watcher, args=({str(fast)!r}, ["target"]), requires=["target"]),
+            ikos.Child("slow", Watcher, args=({str(slow)!r}, ["target"]), requires=["target"]),
+            """,
+        )
+    )
+    ikos.ActorRef("slow", root=inst.root).tell(("block", str(gate)))
+    pids = []
+    for count in (1, 2, 3):
+        pid = inst.wait_running_new_pid("target", pids[-1] if pids else None)
+        os.kill(pid, signal.SIGKILL)
+        pids.append(pid)
+        wait_downs(fast, count)
+    assert downs(slow) == []
+    wait_for(lambda: "slow does not take its Down(target)" in inst.log_text(), timeout=60)
+    gate.touch()
+    got = wait_downs(slow, 3)
+    assert [(d["reason"], d["of"]) for d in got] == [("killed", pid) for pid in pids]
+    assert [d["of"] for d in downs(fast)] == pids

@@ -18,7 +18,9 @@ receiver can make it, when the message is unpickled in the receiving
 process: elsewhere than in the process it was addressed to, unpickling
 raises, and the actor runtime answers the ask with an error instead of
 calling ``receive``. (Pids are compared as ikosd sees them: actors share its
-pid namespace.)
+pid namespace.) Each also carries its number in the watcher's sequence, so
+that one sent again (a delivery that timed out may or may not have arrived)
+is refused the same way when the first copy did arrive.
 """
 
 from __future__ import annotations
@@ -68,24 +70,48 @@ class Down:
     pid: int | None = None
 
 
+class StaleDown(ValueError):
+    """A Down reached a later incarnation of the watcher it was addressed to: refused."""
+
+
+class DuplicateDown(ValueError):
+    """A Down sent again after a delivery that was not confirmed, though the first
+    copy had arrived: refused, so that each Down is received once."""
+
+
+#: The number of the last Down this process took (see :class:`Addressed`).
+_last_taken = 0
+
+
 class Addressed:
-    """A :class:`Down` addressed to the watcher process ``to`` (a pid); see the module
-    docstring. It unpickles as the plain ``Down``, in that process only."""
+    """A :class:`Down` on its way: addressed to the watcher process ``to`` (a pid) and
+    numbered ``seq`` in that watcher's sequence; see the module docstring.
 
-    __slots__ = ("down", "to")
+    It unpickles as the plain ``Down``, in that process only (else
+    :class:`StaleDown`), and only once (a number not above the last one taken
+    is :class:`DuplicateDown`): the manager may send it again when it could
+    not tell whether a delivery arrived.
+    """
 
-    def __init__(self, down: Down, to: int) -> None:
+    __slots__ = ("down", "seq", "to")
+
+    def __init__(self, down: Down, to: int, seq: int) -> None:
         self.down = down
         self.to = to
+        self.seq = seq
 
     def __reduce__(self) -> tuple[Any, ...]:
         d = self.down
-        return (_delivered, (d.name, d.reason, d.detail, d.pid, self.to))
+        return (_delivered, (d.name, d.reason, d.detail, d.pid, self.to, self.seq))
 
 
-def _delivered(name: str, reason: str, detail: str, pid: int | None, to: int) -> Down:
+def _delivered(name: str, reason: str, detail: str, pid: int | None, to: int, seq: int) -> Down:
+    global _last_taken
     if os.getpid() != to:
-        raise ValueError(
+        raise StaleDown(
             f"Down({name!r}) was addressed to pid {to}, an earlier incarnation of this actor"
         )
+    if seq <= _last_taken:
+        raise DuplicateDown(f"Down({name!r}) number {seq} was received already")
+    _last_taken = seq
     return Down(name, reason, detail, pid)

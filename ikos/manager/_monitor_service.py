@@ -23,8 +23,11 @@ the supervision runtime for every orderly stop, ikosd's shutdown included),
 the stop waits, at most :data:`SETTLE_TIMEOUT`, for the Downs already on
 their way to it. At shutdown the daemons stop in reverse start order, so a
 watcher started before the daemon it watches still gets its Down; a watcher
-stopped first gets nothing more, and nothing is left behind. A full outbox
-drops the newest Down, counted and logged once per watcher.
+stopped first gets nothing more, and nothing is left behind. An ask not
+answered in time (a busy watcher) frees its thread, and the same Down is
+tried again after a back-off, until it is confirmed or the watcher's
+incarnation ends. A full outbox drops the newest Down, counted and logged
+once per watcher.
 
 Rejected: telling from the loop (a watcher with a full mailbox would stall
 every restart); a plain ``tell`` (it returns once the bytes are in a socket
@@ -38,7 +41,9 @@ watcher's next incarnation from the mailbox socket (which outlives
 incarnations), if the loop has not yet seen the crash when the delivery
 starts: each goes :class:`~ikos.actors._monitor.Addressed` to the watcher's
 pid, and only that process can unpickle it (the next one answers the ask
-with an error, counted as lost).
+with an error, counted as lost). It is also numbered in the watcher's
+sequence, and a copy of one already taken is refused the same way, which
+is what makes trying again safe.
 
 The monitors are saved in ``STATE/monitors.json`` (in a thread, coalesced)
 with each watcher's pid and process start time: after a crash of ikosd,
@@ -64,10 +69,11 @@ from ikos._errors import (
     ActorError,
     AskTimeout,
     IkosError,
+    MailboxFull,
     ManagerError,
     PermissionDenied,
 )
-from ikos.actors._monitor import Addressed, Down
+from ikos.actors._monitor import Addressed, Down, DuplicateDown, StaleDown
 from ikos.actors._ref import ActorRef
 from ikos.manager._control_server import BadRequest
 from ikos.manager._extension import Extension, ExtensionHost, NodeView, TreeView
@@ -80,8 +86,11 @@ log = logging.getLogger("ikos.monitors")
 MAX_MONITORS: Final = 1000
 #: Downs waiting for one watcher before newer ones are dropped.
 OUTBOX_SIZE: Final = 1000
-#: Seconds a delivery (an ask) waits for the watcher to take and handle its Down.
-DELIVERY_TIMEOUT: Final = 5.0
+#: Seconds a delivery (an ask) waits for the watcher to take and handle its Down;
+#: past it the Down is tried again, after RETRY_MIN doubling up to RETRY_MAX seconds.
+DELIVERY_TIMEOUT: Final = 2.0
+RETRY_MIN: Final = 0.25
+RETRY_MAX: Final = 10.0
 #: Seconds the stop of a watcher waits for the Downs on their way to it.
 SETTLE_TIMEOUT: Final = 2.0
 #: Seconds the verbs wait for a starting watcher's process to be known as it.
@@ -161,8 +170,12 @@ def read_saved(path: Path) -> dict[str, tuple[int, int, list[str]]]:
 def write_saved(path: Path, saved: dict[str, Any]) -> None:
     """Replace ``path`` with ``saved`` as JSON, atomically (a crash leaves the old or the new)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(saved))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(saved))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk must not leave half a file behind
+        raise
 
 
 class _Outbox:
@@ -178,10 +191,15 @@ class _Outbox:
         self.name, self.pid, self.start = name, pid, start
         self.targets: set[str] = set()
         self.lock = threading.Lock()
-        self.queue: deque[Down] = deque()
+        #: (number in this watcher's sequence, Down), oldest first
+        self.queue: deque[tuple[int, Down]] = deque()
+        self.numbered = 0
         self.sending = False
         self.open = True
         self.dropped = 0
+        #: deliveries of the first Down that were not confirmed, and the next try's timer
+        self.attempts = 0
+        self.retry: asyncio.TimerHandle | None = None
         #: set while nothing is queued or being delivered (loop side)
         self.idle = asyncio.Event()
         self.idle.set()
@@ -209,7 +227,7 @@ class MonitorService(Extension):
         self._saved: dict[str, tuple[int, int, list[str]]] = {}
         self._saving: asyncio.Task[None] | None = None
         self._changed = False
-        #: Downs handled by their watcher, and lost (outbox full, watcher gone, timeout)
+        #: Downs received by their watcher, and lost (outbox full, watcher gone)
         self.delivered = 0
         self.lost = 0
         self._counting = threading.Lock()  # the sender threads count too
@@ -226,12 +244,14 @@ class MonitorService(Extension):
         host.verbs.register("demonitor", "control", self._verb_demonitor)
 
     async def stop(self) -> None:
-        self._saved.clear()  # every daemon stopped: nothing is left to adopt
-        for outbox in list(self._outboxes.values()):
-            self._close(outbox)
+        # The saved monitors stay as they are: after an orderly shutdown every
+        # watcher's stop already removed its own, and when ikosd abandons its
+        # daemons (a bug of its own) the next ikosd adopts them with theirs.
+        for outbox in self._outboxes.values():
+            self._halt(outbox)
         if self._saving is not None:
             with contextlib.suppress(Exception):
-                await self._saving  # the last write: no monitors left to adopt
+                await self._saving
         if self._pool is not None:
             pool, self._pool = self._pool, None
             # a delivery in flight ends within DELIVERY_TIMEOUT; every watcher is gone by now
@@ -312,7 +332,7 @@ class MonitorService(Extension):
         self._forget(outbox, target)
         self._save()
         with outbox.lock:
-            kept = [down for down in outbox.queue if down.name != target]
+            kept = [item for item in outbox.queue if item[1].name != target]
             outbox.queue.clear()
             outbox.queue.extend(kept)
         return {}
@@ -380,9 +400,17 @@ class MonitorService(Extension):
         if self._outboxes.get(outbox.name) is outbox:
             del self._outboxes[outbox.name]
         self._save()
+        self._halt(outbox)
+
+    @staticmethod
+    def _halt(outbox: _Outbox) -> None:
+        """Deliver nothing more to ``outbox`` (its sender stops before its next Down)."""
         with outbox.lock:
             outbox.open = False
             outbox.queue.clear()
+        if outbox.retry is not None:
+            outbox.retry.cancel()
+            outbox.retry = None
         outbox.idle.set()  # nobody waits for a watcher that is gone
 
     # -- surviving a crash of ikosd ------------------------------------------------------
@@ -432,7 +460,8 @@ class MonitorService(Extension):
                 outbox.dropped += 1
                 self._count(lost=1)
                 return
-            outbox.queue.append(down)
+            outbox.numbered += 1
+            outbox.queue.append((outbox.numbered, down))
             start = not outbox.sending
             outbox.sending = True
         outbox.idle.clear()
@@ -440,43 +469,82 @@ class MonitorService(Extension):
             self._pool.submit(self._drain, outbox)
 
     def _drain(self, outbox: _Outbox) -> None:
-        """Deliver ``outbox``'s Downs in order until it is empty (in a sender thread)."""
+        """Deliver ``outbox``'s Downs in order until it is empty (in a sender thread).
+
+        A delivery that is not confirmed (the watcher is busy, its mailbox
+        full) is tried again later, the same Down first, without holding
+        this thread in between; the watcher refuses a copy it already has.
+        """
         view, loop = self._view, self._loop
         assert view is not None and loop is not None
         ref = ActorRef(outbox.name, root=view.paths.root)
+        again = False
         while True:
             with outbox.lock:
                 if not outbox.open or not outbox.queue:
                     outbox.sending = False
                     break
-                down = outbox.queue.popleft()
-            self._deliver(ref, outbox, down)
+                seq, down = outbox.queue[0]
+            if not self._deliver(ref, outbox, seq, down):
+                again = True
+                break
+            with outbox.lock:
+                outbox.attempts = 0
+                if outbox.queue and outbox.queue[0][0] == seq:  # demonitor may have taken it
+                    outbox.queue.popleft()
         # this thread's connection to the watcher would otherwise stay open (one per
         # sender thread and watcher ever served) until its next Down, if any
         ref._drop()
         with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits any more
-            loop.call_soon_threadsafe(self._maybe_idle, outbox)
+            loop.call_soon_threadsafe(self._retry if again else self._maybe_idle, outbox)
 
-    def _deliver(self, ref: ActorRef, outbox: _Outbox, down: Down) -> None:
+    def _deliver(self, ref: ActorRef, outbox: _Outbox, seq: int, down: Down) -> bool:
+        """Hand ``down`` over; False when it must be tried again (not confirmed)."""
         try:
-            ref.ask(Addressed(down, outbox.pid), timeout=DELIVERY_TIMEOUT)
+            ref.ask(Addressed(down, outbox.pid, seq), timeout=DELIVERY_TIMEOUT)
         except ActorCrashed:
             pass  # handled, and receive raised: its supervisor's business now
+        except (AskTimeout, MailboxFull) as exc:
+            if not outbox.attempts:
+                log.warning(
+                    "monitors: %s does not take its Down(%s) (%s): trying again",
+                    outbox.name,
+                    down.name,
+                    exc,
+                )
+            return False
         except ActorDeadError:
             self._count(lost=1)  # the watcher ended meanwhile: its monitors go with it
-            return
-        except AskTimeout as exc:
-            # most often taken and not yet handled (a long receive); it may also not
-            # have been sent (the connection was not taken): either way, say so
-            self._count(lost=1)
-            log.warning("monitors: Down(%s) to %s not confirmed: %s", down.name, outbox.name, exc)
-            return
+            return True
+        except ActorError as exc:
+            # the watcher's answers to a copy it already had, or to one meant for
+            # an earlier incarnation of it (the runtime names the decoding error)
+            if DuplicateDown.__name__ in str(exc):
+                self._count(delivered=1)
+            else:
+                self._count(lost=1)
+                level = logging.DEBUG if StaleDown.__name__ in str(exc) else logging.WARNING
+                log.log(level, "monitors: Down(%s) to %s: %s", down.name, outbox.name, exc)
+            return True
         except (IkosError, OSError) as exc:
             self._count(lost=1)
-            level = logging.DEBUG if type(exc) is ActorError else logging.WARNING
-            log.log(level, "monitors: Down(%s) to %s: %s", down.name, outbox.name, exc)
-            return
+            log.warning("monitors: Down(%s) to %s: %s", down.name, outbox.name, exc)
+            return True
         self._count(delivered=1)
+        return True
+
+    def _retry(self, outbox: _Outbox) -> None:
+        """Try ``outbox``'s first Down again after a back-off (loop side)."""
+        if not outbox.open or self._loop is None:
+            return
+        delay = min(RETRY_MAX, RETRY_MIN * 2**outbox.attempts)
+        outbox.attempts += 1
+        outbox.retry = self._loop.call_later(delay, self._resume, outbox)
+
+    def _resume(self, outbox: _Outbox) -> None:
+        outbox.retry = None
+        if outbox.open and self._pool is not None:
+            self._pool.submit(self._drain, outbox)
 
     def _count(self, *, delivered: int = 0, lost: int = 0) -> None:
         with self._counting:
