@@ -59,6 +59,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections import deque
 from pathlib import Path
 from typing import Any, Final
@@ -79,6 +80,7 @@ from ikos.manager._control_server import BadRequest
 from ikos.manager._extension import Extension, ExtensionHost, NodeView, TreeView
 from ikos.platform._process import proc_info
 from ikos.supervision._runtime import ExitReason, State
+from ikos.supervision._spec import Supervisor
 
 log = logging.getLogger("ikos.monitors")
 
@@ -243,6 +245,13 @@ class MonitorService(Extension):
         host.verbs.register("monitor", "control", self._verb_monitor)
         host.verbs.register("demonitor", "control", self._verb_demonitor)
 
+    def amend_tree(self, tree: Supervisor, *, at_start: bool) -> Supervisor:
+        # saved monitors of actors no longer in the tree would be written back forever
+        names = {spec.name for _, spec in tree.walk()}
+        for name in [n for n in self._saved if n not in names]:
+            del self._saved[name]
+        return tree
+
     async def stop(self) -> None:
         # The saved monitors stay as they are: after an orderly shutdown every
         # watcher's stop already removed its own, and when ikosd abandons its
@@ -263,11 +272,12 @@ class MonitorService(Extension):
         if node.kind == "supervisor":
             return
         name = node.name
+        if new is not State.STARTING:  # an adopted actor goes starting -> running
+            saved = self._saved.pop(name, None)
+            if saved is not None and new is State.RUNNING:
+                self._adopt(node, *saved)
         if new is State.RUNNING and node.pid is not None:
             self._pids[name] = node.pid
-            saved = self._saved.pop(name, None)
-            if saved is not None:
-                self._adopt(node, *saved)
         elif new is State.STOPPING:
             self._stopping[name] = why
         if old not in _ALIVE or new not in _GONE:
@@ -460,7 +470,10 @@ class MonitorService(Extension):
                 outbox.dropped += 1
                 self._count(lost=1)
                 return
-            outbox.numbered += 1
+            # numbers from the boot's monotonic clock: an actor adopted by the next
+            # ikosd after a crash has taken numbers of this one, and must not see
+            # the next one's Downs as copies of them
+            outbox.numbered = max(outbox.numbered + 1, time.monotonic_ns())
             outbox.queue.append((outbox.numbered, down))
             start = not outbox.sending
             outbox.sending = True
