@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import dataclasses
 import itertools
 import logging
 import re
@@ -137,19 +138,7 @@ class SpawnService(Extension):
         found = None if at_start else find_spec(self.view.tree, SPAWNED_NAME)
         if found is None:
             return tree
-        return Supervisor(
-            tree.name,
-            tree.strategy,
-            tree.max_restarts,
-            tree.within,
-            [*tree.children, found[0]],
-            restart=tree.restart,
-            shutdown=tree.shutdown,
-            requires=tree.requires,
-            after=tree.after,
-            description=tree.description,
-            backoff=tree.backoff,
-        )
+        return dataclasses.replace(tree, children=(*tree.children, found[0]))
 
     async def spawn(self, req: Request) -> Any:
         """``spawn {"class", "payload", "path", "name"?, "prefix"?}``: the actor's status."""
