@@ -269,6 +269,35 @@ def test_a_class_that_does_not_load_in_the_actor_is_a_clear_start_failure(
     assert inst.ctl("status", "haunted").returncode == 4
 
 
+def test_spawned_actors_outlive_a_configuration_reload(
+    ikosd_factory: Callable[..., Instance], tmp_path: Path
+) -> None:
+    config = '[ikosd]\nmetrics = false\n\n[actors.echo]\nclass = "examples.actors:Echo"\n'
+    inst = ikosd_factory(config=config)
+    result = run_script(
+        tmp_path,
+        """
+        import json
+
+        class Keeper(ikos.Actor):
+            def receive(self, message):
+                return os.getpid()
+
+        print(json.dumps({"pid": ikos.spawn(Keeper, name="keeper").ask(0, timeout=10)}))
+        """,
+        inst.env,
+    )
+    pid = answers(result)["pid"]
+    (inst.root.parent / "ikos.toml").write_text(
+        config + '\n[actors.more]\nclass = "examples.actors:Echo"\n'
+    )
+    res = inst.ctl("reload-config", "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["removed"] == []
+    assert inst.status("keeper")["pid"] == pid and inst.state("more") == "running"
+    assert ikos.ActorRef("keeper", root=inst.root).ask(0, timeout=10) == pid
+
+
 # --- errors raised before anything is sent ------------------------------------------------
 
 
