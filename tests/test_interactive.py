@@ -298,6 +298,45 @@ def test_spawned_actors_outlive_a_configuration_reload(
     assert ikos.ActorRef("keeper", root=inst.root).ask(0, timeout=10) == pid
 
 
+class _Witness:
+    """Unpickling it writes the unpickling process's pid to a file: who ran the code?"""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        code = f"import os; open({str(self.path)!r}, 'a').write(f'{{os.getpid()}}\\n')"
+        return (exec, (code,))
+
+
+def test_ikosd_never_unpickles_what_spawn_carries(
+    ikosd_factory: Callable[..., Instance], tmp_path: Path
+) -> None:
+    """The payload runs code when unpickled: it must run in the actor's process (which
+    then fails to start, the payload being no class), never in ikosd's."""
+    import base64
+    import pickle
+
+    from ikos.platform._control import ControlClient
+    from ikos.platform._paths import InstancePaths
+
+    inst = ikosd_factory(tree=IDLE_TREE)
+    witness = tmp_path / "unpickled-by"
+    payload = b"p" + pickle.dumps(_Witness(witness))
+    request = {"class": "__main__:Nothing", "payload": base64.b64encode(payload).decode()}
+    with ControlClient(InstancePaths.for_root(inst.root)) as client:
+        with pytest.raises(ikos.ManagerError) as caught:
+            client.call("spawn", {**request, "name": "witness"})
+        assert caught.value.code == "spawn_error"
+        for bad in ({"payload": "not base64!"}, {"class": ""}, {"path": ["relative"]}):
+            with pytest.raises(ikos.ManagerError) as refused:
+                client.call("spawn", {**request, **bad})
+            assert refused.value.code == "bad_request", bad
+    unpickled_by = [int(pid) for pid in witness.read_text().split()]
+    assert unpickled_by and inst.pid not in unpickled_by
+    assert inst.ctl("status", "witness").returncode == 4
+
+
 # --- errors raised before anything is sent ------------------------------------------------
 
 
