@@ -22,12 +22,13 @@ import shutil
 import signal
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from ikos._codec import decode
 from ikos.manager._extension import Config
-from ikos.manager._ikosd import setup_logging
+from ikos.manager._ikosd import _serve, setup_logging
 from ikos.platform._paths import InstancePaths
 
 #: Seconds between the watcher's SIGTERMs once the lifeline ended.
@@ -41,10 +42,9 @@ def watch_lifeline(fd: int) -> None:
             pass
     except OSError:
         pass
-    pause = threading.Event()  # never set: a wait that cannot be interrupted by signals
     while True:
         os.kill(os.getpid(), signal.SIGTERM)
-        pause.wait(RESEND)
+        time.sleep(RESEND)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -71,7 +71,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ikos.manager._manager import Manager
 
         manager = Manager(paths, Config(tree), ready_line=False)
-        return asyncio.run(manager.run())
+        # as ikosd's main: once the manager is done, its signal handlers (which post
+        # to its loop) give way to SIG_IGN before the loop closes
+        return asyncio.run(_serve(manager))
     except Exception as exc:
         print(f"ikosd (local): {exc}", file=sys.stderr)
         return 1
