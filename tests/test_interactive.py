@@ -85,12 +85,6 @@ def mark(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     assert left is None, left
 
 
-def local_roots() -> set[str]:
-    import tempfile
-
-    return {p.name for p in Path(tempfile.gettempdir()).glob("ikos-local-*")}
-
-
 # --- ikos.spawn on a running ikosd ---------------------------------------------------------
 
 
@@ -151,10 +145,13 @@ def test_spawn_class_with_a_closure_made_in_a_function(
     ikosd_factory: Callable[..., Instance], tmp_path: Path
 ) -> None:
     inst = ikosd_factory(tree=IDLE_TREE)
+    # a module of the user's own, beside the script: named, not copied, in the stream
+    (tmp_path / "helpers.py").write_text("import struct\nPACK = struct.Struct('!I')\n")
     result = run_script(
         tmp_path,
         """
         import json
+        import helpers
 
         def make_scaler(factor):
             offset = factor + 1
@@ -163,7 +160,8 @@ def test_spawn_class_with_a_closure_made_in_a_function(
                 scale = staticmethod(lambda x: x * factor + offset)
 
                 def receive(self, message):
-                    return [self.scale(message), type(self).__qualname__]
+                    size = helpers.PACK.size
+                    return [self.scale(message), type(self).__qualname__, size]
 
             return Scaler
 
@@ -172,7 +170,7 @@ def test_spawn_class_with_a_closure_made_in_a_function(
         """,
         inst.env,
     )
-    assert answers(result) == {"name": "scaler", "answer": [25, "make_scaler.<locals>.Scaler"]}
+    assert answers(result) == {"name": "scaler", "answer": [25, "make_scaler.<locals>.Scaler", 4]}
 
 
 def test_importable_class_goes_by_reference(
@@ -385,8 +383,6 @@ class Doubler(ikos.Actor):
 
 
 def test_local_system_runs_and_leaves_nothing(mark: str) -> None:
-    before = local_roots()
-
     class Greeter(ikos.Actor):  # defined in a function: carried by value
         def __init__(self, greeting: str) -> None:
             self.greeting = greeting
@@ -408,7 +404,24 @@ def test_local_system_runs_and_leaves_nothing(mark: str) -> None:
         ikosd_pid = system.pid
     assert ikosd_pid is not None and not alive(ikosd_pid)
     assert not root.exists()
-    assert local_roots() == before
+
+
+def test_an_actor_spawns_into_its_own_instance(mark: str) -> None:
+    """In an actor's process ``ikos.spawn`` needs no root: the actor's instance is meant
+    (the private ikosd's actors have no ``$IKOS_ROOT`` to go by)."""
+
+    class Kid(ikos.Actor):
+        def receive(self, message: Any) -> Any:
+            return f"kid got {message}"
+
+    class Parent(ikos.Actor):
+        def receive(self, message: Any) -> Any:
+            kid = ikos.spawn(Kid, name="kid")
+            return kid.ask(message, timeout=10)
+
+    with ikos.local() as system:
+        assert system.spawn(Parent).ask("milk", timeout=60) == "kid got milk"
+        assert system.ref("kid").ask(1, timeout=10) == "kid got 1"
 
 
 def test_local_system_with_a_tree(mark: str) -> None:

@@ -27,14 +27,19 @@ interpreter, in front of ikosd's).
 
 from __future__ import annotations
 
+import functools
+import importlib
+import io
 import os
+import pickle
 import sys
 import sysconfig
+import types
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ikos._codec import DILL, decode, encode
+from ikos._codec import DILL, PICKLE, decode
 from ikos._errors import SpawnError
 
 #: Directories of the Python installation: never carried (the actor has its own).
@@ -84,7 +89,7 @@ def carry(
         raise SpawnError(name, "actor", f"expected a subclass of ikos.Actor, got {cls!r}")
     class_path = f"{cls.__module__}:{cls.__qualname__}"
     try:
-        payload = encode((cls, tuple(args), dict(kwargs or {})))
+        payload = _encode((cls, tuple(args), dict(kwargs or {})))
     except Exception as exc:
         raise SpawnError(
             name,
@@ -93,6 +98,43 @@ def carry(
             f"could not serialize them ({type(exc).__name__}: {exc})",
         ) from exc
     return CarriedActor(class_path, payload, source_directories())
+
+
+def _encode(value: Any) -> bytes:
+    """The codec's encoding (pickle, else dill, by the same rule: a payload naming
+    ``__main__`` goes by value), with modules always by name in the dill stream."""
+    try:
+        data = pickle.dumps(value, protocol=5)
+    except (pickle.PicklingError, AttributeError, TypeError):
+        data = b""
+    if data and b"__main__" not in data:
+        return bytes([PICKLE]) + data
+    buffer = io.BytesIO()
+    _module_pickler()(buffer, 5, recurse=True).dump(value)
+    return bytes([DILL]) + buffer.getvalue()
+
+
+@functools.cache
+def _module_pickler() -> type:
+    import dill  # only when a class goes by value
+
+    class ModulesByName(dill.Pickler):  # type: ignore[misc]
+        """dill, except that a module is imported by name where it is loaded.
+
+        dill copies the namespace of any module outside the Python installation
+        (a user's helper module, ikos from a checkout) into the stream, by its
+        state: that fails on the first unpicklable global (a ``struct.Struct``)
+        and would overwrite the module's globals in the actor. A class's code
+        needs the module, by name, as any ``import`` line would give it.
+        """
+
+        def save(self, obj: Any, save_persistent_id: bool = True) -> None:
+            if type(obj) is types.ModuleType and obj.__name__ != "__main__":
+                self.save_reduce(importlib.import_module, (obj.__name__,), obj=obj)
+                return
+            super().save(obj, save_persistent_id)
+
+    return ModulesByName
 
 
 def source_directories() -> tuple[str, ...]:
