@@ -2,8 +2,9 @@
 and ``spawn``.
 
 Which instance: an explicit ``root``, else the innermost ``with ikos.local()``
-block open in this process (:func:`push_local_root`), else ``$IKOS_ROOT``,
-else the default instance, as ikosctl finds it.
+block open in this process (:func:`push_local_root`), else, in an actor's
+process, the actor's own instance, else ``$IKOS_ROOT``, else the default
+instance, as ikosctl finds it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import threading
 from typing import Any
 
 from ikos._errors import SpawnError
+from ikos.actors import _context
 from ikos.actors._carried import carry
 from ikos.actors._ref import ActorRef
 from ikos.platform._control import MAX_REQUEST_BYTES, ControlClient
@@ -49,6 +51,15 @@ def instance_root(root: str | os.PathLike[str] | None) -> str | None:
         return _local_roots[-1] if _local_roots else None
 
 
+def instance_paths(root: str | os.PathLike[str] | None) -> InstancePaths:
+    """The paths of the instance a call without ``root`` means (see the module docstring)."""
+    where = instance_root(root)
+    own = _context._default  # set in an actor's process by its runtime
+    if where is None and own is not None:
+        return own.paths
+    return InstancePaths.resolve(where)
+
+
 def start_child(supervisor: str, *args: Any, root: str | os.PathLike[str] | None = None) -> str:
     """Start one more child of a ``simple_one_for_one`` supervisor; return its name.
 
@@ -56,14 +67,14 @@ def start_child(supervisor: str, *args: Any, root: str | os.PathLike[str] | None
 
         name = ikos.start_child("workers", "job-42")   # e.g. "worker.3"
     """
-    with ControlClient(InstancePaths.resolve(instance_root(root))) as client:
+    with ControlClient(instance_paths(root)) as client:
         status = client.call("start_child", {"supervisor": supervisor, "args": list(args)})
     return str(status["name"])
 
 
 def terminate_child(name: str, *, root: str | os.PathLike[str] | None = None) -> None:
     """Stop a dynamic child (of ``simple_one_for_one``, or spawned) and remove it."""
-    with ControlClient(InstancePaths.resolve(instance_root(root))) as client:
+    with ControlClient(instance_paths(root)) as client:
         client.call("terminate_child", {"name": name})
 
 
@@ -119,6 +130,6 @@ def spawn(
     }
     if name is not None:
         request["name"] = name
-    with ControlClient(InstancePaths.resolve(where), timeout=120.0) as client:
+    with ControlClient(instance_paths(where), timeout=120.0) as client:
         status = client.call("spawn", request)
     return ActorRef(str(status["name"]), root=where)
