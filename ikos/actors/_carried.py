@@ -7,7 +7,8 @@ codec (:mod:`ikos._codec`), which uses plain pickle (by reference: the
 actor process imports the class's module) when that can load elsewhere, and
 dill by value with ``recurse=True`` (the class's methods and just the
 globals they use, lambdas and closures included) when the class lives in
-``__main__`` or inside a function. :class:`CarriedActor` holds those bytes
+``__main__`` or inside a function; modules always go by name.
+:class:`CarriedActor` holds those bytes
 with the class's name and the caller's own source directories; it is a
 plain value (hashable, comparable), so that a ``Child`` spec can hold it
 and a restart reuses the same bytes.
