@@ -672,8 +672,8 @@ def _boot_failed(status_fd: int, reason: str) -> NoReturn:
     event = {"event": "exit", "code": EXIT_START_FAILED, "reason": reason}
     event["detail"] = traceback.format_exc()[-4000:]
     try:
+        os.write(status_fd, (json.dumps(event) + "\n").encode())
         sys.stderr.write(f"ikos: {reason}\n{event['detail']}")  # the daemon's log
         sys.stderr.flush()
-        os.write(status_fd, (json.dumps(event) + "\n").encode())
     finally:
         os._exit(EXIT_START_FAILED)
