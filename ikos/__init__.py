@@ -47,7 +47,8 @@ from ikos._version import __version__
 from ikos.actors._actor import Actor
 from ikos.actors._ref import ActorRef
 from ikos.manager._ikosd import run
-from ikos.supervision._client import start_child, terminate_child
+from ikos.manager._local import LocalSystem, local
+from ikos.supervision._client import spawn, start_child, terminate_child
 from ikos.supervision._spec import Backoff, Child, Exec, Supervisor
 
 __all__ = [
@@ -63,6 +64,7 @@ __all__ = [
     "ConfigError",
     "Exec",
     "IkosError",
+    "LocalSystem",
     "MailboxFull",
     "ManagerError",
     "ManagerUnavailable",
@@ -73,7 +75,9 @@ __all__ = [
     "SpecError",
     "Supervisor",
     "__version__",
+    "local",
     "run",
+    "spawn",
     "start_child",
     "terminate_child",
 ]

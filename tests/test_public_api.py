@@ -34,6 +34,7 @@ PUBLIC_NAMES = [
     "ConfigError",
     "Exec",
     "IkosError",
+    "LocalSystem",
     "MailboxFull",
     "ManagerError",
     "ManagerUnavailable",
@@ -44,7 +45,9 @@ PUBLIC_NAMES = [
     "SpecError",
     "Supervisor",
     "__version__",
+    "local",
     "run",
+    "spawn",
     "start_child",
     "terminate_child",
 ]
