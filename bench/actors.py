@@ -132,6 +132,81 @@ def floor_tell(n: int) -> float:
     return n / elapsed
 
 
+# -- many clients at once ------------------------------------------------------------
+
+CLIENTS = 8  # client processes asking at once
+
+
+def _floor_pair_client(conn: Any, go: Any, stop_at: Any, out: Any) -> None:
+    out.put("ready")
+    go.wait()
+    end = stop_at.value
+    count = 0
+    while time.monotonic() < end:
+        conn.send(MSG)
+        conn.recv()
+        count += 1
+    conn.send(None)
+    out.put(count)
+
+
+def _ikos_client(root: str, name: str, go: Any, stop_at: Any, out: Any) -> None:
+    import ikos
+
+    ref = ikos.ActorRef(name, root=root)
+    ref.ask(MSG)  # connected and authenticated before the clock starts
+    out.put("ready")
+    go.wait()
+    end = stop_at.value
+    count = 0
+    while time.monotonic() < end:
+        ref.ask(MSG)
+        count += 1
+    out.put(count)
+
+
+def _run_clients(procs: list[Any], go: Any, stop_at: Any, out: Any, seconds: float) -> float:
+    """Start the client processes, let them ask for ``seconds`` together; asks per second."""
+    for p in procs:
+        p.start()
+    for _ in procs:  # every client forked and connected (each then waits on ``go``)
+        assert out.get(timeout=60) == "ready"
+    stop_at.value = time.monotonic() + seconds
+    go.set()
+    total = sum(out.get(timeout=seconds + 60) for _ in range(CLIENTS))
+    for p in procs:
+        p.join()
+    return total / seconds
+
+
+def concurrent_asks(root: Path, seconds: float) -> dict[str, float]:
+    """Asks per second from CLIENTS processes at once: to one actor, to one actor each,
+    and the floor (CLIENTS Pipe pairs, each client with its own echo process)."""
+    ctx = mp.get_context("fork")
+    out: dict[str, float] = {}
+    for label in ("floor", "one actor", "one actor each"):
+        go, stop_at, results = ctx.Event(), ctx.Value("d", 0.0), ctx.Queue()
+        procs: list[Any] = []
+        if label == "floor":
+            for _ in range(CLIENTS):
+                a, b = ctx.Pipe()
+                procs.append(ctx.Process(target=_pipe_echo, args=(b,)))
+                procs.append(ctx.Process(target=_floor_pair_client, args=(a, go, stop_at, results)))
+            for p in procs[::2]:
+                p.start()
+            rate = _run_clients(procs[1::2], go, stop_at, results, seconds)
+            for p in procs[::2]:
+                p.join()
+        else:
+            for i in range(CLIENTS):
+                name = "echo" if label == "one actor" else f"w{i}"
+                args = (str(root), name, go, stop_at, results)
+                procs.append(ctx.Process(target=_ikos_client, args=args))
+            rate = _run_clients(procs, go, stop_at, results, seconds)
+        out[label] = rate
+    return out
+
+
 # -- ikos -------------------------------------------------------------------------
 
 
@@ -174,6 +249,7 @@ def ikos_figures(
     out: dict[str, Any] = {}
     echo = ikos.ActorRef("echo", root=inst.root)
     out["floor_ask"], out["ask"] = interleaved_ask(inst.root, n)
+    out["concurrent"] = concurrent_asks(inst.root, seconds=3.0)
 
     sink = ikos.ActorRef("sink", root=inst.root)
     sink.ask("count?")
@@ -407,6 +483,15 @@ def main(argv: list[str] | None = None) -> int:
         ia["p99_us"] / fa["p99_us"],
         *peer("ask", lambda s: summary_us(s)["p99_us"]),
     )
+    conc = ik.pop("concurrent")
+    for label in ("one actor", "one actor each"):
+        table.add(
+            f"asks/s from {CLIENTS} client processes to {label}",
+            conc["floor"],
+            conc[label],
+            conc[label] / conc["floor"],
+            *["-" for _ in names],
+        )
     table.add(
         "tell throughput (msg/s)",
         fl_tell,
@@ -473,6 +558,10 @@ def main(argv: list[str] | None = None) -> int:
         "ask: a small dict to an actor in another process, answered by return value."
     )
     table.notes.append(
+        f"asks/s from {CLIENTS} clients: each client process asks in a loop for 3 s; the floor"
+        f" is {CLIENTS} Pipe pairs (each client with its own echo process) on the same cores."
+    )
+    table.notes.append(
         "Pykka runs actors as threads of the caller's process (no process boundary)."
     )
     table.notes.append("Ray restarts are measured on a max_restarts=-1 actor killed with SIGKILL.")
@@ -482,6 +571,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     table.raw = {
         "floor": {"ask": fa, "tell_per_s": fl_tell},
+        "concurrent_asks_per_s": conc,
         "ikos": {k: (summary_us(v) if isinstance(v, list) else v) for k, v in ik.items()},
         "peers": {
             n: {k: (summary_us(v) if k in ("ask", "restart") else v) for k, v in (p or {}).items()}

@@ -48,7 +48,8 @@ from ikos.actors._actor import Actor
 from ikos.actors._monitor import Down
 from ikos.actors._ref import ActorRef
 from ikos.manager._ikosd import run
-from ikos.supervision._client import start_child, terminate_child
+from ikos.manager._local import LocalSystem, local
+from ikos.supervision._client import spawn, start_child, terminate_child
 from ikos.supervision._spec import Backoff, Child, Exec, Supervisor
 
 __all__ = [
@@ -65,6 +66,7 @@ __all__ = [
     "Down",
     "Exec",
     "IkosError",
+    "LocalSystem",
     "MailboxFull",
     "ManagerError",
     "ManagerUnavailable",
@@ -75,7 +77,9 @@ __all__ = [
     "SpecError",
     "Supervisor",
     "__version__",
+    "local",
     "run",
+    "spawn",
     "start_child",
     "terminate_child",
 ]

@@ -35,6 +35,7 @@ PUBLIC_NAMES = [
     "Down",
     "Exec",
     "IkosError",
+    "LocalSystem",
     "MailboxFull",
     "ManagerError",
     "ManagerUnavailable",
@@ -45,7 +46,9 @@ PUBLIC_NAMES = [
     "SpecError",
     "Supervisor",
     "__version__",
+    "local",
     "run",
+    "spawn",
     "start_child",
     "terminate_child",
 ]

@@ -56,6 +56,7 @@ from ikos._errors import ActorCrashed, ActorDeadError, ActorError, Authenticatio
 from ikos.actors import _context
 from ikos.actors._actor import Actor
 from ikos.actors._call import MethodCall
+from ikos.actors._carried import CarriedActor
 from ikos.actors._ref import (
     ASK,
     REPLY_ERR,
@@ -107,6 +108,9 @@ class ActorBoot:
     kwargs: dict[str, Any]
     context: _context.InstanceContext
     mailbox_size: int
+    #: A class sent by value (``ikos.spawn``): ``cls``, ``args`` and ``kwargs`` are
+    #: placeholders until the actor process loads it, ikosd never does.
+    carried: CarriedActor | None = None
 
 
 class _Client:
@@ -655,4 +659,21 @@ def spawn_entry(payload: bytes, fds: list[int]) -> NoReturn:
             if reconfigure is not None:
                 reconfigure(line_buffering=True)
     boot = decode(payload)
+    if boot.carried is not None:
+        try:
+            boot.cls, boot.args, boot.kwargs = boot.carried.load()
+        except BaseException as exc:
+            _boot_failed(fds[1], f"could not load {boot.carried.class_path}: {_describe(exc)}")
     run_actor(boot, fds[0], fds[1], fds[2])
+
+
+def _boot_failed(status_fd: int, reason: str) -> NoReturn:
+    """A class carried by value did not load: a failed start, said on the status pipe."""
+    event = {"event": "exit", "code": EXIT_START_FAILED, "reason": reason}
+    event["detail"] = traceback.format_exc()[-4000:]
+    try:
+        os.write(status_fd, (json.dumps(event) + "\n").encode())
+        sys.stderr.write(f"ikos: {reason}\n{event['detail']}")  # the daemon's log
+        sys.stderr.flush()
+    finally:
+        os._exit(EXIT_START_FAILED)

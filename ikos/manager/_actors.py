@@ -31,6 +31,8 @@ from typing import Any
 
 from ikos._codec import encode
 from ikos._errors import SpawnError
+from ikos.actors._actor import Actor
+from ikos.actors._carried import CarriedActor
 from ikos.actors._context import InstanceContext
 from ikos.actors._runtime import ActorBoot
 from ikos.actors._stats import ActorFigures, create_stats_fd, map_for_reading, read_figures
@@ -103,18 +105,23 @@ class ActorSpawner:
     async def spawn(self, node: WorkerNode) -> Running:
         spec = node.spec
         assert isinstance(spec, Child)
-        try:
-            cls = resolve_actor_class(spec.actor)
-        except (ImportError, AttributeError, ValueError) as exc:
-            raise SpawnError(spec.name, "actor", f"cannot import {spec.actor!r}: {exc}")
+        carried = spec.actor if isinstance(spec.actor, CarriedActor) else None
+        if carried is not None:
+            cls: type = Actor  # the actor process loads the real one: ikosd never unpickles it
+        else:
+            try:
+                cls = resolve_actor_class(spec.actor)
+            except (ImportError, AttributeError, ValueError) as exc:
+                raise SpawnError(spec.name, "actor", f"cannot import {spec.actor!r}: {exc}")
         boot = ActorBoot(
             spec.name, cls, tuple(spec.args), dict(spec.kwargs), self._context(), spec.mailbox_size
         )
+        boot.carried = carried
         try:
             payload = encode(boot)
         except Exception as exc:
             raise SpawnError(spec.name, "args", f"cannot be sent to the actor process: {exc}")
-        modules = [] if cls.__module__ == "__main__" else [cls.__module__]
+        modules = [] if carried or cls.__module__ == "__main__" else [cls.__module__]
         listener = self._listener(spec.name)
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
         out_r, out_w = os.pipe2(os.O_CLOEXEC)

@@ -91,6 +91,7 @@ def default_extensions(
     from ikos.manager._monitor_service import MonitorService
     from ikos.manager._registry_service import RegistryService
     from ikos.manager._sampler_service import SamplerService
+    from ikos.manager._spawn_service import SpawnService
 
     service = MetricsService(*metrics) if metrics is not None else None
     registry = RegistryService(service)
@@ -101,6 +102,7 @@ def default_extensions(
     sampler = SamplerService(service)
     extensions.append(sampler)
     extensions.append(AlertService(sampler, service, registry))
+    extensions.append(SpawnService())
     extensions.append(MonitorService())
     return extensions
 

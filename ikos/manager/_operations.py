@@ -18,6 +18,7 @@ import functools
 from typing import TYPE_CHECKING, Any
 
 from ikos._errors import ManagerError
+from ikos.manager._spawn_service import SPAWNED_NAME
 from ikos.registry._graph import check_graph, start_order
 from ikos.supervision._edit import insert_spec, remove_spec, replace_spec
 from ikos.supervision._runtime import Node, SupervisorNode, WorkerNode
@@ -172,8 +173,13 @@ class TreeOperations:
         """Stop a dynamic child and remove it from its supervisor."""
         node = self.m.node(name)
         sup = node.parent
+        if sup is not None and sup.name == SPAWNED_NAME:  # ikos.spawn's: in the tree's spec
+            await self.remove_child(name)
+            return {"name": name, "removed": True}
         if sup is None or sup.template is None:
-            raise ManagerError(f"'{name}' is not a dynamic child (simple_one_for_one)")
+            raise ManagerError(
+                f"'{name}' is not a dynamic child (simple_one_for_one or ikos.spawn)"
+            )
         await sup.call(functools.partial(sup.remove_child, node))
         return {"name": name, "removed": True}
 

@@ -129,6 +129,10 @@ class Child(_ChildBase):
         """``module:qualname`` of the actor class (for display and the fork server)."""
         if isinstance(self.actor, str):
             return self.actor
+        from ikos.actors._carried import CarriedActor
+
+        if isinstance(self.actor, CarriedActor):
+            return self.actor.class_path
         return f"{self.actor.__module__}:{self.actor.__qualname__}"
 
 
@@ -390,15 +394,19 @@ def validate_child(path: str, spec: AnySpec) -> None:
     if isinstance(spec, Child):
         _check_common(path, spec)
         from ikos.actors._actor import Actor  # lower layer: supervision builds on actors
+        from ikos.actors._carried import CarriedActor
 
-        try:
-            cls = resolve_actor_class(spec.actor)
-        except (ImportError, AttributeError, ValueError) as exc:
-            raise SpecError(
-                path, "actor", "an importable ikos.Actor subclass", f"{spec.actor}: {exc}"
-            )
-        if not (isinstance(cls, type) and issubclass(cls, Actor)):
-            raise SpecError(path, "actor", "a subclass of ikos.Actor", spec.actor)
+        # a class carried by value was checked where it was encoded: loading it here
+        # would run the client's code in this process
+        if not isinstance(spec.actor, CarriedActor):
+            try:
+                cls = resolve_actor_class(spec.actor)
+            except (ImportError, AttributeError, ValueError) as exc:
+                raise SpecError(
+                    path, "actor", "an importable ikos.Actor subclass", f"{spec.actor}: {exc}"
+                )
+            if not (isinstance(cls, type) and issubclass(cls, Actor)):
+                raise SpecError(path, "actor", "a subclass of ikos.Actor", spec.actor)
         ms = spec.mailbox_size
         if not (isinstance(ms, int) and not isinstance(ms, bool) and ms >= 1):
             raise SpecError(path, "mailbox_size", "an integer >= 1", ms)
