@@ -40,7 +40,8 @@ REASONS: Final = {
     "restarted": "stopped by an operator's restart (ikosctl restart); a new incarnation follows",
     "failed": "stopped by ikos because it failed from outside (a health check gone critical)",
     "shutdown": "stopped by its supervisor: ikosd shutting down, a sibling's restart "
-    "(one_for_all, rest_for_one), a supervisor giving up, a reload that removed or changed it",
+    "(one_for_all, rest_for_one), a supervisor giving up, its removal from the tree "
+    "(terminate_child, daemon_delete, a reload) or a reload that changed it",
     "noproc": "it was not running when the monitor was set",
 }
 
