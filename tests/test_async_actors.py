@@ -88,6 +88,10 @@ class Worker(ikos.Actor):
             return type(message[1]).__name__, len(message[1]), bytes(message[1][:3])
         if kind == "big":
             return b"z" * message[1]
+        if kind == "quit":  # stop after this message, as a normal exit
+            await asyncio.sleep(0)
+            self.stop()
+            return "bye"
         self.log.append(message)
         return None
 
@@ -375,6 +379,22 @@ def test_sigterm_with_handlers_in_flight(ikosd_factory, tmp_path):
     status = inst.status("c")
     assert status["state"] == "stopped" and status["last_exit"]["code"] == 0
     assert status["dead_letters"] == 1
+
+
+def test_stop_from_an_async_handler_is_a_normal_exit(ikosd_factory):
+    inst = ikosd_factory(tree=single("w", "Worker", ', restart="transient"'))
+    worker = ref(inst, "w")
+    asker = raw_client(inst, "w")
+    frames = [encode((ASK, 1, ("quit",))), encode((ASK, 2, ("pid",)))]
+    asker.sendall(b"".join(HEADER.pack(len(f)) + f for f in frames))
+    replies = read_frames(asker, 2)
+    asker.close()
+    assert replies[0] == (REPLY_OK, 1, "bye")
+    assert replies[1][:2] == (REPLY_ERR, 2) and isinstance(replies[1][2], ikos.ActorDeadError)
+    status = inst.wait_state("w", "stopped")
+    assert status["last_exit"]["code"] == 0 and status["restarts"] == 0
+    with pytest.raises(ikos.ActorDeadError):
+        worker.ask(("pid",), timeout=10)
 
 
 # -- back-pressure -----------------------------------------------------------------

@@ -20,6 +20,18 @@ the current message finishes, queued asks are answered with
 ``on_stop`` runs and the process exits 0. Exit codes: 0 normal, 1 crash in
 ``receive``, 2 crash in ``on_start``.
 
+Timers (``Actor.send_after``, ``Actor.send_interval``; ``ikos.actors._timers``)
+are a heap of deadlines in this process: the nearest is epoll's timeout, and
+what is due joins the mailbox after each poll, as a tell from the actor to
+itself. The one-client fast path (a blocking ``recv``, see ``_fast_read``) is
+entered only until ``fast_until``, which a timer pulls in, so a client that
+keeps talking does not make a timer late. The per-message loop has no timer
+code: an actor without timers pays nothing for them.
+
+An actor with an ``async def`` handler or hook is driven by the subclass in
+``ikos.actors._async_runtime`` instead (:func:`runtime_for` chooses once, at
+start): the same sockets and mailbox, an asyncio loop instead of ``_loop``.
+
 The runtime counts what ikosd's metrics show (``ikos.actors._stats``): messages
 put in and taken out of the mailbox, and each ask's service time, in a page of
 shared memory the manager reads at scrape time; an update is an increment or
