@@ -21,9 +21,10 @@ from test_mailbox import raw_client, read_frames
 
 import ikos
 from ikos._codec import encode
-from ikos.actors._async_runtime import check_concurrency, is_async_actor
+from ikos.actors._async_runtime import check_concurrency
 from ikos.actors._call import MethodCall
 from ikos.actors._ref import ASK, REPLY_ERR, REPLY_OK, TELL
+from ikos.actors._runtime import is_async_actor
 from ikos.platform._wire import HEADER
 
 ACTORS = """

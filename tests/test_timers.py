@@ -25,6 +25,7 @@ from conftest import HANG, Instance, wait_for
 import ikos
 from ikos.actors._stats import RECEIVED, TAKEN, private_counters
 from ikos.actors._timers import TIMER, HeapTimers, check_delay
+from ikos.platform._memfd import create_segment, map_segment
 
 ACTORS = """
 import asyncio
@@ -275,10 +276,18 @@ def test_timers_die_with_their_incarnation(ikosd_factory, tmp_path):
 # -- the timer heap, time passed in --------------------------------------------------
 
 
+class Runtime:
+    """What timers use of an actor's runtime."""
+
+    def __init__(self) -> None:
+        self.mailbox: deque[tuple[object, int, int, object]] = deque()
+        self.stats = private_counters()
+        self.segments = 0
+
+
 def heap_timers() -> tuple[HeapTimers, deque[tuple[object, int, int, object]], memoryview]:
-    mailbox: deque[tuple[object, int, int, object]] = deque()
-    stats = private_counters()
-    return HeapTimers("unit", mailbox, stats, [math.inf], 0.02), mailbox, stats
+    runtime = Runtime()
+    return HeapTimers("unit", runtime, [math.inf], 0.02), runtime.mailbox, runtime.stats
 
 
 def test_a_periodic_tick_is_skipped_while_the_last_one_waits():
@@ -325,9 +334,22 @@ def test_the_heap_stays_bounded_when_timers_are_set_and_cancelled():
     assert keep.cancel() is True
 
 
+def test_a_shared_memory_message_counts_as_a_waiting_segment():
+    """The loop counts a mapped view out when it takes one: a timer's must be counted in."""
+    runtime = Runtime()
+    timers = HeapTimers("unit", runtime, [math.inf], 0.02)
+    view = map_segment(create_segment(b"x" * 4096), 4096)
+    kept = timers.start("send_after", 0, view, periodic=False)
+    timers.fire_due(kept.when)
+    assert runtime.segments == 1
+    assert kept.cancel() is True and runtime.segments == 0 and not runtime.mailbox
+    del kept
+    view.release()
+
+
 def test_a_timer_pulls_in_the_fast_path():
     cell = [math.inf]
-    timers = HeapTimers("unit", deque(), private_counters(), cell, 0.02)
+    timers = HeapTimers("unit", Runtime(), cell, 0.02)
     timer = timers.start("send_after", 0.5, "m", periodic=False)
     assert cell[0] == pytest.approx(timer.when - 0.02)
     now = timer.when - 0.3

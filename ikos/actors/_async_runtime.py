@@ -74,15 +74,6 @@ STOP_GRACE = 2.0
 #: actor answers their asks itself and moves on.
 CANCEL_GRACE = 1.0
 
-_HOOKS = ("receive", "on_start", "on_stop")
-
-
-def is_async_actor(cls: type[Actor]) -> bool:
-    """Whether ``cls`` needs this runtime: its ``receive``, ``on_start``, ``on_stop``
-    or a public method is ``async def``."""
-    names = set(_HOOKS) | {n for n in dir(cls) if not n.startswith("_")}
-    return any(inspect.iscoroutinefunction(getattr(cls, n, None)) for n in names)
-
 
 def check_concurrency(cls: type[Actor]) -> int:
     """``cls.max_concurrency``, or a ValueError naming the class and the value."""
@@ -116,7 +107,7 @@ class AsyncActorProcess(ActorProcess):
         self.capacity = self.mailbox_size + 1
         self.max_concurrency = 1
         self.running: dict[asyncio.Task[None], _Handler] = {}
-        self.timers = LoopTimers(self.name, self.mailbox, self.stats, self.loop, self._dispatch)
+        self.timers = LoopTimers(self.name, self, self.loop, self._dispatch)
         self._stop: asyncio.Future[None] = self.loop.create_future()
         self._handshake_check: asyncio.TimerHandle | None = None
 

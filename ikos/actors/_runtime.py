@@ -50,6 +50,7 @@ descriptors: past it the runtime stops reading, as for a full mailbox.
 from __future__ import annotations
 
 import collections
+import inspect
 import json
 import os
 import select
@@ -165,9 +166,7 @@ class ActorProcess:
         self.actor: Actor | None = None
         #: until when the loop may enter the one-client fast path (timers pull it in)
         self.fast_until = [0.0]
-        self.heap_timers = HeapTimers(
-            self.name, self.mailbox, self.stats, self.fast_until, FAST_IDLE
-        )
+        self.heap_timers = HeapTimers(self.name, self, self.fast_until, FAST_IDLE)
         #: the timers the actor's send_after/send_interval set (the async runtime's differ)
         self.timers: Timers = self.heap_timers
         self._wake_r, self._wake_w = socket.socketpair()
@@ -675,13 +674,20 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def is_async_actor(cls: type[Actor]) -> bool:
+    """Whether ``cls`` needs the asyncio runtime: its ``receive``, ``on_start``,
+    ``on_stop`` or a public method is ``async def``."""
+    names = {"receive", "on_start", "on_stop"} | {n for n in dir(cls) if not n.startswith("_")}
+    return any(inspect.iscoroutinefunction(getattr(cls, n, None)) for n in names)
+
+
 def runtime_for(cls: type[Actor]) -> type[ActorProcess]:
     """The runtime that drives actors of ``cls``: :class:`ActorProcess`, or the asyncio
-    one (``ikos.actors._async_runtime``) when its ``receive``, ``on_start``,
-    ``on_stop`` or a public method is ``async def``. Chosen once, at start."""
-    from ikos.actors._async_runtime import AsyncActorProcess, is_async_actor
-
+    one (``ikos.actors._async_runtime``, imported only then) when
+    :func:`is_async_actor`. Chosen once, at start."""
     if is_async_actor(cls):
+        from ikos.actors._async_runtime import AsyncActorProcess
+
         return AsyncActorProcess
     if getattr(cls, "max_concurrency", 1) != 1:
         sys.stderr.write(

@@ -39,10 +39,12 @@ import math
 import threading
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ikos._errors import ActorError
 from ikos.actors._stats import RECEIVED, TAKEN
+from ikos.platform._memfd import SharedBuffer
 
 if TYPE_CHECKING:
     import asyncio
@@ -57,6 +59,15 @@ TIMER = -1
 MAX_WAIT = 3600.0
 
 Entry = tuple[Any, int, int, Any]  # (client, kind, corr, message), as the mailbox holds
+
+
+class Mailbox(Protocol):
+    """What timers need of the runtime (an ``ActorProcess`` is one): its mailbox, its
+    counters, and how many mapped shared-memory messages wait in the mailbox."""
+
+    mailbox: deque[Entry]
+    stats: memoryview
+    segments: int
 
 
 class Timer:
@@ -120,14 +131,16 @@ def check_delay(actor: str, method: str, seconds: object, periodic: bool) -> flo
 class Timers:
     """The timers of one incarnation of an actor; a runtime makes one of the subclasses.
 
-    ``mailbox`` and ``stats`` are the runtime's: a due timer appends its message
-    to the mailbox and counts it as received, as the loop counts what it reads.
+    ``owner`` is the runtime: a due timer appends its message to the owner's
+    mailbox and counts it as the loop counts what it reads (received; a mapped
+    shared-memory view, say a message kept from earlier, as a waiting segment).
     """
 
-    def __init__(self, name: str, mailbox: deque[Entry], stats: memoryview) -> None:
+    def __init__(self, name: str, owner: Mailbox) -> None:
         self.name = name
-        self.mailbox = mailbox
-        self.stats = stats
+        self.owner = owner
+        self.mailbox = owner.mailbox
+        self.stats = owner.stats
         self.closed = False
         self._owner_thread = threading.get_ident()
 
@@ -154,6 +167,8 @@ class Timers:
         entry, timer._entry = timer._entry, None
         if entry is not None and self._withdraw(entry):
             self.stats[TAKEN] += 1  # out of the mailbox, so that its depth stays right
+            if _mapped(entry[3]):
+                self.owner.segments -= 1
             return True
         return scheduled
 
@@ -181,6 +196,8 @@ class Timers:
         timer._entry = entry
         self.mailbox.append(entry)
         self.stats[RECEIVED] += 1
+        if _mapped(timer.message):  # the loop counts it out again when it takes it
+            self.owner.segments += 1
 
     def _waiting(self, entry: Entry) -> bool:
         """Whether ``entry`` is still in the mailbox (not yet taken by the loop)."""
@@ -213,14 +230,9 @@ class HeapTimers(Timers):
     """
 
     def __init__(
-        self,
-        name: str,
-        mailbox: deque[Entry],
-        stats: memoryview,
-        fast_until: list[float],
-        fast_idle: float,
+        self, name: str, owner: Mailbox, fast_until: list[float], fast_idle: float
     ) -> None:
-        super().__init__(name, mailbox, stats)
+        super().__init__(name, owner)
         #: (when, seq, timer); an entry is live while its seq is the timer's
         self.heap: list[tuple[float, int, Timer]] = []
         self._seqs = itertools.count(1)
@@ -284,12 +296,11 @@ class LoopTimers(Timers):
     def __init__(
         self,
         name: str,
-        mailbox: deque[Entry],
-        stats: memoryview,
+        owner: Mailbox,
         loop: asyncio.AbstractEventLoop,
-        dispatch: Any,
+        dispatch: Callable[[], None],
     ) -> None:
-        super().__init__(name, mailbox, stats)
+        super().__init__(name, owner)
         self.loop = loop
         self.dispatch = dispatch
         self.pending: set[Timer] = set()
@@ -317,3 +328,9 @@ class LoopTimers(Timers):
         super().close()
         for timer in list(self.pending):
             self._unschedule(timer)
+
+
+def _mapped(message: Any) -> bool:
+    """Whether ``message`` is a view of a received shared-memory segment, which the
+    runtime counts apart while it waits in the mailbox."""
+    return message.__class__ is memoryview and isinstance(message.obj, SharedBuffer)
