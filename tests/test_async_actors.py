@@ -89,6 +89,11 @@ class Worker(ikos.Actor):
             return type(message[1]).__name__, len(message[1]), bytes(message[1][:3])
         if kind == "big":
             return b"z" * message[1]
+        if kind == "relay":  # a blocking ask, off the loop as the guide says
+            _, name, payload = message
+            peer = self.actor(name)
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(None, lambda: peer.ask(payload, timeout=10))
         if kind == "quit":  # stop after this message, as a normal exit
             await asyncio.sleep(0)
             self.stop()
@@ -222,6 +227,7 @@ def test_an_actor_awaiting_io_lets_others_and_itself_answer(ikosd_factory, tmp_p
             assert other.ask("x", timeout=10) == ("echo", "x")
             assert reader.ask(("work", 1, 0), timeout=10) == 1
             assert reader.ask(("pid",), timeout=10) == inst.pid_of("reader")
+            assert reader.ask(("relay", "other", "via"), timeout=10) == ("echo", "via")
             assert result == [] and thread.is_alive()
             conn.sendall(b"hello from the test\n")
             thread.join(HANG)
