@@ -88,6 +88,21 @@ class Witness(ikos.Actor):
         return None
 
 
+class EarlyTimer(ikos.Actor):
+    \"\"\"Sets a timer in an async on_start that is due before on_start returns.\"\"\"
+
+    async def on_start(self):
+        self.events = ["on_start began"]
+        self.send_after(0, "tick")
+        await asyncio.sleep(0.2)
+        self.events.append("on_start ended")
+
+    def receive(self, message):
+        if message == "events":
+            return self.events
+        self.events.append(message)
+
+
 class AsyncClock(Clock):
     \"\"\"The same, run by the asyncio runtime; "slow" awaits instead of blocking.\"\"\"
 
@@ -271,6 +286,13 @@ def test_timers_die_with_their_incarnation(ikosd_factory, tmp_path):
     # the same timer in a living incarnation does fire (the check above can fail)
     witness.ask(("arm", 0, "late"), timeout=10)
     wait_for(lambda: (seen / f"late-{new}").exists())
+
+
+def test_a_timer_due_during_an_async_on_start_waits_for_it(ikosd_factory):
+    inst = ikosd_factory(tree=clock_tree("early", "EarlyTimer"))
+    early = ref(inst, "early")
+    wait_for(lambda: "tick" in early.ask("events", timeout=10), message="the tick")
+    assert early.ask("events", timeout=10) == ["on_start began", "on_start ended", "tick"]
 
 
 # -- the timer heap, time passed in --------------------------------------------------

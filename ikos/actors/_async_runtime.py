@@ -110,6 +110,9 @@ class AsyncActorProcess(ActorProcess):
         self.timers = LoopTimers(self.name, self, self.loop, self._dispatch)
         self._stop: asyncio.Future[None] = self.loop.create_future()
         self._handshake_check: asyncio.TimerHandle | None = None
+        # no handler runs before on_start has returned, though a timer it set may
+        # already have delivered its message while it awaited
+        self._ready = False
 
     # -- main --------------------------------------------------------------
 
@@ -139,6 +142,7 @@ class AsyncActorProcess(ActorProcess):
         self.ep.register(self._wake_r.fileno(), select.EPOLLIN)
         self.loop.add_reader(self.ep.fileno(), self._on_ready)
         self._status(event="ready", pid=os.getpid())
+        self._ready = True
         self._dispatch()  # what timers set by on_start may have delivered already
         await self._stop
         await self._stop_handlers()
@@ -172,7 +176,8 @@ class AsyncActorProcess(ActorProcess):
         """Start handlers for waiting messages, in order, while fewer than
         ``max_concurrency`` run; resume reading once there is room again."""
         actor = self.actor
-        assert actor is not None
+        if actor is None or not self._ready:
+            return
         mailbox = self.mailbox
         while True:
             if self.stopping or getattr(actor, "_ikos_stop_requested", False):
