@@ -6,18 +6,22 @@ value answers an ask. ``on_start`` runs before the first message (the actor
 counts as ready once it returns) and ``on_stop`` after the last. An
 exception escaping ``receive`` or ``on_start`` crashes the actor; its
 supervisor decides what happens next. The process runtime that drives these
-hooks lives in ``ikos.actors._runtime``.
+hooks lives in ``ikos.actors._runtime``; an actor whose handlers or hooks are
+``async def`` is driven by the asyncio one, ``ikos.actors._async_runtime``.
+An actor's timers (``send_after``, ``send_interval``) are in
+``ikos.actors._timers``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from ikos._errors import ActorError
 
 if TYPE_CHECKING:
     from ikos.actors._ref import ActorRef
+    from ikos.actors._timers import Timer, Timers
 
 #: How an actor subscribes to broadcasts: ``ikos.ipc`` (a layer above this one)
 #: registers its ``subscribe`` here when it is imported, as ``import ikos`` does.
@@ -51,19 +55,79 @@ class Actor:
     #: The actor's name in the tree, set before ``on_start`` runs.
     name: str = ""
 
-    def on_start(self) -> None:
-        """Called once in the actor's process before the first message."""
+    #: How many ``async def`` handlers may run at once (Ray's name). 1, the default,
+    #: keeps actor semantics: the next message's handler starts only when the
+    #: previous one has finished, even across its awaits. Above 1, up to that many
+    #: run concurrently on the actor's event loop, taken in mailbox order (replies
+    #: may then leave in another order). Synchronous handlers always run alone.
+    max_concurrency: int = 1
+
+    #: The incarnation's timers, given by the runtime before ``on_start``.
+    _ikos_timers: Timers | None = None
+
+    # The hooks are typed to allow an ``async def`` override (a coroutine is an
+    # Awaitable[None]); a plain one returns None.
+    def on_start(self) -> Awaitable[None] | None:
+        """Called once in the actor's process before the first message (may be async)."""
 
     def receive(self, message: Any) -> Any:
         """Handle one message; the return value is the reply to an ask."""
         raise NotImplementedError(f"{type(self).__name__} must define receive(self, message)")
 
-    def on_stop(self) -> None:
-        """Called once when the actor stops in an orderly way."""
+    def on_stop(self) -> Awaitable[None] | None:
+        """Called once when the actor stops in an orderly way (may be async)."""
 
     def stop(self) -> None:
         """Stop after the current message, as a normal exit (not restarted if transient)."""
         self._ikos_stop_requested = True
+
+    def send_after(self, seconds: float, message: Any) -> Timer:
+        """Tell this actor ``message`` once, ``seconds`` from now; returns the timer.
+
+        The message joins the mailbox when due, behind what already waits, and
+        ``receive`` gets it like any tell (the object itself, not a copy). Never
+        before ``seconds`` have passed; late by the handler running at that time,
+        if any. The timer belongs to this incarnation: a restart starts without
+        it. Call it from ``on_start`` or a handler (not ``__init__``).
+
+        Example::
+
+            def receive(self, message):
+                if message == "connect":
+                    self.retry = self.send_after(2.5, "connect-timeout")
+                elif message == "connected":
+                    self.retry.cancel()
+        """
+        return self._timers("send_after").start("send_after", seconds, message, periodic=False)
+
+    def send_interval(self, seconds: float, message: Any) -> Timer:
+        """Tell this actor ``message`` every ``seconds`` (> 0); returns the timer.
+
+        A fixed rate with skipping: the ticks are due at ``k * seconds`` after
+        this call, and a tick is skipped when the previous one's message still
+        waits in the mailbox, or passed while a long handler ran, so a slow
+        actor never gets a backlog of ticks. ``cancel()`` stops it.
+
+        Example::
+
+            def on_start(self):
+                self.heartbeat = self.send_interval(1.0, "beat")
+
+            def receive(self, message):
+                if message == "beat":
+                    self.check_peers()
+        """
+        return self._timers("send_interval").start("send_interval", seconds, message, periodic=True)
+
+    def _timers(self, method: str) -> Timers:
+        timers = self._ikos_timers
+        if timers is None:
+            raise ActorError(
+                self.name or type(self).__name__,
+                f"{method} works in the actor's own process, once its runtime started it "
+                "(from on_start on, not in __init__)",
+            )
+        return timers
 
     def actor(self, name: str) -> ActorRef:
         """A reference to another actor of the same instance, by name."""

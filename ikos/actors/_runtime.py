@@ -20,6 +20,18 @@ the current message finishes, queued asks are answered with
 ``on_stop`` runs and the process exits 0. Exit codes: 0 normal, 1 crash in
 ``receive``, 2 crash in ``on_start``.
 
+Timers (``Actor.send_after``, ``Actor.send_interval``; ``ikos.actors._timers``)
+are a heap of deadlines in this process: the nearest is epoll's timeout, and
+what is due joins the mailbox after each poll, as a tell from the actor to
+itself. The one-client fast path (a blocking ``recv``, see ``_fast_read``) is
+entered only until ``fast_until``, which a timer pulls in, so a client that
+keeps talking does not make a timer late. The per-message loop has no timer
+code: an actor without timers pays nothing for them.
+
+An actor with an ``async def`` handler or hook is driven by the subclass in
+``ikos.actors._async_runtime`` instead (:func:`runtime_for` chooses once, at
+start): the same sockets and mailbox, an asyncio loop instead of ``_loop``.
+
 The runtime counts what ikosd's metrics show (``ikos.actors._stats``): messages
 put in and taken out of the mailbox, and each ask's service time, in a page of
 shared memory the manager reads at scrape time; an update is an increment or
@@ -38,6 +50,7 @@ descriptors: past it the runtime stops reading, as for a full mailbox.
 from __future__ import annotations
 
 import collections
+import inspect
 import json
 import os
 import select
@@ -78,6 +91,7 @@ from ikos.actors._stats import (
     map_for_writing,
     private_counters,
 )
+from ikos.actors._timers import HeapTimers, Timers
 from ikos.platform._memfd import (
     ANCILLARY_SIZE,
     MSG_CTRUNC,
@@ -154,6 +168,11 @@ class ActorProcess:
         self.stopping = False
         self.dead_letters = 0
         self.actor: Actor | None = None
+        #: until when the loop may enter the one-client fast path (timers pull it in)
+        self.fast_until = [0.0]
+        self.heap_timers = HeapTimers(self.name, self, self.fast_until, FAST_IDLE)
+        #: the timers the actor's send_after/send_interval set (the async runtime's differ)
+        self.timers: Timers = self.heap_timers
         self._wake_r, self._wake_w = socket.socketpair()
         self._scratch = bytearray(READ_CHUNK)
         self._view = memoryview(self._scratch)
@@ -184,16 +203,9 @@ class ActorProcess:
     # -- main --------------------------------------------------------------
 
     def run(self) -> NoReturn:
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
-        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
-        signal.signal(signal.SIGTERM, self._on_sigterm)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        _context.set_default(self.boot.context)
+        self._prepare_process()
         try:
-            actor = self.boot.cls(*self.boot.args, **self.boot.kwargs)
-            actor.name = self.name
-            self.actor = actor
+            actor = self._create_actor()
             actor.on_start()
         except BaseException as exc:
             self._exit(
@@ -209,6 +221,23 @@ class ActorProcess:
             self._exit(EXIT_CRASH, f"runtime error {_describe(exc)}", traceback.format_exc())
         self._shutdown()
 
+    def _prepare_process(self) -> None:
+        """Signals (SIGTERM sets ``stopping`` and wakes epoll) and this process's instance."""
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        _context.set_default(self.boot.context)
+
+    def _create_actor(self) -> Actor:
+        """The actor instance, named and given its timers, before ``on_start`` runs."""
+        actor = self.boot.cls(*self.boot.args, **self.boot.kwargs)
+        actor.name = self.name
+        actor._ikos_timers = self.timers
+        self.actor = actor
+        return actor
+
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         self.stopping = True
 
@@ -220,22 +249,20 @@ class ActorProcess:
         stats = self.stats
         clock = time.perf_counter_ns
         started = 0
-        last_poll = time.monotonic()
+        fast_until = self.fast_until  # set by every _poll; pulled in by timers
         while not self.stopping:
             if mailbox:
                 self._poll(0.0)
-                last_poll = time.monotonic()
             elif (
                 len(clients) == 1
                 and not self.handshaking
                 and not self.paused
-                and time.monotonic() - last_poll < FAST_IDLE
+                and time.monotonic() < fast_until[0]
                 and self._fast_read()
             ):
                 pass  # a busy peer still lets epoll look at the listener every FAST_IDLE
             else:
                 self._poll(self._next_timeout())
-                last_poll = time.monotonic()
             while mailbox and not self.stopping:
                 client, kind, corr, message = mailbox.popleft()
                 stats[TAKEN] += 1
@@ -249,15 +276,7 @@ class ActorProcess:
                     else:
                         result = actor.receive(message)
                 except BaseException as exc:
-                    if kind == ASK:
-                        err = ActorCrashed(
-                            self.name,
-                            f"receive raised {_describe(exc)}",
-                            type(exc).__name__,
-                            traceback.format_exc(),
-                        )
-                        self._reply(client, REPLY_ERR, corr, err)
-                    self._crash(exc)
+                    self._handler_raised(client, kind, corr, exc)
                 if kind == ASK:
                     self._reply(client, REPLY_OK, corr, result)
                     # the actor's service time: off the mailbox to the reply sent
@@ -282,7 +301,9 @@ class ActorProcess:
         actor blocks in its recv, for at most FAST_IDLE: then it falls back to
         epoll, so an idle actor costs nothing, a new client waits at most that
         long to be accepted, and a SIGTERM (which only sets a flag; the recv is
-        resumed after it) is acted on within that time too.
+        resumed after it) is acted on within that time too. The loop enters it
+        only until ``fast_until``, which a timer due sooner than FAST_IDLE pulls
+        in: a recv that may last FAST_IDLE never makes a timer late.
         """
         client = next(iter(self.clients.values()))
         sock = client.sock
@@ -342,12 +363,16 @@ class ActorProcess:
         return len(self.mailbox) >= self.capacity or self.segments >= MAX_QUEUED_SEGMENTS
 
     def _next_timeout(self) -> float | None:
+        timers = self.heap_timers
         if not self.handshaking:
-            return None
+            return timers.timeout(time.monotonic()) if timers.heap else None
+        now = time.monotonic()
+        timeout = timers.timeout(now)
         pending = [c.deadline for c in self.clients.values() if c.hs is not None]
         if not pending:
-            return None
-        return max(0.0, min(pending) - time.monotonic())
+            return timeout
+        handshake = max(0.0, min(pending) - now)
+        return handshake if timeout is None else min(handshake, timeout)
 
     def _poll(self, timeout: float | None) -> None:
         clients = self.clients
@@ -366,11 +391,15 @@ class ActorProcess:
                         pass
                 except BlockingIOError:
                     pass
+        now = time.monotonic()
         if self.handshaking:
-            now = time.monotonic()
             for client in [c for c in self.clients.values() if c.hs is not None]:
                 if now > client.deadline:
                     self._close(client)
+        if self.heap_timers.heap:  # due timers join the mailbox behind what was read
+            self.fast_until[0] = self.heap_timers.fire_due(now)
+        else:
+            self.fast_until[0] = now + FAST_IDLE
 
     def _accept(self) -> None:
         while True:
@@ -589,12 +618,27 @@ class ActorProcess:
             elif kind == TELL:
                 self.dead_letters += 1
 
+    def _handler_raised(
+        self, client: _Client, kind: int, corr: int, exc: BaseException
+    ) -> NoReturn:
+        """A handler raised ``exc`` (being handled): answer its ask, then crash."""
+        if kind == ASK:
+            err = ActorCrashed(
+                self.name,
+                f"receive raised {_describe(exc)}",
+                type(exc).__name__,
+                traceback.format_exc(),
+            )
+            self._reply(client, REPLY_ERR, corr, err)
+        self._crash(exc)
+
     def _crash(self, exc: BaseException) -> NoReturn:
         detail = traceback.format_exc()
         self._drain()
         self._exit(EXIT_CRASH, f"receive raised {_describe(exc)}", detail)
 
     def _shutdown(self) -> NoReturn:
+        self.timers.close()  # none fires while the actor stops, on_stop included
         self._drain()
         try:
             if self.actor is not None:
@@ -634,11 +678,34 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def is_async_actor(cls: type[Actor]) -> bool:
+    """Whether ``cls`` needs the asyncio runtime: its ``receive``, ``on_start``,
+    ``on_stop`` or a public method is ``async def``."""
+    names = {"receive", "on_start", "on_stop"} | {n for n in dir(cls) if not n.startswith("_")}
+    return any(inspect.iscoroutinefunction(getattr(cls, n, None)) for n in names)
+
+
+def runtime_for(cls: type[Actor]) -> type[ActorProcess]:
+    """The runtime that drives actors of ``cls``: :class:`ActorProcess`, or the asyncio
+    one (``ikos.actors._async_runtime``, imported only then) when
+    :func:`is_async_actor`. Chosen once, at start."""
+    if is_async_actor(cls):
+        from ikos.actors._async_runtime import AsyncActorProcess
+
+        return AsyncActorProcess
+    if getattr(cls, "max_concurrency", 1) != 1:
+        sys.stderr.write(
+            f"ikos: {cls.__qualname__}.max_concurrency is ignored: it applies to async def "
+            "handlers, and this actor has none\n"
+        )
+    return ActorProcess
+
+
 def run_actor(boot: ActorBoot, listener_fd: int, status_fd: int, stats_fd: int) -> NoReturn:
     """Entry point in the forked actor process; never returns."""
     os.setsid()  # its own session: terminal signals to ikosd's group never reach it
     listener = socket.socket(fileno=listener_fd)
-    ActorProcess(boot, listener, status_fd, map_for_writing(stats_fd)).run()
+    runtime_for(boot.cls)(boot, listener, status_fd, map_for_writing(stats_fd)).run()
 
 
 def spawn_entry(payload: bytes, fds: list[int]) -> NoReturn:
