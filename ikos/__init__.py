@@ -47,6 +47,7 @@ from ikos._version import __version__
 from ikos.actors._actor import Actor
 from ikos.actors._monitor import Down
 from ikos.actors._ref import ActorRef
+from ikos.actors._timers import Timer
 from ikos.manager._ikosd import run
 from ikos.manager._local import LocalSystem, local
 from ikos.supervision._client import spawn, start_child, terminate_child
@@ -76,6 +77,7 @@ __all__ = [
     "SpawnError",
     "SpecError",
     "Supervisor",
+    "Timer",
     "__version__",
     "local",
     "run",

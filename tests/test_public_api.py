@@ -45,6 +45,7 @@ PUBLIC_NAMES = [
     "SpawnError",
     "SpecError",
     "Supervisor",
+    "Timer",
     "__version__",
     "local",
     "run",
