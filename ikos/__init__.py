@@ -42,12 +42,13 @@ from ikos._errors import (
     PermissionDenied,
     SpawnError,
     SpecError,
+    UpgradeFailed,
 )
 from ikos._version import __version__
 from ikos.actors._actor import Actor
 from ikos.actors._ref import ActorRef
 from ikos.manager._ikosd import run
-from ikos.supervision._client import start_child, terminate_child
+from ikos.supervision._client import start_child, terminate_child, upgrade
 from ikos.supervision._spec import Backoff, Child, Exec, Supervisor
 
 __all__ = [
@@ -72,10 +73,12 @@ __all__ = [
     "SpawnError",
     "SpecError",
     "Supervisor",
+    "UpgradeFailed",
     "__version__",
     "run",
     "start_child",
     "terminate_child",
+    "upgrade",
 ]
 
 #: Public submodules that ``import ikos`` exposes as attributes, imported on

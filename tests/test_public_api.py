@@ -43,10 +43,12 @@ PUBLIC_NAMES = [
     "SpawnError",
     "SpecError",
     "Supervisor",
+    "UpgradeFailed",
     "__version__",
     "run",
     "start_child",
     "terminate_child",
+    "upgrade",
 ]
 
 # Each error and the parents it must have, as drawn in ikos/_errors.py.
@@ -66,6 +68,7 @@ HIERARCHY = {
     "ManagerUnavailable": (ikos.ManagerError,),
     "NoSuchDaemon": (ikos.ManagerError,),
     "PermissionDenied": (ikos.ManagerError,),
+    "UpgradeFailed": (ikos.ManagerError,),
 }
 
 
@@ -172,6 +175,7 @@ def samples() -> list[ikos.IkosError]:
         ikos.ManagerUnavailable("no manager at /run/ikos/ikosd.sock"),
         ikos.NoSuchDaemon("no daemon named 'ech'"),
         ikos.PermissionDenied("uid 1000 may only read"),
+        ikos.UpgradeFailed("echo", "actor 'echo' was not upgraded: set_state raised", "tb"),
     ]
 
 

@@ -442,6 +442,18 @@ class WorkerNode(Node):
         if self.parent is not None:
             self.parent.post(functools.partial(self.parent.child_exited, self, inc, reason))
 
+    def detach(self) -> None:
+        """Stop treating the running process's exit as this daemon's (a hot code upgrade
+        is replacing it, through its supervisor's queue); :meth:`attach` ends that."""
+        self.incarnation += 1
+
+    def attach(self, handle: Running) -> None:
+        """Watch ``handle`` as the running process, after :meth:`detach`: the successor of
+        an upgrade, or the same process kept when the upgrade failed. No transition: the
+        daemon never stopped running; an exit that came meanwhile is handled now."""
+        self.handle = handle
+        handle.exited.add_done_callback(functools.partial(self._exited, self.incarnation))
+
     async def terminate(self, why: str = "shutdown") -> None:
         """OTP's shutdown: SIGTERM, wait the shutdown timeout, then SIGKILL."""
         reason = await self._halt(why)
