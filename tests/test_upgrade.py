@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import HANG, REPO, Instance, start_ikosd, stop_and_check, wait_for
 
 import ikos
-from conftest import HANG, REPO, Instance, start_ikosd, stop_and_check, wait_for
 
 TREE = """
 import ikos

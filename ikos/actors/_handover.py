@@ -142,6 +142,7 @@ def hand_over(proc: ActorProcess) -> None:
     except OSError:
         peer = 0
     verdict: bytes | None = None
+    why = "the successor did not take over"
     try:
         sock.setblocking(True)
         sock.settimeout(VERDICT_TIMEOUT)
@@ -153,13 +154,13 @@ def hand_over(proc: ActorProcess) -> None:
             for records, fds in _batches(clients):
                 _send(sock, encode(records), fds)
             verdict = _Reader(sock).frame(time.monotonic() + VERDICT_TIMEOUT)
-    except (OSError, ValueError):
-        verdict = None
+    except (OSError, ValueError) as exc:
+        verdict, why = None, f"the handover failed: {_describe(exc)}"
     if verdict == TAKEN:
         proc._exit(0, "upgraded")
     if verdict is None and peer > 0:
         _stop(peer)  # it may hold our connections: gone before we read them again
-    cancel(proc, "the upgrade did not take over")
+    cancel(proc, why)
 
 
 def _header(proc: ActorProcess) -> dict[str, Any]:
@@ -376,7 +377,8 @@ def _restore(proc: ActorProcess, header: dict[str, Any]) -> bool:
 def _send(sock: socket.socket, payload: bytes, fds: list[int] | None = None) -> None:
     data = HEADER.pack(len(payload)) + payload
     sent = send_with_fds(sock, data, fds) if fds else 0
-    sock.sendall(memoryview(data)[sent:])
+    if sent < len(data):  # sendall always sends once: b"" to a closed peer is EPIPE
+        sock.sendall(memoryview(data)[sent:])
 
 
 class _Reader:
