@@ -26,12 +26,23 @@ import ikos
 TREE = """
 import ikos
 
+
+def local_class():
+    class Local(ikos.Actor):
+        def receive(self, msg):
+            return msg
+
+    return Local
+
+
 tree = ikos.Supervisor(
     "root",
     children=[
         ikos.Child("counter", "upmod:Counter"),
         ikos.Child("plain", "upmod:Plain"),
         ikos.Exec("sleeper", "/bin/sleep", args=["1000"]),
+        ikos.Child("asyncy", "upmod:Asyncy"),
+        ikos.Child("local", local_class()),
     ],
 )
 """
@@ -82,6 +93,14 @@ class Plain(ikos.Actor):
     def receive(self, msg):
         self.count += 1
         return ("plain{version}", self.count)
+
+
+class Asyncy(ikos.Actor):
+    async def ping(self):
+        return "pong"
+
+    def receive(self, msg):
+        return msg
 """
 
 
@@ -289,6 +308,11 @@ def test_refusals_name_what_cannot_be_upgraded(system: Any) -> None:
         res = inst.ctl("upgrade", name)
         assert res.returncode == code, (name, res.stderr)
         assert why in res.stderr and res.stderr.count("\n") == 1, res.stderr
+    res = inst.ctl("upgrade", "asyncy")
+    assert res.returncode == 1 and "it is an async actor" in res.stderr, res.stderr
+    res = inst.ctl("upgrade", "local")
+    assert res.returncode == 1, res.stderr
+    assert "cannot be imported by its path" in res.stderr and "<locals>" in res.stderr
     inst.ctl("stop", "plain", check=True)
     res = inst.ctl("upgrade", "plain")
     assert res.returncode == 1 and "actor 'plain' is not running (stopped)" in res.stderr
@@ -339,3 +363,51 @@ def test_kill_9_of_ikosd_after_an_upgrade_adopts_the_new_incarnation(system: Any
     assert again.pid_of("counter") == pid
     assert counter.ask(("incr",)) == ("v2", 2)
     assert f"adopting pid {pid}" in again.log_text()
+
+
+def test_half_a_frame_and_half_a_handshake_are_handed_over(system: Any) -> None:
+    """Bytes the old incarnation read but could not frame yet, and a handshake it
+    began, are finished with the new one: the last two of the four places a
+    message waits in (the backlog and the kernel buffers are the others)."""
+    import secrets
+    import socket
+
+    from ikos._codec import encode
+    from ikos.actors._ref import ASK, REPLY_OK
+    from ikos.platform._wire import HEADER, MAC, MAGIC, NONCE, _mac, client_handshake
+
+    inst, base, _ = system
+    secret = (inst.root / "var/lib/ikos/secret").read_bytes()
+    path = str(inst.root / "run/ikos/actors/counter.sock")
+
+    def read_frame(sock: socket.socket) -> Any:
+        from ikos._codec import decode
+
+        head = sock.recv(4, socket.MSG_WAITALL)
+        (n,) = HEADER.unpack(head)
+        return decode(sock.recv(n, socket.MSG_WAITALL))
+
+    ask = HEADER.pack(len(p := encode((ASK, 7, ("incr",))))) + p
+    halfway = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    halfway.connect(path)
+    client_handshake(halfway, secret, HANG)
+    halfway.settimeout(HANG)
+    halfway.sendall(ask[:6])  # the length and two bytes of the payload
+    shaking = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    shaking.connect(path)
+    shaking.settimeout(HANG)
+    nonce_c = secrets.token_bytes(NONCE)
+    shaking.sendall(MAGIC + nonce_c)
+    answer = shaking.recv(NONCE + HEADER.size + MAC, socket.MSG_WAITALL)
+    nonce_s = answer[:NONCE]
+    # the old incarnation answered the hello: both are in its hands now
+    assert ref(inst).ask(("incr",)) == ("v1", 1)
+    write_module(base, 2)
+    res = upgrade(inst)
+    assert res.returncode == 0, res.stderr
+    halfway.sendall(ask[6:])
+    assert read_frame(halfway) == (REPLY_OK, 7, ("v2", 2))
+    shaking.sendall(_mac(secret, b"client", nonce_s, nonce_c) + ask)
+    assert read_frame(shaking) == (REPLY_OK, 7, ("v2", 3))
+    halfway.close()
+    shaking.close()

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import collections
 import importlib
+import inspect
 import os
 import select
 import signal
@@ -99,8 +100,17 @@ class HandoverFailed(Exception):
 
 def asked(proc: ActorProcess, client: _Client) -> None:
     """A successor sent the handover frame: stop reading, let the mailbox run dry."""
+    from ikos.actors._runtime import ActorProcess
+
+    why = None
     if proc.successor is not None:
-        proc._refuse(client, "a second successor while a handover is under way")
+        why = "a second successor while a handover is under way"
+    elif type(proc).run is not ActorProcess.run:
+        # a runtime that drives its own loop (the asyncio one) never reaches
+        # hand_over: closing tells the successor, and this incarnation serves on
+        why = "this actor's runtime does not hand over (only synchronous actors do)"
+    if why is not None:
+        proc._refuse(client, why)
         proc._close(client)
         return
     proc.successor = client
@@ -236,6 +246,15 @@ def cancel(proc: ActorProcess, why: str) -> None:
 
 
 # -- the successor ------------------------------------------------------------------
+
+
+def handover_refusal(cls: type) -> str | None:
+    """Why actors of ``cls`` cannot be upgraded, or None: an ``async def`` receive,
+    hook or public method runs them on the asyncio runtime, which has no handover."""
+    names = {"receive", "on_start", "on_stop"} | {n for n in dir(cls) if not n.startswith("_")}
+    if any(inspect.iscoroutinefunction(getattr(cls, n, None)) for n in names):
+        return "it is an async actor, and only synchronous actors can be upgraded in this version"
+    return None
 
 
 def reload_class(module_name: str, qualname: str) -> type:

@@ -173,12 +173,14 @@ class ActorProcess:
     # -- main --------------------------------------------------------------
 
     def run(self) -> NoReturn:
-        self._begin()
+        self._prepare_process()
+        self._start_actor()
         self._serve({"event": "ready", "pid": os.getpid()})
 
     def upgrade(self) -> NoReturn:
         """Run as the successor of a hot code upgrade: start, take over, serve."""
-        self._begin()
+        self._prepare_process()
+        self._start_actor()
         try:
             old, handed = _handover.take_over(self)
         except _handover.HandoverFailed as exc:
@@ -192,19 +194,26 @@ class ActorProcess:
         self._pump_buffers()  # frames the old incarnation had read but not framed yet
         self._serve({"event": "ready", "pid": os.getpid(), "upgraded_from": old, "state": handed})
 
-    def _begin(self) -> None:
-        """Signals, context, then the actor constructed and started (exit 2 if it fails)."""
+    def _prepare_process(self) -> None:
+        """Signals (SIGTERM sets ``stopping`` and wakes epoll) and this process's instance."""
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
         signal.signal(signal.SIGTERM, self._on_sigterm)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         _context.set_default(self.boot.context)
+
+    def _create_actor(self) -> Actor:
+        """The actor instance, named, before ``on_start`` runs."""
+        actor = self.boot.cls(*self.boot.args, **self.boot.kwargs)
+        actor.name = self.name
+        self.actor = actor
+        return actor
+
+    def _start_actor(self) -> None:
+        """Construct the actor and run ``on_start``; exit 2 with the reason if either fails."""
         try:
-            actor = self.boot.cls(*self.boot.args, **self.boot.kwargs)
-            actor.name = self.name
-            self.actor = actor
-            actor.on_start()
+            self._create_actor().on_start()
         except BaseException as exc:
             self._exit(
                 EXIT_START_FAILED, f"on_start raised {_describe(exc)}", traceback.format_exc()

@@ -51,6 +51,7 @@ from ikos._codec import encode
 from ikos._errors import ManagerError, SpawnError
 from ikos.actors._actor import Actor
 from ikos.actors._context import InstanceContext
+from ikos.actors._handover import handover_refusal
 from ikos.actors._runtime import ActorBoot
 from ikos.actors._stats import ActorFigures, create_stats_fd, map_for_reading, read_figures
 from ikos.manager._logs import DaemonLogs
@@ -210,6 +211,9 @@ class ActorSpawner:
             raise ManagerError(
                 f"actor '{node.name}': cannot import {path}: {exc}", "bad_request"
             ) from None
+        refusal = handover_refusal(cls)
+        if refusal is not None:
+            raise ManagerError(f"actor '{node.name}' cannot be upgraded: {refusal}", "bad_request")
         payload = self._fresh_code_payload(spec, cls)
         began = time.monotonic()
         pipes = _Pipes()
