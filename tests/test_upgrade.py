@@ -19,7 +19,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import HANG, REPO, Instance, start_ikosd, stop_and_check, wait_for
+from conftest import (
+    HANG,
+    REPO,
+    Instance,
+    marked_pids,
+    start_ikosd,
+    stop_and_check,
+    wait_for,
+)
 
 import ikos
 
@@ -262,6 +270,7 @@ def test_a_failed_upgrade_leaves_the_old_code_serving(
     counter = ref(inst)
     assert counter.ask(("incr",)) == ("v1", 1)
     before = inst.status("counter")
+    processes = set(marked_pids(inst.mark))
     stop = threading.Event()
     answers: list[Any] = []
 
@@ -294,8 +303,9 @@ def test_a_failed_upgrade_leaves_the_old_code_serving(
         ikos.upgrade("counter", root=inst.root)
     assert caught.value.name == "counter" and cause in caught.value.reason
     assert "Traceback" in caught.value.traceback or cause.startswith("SyntaxError")
-    # the new process is gone, reaped: only ikosd's daemons are its children
     assert counter.ask(("incr",)) == ("v1", 3)
+    # the new processes are gone (ikosd's own and its daemons' are the same as before)
+    wait_for(lambda: set(marked_pids(inst.mark)) == processes, HANG, message="no new process")
 
 
 def test_refusals_name_what_cannot_be_upgraded(system: Any) -> None:
