@@ -71,6 +71,8 @@ class Counter(ikos.Actor):
         self.seen = {{}}
 
     def receive(self, msg):
+        if isinstance(msg, memoryview):  # a large payload, mapped from its memfd
+            return ("v{version}", bytes(msg[:3]), len(msg))
         kind = msg[0]
         if kind == "incr":
             self.count += 1
@@ -376,14 +378,16 @@ def test_kill_9_of_ikosd_after_an_upgrade_adopts_the_new_incarnation(system: Any
 
 
 def test_half_a_frame_and_half_a_handshake_are_handed_over(system: Any) -> None:
-    """Bytes the old incarnation read but could not frame yet, and a handshake it
-    began, are finished with the new one: the last two of the four places a
-    message waits in (the backlog and the kernel buffers are the others)."""
+    """Bytes the old incarnation read but could not frame yet (with the memfd that
+    came with the first of them), and a handshake it began, are finished with the
+    new one. Whether the old one had read those bytes or left them in the kernel
+    buffer, nothing may be lost."""
     import secrets
     import socket
 
     from ikos._codec import encode
-    from ikos.actors._ref import ASK, REPLY_OK
+    from ikos.actors._ref import ASK, REPLY_OK, encode_shm
+    from ikos.platform._memfd import send_with_fds
     from ikos.platform._wire import HEADER, MAC, MAGIC, NONCE, _mac, client_handshake
 
     inst, base, _ = system
@@ -403,6 +407,15 @@ def test_half_a_frame_and_half_a_handshake_are_handed_over(system: Any) -> None:
     client_handshake(halfway, secret, HANG)
     halfway.settimeout(HANG)
     halfway.sendall(ask[:6])  # the length and two bytes of the payload
+    big = b"abc" * 200_000  # above the shared-memory threshold
+    body, seg, _ = encode_shm(ASK, 8, big)
+    mapped = HEADER.pack(len(body)) + body
+    withfd = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    withfd.connect(path)
+    client_handshake(withfd, secret, HANG)
+    withfd.settimeout(HANG)
+    assert send_with_fds(withfd, mapped[:6], [seg]) == 6  # the descriptor rides on byte 1
+    os.close(seg)
     shaking = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     shaking.connect(path)
     shaking.settimeout(HANG)
@@ -419,5 +432,26 @@ def test_half_a_frame_and_half_a_handshake_are_handed_over(system: Any) -> None:
     assert read_frame(halfway) == (REPLY_OK, 7, ("v2", 2))
     shaking.sendall(_mac(secret, b"client", nonce_s, nonce_c) + ask)
     assert read_frame(shaking) == (REPLY_OK, 7, ("v2", 3))
-    halfway.close()
-    shaking.close()
+    withfd.sendall(mapped[6:])
+    assert read_frame(withfd) == (REPLY_OK, 8, ("v2", b"abc", len(big)))
+    for sock in (halfway, shaking, withfd):
+        sock.close()
+
+
+def test_code_change_converts_the_old_state_with_the_old_version(system: Any) -> None:
+    inst, base, _ = system
+    counter = ref(inst)
+    assert counter.ask(("incr",)) == ("v1", 1)
+    write_module(
+        base,
+        2,
+        """
+        def code_change(self, old_version, state):
+            assert old_version == 1, old_version
+            return {"count": state["count"] * 100, "seen": {"from": [old_version]}}
+        """,
+    )
+    res = upgrade(inst)
+    assert res.returncode == 0, res.stderr
+    assert counter.ask(("incr",)) == ("v2", 101)
+    assert counter.ask(("seen",)) == {"from": [1]}
