@@ -310,6 +310,31 @@ def test_a_failed_upgrade_leaves_the_old_code_serving(
     wait_for(lambda: set(marked_pids(inst.mark)) == processes, HANG, message="no new process")
 
 
+def test_a_state_that_cannot_be_pickled_leaves_the_old_code_serving(system: Any) -> None:
+    inst, base, _ = system
+    counter = ref(inst)
+    unpicklable = """
+        def get_state(self):
+            # a generator cannot be pickled, by pickle or by dill
+            return {"count": self.count, "gen": (i for i in ())} if self.count else {}
+
+        def set_state(self, state):
+            self.count = state.get("count", 0)
+            self.seen = {}
+        """
+    write_module(base, 1, unpicklable)
+    assert upgrade(inst).returncode == 0  # nothing counted yet: a state that pickles
+    assert counter.ask(("incr",)) == ("v1", 1)
+    pid = inst.pid_of("counter")
+    write_module(base, 2)
+    res = upgrade(inst)
+    assert res.returncode == 1, res.stdout
+    assert "the value of get_state cannot be pickled: TypeError" in res.stderr, res.stderr
+    assert f"pid {pid} serves on" in res.stderr
+    assert counter.ask(("incr",)) == ("v1", 2)
+    assert inst.pid_of("counter") == pid
+
+
 def test_refusals_name_what_cannot_be_upgraded(system: Any) -> None:
     inst, _, _ = system
     for name, why, code in (

@@ -160,7 +160,10 @@ def hand_over(proc: ActorProcess) -> None:
         clients = [c for c in proc.clients.values() if c is not succ]
         header["clients"] = len(clients)
         _send(sock, encode(header))
-        if "abort" not in header:
+        if "abort" in header:
+            # it got nothing to take over: let it exit and report why by itself
+            verdict, why = b"failed", str(header["abort"])
+        else:
             for records, fds in _batches(clients):
                 _send(sock, encode(records), fds)
             verdict = _Reader(sock).frame(time.monotonic() + VERDICT_TIMEOUT)
