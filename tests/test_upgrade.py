@@ -480,3 +480,36 @@ def test_code_change_converts_the_old_state_with_the_old_version(system: Any) ->
     assert res.returncode == 0, res.stderr
     assert counter.ask(("incr",)) == ("v2", 101)
     assert counter.ask(("seen",)) == {"from": [1]}
+
+
+def test_hundreds_of_connections_cross_in_batches(system: Any) -> None:
+    """More connections than one SCM_RIGHTS message carries (253 descriptors)."""
+    import socket
+
+    from ikos._codec import decode, encode
+    from ikos.actors._ref import ASK, REPLY_OK
+    from ikos.platform._wire import HEADER, client_handshake
+
+    inst, base, _ = system
+    secret = (inst.root / "var/lib/ikos/secret").read_bytes()
+    path = str(inst.root / "run/ikos/actors/counter.sock")
+    conns = []
+    try:
+        for _ in range(300):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            conns.append(sock)
+            sock.connect(path)
+            client_handshake(sock, secret, HANG)
+            sock.settimeout(HANG)
+        assert ref(inst).ask(("incr",)) == ("v1", 1)  # every handshake answered by now
+        write_module(base, 2)
+        res = upgrade(inst)
+        assert res.returncode == 0, res.stderr
+        for i, sock in enumerate(conns):
+            payload = encode((ASK, i, ("echo", i)))
+            sock.sendall(HEADER.pack(len(payload)) + payload)
+            (n,) = HEADER.unpack(sock.recv(4, socket.MSG_WAITALL))
+            assert decode(sock.recv(n, socket.MSG_WAITALL)) == (REPLY_OK, i, ("v2", ("echo", i)))
+    finally:
+        for sock in conns:
+            sock.close()
