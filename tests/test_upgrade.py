@@ -513,3 +513,39 @@ def test_hundreds_of_connections_cross_in_batches(system: Any) -> None:
     finally:
         for sock in conns:
             sock.close()
+
+
+def test_a_declared_service_stays_active_and_follows_the_new_pid(tmp_path: Path) -> None:
+    base = tmp_path / "svc"
+    base.mkdir()
+    write_module(base, 1)
+    (base / "ikos.toml").write_text(
+        textwrap.dedent(
+            """
+            [actors.counter]
+            class = "upmod:Counter"
+
+            [actors.counter.service]
+            name = "counting"
+            """
+        )
+    )
+    env = {"PYTHONPATH": f"{base}{os.pathsep}{REPO}"}
+    inst = start_ikosd(base, ["-c", str(base / "ikos.toml")], env)
+    try:
+        inst.wait_ready()
+
+        def service() -> Any:
+            res = inst.ctl("--json", "discover", "counting")
+            return json.loads(res.stdout)[0] if res.returncode == 0 else None
+
+        first = wait_for(lambda: (s := service()) and s["active"] and s, HANG, message="active")
+        write_module(base, 2)
+        res = upgrade(inst)
+        assert res.returncode == 0, res.stderr
+        new_pid = json.loads(res.stdout)["pid"]
+        assert first["pid"] != new_pid
+        svc = wait_for(lambda: (s := service()) and s["pid"] == new_pid and s, HANG, message="pid")
+        assert svc["active"] and svc["owner"] == "counter"
+    finally:
+        stop_and_check([inst])

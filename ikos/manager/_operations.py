@@ -15,7 +15,6 @@ the running nodes, so that a later reload diffs against the truth.
 from __future__ import annotations
 
 import functools
-import time
 from typing import TYPE_CHECKING, Any
 
 from ikos._errors import ManagerError
@@ -101,7 +100,7 @@ class TreeOperations:
 
     async def upgrade(self, name: str) -> dict[str, Any]:
         """Hot code upgrade of actor ``name`` (``ikos.manager._actors``), in its
-        supervisor's queue so that no restart interleaves; its new pid is recorded."""
+        supervisor's queue so that no restart interleaves; the manager records it."""
         node = self.m.node(name)
         if not isinstance(node, WorkerNode) or not isinstance(node.spec, Child):
             what = "an executable" if isinstance(node, WorkerNode) else "a supervisor"
@@ -119,10 +118,7 @@ class TreeOperations:
                     "bad_request",
                 )
             result = await self.m.actors.upgrade(node)
-            if self.m.state is not None and node.handle is not None:
-                pid = node.handle.pid
-                started = node.started_at or time.time()
-                self.m.state.running(name, node.kind, pid, pid, node.restarts, started)
+            self.m.upgraded(node, result["old_pid"])
             return result
 
         result: dict[str, Any] = await parent.call(upgrade)
