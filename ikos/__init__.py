@@ -42,6 +42,7 @@ from ikos._errors import (
     PermissionDenied,
     SpawnError,
     SpecError,
+    UpgradeFailed,
 )
 from ikos._version import __version__
 from ikos.actors._actor import Actor
@@ -50,7 +51,7 @@ from ikos.actors._ref import ActorRef
 from ikos.actors._timers import Timer
 from ikos.manager._ikosd import run
 from ikos.manager._local import LocalSystem, local
-from ikos.supervision._client import spawn, start_child, terminate_child
+from ikos.supervision._client import spawn, start_child, terminate_child, upgrade
 from ikos.supervision._spec import Backoff, Child, Exec, Supervisor
 
 __all__ = [
@@ -78,12 +79,14 @@ __all__ = [
     "SpecError",
     "Supervisor",
     "Timer",
+    "UpgradeFailed",
     "__version__",
     "local",
     "run",
     "spawn",
     "start_child",
     "terminate_child",
+    "upgrade",
 ]
 
 #: Public submodules that ``import ikos`` exposes as attributes, imported on

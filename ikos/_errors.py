@@ -51,6 +51,7 @@ defined next to the code that raises them name their module in brackets
         ├── PermissionDenied       the caller may read but not control
         │   └── NotServiceOwner    only the service's owner may change it [registry._service]
         ├── DaemonExists           daemon_create: the name is taken (ikos.daemon.DaemonExists)
+        ├── UpgradeFailed          a hot code upgrade failed; the old incarnation serves on
         ├── ServiceConflict        the service name is held by a live owner [registry._service]
         ├── RegistryFull           the registry holds its limit of services [registry._service]
         ├── ServiceTimeout         no matching service became active in time (also a
@@ -255,6 +256,30 @@ class DaemonExists(ManagerError):
         return cls(found.group(1) if found else "", message)
 
 
+class UpgradeFailed(ManagerError):
+    """A hot code upgrade failed and the old incarnation serves on (``ikos.upgrade``).
+
+    ``name`` is the actor, ``reason`` one line saying why (the new code's
+    exception, its last line), ``traceback`` the new code's traceback when it
+    raised. Rebuilt by the client from the answer's message, whose first line
+    is the reason and the rest the traceback.
+    """
+
+    code = "upgrade_failed"
+
+    def __init__(self, name: str, reason: str, traceback: str = "") -> None:
+        IkosError.__init__(self, name, reason, traceback)
+        self.name, self.reason, self.traceback = name, reason, traceback
+        self.message = reason
+
+    @classmethod
+    def from_answer(cls, message: str) -> UpgradeFailed:
+        """The error again, from the message of an ``upgrade_failed`` answer."""
+        reason, _, traceback = message.partition("\n")
+        found = re.search(r"actor '([^']*)'", reason)
+        return cls(found.group(1) if found else "", reason, traceback)
+
+
 class IpcError(IkosError):
     """An ``ikos.ipc`` call failed; ``message`` says what, ``type`` is the wire's error type."""
 
@@ -344,6 +369,8 @@ def error_for_code(code: str, message: str) -> ManagerError:
     """Map a control-protocol error code back to its exception class."""
     if code == DaemonExists.code:
         return DaemonExists.from_answer(message)
+    if code == UpgradeFailed.code:
+        return UpgradeFailed.from_answer(message)
     for cls in (ManagerUnavailable, NoSuchDaemon, PermissionDenied):
         if cls.code == code:
             return cls(message)

@@ -623,6 +623,12 @@ def test_every_verb_against_a_real_ikosd(ikosd_factory: Any) -> None:
     assert ctl("call", "counter", "incr") == "1\n"
     assert ctl("tell", "counter", "incr") == ""
     wait_for(lambda: inst.ctl("call", "counter", "get").stdout == "2\n", message="the tell")
+    pid = inst.pid_of("counter")
+    assert (
+        ctl("upgrade", "counter")
+        == f"counter: upgraded, pid {pid} -> {inst.pid_of('counter')}, fresh state\n"
+    )
+    assert ctl("call", "counter", "get") == "0\n"  # no get_state: a fresh start
     lines = ctl("logs", "-n", "3", "ticker").splitlines()
     assert len(lines) == 3 and all(RECORD.match(line) for line in lines)
     assert ctl("reload", "ticker") == ""

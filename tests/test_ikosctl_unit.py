@@ -528,6 +528,12 @@ def test_help_offers_exactly_the_verbs_with_protocol_requests(
             "db\t-\t1.0\t-\t-\t7\t-\tyes\t-\n",
         ),
         (["discover", "db"], "discover", {"name": "db", "pid": 7}, "name: db\npid:  7\n"),
+        (
+            ["upgrade", "counter"],
+            "upgrade",
+            {"name": "counter", "upgraded": True, "old_pid": 7, "pid": 9, "state": "fresh"},
+            "counter: upgraded, pid 7 -> 9, fresh state\n",
+        ),
         # Nothing to show, off a terminal: nothing printed, not even a blank line.
         (["services"], "services", [], ""),
         (["logs", "echo"], "logs", {"name": "echo", "lines": []}, ""),
@@ -794,3 +800,15 @@ def test_logs_follow_into_a_closed_pipe_ends_quietly_with_status_0(
         if proc.poll() is None:
             proc.kill()
         proc.wait(timeout=60)
+
+
+def test_a_failed_upgrade_prints_its_first_line_and_exits_1(
+    peer: ScriptedPeer, root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    line = "actor 'counter' was not upgraded: set_state raised KeyError: 'n' (pid 7 serves on)"
+    peer.scripts["upgrade"] = fail("upgrade_failed", f"{line}\nTraceback (most recent...)\n...")
+    for argv in (["upgrade", "counter"], ["upgrade", "counter", "--json"]):
+        assert run(root, *argv) == 1
+        captured = capsys.readouterr()
+        assert one_error_line(captured.err) == line
+        assert captured.out == ""

@@ -46,12 +46,14 @@ PUBLIC_NAMES = [
     "SpecError",
     "Supervisor",
     "Timer",
+    "UpgradeFailed",
     "__version__",
     "local",
     "run",
     "spawn",
     "start_child",
     "terminate_child",
+    "upgrade",
 ]
 
 # Each error and the parents it must have, as drawn in ikos/_errors.py.
@@ -71,6 +73,7 @@ HIERARCHY = {
     "ManagerUnavailable": (ikos.ManagerError,),
     "NoSuchDaemon": (ikos.ManagerError,),
     "PermissionDenied": (ikos.ManagerError,),
+    "UpgradeFailed": (ikos.ManagerError,),
 }
 
 
@@ -177,6 +180,7 @@ def samples() -> list[ikos.IkosError]:
         ikos.ManagerUnavailable("no manager at /run/ikos/ikosd.sock"),
         ikos.NoSuchDaemon("no daemon named 'ech'"),
         ikos.PermissionDenied("uid 1000 may only read"),
+        ikos.UpgradeFailed("echo", "actor 'echo' was not upgraded: set_state raised", "tb"),
     ]
 
 

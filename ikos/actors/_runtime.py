@@ -66,7 +66,7 @@ from typing import Any, NoReturn
 
 from ikos._codec import SHM, SHM_HEAD, decode, encode
 from ikos._errors import ActorCrashed, ActorDeadError, ActorError, AuthenticationError
-from ikos.actors import _context
+from ikos.actors import _context, _handover
 from ikos.actors._actor import Actor
 from ikos.actors._call import MethodCall
 from ikos.actors._carried import CarriedActor
@@ -173,6 +173,10 @@ class ActorProcess:
         self.heap_timers = HeapTimers(self.name, self, self.fast_until, FAST_IDLE)
         #: the timers the actor's send_after/send_interval set (the async runtime's differ)
         self.timers: Timers = self.heap_timers
+        #: a hot code upgrade's successor waiting for the handover (``_handover``)
+        self.successor: _Client | None = None
+        self.handover_capacity = 0
+        self.terminated = False  # SIGTERM came: a handover under way gives way to it
         self._wake_r, self._wake_w = socket.socketpair()
         self._scratch = bytearray(READ_CHUNK)
         self._view = memoryview(self._scratch)
@@ -187,39 +191,31 @@ class ActorProcess:
             pass
 
     def _exit(self, code: int, reason: str, detail: str = "") -> NoReturn:
-        self._status(
-            event="exit",
-            code=code,
-            reason=reason,
-            detail=detail[-4000:],
-            dead_letters=self.dead_letters,
-        )
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        finally:
-            os._exit(code)
+        report_exit(self.status_fd, code, reason, detail, self.dead_letters)
 
     # -- main --------------------------------------------------------------
 
     def run(self) -> NoReturn:
         self._prepare_process()
+        self._start_actor()
+        self._serve({"event": "ready", "pid": os.getpid()})
+
+    def upgrade(self) -> NoReturn:
+        """Run as the successor of a hot code upgrade: start, take over, serve."""
+        self._prepare_process()
+        self._start_actor()
         try:
-            actor = self._create_actor()
-            actor.on_start()
+            old, handed = _handover.take_over(self)
+        except _handover.HandoverFailed as exc:
+            self._exit(_handover.EXIT_NOT_TAKEN, exc.reason, exc.detail)
         except BaseException as exc:
             self._exit(
-                EXIT_START_FAILED, f"on_start raised {_describe(exc)}", traceback.format_exc()
+                _handover.EXIT_NOT_TAKEN,
+                f"the handover failed: {_describe(exc)}",
+                traceback.format_exc(),
             )
-        self.listener.setblocking(False)
-        self.ep.register(self.listener.fileno(), select.EPOLLIN)
-        self.ep.register(self._wake_r.fileno(), select.EPOLLIN)
-        self._status(event="ready", pid=os.getpid())
-        try:
-            self._loop()
-        except BaseException as exc:  # a bug in the runtime itself: still report it
-            self._exit(EXIT_CRASH, f"runtime error {_describe(exc)}", traceback.format_exc())
-        self._shutdown()
+        self._pump_buffers()  # frames the old incarnation had read but not framed yet
+        self._serve({"event": "ready", "pid": os.getpid(), "upgraded_from": old, "state": handed})
 
     def _prepare_process(self) -> None:
         """Signals (SIGTERM sets ``stopping`` and wakes epoll) and this process's instance."""
@@ -238,8 +234,40 @@ class ActorProcess:
         self.actor = actor
         return actor
 
+    def _start_actor(self) -> None:
+        """Construct the actor and run ``on_start``; exit 2 with the reason if either fails."""
+        try:
+            self._create_actor().on_start()
+        except BaseException as exc:
+            self._exit(
+                EXIT_START_FAILED, f"on_start raised {_describe(exc)}", traceback.format_exc()
+            )
+
+    def _serve(self, ready: dict[str, Any]) -> NoReturn:
+        self.listener.setblocking(False)
+        self.ep.register(self.listener.fileno(), select.EPOLLIN)
+        self.ep.register(self._wake_r.fileno(), select.EPOLLIN)
+        self._status(**ready)
+        try:
+            self._loop()
+            # the loop left for a successor's handover: hand over (and exit), or serve on
+            while self.successor is not None:
+                if self.stop_wanted():
+                    _handover.cancel(self, "it is stopping")
+                    break
+                _handover.hand_over(self)
+                self._loop()
+        except BaseException as exc:  # a bug in the runtime itself: still report it
+            self._exit(EXIT_CRASH, f"runtime error {_describe(exc)}", traceback.format_exc())
+        self._shutdown()
+
+    def stop_wanted(self) -> bool:
+        """Whether the actor was asked to stop (SIGTERM, or ``self.stop()`` in the actor)."""
+        return self.terminated or bool(getattr(self.actor, "_ikos_stop_requested", False))
+
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         self.stopping = True
+        self.terminated = True
 
     def _loop(self) -> None:
         actor = self.actor
@@ -391,6 +419,8 @@ class ActorProcess:
                         pass
                 except BlockingIOError:
                     pass
+                if self.successor is not None:
+                    _handover.due(self)
         now = time.monotonic()
         if self.handshaking:
             for client in [c for c in self.clients.values() if c.hs is not None]:
@@ -512,6 +542,9 @@ class ActorProcess:
         of a class it cannot import): answer the ask it belongs to, or drop the tell
         as a dead letter. Replying under any other correlation id would leave the
         asker waiting for its whole timeout."""
+        if raw[0] == _handover.HANDOVER:  # not a message: a successor asks for the handover
+            _handover.asked(self, client)
+            return
         why = f"could not decode the message: {_describe(exc)}"
         # an "m" frame: its pickle stream starts after the segment's size
         header = _frame_header(raw[SHM_HEAD.size - 1 :] if raw[0] == SHM else raw)
@@ -701,6 +734,28 @@ def runtime_for(cls: type[Actor]) -> type[ActorProcess]:
     return ActorProcess
 
 
+def report_exit(
+    status_fd: int, code: int, reason: str, detail: str = "", dead_letters: int = 0
+) -> NoReturn:
+    """Tell the manager why this actor process ends (its status pipe), then end it."""
+    event = {
+        "event": "exit",
+        "code": code,
+        "reason": reason,
+        "detail": detail[-4000:],
+        "dead_letters": dead_letters,
+    }
+    try:
+        os.write(status_fd, (json.dumps(event) + "\n").encode())
+    except OSError:
+        pass
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(code)
+
+
 def run_actor(boot: ActorBoot, listener_fd: int, status_fd: int, stats_fd: int) -> NoReturn:
     """Entry point in the forked actor process; never returns."""
     os.setsid()  # its own session: terminal signals to ikosd's group never reach it
@@ -717,6 +772,21 @@ def spawn_entry(payload: bytes, fds: list[int]) -> NoReturn:
     daemon's log). Output is line-buffered, so that a ``print``
     reaches the log when it is made, not when a buffer fills.
     """
+    take_stdio(fds)
+    boot = decode(payload)
+    if boot.carried is not None:
+        try:
+            boot.cls, boot.args, boot.kwargs = boot.carried.load()
+        except BaseException as exc:
+            reason = f"could not load {boot.carried.class_path}: {_describe(exc)}"
+            detail = traceback.format_exc()
+            sys.stderr.write(f"ikos: {reason}\n{detail}")  # the daemon's log
+            report_exit(fds[1], EXIT_START_FAILED, reason, detail)
+    run_actor(boot, fds[0], fds[1], fds[2])
+
+
+def take_stdio(fds: list[int]) -> None:
+    """Make ``fds[3]`` and ``fds[4]``, when given, this process's stdout and stderr."""
     if len(fds) >= 5:
         for target, fd in ((1, fds[3]), (2, fds[4])):
             os.dup2(fd, target)
@@ -725,22 +795,3 @@ def spawn_entry(payload: bytes, fds: list[int]) -> NoReturn:
             reconfigure = getattr(stream, "reconfigure", None)
             if reconfigure is not None:
                 reconfigure(line_buffering=True)
-    boot = decode(payload)
-    if boot.carried is not None:
-        try:
-            boot.cls, boot.args, boot.kwargs = boot.carried.load()
-        except BaseException as exc:
-            _boot_failed(fds[1], f"could not load {boot.carried.class_path}: {_describe(exc)}")
-    run_actor(boot, fds[0], fds[1], fds[2])
-
-
-def _boot_failed(status_fd: int, reason: str) -> NoReturn:
-    """A class carried by value did not load: a failed start, said on the status pipe."""
-    event = {"event": "exit", "code": EXIT_START_FAILED, "reason": reason}
-    event["detail"] = traceback.format_exc()[-4000:]
-    try:
-        os.write(status_fd, (json.dumps(event) + "\n").encode())
-        sys.stderr.write(f"ikos: {reason}\n{event['detail']}")  # the daemon's log
-        sys.stderr.flush()
-    finally:
-        os._exit(EXIT_START_FAILED)

@@ -55,6 +55,7 @@ from ikos._errors import (
     IpcNoSuchTarget,
     ManagerError,
     NoSuchDaemon,
+    UpgradeFailed,
 )
 from ikos.cli import _render
 from ikos.cli._render import Style
@@ -100,6 +101,7 @@ PROTOCOL_VERBS: dict[str, tuple[str, ...]] = {
     "tree": ("tree",),
     "is-active": ("status",),
     "kill": ("kill",),
+    "upgrade": ("upgrade",),
     "call": ("call",),
     "tell": ("tell",),
     "reload-config": ("reload_config",),
@@ -116,7 +118,7 @@ PROTOCOL_VERBS: dict[str, tuple[str, ...]] = {
     "queue": (),
 }
 #: Verbs of the contract (CONTRACT.md) that this version of ikosd does not serve yet.
-UNAVAILABLE_VERBS = frozenset({"upgrade"})
+UNAVAILABLE_VERBS: frozenset[str] = frozenset()
 #: ``top``'s refresh interval on a terminal when ``--interval`` is not given.
 DEFAULT_TOP_INTERVAL = 2.0
 #: ``queue get``'s wait when ``--timeout`` is not given.
@@ -343,6 +345,23 @@ def _kill(ctx: _Context) -> int:
     result = ctx.client.call("kill", {"name": ctx.args.name, "signal": ctx.args.signal})
     if ctx.json:
         ctx.emit_json(result)
+    return EXIT_OK
+
+
+def _upgrade(ctx: _Context) -> int:
+    try:
+        result = ctx.client.call("upgrade", {"name": ctx.args.name}, timeout=LIFECYCLE_TIMEOUT)
+    except UpgradeFailed as exc:
+        return _fail(exc.reason, EXIT_FAILURE)  # one line; the traceback is in the daemon's log
+    if not isinstance(result, dict) or "pid" not in result:
+        raise _bad_result("upgrade", 'an object with "pid"')
+    if ctx.json:
+        ctx.emit_json(result)
+    else:
+        ctx.emit_text(
+            f"{result.get('name')}: upgraded, pid {result.get('old_pid')} -> {result['pid']}, "
+            f"{'state handed over' if result.get('state') == 'handed over' else 'fresh state'}\n"
+        )
     return EXIT_OK
 
 
@@ -771,6 +790,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="number or name, with or without SIG (default SIGTERM)",
     )
     kill.add_argument("name", metavar="NAME")
+    verb(
+        "upgrade",
+        _upgrade,
+        "run an actor's current code, handing its state over without losing a message",
+    ).add_argument("name", metavar="NAME")
     call = verb("call", _call, "ask an actor DATA and print its reply")
     call.add_argument("name", metavar="NAME")
     call.add_argument("data", metavar="DATA", help="JSON if it parses as JSON, else a string")

@@ -17,35 +17,60 @@ incarnation ends, so a stopped or removed actor has no figures.
 The descriptors only the manager holds (listener, status pipe, log pipes,
 counters) are deposited with the descriptor keeper, so that a new ikosd can
 adopt the actor after a crash of the old one, its counters included.
+
+**Hot code upgrade** (:meth:`ActorSpawner.upgrade`, the protocol in
+:mod:`ikos.actors._handover`): the successor is forked like a restart, with
+the same listener and pipes and counters of its own, but it re-reads the
+class's module from disk. The manager is not on the handover's path: it
+stops watching the old process's exit (``WorkerNode.detach``), waits for the
+successor's ``ready`` (it took over: the old one exits 0, ``upgraded``) or
+its exit (it did not: the old one serves on), and then watches whichever
+runs (``WorkerNode.attach``). Neither outcome is a transition of the
+daemon's state, a restart or a restart-intensity event. The successor's
+status pipe, log pipes and counters replace the old one's in the keeper only
+once it took over; until then its output waits in its pipes, and if it
+fails it is copied into the daemon's log. Once an actor was upgraded, its
+later restarts re-read the module from disk too: the fork server still has
+the module as preloaded at start, and a crash must not bring the old code back.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
+import logging
 import mmap
 import os
 import socket
+import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 from ikos._codec import encode
-from ikos._errors import SpawnError
+from ikos._errors import ManagerError, SpawnError
 from ikos.actors._actor import Actor
 from ikos.actors._carried import CarriedActor
 from ikos.actors._context import InstanceContext
+from ikos.actors._handover import handover_refusal
 from ikos.actors._runtime import ActorBoot
 from ikos.actors._stats import ActorFigures, create_stats_fd, map_for_reading, read_figures
 from ikos.manager._logs import DaemonLogs
 from ikos.platform._fdstore import FdStore
 from ikos.platform._forkserver import ForkServer
 from ikos.platform._paths import InstancePaths
-from ikos.platform._process import ProcessHandle
+from ikos.platform._process import ProcessHandle, own, read_available
 from ikos.platform._unix import bind_unix
 from ikos.supervision._runtime import Running, WorkerNode
 from ikos.supervision._spec import Child, resolve_actor_class
 
+log = logging.getLogger("ikos.manager")
+
 ACTOR_ENTRY = "ikos.actors._runtime:spawn_entry"
+UPGRADE_ENTRY = "ikos.actors._handover:upgrade_entry"
+#: Seconds the old incarnation gets to exit once its successor took over.
+UPGRADED_EXIT_WAIT = 10.0
 #: Connections an actor's listener queues while no incarnation accepts them.
 LISTEN_BACKLOG = 1024
 
@@ -75,6 +100,8 @@ class ActorSpawner:
         #: replaced or removed whole, never closed: a scrape in another thread that
         #: still holds a mapping keeps it valid until it lets go.
         self.counters: dict[str, mmap.mmap] = {}
+        #: Actors upgraded since ikosd started: their restarts re-read their module too.
+        self.upgraded: Counter[str] = Counter()
 
     async def start(self) -> None:
         """Nothing to start: the fork server is the manager's."""
@@ -113,43 +140,170 @@ class ActorSpawner:
                 cls = resolve_actor_class(spec.actor)
             except (ImportError, AttributeError, ValueError) as exc:
                 raise SpawnError(spec.name, "actor", f"cannot import {spec.actor!r}: {exc}")
+        if spec.name in self.upgraded and carried is None:  # never the fork server's older copy
+            entry, payload = UPGRADE_ENTRY, self._fresh_code_payload(spec, cls, restart=True)
+        else:
+            entry, payload = ACTOR_ENTRY, self._payload(spec, cls, carried)
+        modules = [] if carried or cls.__module__ == "__main__" else [cls.__module__]
+        pipes = _Pipes()
+        try:
+            pid = await self.forkserver.spawn(
+                spec.name,
+                entry,
+                payload,
+                pipes.theirs(self._listener(spec.name)),
+                modules,
+                on_forked=lambda pid: self._on_forked(node, pid, True),
+            )
+        except BaseException:
+            pipes.close_ours()
+            raise
+        finally:
+            pipes.close_theirs()
+        return self._commit(spec.name, pid, pipes)
+
+    def _payload(self, spec: Child, cls: type, carried: CarriedActor | None = None) -> bytes:
         boot = ActorBoot(
             spec.name, cls, tuple(spec.args), dict(spec.kwargs), self._context(), spec.mailbox_size
         )
         boot.carried = carried
         try:
-            payload = encode(boot)
+            return encode(boot)
         except Exception as exc:
             raise SpawnError(spec.name, "args", f"cannot be sent to the actor process: {exc}")
-        modules = [] if carried or cls.__module__ == "__main__" else [cls.__module__]
-        listener = self._listener(spec.name)
-        status_r, status_w = os.pipe2(os.O_CLOEXEC)
-        out_r, out_w = os.pipe2(os.O_CLOEXEC)
-        err_r, err_w = os.pipe2(os.O_CLOEXEC)
-        stats = create_stats_fd()
-        theirs = [status_w, out_w, err_w]
+
+    @staticmethod
+    def _successor_forked(node: WorkerNode, pid: int) -> None:
+        own(pid)  # not recorded: a crash of ikosd now keeps the old one
+        node.successor_pid = pid
+
+    def _fresh_code_payload(self, spec: Child, cls: type, *, restart: bool = False) -> bytes:
+        """What ``upgrade_entry`` takes: the class by path, the boot encoded apart."""
+        boot = self._payload(spec, Actor)  # the class is found again in the new process
+        return encode((cls.__module__, cls.__qualname__, boot, restart))
+
+    def _commit(self, name: str, pid: int, pipes: _Pipes) -> ProcessHandle:
+        """``pid`` is the actor's process now: its counters, status and logs are the ones."""
+        self._keep_pipes(name, pipes, pipes.status_r)
+        return ProcessHandle(pid, status_fd=pipes.status_r)
+
+    def _keep_pipes(self, name: str, pipes: _Pipes, status_fd: int) -> None:
+        self._keep_counters(name, pipes.stats)
+        _close(pipes, "stats")
+        if status_fd >= 0:
+            self.fdstore.put(name, "status", status_fd)
+        self.logs.capture(name, "stdout", pipes.out_r)
+        self.logs.capture(name, "stderr", pipes.err_r)
+
+    async def upgrade(self, node: WorkerNode) -> dict[str, Any]:
+        """Replace the running incarnation of actor ``node`` by one running its class's
+        current code, handing the state over; see the module docstring.
+
+        Run it as a command of the node's supervisor. Returns what happened
+        (old and new pid, whether a state was handed over); raises
+        :class:`ManagerError` with code ``upgrade_failed`` (the first line of its
+        message says why, the rest is the new code's traceback) when the old
+        incarnation serves on, and code ``bad_request`` when the actor cannot be
+        upgraded at all.
+        """
+        spec = node.spec
+        old = node.handle
+        assert isinstance(spec, Child) and isinstance(old, ProcessHandle)
+        path = spec.actor_path
+        module, _, qualname = path.partition(":")
+        if isinstance(spec.actor, CarriedActor):
+            raise ManagerError(
+                f"actor '{node.name}' was started by ikos.spawn, with its class carried in the "
+                "request: spawn it again to run new code",
+                "bad_request",
+            )
+        if module == "__main__" or "<locals>" in qualname:
+            raise ManagerError(
+                f"actor '{node.name}': its class {path} cannot be imported by its path, "
+                "and an upgrade reads the class's module again from disk",
+                "bad_request",
+            )
+        try:
+            cls = resolve_actor_class(spec.actor)
+        except (ImportError, AttributeError, ValueError) as exc:
+            raise ManagerError(
+                f"actor '{node.name}': cannot import {path}: {exc}", "bad_request"
+            ) from None
+        refusal = handover_refusal(cls)
+        if refusal is not None:
+            raise ManagerError(f"actor '{node.name}' cannot be upgraded: {refusal}", "bad_request")
+        payload = self._fresh_code_payload(spec, cls)
+        began = time.monotonic()
+        pipes = _Pipes()
+        node.detach()  # from here the old process's exit is the upgrade's business
+        new: ProcessHandle | None = None
+        node.successor_pid = 0  # forking
         try:
             pid = await self.forkserver.spawn(
-                spec.name,
-                ACTOR_ENTRY,
-                payload,
-                [listener.fileno(), status_w, stats, out_w, err_w],
-                modules,
-                on_forked=lambda pid: self._on_forked(node, pid, True),
-            )
-        except BaseException:
-            for fd in (status_r, out_r, err_r, stats):
-                os.close(fd)
+                spec.name, UPGRADE_ENTRY, payload, pipes.theirs(self._listener(node.name)), [],
+                on_forked=functools.partial(self._successor_forked, node),
+            )  # fmt: skip
+            pipes.close_theirs()
+            status_fd, pipes.status_r = pipes.status_r, -1  # the handle's from now on
+            new = ProcessHandle(pid, status_fd=status_fd)
+            ready = await _outcome(new, old, spec.start_timeout)
+        except BaseException as exc:
+            pipes.close_theirs()
+            await self._not_upgraded(node, old, new, pipes)
+            if isinstance(exc, SpawnError):
+                raise ManagerError(_not_upgraded_line(node.name, old, exc.reason), "upgrade_failed")
             raise
-        finally:
-            for fd in theirs:
-                os.close(fd)
-        self._keep_counters(spec.name, stats)
-        os.close(stats)
-        self.fdstore.put(spec.name, "status", status_r)
-        self.logs.capture(spec.name, "stdout", out_r)
-        self.logs.capture(spec.name, "stderr", err_r)
-        return ProcessHandle(pid, status_fd=status_r)
+        if ready is None:
+            why, detail = _why_not(new, old)
+            await self._not_upgraded(node, old, new, pipes)
+            log.error(
+                "actor %s: upgrade failed: %s%s", node.name, why, f"\n{detail}" * bool(detail)
+            )
+            message = _not_upgraded_line(node.name, old, why)
+            raise ManagerError(f"{message}\n{detail}".rstrip(), "upgrade_failed")
+        try:  # the old one exits by itself once it handed over
+            await asyncio.wait_for(asyncio.shield(old.exited), UPGRADED_EXIT_WAIT)
+        except TimeoutError:
+            old.kill()
+            await old.exited
+        # a handle whose process ended closed its status pipe: the number may be reused
+        self._keep_pipes(node.name, pipes, status_fd if new.alive else -1)
+        node.attach(new)
+        node.started_at = time.time()
+        self.upgraded[node.name] += 1
+        handed = bool(ready.get("state"))
+        log.info(
+            "actor %s: upgraded, pid %d -> %d, %s",
+            node.name,
+            old.pid,
+            new.pid,
+            "state handed over" if handed else "fresh state",
+        )
+        return {
+            "name": node.name,
+            "upgraded": True,
+            "old_pid": old.pid,
+            "pid": new.pid,
+            "state": "handed over" if handed else "fresh",
+            "seconds": round(time.monotonic() - began, 6),
+        }
+
+    async def _not_upgraded(
+        self, node: WorkerNode, old: ProcessHandle, new: ProcessHandle | None, pipes: _Pipes
+    ) -> None:
+        """The successor did not take over: make sure it is gone, keep its output, and
+        watch the old process again (its exit meanwhile, if any, is handled now)."""
+        if new is not None and new.alive:
+            new.kill()
+            await new.exited
+        rl = self.logs.log_for(node.name)
+        for stream, fd in (("stdout", pipes.out_r), ("stderr", pipes.err_r)):
+            chunks, _ = read_available(fd) if fd >= 0 else ([], True)
+            text = b"".join(chunks).decode(errors="replace")
+            if text:
+                rl.write_lines(stream, text.splitlines())
+        pipes.close_ours()
+        node.attach(old)
 
     def adopt(self, node: WorkerNode, pid: int, sid: int, fds: dict[str, int]) -> Running:
         """Take over an actor process that a previous ikosd started."""
@@ -199,3 +353,70 @@ class ActorSpawner:
 
     def decorate_status(self, node: WorkerNode, status: dict[str, Any]) -> None:
         status["dead_letters"] = self.dead_letters.get(node.name, 0)
+
+
+class _Pipes:
+    """The descriptors of one incarnation being started: ours (read ends, counters)
+    and the child's (write ends), each closed once, whatever happens."""
+
+    def __init__(self) -> None:
+        self.status_r, self.status_w = os.pipe2(os.O_CLOEXEC)
+        self.out_r, self.out_w = os.pipe2(os.O_CLOEXEC)
+        self.err_r, self.err_w = os.pipe2(os.O_CLOEXEC)
+        self.stats = create_stats_fd()
+
+    def theirs(self, listener: socket.socket) -> list[int]:
+        """The descriptors for the fork server, in ``spawn_entry``'s order."""
+        return [listener.fileno(), self.status_w, self.stats, self.out_w, self.err_w]
+
+    def close_theirs(self) -> None:
+        for attr in ("status_w", "out_w", "err_w"):
+            _close(self, attr)
+
+    def close_ours(self) -> None:
+        for attr in ("status_r", "out_r", "err_r", "stats"):
+            _close(self, attr)
+
+
+def _close(pipes: _Pipes, attr: str) -> None:
+    fd = getattr(pipes, attr)
+    if fd >= 0:
+        setattr(pipes, attr, -1)
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+async def _outcome(new: ProcessHandle, old: ProcessHandle, timeout: float) -> dict[str, Any] | None:
+    """The successor's ready event once it took over, or None when it did not."""
+    waiting: set[asyncio.Future[Any]] = {new.ready, new.exited, old.exited}
+    done, _ = await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    if old.exited in done and new.alive and not new.ready.done():
+        # the old one exits as soon as the successor said taken: its ready follows
+        reason = (old.exit_event() or {}).get("reason")
+        if reason == "upgraded":
+            rest: set[asyncio.Future[Any]] = {new.ready, new.exited}
+            await asyncio.wait(rest, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    if new.ready.done() and not new.exited.done():
+        return new.ready.result()
+    return None
+
+
+def _why_not(new: ProcessHandle | None, old: ProcessHandle) -> tuple[str, str]:
+    """Why the successor did not take over, and its traceback."""
+    if new is None:
+        return "the new process could not be started", ""
+    ended = old.exit_event() or {}
+    if not old.alive and ended.get("reason") != "upgraded":
+        return f"the running incarnation ended during the handover ({ended.get('reason')})", ""
+    event = new.exit_event()
+    if event is not None:
+        return str(event.get("reason") or "the new process failed"), str(event.get("detail") or "")
+    if new.alive:
+        return "the new process did not take over in time", ""
+    status = new.exited.result() if new.exited.done() else None
+    return f"the new process {status.describe() if status else 'ended'} before taking over", ""
+
+
+def _not_upgraded_line(name: str, old: ProcessHandle, why: str) -> str:
+    tail = f"pid {old.pid} serves on" if old.alive else "its old process ended too"
+    return f"actor '{name}' was not upgraded: {why} ({tail})"

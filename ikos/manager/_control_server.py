@@ -412,6 +412,7 @@ class ControlServer:
             ("start", "control", self.start_),
             ("stop", "control", self.stop),
             ("restart", "control", self.restart),
+            ("upgrade", "control", self.upgrade),
             ("kill", "control", self.kill),
             ("reload", "control", self.reload),
             ("call", "control", self.call),
@@ -711,6 +712,9 @@ class ControlServer:
 
     async def reload(self, req: Request) -> Any:
         return await self.m.ops.reload(req.text("name"))
+
+    async def upgrade(self, req: Request) -> Any:
+        return await self.m.ops.upgrade(req.text("name"))
 
     async def logs(self, req: Request) -> Any:
         name = req.text("name")

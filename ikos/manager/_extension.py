@@ -3,7 +3,7 @@
 ikosd's core is the supervision tree's host: it starts processes, watches
 them and records their transitions. Everything else it offers (the service
 registry, daemons created at run time, metrics, and the IPC broker, the
-resource sampler, upgrades and Ray placement to come) is an
+resource sampler and Ray placement to come) is an
 :class:`Extension`: an object with a life (``start``, ``stop``) and hooks the
 manager calls, that sees the tree only through a read-only
 :class:`TreeView`, changes it only through :class:`Operations` (which go
@@ -250,6 +250,10 @@ class Extension:
         Its supervisor waits for this (the monitor service lets the Downs on
         their way to a watcher arrive first): return soon, and bound any wait.
         """
+
+    def on_upgrade(self, node: NodeView, old_pid: int) -> None:
+        """A hot code upgrade replaced actor ``node``'s process ``old_pid`` (now gone) by
+        ``node.pid``: no transition, the daemon ran throughout (called synchronously)."""
 
     async def on_reload(self, config: Config) -> None:
         """A reloaded configuration was applied (the tree already runs it)."""

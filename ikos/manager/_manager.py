@@ -293,6 +293,18 @@ class Manager:
             except Exception:  # an extension must never break the tree
                 log.exception("extension %s failed before a stop", ext.name)
 
+    def upgraded(self, node: WorkerNode, old_pid: int) -> None:
+        """A hot code upgrade gave ``node`` a new process: record it, tell the extensions."""
+        handle = node.handle
+        if handle is not None and self.state is not None:
+            started = node.started_at or time.time()
+            self.state.running(node.name, node.kind, handle.pid, handle.pid, node.restarts, started)
+        for ext in self._started:
+            try:
+                ext.on_upgrade(node, old_pid)
+            except Exception:  # an extension must never break the tree
+                log.exception("extension %s failed on an upgrade", ext.name)
+
     def root_failed(self, reason: str) -> None:
         log.critical("the root supervisor gave up (%s): stopping everything", reason)
         self.exit_code = EXIT_FAILED

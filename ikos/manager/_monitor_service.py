@@ -220,6 +220,8 @@ class MonitorService(Extension):
         self._outboxes: dict[str, _Outbox] = {}
         #: watched name -> the outboxes of its watchers (insertion order: delivery order)
         self._watchers: dict[str, dict[str, _Outbox]] = {}
+        #: the outboxes of upgrade successors not yet in charge (see on_upgrade)
+        self._successors: dict[str, _Outbox] = {}
         #: why each daemon being stopped by its supervisor is stopped
         self._stopping: dict[str, str] = {}
         #: the pid of each daemon's last process seen running
@@ -331,6 +333,9 @@ class MonitorService(Extension):
                 raise ManagerError(
                     f"actor '{outbox.name}' already has {MAX_MONITORS} monitors", "limit"
                 )
+            if self._successors.get(outbox.name) is outbox:
+                outbox.targets.add(target)  # armed when it takes over (on_upgrade)
+                return {"name": target, "state": node.state.value}
             self._watch(outbox, target)
         if node.state not in _ALIVE:
             self._post(outbox, Down(target, "noproc", f"{target} is {node.state.value}"))
@@ -363,7 +368,10 @@ class MonitorService(Extension):
             raise BadRequest(f"'{req.verb}' is for actors, and '{watcher}' is no actor of the tree")
         deadline = loop.time() + IDENTIFY_TIMEOUT
         while node.pid != req.pid:
-            if node.state is not State.STARTING or loop.time() > deadline:
+            successor = getattr(node, "successor_pid", None)
+            if successor == req.pid:
+                return self._successor_outbox(watcher, req.pid)
+            if (node.state is not State.STARTING and successor != 0) or loop.time() > deadline:
                 raise PermissionDenied(
                     f"'{req.verb}': pid {req.pid} is not actor '{watcher}' "
                     f"(whose pid is {node.pid})"
@@ -377,6 +385,50 @@ class MonitorService(Extension):
             start = info.start_ticks if info is not None else None
             outbox = self._outboxes[watcher] = _Outbox(watcher, req.pid, start)
         return outbox
+
+    def _successor_outbox(self, watcher: str, pid: int) -> _Outbox:
+        """The outbox of a hot code upgrade's successor, whose ``on_start`` runs while the
+        old incarnation still serves: its monitors wait apart (no Down goes to it) until
+        it takes over (:meth:`on_upgrade`); a failed upgrade leaves them unused."""
+        outbox = self._successors.get(watcher)
+        if outbox is None or outbox.pid != pid:
+            info = proc_info(pid)
+            start = info.start_ticks if info is not None else None
+            outbox = self._successors[watcher] = _Outbox(watcher, pid, start)
+        return outbox
+
+    def on_upgrade(self, node: NodeView, old_pid: int) -> None:
+        """A hot code upgrade: the actor's state, so its monitors, go on in the new process.
+
+        The old incarnation's monitors are re-addressed to the new pid (Downs on their
+        way included: they are addressed when sent), joined by those the successor's
+        ``on_start`` set; an upgraded watched daemon is known by its new pid.
+        """
+        name, pid = node.name, node.pid
+        if pid is None:
+            return
+        if name in self._pids:
+            self._pids[name] = pid
+        pending = self._successors.pop(name, None)
+        outbox = self._outboxes.get(name)
+        if outbox is not None and outbox.pid == old_pid:
+            info = proc_info(pid)
+            with outbox.lock:
+                outbox.pid = pid
+                outbox.start = info.start_ticks if info is not None else None
+        elif pending is not None and pending.pid == pid:
+            outbox = self._outboxes[name] = _Outbox(name, pid, pending.start)
+        else:
+            return
+        if pending is not None and pending.pid == pid:
+            view = self._view
+            for target in pending.targets - outbox.targets:
+                self._watch(outbox, target)
+                watched = view.find(target) if view is not None else None
+                if watched is None or watched.state not in _ALIVE:
+                    state = watched.state.value if watched is not None else "gone"
+                    self._post(outbox, Down(target, "noproc", f"{target} is {state}"))
+        self._save()
 
     def _adopt(self, node: NodeView, pid: int, start: int, targets: list[str]) -> None:
         """Give an actor the monitors saved by the ikosd before, if it is the same process."""

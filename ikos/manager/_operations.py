@@ -21,8 +21,8 @@ from ikos._errors import ManagerError
 from ikos.manager._spawn_service import SPAWNED_NAME
 from ikos.registry._graph import check_graph, start_order
 from ikos.supervision._edit import insert_spec, remove_spec, replace_spec
-from ikos.supervision._runtime import Node, SupervisorNode, WorkerNode
-from ikos.supervision._spec import AnySpec, Exec, Supervisor, validate_tree
+from ikos.supervision._runtime import Node, State, SupervisorNode, WorkerNode
+from ikos.supervision._spec import AnySpec, Child, Exec, Supervisor, validate_tree
 
 if TYPE_CHECKING:
     from ikos.manager._manager import Manager
@@ -98,6 +98,32 @@ class TreeOperations:
             raise ManagerError(f"'{name}' is not running")
         await handle.reload()
         return self.m.status_of(node)
+
+    async def upgrade(self, name: str) -> dict[str, Any]:
+        """Hot code upgrade of actor ``name`` (``ikos.manager._actors``), in its
+        supervisor's queue so that no restart interleaves; the manager records it."""
+        node = self.m.node(name)
+        if not isinstance(node, WorkerNode) or not isinstance(node.spec, Child):
+            what = "an executable" if isinstance(node, WorkerNode) else "a supervisor"
+            raise ManagerError(
+                f"'{name}' is {what}: only actors can be upgraded (restart it instead)",
+                "bad_request",
+            )
+        parent = node.parent
+        assert parent is not None  # the root is a supervisor
+
+        async def upgrade() -> dict[str, Any]:
+            if node.state is not State.RUNNING or not node.alive:
+                raise ManagerError(
+                    f"actor '{name}' is not running ({node.state.value}): start it instead",
+                    "bad_request",
+                )
+            result = await self.m.actors.upgrade(node)
+            self.m.upgraded(node, result["old_pid"])
+            return result
+
+        result: dict[str, Any] = await parent.call(upgrade)
+        return result
 
     # -- children added, changed and removed at run time ---------------------------
 

@@ -468,6 +468,15 @@ class RegistryService(Extension):
         elif new is State.STARTING:
             daemon.early_heartbeat = None
 
+    def on_upgrade(self, node: NodeView, old_pid: int) -> None:
+        """A hot code upgrade: the old process left (its services inactive) and the new
+        one runs (declared services registered for it, its checks started afresh)."""
+        if node.kind == "supervisor" or self.store is None:
+            return
+        daemon = self._daemons.setdefault(node.name, _Daemon(node.name))
+        self._daemon_left_running(daemon)
+        self._daemon_running(node, daemon)
+
     def _daemon_running(self, node: NodeView, daemon: _Daemon) -> None:
         pid = node.pid
         daemon.pid = pid

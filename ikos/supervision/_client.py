@@ -4,7 +4,7 @@ and ``spawn``.
 Which instance: an explicit ``root``, else the innermost ``with ikos.local()``
 block open in this process (:func:`push_local_root`), else, in an actor's
 process, the actor's own instance, else ``$IKOS_ROOT``, else the default
-instance, as ikosctl finds it.
+instance, as ikosctl finds it. ``upgrade`` (hot code upgrade) is here too.
 """
 
 from __future__ import annotations
@@ -133,3 +133,24 @@ def spawn(
     with ControlClient(instance_paths(where), timeout=120.0) as client:
         status = client.call("spawn", request)
     return ActorRef(str(status["name"]), root=where)
+
+
+def upgrade(name: str, *, root: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """Hot code upgrade of actor ``name``: its class's current code takes over its state.
+
+    Returns what happened: ``old_pid``, ``pid``, ``state`` (``"handed over"`` or
+    ``"fresh"``). Raises :class:`ikos.UpgradeFailed` (with the new code's
+    ``traceback``) when the new code failed and the old incarnation serves on,
+    :class:`ikos.NoSuchDaemon` for an unknown name, :class:`ikos.ManagerError`
+    when ``name`` cannot be upgraded (an executable, a supervisor, not running,
+    a class defined in ``__main__``). Example::
+
+        ikos.upgrade("counter")   # {'old_pid': 1201, 'pid': 1207, 'state': 'handed over', ...}
+    """
+    with ControlClient(instance_paths(instance_root(root)), timeout=UPGRADE_TIMEOUT) as client:
+        result: dict[str, Any] = client.call("upgrade", {"name": name})
+    return result
+
+
+#: Seconds ``upgrade`` waits for ikosd's answer: the new code's start_timeout rules below it.
+UPGRADE_TIMEOUT = 600.0

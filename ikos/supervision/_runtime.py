@@ -368,6 +368,9 @@ class WorkerNode(Node):
         # auto_start = false: part of the tree, but started only when asked to
         self.held = isinstance(spec, Exec) and not spec.auto_start
         self.spec: Child | Exec = spec
+        #: during a hot code upgrade, the successor's pid (0 until it is forked): the
+        #: process that may speak for this actor before it takes over (its on_start)
+        self.successor_pid: int | None = None
 
     @property
     def alive(self) -> bool:
@@ -445,6 +448,19 @@ class WorkerNode(Node):
         self._stopped(reason)
         if self.parent is not None:
             self.parent.post(functools.partial(self.parent.child_exited, self, inc, reason))
+
+    def detach(self) -> None:
+        """Stop treating the running process's exit as this daemon's (a hot code upgrade
+        is replacing it, through its supervisor's queue); :meth:`attach` ends that."""
+        self.incarnation += 1
+
+    def attach(self, handle: Running) -> None:
+        """Watch ``handle`` as the running process, after :meth:`detach`: the successor of
+        an upgrade, or the same process kept when the upgrade failed. No transition: the
+        daemon never stopped running; an exit that came meanwhile is handled now."""
+        self.handle = handle
+        self.successor_pid = None
+        handle.exited.add_done_callback(functools.partial(self._exited, self.incarnation))
 
     async def terminate(self, why: str = "shutdown") -> None:
         """OTP's shutdown: SIGTERM, wait the shutdown timeout, then SIGKILL."""
