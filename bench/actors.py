@@ -430,6 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tells", type=int, default=100000)
     ap.add_argument("--kills", type=int, default=30)
     ap.add_argument("--timeouts", type=int, default=100, help="asks left to time out")
+    ap.add_argument("--upgrades", type=int, default=20, help="hot code upgrades under asks")
     ap.add_argument("--no-peers", action="store_true")
     args = ap.parse_args(argv)
 
@@ -441,6 +442,10 @@ def main(argv: list[str] | None = None) -> int:
         ik = ikos_figures(inst, args.n, args.tells, args.kills, args.timeouts)
     finally:
         inst.close()
+    print("ikos upgrades ...", flush=True)
+    from bench.upgrade import upgrade_gaps
+
+    upgrades = upgrade_gaps(args.upgrades)
     peers: dict[str, dict[str, Any] | None] = {}
     if not args.no_peers:
         for name, fn in (
@@ -533,6 +538,25 @@ def main(argv: list[str] | None = None) -> int:
                 "-",
                 *["-" for _ in names],
             )
+    gaps_ms = [g * 1e3 for g in upgrades["gaps"]]
+    for label, value in (
+        ("median", percentile(gaps_ms, 50)),
+        ("max", max(gaps_ms)),
+    ):
+        table.add(
+            f"gap in service during a hot upgrade, {label} (ms)",
+            "-",
+            value,
+            "-",
+            *["-" for _ in names],
+        )
+    table.add(
+        f"messages lost or reordered in {len(gaps_ms)} upgrades",
+        "-",
+        f"{len(upgrades['errors'])} of {upgrades['replies']}",
+        "-",
+        *["-" for _ in names],
+    )
     table.add(
         "USS per idle actor (KiB)",
         "-",
@@ -572,6 +596,11 @@ def main(argv: list[str] | None = None) -> int:
     table.raw = {
         "floor": {"ask": fa, "tell_per_s": fl_tell},
         "concurrent_asks_per_s": conc,
+        "upgrade": {
+            "gaps_ms": gaps_ms,
+            "replies": upgrades["replies"],
+            "errors": upgrades["errors"],
+        },
         "ikos": {k: (summary_us(v) if isinstance(v, list) else v) for k, v in ik.items()},
         "peers": {
             n: {k: (summary_us(v) if k in ("ask", "restart") else v) for k, v in (p or {}).items()}

@@ -25,6 +25,7 @@ import textwrap
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from bench._common import IkosInstance, percentile
 
@@ -73,25 +74,27 @@ def ask_p50(ref: object, n: int) -> float:
     return percentile(samples, 50)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--upgrades", type=int, default=20)
-    parser.add_argument("--asks", type=int, default=5000)
-    parser.add_argument("--asks-only", action="store_true")
-    opts = parser.parse_args()
+def upgrade_gaps(upgrades: int, asks: int = 0) -> dict[str, Any]:
+    """Upgrade a counter ``upgrades`` times under one client asking without pause.
+
+    Returns ``gaps`` (seconds, one per upgrade), ``replies`` (how many were
+    checked in order), ``errors`` (replies out of order: lost messages), and
+    with ``asks`` the ask round trip p50 ``before`` and ``after``.
+    """
     import ikos
 
     # the actor's module lives apart from the tree, on a path the tree adds
     staging = Path(tempfile.mkdtemp(prefix="ikos-bench-upgrade-"))
     (staging / "gapmod.py").write_text(MODULE.format(version=1))
     inst = IkosInstance(TREE.format(where=str(staging)))
+    out: dict[str, Any] = {}
     try:
         ref = ikos.ActorRef("counter", root=inst.root)
         ref.ask("x")
-        before = ask_p50(ref, opts.asks)
-        print(f"ask round trip p50 before: {before * 1e6:.1f} us ({opts.asks} asks)")
-        if opts.asks_only:
-            return
+        if asks:
+            out["before"] = ask_p50(ref, asks)
+        if not upgrades:
+            return out
         replies: list[float] = []
         errors: list[str] = []
         stop = threading.Event()
@@ -110,7 +113,7 @@ def main() -> None:
         t.start()
         gaps = []
         try:
-            for version in range(2, opts.upgrades + 2):
+            for version in range(2, upgrades + 2):
                 (staging / "gapmod.py").write_text(MODULE.format(version=version))
                 time.sleep(0.05)  # a stream of replies before the upgrade starts
                 start = len(replies)
@@ -124,20 +127,35 @@ def main() -> None:
         finally:
             stop.set()
             t.join(60)
-        after = ask_p50(ref, opts.asks)
-        ms = [g * 1e3 for g in gaps]
-        print(
-            f"upgrade gap over {len(ms)} upgrades: median {statistics.median(ms):.2f} ms, "
-            f"max {max(ms):.2f} ms; replies checked in order: {len(replies)}, "
-            f"errors: {len(errors)}"
-        )
-        print(f"ask round trip p50 after: {after * 1e6:.1f} us ({opts.asks} asks)")
-        if errors:
-            print("\n".join(errors[:10]), file=sys.stderr)
-            sys.exit(1)
+        out.update(gaps=gaps, replies=len(replies), errors=errors)
+        if asks:
+            out["after"] = ask_p50(ref, asks)
+        return out
     finally:
         inst.close()
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--upgrades", type=int, default=20)
+    parser.add_argument("--asks", type=int, default=5000)
+    parser.add_argument("--asks-only", action="store_true")
+    opts = parser.parse_args()
+    res = upgrade_gaps(0 if opts.asks_only else opts.upgrades, opts.asks)
+    print(f"ask round trip p50 before: {res['before'] * 1e6:.1f} us ({opts.asks} asks)")
+    if opts.asks_only:
+        return
+    ms = [g * 1e3 for g in res["gaps"]]
+    print(
+        f"upgrade gap over {len(ms)} upgrades: median {statistics.median(ms):.2f} ms, "
+        f"max {max(ms):.2f} ms; replies checked in order: {res['replies']}, "
+        f"errors: {len(res['errors'])}"
+    )
+    print(f"ask round trip p50 after: {res['after'] * 1e6:.1f} us ({opts.asks} asks)")
+    if res["errors"]:
+        print("\n".join(res["errors"][:10]), file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
