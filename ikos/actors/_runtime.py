@@ -58,6 +58,7 @@ from ikos.actors._actor import Actor
 from ikos.actors._call import MethodCall
 from ikos.actors._ref import (
     ASK,
+    CALL,
     REPLY_ERR,
     REPLY_OK,
     SHM_TYPES,
@@ -461,6 +462,8 @@ class ActorProcess:
                     self.segments += 1
                 else:
                     kind, corr, message = decode(raw)
+                    if kind == CALL:  # a proxy's call, sent as a tuple (ikos.actors._call)
+                        kind, message = ASK, MethodCall.from_wire(message)
             except ShmProtocolError as exc:
                 self._refuse(client, str(exc))
                 self._close(client)
