@@ -19,24 +19,14 @@ from typing import Any
 
 import pytest
 from conftest import HANG, Instance, wait_for
+from gate_source import GATE_SOURCE
 
 import ikos
 from ikos.actors import _pipeline
 
-ACTORS = """
-import os
-import time
-
-import ikos
-
-
-def wait_gate(path):
-    deadline = time.monotonic() + 120  # the test's own waits fail long before
-    while not os.path.exists(path):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"the gate {path} never opened")
-        time.sleep(0.005)
-
+ACTORS = (
+    GATE_SOURCE
+    + """
 
 class Recorder(ikos.Actor):
     def on_start(self):
@@ -60,6 +50,7 @@ class Recorder(ikos.Actor):
         self.seen.append(("incr", k))
         return k + 1
 """
+)
 
 TREE = (
     ACTORS

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import HANG, Instance, wait_for
+from gate_source import GATE_SOURCE
 
 import ikos
 from ikos.actors._call import MethodCall
@@ -24,20 +25,9 @@ from ikos.actors._proxy import Proxy
 
 HERE = Path(__file__).resolve().parent
 
-ACTORS = """
-import os
-import time
-
-import ikos
-
-
-def wait_gate(path):
-    deadline = time.monotonic() + 120  # the test's own waits fail long before
-    while not os.path.exists(path):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"the gate {path} never opened")
-        time.sleep(0.005)
-
+ACTORS = (
+    GATE_SOURCE
+    + """
 
 def explode(text):
     raise ValueError(f"kaboom {text}")
@@ -89,6 +79,7 @@ class Counter(ikos.Actor):
     def _private(self):
         return "secret"
 """
+)
 
 TREE = (
     ACTORS
