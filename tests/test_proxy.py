@@ -271,7 +271,7 @@ def test_refused_calls_are_answered_without_crashing_the_actor(ikosd_factory, tm
     # the actor checks for itself what a proxy refuses locally: a raw call
     for method in ["_private", "receive", "stop", "on_start", "__class__"]:
         with pytest.raises(ikos.MethodRefused) as info:
-            ref._call(method, (), {}, HANG)
+            ref._call((method, HANG))
         assert info.value.method == method
     # a MethodCall sent by a plain ask is refused the same way, as a value
     refused = ref.ask(MethodCall("_private", (), {}), timeout=HANG)

@@ -168,6 +168,7 @@ def samples() -> list[ikos.IkosError]:
         ikos.AskTimeout("echo", "no reply within 0.5 s"),
         ikos.MailboxFull("echo", "mailbox full: the send timed out"),
         ikos.MessageTooLarge("echo", 100_000, 65536),
+        ikos.MethodRefused("counter", "_secret", "private (the name starts with '_')"),
         ikos.AuthenticationError("the peer failed the HMAC challenge"),
         ikos.SpawnError("netd", "user", "no such user 'nobody2'"),
         ikos.ManagerError("refused", "timeout"),

@@ -563,12 +563,11 @@ class ActorRef(Generic[A]):
             return value
         raise value
 
-    def _call(
-        self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float
-    ) -> Any:
-        """:meth:`ask`'s twin for a proxy's method call (a ``CALL`` frame); apart, so
-        that ``ask`` carries no branch for it. Raises the remote error, or the
-        :class:`MethodRefused` the actor answered."""
+    def _call(self, target: tuple[str, float], *args: Any, **kwargs: Any) -> Any:
+        """:meth:`ask`'s twin for a proxy's method call ``target`` = (method, timeout),
+        sent as a ``CALL`` frame; apart, so that ``ask`` carries no branch for it.
+        Raises the remote error, or the :class:`MethodRefused` the actor answered."""
+        method, timeout = target
         deadline = time.monotonic() + timeout
         existing = _pool.conns.get((self._root, self.name))
         corr = next(existing.ids) if existing is not None else 1
