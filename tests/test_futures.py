@@ -194,6 +194,30 @@ def test_sigkill_with_futures_in_flight_fails_every_one(ikosd_factory, tmp_path)
     )
 
 
+def test_sigkill_with_asyncio_asks_in_flight_fails_every_one(ikosd_factory, tmp_path):
+    inst, ref = start(ikosd_factory)
+    gate = tmp_path / "gate"
+    pid = inst.pid_of("rec")
+    assert pid
+
+    async def main() -> list[Any]:
+        blocker = asyncio.ensure_future(ref.ask_async(("gate", str(gate)), timeout=HANG))
+        while not busy(gate):  # the loop's own wait: the gated actor answers nothing
+            await asyncio.sleep(0.01)
+        queued = [asyncio.ensure_future(ref.ask_async(i, timeout=HANG)) for i in range(300)]
+        await asyncio.sleep(0)  # let them queue and go out
+        os.kill(pid, signal.SIGKILL)
+        return await asyncio.wait_for(
+            asyncio.gather(blocker, *queued, return_exceptions=True), HANG
+        )
+
+    outcomes = asyncio.run(main())
+    assert len(outcomes) == 301
+    for outcome in outcomes:
+        assert isinstance(outcome, ikos.ActorDeadError), outcome
+        assert "stopped before answering" in str(outcome)
+
+
 def test_remote_errors_shared_memory_and_dead_actors(ikosd_factory):
     inst, ref = start(ikosd_factory)
     with pytest.raises(ikos.ActorCrashed) as info:

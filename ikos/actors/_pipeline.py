@@ -1,7 +1,10 @@
 """Pipelined asks: many replies in flight on one connection, completed as futures.
 
-``ActorRef.ask_future`` (and ``ask_async``, and the future proxies) queue the
-ask for a connection of their own, one per (process, instance, actor), and
+(``ask_async`` has the same design on the event loop's own I/O, in
+``ikos.actors._loop_pipeline``, and shares this module's framing helpers.)
+
+``ActorRef.ask_future`` (and the future proxies) queue the ask for a
+connection of their own, one per (process, instance, actor), and
 return a :class:`concurrent.futures.Future` at once. One thread per such
 connection does all its I/O: it writes the queued frames (those queued since
 its last write go out in one ``send``), reads the replies and completes the
@@ -252,45 +255,15 @@ class Pipeline:
         return expired
 
     def _take(self) -> None:
-        """Move the queued frames to ``writing``, runs without descriptors joined."""
+        """Move the queued frames to ``writing``."""
         with self.lock:
             out, self.out = self.out, deque()
             self.wake_asked = False
-        run: list[bytes] = []
-        size = 0
-        for frame, fd in out:
-            if run and (fd >= 0 or size >= WRITE_BATCH):
-                self.writing.append((b"".join(run), -1))
-                run, size = [], 0
-            if fd >= 0:
-                self.writing.append((frame, fd))
-            else:
-                run.append(frame)
-                size += len(frame)
-        if run:
-            self.writing.append((b"".join(run), -1))
+        join_frames(out, self.writing)
 
     def _write(self, sock: socket.socket) -> bool:
         """Write what the socket takes now; False when the connection is gone."""
-        written = 0
-        ok = True
-        writing = self.writing
-        while writing:
-            data, fd = writing[0]
-            try:
-                n = sock.send(data) if fd < 0 else send_with_fds(sock, bytes(data), [fd])
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError:
-                ok = False
-                break
-            if fd >= 0:
-                os.close(fd)  # passed: the kernel holds its own reference
-            written += n
-            if n < len(data):
-                writing[0] = (memoryview(data)[n:], -1)
-                break
-            writing.popleft()
+        written, ok = write_some(sock, self.writing)
         if written:
             with self.room:
                 self.unsent -= written
@@ -299,46 +272,22 @@ class Pipeline:
 
     def _read(self) -> bool:
         """Read what arrived and complete the futures it answers; False on EOF."""
-        conn = self.conn
         try:
-            got, anc, flags, _ = conn.sock.recvmsg_into(conn.bufs, ANCILLARY_SIZE, RECV_FLAGS)
-        except (BlockingIOError, InterruptedError):
-            return True
-        except OSError:
+            replies = read_replies(self.conn, self.name)
+        except ActorError as exc:
+            self._fail(exc)
             return False
-        try:
-            if anc or flags & MSG_CTRUNC:
-                take_fds(conn.fds, fds_of(anc, flags))
-            if not got:
-                return False
-            buf = conn.buf
-            buf += conn.view[:got]
-            pending = self.pending
-            answered = False
-            while len(buf) >= 4:
-                (n,) = HEADER.unpack_from(buf)
-                if len(buf) < 4 + n:
-                    break
-                raw = bytes(buf[4 : 4 + n])
-                del buf[: 4 + n]
-                kind, rid, value = decode_shm(raw, conn.fds) if raw[0] == SHM else decode(raw)
-                entry = pending.pop(rid, None)  # None: it timed out already
-                if entry is None:
-                    continue
-                answered = True
+        if replies is None:
+            return False
+        pending = self.pending
+        for kind, rid, value in replies:
+            entry = pending.pop(rid, None)  # None: it timed out already
+            if entry is not None:
                 if kind == REPLY_OK and value.__class__ is not MethodRefused:
                     _settle(entry[0], None, value)
                 else:
                     _settle(entry[0], value)
-            if conn.fds and not buf:
-                raise ShmProtocolError("a descriptor came without a frame announcing it")
-        except ValueError as exc:  # ShmProtocolError, truncated descriptors
-            self._fail(ActorError(self.name, f"bad shared-memory reply: {exc}"))
-            return False
-        except Exception as exc:  # a reply this process cannot decode: the stream is lost
-            self._fail(ActorError(self.name, f"could not decode a reply: {exc!r}"))
-            return False
-        if answered and len(pending) >= MAX_IN_FLIGHT - 1:
+        if replies and len(pending) >= MAX_IN_FLIGHT - len(replies):
             with self.room:
                 self.room.notify_all()
         return True
@@ -373,6 +322,97 @@ class Pipeline:
                     pass
         for future, _, _ in pending.values():
             _settle(future, error)
+
+
+def join_frames(out: deque[tuple[bytes, int]], writing: deque[tuple[Any, int]]) -> None:
+    """Append ``out``'s frames to ``writing``, runs without a descriptor joined into
+    writes of about :data:`WRITE_BATCH` bytes (a frame with one goes alone)."""
+    run: list[bytes] = []
+    size = 0
+    for frame, fd in out:
+        if run and (fd >= 0 or size >= WRITE_BATCH):
+            writing.append((b"".join(run), -1))
+            run, size = [], 0
+        if fd >= 0:
+            writing.append((frame, fd))
+        else:
+            run.append(frame)
+            size += len(frame)
+    if run:
+        writing.append((b"".join(run), -1))
+
+
+def write_some(sock: socket.socket, writing: deque[tuple[Any, int]]) -> tuple[int, bool]:
+    """Write from ``writing`` what the non-blocking ``sock`` takes now: (bytes written,
+    False when the connection is gone). A descriptor is closed once passed."""
+    written = 0
+    while writing:
+        data, fd = writing[0]
+        try:
+            n = sock.send(data) if fd < 0 else send_with_fds(sock, bytes(data), [fd])
+        except (BlockingIOError, InterruptedError):
+            break
+        except OSError:
+            return written, False
+        if fd >= 0:
+            os.close(fd)  # passed: the kernel holds its own reference
+        written += n
+        if n < len(data):
+            writing[0] = (memoryview(data)[n:], -1)
+            break
+        writing.popleft()
+    return written, True
+
+
+def read_replies(conn: _Connection, name: str) -> list[tuple[int, int, Any]] | None:
+    """Read once from the non-blocking connection and decode every complete reply
+    ``(kind, corr, value)``; None at EOF; :class:`ActorError` when the stream cannot
+    be trusted any more (bad descriptors, a reply that does not decode)."""
+    try:
+        got, anc, flags, _ = conn.sock.recvmsg_into(conn.bufs, ANCILLARY_SIZE, RECV_FLAGS)
+    except (BlockingIOError, InterruptedError):
+        return []
+    except OSError:
+        return None
+    replies = []
+    try:
+        if anc or flags & MSG_CTRUNC:
+            take_fds(conn.fds, fds_of(anc, flags))
+        if not got:
+            return None
+        buf = conn.buf
+        buf += conn.view[:got]
+        while len(buf) >= 4:
+            (n,) = HEADER.unpack_from(buf)
+            if len(buf) < 4 + n:
+                break
+            raw = bytes(buf[4 : 4 + n])
+            del buf[: 4 + n]
+            replies.append(decode_shm(raw, conn.fds) if raw[0] == SHM else decode(raw))
+        if conn.fds and not buf:
+            raise ShmProtocolError("a descriptor came without a frame announcing it")
+    except ValueError as exc:  # ShmProtocolError, truncated descriptors
+        raise ActorError(name, f"bad shared-memory reply: {exc}") from None
+    except Exception as exc:  # a reply this process cannot decode: the stream is lost
+        raise ActorError(name, f"could not decode a reply: {exc!r}") from None
+    return replies
+
+
+def encode_frame(ref: ActorRef[Any], corr: int, message: Any) -> tuple[bytes, int]:
+    """The frame of an ask (a future proxy's call as a ``CALL``) and the descriptor
+    it carries (-1: none; else the caller's to pass or close)."""
+    ctx = ref._context()
+    if message.__class__ in SHM_TYPES and by_shm(message, ctx.shm_threshold):
+        data, fd, owned = encode_shm(ASK, corr, message)
+        # a SharedBuffer's own descriptor: the queue needs one of its own
+        return HEADER.pack(len(data)) + data, fd if owned else os.dup(fd)
+    if message.__class__ is MethodCall:  # a future proxy's call: see CALL
+        data = encode((CALL, corr, (message.method, message.args, message.kwargs)))
+    else:
+        data = encode((ASK, corr, message))
+    if len(data) > ctx.max_frame:
+        raise MessageTooLarge(ref.name, len(data), ctx.max_frame)
+    return HEADER.pack(len(data)) + data, -1
 
 
 def _settle(future: Future[Any], error: BaseException | None, value: Any = None) -> None:
@@ -417,38 +457,31 @@ def submit(ref: ActorRef[Any], message: Any, timeout: float) -> Future[Any]:
     corr = next(_ids)
     fd = -1
     try:
-        ctx = ref._context()
-        if message.__class__ in SHM_TYPES and by_shm(message, ctx.shm_threshold):
-            data, fd, owned = encode_shm(ASK, corr, message)
-            if not owned:  # a SharedBuffer's own descriptor: the queue needs its own
-                fd = os.dup(fd)
-        else:
-            if message.__class__ is MethodCall:  # a future proxy's call: see CALL
-                data = encode((CALL, corr, (message.method, message.args, message.kwargs)))
-            else:
-                data = encode((ASK, corr, message))
-            if len(data) > ctx.max_frame:
-                raise MessageTooLarge(ref.name, len(data), ctx.max_frame)
-        frame = HEADER.pack(len(data)) + data
+        frame, fd = encode_frame(ref, corr, message)
         for _ in (0, 1):
             pipe = _pipeline(ref, deadline)
-            if len(data) > pipe.conn.max_frame:
-                raise MessageTooLarge(ref.name, len(data), pipe.conn.max_frame)
+            if len(frame) - 4 > pipe.conn.max_frame:
+                raise MessageTooLarge(ref.name, len(frame) - 4, pipe.conn.max_frame)
             if pipe.enqueue(corr, future, deadline, timeout, frame, fd):
                 fd = -1  # the queue's now
                 return future
             # closed between lookup and queueing (the actor restarted): a new one
         raise ActorDeadError(ref.name, "the connection broke")
     except BaseException as exc:
-        if isinstance(exc, TimeoutError) and not isinstance(exc, ActorError):
-            exc = AskTimeout(ref.name, f"no reply within {timeout:g} s (could not connect)")
-        _settle(future, exc)
+        _settle(future, as_ask_error(ref, exc, timeout))
         if not isinstance(exc, Exception):
             raise
     finally:
         if fd >= 0:
             os.close(fd)
     return future
+
+
+def as_ask_error(ref: ActorRef[Any], exc: BaseException, timeout: float) -> BaseException:
+    """A connect's plain timeout as the :class:`AskTimeout` an ask raises."""
+    if isinstance(exc, TimeoutError) and not isinstance(exc, ActorError):
+        return AskTimeout(ref.name, f"no reply within {timeout:g} s (could not connect)")
+    return exc
 
 
 def _close_all(reason: str) -> None:

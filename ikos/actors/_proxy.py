@@ -16,7 +16,6 @@ class for mypy) is in ``ActorRef``; at run time it is this object.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -53,7 +52,9 @@ class ProxyMethod(functools.partial[Any]):
 
     async def call_async(self, *args: Any, **kwargs: Any) -> Any:
         """The call awaited from asyncio code (``ActorRef.ask_async``)."""
-        return await asyncio.wrap_future(self.future(*args, **kwargs))
+        method, timeout = self.args[0]
+        ref = self.func.__self__  # type: ignore[attr-defined]
+        return await ref.ask_async(MethodCall(method, args, kwargs), timeout)
 
     def __repr__(self) -> str:
         return f"<proxy method {self.args[0][0]!r} of {self.func.__self__!r}>"  # type: ignore[attr-defined]

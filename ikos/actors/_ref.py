@@ -406,17 +406,17 @@ class ActorRef(Generic[A]):
     async def ask_async(self, message: Any, timeout: float = DEFAULT_ASK_TIMEOUT) -> Any:
         """:meth:`ask` for asyncio code: ``await ref.ask_async(msg)``.
 
-        The same pipelined connection as :meth:`ask_future`, whose future is
-        awaited with :func:`asyncio.wrap_future`; many may be in flight
-        (``asyncio.gather``). Raises what :meth:`ask` raises.
+        Pipelined like :meth:`ask_future`, on the running loop's own connection
+        to the actor (the loop does the I/O: no thread, no hand-off); many may
+        be in flight (``asyncio.gather``). Raises what :meth:`ask` raises.
 
         Example::
 
             replies = await asyncio.gather(*(echo.ask_async(i) for i in range(100)))
         """
-        import asyncio
+        from ikos.actors._loop_pipeline import ask_async
 
-        return await asyncio.wrap_future(self.ask_future(message, timeout))
+        return await ask_async(self, message, timeout)
 
     def __hash__(self) -> int:
         return hash((self.name, self._root))
