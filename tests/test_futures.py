@@ -12,6 +12,7 @@ import asyncio
 import os
 import signal
 import threading
+import time
 import warnings
 from concurrent.futures import Future, wait
 from pathlib import Path
@@ -22,7 +23,7 @@ from conftest import HANG, Instance, wait_for
 from gate_source import GATE_SOURCE
 
 import ikos
-from ikos.actors import _pipeline
+from ikos.actors import _loop_pipeline, _pipeline
 
 ACTORS = (
     GATE_SOURCE
@@ -139,11 +140,34 @@ def test_asyncio_many_concurrent_asks_from_one_loop(ikosd_factory):
         calls = await asyncio.gather(*(ref.async_proxy(HANG).incr(k) for k in range(100)))
         with pytest.raises(ikos.ActorCrashed, match="KeyError"):
             await ref.ask_async(("boom", "x"), timeout=HANG)
-        return replies, calls, None
+        # the crash ends that connection (an ask sent before its end is seen fails
+        # with ActorDeadError); the restarted actor gets a new one
+        deadline = time.monotonic() + HANG
+        while True:
+            try:
+                after = await ref.ask_async("after the crash", timeout=HANG)
+                break
+            except ikos.ActorDeadError:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.02)
+        return replies, calls, after
 
-    replies, calls, _ = asyncio.run(main())
+    replies, calls, after = asyncio.run(main())
+    assert after == ("seen", "after the crash")
     assert replies == [("seen", i) for i in range(2000)]
     assert calls == [k + 1 for k in range(100)]
+
+    # asyncio.run closed that loop with its connection open: the next loop's first
+    # connect closes it (nothing leaks from one asyncio.run to the next)
+    (old,) = [p for pipes in _loop_pipeline._by_loop.values() for p in pipes.values()]
+    assert isinstance(old, _loop_pipeline.LoopPipeline) and not old.closed
+
+    async def again() -> Any:
+        return await ref.ask_async("again", timeout=HANG)
+
+    assert asyncio.run(again()) == ("seen", "again")
+    assert old.closed and old.conn.sock.fileno() == -1
+    assert old.loop not in _loop_pipeline._by_loop
 
 
 def test_futures_time_out_and_late_replies_are_dropped(ikosd_factory, tmp_path):

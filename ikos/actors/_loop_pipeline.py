@@ -24,9 +24,9 @@ threads or processes), so there is nothing to do at fork.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import os
 import time
-import weakref
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
@@ -55,11 +55,14 @@ from ikos.platform._memfd import close_all
 if TYPE_CHECKING:
     from ikos.actors._ref import ActorRef
 
-#: Each loop's connections by (root, actor), or the task making one.
-_by_loop: weakref.WeakKeyDictionary[
+#: Each loop's connections by (root, actor), or the task making one. Not weak: a
+#: connection's callbacks and timers hold its loop, so a weak key would never go;
+#: the connections of closed loops are closed when a connection is next made
+#: (``_prune``: ``asyncio.run`` closes its loop with no hook to tell us), and at exit.
+_by_loop: dict[
     asyncio.AbstractEventLoop,
     dict[tuple[str | None, str], LoopPipeline | asyncio.Task[LoopPipeline]],
-] = weakref.WeakKeyDictionary()
+] = {}
 
 
 class LoopPipeline:
@@ -198,6 +201,8 @@ class LoopPipeline:
         pipes = _by_loop.get(self.loop)
         if pipes is not None and pipes.get(self.key) is self:
             del pipes[self.key]
+            if not pipes:
+                del _by_loop[self.loop]
         self.loop.remove_reader(self.fd)
         if self.writer_added:
             self.loop.remove_writer(self.fd)
@@ -206,7 +211,7 @@ class LoopPipeline:
         pending, self.pending = self.pending, {}
         for future, timer, _ in pending.values():
             timer.cancel()
-            if not future.done():
+            if not future.done() and not self.loop.is_closed():
                 future.set_exception(error)
         close_all([fd for _, fd in self.out if fd >= 0])
         close_all([fd for _, fd in self.writing if fd >= 0])
@@ -246,6 +251,7 @@ async def _pipeline(
     if isinstance(entry, LoopPipeline) and not entry.closed:
         return entry
     if entry is None or isinstance(entry, LoopPipeline):
+        _prune(loop)
         entry = pipes[key] = loop.create_task(_open(loop, ref, key, deadline))
     try:
         # shielded: one asker's cancellation must not cancel the others' connect
@@ -269,3 +275,16 @@ async def _open(
         raise
     pipe = pipes[key] = LoopPipeline(loop, ref.name, key, conn)
     return pipe
+
+
+def _prune(current: asyncio.AbstractEventLoop | None) -> None:
+    """Close the connections of every loop that is closed (all but ``current`` at exit)."""
+    for loop in [
+        lp for lp in _by_loop if lp is not current and (current is None or lp.is_closed())
+    ]:
+        for entry in _by_loop.pop(loop).values():
+            if isinstance(entry, LoopPipeline):
+                entry.fail(ActorDeadError(entry.name, "its event loop closed"))
+
+
+atexit.register(_prune, None)
