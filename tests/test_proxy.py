@@ -299,6 +299,10 @@ def test_a_typed_reference_pickles_and_proxies_after_the_trip(ikosd_factory, tmp
     assert again == typed == ref and hash(again) == hash(ref)
     assert type(again) is ikos.ActorRef and again.name == "counter"
     assert again.proxy(timeout=HANG).incr(4) == 4
+    # a proxy and a proxy's method travel too (say, as a callback in a message)
+    proxy = pickle.loads(pickle.dumps(typed.proxy(timeout=HANG)))
+    incr = pickle.loads(pickle.dumps(proxy.incr))
+    assert incr(0) == 4 and incr.future(0).result(timeout=HANG) == 4
     # in another process too
     code = (
         "import pickle, sys; ref = pickle.loads(sys.stdin.buffer.read()); "

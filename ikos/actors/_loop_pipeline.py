@@ -17,8 +17,10 @@ connection (past them an ask waits, at most its timeout, then
 :class:`MailboxFull`); a lost connection fails every pending ask with
 :class:`ActorDeadError`; an idle connection is closed after ``IDLE_CLOSE``
 seconds; the asks of one task reach the actor in the order made. A
-connection belongs to its loop (a loop object is never shared between
-threads or processes), so there is nothing to do at fork.
+connection belongs to its loop; a forked child closes its copies of the
+sockets and leaves the loops alone (their epoll instance is the parent's
+too). The connections of a loop that closed are closed at the next connect
+of any loop, and at exit (``_prune``).
 """
 
 from __future__ import annotations
@@ -287,4 +289,16 @@ def _prune(current: asyncio.AbstractEventLoop | None) -> None:
                 entry.fail(ActorDeadError(entry.name, "its event loop closed"))
 
 
+def _forget_in_child() -> None:
+    """A forked child does not run its parent's loops: close its copies of their
+    sockets, without touching the loops (their epoll instance is the parent's too)."""
+    for pipes in _by_loop.values():
+        for entry in pipes.values():
+            if isinstance(entry, LoopPipeline):
+                entry.closed = True
+                entry.conn.close()
+    _by_loop.clear()
+
+
 atexit.register(_prune, None)
+os.register_at_fork(after_in_child=_forget_in_child)

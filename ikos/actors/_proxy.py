@@ -45,6 +45,10 @@ class ProxyMethod(functools.partial[Any]):
     def __new__(cls, ref: ActorRef[Any], method: str, timeout: float) -> ProxyMethod:
         return super().__new__(cls, ref._call, (method, timeout))
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        method, timeout = self.args[0]
+        return (ProxyMethod, (self.func.__self__, method, timeout))  # type: ignore[attr-defined]
+
     def future(self, *args: Any, **kwargs: Any) -> Future[Any]:
         """The call as an ask on the pipelined connection (``ActorRef.ask_future``)."""
         method, timeout = self.args[0]
@@ -80,6 +84,9 @@ class Proxy:
         bound = method if mode == "call" else getattr(method, mode)
         self.__dict__[name] = bound  # cached: the next lookup never comes here
         return bound
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Proxy, self.__dict__["_ikos_proxy"])
 
     def __setattr__(self, name: str, value: Any) -> None:
         ref = self.__dict__["_ikos_proxy"][0]
