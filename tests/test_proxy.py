@@ -282,6 +282,22 @@ def test_refused_calls_are_answered_without_crashing_the_actor(ikosd_factory, tm
     assert inst.status("counter")["restarts"] == 0
 
 
+class Unimportable:
+    """Defined here: the actor's process cannot import this test module."""
+
+
+def test_an_argument_the_actor_cannot_decode_is_answered_at_once(ikosd_factory, tmp_path):
+    _inst, ref = start(ikosd_factory, tmp_path)
+    counter = ref.proxy(timeout=HANG)
+    with pytest.raises(ikos.ActorError, match="could not decode the message") as info:
+        counter.echo(Unimportable())
+    assert not isinstance(info.value, ikos.AskTimeout)  # answered, not left to time out
+    with pytest.raises(ikos.ActorError, match="could not decode the message") as info:
+        counter.echo.future(Unimportable()).result(timeout=HANG)
+    assert not isinstance(info.value, ikos.AskTimeout)
+    assert counter.incr(1) == 1  # and the actor goes on
+
+
 def test_a_proxy_call_times_out(ikosd_factory, tmp_path):
     _inst, ref = start(ikosd_factory, tmp_path)
     gate = tmp_path / "gate"

@@ -485,7 +485,7 @@ class ActorProcess:
         why = f"could not decode the message: {_describe(exc)}"
         # an "m" frame: its pickle stream starts after the segment's size
         header = _frame_header(raw[SHM_HEAD.size - 1 :] if raw[0] == SHM else raw)
-        if header is not None and header[0] == ASK:
+        if header is not None and header[0] in (ASK, CALL):
             self._reply(client, REPLY_ERR, header[1], ActorError(self.name, why))
             return
         self.dead_letters += 1
