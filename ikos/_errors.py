@@ -19,7 +19,9 @@ defined next to the code that raises them name their module in brackets
     │   ├── ActorCrashed           receive() raised while handling your ask
     │   ├── AskTimeout             no answer within the timeout (also a TimeoutError)
     │   ├── MailboxFull            the mailbox stayed full for the whole timeout
-    │   └── MessageTooLarge        the encoded message exceeds the frame limit
+    │   ├── MessageTooLarge        the encoded message exceeds the frame limit
+    │   └── MethodRefused          a proxy called what is not a public method (also an
+    │                              AttributeError)
     ├── AuthenticationError        a peer failed the HMAC challenge
     ├── SpawnError                 a process could not be started (daemon, field, reason)
     ├── StartFailed                a child did not start: its exit reason [supervision._runtime]
@@ -184,6 +186,20 @@ class MessageTooLarge(ActorError):
         IkosError.__init__(self, name, size, limit)
         self.name, self.size, self.limit = name, size, limit
         self.message = f"message of {size} bytes exceeds the limit of {limit} bytes"
+
+
+class MethodRefused(ActorError, AttributeError):  # type: ignore[misc]  # name: str, never None
+    """A proxy call named something that is not one of the actor's public methods.
+
+    ``method`` is the name called, ``reason`` why it was refused (private,
+    part of ``ikos.Actor``'s API, missing, not callable). The actor is not
+    affected: a refusal is the caller's mistake, answered to the caller.
+    """
+
+    def __init__(self, name: str, method: str, reason: str) -> None:
+        IkosError.__init__(self, name, method, reason)
+        self.name, self.method, self.reason = name, method, reason
+        self.message = f"cannot call {method!r} through a proxy: {reason}"
 
 
 class AuthenticationError(IkosError):

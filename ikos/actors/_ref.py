@@ -34,7 +34,8 @@ import struct
 import threading
 import time
 from collections import deque
-from typing import Any
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any, Generic, cast
 
 from ikos._codec import (
     SHM,
@@ -51,8 +52,10 @@ from ikos._errors import (
     AuthenticationError,
     MailboxFull,
     MessageTooLarge,
+    MethodRefused,
 )
 from ikos.actors import _context
+from ikos.actors._actor import Actor
 from ikos.platform._memfd import (
     ANCILLARY_SIZE,
     MAX_PENDING_FDS,
@@ -69,9 +72,25 @@ from ikos.platform._memfd import (
 from ikos.platform._unix import connect_unix
 from ikos.platform._wire import HEADER, client_handshake
 
+if TYPE_CHECKING:
+    # PEP 696's default: a bare ``ActorRef`` (``ActorRef("echo")``) is ``ActorRef[Any]``,
+    # whose proxy is untyped; ``ActorRef[Counter]`` types ``proxy()`` as a Counter.
+    from typing_extensions import TypeVar
+
+    A = TypeVar("A", bound=Actor, default=Any)
+else:
+    from typing import TypeVar
+
+    A = TypeVar("A", bound=Actor)
+
 log = logging.getLogger("ikos.actors")
 
 TELL, ASK, REPLY_OK, REPLY_ERR = 0, 1, 2, 3
+#: A proxy's method call: an ask whose payload is ``(method, args, kwargs)``, which the
+#: runtime turns into a :class:`~ikos.actors._call.MethodCall`. A plain tuple pickles
+#: in a fraction of the time a class instance takes (the class's import check on
+#: both ends), which is what keeps a proxy call as fast as an ask.
+CALL = 4
 DEFAULT_ASK_TIMEOUT = 5.0
 DEFAULT_SEND_TIMEOUT = 5.0
 
@@ -271,7 +290,7 @@ def _reset_pool() -> None:
 os.register_at_fork(after_in_child=_reset_pool)
 
 
-class ActorRef:
+class ActorRef(Generic[A]):
     """A reference to an actor by name; picklable, so it can be sent in messages.
 
     Example::
@@ -279,6 +298,12 @@ class ActorRef:
         echo = ikos.ActorRef("echo")          # in a process of the instance
         echo.tell({"log": "hello"})
         assert echo.ask("ping", timeout=2) == "pong"
+
+    The actor's class, as a type parameter, types its proxy (``A`` is only
+    for the type checker; a reference is a name at run time)::
+
+        counter: ikos.ActorRef[Counter] = ikos.ActorRef("counter")
+        n: int = counter.proxy().incr(5)      # checked against Counter.incr
     """
 
     __slots__ = ("_ctx", "_root", "name")
@@ -299,6 +324,99 @@ class ActorRef:
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, ActorRef) and (other.name, other._root) == (self.name, self._root)
+
+    # -- proxies, futures and asyncio (the pipelined path: ikos.actors._pipeline) --
+
+    def proxy(self, timeout: float = DEFAULT_ASK_TIMEOUT) -> A:
+        """An object whose method calls are asks to the actor's public methods.
+
+        ``ref.proxy().incr(5)`` asks the actor to run ``self.incr(5)`` and
+        returns its result; an exception in the method is raised here as
+        :class:`ActorCrashed` (remote type and traceback attached) and crashes
+        the actor as one in ``receive`` would. Private names, the hooks and
+        helpers of :class:`ikos.Actor`, missing methods and attributes that are
+        not methods are refused with :class:`MethodRefused` (the actor is not
+        affected). Attribute reads are not proxied: expose a method. Each call
+        waits at most ``timeout`` seconds (:class:`AskTimeout`). Typed: the
+        proxy of an ``ActorRef[Counter]`` is a ``Counter`` for mypy.
+
+        ``p.incr.future(5)`` makes the same call without waiting (a
+        :class:`concurrent.futures.Future`, as :meth:`ask_future`).
+
+        Example::
+
+            counter: ikos.ActorRef[Counter] = ikos.ActorRef("counter")
+            c = counter.proxy(timeout=2)
+            c.incr(5)                         # 5
+            c.incr(k=2)                       # 7
+        """
+        from ikos.actors._proxy import Proxy
+
+        return cast(A, Proxy(self, timeout))
+
+    def future_proxy(self, timeout: float = DEFAULT_ASK_TIMEOUT) -> Any:
+        """Like :meth:`proxy`, but every call returns a :class:`concurrent.futures.Future`
+        at once (pipelined, as :meth:`ask_future`). Untyped: Python's types cannot say
+        "the actor's methods, returning futures".
+
+        Example::
+
+            futures = [counter.future_proxy().incr(i) for i in range(100)]
+            total = sum(f.result() for f in futures)
+        """
+        from ikos.actors._proxy import Proxy
+
+        return Proxy(self, timeout, "future")
+
+    def async_proxy(self, timeout: float = DEFAULT_ASK_TIMEOUT) -> Any:
+        """Like :meth:`proxy` for asyncio code: every call is awaited
+        (``await ref.async_proxy().incr(5)``), as :meth:`ask_async`. Untyped."""
+        from ikos.actors._proxy import Proxy
+
+        return Proxy(self, timeout, "call_async")
+
+    def ask_future(self, message: Any, timeout: float = DEFAULT_ASK_TIMEOUT) -> Future[Any]:
+        """Send ``message`` as an ask and return the reply's future without waiting.
+
+        Many asks may be in flight at once: they share one connection per
+        process and actor, and one reader thread completes their futures
+        (``docs/actors.md``, "Futures and asyncio"). The future's exception is
+        what :meth:`ask` would raise (:class:`AskTimeout` once ``timeout``
+        seconds passed since this call, :class:`ActorDeadError` when the actor
+        dies or restarts with the ask in flight, :class:`ActorCrashed`...);
+        this call itself blocks only while the actor's mailbox and the socket
+        buffers are full, at most ``timeout``.
+
+        Order: the futures of one thread reach the actor in the order they were
+        made, but they do not travel on the thread's ``ask``/``tell``
+        connection: a :meth:`tell` made after ``ask_future`` may be handled
+        first. Wait for the future first, or send the later message with
+        ``ask_future`` too.
+
+        Example::
+
+            futures = [echo.ask_future(i) for i in range(10_000)]
+            replies = [f.result() for f in futures]
+            concurrent.futures.wait(futures, timeout=5)   # or as_completed
+        """
+        from ikos.actors._pipeline import submit
+
+        return submit(self, message, timeout)
+
+    async def ask_async(self, message: Any, timeout: float = DEFAULT_ASK_TIMEOUT) -> Any:
+        """:meth:`ask` for asyncio code: ``await ref.ask_async(msg)``.
+
+        Pipelined like :meth:`ask_future`, on the running loop's own connection
+        to the actor (the loop does the I/O: no thread, no hand-off); many may
+        be in flight (``asyncio.gather``). Raises what :meth:`ask` raises.
+
+        Example::
+
+            replies = await asyncio.gather(*(echo.ask_async(i) for i in range(100)))
+        """
+        from ikos.actors._loop_pipeline import ask_async
+
+        return await ask_async(self, message, timeout)
 
     def __hash__(self) -> int:
         return hash((self.name, self._root))
@@ -445,6 +563,23 @@ class ActorRef:
             return value
         raise value
 
+    def _call(self, target: tuple[str, float], *args: Any, **kwargs: Any) -> Any:
+        """:meth:`ask`'s twin for a proxy's method call ``target`` = (method, timeout),
+        sent as a ``CALL`` frame; apart, so that ``ask`` carries no branch for it.
+        Raises the remote error, or the :class:`MethodRefused` the actor answered."""
+        method, timeout = target
+        deadline = time.monotonic() + timeout
+        existing = _pool.conns.get((self._root, self.name))
+        corr = next(existing.ids) if existing is not None else 1
+        conn = self._send(encode((CALL, corr, (method, args, kwargs))), timeout, asking=True)
+        if conn is not existing:
+            conn.ids = itertools.count(corr + 1)
+        kind, value = self._reply(conn, corr, deadline, timeout)
+        del conn, existing  # as in ask: a kept exception must not keep the socket
+        if kind == REPLY_OK and value.__class__ is not MethodRefused:
+            return value
+        raise value
+
     def _reply(self, conn: _Connection, corr: int, deadline: float, timeout: float) -> Any:
         """Read frames until the reply to ``corr``: ``(kind, value)``; errors raised here."""
         while True:
@@ -472,5 +607,5 @@ class ActorRef:
             return kind, value
 
 
-def _rebuild_ref(name: str, root: str | None) -> ActorRef:
+def _rebuild_ref(name: str, root: str | None) -> ActorRef[Any]:
     return ActorRef(name, root=root)

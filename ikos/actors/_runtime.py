@@ -72,6 +72,7 @@ from ikos.actors._call import MethodCall
 from ikos.actors._carried import CarriedActor
 from ikos.actors._ref import (
     ASK,
+    CALL,
     REPLY_ERR,
     REPLY_OK,
     SHM_TYPES,
@@ -524,6 +525,8 @@ class ActorProcess:
                     self.segments += 1
                 else:
                     kind, corr, message = decode(raw)
+                    if kind == CALL:  # a proxy's call, sent as a tuple (ikos.actors._call)
+                        kind, message = ASK, MethodCall.from_wire(message)
             except ShmProtocolError as exc:
                 self._refuse(client, str(exc))
                 self._close(client)
@@ -548,7 +551,7 @@ class ActorProcess:
         why = f"could not decode the message: {_describe(exc)}"
         # an "m" frame: its pickle stream starts after the segment's size
         header = _frame_header(raw[SHM_HEAD.size - 1 :] if raw[0] == SHM else raw)
-        if header is not None and header[0] == ASK:
+        if header is not None and header[0] in (ASK, CALL):
             self._reply(client, REPLY_ERR, header[1], ActorError(self.name, why))
             return
         self.dead_letters += 1
