@@ -341,6 +341,7 @@ def test_a_crash_in_an_async_handler_answers_actor_crashed_and_restarts(ikosd_fa
     err = info.value
     assert err.name == "c" and err.exc_type == "ValueError"
     assert "kaboom 7" in str(err) and "in receive" in err.traceback
+    assert err.message.startswith("receive raised"), err.message
     thread.join(HANG)
     assert len(result) == 1 and isinstance(result[0], ikos.ActorDeadError), result
     new = inst.wait_running_new_pid("c", pid)

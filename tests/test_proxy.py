@@ -241,6 +241,7 @@ def test_remote_errors_carry_type_message_and_traceback(ikosd_factory, tmp_path)
     err = info.value
     assert err.name == "counter" and err.exc_type == "ValueError"
     assert "ValueError: kaboom seven" in err.message
+    assert err.message.startswith("fail() raised"), err.message  # the method, not "receive"
     assert "in explode" in err.traceback and "kaboom seven" in err.traceback
     # a crash in a method is a crash: the supervisor restarts the actor
     inst.wait_running_new_pid("counter", pid, timeout=HANG)

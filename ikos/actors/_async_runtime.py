@@ -61,6 +61,7 @@ from ikos.actors._runtime import (
     ActorProcess,
     _Client,
     _describe,
+    handler_name,
 )
 from ikos.actors._stats import ASK_BUCKETS_NS, ASK_SUM_NS, FIRST_BUCKET, TAKEN
 from ikos.actors._timers import LoopTimers
@@ -206,7 +207,7 @@ class AsyncActorProcess(ActorProcess):
             else:
                 result = actor.receive(message)
         except BaseException as exc:
-            self._handler_raised(client, kind, corr, exc)
+            self._handler_raised(client, kind, corr, exc, handler_name(message))
         if inspect.isawaitable(result):
             # a Future or another awaitable from a plain method is awaited the same way
             coro = result if inspect.iscoroutine(result) else _await(result)
@@ -226,7 +227,7 @@ class AsyncActorProcess(ActorProcess):
                 result = await coro
             except asyncio.CancelledError as exc:
                 if not task.cancelling():  # raised by the handler's own code: a failure
-                    self._handler_raised(client, kind, corr, exc)
+                    self._handler_raised(client, kind, corr, exc, _coroutine_name(coro))
                 if kind == ASK:  # cancelled by the stop
                     self._reply(
                         client,
@@ -236,7 +237,7 @@ class AsyncActorProcess(ActorProcess):
                     )
                 return
             except BaseException as exc:
-                self._handler_raised(client, kind, corr, exc)
+                self._handler_raised(client, kind, corr, exc, _coroutine_name(coro))
             self._answer(client, kind, corr, result, started)
             del result  # a mapped reply must not stay mapped until the task is collected
         except BaseException as exc:  # a bug in the runtime itself: still report it
@@ -290,7 +291,7 @@ class AsyncActorProcess(ActorProcess):
                 )
         self.running.clear()
 
-    def _crash(self, exc: BaseException) -> NoReturn:
+    def _crash(self, exc: BaseException, handler: str = "receive") -> NoReturn:
         """As the base's, after answering the asks of the other running handlers."""
         current = asyncio.current_task(self.loop)
         for task, (_, client, kind, corr) in list(self.running.items()):
@@ -299,7 +300,13 @@ class AsyncActorProcess(ActorProcess):
                     client, REPLY_ERR, corr, ActorDeadError(self.name, "stopped before answering")
                 )
         self.running.clear()
-        super()._crash(exc)
+        super()._crash(exc, handler)
+
+
+def _coroutine_name(coro: Any) -> str:
+    """The handler a coroutine came from, for a crash's reason (``receive``, ``fetch()``)."""
+    name = getattr(coro, "__name__", "receive")
+    return "receive" if name in ("receive", "_await") else f"{name}()"
 
 
 async def _maybe_await(value: Any) -> Any:

@@ -305,7 +305,7 @@ class ActorProcess:
                     else:
                         result = actor.receive(message)
                 except BaseException as exc:
-                    self._handler_raised(client, kind, corr, exc)
+                    self._handler_raised(client, kind, corr, exc, handler_name(message))
                 if kind == ASK:
                     self._reply(client, REPLY_OK, corr, result)
                     # the actor's service time: off the mailbox to the reply sent
@@ -655,23 +655,24 @@ class ActorProcess:
                 self.dead_letters += 1
 
     def _handler_raised(
-        self, client: _Client, kind: int, corr: int, exc: BaseException
+        self, client: _Client, kind: int, corr: int, exc: BaseException, handler: str = "receive"
     ) -> NoReturn:
-        """A handler raised ``exc`` (being handled): answer its ask, then crash."""
+        """The handler ``handler`` raised ``exc`` (being handled): answer its ask, then
+        crash (the reason names the method a proxy called, else ``receive``)."""
         if kind == ASK:
             err = ActorCrashed(
                 self.name,
-                f"receive raised {_describe(exc)}",
+                f"{handler} raised {_describe(exc)}",
                 type(exc).__name__,
                 traceback.format_exc(),
             )
             self._reply(client, REPLY_ERR, corr, err)
-        self._crash(exc)
+        self._crash(exc, handler)
 
-    def _crash(self, exc: BaseException) -> NoReturn:
+    def _crash(self, exc: BaseException, handler: str = "receive") -> NoReturn:
         detail = traceback.format_exc()
         self._drain()
-        self._exit(EXIT_CRASH, f"receive raised {_describe(exc)}", detail)
+        self._exit(EXIT_CRASH, f"{handler} raised {_describe(exc)}", detail)
 
     def _shutdown(self) -> NoReturn:
         self.timers.close()  # none fires while the actor stops, on_stop included
@@ -702,6 +703,12 @@ def _frame_header(raw: bytes) -> tuple[int, int] | None:
     except Exception:
         return None
     return None
+
+
+def handler_name(message: Any) -> str:
+    """What handled ``message``, for a crash's reason: ``receive``, or the proxied
+    method (``incr()``)."""
+    return f"{message.method}()" if message.__class__ is MethodCall else "receive"
 
 
 def _timeval(seconds: float) -> bytes:
