@@ -93,6 +93,9 @@ class NodeView(Protocol):
     def last_exit(self) -> ExitReason | None: ...
 
     @property
+    def successor_pid(self) -> int | None: ...
+
+    @property
     def parent(self) -> NodeView | None: ...
 
     @property

@@ -57,7 +57,6 @@ import concurrent.futures
 import contextlib
 import json
 import logging
-import os
 import threading
 import time
 from collections import deque
@@ -78,6 +77,7 @@ from ikos.actors._monitor import Addressed, Down, DuplicateDown, StaleDown
 from ikos.actors._ref import ActorRef
 from ikos.manager._control_server import BadRequest
 from ikos.manager._extension import Extension, ExtensionHost, NodeView, TreeView
+from ikos.platform._database import write_durably
 from ikos.platform._process import proc_info
 from ikos.supervision._runtime import ExitReason, State
 from ikos.supervision._spec import Supervisor
@@ -170,14 +170,14 @@ def read_saved(path: Path) -> dict[str, tuple[int, int, list[str]]]:
 
 
 def write_saved(path: Path, saved: dict[str, Any]) -> None:
-    """Replace ``path`` with ``saved`` as JSON, atomically (a crash leaves the old or the new)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(saved))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a full disk must not leave half a file behind
-        raise
+    """Replace ``path`` with ``saved`` as JSON, durably (a crash leaves the old or the new)."""
+    write_durably(path, json.dumps(saved))
+
+
+def _start_ticks(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks), what tells its incarnation apart."""
+    info = proc_info(pid)
+    return info.start_ticks if info is not None else None
 
 
 class _Outbox:
@@ -368,7 +368,7 @@ class MonitorService(Extension):
             raise BadRequest(f"'{req.verb}' is for actors, and '{watcher}' is no actor of the tree")
         deadline = loop.time() + IDENTIFY_TIMEOUT
         while node.pid != req.pid:
-            successor = getattr(node, "successor_pid", None)
+            successor = node.successor_pid
             if successor == req.pid:
                 return self._successor_outbox(watcher, req.pid)
             if (node.state is not State.STARTING and successor != 0) or loop.time() > deadline:
@@ -381,9 +381,7 @@ class MonitorService(Extension):
         if outbox is None or outbox.pid != req.pid:
             if outbox is not None:
                 self._close(outbox)
-            info = proc_info(req.pid)
-            start = info.start_ticks if info is not None else None
-            outbox = self._outboxes[watcher] = _Outbox(watcher, req.pid, start)
+            outbox = self._outboxes[watcher] = _Outbox(watcher, req.pid, _start_ticks(req.pid))
         return outbox
 
     def _successor_outbox(self, watcher: str, pid: int) -> _Outbox:
@@ -392,9 +390,7 @@ class MonitorService(Extension):
         it takes over (:meth:`on_upgrade`); a failed upgrade leaves them unused."""
         outbox = self._successors.get(watcher)
         if outbox is None or outbox.pid != pid:
-            info = proc_info(pid)
-            start = info.start_ticks if info is not None else None
-            outbox = self._successors[watcher] = _Outbox(watcher, pid, start)
+            outbox = self._successors[watcher] = _Outbox(watcher, pid, _start_ticks(pid))
         return outbox
 
     def on_upgrade(self, node: NodeView, old_pid: int) -> None:
@@ -412,10 +408,10 @@ class MonitorService(Extension):
         pending = self._successors.pop(name, None)
         outbox = self._outboxes.get(name)
         if outbox is not None and outbox.pid == old_pid:
-            info = proc_info(pid)
+            start = _start_ticks(pid)
             with outbox.lock:
                 outbox.pid = pid
-                outbox.start = info.start_ticks if info is not None else None
+                outbox.start = start
         elif pending is not None and pending.pid == pid:
             outbox = self._outboxes[name] = _Outbox(name, pid, pending.start)
         else:

@@ -276,6 +276,9 @@ class Node:
     """One node of the running tree: a worker (actor or executable) or a supervisor."""
 
     kind = "node"
+    #: during a hot code upgrade of an actor, the successor's pid (0 until it is
+    #: forked): the process that may speak for the actor before it takes over
+    successor_pid: int | None = None
 
     def __init__(self, spec: AnySpec, parent: SupervisorNode | None, host: Host) -> None:
         self.spec = spec
@@ -368,9 +371,6 @@ class WorkerNode(Node):
         # auto_start = false: part of the tree, but started only when asked to
         self.held = isinstance(spec, Exec) and not spec.auto_start
         self.spec: Child | Exec = spec
-        #: during a hot code upgrade, the successor's pid (0 until it is forked): the
-        #: process that may speak for this actor before it takes over (its on_start)
-        self.successor_pid: int | None = None
 
     @property
     def alive(self) -> bool:
