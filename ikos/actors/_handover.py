@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import collections
 import importlib
-import inspect
 import os
 import select
 import signal
@@ -252,10 +251,11 @@ def cancel(proc: ActorProcess, why: str) -> None:
 
 
 def handover_refusal(cls: type) -> str | None:
-    """Why actors of ``cls`` cannot be upgraded, or None: an ``async def`` receive,
-    hook or public method runs them on the asyncio runtime, which has no handover."""
-    names = {"receive", "on_start", "on_stop"} | {n for n in dir(cls) if not n.startswith("_")}
-    if any(inspect.iscoroutinefunction(getattr(cls, n, None)) for n in names):
+    """Why actors of ``cls`` cannot be upgraded, or None: an async actor runs on the
+    asyncio runtime, which has no handover."""
+    from ikos.actors._runtime import is_async_actor  # it imports this module
+
+    if is_async_actor(cls):
         return "it is an async actor, and only synchronous actors can be upgraded in this version"
     return None
 
