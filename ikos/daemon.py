@@ -349,14 +349,9 @@ os.register_at_fork(after_in_child=_forget_clients)
 
 
 def _paths(root: Root) -> InstancePaths:
-    if root is not None:
-        return InstancePaths.resolve(root)
     from ikos.actors import _context
 
-    own = _context._default  # in an actor: the instance that started it
-    if own is not None:
-        return own.paths
-    return InstancePaths.resolve(None)
+    return _context.instance_paths(root)
 
 
 def _call(verb: str, args: Mapping[str, Any], root: Root, timeout: float | None) -> Any:

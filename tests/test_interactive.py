@@ -22,7 +22,9 @@ import pytest
 from conftest import HANG, Instance, alive, kill_marked, left_behind, read_line, wait_for
 
 import ikos
+import ikos.registry as ikos_registry
 from ikos.actors._carried import carry
+from ikos.ipc._client import instance_paths as ipc_instance_paths
 from ikos.manager._local import carried_tree
 
 IDLE_TREE = """
@@ -397,6 +399,11 @@ def test_local_system_runs_and_leaves_nothing(mark: str) -> None:
         assert hello.ask("world", timeout=10) == "hello, world"
         doubler = system.spawn(Doubler, name="doubler")
         assert system.ref("doubler").ask(21, timeout=10) == 42
+        # every client API without a root means the open system, as ikos.spawn does
+        # (the daemon and registry clients went to the default instance)
+        assert ikos.daemon.status("doubler").state == "running"
+        assert isinstance(ikos_registry.list(), list)
+        assert ipc_instance_paths(None).root == root
         system.stop(hello.name)
         with pytest.raises(ikos.ActorError):
             hello.ask("again", timeout=5)

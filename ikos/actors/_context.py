@@ -3,6 +3,11 @@
 An actor process gets its instance from the runtime that started it; any
 other process finds it as ikosctl does (``$IKOS_ROOT``, else the default
 paths). The secret is read once per instance and cached.
+
+A call that names no ``root`` means, in this order: the innermost
+``with ikos.local()`` block open in this process, else the actor's own
+instance (in an actor's process), else ``$IKOS_ROOT``, else the default
+(:func:`instance_paths`, which every client module asks).
 """
 
 from __future__ import annotations
@@ -32,6 +37,40 @@ class InstanceContext:
 _lock = threading.Lock()
 _default: InstanceContext | None = None
 _by_root: dict[Path | None, InstanceContext] = {}
+
+
+#: Roots of the ``ikos.local()`` systems open in this process, innermost last.
+_local_roots: list[str] = []
+
+
+def push_local_root(root: str) -> None:
+    """``ikos.local()`` opened: calls without a ``root`` go to ``root`` until popped."""
+    with _lock:
+        _local_roots.append(root)
+
+
+def pop_local_root(root: str) -> None:
+    """``ikos.local()`` closed (blocks may close out of order, from other threads)."""
+    with _lock:
+        for i in range(len(_local_roots) - 1, -1, -1):
+            if _local_roots[i] == root:
+                del _local_roots[i]
+                return
+
+
+def local_root() -> str | None:
+    """The innermost open ``ikos.local()`` system's root, or None."""
+    with _lock:
+        return _local_roots[-1] if _local_roots else None
+
+
+def instance_paths(root: str | os.PathLike[str] | None) -> InstancePaths:
+    """The paths of the instance a call means: ``root``, else the module docstring's order."""
+    if root is None:
+        root = local_root()
+        if root is None and _default is not None:
+            return _default.paths
+    return InstancePaths.resolve(root)
 
 
 def set_default(ctx: InstanceContext) -> None:

@@ -718,14 +718,10 @@ def shared_client(root: str | os.PathLike[str] | None = None) -> BrokerClient:
 
 
 def instance_paths(root: str | os.PathLike[str] | None) -> InstancePaths:
-    if root is None:
-        # An actor's instance is the one that started it, whatever $IKOS_ROOT says.
-        from ikos.actors import _context
+    """The instance a call without ``root`` means (``ikos.actors._context``)."""
+    from ikos.actors import _context
 
-        default = _context._default
-        if default is not None:
-            return default.paths
-    return InstancePaths.resolve(root)
+    return _context.instance_paths(root)
 
 
 def _forget_after_fork() -> None:

@@ -45,13 +45,9 @@ from typing import Any
 from ikos._codec import encode
 from ikos._errors import ManagerError, ManagerUnavailable
 from ikos.actors._carried import carry, source_directories
+from ikos.actors._context import pop_local_root, push_local_root
 from ikos.actors._ref import ActorRef
-from ikos.supervision._client import (
-    pop_local_root,
-    push_local_root,
-    spawn,
-    terminate_child,
-)
+from ikos.supervision._client import spawn, terminate_child
 from ikos.supervision._spec import AnySpec, Child, Supervisor, validate_tree
 
 #: Seconds the private ikosd may take to be ready, and to stop (on a loaded machine).

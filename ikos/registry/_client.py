@@ -148,10 +148,7 @@ def _paths(root: str | os.PathLike[str] | None) -> InstancePaths:
         return paths
     from ikos.actors import _context
 
-    own = _context._default  # in an actor: the instance that started it
-    if own is not None:
-        return own.paths
-    return InstancePaths.resolve(None)
+    return _context.instance_paths(None)
 
 
 def _client(root: str | os.PathLike[str] | None) -> ControlClient:

@@ -2,7 +2,7 @@
 and ``spawn``.
 
 Which instance: an explicit ``root``, else the innermost ``with ikos.local()``
-block open in this process (:func:`push_local_root`), else, in an actor's
+block open in this process (``ikos.actors._context``), else, in an actor's
 process, the actor's own instance, else ``$IKOS_ROOT``, else the default
 instance, as ikosctl finds it. ``upgrade`` (hot code upgrade) is here too.
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import os
-import threading
 from typing import Any
 
 from ikos._errors import SpawnError
@@ -19,45 +18,17 @@ from ikos.actors import _context
 from ikos.actors._carried import carry
 from ikos.actors._ref import ActorRef
 from ikos.platform._control import MAX_REQUEST_BYTES, ControlClient
-from ikos.platform._paths import InstancePaths
 
-#: Roots of the ``ikos.local()`` systems open in this process, innermost last.
-_local_roots: list[str] = []
-_local_lock = threading.Lock()
 #: Room left in a request line for everything but the payload.
 _REQUEST_OVERHEAD = 64 * 1024
 
-
-def push_local_root(root: str) -> None:
-    """``ikos.local()`` opened: calls without a ``root`` go to ``root`` until popped."""
-    with _local_lock:
-        _local_roots.append(root)
-
-
-def pop_local_root(root: str) -> None:
-    """``ikos.local()`` closed (blocks may close out of order, from other threads)."""
-    with _local_lock:
-        if root in _local_roots:
-            _local_roots.reverse()
-            _local_roots.remove(root)
-            _local_roots.reverse()
+#: The instance a call without ``root`` means (``ikos.actors._context``).
+instance_paths = _context.instance_paths
 
 
 def instance_root(root: str | os.PathLike[str] | None) -> str | None:
     """``root``, else the innermost open ``ikos.local()`` system's, else None (the default)."""
-    if root is not None:
-        return os.fspath(root)
-    with _local_lock:
-        return _local_roots[-1] if _local_roots else None
-
-
-def instance_paths(root: str | os.PathLike[str] | None) -> InstancePaths:
-    """The paths of the instance a call without ``root`` means (see the module docstring)."""
-    where = instance_root(root)
-    own = _context._default  # set in an actor's process by its runtime
-    if where is None and own is not None:
-        return own.paths
-    return InstancePaths.resolve(where)
+    return os.fspath(root) if root is not None else _context.local_root()
 
 
 def start_child(supervisor: str, *args: Any, root: str | os.PathLike[str] | None = None) -> str:
@@ -147,7 +118,7 @@ def upgrade(name: str, *, root: str | os.PathLike[str] | None = None) -> dict[st
 
         ikos.upgrade("counter")   # {'old_pid': 1201, 'pid': 1207, 'state': 'handed over', ...}
     """
-    with ControlClient(instance_paths(instance_root(root)), timeout=UPGRADE_TIMEOUT) as client:
+    with ControlClient(instance_paths(root), timeout=UPGRADE_TIMEOUT) as client:
         result: dict[str, Any] = client.call("upgrade", {"name": name})
     return result
 
