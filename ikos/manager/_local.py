@@ -33,7 +33,6 @@ import os
 import secrets
 import select
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -47,6 +46,7 @@ from ikos._errors import ManagerError, ManagerUnavailable
 from ikos.actors._carried import carry, source_directories
 from ikos.actors._context import pop_local_root, push_local_root
 from ikos.actors._ref import ActorRef
+from ikos.platform._notify import NotifySocket
 from ikos.supervision._client import spawn, terminate_child
 from ikos.supervision._spec import AnySpec, Child, Supervisor, validate_tree
 
@@ -153,15 +153,14 @@ class LocalSystem:
         push_local_root(str(root))
 
     def _launch(self, root: Path, tree_file: Path) -> None:
-        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-        address = f"ikos-local-{os.getpid()}-{secrets.token_hex(8)}"
-        notify.bind("\0" + address)
+        address = f"@ikos-local-{os.getpid()}-{secrets.token_hex(8)}"
+        notify = NotifySocket(address)
         read_end, self._lifeline = os.pipe2(os.O_CLOEXEC)
         package_parent = str(Path(__file__).resolve().parents[2])
         pythonpath = [package_parent, *source_directories()]
         env = {
             **os.environ,
-            "NOTIFY_SOCKET": "@" + address,
+            "NOTIFY_SOCKET": address,
             "PYTHONPATH": os.pathsep.join(dict.fromkeys(pythonpath)),
         }
         argv = [sys.executable, "-m", "ikos.manager._private_ikosd", "--root", str(root)]
@@ -186,13 +185,16 @@ class LocalSystem:
             os.close(read_end)
             notify.close()
 
-    def _wait_ready(self, notify: socket.socket) -> None:
+    def _wait_ready(self, notify: NotifySocket) -> None:
+        """Until the private ikosd itself (the kernel's credentials say who sent it)
+        notifies ``READY=1``; anyone may send to an abstract socket."""
         assert self._proc is not None and self._root is not None
         deadline = time.monotonic() + self._start_timeout
         while time.monotonic() < deadline:
             ready, _, _ = select.select([notify], [], [], 0.1)
-            if ready and b"READY=1" in notify.recv(4096).split(b"\n"):
-                return
+            while ready and (msg := notify.recv()) is not None:
+                if msg.pid == self._proc.pid and msg.fields.get("READY") == "1":
+                    return
             if self._proc.poll() is not None:
                 raise ManagerError(
                     f"the local ikosd exited with status {self._proc.returncode} before it "
