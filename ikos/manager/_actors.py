@@ -101,7 +101,7 @@ class ActorSpawner:
         #: still holds a mapping keeps it valid until it lets go.
         self.counters: dict[str, mmap.mmap] = {}
         #: Actors upgraded since ikosd started: their restarts re-read their module too.
-        self.upgraded: Counter[str] = Counter()
+        self.upgraded: set[str] = set()  # actors whose code was upgraded: read anew
 
     async def start(self) -> None:
         """Nothing to start: the fork server is the manager's."""
@@ -270,7 +270,7 @@ class ActorSpawner:
         self._keep_pipes(node.name, pipes, status_fd if new.alive else -1)
         node.attach(new)
         node.started_at = time.time()
-        self.upgraded[node.name] += 1
+        self.upgraded.add(node.name)
         handed = bool(ready.get("state"))
         log.info(
             "actor %s: upgraded, pid %d -> %d, %s",

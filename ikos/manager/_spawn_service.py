@@ -61,14 +61,13 @@ MAX_PATHS: Final = 64
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.@-]")
 
 
-def spawned_supervisor(children: tuple[Child, ...] = ()) -> Supervisor:
+def spawned_supervisor() -> Supervisor:
     """``ikos-spawned``: never gives up (see the module docstring)."""
     return Supervisor(
         SPAWNED_NAME,
         "one_for_one",
         max_restarts=1000,
         within=60.0,
-        children=children,
         backoff=SYSTEM_BACKOFF,
         description="actors started by ikos.spawn",
     )
