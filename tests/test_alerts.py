@@ -348,6 +348,12 @@ class EventsReader:
         self.lines: list[dict[str, Any]] = []
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
+        # the stream is live once ikosctl says so: an event before that is not its to show
+        try:
+            wait_for(lambda: self.has(type="subscribed"), HANG, message="ikosctl events live")
+        except BaseException:
+            self.close()
+            raise
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -360,7 +366,11 @@ class EventsReader:
     def close(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()
-        self.proc.wait(timeout=HANG)
+        try:
+            self.proc.wait(timeout=HANG)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
         self._thread.join(timeout=HANG)
         assert self.proc.stdout is not None
         self.proc.stdout.close()
@@ -393,7 +403,11 @@ def test_memory_alert_fires_everywhere_and_resolves(ikosd_factory: Any, tmp_path
     inst.wait_state("ikos-broker", "running", timeout=HANG)
     received: list[Any] = []
     sub = ikos.ipc.subscribe("ikos.alerts", lambda m: received.append(m.payload), root=inst.root)
-    reader = EventsReader(inst)
+    try:
+        reader = EventsReader(inst)
+    except BaseException:
+        sub.unsubscribe()
+        raise
     try:
         assert active_alerts(inst) == []
         inst.ctl("call", "hog", "200", check=True)

@@ -226,7 +226,9 @@ def test_sigkill_with_asyncio_asks_in_flight_fails_every_one(ikosd_factory, tmp_
 
     async def main() -> list[Any]:
         blocker = asyncio.ensure_future(ref.ask_async(("gate", str(gate)), timeout=HANG))
+        deadline = time.monotonic() + HANG
         while not busy(gate):  # the loop's own wait: the gated actor answers nothing
+            assert time.monotonic() < deadline, "the gated actor never started its message"
             await asyncio.sleep(0.01)
         queued = [asyncio.ensure_future(ref.ask_async(i, timeout=HANG)) for i in range(300)]
         await asyncio.sleep(0)  # let them queue and go out

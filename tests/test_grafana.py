@@ -14,11 +14,8 @@ cannot hold here are listed in ``LEFT_HAND_SIDE`` with the reason; for the
 resource thresholds, sized for production, the test lowers the number (and
 checks it is the committed one it replaces).
 
-Series that other parts of ikos add (alerts, supervisors, actors' mailboxes
-and asks, the registry, health checks: the families of ``PENDING``) may not
-exist yet in a branch: an expression on a family that ikosd does not expose
-at all is reported as pending (the test xfails, listing them); any other
-empty expression fails the test, all of them in one assertion.
+Every expression that stays empty fails the test, all of them in one
+assertion.
 """
 
 from __future__ import annotations
@@ -36,7 +33,7 @@ from typing import Any
 
 import pytest
 from conftest import HANG, Instance, wait_for
-from prometheus import PROMTOOL, Prometheus, fetch_metrics, free_port, require, running_prometheus
+from prometheus import PROMTOOL, Prometheus, free_port, require, running_prometheus
 
 import ikos.ipc
 
@@ -49,24 +46,6 @@ DASHBOARDS = GRAFANA / "dashboards"
 #: ikosd under test (filled in per run), the daemon of "ikos: daemon".
 DAEMON = "worker"
 RATE_INTERVAL = "1m"
-
-#: Metric families added by other parts of issue 9 (docs: the metric names);
-#: an expression on one that ikosd does not expose yet is pending, not failed.
-PENDING = {
-    "ikos_alerts_active",
-    "ikos_alert_firing",
-    "ikos_alerts_fired",
-    "ikos_alerts_suppressed",
-    "ikos_supervisor_restarts",
-    "ikos_supervisor_intensity_left",
-    "ikos_actor_mailbox_depth",
-    "ikos_actor_messages",
-    "ikos_actor_ask_duration_seconds",
-    "ikos_registry_services",
-    "ikos_service_up",
-    "ikos_health_check_up",
-    "ikos_health_checks",
-}
 
 #: Thresholds sized for production that a test machine should not reach:
 #: rule -> (the committed number, the one used here). The tree's hog is above
@@ -300,14 +279,6 @@ def rule_expressions(prometheus: Prometheus) -> dict[str, str]:
     return out
 
 
-def families(expr: str) -> set[str]:
-    """The metric families an expression reads (``ikos_x_total`` -> ``ikos_x``)."""
-    return {
-        re.sub(r"_(total|bucket|count|sum)$", "", name)
-        for name in re.findall(r"\bikos_[a-z_]+", expr)
-    }
-
-
 class Traffic:
     """Asks to an actor, publications and a subscriber, a queue: what the IPC series count.
 
@@ -411,18 +382,14 @@ def test_every_expression_returns_data_from_a_real_prometheus(
         # what is still empty after that is reported below, all at once
         with contextlib.suppress(AssertionError):
             wait_for(all_have_data, HANG * 2, interval=1.0, message="every expression")
-        exposed = fetch_metrics(f"http://{address}/metrics")
-        # prometheus_client names a counter's family with its _total in the TYPE line
-        absent = {f for f in PENDING if not re.search(rf"^# TYPE {f}(_total)? ", exposed, re.M)}
-        empty = {key: exprs[key] for key, res in results.items() if not res}
-        pending = {k: e for k, e in empty.items() if families(e) & absent and k not in errors}
         failed = {
             k: f"{e}  ({errors[k]})" if k in errors else e
-            for k, e in empty.items()
-            if k not in pending
+            for k, res in results.items()
+            if not res
+            for e in [exprs[k]]
         }
         assert not failed, "no data for:\n" + "\n".join(f"  {k}: {e}" for k, e in failed.items())
-        wrong = [(k, culprits[k], results[k]) for k in culprits if k not in pending and not done(k)]
+        wrong = [(k, culprits[k], results[k]) for k in culprits if not done(k)]
         assert not wrong, (
             f"conditions that hold, but not for the series meant to meet them: {wrong}"
         )
@@ -437,8 +404,3 @@ def test_every_expression_returns_data_from_a_real_prometheus(
         HANG * 2,
         message="IkosBrokerDown's condition in Prometheus",
     )
-    if pending:
-        pytest.xfail(
-            f"series not exported yet ({', '.join(sorted(absent))}); no data for:\n"
-            + "\n".join(f"  {k}: {e}" for k, e in pending.items())
-        )

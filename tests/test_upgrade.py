@@ -229,6 +229,7 @@ def test_no_message_is_lost_or_reordered_under_a_stream_of_asks_and_tells(system
         stop.set()
         for t in threads:
             t.join(HANG)
+    assert not any(t.is_alive() for t in threads), "a client is stuck"
     assert not errors, errors
     counter = ref(inst)
 
@@ -291,6 +292,7 @@ def test_a_failed_upgrade_leaves_the_old_code_serving(
     finally:
         stop.set()
         t.join(HANG)
+    assert not t.is_alive(), "the client is stuck"
     assert res.returncode == 1, res.stdout
     line = res.stderr.strip()
     assert "\n" not in line
