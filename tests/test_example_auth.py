@@ -187,6 +187,37 @@ def test_memory_stays_bounded_under_bad_requests(auth: Auth) -> None:
     assert inst.pid_of("auth") == pid
 
 
+SLOW_TREE = """
+import ikos
+from examples.system import auth
+
+tree = ikos.Supervisor("root", children=[
+    auth.child(argon2={"time_cost": 10, "memory_cost": 65536, "parallelism": 1}),
+])
+"""
+
+
+def test_validations_are_answered_while_logins_hash(
+    ikosd_factory: Callable[..., Instance],
+) -> None:
+    # argon2 at about half a second a hash here: four logins keep both hashing
+    # threads busy for a second or more, during which a validation must be answered
+    inst = ikosd_factory(tree=SLOW_TREE, args=["--metrics", "off"])
+    ref: ikos.ActorRef[Any] = ikos.ActorRef("auth", root=inst.root)
+    wait_for(lambda: ref.ask({"op": "stats"}, timeout=5)["ok"], HANG, message="auth answering")
+    add(ref, "gina", "pw-gina")
+    token = ask(ref, op="login", user="gina", password="pw-gina")["token"]
+    logins = [
+        ref.ask_future({"op": "login", "user": "gina", "password": "pw-gina"}, timeout=HANG)
+        for _ in range(4)
+    ]
+    # stats (a light op, as validate) sees a login hashing: it was answered meanwhile
+    wait_for(lambda: ask(ref, op="stats")["hashing"] >= 1, HANG, message="a login hashing")
+    assert ask(ref, op="validate", token=token)["ok"]
+    assert not all(f.done() for f in logins), "the validation waited for the logins"
+    assert all(f.result()["ok"] for f in logins)
+
+
 def test_users_and_sessions_survive_kill_9(auth: Auth) -> None:
     inst, ref = auth
     add(ref, "dave", "pw-dave", "net.configure")
@@ -201,6 +232,15 @@ def test_users_and_sessions_survive_kill_9(auth: Auth) -> None:
     wait_for(lambda: ask(ref, op="validate", token=token)["ok"], HANG, message="the session back")
     assert ask(ref, op="check", token=token, permission="net.configure")["allowed"] is True
     assert ask(ref, op="login", user="dave", password="pw-dave")["ok"]
+    # and the new incarnation serves the name on the broker again
+    with ikos.ipc.connect("auth", timeout=HANG, root=inst.root) as conn:
+        reply = wait_for(
+            lambda: conn.request({"op": "validate", "token": token}).payload,
+            HANG,
+            message="auth served again",
+        )
+    assert reply["user"] == "dave"
+    assert "auth" in ikos.ipc.stats(root=inst.root)["served"]
 
 
 def test_the_broker_path_knows_the_caller(auth: Auth) -> None:

@@ -93,8 +93,9 @@ HEAVY_OPS = frozenset({"login", "add_user", "set_password"})
 ADMIN_OPS = frozenset({"add_user", "set_password", "set_permissions", "delete_user", "users"})
 OPS = LIGHT_OPS | HEAVY_OPS
 #: What ``stats`` counts (``dummy_verifications``: logins of unknown users, verified
-#: against the dummy hash).
+#: against the dummy hash; ``hashing``: requests hashing or verifying right now).
 COUNTERS = (
+    "hashing",
     "requests",
     "bad_requests",
     "logins",
@@ -277,6 +278,7 @@ class AuthService:
         self.failures = FailureTable(backoff)
         self.counters = collections.Counter(dict.fromkeys(COUNTERS, 0))
         self._lock = threading.Lock()
+        self._counters_lock = threading.Lock()
         self._db = _open_db(db_path)
         # the dummy hash costs what a real one does: same hasher, same parameters
         self._dummy = hasher.hash(secrets.token_urlsafe(16))
@@ -299,12 +301,23 @@ class AuthService:
             op = req["op"]
             if op in ADMIN_OPS:
                 self._require_admin(req, caller)
-            reply: dict[str, Any] = getattr(self, "op_" + op)(req, caller)
-            self.counters["requests"] += 1
+            heavy = op in HEAVY_OPS
+            if heavy:  # a gauge: how many requests are hashing now (stats shows it)
+                self._count("hashing")
+            try:
+                reply: dict[str, Any] = getattr(self, "op_" + op)(req, caller)
+            finally:
+                if heavy:
+                    self._count("hashing", -1)
+            self._count("requests")
             return reply
         except BadRequest as exc:
-            self.counters["bad_requests"] += 1
+            self._count("bad_requests")
             return {"ok": False, "error": str(exc)}
+
+    def _count(self, counter: str, n: int = 1) -> None:
+        with self._counters_lock:  # requests are handled in several threads
+            self.counters[counter] += n
 
     @staticmethod
     def _parse(request: Any) -> dict[str, Any]:
@@ -425,7 +438,7 @@ class AuthService:
         with self._lock:
             wait = max(self.failures.locked_for(k, mono) for k in keys)
         if wait > 0:
-            self.counters["refused_locked"] += 1
+            self._count("refused_locked")
             return {
                 "ok": False,
                 "error": f"too many failed logins for user {user!r} or peer {peer!r}: "
@@ -458,7 +471,7 @@ class AuthService:
         with self._lock:
             for k in keys:
                 self.failures.clear(k)
-        self.counters["logins"] += 1
+        self._count("logins")
         sid = session_id(token_hash)
         self.publish("auth.login", {"user": user, "peer": peer, "session": sid, "expires": expires})
         return {
@@ -472,7 +485,7 @@ class AuthService:
 
     def _verify(self, digest: str | None, password: str) -> bool:
         if digest is None:
-            self.counters["dummy_verifications"] += 1
+            self._count("dummy_verifications")
             digest = self._dummy
         try:
             ok: bool = self.hasher.verify(digest, password)
@@ -487,11 +500,11 @@ class AuthService:
         mono = time.monotonic()
         with self._lock:
             locks = [self.failures.fail(k, mono) for k in keys]
-        self.counters["failures"] += 1
+        self._count("failures")
         self.publish("auth.failure", {"user": user, "peer": peer})
         for key, delay in zip(keys, locks, strict=True):
             if delay:
-                self.counters["lockouts"] += 1
+                self._count("lockouts")
                 self.publish("auth.lockout", {"key": key, "seconds": delay})
                 log.warning("auth: %s locked for %g s after repeated failures", key, delay)
         reply: dict[str, Any] = {"ok": False, "error": "wrong user or password"}
@@ -587,8 +600,12 @@ class AuthService:
             "users": users,
             "sessions": sessions,
             "tracked_failures": tracked,
-            **self.counters,
+            **self._counters_now(),
         }
+
+    def _counters_now(self) -> dict[str, int]:
+        with self._counters_lock:
+            return dict(self.counters)
 
     def purge(self) -> int:
         """Drop expired sessions and stale failure records; returns the sessions dropped."""
