@@ -33,6 +33,7 @@ from examples.system.auth import (
     Backoff,
     Caller,
     FailureTable,
+    check,
     make_hasher,
     permitted,
 )
@@ -81,6 +82,15 @@ def test_login_validate_check_logout_and_events(auth: Auth) -> None:
         assert ask(ref, op="check", token=token, permission="net.configure")["allowed"] is True
         denied = ask(ref, op="check", token=token, permission="auth.admin")
         assert denied["allowed"] is False and "lacks 'auth.admin'" in denied["reason"]
+        # the helper other daemons use before a privileged op
+        assert check(token, "net.configure", root=inst.root) == (True, "alice")
+        assert check(token, "auth.admin", root=inst.root)[0] is False
+        assert check("x" * 1000, "net.configure", root=inst.root) == (
+            False,
+            "the auth service refused the check: 'token': 1000 bytes, more than the limit of 128",
+        )
+        no_service = check(token, "net.configure", root=inst.root, service="nothere", timeout=2)
+        assert no_service[0] is False and "unavailable" in no_service[1]
         sessions = ask(ref, op="sessions", user="alice")["sessions"]
         assert [s["session"] for s in sessions] == [login["session"]]
         assert ask(ref, op="logout", token=token) == {"ok": True, "user": "alice"}

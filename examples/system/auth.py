@@ -768,6 +768,40 @@ class Auth(ikos.Actor):
         self.service.close()
 
 
+def check(
+    token: str,
+    permission: str,
+    *,
+    timeout: float = 5.0,
+    service: str = "auth",
+    root: str | os.PathLike[str] | None = None,
+) -> tuple[bool, str]:
+    """Whether ``token`` holds ``permission``, asked of the auth daemon: ``(allowed, why)``.
+
+    For daemons guarding a privileged op. It denies by default: a refusal, a bad
+    token, an unreachable or slow auth daemon all give ``(False, reason)``; it
+    never raises. ``why`` is the user's name when allowed. From an async actor,
+    run it in an executor or ask ``{"op": "check", ...}`` with ``ask_async``.
+
+    Example::
+
+        allowed, why = auth.check(request["token"], "net.configure")
+        if not allowed:
+            return {"ok": False, "error": f"not allowed: {why}"}
+    """
+    ref: ikos.ActorRef[Any] = ikos.ActorRef(service, root=root)
+    try:
+        reply = ref.ask({"op": "check", "token": token, "permission": permission}, timeout=timeout)
+    except ikos.IkosError as exc:
+        return False, f"the {service} service is unavailable: {exc}"
+    if not isinstance(reply, dict) or not reply.get("ok"):
+        error = reply.get("error") if isinstance(reply, dict) else reply
+        return False, f"the {service} service refused the check: {error}"
+    if reply.get("allowed") is True:
+        return True, str(reply.get("user"))
+    return False, str(reply.get("reason", "not allowed"))
+
+
 async def _serve_name(
     name: str, handler: Callable[[ikos.ipc.IpcMessage], Any]
 ) -> ikos.ipc.Server | None:
