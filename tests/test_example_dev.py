@@ -11,6 +11,7 @@ The parser and the modprobe policy are unit-tested at the end.
 
 from __future__ import annotations
 
+import collections
 import os
 import sys
 import uuid
@@ -18,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from conftest import HANG, REPO, Instance, wait_for
 
@@ -28,7 +30,8 @@ import ikos.registry
 # examples/ is not part of the installed distribution: import it from the checkout
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
-from examples.system.dev import modprobe_refusal, parse_uevent
+from examples.system import dev as devmod
+from examples.system.dev import DeviceManager, modprobe_refusal, parse_uevent
 
 TREE = """
 import ikos
@@ -143,6 +146,15 @@ def test_bad_requests_are_answered_not_crashed(dev: tuple[Instance, ikos.ActorRe
         reply = ask(ref, message)
         assert reply["ok"] is False and fragment in reply["error"], (message, reply)
     assert inst.pid_of("dev") == pid
+    proc = psutil.Process(pid)
+    flood = [{"op": "get", "devpath": f"/devices/none{i}" * 100} for i in range(1300)]
+    for message in flood[:300]:  # warm up: allocator pools
+        ref.ask(message, timeout=HANG)
+    rss = proc.memory_info().rss
+    for message in flood[300:]:
+        assert ref.ask(message, timeout=HANG)["ok"] is False
+    grown = proc.memory_info().rss - rss
+    assert grown < 8 * 1024 * 1024, f"dev grew by {grown} bytes under 1,000 bad requests"
     res = inst.ctl("call", "dev", '{"op": "get", "devpath": "/devices/virtual/net/lo"}')
     assert res.returncode == 0 and '"net"' in res.stdout, res
 
@@ -171,3 +183,25 @@ def test_modprobe_refusal_names_what_is_missing(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     monkeypatch.setattr("examples.system.dev._has_cap_sys_module", lambda: False)
     assert "needs root or CAP_SYS_MODULE" in str(modprobe_refusal())
+
+
+def test_events_keep_the_table(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    published: list[tuple[str, dict[str, Any]]] = []
+    monkeypatch.setattr(devmod, "_publish", lambda topic, data: published.append((topic, data)))
+    manager = DeviceManager(sysfs=str(tmp_path), load_drivers=False)
+    manager.devices, manager.modprobes = {}, set()
+    manager.counters = collections.Counter()
+    add = parse_uevent(b"add@/devices/x\0ACTION=add\0SUBSYSTEM=usb\0DRIVER=hub\0SEQNUM=7\0")
+    assert add is not None
+    manager._apply(add)
+    record = manager.devices["/devices/x"]
+    assert (record["subsystem"], record["driver"], record["properties"]) == (
+        "usb",
+        "hub",
+        {"SUBSYSTEM": "usb", "DRIVER": "hub"},
+    )
+    remove = parse_uevent(b"remove@/devices/x\0ACTION=remove\0SUBSYSTEM=usb\0SEQNUM=8\0")
+    assert remove is not None
+    manager._apply(remove)
+    assert manager.devices == {}
+    assert [(t, d["seqnum"]) for t, d in published] == [("dev.add", "7"), ("dev.remove", "8")]
