@@ -29,6 +29,7 @@ if str(REPO) not in sys.path:  # examples/ is imported from the checkout
     sys.path.insert(0, str(REPO))
 from examples.system.auth import (
     MAX_PASSWORD,
+    MAX_SESSIONS_PER_USER,
     AuthService,
     Backoff,
     Caller,
@@ -375,3 +376,18 @@ def test_user_changes(service: tuple[AuthService, list[tuple[str, dict[str, Any]
         "set_permissions",
         "set_password",
     ]
+
+
+def test_sessions_per_user_are_bounded(
+    service: tuple[AuthService, list[tuple[str, dict[str, Any]]]],
+) -> None:
+    svc, _ = service
+    me = Caller("mailbox")
+    assert svc.handle({"op": "add_user", "user": "h", "password": "pw"}, me)["ok"]
+    tokens = [
+        svc.handle({"op": "login", "user": "h", "password": "pw"}, me)["token"]
+        for _ in range(MAX_SESSIONS_PER_USER + 3)
+    ]
+    assert len(svc.handle({"op": "sessions", "user": "h"}, me)["sessions"]) == 64
+    assert svc.handle({"op": "validate", "token": tokens[0]}, me)["ok"] is False  # the oldest
+    assert svc.handle({"op": "validate", "token": tokens[-1]}, me)["ok"] is True

@@ -76,6 +76,8 @@ MAX_PERMISSION = 128
 MAX_PERMISSIONS = 64
 MAX_PEER = 128
 MAX_KEYS = 8  # keys of one request
+#: Sessions one user may hold; a login past it ends the user's oldest session.
+MAX_SESSIONS_PER_USER = 64
 #: Failure records kept in memory at most (the oldest is forgotten first).
 MAX_TRACKED = 4096
 #: Seconds after its last failure that a key's record is forgotten (unless locked).
@@ -453,11 +455,10 @@ class AuthService:
         if not good:
             return self._failed(user, peer, keys)
         assert row is not None
-        if self.hasher.check_needs_rehash(row[0]):
+        if self.hasher.check_needs_rehash(row[0]):  # the parameters changed since
+            digest = self.hasher.hash(password)  # not under the lock: it takes a while
             with self._tx() as db:
-                db.execute(
-                    "UPDATE users SET hash = ? WHERE name = ?", (self.hasher.hash(password), user)
-                )
+                db.execute("UPDATE users SET hash = ? WHERE name = ?", (digest, user))
         token = secrets.token_urlsafe(32)
         token_hash = _hash_token(token)
         now = self.clock()
@@ -467,6 +468,12 @@ class AuthService:
                 "INSERT INTO sessions (token_hash, user, peer, created, expires) "
                 "VALUES (?, ?, ?, ?, ?)",
                 (token_hash, user, peer, now, expires),
+            )
+            # a user's oldest sessions make way for new ones past the bound
+            db.execute(
+                "DELETE FROM sessions WHERE user = ? AND token_hash NOT IN (SELECT token_hash "
+                "FROM sessions WHERE user = ? ORDER BY created DESC, rowid DESC LIMIT ?)",
+                (user, user, MAX_SESSIONS_PER_USER),
             )
         with self._lock:
             for k in keys:
