@@ -11,8 +11,11 @@ temporary database, where the caller's uid can be anything.
 from __future__ import annotations
 
 import os
+import pwd
+import shutil
 import stat
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,7 @@ from typing import Any
 import psutil
 import pytest
 from conftest import HANG, REPO, Instance, wait_for
+from test_ipc_api import needs_users, run_as, shared_instance, stranger  # noqa: F401  (a fixture: another user)
 
 import ikos
 import ikos.ipc
@@ -271,6 +275,47 @@ def test_the_broker_path_knows_the_caller(auth: Auth) -> None:
         assert conn.request({"op": "users"}).payload["ok"] is True
 
 
+STRANGER = """
+import json, ikos.ipc
+with ikos.ipc.connect("auth", timeout=30) as auth:
+    login = auth.request({"op": "login", "user": "ivan", "password": "pw-ivan",
+                          "peer": "spoofed"}).payload
+    out = {
+        "login": login,
+        "session": auth.request({"op": "validate", "token": login["token"]}).payload,
+        "add_user": auth.request({"op": "add_user", "user": "evil", "password": "x"}).payload,
+    }
+print(json.dumps(out))
+"""
+
+
+@needs_users
+def test_another_user_through_the_broker_is_known_by_its_uid(
+    ikosd_factory: Callable[..., Instance],
+    stranger: pwd.struct_passwd,  # noqa: F811 (the fixture imported above)
+) -> None:
+    base = Path(tempfile.mkdtemp(prefix="ikos-auth-users-"))
+    try:
+        config = f"""
+            [[ipc.allow]]
+            users = ["{stranger.pw_name}"]
+            call = ["auth"]
+            """
+        inst = shared_instance(base, ikosd_factory, TREE, config)
+        ref: ikos.ActorRef[Any] = ikos.ActorRef("auth", root=inst.root)
+        wait_for(lambda: "auth" in ikos.ipc.stats(root=inst.root)["served"], HANG, message="served")
+        add(ref, "ivan", "pw-ivan")
+        out = run_as(stranger, STRANGER, inst.root)
+        assert out["login"]["ok"], out
+        # the peer is the uid the kernel vouched for, not the one claimed
+        assert out["session"]["peer"] == f"uid:{stranger.pw_uid}"
+        assert out["add_user"]["ok"] is False
+        assert "needs an administrator" in out["add_user"]["error"]
+        assert "evil" not in [u["user"] for u in ask(ref, op="users")["users"]]
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
 # -- the logic, without a daemon ------------------------------------------------
 
 
@@ -319,18 +364,18 @@ def test_admin_ops_need_an_admin(
     service: tuple[AuthService, list[tuple[str, dict[str, Any]]]],
 ) -> None:
     svc, _ = service
-    stranger = Caller("broker", uid=1234)
+    outsider = Caller("broker", uid=1234)
     req = {"op": "add_user", "user": "x", "password": "y"}
-    refused = svc.handle(req, stranger)
+    refused = svc.handle(req, outsider)
     assert refused["ok"] is False and "needs an administrator" in refused["error"]
     assert svc.handle(req, Caller("broker", uid=4242))["ok"]  # an owner uid
     admin = {"op": "add_user", "user": "root_", "password": "r", "permissions": ["auth.admin"]}
     assert svc.handle(admin, Caller("mailbox"))["ok"]
-    token = svc.handle({"op": "login", "user": "root_", "password": "r"}, stranger)["token"]
+    token = svc.handle({"op": "login", "user": "root_", "password": "r"}, outsider)["token"]
     delete = {"op": "delete_user", "user": "x", "admin_token": token}
-    assert svc.handle(delete, stranger) == {"ok": True, "user": "x"}
-    # a stranger names no peer of its choosing: it is its own uid
-    svc.handle({"op": "login", "user": "zz", "password": "n", "peer": "spoof"}, stranger)
+    assert svc.handle(delete, outsider) == {"ok": True, "user": "x"}
+    # a outsider names no peer of its choosing: it is its own uid
+    svc.handle({"op": "login", "user": "zz", "password": "n", "peer": "spoof"}, outsider)
     assert svc.failures.locked_for("peer:uid:1234", 0) == 0.0  # counted there, not locked yet
     assert "peer:spoof" not in svc.failures._keys
 
