@@ -51,7 +51,8 @@ from examples.system import auth
 
 tree = ikos.Supervisor("root", max_restarts=10, within=10, children=[
     auth.child(argon2={"time_cost": 1, "memory_cost": 8, "parallelism": 1},
-               lockout_after=3, lockout_base=1.0, lockout_max=4.0, session_ttl=600),
+               lockout_after=3, lockout_base=1.0, lockout_max=4.0, session_ttl=600,
+               bootstrap_admin=("admin", "pw-admin", ["auth.admin"])),
 ])
 """
 
@@ -117,6 +118,8 @@ def test_login_validate_check_logout_and_events(auth: Auth) -> None:
     assert topics == ["auth.user", "auth.login", "auth.logout", "auth.failure"]
     # no secret travels in an event: not the password, not the token
     assert "correct horse" not in repr(seen) and token not in repr(seen)
+    users = {u["user"]: u["permissions"] for u in ask(ref, op="users")["users"]}
+    assert users == {"admin": ["auth.admin"], "alice": ["net.*"]}  # the bootstrap admin too
     service = ikos.registry.lookup("auth", root=inst.root)
     assert service.active and "check" in service.capabilities
 

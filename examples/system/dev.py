@@ -272,7 +272,11 @@ class DeviceManager(ikos.Actor):
                     log.warning("dev: uevent buffer overrun; rescanning sysfs")
                     self.devices = enumerate_devices(self.sysfs)
                     continue
-                raise
+                # anything else will not go away by reading again: stop listening, say why
+                self.netlink_error = f"reading uevents failed: {exc}"
+                log.warning("dev: %s; hotplug events will not be seen", self.netlink_error)
+                asyncio.get_running_loop().remove_reader(self.sock.fileno())
+                return
             if port != 0:
                 self.counters["foreign"] += 1  # not the kernel: ignored
                 continue
