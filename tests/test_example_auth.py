@@ -43,6 +43,7 @@ from examples.system.auth import (
     make_hasher,
     permitted,
 )
+from examples.system.auth import Auth as AuthActor
 
 CHEAP = {"time_cost": 1, "memory_cost": 8, "parallelism": 1}
 
@@ -443,3 +444,10 @@ def test_sessions_per_user_are_bounded(
     assert len(svc.handle({"op": "sessions", "user": "h"}, me)["sessions"]) == 64
     assert svc.handle({"op": "validate", "token": tokens[0]}, me)["ok"] is False  # the oldest
     assert svc.handle({"op": "validate", "token": tokens[-1]}, me)["ok"] is True
+
+
+def test_bad_options_are_named() -> None:
+    with pytest.raises(ValueError, match="auth option hash_threads=0: expected a number >= 1"):
+        AuthActor(hash_threads=0)
+    with pytest.raises(ValueError, match="auth option argon2: memory_kib=8"):
+        make_hasher({"memory_kib": 8})

@@ -708,6 +708,15 @@ class Auth(ikos.Actor):
         bootstrap_admin: tuple[str, str, list[str]] | None = None,
         serve: bool = True,
     ) -> None:
+        for option, value, least in [
+            ("session_ttl", session_ttl, 1e-3),
+            ("lockout_after", lockout_after, 1),
+            ("lockout_base", lockout_base, 1e-3),
+            ("lockout_max", lockout_max, 1e-3),
+            ("hash_threads", hash_threads, 1),
+        ]:
+            if not isinstance(value, int | float) or isinstance(value, bool) or value < least:
+                raise ValueError(f"auth option {option}={value!r}: expected a number >= {least:g}")
         self.db_path = Path(db_path) if db_path else instance_paths(None).state_dir / "auth/auth.db"
         self.session_ttl = float(session_ttl)
         self.backoff = Backoff(int(lockout_after), float(lockout_base), float(lockout_max))
@@ -744,7 +753,7 @@ class Auth(ikos.Actor):
                 self.name,
                 type="auth",
                 description="users, sessions and permission checks",
-                endpoint="ikos://auth",
+                endpoint=f"ikos://{self.name}",
                 capabilities=["login", "validate", "check"],
             )
         except ikos.IkosError as exc:
