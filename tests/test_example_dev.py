@@ -131,6 +131,47 @@ def test_modprobe_loads_or_says_why_not(dev: tuple[Instance, ikos.ActorRef[Any]]
         assert "modprobe 'ikos-test:no-such-alias' failed" in reply["error"]
 
 
+FAKE_MODPROBE = """#!/bin/sh
+# stands in for modprobe: records how it was called
+echo "$@" >> "$(dirname "$0")/calls"
+"""
+
+
+def test_a_device_added_gets_its_driver_loaded_by_modalias(
+    ikosd_factory: Callable[..., Instance], tmp_path: Path
+) -> None:
+    # modprobe itself is replaced (this machine may have none, and a test must not
+    # load modules): what is checked is that an add with a MODALIAS runs it, as
+    # 'modprobe -b -q -- ALIAS', without anyone asking
+    fake = tmp_path / "bin" / "modprobe"
+    fake.parent.mkdir()
+    fake.write_text(FAKE_MODPROBE)
+    fake.chmod(0o755)
+    (tmp_path / "modules" / os.uname().release).mkdir(parents=True)
+    tree = TREE.replace(
+        "dev.child()",
+        f"dev.child(modprobe={str(fake)!r}, modules_dir={str(tmp_path / 'modules')!r})",
+    )
+    inst = ikosd_factory(tree=tree, args=["--metrics", "off"])
+    ref: ikos.ActorRef[Any] = ikos.ActorRef("dev", root=inst.root)
+    stats = wait_for(lambda: ask(ref, {"op": "stats"}), HANG, message="dev answering")
+    if stats["uevents"] != "listening":
+        pytest.skip(f"no uevent socket here: {stats['uevents']}")
+    assert stats["drivers"] == "loaded by modalias on add"
+    # a device whose driver is bound already: on any machine, loading it is a no-op
+    bound = [d for d in ask(ref, {"op": "list"})["devices"] if d["modalias"] and d["driver"]]
+    if not bound:
+        pytest.skip("no device here has both a modalias and a driver")
+    device = bound[0]
+    with ikos.ipc.subscribe("dev.add", root=inst.root) as sub:
+        synth = trigger(device["devpath"], "add")
+        assert wait_event(sub, synth).payload["properties"]["MODALIAS"] == device["modalias"]
+    calls = tmp_path / "bin" / "calls"
+    wait_for(calls.exists, HANG, message="modprobe to be run")
+    assert f"-b -q -- {device['modalias']}" in calls.read_text().splitlines()
+    assert ask(ref, {"op": "modprobe", "modalias": "x:y"}) == {"ok": True, "modalias": "x:y"}
+
+
 def test_bad_requests_are_answered_not_crashed(dev: tuple[Instance, ikos.ActorRef[Any]]) -> None:
     inst, ref = dev
     pid = inst.pid_of("dev")
@@ -179,6 +220,10 @@ def test_parse_uevent() -> None:
 def test_modprobe_refusal_names_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("shutil.which", lambda name: None)
     assert modprobe_refusal() == "modprobe is not installed (Debian package kmod)"
+    monkeypatch.setattr("shutil.which", lambda name: name)
+    assert modprobe_refusal(modules_dir="/nonexistent").startswith(
+        f"the running kernel {os.uname().release} has no modules here (/nonexistent/"
+    )
     monkeypatch.setattr("shutil.which", lambda name: "/sbin/modprobe")
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     monkeypatch.setattr("examples.system.dev._has_cap_sys_module", lambda: False)

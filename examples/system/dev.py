@@ -154,15 +154,15 @@ def enumerate_devices(sysfs: Path) -> dict[str, dict[str, Any]]:
     return devices
 
 
-def modprobe_refusal() -> str | None:
+def modprobe_refusal(modprobe: str = "modprobe", modules_dir: str = "/lib/modules") -> str | None:
     """Why this process may not load modules, or None when it may try."""
-    if shutil.which("modprobe") is None:
-        return "modprobe is not installed (Debian package kmod)"
+    if shutil.which(modprobe) is None:
+        return f"{modprobe} is not installed (Debian package kmod)"
     if os.geteuid() != 0 and not _has_cap_sys_module():
         return "loading drivers needs root or CAP_SYS_MODULE, which this daemon lacks"
     release = os.uname().release
-    if not Path("/lib/modules", release).is_dir():
-        return f"the running kernel {release} has no modules here (/lib/modules/{release})"
+    if not Path(modules_dir, release).is_dir():
+        return f"the running kernel {release} has no modules here ({modules_dir}/{release})"
     return None
 
 
@@ -208,7 +208,8 @@ class DeviceManager(ikos.Actor):
 
     Options (keyword arguments of :func:`child`): ``sysfs`` (``/sys``),
     ``load_drivers`` (True: modprobe by MODALIAS on ``add``),
-    ``modprobe_timeout`` (30 s).
+    ``modprobe_timeout`` (30 s), ``modprobe`` (the command, found on PATH),
+    ``modules_dir`` (``/lib/modules``, where the running kernel's modules must be).
 
     Requests (dicts): ``{"op": "list", "subsystem": S?}``, ``{"op": "get",
     "devpath": P}`` (``/devices/...`` or ``/sys/...``), ``{"op":
@@ -223,16 +224,19 @@ class DeviceManager(ikos.Actor):
         sysfs: str = "/sys",
         load_drivers: bool = True,
         modprobe_timeout: float = MODPROBE_TIMEOUT,
+        modprobe: str = "modprobe",
+        modules_dir: str = "/lib/modules",
     ) -> None:
         self.sysfs = Path(sysfs)
         self.load_drivers = load_drivers
         self.modprobe_timeout = float(modprobe_timeout)
+        self.modprobe, self.modules_dir = modprobe, modules_dir
 
     async def on_start(self) -> None:
         loop = asyncio.get_running_loop()
         self.counters: collections.Counter[str] = collections.Counter()
         self.devices = await loop.run_in_executor(None, enumerate_devices, self.sysfs)
-        self.refusal = modprobe_refusal()
+        self.refusal = modprobe_refusal(self.modprobe, self.modules_dir)
         if self.refusal is not None and self.load_drivers:
             log.warning("dev: drivers will not be loaded: %s", self.refusal)
         self.modprobes: set[asyncio.Task[dict[str, Any]]] = set()
@@ -320,16 +324,20 @@ class DeviceManager(ikos.Actor):
         if self.refusal is not None:
             return {"ok": False, "error": f"cannot load a driver for {alias!r}: {self.refusal}"}
         self.counters["modprobes"] += 1
-        proc = await asyncio.create_subprocess_exec(
-            "modprobe",
-            "-b",
-            "-q",
-            "--",
-            alias,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-        )
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                self.modprobe,
+                "-b",
+                "-q",
+                "--",
+                alias,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE,
+            )
+        except OSError as exc:
+            self.counters["modprobe_failures"] += 1
+            return {"ok": False, "error": f"modprobe {alias!r} could not be run: {exc}"}
         try:
             _, err = await asyncio.wait_for(proc.communicate(), self.modprobe_timeout)
         except TimeoutError:
