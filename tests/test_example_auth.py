@@ -10,6 +10,7 @@ temporary database, where the caller's uid can be anything.
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import shutil
@@ -39,7 +40,9 @@ from examples.system.auth import (
     Backoff,
     Caller,
     FailureTable,
+    MailboxPolicy,
     check,
+    mailbox_is_private,
     make_hasher,
     permitted,
 )
@@ -256,23 +259,23 @@ def test_users_and_sessions_survive_kill_9(auth: Auth) -> None:
     assert ask(ref, op="check", token=token, permission="net.configure")["allowed"] is True
     assert ask(ref, op="login", user="dave", password="pw-dave")["ok"]
     # and the new incarnation serves the name on the broker again
-    with ikos.ipc.connect("auth", timeout=HANG, root=inst.root) as conn:
+    with ikos.ipc.connect("auth.api", timeout=HANG, root=inst.root) as conn:
         reply = wait_for(
             lambda: conn.request({"op": "validate", "token": token}).payload,
             HANG,
             message="auth served again",
         )
     assert reply["user"] == "dave"
-    assert "auth" in ikos.ipc.stats(root=inst.root)["served"]
+    assert "auth.api" in ikos.ipc.stats(root=inst.root)["served"]
 
 
 def test_the_broker_path_knows_the_caller(auth: Auth) -> None:
     inst, ref = auth
     add(ref, "erin", "pw-erin", "net.configure")
-    # the name is served by the daemon (the kernel gives it the caller's uid), which
-    # the broker prefers to the actor's mailbox of the same name
-    wait_for(lambda: "auth" in ikos.ipc.stats(root=inst.root)["served"], HANG, message="served")
-    with ikos.ipc.connect("auth", timeout=HANG, root=inst.root) as conn:
+    # the daemon serves auth.api on the broker, where the kernel gives it the caller's uid
+    wait_for(lambda: "auth.api" in ikos.ipc.stats(root=inst.root)["served"], HANG, message="served")
+    with ikos.ipc.connect("auth.api", timeout=HANG, root=inst.root) as conn:
+        assert not conn.direct
         login = conn.request({"op": "login", "user": "erin", "password": "pw-erin"}).payload
         assert login["ok"], login
         check = conn.request(
@@ -285,43 +288,90 @@ def test_the_broker_path_knows_the_caller(auth: Auth) -> None:
 
 STRANGER = """
 import json, ikos.ipc
-with ikos.ipc.connect("auth", timeout=30) as auth:
-    login = auth.request({"op": "login", "user": "ivan", "password": "pw-ivan",
-                          "peer": "spoofed"}).payload
-    out = {
-        "login": login,
-        "session": auth.request({"op": "validate", "token": login["token"]}).payload,
-        "add_user": auth.request({"op": "add_user", "user": "evil", "password": "x"}).payload,
-    }
+out = {}
+for name in ("auth.api", "auth2"):  # served by a daemon; an actor's mailbox
+    with ikos.ipc.connect(name, timeout=30) as auth:
+        login = auth.request({"op": "login", "user": "ivan", "password": "pw-ivan",
+                              "peer": "spoofed"}).payload
+        out[name] = {
+            "login": login,
+            "session": auth.request({"op": "validate", "token": login["token"]}).payload,
+            "add_user": auth.request({"op": "add_user", "user": "evil", "password": "x"}).payload,
+        }
 print(json.dumps(out))
+"""
+
+TWO_TREE = """
+import ikos
+from examples.system import auth
+
+CHEAP = {{"time_cost": 1, "memory_cost": 8, "parallelism": 1}}
+tree = ikos.Supervisor("root", children=[
+    auth.child(argon2=CHEAP),
+    auth.child("auth2", serve=False, argon2=CHEAP, db_path={db!r},
+               bootstrap_admin=("boss", "pw-boss", ["auth.admin"])),
+])
 """
 
 
 @needs_users
-def test_another_user_through_the_broker_is_known_by_its_uid(
+def test_another_user_is_never_an_administrator(
     ikosd_factory: Callable[..., Instance],
     stranger: pwd.struct_passwd,  # noqa: F811 (the fixture imported above)
 ) -> None:
+    # Through the served name ('auth.api') the kernel vouches for the stranger's uid;
+    # through a mailbox ('auth2', where the broker forwards the calls the policy
+    # allows) the caller is anonymous, and since the policy grants others 'call' on
+    # it, that mailbox is not taken for the owner's: neither way is the stranger an
+    # administrator. 'auth', whose name the policy does not grant, keeps its mailbox
+    # for the owner.
     base = Path(tempfile.mkdtemp(prefix="ikos-auth-users-"))
     try:
         config = f"""
             [[ipc.allow]]
             users = ["{stranger.pw_name}"]
-            call = ["auth"]
+            call = ["auth.api", "auth2"]
             """
-        inst = shared_instance(base, ikosd_factory, TREE, config)
-        ref: ikos.ActorRef[Any] = ikos.ActorRef("auth", root=inst.root)
-        wait_for(lambda: "auth" in ikos.ipc.stats(root=inst.root)["served"], HANG, message="served")
-        add(ref, "ivan", "pw-ivan")
+        tree = TWO_TREE.format(db=str(base / "auth2.db"))
+        inst = shared_instance(base, ikosd_factory, tree, config)
+        wait_for(lambda: "auth.api" in ikos.ipc.stats(root=inst.root)["served"], HANG)
+        ivan = {"op": "add_user", "user": "ivan", "password": "pw-ivan"}
+        auth: ikos.ActorRef[Any] = ikos.ActorRef("auth", root=inst.root)
+        auth2: ikos.ActorRef[Any] = ikos.ActorRef("auth2", root=inst.root)
+        assert auth.ask(ivan, timeout=HANG)["ok"]  # the owner, by the private mailbox
+        refused = auth2.ask(ivan, timeout=HANG)
+        assert "needs an administrator" in refused["error"], refused
+        assert "grants others 'call' on this daemon's name" in refused["error"]
+        boss = auth2.ask({"op": "login", "user": "boss", "password": "pw-boss"}, timeout=HANG)
+        assert auth2.ask({**ivan, "admin_token": boss["token"]}, timeout=HANG)["ok"]
+
         out = run_as(stranger, STRANGER, inst.root)
-        assert out["login"]["ok"], out
-        # the peer is the uid the kernel vouched for, not the one claimed
-        assert out["session"]["peer"] == f"uid:{stranger.pw_uid}"
-        assert out["add_user"]["ok"] is False
-        assert "needs an administrator" in out["add_user"]["error"]
-        assert "evil" not in [u["user"] for u in ask(ref, op="users")["users"]]
+        for name, peer in [("auth.api", f"uid:{stranger.pw_uid}"), ("auth2", "mailbox")]:
+            assert out[name]["login"]["ok"], out
+            assert out[name]["session"]["peer"] == peer  # not the one it claimed
+            assert "needs an administrator" in out[name]["add_user"]["error"]
+        assert [u["user"] for u in auth.ask({"op": "users"}, timeout=HANG)["users"]] == ["ivan"]
+        users = auth2.ask({"op": "users", "admin_token": boss["token"]}, timeout=HANG)["users"]
+        assert [u["user"] for u in users] == ["boss", "ivan"]
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_the_mailbox_is_private_unless_the_policy_grants_call(tmp_path: Path) -> None:
+    policy = tmp_path / "broker.json"
+    assert mailbox_is_private("auth", policy)  # no broker, no forwarding
+    policy.write_text(json.dumps({"policy": [{"uids": [5], "call": ["echo", "app.*"]}]}))
+    assert mailbox_is_private("auth", policy)
+    policy.write_text(json.dumps({"policy": [{"uids": [5], "call": ["#"]}]}))
+    assert not mailbox_is_private("auth", policy)
+    policy.write_text("{not json")
+    assert not mailbox_is_private("auth", policy)  # fail closed
+    policy.write_text(json.dumps({"policy": [{"gids": [7], "call": ["auth"]}]}))
+    watched = MailboxPolicy("auth", policy)
+    assert watched.private() is False
+    policy.unlink()
+    policy.write_text(json.dumps({"policy": []}))  # a reload: a new file
+    assert watched.private() is True
 
 
 # -- the logic, without a daemon ------------------------------------------------

@@ -26,10 +26,16 @@ Main design choices:
   make the daemon grow.
 - **Never block the mailbox on argon2.** The actor is async: hashing runs in
   a small thread pool (``hash_threads``) while validations, which are one
-  indexed SQLite read, are answered on the loop meanwhile. The same
-  :class:`AuthService` also serves the name ``auth`` on the broker, where the
-  kernel vouches for the caller's uid: that is how a caller that is not the
-  instance's owner reaches it, and how admin ops tell who is asking.
+  indexed SQLite read, are answered on the loop meanwhile.
+- **Who is asking.** The mailbox is reached by the owner's processes (and
+  ikosctl), which are administrators, unless the broker's policy grants
+  others ``call`` on the actor's name: then the broker forwards their calls
+  to it, anonymously, so nobody is taken for an administrator there
+  (:class:`MailboxPolicy`). Other users call ``auth.api`` instead, a name the
+  same :class:`AuthService` serves on the broker, where the kernel vouches
+  for each caller's uid. It is not the actor's name on purpose: the broker
+  forwards a call to an actor's mailbox when nobody serves the name, which
+  would make an anonymous caller of someone the service vouched for.
 - Passwords and tokens are never logged or published; events carry the user,
   the peer and a session id (the first 12 hex digits of the token's hash).
 
@@ -65,6 +71,7 @@ import ikos
 import ikos.ipc
 import ikos.registry
 from ikos.actors._context import instance_paths
+from ikos.ipc._topics import matches as topic_matches
 
 log = logging.getLogger("examples.system.auth")
 
@@ -185,12 +192,62 @@ class FailureTable:
 
 @dataclass(frozen=True, slots=True)
 class Caller:
-    """Who sent a request: through the mailbox (a holder of the instance's secret,
-    so root or the owner) or through the broker (``uid`` vouched by the kernel)."""
+    """Who sent a request: through the broker, ``uid`` as the kernel vouched for it;
+    through the mailbox, anyone holding the instance's secret (root, the owner,
+    ikosctl's control server) *and* the broker, which forwards there the calls of
+    the peers its policy grants ``call`` on the name when no process serves it.
+    ``private`` says the policy grants that to nobody (:func:`mailbox_is_private`).
+    """
 
     via: str  # "mailbox" or "broker"
     uid: int | None = None
     pid: int | None = None
+    private: bool = True
+
+    def trusted(self, owner_uids: frozenset[int]) -> bool:
+        """Whether the caller is root or the owner, as far as the service can tell."""
+        if self.via == "mailbox":
+            return self.private
+        return self.uid in owner_uids
+
+
+def mailbox_is_private(name: str, broker_json: Path) -> bool:
+    """Whether no rule of the broker's policy grants ``call`` on ``name``.
+
+    Then only root and the owner reach the actor's mailbox. An unreadable or
+    malformed policy counts as granting (fail closed); no file means no broker.
+    """
+    try:
+        rules = json.loads(broker_json.read_text()).get("policy", [])
+    except FileNotFoundError:
+        return True
+    except (OSError, ValueError, AttributeError):
+        return False
+    try:
+        return not any(topic_matches(p, name) for rule in rules for p in rule.get("call", []))
+    except (AttributeError, TypeError):
+        return False
+
+
+class MailboxPolicy:
+    """:func:`mailbox_is_private`, read again only when ``broker.json`` changes
+    (ikosd rewrites it on a reload), so that every request pays one ``stat``."""
+
+    def __init__(self, name: str, broker_json: Path) -> None:
+        self.name, self.path = name, broker_json
+        self._seen: tuple[int, int, int] | None = None
+        self._private = False
+
+    def private(self) -> bool:
+        try:
+            st = self.path.stat()
+            seen = (st.st_mtime_ns, st.st_size, st.st_ino)
+        except OSError:
+            seen = (0, 0, 0)
+        if seen != self._seen:
+            self._private = mailbox_is_private(self.name, self.path)
+            self._seen = seen
+        return self._private
 
 
 def permitted(granted: list[str], permission: str) -> bool:
@@ -338,25 +395,31 @@ class AuthService:
         # The mailbox is reached only by holders of the instance's secret (root and
         # the owner); through the broker the kernel vouches for the uid; anyone else
         # proves it with the token of a session holding auth.admin.
-        if caller.via == "mailbox" or caller.uid in self.owner_uids:
+        if caller.trusted(self.owner_uids):
             return
         token = _string(req, "admin_token", MAX_TOKEN, optional=True)
         if token is not None:
             session = self._session(token)
             if session is not None and permitted(session["permissions"], ADMIN_PERMISSION):
                 return
+        who = (
+            f"uid {caller.uid}"
+            if caller.via == "broker"
+            else "an anonymous caller: the broker's policy grants others 'call' on this "
+            "daemon's name, so they reach its mailbox too"
+        )
         raise BadRequest(
-            f"op {req['op']!r} needs an administrator: root, the instance's owner, "
-            f"or an 'admin_token' of a session with {ADMIN_PERMISSION!r} (uid {caller.uid})"
+            f"op {req['op']!r} needs an administrator: root or the instance's owner, "
+            f"or an 'admin_token' of a session with {ADMIN_PERMISSION!r}; this is {who}"
         )
 
     def _peer(self, req: dict[str, Any], caller: Caller) -> str:
         # a trusted front-end (the owner's processes) names the client it logs in;
         # through the broker, the caller is its own peer unless it is the owner
         given = _string(req, "peer", MAX_PEER, optional=True)
-        if caller.via == "mailbox" or caller.uid in self.owner_uids:
+        if caller.trusted(self.owner_uids):
             return given or "local"
-        return f"uid:{caller.uid}"
+        return f"uid:{caller.uid}" if caller.via == "broker" else "mailbox"
 
     # -- users -----------------------------------------------------------------
 
@@ -578,7 +641,7 @@ class AuthService:
 
     def op_sessions(self, req: dict[str, Any], caller: Caller) -> dict[str, Any]:
         user = _user(req) if "user" in req else None
-        if caller.via != "mailbox" and caller.uid not in self.owner_uids:
+        if not caller.trusted(self.owner_uids):
             self._require_admin(req, caller)
         with self._tx() as db:
             rows = db.execute(
@@ -688,7 +751,7 @@ class Auth(ikos.Actor):
     ``admin_uids`` (uids besides root and the owner allowed admin ops over
     the broker), ``bootstrap_admin`` (``(user, password, permissions)`` to
     create when the database has no users), ``serve`` (True: also serve the
-    name ``auth`` on the broker).
+    name ``NAME.api`` on the broker, for other users).
     """
 
     #: validations are answered while logins hash in the pool
@@ -745,9 +808,10 @@ class Auth(ikos.Actor):
                     Caller("mailbox"),
                 )
                 log.warning("auth: bootstrap admin %r: %s", user, reply.get("error", "created"))
+        self.mailbox = MailboxPolicy(self.name, instance_paths(None).run_dir / "ipc/broker.json")
         self.server: ikos.ipc.Server | None = None
         if self.serve:
-            self.server = await _serve_name(self.name, self._serve)
+            self.server = await _serve_name(f"{self.name}.api", self._serve)
         try:
             ikos.registry.register(
                 self.name,
@@ -771,7 +835,7 @@ class Auth(ikos.Actor):
         if message == "purge":
             self.service.purge()
             return None
-        caller = Caller("mailbox")
+        caller = Caller("mailbox", private=self.mailbox.private())
         if isinstance(message, dict) and message.get("op") in HEAVY_OPS:
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(self.pool, self.service.handle, message, caller)
