@@ -213,7 +213,8 @@ class DeviceManager(ikos.Actor):
 
     Requests (dicts): ``{"op": "list", "subsystem": S?}``, ``{"op": "get",
     "devpath": P}`` (``/devices/...`` or ``/sys/...``), ``{"op":
-    "subsystems"}``, ``{"op": "modprobe", "modalias": A}``, ``{"op":
+    "subsystems"}``, ``{"op": "modprobe", "modalias": A}`` (A: a present
+    device's modalias), ``{"op":
     "rescan"}``, ``{"op": "stats"}``; replies carry ``ok`` and, when it is
     False, ``error``.
     """
@@ -390,6 +391,12 @@ class DeviceManager(ikos.Actor):
             if not isinstance(alias, str) or not alias or len(alias) > 512 or alias[0] == "-":
                 return _error(
                     "'modalias': expected an alias or module name (at most 512 characters)"
+                )
+            if self.refusal is None and alias not in {d["modalias"] for d in self.devices.values()}:
+                # loading any module by name is root's business, not a caller's of this op
+                return _error(
+                    f"no device here has modalias {alias[:200]!r}: "
+                    "this op loads drivers for present devices only"
                 )
             return await self._modprobe(alias)
         if op == "rescan":
