@@ -779,43 +779,49 @@ print(json.dumps(out))
 """
 
 
+def shared_instance(base: Path, ikosd_factory: Any, tree: str, config: str) -> Instance:
+    """An ikosd whose root (under ``base``, made 0711) another user can reach."""
+    os.chmod(base, 0o711)  # pytest's tmp is 0700: the stranger must reach the socket
+    inst = ikosd_factory(
+        tree=tree,
+        config=config,
+        args=[*NO_METRICS, "--root", str(base / "root")],  # the last --root wins
+    )
+    return Instance(base / "root", inst.proc, inst.mark, inst.log)
+
+
+def run_as(user: pwd.struct_passwd, script: str, root: Path) -> Any:
+    """Run the Python ``script`` as ``user`` against the instance at ``root``; its JSON output."""
+    command = [
+        "setpriv",
+        f"--reuid={user.pw_uid}",
+        f"--regid={user.pw_gid}",
+        "--clear-groups",
+        sys.executable,
+        "-c",
+        script,
+    ]
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(REPO), "HOME": "/", "IKOS_ROOT": str(root)}
+    res = subprocess.run(command, env=env, capture_output=True, text=True, timeout=HANG)
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)
+
+
 @needs_users
 def test_another_user_is_allowed_what_a_rule_grants_and_denied_the_rest(
     ikosd_factory: Any, stranger: pwd.struct_passwd
 ) -> None:
     base = Path(tempfile.mkdtemp(prefix="ikos-ipc-users-"))
-    os.chmod(base, 0o711)  # pytest's tmp is 0700: the stranger must reach the socket
     try:
-        inst = ikosd_factory(
-            tree=TREE,
-            config=f"""
+        config = f"""
             [[ipc.allow]]
             users = ["{stranger.pw_name}"]
             publish = ["app.#"]
             call = ["echo"]
-            """,
-            args=[*NO_METRICS, "--root", str(base / "root")],  # the last --root wins
-        )
-        inst = Instance(base / "root", inst.proc, inst.mark, inst.log)
+            """
+        inst = shared_instance(base, ikosd_factory, TREE, config)
         sub = ikos.ipc.subscribe("app.#", root=inst.root)
-        command = [
-            "setpriv",
-            f"--reuid={stranger.pw_uid}",
-            f"--regid={stranger.pw_gid}",
-            "--clear-groups",
-            sys.executable,
-            "-c",
-            STRANGER,
-        ]
-        env = {
-            "PATH": os.environ["PATH"],
-            "PYTHONPATH": str(REPO),
-            "HOME": "/",
-            "IKOS_ROOT": str(inst.root),
-        }
-        res = subprocess.run(command, env=env, capture_output=True, text=True, timeout=HANG)
-        assert res.returncode == 0, res.stderr
-        out = json.loads(res.stdout)
+        out = run_as(stranger, STRANGER, inst.root)
         assert "sys.shutdown" in out["publish_denied"]
         assert out["direct"] is False  # no secret: through the broker, in JSON
         assert out["echo"] == {"n": 1}
