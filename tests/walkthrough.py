@@ -10,13 +10,14 @@ The convention of the pages, kept small enough to read at a glance:
 - In a ```console block, a line ``$ COMMAND`` is a command; the lines after
   it, up to the next ``$``, are its output. ``...`` inside a line stands for
   any text (a PID, a time); a line that is just ``...`` for any number of
-  lines. Otherwise the output must be those lines, in order, exactly
-  (trailing blanks aside).
+  lines. Otherwise the output must be those lines, in order, exactly, but
+  for blanks: a run of them compares as one, and none at either end of a
+  line (a table's columns widen with a longer PID).
 - A command ending in `` &`` runs in the background, as a shell job: the
   lines shown after it are what it prints on stdout (ikosd's ready line),
   awaited until they appear. ``kill %N`` and ``wait`` / ``wait %N`` name the
-  jobs as bash does (``%N`` becomes the job's PID; ``wait`` waits for it
-  and sets ``$?`` to its exit status).
+  jobs as bash does (``%N`` becomes the job's PID; ``wait %N`` waits for
+  job N, ``wait`` for all, and ``$?`` is the exit status of the last).
 - ``<!-- file: NAME -->`` just before a fenced block writes the block to
   the file NAME: the page's "save this as NAME".
 - Every other command runs with ``bash -c`` in the session's working
@@ -24,8 +25,9 @@ The convention of the pages, kept small enough to read at a glance:
   ``export``, ``. venv/bin/activate``) carry over to the next command, as in
   a terminal. It must exit with status 0 (a page that shows a failure says
   ``|| echo ...`` or ``echo $?``, as a reader would), except a reading
-  command (below), judged by what it prints. Its stdout and stderr are read
-  together, interleaved as on a terminal.
+  command (below), judged by what it prints. It runs on a pseudo-terminal,
+  as a reader's commands do (ikosctl prints tables there, tab-separated
+  rows on a pipe), stdout and stderr interleaved.
 - What a supervisor does after a kill takes a moment: a command that only
   reads (``ikosctl status``, ``tree``, ``list``..., ``curl``, ``grep``) is run again,
   for a while, until its output is the one shown, as a reader would run it
@@ -39,10 +41,15 @@ walkthrough fails it and is killed (``conftest.kill_and_check``).
 
 from __future__ import annotations
 
+import fcntl
 import os
+import pty
 import re
+import select
 import signal
+import struct
 import subprocess
+import termios
 import time
 import uuid
 from collections.abc import Iterator, Mapping
@@ -56,12 +63,15 @@ from conftest import BIN, kill_and_check
 #: command to show what the page shows, a command to finish: bounds on hangs.
 PATIENCE = 90.0
 RETRY_INTERVAL = 0.3
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+#: The width of the terminal the commands run on.
+COLUMNS = 120
 
 #: Commands that only read, run again until their output is the one shown.
 READING = re.compile(
     r"^(ikosctl(\s+--(root|json)(\s+\S+)?)*\s+(--json\s+)?"
     r"(status|tree|list|services|discover|is-active|logs|alerts|top)\b"
-    r"|curl\s|grep\s)"
+    r"|curl\s|grep\s|promtool\s+query\s)"
 )
 #: What the shell itself sets, not carried from one command to the next.
 SHELL_OWN = ("PWD", "OLDPWD", "SHLVL", "_")
@@ -163,29 +173,50 @@ def _trimmed(step: Step) -> Step:
 
 
 def matches(expected: list[str], output: str) -> bool:
-    """Whether ``output`` has the shape ``expected`` shows (``...`` elides, see the module)."""
+    """Whether ``output`` has the shape ``expected`` shows (``...`` elides, see the module).
+
+    A run of blanks compares as one blank, and leading and trailing blanks not
+    at all: a table's columns widen with what they hold (a longer PID).
+    """
     pattern = ""
     for line in expected:
         if line.strip() == "...":
             pattern += r"(?:[^\n]*\n)*?"
         else:
-            parts = (re.escape(p) for p in line.rstrip().split("..."))
+            parts = (re.escape(p) for p in _blanks(line).split("..."))
             pattern += "[^\n]*?".join(parts) + "\n"
-    text = "".join(ln.rstrip() + "\n" for ln in output.splitlines())
+    text = "".join(_blanks(ln) + "\n" for ln in output.splitlines())
     return re.fullmatch(pattern, text) is not None
+
+
+def _blanks(line: str) -> str:
+    return re.sub(r"[ \t]+", " ", line.strip())
 
 
 class Session:
     """A terminal session: working directory, environment, background jobs."""
 
-    def __init__(self, cwd: Path, scratch: Path, substitutions: Mapping[str, str]) -> None:
+    def __init__(
+        self,
+        cwd: Path,
+        scratch: Path,
+        substitutions: Mapping[str, str],
+        *,
+        activated: bool = True,
+        reading: re.Pattern[str] = READING,
+    ) -> None:
         self.cwd = cwd
         self.scratch = scratch
         self.subs = dict(substitutions)
         self.mark = uuid.uuid4().hex
         env = {k: v for k, v in os.environ.items() if k not in ("IKOS_ROOT", "VIRTUAL_ENV")}
-        # The reader's shell has ikos's commands on PATH (the venv activated).
-        env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+        if activated:  # the reader's shell has ikos's commands on PATH (the venv activated)
+            env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+        else:  # a shell before any venv: the system's commands
+            env["PATH"] = os.pathsep.join(
+                p for p in env.get("PATH", "").split(os.pathsep) if Path(p) != BIN
+            )
+        self.reading = reading
         env["IKOS_TEST_MARK"] = self.mark
         env["NO_COLOR"] = "1"
         self.env = env
@@ -250,14 +281,18 @@ class Session:
     def _foreground(self, step: Step, command: str, expected: list[str]) -> None:
         waited = re.match(r"^wait(?:\s+%(\d+))?(?=\s*($|;|&&|\|\|))", command)
         if waited:
-            proc = self.jobs[int(waited.group(1) or len(self.jobs)) - 1][0]
-            try:
-                status = proc.wait(timeout=PATIENCE)
-            except subprocess.TimeoutExpired:
-                self._fail(step, expected, "", "(the job did not exit)")
+            # `wait %N` waits for job N, `wait` for every job; $? is the (last) one's status
+            number = waited.group(1)
+            jobs = [self.jobs[int(number) - 1]] if number else self.jobs
+            status = 0
+            for proc, _ in jobs:
+                try:
+                    status = proc.wait(timeout=PATIENCE)
+                except subprocess.TimeoutExpired:
+                    self._fail(step, expected, "", f"(job {proc.args} did not exit)")
             command = f"(exit {status})" + command[waited.end() :]
         command = self._job_pids(command)
-        reading = READING.match(command) is not None
+        reading = self.reading.match(command) is not None
         deadline = time.monotonic() + PATIENCE
         while True:
             status, output = self._bash(command)
@@ -277,21 +312,12 @@ class Session:
         script = f"{command}\n__rc=$?\nenv -0 > {env_file}; pwd > {cwd_file}\nexit $__rc\n"
         for stale in (env_file, cwd_file):
             stale.unlink(missing_ok=True)
-        res = subprocess.run(
-            ["bash", "-c", script],
-            cwd=self.cwd,
-            env=self.env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,  # interleaved as on a terminal
-            text=True,
-            timeout=PATIENCE * 2,
-        )
+        status, output = on_terminal(["bash", "-c", script], self.cwd, self.env)
         if env_file.exists() and cwd_file.exists():
             pairs = (e.partition("=") for e in env_file.read_text().split("\0") if e)
             self.env = {k: v for k, _, v in pairs if k not in SHELL_OWN}
             self.cwd = Path(cwd_file.read_text().strip())
-        return res.returncode, res.stdout
+        return status, output
 
     def _fail(self, step: Step, expected: list[str], got: str, why: str) -> None:
         pytest.fail(
@@ -322,6 +348,54 @@ class Session:
                 except subprocess.TimeoutExpired:
                     pass
         return kill_and_check(self.mark, *(proc for proc, _ in self.jobs))
+
+
+def on_terminal(argv: list[str], cwd: Path, env: dict[str, str]) -> tuple[int, str]:
+    """Run ``argv`` with stdout and stderr on a pseudo-terminal; its status and output.
+
+    On a terminal is how a reader runs the page's commands, and ikosctl
+    prints tables there (tab-separated rows on a pipe); the terminal is
+    COLUMNS wide, stdin is /dev/null. The output is read until the command
+    exited and nothing more comes, so that a process it left behind holding
+    the terminal cannot hang the test (the leak check finds that process).
+    """
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, COLUMNS, 0, 0))
+    try:
+        proc = subprocess.Popen(
+            argv,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=slave,
+            stderr=slave,
+            start_new_session=True,
+        )
+    finally:
+        os.close(slave)
+    chunks: list[bytes] = []
+    deadline = time.monotonic() + PATIENCE * 2
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.1)
+            if ready:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:  # EIO: every end of the terminal is closed
+                    chunk = b""
+                if chunk:
+                    chunks.append(chunk)
+                    continue
+                break
+            if proc.poll() is not None:
+                break
+        else:
+            proc.kill()
+        status = proc.wait(timeout=PATIENCE)
+    finally:
+        os.close(master)
+    text = b"".join(chunks).decode(errors="replace").replace("\r\n", "\n")
+    return status, ANSI_ESCAPE.sub("", text)  # colours: invisible on the reader's screen
 
 
 def _indent(text: str) -> str:
