@@ -23,12 +23,14 @@ from walkthrough import Session, Step, Walkthrough, matches, parse
 pytestmark = pytest.mark.slow  # a real ikosd per walkthrough
 
 PAGE = REPO / "docs" / "examples.md"
-PART = "Supervision-tree examples"
+#: The parts of the page (``# `` headings) whose ``## `` sections are walkthroughs
+#: of examples/trees/; another part following the same conventions joins here.
+PARTS = ("Supervision-tree examples",)
 TREES = REPO / "examples" / "trees"
 #: The roots the page uses; each walkthrough gets its own directory instead.
 PAGE_ROOT = "/tmp/trees"
 
-WALKTHROUGHS = parse(PAGE.read_text(), top_heading=PART)
+WALKTHROUGHS = [w for part in PARTS for w in parse(PAGE.read_text(), top_heading=part)]
 
 
 def _example(walk: Walkthrough) -> str:
