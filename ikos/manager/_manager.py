@@ -557,7 +557,8 @@ class Manager:
         if self.ready_line:
             notes = "".join(f", {note}" for ext in self._started if (note := ext.ready_note()))
             line = (
-                f"ikosd ready: {running} daemons running, pid {os.getpid()}, "
+                f"ikosd ready: {running} daemon{'' if running == 1 else 's'} running, "
+                f"pid {os.getpid()}, "
                 f"control socket {self.paths.control_socket}{notes}"
             )
             if not _write_line(sys.stdout, line):
