@@ -203,7 +203,7 @@ def ip(*args: str) -> None:
 
 @dataclass
 class Lan:
-    """A client namespace with ``eth0``, wired to a server namespace where dnsmasq runs."""
+    """A client namespace with ``eth0``, wired to a server namespace (``vsrv``, 10.77.0.1)."""
 
     client: str
     server: str
@@ -211,6 +211,9 @@ class Lan:
 
     def in_client(self) -> list[str]:
         return ["nsenter", f"--net=/run/netns/{self.client}"]
+
+    def in_server(self) -> list[str]:
+        return ["nsenter", f"--net=/run/netns/{self.server}"]
 
     def client_addresses(self) -> list[str]:
         out = subprocess.run(
@@ -228,12 +231,12 @@ class Lan:
 
 
 @pytest.fixture
-def lan(tmp_path: Path) -> Iterator[Lan]:
+def wires(tmp_path: Path) -> Iterator[Lan]:
+    """The two namespaces and their veth pair; deleted (veth with them) after the test."""
     if NEEDS or os.geteuid() != 0:
         pytest.skip(f"needs root and {', '.join(NEEDS) or 'nothing else'}")
     tag = uuid.uuid4().hex[:8]
     net = Lan(f"ikos-nc-{tag}", f"ikos-ns-{tag}", tmp_path)
-    dnsmasq: subprocess.Popen[str] | None = None
     made: list[str] = []
     try:
         for ns in (net.client, net.server):
@@ -258,48 +261,55 @@ def lan(tmp_path: Path) -> Iterator[Lan]:
         ip("-n", net.server, "addr", "add", f"{SERVER_IP}/24", "dev", "vsrv")
         for ns, dev in ((net.server, "vsrv"), (net.server, "lo"), (net.client, "lo")):
             ip("-n", ns, "link", "set", dev, "up")
-        log = tmp_path / "dnsmasq.log"
-        with open(log, "w") as out:
-            dnsmasq = subprocess.Popen(
-                [
-                    "nsenter", f"--net=/run/netns/{net.server}", "dnsmasq", "--no-daemon",
-                    "--conf-file=/dev/null", "--interface=vsrv", "--bind-interfaces",
-                    "--no-resolv", "--no-hosts", "--log-dhcp", "--pid-file=",
-                    f"--dhcp-leasefile={tmp_path / 'leases'}",
-                    "--dhcp-range=10.77.0.50,10.77.0.150,255.255.255.0,2m",
-                    f"--dhcp-option=option:router,{SERVER_IP}",
-                    f"--dhcp-option=option:dns-server,{SERVER_IP}",
-                    # T1 and T2 of a few seconds: dnsmasq's shortest lease is 2 min
-                    "--dhcp-option=option:T1,3", "--dhcp-option=option:T2,6",
-                    "--address=/test.ikos/10.9.9.9", "--local=/missing.ikos/", "--local-ttl=60",
-                ],
-                stdout=out, stderr=subprocess.STDOUT, text=True,
-            )  # fmt: skip
-        wait_for(lambda: "sockets bound exclusively" in log.read_text(), message="dnsmasq")
         yield net
     finally:
-        if dnsmasq is not None:
-            dnsmasq.kill()
-            dnsmasq.wait(timeout=30)
         for ns in made:
             with contextlib.suppress(subprocess.CalledProcessError):
                 ip("netns", "del", ns)
 
 
 @pytest.fixture
-def net_daemon(lan: Lan) -> Iterator[Callable[..., Instance]]:
+def lan(wires: Lan) -> Iterator[Lan]:
+    """:func:`wires` with dnsmasq serving DHCP and DNS in the server namespace."""
+    log = wires.tmp / "dnsmasq.log"
+    with open(log, "w") as out:
+        dnsmasq = subprocess.Popen(
+            [
+                *wires.in_server(), "dnsmasq", "--no-daemon",
+                "--conf-file=/dev/null", "--interface=vsrv", "--bind-interfaces",
+                "--no-resolv", "--no-hosts", "--log-dhcp", "--pid-file=",
+                f"--dhcp-leasefile={wires.tmp / 'leases'}",
+                "--dhcp-range=10.77.0.50,10.77.0.150,255.255.255.0,2m",
+                f"--dhcp-option=option:router,{SERVER_IP}",
+                f"--dhcp-option=option:dns-server,{SERVER_IP}",
+                # T1 and T2 of a few seconds: dnsmasq's shortest lease is 2 min
+                "--dhcp-option=option:T1,3", "--dhcp-option=option:T2,6",
+                "--address=/test.ikos/10.9.9.9", "--local=/missing.ikos/", "--local-ttl=60",
+            ],
+            stdout=out, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+    try:
+        wait_for(lambda: "sockets bound exclusively" in log.read_text(), message="dnsmasq")
+        yield wires
+    finally:
+        dnsmasq.kill()
+        dnsmasq.wait(timeout=30)
+
+
+@pytest.fixture
+def net_daemon(wires: Lan) -> Iterator[Callable[..., Instance]]:
     """Start ikosd in the client namespace running ``net`` with the given options."""
     started: list[Instance] = []
 
     def start(drop_net_admin: bool = False, **options: Any) -> Instance:
-        base = lan.tmp / f"ikos{len(started)}"
+        base = wires.tmp / f"ikos{len(started)}"
         base.mkdir()
         (base / "tree.py").write_text(textwrap.dedent(TREE.format(options=repr(options))))
         mark = uuid.uuid4().hex
         env = {**os.environ, "IKOS_TEST_MARK": mark, "PYTHONPATH": str(REPO)}
         # setpriv drops CAP_NET_ADMIN from the bounding set: root's next exec lacks it
         drop = ["setpriv", "--bounding-set=-net_admin", "--inh-caps=-net_admin"]
-        cmd = [*lan.in_client(), *(drop if drop_net_admin else [])]
+        cmd = [*wires.in_client(), *(drop if drop_net_admin else [])]
         cmd += [IKOSD, "--root", str(base / "root"), "--log-level", "debug"]
         with open(base / "ikosd.out", "w") as out:
             proc = subprocess.Popen(
@@ -330,6 +340,7 @@ class Events:
         self.seen: list[tuple[str, Any]] = []
         self._lock = threading.Lock()
         self.sub = ikos.ipc.subscribe("net.*", self._add, root=root)
+        wait_for(lambda: ikos.ipc.stats(root=root)["subscriptions"], message="subscribed")
 
     def _add(self, message: ikos.ipc.IpcMessage) -> None:
         with self._lock:
@@ -352,7 +363,7 @@ class Events:
 
 @pytestmark_live
 def test_lists_changes_and_publishes_links_and_addresses(
-    net_daemon: Callable[..., Instance], lan: Lan
+    net_daemon: Callable[..., Instance], wires: Lan
 ) -> None:
     inst = net_daemon()
     links = call(inst, {"op": "links"})
@@ -364,17 +375,16 @@ def test_lists_changes_and_publishes_links_and_addresses(
     assert service.active and "dhcpv4" in service.capabilities
     events = Events(inst.root)
     try:
-        wait_for(lambda: ikos.ipc.stats(root=inst.root)["subscriptions"], message="subscribed")
         assert call(inst, {"op": "link", "interface": "eth0", "state": "up"})["ok"]
         events.wait("net.link", name="eth0", up=True)
-        ip("-n", lan.client, "link", "set", "eth0", "down")  # a change from outside
+        ip("-n", wires.client, "link", "set", "eth0", "down")  # a change from outside
         events.wait("net.link", name="eth0", up=False)
         added = call(
             inst, {"op": "address", "action": "add", "interface": "eth0", "address": "10.88.0.2/24"}
         )
         assert added == {"ok": True, "interface": "eth0", "address": "10.88.0.2", "prefixlen": 24}
         events.wait("net.address", event="new", interface="eth0", address="10.88.0.2")
-        assert "10.88.0.2" in lan.client_addresses()
+        assert "10.88.0.2" in wires.client_addresses()
         addresses = call(inst, {"op": "addresses", "interface": "eth0"})["addresses"]
         assert {"10.88.0.2"} == {a["address"] for a in addresses if a["family"] == "inet"}
         call(inst, {"op": "link", "interface": "eth0", "state": "up"})
@@ -493,7 +503,7 @@ def test_malformed_dhcp_replies_are_counted_and_ignored(
 
     def send(count: int) -> None:
         subprocess.run(
-            ["nsenter", f"--net=/run/netns/{lan.server}", sys.executable, "-c", SENDER,
+            [*lan.in_server(), sys.executable, "-c", SENDER,
              address, str(count), *(p.hex() for p in hostile)],
             check=True, timeout=60,
         )  # fmt: skip
@@ -515,8 +525,11 @@ def test_malformed_dhcp_replies_are_counted_and_ignored(
     assert status is not None and status["lease"]["address"] == address  # still bound
     assert inst.pid_of("net") == pid
     # and it still renews (every 3 s): the lease outlives the noise
-    expires = status["lease"]["expires_in"]
-    wait_for(lambda: leased(inst)["lease"]["expires_in"] > expires + 1, message="a renewal")
+    events = Events(inst.root)
+    try:
+        events.wait("net.dhcp", event="renewed", interface="eth0")
+    finally:
+        events.sub.unsubscribe()
 
 
 @pytestmark_live
@@ -533,6 +546,81 @@ def test_without_cap_net_admin_changes_are_refused_by_name(
     assert client["applied"] is False and "CAP_NET_ADMIN" in client["apply_error"], client
     assert lan.client_addresses() == []
     assert call(inst, {"op": "status"})["missing"] == "CAP_NET_ADMIN"
+
+
+#: A DHCP server of a few lines that grants one lease (12 s, T1 4 s, T2 7 s) and then
+#: ignores every later REQUEST ("silent") or refuses it with a NAK ("nak"): the
+#: paths dnsmasq, which renews every lease it granted, never takes.
+SCRIPTED_SERVER = """
+import socket, sys
+mode = sys.argv[1]
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b"vsrv\\0")
+s.bind(("0.0.0.0", 67))
+print("listening", flush=True)
+acks = 0
+while True:
+    data, peer = s.recvfrom(1500)
+    options, i = {}, 240
+    while i + 1 < len(data) and data[i] != 255:
+        options[data[i]] = data[i + 2 : i + 2 + data[i + 1]]
+        i += 2 + data[i + 1]
+    kind = options.get(53, b"\\0")[0]
+    if kind == 1:
+        answer = 2  # DISCOVER -> OFFER
+    elif kind == 3 and acks == 0:
+        answer, acks = 5, 1  # the first REQUEST -> ACK
+    elif kind == 3 and mode == "nak":
+        answer = 6
+    else:
+        continue
+    opts = bytes([53, 1, answer, 54, 4, 10, 77, 0, 1])
+    if answer != 6:
+        opts += bytes([51, 4, 0, 0, 0, 12, 58, 4, 0, 0, 0, 4, 59, 4, 0, 0, 0, 7])
+        opts += bytes([1, 4, 255, 255, 255, 0])
+    yiaddr = bytes([10, 77, 0, 77]) if answer != 6 else bytes(4)
+    head = bytes([2, 1, 6, 0]) + data[4:8] + bytes(8) + yiaddr + bytes(8) + data[28:44]
+    packet = head + bytes(192) + bytes([99, 130, 83, 99]) + opts + bytes([255])
+    s.sendto(packet, ("255.255.255.255", 68))
+    print("answered", kind, "with", answer, flush=True)
+"""
+
+
+@pytestmark_live
+@pytest.mark.parametrize("mode", ["silent", "nak"])
+def test_a_lease_not_renewed_rebinds_then_expires_and_a_nak_ends_it(
+    net_daemon: Callable[..., Instance], wires: Lan, mode: str
+) -> None:
+    log = wires.tmp / "server.log"
+    with open(log, "w") as out:
+        server = subprocess.Popen(
+            [*wires.in_server(), sys.executable, "-c", SCRIPTED_SERVER, mode],
+            stdout=out, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+    try:
+        wait_for(lambda: "listening" in log.read_text(), message="the scripted server")
+        inst = net_daemon(dhcp=["eth0"], dhcp_retransmit=0.5)
+        events = Events(inst.root)
+        try:
+            wait_for(lambda: leased(inst), 60, message="a DHCP lease")
+            wait_for(lambda: "10.77.0.77" in wires.client_addresses(), message="the address set")
+            if mode == "silent":  # T1: renewing, unanswered; T2: rebinding, unanswered; expiry
+                events.wait("net.dhcp", event="state", state="renewing")
+                events.wait("net.dhcp", event="state", state="rebinding")
+                gone = events.wait("net.dhcp", event="expired", interface="eth0")
+            else:  # the renewal is refused
+                gone = events.wait("net.dhcp", event="nak", interface="eth0")
+            assert gone["lease"]["address"] == "10.77.0.77"
+            wait_for(
+                lambda: "10.77.0.77" not in wires.client_addresses(), message="the address removed"
+            )
+            assert not events.find("net.dhcp", event="renewed")
+        finally:
+            events.sub.unsubscribe()
+    finally:
+        server.kill()
+        server.wait(timeout=30)
 
 
 def test_child_requires_dev_and_auth() -> None:

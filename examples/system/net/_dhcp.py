@@ -363,6 +363,10 @@ class DhcpClient:
         """Start the client's thread."""
         self._thread.start()
 
+    def request_stop(self) -> None:
+        """Ask the thread to end (it does within half a second); :meth:`stop` waits."""
+        self._stop.set()
+
     def stop(self, timeout: float = 2.0) -> None:
         """Stop the thread and close the socket (the lease is kept on the interface)."""
         self._stop.set()
@@ -387,14 +391,16 @@ class DhcpClient:
             self.state = state
             self.report("state", self)
 
-    def _send(self, message_type: int, *, to: str = "255.255.255.255", **fields: Any) -> None:
+    def _send(self, message_type: int, *, to: str = "255.255.255.255", **fields: Any) -> bool:
         packet = encode(message_type, self._xid, self.mac, hostname=self.hostname, **fields)
         try:
             self._sock.sendto(packet, (to, SERVER_PORT))
-            self.counters.sent += 1
         except OSError as exc:  # the link is down, no route yet: the resend timer retries
-            self.error = f"sending {MESSAGE_TYPES[message_type]}: {exc.strerror}"
+            self.error = f"sending {MESSAGE_TYPES[message_type]} to {to}: {exc.strerror}"
             log.warning("dhcp %s: %s", self.interface, self.error)
+            return False
+        self.counters.sent += 1
+        return True
 
     def _transmit(self) -> None:
         """Send what the current state sends (a first send or a resend)."""
@@ -404,8 +410,11 @@ class DhcpClient:
             server = _addresses(self.offer.options.get(OPT_SERVER_ID), OPT_SERVER_ID)
             self._send(REQUEST, requested=self.offer.yiaddr, server_id=server[0])
         elif self.state == "renewing" and self.lease is not None:
-            # unicast to the server from the leased address (RFC 2131 4.3.2)
-            self._send(REQUEST, to=self.lease.server_id, ciaddr=self.lease.address, broadcast=False)
+            # unicast to the server from the leased address (RFC 2131 4.3.2); when the
+            # address could not be set (no CAP_NET_ADMIN) there is no route: broadcast
+            lease = self.lease
+            if not self._send(REQUEST, to=lease.server_id, ciaddr=lease.address, broadcast=False):
+                self._send(REQUEST, ciaddr=lease.address)
         elif self.state == "rebinding" and self.lease is not None:
             self._send(REQUEST, ciaddr=self.lease.address)
 
@@ -449,8 +458,8 @@ class DhcpClient:
                 resend_at, attempt = now + delay, attempt + 1
             wake = self._next_wake(resend_at)
             readable, _, _ = select.select([self._sock], [], [], max(0.0, min(wake - now, 0.5)))
-            if readable and self._receive():
-                attempt, resend_at = 0, 0.0
+            if readable and (after := self._receive()) is not None:
+                attempt, resend_at = 0, time.monotonic() + after
 
     def _next_wake(self, resend_at: float) -> float:
         lease = self.lease
@@ -471,38 +480,39 @@ class DhcpClient:
         self.lease = None
         self._begin()
 
-    def _receive(self) -> bool:
-        """Handle one datagram; True when it moved the state machine (resend timer resets)."""
+    def _receive(self) -> float | None:
+        """Handle one datagram; the seconds to the next send when it moved the state machine."""
         try:
             data, _peer = self._sock.recvfrom(MAX_PACKET)
         except OSError:
-            return False
+            return None
         self.counters.received += 1
         try:
             packet = decode(data)
         except MalformedPacket as exc:
             self.counters.drop(exc.reason)
             log.debug("dhcp %s: dropped a reply: %s", self.interface, exc)
-            return False
+            return None
         if packet.xid != self._xid or packet.chaddr != self.mac:
             self.counters.drop("other_xid")
-            return False
+            return None
         try:
             return self._handle(packet)
         except MalformedPacket as exc:
             self.counters.drop(exc.reason)
-            log.info("dhcp %s: dropped a %s: %s", self.interface, self.state, exc)
-            return False
+            log.debug("dhcp %s: dropped a reply in %s: %s", self.interface, self.state, exc)
+            return None
 
-    def _handle(self, packet: Packet) -> bool:
+    def _handle(self, packet: Packet) -> float | None:
         kind = packet.message_type
         if self.state == "selecting" and kind == OFFER:
             if len(_addresses(packet.options.get(OPT_SERVER_ID), OPT_SERVER_ID)) != 1:
                 raise MalformedPacket("no_server_id", "an OFFER without a server identifier")
-            ipaddress.IPv4Address(packet.yiaddr)
+            if ipaddress.IPv4Address(packet.yiaddr).is_unspecified:
+                raise MalformedPacket("bad_address", "an OFFER of address 0.0.0.0")
             self.offer = packet
             self._enter("requesting")
-            return True
+            return 0.0  # request at once
         if self.state in ("requesting", "renewing", "rebinding") and kind == ACK:
             lease = lease_from_ack(packet, time.monotonic())
             previous, self.lease = self.lease, lease
@@ -510,12 +520,15 @@ class DhcpClient:
             self._enter("bound")
             renewed = previous is not None and previous.address == lease.address
             self.report("renewed" if renewed else "bound", self)
-            return True
+            return 0.0
         if self.state in ("requesting", "renewing", "rebinding") and kind == NAK:
+            log.info("dhcp %s: the server said NAK in %s", self.interface, self.state)
             if self.lease is not None:
                 self._expire("nak")
             else:
                 self._begin()
-            return True
+            # start over, but not at once: a server that NAKs every request would
+            # otherwise get DISCOVER, REQUEST, NAK in a tight loop
+            return self.retransmit
         self.counters.drop("unexpected")
-        return False
+        return None

@@ -223,12 +223,16 @@ class Resolver:
         *,
         timeout: float = 2.0,
         attempts: int = 2,
+        budget: float = 5.0,
         cache_size: int = 1024,
         max_ttl: int = 3600,
         negative_ttl: int = 30,
     ) -> None:
         self.timeout = timeout
         self.attempts = attempts
+        # a lookup blocks the daemon's handler: the whole of it is bounded, below
+        # the 10 s a caller such as ikosctl call waits by default
+        self.budget = budget
         self.cache_size = cache_size
         self.max_ttl = max_ttl
         self.negative_ttl = negative_ttl
@@ -273,18 +277,22 @@ class Resolver:
 
     def _query(self, name: str, qtype: int, servers: list[str]) -> list[Record]:
         last = DnsError("timeout", f"no reply from {', '.join(servers)}")
+        deadline = time.monotonic() + self.budget
         for _ in range(self.attempts):
             for server in servers:
+                timeout = min(self.timeout, deadline - time.monotonic())
+                if timeout <= 0:
+                    raise DnsError("timeout", f"no answer within {self.budget:g} s ({last.detail})")
                 ident = int.from_bytes(os.urandom(2), "big")
                 query = encode_query(name, qtype, ident)
                 try:
-                    data = _exchange_udp(server, query, self.timeout)
+                    data = _exchange_udp(server, query, timeout)
                     rcode, truncated, answers = parse_reply(data, ident)
                     if truncated:
-                        data = _exchange_tcp(server, query, self.timeout)
+                        data = _exchange_tcp(server, query, timeout)
                         rcode, truncated, answers = parse_reply(data, ident)
                 except TimeoutError:
-                    last = DnsError("timeout", f"{server}: no reply in {self.timeout:g} s")
+                    last = DnsError("timeout", f"{server}: no reply in {timeout:.3g} s")
                     continue
                 except OSError as exc:  # refused, unreachable: the next server may do
                     last = DnsError("unreachable", f"{server}: {exc.strerror or exc}")
