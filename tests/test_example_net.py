@@ -501,7 +501,7 @@ def test_malformed_dhcp_replies_are_counted_and_ignored(
         os.urandom(600),
     ]
 
-    def send(count: int) -> None:
+    def send(count: int) -> None:  # from the server's side, to the leased address
         subprocess.run(
             [*lan.in_server(), sys.executable, "-c", SENDER,
              address, str(count), *(p.hex() for p in hostile)],
@@ -511,16 +511,15 @@ def test_malformed_dhcp_replies_are_counted_and_ignored(
     def dropped() -> dict[str, int]:
         return dict(leased(inst)["dropped"]) if leased(inst) else {}
 
-    send(600)  # warm up: whatever the first ones allocate once
-    wait_for(
-        lambda: {"truncated", "not_reply", "no_cookie", "bad_option", "other_xid"} <= set(dropped())
-    )
+    # UDP drops what the client's socket buffer cannot hold, so rounds are sent until
+    # enough were counted (on a loaded machine more of each round is dropped)
+    kinds = {"truncated", "not_reply", "no_cookie", "bad_option", "other_xid"}
+    wait_for(lambda: send(300) or kinds <= set(dropped()), 120, message=f"drops of {kinds}")
     before = rss_kib(pid)
-    total_before = sum(dropped().values())
-    send(6000)
-    wait_for(lambda: sum(dropped().values()) >= total_before + 1000, message="the packets counted")
+    target = sum(dropped().values()) + 20000
+    wait_for(lambda: send(1000) or sum(dropped().values()) >= target, 300, message="20000 counted")
     growth = rss_kib(pid) - before
-    assert growth < 4096, f"the daemon grew by {growth} KiB on 6000 malformed packets"
+    assert growth < 2048, f"the daemon grew by {growth} KiB on 20000 malformed packets"
     status = leased(inst)
     assert status is not None and status["lease"]["address"] == address  # still bound
     assert inst.pid_of("net") == pid
