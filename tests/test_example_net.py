@@ -551,7 +551,7 @@ def test_without_cap_net_admin_changes_are_refused_by_name(
 #: ignores every later REQUEST ("silent") or refuses it with a NAK ("nak"): the
 #: paths dnsmasq, which renews every lease it granted, never takes.
 SCRIPTED_SERVER = """
-import socket, sys
+import socket, sys, time
 mode = sys.argv[1]
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
@@ -582,8 +582,22 @@ while True:
     head = bytes([2, 1, 6, 0]) + data[4:8] + bytes(8) + yiaddr + bytes(8) + data[28:44]
     packet = head + bytes(192) + bytes([99, 130, 83, 99]) + opts + bytes([255])
     s.sendto(packet, ("255.255.255.255", 68))
-    print("answered", kind, "with", answer, flush=True)
+    print("answered", kind, "with", answer, "at", time.monotonic(), flush=True)
 """
+
+
+def after_nak(server_log: str) -> tuple[float, float] | None:
+    """When the scripted server sent its first NAK, and answered the next DISCOVER."""
+    nak: float | None = None
+    for line in server_log.splitlines():
+        words = line.split()
+        if words[:1] != ["answered"]:
+            continue
+        if words[3] == "6" and nak is None:
+            nak = float(words[5])
+        elif words[1] == "1" and nak is not None:
+            return nak, float(words[5])
+    return None
 
 
 @pytestmark_live
@@ -610,6 +624,10 @@ def test_a_lease_not_renewed_rebinds_then_expires_and_a_nak_ends_it(
                 gone = events.wait("net.dhcp", event="expired", interface="eth0")
             else:  # the renewal is refused
                 gone = events.wait("net.dhcp", event="nak", interface="eth0")
+                # and the client starts over after its resend delay, not at once
+                # (a server that NAKs everything would get a tight loop)
+                answers = wait_for(lambda: after_nak(log.read_text()), 60, message="a DISCOVER")
+                assert answers[1] - answers[0] >= 0.45, answers
             assert gone["lease"]["address"] == "10.77.0.77"
             wait_for(
                 lambda: "10.77.0.77" not in wires.client_addresses(), message="the address removed"
