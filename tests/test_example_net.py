@@ -215,12 +215,16 @@ class Lan:
     def in_server(self) -> list[str]:
         return ["nsenter", f"--net=/run/netns/{self.server}"]
 
-    def client_addresses(self) -> list[str]:
+    def client_address_info(self) -> list[dict[str, Any]]:
+        """``ip -j -4 addr show dev eth0`` in the client namespace: its ``addr_info``."""
         out = subprocess.run(
             ["ip", "-n", self.client, "-j", "-4", "addr", "show", "dev", "eth0"],
             check=True, capture_output=True, text=True, timeout=30,
         ).stdout  # fmt: skip
-        return [a["local"] for iface in json.loads(out) for a in iface.get("addr_info", [])]
+        return [a for iface in json.loads(out) for a in iface.get("addr_info", [])]
+
+    def client_addresses(self) -> list[str]:
+        return [a["local"] for a in self.client_address_info()]
 
     def client_routes(self) -> list[dict[str, Any]]:
         out = subprocess.run(
@@ -455,6 +459,10 @@ def test_dhcp_lease_from_dnsmasq_is_applied_renewed_and_resolves(
             message="the default route set",
         )
         assert leased(inst)["applied"]
+        # the address lives as long as the lease (120 s) unless renewed: the kernel
+        # drops it by itself if the daemon is gone
+        (info,) = [a for a in lan.client_address_info() if a["local"] == lease["address"]]
+        assert 0 < info["valid_life_time"] <= 120 and info["broadcast"] == "10.77.0.255", info
         # T1 is 3 s: the client renews with its server, unicast, and says so
         events.wait("net.dhcp", event="renewed", interface="eth0")
         assert leased(inst)["lease"]["address"] == lease["address"]

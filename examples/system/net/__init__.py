@@ -36,7 +36,7 @@ import ikos
 import ikos.ipc
 import ikos.registry
 from examples.system.net import _links
-from examples.system.net._dhcp import DhcpClient
+from examples.system.net._dhcp import DhcpClient, Lease
 from examples.system.net._dns import TYPES, DnsError, Resolver, check_name, read_resolv_conf
 from examples.system.net._links import NetError
 
@@ -176,7 +176,7 @@ class Net(ikos.Actor):
         now = time.monotonic()
         if lease is not None and self.apply_leases:
             if event in ("bound", "renewed"):
-                self._apply(client.interface, lease.address, lease.prefixlen, lease.routers)
+                self._apply(client.interface, lease, int(lease.expires_at - now))
             elif event in ("expired", "nak"):
                 self._unapply(client.interface, lease.address, lease.prefixlen)
         self._publish(
@@ -189,13 +189,14 @@ class Net(ikos.Actor):
             },
         )
 
-    def _apply(self, interface: str, address: str, prefixlen: int, routers: Sequence[str]) -> None:
+    def _apply(self, interface: str, lease: Lease, lifetime: int) -> None:
+        # "replace" adds the address or, on a renewal, extends its lifetime: the
+        # kernel drops it at the lease's end even if this daemon is not there to
         try:
-            present = {(a["address"], a["prefixlen"]) for a in _links.addresses(interface)}
-            if (address, prefixlen) not in present:
-                _links.change_address("add", interface, f"{address}/{prefixlen}")
-            if routers:
-                _links.set_default_route(routers[0], interface)
+            cidr = f"{lease.address}/{lease.prefixlen}"
+            _links.change_address("replace", interface, cidr, lifetime=lifetime)
+            if lease.routers:
+                _links.set_default_route(lease.routers[0], interface)
             self.lease_errors.pop(interface, None)
         except NetError as exc:
             if self.lease_errors.get(interface) != str(exc):
@@ -204,9 +205,11 @@ class Net(ikos.Actor):
 
     def _unapply(self, interface: str, address: str, prefixlen: int) -> None:
         try:
-            _links.change_address("del", interface, f"{address}/{prefixlen}")
+            # the kernel may have dropped it already: its lifetime was the lease's
+            if any(a["address"] == address for a in _links.addresses(interface)):
+                _links.change_address("del", interface, f"{address}/{prefixlen}")
         except NetError as exc:
-            log.warning("net: expired lease on %s not removed: %s", interface, exc)
+            log.warning("net: ended lease on %s not removed: %s", interface, exc)
 
     def _start_dhcp(self, interface: str) -> str | None:
         if interface in self.clients:

@@ -157,16 +157,24 @@ def set_link(name: str, up: bool) -> None:
     )
 
 
-def change_address(action: str, name: str, cidr: str) -> dict[str, Any]:
-    """Add (``add``) or remove (``del``) address ``cidr`` (``10.0.0.2/24``) on link ``name``."""
+def change_address(
+    action: str, name: str, cidr: str, *, lifetime: int | None = None
+) -> dict[str, Any]:
+    """Add (``add``), set (``replace``) or remove (``del``) address ``cidr`` on link ``name``.
+
+    ``cidr`` is ``10.0.0.2/24``; with ``lifetime`` (seconds) the kernel
+    removes the address by itself when it runs out, as a lease's address
+    should be if nobody renews it.
+    """
     iface = ipaddress.ip_interface(cidr)
     index = index_of(name)
-    _call(
-        f"{action} address {iface} on {name}",
-        lambda i: i.addr(
-            action, index=index, address=str(iface.ip), prefixlen=iface.network.prefixlen
-        ),
-    )
+    fields: dict[str, Any] = {"index": index, "address": str(iface.ip)}
+    fields["prefixlen"] = iface.network.prefixlen
+    if action != "del" and iface.version == 4:
+        fields["broadcast"] = True  # pyroute2 computes it, as ip's "brd +"
+    if lifetime is not None:
+        fields["valid_lft"] = fields["preferred_lft"] = max(1, lifetime)
+    _call(f"{action} address {iface} on {name}", lambda i: i.addr(action, **fields))
     return {"interface": name, "address": str(iface.ip), "prefixlen": iface.network.prefixlen}
 
 
