@@ -654,3 +654,19 @@ def test_child_requires_dev_and_auth() -> None:
     spec = child(dhcp=["eth0"])
     assert (spec.name, spec.actor, spec.requires) == ("net", Net, ("dev", "auth"))
     assert spec.kwargs == {"dhcp": ["eth0"]}
+
+
+@pytest.mark.parametrize(
+    ("options", "fault"),
+    [
+        ({"dhcp": "eth0"}, "option 'dhcp' is a list of strings, not 'eth0'"),
+        ({"resolvers": ["9.9.9.9", 5]}, "option 'resolvers' is a list of strings"),
+        ({"resolvers": ["nine"]}, "option 'resolvers': 'nine' does not appear"),
+        ({"dhcp_retransmit": 0}, "seconds > 0"),
+    ],
+)
+def test_bad_options_fail_the_start_naming_the_option(options: dict[str, Any], fault: str) -> None:
+    from examples.system.net import Net
+
+    with pytest.raises((TypeError, ValueError), match=fault):
+        Net(**options)

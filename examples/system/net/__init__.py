@@ -107,8 +107,16 @@ class Net(ikos.Actor):
         hostname: str | None = None,
         resolv_conf: str = "/etc/resolv.conf",
     ) -> None:
+        for option, value in (("dhcp", dhcp), ("resolvers", resolvers)):
+            if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+                raise TypeError(f"net: option {option!r} is a list of strings, not {value!r}")
+        if not dhcp_retransmit > 0 or not dns_budget > 0:
+            raise ValueError("net: 'dhcp_retransmit' and 'dns_budget' are seconds > 0")
         self.dhcp_interfaces = list(dhcp)
-        self.configured_resolvers = [str(ipaddress.ip_address(r)) for r in resolvers]
+        try:
+            self.configured_resolvers = [str(ipaddress.ip_address(r)) for r in resolvers]
+        except ValueError as exc:
+            raise ValueError(f"net: option 'resolvers': {exc}") from None
         self.apply_leases = apply_leases
         self.dhcp_retransmit = dhcp_retransmit
         self.hostname = hostname
@@ -124,6 +132,7 @@ class Net(ikos.Actor):
         self.clients: dict[str, DhcpClient] = {}
         self.lease_errors: dict[str, str] = {}
         self.events = {"published": 0, "failed": 0}
+        self.publishing = True
         self._lock = threading.Lock()  # the counters above, bumped from helper threads
         self.missing = _links.missing_capability()
         if self.missing:
@@ -164,11 +173,17 @@ class Net(ikos.Actor):
         try:
             ikos.ipc.publish(topic, event)
             outcome = "published"
-        except ikos.IkosError as exc:  # the broker restarting: the event is lost, say so once
-            log.warning("net: could not publish on %s: %s", topic, exc)
+        except (ikos.IkosError, OSError) as exc:  # the broker not up yet, or restarting
             outcome = "failed"
+            with self._lock:
+                first = self.publishing
+                self.publishing = False
+            if first:  # once per outage, not once per event; status counts them
+                log.warning("net: events are lost until the broker answers: %s", exc)
         with self._lock:
             self.events[outcome] += 1
+            if outcome == "published":
+                self.publishing = True
 
     def _on_dhcp(self, event: str, client: DhcpClient) -> None:
         """A DHCP client's report (in its thread): apply the lease, publish what happened."""

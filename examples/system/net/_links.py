@@ -226,9 +226,10 @@ class LinkWatcher:
         self._thread.start()
 
     def stop(self, timeout: float = 2.0) -> None:
-        """Stop the thread and close the netlink socket."""
+        """Stop the thread and close the netlink socket (nothing if it never started)."""
         self._stop.set()
-        self._thread.join(timeout)
+        if self._thread.ident is not None:
+            self._thread.join(timeout)
         self._sock.close()
 
     def _resync(self, *, report: bool = True) -> None:
