@@ -6,8 +6,10 @@ network namespaces the test creates, joined by a veth pair, Debian's
 ``dnsmasq`` serving DHCP and DNS on the server side, and a real ikosd
 running the ``net`` actor in the client namespace (entered with ``nsenter
 --net``, which changes nothing else: the instance's files and sockets are the
-test's own). Everything is removed in ``finally``: dnsmasq is killed and
-reaped, the namespaces deleted (their veth ends with them).
+test's own). What dnsmasq never does (leave a renewal unanswered, NAK it)
+a DHCP server of a few lines in the test does. Everything is removed in
+``finally``: the servers are killed and reaped, the namespaces deleted
+(their veth ends with them).
 """
 
 from __future__ import annotations
@@ -181,7 +183,7 @@ def test_the_dns_cache_is_bounded() -> None:
 # --- the daemon in network namespaces ---------------------------------------------------
 
 NEEDS = [tool for tool in ("ip", "nsenter", "setpriv", "dnsmasq") if not shutil.which(tool)]
-pytestmark_live = pytest.mark.skipif(
+needs_netns = pytest.mark.skipif(
     bool(NEEDS) or os.geteuid() != 0,
     reason=f"needs root and {', '.join(NEEDS)} (scripts/test-deps.sh installs dnsmasq-base)"
     if NEEDS
@@ -289,6 +291,8 @@ def lan(wires: Lan) -> Iterator[Lan]:
                 # T1 and T2 of a few seconds: dnsmasq's shortest lease is 2 min
                 "--dhcp-option=option:T1,3", "--dhcp-option=option:T2,6",
                 "--address=/test.ikos/10.9.9.9", "--local=/missing.ikos/", "--local-ttl=60",
+                # 3 x 250 bytes: more than a 512-byte UDP reply holds, so TC and TCP
+                f"--txt-record=big.txt.ikos,{','.join(c * 250 for c in 'xyz')}",
             ],
             stdout=out, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
@@ -365,7 +369,7 @@ class Events:
         return wait_for(lambda: self.find(topic, **fields), 60, message=f"{topic} {fields}")
 
 
-@pytestmark_live
+@needs_netns
 def test_lists_changes_and_publishes_links_and_addresses(
     net_daemon: Callable[..., Instance], wires: Lan
 ) -> None:
@@ -405,7 +409,7 @@ def test_lists_changes_and_publishes_links_and_addresses(
         events.sub.unsubscribe()
 
 
-@pytestmark_live
+@needs_netns
 def test_bad_requests_are_answered_clearly(net_daemon: Callable[..., Instance]) -> None:
     inst = net_daemon()
     pid = inst.pid_of("net")
@@ -440,7 +444,7 @@ def leased(inst: Instance) -> dict[str, Any] | None:
     return clients[0] if clients and clients[0]["lease"] else None
 
 
-@pytestmark_live
+@needs_netns
 def test_dhcp_lease_from_dnsmasq_is_applied_renewed_and_resolves(
     net_daemon: Callable[..., Instance], lan: Lan
 ) -> None:
@@ -468,10 +472,13 @@ def test_dhcp_lease_from_dnsmasq_is_applied_renewed_and_resolves(
         assert leased(inst)["lease"]["address"] == lease["address"]
         assert call(inst, {"op": "status"})["resolvers"] == [SERVER_IP]
         first = call(inst, {"op": "resolve", "name": "Test.IKOS.", "type": "A"})
-        assert first["ok"] and first["addresses"] == ["10.9.9.9"] and not first["cached"], first
+        assert first["ok"] and first["answers"] == ["10.9.9.9"] and not first["cached"], first
         assert call(inst, {"op": "resolve", "name": "test.ikos"})["cached"]
         missing = call(inst, {"op": "resolve", "name": "nothere.missing.ikos"})
         assert missing["ok"] is False and missing["reason"] == "nxdomain", missing
+        big = call(inst, {"op": "resolve", "name": "big.txt.ikos", "type": "TXT"})
+        assert big["ok"] and big["answers"] == ["x" * 250 + "y" * 250 + "z" * 250], big
+        assert call(inst, {"op": "status"})["dns_cache"]["over_tcp"] == 1
     finally:
         events.sub.unsubscribe()
 
@@ -492,7 +499,7 @@ def rss_kib(pid: int) -> int:
     raise AssertionError(f"no VmRSS for {pid}")
 
 
-@pytestmark_live
+@needs_netns
 def test_malformed_dhcp_replies_are_counted_and_ignored(
     net_daemon: Callable[..., Instance], lan: Lan
 ) -> None:
@@ -539,7 +546,7 @@ def test_malformed_dhcp_replies_are_counted_and_ignored(
         events.sub.unsubscribe()
 
 
-@pytestmark_live
+@needs_netns
 def test_without_cap_net_admin_changes_are_refused_by_name(
     net_daemon: Callable[..., Instance], lan: Lan
 ) -> None:
@@ -608,7 +615,7 @@ def after_nak(server_log: str) -> tuple[float, float] | None:
     return None
 
 
-@pytestmark_live
+@needs_netns
 @pytest.mark.parametrize("mode", ["silent", "nak"])
 def test_a_lease_not_renewed_rebinds_then_expires_and_a_nak_ends_it(
     net_daemon: Callable[..., Instance], wires: Lan, mode: str

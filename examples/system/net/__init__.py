@@ -350,7 +350,7 @@ class Net(ikos.Actor):
             return {"ok": False, "error": f"resolve {name} {rtype}: {exc}", "reason": exc.reason}
         wanted = [r.data for r in records if r.type == rtype]
         return {
-            "ok": True, "name": name, "type": rtype, "addresses": wanted, "cached": cached,
+            "ok": True, "name": name, "type": rtype, "answers": wanted, "cached": cached,
             "records": [asdict(r) for r in records],
         }  # fmt: skip
 

@@ -241,6 +241,7 @@ class Resolver:
         )
         self.hits = 0
         self.misses = 0
+        self.over_tcp = 0
 
     def resolve(self, name: str, rtype: str, servers: list[str]) -> tuple[list[Record], bool]:
         """``(records, cached)`` for ``name``; DnsError (``nxdomain``, ``timeout``...) otherwise."""
@@ -288,7 +289,8 @@ class Resolver:
                 try:
                     data = _exchange_udp(server, query, timeout)
                     rcode, truncated, answers = parse_reply(data, ident)
-                    if truncated:
+                    if truncated:  # the answer did not fit a UDP reply: ask again over TCP
+                        self.over_tcp += 1
                         data = _exchange_tcp(server, query, timeout)
                         rcode, truncated, answers = parse_reply(data, ident)
                 except TimeoutError:
@@ -312,5 +314,8 @@ class Resolver:
         raise last
 
     def stats(self) -> dict[str, int]:
-        """Cache figures for ``status``."""
-        return {"entries": len(self._cache), "hits": self.hits, "misses": self.misses}
+        """Cache figures for ``status``, and how many lookups went on over TCP."""
+        return {
+            "entries": len(self._cache), "hits": self.hits, "misses": self.misses,
+            "over_tcp": self.over_tcp,
+        }  # fmt: skip
