@@ -32,6 +32,8 @@ from typing import Any
 
 import pytest
 from conftest import IKOSD, REPO, Instance, stop_and_check, wait_for
+from hypothesis import given
+from hypothesis import strategies as st
 
 if str(REPO) not in sys.path:  # examples/ is not installed: it is imported from the checkout
     sys.path.insert(0, str(REPO))
@@ -133,6 +135,31 @@ def test_an_ack_of_address_zero_is_refused() -> None:
 
 def test_retransmission_doubles_up_to_64_seconds() -> None:
     assert [_dhcp.retransmit_delay(n, 4.0) for n in range(6)] == [4, 8, 16, 32, 64, 64]
+
+
+@given(st.binary(max_size=700))
+def test_no_bytes_make_the_dhcp_decoder_raise_anything_but_malformed(data: bytes) -> None:
+    with contextlib.suppress(_dhcp.MalformedPacket):
+        _dhcp.decode(data)
+    with contextlib.suppress(_dhcp.MalformedPacket):
+        _dhcp.decode(reply()[: _dhcp.MIN_REPLY] + data)
+
+
+@given(st.binary(max_size=400), st.floats(0, 1e6))
+def test_any_options_give_a_sane_lease_or_a_named_refusal(options: bytes, now: float) -> None:
+    try:
+        lease = _dhcp.lease_from_ack(_dhcp.decode(reply(options=bytes([53, 1, 5]) + options)), now)
+    except _dhcp.MalformedPacket as exc:
+        assert exc.reason in {"bad_option", "no_lease_time", "no_server_id", "bad_address"}
+        return
+    assert 0 < lease.t1 <= lease.t2 <= lease.lease_time <= _dhcp.MAX_LEASE
+    assert now < lease.renew_at <= lease.rebind_at <= lease.expires_at
+
+
+@given(st.binary(max_size=600))
+def test_no_bytes_make_the_dns_parser_raise_anything_but_dns_errors(data: bytes) -> None:
+    with contextlib.suppress(_dns.DnsError):
+        _dns.parse_reply(data, int.from_bytes(data[:2].ljust(2, b"\0"), "big"))
 
 
 def dns_reply(ident: int, body: bytes, *, ancount: int = 1, flags: int = 0x8180) -> bytes:
