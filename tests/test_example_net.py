@@ -589,7 +589,7 @@ def test_without_cap_net_admin_changes_are_refused_by_name(
     assert call(inst, {"op": "status"})["missing"] == "CAP_NET_ADMIN"
 
 
-#: A DHCP server of a few lines that grants one lease (12 s, T1 4 s, T2 7 s) and then
+#: A DHCP server of a few lines that grants one lease (20 s, T1 5 s, T2 10 s) and then
 #: ignores every later REQUEST ("silent") or refuses it with a NAK ("nak"): the
 #: paths dnsmasq, which renews every lease it granted, never takes.
 SCRIPTED_SERVER = """
@@ -618,7 +618,7 @@ while True:
         continue
     opts = bytes([53, 1, answer, 54, 4, 10, 77, 0, 1])
     if answer != 6:
-        opts += bytes([51, 4, 0, 0, 0, 12, 58, 4, 0, 0, 0, 4, 59, 4, 0, 0, 0, 7])
+        opts += bytes([51, 4, 0, 0, 0, 20, 58, 4, 0, 0, 0, 5, 59, 4, 0, 0, 0, 10])
         opts += bytes([1, 4, 255, 255, 255, 0])
     yiaddr = bytes([10, 77, 0, 77]) if answer != 6 else bytes(4)
     head = bytes([2, 1, 6, 0]) + data[4:8] + bytes(8) + yiaddr + bytes(8) + data[28:44]
