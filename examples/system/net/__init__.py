@@ -249,7 +249,9 @@ class Net(ikos.Actor):
                 hostname=self.hostname,
                 retransmit=self.dhcp_retransmit,
             )
-        except (OSError, NetError) as exc:
+        except NetError as exc:
+            return str(exc)
+        except OSError as exc:
             return f"cannot listen on {interface} port 68: {exc}"
         self.clients[interface] = client
         client.start()
@@ -265,9 +267,7 @@ class Net(ikos.Actor):
         try:
             op = _choice(message, "op", OPS)
             return getattr(self, f"_op_{op}")(message)
-        except RequestError as exc:
-            return _error(str(exc))
-        except NetError as exc:
+        except (RequestError, NetError) as exc:
             return _error(str(exc))
 
     def _op_links(self, message: dict[str, Any]) -> dict[str, Any]:
