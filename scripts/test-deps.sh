@@ -5,6 +5,8 @@
 #   systemd        for systemd-notify, the sd_notify client in tests' scripts
 #   prometheus     a real Prometheus server (and promtool) scraping ikosd
 #                  (tests/prometheus.py, tests/test_prometheus.py)
+#   dnsmasq-base   dnsmasq without its system service: the DHCP and DNS server
+#                  the network manager example meets (tests/test_example_net.py)
 # A fast no-op when they are installed. As root, apt-get installs what is
 # missing, non-interactively and quietly, with no service started by the
 # packages' scripts (they would take ports 80, 6379 and 9090 system-wide; the tests
@@ -18,6 +20,7 @@ command -v nginx >/dev/null 2>&1 || missing="$missing nginx"
 command -v redis-server >/dev/null 2>&1 || missing="$missing redis-server"
 command -v systemd-notify >/dev/null 2>&1 || missing="$missing systemd"
 command -v prometheus >/dev/null 2>&1 || missing="$missing prometheus"
+command -v dnsmasq >/dev/null 2>&1 || missing="$missing dnsmasq-base"
 [ -z "$missing" ] && exit 0
 
 if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
