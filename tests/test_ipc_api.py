@@ -408,6 +408,32 @@ def test_subscriptions_and_served_names_come_back_after_the_broker_restarts(
         server.stop()
 
 
+def test_the_broker_is_running_before_any_other_daemon_starts(inst: Instance) -> None:
+    """Its subtree is a wave of its own: an actor may publish from its first instant.
+
+    Waves start together whatever needs nothing; the broker needs nothing, but
+    everything may need it.
+    """
+    transitions = [
+        line.split("ikos.daemon: ", 1)[1]
+        for line in inst.log_text().splitlines()
+        if "ikos.daemon: " in line and " -> " in line
+    ]
+    broker_up = next(
+        i
+        for i, t in enumerate(transitions)
+        if t.startswith("exec ikos-broker: starting -> running")
+    )
+    first_other = next(
+        i
+        for i, t in enumerate(transitions)
+        if t.startswith(("actor ", "exec "))
+        and "stopped -> starting" in t
+        and "ikos-broker" not in t
+    )
+    assert broker_up < first_other, transitions
+
+
 def test_a_broker_killed_again_and_again_never_takes_the_instance_down(
     ikosd_factory: Any,
 ) -> None:

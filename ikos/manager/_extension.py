@@ -226,6 +226,11 @@ class Extension:
     #: A short name, for logs.
     name = "extension"
 
+    #: Root children this extension adds (in :meth:`amend_tree`) that the others may need
+    #: from their first instant, as every actor needs the IPC broker: they start in a
+    #: wave of their own, before the other children of the root, and so stop after them.
+    leading: tuple[str, ...] = ()
+
     async def start(self, host: ExtensionHost) -> None:
         """Begin: register verbs, open stores, start tasks."""
 

@@ -89,6 +89,8 @@ def broker_spec(paths_root: Path | None, environ: dict[str, str] | None = None) 
 class IpcService(Extension):
     """Runs ``ikos-broker`` with the ``[ipc]`` settings; answers ``ipc_stats``; exports metrics."""
 
+    leading = (SYSTEM_NAME,)
+
     name = "ipc"
 
     def __init__(self, metrics: Any = None) -> None:

@@ -365,7 +365,16 @@ class Manager:
         return start_order(sup, self.graph)
 
     def _waves(self, sup: Supervisor) -> list[list[str]]:
-        return start_waves(sup, self.graph)
+        waves = start_waves(sup, self.graph)
+        # The extensions' leading subtrees (the IPC broker's) need nothing and may be
+        # needed by anything: a wave of their own, first. Names are unique in a tree, so
+        # only the root can hold them.
+        leading = {n for ext in self._started for n in ext.leading}
+        first = [n for wave in waves for n in wave if n in leading]
+        if not first:
+            return waves
+        rest = ([n for n in wave if n not in leading] for wave in waves)
+        return [first, *(wave for wave in rest if wave)]
 
     def preload_modules(self, tree: Supervisor) -> list[str]:
         """The modules of the tree's actor classes, imported once by the fork server."""
