@@ -84,6 +84,9 @@ def test_a_directory_or_another_users_file_is_refused(tmp_path: Path) -> None:
     with pytest.raises(PidFileError, match="belongs to uid 65534"):
         DaemonPidFile(theirs).write(1234)
     assert content(theirs) == "77\n"
+    # the daemon's own user may have rewritten it: that one is replaced
+    DaemonPidFile(theirs, owners=[65534]).write(1234)
+    assert content(theirs) == "1234\n"
 
 
 # -- live ----------------------------------------------------------------------------

@@ -104,6 +104,11 @@ def _names_pid_1(pid_file: str) -> bool:
 _DEFAULT_SIGNALS = frozenset(signal.valid_signals()) - {signal.SIGKILL, signal.SIGSTOP}
 
 
+def pid_file_owners(plan: ExecPlan) -> tuple[int, ...]:
+    """Whose PID file ikos may replace besides its own: the daemon's user's (who may write it)."""
+    return (plan.uid,) if plan.uid is not None else ()
+
+
 def direct_spawn_possible(plan: ExecPlan) -> bool:
     """Whether posix_spawn can carry out ``plan`` (else the fork server must)."""
     return (
@@ -166,7 +171,9 @@ class ExecHandle:
         self._finishing = False
         # pid_file: read for forking, written by ikos for every other type
         self.pid_file = (
-            DaemonPidFile(plan.pid_file) if plan.pid_file and plan.type != "forking" else None
+            DaemonPidFile(plan.pid_file, owners=pid_file_owners(plan))
+            if plan.pid_file and plan.type != "forking"
+            else None
         )
         proc.before_reap = functools.partial(self._before_reap, proc)
         self.task = self.loop.create_task(self._run(), name=f"exec:{spec.name}")
@@ -639,7 +646,7 @@ class ExecRuntime:
             raise SpawnError(spec.name, "type", "notify needs the sd_notify socket, which failed")
         if plan.pid_file and plan.type != "forking":
             try:
-                DaemonPidFile(plan.pid_file).check()
+                DaemonPidFile(plan.pid_file, owners=pid_file_owners(plan)).check()
             except PidFileError as exc:
                 raise SpawnError(spec.name, "pid_file", str(exc)) from None
         if self.watchdog_env(spec):

@@ -46,6 +46,7 @@ import os
 import secrets
 import stat
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -273,8 +274,11 @@ class DaemonPidFile:
         pid_file.remove()          # only if it still names the PID written
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, owners: Iterable[int] = ()) -> None:
         self.path = Path(path)
+        #: Whose file at the name may be replaced: ikosd's user, and ``owners``
+        #: (the daemon's own user, should it rewrite the file itself).
+        self.owners = frozenset({os.geteuid(), *owners})
         #: The PID this object last wrote (None: nothing written, or removed).
         self.pid: int | None = None
 
@@ -296,10 +300,10 @@ class DaemonPidFile:
             raise PidFileError(str(self.path), "is a symbolic link: refusing to replace it")
         if not stat.S_ISREG(st.st_mode):
             raise PidFileError(str(self.path), "is not a regular file: refusing to replace it")
-        if st.st_uid != os.geteuid():
+        if st.st_uid not in self.owners:
             raise PidFileError(
                 str(self.path),
-                f"belongs to uid {st.st_uid}, not to ikosd's uid {os.geteuid()}: "
+                f"belongs to uid {st.st_uid}, neither ikosd's nor the daemon's: "
                 "refusing to replace it",
             )
 
