@@ -12,17 +12,21 @@ its ``ns/pid`` link is ikosd's.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import signal
 import subprocess
 import textwrap
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from conftest import HANG, IKOSD, REPO, wait_for
+
+from ikos.manager._logs import OutputForwarder
 
 UNSHARE = shutil.which("unshare")
 
@@ -46,7 +50,7 @@ def _unshare_works() -> str | None:
 
 
 _WHY_NOT = _unshare_works()
-pytestmark = pytest.mark.skipif(_WHY_NOT is not None, reason=_WHY_NOT or "")
+needs_unshare = pytest.mark.skipif(_WHY_NOT is not None, reason=_WHY_NOT or "")
 
 
 def pid_ns(pid: int) -> str | None:
@@ -167,6 +171,7 @@ def events(path: Path) -> list[str]:
     return path.read_text().split() if path.exists() else []
 
 
+@needs_unshare
 def test_orphans_are_reaped_and_sigterm_stops_the_tree_in_order_with_status_0(
     container: Callable[..., Container], tmp_path: Path
 ) -> None:
@@ -201,6 +206,7 @@ while true; do sleep 0.1; done"]
     assert c.members() == [], "nothing of the namespace is left"
 
 
+@needs_unshare
 def test_a_daemon_ignoring_sigterm_is_killed_after_the_grace_period_status_3(
     container: Callable[..., Container],
 ) -> None:
@@ -222,6 +228,7 @@ def test_a_daemon_ignoring_sigterm_is_killed_after_the_grace_period_status_3(
     assert c.members() == []
 
 
+@needs_unshare
 def test_sigpwr_stops_in_order_and_sigusr1_logs_the_status(
     container: Callable[..., Container],
 ) -> None:
@@ -238,6 +245,7 @@ def test_sigpwr_stops_in_order_and_sigusr1_logs_the_status(
     assert "exec web: stopping -> stopped" in c.err()
 
 
+@needs_unshare
 def test_daemons_output_is_on_ikosd_stdout_and_stderr_prefixed_and_in_its_log(
     container: Callable[..., Container],
 ) -> None:
@@ -259,3 +267,44 @@ def test_daemons_output_is_on_ikosd_stdout_and_stderr_prefixed_and_in_its_log(
     wait_for(lambda: "hello from web" in log_file.read_text(), 30, message="the log file")
     assert quiet.stop(signal.SIGTERM) == 0
     assert "web |" not in quiet.out() + quiet.err()
+
+
+def test_forwarding_never_blocks_on_a_slow_reader_and_counts_the_lines_dropped() -> None:
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    fcntl.fcntl(out_w, fcntl.F_SETPIPE_SZ, 4096)
+    forwarder = OutputForwarder({"stdout": out_w, "stderr": err_w}, max_bytes=64 * 1024)
+    try:
+        # nobody reads yet: this returns (the test would hang otherwise), dropping lines
+        for i in range(2000):
+            forwarder.forward("web", "stdout", [f"{i} " + "x" * 100])
+        dropped = forwarder.dropped
+        assert dropped > 0
+        got: dict[int, bytes] = {out_r: b"", err_r: b""}
+
+        def drain(fd: int) -> None:
+            while chunk := os.read(fd, 65536):
+                got[fd] += chunk
+
+        readers = [threading.Thread(target=drain, args=(fd,)) for fd in (out_r, err_r)]
+        for t in readers:
+            t.start()
+        wait_for(lambda: forwarder.backlog == 0, 30, message="the backlog written")
+        forwarder.forward("web", "stdout", ["after\r"])
+        forwarder.forward("web", "stderr", ["oops"])
+        forwarder.close()
+    finally:
+        os.close(out_w)
+        os.close(err_w)
+    for t in readers:
+        t.join(30)
+    os.close(out_r)
+    os.close(err_r)
+    lines = got[out_r].decode().splitlines()
+    assert lines[-1] == "web | after"
+    assert all(line.startswith("web | ") and line.endswith("x" * 100) for line in lines[:-1])
+    assert len(lines) - 1 + dropped == 2000, "every line is either written whole or counted"
+    assert got[err_r].decode().splitlines() == [
+        f"ikosd | {dropped} lines of daemons' output dropped: this output did not keep up",
+        "web | oops",
+    ]

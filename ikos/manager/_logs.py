@@ -72,6 +72,11 @@ class OutputForwarder:
         self._thread = threading.Thread(target=self._run, name="ikos-stdout", daemon=True)
         self._thread.start()
 
+    @property
+    def backlog(self) -> int:
+        """Bytes queued and not written yet."""
+        return self._queued
+
     def forward(self, name: str, stream: str, lines: list[str]) -> None:
         """Queue ``lines`` of daemon ``name``'s ``stream``; never blocks."""
         if self._broken or not lines:
