@@ -121,7 +121,7 @@ def container(tmp_path: Path) -> Iterator[Callable[..., Container]]:
     """Start ikosd as PID 1 on a configuration; everything is killed after the test."""
     started: list[Container] = []
 
-    def start(config: str, *args: str) -> Container:
+    def start(config: str, *args: str, wait_ready: bool = True) -> Container:
         base = tmp_path / f"c{len(started)}"
         base.mkdir()
         (base / "ikos.toml").write_text("[ikosd]\nmetrics = false\n" + textwrap.dedent(config))
@@ -154,6 +154,8 @@ def container(tmp_path: Path) -> Iterator[Callable[..., Container]]:
         assert ns is not None and ns != pid_ns(os.getpid()), "ikosd runs in its own namespace"
         c = Container(base, proc, pid, ns)
         started.append(c)
+        if not wait_ready:
+            return c
         wait_for(lambda: "ikosd ready" in c.out() or proc.poll() is not None, 60, message="ready")
         assert proc.poll() is None, f"ikosd exited {proc.returncode}:\n{c.err()}"
         return c
@@ -307,3 +309,34 @@ def test_forwarding_never_blocks_on_a_slow_reader_and_counts_the_lines_dropped()
         f"ikosd | {dropped} lines of daemons' output dropped: this output did not keep up",
         "web | oops",
     ]
+
+
+@needs_unshare
+def test_a_sigterm_while_ikosd_is_still_loading_is_not_lost(
+    container: Callable[..., Container], tmp_path: Path
+) -> None:
+    """PID 1 has no default action for SIGTERM: unhandled, the kernel drops it.
+
+    The tree module holds ikosd in its start (before the manager exists) until
+    the test has sent SIGTERM; ikosd must then stop instead of running on.
+    """
+    loading, gate = tmp_path / "loading", tmp_path / "gate"
+    module = tmp_path / "slow_tree.py"
+    module.write_text(
+        textwrap.dedent(
+            f"""
+            import os, pathlib, time
+            import ikos
+            pathlib.Path({str(loading)!r}).touch()
+            while not os.path.exists({str(gate)!r}):
+                time.sleep(0.02)
+            tree = ikos.Supervisor("root", children=[ikos.Exec("web", "/bin/sleep", args=["1000"])])
+            """
+        )
+    )
+    c = container("", "--tree", f"{module}:tree", wait_ready=False)
+    wait_for(loading.exists, 60, message="ikosd loading its tree")
+    os.kill(c.pid, signal.SIGTERM)
+    gate.touch()
+    assert c.wait_exit() == 0, c.err()
+    assert "shutdown requested (signal 15) while ikosd was starting" in c.err()
