@@ -10,6 +10,7 @@ at shutdown, and still right after ``kill -9`` of ikosd and adoption.
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 from pathlib import Path
 from typing import Any
@@ -225,4 +226,40 @@ def test_pid_file_stays_right_across_kill_9_of_ikosd_and_adoption(
     assert second.wait_state("web", "running")["pid"] == pid, "adopted, not restarted"
     wait_for(lambda: content(path) == f"{pid}\n", message="the adopter's PID file")
     assert second.terminate() == 0
+    assert not path.exists()
+
+
+@pytest.mark.skipif(
+    shutil.which("systemd-notify") is None,
+    reason="systemd-notify is missing: run scripts/test-deps.sh as root (apt-get install systemd)",
+)
+def test_notify_daemon_pid_file_follows_mainpid(ikosd_factory: Any, tmp_path: Path) -> None:
+    path = tmp_path / "svc.pid"
+    gate = tmp_path / "go"
+    script = (
+        f"while [ ! -e {gate} ]; do sleep 0.02; done; sleep 1000 & "
+        "systemd-notify --ready MAINPID=$!; exec sleep 1001"
+    )
+    inst = ikosd_factory(
+        config=f"""
+[ikosd]
+metrics = false
+
+[executables.svc]
+executable = "/bin/sh"
+args = ["-c", "{script}"]
+type = "notify"
+pid_file = "{path}"
+""",
+        wait_ready=False,
+    )
+    first = wait_for(lambda: inst.status("svc")["pid"], 60, message="svc started")
+    # written once the exec succeeded, before READY=1: it names the running main process
+    wait_for(lambda: content(path) == f"{first}\n", 60, message="the first main PID")
+    assert inst.status("svc")["state"] == "starting"
+    gate.touch()
+    main = inst.wait_state("svc", "running")["pid"]
+    assert main != first
+    wait_for(lambda: content(path) == f"{main}\n", message="the PID file follows MAINPID=")
+    assert inst.terminate() == 0
     assert not path.exists()
