@@ -22,6 +22,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import HANG, IKOSD, REPO, wait_for
@@ -340,3 +341,19 @@ def test_a_sigterm_while_ikosd_is_still_loading_is_not_lost(
     gate.touch()
     assert c.wait_exit() == 0, c.err()
     assert "shutdown requested (signal 15) while ikosd was starting" in c.err()
+
+
+def test_log_to_stdout_outside_a_container_from_the_configuration(ikosd_factory: Any) -> None:
+    inst = ikosd_factory(
+        config="""
+        [ikosd]
+        metrics = false
+        log_to_stdout = true
+
+        [executables.web]
+        executable = "/bin/sh"
+        args = ["-c", "echo hello from web; exec sleep 1000"]
+        """
+    )
+    wait_for(lambda: "web | hello from web" in inst.log_text(), 30, message="forwarded")
+    assert inst.terminate() == 0
