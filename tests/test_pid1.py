@@ -307,7 +307,8 @@ def test_forwarding_never_blocks_on_a_slow_reader_and_counts_the_lines_dropped()
     assert all(line.startswith("web | ") and line.endswith("x" * 100) for line in lines[:-1])
     assert len(lines) - 1 + dropped == 2000, "every line is either written whole or counted"
     assert got[err_r].decode().splitlines() == [
-        f"ikosd | {dropped} lines of daemons' output dropped: this output did not keep up",
+        f"ikosd | {dropped} lines of daemons' output dropped: "
+        "ikosd's stdout and stderr did not keep up",
         "web | oops",
     ]
 

@@ -88,16 +88,20 @@ class OutputForwarder:
                 self.dropped += len(lines)
                 self._unreported += len(lines)
                 return
-            if self._unreported:
-                note = (
-                    f"ikosd | {self._unreported} lines of daemons' output dropped: "
-                    "this output did not keep up\n"
-                )
-                self._items.append((self.fds["stderr"], note.encode()))
-                self._unreported = 0
+            self._report_dropped()
             self._items.append((fd, data))
             self._queued += len(data)
             self._wake.notify()
+
+    def _report_dropped(self) -> None:
+        """Queue the note of the lines dropped since the last one (with the lock held)."""
+        if self._unreported:
+            note = (
+                f"ikosd | {self._unreported} lines of daemons' output dropped: "
+                "ikosd's stdout and stderr did not keep up\n"
+            )
+            self._items.append((self.fds["stderr"], note.encode()))
+            self._unreported = 0
 
     def _run(self) -> None:
         while True:
@@ -125,6 +129,7 @@ class OutputForwarder:
     def close(self, timeout: float = FORWARD_DRAIN_SECONDS) -> None:
         """Write what is queued (for at most ``timeout`` seconds), then stop the thread."""
         with self._wake:
+            self._report_dropped()
             self._items.append(None)
             self._wake.notify()
         self._thread.join(timeout)
