@@ -101,6 +101,7 @@ class OutputForwarder:
                 "ikosd's stdout and stderr did not keep up\n"
             )
             self._items.append((self.fds["stderr"], note.encode()))
+            self._queued += len(note.encode())  # taken off again when written
             self._unreported = 0
 
     def _run(self) -> None:
