@@ -295,7 +295,7 @@ def test_forwarding_never_blocks_on_a_slow_reader_and_counts_the_lines_dropped()
         wait_for(lambda: forwarder.backlog == 0, 30, message="the backlog written")
         forwarder.forward("web", "stdout", ["after\r"])
         forwarder.forward("web", "stderr", ["oops"])
-        forwarder.close()
+        forwarder.close(timeout=HANG)
     finally:
         os.close(out_w)
         os.close(err_w)
