@@ -7,11 +7,11 @@ what was left had to be killed.
 
 As PID 1 of a PID namespace (a container's entry point), ikosd handles the
 shutdown signals as soon as its command runs, before the configuration is
-read (the kernel drops those PID 1 has no handler for), gives the shutdown :data:`INIT_SHUTDOWN_TIMEOUT`
-seconds unless told otherwise (less than Docker's 10 s, so that it still
-kills what is left and exits with its own status), and copies the daemons'
-output to its stdout and stderr (``--log-to-stdout``), where ``docker logs``
-reads it.
+read (the kernel drops those PID 1 has no handler for), gives the shutdown
+:data:`INIT_SHUTDOWN_TIMEOUT` seconds unless told otherwise (less than
+Docker's 10 s, so that it still kills what is left and exits with its own
+status), and copies the daemons' output to its stdout and stderr
+(``--log-to-stdout``), where ``docker logs`` reads it.
 """
 
 from __future__ import annotations
