@@ -28,6 +28,8 @@ from typing import Any
 import pytest
 from conftest import HANG, IKOSD, REPO, wait_for
 
+from ikos._errors import ConfigError
+from ikos.manager._config import load_config
 from ikos.manager._logs import OutputForwarder
 
 UNSHARE = shutil.which("unshare")
@@ -364,3 +366,18 @@ def test_log_to_stdout_outside_a_container_from_the_configuration(ikosd_factory:
     )
     wait_for(lambda: "web | hello from web" in inst.log_text(), 30, message="forwarded")
     assert inst.terminate() == 0
+
+
+def test_bad_values_of_the_new_settings_are_named(tmp_path: Path) -> None:
+    config = tmp_path / "ikos.toml"
+    config.write_text('[ikosd]\nlog_to_stdout = "yes"\n')
+    with pytest.raises(ConfigError, match=r"\[ikosd\] key 'log_to_stdout': expected true or false"):
+        load_config(config)
+    res = subprocess.run(
+        [IKOSD, "--root", str(tmp_path / "root"), "--shutdown-timeout", "0", "-c", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 2
+    assert "--stop-timeout: expected seconds > 0, got '0'" in res.stderr
