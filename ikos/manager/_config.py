@@ -142,6 +142,7 @@ _SETTINGS_KEYS: Final = (
     "mailbox_size",
     "max_message_bytes",
     "readers",
+    "log_to_stdout",
 )
 _ROOT_KEYS: Final = ("name", "strategy", "max_restarts", "within", "description")
 _SUPERVISOR_KEYS: Final = ("parent", "strategy", "max_restarts", "within", *_COMMON_KEYS)
@@ -209,15 +210,19 @@ class ManagerSettings:
     to ikosd (docs/operations.md, *Metrics*); ``mailbox_size`` is the default mailbox bound of
     actors in the file that do not set their own; ``readers`` the group id
     whose members may read what only the owner and root read otherwise
-    (logs, daemons' configurations).
+    (logs, daemons' configurations). ``shutdown_timeout`` (the grace period
+    of a shutdown) and ``log_to_stdout`` (daemons' lines also on ikosd's
+    stdout and stderr) are None when the file leaves them to ikosd, whose
+    defaults depend on whether it runs as PID 1 (docs/operations.md).
     """
 
     metrics: tuple[str, int] | Literal["auto"] | None = AUTO_METRICS
     log_level: str = "info"
-    shutdown_timeout: float = 30.0
+    shutdown_timeout: float | None = None
     mailbox_size: int = 1000
     max_message_bytes: int = 64 * 1024 * 1024
     readers: int | None = None
+    log_to_stdout: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -1103,13 +1108,24 @@ class _Loader:
         return ManagerSettings(
             metrics=self._metrics(t),
             log_level=self._log_level(t),
-            shutdown_timeout=t.seconds(
-                "shutdown_timeout", defaults.shutdown_timeout, zero_ok=False
+            shutdown_timeout=(
+                t.seconds("shutdown_timeout", 0.0, zero_ok=False)
+                if t.get("shutdown_timeout") is not _MISSING
+                else defaults.shutdown_timeout
             ),
             mailbox_size=t.integer("mailbox_size", defaults.mailbox_size, 1),
             max_message_bytes=t.integer("max_message_bytes", defaults.max_message_bytes, 1),
             readers=self._readers(t),
+            log_to_stdout=self._log_to_stdout(t),
         )
+
+    def _log_to_stdout(self, t: _Table) -> bool | None:
+        value = t.get("log_to_stdout")
+        if value is _MISSING:
+            return None
+        if not isinstance(value, bool):
+            raise t.error("log_to_stdout", "true or false", value)
+        return value
 
     def _readers(self, t: _Table) -> int | None:
         value = t.get("readers")

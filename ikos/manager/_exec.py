@@ -20,6 +20,11 @@ and logged. The daemon's stdout and stderr (mode ``log``) are pipes that the
 manager splits into timestamped lines in ``LOG/NAME.log``, rotated by size.
 When the main process ends, what is left of the daemon is killed: no
 process outlives its daemon.
+
+A ``pid_file`` on a daemon of a type other than ``forking`` is written by
+ikos (:class:`~ikos.platform._pidfile.DaemonPidFile`) once the exec
+succeeded, rewritten when ``MAINPID=`` moves the main process (and when a
+new ikosd adopts the daemon), and removed when the daemon ends.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ from ikos.platform._cgroups import CgroupManager, DaemonCgroup, instance_cgroup_
 from ikos.platform._forkserver import ForkServer
 from ikos.platform._notify import NotifyMessage, NotifySocket, main_pid
 from ikos.platform._paths import InstancePaths
-from ikos.platform._pidfile import PidFileError, read_pid_file
+from ikos.platform._pidfile import DaemonPidFile, PidFileError, read_pid_file
 from ikos.platform._process import (
     ExitStatus,
     ProcessHandle,
@@ -97,6 +102,11 @@ def _names_pid_1(pid_file: str) -> bool:
 
 
 _DEFAULT_SIGNALS = frozenset(signal.valid_signals()) - {signal.SIGKILL, signal.SIGSTOP}
+
+
+def pid_file_owners(plan: ExecPlan) -> tuple[int, ...]:
+    """Whose PID file ikos may replace besides its own: the daemon's user's (who may write it)."""
+    return (plan.uid,) if plan.uid is not None else ()
 
 
 def direct_spawn_possible(plan: ExecPlan) -> bool:
@@ -159,6 +169,12 @@ class ExecHandle:
         self.watchdog: asyncio.TimerHandle | None = None
         self.notify_log = NotifyLog()
         self._finishing = False
+        # pid_file: read for forking, written by ikos for every other type
+        self.pid_file = (
+            DaemonPidFile(plan.pid_file, owners=pid_file_owners(plan))
+            if plan.pid_file and plan.type != "forking"
+            else None
+        )
         proc.before_reap = functools.partial(self._before_reap, proc)
         self.task = self.loop.create_task(self._run(), name=f"exec:{spec.name}")
 
@@ -205,6 +221,7 @@ class ExecHandle:
             return self._timeout()
         if self.proc.exited in done and not self.proc.ready.done():
             return self._finish(self.proc.exited.result())
+        self._write_pid_file()  # the exec succeeded: the daemon's own code runs
         if kind == "notify":
             done = await self._first(self.notify_ready, self.proc.exited)
             if not done:
@@ -243,6 +260,14 @@ class ExecHandle:
             if self.main is main and main.exited.done():
                 return self._finish(main.exited.result())
 
+    def _write_pid_file(self) -> None:
+        if self.pid_file is None or self._finishing:
+            return
+        try:
+            self.pid_file.write(self.main.pid)
+        except PidFileError as exc:  # checked at spawn: only a race gets here
+            log.error("%s: %s", self.spec.name, exc)
+
     def _set_ready(self) -> None:
         if not self.ready.done():
             self.ready.set_result({"event": "ready", "pid": self.pid})
@@ -270,6 +295,8 @@ class ExecHandle:
         self._finishing = True
         if self.watchdog is not None:
             self.watchdog.cancel()
+        if self.pid_file is not None:
+            self.pid_file.remove()
         self.rt.logs.release(self.spec.name)
         self.rt.forget(self)
         self.loop.create_task(self._clean_up(status), name=f"exec-cleanup:{self.spec.name}")
@@ -357,6 +384,8 @@ class ExecHandle:
         self.main.before_reap = functools.partial(self._before_reap, self.main)
         self.notify_log.log(logging.INFO, "%s: main process is now %d", self.spec.name, pid)
         self.rt.index(self)
+        if self.proc.ready.done():
+            self._write_pid_file()
         if not self.main_changed.done():
             self.main_changed.set_result(None)
         self.main_changed = self.loop.create_future()
@@ -615,6 +644,11 @@ class ExecRuntime:
         plan = build_exec_plan(spec, self.paths)
         if plan.type == "notify" and self.notify is None:
             raise SpawnError(spec.name, "type", "notify needs the sd_notify socket, which failed")
+        if plan.pid_file and plan.type != "forking":
+            try:
+                DaemonPidFile(plan.pid_file, owners=pid_file_owners(plan)).check()
+            except PidFileError as exc:
+                raise SpawnError(spec.name, "pid_file", str(exc)) from None
         if self.watchdog_env(spec):
             plan = dataclasses.replace(
                 plan,

@@ -1,7 +1,17 @@
 """``ikosd``: the command that runs a supervision tree until it is told to stop.
 
 Exit status: 0 after an orderly shutdown, 1 when the root supervisor gave
-up (or the manager could not run), 2 for a usage or configuration error.
+up (or the manager could not run), 2 for a usage or configuration error, 3
+when a shutdown ran out of its grace period (``--shutdown-timeout``) and
+what was left had to be killed.
+
+As PID 1 of a PID namespace (a container's entry point), ikosd handles the
+shutdown signals as soon as its command runs, before the configuration is
+read (the kernel drops those PID 1 has no handler for), gives the shutdown
+:data:`INIT_SHUTDOWN_TIMEOUT` seconds unless told otherwise (less than
+Docker's 10 s, so that it still kills what is left and exits with its own
+status), and copies the daemons' output to its stdout and stderr
+(``--log-to-stdout``), where ``docker logs`` reads it.
 """
 
 from __future__ import annotations
@@ -30,6 +40,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("ikos.manager")
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+#: The grace period of a shutdown: 30 s, but 8 s as PID 1, within Docker's default 10 s.
+DEFAULT_SHUTDOWN_TIMEOUT = 30.0
+INIT_SHUTDOWN_TIMEOUT = 8.0
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
@@ -89,6 +102,16 @@ def _log_level(text: str) -> str:
     return level
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected seconds > 0, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ikosd", description="Run an ikos supervision tree (the ikos manager)."
@@ -108,6 +131,23 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="LEVEL",
         help="debug, info, warning, error or critical (default info)",
+    )
+    p.add_argument(
+        "--shutdown-timeout",
+        "--stop-timeout",
+        type=_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="grace period of a shutdown, after which what is left is killed and ikosd "
+        f"exits 3 (default: [ikosd] shutdown_timeout, else {DEFAULT_SHUTDOWN_TIMEOUT:g}; "
+        f"{INIT_SHUTDOWN_TIMEOUT:g} as PID 1)",
+    )
+    p.add_argument(
+        "--log-to-stdout",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also write every daemon's lines, prefixed 'NAME | ', to ikosd's stdout and "
+        "stderr (default: [ikosd] log_to_stdout, else on only as PID 1)",
     )
     return p
 
@@ -226,6 +266,7 @@ def prepare(
         "log_level": s.log_level,
         "metrics": s.metrics,
         "readers": s.readers,
+        "log_to_stdout": s.log_to_stdout,
     }
     config = Config(loaded.tree, loaded.file, loaded.services, loaded.health, loaded.warnings)
     return paths, config, read, settings
@@ -266,8 +307,20 @@ def metrics_address(
     return ("127.0.0.1", 0, False)
 
 
+def _first(*values: Any) -> Any:
+    """The first of ``values`` that is not None (the last one otherwise)."""
+    return next((v for v in values if v is not None), values[-1])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ikosd`` command."""
+    init = os.getpid() == 1
+    # PID 1 drops the signals it has no handler for: from now until the manager's
+    # handlers take over, a shutdown request is noted, not lost
+    early: list[int] = []
+    if init:
+        for sig in _SHUTDOWN_SIGNALS:
+            signal.signal(sig, lambda signum, frame: early.append(signum))
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=(args.log_level or "info").upper(), format=LOG_FORMAT)
     try:
@@ -299,25 +352,33 @@ def main(argv: Sequence[str] | None = None) -> int:
             config,
             reload=reload,
             max_message_bytes=settings.get("max_message_bytes", 64 * 1024 * 1024),
-            shutdown_timeout=settings.get("shutdown_timeout", 30.0),
+            shutdown_timeout=_first(
+                args.shutdown_timeout,
+                settings.get("shutdown_timeout"),
+                INIT_SHUTDOWN_TIMEOUT if init else DEFAULT_SHUTDOWN_TIMEOUT,
+            ),
             metrics=metrics,
             reader_gid=settings.get("readers"),
+            init=init,
+            log_to_stdout=_first(args.log_to_stdout, settings.get("log_to_stdout"), init),
         )
     except IkosError as exc:
         print(f"ikosd: {exc}", file=sys.stderr)
         return 2
     try:
-        return asyncio.run(_serve(manager))
+        return asyncio.run(_serve(manager, early))
     except IkosError as exc:
         print(f"ikosd: {exc}", file=sys.stderr)
         return 1
 
 
-#: The signals that stop or reload ikosd: handled while it runs, ignored once it is done.
-_CONTROL_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+#: The signals that stop ikosd (as the manager's SHUTDOWN_SIGNALS, without importing it).
+_SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGPWR)
+#: The signals ikosd handles while it runs, ignored once it is done.
+_CONTROL_SIGNALS = (*_SHUTDOWN_SIGNALS, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 
 
-async def _serve(manager: Manager) -> int:
+async def _serve(manager: Manager, early: Sequence[int] = ()) -> int:
     """Run the manager; once it is done, make the control signals harmless for good.
 
     The manager's handlers are Python-level ones (never the loop's, whose
@@ -326,6 +387,13 @@ async def _serve(manager: Manager) -> int:
     Going from them to SIG_IGN is one ``signal.signal`` each, with no SIG_DFL
     in between, and nothing is left for the closing loop to restore.
     """
+
+    def take_early() -> None:  # runs once manager.run() has put its own handlers in place
+        if early:
+            log.info("shutdown requested (signal %d) while ikosd was starting", early[0])
+            manager.request_shutdown()
+
+    asyncio.get_running_loop().call_soon(take_early)
     try:
         return await manager.run()
     finally:

@@ -10,13 +10,26 @@ the next one picks the pipe up and the daemon never sees EPIPE.
 
 One component for both kinds of daemon, so that ``ikosctl logs`` means the
 same for an actor as for an executable.
+
+In a container the lines belong on ikosd's own stdout and stderr too, where
+``docker logs`` and Kubernetes read them: :class:`OutputForwarder` copies
+each line there, prefixed with the daemon's name (``web | listening``, as
+docker-compose does), stdout to stdout and stderr to stderr. A thread does
+the writing, behind a queue bounded in bytes: a slow or stuck reader of
+ikosd's stdout costs lines, counted and reported on stderr once it catches
+up, and never stalls the event loop (which a blocking write would) nor
+makes ikosd's memory grow. Non-blocking writes from the loop were rejected:
+``O_NONBLOCK`` belongs to the open file description, which ikosd shares
+with its parent (the shell, the container runtime) and with ``sys.stdout``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
+import threading
 from pathlib import Path
 
 from ikos.monitor._logfile import LineSplitter, RotatingLog, tail
@@ -27,14 +40,112 @@ LOG_MAX_BYTES = 10 * 1024 * 1024
 LOG_BACKUPS = 5
 #: Reads of one pipe per loop turn: 16 x 64 KiB at most before others get a turn.
 READS_PER_TURN = 16
+#: Bytes of forwarded lines waiting for ikosd's stdout/stderr before lines are dropped.
+FORWARD_QUEUE_BYTES = 4 * 1024 * 1024
+#: How long ikosd's shutdown waits for the forwarded lines to be written.
+FORWARD_DRAIN_SECONDS = 2.0
+CR = "\r"
+
+
+class OutputForwarder:
+    """Copies daemons' lines to ikosd's stdout (fd 1) and stderr (fd 2); see the module docstring.
+
+    Example::
+
+        forwarder = OutputForwarder()
+        forwarder.forward("web", "stdout", ["listening on :80"])   # "web | listening on :80"
+        forwarder.close()
+    """
+
+    def __init__(
+        self, fds: dict[str, int] | None = None, max_bytes: int = FORWARD_QUEUE_BYTES
+    ) -> None:
+        self.fds = fds if fds is not None else {"stdout": 1, "stderr": 2}
+        self.max_bytes = max_bytes
+        #: Lines dropped because the queue was full (all time), and not yet reported.
+        self.dropped = 0
+        self._unreported = 0
+        self._queued = 0
+        self._items: collections.deque[tuple[int, bytes] | None] = collections.deque()
+        self._wake = threading.Condition()
+        self._broken = False
+        self._thread = threading.Thread(target=self._run, name="ikos-stdout", daemon=True)
+        self._thread.start()
+
+    @property
+    def backlog(self) -> int:
+        """Bytes queued and not written yet."""
+        return self._queued
+
+    def forward(self, name: str, stream: str, lines: list[str]) -> None:
+        """Queue ``lines`` of daemon ``name``'s ``stream``; never blocks."""
+        if self._broken or not lines:
+            return
+        fd = self.fds.get(stream, self.fds["stdout"])
+        data = "".join(f"{name} | {line.rstrip(CR)}\n" for line in lines).encode("utf-8", "replace")
+        with self._wake:
+            if self._queued + len(data) > self.max_bytes:
+                self.dropped += len(lines)
+                self._unreported += len(lines)
+                return
+            self._report_dropped()
+            self._items.append((fd, data))
+            self._queued += len(data)
+            self._wake.notify()
+
+    def _report_dropped(self) -> None:
+        """Queue the note of the lines dropped since the last one (with the lock held)."""
+        if self._unreported:
+            note = (
+                f"ikosd | {self._unreported} lines of daemons' output dropped: "
+                "ikosd's stdout and stderr did not keep up\n"
+            )
+            self._items.append((self.fds["stderr"], note.encode()))
+            self._queued += len(note.encode())  # taken off again when written
+            self._unreported = 0
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._items:
+                    self._wake.wait()
+                item = self._items.popleft()
+                if item is not None:
+                    self._queued -= len(item[1])
+            if item is None:
+                return
+            fd, data = item
+            try:
+                while data:
+                    data = data[os.write(fd, data) :]
+            except OSError:
+                # the reader went away (EPIPE) or the descriptor is closed: forwarding
+                # ends; the lines still reach the log files
+                self._broken = True
+                with self._wake:
+                    self._items.clear()
+                    self._queued = 0
+                return
+
+    def close(self, timeout: float = FORWARD_DRAIN_SECONDS) -> None:
+        """Write what is queued (for at most ``timeout`` seconds), then stop the thread."""
+        with self._wake:
+            self._report_dropped()
+            self._items.append(None)
+            self._wake.notify()
+        self._thread.join(timeout)
 
 
 class DaemonLogs:
     """The log files of one instance's daemons, and the pipes that feed them."""
 
-    def __init__(self, log_dir: Path, fdstore: FdStore) -> None:
+    def __init__(
+        self, log_dir: Path, fdstore: FdStore, forwarder: OutputForwarder | None = None
+    ) -> None:
         self.log_dir = log_dir
         self.fdstore = fdstore
+        #: Where every line goes besides the log file (``log_to_stdout``), if anywhere.
+        self.forwarder = forwarder
         self.logs: dict[str, RotatingLog] = {}
         self._readers: dict[int, str] = {}
 
@@ -66,6 +177,8 @@ class DaemonLogs:
             if lines:
                 rl.write_lines(stream, lines)
                 rl.flush()
+                if self.forwarder is not None:
+                    self.forwarder.forward(name, stream, lines)
             if eof:
                 loop.remove_reader(fd)
                 self._readers.pop(fd, None)
@@ -86,6 +199,11 @@ class DaemonLogs:
             return []
         return tail(path, lines)
 
+    def reopen(self) -> None:
+        """Close every log file, to be reopened by its next line (after an outside rotation)."""
+        for rl in self.logs.values():
+            rl.close()
+
     def close(self) -> None:
         """Stop reading every pipe and close every log file (ikosd is stopping)."""
         loop = asyncio.get_running_loop()
@@ -98,3 +216,5 @@ class DaemonLogs:
         for rl in self.logs.values():
             rl.close()
         self.logs.clear()
+        if self.forwarder is not None:
+            self.forwarder.close()

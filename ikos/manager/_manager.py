@@ -21,6 +21,17 @@ If the manager's own code fails unexpectedly, it neither abandons its
 daemons nor kills them: it keeps their records and the descriptor keeper,
 exits 1, and the next ikosd on the root adopts them, exactly as after
 ``kill -9``.
+
+**Signals.** SIGTERM, SIGINT and SIGPWR begin the orderly shutdown, which
+gets ``shutdown_timeout`` seconds (the grace period) before what is left is
+killed and the exit status becomes 3 instead of 0; SIGHUP reloads the
+configuration; SIGUSR1 logs the status of every daemon; SIGUSR2 reopens the
+daemons' log files (after an outside rotation). As PID 1 of a PID namespace
+(a container's entry point, ``init=True``) the kernel drops every signal
+that has no handler, so the handlers are installed before anything else
+runs, and the orphans of the whole namespace, re-parented to ikosd, are
+reaped as the subreaper's always are (:func:`~ikos.platform._process.reap_orphans`,
+which never takes the exit status of a process ikos watches).
 """
 
 from __future__ import annotations
@@ -53,7 +64,7 @@ from ikos.manager._extension import (
     NodeView,
     Spawner,
 )
-from ikos.manager._logs import DaemonLogs
+from ikos.manager._logs import DaemonLogs, OutputForwarder
 from ikos.manager._operations import TreeOperations
 from ikos.manager._recovery import MARK_DAEMON, MARK_INSTANCE, Recovery, instance_mark
 from ikos.manager._state import StateStore
@@ -71,6 +82,12 @@ log = logging.getLogger("ikos.manager")
 translog = logging.getLogger("ikos.daemon")
 
 EXIT_OK, EXIT_FAILED = 0, 1
+#: Stopped on request, but not cleanly: the grace period ran out and what was left was killed.
+EXIT_UNCLEAN = 3
+#: The signals that end ikosd in order (SIGPWR: what a container runtime or UPS sends PID 1).
+SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGPWR)
+#: Every signal ikosd handles, ignored once it is done.
+HANDLED_SIGNALS = (*SHUTDOWN_SIGNALS, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 #: States in which a worker has a process: leaving them for stopped or failed ends it.
 _WITH_PROCESS = frozenset({State.STARTING, State.RUNNING, State.STOPPING})
 
@@ -122,6 +139,8 @@ class Manager:
         metrics: tuple[str, int] | tuple[str, int, bool] | None = None,
         extensions: Sequence[Extension] | None = None,
         reader_gid: int | None = None,
+        init: bool = False,
+        log_to_stdout: bool = False,
     ) -> None:
         if isinstance(config, Supervisor):
             config = Config(config)
@@ -135,6 +154,10 @@ class Manager:
         self.ready_line = ready_line
         #: The group whose members may read private verbs (``[ikosd] readers``).
         self.reader_gid = reader_gid
+        #: PID 1 of a PID namespace: signals handled from the first moment.
+        self.init = init
+        #: Daemons' lines also on ikosd's stdout and stderr (``[ikosd] log_to_stdout``).
+        self.log_to_stdout = log_to_stdout
         self.mark = instance_mark(paths)
         self.fdstore = FdStore(paths.run_dir / "fdstore.sock")
         self.forkserver = ForkServer({MARK_INSTANCE: self.mark})
@@ -416,7 +439,13 @@ class Manager:
     async def run(self) -> int:
         """Start the tree, serve until shutdown, stop everything; return the exit status."""
         self._stop = asyncio.Event()
+        if self.init:
+            # PID 1: a SIGTERM without a handler is dropped by the kernel, and
+            # `docker stop` would wait its timeout and kill the whole container
+            self._handle_signals()
         self._prepare()
+        if self.log_to_stdout:
+            self.logs.forwarder = OutputForwarder()
         try:
             await self._serve()
         except Exception as exc:
@@ -447,6 +476,7 @@ class Manager:
         if not become_subreaper():
             log.warning("could not become a child subreaper: exit statuses may be lost")
         loop.add_signal_handler(signal.SIGCHLD, self._reap)
+        self._reap()  # what exited before the handler was there (PID 1: from the start)
         # asyncio's wake-up descriptor, without the warning for every signal that
         # finds it full: under a storm of signals, printing that warning with its
         # traceback took all of the main thread's time (the loop never drained it)
@@ -478,10 +508,7 @@ class Manager:
         for mod, err in failed.items():
             log.warning("fork server could not preload %s: %s", mod, err)
         await self.control.start()  # listening once there is something to answer about
-        _handle_signal(loop, signal.SIGTERM, self.request_shutdown)
-        _handle_signal(loop, signal.SIGINT, self.request_shutdown)
-        _handle_signal(loop, signal.SIGHUP, self._on_sighup)
-        self._signals_handled = True
+        self._handle_signals()
         self.root = SupervisorNode(self._tree, None, self, self._order, self._waves)
         self.node_added(self.root)
         starting = asyncio.ensure_future(self.root.start())
@@ -545,8 +572,36 @@ class Manager:
         # handlers become SIG_IGN, in one step each (never SIG_DFL in between;
         # ikos.run puts the caller's back)
         if self._signals_handled:
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            for sig in HANDLED_SIGNALS:
                 signal.signal(sig, signal.SIG_IGN)
+        if self.init:
+            reap_orphans()  # PID 1 leaves no zombie behind, its own helpers included
+
+    def _handle_signals(self) -> None:
+        """Install ikosd's signal handlers (once: a second time would undo the SIG_IGN
+        that :meth:`request_shutdown` leaves)."""
+        if self._signals_handled:
+            return
+        loop = asyncio.get_running_loop()
+        for sig in SHUTDOWN_SIGNALS:
+            _handle_signal(loop, sig, self.request_shutdown)
+        _handle_signal(loop, signal.SIGHUP, self._on_sighup)
+        _handle_signal(loop, signal.SIGUSR1, self._log_status)
+        _handle_signal(loop, signal.SIGUSR2, self.logs.reopen)
+        self._signals_handled = True
+
+    def _log_status(self) -> None:
+        """SIGUSR1: one log line per daemon and supervisor, for a look from outside."""
+        for node in self.walk():
+            handle = node.handle if isinstance(node, WorkerNode) else None
+            log.info(
+                "status: %s %s %s pid %s restarts %d",
+                node.kind,
+                node.name,
+                node.state.value,
+                handle.pid if handle is not None and handle.alive else "-",
+                node.restarts,
+            )
 
     def _reap(self) -> None:
         """SIGCHLD: reap the orphans re-parented to ikosd (never a watched process)."""
@@ -584,7 +639,7 @@ class Manager:
             # drop them. Handled one by one, a storm of them (a service manager's
             # loop, a user's `kill` in a loop) kept ikosd's main thread from ever
             # finishing the shutdown. One ``signal.signal`` each: never SIG_DFL.
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in SHUTDOWN_SIGNALS:
                 signal.signal(sig, signal.SIG_IGN)
 
     async def _shutdown(self) -> None:
@@ -602,6 +657,8 @@ class Manager:
             log.error(
                 "shutdown did not finish within %gs: killing what is left", self.shutdown_timeout
             )
+            if self.exit_code == EXIT_OK:
+                self.exit_code = EXIT_UNCLEAN
             root.kill_subtree()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wait_all_exited(), 10)
@@ -622,6 +679,8 @@ class Manager:
                         node.terminate("ikosd shutting down"), self.shutdown_timeout
                     )
                 except TimeoutError:
+                    if self.exit_code == EXIT_OK:
+                        self.exit_code = EXIT_UNCLEAN
                     node.handle.kill()
 
     async def _wait_all_exited(self) -> None:
@@ -630,6 +689,9 @@ class Manager:
                 await node.handle.exited
 
     def _on_sighup(self) -> None:
+        if self.root is None:  # PID 1's handlers come before the tree does
+            log.warning("SIGHUP before the tree started: nothing to reload yet")
+            return
         asyncio.get_running_loop().create_task(self._reload_logged())
 
     async def _reload_logged(self) -> None:

@@ -19,6 +19,19 @@ description and have neither problem.
 (PID 1, a dead PID, or a PID outside the daemon's process group would have
 it signal the wrong process).
 
+:class:`DaemonPidFile` is the PID file ikos writes *for* a daemon of any
+other type (``pid_file`` on a ``simple``, ``exec``, ``notify`` or ``oneshot``
+executable), for the tools that expect one (``kill $(cat /run/x.pid)``,
+logrotate's ``postrotate``). It takes no lock (the daemon, not ikosd, is
+what the file names) and is written through a descriptor of its directory:
+a temporary file created there with ``O_EXCL | O_NOFOLLOW`` and renamed
+over the name, so a reader sees the old content or the new, never half, and
+a symbolic link planted at the name is replaced, never followed. What is
+already at the name is checked first, so that a link, a non-regular file or
+another user's file is reported instead of silently replaced. No fsync: a
+PID means nothing after the machine restarts, so durability buys nothing
+and would cost a disk flush per start.
+
 Errors, under :class:`ikos.IkosError`::
 
     PidFileError        a PID file is missing, unreadable, invalid or names a wrong process
@@ -31,7 +44,9 @@ import contextlib
 import fcntl
 import os
 import secrets
+import stat
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -83,10 +98,10 @@ def _alive(pid: int) -> bool:
         pass
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
+            fields = f.read()
     except OSError:
         return True  # no /proc: trust kill(2)
-    state = stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3]
+    state = fields[fields.rfind(b")") + 2 : fields.rfind(b")") + 3]
     return state not in (b"Z", b"X")
 
 
@@ -245,6 +260,112 @@ class PidFile:
         if not os.path.lexists(path):
             return False
         return not PidFile.is_locked(path) and PidFile.read(path) is None
+
+
+class DaemonPidFile:
+    """The PID file ikos keeps for one daemon: :meth:`write` when it runs, :meth:`remove` after.
+
+    Example::
+
+        pid_file = DaemonPidFile("/run/web.pid")
+        pid_file.check()           # PidFileError: the directory is missing, a symlink is there...
+        pid_file.write(proc.pid)   # "4242\n", atomically
+        ...
+        pid_file.remove()          # only if it still names the PID written
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, owners: Iterable[int] = ()) -> None:
+        self.path = Path(path)
+        #: Whose file at the name may be replaced: ikosd's user, and ``owners``
+        #: (the daemon's own user, should it rewrite the file itself).
+        self.owners = frozenset({os.geteuid(), *owners})
+        #: The PID this object last wrote (None: nothing written, or removed).
+        self.pid: int | None = None
+
+    def _open_dir(self) -> int:
+        directory = self.path.parent
+        try:
+            return os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):
+            raise PidFileError(str(self.path), f"its directory {directory} does not exist")
+        except OSError as exc:
+            raise PidFileError(str(self.path), f"cannot open {directory}: {exc.strerror}")
+
+    def _check_at(self, dfd: int) -> None:
+        try:
+            st = os.stat(self.path.name, dir_fd=dfd, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        if stat.S_ISLNK(st.st_mode):
+            raise PidFileError(str(self.path), "is a symbolic link: refusing to replace it")
+        if not stat.S_ISREG(st.st_mode):
+            raise PidFileError(str(self.path), "is not a regular file: refusing to replace it")
+        if st.st_uid not in self.owners:
+            raise PidFileError(
+                str(self.path),
+                f"belongs to uid {st.st_uid}, neither ikosd's nor the daemon's: "
+                "refusing to replace it",
+            )
+
+    def check(self) -> None:
+        """Raise :class:`PidFileError` if :meth:`write` would be refused (directory, file)."""
+        dfd = self._open_dir()
+        try:
+            self._check_at(dfd)
+        finally:
+            os.close(dfd)
+
+    def write(self, pid: int) -> None:
+        """Replace the file with ``"PID\\n"`` atomically; :class:`PidFileError` if refused."""
+        if pid <= 0:
+            raise ValueError(f"invalid PID {pid}")
+        dfd = self._open_dir()
+        tmp = f".{self.path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            self._check_at(dfd)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd = os.open(tmp, flags, 0o644, dir_fd=dfd)
+            try:
+                os.fchmod(fd, 0o644)  # whatever the umask: readers need it
+                os.write(fd, f"{pid}\n".encode())
+            finally:
+                os.close(fd)
+            os.rename(tmp, self.path.name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dfd)
+            raise PidFileError(str(self.path), f"cannot be written: {exc.strerror}") from None
+        finally:
+            os.close(dfd)
+        self.pid = pid
+
+    def remove(self) -> bool:
+        """Remove the file if it still names the PID written last; whether it was removed.
+
+        A file that names another PID (a successor's, or one written by hand)
+        is left alone, as is one that was replaced by a link.
+        """
+        pid, self.pid = self.pid, None
+        if pid is None:
+            return False
+        try:
+            dfd = self._open_dir()
+        except PidFileError:
+            return False
+        try:
+            fd = os.open(self.path.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+            try:
+                raw = os.read(fd, MAX_PID_FILE_BYTES + 1)
+            finally:
+                os.close(fd)
+            if _parse(raw) != pid:
+                return False
+            os.unlink(self.path.name, dir_fd=dfd)
+            return True
+        except OSError:
+            return False
+        finally:
+            os.close(dfd)
 
 
 def read_pid_file(
