@@ -5,6 +5,7 @@
 #   systemd        for systemd-notify, the sd_notify client in tests' scripts
 #   prometheus     a real Prometheus server (and promtool) scraping ikosd
 #                  (tests/prometheus.py, tests/test_prometheus.py)
+#   bsdutils       logger(1), the syslog client (tests/test_example_log.py)
 # A fast no-op when they are installed. As root, apt-get installs what is
 # missing, non-interactively and quietly, with no service started by the
 # packages' scripts (they would take ports 80, 6379 and 9090 system-wide; the tests
@@ -18,6 +19,7 @@ command -v nginx >/dev/null 2>&1 || missing="$missing nginx"
 command -v redis-server >/dev/null 2>&1 || missing="$missing redis-server"
 command -v systemd-notify >/dev/null 2>&1 || missing="$missing systemd"
 command -v prometheus >/dev/null 2>&1 || missing="$missing prometheus"
+command -v logger >/dev/null 2>&1 || missing="$missing bsdutils"
 [ -z "$missing" ] && exit 0
 
 if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then

@@ -1,0 +1,147 @@
+"""The logger (``log``): collects log records from every daemon and program of an instance.
+
+Records come in over ikos IPC (asks and tells ``{"op": "log", ...}`` to the
+actor ``log``, :func:`send` here, or publications on the topic
+``log.submit``) and on a syslog datagram socket that ``logger(1)`` and
+``syslog(3)`` write to (``ROOT/run/ikos/log.sock`` by default; RFC 3164 and
+RFC 5424 both parsed, a line that parses as neither kept as ``raw`` with the
+reason). They are filtered by level, facility and program, written to
+rotated JSON Lines files (``ROOT/var/log/ikos/syslog/``), forwarded in RFC
+5424 over UDP or TCP, and queried by time, program and level::
+
+    ikosctl call log '{"op": "query", "program": "cron*", "level": "warning"}'
+
+The daemon is :class:`Logger` (``_daemon.py``); the parsing and formatting
+of syslog lines is in ``_syslog.py``, the filter and query rules in
+``_rules.py``, the files in ``_store.py``, forwarding in ``_forward.py``.
+docs/examples.md, "The logger (log)", is the user's guide.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import ikos
+from examples.system.log._daemon import (
+    RECORD_TOPIC,
+    ROTATED_TOPIC,
+    SUBMIT_TOPIC,
+    Logger,
+    Options,
+)
+from examples.system.log._rules import Filter, Query
+from examples.system.log._syslog import (
+    FACILITIES,
+    LEVELS,
+    LogInputError,
+    Record,
+    format_5424,
+    parse_datagram,
+)
+
+__all__ = [
+    "FACILITIES",
+    "LEVELS",
+    "RECORD_TOPIC",
+    "ROTATED_TOPIC",
+    "SUBMIT_TOPIC",
+    "Filter",
+    "LogInputError",
+    "Logger",
+    "Query",
+    "Record",
+    "child",
+    "format_5424",
+    "parse_datagram",
+    "query",
+    "send",
+]
+
+#: Seconds :func:`send` (with ``wait``) and :func:`query` wait for the logger.
+TIMEOUT = 10.0
+
+
+def child(
+    name: str = "log", *, requires: tuple[str, ...] = ("auth",), **options: Any
+) -> ikos.Child:
+    """The logger as a child of a supervision tree, its options checked now.
+
+    ``options`` are :class:`Options`'s (all keywords, all optional):
+    ``socket_path``, ``directory``, ``min_level``, ``rules``,
+    ``max_file_bytes``, ``max_file_age``, ``keep_files``, ``fsync_interval``,
+    ``ring_size``, ``max_datagram``, ``max_message``, ``forward``,
+    ``forward_queue``, ``publish_level``. A bad one raises
+    :class:`LogInputError` naming it, before any process starts.
+
+    Example::
+
+        ikos.Supervisor("root", children=[auth.child(), log.child(
+            min_level="info", forward=["tcp://10.0.0.5:601"])])
+    """
+    Options(**options)
+    return ikos.Child(
+        name,
+        Logger,
+        kwargs=options,
+        requires=list(requires),
+        shutdown=10.0,
+        description="log collector: ikos IPC and syslog socket, files, forwarding, queries",
+    )
+
+
+def send(
+    msg: str,
+    *,
+    level: str | int = "info",
+    program: str | None = None,
+    facility: str = "user",
+    wait: bool = False,
+    name: str = "log",
+    root: str | os.PathLike[str] | None = None,
+    **fields: Any,
+) -> dict[str, Any] | None:
+    """Log ``msg`` to the logger over ikos IPC, from any process of the instance.
+
+    ``program`` defaults to this program's name. Without ``wait`` it is a
+    tell (returns None once the logger's mailbox has it); with ``wait`` an
+    ask, returning the logger's reply (``{"ok": True, "seq": N}``, or
+    ``{"ok": False, "error": ...}`` for a bad field). ``fields`` are the
+    other keys of a ``log`` request (``pid``, ``host``, ``msgid``, ``time``, ``sd``).
+
+    Example::
+
+        from examples.system import log
+        log.send("disk almost full", level="warning", program="diskwatch")
+    """
+    request = {
+        "op": "log",
+        "msg": msg,
+        "level": level,
+        "facility": facility,
+        "program": program or os.path.basename(sys.argv[0] or "python")[:48] or "python",
+        **fields,
+    }
+    ref: ikos.ActorRef[Any] = ikos.ActorRef(name, root=root)
+    if wait:
+        reply: dict[str, Any] = ref.ask(request, timeout=TIMEOUT)
+        return reply
+    ref.tell(request)
+    return None
+
+
+def query(
+    *, name: str = "log", root: str | os.PathLike[str] | None = None, **conditions: Any
+) -> list[dict[str, Any]]:
+    """The records matching ``conditions`` (``since``, ``until``, ``program``, ``level``,
+    ``facility``, ``host``, ``grep``, ``limit``), oldest first.
+
+    Raises :class:`LogInputError` with the logger's message for a bad condition.
+    """
+    ref: ikos.ActorRef[Any] = ikos.ActorRef(name, root=root)
+    reply = ref.ask({"op": "query", **conditions}, timeout=TIMEOUT)
+    if not reply.get("ok"):
+        raise LogInputError(reply.get("error", "query failed"))
+    records: list[dict[str, Any]] = reply["records"]
+    return records

@@ -1,0 +1,466 @@
+"""The logger daemon: an async ikos actor that owns a syslog socket, files and forwarders.
+
+It is an *async* actor so that the syslog datagram socket is just one more
+reader on the actor's own event loop (``loop.add_reader``): a datagram is
+parsed, filtered, written and forwarded on the same thread, between
+messages, as the IPC requests are, so nothing needs a lock and no queue
+stands between the socket and the files. (Rejected: a thread reading the
+socket and telling each datagram to the actor, which pays a pickle and a
+mailbox round trip per line and doubles the places a flood can pile up;
+here a flood waits in the kernel's socket buffer, whose size bounds it,
+and the kernel drops what does not fit.) The TCP forwarders are tasks on
+the same loop.
+
+Every input is bounded: a datagram longer than ``max_datagram`` bytes is
+dropped and counted (its real length is read with ``MSG_TRUNC``, so nothing
+of it is kept), an IPC record's message longer than ``max_message``
+characters is refused with an error naming the limit, the in-memory ring of
+recent records holds ``ring_size`` records, a TCP forwarder's queue
+``forward_queue`` lines, and the files ``keep_files`` rotated files of
+``max_file_bytes``. What was dropped is also said once a second at most, as
+one record of the logger's own (program ``log``, facility ``syslog``) and one
+line in its ikos log, never one per bad datagram.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import stat
+import sys
+import time
+from collections import deque
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import ikos
+import ikos.ipc
+import ikos.registry
+from examples.system.log._forward import Forwarder, parse_target
+from examples.system.log._rules import Filter, Query, check_names, newest_matches
+from examples.system.log._store import RecordFiles
+from examples.system.log._syslog import (
+    LEVELS,
+    LogInputError,
+    Record,
+    facility_name,
+    format_5424,
+    level_number,
+    parse_datagram,
+)
+
+#: The topic other processes may publish records to (payload: a ``log`` request's fields).
+SUBMIT_TOPIC = "log.submit"
+#: The topic the logger publishes kept records on, when at least ``publish_level``.
+RECORD_TOPIC = "log.record"
+#: The topic the logger publishes a rotation on (``{"file": path}``).
+ROTATED_TOPIC = "log.rotated"
+
+#: Seconds between the logger's housekeeping ticks (fsync, age rotation, drop notes).
+TICK = 1.0
+
+_LOG_KEYS = frozenset(
+    {"op", "msg", "level", "facility", "program", "pid", "host", "msgid", "time", "sd"}
+)
+
+
+class _Tick:
+    """The housekeeping timer's message (the object itself; nothing outside can send it)."""
+
+
+_TICK = _Tick()
+
+
+class Options:
+    """The logger's options, checked: :class:`LogInputError` names the first bad one."""
+
+    def __init__(
+        self,
+        *,
+        socket_path: str | os.PathLike[str] | None = None,
+        directory: str | os.PathLike[str] | None = None,
+        min_level: str | int = "debug",
+        rules: Sequence[Mapping[str, Any]] = (),
+        max_file_bytes: int = 4 * 1024 * 1024,
+        max_file_age: float | None = 24 * 3600.0,
+        keep_files: int = 7,
+        fsync_interval: float = 1.0,
+        ring_size: int = 10_000,
+        max_datagram: int = 64 * 1024,
+        max_message: int = 64 * 1024,
+        forward: Sequence[str] = (),
+        forward_queue: int = 10_000,
+        publish_level: str | int | None = "warning",
+    ) -> None:
+        self.socket_path = Path(socket_path) if socket_path is not None else None
+        self.directory = Path(directory) if directory is not None else None
+        self.filter = Filter.from_options(min_level, rules)
+        self.max_file_bytes = _int(max_file_bytes, "max_file_bytes", 256)
+        self.max_file_age = (
+            None if max_file_age is None else _number(max_file_age, "max_file_age", 0.001)
+        )
+        self.keep_files = _int(keep_files, "keep_files", 0)
+        self.fsync_interval = _number(fsync_interval, "fsync_interval", 0.0)
+        self.ring_size = _int(ring_size, "ring_size", 1)
+        self.max_datagram = _int(max_datagram, "max_datagram", 480)  # RFC 3164's minimum
+        self.max_message = _int(max_message, "max_message", 1)
+        self.forward = check_names(forward, "forward")
+        for i, url in enumerate(self.forward):
+            parse_target(url, f"forward[{i}]")
+        self.forward_queue = _int(forward_queue, "forward_queue", 1)
+        self.publish_level = (
+            None if publish_level is None else level_number(publish_level, "publish_level")
+        )
+
+
+def _int(value: Any, name: str, least: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < least:
+        raise LogInputError(f"{name}: expected an integer >= {least}, got {value!r}")
+    return value
+
+
+def _number(value: Any, name: str, least: float) -> float:
+    if not isinstance(value, int | float) or isinstance(value, bool) or not value >= least:
+        raise LogInputError(f"{name}: expected a number >= {least:g}, got {value!r}")
+    return float(value)
+
+
+class Logger(ikos.Actor):
+    """The ``log`` daemon: syslog socket + ikos IPC in, filter, files, forwarders, queries.
+
+    Requests (asks or tells; ``ikosctl call log '{"op": ...}'``), each answered
+    with a dict holding ``"ok"``, and ``"error"`` saying what was wrong when
+    ``ok`` is false:
+
+    - ``{"op": "log", "msg": ..., "level": "info", "program": ..., "facility":
+      "user", "pid", "host", "msgid", "time", "sd"}``: one record; answers
+      ``{"ok": true, "seq": N}`` or ``{"ok": true, "filtered": true}``.
+    - ``{"op": "syslog", "line": "<13>..."}``: one syslog line, as if it came
+      on the socket.
+    - ``{"op": "query", "since", "until", "program", "level", "facility",
+      "host", "grep", "limit"}``: ``{"ok": true, "records": [...], "more": bool}``,
+      the newest ``limit`` matches in time order.
+    - ``{"op": "stats"}``, ``{"op": "rotate"}``.
+    """
+
+    def __init__(self, **options: Any) -> None:
+        self.options = Options(**options)
+
+    # -- life ----------------------------------------------------------------
+
+    async def on_start(self) -> None:
+        from ikos.actors import _context
+
+        paths = _context.get().paths
+        opts = self.options
+        self.socket_path = opts.socket_path or paths.run_dir / "log.sock"
+        self.directory = opts.directory or paths.log_dir / "syslog"
+        self.counters: dict[str, int] = dict.fromkeys(
+            ("received_syslog", "received_ipc", "kept", "filtered", "malformed", "oversized",
+             "refused_ipc", "write_errors", "publish_errors"), 0,
+        )  # fmt: skip
+        self._notes: dict[str, int] = {}
+        self._largest_oversized = 0
+        self.hostname = socket.gethostname()
+        self.files = RecordFiles(
+            self.directory,
+            max_bytes=opts.max_file_bytes,
+            max_age=opts.max_file_age,
+            keep=opts.keep_files,
+            fsync_interval=opts.fsync_interval,
+        )
+        self.ring: deque[Record] = deque(maxlen=opts.ring_size)
+        for record in self.files.newest_first():  # the ring again after a restart
+            self.ring.appendleft(record)
+            if len(self.ring) >= opts.ring_size:
+                break
+        self.seq = max((r.seq for r in self.ring), default=0)
+        self._buffer = bytearray(opts.max_datagram)
+        self.sock = self._bind(self.socket_path)
+        loop = asyncio.get_running_loop()
+        loop.add_reader(self.sock.fileno(), self._on_readable)
+        self.forwarders = [Forwarder(url, opts.forward_queue) for url in opts.forward]
+        for forwarder in self.forwarders:
+            await forwarder.start()
+        self.send_interval(TICK, _TICK)
+        self.subscribe(SUBMIT_TOPIC)
+        ikos.registry.register(
+            "log",
+            description="log collector: ikos IPC and syslog (RFC 3164/5424) in, files, forwarding",
+            type="syslog",
+            endpoint=f"unixgram://{self.socket_path}",
+            capabilities=["rfc3164", "rfc5424", "query", *(f.scheme for f in self.forwarders)],
+            metadata={"socket": str(self.socket_path), "directory": str(self.directory)},
+        )
+        self._say(
+            f"syslog socket {self.socket_path}, files in {self.directory}, "
+            f"{len(self.ring)} records reloaded, forwarding to {list(opts.forward) or 'nowhere'}"
+        )
+
+    def _bind(self, path: Path) -> socket.socket:
+        """A datagram socket at ``path``, replacing a stale one (a previous incarnation's)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            if not stat.S_ISSOCK(path.lstat().st_mode):
+                raise LogInputError(f"socket_path: {path} exists and is not a socket")
+            path.unlink()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.bind(str(path))
+            os.chmod(path, 0o666)  # as /dev/log: any local program may log
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        self._socket_inode = path.stat().st_ino
+        return sock
+
+    async def on_stop(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+        with contextlib.suppress(OSError):
+            if self.socket_path.stat().st_ino == self._socket_inode:  # still ours
+                self.socket_path.unlink()
+        for forwarder in self.forwarders:
+            await forwarder.close()
+        self.files.close()
+
+    # -- input ---------------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        """Read what the socket holds (at most 256 datagrams a turn, to let messages in)."""
+        view = memoryview(self._buffer)
+        for _ in range(256):
+            try:
+                n = self.sock.recv_into(view, 0, socket.MSG_TRUNC)
+            except (BlockingIOError, InterruptedError):
+                return
+            self.counters["received_syslog"] += 1
+            if n > len(view):  # MSG_TRUNC: n is the datagram's real length
+                self.counters["oversized"] += 1
+                self._largest_oversized = max(self._largest_oversized, n)
+                self._note("oversized")
+                continue
+            self._accept(parse_datagram(bytes(view[:n]), time.time()))
+
+    def _accept(self, record: Record) -> dict[str, Any]:
+        """Filter, number, write, remember, forward and publish one record."""
+        if record.error is not None:
+            self.counters["malformed"] += 1
+            self._note("malformed")
+        if not self.options.filter.accepts(record):
+            self.counters["filtered"] += 1
+            return {"ok": True, "filtered": True}
+        self.seq += 1
+        record = record.numbered(self.seq)
+        try:
+            self.files.append(record, time.time())
+        except OSError as exc:
+            self.counters["write_errors"] += 1
+            self._note(f"write error: {exc}")
+        self.ring.append(record)
+        self.counters["kept"] += 1
+        if self.forwarders:
+            line = format_5424(record, self.hostname)
+            for forwarder in self.forwarders:
+                forwarder.submit(line)
+        level = self.options.publish_level
+        if level is not None and record.severity <= level:
+            try:
+                ikos.ipc.publish(RECORD_TOPIC, record.to_json())
+            except ikos.IkosError:
+                self.counters["publish_errors"] += 1
+        return {"ok": True, "seq": record.seq}
+
+    def _note(self, what: str) -> None:
+        self._notes[what] = self._notes.get(what, 0) + 1
+
+    def _say(self, text: str) -> None:
+        print(f"log: {text}", file=sys.stderr, flush=True)
+
+    # -- messages ------------------------------------------------------------
+
+    def receive(self, message: Any) -> Any:
+        if message is _TICK:
+            self._tick()
+            return None
+        if isinstance(message, ikos.ipc.IpcMessage):  # a publication on log.submit
+            if isinstance(message.payload, dict):
+                return self._log_request(message.payload)
+            self.counters["refused_ipc"] += 1
+            return None
+        if not isinstance(message, dict):
+            self.counters["refused_ipc"] += 1
+            return _error(f"expected a request {{'op': ...}}, got {type(message).__name__}")
+        op = message.get("op")
+        try:
+            if op == "log":
+                return self._log_request(message)
+            if op == "syslog":
+                return self._syslog_request(message)
+            if op == "query":
+                return self._query(Query.from_request(message))
+            if op == "stats":
+                return self._stats()
+            if op == "rotate":
+                target = self.files.rotate()
+                if target is not None:
+                    self._publish_rotated(target)
+                return {"ok": True, "rotated": None if target is None else str(target)}
+        except LogInputError as exc:
+            self.counters["refused_ipc"] += 1
+            return _error(str(exc))
+        self.counters["refused_ipc"] += 1
+        return _error(f"unknown op {op!r} (log, syslog, query, stats, rotate)")
+
+    def _log_request(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        try:
+            record = self._record_from(request)
+        except LogInputError as exc:
+            self.counters["refused_ipc"] += 1
+            return _error(str(exc))
+        self.counters["received_ipc"] += 1
+        return self._accept(record)
+
+    def _record_from(self, request: Mapping[str, Any]) -> Record:
+        unknown = set(request) - _LOG_KEYS
+        if unknown:
+            raise LogInputError(
+                f"log: unknown key {sorted(unknown)[0]!r} (known: {sorted(_LOG_KEYS - {'op'})})"
+            )
+        msg = request.get("msg")
+        if not isinstance(msg, str):
+            raise LogInputError(f"log.msg: expected a string, got {type(msg).__name__}")
+        if len(msg) > self.options.max_message:
+            raise LogInputError(
+                f"log.msg: {len(msg)} characters, "
+                f"more than max_message ({self.options.max_message})"
+            )
+        strings = {}
+        for key, limit in (("program", 48), ("pid", 128), ("host", 255), ("msgid", 32)):
+            value = request.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and key == "pid":
+                value = str(value)
+            if value is not None and (not isinstance(value, str) or not 0 < len(value) <= limit):
+                raise LogInputError(
+                    f"log.{key}: expected a string of 1-{limit} characters, got {value!r}"
+                )
+            strings[key] = value
+        now = time.time()
+        when = request.get("time", now)
+        if not isinstance(when, int | float) or isinstance(when, bool):
+            raise LogInputError(f"log.time: expected seconds since the epoch, got {when!r}")
+        return Record(
+            time=float(when),
+            received=now,
+            facility=facility_name(request.get("facility", "user"), "log.facility"),
+            level=LEVELS[level_number(request.get("level", "info"), "log.level")],
+            msg=msg,
+            program=strings["program"],
+            pid=strings["pid"],
+            host=strings["host"],
+            msgid=strings["msgid"],
+            sd=_check_sd(request.get("sd", {})),
+            format="ipc",
+            source="ipc",
+        )
+
+    def _syslog_request(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        line = request.get("line")
+        if not isinstance(line, str):
+            raise LogInputError(f"syslog.line: expected a string, got {type(line).__name__}")
+        data = line.encode("utf-8", "replace")
+        if len(data) > self.options.max_datagram:
+            self.counters["oversized"] += 1
+            raise LogInputError(
+                f"syslog.line: {len(data)} bytes, "
+                f"more than max_datagram ({self.options.max_datagram})"
+            )
+        self.counters["received_ipc"] += 1
+        record = parse_datagram(data, time.time(), source="ipc")
+        reply = self._accept(record)
+        if record.error is not None:
+            reply["error"] = record.error  # kept as raw, and the sender is told why
+        return reply
+
+    def _query(self, query: Query) -> dict[str, Any]:
+        found: list[Record] = []
+        done = newest_matches(query, reversed(self.ring), found)
+        if not done and len(self.ring) == self.ring.maxlen:
+            # the ring may not hold everything: look further back in the files
+            done = newest_matches(query, self.files.newest_first(self.ring[0].seq), found)
+        found.reverse()
+        return {"ok": True, "records": [r.to_json() for r in found], "more": done}
+
+    def _stats(self) -> dict[str, Any]:
+        return {
+            "ok": True,
+            **self.counters,
+            "ring": len(self.ring),
+            "seq": self.seq,
+            "socket": str(self.socket_path),
+            "directory": str(self.directory),
+            "rotations": self.files.rotations,
+            "files": self.files.files(),
+            "forward": [f.stats() for f in self.forwarders],
+        }
+
+    # -- housekeeping ----------------------------------------------------------
+
+    def _tick(self) -> None:
+        now = time.time()
+        try:
+            if self.files.tick(now):
+                self._publish_rotated(self.files.rotated()[0])
+        except OSError as exc:
+            self._note(f"file error: {exc}")
+        if self._notes:
+            notes, self._notes = self._notes, {}
+            text = "; ".join(
+                f"{count} oversized datagram(s) dropped (largest {self._largest_oversized} bytes, "
+                f"limit {self.options.max_datagram})"
+                if what == "oversized"
+                else f"{count} malformed line(s) kept as raw"
+                if what == "malformed"
+                else f"{what} (x{count})"
+                for what, count in sorted(notes.items())
+            )
+            self._largest_oversized = 0
+            self._say(text)
+            self._accept(
+                Record(
+                    time=now,
+                    received=now,
+                    facility="syslog",
+                    level="warning",
+                    msg=text,
+                    program="log",
+                    pid=str(os.getpid()),
+                    source="log",
+                )
+            )
+
+    def _publish_rotated(self, target: Path) -> None:
+        try:
+            ikos.ipc.publish(ROTATED_TOPIC, {"file": str(target)})
+        except ikos.IkosError:
+            self.counters["publish_errors"] += 1
+
+
+def _check_sd(sd: Any) -> dict[str, dict[str, str]]:
+    if not isinstance(sd, dict) or not all(
+        isinstance(k, str) and isinstance(v, dict) and all(
+            isinstance(pk, str) and isinstance(pv, str) for pk, pv in v.items()
+        )
+        for k, v in sd.items()
+    ):  # fmt: skip
+        raise LogInputError("log.sd: expected {SD-ID: {PARAM: 'value'}} with strings only")
+    return {k: dict(v) for k, v in sd.items()}
+
+
+def _error(text: str) -> dict[str, Any]:
+    return {"ok": False, "error": text}
