@@ -27,6 +27,7 @@ from conftest import Instance, wait_for
 from hypothesis import given
 from hypothesis import strategies as st
 
+import ikos.ipc
 from examples.system import log
 from examples.system.log._store import RecordFiles
 from examples.system.log._syslog import octet_counted
@@ -101,7 +102,7 @@ def test_parse_the_formats_logger_writes(line: bytes, expect: dict[str, Any]) ->
         (b"<13>1 yesterday h a - - - x", "TIMESTAMP 'yesterday'"),
         (b"<13>1 2026-02-30T00:00:00Z h a - - - x", "not a real date"),
         (b'<13>1 - h a - - [x a="b"', "no closing ']'"),
-        (b'<13>1 - h a - - [x a="b" m', 'SD-PARAM in [x]'),
+        (b'<13>1 - h a - - [x a="b" m', "SD-PARAM in [x]"),
         (b'<13>1 - h a - - [x a="b] m', "no closing quote"),
         (b"<13>1 - h a - - junk m", "neither '-' nor"),
         (b"<13>Feb 31 01:00:00 h t: x", "not a real time"),
@@ -380,6 +381,8 @@ def test_logger1_both_formats_ipc_topic_filter_forward_and_query(
     assert sock_path(inst).is_socket()
     services = {s["name"]: s for s in json.loads(inst.ctl("--json", "services").stdout)}
     assert services["log"]["endpoint"] == f"unixgram://{sock_path(inst)}"
+    published: list[Any] = []
+    sub = ikos.ipc.subscribe("log.record", lambda m: published.append(m.payload), root=inst.root)
 
     run_logger(inst, "--rfc3164", "-t", "r3164", "-p", "daemon.warning", "three one six four")
     run_logger(inst, "--rfc5424", "-t", "r5424", "--msgid", "M7", "--sd-id", "ex@32473",
@@ -410,6 +413,10 @@ def test_logger1_both_formats_ipc_topic_filter_forward_and_query(
     assert "noisy" not in seen and "dbg" not in seen
     stats = call(inst, {"op": "stats"})
     assert stats["filtered"] == 2 and stats["malformed"] == 0
+    # records at least as severe as publish_level (warning) are published on log.record
+    wait_for(lambda: {p["program"] for p in published} == {"r3164", "r5424", "ipcprog"},
+             message="the publications")  # fmt: skip
+    ikos.ipc.unsubscribe(sub)
 
     # queries: by level, program glob, time range, limit
     assert {r["program"] for r in query(inst, level="err")} == {"r5424", "ipcprog"}
@@ -531,6 +538,18 @@ def test_bad_input_is_counted_and_memory_stays_bounded(
     reply = call(inst, {"op": "syslog", "line": "no pri"})
     assert reply["ok"] and "no <PRI>" in reply["error"]  # kept raw, and the sender told why
     assert inst.pid_of("log") == pid
+
+    # a query whose answer would not fit in a reply: the newest that fit, and "more"
+    big = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    for i in range(1000):
+        big.sendto(b"<13>1 - - big - - - %04d " % i + b"z" * 1000, str(sock_path(inst)))
+    big.close()
+    wait_for(lambda: query(inst, program="big", limit=1)[0]["msg"].startswith("0999"),
+             message="the big records")  # fmt: skip
+    reply = call(inst, {"op": "query", "program": "big", "limit": 1000})
+    assert reply["more"] and 500 < len(reply["records"]) < 1000  # past the ring: from the files
+    assert reply["records"][-1]["msg"].startswith("0999")
+    assert [r["seq"] for r in reply["records"]] == sorted(r["seq"] for r in reply["records"])
 
 
 def test_stop_removes_the_socket_and_a_stale_one_is_replaced(

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import socket
 import stat
@@ -58,6 +59,9 @@ SUBMIT_TOPIC = "log.submit"
 RECORD_TOPIC = "log.record"
 #: The topic the logger publishes a rotation on (``{"file": path}``).
 ROTATED_TOPIC = "log.rotated"
+
+#: The most JSON a query's reply holds (under ikosd's 1 MiB control line, for ikosctl call).
+REPLY_MAX_BYTES = 768 * 1024
 
 #: Seconds between the logger's housekeeping ticks (fsync, age rotation, drop notes).
 TICK = 1.0
@@ -142,7 +146,8 @@ class Logger(ikos.Actor):
       on the socket.
     - ``{"op": "query", "since", "until", "program", "level", "facility",
       "host", "grep", "limit"}``: ``{"ok": true, "records": [...], "more": bool}``,
-      the newest ``limit`` matches in time order.
+      the newest ``limit`` matches in time order (at most :data:`REPLY_MAX_BYTES`
+      of them; ``more`` says the limit or that bound cut the answer short).
     - ``{"op": "stats"}``, ``{"op": "rotate"}``.
     """
 
@@ -393,8 +398,16 @@ class Logger(ikos.Actor):
         if not done and len(self.ring) == self.ring.maxlen:
             # the ring may not hold everything: look further back in the files
             done = newest_matches(query, self.files.newest_first(self.ring[0].seq), found)
-        found.reverse()
-        return {"ok": True, "records": [r.to_json() for r in found], "more": done}
+        records, size = [], 0
+        for record in found:  # newest first: what the size bound leaves out is the oldest
+            item = record.to_json()
+            size += len(json.dumps(item, ensure_ascii=False))
+            if size > REPLY_MAX_BYTES:
+                done = True
+                break
+            records.append(item)
+        records.reverse()
+        return {"ok": True, "records": records, "more": done}
 
     def _stats(self) -> dict[str, Any]:
         return {

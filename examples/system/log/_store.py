@@ -8,7 +8,7 @@ is something unsynced (called from the daemon's tick), at each rotation and
 when the logger stops: a power loss costs at most about that interval.
 (Rejected: fsync per record, which caps a flood at the disk's sync rate.)
 
-Rotation renames ``current.jsonl`` to ``records-<UTC time>.jsonl`` (an
+Rotation renames ``current.jsonl`` to ``records-<UTC time>.<ns>Z.jsonl`` (an
 atomic ``rename``, then the directory is synced), opens a new one, and
 deletes the oldest rotated files beyond ``keep``. It happens before a write
 that would take the file past ``max_bytes``, and when the file's first
@@ -125,8 +125,9 @@ class RecordFiles:
         if not self._size:
             return None
         self.sync()
-        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-        target = self.directory / f"{ROTATED_PREFIX}{stamp}-{time.time_ns() % 10**9:09d}.jsonl"
+        ns = time.time_ns()  # one reading for both parts, so that names sort by time
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(ns // 10**9))
+        target = self.directory / f"{ROTATED_PREFIX}{stamp}.{ns % 10**9:09d}Z.jsonl"
         os.rename(self.current, target)
         os.close(self._fd)
         self._open_current()
