@@ -438,13 +438,14 @@ def test_logger1_both_formats_ipc_topic_filter_forward_and_query(
     # a collector that drops the connection: the logger reconnects and goes on
     collector.drop_connection.set()
     wait_for(lambda: not collector.drop_connection.is_set(), message="the drop")
+    tcp_forwarder = lambda: call(inst, {"op": "stats"})["forward"][1]  # noqa: E731
+    wait_for(lambda: tcp_forwarder()["connects"] >= 2, timeout=40, message="a reconnect")
+    assert collector.tcp_connections >= 2 and "closed" in tcp_forwarder()["last_error"]
     before = len(collector.tcp_lines)
     for i in range(3):
-        log.send(f"after the drop {i}", root=inst.root, wait=True)
-        time.sleep(0.3)  # lets the logger see the peer's FIN between lines
-    wait_for(lambda: any(b"after the drop 2" in x for x in collector.tcp_lines[before:]),
-             timeout=40, message="lines after a reconnect")  # fmt: skip
-    assert collector.tcp_connections >= 2
+        log.send(f"after the drop {i}", root=inst.root)
+    wait_for(lambda: sum(b"after the drop" in x for x in collector.tcp_lines[before:]) == 3,
+             message="every line after the reconnect")  # fmt: skip
 
 
 @needs_logger
