@@ -410,6 +410,11 @@ def test_logger1_both_formats_ipc_topic_filter_forward_and_query(
     assert r5424["sd"]["ex@32473"] == {"k": "v w"}
     assert local["format"] == "rfc3164" and local["host"] is None and local["pid"].isdigit()
     assert seen["ipcprog"]["format"] == "ipc" and seen["topicprog"]["msg"] == "on the topic"
+    # who sent a datagram, as the kernel saw it: logger(1) run by this test's user
+    assert r3164["cred"]["uid"] == os.getuid() and r3164["cred"]["gid"] == os.getgid()
+    assert r3164["cred"]["pid"] not in (0, os.getpid()) and seen["ipcprog"]["cred"] is None
+    assert local["pid"] == str(local["cred"]["pid"])  # logger -i: the pid it claims is its own
+    assert {r["program"] for r in query(inst, uid=os.getuid())} == {"r3164", "r5424", "local-fmt"}
     assert "noisy" not in seen and "dbg" not in seen
     stats = call(inst, {"op": "stats"})
     assert stats["filtered"] == 2 and stats["malformed"] == 0

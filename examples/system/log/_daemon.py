@@ -30,6 +30,7 @@ import json
 import os
 import socket
 import stat
+import struct
 import sys
 import time
 from collections import deque
@@ -45,6 +46,7 @@ from examples.system.log._rules import Filter, Query, check_names, newest_matche
 from examples.system.log._store import RecordFiles
 from examples.system.log._syslog import (
     LEVELS,
+    Cred,
     LogInputError,
     Record,
     facility_name,
@@ -214,6 +216,9 @@ class Logger(ikos.Actor):
             path.unlink()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         try:
+            # the kernel then tells who sent each datagram (SCM_CREDENTIALS), as journald
+            # records it: a line may claim any program and pid, its cred cannot lie
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
             sock.bind(str(path))
             os.chmod(path, 0o666)  # as /dev/log: any local program may log
             sock.setblocking(False)
@@ -241,7 +246,7 @@ class Logger(ikos.Actor):
         view = memoryview(self._buffer)
         for _ in range(256):
             try:
-                n = self.sock.recv_into(view, 0, socket.MSG_TRUNC)
+                n, ancillary, _, _ = self.sock.recvmsg_into([view], _CRED_SPACE, socket.MSG_TRUNC)
             except (BlockingIOError, InterruptedError):
                 return
             self.counters["received_syslog"] += 1
@@ -250,7 +255,7 @@ class Logger(ikos.Actor):
                 self._largest_oversized = max(self._largest_oversized, n)
                 self._note("oversized")
                 continue
-            self._accept(parse_datagram(bytes(view[:n]), time.time()))
+            self._accept(parse_datagram(bytes(view[:n]), time.time(), cred=_cred(ancillary)))
 
     def _accept(self, record: Record) -> dict[str, Any]:
         """Filter, number, write, remember, forward and publish one record."""
@@ -462,6 +467,17 @@ class Logger(ikos.Actor):
             ikos.ipc.publish(ROTATED_TOPIC, {"file": str(target)})
         except ikos.IkosError:
             self.counters["publish_errors"] += 1
+
+
+_UCRED = struct.Struct("iII")  # struct ucred: pid_t pid, uid_t uid, gid_t gid
+_CRED_SPACE = socket.CMSG_SPACE(_UCRED.size)
+
+
+def _cred(ancillary: list[tuple[int, int, bytes]]) -> Cred | None:
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and len(data) >= 12:
+            return Cred(*_UCRED.unpack_from(data))
+    return None
 
 
 def _check_sd(sd: Any) -> dict[str, dict[str, str]]:

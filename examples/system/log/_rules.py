@@ -37,7 +37,7 @@ QUERY_LIMIT_DEFAULT = 100
 
 _RULE_KEYS = frozenset({"program", "facility", "min_level", "drop"})
 _QUERY_KEYS = frozenset(
-    {"op", "since", "until", "program", "level", "facility", "host", "grep", "limit"}
+    {"op", "since", "until", "program", "level", "facility", "host", "uid", "grep", "limit"}
 )
 
 
@@ -150,7 +150,8 @@ class Query:
 
     ``since``/``until`` bound ``time`` (inclusive), ``level`` is the least
     severe level returned, ``program`` a glob, ``grep`` a substring of the
-    message; ``limit`` the most records returned (the newest that match).
+    message, ``uid`` the sender's user as the kernel saw it (syslog datagrams
+    only); ``limit`` the most records returned (the newest that match).
     """
 
     since: float | None = None
@@ -159,6 +160,7 @@ class Query:
     level: int = len(LEVELS) - 1
     facilities: frozenset[str] | None = None
     host: str | None = None
+    uid: int | None = None
     grep: str | None = None
     limit: int = QUERY_LIMIT_DEFAULT
 
@@ -183,6 +185,9 @@ class Query:
         for key, value in (("host", host), ("grep", grep)):
             if value is not None and not isinstance(value, str):
                 raise LogInputError(f"query.{key}: expected a string, got {value!r}")
+        uid = request.get("uid")
+        if uid is not None and (not isinstance(uid, int) or isinstance(uid, bool) or uid < 0):
+            raise LogInputError(f"query.uid: expected a user id (an integer >= 0), got {uid!r}")
         g = request.get
         return cls(
             since=_when(g("since"), "query.since") if g("since") is not None else None,
@@ -193,6 +198,7 @@ class Query:
             if g("facility") is not None
             else None,
             host=host,
+            uid=uid,
             grep=grep,
             limit=limit,
         )
@@ -206,6 +212,7 @@ class Query:
             and (self.program is None or self.program.fullmatch(record.program or "") is not None)
             and (self.facilities is None or record.facility in self.facilities)
             and (self.host is None or record.host == self.host)
+            and (self.uid is None or (record.cred is not None and record.cred.uid == self.uid))
             and (self.grep is None or self.grep in record.msg)
         )
 

@@ -23,7 +23,7 @@ import re
 import time
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 #: Severity names by number (RFC 5424 table 2), as syslog.conf spells them.
 LEVELS: tuple[str, ...] = ("emerg", "alert", "crit", "err", "warning", "notice", "info", "debug")
@@ -57,6 +57,14 @@ _SD_NAME = re.compile(r"[!#-~]{1,32}")  # printable ASCII but space, '=', ']', '
 _SD_NAME_BAD = set('= ]"')
 
 
+class Cred(NamedTuple):
+    """A datagram's sender as the kernel saw it (``SCM_CREDENTIALS``)."""
+
+    pid: int
+    uid: int
+    gid: int
+
+
 class LogInputError(ValueError):
     """A request, a rule or an option is not what the logger expects; the message says where."""
 
@@ -70,6 +78,8 @@ class Record:
     ``seq`` its place in this logger's files (increasing across restarts).
     ``format`` is ``rfc5424``, ``rfc3164``, ``ipc`` or ``raw`` (unparsed; then
     ``error`` says why). ``sd`` is RFC 5424 structured data: ``{id: {param: value}}``.
+    ``cred`` is the sending process of a datagram as the kernel vouches for it
+    (``pid``, ``uid``, ``gid``), whatever the line claims; None for IPC records.
     """
 
     time: float
@@ -85,6 +95,7 @@ class Record:
     format: str = "ipc"
     source: str = "ipc"
     error: str | None = None
+    cred: Cred | None = None
     seq: int = 0
 
     def to_json(self) -> dict[str, Any]:
@@ -103,6 +114,7 @@ class Record:
             "msg": self.msg,
             "format": self.format,
             "source": self.source,
+            "cred": None if self.cred is None else self.cred._asdict(),
         }
         if self.error is not None:
             data["error"] = self.error
@@ -128,6 +140,7 @@ class Record:
                 format=str(data.get("format", "raw")),
                 source=str(data.get("source", "")),
                 error=_opt_str(data.get("error")),
+                cred=Cred(**cred) if isinstance(cred := data.get("cred"), dict) else None,
                 seq=int(data.get("seq", 0)),
             )
         except (KeyError, TypeError, ValueError) as exc:
@@ -175,12 +188,15 @@ def facility_name(value: Any, where: str) -> str:
 # -- parsing -------------------------------------------------------------------
 
 
-def parse_datagram(data: bytes, received: float, source: str = "syslog") -> Record:
+def parse_datagram(
+    data: bytes, received: float, source: str = "syslog", cred: Cred | None = None
+) -> Record:
     """One syslog line (RFC 5424, RFC 3164, or neither: a ``raw`` record with ``error``).
 
     Never raises. Trailing newlines and NULs are dropped (``logger`` on a
     stream socket and some C libraries add them); bytes that are not UTF-8
-    are replaced and said so.
+    are replaced and said so. ``cred`` is the sender as the kernel saw it
+    (``SCM_CREDENTIALS``), kept beside what the line claims.
 
     Example::
 
@@ -190,32 +206,30 @@ def parse_datagram(data: bytes, received: float, source: str = "syslog") -> Reco
     """
     text = data.rstrip(b"\n\r\0").decode("utf-8", "replace")
     note = "not UTF-8 (bad bytes replaced by U+FFFD); " if "\ufffd" in text else ""
+    record = _parse_line(text, received)
+    error = note + (record.error or "") if note or record.error is not None else None
+    return replace(record, source=source, cred=cred, error=error)
+
+
+def _parse_line(text: str, received: float) -> Record:
     m = _PRI.match(text)
     if m is None:
-        return _raw(text, received, source, f"{note}no <PRI> at the start (kept as user.notice)")
+        return _raw(text, received, "no <PRI> at the start (kept as user.notice)")
     pri = int(m.group(1))
     if pri > 191 or (len(m.group(1)) > 1 and m.group(1)[0] == "0"):
-        return _raw(text, received, source, f"{note}PRI <{m.group(1)}> is not a number 0-191")
+        return _raw(text, received, f"PRI <{m.group(1)}> is not a number 0-191")
     facility, level = FACILITIES[pri >> 3], LEVELS[pri & 7]
     rest = text[m.end() :]
     try:
         if rest.startswith("1 "):
-            record = _parse_5424(rest[2:], received, facility, level)
-        else:
-            record = _parse_3164(rest, received, facility, level)
+            return _parse_5424(rest[2:], received, facility, level)
+        return _parse_3164(rest, received, facility, level)
     except LogInputError as exc:
-        record = _raw(text, received, source, str(exc), facility, level)
-    record = replace(record, source=source)
-    return replace(record, error=note + (record.error or "")) if note else record
+        return _raw(text, received, str(exc), facility, level)
 
 
 def _raw(
-    text: str,
-    received: float,
-    source: str,
-    error: str,
-    facility: str = "user",
-    level: str = "notice",
+    text: str, received: float, error: str, facility: str = "user", level: str = "notice"
 ) -> Record:
     return Record(
         time=received,
@@ -224,7 +238,6 @@ def _raw(
         level=level,
         msg=text,
         format="raw",
-        source=source,
         error=error,
     )
 
