@@ -249,6 +249,9 @@ class Logger(ikos.Actor):
                 n, ancillary, _, _ = self.sock.recvmsg_into([view], _CRED_SPACE, socket.MSG_TRUNC)
             except (BlockingIOError, InterruptedError):
                 return
+            except OSError as exc:  # not expected of a bound datagram socket; said, not fatal
+                self._note(f"receive error: {exc}")
+                return
             self.counters["received_syslog"] += 1
             if n > len(view):  # MSG_TRUNC: n is the datagram's real length
                 self.counters["oversized"] += 1
@@ -324,6 +327,8 @@ class Logger(ikos.Actor):
         except LogInputError as exc:
             self.counters["refused_ipc"] += 1
             return _error(str(exc))
+        except OSError as exc:  # the files (a full disk, a directory removed): said, not fatal
+            return _error(f"{op}: {type(exc).__name__}: {exc}")
         self.counters["refused_ipc"] += 1
         return _error(f"unknown op {op!r} (log, syslog, query, stats, rotate)")
 
@@ -423,6 +428,7 @@ class Logger(ikos.Actor):
             "socket": str(self.socket_path),
             "directory": str(self.directory),
             "rotations": self.files.rotations,
+            "reopens": self.files.reopens,
             "files": self.files.files(),
             "forward": [f.stats() for f in self.forwarders],
         }

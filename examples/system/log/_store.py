@@ -14,7 +14,9 @@ deletes the oldest rotated files beyond ``keep``. It happens before a write
 that would take the file past ``max_bytes``, and when the file's first
 record is ``max_age`` seconds old (checked on each write and each tick).
 A line cut short by a crash is closed with a newline at the next start, and
-lines that do not read back as records are skipped and counted.
+lines that do not read back as records are skipped and counted. A current
+file moved away or deleted by hand is noticed at the next tick, and a new
+one opened (as a daemon does on SIGHUP after logrotate).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ class RecordFiles:
         self.rotations = 0
         self.unreadable_lines = 0
         self.write_errors = 0
+        self.reopens = 0
         directory.mkdir(parents=True, exist_ok=True, mode=0o750)
         self._fd = -1
         self._size = 0
@@ -104,7 +107,13 @@ class RecordFiles:
         return self.max_age is not None and now - self._opened_at >= self.max_age
 
     def tick(self, now: float) -> bool:
-        """Periodic work: rotate a file too old, fsync if due. True if it rotated."""
+        """Periodic work: rotate a file too old, fsync if due. True if it rotated.
+
+        First, if ``current.jsonl`` is no longer the file being written (moved
+        away or deleted by hand, the directory with it), a new one is opened,
+        so that records do not go on into a file nobody can find.
+        """
+        self._reopen_if_gone()
         rotated = False
         if self._size and self._too_old(now):
             self.rotate()
@@ -112,6 +121,17 @@ class RecordFiles:
         if self._dirty and time.monotonic() - self._last_sync >= self.fsync_interval:
             self.sync()
         return rotated
+
+    def _reopen_if_gone(self) -> None:
+        try:
+            same = self._fd >= 0 and os.stat(self.current).st_ino == os.fstat(self._fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:
+            self.reopens += 1
+            self._close_fd()
+            self.directory.mkdir(parents=True, exist_ok=True, mode=0o750)
+            self._open_current()
 
     def sync(self) -> None:
         """fsync the current file if anything was written since the last one."""
@@ -129,7 +149,7 @@ class RecordFiles:
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(ns // 10**9))
         target = self.directory / f"{ROTATED_PREFIX}{stamp}.{ns % 10**9:09d}Z.jsonl"
         os.rename(self.current, target)
-        os.close(self._fd)
+        self._close_fd()
         self._open_current()
         _sync_dir(self.directory)
         self.rotations += 1
@@ -178,8 +198,14 @@ class RecordFiles:
             try:
                 self.sync()
             finally:
-                os.close(self._fd)
-                self._fd = -1
+                self._close_fd()
+
+    def _close_fd(self) -> None:
+        # -1 at once: a write after a failed reopen must fail (EBADF), never reach
+        # whatever file the number is given to next
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
 
 
 def _sync_dir(directory: Path) -> None:
