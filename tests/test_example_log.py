@@ -191,6 +191,8 @@ def test_bad_rules_name_the_rule_and_key(rules: Any, where: str) -> None:
         ("forward", "udp://x:1"),
         ("min_level", "verbose"),
         ("max_datagram", 10),
+        ("socket_path", "relative/log.sock"),
+        ("directory", 3),
     ],
 )
 def test_bad_options_fail_child_naming_them(option: str, value: Any) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import ikos
@@ -63,9 +64,7 @@ __all__ = [
 TIMEOUT = 10.0
 
 
-def child(
-    name: str = "log", *, requires: tuple[str, ...] = ("auth",), **options: Any
-) -> ikos.Child:
+def child(name: str = "log", *, requires: Sequence[str] = ("auth",), **options: Any) -> ikos.Child:
     """The logger as a child of a supervision tree, its options checked now.
 
     ``options`` are :class:`Options`'s (all keywords, all optional):

@@ -101,8 +101,8 @@ class Options:
         forward_queue: int = 10_000,
         publish_level: str | int | None = "warning",
     ) -> None:
-        self.socket_path = Path(socket_path) if socket_path is not None else None
-        self.directory = Path(directory) if directory is not None else None
+        self.socket_path = _absolute(socket_path, "socket_path")
+        self.directory = _absolute(directory, "directory")
         self.filter = Filter.from_options(min_level, rules)
         self.max_file_bytes = _int(max_file_bytes, "max_file_bytes", 256)
         self.max_file_age = (
@@ -120,6 +120,15 @@ class Options:
         self.publish_level = (
             None if publish_level is None else level_number(publish_level, "publish_level")
         )
+
+
+def _absolute(value: str | os.PathLike[str] | None, name: str) -> Path | None:
+    # relative to what? the actor's working directory is not the user's
+    if value is None:
+        return None
+    if not isinstance(value, str | os.PathLike) or not Path(value).is_absolute():
+        raise LogInputError(f"{name}: expected an absolute path, got {value!r}")
+    return Path(value)
 
 
 def _int(value: Any, name: str, least: int) -> int:
