@@ -273,8 +273,11 @@ import ikos
 from examples.system import log
 
 class Auth(ikos.Actor):  # stands in for the auth example: the logger requires "auth"
-    def receive(self, message):
-        return message
+    def receive(self, message):  # the auth daemon's "check", with one good token
+        if isinstance(message, dict) and message.get("op") == "check":
+            good = message["token"] == "good-token" and message["permission"] == "log.read"
+            return {"ok": True, "allowed": good, "user": "alice", "reason": "bad token"}
+        return {"ok": False, "error": "not the auth daemon"}
 
 tree = ikos.Supervisor("root", children=[
     ikos.Child("auth", Auth),
@@ -602,3 +605,21 @@ def test_stop_removes_the_socket_and_a_stale_one_is_replaced(
     os.kill(inst.pid, signal.SIGTERM)
     assert inst.proc.wait(timeout=60) == 0
     assert not path.exists()
+
+
+def test_queries_need_a_token_the_auth_daemon_accepts(
+    ikosd_factory: Callable[..., Instance],
+) -> None:
+    inst = start_logger(ikosd_factory, query_permission="log.read")
+    assert log.send("open to all", program="anyone", root=inst.root, wait=True)["ok"]
+    for request, says in (
+        ({}, "a 'token' holding 'log.read' is needed"),
+        ({"token": "stolen"}, "not allowed by 'auth': bad token"),
+    ):
+        reply = call(inst, {"op": "query", "program": "anyone", **request})
+        assert reply["ok"] is False and says in reply["error"], reply
+    records = query(inst, program="anyone", token="good-token")
+    assert [r["msg"] for r in records] == ["open to all"]
+    assert call(inst, {"op": "stats"})["denied"] == 2
+    with pytest.raises(log.LogInputError, match="not allowed"):
+        log.query(root=inst.root, program="anyone", token="stolen")

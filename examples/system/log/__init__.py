@@ -71,7 +71,8 @@ def child(name: str = "log", *, requires: Sequence[str] = ("auth",), **options: 
     ``socket_path``, ``directory``, ``min_level``, ``rules``,
     ``max_file_bytes``, ``max_file_age``, ``keep_files``, ``fsync_interval``,
     ``ring_size``, ``max_datagram``, ``max_message``, ``forward``,
-    ``forward_queue``, ``publish_level``. A bad one raises
+    ``forward_queue``, ``publish_level``, ``query_permission``,
+    ``auth_service`` (docs/examples.md says what each does). A bad one raises
     :class:`LogInputError` naming it, before any process starts.
 
     Example::
@@ -134,7 +135,8 @@ def query(
     *, name: str = "log", root: str | os.PathLike[str] | None = None, **conditions: Any
 ) -> list[dict[str, Any]]:
     """The records matching ``conditions`` (``since``, ``until``, ``program``, ``level``,
-    ``facility``, ``host``, ``grep``, ``limit``), oldest first.
+    ``facility``, ``host``, ``uid``, ``grep``, ``limit``; ``token`` when the logger
+    has a ``query_permission``), oldest first.
 
     Raises :class:`LogInputError` with the logger's message for a bad condition.
     """

@@ -65,6 +65,9 @@ ROTATED_TOPIC = "log.rotated"
 #: The most JSON a query's reply holds (under ikosd's 1 MiB control line, for ikosctl call).
 REPLY_MAX_BYTES = 768 * 1024
 
+#: Seconds a query waits for the auth daemon's answer about its token.
+AUTH_TIMEOUT = 5.0
+
 #: Seconds between the logger's housekeeping ticks (fsync, age rotation, drop notes).
 TICK = 1.0
 
@@ -100,6 +103,8 @@ class Options:
         forward: Sequence[str] = (),
         forward_queue: int = 10_000,
         publish_level: str | int | None = "warning",
+        query_permission: str | None = None,
+        auth_service: str = "auth",
     ) -> None:
         self.socket_path = _absolute(socket_path, "socket_path")
         self.directory = _absolute(directory, "directory")
@@ -120,6 +125,11 @@ class Options:
         self.publish_level = (
             None if publish_level is None else level_number(publish_level, "publish_level")
         )
+        for name, value in (("query_permission", query_permission), ("auth_service", auth_service)):
+            if value is not None and (not isinstance(value, str) or not value):
+                raise LogInputError(f"{name}: expected a non-empty string, got {value!r}")
+        self.query_permission = query_permission
+        self.auth_service = auth_service
 
 
 def _absolute(value: str | os.PathLike[str] | None, name: str) -> Path | None:
@@ -156,7 +166,8 @@ class Logger(ikos.Actor):
     - ``{"op": "syslog", "line": "<13>..."}``: one syslog line, as if it came
       on the socket.
     - ``{"op": "query", "since", "until", "program", "level", "facility",
-      "host", "grep", "limit"}``: ``{"ok": true, "records": [...], "more": bool}``,
+      "host", "uid", "grep", "limit"}`` (and ``"token"`` with a ``query_permission``,
+      checked by the auth daemon): ``{"ok": true, "records": [...], "more": bool}``,
       the newest ``limit`` matches in time order (at most :data:`REPLY_MAX_BYTES`
       of them; ``more`` says the limit or that bound cut the answer short).
     - ``{"op": "stats"}``, ``{"op": "rotate"}``.
@@ -176,7 +187,7 @@ class Logger(ikos.Actor):
         self.directory = opts.directory or paths.log_dir / "syslog"
         self.counters: dict[str, int] = dict.fromkeys(
             ("received_syslog", "received_ipc", "kept", "filtered", "malformed", "oversized",
-             "refused_ipc", "write_errors", "publish_errors"), 0,
+             "refused_ipc", "denied", "write_errors", "publish_errors"), 0,
         )  # fmt: skip
         self._notes: dict[str, int] = {}
         self._largest_oversized = 0
@@ -325,7 +336,11 @@ class Logger(ikos.Actor):
             if op == "syslog":
                 return self._syslog_request(message)
             if op == "query":
-                return self._query(Query.from_request(message))
+                token = message.get("token")
+                query = Query.from_request({k: v for k, v in message.items() if k != "token"})
+                if self.options.query_permission is None:
+                    return self._query(query)
+                return self._authorized_query(query, token)  # a coroutine: the runtime awaits it
             if op == "stats":
                 return self._stats()
             if op == "rotate":
@@ -427,6 +442,29 @@ class Logger(ikos.Actor):
             records.append(item)
         records.reverse()
         return {"ok": True, "records": records, "more": done}
+
+    async def _authorized_query(self, query: Query, token: Any) -> dict[str, Any]:
+        """``query`` if the auth daemon says ``token`` holds ``query_permission``.
+
+        Denied by default: no token, a refusal, an auth daemon that is down or
+        slow (5 s) all answer an error saying why, and nothing is read.
+        """
+        permission, service = self.options.query_permission, self.options.auth_service
+        if not isinstance(token, str) or not token:
+            self.counters["denied"] += 1
+            return _error(f"query: a 'token' holding {permission!r} is needed (from {service})")
+        try:
+            reply = await self.actor(service).ask_async(
+                {"op": "check", "token": token, "permission": permission}, timeout=AUTH_TIMEOUT
+            )
+        except ikos.IkosError as exc:
+            self.counters["denied"] += 1
+            return _error(f"query: the {service!r} service could not check the token: {exc}")
+        if not isinstance(reply, dict) or reply.get("allowed") is not True:
+            self.counters["denied"] += 1
+            why = reply.get("reason") or reply.get("error") if isinstance(reply, dict) else reply
+            return _error(f"query: not allowed by {service!r}: {why}")
+        return self._query(query)
 
     def _stats(self) -> dict[str, Any]:
         return {
