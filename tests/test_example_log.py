@@ -15,6 +15,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,7 +24,7 @@ from typing import Any
 
 import psutil
 import pytest
-from conftest import Instance, wait_for
+from conftest import REPO, Instance, wait_for
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -208,6 +209,8 @@ def test_query_conditions() -> None:
     assert not q.matches(log.Record(15.0, 0.0, "user", "info", "m", program="sshd"))
     assert not q.matches(log.Record(25.0, 0.0, "user", "err", "m", program="sshd"))
     assert not q.matches(log.Record(15.0, 0.0, "user", "err", "m", program="cron"))
+    ages = log.Query.from_request({"since": "-10m", "until": "-1.5h"}, now=10_000.0)
+    assert (ages.since, ages.until) == (9400.0, 4600.0)
     for bad, key in (({"limit": 0}, "query.limit"), ({"since": "soon"}, "query.since"),
                      ({"colour": 1}, "unknown key 'colour'")):  # fmt: skip
         with pytest.raises(log.LogInputError, match=key):
@@ -452,6 +455,21 @@ def test_logger1_both_formats_ipc_topic_filter_forward_and_query(
     assert len(query(inst, limit=2)) == 2
     bad = inst.ctl("--json", "call", "log", '{"op": "query", "level": "loud"}', check=True)
     assert "query.level" in json.loads(bad.stdout)["error"]
+
+    # the logger's own small verb: lines for people
+    def verb(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "examples.system.log", "--root", str(inst.root), *args],
+            capture_output=True, text=True, timeout=60, cwd=REPO,
+        )  # fmt: skip
+
+    sent = verb("send", "-l", "err", "-t", "verb", "from", "the", "verb")
+    assert sent.returncode == 0, sent.stderr
+    shown = verb("query", "--since", "1h", "-l", "err", "-p", "verb")
+    assert shown.returncode == 0 and shown.stdout.count("\n") == 1, shown
+    assert shown.stdout.rstrip().endswith("verb user.err: from the verb")
+    refused = verb("query", "--level", "loud")
+    assert refused.returncode == 1 and "query.level" in refused.stderr
 
     # forwarded in RFC 5424, over UDP and over TCP with octet counting
     for lines in (collector.udp_lines, collector.tcp_lines):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -129,9 +130,15 @@ class Filter:
         return record.severity <= self.min_level
 
 
-def _when(value: Any, where: str) -> float:
+_RELATIVE = re.compile(r"-(\d+(?:\.\d+)?)([smhd])")
+_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _when(value: Any, where: str, now: float) -> float:
     if isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
+    if isinstance(value, str) and (rel := _RELATIVE.fullmatch(value.strip())):
+        return now - float(rel.group(1)) * _UNIT[rel.group(2)]
     if isinstance(value, str):
         try:
             stamp = datetime.fromisoformat(value)
@@ -140,7 +147,8 @@ def _when(value: Any, where: str) -> float:
         else:
             return stamp.timestamp()  # naive: local time, as date(1) prints it
     raise LogInputError(
-        f"{where}: expected seconds since the epoch or an ISO 8601 time, got {value!r}"
+        f"{where}: expected seconds since the epoch, an ISO 8601 time "
+        f"or an age such as -10m (s, m, h, d), got {value!r}"
     )
 
 
@@ -165,8 +173,12 @@ class Query:
     limit: int = QUERY_LIMIT_DEFAULT
 
     @classmethod
-    def from_request(cls, request: Mapping[str, Any]) -> Query:
-        """Check a ``{"op": "query", ...}`` request; :class:`LogInputError` names the bad key."""
+    def from_request(cls, request: Mapping[str, Any], now: float | None = None) -> Query:
+        """Check a ``{"op": "query", ...}`` request; :class:`LogInputError` names the bad key.
+
+        ``since`` and ``until`` may be ages (``"-10m"``: ten minutes before ``now``).
+        """
+        now = time.time() if now is None else now
         unknown = set(request) - _QUERY_KEYS
         if unknown:
             raise LogInputError(
@@ -190,8 +202,8 @@ class Query:
             raise LogInputError(f"query.uid: expected a user id (an integer >= 0), got {uid!r}")
         g = request.get
         return cls(
-            since=_when(g("since"), "query.since") if g("since") is not None else None,
-            until=_when(g("until"), "query.until") if g("until") is not None else None,
+            since=_when(g("since"), "query.since", now) if g("since") is not None else None,
+            until=_when(g("until"), "query.until", now) if g("until") is not None else None,
             program=_glob(g("program"), "query.program") if g("program") is not None else None,
             level=level_number(g("level"), "query.level") if g("level") is not None else 7,
             facilities=_facilities(g("facility"), "query.facility")
