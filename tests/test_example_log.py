@@ -269,6 +269,29 @@ def test_files_reopen_when_moved_away_or_deleted(tmp_path: Path) -> None:
     files.close()
 
 
+def test_socket_is_replaced_atomically_but_never_a_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "log.sock"
+    path.write_text("not a socket")
+    with pytest.raises(log.LogInputError, match="exists and is not a socket"):
+        log.Logger()._bind(path)
+    assert path.read_text() == "not a socket"
+    path.unlink()
+    old = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    old.bind(str(path))  # a live reader: another logger given the same path
+    new = log.Logger()._bind(path)
+    try:
+        assert "took over" in capsys.readouterr().err
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
+            sender.sendto(b"<13>hi", str(path))
+        assert new.recv(100) == b"<13>hi"
+        assert [p.name for p in tmp_path.iterdir()] == ["log.sock"]  # no staging name left
+    finally:
+        old.close()
+        new.close()
+
+
 # -- the real daemon ------------------------------------------------------------------------
 
 TREE = """

@@ -215,7 +215,7 @@ class Logger(ikos.Actor):
         self.send_interval(TICK, _TICK)
         self.subscribe(SUBMIT_TOPIC)
         ikos.registry.register(
-            "log",
+            self.name,
             description="log collector: ikos IPC and syslog (RFC 3164/5424) in, files, forwarding",
             type="syslog",
             endpoint=f"unixgram://{self.socket_path}",
@@ -228,23 +228,37 @@ class Logger(ikos.Actor):
         )
 
     def _bind(self, path: Path) -> socket.socket:
-        """A datagram socket at ``path``, replacing a stale one (a previous incarnation's)."""
+        """A datagram socket at ``path``, put there by an atomic rename.
+
+        Bound at a temporary name first, then renamed over ``path``, so that a
+        sender never finds the path missing: a socket left by a killed
+        incarnation is replaced, and so is a live one (said in the log: another
+        logger was given the same path). A path that is not a socket (a file, the
+        ``/dev/log`` symlink of systemd-journald) is left alone: an error.
+        """
         path.parent.mkdir(parents=True, exist_ok=True)
+        live = False
         with contextlib.suppress(FileNotFoundError):
             if not stat.S_ISSOCK(path.lstat().st_mode):
                 raise LogInputError(f"socket_path: {path} exists and is not a socket")
-            path.unlink()
+            live = _in_use(path)
+        staging = path.with_name(f".{path.name}.{os.getpid()}")
+        staging.unlink(missing_ok=True)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         try:
             # the kernel then tells who sent each datagram (SCM_CREDENTIALS), as journald
             # records it: a line may claim any program and pid, its cred cannot lie
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-            sock.bind(str(path))
-            os.chmod(path, 0o666)  # as /dev/log: any local program may log
+            sock.bind(str(staging))
+            os.chmod(staging, 0o666)  # as /dev/log: any local program may log
             sock.setblocking(False)
+            os.rename(staging, path)
         except BaseException:
             sock.close()
+            staging.unlink(missing_ok=True)
             raise
+        if live:
+            self._say(f"took over {path} from a running process (another logger given this path?)")
         self._socket_inode = path.stat().st_ino
         return sock
 
@@ -531,6 +545,18 @@ def _cred(ancillary: list[tuple[int, int, bytes]]) -> Cred | None:
         if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and len(data) >= 12:
             return Cred(*_UCRED.unpack_from(data))
     return None
+
+
+def _in_use(path: Path) -> bool:
+    """Whether a process still reads the datagram socket at ``path``."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    try:
+        probe.connect(str(path))
+    except OSError:  # ECONNREFUSED: nobody bound to it any more
+        return False
+    finally:
+        probe.close()
+    return True
 
 
 def _check_sd(sd: Any) -> dict[str, dict[str, str]]:
