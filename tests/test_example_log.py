@@ -9,6 +9,7 @@ so that these tests do not depend on the auth example.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -440,12 +441,20 @@ def test_logger1_both_formats_ipc_topic_filter_forward_and_query(
     run_logger(inst, "-t", "dbg", "-p", "user.debug", "below min_level")
     assert log.send("over ipc", level="err", program="ipcprog", root=inst.root, wait=True)["ok"]
     log.send("told over ipc", program="ipcprog", root=inst.root)
+    handler_name = "test_example_log.handler"
+    pylog = logging.getLogger(handler_name)
+    handler = log.LogHandler(root=inst.root)
+    pylog.addHandler(handler)
+    try:
+        pylog.error("from Python's logging: %d", 42)
+    finally:
+        pylog.removeHandler(handler)
     inst.ctl("publish", "log.submit", '{"msg": "on the topic", "program": "topicprog"}', check=True)
 
     def by_program() -> dict[str, dict[str, Any]]:
         return {r["program"]: r for r in query(inst, limit=50)}
 
-    want = {"r3164", "r5424", "local-fmt", "ipcprog", "topicprog"}
+    want = {"r3164", "r5424", "local-fmt", "ipcprog", "topicprog", handler_name}
     seen = wait_for(lambda: want <= set(p := by_program()) and p, message="every record")
     r3164, r5424, local = seen["r3164"], seen["r5424"], seen["local-fmt"]
     assert (r3164["format"], r3164["facility"], r3164["level"], r3164["msg"]) == (
@@ -458,6 +467,11 @@ def test_logger1_both_formats_ipc_topic_filter_forward_and_query(
     assert r5424["sd"]["ex@32473"] == {"k": "v w"}
     assert local["format"] == "rfc3164" and local["host"] is None and local["pid"].isdigit()
     assert seen["ipcprog"]["format"] == "ipc" and seen["topicprog"]["msg"] == "on the topic"
+    from_logging = seen[handler_name]
+    assert (from_logging["msg"], from_logging["level"], from_logging["facility"]) == (
+        "from Python's logging: 42", "err", "daemon",
+    )  # fmt: skip
+    assert from_logging["pid"] == str(os.getpid())
     # who sent a datagram, as the kernel saw it: logger(1) run by this test's user
     assert r3164["cred"]["uid"] == os.getuid() and r3164["cred"]["gid"] == os.getgid()
     assert r3164["cred"]["pid"] not in (0, os.getpid()) and seen["ipcprog"]["cred"] is None
@@ -467,12 +481,12 @@ def test_logger1_both_formats_ipc_topic_filter_forward_and_query(
     stats = call(inst, {"op": "stats"})
     assert stats["filtered"] == 2 and stats["malformed"] == 0
     # records at least as severe as publish_level (warning) are published on log.record
-    wait_for(lambda: {p["program"] for p in published} == {"r3164", "r5424", "ipcprog"},
-             message="the publications")  # fmt: skip
+    severe = {"r3164", "r5424", "ipcprog", handler_name}
+    wait_for(lambda: {p["program"] for p in published} == severe, message="the publications")
     ikos.ipc.unsubscribe(sub)
 
     # queries: by level, program glob, time range, limit
-    assert {r["program"] for r in query(inst, level="err")} == {"r5424", "ipcprog"}
+    assert {r["program"] for r in query(inst, level="err")} == {"r5424", "ipcprog", handler_name}
     assert [r["program"] for r in query(inst, program="r5*")] == ["r5424"]
     assert query(inst, since=time.time() + 3600) == []
     assert len(query(inst, limit=2)) == 2

@@ -7,7 +7,8 @@ actor ``log``, :func:`send` here, or publications on the topic
 RFC 5424 both parsed, a line that parses as neither kept as ``raw`` with the
 reason). They are filtered by level, facility and program, written to
 rotated JSON Lines files (``ROOT/var/log/ikos/syslog/``), forwarded in RFC
-5424 over UDP or TCP, and queried by time, program and level::
+5424 over UDP or TCP, and queried by time, program and level
+(:class:`LogHandler` sends a program's :mod:`logging` records there)::
 
     ikosctl call log '{"op": "query", "program": "cron*", "level": "warning"}'
 
@@ -19,6 +20,7 @@ docs/examples.md, "The logger (log)", is the user's guide.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -49,6 +51,7 @@ __all__ = [
     "ROTATED_TOPIC",
     "SUBMIT_TOPIC",
     "Filter",
+    "LogHandler",
     "LogInputError",
     "Logger",
     "Query",
@@ -129,6 +132,64 @@ def send(
         return reply
     ref.tell(request)
     return None
+
+
+#: Python logging levels to syslog levels (a level between two takes the lower one's).
+_PY_LEVELS = (
+    (logging.CRITICAL, "crit"),
+    (logging.ERROR, "err"),
+    (logging.WARNING, "warning"),
+    (logging.INFO, "info"),
+)
+
+
+class LogHandler(logging.Handler):
+    """A :mod:`logging` handler that sends each record to the logger over ikos IPC.
+
+    For the daemons of the instance: ``logging.getLogger().addHandler(LogHandler())``
+    and their ``log.warning(...)`` lines become records of program ``program``
+    (default: the logger's name, ``examples.system.auth`` say) with the pid
+    and the level mapped (CRITICAL crit, ERROR err, WARNING warning, INFO
+    info, below debug). Each record is a tell: it waits only if the
+    logger's mailbox is full, and a logger that is down makes ``emit`` fail
+    through :meth:`logging.Handler.handleError` (one line on stderr), never
+    raise into the caller.
+    """
+
+    def __init__(
+        self,
+        program: str | None = None,
+        *,
+        facility: str = "daemon",
+        name: str = "log",
+        root: str | os.PathLike[str] | None = None,
+        level: int = logging.NOTSET,
+    ) -> None:
+        super().__init__(level)
+        self.program = program
+        self.facility = facility
+        self.ref: ikos.ActorRef[Any] = ikos.ActorRef(name, root=root)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            level = next((name for n, name in _PY_LEVELS if record.levelno >= n), "debug")
+            self.ref.tell(
+                {
+                    "op": "log",
+                    "msg": self.format(record)[:MAX_HANDLER_MESSAGE],
+                    "level": level,
+                    "facility": self.facility,
+                    "program": (self.program or record.name)[:48],
+                    "pid": str(record.process or os.getpid()),
+                    "time": record.created,
+                }
+            )
+        except Exception:
+            self.handleError(record)
+
+
+#: The longest message :class:`LogHandler` sends (the logger's default max_message).
+MAX_HANDLER_MESSAGE = 64 * 1024
 
 
 def query(
