@@ -8,6 +8,7 @@ so that these tests do not depend on the auth example.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -31,6 +32,7 @@ from hypothesis import strategies as st
 
 import ikos.ipc
 from examples.system import log
+from examples.system.log._forward import Forwarder
 from examples.system.log._store import RecordFiles
 from examples.system.log._syslog import octet_counted
 
@@ -291,6 +293,39 @@ def test_socket_is_replaced_atomically_but_never_a_file(
     finally:
         old.close()
         new.close()
+
+
+def test_tcp_forwarder_keeps_lines_while_the_collector_is_down_within_its_bound() -> None:
+    async def scenario() -> tuple[bytes, dict[str, object]]:
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
+        listener.setblocking(False)
+        port = listener.getsockname()[1]
+        forwarder = Forwarder(f"tcp://127.0.0.1:{port}", queue_size=3)
+        await forwarder.start()
+        for i in range(5):
+            forwarder.submit(b"line %d" % i)  # the collector is down: 0 and 1 overflow
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while forwarder.errors == 0 and loop.time() < deadline:  # a refused connect first
+            await asyncio.sleep(0.01)
+        listener.listen()
+        conn, _ = await asyncio.wait_for(loop.sock_accept(listener), 30)
+        data = b""
+        while data.count(b"line") < 3:
+            chunk = await asyncio.wait_for(loop.sock_recv(conn, 4096), 30)
+            if not chunk:
+                break
+            data += chunk
+        stats = forwarder.stats()
+        await forwarder.close()
+        conn.close()
+        listener.close()
+        return data, stats
+
+    data, stats = asyncio.run(scenario())
+    assert data == b"6 line 26 line 36 line 4"  # octet counting; the oldest two dropped
+    assert stats["dropped"] == 2 and stats["errors"] >= 1 and stats["sent"] == 3
 
 
 # -- the real daemon ------------------------------------------------------------------------
