@@ -328,6 +328,23 @@ def test_tcp_forwarder_keeps_lines_while_the_collector_is_down_within_its_bound(
     assert stats["dropped"] == 2 and stats["errors"] >= 1 and stats["sent"] == 3
 
 
+def test_a_forward_name_that_does_not_resolve_is_retried_not_fatal() -> None:
+    async def scenario() -> dict[str, object]:
+        forwarder = Forwarder("udp://no-such-host.invalid:514", queue_size=3)
+        await forwarder.start()  # does not raise: the network may come later
+        forwarder.submit(b"lost")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while forwarder.errors == 0 and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        await forwarder.close()
+        return forwarder.stats()
+
+    stats = asyncio.run(scenario())
+    assert stats["dropped"] == 1 and stats["errors"] >= 1 and stats["connects"] == 0
+    assert str(stats["last_error"]).startswith("resolve: gaierror")
+
+
 # -- the real daemon ------------------------------------------------------------------------
 
 TREE = """
@@ -463,6 +480,10 @@ def test_logger1_both_formats_ipc_topic_filter_forward_and_query(
         forward=collector.urls,
     )
     assert sock_path(inst).is_socket()
+    wait_for(  # the UDP target is opened by a task: lines sent before it are dropped
+        lambda: call(inst, {"op": "stats"})["forward"][0]["connects"] == 1,
+        message="the UDP forwarder ready",
+    )
     services = {s["name"]: s for s in json.loads(inst.ctl("--json", "services").stdout)}
     assert services["log"]["endpoint"] == f"unixgram://{sock_path(inst)}"
     published: list[Any] = []

@@ -1,7 +1,9 @@
 """Forwarding records in RFC 5424 to a remote collector, over UDP or TCP.
 
 A target is ``udp://HOST:PORT`` (RFC 5426: one line per datagram, sent at
-once, a failure counted and the line lost, as UDP syslog always is) or
+once, a failure counted and the line lost, as UDP syslog always is; the
+name is resolved by a task that retries, so that a logger started before
+the network still starts) or
 ``tcp://HOST:PORT`` (RFC 6587 octet counting: ``LEN SP LINE``). A TCP target
 has a bounded queue (``queue_size`` lines; when full the oldest line is
 dropped and counted: a collector that is down must not grow the logger) and
@@ -57,21 +59,45 @@ class Forwarder:
         self._udp: socket.socket | None = None
 
     async def start(self) -> None:
-        """Resolve and open (UDP) or start the writer task (TCP) on the running loop."""
-        if self.scheme == "udp":
-            loop = asyncio.get_running_loop()
-            infos = await loop.getaddrinfo(self.host, self.port, type=socket.SOCK_DGRAM)
-            family, kind, proto, _, addr = infos[0]
-            sock = socket.socket(family, kind, proto)
-            sock.setblocking(False)
-            sock.connect(addr)
+        """Start the task that opens a UDP socket or writes to TCP, on the running loop.
+
+        Never fails: a name that does not resolve yet (the network comes up
+        after the logger at boot) is retried with the back-off, and lines
+        submitted meanwhile to a UDP target are dropped and counted.
+        """
+        run = self._open_udp() if self.scheme == "udp" else self._run_tcp()
+        self._task = asyncio.get_running_loop().create_task(run)
+
+    async def _open_udp(self) -> None:
+        loop = asyncio.get_running_loop()
+        delay = BACKOFF_FIRST
+        while True:
+            try:
+                infos = await loop.getaddrinfo(self.host, self.port, type=socket.SOCK_DGRAM)
+                family, kind, proto, _, addr = infos[0]
+                sock = socket.socket(family, kind | socket.SOCK_CLOEXEC, proto)
+                sock.setblocking(False)
+                try:
+                    sock.connect(addr)
+                except OSError:
+                    sock.close()
+                    raise
+            except OSError as exc:  # socket.gaierror included
+                self.errors += 1
+                self.last_error = f"resolve: {type(exc).__name__}: {exc}"
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, BACKOFF_MAX)
+                continue
             self._udp = sock
-        else:
-            self._task = asyncio.get_running_loop().create_task(self._run_tcp())
+            self.connects += 1
+            return
 
     def submit(self, line: bytes) -> None:
         """Send (UDP) or queue (TCP) one RFC 5424 line; never blocks, never raises."""
-        if self._udp is not None:
+        if self.scheme == "udp":
+            if self._udp is None:  # not resolved yet
+                self.dropped += 1
+                return
             try:
                 self._udp.send(line)
                 self.sent += 1
@@ -153,16 +179,15 @@ class Forwarder:
 
     async def close(self, grace: float = 1.0) -> None:
         """Give a TCP queue ``grace`` seconds to drain, then stop."""
+        task = self._task
+        if task is not None:
+            deadline = asyncio.get_running_loop().time() + grace
+            while self.queue and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.02)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+            self._task = None
         if self._udp is not None:
             self._udp.close()
             self._udp = None
-        task = self._task
-        if task is None:
-            return
-        deadline = asyncio.get_running_loop().time() + grace
-        while self.queue and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.02)
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
-        self._task = None
