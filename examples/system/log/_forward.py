@@ -83,14 +83,18 @@ class Forwarder:
                     sock.close()
                     raise
             except OSError as exc:  # socket.gaierror included
-                self.errors += 1
-                self.last_error = f"resolve: {type(exc).__name__}: {exc}"
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, BACKOFF_MAX)
+                delay = await self._failed("resolve", exc, delay)
                 continue
             self._udp = sock
             self.connects += 1
             return
+
+    async def _failed(self, what: str, exc: BaseException, delay: float) -> float:
+        """Count a failure, wait ``delay``, and return the next (doubled) delay."""
+        self.errors += 1
+        self.last_error = f"{what}: {type(exc).__name__}: {exc}"
+        await asyncio.sleep(delay)
+        return min(delay * 2, BACKOFF_MAX)
 
     def submit(self, line: bytes) -> None:
         """Send (UDP) or queue (TCP) one RFC 5424 line; never blocks, never raises."""
@@ -120,10 +124,7 @@ class Forwarder:
                     asyncio.open_connection(self.host, self.port), CONNECT_TIMEOUT
                 )
             except (TimeoutError, OSError) as exc:
-                self.errors += 1
-                self.last_error = f"connect: {type(exc).__name__}: {exc}"
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, BACKOFF_MAX)
+                delay = await self._failed("connect", exc, delay)
                 continue
             self.connects += 1
             delay = BACKOFF_FIRST
