@@ -33,7 +33,7 @@ from hypothesis import strategies as st
 import ikos.ipc
 from examples.system import log
 from examples.system.log._forward import Forwarder
-from examples.system.log._store import RecordFiles
+from examples.system.log._store import RecentRecords, RecordFiles
 from examples.system.log._syslog import octet_counted
 
 LOGGER = shutil.which("logger")
@@ -326,6 +326,34 @@ def test_tcp_forwarder_keeps_lines_while_the_collector_is_down_within_its_bound(
     data, stats = asyncio.run(scenario())
     assert data == b"6 line 26 line 36 line 4"  # octet counting; the oldest two dropped
     assert stats["dropped"] == 2 and stats["errors"] >= 1 and stats["sent"] == 3
+
+
+def test_forward_queue_is_bounded_in_lines_and_bytes() -> None:
+    by_lines = Forwarder("tcp://127.0.0.1:9", queue_size=3)
+    by_bytes = Forwarder("tcp://127.0.0.1:9", queue_size=1000, queue_bytes=1024)
+    for i in range(10):
+        by_lines.submit(b"%d" % i)
+        by_bytes.submit(b"%d" % i + b"x" * 299)
+    assert list(by_lines.queue) == [b"1 7", b"1 8", b"1 9"] and by_lines.dropped == 7
+    assert by_bytes.queued_bytes == sum(map(len, by_bytes.queue)) <= 1024
+    assert len(by_bytes.queue) == 3 and by_bytes.dropped == 7
+    assert by_bytes.queue[-1].startswith(b"300 9")  # the newest kept
+
+
+def test_recent_records_bounded_in_count_and_bytes() -> None:
+    ring = RecentRecords(max_records=3, max_bytes=10_000)
+    for i in range(1, 5):
+        ring.append(_rec("p", "info").numbered(i))
+    assert [r.seq for r in ring.newest_first()] == [4, 3, 2] and not ring.complete
+    big = RecentRecords(max_records=100, max_bytes=5000)
+    big.append(log.Record(0.0, 0.0, "user", "info", "a" * 3000).numbered(1))
+    assert big.complete
+    big.append(log.Record(0.0, 0.0, "user", "info", "b" * 3000).numbered(2))
+    assert [r.seq for r in big.newest_first()] == [2] and big.bytes <= 5000
+    assert big.oldest_seq == 2 and not big.complete
+    filled = RecentRecords(max_records=2, max_bytes=10_000)
+    filled.fill(iter([_rec("p", "info").numbered(n) for n in (9, 8, 7)]))  # newest first
+    assert [r.seq for r in filled.newest_first()] == [9, 8] and not filled.complete
 
 
 def test_a_forward_name_that_does_not_resolve_is_retried_not_fatal() -> None:

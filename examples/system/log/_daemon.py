@@ -15,9 +15,10 @@ Every input is bounded: a datagram longer than ``max_datagram`` bytes is
 dropped and counted (its real length is read with ``MSG_TRUNC``, so nothing
 of it is kept), an IPC record's message longer than ``max_message``
 characters is refused with an error naming the limit, the in-memory ring of
-recent records holds ``ring_size`` records, a TCP forwarder's queue
-``forward_queue`` lines, and the files ``keep_files`` rotated files of
-``max_file_bytes``. What was dropped is also said once a second at most, as
+recent records holds at most ``ring_size`` records and ``ring_bytes`` bytes,
+a TCP forwarder's queue ``forward_queue`` lines and ``forward_queue_bytes``
+bytes, and the files ``keep_files`` rotated files of ``max_file_bytes``.
+What was dropped is also said once a second at most, as
 one record of the logger's own (program ``log``, facility ``syslog``) and one
 line in its ikos log, never one per bad datagram.
 """
@@ -33,7 +34,6 @@ import stat
 import struct
 import sys
 import time
-from collections import deque
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,7 +43,7 @@ import ikos.ipc
 import ikos.registry
 from examples.system.log._forward import Forwarder, parse_target
 from examples.system.log._rules import Filter, Query, check_names, newest_matches
-from examples.system.log._store import RecordFiles
+from examples.system.log._store import RecentRecords, RecordFiles
 from examples.system.log._syslog import (
     LEVELS,
     Cred,
@@ -98,10 +98,12 @@ class Options:
         keep_files: int = 7,
         fsync_interval: float = 1.0,
         ring_size: int = 10_000,
+        ring_bytes: int = 32 * 1024 * 1024,
         max_datagram: int = 64 * 1024,
         max_message: int = 64 * 1024,
         forward: Sequence[str] = (),
         forward_queue: int = 10_000,
+        forward_queue_bytes: int = 16 * 1024 * 1024,
         publish_level: str | int | None = "warning",
         query_permission: str | None = None,
         auth_service: str = "auth",
@@ -116,12 +118,14 @@ class Options:
         self.keep_files = _int(keep_files, "keep_files", 0)
         self.fsync_interval = _number(fsync_interval, "fsync_interval", 0.0)
         self.ring_size = _int(ring_size, "ring_size", 1)
+        self.ring_bytes = _int(ring_bytes, "ring_bytes", 1024)
         self.max_datagram = _int(max_datagram, "max_datagram", 480)  # RFC 3164's minimum
         self.max_message = _int(max_message, "max_message", 1)
         self.forward = check_names(forward, "forward")
         for i, url in enumerate(self.forward):
             parse_target(url, f"forward[{i}]")
         self.forward_queue = _int(forward_queue, "forward_queue", 1)
+        self.forward_queue_bytes = _int(forward_queue_bytes, "forward_queue_bytes", 1024)
         self.publish_level = (
             None if publish_level is None else level_number(publish_level, "publish_level")
         )
@@ -199,17 +203,16 @@ class Logger(ikos.Actor):
             keep=opts.keep_files,
             fsync_interval=opts.fsync_interval,
         )
-        self.ring: deque[Record] = deque(maxlen=opts.ring_size)
-        for record in self.files.newest_first():  # the ring again after a restart
-            self.ring.appendleft(record)
-            if len(self.ring) >= opts.ring_size:
-                break
-        self.seq = max((r.seq for r in self.ring), default=0)
+        self.ring = RecentRecords(opts.ring_size, opts.ring_bytes)
+        self.ring.fill(self.files.newest_first())  # the ring again after a restart
+        self.seq = max((r.seq for r in self.ring.records), default=0)
         self._buffer = bytearray(opts.max_datagram)
         self.sock = self._bind(self.socket_path)
         loop = asyncio.get_running_loop()
         loop.add_reader(self.sock.fileno(), self._on_readable)
-        self.forwarders = [Forwarder(url, opts.forward_queue) for url in opts.forward]
+        self.forwarders = [
+            Forwarder(url, opts.forward_queue, opts.forward_queue_bytes) for url in opts.forward
+        ]
         for forwarder in self.forwarders:
             await forwarder.start()
         self.send_interval(TICK, _TICK)
@@ -442,10 +445,10 @@ class Logger(ikos.Actor):
 
     def _query(self, query: Query) -> dict[str, Any]:
         found: list[Record] = []
-        done = newest_matches(query, reversed(self.ring), found)
-        if not done and len(self.ring) == self.ring.maxlen:
-            # the ring may not hold everything: look further back in the files
-            done = newest_matches(query, self.files.newest_first(self.ring[0].seq), found)
+        done = newest_matches(query, self.ring.newest_first(), found)
+        if not done and not self.ring.complete:
+            # the ring does not hold everything: look further back in the files
+            done = newest_matches(query, self.files.newest_first(self.ring.oldest_seq), found)
         records, size = [], 0
         for record in found:  # newest first: what the size bound leaves out is the oldest
             item = record.to_json()
@@ -485,6 +488,7 @@ class Logger(ikos.Actor):
             "ok": True,
             **self.counters,
             "ring": len(self.ring),
+            "ring_bytes": self.ring.bytes,
             "seq": self.seq,
             "socket": str(self.socket_path),
             "directory": str(self.directory),

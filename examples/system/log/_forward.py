@@ -5,8 +5,9 @@ once, a failure counted and the line lost, as UDP syslog always is; the
 name is resolved by a task that retries, so that a logger started before
 the network still starts) or
 ``tcp://HOST:PORT`` (RFC 6587 octet counting: ``LEN SP LINE``). A TCP target
-has a bounded queue (``queue_size`` lines; when full the oldest line is
-dropped and counted: a collector that is down must not grow the logger) and
+has a bounded queue (``queue_size`` lines and ``queue_bytes`` bytes; when
+full the oldest line is dropped and counted: a collector that is down must
+not grow the logger) and
 a task on the logger's event loop that connects, writes the queue out and,
 when the connection fails or the peer closes it, reconnects with a back-off
 of 0.2 s doubling to 10 s. A line goes from the queue only once written to
@@ -44,11 +45,13 @@ def parse_target(url: str, where: str) -> tuple[str, str, int]:
 class Forwarder:
     """One target: :meth:`submit` lines, :meth:`stats` says how it goes."""
 
-    def __init__(self, url: str, queue_size: int) -> None:
+    def __init__(self, url: str, queue_size: int, queue_bytes: int = 16 * 1024 * 1024) -> None:
         self.url = url
         self.scheme, self.host, self.port = parse_target(url, "forward")
         self.queue: deque[bytes] = deque()
         self.queue_size = queue_size
+        self.queue_bytes = queue_bytes
+        self.queued_bytes = 0
         self.sent = 0
         self.dropped = 0
         self.errors = 0
@@ -110,10 +113,14 @@ class Forwarder:
                 self.dropped += 1
                 self.last_error = f"{type(exc).__name__}: {exc}"
             return
-        if len(self.queue) >= self.queue_size:
-            self.queue.popleft()
+        frame = octet_counted(line)
+        while self.queue and (
+            len(self.queue) >= self.queue_size or self.queued_bytes + len(frame) > self.queue_bytes
+        ):
+            self.queued_bytes -= len(self.queue.popleft())
             self.dropped += 1
-        self.queue.append(octet_counted(line))
+        self.queue.append(frame)
+        self.queued_bytes += len(frame)
         self._wake.set()
 
     async def _run_tcp(self) -> None:
@@ -155,7 +162,7 @@ class Forwarder:
                     # written: only now does it leave the queue (it may have been
                     # dropped meanwhile by an overflow, hence the identity check)
                     if self.queue and self.queue[0] is frame:
-                        self.queue.popleft()
+                        self.queued_bytes -= len(self.queue.popleft())
                     self.sent += 1
                 self._wake.clear()
                 waiter = asyncio.ensure_future(self._wake.wait())
@@ -172,6 +179,7 @@ class Forwarder:
             "target": self.url,
             "sent": self.sent,
             "queued": len(self.queue),
+            "queued_bytes": self.queued_bytes,
             "dropped": self.dropped,
             "errors": self.errors,
             "connects": self.connects,

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -206,6 +207,60 @@ class RecordFiles:
         fd, self._fd = self._fd, -1
         if fd >= 0:
             os.close(fd)
+
+
+def record_bytes(record: Record) -> int:
+    """What a record costs in memory, roughly: its texts plus a fixed overhead."""
+    sd = sum(len(k) + len(v) for params in record.sd.values() for k, v in params.items())
+    return len(record.msg) + sd + 400
+
+
+class RecentRecords:
+    """The newest records in memory, at most ``max_records`` and ``max_bytes`` of them.
+
+    ``complete`` is False once a record was evicted (or more were on disk
+    than fit at start): a query that wants older records must then read the
+    files, for those before ``oldest_seq``.
+    """
+
+    def __init__(self, max_records: int, max_bytes: int) -> None:
+        self.max_records = max_records
+        self.max_bytes = max_bytes
+        self.records: deque[Record] = deque()
+        self.bytes = 0
+        self.complete = True
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def fill(self, newest_first: Iterator[Record]) -> None:
+        """Load the newest records of the files (at start), as many as fit."""
+        for record in newest_first:
+            size = record_bytes(record)
+            if len(self.records) >= self.max_records or self.bytes + size > self.max_bytes:
+                self.complete = False
+                return
+            self.records.appendleft(record)
+            self.bytes += size
+
+    def append(self, record: Record) -> None:
+        """Add the newest record, evicting the oldest past either bound."""
+        self.records.append(record)
+        self.bytes += record_bytes(record)
+        while len(self.records) > 1 and (
+            len(self.records) > self.max_records or self.bytes > self.max_bytes
+        ):
+            self.bytes -= record_bytes(self.records.popleft())
+            self.complete = False
+
+    def newest_first(self) -> Iterator[Record]:
+        """The records held, newest first."""
+        return reversed(self.records)
+
+    @property
+    def oldest_seq(self) -> int | None:
+        """The ``seq`` of the oldest record held (None when empty)."""
+        return self.records[0].seq if self.records else None
 
 
 def _sync_dir(directory: Path) -> None:
