@@ -356,6 +356,29 @@ def test_recent_records_bounded_in_count_and_bytes() -> None:
     assert [r.seq for r in filled.newest_first()] == [9, 8] and not filled.complete
 
 
+def test_log_handler_never_loops_nor_raises(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pylog = logging.getLogger("test_example_log.reentrant")
+    handler = log.LogHandler(root=tmp_path)  # no ikosd there
+    pylog.addHandler(handler)
+    try:
+        pylog.error("nobody listens")  # the tell fails: one report on stderr, no exception
+        assert "Logging error" in capsys.readouterr().err
+        sent: list[Any] = []
+
+        class LoggingRef:  # a tell that logs through the same logger
+            def tell(self, message: Any) -> None:
+                sent.append(message)
+                pylog.warning("logged by the tell")
+
+        handler.ref = LoggingRef()  # type: ignore[assignment]
+        pylog.error("once")
+    finally:
+        pylog.removeHandler(handler)
+    assert [m["msg"] for m in sent] == ["once"]
+
+
 def test_a_forward_name_that_does_not_resolve_is_retried_not_fatal() -> None:
     async def scenario() -> dict[str, object]:
         forwarder = Forwarder("udp://no-such-host.invalid:514", queue_size=3)

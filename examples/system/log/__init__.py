@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -169,8 +170,12 @@ class LogHandler(logging.Handler):
         self.program = program
         self.facility = facility
         self.ref: ikos.ActorRef[Any] = ikos.ActorRef(name, root=root)
+        self._emitting = threading.local()
 
     def emit(self, record: logging.LogRecord) -> None:
+        if getattr(self._emitting, "active", False):
+            return  # a record logged by the tell itself (ikos's own logging): not sent, no loop
+        self._emitting.active = True
         try:
             level = next((name for n, name in _PY_LEVELS if record.levelno >= n), "debug")
             self.ref.tell(
@@ -186,6 +191,8 @@ class LogHandler(logging.Handler):
             )
         except Exception:
             self.handleError(record)
+        finally:
+            self._emitting.active = False
 
 
 #: The longest message :class:`LogHandler` sends (the logger's default max_message).
