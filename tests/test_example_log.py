@@ -713,6 +713,10 @@ def test_bad_input_is_counted_and_memory_stays_bounded(
     assert stats["ring"] == 500
     assert rss_after - rss_before < 8 * 1024 * 1024, (rss_before, rss_after)
     assert inst.pid_of("log") == pid  # never crashed
+    if LOGGER is not None:  # the real client can send one too (its --size lifts its own cap)
+        run_logger(inst, "--size", "100000", "-t", "huge", "h" * 70_000)
+        wait_for(lambda: call(inst, {"op": "stats"})["oversized"] == 21, message="counted")
+        assert query(inst, program="huge") == []
 
     # said once a second at most, as the logger's own record and in its ikos log
     notes = wait_for(lambda: query(inst, program="log", grep="oversized"), message="a note")
