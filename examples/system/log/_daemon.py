@@ -322,7 +322,7 @@ class Logger(ikos.Actor):
         if level is not None and record.severity <= level:
             try:
                 ikos.ipc.publish(RECORD_TOPIC, record.to_json())
-            except ikos.IkosError:
+            except (ikos.IkosError, OSError):  # the broker away: counted, never fatal
                 self.counters["publish_errors"] += 1
         return {"ok": True, "seq": record.seq}
 
@@ -536,7 +536,7 @@ class Logger(ikos.Actor):
     def _publish_rotated(self, target: Path) -> None:
         try:
             ikos.ipc.publish(ROTATED_TOPIC, {"file": str(target)})
-        except ikos.IkosError:
+        except (ikos.IkosError, OSError):
             self.counters["publish_errors"] += 1
 
 
