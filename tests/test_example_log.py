@@ -83,6 +83,11 @@ needs_logger = pytest.mark.skipif(
                 "time": 1796520901.922991,
             },
         ),
+        # a real U+FFFD in valid UTF-8 is text, not a decoding error
+        (
+            "<13>1 - - - - - - a \ufffd b".encode(),
+            {"format": "rfc5424", "msg": "a \ufffd b"},
+        ),
         # NILVALUEs everywhere and a BOM before the message
         (
             b"<14>1 - - - - - - \xef\xbb\xbfbom",
@@ -110,7 +115,7 @@ def test_parse_the_formats_logger_writes(line: bytes, expect: dict[str, Any]) ->
         (b'<13>1 - h a - - [x a="b] m', "no closing quote"),
         (b"<13>1 - h a - - junk m", "neither '-' nor"),
         (b"<13>Feb 31 01:00:00 h t: x", "not a real time"),
-        (b"\xff<13>x", "not UTF-8"),
+        (b"\xff<13>x", "not UTF-8 at byte 0"),
     ],
 )
 def test_malformed_lines_are_kept_raw_with_the_reason(line: bytes, reason: str) -> None:
@@ -124,6 +129,45 @@ def test_malformed_lines_are_kept_raw_with_the_reason(line: bytes, reason: str) 
 def test_parsing_never_raises(data: bytes) -> None:
     record = log.parse_datagram(data, 0.0)
     assert record.level in log.LEVELS and record.facility in log.FACILITIES
+
+
+_ascii_field = st.text(
+    alphabet=st.characters(min_codepoint=33, max_codepoint=126), min_size=1, max_size=32
+).filter(lambda v: v != "-")
+_sd_name = st.text(
+    alphabet=st.characters(min_codepoint=33, max_codepoint=126, blacklist_characters='= ]"'),
+    min_size=1,
+    max_size=32,
+)
+_text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=200)
+
+
+@given(
+    when=st.integers(0, 4 * 10**15).map(lambda us: us / 1e6),  # microseconds up to 2096
+    facility=st.sampled_from(log.FACILITIES),
+    level=st.sampled_from(log.LEVELS),
+    fields=st.fixed_dictionaries(
+        {"host": _ascii_field, "program": _ascii_field, "pid": _ascii_field, "msgid": _ascii_field}
+    ),
+    sd=st.dictionaries(_sd_name, st.dictionaries(_sd_name, _text, max_size=3), max_size=3),
+    msg=_text.filter(lambda m: not m.endswith(("\n", "\r", "\0"))),
+)
+def test_rfc5424_written_reads_back_the_same_for_any_record(
+    when: float,
+    facility: str,
+    level: str,
+    fields: dict[str, str],
+    sd: dict[str, dict[str, str]],
+    msg: str,
+) -> None:
+    record = log.Record(when, 0.0, facility, level, msg, sd=sd, format="rfc5424", **fields)
+    back = log.parse_datagram(log.format_5424(record, "unused"), 0.0)
+    assert back.error is None, back.error
+    assert abs(back.time - when) < 1e-3
+    assert (back.facility, back.level, back.msg, back.sd) == (facility, level, msg, sd)
+    assert (back.host, back.program, back.pid, back.msgid) == (
+        fields["host"], fields["program"][:48], fields["pid"], fields["msgid"],
+    )  # fmt: skip
 
 
 def test_rfc5424_written_reads_back_the_same() -> None:

@@ -204,8 +204,12 @@ def parse_datagram(
         >>> (r.format, r.facility, r.level, r.host, r.program, r.msg)
         ('rfc3164', 'user', 'notice', 'vm', 'root', 'hi')
     """
-    text = data.rstrip(b"\n\r\0").decode("utf-8", "replace")
-    note = "not UTF-8 (bad bytes replaced by U+FFFD); " if "\ufffd" in text else ""
+    data = data.rstrip(b"\n\r\0")
+    try:
+        text, note = data.decode("utf-8"), ""
+    except UnicodeDecodeError as exc:
+        text = data.decode("utf-8", "replace")
+        note = f"not UTF-8 at byte {exc.start} (bad bytes replaced by U+FFFD); "
     record = _parse_line(text, received)
     error = note + (record.error or "") if note or record.error is not None else None
     return replace(record, source=source, cred=cred, error=error)
