@@ -817,10 +817,19 @@ def test_stop_removes_the_socket_and_a_stale_one_is_replaced(
     assert not path.exists()
 
 
-def test_queries_need_a_token_the_auth_daemon_accepts(
-    ikosd_factory: Callable[..., Instance],
+def test_queries_need_a_token_and_without_its_socket_the_logger_goes_on(
+    ikosd_factory: Callable[..., Instance], tmp_path: Path
 ) -> None:
-    inst = start_logger(ikosd_factory, query_permission="log.read")
+    (tmp_path / "a-file").write_text("")  # no socket can be made under a file
+    unusable = tmp_path / "a-file" / "log.sock"
+    inst = start_logger(ikosd_factory, query_permission="log.read", socket_path=str(unusable))
+    # what it lacks is said once, in its log and its stats; IPC goes on
+    stats = call(inst, {"op": "stats"})
+    assert (
+        stats["socket"] is None
+        and f"cannot bind the syslog socket {unusable}" in (stats["socket_error"])
+    )
+    assert "records come over ikos IPC only" in inst.ctl("logs", "log").stdout
     assert log.send("open to all", program="anyone", root=inst.root, wait=True)["ok"]
     for request, says in (
         ({}, "a 'token' holding 'log.read' is needed"),

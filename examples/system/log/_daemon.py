@@ -207,9 +207,19 @@ class Logger(ikos.Actor):
         self.ring.fill(self.files.newest_first())  # the ring again after a restart
         self.seq = max((r.seq for r in self.ring.records), default=0)
         self._buffer = bytearray(opts.max_datagram)
-        self.sock = self._bind(self.socket_path)
-        loop = asyncio.get_running_loop()
-        loop.add_reader(self.sock.fileno(), self._on_readable)
+        self.sock: socket.socket | None = None
+        self.socket_error: str | None = None
+        try:
+            self.sock = self._bind(self.socket_path)
+        except OSError as exc:  # no right to the path (/dev/log without root): IPC only
+            self.socket_error = (
+                f"cannot bind the syslog socket {self.socket_path}: {exc.strerror or exc} "
+                f"(needs write access to {self.socket_path.parent}); "
+                "records come over ikos IPC only"
+            )
+            self._say(self.socket_error)
+        else:
+            asyncio.get_running_loop().add_reader(self.sock.fileno(), self._on_readable)
         self.forwarders = [
             Forwarder(url, opts.forward_queue, opts.forward_queue_bytes) for url in opts.forward
         ]
@@ -217,16 +227,18 @@ class Logger(ikos.Actor):
             await forwarder.start()
         self.send_interval(TICK, _TICK)
         self.subscribe(SUBMIT_TOPIC)
+        syslog = ["rfc3164", "rfc5424"] if self.sock is not None else []
         ikos.registry.register(
             self.name,
             description="log collector: ikos IPC and syslog (RFC 3164/5424) in, files, forwarding",
             type="syslog",
-            endpoint=f"unixgram://{self.socket_path}",
-            capabilities=["rfc3164", "rfc5424", "query", *(f.scheme for f in self.forwarders)],
+            endpoint=f"unixgram://{self.socket_path}" if self.sock is not None else "",
+            capabilities=[*syslog, "query", *(f.scheme for f in self.forwarders)],
             metadata={"socket": str(self.socket_path), "directory": str(self.directory)},
         )
         self._say(
-            f"syslog socket {self.socket_path}, files in {self.directory}, "
+            f"syslog socket {self.socket_path if self.sock else 'none'}, "
+            f"files in {self.directory}, "
             f"{len(self.ring)} records reloaded, forwarding to {list(opts.forward) or 'nowhere'}"
         )
 
@@ -266,12 +278,12 @@ class Logger(ikos.Actor):
         return sock
 
     async def on_stop(self) -> None:
-        loop = asyncio.get_running_loop()
-        loop.remove_reader(self.sock.fileno())
-        self.sock.close()
-        with contextlib.suppress(OSError):
-            if self.socket_path.stat().st_ino == self._socket_inode:  # still ours
-                self.socket_path.unlink()
+        if self.sock is not None:
+            asyncio.get_running_loop().remove_reader(self.sock.fileno())
+            self.sock.close()
+            with contextlib.suppress(OSError):
+                if self.socket_path.stat().st_ino == self._socket_inode:  # still ours
+                    self.socket_path.unlink()
         for forwarder in self.forwarders:
             await forwarder.close()
         self.files.close()
@@ -281,6 +293,7 @@ class Logger(ikos.Actor):
     def _on_readable(self) -> None:
         """Read what the socket holds (at most 256 datagrams a turn, to let messages in)."""
         view = memoryview(self._buffer)
+        assert self.sock is not None  # only registered with a socket
         for _ in range(256):
             try:
                 n, ancillary, _, _ = self.sock.recvmsg_into([view], _CRED_SPACE, socket.MSG_TRUNC)
@@ -490,7 +503,8 @@ class Logger(ikos.Actor):
             "ring": len(self.ring),
             "ring_bytes": self.ring.bytes,
             "seq": self.seq,
-            "socket": str(self.socket_path),
+            "socket": str(self.socket_path) if self.sock is not None else None,
+            "socket_error": self.socket_error,
             "directory": str(self.directory),
             "rotations": self.files.rotations,
             "reopens": self.files.reopens,
