@@ -822,14 +822,21 @@ def test_queries_need_a_token_and_without_its_socket_the_logger_goes_on(
 ) -> None:
     (tmp_path / "a-file").write_text("")  # no socket can be made under a file
     unusable = tmp_path / "a-file" / "log.sock"
-    inst = start_logger(ikosd_factory, query_permission="log.read", socket_path=str(unusable))
-    # what it lacks is said once, in its log and its stats; IPC goes on
-    stats = call(inst, {"op": "stats"})
-    assert (
-        stats["socket"] is None
-        and f"cannot bind the syslog socket {unusable}" in (stats["socket_error"])
+    inst = start_logger(
+        ikosd_factory,
+        query_permission="log.read",
+        socket_path=str(unusable),
+        directory=str(unusable.parent / "records"),
     )
-    assert "records come over ikos IPC only" in inst.ctl("logs", "log").stdout
+    # what it lacks is said once, in its log and its stats; IPC goes on, in memory
+    stats = call(inst, {"op": "stats"})
+    assert stats["socket"] is None and stats["files"] == []
+    assert f"cannot bind the syslog socket {unusable}" in stats["socket_error"]
+    assert "cannot write record files" in stats["files_error"]
+    said = inst.ctl("logs", "log").stdout
+    assert "records come over ikos IPC only" in said and "kept in memory only" in said
+    rotate = call(inst, {"op": "rotate"})
+    assert rotate["ok"] is False and "cannot write record files" in rotate["error"]
     assert log.send("open to all", program="anyone", root=inst.root, wait=True)["ok"]
     for request, says in (
         ({}, "a 'token' holding 'log.read' is needed"),

@@ -196,15 +196,25 @@ class Logger(ikos.Actor):
         self._notes: dict[str, int] = {}
         self._largest_oversized = 0
         self.hostname = socket.gethostname()
-        self.files = RecordFiles(
-            self.directory,
-            max_bytes=opts.max_file_bytes,
-            max_age=opts.max_file_age,
-            keep=opts.keep_files,
-            fsync_interval=opts.fsync_interval,
-        )
+        self.files: RecordFiles | None = None
+        self.files_error: str | None = None
+        try:
+            self.files = RecordFiles(
+                self.directory,
+                max_bytes=opts.max_file_bytes,
+                max_age=opts.max_file_age,
+                keep=opts.keep_files,
+                fsync_interval=opts.fsync_interval,
+            )
+        except OSError as exc:  # no right to the directory: records in memory only
+            self.files_error = (
+                f"cannot write record files in {self.directory}: {exc.strerror or exc}; "
+                f"records are kept in memory only (the newest {opts.ring_size})"
+            )
+            self._say(self.files_error)
         self.ring = RecentRecords(opts.ring_size, opts.ring_bytes)
-        self.ring.fill(self.files.newest_first())  # the ring again after a restart
+        if self.files is not None:
+            self.ring.fill(self.files.newest_first())  # the ring again after a restart
         self.seq = max((r.seq for r in self.ring.records), default=0)
         self._buffer = bytearray(opts.max_datagram)
         self.sock: socket.socket | None = None
@@ -286,7 +296,8 @@ class Logger(ikos.Actor):
                     self.socket_path.unlink()
         for forwarder in self.forwarders:
             await forwarder.close()
-        self.files.close()
+        if self.files is not None:
+            self.files.close()
 
     # -- input ---------------------------------------------------------------
 
@@ -320,11 +331,12 @@ class Logger(ikos.Actor):
             return {"ok": True, "filtered": True}
         self.seq += 1
         record = record.numbered(self.seq)
-        try:
-            self.files.append(record, time.time())
-        except OSError as exc:
-            self.counters["write_errors"] += 1
-            self._note(f"write error: {exc}")
+        if self.files is not None:
+            try:
+                self.files.append(record, time.time())
+            except OSError as exc:
+                self.counters["write_errors"] += 1
+                self._note(f"write error: {exc}")
         self.ring.append(record)
         self.counters["kept"] += 1
         if self.forwarders:
@@ -374,6 +386,8 @@ class Logger(ikos.Actor):
             if op == "stats":
                 return self._stats()
             if op == "rotate":
+                if self.files is None:
+                    return _error(f"rotate: {self.files_error}")
                 target = self.files.rotate()
                 if target is not None:
                     self._publish_rotated(target)
@@ -459,7 +473,7 @@ class Logger(ikos.Actor):
     def _query(self, query: Query) -> dict[str, Any]:
         found: list[Record] = []
         done = newest_matches(query, self.ring.newest_first(), found)
-        if not done and not self.ring.complete:
+        if not done and not self.ring.complete and self.files is not None:
             # the ring does not hold everything: look further back in the files
             done = newest_matches(query, self.files.newest_first(self.ring.oldest_seq), found)
         records, size = [], 0
@@ -506,9 +520,10 @@ class Logger(ikos.Actor):
             "socket": str(self.socket_path) if self.sock is not None else None,
             "socket_error": self.socket_error,
             "directory": str(self.directory),
-            "rotations": self.files.rotations,
-            "reopens": self.files.reopens,
-            "files": self.files.files(),
+            "rotations": self.files.rotations if self.files else 0,
+            "reopens": self.files.reopens if self.files else 0,
+            "files": self.files.files() if self.files else [],
+            "files_error": self.files_error,
             "forward": [f.stats() for f in self.forwarders],
         }
 
@@ -517,7 +532,7 @@ class Logger(ikos.Actor):
     def _tick(self) -> None:
         now = time.time()
         try:
-            if self.files.tick(now):
+            if self.files is not None and self.files.tick(now):
                 self._publish_rotated(self.files.rotated()[0])
         except OSError as exc:
             self._note(f"file error: {exc}")
