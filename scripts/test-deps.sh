@@ -7,6 +7,7 @@
 #                  (tests/prometheus.py, tests/test_prometheus.py)
 #   dnsmasq-base   dnsmasq without its system service: the DHCP and DNS server
 #                  the network manager example meets (tests/test_example_net.py)
+#   bsdutils       logger(1), the syslog client (tests/test_example_log.py)
 # A fast no-op when they are installed. As root, apt-get installs what is
 # missing, non-interactively and quietly, with no service started by the
 # packages' scripts (they would take ports 80, 6379 and 9090 system-wide; the tests
@@ -21,6 +22,7 @@ command -v redis-server >/dev/null 2>&1 || missing="$missing redis-server"
 command -v systemd-notify >/dev/null 2>&1 || missing="$missing systemd"
 command -v prometheus >/dev/null 2>&1 || missing="$missing prometheus"
 command -v dnsmasq >/dev/null 2>&1 || missing="$missing dnsmasq-base"
+command -v logger >/dev/null 2>&1 || missing="$missing bsdutils"
 [ -z "$missing" ] && exit 0
 
 if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
