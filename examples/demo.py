@@ -182,6 +182,20 @@ class Demo:
         if res.returncode != 0:
             raise DemoError(f"ikosctl {' '.join(args)} failed with status {res.returncode}")
 
+    def show_reply(self, *args: str) -> Any:
+        """``show`` for a ``call`` whose JSON reply the tour goes on with: shown, and parsed."""
+        print(f"\n$ {_quote(['ikosctl', '--root', self.shown_root, *args])}", flush=True)
+        res = subprocess.run(
+            [*self.ikosctl, "--root", str(self.root), *args],
+            env=self.env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        print(res.stdout, end="", flush=True)
+        if res.returncode != 0:
+            raise DemoError(f"ikosctl {' '.join(args)} failed with status {res.returncode}")
+        return json.loads(res.stdout)
+
     def query(self, *args: str) -> Any:
         """``ikosctl --json ARGS``, parsed."""
         res = subprocess.run(
@@ -254,8 +268,7 @@ class Demo:
             '"permissions": ["net.*"]}',
         )
         login = '{"op": "login", "user": "alice", "password": "wonderland"}'
-        self.show("call", "auth", login)
-        token = self.query("call", "auth", login)["token"]
+        token = self.show_reply("call", "auth", login)["token"]
         self.show(
             "call", "auth", json.dumps({"op": "check", "token": token, "permission": "net.up"})
         )
@@ -340,9 +353,9 @@ def try_commands(root: str) -> list[str]:
     return [
         f"{ctl} list",
         f"{ctl} tree --deps",
-        f"{ctl} call log '{{\"op\": \"query\", \"level\": \"info\", \"limit\": 5}}'",
+        f'{ctl} call log \'{{"op": "query", "level": "info", "limit": 5}}\'',
         f"{ctl} subscribe 'dev.#'     # then plug a device in, or write to a uevent file",
-        f"{ctl} call net '{{\"op\": \"routes\"}}'",
+        f'{ctl} call net \'{{"op": "routes"}}\'',
         f"{ctl} logs -n 20 auth",
         f"{ctl} status store",
         f"{ctl} call counter incr",

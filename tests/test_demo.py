@@ -10,12 +10,15 @@ time, each checked against what its comment promises.
 from __future__ import annotations
 
 import os
+import pwd
 import re
 import select
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -36,8 +39,22 @@ def demo_env(mark: str) -> dict[str, str]:
 
 
 def check_tour(out: str, root: Path) -> None:
-    assert "ikosd ready: 6 daemons running" in out  # the 5 of the demo and the IPC broker
+    # the 4 system daemons, the 5 of the application and the IPC broker
+    assert "ikosd ready: 10 daemons running" in out
     assert re.search(r"^root \[supervisor one_for_one\] running$", out, re.M), out
+    # the example system, with the dependencies that make its waves
+    assert re.search(r"^├─ system \[supervisor one_for_one\] running$", out, re.M), out
+    assert re.search(r"^│  ├─ dev \[actor\] running \d+$", out, re.M), out
+    assert re.search(r"^│  ├─ log \[actor\] running \d+ \(requires auth\)$", out, re.M), out
+    assert re.search(r"^│  └─ net \[actor\] running \d+ \(requires dev, auth\)$", out, re.M), out
+    # a login, and a permission its user holds
+    assert re.search(r'"ok": true, "user": "alice", "token": "[\w-]{40,}"', out), out
+    assert '{"ok": true, "allowed": true, "user": "alice"}' in out
+    # logger(1)'s line, queried back before and after the logger is killed
+    assert out.count('"msg": "hello from logger(1)", "format": "rfc3164"') == 2, out
+    moved = re.search(r"^log: pid (\d+) -> (\d+) \(restarts: 1\)", out, re.M)
+    assert moved and moved.group(1) != moved.group(2), out
+    assert '"subsystems": {' in out and '"name": "lo"' in out  # dev and net answered
     assert re.search(r"^├─ store \[actor\] running \d+$", out, re.M), out
     assert re.search(r"^└─ workers \[supervisor rest_for_one\] running$", out, re.M), out
     assert re.search(r"^   ├─ worker \[actor\] running \d+$", out, re.M), out
@@ -82,6 +99,57 @@ def test_demo_tours_and_shuts_down(tmp_path: Path, once: bool) -> None:
         assert "actor worker: running -> failed" in (root / "var/log/ikos/ikosd.log").read_text()
     finally:
         kill_marked(mark)
+
+
+def readable_by(uid: int, path: Path) -> bool:
+    res = subprocess.run(["setpriv", f"--reuid={uid}", "--clear-groups", "test", "-r", str(path)])
+    return res.returncode == 0
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("setpriv") is None,
+    reason="needs root and setpriv to run the demo as another user",
+)
+def test_demo_runs_without_root() -> None:
+    """As ``nobody`` the whole tour still runs; what needs root says so, nothing stays behind."""
+    nobody = pwd.getpwnam("nobody")
+    if not readable_by(nobody.pw_uid, REPO / "examples" / "demo.py"):
+        pytest.skip(f"{REPO} is not readable by nobody")
+    base = Path(tempfile.mkdtemp(prefix="ikos-demo-nobody-"))
+    os.chown(base, nobody.pw_uid, nobody.pw_gid)
+    root = base / "demo"
+    mark = uuid.uuid4().hex
+    env = demo_env(mark)
+    env.update(HOME=str(base), PYTHONDONTWRITEBYTECODE="1")
+    try:
+        res = subprocess.run(
+            [
+                "setpriv",
+                f"--reuid={nobody.pw_uid}",
+                f"--regid={nobody.pw_gid}",
+                "--clear-groups",
+                sys.executable,
+                "-m",
+                "examples.demo",
+                "--root",
+                str(root),
+                "--once",
+            ],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            timeout=180,
+        )
+        assert res.returncode == 0, res.stdout + res.stderr
+        check_tour(res.stdout, root)
+        assert "without root" in res.stdout, res.stdout
+        assert "Traceback" not in res.stderr
+        assert (left := left_behind(mark)) is None, left
+    finally:
+        kill_marked(mark)
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_demo_on_a_terminal_runs_until_ctrl_c(tmp_path: Path) -> None:
