@@ -282,6 +282,8 @@ class Demo:
         self.show("call", "dev", '{"op": "subsystems"}')
         self.show("call", "net", '{"op": "links"}')
 
+        self.without_root()
+
         heading("A system daemon dies; its supervisor restarts it")
         before = self.pids()
         self.show("kill", "-s", "SIGKILL", "log")
@@ -293,6 +295,22 @@ class Demo:
             flush=True,
         )
         self.show("call", "log", '{"op": "query", "program": "demo"}')
+
+    def without_root(self) -> None:
+        """Without root, say what the daemons cannot do, in their own words; the tour goes on."""
+        if os.geteuid() == 0:
+            return
+        heading("Running without root: what the daemons cannot do here, in their words")
+        dev = self.query("call", "dev", '{"op": "stats"}')
+        net = self.query("call", "net", '{"op": "status"}')
+        print(f"  dev: kernel uevents: {dev.get('uevents')}; drivers: {dev.get('drivers')}")
+        missing = net.get("missing")
+        print(
+            f"  net: {missing} is missing: links and addresses are read, not changed"
+            if missing
+            else "  net: links and addresses can be changed (the capability is there)"
+        )
+        print("  Everything else runs as it does for root.", flush=True)
 
     def run(self, argv: list[str]) -> None:
         """Run a command that is not ikosctl in front of the user (a missing one is skipped)."""
