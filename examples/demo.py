@@ -1,12 +1,20 @@
-"""The ikos demo, run by ``make demo``: a small supervision tree under ikosd.
+"""The ikos demo, run by ``make demo``: the example system under ikosd.
 
 ``python -m examples.demo --root .demo`` starts the real ``ikosd --root .demo
 --tree examples.demo:tree`` as a subprocess, waits for its ready line, and
-drives it with the real ``ikosctl`` as a user would: it shows the tree, asks
-actors, kills a worker and shows the supervisor restarting it (with the
-``rest_for_one`` strategy taking the later stages along), then prints where
-to look. On a terminal ikosd then stays up until Ctrl-C; otherwise, or with
-``--once``, the demo shuts it down and exits with ikosd's exit status.
+drives it with the real ``ikosctl`` as a user would. The tree holds the four
+example system daemons of :mod:`examples.system` (``dev``, ``auth``, ``log``,
+``net``, started in waves by their dependencies) and a small application
+beside them (a store, a counter and a three-stage pipeline). The tour shows
+the tree with its dependencies, logs a user in, sends a line with
+``logger(1)`` and queries it back, lists devices and links, kills the logger
+and a worker and shows their supervisors restarting them (``rest_for_one``
+taking the later stages along), then prints where to look. On a terminal
+ikosd then stays up until Ctrl-C; otherwise, or with ``--once``, the demo
+shuts it down and exits with ikosd's exit status.
+
+Without root the daemons still run: what needs a privilege (links up and
+down, addresses, loading drivers) answers with the privilege it lacks.
 
 The demo is a client, not a library user: everything goes through the
 command line and the control socket, so what it prints is what a user
@@ -30,15 +38,18 @@ from types import FrameType
 from typing import Any, NoReturn
 
 import ikos
+from examples import system
 from examples.actors import Counter, Crashy, Echo, Store
 
 __all__ = ["Counter", "Crashy", "Echo", "Store", "main", "tree"]
 
 REPO = Path(__file__).resolve().parent.parent
 
-#: The demo system: a store and a counter, then a three-stage pipeline of
-#: workers that needs the store. In the pipeline a failure restarts the stage
-#: that failed and the stages after it (``rest_for_one``), never the ones before.
+#: The demo system: the example system daemons under ``system``, then an application: a
+#: store and a counter, and a three-stage pipeline of workers that needs the store. In
+#: the pipeline a failure restarts the stage that failed and the stages after it
+#: (``rest_for_one``), never the ones before. The demo's users hash cheaply (argon2id
+#: at 8 MiB and one pass): a demo, not a production setting (docs/examples.md).
 tree = ikos.Supervisor(
     "root",
     strategy="one_for_one",
@@ -46,6 +57,10 @@ tree = ikos.Supervisor(
     within=10,
     description="the ikos demo system",
     children=[
+        system.supervisor(
+            "system",
+            auth={"argon2": {"time_cost": 1, "memory_cost": 8192, "parallelism": 1}},
+        ),
         ikos.Child("store", Store, description="key-value store"),
         ikos.Child("counter", Counter, description="counts 'incr' messages"),
         ikos.Supervisor(
@@ -167,6 +182,20 @@ class Demo:
         if res.returncode != 0:
             raise DemoError(f"ikosctl {' '.join(args)} failed with status {res.returncode}")
 
+    def show_reply(self, *args: str) -> Any:
+        """``show`` for a ``call`` whose JSON reply the tour goes on with: shown, and parsed."""
+        print(f"\n$ {_quote(['ikosctl', '--root', self.shown_root, *args])}", flush=True)
+        res = subprocess.run(
+            [*self.ikosctl, "--root", str(self.root), *args],
+            env=self.env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        print(res.stdout, end="", flush=True)
+        if res.returncode != 0:
+            raise DemoError(f"ikosctl {' '.join(args)} failed with status {res.returncode}")
+        return json.loads(res.stdout)
+
     def query(self, *args: str) -> Any:
         """``ikosctl --json ARGS``, parsed."""
         res = subprocess.run(
@@ -202,8 +231,9 @@ class Demo:
     # -- the tour ----------------------------------------------------------
 
     def tour(self) -> None:
-        heading("The supervision tree")
-        self.show("tree")
+        heading("The supervision tree, with each daemon's dependencies")
+        self.show("tree", "--deps")
+        self.system_tour()
 
         heading("Asking actors (DATA is JSON when it parses, else a string)")
         self.show("call", "store", '["put", "greeting", "hello from ikos"]')
@@ -229,6 +259,80 @@ class Demo:
         self.show("status", "worker")
         self.show("list")
 
+    def system_tour(self) -> None:
+        heading("auth: a user, a login, a permission check")
+        self.show(
+            "call",
+            "auth",
+            '{"op": "add_user", "user": "alice", "password": "wonderland", '
+            '"permissions": ["net.*"]}',
+        )
+        login = '{"op": "login", "user": "alice", "password": "wonderland"}'
+        token = self.show_reply("call", "auth", login)["token"]
+        self.show(
+            "call", "auth", json.dumps({"op": "check", "token": token, "permission": "net.up"})
+        )
+
+        heading("log: logger(1) writes to the logger's syslog socket; a query finds it")
+        sock = ikos_paths(self.root)["syslog"]
+        self.run(["logger", "--socket", str(sock), "-t", "demo", "hello from logger(1)"])
+        self.show("call", "log", '{"op": "query", "program": "demo"}')
+
+        heading("dev and net: the devices of sysfs, the links of netlink")
+        self.show("call", "dev", '{"op": "subsystems"}')
+        self.show("call", "net", '{"op": "links"}')
+
+        self.without_root()
+
+        heading("A system daemon dies; its supervisor restarts it")
+        before = self.pids()
+        self.show("kill", "-s", "SIGKILL", "log")
+        log = self.wait_restarted("log", before["log"])
+        print(
+            f"\nlog: pid {before['log']} -> {log['pid']} (restarts: {log['restarts']}). "
+            f"The system supervisor is one_for_one: dev, auth and net kept their pids.\n"
+            f"The record is in the logger's files, so the new incarnation finds it:",
+            flush=True,
+        )
+        self.show("call", "log", '{"op": "query", "program": "demo"}')
+
+    def without_root(self) -> None:
+        """Without root, say what the daemons cannot do, in their own words; the tour goes on."""
+        if os.geteuid() == 0:
+            return
+        heading("Running without root: what the daemons cannot do here, in their words")
+        dev = self.query("call", "dev", '{"op": "stats"}')
+        net = self.query("call", "net", '{"op": "status"}')
+        print(f"  dev: kernel uevents: {dev.get('uevents')}; drivers: {dev.get('drivers')}")
+        missing = net.get("missing")
+        print(
+            f"  net: {missing} is missing: links and addresses are read, not changed"
+            if missing
+            else "  net: links and addresses can be changed (the capability is there)"
+        )
+        print("  Everything else runs as it does for root.", flush=True)
+
+    def run(self, argv: list[str]) -> None:
+        """Run a command that is not ikosctl in front of the user (a missing one is skipped)."""
+        shown = [argv[0], *(self.shown_path(a) for a in argv[1:])]
+        print(f"\n$ {_quote(shown)}", flush=True)
+        try:
+            res = subprocess.run(argv, env=self.env)
+        except FileNotFoundError:
+            print(f"({argv[0]} is not installed here: skipped)", flush=True)
+            return
+        if res.returncode != 0:
+            raise DemoError(f"{argv[0]} failed with status {res.returncode}")
+
+    def shown_path(self, arg: str) -> str:
+        """``arg``, relative to the working directory when it is a path under it."""
+        if not arg.startswith("/"):
+            return arg
+        try:
+            return str(Path(arg).relative_to(Path.cwd()))
+        except ValueError:
+            return arg
+
     def where_to_look(self) -> None:
         root = self.shown_root
         paths = ikos_paths(self.root)
@@ -240,6 +344,8 @@ class Demo:
         metrics = re.search(r"metrics (http://\S+)", self.ready)
         if metrics:
             print(f"  metrics         {metrics.group(1)}   (Prometheus text format)")
+        print(f"  Grafana         {REPO / 'grafana'}   (provisioning/ and dashboards/: README.md)")
+        print(f"  syslog socket   {paths['syslog']}   (logger --socket PATH MESSAGE)")
         print("\n  Try, from another terminal in this directory:")
         for command in try_commands(root):
             print(f"    {command}")
@@ -255,6 +361,7 @@ def ikos_paths(root: Path) -> dict[str, Path]:
         "socket": paths.control_socket,
         "log": paths.log_dir / "ikosd.log",
         "state": paths.state_dir,
+        "syslog": paths.run_dir / "log.sock",
     }
 
 
@@ -263,6 +370,11 @@ def try_commands(root: str) -> list[str]:
     ctl = f".venv/bin/ikosctl --root {shlex.quote(root)}"
     return [
         f"{ctl} list",
+        f"{ctl} tree --deps",
+        f'{ctl} call log \'{{"op": "query", "level": "info", "limit": 5}}\'',
+        f"{ctl} subscribe 'dev.#'     # then plug a device in, or write to a uevent file",
+        f'{ctl} call net \'{{"op": "routes"}}\'',
+        f"{ctl} logs -n 20 auth",
         f"{ctl} status store",
         f"{ctl} call counter incr",
         f'{ctl} call store \'["get", "greeting"]\'',

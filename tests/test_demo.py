@@ -10,12 +10,15 @@ time, each checked against what its comment promises.
 from __future__ import annotations
 
 import os
+import pwd
 import re
 import select
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -36,10 +39,24 @@ def demo_env(mark: str) -> dict[str, str]:
 
 
 def check_tour(out: str, root: Path) -> None:
-    assert "ikosd ready: 6 daemons running" in out  # the 5 of the demo and the IPC broker
+    # the 4 system daemons, the 5 of the application and the IPC broker
+    assert "ikosd ready: 10 daemons running" in out
     assert re.search(r"^root \[supervisor one_for_one\] running$", out, re.M), out
+    # the example system, with the dependencies that make its waves
+    assert re.search(r"^├─ system \[supervisor one_for_one\] running$", out, re.M), out
+    assert re.search(r"^│  ├─ dev \[actor\] running \d+$", out, re.M), out
+    assert re.search(r"^│  ├─ log \[actor\] running \d+ \(requires auth\)$", out, re.M), out
+    assert re.search(r"^│  └─ net \[actor\] running \d+ \(requires dev, auth\)$", out, re.M), out
+    # a login, and a permission its user holds
+    assert re.search(r'"ok": true, "user": "alice", "token": "[\w-]{40,}"', out), out
+    assert '{"ok": true, "allowed": true, "user": "alice"}' in out
+    # logger(1)'s line, queried back before and after the logger is killed
+    assert out.count('"msg": "hello from logger(1)", "format": "rfc3164"') == 2, out
+    moved = re.search(r"^log: pid (\d+) -> (\d+) \(restarts: 1\)", out, re.M)
+    assert moved and moved.group(1) != moved.group(2), out
+    assert '"subsystems": {' in out and '"name": "lo"' in out  # dev and net answered
     assert re.search(r"^├─ store \[actor\] running \d+$", out, re.M), out
-    assert re.search(r"^└─ workers \[supervisor rest_for_one\] running$", out, re.M), out
+    assert re.search(r"^└─ workers \[supervisor rest_for_one\] running \(requires store\)$", out, re.M), out
     assert re.search(r"^   ├─ worker \[actor\] running \d+$", out, re.M), out
     assert "\nhello from ikos\n" in out  # the store answered the get
     assert "\n1\n" in out and "\n2\n" in out  # the counter counted
@@ -82,6 +99,96 @@ def test_demo_tours_and_shuts_down(tmp_path: Path, once: bool) -> None:
         assert "actor worker: running -> failed" in (root / "var/log/ikos/ikosd.log").read_text()
     finally:
         kill_marked(mark)
+
+
+def as_nobody(*argv: str) -> list[str]:
+    nobody = pwd.getpwnam("nobody")
+    return [
+        "setpriv",
+        f"--reuid={nobody.pw_uid}",
+        f"--regid={nobody.pw_gid}",
+        "--clear-groups",
+        *argv,
+    ]
+
+
+def runs_as_nobody(python: str) -> bool:
+    """Whether nobody may run ``python`` and import ikos's dependencies and the demo with it.
+
+    Through ``sh``: setpriv itself still holds root's capabilities when it
+    looks the program up, which nobody's own processes do not.
+    """
+    code = "import psutil, networkx, argon2, pyroute2, examples.demo"
+    res = subprocess.run(
+        as_nobody("sh", "-c", f"exec {shlex.quote(python)} -c {shlex.quote(code)}"),
+        env={"PATH": os.environ["PATH"], "PYTHONPATH": str(REPO), "HOME": "/"},
+        capture_output=True,
+    )
+    return res.returncode == 0
+
+
+def python_for_nobody(base: Path) -> str | None:
+    """A Python nobody may run with this venv's packages: this one, or Debian's beside it.
+
+    A Python built under /root (pyenv) is out of nobody's reach, as it would be
+    for any user but root; Debian's python3 of the same version, in a venv that
+    also reads this venv's site-packages, is what such a user would run.
+    """
+    if runs_as_nobody(sys.executable):
+        return sys.executable
+    system = Path(f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}")
+    if not system.exists():
+        return None
+    venv = base / "venv"
+    subprocess.run([str(system), "-m", "venv", "--without-pip", str(venv)], check=True)
+    [site] = (venv / "lib").glob("python3.*/site-packages")
+    ours = [p for p in sys.path if p.endswith("site-packages") and p.startswith(sys.prefix)]
+    (site / "ikos-test.pth").write_text("\n".join(ours) + "\n")
+    subprocess.run(["chmod", "-R", "a+rX", str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    return python if runs_as_nobody(python) else None
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("setpriv") is None,
+    reason="needs root and setpriv to run the demo as another user",
+)
+def test_demo_runs_without_root() -> None:
+    """As ``nobody`` the whole tour still runs; what needs root says so, nothing stays behind."""
+    base = Path(tempfile.mkdtemp(prefix="ikos-demo-nobody-"))
+    os.chmod(base, 0o755)
+    try:
+        python = python_for_nobody(base)
+        if python is None:
+            pytest.skip("no Python here that the user nobody may run with ikos's dependencies")
+        home = base / "home"
+        home.mkdir()
+        nobody = pwd.getpwnam("nobody")
+        os.chown(home, nobody.pw_uid, nobody.pw_gid)
+        root = home / "demo"
+        mark = uuid.uuid4().hex
+        env = demo_env(mark)
+        env.update(HOME=str(home), PYTHONDONTWRITEBYTECODE="1")
+        try:
+            res = subprocess.run(
+                as_nobody(python, "-m", "examples.demo", "--root", str(root), "--once"),
+                capture_output=True,
+                text=True,
+                cwd=REPO,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                timeout=180,
+            )
+            assert res.returncode == 0, res.stdout + res.stderr
+            check_tour(res.stdout, root)
+            assert "Running without root" in res.stdout, res.stdout
+            assert "CAP_NET_ADMIN is missing" in res.stdout, res.stdout
+            assert "Traceback" not in res.stderr
+            assert (left := left_behind(mark)) is None, left
+        finally:
+            kill_marked(mark)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_demo_on_a_terminal_runs_until_ctrl_c(tmp_path: Path) -> None:
