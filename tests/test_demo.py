@@ -56,7 +56,9 @@ def check_tour(out: str, root: Path) -> None:
     assert moved and moved.group(1) != moved.group(2), out
     assert '"subsystems": {' in out and '"name": "lo"' in out  # dev and net answered
     assert re.search(r"^├─ store \[actor\] running \d+$", out, re.M), out
-    assert re.search(r"^└─ workers \[supervisor rest_for_one\] running \(requires store\)$", out, re.M), out
+    assert re.search(
+        r"^└─ workers \[supervisor rest_for_one\] running \(requires store\)$", out, re.M
+    ), out
     assert re.search(r"^   ├─ worker \[actor\] running \d+$", out, re.M), out
     assert "\nhello from ikos\n" in out  # the store answered the get
     assert "\n1\n" in out and "\n2\n" in out  # the counter counted

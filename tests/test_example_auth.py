@@ -15,7 +15,6 @@ import os
 import pwd
 import shutil
 import stat
-import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -23,15 +22,12 @@ from typing import Any
 
 import psutil
 import pytest
-from conftest import HANG, REPO, Instance, wait_for
+from conftest import HANG, Instance, wait_for
 from test_ipc_api import needs_users, run_as, shared_instance, stranger  # noqa: F401  (a fixture: another user)
 
 import ikos
 import ikos.ipc
 import ikos.registry
-
-if str(REPO) not in sys.path:  # examples/ is imported from the checkout
-    sys.path.insert(0, str(REPO))
 from examples.system.auth import (
     MAX_PASSWORD,
     MAX_SESSIONS_PER_USER,

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import collections
 import os
-import sys
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -21,15 +20,13 @@ from typing import Any
 
 import psutil
 import pytest
-from conftest import HANG, REPO, Instance, wait_for
+from conftest import HANG, Instance, wait_for
 
 import ikos
 import ikos.ipc
 import ikos.registry
 
 # examples/ is not part of the installed distribution: import it from the checkout
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 from examples.system import dev as devmod
 from examples.system.dev import DeviceManager, modprobe_refusal, parse_uevent
 

@@ -35,8 +35,6 @@ from conftest import IKOSD, REPO, Instance, stop_and_check, wait_for
 from hypothesis import given
 from hypothesis import strategies as st
 
-if str(REPO) not in sys.path:  # examples/ is not installed: it is imported from the checkout
-    sys.path.insert(0, str(REPO))
 import ikos
 import ikos.ipc
 from examples.system.net import _dhcp, _dns
