@@ -56,6 +56,7 @@ from ikos._errors import (
 )
 from ikos.actors import _context
 from ikos.actors._actor import Actor
+from ikos.actors._ray_route import RayPlaced, find_ray_route
 from ikos.platform._memfd import (
     ANCILLARY_SIZE,
     MAX_PENDING_FDS,
@@ -316,7 +317,13 @@ class ActorRef(Generic[A]):
     def _context(self) -> _context.InstanceContext:
         ctx = self._ctx
         if ctx is None:
-            ctx = self._ctx = _context.get(self._root)
+            try:
+                ctx = self._ctx = _context.get(self._root)
+            except AuthenticationError:  # no instance here: a Ray node? (issue 13)
+                route = find_ray_route(self._root, self.name, None)
+                if route is None:
+                    raise
+                raise RayPlaced(route) from None
         return ctx
 
     def __repr__(self) -> str:
@@ -436,7 +443,7 @@ class ActorRef(Generic[A]):
             max_frame = client_handshake(sock, ctx.secret, max(deadline - time.monotonic(), 0.001))
         except (FileNotFoundError, ConnectionRefusedError):
             sock.close()
-            raise ActorDeadError(self.name, "not running (no mailbox is listening)")
+            raise self._not_listening(path)
         except TimeoutError:
             sock.close()
             raise
@@ -449,9 +456,17 @@ class ActorRef(Generic[A]):
         except OSError as exc:
             sock.close()
             if exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
-                raise ActorDeadError(self.name, "not running (no mailbox is listening)")
+                raise self._not_listening(path)
             raise ActorError(self.name, f"cannot connect: {exc}")
         return _Connection(sock, max_frame)
+
+    def _not_listening(self, path: Any) -> Exception:
+        """No mailbox at ``path``: the actor may be placed on Ray (``RayPlaced``, which
+        ``ask``/``tell``/``_call`` catch), else it is not running."""
+        route = find_ray_route(self._root, self.name, path.parent)
+        if route is not None:
+            return RayPlaced(route)
+        return ActorDeadError(self.name, "not running (no mailbox is listening)")
 
     def _conn(self, deadline: float) -> _Connection:
         key = (self._root, self.name)
@@ -508,14 +523,17 @@ class ActorRef(Generic[A]):
         then raises :class:`MailboxFull`. A message to an actor that is not
         running becomes a dead letter: logged and counted, not raised.
         """
-        if message.__class__ in SHM_TYPES and by_shm(message, self._context().shm_threshold):
-            self._send_shm(TELL, 0, message, timeout)
-            return
-        data = encode((TELL, 0, message))
         try:
-            self._send(data, timeout)
-        except ActorDeadError as exc:
-            _record_dead_letter(self._context(), self.name, exc.message)
+            if message.__class__ in SHM_TYPES and by_shm(message, self._context().shm_threshold):
+                self._send_shm(TELL, 0, message, timeout)
+                return
+            data = encode((TELL, 0, message))
+            try:
+                self._send(data, timeout)
+            except ActorDeadError as exc:
+                _record_dead_letter(self._context(), self.name, exc.message)
+        except RayPlaced as placed:
+            placed.route.tell(message, timeout)
 
     def _send_shm(self, kind: int, corr: int, message: Any, timeout: float) -> _Connection | None:
         """Send ``message`` in a memfd; the connection (None: a tell became a dead letter)."""
@@ -546,12 +564,15 @@ class ActorRef(Generic[A]):
         key = (self._root, self.name)
         existing = _pool.conns.get(key)
         corr = next(existing.ids) if existing is not None else 1
-        if message.__class__ in SHM_TYPES and by_shm(message, self._context().shm_threshold):
-            sent = self._send_shm(ASK, corr, message, timeout)
-            assert sent is not None  # an ask raises instead of dead-lettering
-            conn = sent
-        else:
-            conn = self._send(encode((ASK, corr, message)), timeout, asking=True)
+        try:
+            if message.__class__ in SHM_TYPES and by_shm(message, self._context().shm_threshold):
+                sent = self._send_shm(ASK, corr, message, timeout)
+                assert sent is not None  # an ask raises instead of dead-lettering
+                conn = sent
+            else:
+                conn = self._send(encode((ASK, corr, message)), timeout, asking=True)
+        except RayPlaced as placed:  # raised only where no local mailbox listens
+            return placed.route.ask(message, timeout)
         if conn is not existing:
             # a fresh connection numbers from 1: keep the id we sent consistent
             conn.ids = itertools.count(corr + 1)
@@ -571,7 +592,10 @@ class ActorRef(Generic[A]):
         deadline = time.monotonic() + timeout
         existing = _pool.conns.get((self._root, self.name))
         corr = next(existing.ids) if existing is not None else 1
-        conn = self._send(encode((CALL, corr, (method, args, kwargs))), timeout, asking=True)
+        try:
+            conn = self._send(encode((CALL, corr, (method, args, kwargs))), timeout, asking=True)
+        except RayPlaced as placed:
+            return placed.route.call(method, args, kwargs, timeout)
         if conn is not existing:
             conn.ids = itertools.count(corr + 1)
         kind, value = self._reply(conn, corr, deadline, timeout)

@@ -110,6 +110,7 @@ _TOP_TABLES: Final = (
     "ipc",
     "monitor",
     "alerts",
+    "ray",
 )
 _KINDS: Final = ("supervisors", "actors", "executables")
 _KIND_NOUN: Final = {"supervisors": "supervisor", "actors": "actor", "executables": "executable"}
@@ -144,7 +145,11 @@ _SETTINGS_KEYS: Final = (
     "readers",
 )
 _ROOT_KEYS: Final = ("name", "strategy", "max_restarts", "within", "description")
-_SUPERVISOR_KEYS: Final = ("parent", "strategy", "max_restarts", "within", *_COMMON_KEYS)
+_SUPERVISOR_KEYS: Final = (
+    "parent", "strategy", "max_restarts", "within", "placement", *_COMMON_KEYS,
+)  # fmt: skip
+#: ``[ray]``: the cluster that actors placed on Ray run on (docs/scaling.md).
+_RAY_KEYS: Final = ("address", "namespace")
 _ACTOR_KEYS: Final = (
     "class",
     "supervisor",
@@ -152,6 +157,7 @@ _ACTOR_KEYS: Final = (
     "kwargs",
     "mailbox_size",
     "start_timeout",
+    "placement",
     *_COMMON_KEYS,
     *_DECLARATION_KEYS,
 )
@@ -218,6 +224,9 @@ class ManagerSettings:
     mailbox_size: int = 1000
     max_message_bytes: int = 64 * 1024 * 1024
     readers: int | None = None
+    #: ``[ray] address`` and ``namespace``: the Ray cluster of placed actors (issue 13).
+    ray_address: str | None = None
+    ray_namespace: str = "ikos"
 
 
 @dataclass(frozen=True)
@@ -1109,7 +1118,25 @@ class _Loader:
             mailbox_size=t.integer("mailbox_size", defaults.mailbox_size, 1),
             max_message_bytes=t.integer("max_message_bytes", defaults.max_message_bytes, 1),
             readers=self._readers(t),
+            **self._ray(document),
         )
+
+    def _ray(self, document: Mapping[str, Any]) -> dict[str, Any]:
+        """``[ray]``: ``address`` (as ``ray.init`` takes it) and ``namespace``."""
+        t = self._section(document, "ray")
+        self.warnings += t.unknown(_RAY_KEYS)
+        address = t.string("address", "") or None
+        return {"ray_address": address, "ray_namespace": t.string("namespace", "ikos") or "ikos"}
+
+    @staticmethod
+    def _placement(t: _Table) -> Any:
+        """An entry's ``placement``: "ray", "local" or a table of ``ikos.Ray``'s fields."""
+        value = t.get("placement")
+        if value is _MISSING:
+            return None
+        if not isinstance(value, str | dict):
+            raise t.error("placement", '"ray", "local" or a table of ikos.Ray fields', value)
+        return value
 
     def _readers(self, t: _Table) -> int | None:
         value = t.get("readers")
@@ -1259,6 +1286,7 @@ class _Loader:
             after=t.names("after"),
             description=t.string("description", ""),
             backoff=backoff,
+            placement=self._placement(t),
         )
         return spec, "parent", t.unknown(_SUPERVISOR_KEYS) + warnings
 
@@ -1287,6 +1315,7 @@ class _Loader:
             mailbox_size=t.integer("mailbox_size", mailbox, 1),
             start_timeout=t.seconds("start_timeout", 30.0, zero_ok=False),
             backoff=backoff,
+            placement=self._placement(t),
         )
         return spec, "supervisor", t.unknown(_ACTOR_KEYS) + warnings
 
@@ -1374,6 +1403,7 @@ class _Loader:
                 after=spec.after,
                 description=spec.description,
                 backoff=spec.backoff,
+                placement=spec.placement,
             )
 
         return cast(Supervisor, build(root))

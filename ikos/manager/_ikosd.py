@@ -226,6 +226,7 @@ def prepare(
         "log_level": s.log_level,
         "metrics": s.metrics,
         "readers": s.readers,
+        "ray": (s.ray_address, s.ray_namespace),
     }
     config = Config(loaded.tree, loaded.file, loaded.services, loaded.health, loaded.warnings)
     return paths, config, read, settings
@@ -302,6 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             shutdown_timeout=settings.get("shutdown_timeout", 30.0),
             metrics=metrics,
             reader_gid=settings.get("readers"),
+            ray=settings.get("ray"),
         )
     except IkosError as exc:
         print(f"ikosd: {exc}", file=sys.stderr)
@@ -333,8 +335,17 @@ async def _serve(manager: Manager) -> int:
             signal.signal(sig, signal.SIG_IGN)
 
 
-def run(tree: Supervisor, root: str | os.PathLike[str] | None = None) -> int:
+def run(
+    tree: Supervisor,
+    root: str | os.PathLike[str] | None = None,
+    *,
+    ray_address: str | None = None,
+    ray_namespace: str = "ikos",
+) -> int:
     """Run ``tree`` as ikosd would, blocking until shutdown; return the exit status.
+
+    ``ray_address`` names the Ray cluster of the children placed on Ray
+    (``placement=ikos.Ray(...)``), as ``[ray] address`` does in a configuration.
 
     Example::
 
@@ -348,7 +359,8 @@ def run(tree: Supervisor, root: str | os.PathLike[str] | None = None) -> int:
         setup_logging("info", paths.log_dir)
     saved = {sig: signal.getsignal(sig) for sig in _CONTROL_SIGNALS}
     try:
-        return asyncio.run(Manager(paths, tree).run())
+        ray = (ray_address, ray_namespace)
+        return asyncio.run(Manager(paths, tree, ray=ray).run())
     finally:  # the caller's process gets its own handlers back
         for sig, handler in saved.items():
             signal.signal(sig, signal.SIG_DFL if handler is None else handler)
