@@ -15,8 +15,10 @@ installed (``pip install 'ikos[ray]'``; ``make test`` installs it where it can).
 from __future__ import annotations
 
 import os
+import re
 import signal
 import textwrap
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -153,6 +155,11 @@ def test_placement_asks_order_and_orderly_shutdown(
     answer, ran_on = ray.get(ask_from_node_b.remote("wa"), timeout=TIMEOUT)
     assert ran_on == nodes.b.node_id and answer["node_id"] == nodes.a.node_id
     assert sorted(ikos_actors_on_ray()) == ["wa", "wb"]
+    # metrics: each placed daemon's node, as a label of ikos_daemon_node_info
+    url = re.search(r"metrics (http://\S+/metrics)", inst.log_text())
+    assert url is not None
+    text = urllib.request.urlopen(url.group(1), timeout=30).read().decode()
+    assert f'ikos_daemon_node_info{{daemon="wa",supervisor="pool",node="{wa["node"]}"}} 1' in text
     # orderly shutdown: stopped in reverse order, and no Ray actor of ikos's is left
     assert inst.terminate(TIMEOUT) == 0
     log = inst.log_text()

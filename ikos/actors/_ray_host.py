@@ -23,8 +23,9 @@ gives it the semantics of the local runtime (``ikos/actors/_runtime.py``):
   for the message being handled, runs ``on_stop`` and ends the actor, as
   SIGTERM does locally; messages not yet handled get a dead-actor error.
 
-Unsupported on Ray for now (documented in docs/scaling.md): timers
-(``send_after``), monitors and hot code upgrade, which need the local
+Unsupported on Ray for now (documented in docs/scaling.md): ``async def``
+handlers (refused at start, with that reason), timers (``send_after``),
+monitors and hot code upgrade, which need the local
 runtime's event loop or ikosd's control socket.
 """
 
@@ -38,7 +39,7 @@ from typing import Any
 from ikos._codec import decode
 from ikos._errors import ActorCrashed, ActorDeadError
 from ikos.actors._call import MethodCall
-from ikos.actors._runtime import _describe
+from ikos.actors._runtime import _describe, is_async_actor
 from ikos.platform._forkserver import resolve_entry
 
 #: Concurrency groups of :class:`ActorHost` (``ray.remote(concurrency_groups=...)``).
@@ -68,6 +69,8 @@ class ActorHost:
 
         try:
             cls = resolve_entry(self._path)  # a class, imported by path as an entry is
+            if is_async_actor(cls):
+                raise TypeError("actors with async def handlers cannot be placed on Ray yet")
             args, kwargs = decode(self._boot)
             actor = cls(*args, **kwargs)
             actor.name = self.name
