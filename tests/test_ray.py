@@ -228,16 +228,17 @@ def test_intensity_exhaustion_escalates_to_the_parent(
 def test_node_loss_restarts_its_actors_on_the_surviving_node(
     ikosd_factory: Callable[..., Instance], nodes: Nodes
 ) -> None:
-    tree = """
+    tree = f"""
         import ikos
         tree = ikos.Supervisor("root", max_restarts=5, within=60, children=[
-            ikos.Child("mover", "ray_actors:Where", placement=ikos.Ray({"movable": 0.01})),
-            ikos.Child("stay", "ray_actors:Where", placement=ikos.Ray({"zone_a": 0.01})),
+            ikos.Child("mover", "ray_actors:Where", placement=ikos.Ray({{"movable": 0.01}})),
+            ikos.Child("stay", "ray_actors:Where", placement=ikos.Ray(node="{nodes.a.node_id}")),
         ])
     """
     inst = start(ikosd_factory, nodes, tree)
     before = wait_running_on(inst, "mover")
     stay = wait_running_on(inst, "stay")
+    assert stay["node_id"] == nodes.a.node_id  # pinned to a node by its id
     lost = nodes.b if before["node_id"] == nodes.b.node_id else nodes.c
     survivor = nodes.c if lost is nodes.b else nodes.b
     nodes.cluster.remove_node(lost)

@@ -87,9 +87,7 @@ class RayRoute:
             time.sleep(RETRY_EVERY)
 
     def _result(self, method: str, args: tuple[Any, ...], timeout: float) -> Any:
-        import ray
-        from ray.exceptions import GetTimeoutError, RayActorError
-
+        ray, GetTimeoutError, RayActorError = _ray()
         deadline = time.monotonic() + timeout
         for attempt in (0, 1):
             handle = self._lookup(deadline)
@@ -163,6 +161,21 @@ class RayRoute:
 
         inner.add_done_callback(done)
         return out
+
+
+_imported: tuple[Any, Any, Any] | None = None
+
+
+def _ray() -> tuple[Any, Any, Any]:
+    """``ray`` and the two exceptions a call tells apart, imported once (on first use:
+    a process that never reaches a Ray-placed actor never imports Ray)."""
+    global _imported
+    if _imported is None:
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        _imported = (ray, GetTimeoutError, RayActorError)
+    return _imported
 
 
 def find_ray_route(root: str | None, name: str, run_dir: Path | None) -> RayRoute | None:

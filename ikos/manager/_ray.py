@@ -314,8 +314,10 @@ class RaySpawner:
         handle.pid = int(reply.get("pid") or 0)
         handle.node_id = str(reply.get("node_id") or "")
         handle.node_ip = str(reply.get("node_ip") or "")
+        if not handle.alive:  # it ended before its start was answered: no route to it
+            return
         self._write_route(handle)
-        if not handle.ready.done() and handle.alive:
+        if not handle.ready.done():
             handle.ready.set_result({"event": "ready", "pid": handle.pid, "node": handle.node_id})
 
     def _write_route(self, handle: RayHandle) -> None:

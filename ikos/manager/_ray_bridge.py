@@ -92,7 +92,7 @@ class Bridge:
             except ValueError:
                 continue
             op = request.get("op")
-            if op == "spawn":  # slow (scheduling, on_start): a thread of its own
+            if op in ("spawn", "stop"):  # slow (scheduling, on_start, on_stop): a thread each
                 threading.Thread(target=self.answer, args=(request,), daemon=True).start()
             else:
                 self.answer(request)
