@@ -231,7 +231,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--actors", type=int, default=200)
     args = parser.parse_args()
-    import ray
+    try:
+        import ray
+    except ImportError:
+        print("bench.ray: skipped, Ray is not installed (pip install -e '.[ray]')")
+        return
 
     # one Ray worker process per actor, ~40 MB unique each (twice that of margin): fewer
     # when memory is short, as the table then says
