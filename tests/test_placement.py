@@ -75,3 +75,22 @@ def test_node_column_only_when_some_daemon_is_placed() -> None:
     assert "@10.0.0.2 01234567" in render_tree(_status("w", "10.0.0.2"), pipe)
     rows = top_rows([_status("a"), _status("w", "10.0.0.2")])
     assert "node" not in rows[0] and rows[1]["node"] == "10.0.0.2"
+
+
+@pytest.mark.parametrize(
+    ("entry", "key"),
+    [
+        ("placement = { resource = { a = 1 } }", "key 'placement'"),
+        ("placement = { resources = { a = -1 } }", "key 'placement.resources.a'"),
+        ("placement = 5", "key 'placement'"),
+    ],
+)
+def test_a_bad_placement_names_file_table_and_key(tmp_path: Path, entry: str, key: str) -> None:
+    from ikos.manager._config import load_config
+
+    path = tmp_path / "ikos.toml"
+    path.write_text(f'[actors.w]\nclass = "ray_actors:Where"\n{entry}\n')
+    with pytest.raises(ikos.ConfigError) as bad:
+        load_config(path)
+    assert str(path) in str(bad.value) and "[actors.w]" in str(bad.value)
+    assert key in str(bad.value)

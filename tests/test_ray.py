@@ -164,7 +164,8 @@ def test_placement_asks_order_and_orderly_shutdown(
     text = urllib.request.urlopen(url.group(1), timeout=30).read().decode()
     assert f'ikos_daemon_node_info{{daemon="wa",supervisor="pool",node="{wa["node"]}"}} 1' in text
     # orderly shutdown: stopped in reverse order, and no Ray actor of ikos's is left
-    assert inst.terminate(TIMEOUT) == 0
+    inst.ctl("shutdown", check=True)
+    assert inst.proc.wait(TIMEOUT) == 0
     log = inst.log_text()
     assert log.index("actor wb: running -> stopping") < log.index("actor wa: running -> stopping")
     wait_for(lambda: not ikos_actors_on_ray(), TIMEOUT, message="no ikos actor left on Ray")

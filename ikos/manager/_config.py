@@ -54,6 +54,7 @@ from ikos.platform._limits import LIMIT_NAMES
 from ikos.platform._memfd import DEFAULT_SHM_THRESHOLD
 from ikos.registry._health import HealthCheck
 from ikos.registry._service import InvalidService, ServiceInfo, validate_service
+from ikos.supervision._placement import placement_of
 from ikos.supervision._spec import (
     EXEC_FIELDS,
     RESTART_TYPES,
@@ -1136,7 +1137,11 @@ class _Loader:
             return None
         if not isinstance(value, str | dict):
             raise t.error("placement", '"ray", "local" or a table of ikos.Ray fields', value)
-        return value
+        try:
+            return placement_of(value, "placement")
+        except SpecError as exc:  # named by the file, table and key, as every bad entry
+            key = "placement" if exc.key in (None, "placement") else f"placement.{exc.key}"
+            raise t.error(key, exc.expected, exc.got) from None
 
     def _readers(self, t: _Table) -> int | None:
         value = t.get("readers")
