@@ -138,7 +138,8 @@ class DaemonCollector(Collector):
         yield restarts
         yield started
         yield dead
-        yield placed
+        if any(row.node for row in snap.daemons):  # a local-only instance's page is unchanged
+            yield placed
         trans = TextFamily(
             "ikos_state_transitions",
             "counter",
