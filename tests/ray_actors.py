@@ -6,7 +6,19 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import ikos
 from ikos.actors._actor import Actor
+
+#: A Ray worker starts in about a second, on a loaded machine in tens of seconds: a slow
+#: start must not count as a failure in the tests.
+START_TIMEOUT = 120.0
+
+
+def where(name: str, **placement: Any) -> ikos.Child:
+    """A :class:`Where` child placed on Ray by ``placement`` (``ikos.Ray``'s fields)."""
+    return ikos.Child(
+        name, "ray_actors:Where", start_timeout=START_TIMEOUT, placement=ikos.Ray(**placement)
+    )
 
 
 class Where(Actor):

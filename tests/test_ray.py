@@ -34,7 +34,8 @@ pytestmark = pytest.mark.slow
 
 #: A small object store per node: the machine has many agents and 2 cores.
 STORE = 80 * 1024 * 1024
-#: Generous: a Ray worker process starts in about a second, on a loaded machine in ten.
+#: Generous: a Ray worker process starts in about a second, on a loaded machine in tens
+#: (the children's start_timeout is as long: a slow start must not count as a failure).
 TIMEOUT = 120.0
 
 
@@ -113,10 +114,11 @@ def wait_running_on(inst: Instance, name: str, *, not_pid: int | None = None) ->
 
 TWO_ZONES = """
     import ikos
+    from ray_actors import where
     tree = ikos.Supervisor("root", max_restarts=5, within=60, children=[
         ikos.Supervisor("pool", strategy="one_for_all", max_restarts=5, within=60, children=[
-            ikos.Child("wa", "ray_actors:Where", placement=ikos.Ray({"zone_a": 0.01})),
-            ikos.Child("wb", "ray_actors:Where", placement=ikos.Ray({"zone_b": 0.01})),
+            where("wa", resources={"zone_a": 0.01}),
+            where("wb", resources={"zone_b": 0.01}),
         ]),
     ])
 """
@@ -205,9 +207,10 @@ def test_intensity_exhaustion_escalates_to_the_parent(
 ) -> None:
     tree = """
         import ikos
+        from ray_actors import where
         tree = ikos.Supervisor("root", max_restarts=5, within=60, children=[
             ikos.Supervisor("pool", max_restarts=1, within=60, children=[
-                ikos.Child("w", "ray_actors:Where"),
+                ikos.Child("w", "ray_actors:Where", start_timeout=120),
             ], placement=ikos.Ray({"zone_a": 0.01})),
         ])
     """
@@ -234,9 +237,10 @@ def test_node_loss_restarts_its_actors_on_the_surviving_node(
 ) -> None:
     tree = f"""
         import ikos
+        from ray_actors import where
         tree = ikos.Supervisor("root", max_restarts=5, within=60, children=[
-            ikos.Child("mover", "ray_actors:Where", placement=ikos.Ray({{"movable": 0.01}})),
-            ikos.Child("stay", "ray_actors:Where", placement=ikos.Ray(node="{nodes.a.node_id}")),
+            where("mover", resources={{"movable": 0.01}}),
+            where("stay", node="{nodes.a.node_id}"),
         ])
     """
     inst = start(ikosd_factory, nodes, tree)
