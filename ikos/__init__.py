@@ -53,6 +53,7 @@ from ikos.actors._timers import Timer
 from ikos.manager._ikosd import run
 from ikos.manager._local import LocalSystem, local
 from ikos.supervision._client import spawn, start_child, terminate_child, upgrade
+from ikos.supervision._placement import Ray
 from ikos.supervision._spec import Backoff, Child, Exec, Supervisor
 
 __all__ = [
@@ -77,6 +78,7 @@ __all__ = [
     "MethodRefused",
     "NoSuchDaemon",
     "PermissionDenied",
+    "Ray",
     "SpawnError",
     "SpecError",
     "Supervisor",

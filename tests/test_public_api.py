@@ -43,6 +43,7 @@ PUBLIC_NAMES = [
     "MethodRefused",
     "NoSuchDaemon",
     "PermissionDenied",
+    "Ray",
     "SpawnError",
     "SpecError",
     "Supervisor",

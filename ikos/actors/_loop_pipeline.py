@@ -51,6 +51,7 @@ from ikos.actors._pipeline import (
     read_replies,
     write_some,
 )
+from ikos.actors._ray_route import RayPlaced
 from ikos.actors._ref import REPLY_OK, _Connection
 from ikos.platform._memfd import close_all
 
@@ -237,6 +238,8 @@ async def ask_async(ref: ActorRef[Any], message: Any, timeout: float) -> Any:
                 owned, fd = fd, -1  # the pipeline's from here
                 return await pipe.ask(corr, frame, owned, timeout, deadline)
         raise ActorDeadError(ref.name, "the connection broke")
+    except RayPlaced as placed:  # no local mailbox: the actor runs on Ray (issue 13)
+        return await asyncio.wrap_future(placed.route.future(message, timeout))
     finally:
         if fd >= 0:
             os.close(fd)

@@ -71,6 +71,7 @@ from ikos._errors import (
     MethodRefused,
 )
 from ikos.actors._call import MethodCall
+from ikos.actors._ray_route import RayPlaced
 from ikos.actors._ref import (
     ASK,
     CALL,
@@ -467,6 +468,8 @@ def submit(ref: ActorRef[Any], message: Any, timeout: float) -> Future[Any]:
                 return future
             # closed between lookup and queueing (the actor restarted): a new one
         raise ActorDeadError(ref.name, "the connection broke")
+    except RayPlaced as placed:  # no local mailbox: the actor runs on Ray (issue 13)
+        return placed.route.future(message, timeout)
     except BaseException as exc:
         _settle(future, as_ask_error(ref, exc, timeout))
         if not isinstance(exc, Exception):

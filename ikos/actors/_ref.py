@@ -56,6 +56,7 @@ from ikos._errors import (
 )
 from ikos.actors import _context
 from ikos.actors._actor import Actor
+from ikos.actors._ray_route import RayPlaced, RayRoute, find_ray_route
 from ikos.platform._memfd import (
     ANCILLARY_SIZE,
     MAX_PENDING_FDS,
@@ -306,17 +307,25 @@ class ActorRef(Generic[A]):
         n: int = counter.proxy().incr(5)      # checked against Counter.incr
     """
 
-    __slots__ = ("_ctx", "_root", "name")
+    __slots__ = ("_ctx", "_ray", "_root", "name")
 
     def __init__(self, name: str, *, root: str | os.PathLike[str] | None = None) -> None:
         self.name = name
         self._root = os.fspath(root) if root is not None else None
         self._ctx: _context.InstanceContext | None = None
+        #: The way to the actor when it runs on Ray (found where no local mailbox listened).
+        self._ray: RayRoute | None = None
 
     def _context(self) -> _context.InstanceContext:
         ctx = self._ctx
         if ctx is None:
-            ctx = self._ctx = _context.get(self._root)
+            try:
+                ctx = self._ctx = _context.get(self._root)
+            except AuthenticationError:  # no instance here: a Ray node? (issue 13)
+                route = find_ray_route(self._root, self.name, None)
+                if route is None:
+                    raise
+                raise RayPlaced(route) from None
         return ctx
 
     def __repr__(self) -> str:
@@ -436,7 +445,7 @@ class ActorRef(Generic[A]):
             max_frame = client_handshake(sock, ctx.secret, max(deadline - time.monotonic(), 0.001))
         except (FileNotFoundError, ConnectionRefusedError):
             sock.close()
-            raise ActorDeadError(self.name, "not running (no mailbox is listening)")
+            raise self._not_listening(path)
         except TimeoutError:
             sock.close()
             raise
@@ -449,9 +458,17 @@ class ActorRef(Generic[A]):
         except OSError as exc:
             sock.close()
             if exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
-                raise ActorDeadError(self.name, "not running (no mailbox is listening)")
+                raise self._not_listening(path)
             raise ActorError(self.name, f"cannot connect: {exc}")
         return _Connection(sock, max_frame)
+
+    def _not_listening(self, path: Any) -> Exception:
+        """No mailbox at ``path``: the actor may be placed on Ray (``RayPlaced``, which
+        ``ask``/``tell``/``_call`` catch), else it is not running."""
+        route = find_ray_route(self._root, self.name, path.parent)
+        if route is not None:
+            return RayPlaced(route)
+        return ActorDeadError(self.name, "not running (no mailbox is listening)")
 
     def _conn(self, deadline: float) -> _Connection:
         key = (self._root, self.name)
@@ -508,14 +525,27 @@ class ActorRef(Generic[A]):
         then raises :class:`MailboxFull`. A message to an actor that is not
         running becomes a dead letter: logged and counted, not raised.
         """
-        if message.__class__ in SHM_TYPES and by_shm(message, self._context().shm_threshold):
-            self._send_shm(TELL, 0, message, timeout)
+        if self._ray is not None:  # placed on Ray: see _via_ray
+            self._tell_ray(message, timeout)
             return
-        data = encode((TELL, 0, message))
         try:
-            self._send(data, timeout)
-        except ActorDeadError as exc:
-            _record_dead_letter(self._context(), self.name, exc.message)
+            if message.__class__ in SHM_TYPES and by_shm(message, self._context().shm_threshold):
+                self._send_shm(TELL, 0, message, timeout)
+                return
+            data = encode((TELL, 0, message))
+            try:
+                self._send(data, timeout)
+            except ActorDeadError as exc:
+                _record_dead_letter(self._context(), self.name, exc.message)
+        except RayPlaced as placed:
+            self._ray = placed.route
+            self._tell_ray(message, timeout)
+
+    def _tell_ray(self, message: Any, timeout: float) -> None:
+        try:
+            self._via_ray("tell", message, timeout)
+        except ActorDeadError:
+            pass  # a dead letter, as a local tell's (counted where the instance is known)
 
     def _send_shm(self, kind: int, corr: int, message: Any, timeout: float) -> _Connection | None:
         """Send ``message`` in a memfd; the connection (None: a tell became a dead letter)."""
@@ -542,16 +572,22 @@ class ActorRef(Generic[A]):
         A bytes-like message or reply of at least the shared-memory threshold
         travels in a memfd, and arrives as a read-only ``memoryview``.
         """
+        if self._ray is not None:  # placed on Ray: see _via_ray
+            return self._via_ray("ask", message, timeout)
         deadline = time.monotonic() + timeout
         key = (self._root, self.name)
         existing = _pool.conns.get(key)
         corr = next(existing.ids) if existing is not None else 1
-        if message.__class__ in SHM_TYPES and by_shm(message, self._context().shm_threshold):
-            sent = self._send_shm(ASK, corr, message, timeout)
-            assert sent is not None  # an ask raises instead of dead-lettering
-            conn = sent
-        else:
-            conn = self._send(encode((ASK, corr, message)), timeout, asking=True)
+        try:
+            if message.__class__ in SHM_TYPES and by_shm(message, self._context().shm_threshold):
+                sent = self._send_shm(ASK, corr, message, timeout)
+                assert sent is not None  # an ask raises instead of dead-lettering
+                conn = sent
+            else:
+                conn = self._send(encode((ASK, corr, message)), timeout, asking=True)
+        except RayPlaced as placed:  # raised only where no local mailbox listens
+            self._ray = placed.route
+            return self._via_ray("ask", message, timeout)
         if conn is not existing:
             # a fresh connection numbers from 1: keep the id we sent consistent
             conn.ids = itertools.count(corr + 1)
@@ -563,15 +599,34 @@ class ActorRef(Generic[A]):
             return value
         raise value
 
+    def _via_ray(self, verb: str, *args: Any) -> Any:
+        """``ask``/``tell``/``call`` through this reference's Ray route (issue 13,
+        ``ikos/actors/_ray_route.py``). Once a reference found its actor on Ray it goes
+        there directly (no local connect tried first); after a dead-actor error it looks
+        again, local mailbox first, so an actor moved back to a local process is found."""
+        route = self._ray
+        assert route is not None
+        try:
+            return getattr(route, verb)(*args)
+        except ActorDeadError:
+            self._ray = None
+            raise
+
     def _call(self, target: tuple[str, float], *args: Any, **kwargs: Any) -> Any:
         """:meth:`ask`'s twin for a proxy's method call ``target`` = (method, timeout),
         sent as a ``CALL`` frame; apart, so that ``ask`` carries no branch for it.
         Raises the remote error, or the :class:`MethodRefused` the actor answered."""
         method, timeout = target
+        if self._ray is not None:  # placed on Ray: see _via_ray
+            return self._via_ray("call", method, args, kwargs, timeout)
         deadline = time.monotonic() + timeout
         existing = _pool.conns.get((self._root, self.name))
         corr = next(existing.ids) if existing is not None else 1
-        conn = self._send(encode((CALL, corr, (method, args, kwargs))), timeout, asking=True)
+        try:
+            conn = self._send(encode((CALL, corr, (method, args, kwargs))), timeout, asking=True)
+        except RayPlaced as placed:
+            self._ray = placed.route
+            return self._via_ray("call", method, args, kwargs, timeout)
         if conn is not existing:
             conn.ids = itertools.count(corr + 1)
         kind, value = self._reply(conn, corr, deadline, timeout)

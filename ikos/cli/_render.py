@@ -194,6 +194,8 @@ def _status_block(status: Status, style: Style, now: float) -> str:
     field("Restarts", _text(status.get("restarts", 0)))
     parent = status.get("supervisor")
     field("Supervisor", _text(parent) if parent else "none (root of the tree)")
+    if status.get("placement") == "ray":
+        field("Node", _node_cell(status) + " (Ray)")
     children = status.get("children")
     if isinstance(children, list) and children:
         names = [_text(c.get("name") if isinstance(c, Mapping) else c) for c in children]
@@ -297,7 +299,7 @@ def render_top(rows: Sequence[Status], style: Style) -> str:
                 (_text(row.get("restarts", 0)), None),
             ]
         )
-    return _table(TOP_COLUMNS, out, style)
+    return _table(*_with_nodes(TOP_COLUMNS, rows, out), style)
 
 
 def _health_line(health: str, checks: Any, style: Style) -> str:
@@ -370,7 +372,27 @@ def render_list(statuses: Sequence[Status], style: Style, now: float) -> str:
                 (_text(status.get("supervisor") or "-"), None),
             ]
         )
-    return _table(LIST_COLUMNS, rows, style)
+    return _table(*_with_nodes(LIST_COLUMNS, statuses, rows), style)
+
+
+def _node_cell(status: Status) -> str:
+    """Where a Ray-placed actor runs: its node's address (and id), or ``-``."""
+    node, node_id = status.get("node"), status.get("node_id")
+    if not node:
+        return "-"
+    return _text(node) + (f" {_text(node_id)[:8]}" if node_id else "")
+
+
+def _with_nodes(
+    headers: Sequence[str], statuses: Sequence[Status], rows: list[list[tuple[str, str | None]]]
+) -> tuple[Sequence[str], list[list[tuple[str, str | None]]]]:
+    """A last column NODE when some daemon is placed on Ray (docs/scaling.md); a tree
+    without placements keeps its columns as they were, for the scripts that cut them."""
+    if not any(s.get("placement") == "ray" for s in statuses):
+        return headers, rows
+    for status, row in zip(statuses, rows, strict=True):
+        row.append((_node_cell(status) if status.get("placement") == "ray" else "-", None))
+    return (*headers, "NODE"), rows
 
 
 def render_tree(root: Status, style: Style, *, deps: bool = False) -> str:
@@ -420,6 +442,8 @@ def _tree_label(node: Status, style: Style) -> str:
     text = f"{_text(node.get('name'))} [{kind}] {style.state(state)}"
     if node.get("pid") is not None:
         text += f" {_text(node['pid'])}"
+    if node.get("placement") == "ray":
+        text += f" @{_node_cell(node)}"
     return text
 
 

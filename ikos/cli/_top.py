@@ -48,6 +48,8 @@ def top_rows(statuses: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         row = {key: status.get(key) for key in ROW_FIELDS}
         usage = status.get("usage")
         row["usage"] = dict(usage) if isinstance(usage, Mapping) else None
+        if status.get("placement") == "ray":  # where it runs (docs/scaling.md)
+            row.update(placement="ray", node=status.get("node"), node_id=status.get("node_id"))
         rows.append(row)
     return rows
 

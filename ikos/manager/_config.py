@@ -54,6 +54,7 @@ from ikos.platform._limits import LIMIT_NAMES
 from ikos.platform._memfd import DEFAULT_SHM_THRESHOLD
 from ikos.registry._health import HealthCheck
 from ikos.registry._service import InvalidService, ServiceInfo, validate_service
+from ikos.supervision._placement import placement_of
 from ikos.supervision._spec import (
     EXEC_FIELDS,
     RESTART_TYPES,
@@ -110,6 +111,7 @@ _TOP_TABLES: Final = (
     "ipc",
     "monitor",
     "alerts",
+    "ray",
 )
 _KINDS: Final = ("supervisors", "actors", "executables")
 _KIND_NOUN: Final = {"supervisors": "supervisor", "actors": "actor", "executables": "executable"}
@@ -145,7 +147,11 @@ _SETTINGS_KEYS: Final = (
     "log_to_stdout",
 )
 _ROOT_KEYS: Final = ("name", "strategy", "max_restarts", "within", "description")
-_SUPERVISOR_KEYS: Final = ("parent", "strategy", "max_restarts", "within", *_COMMON_KEYS)
+_SUPERVISOR_KEYS: Final = (
+    "parent", "strategy", "max_restarts", "within", "placement", *_COMMON_KEYS,
+)  # fmt: skip
+#: ``[ray]``: the cluster that actors placed on Ray run on (docs/scaling.md).
+_RAY_KEYS: Final = ("address", "namespace")
 _ACTOR_KEYS: Final = (
     "class",
     "supervisor",
@@ -153,6 +159,7 @@ _ACTOR_KEYS: Final = (
     "kwargs",
     "mailbox_size",
     "start_timeout",
+    "placement",
     *_COMMON_KEYS,
     *_DECLARATION_KEYS,
 )
@@ -223,6 +230,9 @@ class ManagerSettings:
     max_message_bytes: int = 64 * 1024 * 1024
     readers: int | None = None
     log_to_stdout: bool | None = None
+    #: ``[ray] address`` and ``namespace``: the Ray cluster of placed actors (issue 13).
+    ray_address: str | None = None
+    ray_namespace: str = "ikos"
 
 
 @dataclass(frozen=True)
@@ -1117,6 +1127,7 @@ class _Loader:
             max_message_bytes=t.integer("max_message_bytes", defaults.max_message_bytes, 1),
             readers=self._readers(t),
             log_to_stdout=self._log_to_stdout(t),
+            **self._ray(document),
         )
 
     def _log_to_stdout(self, t: _Table) -> bool | None:
@@ -1126,6 +1137,27 @@ class _Loader:
         if not isinstance(value, bool):
             raise t.error("log_to_stdout", "true or false", value)
         return value
+
+    def _ray(self, document: Mapping[str, Any]) -> dict[str, Any]:
+        """``[ray]``: ``address`` (as ``ray.init`` takes it) and ``namespace``."""
+        t = self._section(document, "ray")
+        self.warnings += t.unknown(_RAY_KEYS)
+        address = t.string("address", "") or None
+        return {"ray_address": address, "ray_namespace": t.string("namespace", "ikos") or "ikos"}
+
+    @staticmethod
+    def _placement(t: _Table) -> Any:
+        """An entry's ``placement``: "ray", "local" or a table of ``ikos.Ray``'s fields."""
+        value = t.get("placement")
+        if value is _MISSING:
+            return None
+        if not isinstance(value, str | dict):
+            raise t.error("placement", '"ray", "local" or a table of ikos.Ray fields', value)
+        try:
+            return placement_of(value, "placement")
+        except SpecError as exc:  # named by the file, table and key, as every bad entry
+            key = "placement" if exc.key in (None, "placement") else f"placement.{exc.key}"
+            raise t.error(key, exc.expected, exc.got) from None
 
     def _readers(self, t: _Table) -> int | None:
         value = t.get("readers")
@@ -1275,6 +1307,7 @@ class _Loader:
             after=t.names("after"),
             description=t.string("description", ""),
             backoff=backoff,
+            placement=self._placement(t),
         )
         return spec, "parent", t.unknown(_SUPERVISOR_KEYS) + warnings
 
@@ -1303,6 +1336,7 @@ class _Loader:
             mailbox_size=t.integer("mailbox_size", mailbox, 1),
             start_timeout=t.seconds("start_timeout", 30.0, zero_ok=False),
             backoff=backoff,
+            placement=self._placement(t),
         )
         return spec, "supervisor", t.unknown(_ACTOR_KEYS) + warnings
 
@@ -1390,6 +1424,7 @@ class _Loader:
                 after=spec.after,
                 description=spec.description,
                 backoff=spec.backoff,
+                placement=spec.placement,
             )
 
         return cast(Supervisor, build(root))

@@ -267,6 +267,7 @@ def prepare(
         "metrics": s.metrics,
         "readers": s.readers,
         "log_to_stdout": s.log_to_stdout,
+        "ray": (s.ray_address, s.ray_namespace),
     }
     config = Config(loaded.tree, loaded.file, loaded.services, loaded.health, loaded.warnings)
     return paths, config, read, settings
@@ -361,6 +362,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             reader_gid=settings.get("readers"),
             init=init,
             log_to_stdout=_first(args.log_to_stdout, settings.get("log_to_stdout"), init),
+            ray=settings.get("ray"),
         )
     except IkosError as exc:
         print(f"ikosd: {exc}", file=sys.stderr)
@@ -401,8 +403,17 @@ async def _serve(manager: Manager, early: Sequence[int] = ()) -> int:
             signal.signal(sig, signal.SIG_IGN)
 
 
-def run(tree: Supervisor, root: str | os.PathLike[str] | None = None) -> int:
+def run(
+    tree: Supervisor,
+    root: str | os.PathLike[str] | None = None,
+    *,
+    ray_address: str | None = None,
+    ray_namespace: str = "ikos",
+) -> int:
     """Run ``tree`` as ikosd would, blocking until shutdown; return the exit status.
+
+    ``ray_address`` names the Ray cluster of the children placed on Ray
+    (``placement=ikos.Ray(...)``), as ``[ray] address`` does in a configuration.
 
     Example::
 
@@ -416,7 +427,8 @@ def run(tree: Supervisor, root: str | os.PathLike[str] | None = None) -> int:
         setup_logging("info", paths.log_dir)
     saved = {sig: signal.getsignal(sig) for sig in _CONTROL_SIGNALS}
     try:
-        return asyncio.run(Manager(paths, tree).run())
+        ray = (ray_address, ray_namespace)
+        return asyncio.run(Manager(paths, tree, ray=ray).run())
     finally:  # the caller's process gets its own handlers back
         for sig, handler in saved.items():
             signal.signal(sig, signal.SIG_DFL if handler is None else handler)

@@ -66,6 +66,7 @@ from ikos.manager._extension import (
 )
 from ikos.manager._logs import DaemonLogs, OutputForwarder
 from ikos.manager._operations import TreeOperations
+from ikos.manager._ray import RayHandle, RaySpawner
 from ikos.manager._recovery import MARK_DAEMON, MARK_INSTANCE, Recovery, instance_mark
 from ikos.manager._state import StateStore
 from ikos.platform._database import DatabaseUnavailable
@@ -141,6 +142,7 @@ class Manager:
         reader_gid: int | None = None,
         init: bool = False,
         log_to_stdout: bool = False,
+        ray: tuple[str | None, str] | None = None,
     ) -> None:
         if isinstance(config, Supervisor):
             config = Config(config)
@@ -173,7 +175,11 @@ class Manager:
             environ={MARK_INSTANCE: self.mark},
             daemon_variable=MARK_DAEMON,
         )
-        self.spawners: dict[str, Spawner] = {"actor": self.actors, "exec": self.execs}
+        # issue 13: children placed on Ray; the bridge (and Ray) start with the first one
+        self.ray = RaySpawner(paths, *(ray or (None, "ikos")))
+        self.spawners: dict[str, Spawner] = {
+            "actor": self.actors, "exec": self.execs, "ray": self.ray,
+        }  # fmt: skip
         self.extensions: list[Extension] = (
             list(extensions) if extensions is not None else default_extensions(metrics)
         )
@@ -238,7 +244,7 @@ class Manager:
         assert isinstance(node, Node)
         out = node.status()
         if isinstance(node, WorkerNode):
-            self.spawners[node.kind].decorate_status(node, out)
+            self._spawner(node).decorate_status(node, out)
             if self.state is not None and not self.state.saved(node.name):
                 out["state_saved"] = False
         for ext in self._started:
@@ -300,14 +306,14 @@ class Manager:
     def _journal(self, node: WorkerNode, old: State, new: State) -> None:
         handle = node.handle
         if new is State.RUNNING and handle is not None:
-            if self.state is not None:
+            if self.state is not None and not isinstance(handle, RayHandle):
                 sid = handle.sid if isinstance(handle, ExecHandle) else handle.pid
                 started = node.started_at or time.time()
                 self.state.running(node.name, node.kind, handle.pid, sid, node.restarts, started)
         elif new in (State.STOPPED, State.FAILED) and old in _WITH_PROCESS:
             if self.state is not None:
                 self.state.gone(node.name)
-            self.spawners[node.kind].exited(node)
+            self._spawner(node).exited(node)
 
     async def before_stop(self, node: WorkerNode) -> None:
         for ext in self._started:
@@ -335,9 +341,17 @@ class Manager:
             self._stop.set()
 
     def retire(self, node: WorkerNode) -> None:
-        self.spawners[node.kind].retire(node)
+        self._spawner(node).retire(node)
+
+    def _spawner(self, node: WorkerNode) -> Spawner:
+        """The spawner of ``node``: by its kind, or Ray's for a child placed on Ray."""
+        if getattr(node.spec, "placement", None) is not None:
+            return self.ray
+        return self.spawners[node.kind]
 
     async def spawn(self, node: WorkerNode) -> Running:
+        if getattr(node.spec, "placement", None) is not None:
+            return await self.ray.spawn(node)  # owned by the Ray bridge: never adopted
         found = self.recovery.take(node.name, node.kind) if self.recovery is not None else None
         if found is None:
             return await self.spawners[node.kind].spawn(node)
@@ -548,6 +562,8 @@ class Manager:
             self._reap_retry.cancel()
         with contextlib.suppress(ValueError, RuntimeError):
             loop.remove_signal_handler(signal.SIGCHLD)
+        with contextlib.suppress(Exception):
+            await self.ray.aclose()  # every placed actor has stopped: the bridge leaves
         self.forkserver.close()
         self.execs.close()
         self.logs.close()

@@ -32,6 +32,7 @@ from typing import Any
 from ikos._errors import ManagerError
 from ikos.actors._stats import ASK_BUCKETS
 from ikos.manager._extension import Config, Extension, ExtensionHost, NodeView, TreeView
+from ikos.manager._ray import RayHandle
 from ikos.monitor._metrics import (
     ActorRow,
     DaemonCollector,
@@ -176,6 +177,7 @@ class MetricsService(Extension):
                     node.restarts,
                     node.started_at,
                     dead.get(node.name, 0),
+                    _ray_node(node),
                 )
             )
         health = view.health()
@@ -196,3 +198,11 @@ class MetricsService(Extension):
             supervisors=supervisors,
             actors=actors,
         )
+
+
+def _ray_node(node: NodeView) -> str:
+    """The Ray node (address) a Ray-placed daemon runs on, else ""."""
+    handle = getattr(node, "handle", None)
+    if isinstance(handle, RayHandle) and handle.alive:
+        return handle.node_ip or handle.node_id
+    return ""

@@ -128,6 +128,8 @@ class SamplerService(Extension):
         assert self._view is not None
         for node in self._view.walk():
             if node.kind != "supervisor" and node.pid is not None and _active(node):
+                if getattr(node.spec, "placement", None) is not None:
+                    continue  # a Ray actor's pid is on its node, maybe another machine
                 yield Target(node.name, node.pid)
 
     def usage_of(self, node: NodeView) -> Usage | None:

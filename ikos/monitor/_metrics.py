@@ -45,6 +45,8 @@ class DaemonRow:
     restarts: int
     started_at: float | None
     dead_letters: int = 0
+    #: The Ray node a Ray-placed actor runs on ("" for a local process).
+    node: str = ""
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,15 @@ class DaemonCollector(Collector):
         dead = TextFamily(
             "ikos_dead_letters", "counter", "Messages to actors that were not there", ["daemon"]
         )
+        # An info series per Ray-placed daemon (docs/scaling.md): its node as a label, to
+        # join on ``daemon``; the daemon series keep their labels, so local-only
+        # instances and the dashboards' queries are unchanged.
+        placed = TextFamily(
+            "ikos_daemon_node_info",
+            "gauge",
+            "1 for each daemon placed on a Ray cluster, labelled with its node",
+            ["daemon", "supervisor", "node"],
+        )
         for row in snap.daemons:
             values = [row.name, row.kind, row.supervisor]
             for s in STATES:
@@ -120,11 +131,15 @@ class DaemonCollector(Collector):
                 started.add(values, row.started_at)
             if row.kind == "actor":
                 dead.add([row.name], float(row.dead_letters))
+            if row.node:
+                placed.add([row.name, row.supervisor, row.node], 1.0)
         yield state
         yield up
         yield restarts
         yield started
         yield dead
+        if any(row.node for row in snap.daemons):  # a local-only instance's page is unchanged
+            yield placed
         trans = TextFamily(
             "ikos_state_transitions",
             "counter",

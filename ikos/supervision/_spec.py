@@ -37,6 +37,7 @@ from ikos.platform._fields import (
     option,
     seconds,
 )
+from ikos.supervision._placement import PlacementLike, Ray, placement_of
 
 RestartType: TypeAlias = Literal["permanent", "transient", "temporary"]
 Strategy: TypeAlias = Literal["one_for_one", "one_for_all", "rest_for_one", "simple_one_for_one"]
@@ -102,6 +103,8 @@ class Child(_ChildBase):
     mailbox_size: int = 1000
     start_timeout: float = 30.0
     backoff: Backoff | None = None
+    #: Where its process runs: None, a local process; ``ikos.Ray(...)``, a Ray actor.
+    placement: Ray | None = None
 
     def __init__(
         self,
@@ -118,11 +121,13 @@ class Child(_ChildBase):
         mailbox_size: int = 1000,
         start_timeout: float = 30.0,
         backoff: Backoff | None = None,
+        placement: PlacementLike = None,
     ) -> None:
         _set(self, name=name, actor=actor, restart=restart, shutdown=shutdown)
         _set(self, args=tuple(args), kwargs=dict(kwargs or {}), requires=_names(requires))
         _set(self, after=_names(after), description=description, mailbox_size=mailbox_size)
         _set(self, start_timeout=start_timeout, backoff=backoff)
+        _set(self, placement=placement_of(placement, name))  # ikos.Ray (issue 13)
 
     @property
     def actor_path(self) -> str:
@@ -266,6 +271,8 @@ class Supervisor(_ChildBase):
     within: float = 5.0
     children: tuple[Child | Exec | Supervisor, ...] = ()
     backoff: Backoff | None = None
+    #: Given to every actor child below that names no placement of its own.
+    placement: Ray | None = None
 
     def __init__(
         self,
@@ -281,9 +288,12 @@ class Supervisor(_ChildBase):
         after: Sequence[str] = (),
         description: str = "",
         backoff: Backoff | None = None,
+        placement: PlacementLike = None,
     ) -> None:
         _set(self, name=name, strategy=strategy, max_restarts=max_restarts, within=within)
-        _set(self, children=tuple(children), restart=restart, shutdown=shutdown)
+        _set(self, placement=placement_of(placement, name))  # ikos.Ray (issue 13)
+        children = tuple(_placed(c, self.placement) for c in children)
+        _set(self, children=children, restart=restart, shutdown=shutdown)
         _set(self, requires=_names(requires), after=_names(after), description=description)
         _set(self, backoff=backoff)
 
@@ -306,6 +316,21 @@ def _names(value: Sequence[str] | str) -> tuple[str, ...]:
     if isinstance(value, str):
         return (value,)
     return tuple(value)
+
+
+def _placed(child: AnySpec, placement: Ray | None) -> AnySpec:
+    """``child`` with the supervisor's ``placement`` where it names none (executables
+    always run locally: Ray runs Python actors)."""
+    if placement is None or isinstance(child, Exec) or child.placement is not None:
+        return child
+    if isinstance(child, Supervisor):
+        return Supervisor(
+            child.name, child.strategy, child.max_restarts, child.within, child.children,
+            restart=child.restart, shutdown=child.shutdown, requires=child.requires,
+            after=child.after, description=child.description, backoff=child.backoff,
+            placement=placement,
+        )  # fmt: skip
+    return dataclasses.replace(child, placement=placement)
 
 
 def _set(obj: object, **values: Any) -> None:
