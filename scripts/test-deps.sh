@@ -5,9 +5,13 @@
 #   systemd        for systemd-notify, the sd_notify client in tests' scripts
 #   prometheus     a real Prometheus server (and promtool) scraping ikosd
 #                  (tests/prometheus.py, tests/test_prometheus.py)
+#   memcached      Debian's memcached.service (Type=simple) and memcached@.service
+#                  (a template) run unchanged (tests/test_units_debian.py)
+#   haproxy        Debian's haproxy.service (Type=notify, $VAR in Exec lines, two
+#                  ExecReload commands) run unchanged (tests/test_units_debian.py)
 # A fast no-op when they are installed. As root, apt-get installs what is
 # missing, non-interactively and quietly, with no service started by the
-# packages' scripts (they would take ports 80, 6379 and 9090 system-wide; the tests
+# packages' scripts (they would take ports 80, 6379, 9090 and 11211 system-wide; the tests
 # start their own instances). Anyone else gets one line saying what is
 # missing, and the tests that need it are skipped with that reason.
 set -eu
@@ -18,6 +22,8 @@ command -v nginx >/dev/null 2>&1 || missing="$missing nginx"
 command -v redis-server >/dev/null 2>&1 || missing="$missing redis-server"
 command -v systemd-notify >/dev/null 2>&1 || missing="$missing systemd"
 command -v prometheus >/dev/null 2>&1 || missing="$missing prometheus"
+command -v memcached >/dev/null 2>&1 || missing="$missing memcached"
+command -v haproxy >/dev/null 2>&1 || missing="$missing haproxy"
 [ -z "$missing" ] && exit 0
 
 if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then

@@ -287,6 +287,8 @@ class Manager:
             self.spawners[node.kind].exited(node)
 
     async def before_stop(self, node: WorkerNode) -> None:
+        if isinstance(node.handle, ExecHandle):  # a unit's ExecStop= runs before the signal
+            await node.handle.run_stop_commands()
         for ext in self._started:
             try:
                 await ext.before_stop(node)
