@@ -531,6 +531,12 @@ class ExecHandle:
 
     async def reload(self) -> None:
         """Reload: the reload command, else the reload signal; for notify, wait for READY=1."""
+        if not self.spec.options.reloadable:
+            raise ManagerError(
+                f"'{self.spec.name}' cannot be reloaded: its unit has no ExecReload= "
+                "(set reload_signal or reload_command to give it one)",
+                "bad_request",
+            )
         command = self.spec.options.reload_command
         if self.plan.type == "notify":
             self.reloading = self.loop.create_future()

@@ -305,6 +305,9 @@ class ExecOptions:
         (), _check_unit_commands, "commands run in order by a reload (ExecReload=)",
         restarts=False, to_json=_commands_json,
     )  # fmt: skip
+    reloadable: bool = option(
+        True, boolean, "false: a reload is refused (a unit without ExecReload=)", restarts=False
+    )
     expand_environment: bool = option(
         False, boolean, "expand $VAR and ${VAR} in args from the daemon's environment"
     )

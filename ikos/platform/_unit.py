@@ -763,6 +763,8 @@ def unit_fields(
             commands = (*starts[1:], *commands)
         if commands:
             fields[option] = list(commands)
+    if "exec_reload" not in fields and "reload_signal" not in fields:
+        fields["reloadable"] = False  # systemd: "Job type reload is not applicable for unit"
     pid = m.get("Service", "PIDFile")
     if pid is not None and service_type == "forking":
         # other types: systemd reads it only when the daemon sends no MAINPID; ikos

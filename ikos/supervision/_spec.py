@@ -341,6 +341,8 @@ def exec_from_unit(
     :class:`~ikos.platform._unit.UnitError` naming the unit's file.
     """
     values = {**unit.fields, **overrides}
+    if overrides.keys() & {"reload_signal", "reload_command", "exec_reload"}:
+        values.pop("reloadable", None)  # a reload the user gives is one the unit can do
     try:
         return Exec(unit.name, unit.executable, requires=requires, after=after, **values)
     except SpecError as exc:
