@@ -53,7 +53,7 @@ from ikos.monitor._alerts import KINDS as ALERT_KINDS
 from ikos.platform._fields import close_match
 from ikos.platform._limits import LIMIT_NAMES
 from ikos.platform._memfd import DEFAULT_SHM_THRESHOLD
-from ikos.platform._unit import UnitError, UnitSpec, link_units, load_unit
+from ikos.platform._unit import UnitError, UnitSpec, link_units, load_unit, unit_files
 from ikos.registry._health import HealthCheck
 from ikos.registry._service import InvalidService, ServiceInfo, validate_service
 from ikos.supervision._spec import (
@@ -113,7 +113,9 @@ _TOP_TABLES: Final = (
     "ipc",
     "monitor",
     "alerts",
+    "units",
 )
+_UNITS_KEYS: Final = ("directory", "supervisor")
 _KINDS: Final = ("supervisors", "actors", "executables")
 _KIND_NOUN: Final = {"supervisors": "supervisor", "actors": "actor", "executables": "executable"}
 _COMMON_KEYS: Final = ("restart", "shutdown", "requires", "after", "description", "backoff")
@@ -1263,7 +1265,51 @@ class _Loader:
             elif not isinstance(parent, str):
                 raise t.error(parent_key, "the name of a supervisor (a string)", parent)
             entries[name] = _Entry(kind, name, t, parent, parent_key, order, spec)
+        self._unit_directories(document, entries, root_name, base_names)
         return entries
+
+    def _unit_directories(
+        self,
+        document: Mapping[str, Any],
+        entries: dict[str, _Entry],
+        root_name: str,
+        base_names: Mapping[str, bool],
+    ) -> None:
+        """``[units] directory``: every ``*.service`` there, after the file's other entries."""
+        t = self._section(document, "units")
+        if not t.data:
+            return
+        self.warnings += t.unknown(_UNITS_KEYS)
+        raw = t.get("directory")
+        folders = [raw] if isinstance(raw, str) else raw
+        expected = "a directory of systemd units, or an array of them"
+        if raw is _MISSING or not isinstance(folders, list) or not folders:
+            raise t.error("directory", expected + " (the key is required)", None)
+        parent = t.string("supervisor", root_name)
+        for folder in folders:
+            if not isinstance(folder, str) or not folder:
+                raise t.error("directory", expected, folder)
+            path = Path(folder) if Path(folder).is_absolute() else Path(self.file).parent / folder
+            try:
+                units = [load_unit(p, root=self.instance_root) for p in unit_files(path)]
+                specs = [(u, exec_from_unit(u)) for u in units]
+            except UnitError as exc:
+                raise t.error("directory", f"units ikos can run ({exc})") from None
+            for unit, spec in specs:
+                taken = entries.get(unit.name)
+                if taken is not None or unit.name in base_names or unit.name == root_name:
+                    also = f"[{taken.table.name}]" if taken is not None else "the tree"
+                    raise t.error(
+                        "directory",
+                        f"units named apart from other entries (also {also})",
+                        unit.file,
+                    )
+                self._units[unit.name] = unit
+                self.warnings += unit.warnings
+                order = (sys.maxsize, len(entries))
+                entries[unit.name] = _Entry(
+                    "executables", unit.name, t, parent, "supervisor", order, spec
+                )
 
     def _supervisor(self, t: _Table, name: str, _mailbox: int) -> tuple[AnySpec, str, list[str]]:
         backoff, warnings = t.backoff()

@@ -325,16 +325,24 @@ class UnitCommand:
 
 
 def _quote(word: str) -> str:
-    if (
-        word
-        and not any(c.isspace() or c in "'\"\\;" for c in word)
-        and not word.startswith(tuple("@-:+!"))
-    ):
+    if word and not any(c.isspace() or c in "'\"\\;" or not c.isprintable() for c in word):
         return word
-    escaped = "".join(
-        "\\" + c if c in '"\\' else (f"\\x{ord(c):02x}" if not c.isprintable() else c) for c in word
+    return '"' + "".join(_escape(c) for c in word) + '"'
+
+
+def _escape(c: str) -> str:
+    if c in '"\\':
+        return "\\" + c
+    if c.isprintable() or c == " ":
+        return c
+    code = ord(c)
+    return (
+        f"\\x{code:02x}"
+        if code < 0x80
+        else f"\\u{code:04x}"
+        if code < 0x10000
+        else f"\\U{code:08x}"
     )
-    return f'"{escaped}"'
 
 
 def split_command(text: str) -> list[UnitCommand]:
@@ -611,7 +619,8 @@ class _Specifiers:
         return {
             "n": self.unit_name, "N": stem, "p": prefix, "P": unescaped_prefix,
             "i": instance, "I": _unescape_name(instance),
-            "f": "/" + (_unescape_name(instance) or unescaped_prefix).replace("-", "/").lstrip("/"),
+            # a path-escaped name: '-' is '/', and only then \x2d is '-'
+            "f": "/" + _unescape_name((instance or prefix).replace("-", "/")).lstrip("/"),
             "j": prefix.rpartition("-")[2], "J": unescaped_prefix.rpartition("-")[2],
             "t": f"{base}/run", "S": f"{base}/var/lib", "C": f"{base}/var/cache",
             "L": f"{base}/var/log", "E": f"{base}/etc", "T": "/tmp", "V": "/var/tmp",
