@@ -537,22 +537,12 @@ class ExecHandle:
                 "(set reload_signal or reload_command to give it one)",
                 "bad_request",
             )
+        if self.spec.options.exec_reload:
+            return await self._exec_reload()
         command = self.spec.options.reload_command
         if self.plan.type == "notify":
             self.reloading = self.loop.create_future()
-        if self.spec.options.exec_reload:
-            try:
-                await self.rt.run_commands(
-                    self.spec,
-                    self.plan,
-                    self.spec.options.exec_reload,
-                    "exec_reload",
-                    self.spec.start_timeout,
-                    self.pid,
-                )
-            except SpawnError as exc:
-                raise ManagerError(str(exc)) from None
-        elif command:
+        if command:
             argv = (
                 [str(a) for a in command]
                 if isinstance(command, list | tuple)
@@ -580,6 +570,31 @@ class ExecHandle:
             sig = self.plan.reload_signal or signal.SIGHUP
             if not self.main.send_signal(sig):
                 raise ManagerError(f"'{self.spec.name}' is not running")
+        await self._reloaded()
+
+    async def _exec_reload(self) -> None:
+        """A unit's ExecReload= commands, in order, as the daemon runs.
+
+        As systemd for ``Type=notify``: the reload is over when the commands
+        are, unless the daemon said ``RELOADING=1`` meanwhile; then it is
+        over at its ``READY=1``.
+        """
+        self.reloading = None
+        try:
+            await self.rt.run_commands(
+                self.spec,
+                self.plan,
+                self.spec.options.exec_reload,
+                "exec_reload",
+                self.spec.start_timeout,
+                self.pid,
+            )
+        except SpawnError as exc:
+            raise ManagerError(str(exc)) from None
+        await self._reloaded()
+
+    async def _reloaded(self) -> None:
+        """Wait for the READY=1 that ends a notify daemon's reload, if one is awaited."""
         if self.reloading is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(self.reloading), self.spec.start_timeout)
@@ -959,14 +974,27 @@ class ExecRuntime:
             os.close(err_w)
             os.close(out_w)
         proc = ProcessHandle(pid, status_fd=err_r, exec_pipe=True)
+        try:
+            return await self._watch_command(spec, command, proc, out_r, timeout)
+        except BaseException:  # cancelled (ikosd stopping): the command must not outlive it
+            signal_group(proc, signal.SIGKILL)
+            raise
+
+    async def _watch_command(
+        self, spec: Exec, command: UnitCommand, proc: ProcessHandle, out_r: int, timeout: float
+    ) -> tuple[ExitStatus | None, str]:
+        """Wait for a command, its output into the daemon's log; kill its session at timeout."""
         output = bytearray()
         loop = asyncio.get_running_loop()
         os.set_blocking(out_r, False)
 
-        def readable() -> None:
-            chunks, eof = read_available(out_r)
+        def keep(chunks: list[bytes]) -> None:
             for chunk in chunks:
                 output.extend(chunk[: max(COMMAND_OUTPUT_LIMIT - len(output), 0)])
+
+        def readable() -> None:
+            chunks, eof = read_available(out_r)
+            keep(chunks)
             if eof:
                 loop.remove_reader(out_r)
 
@@ -984,9 +1012,7 @@ class ExecRuntime:
             with contextlib.suppress(ValueError, RuntimeError):
                 loop.remove_reader(out_r)
             with contextlib.suppress(OSError):
-                readable_rest = read_available(out_r)[0]
-                for chunk in readable_rest:
-                    output.extend(chunk[: max(COMMAND_OUTPUT_LIMIT - len(output), 0)])
+                keep(read_available(out_r)[0])  # what came between the last read and the exit
             os.close(out_r)
         lines = output.decode(errors="replace").splitlines()
         if lines:

@@ -38,8 +38,10 @@ systemd's continuation and quoting rules.
 
 from __future__ import annotations
 
+import grp
 import os
 import platform
+import pwd
 import re
 import resource
 import socket
@@ -49,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from ikos._errors import ConfigError
+from ikos.platform._signals import parse_signal, signal_name
 
 __all__ = [
     "Directive",
@@ -355,24 +358,18 @@ def split_command(text: str) -> list[UnitCommand]:
     >>> [(c.argv, c.ignore_failure, c.argv0) for c in commands]
     [(('/bin/echo', 'a b'), True, None), (('/bin/sh', '-c', ':'), False, 'sh')]
     """
-    commands: list[UnitCommand] = []
-    current: list[str] = []
-    first_raw: str | None = None
-    for word, is_separator in [*split_words(text), (";", True)]:
-        if not is_separator:
-            if first_raw is None:
-                first_raw = word
-            current.append(word)
-            continue
-        if not current:
-            if commands or word != ";" or first_raw is not None:
-                raise ValueError("an empty command")
-            if text.strip():
-                raise ValueError("an empty command")
-            return []
-        commands.append(_command_from_words(current))
-        current, first_raw = [], None
-    return commands
+    words = split_words(text)
+    if not words:
+        return []
+    groups: list[list[str]] = [[]]
+    for word, is_separator in words:
+        if is_separator:
+            groups.append([])
+        else:
+            groups[-1].append(word)
+    if not all(groups):
+        raise ValueError("an empty command (two ';' in a row, or one at an end)")
+    return [_command_from_words(group) for group in groups]
 
 
 def _command_from_words(words: list[str]) -> UnitCommand:
@@ -531,14 +528,16 @@ def parse_timespan(text: str) -> float | None:
         return None
     total, pos = 0.0, 0
     if not value:
-        raise ValueError("an empty time span")
+        raise ValueError("expected a time span, got nothing")
     while pos < len(value):
         match = _SPAN_PART.match(value, pos)
         if match is None or match.end() == pos:
-            raise ValueError(f"a time span like '90', '5s', '1min 30s' or 'infinity', got {text!r}")
+            raise ValueError(
+                f"expected a time span like '90', '5s', '1min 30s' or 'infinity', got {text!r}"
+            )
         unit = match.group(2).lower() or "s"
         if unit not in _TIME_UNITS:
-            raise ValueError(f"an unknown time unit {match.group(2)!r} in {text!r}")
+            raise ValueError(f"unknown time unit {match.group(2)!r} in {text!r}")
         total += float(match.group(1)) * _TIME_UNITS[unit]
         pos = match.end()
         while pos < len(value) and value[pos].isspace():
@@ -560,7 +559,7 @@ def _rlimit_value(key: str, text: str) -> int:
         return int(seconds * 1e6) if key == "LimitRTTIME" else int(seconds)
     match = _SIZE.match(text)
     if match is None:
-        raise ValueError(f"a number, a size like '64K', or 'infinity', got {text!r}")
+        raise ValueError(f"expected a number, a size like '64K', or 'infinity', got {text!r}")
     return int(match.group(1)) << (10 * " KMGTPE".index(match.group(2).upper() or " "))
 
 
@@ -577,18 +576,21 @@ def _boolean(text: str) -> bool:
         return True
     if lowered in ("0", "no", "n", "false", "f", "off"):
         return False
-    raise ValueError(f"a boolean (yes/no), got {text!r}")
+    raise ValueError(f"expected a boolean (yes/no), got {text!r}")
 
 
 def _exit_statuses(text: str) -> list[int | str]:
     out: list[int | str] = []
     for word in text.split():
-        if word.isdigit() and 0 <= int(word) <= 255:
+        if word.isdigit() and int(word) <= 255:
             out.append(int(word))
-        elif word.upper().lstrip("SIG") and word.upper().removeprefix("SIG").isalnum():
-            out.append("SIG" + word.upper().removeprefix("SIG"))
-        else:
-            raise ValueError(f"exit statuses (0-255) and signal names, got {word!r}")
+            continue
+        try:
+            out.append(signal_name(parse_signal(word)))
+        except ValueError:
+            raise ValueError(
+                f"expected exit statuses (0-255) and signal names, got {word!r}"
+            ) from None
     return out
 
 
@@ -597,49 +599,47 @@ def _unescape_name(text: str) -> str:
     return re.sub(r"\\x([0-9a-fA-F]{2})", lambda m: chr(int(m.group(1), 16)), text)
 
 
-@dataclass
-class _Specifiers:
-    unit_name: str
-    root: str
-
-    def table(self) -> dict[str, str]:
-        prefix, instance, _ = _instance_parts(self.unit_name)
-        stem = self.unit_name.rpartition(".")[0] or self.unit_name
-        instance = instance or ""
-        base = self.root.rstrip("/")
-        uid = os.geteuid()
-        import pwd
-
-        try:
-            user = pwd.getpwuid(uid)
-            user_name, home = user.pw_name, user.pw_dir
-        except KeyError:
-            user_name, home = str(uid), "/"
-        unescaped_prefix = _unescape_name(prefix)
-        return {
-            "n": self.unit_name, "N": stem, "p": prefix, "P": unescaped_prefix,
-            "i": instance, "I": _unescape_name(instance),
-            # a path-escaped name: '-' is '/', and only then \x2d is '-'
-            "f": "/" + _unescape_name((instance or prefix).replace("-", "/")).lstrip("/"),
-            "j": prefix.rpartition("-")[2], "J": unescaped_prefix.rpartition("-")[2],
-            "t": f"{base}/run", "S": f"{base}/var/lib", "C": f"{base}/var/cache",
-            "L": f"{base}/var/log", "E": f"{base}/etc", "T": "/tmp", "V": "/var/tmp",
-            "h": home, "u": user_name, "U": str(uid), "g": user_name, "G": str(os.getegid()),
-            "H": socket.gethostname(), "l": socket.gethostname().partition(".")[0],
-            "v": platform.release(), "a": platform.machine(), "%": "%",
-        }  # fmt: skip
+def _specifier_table(unit_name: str, root: str) -> dict[str, str]:
+    """What each ``%x`` of a unit means (systemd.unit(5), "Specifiers"), for the system manager."""
+    prefix, instance, _ = _instance_parts(unit_name)
+    stem = unit_name.rpartition(".")[0] or unit_name
+    instance = instance or ""
+    base = root.rstrip("/")
+    uid, gid = os.geteuid(), os.getegid()
+    try:
+        user = pwd.getpwuid(uid)
+        user_name, home = user.pw_name, user.pw_dir
+    except KeyError:
+        user_name, home = str(uid), "/"
+    try:
+        group_name = grp.getgrgid(gid).gr_name
+    except KeyError:
+        group_name = str(gid)
+    unescaped_prefix = _unescape_name(prefix)
+    return {
+        "n": unit_name, "N": stem, "p": prefix, "P": unescaped_prefix,
+        "i": instance, "I": _unescape_name(instance),
+        # a path-escaped name: '-' is '/', and only then \x2d is '-'
+        "f": "/" + _unescape_name((instance or prefix).replace("-", "/")).lstrip("/"),
+        "j": prefix.rpartition("-")[2], "J": unescaped_prefix.rpartition("-")[2],
+        "t": f"{base}/run", "S": f"{base}/var/lib", "C": f"{base}/var/cache",
+        "L": f"{base}/var/log", "E": f"{base}/etc", "T": "/tmp", "V": "/var/tmp",
+        "h": home, "u": user_name, "U": str(uid), "g": group_name, "G": str(gid),
+        "H": socket.gethostname(), "l": socket.gethostname().partition(".")[0],
+        "v": platform.release(), "a": platform.machine(), "%": "%",
+    }  # fmt: skip
 
 
 def _expand_specifiers(d: Directive, table: Mapping[str, str]) -> str:
     def one(match: re.Match[str]) -> str:
         letter = match.group(1)
+        if not letter:
+            raise UnitError(d.file, d.line, d.key, "a lone % at the end (%% is a percent sign)")
         if letter not in table:
             raise UnitError(d.file, d.line, d.key, f"unknown specifier %{letter}")
         return table[letter]
 
-    if d.value.endswith("%") and not d.value.endswith("%%"):
-        raise UnitError(d.file, d.line, d.key, "a lone % at the end (write %% for a percent sign)")
-    return re.sub(r"%(.)", one, d.value)
+    return re.sub(r"%(.?)", one, d.value)
 
 
 def _service_name(unit_name: str) -> str:
@@ -654,7 +654,7 @@ class _Mapper:
         self.unit_name = unit_name
         self.directives = directives
         self.root = root.rstrip("/") or ""
-        self.specifiers = _Specifiers(unit_name, root or "/").table()
+        self.specifiers = _specifier_table(unit_name, root or "/")
         self.warnings: list[str] = []
         self.reported: set[tuple[str, str]] = set()
         self.lists: dict[str, list[Directive]] = {}
@@ -740,10 +740,8 @@ def unit_fields(
             continue
         try:
             handler(m, d, fields, deps)
-        except UnitError:
-            raise
-        except ValueError as exc:
-            raise m.fail(d, f"expected {exc}" if not str(exc).startswith("expected") else str(exc))
+        except ValueError as exc:  # a helper's message says what was expected
+            raise m.fail(d, str(exc)) from None
 
     # ExecStart: one command (several only for oneshot, the others run in order after it)
     starts = m.commands("ExecStart")
@@ -882,16 +880,16 @@ def _h_umask(m: _Mapper, d: Directive, f: dict[str, Any], deps: dict[str, list[s
 
 def _h_limit(m: _Mapper, d: Directive, f: dict[str, Any], deps: dict[str, list[str]]) -> None:
     limits = dict(f.get("limits", {}))
-    limits[_LIMITS[d.key]] = _limit(d.key, m.value(d))
+    limits.pop(_LIMITS[d.key], None)  # an empty assignment: back to the default
+    if d.value:
+        limits[_LIMITS[d.key]] = _limit(d.key, m.value(d))
     f["limits"] = limits
 
 
 def _cgroup_limit(name: str) -> _Handler:
     def handler(m: _Mapper, d: Directive, f: dict[str, Any], deps: dict[str, list[str]]) -> None:
         limits = dict(f.get("limits", {}))
-        limits[name] = m.value(d)
-        if name == "tasks_max":
-            limits[name] = None if m.value(d) == "infinity" else int(m.value(d))
+        limits[name] = m.value(d) or None  # checked by ikos.Exec's limits, as any spelling
         f["limits"] = limits
 
     return handler
@@ -900,7 +898,7 @@ def _cgroup_limit(name: str) -> _Handler:
 def _h_restart(m: _Mapper, d: Directive, f: dict[str, Any], deps: dict[str, list[str]]) -> None:
     value = m.value(d)
     if value not in _RESTART:
-        raise m.fail(d, f"one of {', '.join(_RESTART)}, got {value!r}")
+        raise m.fail(d, f"expected one of {', '.join(_RESTART)}, got {value!r}")
     f["restart_on"] = value
 
 
@@ -934,7 +932,7 @@ def _h_kill_mode(m: _Mapper, d: Directive, f: dict[str, Any], deps: dict[str, li
                   "every process of the daemon is stopped")  # fmt: skip
         return
     if value not in _KILL_MODES:
-        raise m.fail(d, f"one of control-group, mixed, process, none, got {value!r}")
+        raise m.fail(d, f"expected one of control-group, mixed, process, none, got {value!r}")
     f["kill_mode"] = _KILL_MODES[value]
 
 
@@ -954,7 +952,7 @@ def _h_notify_access(
 ) -> None:
     value = m.value(d)
     if value not in ("none", "main", "exec", "all"):
-        raise m.fail(d, f"one of none, main, exec, all, got {value!r}")
+        raise m.fail(d, f"expected one of none, main, exec, all, got {value!r}")
     if value == "none":
         m.warn(d, "none is not supported by ikos: notifications from the daemon's processes "
                   "are read")  # fmt: skip
@@ -969,11 +967,11 @@ def _directory(kind: str) -> _Handler:
         mode_d = m.get("Service", kind + "Mode")
         mode = m.value(mode_d) if mode_d is not None else "0755"
         if not re.fullmatch(r"[0-7]{1,4}", mode):
-            raise m.fail(mode_d or d, f"an octal mode like 0755, got {mode!r}")
+            raise m.fail(mode_d or d, f"expected an octal mode like 0755, got {mode!r}")
         paths = []
         for name in names:
             if name.startswith("/") or ".." in name.split("/"):
-                raise m.fail(d, f"a relative path without '..', got {name!r}")
+                raise m.fail(d, f"expected a relative path without '..', got {name!r}")
             paths.append(f"{m.root}/{base}/{name}")
         m.directories[kind] = {path: mode for path in paths}
         env = dict(f.get("environment", {}))
