@@ -593,3 +593,17 @@ def test_a_reload_of_a_unit_without_exec_reload_is_refused(
     os.kill(pid, signal.SIGKILL)  # Restart= absent: systemd's "no", the daemon stays down
     st = inst.wait_state("plain", "failed", timeout=30)
     assert st["restarts"] == 0
+
+
+def test_ikosd_refuses_a_bad_unit_at_start(ikosd_factory: Any, tmp_path: Path) -> None:
+    unit = write_unit(
+        tmp_path, "nostart.service", "[Unit]\nDescription=x\n[Service]\nType=simple\n"
+    )
+    inst = ikosd_factory(
+        config=f'[executables.x]\nunit = "{unit}"\n', wait_ready=False, expect_exit=2
+    )
+    wait_for(lambda: inst.proc.poll() is not None, 60, message="ikosd to exit")
+    assert (
+        f"[executables.x] key 'unit': expected a unit ikos can run ({unit}: ExecStart= missing"
+        in inst.log_text()
+    )
