@@ -345,6 +345,24 @@ def test_drop_ins_override_in_name_order(tmp_path: Path) -> None:
     assert spec.options.environment == {"B": "2"} and spec.options.umask == 0o077
 
 
+def test_an_administrators_drop_in_wins_over_one_of_the_same_name(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    etc = tmp_path / "etc"
+    monkeypatch.setattr("ikos.platform._unit.SYSTEM_UNIT_DIRS", (str(etc),))
+    path = write_unit(tmp_path / "lib", "t@.service", "[Service]\nExecStart=/bin/a\n")
+    write_unit(tmp_path / "lib", "t@.service.d/50-x.conf", "[Service]\nUMask=011\n")
+    write_unit(tmp_path / "lib", "t@.service.d/60-y.conf", "[Service]\nNice=1\n")
+    write_unit(etc, "t@.service.d/50-x.conf", "[Service]\nUMask=022\n")
+    write_unit(etc, "t@i.service.d/55-z.conf", "[Service]\nEnvironment=Z=1\n")
+    _, directives = read_unit(path.with_name("t@i.service"))
+    assert [(Path(d.file).parent.parent.name, Path(d.file).name) for d in directives[1:]] == [
+        ("etc", "50-x.conf"),
+        ("etc", "55-z.conf"),
+        ("lib", "60-y.conf"),
+    ]
+
+
 def test_oneshot_may_have_several_exec_start(tmp_path: Path) -> None:
     text = "[Service]\nType=oneshot\nExecStart=/bin/a\nExecStart=/bin/b x\n"
     spec = ikos.Exec.from_unit(write_unit(tmp_path, "o.service", text))

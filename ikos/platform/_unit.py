@@ -165,14 +165,21 @@ def _instance_parts(unit_name: str) -> tuple[str, str | None, str]:
     return prefix, (instance if at else None), suffix
 
 
+#: Where an administrator's drop-ins live, highest priority first (systemd.unit(5)):
+#: they apply to a unit read from anywhere, as they do under systemd.
+SYSTEM_UNIT_DIRS: tuple[str, ...] = ("/etc/systemd/system", "/run/systemd/system")
+
+
 def read_unit(path: str | os.PathLike[str]) -> tuple[str, tuple[Directive, ...]]:
     """The unit name and directives of ``path``, drop-ins included.
 
     ``path`` may name an instance of a template that has no file of its own
     (``/lib/systemd/system/redis-server@6380.service``): the template
     (``redis-server@.service``) in the same directory is read. Drop-ins
-    ``DIR/NAME.d/*.conf`` are applied in the order of their file names,
-    those of the template (``name@.service.d``) first.
+    ``NAME.d/*.conf`` (and the template's ``name@.service.d/*.conf``), next
+    to the unit and in :data:`SYSTEM_UNIT_DIRS`, apply in the order of
+    their file names; of two files of one name, the one in the directory of
+    higher priority wins.
     Raises :class:`UnitError` when no file can be read.
     """
     given = Path(path)
@@ -196,17 +203,22 @@ def read_unit(path: str | os.PathLike[str]) -> tuple[str, tuple[Directive, ...]]
         tried = " or ".join(str(c) for c in candidates)
         raise UnitError(str(given), None, None, f"no unit file ({tried} not found)")
     directives = list(parse_unit_text(text, str(candidate)))
-    dropin_dirs = [given.with_name(unit_name + ".d")]
+    names = [unit_name + ".d"]
     if instance:
-        dropin_dirs.insert(0, given.with_name(f"{prefix}@.{suffix}.d"))
-    for folder in dropin_dirs:
-        if not folder.is_dir():
-            continue
-        for conf in sorted(folder.glob("*.conf")):
-            try:
-                directives += parse_unit_text(conf.read_text(encoding="utf-8"), str(conf))
-            except (OSError, UnicodeDecodeError) as exc:
-                raise UnitError(str(conf), None, None, f"cannot read the drop-in: {exc}") from None
+        names.insert(0, f"{prefix}@.{suffix}.d")
+    # systemd's rule: every drop-in of the unit (and of its template) applies, in the
+    # order of the file names; a file in a directory of higher priority hides one of
+    # the same name in a lower one
+    found: dict[str, Path] = {}
+    for base in (given.parent, *(Path(d) for d in reversed(SYSTEM_UNIT_DIRS))):
+        for folder in (base / name for name in names):
+            if folder.is_dir():
+                found.update((conf.name, conf) for conf in folder.glob("*.conf"))
+    for _, conf in sorted(found.items()):
+        try:
+            directives += parse_unit_text(conf.read_text(encoding="utf-8"), str(conf))
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UnitError(str(conf), None, None, f"cannot read the drop-in: {exc}") from None
     return unit_name, tuple(directives)
 
 
