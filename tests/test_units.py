@@ -289,6 +289,22 @@ def test_every_supported_directive_maps(tmp_path: Path) -> None:
     )
 
 
+def test_the_last_setting_wins_and_an_empty_one_resets(tmp_path: Path) -> None:
+    text = (
+        "[Unit]\nAfter=a.service\nAfter=\nAfter=b.service\n"
+        "[Service]\nExecStart=/bin/x\nType=forking\nType=\nUser=one\nUser=two\n"
+        "LimitNOFILE=10\nLimitNOFILE=\nLimitCORE=0\nRuntimeDirectory=r\nRuntimeDirectory=\n"
+        "Environment=A=1\nEnvironment=\nEnvironment=B=2\n"
+    )
+    path = write_unit(tmp_path, "s.service", text)
+    unit = load_unit(path)
+    assert unit.after == ("b.service",)
+    spec = ikos.Exec.from_unit(path)
+    o = spec.options
+    assert (o.type, o.user, o.limits.nofile, o.limits.core) == ("simple", "two", None, 0)
+    assert o.directories == {} and o.environment == {"B": "2"}
+
+
 def test_systemd_defaults_where_ikos_differs(tmp_path: Path) -> None:
     path = write_unit(tmp_path, "plain.service", "[Service]\nExecStart=/bin/sleep 100\n")
     spec = ikos.Exec.from_unit(path)

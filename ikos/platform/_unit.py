@@ -45,7 +45,7 @@ import pwd
 import re
 import resource
 import socket
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -513,6 +513,15 @@ _ESSENTIAL = {
     "Sockets": "ikos does not pass sockets to daemons (no socket activation)",
     "BusName": "Type=dbus services need D-Bus name tracking, which ikos lacks",
 }
+#: Directives read as lists (every assignment counts, an empty one resets): their
+#: handlers see every line; the others only the last one, if it is not empty.
+_ACCUMULATING = frozenset({
+    "Requires", "Wants", "BindsTo", "Requisite", "After", "Before", "Environment",
+    "EnvironmentFile", "SupplementaryGroups", "ExecStart", "ExecStartPre", "ExecStartPost",
+    "ExecStop", "ExecReload", "SuccessExitStatus", "RestartPreventExitStatus",
+    "RuntimeDirectory", "StateDirectory", "CacheDirectory", "LogsDirectory",
+    "ConfigurationDirectory",
+})  # fmt: skip
 #: Informational or about enabling (``[Install]``): nothing to do, nothing to report.
 _SILENT = {
     ("Unit", "Documentation"), ("Unit", "DefaultDependencies"), ("Service", "RemainAfterExit"),
@@ -735,7 +744,6 @@ def unit_fields(
     spec_name = name or _service_name(unit_name)
     where = file or (directives[0].file if directives else unit_name)
     known_sections = {"Unit", "Service", "Install"}
-    deps: dict[str, list[str]] = {"requires": [], "after": [], "before": []}
 
     for d in directives:
         if d.section not in known_sections:
@@ -750,8 +758,12 @@ def unit_fields(
         if handler is None:
             m.warn(d)
             continue
+        if d.key not in _ACCUMULATING and (
+            d.value == "" or m.last[f"{d.section}.{d.key}"] is not d
+        ):
+            continue  # a setting: the last assignment wins, an empty one leaves the default
         try:
-            handler(m, d, fields, deps)
+            handler(m, d, fields)
         except ValueError as exc:  # a helper's message says what was expected
             raise m.fail(d, str(exc)) from None
 
@@ -792,6 +804,10 @@ def unit_fields(
     directories = {p: mode for paths in m.directories.values() for p, mode in paths.items()}
     if directories:
         fields["directories"] = directories
+        env = fields.setdefault("environment", {})
+        for kind, paths in m.directories.items():  # as systemd: $RUNTIME_DIRECTORY...
+            if paths:
+                env[_DIRECTORIES[kind][1]] = ":".join(paths)
     # systemd's defaults where ikos's differ: no restart, 90 s to start and to stop
     fields.setdefault("restart_on", "no")
     fields.setdefault("start_timeout", 90.0)
@@ -799,36 +815,33 @@ def unit_fields(
     if fields.pop("send_sigkill", True) is False:
         fields["shutdown"] = "infinity"  # SendSIGKILL=no: wait for the stop signal to work
 
-    requires = tuple(dict.fromkeys(deps["requires"]))
-    after = tuple(dict.fromkeys(deps["after"]))
+    def units(*keys: str) -> tuple[str, ...]:
+        names = (w for key in keys for d in m.all("Unit", key) for w in m.value(d).split())
+        return tuple(dict.fromkeys(names))
+
     return UnitSpec(
         unit_name=unit_name,
         name=spec_name,
         executable=executable,
         fields=fields,
-        requires=requires,
-        after=after,
-        before=tuple(dict.fromkeys(deps["before"])),
+        requires=units("Requires", "Wants", "BindsTo", "Requisite"),
+        after=units("After"),
+        before=units("Before"),
         warnings=tuple(m.warnings),
         file=where,
     )
 
 
-_Handler = Any  # Callable[[_Mapper, Directive, dict[str, Any], dict[str, list[str]]], None]
+#: A directive's handler: reads it (through the mapper) and writes the Exec's fields;
+#: raises ValueError (made a UnitError with file and line) for a bad value.
+_Handler = Callable[[_Mapper, Directive, dict[str, Any]], None]
 
 
-def _h_description(m: _Mapper, d: Directive, f: dict[str, Any], deps: dict[str, list[str]]) -> None:
+def _h_description(m: _Mapper, d: Directive, f: dict[str, Any]) -> None:
     f["description"] = m.value(d)
 
 
-def _deps(kind: str) -> _Handler:
-    def handler(m: _Mapper, d: Directive, f: dict[str, Any], deps: dict[str, list[str]]) -> None:
-        deps[kind] += m.value(d).split()
-
-    return handler
-
-
-def _h_type(m: _Mapper, d: Directive, f: dict[str, Any], deps: dict[str, list[str]]) -> None:
+def _h_type(m: _Mapper, d: Directive, f: dict[str, Any]) -> None:
     value = m.value(d)
     if value not in _TYPES:
         known = ", ".join(_TYPES)
@@ -840,26 +853,22 @@ def _h_type(m: _Mapper, d: Directive, f: dict[str, Any], deps: dict[str, list[st
         f.setdefault("reload_signal", "SIGHUP")
 
 
-def _h_commands(m: _Mapper, d: Directive, f: dict[str, Any], deps: dict[str, list[str]]) -> None:
-    pass  # collected by m.commands() once every line is read (an empty line resets them)
+def _h_read_later(m: _Mapper, d: Directive, f: dict[str, Any]) -> None:
+    """Lists read once every line is: commands, dependencies, a directory's mode."""
 
 
-def _option(name: str, convert: Any = None) -> _Handler:
-    def handler(m: _Mapper, d: Directive, f: dict[str, Any], deps: dict[str, list[str]]) -> None:
-        value = m.value(d)
-        if value == "":
-            f.pop(name, None)
-            return
-        f[name] = convert(value) if convert is not None else value
+def _option(name: str) -> _Handler:
+    def handler(m: _Mapper, d: Directive, f: dict[str, Any]) -> None:
+        f[name] = m.value(d)
 
     return handler
 
 
-def _h_groups(m: _Mapper, d: Directive, f: dict[str, Any], deps: dict[str, list[str]]) -> None:
+def _h_groups(m: _Mapper, d: Directive, f: dict[str, Any]) -> None:
     f["supplementary_groups"] = [w for d2 in m.all("Service", d.key) for w in m.value(d2).split()]
 
 
-def _h_workdir(m: _Mapper, d: Directive, f: dict[str, Any], deps: dict[str, list[str]]) -> None:
+def _h_workdir(m: _Mapper, d: Directive, f: dict[str, Any]) -> None:
     value = m.value(d)
     optional = value.startswith("-")
     value = value.removeprefix("-")
@@ -869,7 +878,7 @@ def _h_workdir(m: _Mapper, d: Directive, f: dict[str, Any], deps: dict[str, list
     f["working_directory"] = value
 
 
-def _h_environment(m: _Mapper, d: Directive, f: dict[str, Any], deps: dict[str, list[str]]) -> None:
+def _h_environment(m: _Mapper, d: Directive, f: dict[str, Any]) -> None:
     env = dict(f.get("environment", {}))
     if d.value == "":
         f["environment"] = {}
@@ -882,32 +891,27 @@ def _h_environment(m: _Mapper, d: Directive, f: dict[str, Any], deps: dict[str, 
     f["environment"] = env
 
 
-def _h_envfile(m: _Mapper, d: Directive, f: dict[str, Any], deps: dict[str, list[str]]) -> None:
+def _h_envfile(m: _Mapper, d: Directive, f: dict[str, Any]) -> None:
     f["environment_files"] = [m.value(d2) for d2 in m.all("Service", "EnvironmentFile")]
 
 
-def _h_umask(m: _Mapper, d: Directive, f: dict[str, Any], deps: dict[str, list[str]]) -> None:
+def _h_umask(m: _Mapper, d: Directive, f: dict[str, Any]) -> None:
     f["umask"] = m.value(d)
 
 
-def _h_limit(m: _Mapper, d: Directive, f: dict[str, Any], deps: dict[str, list[str]]) -> None:
-    limits = dict(f.get("limits", {}))
-    limits.pop(_LIMITS[d.key], None)  # an empty assignment: back to the default
-    if d.value:
-        limits[_LIMITS[d.key]] = _limit(d.key, m.value(d))
-    f["limits"] = limits
+def _h_limit(m: _Mapper, d: Directive, f: dict[str, Any]) -> None:
+    f["limits"] = {**f.get("limits", {}), _LIMITS[d.key]: _limit(d.key, m.value(d))}
 
 
 def _cgroup_limit(name: str) -> _Handler:
-    def handler(m: _Mapper, d: Directive, f: dict[str, Any], deps: dict[str, list[str]]) -> None:
-        limits = dict(f.get("limits", {}))
-        limits[name] = m.value(d) or None  # checked by ikos.Exec's limits, as any spelling
-        f["limits"] = limits
+    def handler(m: _Mapper, d: Directive, f: dict[str, Any]) -> None:
+        # checked by ikos.Exec's limits, which read systemd's spellings ("512M", "50%")
+        f["limits"] = {**f.get("limits", {}), name: m.value(d)}
 
     return handler
 
 
-def _h_restart(m: _Mapper, d: Directive, f: dict[str, Any], deps: dict[str, list[str]]) -> None:
+def _h_restart(m: _Mapper, d: Directive, f: dict[str, Any]) -> None:
     value = m.value(d)
     if value not in _RESTART:
         raise m.fail(d, f"expected one of {', '.join(_RESTART)}, got {value!r}")
@@ -915,7 +919,7 @@ def _h_restart(m: _Mapper, d: Directive, f: dict[str, Any], deps: dict[str, list
 
 
 def _timeout(*names: str) -> _Handler:
-    def handler(m: _Mapper, d: Directive, f: dict[str, Any], deps: dict[str, list[str]]) -> None:
+    def handler(m: _Mapper, d: Directive, f: dict[str, Any]) -> None:
         seconds = parse_timespan(m.value(d))
         for name in names:
             if name == "shutdown":
@@ -926,18 +930,18 @@ def _timeout(*names: str) -> _Handler:
     return handler
 
 
-def _h_restart_sec(m: _Mapper, d: Directive, f: dict[str, Any], deps: dict[str, list[str]]) -> None:
+def _h_restart_sec(m: _Mapper, d: Directive, f: dict[str, Any]) -> None:
     f["restart_delay"] = parse_timespan(m.value(d)) or 0.0
 
 
 def _statuses(name: str) -> _Handler:
-    def handler(m: _Mapper, d: Directive, f: dict[str, Any], deps: dict[str, list[str]]) -> None:
+    def handler(m: _Mapper, d: Directive, f: dict[str, Any]) -> None:
         f[name] = [s for d2 in m.all("Service", d.key) for s in _exit_statuses(m.value(d2))]
 
     return handler
 
 
-def _h_kill_mode(m: _Mapper, d: Directive, f: dict[str, Any], deps: dict[str, list[str]]) -> None:
+def _h_kill_mode(m: _Mapper, d: Directive, f: dict[str, Any]) -> None:
     value = m.value(d)
     if value == "none":
         m.warn(d, "none (leave the processes running) is not supported by ikos: "
@@ -948,20 +952,16 @@ def _h_kill_mode(m: _Mapper, d: Directive, f: dict[str, Any], deps: dict[str, li
     f["kill_mode"] = _KILL_MODES[value]
 
 
-def _h_send_sigkill(
-    m: _Mapper, d: Directive, f: dict[str, Any], deps: dict[str, list[str]]
-) -> None:
+def _h_send_sigkill(m: _Mapper, d: Directive, f: dict[str, Any]) -> None:
     if not _boolean(m.value(d)):
         f["send_sigkill"] = False
 
 
-def _h_watchdog(m: _Mapper, d: Directive, f: dict[str, Any], deps: dict[str, list[str]]) -> None:
+def _h_watchdog(m: _Mapper, d: Directive, f: dict[str, Any]) -> None:
     f["watchdog_sec"] = parse_timespan(m.value(d)) or 0.0
 
 
-def _h_notify_access(
-    m: _Mapper, d: Directive, f: dict[str, Any], deps: dict[str, list[str]]
-) -> None:
+def _h_notify_access(m: _Mapper, d: Directive, f: dict[str, Any]) -> None:
     value = m.value(d)
     if value not in ("none", "main", "exec", "all"):
         raise m.fail(d, f"expected one of none, main, exec, all, got {value!r}")
@@ -971,9 +971,9 @@ def _h_notify_access(
 
 
 def _directory(kind: str) -> _Handler:
-    base, variable = _DIRECTORIES[kind]
+    base = _DIRECTORIES[kind][0]
 
-    def handler(m: _Mapper, d: Directive, f: dict[str, Any], deps: dict[str, list[str]]) -> None:
+    def handler(m: _Mapper, d: Directive, f: dict[str, Any]) -> None:
         # recomputed from every line of this kind: an empty assignment resets the list
         names = [w for d2 in m.all("Service", kind) for w in m.value(d2).split()]
         mode_d = m.get("Service", kind + "Mode")
@@ -986,17 +986,8 @@ def _directory(kind: str) -> _Handler:
                 raise m.fail(d, f"expected a relative path without '..', got {name!r}")
             paths.append(f"{m.root}/{base}/{name}")
         m.directories[kind] = {path: mode for path in paths}
-        env = dict(f.get("environment", {}))
-        env[variable] = ":".join(paths)
-        f["environment"] = env
 
     return handler
-
-
-def _h_directory_mode(
-    m: _Mapper, d: Directive, f: dict[str, Any], deps: dict[str, list[str]]
-) -> None:
-    pass  # read by the directory's own handler, whatever the order of the lines
 
 
 def _stdio(name: str) -> _Handler:
@@ -1004,7 +995,7 @@ def _stdio(name: str) -> _Handler:
     modes.update((where + console, "log") for where in ("journal", "syslog", "kmsg")
                  for console in ("", "+console"))  # fmt: skip
 
-    def handler(m: _Mapper, d: Directive, f: dict[str, Any], deps: dict[str, list[str]]) -> None:
+    def handler(m: _Mapper, d: Directive, f: dict[str, Any]) -> None:
         value = m.value(d)
         if value in modes:
             f[name] = modes[value]
@@ -1018,7 +1009,7 @@ def _stdio(name: str) -> _Handler:
     return handler
 
 
-def _h_stdin(m: _Mapper, d: Directive, f: dict[str, Any], deps: dict[str, list[str]]) -> None:
+def _h_stdin(m: _Mapper, d: Directive, f: dict[str, Any]) -> None:
     value = m.value(d)
     if value == "null":
         return
@@ -1028,7 +1019,7 @@ def _h_stdin(m: _Mapper, d: Directive, f: dict[str, Any], deps: dict[str, list[s
 
 
 def _signal_option(name: str) -> _Handler:
-    def handler(m: _Mapper, d: Directive, f: dict[str, Any], deps: dict[str, list[str]]) -> None:
+    def handler(m: _Mapper, d: Directive, f: dict[str, Any]) -> None:
         f[name] = m.value(d)
 
     return handler
@@ -1036,18 +1027,18 @@ def _signal_option(name: str) -> _Handler:
 
 _HANDLERS: dict[tuple[str, str], _Handler] = {
     ("Unit", "Description"): _h_description,
-    ("Unit", "Requires"): _deps("requires"),
-    ("Unit", "Wants"): _deps("requires"),
-    ("Unit", "BindsTo"): _deps("requires"),
-    ("Unit", "Requisite"): _deps("requires"),
-    ("Unit", "After"): _deps("after"),
-    ("Unit", "Before"): _deps("before"),
+    ("Unit", "Requires"): _h_read_later,
+    ("Unit", "Wants"): _h_read_later,
+    ("Unit", "BindsTo"): _h_read_later,
+    ("Unit", "Requisite"): _h_read_later,
+    ("Unit", "After"): _h_read_later,
+    ("Unit", "Before"): _h_read_later,
     ("Service", "Type"): _h_type,
-    ("Service", "ExecStart"): _h_commands,
-    ("Service", "ExecStartPre"): _h_commands,
-    ("Service", "ExecStartPost"): _h_commands,
-    ("Service", "ExecStop"): _h_commands,
-    ("Service", "ExecReload"): _h_commands,
+    ("Service", "ExecStart"): _h_read_later,
+    ("Service", "ExecStartPre"): _h_read_later,
+    ("Service", "ExecStartPost"): _h_read_later,
+    ("Service", "ExecStop"): _h_read_later,
+    ("Service", "ExecReload"): _h_read_later,
     ("Service", "User"): _option("user"),
     ("Service", "Group"): _option("group"),
     ("Service", "SupplementaryGroups"): _h_groups,
@@ -1075,7 +1066,7 @@ _HANDLERS: dict[tuple[str, str], _Handler] = {
     ("Service", "StandardInput"): _h_stdin,
     **{("Service", key): _h_limit for key in _LIMITS},
     **{("Service", kind): _directory(kind) for kind in _DIRECTORIES},
-    **{("Service", kind + "Mode"): _h_directory_mode for kind in _DIRECTORIES},
+    **{("Service", kind + "Mode"): _h_read_later for kind in _DIRECTORIES},
 }
 
 
