@@ -492,19 +492,23 @@ def test_config_unit_key_with_overrides_and_warnings(tmp_path: Path) -> None:
     unit = write_unit(
         tmp_path,
         "units/app.service",
-        "[Unit]\nAfter=db.service\n[Service]\nExecStart=/bin/sleep 100\nProtectHome=yes\n",
+        "[Unit]\nAfter=db.service\nBefore=web.service\n[Service]\nExecStart=/bin/sleep 100\n"
+        "ProtectHome=yes\n",
     )
     config = tmp_path / "ikos.toml"
     config.write_text(
         '[executables.db]\nexecutable = "/bin/sleep"\nargs = ["100"]\n\n'
-        '[executables.app]\nunit = "units/app.service"\nrestart_on = "always"\n'
+        '[executables.app]\nunit = "units/app.service"\nrestart_on = "always"\n\n'
+        '[executables.web]\nexecutable = "/bin/sleep"\nargs = ["100"]\n'
     )
     loaded = load_config(config, instance_root=tmp_path / "inst")
     app = next(c for c in loaded.tree.children if c.name == "app")
     assert isinstance(app, ikos.Exec)
     assert app.executable == "/bin/sleep" and app.restart_on == "always"
     assert app.after == ("db",)  # an executable named like the unit's dependency
-    assert f"{unit}:5: ProtectHome= is not supported by ikos; ignored" in loaded.warnings
+    web = next(c for c in loaded.tree.children if c.name == "web")
+    assert web.after == ("app",)  # Before=web.service
+    assert f"{unit}:6: ProtectHome= is not supported by ikos; ignored" in loaded.warnings
 
 
 def test_config_bad_unit_names_the_table_and_the_unit_line(tmp_path: Path) -> None:

@@ -1087,6 +1087,9 @@ def link_units(
 ) -> tuple[dict[str, tuple[tuple[str, ...], tuple[str, ...]]], list[str]]:
     """Map the units' dependencies to ikos names: ``{name: (requires, after)}`` and warnings.
 
+    The result may name a daemon of ``known`` that is not a unit: the
+    ``after`` that a unit's ``Before=`` gives it.
+
     ``known`` maps unit names (``redis-server.service``) to the ikos names
     of the daemons that run them. ``Requires=``, ``Wants=``, ``BindsTo=``
     and ``Requisite=`` become ``requires`` (start once it is ready, stop
@@ -1106,9 +1109,8 @@ def link_units(
                     if dep not in unknown and other is None:
                         unknown.append(dep)
                     continue
-                if target == 2:
-                    if other in out:
-                        out[other][1].append(unit.name)
+                if target == 2:  # Before=: the other one starts after this one
+                    out.setdefault(other, ([], []))[1].append(unit.name)
                     continue
                 out[unit.name][target].append(other)
         if unknown:
