@@ -18,7 +18,6 @@ whose configuration file the test writes, as a user of the template would.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import resource
 import shutil
@@ -31,7 +30,7 @@ from typing import Any
 
 import pytest
 from conftest import Instance, wait_for
-from test_exec_live import CAN_TRACK, alive, shutdown_clean, wait_dead
+from test_exec_live import CAN_TRACK, alive, children_of, shutdown_clean, wait_dead
 from test_real_daemons import http_get, kill_by_cmdline, redis_answers, resp
 
 UNITS = Path("/lib/systemd/system")
@@ -74,13 +73,11 @@ def start(factory: Callable[..., Instance], tables: str) -> Instance:
 
 
 def tree_pids(inst: Instance, name: str) -> list[int]:
-    """The daemon's processes: its cgroup's members."""
-    cgroup = inst.status(name).get("cgroup")
-    if cgroup:
-        with contextlib.suppress(OSError):
-            text = Path("/sys/fs/cgroup", cgroup.lstrip("/"), "cgroup.procs").read_text()
-            return [int(p) for p in text.split()]
-    return [inst.status(name)["pid"]]
+    """The daemon's main process and its descendants (nginx's and haproxy's workers)."""
+    pids = [inst.status(name)["pid"]]
+    for pid in pids:  # grows as it goes: breadth first
+        pids += [child for child in children_of(pid) if child not in pids]
+    return pids
 
 
 def check_restart_and_stop(
@@ -143,7 +140,8 @@ def test_nginx_unit(ikosd_factory: Any) -> None:
         assert int(Path("/run/nginx.pid").read_text()) == master  # PIDFile= read
         wait_for(nginx_answers, 30, message="nginx to answer on port 80")
         # ExecReload= (nginx -s reload): same master, new workers
-        workers = set(tree_pids(inst, "nginx")) - {master}
+        wait_for(lambda: len(tree_pids(inst, "nginx")) > 1, 30, message="nginx's workers")
+        workers = set(tree_pids(inst, "nginx")) - {master}  # a reload replaces them
         inst.ctl("reload", "nginx", check=True)
         wait_for(lambda: not any(alive(w) for w in workers), 30, message="old workers gone")
         assert inst.status("nginx")["pid"] == master and nginx_answers()
