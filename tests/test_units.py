@@ -434,7 +434,7 @@ def test_from_unit_logs_each_warning_once(tmp_path: Path, caplog: Any) -> None:
         ikos.Exec.from_unit(path)
     assert caplog.messages == [
         f"{path}:5: Nice= is not supported by ikos; ignored",
-        f"{path}: network.target: not run by ikos; the dependencies on them are ignored",
+        f"{path}:2: After=network.target is not run by ikos; ignored",
     ]
 
 
@@ -453,9 +453,11 @@ def test_dependencies_link_between_known_units(tmp_path: Path) -> None:
     assert (specs["api"].requires, specs["api"].after) == (("db",), ("db",))
     assert specs["web"].after == ("api",)
     _, warnings = link_units([load_unit(tmp_path / "api.service")], {})
-    assert warnings == [
-        f"{tmp_path / 'api.service'}: db.service, network.target, web: not run by ikos; "
-        "the dependencies on them are ignored"
+    api = tmp_path / "api.service"
+    assert warnings == [  # each once, where first named
+        f"{api}:2: Requires=db.service is not run by ikos; ignored",
+        f"{api}:3: After=network.target is not run by ikos; ignored",
+        f"{api}:4: Before=web is not run by ikos; ignored",
     ]
 
 

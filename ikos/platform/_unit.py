@@ -46,7 +46,7 @@ import re
 import resource
 import socket
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -480,6 +480,8 @@ class UnitSpec:
     before: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
     file: str = ""
+    #: where each dependency was first named: ``{"network.target": "FILE:LINE: After="}``
+    named_at: Mapping[str, str] = field(default_factory=dict)
 
 
 _TYPES = {"simple": "simple", "exec": "exec", "forking": "forking", "notify": "notify",
@@ -815,8 +817,15 @@ def unit_fields(
     if fields.pop("send_sigkill", True) is False:
         fields["shutdown"] = "infinity"  # SendSIGKILL=no: wait for the stop signal to work
 
+    named_at: dict[str, str] = {}
+
     def units(*keys: str) -> tuple[str, ...]:
-        names = (w for key in keys for d in m.all("Unit", key) for w in m.value(d).split())
+        names = []
+        for key in keys:
+            for d in m.all("Unit", key):
+                for word in m.value(d).split():
+                    named_at.setdefault(word, f"{d.where}: {d.key}=")
+                    names.append(word)
         return tuple(dict.fromkeys(names))
 
     return UnitSpec(
@@ -829,6 +838,7 @@ def unit_fields(
         before=units("Before"),
         warnings=tuple(m.warnings),
         file=where,
+        named_at=named_at,
     )
 
 
@@ -1095,12 +1105,13 @@ def link_units(
     and ``Requisite=`` become ``requires`` (start once it is ready, stop
     before it), ``After=`` becomes ``after``, ``Before=X`` puts this unit
     in X's ``after``. A dependency on a unit ikos does not run
-    (``network.target``) is reported once per unit and ignored.
+    (``network.target``) is reported, one line each with the file and line
+    that names it, and ignored.
     """
     out = {u.name: ([], []) for u in units}  # type: dict[str, tuple[list[str], list[str]]]
     warnings: list[str] = []
     for unit in units:
-        unknown: list[str] = []
+        unknown: list[str] = []  # each reported once, where the unit first names it
         for names, target in ((unit.requires, 0), (unit.after, 1), (unit.before, 2)):
             for dep in names:
                 full = dep if "." in dep else dep + ".service"
@@ -1113,11 +1124,10 @@ def link_units(
                     out.setdefault(other, ([], []))[1].append(unit.name)
                     continue
                 out[unit.name][target].append(other)
-        if unknown:
-            warnings.append(
-                f"{unit.file}: {', '.join(unknown)}: not run by ikos; "
-                "the dependencies on them are ignored"
-            )
+        warnings += [
+            f"{unit.named_at.get(dep, unit.file + ':')}{dep} is not run by ikos; ignored"
+            for dep in unknown
+        ]
     deps = {
         name: (tuple(dict.fromkeys(req)), tuple(dict.fromkeys(aft)))
         for name, (req, aft) in out.items()
