@@ -11,9 +11,11 @@ defined next to the code that raises them name their module in brackets
 
     IkosError
     ├── ConfigError                a bad ikos.toml entry (file, table, key, expected)
-    │   └── SpecError              an invalid child or supervisor specification (path, key)
-    │       ├── DependencyCycle    requires/after form a cycle [registry._graph]
-    │       └── UnknownDependency  requires/after names no child [registry._graph]
+    │   ├── SpecError              an invalid child or supervisor specification (path, key)
+    │   │   ├── DependencyCycle    requires/after form a cycle [registry._graph]
+    │   │   └── UnknownDependency  requires/after names no child [registry._graph]
+    │   └── UnitError              a systemd unit ikos cannot run (file, line, directive)
+    │                              [platform._unit]
     ├── ActorError                 something went wrong talking to an actor
     │   ├── ActorDeadError         the actor is not running, or stopped before answering
     │   ├── ActorCrashed           receive() raised while handling your ask

@@ -169,6 +169,17 @@ class DaemonConfig:
     environment_files: Sequence[str] | None = None
     clear_environment: bool = False
     kill_mode: str | None = None
+    # systemd units' fields (docs/configuration.md, "Executables from systemd units")
+    exec_start_pre: str | Sequence[str] | None = None
+    exec_start_post: str | Sequence[str] | None = None
+    exec_stop: str | Sequence[str] | None = None
+    exec_reload: str | Sequence[str] | None = None
+    reloadable: bool | None = None
+    expand_environment: bool | None = None
+    argv0: str | None = None
+    directories: Mapping[str, str | int] | None = None
+    success_exit_status: Sequence[int | str] | None = None
+    restart_prevent_exit_status: Sequence[int | str] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The configuration as the ``daemon_create`` verb takes it.

@@ -8,9 +8,13 @@
 #   dnsmasq-base   dnsmasq without its system service: the DHCP and DNS server
 #                  the network manager example meets (tests/test_example_net.py)
 #   bsdutils       logger(1), the syslog client (tests/test_example_log.py)
+#   memcached      Debian's memcached.service (Type=simple) and memcached@.service
+#                  (a template) run unchanged (tests/test_units_debian.py)
+#   haproxy        Debian's haproxy.service (Type=notify, $VAR in Exec lines, two
+#                  ExecReload commands) run unchanged (tests/test_units_debian.py)
 # A fast no-op when they are installed. As root, apt-get installs what is
 # missing, non-interactively and quietly, with no service started by the
-# packages' scripts (they would take ports 80, 6379 and 9090 system-wide; the tests
+# packages' scripts (they would take ports 80, 6379, 9090 and 11211 system-wide; the tests
 # start their own instances). Anyone else gets one line saying what is
 # missing, and the tests that need it are skipped with that reason.
 set -eu
@@ -23,6 +27,8 @@ command -v systemd-notify >/dev/null 2>&1 || missing="$missing systemd"
 command -v prometheus >/dev/null 2>&1 || missing="$missing prometheus"
 command -v dnsmasq >/dev/null 2>&1 || missing="$missing dnsmasq-base"
 command -v logger >/dev/null 2>&1 || missing="$missing bsdutils"
+command -v memcached >/dev/null 2>&1 || missing="$missing memcached"
+command -v haproxy >/dev/null 2>&1 || missing="$missing haproxy"
 [ -z "$missing" ] && exit 0
 
 if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then

@@ -1414,7 +1414,7 @@ def test_every_executable_field_is_documented() -> None:
         name
         for line in section.splitlines()
         if line.startswith("| `")
-        for name in re.findall(r"`([a-z_]+)`", line.split("|")[1])
+        for name in re.findall(r"`([a-z_][a-z0-9_]*)`", line.split("|")[1])
     }
     assert set(EXEC_FIELDS) <= rows, set(EXEC_FIELDS) - rows
 

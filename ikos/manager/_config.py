@@ -34,6 +34,7 @@ the manager receives only the tree.
 
 from __future__ import annotations
 
+import dataclasses
 import grp
 import json
 import math
@@ -52,6 +53,7 @@ from ikos.monitor._alerts import KINDS as ALERT_KINDS
 from ikos.platform._fields import close_match
 from ikos.platform._limits import LIMIT_NAMES
 from ikos.platform._memfd import DEFAULT_SHM_THRESHOLD
+from ikos.platform._unit import UnitError, UnitSpec, link_units, load_unit, unit_files
 from ikos.registry._health import HealthCheck
 from ikos.registry._service import InvalidService, ServiceInfo, validate_service
 from ikos.supervision._placement import placement_of
@@ -67,6 +69,7 @@ from ikos.supervision._spec import (
     Shutdown,
     Strategy,
     Supervisor,
+    exec_from_unit,
     validate_tree,
 )
 
@@ -112,7 +115,9 @@ _TOP_TABLES: Final = (
     "monitor",
     "alerts",
     "ray",
+    "units",
 )
+_UNITS_KEYS: Final = ("directory", "supervisor")
 _KINDS: Final = ("supervisors", "actors", "executables")
 _KIND_NOUN: Final = {"supervisors": "supervisor", "actors": "actor", "executables": "executable"}
 _COMMON_KEYS: Final = ("restart", "shutdown", "requires", "after", "description", "backoff")
@@ -165,6 +170,7 @@ _ACTOR_KEYS: Final = (
 )
 _EXEC_SPEC_KEYS: Final = (
     "executable",
+    "unit",
     "supervisor",
     "start_timeout",
     *_COMMON_KEYS,
@@ -359,14 +365,20 @@ class LoadedConfig:
     alerts: AlertSettings = field(default_factory=AlertSettings)
 
 
-def load_config(path: str | Path, base_tree: Supervisor | None = None) -> LoadedConfig:
+def load_config(
+    path: str | Path,
+    base_tree: Supervisor | None = None,
+    *,
+    instance_root: str | Path | None = None,
+) -> LoadedConfig:
     """Read ``path`` (TOML) and build the supervision tree and manager settings it describes.
 
     With ``base_tree`` (``ikosd --tree``), that supervisor is the root: entries
     without a parent go under it, entries may name its supervisors as parent,
-    and a ``[root]`` table is an error. Raises :class:`~ikos._errors.ConfigError`
-    naming file, table, key and what was expected; unknown keys only produce
-    warnings.
+    and a ``[root]`` table is an error. ``instance_root`` (``ikosd --root``)
+    is where the systemd units' ``RuntimeDirectory=``, ``%t``... live.
+    Raises :class:`~ikos._errors.ConfigError` naming file, table, key and
+    what was expected; unknown keys only produce warnings.
 
     Example::
 
@@ -381,7 +393,7 @@ def load_config(path: str | Path, base_tree: Supervisor | None = None) -> Loaded
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise _syntax_error(file, text, exc) from None
-    loader = _Loader(file, text, base_tree)
+    loader = _Loader(file, text, base_tree, instance_root)
     settings = loader.settings(document)
     tree = loader.tree(document, settings.mailbox_size)
     declared = _declarations(file, document)
@@ -1107,9 +1119,17 @@ class _Entry:
 
 
 class _Loader:
-    def __init__(self, file: str, text: str, base_tree: Supervisor | None) -> None:
+    def __init__(
+        self,
+        file: str,
+        text: str,
+        base_tree: Supervisor | None,
+        instance_root: str | Path | None = None,
+    ) -> None:
         self.file, self.text, self.base = file, text, base_tree
+        self.instance_root = instance_root
         self.warnings: list[str] = []
+        self._units: dict[str, UnitSpec] = {}  # executables declared with `unit`, by name
 
     def settings(self, document: Mapping[str, Any]) -> ManagerSettings:
         t = self._section(document, "ikosd")
@@ -1180,6 +1200,7 @@ class _Loader:
         root = self._root(document)
         base_names = self._base_names()
         entries = self._entries(document, root.name, base_names, mailbox_size)
+        self._link_units(entries)
         self._check_parents(entries, root.name, base_names)
         tree = self._assemble(root, entries)
         try:
@@ -1292,7 +1313,51 @@ class _Loader:
             elif not isinstance(parent, str):
                 raise t.error(parent_key, "the name of a supervisor (a string)", parent)
             entries[name] = _Entry(kind, name, t, parent, parent_key, order, spec)
+        self._unit_directories(document, entries, root_name, base_names)
         return entries
+
+    def _unit_directories(
+        self,
+        document: Mapping[str, Any],
+        entries: dict[str, _Entry],
+        root_name: str,
+        base_names: Mapping[str, bool],
+    ) -> None:
+        """``[units] directory``: every ``*.service`` there, after the file's other entries."""
+        t = self._section(document, "units")
+        if not t.data:
+            return
+        self.warnings += t.unknown(_UNITS_KEYS)
+        raw = t.get("directory")
+        folders = [raw] if isinstance(raw, str) else raw
+        expected = "a directory of systemd units, or an array of them"
+        if raw is _MISSING or not isinstance(folders, list) or not folders:
+            raise t.error("directory", expected + " (the key is required)", None)
+        parent = t.string("supervisor", root_name)
+        for folder in folders:
+            if not isinstance(folder, str) or not folder:
+                raise t.error("directory", expected, folder)
+            path = Path(folder) if Path(folder).is_absolute() else Path(self.file).parent / folder
+            try:
+                units = [load_unit(p, root=self.instance_root) for p in unit_files(path)]
+                specs = [(u, exec_from_unit(u)) for u in units]
+            except UnitError as exc:
+                raise t.error("directory", f"units ikos can run ({exc})") from None
+            for unit, spec in specs:
+                taken = entries.get(unit.name)
+                if taken is not None or unit.name in base_names or unit.name == root_name:
+                    also = f"[{taken.table.name}]" if taken is not None else "the tree"
+                    raise t.error(
+                        "directory",
+                        f"units named apart from other entries (also {also})",
+                        unit.file,
+                    )
+                self._units[unit.name] = unit
+                self.warnings += unit.warnings
+                order = (sys.maxsize, len(entries))
+                entries[unit.name] = _Entry(
+                    "executables", unit.name, t, parent, "supervisor", order, spec
+                )
 
     def _supervisor(self, t: _Table, name: str, _mailbox: int) -> tuple[AnySpec, str, list[str]]:
         backoff, warnings = t.backoff()
@@ -1349,6 +1414,8 @@ class _Loader:
         if isinstance(limits, dict):
             warnings += _Table(t.file, t.name, limits).unknown(LIMIT_NAMES, prefix="limits.")
             fields["limits"] = {k: v for k, v in limits.items() if k in LIMIT_NAMES}
+        if "unit" in t.data:
+            return self._unit_exec(t, name, fields, backoff, warnings)
         executable = t.required_string("executable", "the path or name of an executable")
         try:
             spec = Exec(
@@ -1366,6 +1433,66 @@ class _Loader:
         except SpecError as exc:
             raise t.error(exc.key, exc.expected, exc.got) from None
         return spec, "supervisor", t.unknown((*_EXEC_SPEC_KEYS, *EXEC_FIELDS)) + warnings
+
+    # --- systemd units (docs/configuration.md, "Executables from systemd units") ---------
+
+    def _unit_exec(
+        self,
+        t: _Table,
+        name: str,
+        fields: dict[str, Any],
+        backoff: Backoff | None,
+        warnings: list[str],
+    ) -> tuple[AnySpec, str, list[str]]:
+        """``unit = "PATH"``: the unit's executable; the table's other keys override it."""
+        raw = t.required_string("unit", "the path of a systemd .service file")
+        if "executable" in t.data:
+            raise t.error(
+                "executable", "no 'executable' beside 'unit' (the unit's ExecStart= runs)"
+            )
+        path = Path(raw) if Path(raw).is_absolute() else Path(self.file).parent / raw
+        overrides: dict[str, Any] = dict(fields)
+        if "restart" in t.data:
+            overrides["restart"] = t.restart()
+        if "shutdown" in t.data:
+            overrides["shutdown"] = t.shutdown(5.0)
+        if "description" in t.data:
+            overrides["description"] = t.string("description", "")
+        if "start_timeout" in t.data:
+            overrides["start_timeout"] = t.seconds("start_timeout", 30.0, zero_ok=False)
+        if backoff is not None:
+            overrides["backoff"] = backoff
+        try:
+            unit = load_unit(path, name=name, root=self.instance_root)
+            spec = exec_from_unit(
+                unit, requires=t.names("requires"), after=t.names("after"), **overrides
+            )
+        except UnitError as exc:
+            raise t.error("unit", f"a unit ikos can run ({exc})") from None
+        except SpecError as exc:
+            raise t.error(exc.key, exc.expected, exc.got) from None
+        self._units[name] = unit
+        known = (*_EXEC_SPEC_KEYS, *EXEC_FIELDS)
+        return spec, "supervisor", [*unit.warnings, *t.unknown(known), *warnings]
+
+    def _link_units(self, entries: dict[str, _Entry]) -> None:
+        """Units' Requires=/Wants=/After=/Before= between executables of this file."""
+        if not self._units:
+            return
+        known = {f"{e.name}.service": e.name for e in entries.values() if e.kind == "executables"}
+        known.update({unit.unit_name: name for name, unit in self._units.items()})
+        deps, warnings = link_units(list(self._units.values()), known)
+        self.warnings += warnings
+        for name, (requires, after) in deps.items():
+            entry = entries[name]
+            spec = entry.spec
+            if (requires or after) and isinstance(spec, Exec):
+                spec = dataclasses.replace(
+                    spec,
+                    requires=tuple(dict.fromkeys((*spec.requires, *requires))),
+                    after=tuple(dict.fromkeys((*spec.after, *after))),
+                )
+                entries[name] = dataclasses.replace(entry, spec=spec)
 
     # --- the tree ------------------------------------------------------------------------
 

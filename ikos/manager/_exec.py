@@ -35,6 +35,7 @@ import dataclasses
 import functools
 import logging
 import os
+import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -50,11 +51,19 @@ from ikos.platform._pidfile import DaemonPidFile, PidFileError, read_pid_file
 from ikos.platform._process import (
     ExitStatus,
     ProcessHandle,
+    read_available,
     run_command,
     session_members,
     signal_group,
 )
-from ikos.platform._spawn import ExecPlan, build_exec_plan, exec_in_child, notify_socket_address
+from ikos.platform._spawn import (
+    ExecPlan,
+    StdioSpec,
+    build_exec_plan,
+    exec_in_child,
+    notify_socket_address,
+)
+from ikos.platform._unit import UnitCommand, expand_variables
 from ikos.supervision._runtime import WorkerNode
 from ikos.supervision._spec import Exec
 
@@ -129,6 +138,44 @@ def exec_entry(payload: tuple[ExecPlan, dict[int, int]], fds: list[int]) -> NoRe
     os.set_inheritable(fds[0], False)
     stdio = {target: fds[index] for target, index in stdio_index.items()}
     exec_in_child(plan, stdio, (), fds[0])
+
+
+#: Bytes of a unit command's output kept for the daemon's log.
+COMMAND_OUTPUT_LIMIT = 64 * 1024
+
+
+def unit_plan(spec: Exec, plan: ExecPlan) -> ExecPlan:
+    """The plan with what a unit's ExecStart= asks beyond a plain argv: ``$VAR``, ``@``."""
+    o = spec.options
+    argv = list(plan.argv)
+    if o.expand_environment:
+        argv[1:] = expand_variables(argv[1:], plan.environ)
+    if o.argv0 is not None:
+        argv[0] = o.argv0
+    if argv == list(plan.argv):
+        return plan
+    return dataclasses.replace(plan, argv=tuple(argv))
+
+
+def make_directories(spec: Exec, plan: ExecPlan) -> None:
+    """Create the ``directories`` (RuntimeDirectory= and the like), owned by the daemon.
+
+    As systemd does: missing parents are created root-owned with mode 0755,
+    the directory itself gets the mode asked and, as root, the daemon's user
+    and group (also when it existed already). Raises :class:`SpawnError`.
+    """
+    for path, mode in spec.options.directories.items():
+        try:
+            os.makedirs(path, mode=0o755, exist_ok=True)
+            os.chmod(path, mode)
+            if os.geteuid() == 0 and (plan.uid is not None or plan.gid is not None):
+                os.chown(
+                    path, -1 if plan.uid is None else plan.uid, -1 if plan.gid is None else plan.gid
+                )
+        except OSError as exc:
+            raise SpawnError(
+                spec.name, "directories", f"cannot create {path}: {exc.strerror or exc}"
+            ) from None
 
 
 class ExecHandle:
@@ -246,10 +293,13 @@ class ExecHandle:
                 return self._timeout()
             status = self.proc.exited.result()
             if status.code == 0:
-                self._set_ready()
-                self.loop.call_soon(self._finish, status)
+                if await self._start_post():
+                    self._set_ready()
+                    self.loop.call_soon(self._finish, status)
             else:
                 self._finish(status)
+            return
+        if not await self._start_post():
             return
         self._set_ready()
         while True:
@@ -267,6 +317,36 @@ class ExecHandle:
             self.pid_file.write(self.main.pid)
         except PidFileError as exc:  # checked at spawn: only a race gets here
             log.error("%s: %s", self.spec.name, exc)
+
+    async def _start_post(self) -> bool:
+        """ExecStartPost= commands, once started and before ready; False if one failed."""
+        commands = self.spec.options.exec_start_post
+        if not commands:
+            return True
+        remaining = max(self.deadline - time.monotonic(), 0.1)
+        try:
+            await self.rt.run_commands(
+                self.spec, self.plan, commands, "exec_start_post", remaining, self.pid
+            )
+        except (SpawnError, ManagerError) as exc:
+            self._fail(str(exc))
+            return False
+        return True
+
+    async def run_stop_commands(self) -> None:
+        """ExecStop= commands, before the stop signal; failures are logged, as systemd does."""
+        commands = self.spec.options.exec_stop
+        if not commands or not self.alive:
+            return
+        shutdown = self.spec.shutdown
+        timeout = float(shutdown) if isinstance(shutdown, int | float) else 90.0
+        for command in commands:
+            try:
+                await self.rt.run_commands(
+                    self.spec, self.plan, (command,), "exec_stop", timeout, self.pid
+                )
+            except (SpawnError, ManagerError) as exc:
+                log.warning("%s", exc)
 
     def _set_ready(self) -> None:
         if not self.ready.done():
@@ -480,6 +560,14 @@ class ExecHandle:
 
     async def reload(self) -> None:
         """Reload: the reload command, else the reload signal; for notify, wait for READY=1."""
+        if not self.spec.options.reloadable:
+            raise ManagerError(
+                f"'{self.spec.name}' cannot be reloaded: its unit has no ExecReload= "
+                "(set reload_signal or reload_command to give it one)",
+                "bad_request",
+            )
+        if self.spec.options.exec_reload:
+            return await self._exec_reload()
         command = self.spec.options.reload_command
         if self.plan.type == "notify":
             self.reloading = self.loop.create_future()
@@ -511,6 +599,31 @@ class ExecHandle:
             sig = self.plan.reload_signal or signal.SIGHUP
             if not self.main.send_signal(sig):
                 raise ManagerError(f"'{self.spec.name}' is not running")
+        await self._reloaded()
+
+    async def _exec_reload(self) -> None:
+        """A unit's ExecReload= commands, in order, as the daemon runs.
+
+        As systemd for ``Type=notify``: the reload is over when the commands
+        are, unless the daemon said ``RELOADING=1`` meanwhile; then it is
+        over at its ``READY=1``.
+        """
+        self.reloading = None
+        try:
+            await self.rt.run_commands(
+                self.spec,
+                self.plan,
+                self.spec.options.exec_reload,
+                "exec_reload",
+                self.spec.start_timeout,
+                self.pid,
+            )
+        except SpawnError as exc:
+            raise ManagerError(str(exc)) from None
+        await self._reloaded()
+
+    async def _reloaded(self) -> None:
+        """Wait for the READY=1 that ends a notify daemon's reload, if one is awaited."""
         if self.reloading is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(self.reloading), self.spec.start_timeout)
@@ -641,7 +754,12 @@ class ExecRuntime:
     async def spawn(self, node: WorkerNode) -> ExecHandle:
         spec = node.spec
         assert isinstance(spec, Exec)
-        plan = build_exec_plan(spec, self.paths)
+        plan = unit_plan(spec, build_exec_plan(spec, self.paths))
+        make_directories(spec, plan)
+        if spec.options.exec_start_pre:
+            await self.run_commands(
+                spec, plan, spec.options.exec_start_pre, "exec_start_pre", spec.start_timeout
+            )
         if plan.type == "notify" and self.notify is None:
             raise SpawnError(spec.name, "type", "notify needs the sd_notify socket, which failed")
         if plan.pid_file and plan.type != "forking":
@@ -813,6 +931,132 @@ class ExecRuntime:
         self.handles.append(handle)
         self.index(handle)
         return handle
+
+    async def run_commands(
+        self,
+        spec: Exec,
+        plan: ExecPlan,
+        commands: tuple[UnitCommand, ...],
+        field: str,
+        timeout: float,
+        main_pid: int | None = None,
+    ) -> None:
+        """Run a unit's commands in order, as the daemon runs (user, directory, environment).
+
+        Each gets ``$MAINPID`` when the daemon has one, its ``$VAR`` expanded
+        (unless written with ``:``), its output in the daemon's log, and
+        ``timeout`` seconds before its session is killed. A failure stops the
+        sequence with :class:`SpawnError` naming the daemon, ``field`` and the
+        command, unless the command was written with ``-`` (then it is logged).
+        """
+        for command in commands:
+            status, why = await self._run_command(spec, plan, command, timeout, main_pid)
+            if status is not None and status.code == 0:
+                continue
+            text = f"{command.text()}: {why}"
+            if command.ignore_failure:
+                log.info("%s: %s failed (ignored, '-'): %s", spec.name, field, text)
+                continue
+            raise SpawnError(spec.name, field, text)
+
+    async def _run_command(
+        self,
+        spec: Exec,
+        plan: ExecPlan,
+        command: UnitCommand,
+        timeout: float,
+        main_pid: int | None,
+    ) -> tuple[ExitStatus | None, str]:
+        """One command through the fork server: its status (None: timed out) and what happened."""
+        env = dict(plan.env)
+        env.pop("NOTIFY_SOCKET", None)  # only the daemon speaks sd_notify (NotifyAccess=main)
+        if main_pid is not None:
+            env["MAINPID"] = str(main_pid)
+        argv = list(command.argv)
+        if command.expand:
+            argv[1:] = expand_variables(argv[1:], env)
+        program = argv[0] if "/" in argv[0] else shutil.which(argv[0], path=env.get("PATH"))
+        if program is None:
+            return None, f"{argv[0]} not found in PATH"
+        if command.argv0 is not None:
+            argv[0] = command.argv0
+        run = dataclasses.replace(
+            plan,
+            executable=program,
+            argv=tuple(argv),
+            env=tuple(env.items()),
+            type="simple",
+            pid_file=None,
+            cgroup_procs=(),
+            stdin=StdioSpec("null"),
+            stdout=StdioSpec("log"),
+            stderr=StdioSpec("log"),
+        )
+        if command.privileged:  # '+': with ikosd's own privileges
+            run = dataclasses.replace(run, user=None, group=None, uid=None, gid=None, groups=None)
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            pid = await self.forkserver.spawn(
+                spec.name, EXEC_ENTRY, (run, {1: 1, 2: 1}), [err_w, out_w]
+            )
+        except BaseException:
+            os.close(err_r)
+            os.close(out_r)
+            raise
+        finally:
+            os.close(err_w)
+            os.close(out_w)
+        proc = ProcessHandle(pid, status_fd=err_r, exec_pipe=True)
+        try:
+            return await self._watch_command(spec, command, proc, out_r, timeout)
+        except BaseException:  # cancelled (ikosd stopping): the command must not outlive it
+            signal_group(proc, signal.SIGKILL)
+            raise
+
+    async def _watch_command(
+        self, spec: Exec, command: UnitCommand, proc: ProcessHandle, out_r: int, timeout: float
+    ) -> tuple[ExitStatus | None, str]:
+        """Wait for a command, its output into the daemon's log; kill its session at timeout."""
+        output = bytearray()
+        loop = asyncio.get_running_loop()
+        os.set_blocking(out_r, False)
+
+        def keep(chunks: list[bytes]) -> None:
+            for chunk in chunks:
+                output.extend(chunk[: max(COMMAND_OUTPUT_LIMIT - len(output), 0)])
+
+        def readable() -> None:
+            chunks, eof = read_available(out_r)
+            keep(chunks)
+            if eof:
+                loop.remove_reader(out_r)
+
+        loop.add_reader(out_r, readable)
+        try:
+            try:
+                status: ExitStatus | None = await asyncio.wait_for(
+                    asyncio.shield(proc.exited), timeout
+                )
+            except TimeoutError:
+                signal_group(proc, signal.SIGKILL)
+                await proc.exited
+                status = None
+        finally:
+            with contextlib.suppress(ValueError, RuntimeError):
+                loop.remove_reader(out_r)
+            with contextlib.suppress(OSError):
+                keep(read_available(out_r)[0])  # what came between the last read and the exit
+            os.close(out_r)
+        lines = output.decode(errors="replace").splitlines()
+        if lines:
+            self.logs.log_for(spec.name).write_lines(command.argv[0].rpartition("/")[2], lines)
+        if status is None:
+            return None, f"timed out after {timeout:g} s"
+        event = proc.exit_event()
+        if not proc.ready.done() and event is not None and event.get("reason"):
+            return status, str(event["reason"])  # the exec itself failed
+        return status, status.describe()
 
     @staticmethod
     def watchdog_env(spec: Exec) -> bool:

@@ -247,7 +247,7 @@ def prepare(
 
     def read() -> Config:
         fresh = load_tree_ref(args.tree) if args.tree else None
-        loaded = load_config(config_file, base_tree=fresh)
+        loaded = load_config(config_file, base_tree=fresh, instance_root=paths.root)
         return Config(
             loaded.tree,
             loaded.file,
@@ -256,7 +256,7 @@ def prepare(
             loaded.warnings,
         )
 
-    loaded = load_config(config_file, base_tree=base)
+    loaded = load_config(config_file, base_tree=base, instance_root=paths.root)
     for warning in loaded.warnings:
         log.warning("%s", warning)
     s = loaded.settings

@@ -316,6 +316,8 @@ class Manager:
             self._spawner(node).exited(node)
 
     async def before_stop(self, node: WorkerNode) -> None:
+        if isinstance(node.handle, ExecHandle):  # a unit's ExecStop= runs before the signal
+            await node.handle.run_stop_commands()
         for ext in self._started:
             try:
                 await ext.before_stop(node)

@@ -44,6 +44,7 @@ from ikos.platform._fields import (
 )
 from ikos.platform._limits import ResourceLimits, check_limits, limits_json
 from ikos.platform._signals import parse_signal, signal_name
+from ikos.platform._unit import UnitCommand, parse_command_list
 
 __all__ = ["EXEC_OPTIONS", "EXEC_TYPES", "KILL_MODES", "ExecOptions", "ExecTarget"]
 
@@ -169,6 +170,46 @@ def _check_command(value: object) -> str | tuple[str, ...]:
     raise InvalidField(None, "a shell command string, or a list of strings (argv)", value)
 
 
+# -- options of systemd units (docs/configuration.md, "Executables from systemd units") --
+
+
+def _check_unit_commands(value: object) -> tuple[UnitCommand, ...]:
+    try:
+        return parse_command_list(value)
+    except ValueError as exc:
+        raise InvalidField(
+            None,
+            f"command lines in systemd's Exec syntax, like '-/usr/bin/x --check' ({exc})",
+            value,
+        ) from None
+
+
+def _commands_json(commands: tuple[UnitCommand, ...]) -> list[str]:
+    return [command.text() for command in commands]
+
+
+def _check_directories(value: object) -> FrozenDict[str, int]:
+    expected = "a table of absolute paths to octal modes, like { '/run/app' = '0755' }"
+    if not isinstance(value, Mapping):
+        raise InvalidField(None, expected, value)
+    out: dict[str, int] = {}
+    for path, mode in value.items():
+        if not _text(path) or not str(path).startswith("/"):
+            raise InvalidField(None, expected, path)
+        text = mode if isinstance(mode, str) else None
+        if text is not None and text and all(c in "01234567" for c in text) and len(text) <= 4:
+            out[path] = int(text, 8)
+        elif is_int(mode) and 0 <= cast(int, mode) <= 0o7777:
+            out[path] = cast(int, mode)
+        else:
+            raise InvalidField(str(path), "an octal mode like '0755'", mode)
+    return FrozenDict(out)
+
+
+def _directories_json(value: Mapping[str, int]) -> dict[str, str]:
+    return {path: f"{mode:04o}" for path, mode in value.items()}
+
+
 def _umask_json(mask: int) -> str:
     return f"{mask:03o}"
 
@@ -247,6 +288,35 @@ class ExecOptions:
     kill_mode: str = option(
         "control-group", choice(KILL_MODES), "which processes a stop reaches: cgroup or session"
     )
+    # systemd units' commands and directories (ikos/platform/_unit.py maps them)
+    exec_start_pre: tuple[UnitCommand, ...] = option(
+        (), _check_unit_commands, "commands run in order before the start (ExecStartPre=)",
+        to_json=_commands_json,
+    )  # fmt: skip
+    exec_start_post: tuple[UnitCommand, ...] = option(
+        (), _check_unit_commands, "commands run once started, before ready (ExecStartPost=)",
+        to_json=_commands_json,
+    )  # fmt: skip
+    exec_stop: tuple[UnitCommand, ...] = option(
+        (), _check_unit_commands, "commands run to stop, before the stop signal (ExecStop=)",
+        restarts=False, to_json=_commands_json,
+    )  # fmt: skip
+    exec_reload: tuple[UnitCommand, ...] = option(
+        (), _check_unit_commands, "commands run in order by a reload (ExecReload=)",
+        restarts=False, to_json=_commands_json,
+    )  # fmt: skip
+    reloadable: bool = option(
+        True, boolean, "false: a reload is refused (a unit without ExecReload=)", restarts=False
+    )
+    expand_environment: bool = option(
+        False, boolean, "expand $VAR and ${VAR} in args from the daemon's environment"
+    )
+    argv0: str | None = option(None, _path, "argv[0] the program sees (ExecStart='@')")
+    directories: Mapping[str, int] = option(
+        FrozenDict(), _check_directories,
+        "directories created before the start, owned by user/group (RuntimeDirectory=...)",
+        to_json=_directories_json,
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         normalise_fields(self, EXEC_OPTIONS)

@@ -77,6 +77,7 @@ from typing import Any, Protocol
 
 from ikos._errors import IkosError
 from ikos.platform._process import ExitStatus
+from ikos.platform._signals import signal_name
 from ikos.supervision._backoff import BackoffState
 from ikos.supervision._intensity import RestartIntensity
 from ikos.supervision._spec import AnySpec, Backoff, Child, Exec, Supervisor
@@ -253,10 +254,16 @@ def should_restart_spec(spec: AnySpec, reason: ExitReason) -> bool:
         return should_restart(spec.restart, reason)
     if not spec.auto_restart or spec.restart == "temporary":
         return False
+    if _exit_in(spec.restart_prevent_exit_status, reason):
+        return False  # systemd's RestartPreventExitStatus=
     mode = spec.restart_on
     if mode is None:
         return should_restart(spec.restart, reason)
-    clean = not reason.failure and (reason.code == 0 or reason.signal in _CLEAN_SIGNALS)
+    clean = not reason.failure and (
+        reason.code == 0
+        or reason.signal in _CLEAN_SIGNALS
+        or _exit_in(spec.success_exit_status, reason)  # systemd's SuccessExitStatus=
+    )
     watchdog = reason.failure or reason.reason == "watchdog timeout"
     return {
         "no": False,
@@ -270,6 +277,15 @@ def should_restart_spec(spec: AnySpec, reason: ExitReason) -> bool:
 
 
 _CLEAN_SIGNALS = frozenset({1, 2, 13, 15})  # SIGHUP, SIGINT, SIGPIPE, SIGTERM (systemd)
+
+
+def _exit_in(statuses: tuple[int | str, ...], reason: ExitReason) -> bool:
+    """Whether the exit is one of ``statuses`` (exit codes, and signal names like 'SIGTERM')."""
+    if not statuses or reason.failure:
+        return False
+    if reason.signal is not None:
+        return signal_name(reason.signal) in statuses
+    return reason.code is not None and reason.code in statuses
 
 
 class Node:

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import logging
 import math
+import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,7 +39,17 @@ from ikos.platform._fields import (
     option,
     seconds,
 )
+from ikos.platform._signals import parse_signal, signal_name
+from ikos.platform._unit import (
+    UnitError,
+    UnitSpec,
+    link_units,
+    load_unit,
+    unit_files,
+)
 from ikos.supervision._placement import PlacementLike, Ray, placement_of
+
+log = logging.getLogger("ikos.unit")
 
 RestartType: TypeAlias = Literal["permanent", "transient", "temporary"]
 Strategy: TypeAlias = Literal["one_for_one", "one_for_all", "rest_for_one", "simple_one_for_one"]
@@ -141,6 +153,26 @@ class Child(_ChildBase):
         return f"{self.actor.__module__}:{self.actor.__qualname__}"
 
 
+def exit_statuses(value: object) -> tuple[int | str, ...]:
+    """Exit statuses (0-255) and signal names, normalised (``"TERM"`` -> ``"SIGTERM"``)."""
+    expected = "a list of exit statuses (0-255) and signal names, like [143, 'SIGTERM']"
+    items = value.split() if isinstance(value, str) else value
+    if not isinstance(items, list | tuple):
+        raise InvalidField(None, expected, value)
+    out: list[int | str] = []
+    for item in items:
+        if isinstance(item, int) and not isinstance(item, bool) and 0 <= item <= 255:
+            out.append(item)
+        elif isinstance(item, str) and item.isdigit() and int(item) <= 255:
+            out.append(int(item))
+        else:
+            try:
+                out.append(signal_name(parse_signal(item)))
+            except ValueError:
+                raise InvalidField(None, expected, value) from None
+    return tuple(dict.fromkeys(out))
+
+
 #: The keywords of ``ikos.Exec`` that every kind of child has, plus ``start_timeout``.
 EXEC_SPEC_KEYS: tuple[str, ...] = (
     "restart", "shutdown", "requires", "after", "description", "start_timeout", "backoff",
@@ -192,6 +224,12 @@ class Exec(_ChildBase):
     restart_on: str | None = option(
         None, choice(RESTART_ON), "systemd's Restart=: which exits restart", restarts=False
     )
+    success_exit_status: tuple[int | str, ...] = option(
+        (), exit_statuses, "exits that count as clean (SuccessExitStatus=)", restarts=False
+    )
+    restart_prevent_exit_status: tuple[int | str, ...] = option(
+        (), exit_statuses, "exits never restarted (RestartPreventExitStatus=)", restarts=False
+    )
 
     def __init__(
         self,
@@ -231,6 +269,57 @@ class Exec(_ChildBase):
         for key, spec in RESTART_POLICY.items():
             _set(self, **{key: values.get(key, spec.default)})
 
+    # -- systemd units (ikos/platform/_unit.py reads them) ---------------------------------
+
+    @classmethod
+    def from_unit(
+        cls,
+        path: str | os.PathLike[str],
+        name: str | None = None,
+        *,
+        root: str | os.PathLike[str] | None = None,
+        **fields: Any,
+    ) -> Exec:
+        """An executable from a systemd ``.service`` file, run as the unit says.
+
+        ``name`` defaults to the unit's name without ``.service``; a template
+        runs as ``from_unit("/lib/systemd/system/redis-server@6380.service")``.
+        ``root`` is the instance root under which ``RuntimeDirectory=`` and
+        ``%t`` live (default ``/``). Keywords override what the unit says
+        (``restart_on="always"``, ``requires=[...]``). Every directive ikos
+        ignores, and every dependency on a unit it does not run, is logged
+        once as a warning naming file and line; a unit that cannot run (no
+        ``ExecStart=``, an unknown ``Type=``) raises
+        :class:`~ikos.platform._unit.UnitError` naming file and line.
+
+        Example::
+
+            Exec.from_unit("/lib/systemd/system/redis-server.service", "redis")
+        """
+        unit = load_unit(path, name=name, root=root)
+        _, unknown = link_units([unit], {})
+        for line in (*unit.warnings, *unknown):
+            log.warning("%s", line)
+        return exec_from_unit(unit, **fields)
+
+    @classmethod
+    def from_units(
+        cls, directory: str | os.PathLike[str], *, root: str | os.PathLike[str] | None = None
+    ) -> list[Exec]:
+        """Every ``*.service`` of ``directory`` (templates left out), dependencies linked.
+
+        ``Requires=``/``Wants=`` and ``After=``/``Before=`` between these
+        units become ``requires`` and ``after``; the others are logged.
+
+        Example::
+
+            Supervisor("units", children=Exec.from_units("/etc/ikos/units"))
+        """
+        specs, warnings = units_in_directory(directory, root=root)
+        for line in warnings:
+            log.warning("%s", line)
+        return specs
+
     @property
     def fields(self) -> Mapping[str, Any]:
         """The fields set to other than their defaults, by name (normalised values).
@@ -243,6 +332,38 @@ class Exec(_ChildBase):
             if getattr(self, key) != spec.default
         }
         return FrozenDict({**self.options.changed_fields(), **policy})
+
+
+def exec_from_unit(
+    unit: UnitSpec,
+    requires: Sequence[str] = (),
+    after: Sequence[str] = (),
+    **overrides: Any,
+) -> Exec:
+    """The :class:`Exec` of a mapped unit; ``overrides`` win over what the unit says.
+
+    A value the unit gives that ikos refuses raises
+    :class:`~ikos.platform._unit.UnitError` naming the unit's file.
+    """
+    values = {**unit.fields, **overrides}
+    if overrides.keys() & {"reload_signal", "reload_command", "exec_reload"}:
+        values.pop("reloadable", None)  # a reload the user gives is one the unit can do
+    try:
+        return Exec(unit.name, unit.executable, requires=requires, after=after, **values)
+    except SpecError as exc:
+        if exc.key is not None and exc.key in overrides:
+            raise
+        raise UnitError(unit.file, None, None, str(exc)) from None
+
+
+def units_in_directory(
+    directory: str | os.PathLike[str], *, root: str | os.PathLike[str] | None = None
+) -> tuple[list[Exec], list[str]]:
+    """The executables of a directory's units, their dependencies linked, and the warnings."""
+    units = [load_unit(path, root=root) for path in unit_files(directory)]
+    deps, warnings = link_units(units, {u.unit_name: u.name for u in units})
+    specs = [exec_from_unit(u, *deps[u.name]) for u in units]
+    return specs, [line for u in units for line in u.warnings] + warnings
 
 
 #: The restart policy's fields (attributes of :class:`Exec`), by name.
