@@ -51,7 +51,13 @@ from ikos.platform._process import (
     session_members,
     signal_group,
 )
-from ikos.platform._spawn import ExecPlan, build_exec_plan, exec_in_child, notify_socket_address
+from ikos.platform._spawn import (
+    ExecPlan,
+    build_exec_plan,
+    exec_in_child,
+    notify_socket_address,
+    read_until_eof,
+)
 from ikos.supervision._runtime import WorkerNode
 from ikos.supervision._spec import Exec
 
@@ -728,7 +734,8 @@ class ExecRuntime:
         first instruction, or a quick fork could escape it: with ``cgroup``,
         posix_spawn runs ``helper``, the compiled trampoline of
         :mod:`ikos.platform._cgexec`, which joins it and execs the daemon, and
-        reports a failure on an error pipe as the fork server's child does.
+        starts the daemon straight into its cgroup and reports its PID (or a
+        failure, naming the field) on an error pipe, read here before returning.
         """
         actions: list[tuple[Any, ...]] = []
         pipes: list[tuple[str, int, int]] = []
@@ -741,7 +748,7 @@ class ExecRuntime:
                 err_w = fcntl.fcntl(err_w, fcntl.F_DUPFD_CLOEXEC, _cgexec.ERROR_FD + 1)
                 os.close(_cgexec.ERROR_FD)
             executable = helper
-            argv = _cgexec.argv(helper, cgroup.procs_files, plan.executable, plan.argv)
+            argv = _cgexec.argv(helper, cgroup.dirs, plan.executable, plan.argv)
         try:
             for target, std, stream in (
                 (0, plan.stdin, "stdin"),
@@ -771,7 +778,7 @@ class ExecRuntime:
                     argv,
                     plan.environ,
                     file_actions=actions,
-                    setsid=True,
+                    setsid=cgroup is None,  # else the trampoline's child calls setsid
                     setsigmask=(),
                     setsigdef=_DEFAULT_SIGNALS,
                 )
@@ -779,13 +786,15 @@ class ExecRuntime:
                 raise SpawnError(
                     spec.name,
                     "executable",
-                    f"cannot start {plan.executable}: {exc.strerror or exc}",
+                    f"cannot start {executable}: {exc.strerror or exc}",
                 ) from None
+            if cgroup is not None:
+                os.close(err_w)
+                err_w = -1
+                pid = self._trampoline_report(spec.name, pid, err_r)
         except BaseException:
             for _, r, _w in pipes:
                 os.close(r)
-            if err_r >= 0:
-                os.close(err_r)
             if cgroup is not None:
                 with contextlib.suppress(Exception):
                     cgroup.remove()
@@ -795,22 +804,52 @@ class ExecRuntime:
                 os.close(w)
             if err_w >= 0:
                 os.close(err_w)
+            if err_r >= 0:
+                os.close(err_r)
         for stream, r, _ in pipes:
             self.logs.capture(spec.name, stream, r)
         # posix_spawn has no gate: the row joins the loop turn's batch (the instance's
         # marker in the environment lets a later ikosd find it should this one die now)
         self._on_forked(node, pid, False)
-        if cgroup is None:
-            proc = ProcessHandle(pid)
-            # posix_spawn returns only once the exec succeeded (or raises): ready as Type=exec
-            proc.ready.set_result({"event": "ready", "pid": pid})
-        else:  # the trampoline's exec of the daemon is still to come: its pipe tells
-            proc = ProcessHandle(pid, status_fd=err_r, exec_pipe=True)
+        proc = ProcessHandle(pid)
+        # posix_spawn (and the trampoline's vfork) return only once the exec succeeded
+        # (or fail): ready as Type=exec
+        proc.ready.set_result({"event": "ready", "pid": pid})
         handle = ExecHandle(self, spec, plan, proc, cgroup)
         handle.started_by = "posix_spawn" if cgroup is None else "posix_spawn+cgexec"
         self.handles.append(handle)
         self.index(handle)
         return handle
+
+    @staticmethod
+    def _trampoline_report(daemon: str, helper_pid: int, err_r: int) -> int:
+        """The daemon's PID from the trampoline's report; SpawnError naming the field if it failed.
+
+        The trampoline writes once its vfork child has exec'd (or died), then
+        exits: reading to EOF waits for a few hundred microseconds, and reaping
+        it makes sure its child has been re-parented to us before it is watched.
+        """
+        data, eof = read_until_eof(err_r, time.monotonic() + 10.0)
+        if not eof:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(helper_pid, signal.SIGKILL)
+        pid, error = _cgexec.parse_report(data)
+        if pid != helper_pid:
+            os.waitpid(helper_pid, 0)
+        if not eof or pid is None or error:
+            if pid is not None and pid != helper_pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            if pid is not None:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, 0)
+            if not eof:
+                raise SpawnError(daemon, None, "the spawn helper did not exec within 10 s")
+            where, sep, reason = error.partition(": ")
+            if not sep:
+                raise SpawnError(daemon, None, error or "the spawn helper failed")
+            raise SpawnError(daemon, where, reason)
+        return pid
 
     def adopt(self, node: WorkerNode, pid: int, sid: int, fds: dict[str, int]) -> ExecHandle:
         """Watch an executable that a previous ikosd started; resume its log capture."""

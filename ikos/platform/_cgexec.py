@@ -5,21 +5,30 @@ it runs a single instruction of its own, or a quick fork could escape the
 stop. ``posix_spawn`` (clone with ``CLONE_VM | CLONE_VFORK``, then exec: the
 fast start) cannot join a cgroup, and Python's fork of the manager or of the
 fork server costs milliseconds. So the manager posix_spawns this trampoline
-instead: it writes its own PID to each ``cgroup.procs`` it is given, marks
-the error pipe close-on-exec and execs the daemon; a failure is one
-``"<field>: <reason>"`` line on that pipe and exit status 127, the protocol
-of :func:`~ikos.platform._spawn.exec_in_child`, so EOF on the pipe still
-means the exec succeeded.
+instead: it starts the daemon with ``clone3(CLONE_INTO_CGROUP | CLONE_VFORK)``
+straight into its cgroup v2 directory (after joining any cgroup v1 one by
+writing its own PID to ``cgroup.procs``, which the child inherits), the
+child calls setsid and execs, and the trampoline writes the daemon's PID on
+the error pipe and exits, so the daemon is re-parented to ikosd (a child
+subreaper). A failure is one ``"<field>: <reason>"`` line on that pipe, as
+in :func:`~ikos.platform._spawn.exec_in_child`. Where clone3 or
+CLONE_INTO_CGROUP is missing (Linux < 5.7), the trampoline joins the v2
+cgroup by writing too and execs the daemon itself.
 
 Measured on the 2-core test machine (an ikosd-sized Python process spawning
-a 129-byte static program, median of 300): posix_spawn alone 0.09 ms; through
-this trampoline, cgroup joined, 0.5-0.7 ms (the cgroup write itself ~0.05
-ms: the cost is the trampoline's exec); a ``sh -c 'echo $$ > cgroup.procs;
-exec "$@"'`` trampoline 0.75 ms but with no clean error report and an fd to
-close by hand; a fork of the Python process 2.4 ms, the fork server's double
-fork more. Rejected: ``clone3(CLONE_INTO_CGROUP)`` from Python (ctypes
-cannot give the child its own stack, so the child would run the
-interpreter on the parent's, and only cgroup v2 has it), and a persistent
+a 129-byte static program): posix_spawn alone 0.09 ms; a trampoline writing
+``cgroup.procs`` then exec'ing, 0.5-0.7 ms in a tight loop, but 7-25 ms
+(median 15) when starts are a fraction of a second apart, as restarts are:
+moving a process between cgroups takes the kernel's global threadgroup
+lock for writing, which waits for an RCU grace period once the lock has
+gone quiet. ``clone3(CLONE_INTO_CGROUP)`` takes that lock only for reading:
+1-6 ms on the same spaced pattern, the same as the trampoline with no
+cgroup at all on that (loaded) machine. A ``sh -c 'echo $$ >
+cgroup.procs; exec "$@"'`` trampoline: no better than the write, with no
+clean error report; a fork of the Python process 2.4 ms before its cgroup
+write, the fork server's double fork more. Rejected: ``clone3`` from Python
+(ctypes cannot give a CLONE_VM child its own stack, and without CLONE_VM it
+is a fork of the big interpreter again), and a persistent
 spawner process (one more process, its memory and a protocol, for a saving
 under 0.5 ms).
 
@@ -48,16 +57,34 @@ from ikos.platform._process import disown, own
 
 log = logging.getLogger("ikos.cgexec")
 
-#: Usage: ``ikos-cgexec ERRFD N PROCS_1 .. PROCS_N EXECUTABLE ARGV0 ARGS...``.
+#: Usage: ``ikos-cgexec ERRFD N CGROUP_DIR_1 .. CGROUP_DIR_N EXECUTABLE ARGV0 ARGS...``.
+#: The daemon starts in a cgroup v2 directory through ``clone3(CLONE_INTO_CGROUP |
+#: CLONE_VFORK)``, and joins the others (v1) by writing ``cgroup.procs`` first; it
+#: calls setsid, then execs. The trampoline reports ``pid N`` on ERRFD (the daemon's:
+#: its own when there was no clone) and exits; a failure is a ``field: reason`` line.
 SOURCE = r"""
+#define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <signal.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/syscall.h>
+#include <sys/vfs.h>
 #include <unistd.h>
 
+#define CGROUP2_MAGIC 0x63677270
+#define INTO_CGROUP 0x200000000ULL
+#define VFORK 0x00004000ULL
+
 extern char **environ;
+
+struct clone_args_v2 {
+    uint64_t flags, pidfd, child_tid, parent_tid, exit_signal, stack, stack_size, tls;
+    uint64_t set_tid, set_tid_size, cgroup;
+};
 
 static void fail(int fd, const char *field, const char *what, int err)
 {
@@ -70,6 +97,33 @@ static void fail(int fd, const char *field, const char *what, int err)
     _exit(127);
 }
 
+static void report_pid(int fd, long pid)
+{
+    char buf[32];
+    int n = snprintf(buf, sizeof buf, "pid %ld\n", pid);
+    if (write(fd, buf, (size_t)n) != n)
+        _exit(127);
+}
+
+static void join(int errfd, const char *dir)
+{
+    char path[4200], pid[24];
+    int len = snprintf(pid, sizeof pid, "%ld", (long)getpid());
+    snprintf(path, sizeof path, "%s/cgroup.procs", dir);
+    int fd = open(path, O_WRONLY | O_CLOEXEC);
+    if (fd < 0 || write(fd, pid, (size_t)len) != len)
+        fail(errfd, "cgroup", path, errno);
+    close(fd);
+}
+
+static void become(int errfd, char **argv)
+{
+    if (setsid() < 0)
+        fail(errfd, "session", "setsid", errno);
+    execve(argv[0], argv + 1, environ);
+    fail(errfd, "executable", argv[0], errno);
+}
+
 int main(int argc, char **argv)
 {
     if (argc < 5)
@@ -78,19 +132,43 @@ int main(int argc, char **argv)
     int n = atoi(argv[2]);
     if (n < 0 || argc < 5 + n)
         return 127;
-    /* the daemon must not inherit it: its EOF tells the manager the exec succeeded */
     if (fcntl(errfd, F_SETFD, FD_CLOEXEC) < 0)
         return 127;
-    char pid[24];
-    int len = snprintf(pid, sizeof pid, "%ld", (long)getpid());
+    int v2 = -1;
     for (int i = 0; i < n; i++) {
-        int fd = open(argv[3 + i], O_WRONLY | O_CLOEXEC);
-        if (fd < 0 || write(fd, pid, (size_t)len) != len)
-            fail(errfd, "cgroup", argv[3 + i], errno);
-        close(fd);
+        const char *dir = argv[3 + i];
+        struct statfs fs;
+        if (v2 < 0 && statfs(dir, &fs) == 0 && fs.f_type == CGROUP2_MAGIC) {
+            v2 = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+            if (v2 >= 0)
+                continue;
+        }
+        join(errfd, dir);
     }
-    execve(argv[3 + n], argv + 4 + n, environ);
-    fail(errfd, "executable", argv[3 + n], errno);
+    char **target = argv + 3 + n;
+    if (v2 >= 0) {
+        struct clone_args_v2 args;
+        memset(&args, 0, sizeof args);
+        args.flags = INTO_CGROUP | VFORK;
+        args.exit_signal = SIGCHLD;
+        args.cgroup = (uint64_t)v2;
+        long pid = syscall(SYS_clone3, &args, sizeof args);
+        if (pid == 0)
+            become(errfd, target);
+        if (pid > 0) {
+            report_pid(errfd, pid);
+            _exit(0);
+        }
+        for (int i = 0; i < n; i++) {
+            struct statfs fs;
+            if (statfs(argv[3 + i], &fs) == 0 && fs.f_type == CGROUP2_MAGIC) {
+                join(errfd, argv[3 + i]);
+                break;
+            }
+        }
+    }
+    report_pid(errfd, getpid());
+    become(errfd, target);
     return 127;
 }
 """
@@ -198,9 +276,28 @@ def build(timeout: float = 120.0) -> str | None:
     return helper_path()
 
 
-def argv(helper: str, procs: tuple[str, ...], executable: str, args: tuple[str, ...]) -> list[str]:
-    """The trampoline's command line: join ``procs``, then exec ``executable`` with ``args``."""
-    return [helper, str(ERROR_FD), str(len(procs)), *procs, executable, *args]
+def argv(helper: str, dirs: tuple[str, ...], executable: str, args: tuple[str, ...]) -> list[str]:
+    """The trampoline's command line: start in the cgroup ``dirs``, exec ``executable``."""
+    return [helper, str(ERROR_FD), str(len(dirs)), *dirs, executable, *args]
+
+
+def parse_report(data: bytes) -> tuple[int | None, str]:
+    """``(the daemon's pid or None, the failure text or "")`` from what the trampoline wrote.
+
+    >>> parse_report(b"pid 42\n")
+    (42, '')
+    >>> parse_report(b"executable: No such file or directory: /bin/nope\npid 42\n")
+    (42, 'executable: No such file or directory: /bin/nope')
+    """
+    pid = None
+    errors = []
+    for line in data.decode("utf-8", "replace").splitlines():
+        word, _, rest = line.partition(" ")
+        if word == "pid" and rest.isdigit():
+            pid = int(rest)
+        elif line.strip():
+            errors.append(line.strip())
+    return pid, "; ".join(errors)
 
 
 if __name__ == "__main__":

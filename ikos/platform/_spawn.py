@@ -673,7 +673,7 @@ def spawn_exec(
             exec_in_child(plan, stdio_fds or {}, keep_fds, w)
     os.close(w)
     try:
-        data, eof = _read_until_eof(r, time.monotonic() + timeout)
+        data, eof = read_until_eof(r, time.monotonic() + timeout)
     finally:
         os.close(r)
     if not eof:
@@ -687,7 +687,8 @@ def spawn_exec(
     return pid
 
 
-def _read_until_eof(fd: int, deadline: float, limit: int = 8192) -> tuple[bytes, bool]:
+def read_until_eof(fd: int, deadline: float, limit: int = 8192) -> tuple[bytes, bool]:
+    """Read ``fd`` (blocking, up to ``limit`` bytes kept) until EOF or ``deadline``; (data, eof)."""
     chunks: list[bytes] = []
     size = 0
     while True:
