@@ -465,7 +465,11 @@ class Manager:
         assert self.state is not None
         self.recovery = Recovery(self.paths, self.state, self.fdstore)
         await self.recovery.run({spec.name for _, spec in self._tree.walk()})
-        failed = await self.forkserver.start(sys.path, self.preload_modules(self._tree))
+        # launched by the first spawn that needs it (an actor, or an executable that
+        # posix_spawn cannot start): ikosd answers without waiting for its preload
+        failed = await self.forkserver.start(
+            sys.path, self.preload_modules(self._tree), lazily=True
+        )
         for mod, err in failed.items():
             log.warning("fork server could not preload %s: %s", mod, err)
         await self.control.start()  # listening once there is something to answer about

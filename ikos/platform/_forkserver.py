@@ -226,6 +226,7 @@ class ForkServer:
         self._sys_path: list[str] = []
         self._preload: list[str] = []
         self._starting: asyncio.Future[None] | None = None
+        self._launched = False
         #: How many times the server died or hung and was replaced.
         self.restarts = 0
 
@@ -237,10 +238,22 @@ class ForkServer:
     def running(self) -> bool:
         return self._sock is not None and self.process is not None and self.process.poll() is None
 
-    async def start(self, sys_path: Sequence[str], preload: Sequence[str]) -> dict[str, str]:
-        """Launch the server and preload modules; returns modules that failed to import."""
+    async def start(
+        self, sys_path: Sequence[str], preload: Sequence[str], *, lazily: bool = False
+    ) -> dict[str, str]:
+        """Launch the server and preload modules; returns modules that failed to import.
+
+        With ``lazily``, only remember how: the first :meth:`spawn` launches it
+        (and logs what failed to preload). A tree of executables started by
+        posix_spawn never needs it, and ikosd answers sooner without waiting
+        for a second interpreter to import ikos and the actors' modules.
+        """
         self._sys_path = list(sys_path)
         self._preload = list(preload)
+        self._loop = asyncio.get_running_loop()
+        if lazily:
+            return {}
+        self._launched = True
         return await self._launch()
 
     async def _launch(self) -> dict[str, str]:
@@ -281,8 +294,10 @@ class ForkServer:
         self._starting = self._loop.create_future()
         try:
             self._discard()
-            self.restarts += 1
-            log.warning("starting a new fork server (replacement number %d)", self.restarts)
+            if self._launched:
+                self.restarts += 1
+                log.warning("starting a new fork server (replacement number %d)", self.restarts)
+            self._launched = True
             failed = await self._launch()
             for mod, err in failed.items():
                 log.warning("fork server could not preload %s: %s", mod, err)
