@@ -691,12 +691,14 @@ def read_until_eof(fd: int, deadline: float, limit: int = 8192) -> tuple[bytes, 
     """Read ``fd`` (blocking, up to ``limit`` bytes kept) until EOF or ``deadline``; (data, eof)."""
     chunks: list[bytes] = []
     size = 0
+    # poll, not select: a manager of hundreds of daemons holds descriptors above 1024
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
             return b"".join(chunks), False
-        ready, _, _ = select.select([fd], [], [], left)
-        if not ready:
+        if not poller.poll(max(1, int(left * 1000))):
             continue
         try:
             chunk = os.read(fd, 4096)
