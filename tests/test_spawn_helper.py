@@ -103,3 +103,22 @@ def test_the_helper_is_refused_when_others_can_write_it(tmp_path: Path) -> None:
     assert not _cgexec._trusted(copy, directory=False)
     copy.chmod(0o755)
     assert _cgexec._trusted(copy, directory=False)
+
+
+def test_plans_share_the_environment_and_see_its_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """500 plans must not hold 500 decoded copies of the manager's environment."""
+    import ikos
+    from ikos.platform._paths import InstancePaths
+    from ikos.platform._spawn import build_exec_plan
+
+    paths = InstancePaths.for_root(tmp_path)
+    a = build_exec_plan(ikos.Exec("a", "/bin/true"), paths)
+    b = build_exec_plan(ikos.Exec("b", "/bin/true"), paths)
+    assert a.env == b.env
+    assert all(x is y for x, y in zip(a.env, b.env, strict=True))
+    monkeypatch.setenv("IKOS_TEST_SHARED_ENV", "changed")
+    c = build_exec_plan(ikos.Exec("c", "/bin/true"), paths)
+    assert c.environ["IKOS_TEST_SHARED_ENV"] == "changed"
+    assert "IKOS_TEST_SHARED_ENV" not in a.environ
