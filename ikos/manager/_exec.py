@@ -47,6 +47,8 @@ from ikos.platform._pidfile import PidFileError, read_pid_file
 from ikos.platform._process import (
     ExitStatus,
     ProcessHandle,
+    disown,
+    own,
     run_command,
     session_members,
     signal_group,
@@ -56,7 +58,6 @@ from ikos.platform._spawn import (
     build_exec_plan,
     exec_in_child,
     notify_socket_address,
-    read_until_eof,
 )
 from ikos.supervision._runtime import WorkerNode
 from ikos.supervision._spec import Exec
@@ -669,9 +670,9 @@ class ExecRuntime:
     ) -> ExecHandle:
         if direct_spawn_possible(plan):
             if cgroup is None:
-                return self._spawn_direct(node, spec, plan, None, None)
+                return await self._spawn_direct(node, spec, plan, None, None)
             if self.spawn_helper is not None:
-                return self._spawn_direct(node, spec, plan, cgroup, self.spawn_helper)
+                return await self._spawn_direct(node, spec, plan, cgroup, self.spawn_helper)
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
         fds = [err_w]
         stdio_index: dict[int, int] = {}
@@ -715,7 +716,7 @@ class ExecRuntime:
         self.index(handle)
         return handle
 
-    def _spawn_direct(
+    async def _spawn_direct(
         self,
         node: WorkerNode,
         spec: Exec,
@@ -791,7 +792,7 @@ class ExecRuntime:
             if cgroup is not None:
                 os.close(err_w)
                 err_w = -1
-                pid = self._trampoline_report(spec.name, pid, err_r)
+                pid = await self._trampoline_report(spec.name, pid, err_r)
         except BaseException:
             for _, r, _w in pipes:
                 os.close(r)
@@ -822,29 +823,63 @@ class ExecRuntime:
         return handle
 
     @staticmethod
-    def _trampoline_report(daemon: str, helper_pid: int, err_r: int) -> int:
+    async def _trampoline_report(daemon: str, helper_pid: int, err_r: int) -> int:
         """The daemon's PID from the trampoline's report; SpawnError naming the field if it failed.
 
         The trampoline writes once its vfork child has exec'd (or died), then
-        exits: reading to EOF waits for a few hundred microseconds, and reaping
-        it makes sure its child has been re-parented to us before it is watched.
+        exits. The report is read from the loop, so that the starts of a wave
+        overlap; the daemon's PID is owned as soon as it is read (the orphan
+        reaper must leave it to its handle), and reaping the trampoline makes
+        sure the daemon has been re-parented to us before it is watched.
         """
-        data, eof = read_until_eof(err_r, time.monotonic() + 10.0)
-        if not eof:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(helper_pid, signal.SIGKILL)
-        pid, error = _cgexec.parse_report(data)
-        if pid != helper_pid:
-            os.waitpid(helper_pid, 0)
-        if not eof or pid is None or error:
-            if pid is not None and pid != helper_pid:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            if pid is not None:
+        loop = asyncio.get_running_loop()
+        own(helper_pid)  # reaped here, not by the orphan reaper
+        data = bytearray()
+        done: asyncio.Future[bool] = loop.create_future()
+
+        def readable() -> None:
+            try:
+                chunk = os.read(err_r, 4096)
+            except BlockingIOError:
+                return
+            except OSError:
+                chunk = b""
+            if chunk and len(data) < 8192:
+                data.extend(chunk)
+                pid, _ = _cgexec.parse_report(bytes(data))
+                if pid is not None:
+                    own(pid)
+            elif not chunk and not done.done():
+                done.set_result(True)
+
+        os.set_blocking(err_r, False)
+        loop.add_reader(err_r, readable)
+        eof = False
+        try:
+            try:
+                async with asyncio.timeout(10.0):
+                    eof = await done
+            except TimeoutError:
+                pass
+        finally:  # cancelled too: nothing of this start may be left running or unreaped
+            loop.remove_reader(err_r)
+            pid, error = _cgexec.parse_report(bytes(data))
+            if not eof:
+                for victim in (helper_pid, pid):
+                    if victim is not None:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(victim, signal.SIGKILL)
+            if pid != helper_pid:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(helper_pid, 0)
+                disown(helper_pid)
+            if pid is not None and (not eof or error):
                 with contextlib.suppress(ChildProcessError):
                     os.waitpid(pid, 0)
-            if not eof:
-                raise SpawnError(daemon, None, "the spawn helper did not exec within 10 s")
+                disown(pid)
+        if not eof:
+            raise SpawnError(daemon, None, "the spawn helper did not exec within 10 s")
+        if pid is None or error:
             where, sep, reason = error.partition(": ")
             if not sep:
                 raise SpawnError(daemon, None, error or "the spawn helper failed")

@@ -227,6 +227,7 @@ class ForkServer:
         self._preload: list[str] = []
         self._starting: asyncio.Future[None] | None = None
         self._launched = False
+        self._launching: asyncio.Task[None] | None = None
         #: How many times the server died or hung and was replaced.
         self.restarts = 0
 
@@ -282,6 +283,16 @@ class ForkServer:
         await self._request({"op": "init", "sys_path": self._sys_path}, [])
         answer = await self._request({"op": "preload", "modules": self._preload}, [])
         return dict(answer.get("failed", {}))
+
+    def launch_soon(self) -> None:
+        """Launch the server in the background after a lazy :meth:`start` (actors will need it).
+
+        Spawns wait for it as for any launch; ikosd does not, so it answers
+        while the server imports the actors' modules.
+        """
+        assert self._loop is not None, "start() first"
+        self._launching = self._loop.create_task(self._ensure_running())
+        self._launching.add_done_callback(_launch_done)
 
     async def _ensure_running(self) -> None:
         """Replace a server that died (or was declared hung) before sending a request."""
@@ -472,6 +483,8 @@ class ForkServer:
 
     def close(self) -> None:
         """Close the socket (the server exits on EOF) and reap the server."""
+        if self._launching is not None and not self._launching.done():
+            self._launching.cancel()  # a launch cut short discards what it started
         self._close_socket()
         if self.process is not None:
             try:
@@ -481,6 +494,13 @@ class ForkServer:
                 self.process.wait()
             disown(self.process.pid)
             self.process = None
+
+
+def _launch_done(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning(
+            "the fork server did not start: %s (the next spawn tries again)", task.exception()
+        )
 
 
 class _ServerGone(OSError):
