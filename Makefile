@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test,dev,examples]'
+	@# the control-group spawn helper, where there is a C compiler (else ikosd falls back)
+	-$(PY) -m ikos.platform._cgexec
 	@touch $@
 
 demo: $(STAMP)

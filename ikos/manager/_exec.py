@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import fcntl
 import functools
 import logging
 import os
@@ -43,6 +44,7 @@ from typing import Any, NoReturn
 
 from ikos._errors import IkosError, ManagerError, SpawnError
 from ikos.manager._logs import DaemonLogs
+from ikos.platform import _cgexec
 from ikos.platform._cgroups import CgroupManager, DaemonCgroup, instance_cgroup_name
 from ikos.platform._forkserver import ForkServer
 from ikos.platform._notify import NotifyMessage, NotifySocket, main_pid
@@ -51,6 +53,8 @@ from ikos.platform._pidfile import DaemonPidFile, PidFileError, read_pid_file
 from ikos.platform._process import (
     ExitStatus,
     ProcessHandle,
+    disown,
+    own,
     read_available,
     run_command,
     session_members,
@@ -215,6 +219,8 @@ class ExecHandle:
         self.watchdog_usec = int(spec.options.watchdog_sec * 1e6)
         self.watchdog: asyncio.TimerHandle | None = None
         self.notify_log = NotifyLog()
+        #: How it was started: posix_spawn, posix_spawn+cgexec, fork-server or adopted.
+        self.started_by = "fork-server"
         self._finishing = False
         # pid_file: read for forking, written by ikos for every other type
         self.pid_file = (
@@ -659,8 +665,15 @@ class ExecRuntime:
         self.cgroups: CgroupManager | None = None
         self.notify_log = NotifyLog()
         self._spawning_notify = 0
+        #: The compiled cgroup trampoline (see ikos.platform._cgexec), once there is one.
+        self.spawn_helper: str | None = None
 
     async def start(self) -> None:
+        self.spawn_helper = _cgexec.helper_path()
+        if self.spawn_helper is None and _cgexec.compiler() is not None:
+            # built once per machine, off the loop: until then the fork server starts them
+            build = asyncio.get_running_loop().run_in_executor(None, _cgexec.build)
+            build.add_done_callback(self._helper_built)
         address = notify_socket_address(self.paths)
         try:
             self.notify = NotifySocket(address)
@@ -670,6 +683,10 @@ class ExecRuntime:
             )
             return
         asyncio.get_running_loop().add_reader(self.notify.fileno(), self._on_notify)
+
+    def _helper_built(self, build: asyncio.Future[str | None]) -> None:
+        if not build.cancelled() and build.exception() is None:
+            self.spawn_helper = build.result()
 
     def close(self) -> None:
         if self.notify is not None:
@@ -798,8 +815,11 @@ class ExecRuntime:
     async def _spawn(
         self, node: WorkerNode, spec: Exec, plan: ExecPlan, cgroup: DaemonCgroup | None
     ) -> ExecHandle:
-        if cgroup is None and direct_spawn_possible(plan):
-            return self._spawn_direct(node, spec, plan)
+        if direct_spawn_possible(plan):
+            if cgroup is None:
+                return await self._spawn_direct(node, spec, plan, None, None)
+            if self.spawn_helper is not None:
+                return await self._spawn_direct(node, spec, plan, cgroup, self.spawn_helper)
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
         fds = [err_w]
         stdio_index: dict[int, int] = {}
@@ -838,23 +858,45 @@ class ExecRuntime:
                 os.close(w)
         proc = ProcessHandle(pid, status_fd=err_r, exec_pipe=True)
         handle = ExecHandle(self, spec, plan, proc, cgroup)
+        handle.started_by = "fork-server"
         self.handles.append(handle)
         self.index(handle)
         return handle
 
-    def _spawn_direct(self, node: WorkerNode, spec: Exec, plan: ExecPlan) -> ExecHandle:
+    async def _spawn_direct(
+        self,
+        node: WorkerNode,
+        spec: Exec,
+        plan: ExecPlan,
+        cgroup: DaemonCgroup | None,
+        helper: str | None,
+    ) -> ExecHandle:
         """Start with posix_spawn: no fork of a large interpreter, no second fork.
 
         glibc's posix_spawn is clone(CLONE_VM | CLONE_VFORK) then exec: the child
         runs no Python and takes no lock, so doing it from the threaded manager
         is as safe as the fork server, and it is several times faster. It only
         does what posix_spawn can express (session, stdio, signals, environment);
-        a plan needing a user, umask, working directory, rlimits or a cgroup
-        (which must be joined before exec, or a quick fork could escape it)
-        goes through the fork server instead.
+        a plan needing a user, umask, working directory or rlimits goes through
+        the fork server instead. A cgroup must be joined before the daemon's
+        first instruction, or a quick fork could escape it: with ``cgroup``,
+        posix_spawn runs ``helper``, the compiled trampoline of
+        :mod:`ikos.platform._cgexec`, which joins it and execs the daemon, and
+        starts the daemon straight into its cgroup and reports its PID (or a
+        failure, naming the field) on an error pipe, read here before returning.
         """
         actions: list[tuple[Any, ...]] = []
         pipes: list[tuple[str, int, int]] = []
+        err_r = err_w = -1
+        executable, argv = plan.executable, list(plan.argv)
+        if cgroup is not None:
+            assert helper is not None
+            err_r, err_w = os.pipe2(os.O_CLOEXEC)
+            if err_w == _cgexec.ERROR_FD:  # dup2 onto itself would keep its CLOEXEC flag
+                err_w = fcntl.fcntl(err_w, fcntl.F_DUPFD_CLOEXEC, _cgexec.ERROR_FD + 1)
+                os.close(_cgexec.ERROR_FD)
+            executable = helper
+            argv = _cgexec.argv(helper, cgroup.dirs, plan.executable, plan.argv)
         try:
             for target, std, stream in (
                 (0, plan.stdin, "stdin"),
@@ -876,13 +918,15 @@ class ExecRuntime:
                         flags = os.O_WRONLY | os.O_CREAT
                         flags |= os.O_APPEND if std.mode == "append" else os.O_TRUNC
                     actions.append((os.POSIX_SPAWN_OPEN, target, std.path, flags, 0o644))
+            if err_w >= 0:  # last: a stdio pipe's own number may be ERROR_FD
+                actions.append((os.POSIX_SPAWN_DUP2, err_w, _cgexec.ERROR_FD))
             try:
                 pid = os.posix_spawn(
-                    plan.executable,
-                    list(plan.argv),
+                    executable,
+                    argv,
                     plan.environ,
                     file_actions=actions,
-                    setsid=True,
+                    setsid=cgroup is None,  # else the trampoline's child calls setsid
                     setsigmask=(),
                     setsigdef=_DEFAULT_SIGNALS,
                 )
@@ -890,27 +934,104 @@ class ExecRuntime:
                 raise SpawnError(
                     spec.name,
                     "executable",
-                    f"cannot start {plan.executable}: {exc.strerror or exc}",
+                    f"cannot start {executable}: {exc.strerror or exc}",
                 ) from None
+            if cgroup is not None:
+                os.close(err_w)
+                err_w = -1
+                pid = await self._trampoline_report(spec.name, pid, err_r)
         except BaseException:
             for _, r, _w in pipes:
                 os.close(r)
+            if cgroup is not None:
+                with contextlib.suppress(Exception):
+                    cgroup.remove()
             raise
         finally:
             for _, _r, w in pipes:
                 os.close(w)
+            if err_w >= 0:
+                os.close(err_w)
+            if err_r >= 0:
+                os.close(err_r)
         for stream, r, _ in pipes:
             self.logs.capture(spec.name, stream, r)
         # posix_spawn has no gate: the row joins the loop turn's batch (the instance's
         # marker in the environment lets a later ikosd find it should this one die now)
         self._on_forked(node, pid, False)
         proc = ProcessHandle(pid)
-        # posix_spawn returns only once the exec succeeded (or raises): ready as Type=exec
+        # posix_spawn (and the trampoline's vfork) return only once the exec succeeded
+        # (or fail): ready as Type=exec
         proc.ready.set_result({"event": "ready", "pid": pid})
-        handle = ExecHandle(self, spec, plan, proc, None)
+        handle = ExecHandle(self, spec, plan, proc, cgroup)
+        handle.started_by = "posix_spawn" if cgroup is None else "posix_spawn+cgexec"
         self.handles.append(handle)
         self.index(handle)
         return handle
+
+    @staticmethod
+    async def _trampoline_report(daemon: str, helper_pid: int, err_r: int) -> int:
+        """The daemon's PID from the trampoline's report; SpawnError naming the field if it failed.
+
+        The trampoline writes once its vfork child has exec'd (or died), then
+        exits. The report is read from the loop, so that the starts of a wave
+        overlap; the daemon's PID is owned as soon as it is read (the orphan
+        reaper must leave it to its handle), and reaping the trampoline makes
+        sure the daemon has been re-parented to us before it is watched.
+        """
+        loop = asyncio.get_running_loop()
+        own(helper_pid)  # reaped here, not by the orphan reaper
+        data = bytearray()
+        done: asyncio.Future[bool] = loop.create_future()
+
+        def readable() -> None:
+            try:
+                chunk = os.read(err_r, 4096)
+            except BlockingIOError:
+                return
+            except OSError:
+                chunk = b""
+            if chunk and len(data) < 8192:
+                data.extend(chunk)
+                pid, _ = _cgexec.parse_report(bytes(data))
+                if pid is not None:
+                    own(pid)
+            elif not chunk and not done.done():
+                done.set_result(True)
+
+        os.set_blocking(err_r, False)
+        loop.add_reader(err_r, readable)
+        eof = False
+        try:
+            try:
+                async with asyncio.timeout(10.0):
+                    eof = await done
+            except TimeoutError:
+                pass
+        finally:  # cancelled too: nothing of this start may be left running or unreaped
+            loop.remove_reader(err_r)
+            pid, error = _cgexec.parse_report(bytes(data))
+            if not eof:
+                for victim in (helper_pid, pid):
+                    if victim is not None:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(victim, signal.SIGKILL)
+            if pid != helper_pid:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(helper_pid, 0)
+                disown(helper_pid)
+            if pid is not None and (not eof or error):
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, 0)
+                disown(pid)
+        if not eof:
+            raise SpawnError(daemon, None, "the spawn helper did not exec within 10 s")
+        if pid is None or error:
+            where, sep, reason = error.partition(": ")
+            if not sep:
+                raise SpawnError(daemon, None, error or "the spawn helper failed")
+            raise SpawnError(daemon, where, reason)
+        return pid
 
     def adopt(self, node: WorkerNode, pid: int, sid: int, fds: dict[str, int]) -> ExecHandle:
         """Watch an executable that a previous ikosd started; resume its log capture."""
@@ -928,6 +1049,7 @@ class ExecRuntime:
         # adopted process is no longer our child, so nothing pins its session's number
         cgroup = self._cgroup_manager().existing().get(spec.name)
         handle = ExecHandle(self, spec, plan, proc, cgroup, sid=sid, adopted=True)
+        handle.started_by = "adopted"
         self.handles.append(handle)
         self.index(handle)
         return handle
@@ -1071,3 +1193,5 @@ class ExecRuntime:
     def decorate_status(self, node: WorkerNode, status: dict[str, Any]) -> None:
         handle = node.handle
         status["status_text"] = handle.status_text if isinstance(handle, ExecHandle) else ""
+        if isinstance(handle, ExecHandle):
+            status["started_by"] = handle.started_by

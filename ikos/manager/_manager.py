@@ -520,7 +520,14 @@ class Manager:
         assert self.state is not None
         self.recovery = Recovery(self.paths, self.state, self.fdstore)
         await self.recovery.run({spec.name for _, spec in self._tree.walk()})
-        failed = await self.forkserver.start(sys.path, self.preload_modules(self._tree))
+        # launched in the background for a tree of actors, else by the first spawn that
+        # needs it (an executable posix_spawn cannot start): ikosd answers without
+        # waiting for its preload, and a tree of executables never starts it
+        failed = await self.forkserver.start(
+            sys.path, self.preload_modules(self._tree), lazily=True
+        )
+        if any(isinstance(getattr(s, "actor_path", None), str) for _, s in self._tree.walk()):
+            self.forkserver.launch_soon()  # actors will need it: ready it, without waiting
         for mod, err in failed.items():
             log.warning("fork server could not preload %s: %s", mod, err)
         await self.control.start()  # listening once there is something to answer about

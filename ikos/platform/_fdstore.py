@@ -19,108 +19,17 @@ for the next ikosd.
 
 from __future__ import annotations
 
-import array
 import contextlib
 import os
-import pickle
-import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
+from ikos.platform._fdkeeper import recv, send
 from ikos.platform._process import disown, own
-from ikos.platform._unix import bind_unix, connect_unix, peer_credentials
-
-MAX_MESSAGE = 65536
-MAX_FDS_PER_MESSAGE = 64
-MAX_ENTRIES = 100_000
-
-
-def _send(sock: socket.socket, obj: Any, fds: list[int] | None = None) -> None:
-    data = pickle.dumps(obj)
-    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
-    sock.sendmsg([data], anc)
-
-
-def _recv(sock: socket.socket) -> tuple[Any, list[int]]:
-    fds = array.array("i")
-    data, ancdata, _flags, _ = sock.recvmsg(
-        MAX_MESSAGE, socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * fds.itemsize)
-    )
-    for level, kind, payload in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(payload[: len(payload) - (len(payload) % fds.itemsize)])
-    if not data:
-        for fd in fds:
-            os.close(fd)
-        raise EOFError
-    return pickle.loads(data), list(fds)
-
-
-# -- the keeper process ----------------------------------------------------------
-
-
-def serve(path: str) -> None:
-    """Hold descriptors for ikosd until told to quit (runs in the keeper process)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    store: dict[tuple[str, str], int] = {}
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    bind_unix(listener, path, 0o600)
-    listener.listen(4)
-    uid = os.getuid()
-    print("ready", flush=True)
-    while True:
-        conn, _ = listener.accept()
-        with conn:
-            try:
-                if peer_credentials(conn)[1] not in (0, uid):
-                    continue
-                if _session(conn, store):
-                    break
-            except (EOFError, OSError, pickle.UnpicklingError, KeyError, TypeError):
-                continue
-    for fd in store.values():
-        with contextlib.suppress(OSError):
-            os.close(fd)
-    with contextlib.suppress(OSError):
-        os.unlink(path)
-
-
-def _session(conn: socket.socket, store: dict[tuple[str, str], int]) -> bool:
-    """Serve one ikosd connection; True when told to quit."""
-    while True:
-        msg, fds = _recv(conn)
-        if not isinstance(msg, dict):
-            for fd in fds:
-                os.close(fd)
-            continue
-        op = msg.get("op")
-        if op == "put" and len(fds) == 1 and len(store) < MAX_ENTRIES:
-            key = (str(msg["name"]), str(msg["key"]))
-            old = store.pop(key, None)
-            if old is not None:
-                os.close(old)
-            store[key] = fds[0]
-            continue
-        for fd in fds:
-            os.close(fd)
-        if op == "drop":
-            name = str(msg["name"])
-            keys = msg.get("keys")
-            for entry in [k for k in store if k[0] == name and (keys is None or k[1] in keys)]:
-                os.close(store.pop(entry))
-        elif op == "list":
-            for (owner, what), fd in list(store.items()):
-                _send(conn, {"op": "entry", "name": owner, "key": what}, [fd])
-            _send(conn, {"op": "end"})
-        elif op == "quit":
-            _send(conn, {"op": "bye"})
-            return True
-
+from ikos.platform._unix import connect_unix
 
 # -- ikosd's side ---------------------------------------------------------------------
 
@@ -155,9 +64,9 @@ class FdStore:
             return {}
         self.sock = sock
         held: dict[str, dict[str, int]] = {}
-        _send(sock, {"op": "list"})
+        send(sock, {"op": "list"})
         while True:
-            msg, fds = _recv(sock)
+            msg, fds = recv(sock)
             if msg.get("op") == "end":
                 break
             if fds:
@@ -170,7 +79,14 @@ class FdStore:
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
         proc = subprocess.Popen(
-            [sys.executable, "-m", "ikos.platform._fdstore", str(self.path)],
+            # a bare interpreter running the keeper's file: no ikos, no site (see _fdkeeper)
+            [
+                sys.executable,
+                "-I",
+                "-S",
+                str(Path(__file__).with_name("_fdkeeper.py")),
+                str(self.path),
+            ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             # it outlives ikosd: holding ikosd's stderr would keep a pipe that ikosd
@@ -195,22 +111,22 @@ class FdStore:
         if self.sock is None:
             return
         with contextlib.suppress(OSError):
-            _send(self.sock, {"op": "put", "name": name, "key": key}, [fd])
+            send(self.sock, {"op": "put", "name": name, "key": key}, [fd])
 
     def drop(self, name: str, keys: list[str] | None = None) -> None:
         """Forget (and close in the keeper) the descriptors of ``name``."""
         if self.sock is None:
             return
         with contextlib.suppress(OSError):
-            _send(self.sock, {"op": "drop", "name": name, "keys": keys})
+            send(self.sock, {"op": "drop", "name": name, "keys": keys})
 
     def quit(self) -> None:
         """Orderly shutdown: the keeper closes everything and exits."""
         if self.sock is None:
             return
         with contextlib.suppress(OSError, EOFError):
-            _send(self.sock, {"op": "quit"})
-            _recv(self.sock)
+            send(self.sock, {"op": "quit"})
+            recv(self.sock)
         self.close()
         if self.process is not None:
             try:
@@ -225,7 +141,3 @@ class FdStore:
         if self.sock is not None:
             self.sock.close()
             self.sock = None
-
-
-if __name__ == "__main__":
-    serve(sys.argv[1])

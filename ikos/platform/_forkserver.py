@@ -226,6 +226,8 @@ class ForkServer:
         self._sys_path: list[str] = []
         self._preload: list[str] = []
         self._starting: asyncio.Future[None] | None = None
+        self._launched = False
+        self._launching: asyncio.Task[None] | None = None
         #: How many times the server died or hung and was replaced.
         self.restarts = 0
 
@@ -237,10 +239,22 @@ class ForkServer:
     def running(self) -> bool:
         return self._sock is not None and self.process is not None and self.process.poll() is None
 
-    async def start(self, sys_path: Sequence[str], preload: Sequence[str]) -> dict[str, str]:
-        """Launch the server and preload modules; returns modules that failed to import."""
+    async def start(
+        self, sys_path: Sequence[str], preload: Sequence[str], *, lazily: bool = False
+    ) -> dict[str, str]:
+        """Launch the server and preload modules; returns modules that failed to import.
+
+        With ``lazily``, only remember how: the first :meth:`spawn` launches it
+        (and logs what failed to preload). A tree of executables started by
+        posix_spawn never needs it, and ikosd answers sooner without waiting
+        for a second interpreter to import ikos and the actors' modules.
+        """
         self._sys_path = list(sys_path)
         self._preload = list(preload)
+        self._loop = asyncio.get_running_loop()
+        if lazily:
+            return {}
+        self._launched = True
         return await self._launch()
 
     async def _launch(self) -> dict[str, str]:
@@ -270,6 +284,16 @@ class ForkServer:
         answer = await self._request({"op": "preload", "modules": self._preload}, [])
         return dict(answer.get("failed", {}))
 
+    def launch_soon(self) -> None:
+        """Launch the server in the background after a lazy :meth:`start` (actors will need it).
+
+        Spawns wait for it as for any launch; ikosd does not, so it answers
+        while the server imports the actors' modules.
+        """
+        assert self._loop is not None, "start() first"
+        self._launching = self._loop.create_task(self._ensure_running())
+        self._launching.add_done_callback(_launch_done)
+
     async def _ensure_running(self) -> None:
         """Replace a server that died (or was declared hung) before sending a request."""
         if self.running:
@@ -281,8 +305,10 @@ class ForkServer:
         self._starting = self._loop.create_future()
         try:
             self._discard()
-            self.restarts += 1
-            log.warning("starting a new fork server (replacement number %d)", self.restarts)
+            if self._launched:
+                self.restarts += 1
+                log.warning("starting a new fork server (replacement number %d)", self.restarts)
+            self._launched = True
             failed = await self._launch()
             for mod, err in failed.items():
                 log.warning("fork server could not preload %s: %s", mod, err)
@@ -457,6 +483,8 @@ class ForkServer:
 
     def close(self) -> None:
         """Close the socket (the server exits on EOF) and reap the server."""
+        if self._launching is not None and not self._launching.done():
+            self._launching.cancel()  # a launch cut short discards what it started
         self._close_socket()
         if self.process is not None:
             try:
@@ -466,6 +494,13 @@ class ForkServer:
                 self.process.wait()
             disown(self.process.pid)
             self.process = None
+
+
+def _launch_done(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning(
+            "the fork server did not start: %s (the next spawn tries again)", task.exception()
+        )
 
 
 class _ServerGone(OSError):

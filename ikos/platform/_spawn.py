@@ -370,6 +370,37 @@ def notify_socket_address(paths: InstancePaths) -> str:
     return f"@ikos-{digest}/notify"
 
 
+_environ_cache: tuple[dict[bytes, bytes], dict[str, str]] | None = None
+_PAIRS: dict[tuple[str, str], tuple[str, str]] = {}
+_MAX_PAIRS = 4096
+
+
+def _manager_environ() -> dict[str, str]:
+    """``os.environ`` decoded, decoded again only when it changed.
+
+    Every plan holds its environment: decoding ``os.environ`` for each made
+    new strings per daemon, 4 KiB of the manager's memory per executable.
+    """
+    global _environ_cache
+    raw = dict(os.environb)  # the same bytes objects: cheap to compare
+    if _environ_cache is None or _environ_cache[0] != raw:
+        _environ_cache = (raw, dict(os.environ))
+    return _environ_cache[1]
+
+
+def _shared_items(env: dict[str, str]) -> tuple[tuple[str, str], ...]:
+    """``tuple(env.items())`` whose (name, value) pairs are shared between plans (bounded)."""
+    out = []
+    for item in env.items():
+        shared = _PAIRS.get(item)
+        if shared is None:
+            shared = item
+            if len(_PAIRS) < _MAX_PAIRS:
+                _PAIRS[item] = item
+        out.append(shared)
+    return tuple(out)
+
+
 def build_exec_plan(spec: ExecTarget, paths: InstancePaths) -> ExecPlan:
     """Resolve an executable's spec (such as an ``ikos.Exec``) into an :class:`ExecPlan`.
 
@@ -439,7 +470,7 @@ def build_exec_plan(spec: ExecTarget, paths: InstancePaths) -> ExecPlan:
             raise SpawnError(daemon, "working_directory", f"{cwd} is not a directory")
 
     # Environment.
-    env: dict[str, str] = {} if o.clear_environment else dict(os.environ)
+    env: dict[str, str] = {} if o.clear_environment else dict(_manager_environ())
     for name in MANAGER_ONLY_ENV:  # ikosd's own protocol variables, e.g. from an outer systemd
         env.pop(name, None)
     if pw is not None:
@@ -485,7 +516,7 @@ def build_exec_plan(spec: ExecTarget, paths: InstancePaths) -> ExecPlan:
         daemon=daemon,
         executable=full,
         argv=(executable, *o.args),
-        env=tuple(env.items()),
+        env=_shared_items(env),
         type=cast(ExecType, o.type),
         working_directory=cwd,
         user=pw.pw_name if pw is not None else None,
@@ -673,7 +704,7 @@ def spawn_exec(
             exec_in_child(plan, stdio_fds or {}, keep_fds, w)
     os.close(w)
     try:
-        data, eof = _read_until_eof(r, time.monotonic() + timeout)
+        data, eof = read_until_eof(r, time.monotonic() + timeout)
     finally:
         os.close(r)
     if not eof:
@@ -687,15 +718,18 @@ def spawn_exec(
     return pid
 
 
-def _read_until_eof(fd: int, deadline: float, limit: int = 8192) -> tuple[bytes, bool]:
+def read_until_eof(fd: int, deadline: float, limit: int = 8192) -> tuple[bytes, bool]:
+    """Read ``fd`` (blocking, up to ``limit`` bytes kept) until EOF or ``deadline``; (data, eof)."""
     chunks: list[bytes] = []
     size = 0
+    # poll, not select: a manager of hundreds of daemons holds descriptors above 1024
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
             return b"".join(chunks), False
-        ready, _, _ = select.select([fd], [], [], left)
-        if not ready:
+        if not poller.poll(max(1, int(left * 1000))):
             continue
         try:
             chunk = os.read(fd, 4096)

@@ -1,0 +1,102 @@
+"""kill_mode = "control-group" is airtight on both start paths.
+
+The fast path posix_spawns the compiled trampoline of ikos.platform._cgexec,
+which joins the daemon's cgroup before exec; the fallback (no compiler,
+or ``IKOS_SPAWN_HELPER=off``) forks through the fork server. Either way a
+process that forks and leaves the daemon's session (setsid, double fork)
+is in the daemon's cgroup from its first instruction, and is stopped with it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import wait_for
+
+from ikos.platform import _cgexec
+from ikos.platform._cgroups import CgroupManager
+
+CAN_TRACK = CgroupManager("ikos-probe").describe()["tracking"] != "none"
+pytestmark = pytest.mark.skipif(
+    not CAN_TRACK, reason="no writable cgroup v2 here: control-group mode cannot track"
+)
+
+TREE = """
+import ikos
+tree = ikos.Supervisor("root", max_restarts=100, within=1, children=[
+    ikos.Exec("escaper", "/bin/sh", args=["-c", {script!r}]),
+    ikos.Exec("broken", {broken!r}, restart="temporary"),
+])
+"""
+# the subshell forks a child that starts its own session, then exits at once: the
+# escaped process is re-parented and belongs to no session of the daemon's
+ESCAPE = (
+    "(setsid sh -c 'echo $$ > {out}.tmp; mv {out}.tmp {out}; exec sleep 100006' &); "
+    "exec sleep 100005"
+)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.fixture(params=["cgexec", "fork-server"])
+def spawn_path(request: pytest.FixtureRequest) -> str:
+    if request.param == "cgexec" and _cgexec.build() is None:
+        pytest.skip("no C compiler to build the spawn helper")
+    return str(request.param)
+
+
+def test_a_daemon_escaping_into_a_new_session_is_still_stopped(
+    ikosd_factory: Any, tmp_path: Path, spawn_path: str
+) -> None:
+    out = tmp_path / "escaped.pid"
+    broken = tmp_path / "broken.sh"
+    broken.write_text("#!/nonexistent/interpreter\n")
+    broken.chmod(0o755)
+    env = {"IKOS_SPAWN_HELPER": "off"} if spawn_path == "fork-server" else {}
+    inst = ikosd_factory(
+        tree=TREE.format(script=ESCAPE.format(out=out), broken=str(broken)), env=env
+    )
+    st = inst.wait_state("escaper", "running")
+    main = st["pid"]
+    assert st["started_by"] == st_path(spawn_path)
+    escaped = wait_for(lambda: out.exists() and int(out.read_text()), message="the escaped pid")
+    assert os.getsid(escaped) == escaped != os.getsid(main)
+    # in the daemon's cgroup, as the main process is: it never ran outside it
+    cgroup = Path(f"/proc/{main}/cgroup").read_text().splitlines()[-1]
+    assert cgroup.endswith("/escaper.service"), cgroup
+    assert Path(f"/proc/{escaped}/cgroup").read_text().splitlines()[-1] == cgroup
+
+    # a failed exec is reported on either path, naming the field and the file
+    st = wait_for(
+        lambda: (s := inst.status("broken"))["state"] in ("stopped", "failed") and s,
+        message="the broken daemon to end",
+    )
+    reason = st["last_exit"]["reason"]
+    assert "executable" in reason and f"No such file or directory: {broken}" in reason, st
+
+    inst.ctl("stop", "escaper", check=True)
+    inst.wait_state("escaper", "stopped")
+    wait_for(lambda: not _alive(main) and not _alive(escaped), message="the whole daemon gone")
+
+    # and a restart after SIGKILL takes the same path again
+    inst.ctl("start", "escaper", check=True)
+    first = inst.wait_state("escaper", "running")["pid"]
+    os.kill(first, signal.SIGKILL)
+    inst.wait_running_new_pid("escaper", first)
+    assert inst.status("escaper")["started_by"] == st_path(spawn_path)
+    assert inst.terminate() == 0
+    assert inst.leftovers() == []
+
+
+def st_path(spawn_path: str) -> str:
+    return "posix_spawn+cgexec" if spawn_path == "cgexec" else "fork-server"
