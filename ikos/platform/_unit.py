@@ -1028,13 +1028,6 @@ def _h_stdin(m: _Mapper, d: Directive, f: dict[str, Any]) -> None:
     m.warn(d, f"{value} is not supported by ikos; standard input is /dev/null")
 
 
-def _signal_option(name: str) -> _Handler:
-    def handler(m: _Mapper, d: Directive, f: dict[str, Any]) -> None:
-        f[name] = m.value(d)
-
-    return handler
-
-
 _HANDLERS: dict[tuple[str, str], _Handler] = {
     ("Unit", "Description"): _h_description,
     ("Unit", "Requires"): _h_read_later,
@@ -1067,7 +1060,7 @@ _HANDLERS: dict[tuple[str, str], _Handler] = {
     ("Service", "TimeoutStopSec"): _timeout("shutdown"),
     ("Service", "TimeoutSec"): _timeout("start_timeout", "shutdown"),
     ("Service", "KillMode"): _h_kill_mode,
-    ("Service", "KillSignal"): _signal_option("stop_signal"),
+    ("Service", "KillSignal"): _option("stop_signal"),
     ("Service", "SendSIGKILL"): _h_send_sigkill,
     ("Service", "WatchdogSec"): _h_watchdog,
     ("Service", "NotifyAccess"): _h_notify_access,
