@@ -175,26 +175,28 @@ class Demo:
 
     # -- ikosctl -----------------------------------------------------------
 
-    def show(self, *args: str) -> None:
-        """Run ``ikosctl --root ROOT ARGS`` in front of the user, output unchanged."""
-        print(f"\n$ {_quote(['ikosctl', '--root', self.shown_root, *args])}", flush=True)
-        res = subprocess.run([*self.ikosctl, "--root", str(self.root), *args], env=self.env)
-        if res.returncode != 0:
-            raise DemoError(f"ikosctl {' '.join(args)} failed with status {res.returncode}")
+    def show(self, *args: str, capture: bool = False) -> str:
+        """Run ``ikosctl --root ROOT ARGS`` in front of the user, output unchanged.
 
-    def show_reply(self, *args: str) -> Any:
-        """``show`` for a ``call`` whose JSON reply the tour goes on with: shown, and parsed."""
+        ``capture`` also returns the output (on a terminal, only what is not
+        captured keeps ikosctl's colours and tables).
+        """
         print(f"\n$ {_quote(['ikosctl', '--root', self.shown_root, *args])}", flush=True)
         res = subprocess.run(
             [*self.ikosctl, "--root", str(self.root), *args],
             env=self.env,
-            stdout=subprocess.PIPE,
+            stdout=subprocess.PIPE if capture else None,
             text=True,
         )
-        print(res.stdout, end="", flush=True)
+        if capture:
+            print(res.stdout, end="", flush=True)
         if res.returncode != 0:
             raise DemoError(f"ikosctl {' '.join(args)} failed with status {res.returncode}")
-        return json.loads(res.stdout)
+        return res.stdout or ""
+
+    def show_reply(self, *args: str) -> Any:
+        """``show`` for a ``call`` whose JSON reply the tour goes on with: shown, and parsed."""
+        return json.loads(self.show(*args, capture=True))
 
     def query(self, *args: str) -> Any:
         """``ikosctl --json ARGS``, parsed."""
