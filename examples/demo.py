@@ -25,9 +25,11 @@ reaches the demo alone, which then stops ikosd in order and waits for it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
+import select
 import shlex
 import signal
 import subprocess
@@ -191,6 +193,8 @@ class Demo:
         if capture:
             print(res.stdout, end="", flush=True)
         if res.returncode != 0:
+            if _output_closed():
+                raise OutputClosed
             raise DemoError(f"ikosctl {' '.join(args)} failed with status {res.returncode}")
         return res.stdout or ""
 
@@ -392,6 +396,25 @@ def heading(text: str) -> None:
     print(f"\n== {text} ==", flush=True)
 
 
+class OutputClosed(Exception):
+    """The reader of the demo's output went away (``make demo | head``)."""
+
+
+def _output_closed() -> bool:
+    """Whether stdout is a pipe whose reader has closed it.
+
+    A pipe's write end polls POLLERR once its read end is closed: that tells
+    an ikosctl that failed because it could not write from one that failed
+    on its own.
+    """
+    poller = select.poll()
+    try:
+        poller.register(sys.stdout.fileno(), 0)
+    except (OSError, ValueError):  # no stdout at all
+        return True
+    return any(event & (select.POLLERR | select.POLLNVAL) for _, event in poller.poll(0))
+
+
 def _quote(argv: list[str]) -> str:
     return " ".join(shlex.quote(a) for a in argv)
 
@@ -434,6 +457,20 @@ def main(argv: list[str] | None = None) -> int:
         print("\nStopping ikosd...", flush=True)
         status = demo.stop()
         print(f"ikosd exited with status {status}", flush=True)
+        return status
+    except (OutputClosed, BrokenPipeError):
+        # `make demo | head`: the reader has what it wanted. Say so where it can
+        # still be read, stop ikosd (below), and do not call it a failure.
+        with contextlib.suppress(OSError):
+            print(
+                "demo: the output was closed (by `head`?): stopping ikosd",
+                file=sys.stderr,
+                flush=True,
+            )
+        # Python would report the closed stdout again when it flushes it at exit.
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        status = 0
         return status
     except DemoError as exc:
         print(f"demo: {exc}", file=sys.stderr, flush=True)

@@ -103,6 +103,37 @@ def test_demo_tours_and_shuts_down(tmp_path: Path, once: bool) -> None:
         kill_marked(mark)
 
 
+def test_demo_piped_to_head_says_its_output_closed(tmp_path: Path) -> None:
+    """``make demo | head``: the reader leaves early; the demo says so and stops ikosd."""
+    root = tmp_path / "demo"
+    mark = uuid.uuid4().hex
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "examples.demo", "--root", str(root), "--once"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=REPO,
+        env=demo_env(mark),
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        for _ in range(5):  # as `head -5` does: read five lines, then close
+            read_line(proc.stdout, 120)
+        proc.stdout.close()
+        assert proc.wait(timeout=120) == 0
+        err = proc.stderr.read().decode()
+        assert "demo: the output was closed" in err, err
+        assert "failed with status" not in err and "Traceback" not in err, err
+        assert (left := left_behind(mark)) is None, left
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        assert proc.stderr is not None
+        proc.stderr.close()
+        kill_marked(mark)
+
+
 def as_nobody(*argv: str) -> list[str]:
     nobody = pwd.getpwnam("nobody")
     return [
