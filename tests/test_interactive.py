@@ -381,6 +381,8 @@ def test_carry_by_value_only_what_cannot_be_imported() -> None:
 
 class Doubler(ikos.Actor):
     def receive(self, message: Any) -> Any:
+        if message == "paths":  # where this actor would keep its files
+            return [str(p) for p in (self.paths.root, self.paths.state_dir, self.paths.run_dir)]
         return message * 2
 
 
@@ -399,6 +401,12 @@ def test_local_system_runs_and_leaves_nothing(mark: str) -> None:
         assert hello.ask("world", timeout=10) == "hello, world"
         doubler = system.spawn(Doubler, name="doubler")
         assert system.ref("doubler").ask(21, timeout=10) == 42
+        # an actor's own instance directories: under the private instance's root
+        assert doubler.ask("paths", timeout=10) == [
+            str(root),
+            str(root / "var" / "lib" / "ikos"),
+            str(root / "run" / "ikos"),
+        ]
         # every client API without a root means the open system, as ikos.spawn does
         # (the daemon and registry clients went to the default instance)
         assert ikos.daemon.status("doubler").state == "running"

@@ -70,7 +70,6 @@ import argon2.exceptions
 import ikos
 import ikos.ipc
 import ikos.registry
-from ikos.actors._context import instance_paths
 from ikos.ipc._topics import matches as topic_matches
 
 log = logging.getLogger("examples.system.auth")
@@ -780,7 +779,7 @@ class Auth(ikos.Actor):
         ]:
             if not isinstance(value, int | float) or isinstance(value, bool) or value < least:
                 raise ValueError(f"auth option {option}={value!r}: expected a number >= {least:g}")
-        self.db_path = Path(db_path) if db_path else instance_paths(None).state_dir / "auth/auth.db"
+        self.db_path = Path(db_path) if db_path else self.paths.state_dir / "auth/auth.db"
         self.session_ttl = float(session_ttl)
         self.backoff = Backoff(int(lockout_after), float(lockout_base), float(lockout_max))
         self.hash_threads = int(hash_threads)
@@ -808,7 +807,7 @@ class Auth(ikos.Actor):
                     Caller("mailbox"),
                 )
                 log.warning("auth: bootstrap admin %r: %s", user, reply.get("error", "created"))
-        self.mailbox = MailboxPolicy(self.name, instance_paths(None).run_dir / "ipc/broker.json")
+        self.mailbox = MailboxPolicy(self.name, self.paths.run_dir / "ipc/broker.json")
         self.server: ikos.ipc.Server | None = None
         if self.serve:
             self.server = await _serve_name(f"{self.name}.api", self._serve)

@@ -22,6 +22,7 @@ from ikos._errors import ActorError
 if TYPE_CHECKING:
     from ikos.actors._ref import ActorRef
     from ikos.actors._timers import Timer, Timers
+    from ikos.platform._paths import InstancePaths
 
 #: How an actor subscribes to broadcasts: ``ikos.ipc`` (a layer above this one)
 #: registers its ``subscribe`` here when it is imported, as ``import ikos`` does.
@@ -213,6 +214,21 @@ class Actor:
         # that it is the actor called self.name: a monitor cannot be set for another
         with ControlClient(_context.get().paths, timeout=MONITOR_CALL_TIMEOUT) as client:
             client.call(verb, {"name": name, "watcher": self.name})
+
+    @property
+    def paths(self) -> InstancePaths:
+        """The directories of the ikos instance this actor runs in.
+
+        ``root`` (``None`` for the system instance), ``run_dir``, ``state_dir``
+        and ``log_dir``: with ``ikosd --root R`` they are under ``R``, so an
+        actor that keeps files should put them here rather than under a
+        fixed ``/var`` path, and several instances never share them. Valid in
+        ``on_start`` and after (and in ``__init__``, which runs in the
+        actor's process).
+        """
+        from ikos.actors import _context
+
+        return _context.instance_paths(None)
 
     @property
     def ref(self) -> ActorRef:

@@ -183,9 +183,7 @@ class Logger(ikos.Actor):
     # -- life ----------------------------------------------------------------
 
     async def on_start(self) -> None:
-        from ikos.actors import _context
-
-        paths = _context.get().paths
+        paths = self.paths
         opts = self.options
         self.socket_path = opts.socket_path or paths.run_dir / "log.sock"
         self.directory = opts.directory or paths.log_dir / "syslog"
