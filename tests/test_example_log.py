@@ -849,3 +849,45 @@ def test_queries_need_a_token_and_without_its_socket_the_logger_goes_on(
     assert call(inst, {"op": "stats"})["denied"] == 2
     with pytest.raises(log.LogInputError, match="not allowed"):
         log.query(root=inst.root, program="anyone", token="stolen")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_a_full_disk_loses_no_record_from_memory_and_tears_no_line(
+    ikosd_factory: Callable[..., Instance], tmp_path: Path
+) -> None:
+    """The disk fills up under the logger: records still answered, files never torn."""
+    full = tmp_path / "full"
+    full.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12k", "tmpfs", str(full)], check=True)
+    try:
+        inst = start_logger(ikosd_factory, directory=str(full))
+        pid = inst.pid_of("log")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as client:
+            for i in range(200):  # ~30 KiB of lines for 12 KiB of disk
+                line = f"<13>Dec  6 04:00:00 host fill: record {i:03d} " + "x" * 100
+                client.sendto(line.encode(), str(sock_path(inst)))
+            wait_for(lambda: call(inst, {"op": "stats"})["kept"] >= 200, message="200 kept")
+            stats = call(inst, {"op": "stats"})
+            assert stats["write_errors"] > 0, stats  # the disk did fill up
+            # every record is still answered from memory, and the logger never restarted
+            assert len(query(inst, program="fill", limit=1000)) == 200
+            assert inst.pid_of("log") == pid
+
+            # space again (an operator cleaned up): records reach the file again
+            subprocess.run(["mount", "-o", "remount,size=1m", str(full)], check=True)
+            for i in range(5):
+                client.sendto(f"<13>Dec  6 04:00:01 host after: back {i}".encode(),
+                              str(sock_path(inst)))  # fmt: skip
+            current = full / "current.jsonl"
+            wait_for(lambda: "back 4" in current.read_text(), message="records written again")
+        # a write cut short by the full disk left no half line for the next to run into
+        lines = current.read_text().splitlines()
+        for n, text in enumerate(lines, 1):
+            try:
+                json.loads(text)
+            except ValueError:
+                pytest.fail(f"current.jsonl:{n} is not a whole record: {text!r}")
+        kept = [json.loads(t)["msg"] for t in lines]
+        assert [m for m in kept if m.startswith("back")] == [f"back {i}" for i in range(5)]
+    finally:
+        subprocess.run(["umount", "-l", str(full)], check=False)

@@ -14,13 +14,17 @@ deletes the oldest rotated files beyond ``keep``. It happens before a write
 that would take the file past ``max_bytes``, and when the file's first
 record is ``max_age`` seconds old (checked on each write and each tick).
 A line cut short by a crash is closed with a newline at the next start, and
-lines that do not read back as records are skipped and counted. A current
+lines that do not read back as records are skipped and counted. A full
+disk takes part of a line at most: the write fails, the part is cut off
+again (``ftruncate``), the failure is counted, and the record stays in
+memory, where queries still find it. A current
 file moved away or deleted by hand is noticed at the next tick, and a new
 one opened (as a daemon does on SIGHUP after logrotate).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -95,9 +99,15 @@ class RecordFiles:
         if self._size and (self._size + len(data) > self.max_bytes or self._too_old(now)):
             self.rotate()
         try:
-            written = os.write(self._fd, data)
+            written = 0
+            while written < len(data):  # short only when the disk fills up mid-line
+                written += os.write(self._fd, data[written:])
         except OSError:
+            # A full disk can take part of a line: cut it off, so the next record
+            # does not run into it (readers would lose both to one broken line).
             self.write_errors += 1
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, self._size)
             raise
         self._size += written
         if self._size == written:
