@@ -309,3 +309,63 @@ def test_ikosd_takes_its_log_pipes_back_after_kill_9_and_hostile_peers(
     gate.touch()
     # the daemon's stdout is the pipe the keeper kept: the line reaches the new ikosd
     wait_for(lambda: "after" in log.read_text(), message="the talker's line after the crash")
+
+
+PEER = """
+import pickle, socket, sys
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+sock.settimeout(30)
+sock.connect(sys.argv[1])
+try:
+    sock.send(pickle.dumps({"op": "list"}))
+    data, anc, _, _ = sock.recvmsg(65536, socket.CMSG_SPACE(4 * 64))
+except (BrokenPipeError, ConnectionResetError):  # hung up on, before or after our message
+    data, anc = b"", []
+print(repr(data), len(anc))
+"""
+
+
+# the peer runs as nobody, who may not run the venv's interpreter (under /root)
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not os.access(SYSTEM_PYTHON, os.X_OK),
+    reason="needs root and /usr/bin/python3 to run a peer as another user",
+)
+def test_a_peer_of_another_uid_is_hung_up_on(kind: str, tmp_path: Path) -> None:
+    """Even where the socket's mode lets it connect (0666 here, on purpose), the keeper
+    gives a peer of another uid nothing: it checks the peer's credentials first."""
+    import subprocess
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="ikos-fdkeeper-uid-"))
+    fs = FdStore(base / "fdstore.sock")
+    r, w = os.pipe()
+    try:
+        base.chmod(0o755)  # nobody may reach the socket, and does
+        fs.open()
+        fs.put("web", "stdout", w)
+        fs.close()
+        fs.path.chmod(0o666)
+        out = subprocess.run(
+            [SYSTEM_PYTHON, "-I", "-S", "-c", PEER, str(fs.path)],
+            user=65534,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == "b'' 0"  # end of file, no descriptor
+        held = fs.open()  # ikosd's uid: everything is there
+        assert same_file(held["web"]["stdout"], w)
+        close_held(held)
+    finally:
+        if fs.sock is None and fs.process is not None:
+            fs.open()
+        fs.quit()
+        os.close(r)
+        os.close(w)
+        for leftover in base.iterdir():
+            leftover.unlink()
+        base.rmdir()
