@@ -17,8 +17,10 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test,dev,examples]'
-	@# the control-group spawn helper, where there is a C compiler (else ikosd falls back)
+	@# the control-group spawn helper and the descriptor keeper, where there is a C
+	@# compiler (else ikosd falls back to Python for them)
 	-$(PY) -m ikos.platform._cgexec
+	-$(PY) -m ikos.platform._fdstore
 	@touch $@
 
 demo: $(STAMP)

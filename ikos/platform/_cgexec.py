@@ -206,11 +206,17 @@ def helper_path() -> str | None:
         return None
     if _found is not None:
         return _found
-    d = cache_dir()
-    path = d / _NAME
-    if _trusted(d, directory=True) and _trusted(path, directory=False) and os.access(path, os.X_OK):
-        _found = str(path)
+    _found = installed(_NAME)
     return _found
+
+
+def installed(name: str) -> str | None:
+    """The path of the compiled program ``name`` in :func:`cache_dir`, if it is safe to run."""
+    d = cache_dir()
+    path = d / name
+    if _trusted(d, directory=True) and _trusted(path, directory=False) and os.access(path, os.X_OK):
+        return str(path)
+    return None
 
 
 def compiler() -> str | None:
@@ -228,26 +234,42 @@ def build(timeout: float = 120.0) -> str | None:
     found = helper_path()
     if found is not None or os.environ.get("IKOS_SPAWN_HELPER", "").lower() in ("off", "0", "no"):
         return found
+    if compile_program(_NAME, SOURCE, "spawn helper", timeout=timeout) is None:
+        return None
+    return helper_path()
+
+
+def compile_program(
+    name: str, source: str, what: str, flags: tuple[str, ...] = ("-O2",), timeout: float = 120.0
+) -> str | None:
+    """Compile C ``source`` into ``name`` in :func:`cache_dir`; its path, or None.
+
+    None (and a log line saying why, naming ``what``) when there is no
+    compiler, the cache directory cannot be made safely or the compiler
+    fails. Safe to run from several processes at once: each compiles to a
+    temporary name and renames. Shared with the descriptor keeper
+    (:mod:`ikos.platform._fdstore`).
+    """
     cc = compiler()
     if cc is None:
-        log.info("no C compiler: executables in control-group mode start through the fork server")
+        log.info("no C compiler: no %s (ikos falls back to Python)", what)
         return None
     d = cache_dir()
     try:
         d.mkdir(mode=0o755, parents=True, exist_ok=True)
     except OSError as exc:
-        log.info("cannot create %s (%s): no spawn helper", d, exc.strerror)
+        log.info("cannot create %s (%s): no %s", d, exc.strerror, what)
         return None
     if not _trusted(d, directory=True):
-        log.warning("%s is not owned by us or is writable by others: no spawn helper", d)
+        log.warning("%s is not owned by us or is writable by others: no %s", d, what)
         return None
-    fd, tmp = tempfile.mkstemp(prefix=f".{_NAME}.", dir=d)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=d)
     os.close(fd)
     src = tmp + ".c"
     try:
-        Path(src).write_text(SOURCE)
+        Path(src).write_text(source)
         proc = subprocess.Popen(
-            [cc, "-O2", "-o", tmp, src],
+            [cc, *flags, "-o", tmp, src],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -262,18 +284,18 @@ def build(timeout: float = 120.0) -> str | None:
             disown(proc.pid)
         if proc.returncode != 0:
             text = err.decode(errors="replace").strip()[-500:]
-            log.warning("compiling the spawn helper with %s failed: %s", cc, text)
+            log.warning("compiling the %s with %s failed: %s", what, cc, text)
             return None
         os.chmod(tmp, 0o755)
-        os.replace(tmp, d / _NAME)
+        os.replace(tmp, d / name)
     except OSError as exc:
-        log.warning("building the spawn helper in %s failed: %s", d, exc)
+        log.warning("building the %s in %s failed: %s", what, d, exc)
         return None
     finally:
         for leftover in (tmp, src):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(leftover)
-    return helper_path()
+    return str(d / name)
 
 
 def argv(helper: str, dirs: tuple[str, ...], executable: str, args: tuple[str, ...]) -> list[str]:

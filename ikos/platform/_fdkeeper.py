@@ -1,7 +1,10 @@
 """The descriptor keeper process: holds ikosd's descriptors across its death.
 
 See :mod:`ikos.platform._fdstore` for why it exists and for ikosd's side. This
-module is the keeper itself, and it is started as a bare script,
+module is the keeper in Python: the fallback of the C one (``fdkeeper.c``,
+which speaks the same bytes) where there is no C compiler, or when
+``IKOS_FDKEEPER=python`` asks for it; ``send`` and ``recv`` are ikosd's side
+of the protocol either way. The Python keeper is started as a bare script,
 ``python -I -S .../_fdkeeper.py SOCKET``, importing nothing of ikos (nor
 ``site``): the keeper never runs ikos code, and a fresh interpreter that
 imports the ikos package costs ikosd's start-up ~150 ms and the machine
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import io
 import os
 import pickle
 import signal
@@ -31,6 +35,13 @@ def send(sock: socket.socket, obj: Any, fds: list[int] | None = None) -> None:
     sock.sendmsg([data], anc)
 
 
+class _PlainUnpickler(pickle.Unpickler):
+    """Strings, dicts, lists, None: no class of any module is ever looked up (nor run)."""
+
+    def find_class(self, module: str, name: str, /) -> Any:
+        raise pickle.UnpicklingError(f"no globals in the keeper's protocol ({module}.{name})")
+
+
 def recv(sock: socket.socket) -> tuple[Any, list[int]]:
     fds = array.array("i")
     data, ancdata, _flags, _ = sock.recvmsg(
@@ -43,7 +54,12 @@ def recv(sock: socket.socket) -> tuple[Any, list[int]]:
         for fd in fds:
             os.close(fd)
         raise EOFError
-    return pickle.loads(data), list(fds)
+    try:
+        return _PlainUnpickler(io.BytesIO(data)).load(), list(fds)
+    except Exception:  # not a message: its descriptors are not kept either
+        for fd in fds:
+            os.close(fd)
+        raise
 
 
 # -- the keeper process ----------------------------------------------------------
@@ -75,7 +91,7 @@ def serve(
                     continue
                 if _session(conn, store):
                     break
-            except (EOFError, OSError, pickle.UnpicklingError, KeyError, TypeError):
+            except Exception:  # whatever a peer sends (garbage, bad UTF-8) ends its session only
                 continue
     for fd in store.values():
         with contextlib.suppress(OSError):
@@ -94,7 +110,11 @@ def _session(conn: socket.socket, store: dict[tuple[str, str], int]) -> bool:
             continue
         op = msg.get("op")
         if op == "put" and len(fds) == 1 and len(store) < MAX_ENTRIES:
-            key = (str(msg["name"]), str(msg["key"]))
+            try:
+                key = (str(msg["name"]), str(msg["key"]))
+            except KeyError:
+                os.close(fds[0])
+                raise
             old = store.pop(key, None)
             if old is not None:
                 os.close(old)
