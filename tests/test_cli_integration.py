@@ -114,8 +114,11 @@ def test_status_json_has_the_contract_fields(inst: Instance) -> None:
     assert [s["name"] for s in statuses] == TREE_ORDER
     for s in statuses:
         assert set(s) >= STATUS_KEYS, s
-        assert s["state"] == "running"
         assert s["restarts"] == 0
+        if s["name"] == "ikos-broker":  # no IPC yet: it waits for its first connection
+            assert (s["state"], s["activation"], s["started_at"]) == ("stopped", "waiting", None)
+            continue
+        assert s["state"] == "running"
         assert isinstance(s["started_at"], int | float)
     by_name = {s["name"]: s for s in statuses}
     assert by_name["root"]["supervisor"] is None
