@@ -203,3 +203,15 @@ def test_eager_start_runs_the_broker_at_once(ikosd_factory: Any) -> None:
     assert "activation" not in broker
     # it still takes ikosd's socket: the handoff socket is there
     assert activation_socket(InstancePaths.resolve(str(inst.root)).run_dir).is_socket()
+
+
+def test_a_waiting_broker_is_no_outage_in_the_metrics() -> None:
+    from ikos.manager._ipc_service import IpcCollector
+
+    def gauges(collector: IpcCollector) -> dict[str, float]:
+        return {f.name: f.samples[0].value for f in collector.collect() if f.samples}
+
+    waiting = IpcCollector(lambda: (None, "not running"), lambda: True)
+    assert gauges(waiting) == {"ikos_ipc_broker_up": 1, "ikos_ipc_broker_waiting": 1}
+    down = IpcCollector(lambda: (None, "does not answer"), lambda: False)
+    assert gauges(down) == {"ikos_ipc_broker_up": 0, "ikos_ipc_broker_waiting": 0}

@@ -158,7 +158,7 @@ class IpcService(Extension):
         # to readers
         host.verbs.register("ipc_stats", "public", self._verb_stats)
         if self._metrics is not None:
-            self._metrics.endpoint.add(IpcCollector(self.figures))
+            self._metrics.endpoint.add(IpcCollector(self.figures, self._broker_waiting))
 
     async def stop(self) -> None:
         self._closing = True
@@ -406,13 +406,16 @@ class IpcService(Extension):
         stats, error = await asyncio.get_running_loop().run_in_executor(None, self.figures)
         if stats is None:
             answer = {"enabled": self.settings.enabled, "up": False, "error": error}
-            if self._view is not None and self.waiting(self._view.find(BROKER_NAME)):
+            if self._broker_waiting():
                 answer["activation"] = WAITING
             return answer
         answer = {"enabled": True, "up": True, **summarize(stats)}
         if getattr(req, "reader", False):
             answer["stats"] = stats
         return answer
+
+    def _broker_waiting(self) -> bool:
+        return self._view is not None and self.waiting(self._view.find(BROKER_NAME))
 
     def waiting(self, node: NodeView | None) -> bool:
         """Whether the broker is down and ikosd listens for its first client in its stead."""
@@ -478,17 +481,34 @@ class IpcCollector(Collector):
     """``ikos_ipc_*``: the broker's clients, per-topic and per-subscriber counts, queues.
 
     Read at scrape time from :meth:`IpcService.figures` (cached, fetched in the
-    scraping thread); ``ikos_ipc_broker_up`` is 0 when the broker did not answer.
+    scraping thread); ``ikos_ipc_broker_up`` is 0 when IPC is down: the broker
+    did not answer, and ikosd is not waiting for a first connection to start it
+    (a broker that was never needed is no outage: ``ikos_ipc_broker_waiting`` 1).
     """
 
-    def __init__(self, figures: Callable[[], tuple[dict[str, Any] | None, str]]) -> None:
+    def __init__(
+        self,
+        figures: Callable[[], tuple[dict[str, Any] | None, str]],
+        waiting: Callable[[], bool] = lambda: False,
+    ) -> None:
         self.figures = figures
+        self.waiting = waiting
 
     def collect(self) -> Iterator[Any]:
         stats, _error = self.figures()
-        up = GaugeMetricFamily("ikos_ipc_broker_up", "1 when the IPC broker answers")
-        up.add_metric([], 1 if stats is not None else 0)
+        waiting = stats is None and self.waiting()
+        up = GaugeMetricFamily(
+            "ikos_ipc_broker_up",
+            "1 when IPC is available: the broker answers, or starts at the first connection",
+        )
+        up.add_metric([], 1 if stats is not None or waiting else 0)
         yield up
+        idle = GaugeMetricFamily(
+            "ikos_ipc_broker_waiting",
+            "1 while ikosd holds the broker's socket and waits for a first connection to start it",
+        )
+        idle.add_metric([], 1 if waiting else 0)
+        yield idle
         if stats is None:
             return
         clients = GaugeMetricFamily("ikos_ipc_clients", "Connections to the IPC broker")
