@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import socket
 import threading
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -215,3 +216,19 @@ def test_a_waiting_broker_is_no_outage_in_the_metrics() -> None:
     assert gauges(waiting) == {"ikos_ipc_broker_up": 1, "ikos_ipc_broker_waiting": 1}
     down = IpcCollector(lambda: (None, "does not answer"), lambda: False)
     assert gauges(down) == {"ikos_ipc_broker_up": 0, "ikos_ipc_broker_waiting": 0}
+
+
+def test_ipc_start_is_checked(tmp_path: Path) -> None:
+    from ikos._errors import ConfigError
+    from ikos.manager._config import read_ipc_settings
+
+    good = tmp_path / "good.toml"
+    good.write_text('[ipc]\nstart = "eager"\n')
+    assert read_ipc_settings(good)[0].start == "eager"
+    assert read_ipc_settings(None)[0].start == "on-demand"
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[ipc]\nstart = "lazy"\n')
+    with pytest.raises(ConfigError) as caught:
+        read_ipc_settings(bad)
+    message = str(caught.value)
+    assert "bad.toml" in message and "[ipc]" in message and "'start'" in message, message
