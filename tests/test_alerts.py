@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -400,9 +401,10 @@ resolve_for = 0.4
 def test_memory_alert_fires_everywhere_and_resolves(ikosd_factory: Any, tmp_path: Path) -> None:
     inst = start(ikosd_factory, tmp_path, MEMORY_CONFIG)
     inst.wait_state("hog", "running", timeout=HANG)
-    inst.wait_state("ikos-broker", "running", timeout=HANG)
     received: list[Any] = []
+    # the subscription starts the broker (socket activation); alerts go out once it runs
     sub = ikos.ipc.subscribe("ikos.alerts", lambda m: received.append(m.payload), root=inst.root)
+    inst.wait_state("ikos-broker", "running", timeout=HANG)
     try:
         reader = EventsReader(inst)
     except BaseException:
@@ -746,3 +748,53 @@ def test_publications_to_a_broker_that_is_down_are_lost_counted_and_logged_once(
         r.getMessage() for r in caplog.records if "not published on ikos.alerts" in r.getMessage()
     ]
     assert len(lines) == 1, lines
+
+
+def test_stopping_aborts_a_publication_blocked_on_a_broker_that_never_answers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hang of ikosd's stop after the root gave up: the publisher thread was
+    blocked on a broker that accepted and did not answer, and stop waited on it
+    (in the default executor, whose shutdown Python 3.11 waits for without bound).
+    Now the stop aborts the publication and the thread is gone when it returns."""
+    import ikos.ipc._client
+    from ikos.ipc._client import broker_socket
+    from ikos.manager._alert_service import _Publisher
+    from ikos.platform._paths import InstancePaths
+    from ikos.platform._unix import bind_unix
+
+    # a hello that would wait an hour: the client's own timeout never saves the day
+    monkeypatch.setattr(ikos.ipc._client, "HELLO_TIMEOUT", 3600.0)
+    paths = InstancePaths.resolve(tmp_path / "root")
+    path = broker_socket(paths)
+    path.parent.mkdir(parents=True)
+    silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # accepts, never answers
+    bind_unix(silent, path)
+    silent.listen(8)
+    publisher = _Publisher(paths)
+    try:
+        publisher.publish({"alert": "gave_up"})
+        silent.settimeout(HANG)
+        conn, _ = silent.accept()  # the publication is under way, waiting for a welcome
+        with conn:
+            conn.settimeout(HANG)
+            assert conn.recv(65536)  # its hello
+            asyncio.run(asyncio.wait_for(publisher.aclose(HANG), HANG * 2))
+            thread = publisher._thread
+            assert thread is not None and not thread.is_alive()
+            assert conn.recv(65536) == b""  # the client's end is closed, not left waiting
+    finally:
+        publisher.close()
+        silent.close()
+
+
+def test_alerts_are_not_published_while_the_broker_does_not_run(tmp_path: Path) -> None:
+    """The broker is started on demand: an alert must not start it (nobody can be
+    subscribed to a broker that does not run), nor reach for it once ikosd stops."""
+    from ikos.manager._alert_service import _Publisher
+    from ikos.platform._paths import InstancePaths
+
+    publisher = _Publisher(InstancePaths.resolve(tmp_path / "root"))
+    publisher.open = False
+    publisher.publish({"alert": "restarts"})
+    assert (publisher.skipped, publisher.lost, publisher._thread) == (1, 0, None)

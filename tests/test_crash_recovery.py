@@ -140,7 +140,10 @@ class Ikosd:
                 return True  # it exited: said below, at once rather than at the timeout
             res = self.ctl("--json", "status", check=False)
             statuses = json.loads(res.stdout) if res.returncode == 0 else []
-            return bool(statuses) and all(s["state"] == "running" for s in statuses)
+            # a broker waiting for its first connection (socket activation) is as it should be
+            return bool(statuses) and all(
+                s["state"] == "running" or s.get("activation") == "waiting" for s in statuses
+            )
 
         wait_for(ready, timeout, interval=0.05, message="ikosd ready with every daemon running")
         if proc.poll() is not None:

@@ -169,6 +169,8 @@ def test_ready_arrives_on_the_notify_socket(
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_stops_everything_in_order(ikosd_factory: Any, sig: signal.Signals) -> None:
     inst = ikosd_factory(tree=TREE)
+    inst.ctl("start", "ikos-broker", check=True)  # else it waits for its first client
+    inst.wait_state("ikos-broker", "running")
     workers = [s["pid"] for s in inst.status() if s["pid"]]
     assert len(workers) == 3 and all(alive(p) for p in workers)  # ikos-broker, echo, counter
     assert len(inst.leftovers()) > len(workers)  # ikosd and its helpers too
@@ -296,7 +298,9 @@ def test_tree_and_config_together(ikosd_factory: Any) -> None:
     ]
     assert by_name["extra"]["supervisor"] == "workers"
     assert by_name["top"]["supervisor"] == "root"
-    assert all(s["state"] == "running" for s in by_name.values())
+    # the broker, not used, waits for its first connection
+    assert all(s["state"] == "running" for s in by_name.values() if s["name"] != "ikos-broker")
+    assert by_name["ikos-broker"]["activation"] == "waiting"
 
 
 def test_the_roots_own_config_file_is_the_default(ikosd_factory: Any, tmp_path: Path) -> None:
@@ -364,6 +368,7 @@ def test_every_transition_is_in_the_log_file(ikosd_factory: Any) -> None:
     inst = ikosd_factory(tree=TREE, args=["--log-level", "info"])
     log_file = inst.root / "var/log/ikos/ikosd.log"
     assert log_file.is_file()
+    inst.ctl("start", "ikos-broker", check=True)  # else it waits for its first client
     old = inst.pid_of("echo")
     inst.ctl("kill", "-s", "KILL", "echo", check=True)
     inst.wait_running_new_pid("echo", old)

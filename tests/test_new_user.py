@@ -43,8 +43,8 @@ def test_a_config_file_finds_actors_from_the_checkout(tmp_path: Path) -> None:
     try:
         assert proc.stdout is not None
         line = read_line(proc.stdout)
-        # echo and the IPC broker
-        assert line.startswith("ikosd ready: 2 daemons running"), (line, proc.stderr)
+        # echo (the IPC broker waits for its first connection)
+        assert line.startswith("ikosd ready: 1 daemon running"), (line, proc.stderr)
         res = subprocess.run(
             [IKOSCTL, "--root", str(root), "call", "echo", '"hi"'],
             capture_output=True,

@@ -274,7 +274,8 @@ def _status(ctx: _Context) -> int:
         root = next((s for s in statuses if s.get("supervisor") is None), None)
         if root is not None and "metrics" in root:
             ctx.emit_text(f"ikosd: metrics at {root['metrics'] or 'nowhere (not serving)'}\n")
-    running = all(s.get("state") == "running" for s in statuses)
+    # a socket-activated daemon waiting for its first client is as it should be
+    running = all(s.get("state") == "running" or s.get("activation") for s in statuses)
     return EXIT_OK if running else EXIT_NOT_ACTIVE
 
 
@@ -553,6 +554,8 @@ def _ipc_figures(ctx: _Context) -> dict[str, Any] | None:
 def _ipc_line(figures: dict[str, Any]) -> str:
     if not figures.get("enabled", True):
         return "ikos.ipc: disabled ([ipc] enabled = false)\n"
+    if figures.get("activation") == "waiting":
+        return "ikos.ipc: the broker starts at its first connection (ikosd listens for it)\n"
     if not figures.get("up"):
         return f"ikos.ipc: broker not answering: {figures.get('error', '')}\n"
     f = {k: figures.get(k, 0) for k in _IPC_FIGURES}

@@ -315,11 +315,17 @@ def _health_line(health: str, checks: Any, style: Style) -> str:
     return text
 
 
+#: How a daemon that ikosd starts at its first connection shows while it waits for it.
+WAITING_NOTE = "waiting for its first connection"
+
+
 def _state_line(status: Status, state: str, style: Style, now: float) -> str:
     text = style.state(state)
     pid = status.get("pid")
     if pid is not None:
         text += f" (pid {_text(pid)})"
+    if status.get("activation") == "waiting":  # socket-activated: ikosd holds its socket
+        text += f" ({WAITING_NOTE})"
     started = status.get("started_at")
     if isinstance(started, int | float) and state in ("running", "starting", "stopping"):
         text += f" since {format_time(started)}; {humanize_duration(_uptime(status, now))} ago"
@@ -440,6 +446,8 @@ def _tree_label(node: Status, style: Style) -> str:
         kind += " " + _text(node["strategy"])
     state = _text(node.get("state") or "unknown")
     text = f"{_text(node.get('name'))} [{kind}] {style.state(state)}"
+    if node.get("activation") == "waiting":
+        text += f" ({WAITING_NOTE})"
     if node.get("pid") is not None:
         text += f" {_text(node['pid'])}"
     if node.get("placement") == "ray":

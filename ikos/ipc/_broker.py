@@ -49,6 +49,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ikos.ipc._activation import ENV as ACTIVATION_ENV
+from ikos.ipc._activation import listening_socket, take_listener
 from ikos.ipc._frames import (
     LENGTHS,
     MAX_FDS,
@@ -66,7 +68,7 @@ from ikos.ipc._topics import SubscriptionIndex, pattern_error, topic_error
 from ikos.platform._memfd import check_segment, create_segment
 from ikos.platform._notify import notify
 from ikos.platform._paths import InstancePaths
-from ikos.platform._unix import bind_unix, peer_credentials
+from ikos.platform._unix import peer_credentials
 
 log = logging.getLogger("ikos.broker")
 
@@ -473,6 +475,7 @@ class Broker:
         self._dirty: dict[Conn, None] = {}
         self._flush_scheduled = False
         self._listener: socket.socket | None = None
+        self._borrowed = False  # the listener is ikosd's (socket activation)
         self._stopping: asyncio.Event | None = None
         self._closing = False  # stopping: no connection is read again
         self._violations = Burst(AUDIT_BURST, AUDIT_WINDOW)
@@ -483,14 +486,22 @@ class Broker:
     # -- life ------------------------------------------------------------------
 
     def listen(self) -> None:
-        """Bind the socket (0666 in a 0755 directory) and start accepting."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.dir, 0o755)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        bind_unix(sock, self.socket_path, 0o666)
-        sock.listen(1024)
-        sock.setblocking(False)
-        self._listener = sock
+        """Take the listening socket from ikosd (socket activation), else bind it; accept.
+
+        Under ikosd, ``$IKOS_BROKER_ACTIVATION`` names where ikosd hands over the
+        socket it holds (ikos.ipc._activation): connections made before this
+        broker ran wait in its backlog and are accepted now. Started by hand, the
+        broker binds the socket itself (0666 in a 0755 directory).
+        """
+        handoff = os.environ.get(ACTIVATION_ENV)
+        if handoff:
+            self._listener = take_listener(handoff)
+            self._borrowed = True
+        else:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            os.chmod(self.dir, 0o755)
+            self._listener = listening_socket(self.socket_path)
+        sock = self._listener
         self.loop.add_reader(sock.fileno(), self._accept)
 
     async def run(self) -> None:
@@ -501,7 +512,12 @@ class Broker:
         self.loop.add_signal_handler(signal.SIGHUP, self.reload)
         await self.queues.open()
         self.listen()
-        log.info("broker pid %d listening on %s", os.getpid(), self.socket_path)
+        log.info(
+            "broker pid %d %s %s",
+            os.getpid(),
+            "accepting on ikosd's socket" if self._borrowed else "listening on",
+            self.socket_path,
+        )
         with contextlib.suppress(OSError, ValueError):
             notify("READY=1\nSTATUS=listening")
         await self._stopping.wait()
@@ -515,8 +531,9 @@ class Broker:
             self.loop.remove_reader(self._listener.fileno())
             self._listener.close()
             self._listener = None
-            with contextlib.suppress(FileNotFoundError):
-                self.socket_path.unlink()
+            if not self._borrowed:  # ikosd's socket stays: the next broker takes it
+                with contextlib.suppress(FileNotFoundError):
+                    self.socket_path.unlink()
         self._closing = True
         for conn in self.conns.values():  # nothing new from anyone; what is under way ends
             if not conn.paused:

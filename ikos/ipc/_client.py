@@ -30,6 +30,7 @@ What users hold is built on this connection in the sibling modules:
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -201,6 +202,8 @@ class BrokerClient:
         self.max_frame = INITIAL_MAX_FRAME
         self.shm_threshold = 0
         self._sock: socket.socket | None = None
+        #: the socket of a connection being opened (its hello unanswered): abort() ends it
+        self._opening: socket.socket | None = None
         self._generation = 0
         self._lock = threading.Lock()  # state: pending, subscriptions, servers
         self._wlock = threading.Lock()  # one frame at a time on the socket
@@ -242,7 +245,7 @@ class BrokerClient:
                     sock = self._open()
                     break
                 except IpcUnavailable:
-                    if time.monotonic() + delay > deadline:
+                    if self._closed or time.monotonic() + delay > deadline:
                         raise
                 time.sleep(delay)
                 delay = min(delay * 2, 0.5)
@@ -263,7 +266,10 @@ class BrokerClient:
     def _open(self) -> socket.socket:
         """A connected socket past the handshake; IpcUnavailable naming the socket if not."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._opening = sock
         try:
+            if self._closed:  # aborted between two attempts
+                raise IpcUnavailable(f"the connection to the IPC broker at {self.path} is closed")
             sock.settimeout(HELLO_TIMEOUT)
             connect_unix(sock, self.path)
             sock.sendall(
@@ -291,6 +297,8 @@ class BrokerClient:
         except (OSError, FrameError) as exc:
             sock.close()
             raise IpcUnavailable(f"the IPC broker does not answer on {self.path}: {exc}") from None
+        finally:
+            self._opening = None
         sock.settimeout(None)
         # Pickle crosses only where unpickling cannot raise anyone's privileges: the
         # broker must say this process is trusted (the owner, root) AND run as this
@@ -361,6 +369,20 @@ class BrokerClient:
             sub._end(None)
         for server in servers:
             server._end()
+
+    def abort(self) -> None:
+        """End the client now, from any thread, without waiting for a thread using it.
+
+        :meth:`close` waits for a connection being opened (up to the hello's
+        timeout, against a broker that accepts and never answers); this shuts the
+        sockets down under the feet of whoever blocks on them, which then fails
+        with :class:`IpcUnavailable`. Call :meth:`close` afterwards to release the rest.
+        """
+        self._closed = True
+        for sock in (self._opening, self._sock):
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
 
     def __enter__(self) -> BrokerClient:
         return self

@@ -17,7 +17,19 @@ thread of its own holding the one :class:`~ikos.ipc._client.BrokerClient`
 and logged once per outage); commands run with :func:`run_command` (no
 shell fork of the threaded manager, reaped, killed at their timeout); each
 follower of ``events`` has a bounded queue whose overflow is dropped and
-announced to it. Rejected: publishing from the loop with the synchronous
+announced to it.
+
+Publications go out only while the broker runs (``ikos-broker`` is
+``running``) and ikosd is not stopping: the broker is started on demand
+(``ikos.ipc._activation``), and an alert must neither start it (nobody can be
+subscribed to a broker that does not run, so nothing is lost) nor wait on one
+that stops. Stopping never waits for the publisher thread longer than
+:data:`CLOSE_TIMEOUT`, and never through the default executor (which a busy
+ikosd may have full, and whose shutdown Python 3.11 waits for without bound):
+the client is aborted, which wakes a publication blocked on a broker that
+accepted and does not answer.
+
+Rejected: publishing from the loop with the synchronous
 client (a broker that does not read stalls every daemon's supervision), and
 one executor job per publication (no order, no bound).
 """
@@ -39,6 +51,7 @@ from ikos._errors import IkosError, ManagerError
 from ikos.manager._config import AlertSettings, read_alert_settings
 from ikos.manager._control_server import Stream
 from ikos.manager._extension import Config, Extension, ExtensionHost, NodeView, Operations, TreeView
+from ikos.manager._ipc_service import BROKER_NAME, SYSTEM_NAME
 from ikos.monitor._alerts import Alert, AlertCollector, AlertEngine, Change, NotificationLimiter
 from ikos.monitor._sampler import Usage
 from ikos.platform._paths import InstancePaths
@@ -62,6 +75,8 @@ COMMAND_OUTPUT: Final = 4096
 #: Seconds a daemon must stay failed (not restarted by its supervisor) to raise ``failed``.
 FAILED_GRACE: Final = 1.0
 _GONE: Final = frozenset({State.STOPPED, State.BACKOFF, State.FAILED})
+#: Seconds ikosd's stop waits for the publisher thread to end once its client is aborted.
+CLOSE_TIMEOUT: Final = 2.0
 
 
 class AlertService(Extension):
@@ -106,6 +121,8 @@ class AlertService(Extension):
         if self._metrics is not None:
             self._metrics.endpoint.add(AlertCollector(lambda: self._figures))
         self._publisher = _Publisher(host.view.paths)
+        broker = host.view.find(BROKER_NAME)  # adopted from a previous ikosd, running
+        self._publisher.open = broker is not None and broker.state is State.RUNNING
 
     async def stop(self) -> None:
         for timer in self._timers.values():
@@ -119,7 +136,7 @@ class AlertService(Extension):
         for follower in list(self._followers):
             follower.close()
         if self._publisher is not None:
-            await asyncio.to_thread(self._publisher.close)
+            await self._publisher.aclose(CLOSE_TIMEOUT)
             self._publisher = None
 
     async def on_reload(self, config: Config) -> None:
@@ -166,6 +183,7 @@ class AlertService(Extension):
         self._summarize(now)
 
     def on_transition(self, node: NodeView, old: State, new: State, why: str) -> None:
+        self._gate(node, new)
         now = time.time()
         self._broadcast(
             {
@@ -205,6 +223,19 @@ class AlertService(Extension):
                     FAILED_GRACE, self._still_failed, name, message
                 )
         self._handle(changes)
+
+    def _gate(self, node: NodeView, new: State) -> None:
+        """Publish only to a running broker, and nothing once ikosd (or IPC) is stopping."""
+        publisher = self._publisher
+        if publisher is None:
+            return
+        if node.name == BROKER_NAME:
+            publisher.open = new is State.RUNNING and not publisher.closing
+        elif node.name == SYSTEM_NAME or node.parent is None:
+            if new is State.STOPPING:
+                publisher.closing, publisher.open = True, False
+            elif new is State.STARTING:
+                publisher.closing = False
 
     def _still_failed(self, name: str, message: str) -> None:
         self._timers.pop(name, None)
@@ -429,10 +460,20 @@ class _Publisher:
         self._paths = paths
         self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue(PUBLISH_QUEUE)
         self._thread: threading.Thread | None = None
+        self._client: Any = None  # the thread's BrokerClient, for abort()
         self._down = False
+        self._ended = False
         self.lost = 0
+        #: publications go out (the broker runs); else they are skipped, not lost
+        self.open = True
+        #: ikosd or IPC is stopping: nothing opens the gate again until it starts
+        self.closing = False
+        self.skipped = 0
 
     def publish(self, document: dict[str, Any]) -> None:
+        if not self.open or self._ended:
+            self.skipped += 1  # no broker, so no subscriber: nobody misses it
+            return
         if self._thread is None:
             self._thread = threading.Thread(
                 target=self._run, name="ikos-alerts-publisher", daemon=True
@@ -453,10 +494,13 @@ class _Publisher:
         from ikos.ipc._client import BrokerClient
 
         client: BrokerClient | None = None
-        while (document := self._queue.get()) is not None:
+        while (document := self._queue.get()) is not None and not self._ended:
             try:
                 if client is None:
                     client = BrokerClient(self._paths, label="ikosd-alerts", reconnect_timeout=0.5)
+                    self._client = client
+                    if self._ended:  # aborted while the client was made
+                        break
                 client.publish(TOPIC, document, codec="json")
                 if self._down:
                     self._down = False
@@ -465,13 +509,29 @@ class _Publisher:
                 self._lose(str(exc))
                 if client is not None:
                     client.close()
-                    client = None
+                    client = self._client = None
         if client is not None:
             client.close()
 
     def close(self) -> None:
-        if self._thread is None:
-            return
+        """Stop publishing, without waiting: the thread ends on its own, soon.
+
+        What is queued is dropped, and a publication under way is aborted (its
+        broker may be stopping, or accept and never answer).
+        """
+        self._ended, self.open = True, False
         with contextlib.suppress(queue.Full):
-            self._queue.put(None, timeout=2.0)
-        self._thread.join(timeout=5.0)
+            self._queue.put_nowait(None)
+        client = self._client
+        if client is not None:
+            client.abort()
+
+    async def aclose(self, timeout: float) -> None:
+        """:meth:`close`, then wait up to ``timeout`` seconds for the thread, on the loop."""
+        self.close()
+        thread = self._thread
+        deadline = time.monotonic() + timeout
+        while thread is not None and thread.is_alive() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        if thread is not None and thread.is_alive():
+            log.warning("alerts: the publisher thread did not end within %g s", timeout)

@@ -179,6 +179,7 @@ _EXEC_SPEC_KEYS: Final = (
 _BACKOFF_KEYS: Final = ("min", "max", "random_factor", "reset_after")
 _IPC_KEYS: Final = (
     "enabled",
+    "start",
     "subscriber_queue",
     "slow_subscriber",
     "shm_threshold",
@@ -206,6 +207,8 @@ _IPC_QUEUE_KEYS: Final = ("max_deliveries", "visibility_timeout", "max_messages"
 _IPC_GRANTS: Final = ("call", "serve", "publish", "subscribe", "queues")
 _IPC_RULE_KEYS: Final = ("users", "groups", *_IPC_GRANTS)
 SLOW_SUBSCRIBER: Final = ("drop-oldest", "disconnect")
+#: When ikosd starts the IPC broker: at the first connection to its socket, or at once.
+IPC_START: Final = ("on-demand", "eager")
 #: Shortest ``[monitor] interval``: a pass reads every daemon's processes.
 MIN_MONITOR_INTERVAL: Final = 0.1
 #: Most ``[[ipc.allow]]`` rules, and most patterns in one of their lists.
@@ -271,6 +274,9 @@ class IpcSettings:
     """
 
     enabled: bool = True
+    #: "on-demand": ikosd listens on the broker's socket and starts the broker at
+    #: the first connection; "eager": at ikosd's start (docs/configuration.md)
+    start: str = "on-demand"
     subscriber_queue: int = 10000
     slow_subscriber: str = "drop-oldest"
     shm_threshold: int = DEFAULT_SHM_THRESHOLD
@@ -672,6 +678,7 @@ def _ipc_settings(file: str, document: Mapping[str, Any]) -> tuple[IpcSettings, 
             warnings += rule_warnings
     settings = IpcSettings(
         enabled=d.enabled if enabled is _MISSING else bool(enabled),
+        start=t.choice("start", d.start, IPC_START),
         subscriber_queue=t.integer("subscriber_queue", d.subscriber_queue, 1),
         slow_subscriber=t.choice("slow_subscriber", d.slow_subscriber, SLOW_SUBSCRIBER),
         shm_threshold=t.integer("shm_threshold", d.shm_threshold, 1),

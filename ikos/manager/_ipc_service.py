@@ -14,6 +14,15 @@ before the broker starts and on every reload, then SIGHUP), and read the
 broker's figures for ``ikosctl status`` (the verb ``ipc_stats``) and for
 Prometheus (``ikos_ipc_*``).
 
+The broker is socket-activated (``ikos.ipc._activation``): ikosd binds and
+holds ``RUN/ipc/broker.sock`` from its start to its end, and starts the broker
+(held, ``auto_start = false``) when that socket first becomes readable, unless
+``[ipc] start = "eager"`` asks for it at once. The broker takes the listening
+socket from ikosd; a connect is never refused, before the broker runs or while
+it restarts, and an instance whose daemons never use IPC never pays for a second
+interpreter. Until then ``ikosctl status`` shows the broker ``stopped``, with
+``activation: waiting`` (waiting for its first connection), never failed.
+
 Figures are fetched with the synchronous client in a worker thread (a scrape
 runs in the HTTP server's thread already), at most once per :data:`STATS_TTL`,
 so that neither a busy broker nor a scraper hammering ``/metrics`` can make the
@@ -29,10 +38,12 @@ the wrong shape for a fan-out server holding thousands of connections).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -44,10 +55,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from ikos._errors import ConfigError, IkosError
-from ikos.ipc._client import BrokerClient
+from ikos.ipc._activation import ENV as ACTIVATION_ENV
+from ikos.ipc._activation import Handoff, activation_socket, listening_socket, serves
+from ikos.ipc._client import BrokerClient, broker_socket
 from ikos.manager._config import IpcSettings, read_ipc_settings
 from ikos.manager._extension import Config, Extension, ExtensionHost, NodeView, TreeView
 from ikos.platform._database import write_durably
+from ikos.supervision._runtime import State
 from ikos.supervision._spec import Backoff, Exec, Supervisor
 
 log = logging.getLogger("ikos.ipc")
@@ -62,14 +76,25 @@ SYSTEM_BACKOFF: Final = Backoff(min=0.1, max=5.0, random_factor=0.2, reset_after
 #: How long fetched figures are reused, and how long a fetch may take.
 STATS_TTL: Final = 1.0
 STATS_TIMEOUT: Final = 2.0
+#: Seconds between two looks for the broker's node when a client came before the tree.
+REARM_DELAY: Final = 0.05
+#: The ``activation`` of the broker's status while ikosd waits for its first client.
+WAITING: Final = "waiting"
 
 
-def broker_spec(paths_root: Path | None, environ: dict[str, str] | None = None) -> Exec:
+def broker_spec(
+    paths_root: Path | None,
+    environ: dict[str, str] | None = None,
+    *,
+    activation: Path | None = None,
+    eager: bool = True,
+) -> Exec:
     """The ``ikos-broker`` daemon of an instance (``paths_root`` None: the default instance).
 
     The broker must import the same ikos as ikosd, wherever ikosd found it (an
     editable checkout, ``PYTHONPATH``), so the package's parent directory goes
-    first on the broker's ``PYTHONPATH``.
+    first on the broker's ``PYTHONPATH``. ``activation``: where the broker takes
+    its listening socket from ikosd; ``eager`` false: held until started (on demand).
     """
     env = os.environ if environ is None else environ
     package_parent = str(Path(__file__).resolve().parents[2])  # .../ikos/manager/this
@@ -77,12 +102,20 @@ def broker_spec(paths_root: Path | None, environ: dict[str, str] | None = None) 
     args = ["-m", "ikos.ipc._broker"]
     if paths_root is not None:
         args += ["--root", str(paths_root)]
+    environment = {"PYTHONPATH": pythonpath}
+    if activation is not None:
+        environment[ACTIVATION_ENV] = str(activation)
     return Exec(
         BROKER_NAME,
         sys.executable,
         description="the IPC broker (ikos.ipc: publish/subscribe, queues, calls)",
         shutdown=10.0,
-        fields={"args": args, "type": "notify", "environment": {"PYTHONPATH": pythonpath}},
+        fields={
+            "args": args,
+            "type": "notify",
+            "environment": environment,
+            "auto_start": eager,
+        },
     )
 
 
@@ -102,27 +135,134 @@ class IpcService(Extension):
         self._client: BrokerClient | None = None
         self._client_lock = threading.Lock()
         self._cache: tuple[float, dict[str, Any] | None, str] = (0.0, None, "")
+        self._ops: Any = None
+        #: the broker's listening socket, held by ikosd (None: disabled, or a broker
+        #: adopted from a previous ikosd still holds its own until it next stops)
+        self._listener: socket.socket | None = None
+        self._handoff: Handoff | None = None
+        self._watching = False  # the listener's readability starts the broker
+        self._closing = False  # ikos-system (or the root) is stopping: start nothing
+        self._starting: asyncio.Task[None] | None = None
 
     # -- life ---------------------------------------------------------------------------
 
     async def start(self, host: ExtensionHost) -> None:
-        self._view = host.view
+        self._view, self._ops = host.view, host.ops
         self.settings = self._read(host.view.config)
         if self.settings.enabled:
             self._write_broker_json(self.settings)
+            self._open_sockets()
         self._publish_threshold(self.settings)
         # public, so that anyone's ``ikosctl status`` may show the totals without a
         # refusal in the audit trail; the whole document (pids, names, topics) only
         # to readers
         host.verbs.register("ipc_stats", "public", self._verb_stats)
         if self._metrics is not None:
-            self._metrics.endpoint.add(IpcCollector(self.figures))
+            self._metrics.endpoint.add(IpcCollector(self.figures, self._broker_waiting))
 
     async def stop(self) -> None:
+        self._closing = True
+        self._unwatch()
+        if self._starting is not None:
+            self._starting.cancel()
         with self._client_lock:
             if self._client is not None:
                 self._client.close()
                 self._client = None
+        if self._handoff is not None:
+            asyncio.get_running_loop().remove_reader(self._handoff.sock.fileno())
+            self._handoff.close()
+            self._handoff = None
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+            with contextlib.suppress(FileNotFoundError):
+                self.broker_socket.unlink()
+
+    # -- socket activation ----------------------------------------------------------------
+
+    @property
+    def broker_socket(self) -> Path:
+        assert self._view is not None
+        return broker_socket(self._view.paths)
+
+    def _open_sockets(self) -> None:
+        """Hold the broker's socket (unless an adopted broker serves it) and the handoff."""
+        assert self._view is not None
+        if serves(self.broker_socket):
+            # a broker left running by a killed ikosd, about to be adopted, holds the
+            # socket it took: keep it serving; ikosd binds a new one when it next stops
+            log.info("ipc: a running broker serves %s; it keeps it", self.broker_socket)
+        else:
+            self._listener = listening_socket(self.broker_socket)
+        self._handoff = Handoff(activation_socket(self._view.paths.run_dir))
+        loop = asyncio.get_running_loop()
+        loop.add_reader(self._handoff.sock.fileno(), self._hand_over)
+        if self.settings.start == "on-demand":
+            self._watch()
+
+    def _ensure_listener(self) -> socket.socket:
+        if self._listener is None:
+            self._listener = listening_socket(self.broker_socket)
+        return self._listener
+
+    def _hand_over(self) -> None:
+        assert self._handoff is not None
+        try:
+            listener = self._ensure_listener()
+        except OSError as exc:
+            log.error("ipc: cannot listen on %s: %s", self.broker_socket, exc)
+            return
+        self._handoff.give(listener)
+
+    def _watch(self) -> None:
+        if self._watching or self._closing or self._listener is None:
+            return
+        self._watching = True
+        asyncio.get_running_loop().add_reader(self._listener.fileno(), self._wanted)
+
+    def _unwatch(self) -> None:
+        if self._watching and self._listener is not None:
+            asyncio.get_running_loop().remove_reader(self._listener.fileno())
+        self._watching = False
+
+    def _wanted(self) -> None:
+        """A client waits on the broker's socket: start the broker if nobody else will."""
+        self._unwatch()
+        if self._closing:
+            return
+        node = self._view.find(BROKER_NAME) if self._view is not None else None
+        loop = asyncio.get_running_loop()
+        if node is None:  # a client came before the tree: look again in a moment
+            loop.call_later(REARM_DELAY, self._watch)
+            return
+        if node.alive or node.state is not State.STOPPED:
+            return  # running, or its supervisor restarts it: it accepts soon
+        log.info("ipc: a client connected to %s: starting the broker", self.broker_socket)
+        self._starting = loop.create_task(self._start_broker(), name="ipc:activate")
+
+    async def _start_broker(self) -> None:
+        try:
+            await self._ops.start(BROKER_NAME)
+        except IkosError as exc:  # its supervisor retries; the failure is in its status
+            log.error("ipc: the broker did not start: %s", exc)
+        finally:
+            self._starting = None
+
+    def on_transition(self, node: NodeView, old: State, new: State, why: str) -> None:
+        if node.name == SYSTEM_NAME or node.parent is None:  # ikos-system or the root
+            if new is State.STOPPING:
+                self._closing = True
+                self._unwatch()
+            elif new in (State.STARTING, State.RUNNING) and node.name == SYSTEM_NAME:
+                self._closing = False
+        elif node.name == BROKER_NAME and new is State.STOPPED and self._listener is not None:
+            self._watch()  # stopped for good (an operator's stop): the next client restarts it
+        elif node.name == BROKER_NAME and new is State.STOPPED and not self._closing:
+            # the adopted broker that held its own socket is gone: ikosd takes over
+            with contextlib.suppress(OSError):
+                self._ensure_listener()
+                self._watch()
 
     def _read(self, config: Config) -> IpcSettings:
         settings, _warnings = read_ipc_settings(config.file)  # warnings: load_config's
@@ -185,7 +325,13 @@ class IpcService(Extension):
             "one_for_one",
             max_restarts=1000,
             within=60.0,
-            children=[broker_spec(self._view.paths.root)],
+            children=[
+                broker_spec(
+                    self._view.paths.root,
+                    activation=activation_socket(self._view.paths.run_dir),
+                    eager=settings.start == "eager",
+                )
+            ],
             backoff=SYSTEM_BACKOFF,
             description="ikos's own daemons (the IPC broker)",
         )
@@ -212,6 +358,8 @@ class IpcService(Extension):
         if not settings.enabled:
             return
         self._write_broker_json(settings)
+        if self._handoff is None:  # enabled by this reload
+            self._open_sockets()
         node = self._view.find(BROKER_NAME) if self._view is not None else None
         if changed and node is not None and node.pid is not None and node.alive:
             try:
@@ -231,6 +379,14 @@ class IpcService(Extension):
             self._cache = (time.monotonic(), None, "the IPC broker is disabled ([ipc] enabled)")
             return self._cache[1:]
         assert self._view is not None
+        node = self._view.find(BROKER_NAME)
+        if node is None or node.state is not State.RUNNING:
+            # a connection would start a broker waiting for its first client
+            why = "the IPC broker is not running" + (
+                " (started at its first connection)" if self.waiting(node) else ""
+            )
+            self._cache = (time.monotonic(), None, why)
+            return self._cache[1:]
         with self._client_lock:
             try:
                 if self._client is None:
@@ -249,15 +405,33 @@ class IpcService(Extension):
     async def _verb_stats(self, req: Any) -> Any:
         stats, error = await asyncio.get_running_loop().run_in_executor(None, self.figures)
         if stats is None:
-            return {"enabled": self.settings.enabled, "up": False, "error": error}
+            answer = {"enabled": self.settings.enabled, "up": False, "error": error}
+            if self._broker_waiting():
+                answer["activation"] = WAITING
+            return answer
         answer = {"enabled": True, "up": True, **summarize(stats)}
         if getattr(req, "reader", False):
             answer["stats"] = stats
         return answer
 
+    def _broker_waiting(self) -> bool:
+        return self._view is not None and self.waiting(self._view.find(BROKER_NAME))
+
+    def waiting(self, node: NodeView | None) -> bool:
+        """Whether the broker is down and ikosd listens for its first client in its stead."""
+        return (
+            node is not None
+            and node.state is State.STOPPED
+            and not node.alive
+            and self._watching
+            and not self._closing
+        )
+
     def decorate_status(self, node: NodeView, status: dict[str, Any]) -> None:
         if node.name != BROKER_NAME:
             return
+        if self.waiting(node):
+            status["activation"] = WAITING  # ikosd listens: the first client starts it
         fetched, stats, _error = self._cache
         if stats is not None and time.monotonic() - fetched < 30 * STATS_TTL:
             status["ipc"] = summarize(stats)
@@ -307,17 +481,34 @@ class IpcCollector(Collector):
     """``ikos_ipc_*``: the broker's clients, per-topic and per-subscriber counts, queues.
 
     Read at scrape time from :meth:`IpcService.figures` (cached, fetched in the
-    scraping thread); ``ikos_ipc_broker_up`` is 0 when the broker did not answer.
+    scraping thread); ``ikos_ipc_broker_up`` is 0 when IPC is down: the broker
+    did not answer, and ikosd is not waiting for a first connection to start it
+    (a broker that was never needed is no outage: ``ikos_ipc_broker_waiting`` 1).
     """
 
-    def __init__(self, figures: Callable[[], tuple[dict[str, Any] | None, str]]) -> None:
+    def __init__(
+        self,
+        figures: Callable[[], tuple[dict[str, Any] | None, str]],
+        waiting: Callable[[], bool] = lambda: False,
+    ) -> None:
         self.figures = figures
+        self.waiting = waiting
 
     def collect(self) -> Iterator[Any]:
         stats, _error = self.figures()
-        up = GaugeMetricFamily("ikos_ipc_broker_up", "1 when the IPC broker answers")
-        up.add_metric([], 1 if stats is not None else 0)
+        waiting = stats is None and self.waiting()
+        up = GaugeMetricFamily(
+            "ikos_ipc_broker_up",
+            "1 when IPC is available: the broker answers, or starts at the first connection",
+        )
+        up.add_metric([], 1 if stats is not None or waiting else 0)
         yield up
+        idle = GaugeMetricFamily(
+            "ikos_ipc_broker_waiting",
+            "1 while ikosd holds the broker's socket and waits for a first connection to start it",
+        )
+        idle.add_metric([], 1 if waiting else 0)
+        yield idle
         if stats is None:
             return
         clients = GaugeMetricFamily("ikos_ipc_clients", "Connections to the IPC broker")
