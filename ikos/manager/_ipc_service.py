@@ -40,9 +40,6 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Final
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.registry import Collector
-
 from ikos._errors import ConfigError, IkosError
 from ikos.ipc._client import BrokerClient
 from ikos.manager._config import IpcSettings, read_ipc_settings
@@ -303,7 +300,7 @@ def _dicts(items: Any) -> Iterator[dict[str, Any]]:
                 yield item
 
 
-class IpcCollector(Collector):
+class IpcCollector:
     """``ikos_ipc_*``: the broker's clients, per-topic and per-subscriber counts, queues.
 
     Read at scrape time from :meth:`IpcService.figures` (cached, fetched in the
@@ -314,6 +311,9 @@ class IpcCollector(Collector):
         self.figures = figures
 
     def collect(self) -> Iterator[Any]:
+        # scraped only once the endpoint has loaded prometheus_client (never with metrics off)
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
         stats, _error = self.figures()
         up = GaugeMetricFamily("ikos_ipc_broker_up", "1 when the IPC broker answers")
         up.add_metric([], 1 if stats is not None else 0)

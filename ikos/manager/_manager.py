@@ -105,13 +105,16 @@ def default_extensions(
     from ikos.manager._alert_service import AlertService
     from ikos.manager._daemon_service import DaemonService
     from ikos.manager._ipc_service import IpcService
-    from ikos.manager._metrics import MetricsService
     from ikos.manager._monitor_service import MonitorService
     from ikos.manager._registry_service import RegistryService
     from ikos.manager._sampler_service import SamplerService
     from ikos.manager._spawn_service import SpawnService
 
-    service = MetricsService(*metrics) if metrics is not None else None
+    service = None
+    if metrics is not None:  # prometheus_client and the HTTP server come with it, never else
+        from ikos.manager._metrics import MetricsService
+
+        service = MetricsService(*metrics)
     registry = RegistryService(service)
     extensions: list[Extension] = [registry, DaemonService()]
     if service is not None:
