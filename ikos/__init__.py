@@ -25,7 +25,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ikos import ipc as ipc
 from ikos._errors import (
     ActorCrashed,
     ActorDeadError,
@@ -46,7 +45,7 @@ from ikos._errors import (
     UpgradeFailed,
 )
 from ikos._version import __version__
-from ikos.actors._actor import Actor
+from ikos.actors._actor import Actor, set_broadcast_source
 from ikos.actors._monitor import Down
 from ikos.actors._ref import ActorRef
 from ikos.actors._timers import Timer
@@ -54,6 +53,7 @@ from ikos.supervision._placement import Ray
 from ikos.supervision._spec import Backoff, Child, Exec, Supervisor
 
 if TYPE_CHECKING:  # imported on first use: see _LAZY_NAMES
+    from ikos import ipc as ipc
     from ikos.manager._ikosd import run
     from ikos.manager._local import LocalSystem, local
     from ikos.supervision._client import spawn, start_child, terminate_child, upgrade
@@ -97,7 +97,7 @@ __all__ = [
 
 #: Public submodules that ``import ikos`` exposes as attributes, imported on
 #: first use (``ikos.daemon.create(...)``) so that ``import ikos`` stays light.
-_LAZY_SUBMODULES = ("daemon",)
+_LAZY_SUBMODULES = ("daemon", "ipc")
 
 #: Public names imported from their module on first use (PEP 562), by name. A
 #: tree module's ``import ikos`` needs the specs, not the manager's command, the
@@ -125,6 +125,19 @@ def __getattr__(name: str) -> Any:
         globals()[name] = value  # found at once from now on
         return value
     raise AttributeError(f"module 'ikos' has no attribute {name!r}")
+
+
+def _subscribe_through_ipc(pattern: str, tell: Any) -> Any:
+    """``Actor.subscribe`` before ``ikos.ipc`` was imported: import it (which installs
+    its own source in place of this one) and subscribe through it."""
+    from ikos import ipc
+
+    return ipc._actor_subscribe(pattern, tell)
+
+
+# ikos.ipc is imported on first use (ikosd's launch does without it), but an actor
+# that subscribes after a plain ``import ikos`` must find it, as it always did
+set_broadcast_source(_subscribe_through_ipc)
 
 
 def __dir__() -> list[str]:

@@ -94,5 +94,28 @@ def test_import_ikos_for_a_tree_module_leaves_the_manager_out() -> None:
     )
     assert res.returncode == 0, res.stderr
     loaded = set(res.stdout.split())
-    heavy = ("ikos.manager._ikosd", "ikos.manager._local", "ikos.supervision._client")
+    heavy = ("ikos.ipc", "ikos.manager._ikosd", "ikos.manager._local", "ikos.supervision._client")
     assert [m for m in (*heavy, *NOT_FOR_A_PLAIN_TREE) if m in loaded] == []
+
+
+def test_an_actor_subscribing_after_a_plain_import_ikos_goes_through_ikos_ipc(
+    tmp_path: Path,
+) -> None:
+    # ikos.ipc is loaded on first use; Actor.subscribe must still reach it (here it
+    # finds no broker under an empty root: IpcUnavailable, ikos.ipc's own error)
+    code = (
+        "import sys, ikos\n"
+        "from ikos.actors import _actor\n"
+        "assert 'ikos.ipc' not in sys.modules, 'eager'\n"
+        "try:\n"
+        "    _actor._subscribe('net.*', print)\n"
+        "except ikos.IkosError as exc:\n"
+        "    print(type(exc).__name__)\n"
+        "assert _actor._subscribe is ikos.ipc._actor_subscribe, 'not installed'\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO), "IKOS_ROOT": str(tmp_path / "none")}
+    res = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["IpcUnavailable"]

@@ -38,14 +38,16 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from ikos._errors import ConfigError, IkosError
-from ikos.ipc._client import BrokerClient
 from ikos.manager._config import IpcSettings, read_ipc_settings
 from ikos.manager._extension import Config, Extension, ExtensionHost, NodeView, TreeView
 from ikos.platform._database import write_durably
 from ikos.supervision._spec import Backoff, Exec, Supervisor
+
+if TYPE_CHECKING:
+    from ikos.ipc._client import BrokerClient
 
 log = logging.getLogger("ikos.ipc")
 
@@ -231,6 +233,8 @@ class IpcService(Extension):
         with self._client_lock:
             try:
                 if self._client is None:
+                    from ikos.ipc._client import BrokerClient  # at the first figures
+
                     self._client = BrokerClient(
                         self._view.paths, label="ikosd", reconnect_timeout=0.5
                     )
