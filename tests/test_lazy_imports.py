@@ -22,6 +22,11 @@ from typing import Any
 
 from conftest import REPO
 
+from ikos.actors._actor import Actor
+from ikos.manager._manager import Manager
+from ikos.platform._paths import InstancePaths
+from ikos.supervision._spec import Child, Exec, Supervisor
+
 #: A tree module that records the modules of the ikosd that imported it, at its exit.
 TREE = """
 import atexit, json, os, sys
@@ -119,3 +124,18 @@ def test_an_actor_subscribing_after_a_plain_import_ikos_goes_through_ikos_ipc(
     )
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == ["IpcUnavailable"]
+
+
+class Echo(Actor):
+    def receive(self, message: Any) -> Any:
+        return message
+
+
+def test_the_fork_server_preloads_ikos_ipc_for_the_actors_only(tmp_path: Path) -> None:
+    # import ikos no longer brings ikos.ipc: the fork server imports it once for the
+    # actors forked from it (shared pages), and not for a tree without actors
+    paths = InstancePaths.for_root(tmp_path / "root")
+    actors = Supervisor("root", children=[Child("echo", Echo), Exec("db", "/bin/true")])
+    assert Manager(paths, actors).preload_modules(actors) == ["ikos.ipc", __name__]
+    plain = Supervisor("root", children=[Exec("db", "/bin/true")])
+    assert Manager(paths, plain).preload_modules(plain) == []

@@ -419,7 +419,12 @@ class Manager:
         return [first, *(wave for wave in rest if wave)]
 
     def preload_modules(self, tree: Supervisor) -> list[str]:
-        """The modules of the tree's actor classes, imported once by the fork server."""
+        """The modules of the tree's actor classes, imported once by the fork server.
+
+        With ``ikos.ipc`` first: ``import ikos`` no longer imports it (ikosd does
+        without it), and the actors, forked from the server, would each import it
+        again at their first publish or subscribe instead of sharing its pages.
+        """
         mods: list[str] = []
         for _, spec in tree.walk():
             if isinstance(spec, Supervisor):
@@ -429,7 +434,7 @@ class Manager:
                         mod = actor_path.partition(":")[0]
                         if mod != "__main__" and mod not in mods:
                             mods.append(mod)
-        return mods
+        return ["ikos.ipc", *mods] if mods else mods
 
     def _prepare(self) -> None:
         """Directories, lock, secret, state: one clear error when the disk says no."""
