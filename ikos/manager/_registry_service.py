@@ -56,7 +56,6 @@ from typing import TYPE_CHECKING, Any
 from ikos._errors import IkosError, ManagerError, PermissionDenied
 from ikos.manager._control_server import BadRequest, Request, Stream
 from ikos.manager._extension import Config, Extension, ExtensionHost, NodeView, Operations, TreeView
-from ikos.registry._client import HEALTH_REQUEST_KEY
 from ikos.registry._graph import DependencyCycle
 from ikos.registry._service import (
     InvalidService,
@@ -678,6 +677,8 @@ class RegistryService(Extension):
 
         async def call(method: str) -> object:
             loop = asyncio.get_running_loop()
+            from ikos.registry._client import HEALTH_REQUEST_KEY  # an actor's method check
+
             ask = functools.partial(ref.ask, {HEALTH_REQUEST_KEY: method}, timeout=timeout)
             return await loop.run_in_executor(None, ask)
 
