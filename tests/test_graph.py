@@ -287,7 +287,12 @@ def trees(draw: st.DrawFn) -> Supervisor:
     return root
 
 
-def simulate_start(root: Supervisor, graph: nx.DiGraph) -> list[tuple[str, str]]:
+def edges(graph: nx.DiGraph | None) -> list[tuple[str, str]]:
+    """The graph's edges (none for the None of a tree without dependencies)."""
+    return [] if graph is None else list(graph.edges)
+
+
+def simulate_start(root: Supervisor, graph: nx.DiGraph | None) -> list[tuple[str, str]]:
     """Start the tree as supervisors do: children in start order, each ready before the next."""
     events: list[tuple[str, str]] = []
 
@@ -312,7 +317,7 @@ def test_a_checked_tree_starts_with_every_dependency_ready_first(root: Superviso
         return
     events = simulate_start(root, graph)
     at = {event: i for i, event in enumerate(events)}
-    for dep, name in graph.edges:
+    for dep, name in edges(graph):
         assert at["ready", dep] < at["start", name]
 
 
@@ -337,4 +342,28 @@ def test_deps_only_on_earlier_leaves_always_pass(root: Supervisor) -> None:
     graph = check_graph(pruned)
     events = simulate_start(pruned, graph)
     at = {event: i for i, event in enumerate(events)}
-    assert all(at["ready", dep] < at["start", name] for dep, name in graph.edges)
+    assert all(at["ready", dep] < at["start", name] for dep, name in edges(graph))
+
+
+@given(trees())
+def test_a_tree_without_dependencies_starts_as_networkx_would_start_it(root: Supervisor) -> None:
+    # check_graph skips networkx for a tree without any requires or after (ikosd's
+    # launch): its orders must be exactly those of the networkx graph of the same tree
+    def strip(spec: AnySpec) -> AnySpec:
+        if isinstance(spec, Supervisor):
+            return Supervisor(spec.name, children=[strip(c) for c in spec.children])
+        return ex(spec.name)
+
+    bare = strip(root)
+    assert isinstance(bare, Supervisor)
+    assert check_graph(bare) is None
+    full = build_graph(bare)
+    for _, spec in bare.walk():
+        if isinstance(spec, Supervisor):
+            assert start_order(spec, None) == start_order(spec, full)
+            assert start_waves(spec, None) == start_waves(spec, full)
+
+
+def test_a_name_used_twice_is_refused_without_dependencies_too() -> None:
+    with pytest.raises(SpecError, match="unique"):
+        check_graph(sup("root", ex("a"), sup("mid", ex("a"))))

@@ -20,9 +20,9 @@ import pytest
 from conftest import HANG, Instance, wait_for
 
 import ikos.ipc
-from ikos.ipc._activation import activation_socket
 from ikos.ipc._client import PROTOCOL_VERSION, BrokerClient, broker_socket
 from ikos.ipc._frames import FrameReader, encode_frame
+from ikos.platform._activation import activation_socket
 from ikos.platform._paths import InstancePaths
 from ikos.platform._unix import connect_unix
 

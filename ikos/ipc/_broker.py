@@ -49,8 +49,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ikos.ipc._activation import ENV as ACTIVATION_ENV
-from ikos.ipc._activation import listening_socket, take_listener
 from ikos.ipc._frames import (
     LENGTHS,
     MAX_FDS,
@@ -65,6 +63,8 @@ from ikos.ipc._frames import (
 from ikos.ipc._policy import Peer, Policy, Right, allowed, parse_policy, supplementary_groups
 from ikos.ipc._queues import QueueError, QueueStore, check_queue_name
 from ikos.ipc._topics import SubscriptionIndex, pattern_error, topic_error
+from ikos.platform._activation import ENV as ACTIVATION_ENV
+from ikos.platform._activation import listening_socket, take_listener
 from ikos.platform._memfd import check_segment, create_segment
 from ikos.platform._notify import notify
 from ikos.platform._paths import InstancePaths
@@ -489,7 +489,7 @@ class Broker:
         """Take the listening socket from ikosd (socket activation), else bind it; accept.
 
         Under ikosd, ``$IKOS_BROKER_ACTIVATION`` names where ikosd hands over the
-        socket it holds (ikos.ipc._activation): connections made before this
+        socket it holds (ikos.platform._activation): connections made before this
         broker ran wait in its backlog and are accepted now. Started by hand, the
         broker binds the socket itself (0666 in a 0755 directory).
         """

@@ -60,6 +60,7 @@ from ikos.ipc._message import (
     encode_payload,
     now,
 )
+from ikos.platform._activation import broker_socket
 from ikos.platform._memfd import (
     ANCILLARY_SIZE,
     close_all,
@@ -92,11 +93,6 @@ INITIAL_MAX_FRAME: Final = 64 * 1024 * 1024
 ERROR_TEXT: Final = 1000
 #: Bytes one read of the broker's socket takes at most.
 READ_CHUNK: Final = 256 * 1024
-
-
-def broker_socket(paths: InstancePaths) -> Path:
-    """Where the broker of the instance ``paths`` listens."""
-    return paths.run_dir / "ipc" / "broker.sock"
 
 
 def raise_error(header: dict[str, Any], context: str = "") -> None:

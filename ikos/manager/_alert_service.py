@@ -21,7 +21,7 @@ announced to it.
 
 Publications go out only while the broker runs (``ikos-broker`` is
 ``running``) and ikosd is not stopping: the broker is started on demand
-(``ikos.ipc._activation``), and an alert must neither start it (nobody can be
+(``ikos.platform._activation``), and an alert must neither start it (nobody can be
 subscribed to a broker that does not run, so nothing is lost) nor wait on one
 that stops. Stopping never waits for the publisher thread longer than
 :data:`CLOSE_TIMEOUT`, and never through the default executor (which a busy

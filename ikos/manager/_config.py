@@ -41,11 +41,10 @@ import math
 import pwd
 import re
 import sys
-import tomllib
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, Literal, cast
+from typing import TYPE_CHECKING, Any, Final, Literal, cast
 
 from ikos._errors import ConfigError, SpecError
 from ikos.monitor._alerts import ACTIONS, SEVERITIES, THRESHOLD_KINDS, AlertRules, Rule, parse_size
@@ -54,8 +53,6 @@ from ikos.platform._fields import close_match
 from ikos.platform._limits import LIMIT_NAMES
 from ikos.platform._memfd import DEFAULT_SHM_THRESHOLD
 from ikos.platform._unit import UnitError, UnitSpec, link_units, load_unit, unit_files
-from ikos.registry._health import HealthCheck
-from ikos.registry._service import InvalidService, ServiceInfo, validate_service
 from ikos.supervision._placement import placement_of
 from ikos.supervision._spec import (
     EXEC_FIELDS,
@@ -72,6 +69,14 @@ from ikos.supervision._spec import (
     exec_from_unit,
     validate_tree,
 )
+
+if TYPE_CHECKING:
+    # imported where a file, a service or a health check is read: ikosd --tree without
+    # a configuration file loads none of them (docs/performance.md, "Launch")
+    import tomllib
+
+    from ikos.registry._health import HealthCheck
+    from ikos.registry._service import ServiceInfo
 
 __all__ = [
     "AUTO_METRICS",
@@ -393,6 +398,8 @@ def load_config(
             log.warning("%s", line)
         ikos.run(loaded.tree)
     """
+    import tomllib
+
     file = str(path)
     text = _read_text(file, Path(path))
     try:
@@ -477,6 +484,8 @@ def read_alert_settings(path: str | Path | None) -> tuple[AlertSettings, tuple[s
 
 def _parse_file(path: str | Path) -> tuple[str, dict[str, Any]]:
     """``path``'s name as errors show it and its TOML document (syntax errors located)."""
+    import tomllib
+
     file = str(path)
     text = _read_text(file, Path(path))
     try:
@@ -814,6 +823,8 @@ def _declared_services(
     declared_by: dict[str, str],
     warnings: list[str],
 ) -> tuple[ServiceInfo, ...]:
+    from ikos.registry._service import InvalidService, ServiceInfo, validate_service
+
     infos = []
     for table, data in _tables(file, base, "service", value, MAX_DECLARED_SERVICES):
         t = _Table(file, table, data)
@@ -865,6 +876,8 @@ def _declared_services(
 def _declared_checks(
     file: str, base: str, kind: str, daemon: str, value: Any, warnings: list[str]
 ) -> tuple[HealthCheck, ...]:
+    from ikos.registry._health import HealthCheck
+
     checks = []
     for table, data in _tables(file, base, "health", value, MAX_HEALTH_CHECKS):
         t = _Table(file, table, data)
@@ -925,6 +938,8 @@ _KEY_TOKEN = re.compile(r"""[ \t]*([A-Za-z0-9_-]+|"(?:[^"\\\n]|\\.)*"|'[^'\n]*')
 
 def _dotted_key(line: str, start: int) -> tuple[list[str], int]:
     """Parse a TOML dotted key at ``start``; return its parts and the end offset."""
+    import tomllib
+
     parts: list[str] = []
     pos = start
     while True:

@@ -14,7 +14,7 @@ before the broker starts and on every reload, then SIGHUP), and read the
 broker's figures for ``ikosctl status`` (the verb ``ipc_stats``) and for
 Prometheus (``ikos_ipc_*``).
 
-The broker is socket-activated (``ikos.ipc._activation``): ikosd binds and
+The broker is socket-activated (``ikos.platform._activation``): ikosd binds and
 holds ``RUN/ipc/broker.sock`` from its start to its end, and starts the broker
 (held, ``auto_start = false``) when that socket first becomes readable, unless
 ``[ipc] start = "eager"`` asks for it at once. The broker takes the listening
@@ -49,20 +49,25 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, Final
-
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.registry import Collector
+from typing import TYPE_CHECKING, Any, Final
 
 from ikos._errors import ConfigError, IkosError
-from ikos.ipc._activation import ENV as ACTIVATION_ENV
-from ikos.ipc._activation import Handoff, activation_socket, listening_socket, serves
-from ikos.ipc._client import BrokerClient, broker_socket
 from ikos.manager._config import IpcSettings, read_ipc_settings
 from ikos.manager._extension import Config, Extension, ExtensionHost, NodeView, TreeView
+from ikos.platform._activation import ENV as ACTIVATION_ENV
+from ikos.platform._activation import (
+    Handoff,
+    activation_socket,
+    broker_socket,
+    listening_socket,
+    serves,
+)
 from ikos.platform._database import write_durably
 from ikos.supervision._runtime import State
 from ikos.supervision._spec import Backoff, Exec, Supervisor
+
+if TYPE_CHECKING:
+    from ikos.ipc._client import BrokerClient
 
 log = logging.getLogger("ikos.ipc")
 
@@ -390,6 +395,8 @@ class IpcService(Extension):
         with self._client_lock:
             try:
                 if self._client is None:
+                    from ikos.ipc._client import BrokerClient  # at the first figures
+
                     self._client = BrokerClient(
                         self._view.paths, label="ikosd", reconnect_timeout=0.5
                     )
@@ -477,7 +484,7 @@ def _dicts(items: Any) -> Iterator[dict[str, Any]]:
                 yield item
 
 
-class IpcCollector(Collector):
+class IpcCollector:
     """``ikos_ipc_*``: the broker's clients, per-topic and per-subscriber counts, queues.
 
     Read at scrape time from :meth:`IpcService.figures` (cached, fetched in the
@@ -495,6 +502,9 @@ class IpcCollector(Collector):
         self.waiting = waiting
 
     def collect(self) -> Iterator[Any]:
+        # scraped only once the endpoint has loaded prometheus_client (never with metrics off)
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
         stats, _error = self.figures()
         waiting = stats is None and self.waiting()
         up = GaugeMetricFamily(

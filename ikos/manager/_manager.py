@@ -105,13 +105,16 @@ def default_extensions(
     from ikos.manager._alert_service import AlertService
     from ikos.manager._daemon_service import DaemonService
     from ikos.manager._ipc_service import IpcService
-    from ikos.manager._metrics import MetricsService
     from ikos.manager._monitor_service import MonitorService
     from ikos.manager._registry_service import RegistryService
     from ikos.manager._sampler_service import SamplerService
     from ikos.manager._spawn_service import SpawnService
 
-    service = MetricsService(*metrics) if metrics is not None else None
+    service = None
+    if metrics is not None:  # prometheus_client and the HTTP server come with it, never else
+        from ikos.manager._metrics import MetricsService
+
+        service = MetricsService(*metrics)
     registry = RegistryService(service)
     extensions: list[Extension] = [registry, DaemonService()]
     if service is not None:
@@ -416,7 +419,12 @@ class Manager:
         return [first, *(wave for wave in rest if wave)]
 
     def preload_modules(self, tree: Supervisor) -> list[str]:
-        """The modules of the tree's actor classes, imported once by the fork server."""
+        """The modules of the tree's actor classes, imported once by the fork server.
+
+        With ``ikos.ipc`` first: ``import ikos`` no longer imports it (ikosd does
+        without it), and the actors, forked from the server, would each import it
+        again at their first publish or subscribe instead of sharing its pages.
+        """
         mods: list[str] = []
         for _, spec in tree.walk():
             if isinstance(spec, Supervisor):
@@ -426,7 +434,7 @@ class Manager:
                         mod = actor_path.partition(":")[0]
                         if mod != "__main__" and mod not in mods:
                             mods.append(mod)
-        return mods
+        return ["ikos.ipc", *mods] if mods else mods
 
     def _prepare(self) -> None:
         """Directories, lock, secret, state: one clear error when the disk says no."""

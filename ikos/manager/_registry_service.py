@@ -51,15 +51,12 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ikos._errors import IkosError, ManagerError, PermissionDenied
 from ikos.manager._control_server import BadRequest, Request, Stream
 from ikos.manager._extension import Config, Extension, ExtensionHost, NodeView, Operations, TreeView
-from ikos.monitor._metrics import CheckRow, RegistryCollector, RegistrySnapshot, ServiceRow
-from ikos.registry._client import HEALTH_REQUEST_KEY
 from ikos.registry._graph import DependencyCycle
-from ikos.registry._health import HealthCheck, HealthMonitor, HealthState
 from ikos.registry._service import (
     InvalidService,
     RegistryFull,
@@ -75,6 +72,10 @@ from ikos.registry._store import (
     process_start_time,
 )
 from ikos.supervision._runtime import State
+
+if TYPE_CHECKING:  # the checks themselves are imported by the first daemon that has some
+    from ikos.monitor._metrics import RegistrySnapshot
+    from ikos.registry._health import HealthCheck, HealthMonitor, HealthState
 
 log = logging.getLogger("ikos.registry")
 audit = logging.getLogger("ikos.audit")
@@ -265,6 +266,8 @@ class RegistryService(Extension):
             # (_authorize), because a daemon running as another user must reach them.
             host.verbs.register(verb, "public", handler)
         if self._metrics is not None:
+            from ikos.monitor._metrics import RegistryCollector  # with the metrics only
+
             self._metrics.endpoint.add(RegistryCollector(self.figures))
         log.info(
             "registry: %d services (%d active) in %s", store.count(), store.count(True), store.path
@@ -596,6 +599,8 @@ class RegistryService(Extension):
             caller = self._method_caller(node.name, timeout)
         for key in [k for k in self._check_last if k[0] == node.name]:
             del self._check_last[key]  # a new incarnation: no result yet
+        from ikos.registry._health import HealthMonitor
+
         try:
             monitor = HealthMonitor(
                 node.name,
@@ -626,6 +631,8 @@ class RegistryService(Extension):
         Reads only: dictionaries the loop changes are copied in one step each
         (``list``), values are replaced whole.
         """
+        from ikos.monitor._metrics import CheckRow, RegistrySnapshot, ServiceRow
+
         tree = self._view
         services = [
             ServiceRow(
@@ -670,6 +677,8 @@ class RegistryService(Extension):
 
         async def call(method: str) -> object:
             loop = asyncio.get_running_loop()
+            from ikos.registry._client import HEALTH_REQUEST_KEY  # an actor's method check
+
             ask = functools.partial(ref.ask, {HEALTH_REQUEST_KEY: method}, timeout=timeout)
             return await loop.run_in_executor(None, ask)
 

@@ -23,8 +23,6 @@ import logging
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from prometheus_client import ProcessCollector
-
 from ikos._errors import IkosError
 from ikos.manager._config import MonitorSettings, read_monitor_settings
 from ikos.manager._extension import Config, Extension, ExtensionHost, NodeView, TreeView
@@ -60,6 +58,8 @@ class SamplerService(Extension):
         self._view = host.view
         self._apply(self._read(host.view.config))
         if self._metrics is not None:
+            from prometheus_client import ProcessCollector  # with the metrics only
+
             self._metrics.endpoint.add(UsageCollector(self.current))
             with contextlib.suppress(ValueError):  # already there: the endpoint has its own
                 self._metrics.endpoint.add(

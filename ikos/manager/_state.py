@@ -31,8 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from ikos.platform._database import close_quietly, open_database
 
 log = logging.getLogger("ikos.state")
@@ -68,6 +66,8 @@ class RunningRecord:
 
     def still_running(self) -> bool:
         """True when the same process (PID and start time) is alive and not a zombie."""
+        import psutil  # only with records to check: a fresh ikosd's launch does without it
+
         try:
             proc = psutil.Process(self.pid)
             return (
@@ -80,6 +80,8 @@ class RunningRecord:
 
 def process_create_time(pid: int) -> float | None:
     """The start time of process ``pid`` as psutil gives it, or None if it is gone."""
+    import psutil
+
     try:
         return float(psutil.Process(pid).create_time())
     except psutil.Error:

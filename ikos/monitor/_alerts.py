@@ -33,9 +33,6 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Final, Literal, TypeAlias, cast
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.registry import Collector
-
 __all__ = [
     "ACTIONS",
     "EVENT_KINDS",
@@ -463,7 +460,7 @@ class NotificationLimiter:
         return held
 
 
-class AlertCollector(Collector):
+class AlertCollector:
     """The ``ikos_alert*`` series (docs/operations.md), read from the engine at scrape time.
 
     ``source`` returns the active alerts, the fired counts by kind and the
@@ -475,6 +472,10 @@ class AlertCollector(Collector):
         self._source = source
 
     def collect(self) -> Iterator[Any]:
+        # scraped only when the metrics endpoint is on, which has loaded prometheus_client;
+        # the engine itself never needs it (ikosd --metrics off does not load it)
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
         active, fired, suppressed = self._source()
         yield GaugeMetricFamily("ikos_alerts_active", "Active alerts", value=len(active))
         firing = GaugeMetricFamily(

@@ -20,16 +20,18 @@ metrics`` reads.
 from __future__ import annotations
 
 import gzip
-import math
 import socket
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
-from prometheus_client.utils import floatToGoString as _go_float
+
+from ikos.monitor._text import TextFamily, _escape, _value
+
+__all__ = ["CONTENT_TYPE", "MetricsServer", "TextFamily", "render"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -48,31 +50,8 @@ _TYPES = {
 }
 
 
-#: most of a tree's samples (states, up, small counts), formatted once
-_COMMON = {float(i): f"{i}.0" for i in range(10)}
-
-
-def _float_text(value: float) -> str:
-    """A value as Go (and so Prometheus) writes it: ``+Inf``, ``NaN``, ``1e+21``."""
-    text: str = _go_float(value)  # type: ignore[no-untyped-call]
-    return text
-
-
 def _escape_help(text: str) -> str:
     return text.replace("\\", r"\\").replace("\n", r"\n")
-
-
-def _escape(value: str) -> str:
-    if "\\" in value or "\n" in value or '"' in value:
-        return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
-    return value
-
-
-def _value(value: float) -> str:
-    text = _COMMON.get(value)
-    if text is None or (text == "0.0" and math.copysign(1.0, value) < 0):  # -0.0 == 0.0
-        text = _float_text(value)
-    return text
 
 
 def _line(name: str, labels: dict[str, str], value: float, timestamp: Any) -> str:
@@ -85,48 +64,6 @@ def _line(name: str, labels: dict[str, str], value: float, timestamp: Any) -> st
     if timestamp is not None:
         return f"{head} {text} {int(float(timestamp) * 1000):d}\n"
     return f"{head} {text}\n"
-
-
-class TextFamily:
-    """A metric family whose samples are written as text when they are added.
-
-    What ikos's own collectors yield instead of prometheus_client's families:
-    those build a ``Sample`` (a tuple and a dict) per sample for the writer to
-    take apart again, a third of a scrape at 500 daemons. This one keeps the
-    finished lines. The registry needs only ``name`` and ``type`` of it;
-    :func:`render` writes ``lines`` as they are. ``kind``: ``counter``,
-    ``gauge`` or ``histogram``; ``name`` without ``_total`` (as
-    prometheus_client's families have it).
-    """
-
-    def __init__(self, name: str, kind: str, documentation: str, labels: Sequence[str] = ()):
-        self.name, self.type, self.documentation = name, kind, documentation
-        self.samples: list[Any] = []  # none as objects: everything is in ``lines``
-        self.lines: list[str] = []
-        self._sample = f"{name}_total" if kind == "counter" else name
-        self._keys = [f'{key}="' for key in labels]
-
-    def _head(self, sample: str, values: Sequence[str]) -> str:
-        if not values:
-            return sample
-        inner = '",'.join([k + _escape(v) for k, v in zip(self._keys, values, strict=True)])
-        return f'{sample}{{{inner}"}}'
-
-    def add(self, values: Sequence[str], value: float) -> None:
-        """A sample with these label values (in the order of ``labels``)."""
-        self.lines.append(f"{self._head(self._sample, values)} {_value(value)}\n")
-
-    def add_histogram(
-        self, values: Sequence[str], buckets: Iterable[tuple[str, float]], total: float
-    ) -> None:
-        """A histogram's samples: cumulative ``buckets`` as (``le``, count), the last +Inf."""
-        base = self._head(f"{self.name}_bucket", values)
-        prefix = base[:-1] + ',le="' if values else base + '{le="'
-        count = 0.0
-        for le, count in buckets:
-            self.lines.append(f'{prefix}{le}"}} {_value(count)}\n')
-        self.lines.append(f"{self._head(self.name + '_count', values)} {_value(count)}\n")
-        self.lines.append(f"{self._head(self.name + '_sum', values)} {_value(total)}\n")
 
 
 def render(families: Iterable[Metric | TextFamily]) -> bytes:

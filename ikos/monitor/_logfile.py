@@ -34,7 +34,6 @@ import os
 import stat
 import time
 from collections.abc import Callable
-from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO
 
@@ -48,6 +47,8 @@ LOG_FILE_MODE = 0o600
 
 def format_timestamp(when: float) -> str:
     """ISO-8601 local time with milliseconds and offset, e.g. ``2024-05-01T12:00:00.123+02:00``."""
+    from datetime import datetime  # for the lines of `ikosctl logs`, not ikosd's launch
+
     return datetime.fromtimestamp(when).astimezone().isoformat(timespec="milliseconds")
 
 

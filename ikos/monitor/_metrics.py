@@ -11,6 +11,11 @@ the text writer are :mod:`ikos.monitor._exposition` (prometheus_client's
 writer was most of a scrape's time with a large tree). Names follow the
 contract: ``ikos_`` prefix, base units, ``_total`` for counters, labels for
 daemon and supervisor.
+
+prometheus_client and the HTTP server are imported by :class:`MetricsEndpoint`
+and by the collectors' ``collect``, never by this module: the registry's
+rows are imported by every ikosd, metrics on or off, and the library is a
+seventh of ikosd's launch.
 """
 
 from __future__ import annotations
@@ -18,16 +23,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-)
-from prometheus_client.registry import Collector
+from ikos.monitor._text import TextFamily
 
-from ikos.monitor._exposition import MetricsServer, TextFamily
+if TYPE_CHECKING:
+    from prometheus_client.registry import Collector
+
+    from ikos.monitor._exposition import MetricsServer
 
 log = logging.getLogger("ikos.metrics")
 
@@ -86,13 +89,15 @@ class Snapshot:
     actors: list[ActorRow] = field(default_factory=list)
 
 
-class DaemonCollector(Collector):
+class DaemonCollector:
     """Daemon states, restarts, transitions, dead letters, and the manager's own health."""
 
     def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
         self.snapshot = snapshot
 
     def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
         snap = self.snapshot()
         labels = ["daemon", "kind", "supervisor"]
         state = TextFamily(
@@ -270,13 +275,15 @@ class RegistrySnapshot:
     checks: list[CheckRow]
 
 
-class RegistryCollector(Collector):
+class RegistryCollector:
     """Registered services, whether each is up, and the daemons' health-check results."""
 
     def __init__(self, snapshot: Callable[[], RegistrySnapshot]) -> None:
         self.snapshot = snapshot
 
     def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
         snap = self.snapshot()
         yield GaugeMetricFamily(
             "ikos_registry_services",
@@ -315,6 +322,8 @@ class MetricsEndpoint:
     """A Prometheus registry served over HTTP at ``/metrics``."""
 
     def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry
+
         self.registry = CollectorRegistry()
         self.server: MetricsServer | None = None
 
@@ -324,6 +333,8 @@ class MetricsEndpoint:
 
     def serve(self, host: str, port: int) -> None:
         """Listen on ``host:port`` (port 0: any free port); OSError if it cannot."""
+        from ikos.monitor._exposition import MetricsServer
+
         self.server = MetricsServer(host, port, self.registry)
         log.info("metrics at %s", self.url)
 

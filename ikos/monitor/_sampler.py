@@ -50,9 +50,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client.registry import Collector
-
-from ikos.monitor._exposition import TextFamily
+from ikos.monitor._text import TextFamily
 from ikos.platform._process import all_pids, stat_fields
 
 __all__ = ["Sampler", "Target", "Usage", "UsageCollector"]
@@ -379,7 +377,7 @@ def _scan() -> _Scan:
     return out
 
 
-class UsageCollector(Collector):
+class UsageCollector:
     """Per daemon: ``ikos_daemon_cpu_seconds_total``, ``_memory_bytes``, ``_open_fds``,
     ``_threads``, ``_processes``.
 

@@ -29,7 +29,6 @@ table and key, in words, and the checks fit in a few screens.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from typing import Any, TypeVar, cast
@@ -102,6 +101,8 @@ def close_match(word: str, choices: Iterable[str]) -> str | None:
     >>> close_match("restart_dealy", ["restart_delay", "restart_on"])
     'restart_delay'
     """
+    import difflib  # only for a misspelt key: not loaded by a configuration without one
+
     found = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.75)
     return found[0] if found else None
 

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import grp
 import os
-import platform
 import pwd
 import re
 import resource
@@ -649,7 +648,7 @@ def _specifier_table(unit_name: str, root: str) -> dict[str, str]:
         "L": f"{base}/var/log", "E": f"{base}/etc", "T": "/tmp", "V": "/var/tmp",
         "h": home, "u": user_name, "U": str(uid), "g": group_name, "G": str(gid),
         "H": socket.gethostname(), "l": socket.gethostname().partition(".")[0],
-        "v": platform.release(), "a": platform.machine(), "%": "%",
+        "v": os.uname().release, "a": os.uname().machine, "%": "%",
     }  # fmt: skip
 
 

@@ -37,31 +37,35 @@ the health checks and the dependency graph are private modules used by the
 manager.
 """
 
-from ikos.registry._client import (
-    ServiceEvent,
-    ServiceTimeout,
-    ServiceWatch,
-    add_dependency,
-    discover,
-    get_dependencies,
-    health_request,
-    heartbeat,
-    lookup,
-    register,
-    remove_dependency,
-    unregister,
-    wait_for,
-    watch,
-)
-from ikos.registry._client import list_services as list  # the contract's name
-from ikos.registry._service import (
-    InvalidService,
-    NoSuchService,
-    NotServiceOwner,
-    RegistryFull,
-    ServiceConflict,
-    ServiceInfo,
-)
+import builtins
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ikos.registry._client import (
+        ServiceEvent,
+        ServiceTimeout,
+        ServiceWatch,
+        add_dependency,
+        discover,
+        get_dependencies,
+        health_request,
+        heartbeat,
+        lookup,
+        register,
+        remove_dependency,
+        unregister,
+        wait_for,
+        watch,
+    )
+    from ikos.registry._client import list_services as list  # the contract's name
+    from ikos.registry._service import (
+        InvalidService,
+        NoSuchService,
+        NotServiceOwner,
+        RegistryFull,
+        ServiceConflict,
+        ServiceInfo,
+    )
 
 __all__ = [
     "InvalidService",
@@ -86,3 +90,32 @@ __all__ = [
     "wait_for",
     "watch",
 ]
+
+
+#: Where each public name lives; imported on first use (PEP 562), so that ikosd,
+#: which imports this package for its private modules (the store, the graph),
+#: does not load the client's calls it never makes.
+_CLIENT_NAMES = (
+    "ServiceEvent", "ServiceTimeout", "ServiceWatch", "add_dependency", "discover",
+    "get_dependencies", "health_request", "heartbeat", "lookup", "register",
+    "remove_dependency", "unregister", "wait_for", "watch",
+)  # fmt: skip
+
+
+def __getattr__(name: str) -> Any:
+    import importlib
+
+    if name == "list":  # the contract's name for list_services
+        value = importlib.import_module("ikos.registry._client").list_services
+    elif name in _CLIENT_NAMES:
+        value = getattr(importlib.import_module("ikos.registry._client"), name)
+    elif name in __all__:
+        value = getattr(importlib.import_module("ikos.registry._service"), name)
+    else:
+        raise AttributeError(f"module 'ikos.registry' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> builtins.list[str]:  # `list` is the registry's call here
+    return sorted({*globals(), *__all__})

@@ -16,6 +16,11 @@ cgroup trampoline or not, and the fork server), and each would need to carry
 one more descriptor for this one daemon; the handoff needs neither, works the
 same whichever route started the broker, and costs one local round trip per
 broker start.
+
+It lives in the platform layer, not in ``ikos.ipc``, because ikosd holds the
+socket from its first moments: importing the ``ikos.ipc`` package (the
+client, the codecs, shared memory) for that would undo the lazy loading that
+keeps ikosd's start light.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from pathlib import Path
 from typing import Final
 
 from ikos.platform._memfd import recv_with_fds, send_with_fds
+from ikos.platform._paths import InstancePaths
 from ikos.platform._unix import bind_unix, connect_unix, peer_credentials
 
 #: The variable naming the activation socket in the broker's environment.
@@ -40,6 +46,11 @@ BACKLOG: Final = 4096
 
 class ActivationError(OSError):
     """The broker could not take its listening socket from ikosd."""
+
+
+def broker_socket(paths: InstancePaths) -> Path:
+    """Where the broker of the instance ``paths`` listens."""
+    return paths.run_dir / "ipc" / "broker.sock"
 
 
 def activation_socket(run_dir: Path) -> Path:

@@ -1,0 +1,141 @@
+"""ikosd imports what its configuration uses, when it uses it (docs/performance.md, "Launch").
+
+The rule these tests guard: a tree without ``requires``/``after`` never loads
+networkx (its start order is the list order), metrics off never load
+prometheus_client nor the HTTP server, no configuration file never loads the
+TOML reader, and ``import ikos`` in a tree module does not bring in the
+manager. A tree with dependencies still has its order computed by networkx.
+What is checked is the set of modules ikosd had loaded at its exit, written
+by the tree module itself (user code that runs inside ikosd), after a whole
+life: start, a status request, SIGTERM. No timing is asserted here; the
+figures are bench/'s and docs/performance.md's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from conftest import REPO
+
+from ikos.actors._actor import Actor
+from ikos.manager._manager import Manager
+from ikos.platform._paths import InstancePaths
+from ikos.supervision._spec import Child, Exec, Supervisor
+
+#: A tree module that records the modules of the ikosd that imported it, at its exit.
+TREE = """
+import atexit, json, os, sys
+
+import ikos
+
+_pid = os.getpid()
+
+
+@atexit.register
+def _modules_at_exit():
+    if os.getpid() == _pid:  # ikosd itself, not a process forked from it
+        with open({out!r}, "w") as f:
+            json.dump(sorted(sys.modules), f)
+
+
+def tree():
+    return ikos.Supervisor("root", children=[
+        ikos.Exec("db", "/bin/sleep", args=["1000"]),
+        ikos.Exec("api", "/bin/sleep", args=["1000"]{requires}),
+    ])
+"""
+
+#: Loaded only when the configuration asks for what they do.
+NOT_FOR_A_PLAIN_TREE = ("networkx", "prometheus_client", "http.server", "tomllib")
+
+
+def modules_of_a_run(ikosd_factory: Any, tmp_path: Path, requires: str = "") -> set[str]:
+    """Run ikosd on the two-daemon tree until a status answer, stop it; its modules."""
+    out = tmp_path / "modules.json"
+    tree = TREE.format(out=str(out), requires=requires)
+    inst = ikosd_factory(tree=tree, args=["--metrics", "off"])
+    states = {s["name"]: s["state"] for s in inst.status()}
+    assert states["db"] == states["api"] == "running", states
+    assert inst.terminate() == 0
+    return set(json.loads(out.read_text()))
+
+
+def test_a_tree_without_dependencies_and_metrics_off_loads_no_graph_nor_metrics(
+    ikosd_factory: Any, tmp_path: Path
+) -> None:
+    loaded = modules_of_a_run(ikosd_factory, tmp_path)
+    assert "ikos.manager._manager" in loaded  # it is ikosd's list
+    assert [m for m in NOT_FOR_A_PLAIN_TREE if m in loaded] == []
+
+
+def test_a_tree_with_dependencies_is_ordered_by_networkx(
+    ikosd_factory: Any, tmp_path: Path
+) -> None:
+    loaded = modules_of_a_run(ikosd_factory, tmp_path, requires=', requires=["db"]')
+    assert "networkx" in loaded
+    assert "prometheus_client" not in loaded
+
+
+def test_import_ikos_for_a_tree_module_leaves_the_manager_out() -> None:
+    code = (
+        "import sys, ikos\n"
+        "ikos.Supervisor('root', children=[ikos.Exec('a', '/bin/true')])\n"
+        "print(' '.join(sorted(sys.modules)))\n"
+        # the public names still resolve, to the same objects as before
+        "from ikos.manager._ikosd import run\n"
+        "from ikos.manager._local import local\n"
+        "assert ikos.run is run and ikos.local is local, 'lazy names'\n"
+        "from ikos import spawn, LocalSystem\n"
+        "assert {'run', 'spawn', 'local', 'LocalSystem'} <= set(dir(ikos))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    res = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert res.returncode == 0, res.stderr
+    loaded = set(res.stdout.split())
+    heavy = ("ikos.ipc", "ikos.manager._ikosd", "ikos.manager._local", "ikos.supervision._client")
+    assert [m for m in (*heavy, *NOT_FOR_A_PLAIN_TREE) if m in loaded] == []
+
+
+def test_an_actor_subscribing_after_a_plain_import_ikos_goes_through_ikos_ipc(
+    tmp_path: Path,
+) -> None:
+    # ikos.ipc is loaded on first use; Actor.subscribe must still reach it (here it
+    # finds no broker under an empty root: IpcUnavailable, ikos.ipc's own error)
+    code = (
+        "import sys, ikos\n"
+        "from ikos.actors import _actor\n"
+        "assert 'ikos.ipc' not in sys.modules, 'eager'\n"
+        "try:\n"
+        "    _actor._subscribe('net.*', print)\n"
+        "except ikos.IkosError as exc:\n"
+        "    print(type(exc).__name__)\n"
+        "assert _actor._subscribe is ikos.ipc._actor_subscribe, 'not installed'\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO), "IKOS_ROOT": str(tmp_path / "none")}
+    res = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["IpcUnavailable"]
+
+
+class Echo(Actor):
+    def receive(self, message: Any) -> Any:
+        return message
+
+
+def test_the_fork_server_preloads_ikos_ipc_for_the_actors_only(tmp_path: Path) -> None:
+    # import ikos no longer brings ikos.ipc: the fork server imports it once for the
+    # actors forked from it (shared pages), and not for a tree without actors
+    paths = InstancePaths.for_root(tmp_path / "root")
+    actors = Supervisor("root", children=[Child("echo", Echo), Exec("db", "/bin/true")])
+    assert Manager(paths, actors).preload_modules(actors) == ["ikos.ipc", __name__]
+    plain = Supervisor("root", children=[Exec("db", "/bin/true")])
+    assert Manager(paths, plain).preload_modules(plain) == []
