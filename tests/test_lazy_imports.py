@@ -50,8 +50,9 @@ def tree():
     ])
 """
 
-#: Loaded only when the configuration asks for what they do.
-NOT_FOR_A_PLAIN_TREE = ("networkx", "prometheus_client", "http.server", "tomllib")
+#: Loaded only when the configuration asks for what they do (ikos.ipc: by the actors
+#: and the broker, never by ikosd, which holds the broker's socket through the platform).
+NOT_FOR_A_PLAIN_TREE = ("networkx", "prometheus_client", "http.server", "tomllib", "ikos.ipc")
 
 
 def modules_of_a_run(ikosd_factory: Any, tmp_path: Path, requires: str = "") -> set[str]:
