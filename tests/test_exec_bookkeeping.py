@@ -44,11 +44,11 @@ async def _run_one(tmp_path: Path) -> None:
     spec = ikos.Exec("tick", "/bin/sleep", args=["100000"], kill_mode="process-group")
     handle = await runtime.spawn(SimpleNamespace(spec=spec))  # type: ignore[arg-type]
     try:
-        await asyncio.wait_for(asyncio.shield(handle.ready), 30)
-        for _ in range(100):  # the start task ends in the turns after ready
-            if handle.task is None:
-                break
-            await asyncio.sleep(0.01)
+        # started by posix_spawn, whose return means the exec succeeded: ready at once,
+        # with no task at all, not even for the start
+        assert handle.ready.done()
+        assert handle.task is None
+        await asyncio.sleep(0.01)
         # running: no task, no per-daemon asyncio.wait; a callback watches the exit
         assert handle.task is None
         assert _exec_tasks() == []

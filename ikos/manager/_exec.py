@@ -233,13 +233,19 @@ class ExecHandle:
             else None
         )
         proc.before_reap = functools.partial(self._before_reap, proc)
-        # the task lives until the daemon is ready; then a callback on the main
+        # A task lives until the daemon is ready; then a callback on the main
         # process's exit watches it (_watch_main): no task, coroutine frames or
-        # asyncio.wait per running daemon (see docs/performance.md)
-        self.task: asyncio.Task[None] | None = self.loop.create_task(
-            self._run(), name=f"exec:{spec.name}"
-        )
+        # asyncio.wait per running daemon (see docs/performance.md). When the exec
+        # has succeeded already (posix_spawn, an adopted process) and nothing runs
+        # between it and ready, there is no task at all, not even during the start.
+        self.task: asyncio.Task[None] | None = None
         self._watching = False
+        kind = "simple" if adopted else plan.type
+        if proc.ready.done() and kind in ("simple", "exec") and not spec.options.exec_start_post:
+            self._write_pid_file()
+            self._running()
+        else:
+            self.task = self.loop.create_task(self._run(), name=f"exec:{spec.name}")
 
     @property
     def pid(self) -> int:
@@ -258,6 +264,9 @@ class ExecHandle:
     # -- life --------------------------------------------------------------------
 
     async def _first(self, *futs: asyncio.Future[Any]) -> set[asyncio.Future[Any]]:
+        done = {f for f in futs if f.done()}
+        if done:  # asyncio.wait would still park for a turn, with its futures and closures
+            return done
         remaining = self.deadline - time.monotonic()
         while remaining > 0:
             done, _ = await asyncio.wait(
@@ -320,6 +329,10 @@ class ExecHandle:
             return
         if not await self._start_post():
             return
+        self._running()
+
+    def _running(self) -> None:
+        """Ready: tell the tree, then watch the main process by a callback, not a task."""
         self._set_ready()
         self._watching = True
         self._watch_main()
