@@ -419,13 +419,26 @@ class ExecHandle:
             self.pid_file.remove()
         self.rt.logs.release(self.spec.name)
         self.rt.forget(self)
-        if self.cgroup is None:
-            # nothing is left to kill (the session went in _before_reap): the tree
-            # hears of the exit now, not a task's turn later, on the restart's path
+        if self.cgroup is None or self._cgroup_emptied():
+            # nothing is left to kill (the session went in _before_reap, or the cgroup
+            # is empty and gone): the tree hears of the exit now, not in a clean-up
+            # task's turn later, on the restart's path
             if not self.exited.done():
                 self.exited.set_result(status)
             return
         self.loop.create_task(self._clean_up(status), name=f"exec-cleanup:{self.spec.name}")
+
+    def _cgroup_emptied(self) -> bool:
+        """Whether the daemon's cgroup held no process and is now removed (the usual
+        end of a daemon that was one process); else :meth:`_clean_up` kills what is left."""
+        assert self.cgroup is not None
+        try:
+            if self.cgroup.pids():
+                return False
+        except OSError:
+            return False
+        # nothing can join an empty cgroup of ours: its members are its only way in
+        return self.cgroup.remove()
 
     async def _clean_up(self, status: ExitStatus) -> None:
         try:
