@@ -259,6 +259,39 @@ def test_kill_9_at_random_moments_never_leaves_a_second_copy(ikosd: Any, tmp_pat
     assert "it was still starting" in inst.log()
 
 
+PG_TREE = """
+import ikos
+tree = ikos.Supervisor("root", max_restarts=1000, within=1, children=[
+    ikos.Exec("pg", "/bin/sh", args=["-c", 'touch "{copies}/pg.$$"; exec sleep 100000'],
+              kill_mode="process-group", stdout="null", stderr="null"),
+])
+"""
+
+
+def test_kill_9_just_after_a_restart_leaves_exactly_one_copy(ikosd: Any, tmp_path: Path) -> None:
+    """The state store writes a restart's rows a few ms after the spawn (FLUSH_DELAY):
+    ikosd killed in that window, the next one still runs the daemon exactly once."""
+    where = tmp_path / "copies"
+    where.mkdir()
+    inst = ikosd(PG_TREE.format(copies=where))
+    proc = inst.start()
+    for round_ in range(5):
+        old = wait_for(lambda: copies(where, "pg"), message="a copy of pg")
+        assert len(old) == 1, f"round {round_}: {old}"
+        os.kill(old[0], signal.SIGKILL)
+        # kill ikosd as soon as the successor exists: its row may not be written yet
+        wait_for(lambda gone=old: set(copies(where, "pg")) - set(gone), interval=0.001)
+        proc.kill()
+        proc.wait()
+        proc = inst.start()
+        running = copies(where, "pg")
+        assert len(running) == 1, f"round {round_}: {running}\n" + inst.log()[-3000:]
+        assert inst.status("pg")["pid"] == running[0]
+    assert inst.shutdown(proc) == 0
+    wait_for(lambda: not copies(where, "pg"), 10)
+    assert instance_pids(inst.root) == []
+
+
 def test_a_closed_stdout_does_not_stop_ikosd(ikosd: Any, tmp_path: Path) -> None:
     """Item 2: `ikosd ... 2>err | head -3`: the ready line meets a closed pipe."""
     where = tmp_path / "copies"

@@ -88,6 +88,8 @@ class NotifyLog:
     the datagrams it drops).
     """
 
+    __slots__ = ("burst", "logged", "opened", "suppressed", "window")  # one per daemon
+
     def __init__(self, burst: int = 10, window: float = 10.0) -> None:
         self.burst, self.window = burst, window
         self.opened = -window
@@ -212,8 +214,10 @@ class ExecHandle:
         self.exited: asyncio.Future[ExitStatus] = self.loop.create_future()
         self.events: list[dict[str, Any]] = []
         self.status_text = ""
-        self.notify_ready = self.loop.create_future()
-        self.main_changed: asyncio.Future[None] = self.loop.create_future()
+        # only a notify daemon waits for READY=1 (a future per handle is memory x N)
+        self.notify_ready: asyncio.Future[None] | None = (
+            self.loop.create_future() if plan.type == "notify" else None
+        )
         self.reloading: asyncio.Future[None] | None = None
         self.deadline = time.monotonic() + spec.start_timeout
         self.watchdog_usec = int(spec.options.watchdog_sec * 1e6)
@@ -229,7 +233,19 @@ class ExecHandle:
             else None
         )
         proc.before_reap = functools.partial(self._before_reap, proc)
-        self.task = self.loop.create_task(self._run(), name=f"exec:{spec.name}")
+        # A task lives until the daemon is ready; then a callback on the main
+        # process's exit watches it (_watch_main): no task, coroutine frames or
+        # asyncio.wait per running daemon (see docs/performance.md). When the exec
+        # has succeeded already (posix_spawn, an adopted process) and nothing runs
+        # between it and ready, there is no task at all, not even during the start.
+        self.task: asyncio.Task[None] | None = None
+        self._watching = False
+        kind = "simple" if adopted else plan.type
+        if proc.ready.done() and kind in ("simple", "exec") and not spec.options.exec_start_post:
+            self._write_pid_file()
+            self._running()
+        else:
+            self.task = self.loop.create_task(self._run(), name=f"exec:{spec.name}")
 
     @property
     def pid(self) -> int:
@@ -248,6 +264,9 @@ class ExecHandle:
     # -- life --------------------------------------------------------------------
 
     async def _first(self, *futs: asyncio.Future[Any]) -> set[asyncio.Future[Any]]:
+        done = {f for f in futs if f.done()}
+        if done:  # asyncio.wait would still park for a turn, with its futures and closures
+            return done
         remaining = self.deadline - time.monotonic()
         while remaining > 0:
             done, _ = await asyncio.wait(
@@ -266,6 +285,8 @@ class ExecHandle:
         except Exception as exc:  # never leave the tree waiting on a handle
             log.exception("%s: supervising the executable failed", self.spec.name)
             self._fail(f"internal error: {exc}")
+        finally:
+            self.task = None
 
     async def _life(self) -> None:
         kind = "simple" if self.adopted else self.plan.type
@@ -276,6 +297,7 @@ class ExecHandle:
             return self._finish(self.proc.exited.result())
         self._write_pid_file()  # the exec succeeded: the daemon's own code runs
         if kind == "notify":
+            assert self.notify_ready is not None
             done = await self._first(self.notify_ready, self.proc.exited)
             if not done:
                 return self._timeout()
@@ -307,14 +329,26 @@ class ExecHandle:
             return
         if not await self._start_post():
             return
+        self._running()
+
+    def _running(self) -> None:
+        """Ready: tell the tree, then watch the main process by a callback, not a task."""
         self._set_ready()
-        while True:
-            main = self.main
-            changed = self.main_changed
-            waiters: set[asyncio.Future[Any]] = {main.exited, changed}
-            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-            if self.main is main and main.exited.done():
-                return self._finish(main.exited.result())
+        self._watching = True
+        self._watch_main()
+
+    def _watch_main(self) -> None:
+        """Finish when the current main process exits (MAINPID= moves it: watched again)."""
+        self.main.exited.add_done_callback(self._main_exited)
+
+    def _main_exited(self, exited: asyncio.Future[ExitStatus]) -> None:
+        if exited is not self.main.exited or exited.cancelled():
+            return  # a former main process: the daemon lives on in its successor
+        try:
+            self._finish(exited.result())
+        except Exception as exc:  # never leave the tree waiting on a handle
+            log.exception("%s: supervising the executable failed", self.spec.name)
+            self._fail(f"internal error: {exc}")
 
     def _write_pid_file(self) -> None:
         if self.pid_file is None or self._finishing:
@@ -385,7 +419,26 @@ class ExecHandle:
             self.pid_file.remove()
         self.rt.logs.release(self.spec.name)
         self.rt.forget(self)
+        if self.cgroup is None or self._cgroup_emptied():
+            # nothing is left to kill (the session went in _before_reap, or the cgroup
+            # is empty and gone): the tree hears of the exit now, not in a clean-up
+            # task's turn later, on the restart's path
+            if not self.exited.done():
+                self.exited.set_result(status)
+            return
         self.loop.create_task(self._clean_up(status), name=f"exec-cleanup:{self.spec.name}")
+
+    def _cgroup_emptied(self) -> bool:
+        """Whether the daemon's cgroup held no process and is now removed (the usual
+        end of a daemon that was one process); else :meth:`_clean_up` kills what is left."""
+        assert self.cgroup is not None
+        try:
+            if self.cgroup.pids():
+                return False
+        except OSError:
+            return False
+        # nothing can join an empty cgroup of ours: its members are its only way in
+        return self.cgroup.remove()
 
     async def _clean_up(self, status: ExitStatus) -> None:
         try:
@@ -472,9 +525,8 @@ class ExecHandle:
         self.rt.index(self)
         if self.proc.ready.done():
             self._write_pid_file()
-        if not self.main_changed.done():
-            self.main_changed.set_result(None)
-        self.main_changed = self.loop.create_future()
+        if self._watching:
+            self._watch_main()
 
     # -- sd_notify ---------------------------------------------------------------------
 
@@ -520,7 +572,7 @@ class ExecHandle:
         if fields.get("STOPPING") == "1":
             self.notify_log.log(logging.INFO, "%s: stopping", self.spec.name)
         if fields.get("READY") == "1":
-            if not self.notify_ready.done():
+            if self.notify_ready is not None and not self.notify_ready.done():
                 self.notify_ready.set_result(None)
             if self.reloading is not None and not self.reloading.done():
                 self.reloading.set_result(None)
@@ -658,6 +710,7 @@ class ExecRuntime:
         #: Added to every executable's environment (the instance's marker), with
         #: ``daemon_variable`` set to the daemon's name: how a later ikosd finds them.
         self.environ = dict(environ or {})
+        self._environ_items = tuple(self.environ.items())
         self.daemon_variable = daemon_variable
         self.handles: list[ExecHandle] = []
         self._by_pid: dict[int, ExecHandle] = {}
@@ -799,11 +852,12 @@ class ExecRuntime:
             cgroup = self._cgroup(spec, plan)
         if cgroup is not None:
             plan = dataclasses.replace(plan, cgroup_procs=tuple(cgroup.procs_files))
-        marks = dict(self.environ)
+        # the instance's marks are one shared tuple: only the daemon's own is made here
+        marks = self._environ_items
         if self.daemon_variable:
-            marks[self.daemon_variable] = spec.name
+            marks = (*marks, (self.daemon_variable, spec.name))
         if marks:
-            plan = dataclasses.replace(plan, env=(*plan.env, *marks.items()))
+            plan = dataclasses.replace(plan, env=(*plan.env, *marks))
         if plan.type != "notify":
             return await self._spawn(node, spec, plan, cgroup)
         self._hold_notify()

@@ -120,7 +120,7 @@ class _Figures:
     io_write: int | None
 
 
-@dataclass
+@dataclass(slots=True)  # one per running daemon
 class _Run:
     """What the sampler remembers of one run of a daemon, between passes."""
 

@@ -423,11 +423,15 @@ class WorkerNode(Node):
         waiters: set[asyncio.Future[Any]] = {handle.ready, handle.exited}
         # an executable's handle enforces its own start timeout (EXTEND_TIMEOUT_USEC)
         own = getattr(handle, "manages_start_timeout", False)
-        done, _ = await asyncio.wait(
-            waiters,
-            timeout=None if own else self.spec.start_timeout,
-            return_when=asyncio.FIRST_COMPLETED,
-        )
+        # an executable started by posix_spawn is often ready at once: then no
+        # asyncio.wait (a turn, a waiter and callbacks, x N in a wave of starts)
+        done = {f for f in waiters if f.done()}
+        if not done:
+            done, _ = await asyncio.wait(
+                waiters,
+                timeout=None if own else self.spec.start_timeout,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
         if handle.ready in done and not handle.exited.done():
             self.started_at = time.time()
             self.backoff = self.backoff.started(self.clock())
