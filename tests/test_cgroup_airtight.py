@@ -48,9 +48,9 @@ def _alive(pid: int) -> bool:
         return False
 
 
-@pytest.fixture(params=["cgexec", "fork-server"])
+@pytest.fixture(params=["cgexec-server", "cgexec", "fork-server"])
 def spawn_path(request: pytest.FixtureRequest) -> str:
-    if request.param == "cgexec" and _cgexec.build() is None:
+    if request.param != "fork-server" and _cgexec.build() is None:
         pytest.skip("no C compiler to build the spawn helper")
     return str(request.param)
 
@@ -62,7 +62,11 @@ def test_a_daemon_escaping_into_a_new_session_is_still_stopped(
     broken = tmp_path / "broken.sh"
     broken.write_text("#!/nonexistent/interpreter\n")
     broken.chmod(0o755)
-    env = {"IKOS_SPAWN_HELPER": "off"} if spawn_path == "fork-server" else {}
+    env = {
+        "cgexec-server": {},
+        "cgexec": {"IKOS_SPAWN_SERVER": "off"},
+        "fork-server": {"IKOS_SPAWN_HELPER": "off"},
+    }[spawn_path]
     inst = ikosd_factory(
         tree=TREE.format(script=ESCAPE.format(out=out), broken=str(broken)), env=env
     )
@@ -99,4 +103,41 @@ def test_a_daemon_escaping_into_a_new_session_is_still_stopped(
 
 
 def st_path(spawn_path: str) -> str:
-    return "posix_spawn+cgexec" if spawn_path == "cgexec" else "fork-server"
+    return {"cgexec-server": "cgexec-server", "cgexec": "posix_spawn+cgexec"}.get(
+        spawn_path, spawn_path
+    )
+
+
+def _cgroup_dir(pid: int) -> Path:
+    relative = Path(f"/proc/{pid}/cgroup").read_text().splitlines()[-1].split("::", 1)[1]
+    mounts = [line.split() for line in Path("/proc/self/mounts").read_text().splitlines()]
+    root = next(m[1] for m in mounts if m[2] == "cgroup2")
+    return Path(root + relative)
+
+
+def test_a_restart_reuses_the_cgroup_directory_and_a_stop_removes_it(
+    ikosd_factory: Any, tmp_path: Path
+) -> None:
+    if _cgexec.build() is None:
+        pytest.skip("no C compiler to build the spawn helper")
+    inst = ikosd_factory(tree=PLAIN)
+    first = inst.wait_state("plain", "running")["pid"]
+    assert inst.status("plain")["started_by"] == "cgexec-server"
+    directory = _cgroup_dir(first)
+    assert directory.name == "plain.service"
+    inode = directory.stat().st_ino
+    os.kill(first, signal.SIGKILL)
+    second = inst.wait_running_new_pid("plain", first)
+    # the same directory (a new one would have a new inode): no rmdir and mkdir per start
+    assert _cgroup_dir(second) == directory and directory.stat().st_ino == inode
+    inst.ctl("stop", "plain", check=True)
+    inst.wait_state("plain", "stopped")
+    wait_for(lambda: not directory.exists(), message="the stopped daemon's cgroup removed")
+    assert inst.terminate() == 0
+    assert inst.leftovers() == []
+
+
+PLAIN = """
+import ikos
+tree = ikos.Supervisor("root", children=[ikos.Exec("plain", "/bin/sleep", args=["100007"])])
+"""

@@ -372,7 +372,10 @@ class CgroupManager:
                 applied.pop(limit, None)
         if not dirs:
             return None
-        return DaemonCgroup(daemon, tuple(sorted(dirs.values())), applied)
+        cgroup = DaemonCgroup(daemon, tuple(sorted(dirs.values())), applied)
+        if len(dirs) == 1 and next(iter(dirs))[0] == 2:
+            cgroup.v2_only = next(iter(dirs.values()))
+        return cgroup
 
     def existing(self) -> dict[str, DaemonCgroup]:
         """The daemon cgroups of this instance that exist now (a previous ikosd's too)."""
@@ -415,9 +418,25 @@ class DaemonCgroup:
         self.daemon = daemon
         self.dirs = dirs
         self.applied = applied
+        #: The directory when it is a single cgroup v2 one (no v1 hierarchy to join by
+        #: writing): the spawn server can clone a daemon into it.
+        self.v2_only: str | None = None
+        #: False once ``cgroup.kill`` was written: see :attr:`reusable`.
+        self._never_killed = True
 
     def __repr__(self) -> str:
         return f"DaemonCgroup({self.daemon!r}, dirs={self.dirs!r})"
+
+    @property
+    def reusable(self) -> bool:
+        """Whether a next run of the daemon may start in these directories (else remove them).
+
+        Not once ``cgroup.kill`` has been written: Linux (seen on 6.18) then
+        kills at once every process cloned into the cgroup with
+        ``CLONE_INTO_CGROUP``, the trampoline's start, since it compares the
+        cgroup's kill count with the one of the cloning process's cgroup.
+        """
+        return self._never_killed
 
     @property
     def procs_files(self) -> tuple[str, ...]:
@@ -473,6 +492,8 @@ class DaemonCgroup:
         """Signal rounds, yielding how long to wait before the next; return whether it emptied."""
         deadline = time.monotonic() + timeout
         signalled: set[int] = set()
+        if not self.pids():  # empty: nothing can fork into it, nothing to kill
+            return True
         self._kill_file(sig)
         delay = 0.001
         while not self._kill_round(sig, signalled):
@@ -488,6 +509,7 @@ class DaemonCgroup:
         for d in self.dirs:
             kill_file = os.path.join(d, "cgroup.kill")
             if os.path.exists(kill_file):
+                self._never_killed = False
                 with contextlib.suppress(OSError):
                     _write(kill_file, "1")
 
@@ -511,11 +533,12 @@ class DaemonCgroup:
         """
         return signal_pid(pid, sig, check=lambda: pid in self.pids())
 
-    def remove(self) -> bool:
+    def remove(self, *, busy_ok: bool = False) -> bool:
         """Remove the daemon's cgroup directories; True if all are gone.
 
         A directory that still holds processes cannot be removed: it is kept
-        (call :meth:`kill_all` first) and False is returned.
+        (call :meth:`kill_all` first) and False is returned, with a warning
+        unless ``busy_ok`` (a new run of the daemon may be in it already).
         """
         gone = True
         for d in self.dirs:
@@ -524,6 +547,7 @@ class DaemonCgroup:
             except FileNotFoundError:
                 pass
             except OSError as exc:
-                log.warning("cgroups: cannot remove %s: %s", d, exc.strerror)
+                if not (busy_ok and exc.errno == errno.EBUSY):
+                    log.warning("cgroups: cannot remove %s: %s", d, exc.strerror)
                 gone = False
         return gone
