@@ -160,6 +160,8 @@ static int serve(int sock)
     static char *ptrs[MAX_REQUEST / 2 + 4];
     if (fcntl(sock, F_SETFD, FD_CLOEXEC) < 0)
         return 127;
+    /* what the manager inherited and did not mark close-on-exec stops here */
+    syscall(SYS_close_range, sock + 1, ~0U, 0);
     for (;;) {
         int fds[NFDS], nfds = 0;
         union { char buf[CMSG_SPACE(sizeof(int) * 8)]; struct cmsghdr align; } ctl;
