@@ -230,3 +230,30 @@ def test_a_daemon_dead_before_its_reply_is_not_reaped_as_an_orphan(
             os.close(null)
 
     asyncio.run(main())
+
+
+def test_a_wave_larger_than_the_socket_buffer_is_pipelined(
+    helper: str, cgroup: DaemonCgroup
+) -> None:
+    async def main() -> None:
+        server = _cgexec.SpawnServer(helper)
+        null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        assert cgroup.v2_only is not None
+        env = {"IKOS_PAD": "x" * 8192}  # 200 requests: ~1.6 MB, several socket buffers
+        try:
+            results = await asyncio.gather(
+                *(
+                    server.spawn(cgroup.v2_only, "/bin/sleep", ["sleep", "100013"], env, [null] * 3)
+                    for _ in range(200)
+                )
+            )
+            pids = [pid for pid, error in results if pid is not None and not error]
+            assert len(set(pids)) == 200 and server.usable
+            assert cgroup.pids() == set(pids)
+        finally:
+            for pid in cgroup.pids():
+                _reap(pid)
+            server.close()
+            os.close(null)
+
+    asyncio.run(main())

@@ -465,6 +465,8 @@ class SpawnServer:
         self._pending: collections.deque[tuple[asyncio.Future[tuple[int | None, str]], list[str]]]
         self._pending = collections.deque()
         self._timer: asyncio.TimerHandle | None = None
+        self._sending = asyncio.Lock()
+        self._ready: asyncio.Future[None] | None = None
 
     @property
     def usable(self) -> bool:
@@ -520,19 +522,26 @@ class SpawnServer:
         if len(payload) > MAX_REQUEST or any(b"\0" in os.fsencode(x) for x in parts):
             raise OSError("the request does not fit the spawn server")
         sock = self._sock or self._start()
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[tuple[int | None, str]] = loop.create_future()
         dirfd = os.open(cgroup_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            fds = array.array("i", [dirfd, *stdio])
-            sock.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
-        except OSError:  # full (a stuck server) or gone: not sent, nothing started
+            rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [dirfd, *stdio]))]
+            async with self._sending:  # in order, as the replies will come
+                while True:
+                    try:
+                        sock.sendmsg([payload], rights)
+                        break
+                    except BlockingIOError:  # a wave fills the socket: wait for the server
+                        await self._writable(sock)
+                # the daemon is our child before the reply names it
+                hold_reaping()
+                self._pending.append((done, []))
+        except OSError:  # gone, or stuck with a full socket: not sent, nothing started
             self._fail("cannot send to the spawn server")
             raise
         finally:
             os.close(dirfd)
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[tuple[int | None, str]] = loop.create_future()
-        hold_reaping()  # the daemon is our child before the reply names it
-        self._pending.append((done, []))
         if self._timer is None:
             self._timer = loop.call_later(REPLY_TIMEOUT, self._stuck)
         try:
@@ -543,6 +552,29 @@ class SpawnServer:
             else:
                 done.cancel()  # the reply, when it comes, kills and reaps it
             raise
+
+    async def _writable(self, sock: socket.socket) -> None:
+        """Wait until ``sock`` takes a message again; OSError if it does not in time."""
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Future[None] = loop.create_future()
+        self._ready = ready  # close() ends the wait
+
+        def writable() -> None:
+            if not ready.done():
+                ready.set_result(None)
+
+        loop.add_writer(sock.fileno(), writable)
+        try:
+            async with asyncio.timeout(REPLY_TIMEOUT):
+                await ready
+        except TimeoutError:
+            raise OSError(f"the spawn server took no request for {REPLY_TIMEOUT:g} s") from None
+        finally:
+            self._ready = None
+            if self._sock is sock:
+                loop.remove_writer(sock.fileno())
+        if self._sock is not sock:
+            raise OSError("the spawn server is gone")
 
     def _readable(self) -> None:
         assert self._sock is not None
@@ -606,9 +638,13 @@ class SpawnServer:
             self._timer = None
         if self._sock is not None:
             with contextlib.suppress(ValueError, RuntimeError):
-                asyncio.get_running_loop().remove_reader(self._sock.fileno())
+                loop = asyncio.get_running_loop()
+                loop.remove_reader(self._sock.fileno())
+                loop.remove_writer(self._sock.fileno())
             self._sock.close()
             self._sock = None
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_result(None)
         if self.pid is not None:
             if self._dead:
                 with contextlib.suppress(ProcessLookupError):
