@@ -115,12 +115,10 @@ def _cgroup_dir(pid: int) -> Path:
     return Path(root + relative)
 
 
-def test_a_restart_reuses_the_cgroup_directory_and_a_stop_removes_it(
-    ikosd_factory: Any, tmp_path: Path
-) -> None:
+def test_a_daemon_keeps_its_cgroup_directory_until_it_is_removed(ikosd_factory: Any) -> None:
     if _cgexec.build() is None:
         pytest.skip("no C compiler to build the spawn helper")
-    inst = ikosd_factory(tree=PLAIN)
+    inst = ikosd_factory(config=CONFIG + PLAIN)
     first = inst.wait_state("plain", "running")["pid"]
     assert inst.status("plain")["started_by"] == "cgexec-server"
     directory = _cgroup_dir(first)
@@ -132,12 +130,28 @@ def test_a_restart_reuses_the_cgroup_directory_and_a_stop_removes_it(
     assert _cgroup_dir(second) == directory and directory.stat().st_ino == inode
     inst.ctl("stop", "plain", check=True)
     inst.wait_state("plain", "stopped")
-    wait_for(lambda: not directory.exists(), message="the stopped daemon's cgroup removed")
+    assert directory.stat().st_ino == inode  # kept for the next start
+    inst.ctl("start", "plain", check=True)
+    third = inst.wait_state("plain", "running")["pid"]
+    assert _cgroup_dir(third) == directory and directory.stat().st_ino == inode
+    # removed from the configuration: its directory goes with it
+    (inst.root.parent / "ikos.toml").write_text(CONFIG)
+    res = inst.ctl("reload-config")
+    assert (res.returncode, res.stdout) == (0, "removed: plain\n"), res.stderr
+    wait_for(lambda: not directory.exists(), message="the removed daemon's cgroup removed")
     assert inst.terminate() == 0
     assert inst.leftovers() == []
 
 
+CONFIG = """
+[ikosd]
+metrics = false
+[executables.other]
+executable = "/bin/sleep"
+args = ["100014"]
+"""
 PLAIN = """
-import ikos
-tree = ikos.Supervisor("root", children=[ikos.Exec("plain", "/bin/sleep", args=["100007"])])
+[executables.plain]
+executable = "/bin/sleep"
+args = ["100007"]
 """

@@ -1292,9 +1292,21 @@ class ExecRuntime:
         return spec.options.watchdog_sec > 0
 
     def retire(self, node: WorkerNode) -> None:
-        """Remove the daemon's cgroup directory, kept between its runs (its run is over)."""
-        cgroup = self._kept_cgroups.pop(node.spec.name, None)
-        if cgroup is not None:
+        """If the daemon is being removed from the tree, remove its cgroup directory.
+
+        A stopped daemon keeps it for its next start (a wave of starts makes
+        no directories); close() removes them all. Removal from the tree
+        follows retire() in the same step, so it is looked at on the next turn.
+        """
+        asyncio.get_running_loop().call_soon(self._drop_cgroup, node)
+
+    def _drop_cgroup(self, node: WorkerNode) -> None:
+        parent = node.parent
+        if parent is not None and any(child is node for child in parent.children):
+            return  # stopped, not removed
+        cgroup = self._kept_cgroups.get(node.spec.name)
+        if cgroup is not None and not any(h.spec.name == node.spec.name for h in self.handles):
+            del self._kept_cgroups[node.spec.name]
             cgroup.remove(busy_ok=True)
 
     def exited(self, node: WorkerNode) -> None:

@@ -24,7 +24,9 @@ whole interface is a few files to write.
 The child joins the cgroup itself before exec (``ExecPlan.cgroup_procs``,
 written by :func:`~ikos.platform._spawn.exec_in_child`), so there is no
 window in which a fast daemon forks outside it; :meth:`DaemonCgroup.add`
-exists for re-adoption and tests.
+exists for re-adoption and tests. A daemon's directories are kept between
+its runs (the manager removes them when it stops for good, or at shutdown),
+unless ``cgroup.kill`` was written to them (:attr:`DaemonCgroup.reusable`).
 """
 
 from __future__ import annotations
@@ -158,8 +160,16 @@ def _join(mount: _Mount, path: str) -> str:
 
 
 def _read(path: str) -> str:
-    with open(path) as f:
-        return f.read()
+    # os.open and os.read, not open(): measured 36 -> 23 us for an empty
+    # cgroup.procs, which is read at every end of a daemon in a cgroup
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks).decode()
+    finally:
+        os.close(fd)
 
 
 def _write(path: str, value: str) -> None:
