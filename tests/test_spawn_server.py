@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import array
 import asyncio
+import contextlib
 import os
 import signal
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import wait_for
@@ -257,3 +259,32 @@ def test_a_wave_larger_than_the_socket_buffer_is_pipelined(
             os.close(null)
 
     asyncio.run(main())
+
+
+def _servers(parent: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                comm, rest = stat.split("(", 1)[1].rsplit(")", 1)
+                if comm.startswith("ikos-cgexec") and rest.split()[1] == str(parent):
+                    out.append(int(entry))
+    return out
+
+
+def test_ikosd_crashing_ends_its_server_and_the_next_ikosd_adopts_the_daemon(
+    ikosd_factory: Any, helper: str
+) -> None:
+    tree = """
+import ikos
+tree = ikos.Supervisor("root", children=[ikos.Exec("d", "/bin/sleep", args=["100015"])])
+"""
+    inst = ikosd_factory(tree=tree)
+    st = inst.wait_state("d", "running")
+    assert st["started_by"] == "cgexec-server"
+    (server,) = _servers(inst.pid)
+    inst.crash()
+    wait_for(lambda: _gone(server), message="the spawn server to exit with ikosd")
+    again = ikosd_factory(tree=tree)  # the same root: adopts the daemon, stops it at the end
+    assert again.wait_state("d", "running")["pid"] == st["pid"]

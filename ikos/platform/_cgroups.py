@@ -208,6 +208,9 @@ class CgroupManager:
         self.warnings: list[str] = []
         self._mountinfo, self._proc_cgroup = mountinfo, proc_cgroup
         self._places: dict[str, _Place | None] | None = None
+        #: What create() made for each daemon, and for which limits: a restart finds its
+        #: directories there (a mkdir that fails with EEXIST costs 30-60 us on cgroupfs).
+        self._made: dict[str, tuple[ResourceLimits, bool, DaemonCgroup]] = {}
         self._reasons: dict[str, str] = {}
         self._tracking: _Place | None = None
         self._prepared: set[str] = set()
@@ -342,6 +345,11 @@ class CgroupManager:
         """
         if not daemon or "/" in daemon or daemon.startswith("."):
             raise ValueError(f"invalid daemon name {daemon!r}")
+        made = self._made.get(daemon)
+        if made is not None and made[:2] == (limits, track):
+            cgroup = made[2]
+            if cgroup.reusable and all(os.path.isdir(d) for d in cgroup.dirs):
+                return cgroup
         places = self._detect()
         wanted = cgroup_settings(limits, 2)  # only its keys: the limits asked for
         if not wanted and not track:
@@ -385,6 +393,8 @@ class CgroupManager:
         cgroup = DaemonCgroup(daemon, tuple(sorted(dirs.values())), applied)
         if len(dirs) == 1 and next(iter(dirs))[0] == 2:
             cgroup.v2_only = next(iter(dirs.values()))
+        if len(applied) == len(wanted):  # else try again next time
+            self._made[daemon] = (limits, track, cgroup)
         return cgroup
 
     def existing(self) -> dict[str, DaemonCgroup]:
@@ -415,6 +425,7 @@ class CgroupManager:
                             os.rmdir(entry.path)
                 os.rmdir(path)
             self._prepared.discard(path)
+        self._made.clear()
 
 
 class DaemonCgroup:
