@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import resource
 import signal
-import struct
 import subprocess
 import time
 from pathlib import Path
@@ -123,30 +122,3 @@ def test_plans_share_the_environment_and_see_its_changes(
     c = build_exec_plan(ikos.Exec("c", "/bin/true"), paths)
     assert c.environ["IKOS_TEST_SHARED_ENV"] == "changed"
     assert "IKOS_TEST_SHARED_ENV" not in a.environ
-
-
-def _dynamic(program: str) -> bool:
-    """Whether the 64-bit ELF ``program`` names a dynamic loader (a PT_INTERP header)."""
-    data = Path(program).read_bytes()
-    (phoff,) = struct.unpack_from("<Q", data, 0x20)
-    size, count = struct.unpack_from("<HH", data, 0x36)
-    return any(struct.unpack_from("<I", data, phoff + i * size)[0] == 3 for i in range(count))
-
-
-def test_the_helper_is_static_where_it_can_be_else_dynamic(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    helper = _cgexec.build()
-    if helper is None:
-        pytest.skip("no C compiler to build the spawn helper")
-    if Path("/usr/lib/x86_64-linux-gnu/libc.a").exists() and os.uname().machine == "x86_64":
-        assert not _dynamic(helper)  # no loader to run at each start
-    # where -static fails (no libc.a), the next flags are tried
-    monkeypatch.setattr(_cgexec, "_FLAGS", (("-O2", "-static", "-lno-such-lib-ikos"), ("-O2",)))
-    monkeypatch.setattr(_cgexec, "_found", None)
-    monkeypatch.setattr(_cgexec, "cache_dir", lambda: tmp_path / "cache")
-    fallback = _cgexec.build()
-    assert fallback is not None and fallback.startswith(str(tmp_path))
-    if os.uname().machine == "x86_64":
-        assert _dynamic(fallback)
-    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [Path(fallback).name]

@@ -412,7 +412,8 @@ class ExecHandle:
         # process was reaped (_before_reap); a session whose leader is gone (a forking
         # daemon's launcher) is not signalled at all: its number may name a stranger.
         # The emptied cgroup directory is kept for the next run if it can be (a restart
-        # reuses it: no mkdir/rmdir per start); retire() and close() remove it.
+        # reuses it: no mkdir/rmdir per start); removed when the daemon leaves the tree
+        # (retire) or at close().
         if self.cgroup is not None:
             with contextlib.suppress(OSError, IkosError):
                 await self.cgroup.kill_all_async(signal.SIGKILL, timeout=2.0)
@@ -671,7 +672,7 @@ class ExecRuntime:
         self._by_pid: dict[int, ExecHandle] = {}
         self.notify: NotifySocket | None = None
         self.cgroups: CgroupManager | None = None
-        #: The cgroup of each daemon started, kept between its runs until retire().
+        #: The cgroup of each daemon started, kept between its runs until it leaves the tree.
         self._kept_cgroups: dict[str, DaemonCgroup] = {}
         self.notify_log = NotifyLog()
         self._spawning_notify = 0
