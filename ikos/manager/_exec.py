@@ -134,6 +134,10 @@ def direct_spawn_possible(plan: ExecPlan) -> bool:
     )
 
 
+class _NotServed(Exception):
+    """The spawn server cannot take this start (nothing was started)."""
+
+
 def _stdio(plan: ExecPlan) -> tuple[tuple[int, StdioSpec, str], ...]:
     """(descriptor, what it is, its field name) of the three standard streams of ``plan``."""
     return ((0, plan.stdin, "stdin"), (1, plan.stdout, "stdout"), (2, plan.stderr, "stderr"))
@@ -910,13 +914,22 @@ class ExecRuntime:
         """
         assert cgroup.v2_only is not None
         pipes: list[tuple[str, int]] = []
-        theirs: list[int] = []
+        theirs: list[int] = []  # closed here once sent
+        stdio: list[int] = []
         try:
             for target, std, stream in _stdio(plan):
+                if std.mode == "inherit":  # ikosd's own, as posix_spawn would leave it
+                    try:
+                        fcntl.fcntl(target, fcntl.F_GETFD)
+                    except OSError:  # closed: the trampoline leaves it closed too
+                        raise _NotServed from None
+                    stdio.append(target)
+                    continue
                 if std.mode == "log":
                     r, w = os.pipe2(os.O_CLOEXEC)
                     pipes.append((stream, r))
                     theirs.append(w)
+                    stdio.append(w)
                     continue
                 path, flags = os.devnull, os.O_RDONLY if target == 0 else os.O_WRONLY
                 if std.mode in ("file", "append"):
@@ -928,14 +941,17 @@ class ExecRuntime:
                     theirs.append(os.open(path, flags | os.O_CLOEXEC, 0o644))
                 except OSError as exc:
                     raise SpawnError(spec.name, stream, f"cannot open {path}: {exc.strerror}")
+                stdio.append(theirs[-1])
             try:
                 pid, error = await server.spawn(
-                    cgroup.v2_only, plan.executable, plan.argv, plan.environ, theirs
+                    cgroup.v2_only, plan.executable, plan.argv, plan.environ, stdio
                 )
             except OSError:
-                for _, r in pipes:
-                    os.close(r)
-                return None
+                raise _NotServed from None
+        except _NotServed:  # nothing was started: the trampoline does it
+            for _, r in pipes:
+                os.close(r)
+            return None
         except BaseException:
             for _, r in pipes:
                 os.close(r)
