@@ -1315,7 +1315,10 @@ class ExecRuntime:
         no directories); close() removes them all. Removal from the tree
         follows retire() in the same step, so it is looked at on the next turn.
         """
-        asyncio.get_running_loop().call_soon(self._drop_cgroup, node)
+        try:
+            asyncio.get_running_loop().call_soon(self._drop_cgroup, node)
+        except RuntimeError:  # no loop (a synchronous teardown): close() removes it
+            pass
 
     def _drop_cgroup(self, node: WorkerNode) -> None:
         parent = node.parent
