@@ -73,6 +73,7 @@ import socket
 import stat
 import subprocess
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -434,6 +435,8 @@ def parse_report(data: bytes) -> tuple[int | None, str]:
 MAX_REQUEST = 256 * 1024
 #: How long a reply may take before the server is deemed stuck, killed, and not used again.
 REPLY_TIMEOUT = 10.0
+#: How long close() waits for the server to exit at EOF before it kills it.
+CLOSE_TIMEOUT = 1.0
 _ALL_SIGNALS = frozenset(signal.valid_signals()) - {signal.SIGKILL, signal.SIGSTOP}
 
 
@@ -654,10 +657,22 @@ class SpawnServer:
             if self._dead:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(self.pid, signal.SIGKILL)
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(self.pid, 0)  # it exits at EOF: at once
+            _reap_within(self.pid, CLOSE_TIMEOUT)  # it exits at EOF: at once, unless stuck
             disown(self.pid)
             self.pid = None
+
+
+def _reap_within(pid: int, timeout: float) -> None:
+    """Reap child ``pid``, SIGKILLed if it has not exited within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    with contextlib.suppress(ChildProcessError):
+        while os.waitpid(pid, os.WNOHANG) == (0, 0):
+            if time.monotonic() > deadline:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                return
+            time.sleep(0.001)
 
 
 def _kill_and_reap(pid: int | None) -> None:
