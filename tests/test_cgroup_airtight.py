@@ -48,9 +48,9 @@ def _alive(pid: int) -> bool:
         return False
 
 
-@pytest.fixture(params=["cgexec", "fork-server"])
+@pytest.fixture(params=["cgexec-server", "cgexec", "fork-server"])
 def spawn_path(request: pytest.FixtureRequest) -> str:
-    if request.param == "cgexec" and _cgexec.build() is None:
+    if request.param != "fork-server" and _cgexec.build() is None:
         pytest.skip("no C compiler to build the spawn helper")
     return str(request.param)
 
@@ -62,7 +62,11 @@ def test_a_daemon_escaping_into_a_new_session_is_still_stopped(
     broken = tmp_path / "broken.sh"
     broken.write_text("#!/nonexistent/interpreter\n")
     broken.chmod(0o755)
-    env = {"IKOS_SPAWN_HELPER": "off"} if spawn_path == "fork-server" else {}
+    env = {
+        "cgexec-server": {},
+        "cgexec": {"IKOS_SPAWN_SERVER": "off"},
+        "fork-server": {"IKOS_SPAWN_HELPER": "off"},
+    }[spawn_path]
     inst = ikosd_factory(
         tree=TREE.format(script=ESCAPE.format(out=out), broken=str(broken)), env=env
     )
@@ -99,4 +103,55 @@ def test_a_daemon_escaping_into_a_new_session_is_still_stopped(
 
 
 def st_path(spawn_path: str) -> str:
-    return "posix_spawn+cgexec" if spawn_path == "cgexec" else "fork-server"
+    return {"cgexec-server": "cgexec-server", "cgexec": "posix_spawn+cgexec"}.get(
+        spawn_path, spawn_path
+    )
+
+
+def _cgroup_dir(pid: int) -> Path:
+    relative = Path(f"/proc/{pid}/cgroup").read_text().splitlines()[-1].split("::", 1)[1]
+    mounts = [line.split() for line in Path("/proc/self/mounts").read_text().splitlines()]
+    root = next(m[1] for m in mounts if m[2] == "cgroup2")
+    return Path(root + relative)
+
+
+def test_a_daemon_keeps_its_cgroup_directory_until_it_is_removed(ikosd_factory: Any) -> None:
+    if _cgexec.build() is None:
+        pytest.skip("no C compiler to build the spawn helper")
+    inst = ikosd_factory(config=CONFIG + PLAIN)
+    first = inst.wait_state("plain", "running")["pid"]
+    assert inst.status("plain")["started_by"] == "cgexec-server"
+    directory = _cgroup_dir(first)
+    assert directory.name == "plain.service"
+    inode = directory.stat().st_ino
+    os.kill(first, signal.SIGKILL)
+    second = inst.wait_running_new_pid("plain", first)
+    # the same directory (a new one would have a new inode): no rmdir and mkdir per start
+    assert _cgroup_dir(second) == directory and directory.stat().st_ino == inode
+    inst.ctl("stop", "plain", check=True)
+    inst.wait_state("plain", "stopped")
+    assert directory.stat().st_ino == inode  # kept for the next start
+    inst.ctl("start", "plain", check=True)
+    third = inst.wait_state("plain", "running")["pid"]
+    assert _cgroup_dir(third) == directory and directory.stat().st_ino == inode
+    # removed from the configuration: its directory goes with it
+    (inst.root.parent / "ikos.toml").write_text(CONFIG)
+    res = inst.ctl("reload-config")
+    assert (res.returncode, res.stdout) == (0, "removed: plain\n"), res.stderr
+    wait_for(lambda: not directory.exists(), message="the removed daemon's cgroup removed")
+    assert inst.terminate() == 0
+    assert inst.leftovers() == []
+
+
+CONFIG = """
+[ikosd]
+metrics = false
+[executables.other]
+executable = "/bin/sleep"
+args = ["100014"]
+"""
+PLAIN = """
+[executables.plain]
+executable = "/bin/sleep"
+args = ["100007"]
+"""

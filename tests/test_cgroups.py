@@ -285,3 +285,28 @@ def test_add_moves_an_existing_process(
     assert not cg.remove()  # busy: kept, not an error
     assert cg.kill_all()
     assert cg.remove()
+
+
+def test_a_daemons_directories_are_reused_until_removed_or_killed(
+    cgroups: CgroupManager, children: list[int]
+) -> None:
+    cg = cgroups.create("again", ResourceLimits(), track=True)
+    if cg is None:
+        pytest.skip("no writable cgroup v2 to track in")
+    inode = os.stat(cg.dirs[0]).st_ino
+    assert cgroups.create("again", ResourceLimits(), track=True) is cg  # nothing made again
+    assert cg.remove()
+    fresh = cgroups.create("again", ResourceLimits(), track=True)
+    assert fresh is not None and fresh is not cg and os.path.isdir(fresh.dirs[0])
+    assert fresh.reusable and os.stat(fresh.dirs[0]).st_ino != inode
+    # an empty cgroup is not written cgroup.kill; once it has been, it is not reused
+    assert fresh.kill_all() and fresh.reusable
+    pid = os.fork()
+    if pid == 0:
+        os.execv("/bin/sleep", ["sleep", "100016"])
+    children.append(pid)
+    fresh.add(pid)
+    assert fresh.kill_all()
+    os.waitpid(pid, 0)
+    assert not fresh.reusable
+    assert fresh.remove()

@@ -136,6 +136,15 @@ def direct_spawn_possible(plan: ExecPlan) -> bool:
     )
 
 
+class _NotServed(Exception):
+    """The spawn server cannot take this start (nothing was started)."""
+
+
+def _stdio(plan: ExecPlan) -> tuple[tuple[int, StdioSpec, str], ...]:
+    """(descriptor, what it is, its field name) of the three standard streams of ``plan``."""
+    return ((0, plan.stdin, "stdin"), (1, plan.stdout, "stdout"), (2, plan.stderr, "stderr"))
+
+
 def exec_entry(payload: tuple[ExecPlan, dict[int, int]], fds: list[int]) -> NoReturn:
     """Fork-server entry: ``fds[0]`` is the error pipe, the others the stdio targets."""
     plan, stdio_index = payload
@@ -459,10 +468,14 @@ class ExecHandle:
         # Without a cgroup, the main process's session was killed before the main
         # process was reaped (_before_reap); a session whose leader is gone (a forking
         # daemon's launcher) is not signalled at all: its number may name a stranger.
+        # The emptied cgroup directory is kept for the next run if it can be (a restart
+        # reuses it: no mkdir/rmdir per start); removed when the daemon leaves the tree
+        # (retire) or at close().
         if self.cgroup is not None:
             with contextlib.suppress(OSError, IkosError):
                 await self.cgroup.kill_all_async(signal.SIGKILL, timeout=2.0)
-                self.cgroup.remove()
+                if not self.cgroup.reusable:
+                    self.cgroup.remove()
 
     # -- forking ---------------------------------------------------------------------
 
@@ -716,10 +729,14 @@ class ExecRuntime:
         self._by_pid: dict[int, ExecHandle] = {}
         self.notify: NotifySocket | None = None
         self.cgroups: CgroupManager | None = None
+        #: The cgroup of each daemon started, kept between its runs until it leaves the tree.
+        self._kept_cgroups: dict[str, DaemonCgroup] = {}
         self.notify_log = NotifyLog()
         self._spawning_notify = 0
         #: The compiled cgroup trampoline (see ikos.platform._cgexec), once there is one.
         self.spawn_helper: str | None = None
+        #: The trampoline kept running to start daemons into cgroups, once one was.
+        self.spawn_server: _cgexec.SpawnServer | None = None
 
     async def start(self) -> None:
         self.spawn_helper = _cgexec.helper_path()
@@ -742,6 +759,8 @@ class ExecRuntime:
             self.spawn_helper = build.result()
 
     def close(self) -> None:
+        if self.spawn_server is not None:
+            self.spawn_server.close()
         if self.notify is not None:
             with contextlib.suppress(ValueError, RuntimeError):
                 asyncio.get_running_loop().remove_reader(self.notify.fileno())
@@ -816,6 +835,8 @@ class ExecRuntime:
     def _cgroup(self, spec: Exec, plan: ExecPlan) -> DaemonCgroup | None:
         cgroups = self._cgroup_manager()
         cg = cgroups.create(spec.name, plan.limits, track=True)
+        if cg is not None:
+            self._kept_cgroups[spec.name] = cg
         for warning in cgroups.warnings:
             log.warning("%s", warning)
         cgroups.warnings.clear()
@@ -873,6 +894,11 @@ class ExecRuntime:
             if cgroup is None:
                 return await self._spawn_direct(node, spec, plan, None, None)
             if self.spawn_helper is not None:
+                server = self._spawn_server(cgroup)
+                if server is not None:
+                    handle = await self._spawn_served(node, spec, plan, cgroup, server)
+                    if handle is not None:
+                        return handle
                 return await self._spawn_direct(node, spec, plan, cgroup, self.spawn_helper)
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
         fds = [err_w]
@@ -917,6 +943,96 @@ class ExecRuntime:
         self.index(handle)
         return handle
 
+    def _spawn_server(self, cgroup: DaemonCgroup) -> _cgexec.SpawnServer | None:
+        """The spawn server for a start into ``cgroup``, if it can do it (else the trampoline)."""
+        if cgroup.v2_only is None or self.spawn_helper is None or not _cgexec.server_enabled():
+            return None
+        if self.spawn_server is None:
+            self.spawn_server = _cgexec.SpawnServer(self.spawn_helper)
+        return self.spawn_server if self.spawn_server.usable else None
+
+    async def _spawn_served(
+        self,
+        node: WorkerNode,
+        spec: Exec,
+        plan: ExecPlan,
+        cgroup: DaemonCgroup,
+        server: _cgexec.SpawnServer,
+    ) -> ExecHandle | None:
+        """Start through the spawn server (see :class:`~ikos.platform._cgexec.SpawnServer`).
+
+        The same start as :meth:`_spawn_direct` with the trampoline, without
+        its exec: the stdio descriptors are opened here and passed along.
+        None when the server cannot take the request (nothing was started):
+        the caller uses the trampoline.
+        """
+        assert cgroup.v2_only is not None
+        pipes: list[tuple[str, int]] = []
+        theirs: list[int] = []  # closed here once sent
+        stdio: list[int] = []
+        try:
+            for target, std, stream in _stdio(plan):
+                if std.mode == "inherit":  # ikosd's own, as posix_spawn would leave it
+                    try:
+                        fcntl.fcntl(target, fcntl.F_GETFD)
+                    except OSError:  # closed: the trampoline leaves it closed too
+                        raise _NotServed from None
+                    stdio.append(target)
+                    continue
+                if std.mode == "log":
+                    r, w = os.pipe2(os.O_CLOEXEC)
+                    pipes.append((stream, r))
+                    theirs.append(w)
+                    stdio.append(w)
+                    continue
+                path, flags = os.devnull, os.O_RDONLY if target == 0 else os.O_WRONLY
+                if std.mode in ("file", "append"):
+                    assert std.path is not None
+                    path = std.path
+                    if target != 0:
+                        flags |= os.O_CREAT | (os.O_APPEND if std.mode == "append" else os.O_TRUNC)
+                try:
+                    theirs.append(os.open(path, flags | os.O_CLOEXEC, 0o644))
+                except OSError as exc:
+                    raise SpawnError(spec.name, stream, f"cannot open {path}: {exc.strerror}")
+                stdio.append(theirs[-1])
+            try:
+                pid, error = await server.spawn(
+                    cgroup.v2_only, plan.executable, plan.argv, plan.environ, stdio
+                )
+            except OSError:
+                raise _NotServed from None
+        except _NotServed:  # nothing was started: the trampoline does it
+            for _, r in pipes:
+                os.close(r)
+            return None
+        except BaseException:
+            for _, r in pipes:
+                os.close(r)
+            with contextlib.suppress(Exception):
+                cgroup.remove()
+            raise
+        finally:
+            for w in theirs:
+                os.close(w)
+        if pid is None or error:
+            for _, r in pipes:
+                os.close(r)
+            if pid is not None:  # its exec failed: our child (CLONE_PARENT), reaped here
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, 0)
+                disown(pid)
+            else:  # the server died: a daemon it started may be in the cgroup, unnamed
+                with contextlib.suppress(OSError, IkosError):
+                    await cgroup.kill_all_async(signal.SIGKILL, timeout=2.0)
+            with contextlib.suppress(Exception):
+                cgroup.remove()
+            where, sep, reason = error.partition(": ")
+            raise SpawnError(spec.name, where if sep else None, reason if sep else error)
+        for stream, r in pipes:
+            self.logs.capture(spec.name, stream, r)
+        return self._direct_handle(node, spec, plan, pid, cgroup, "cgexec-server")
+
     async def _spawn_direct(
         self,
         node: WorkerNode,
@@ -952,11 +1068,7 @@ class ExecRuntime:
             executable = helper
             argv = _cgexec.argv(helper, cgroup.dirs, plan.executable, plan.argv)
         try:
-            for target, std, stream in (
-                (0, plan.stdin, "stdin"),
-                (1, plan.stdout, "stdout"),
-                (2, plan.stderr, "stderr"),
-            ):
+            for target, std, stream in _stdio(plan):
                 if std.mode == "log":
                     r, w = os.pipe2(os.O_CLOEXEC)
                     pipes.append((stream, r, w))
@@ -1010,15 +1122,27 @@ class ExecRuntime:
                 os.close(err_r)
         for stream, r, _ in pipes:
             self.logs.capture(spec.name, stream, r)
+        started_by = "posix_spawn" if cgroup is None else "posix_spawn+cgexec"
+        return self._direct_handle(node, spec, plan, pid, cgroup, started_by)
+
+    def _direct_handle(
+        self,
+        node: WorkerNode,
+        spec: Exec,
+        plan: ExecPlan,
+        pid: int,
+        cgroup: DaemonCgroup | None,
+        started_by: str,
+    ) -> ExecHandle:
         # posix_spawn has no gate: the row joins the loop turn's batch (the instance's
         # marker in the environment lets a later ikosd find it should this one die now)
         self._on_forked(node, pid, False)
         proc = ProcessHandle(pid)
-        # posix_spawn (and the trampoline's vfork) return only once the exec succeeded
-        # (or fail): ready as Type=exec
+        # posix_spawn (and the trampoline's or the server's vfork) return only once the
+        # exec succeeded (or fail): ready as Type=exec
         proc.ready.set_result({"event": "ready", "pid": pid})
         handle = ExecHandle(self, spec, plan, proc, cgroup)
-        handle.started_by = "posix_spawn" if cgroup is None else "posix_spawn+cgexec"
+        handle.started_by = started_by
         self.handles.append(handle)
         self.index(handle)
         return handle
@@ -1239,7 +1363,25 @@ class ExecRuntime:
         return spec.options.watchdog_sec > 0
 
     def retire(self, node: WorkerNode) -> None:
-        """Nothing is kept for an executable between runs."""
+        """If the daemon is being removed from the tree, remove its cgroup directory.
+
+        A stopped daemon keeps it for its next start (a wave of starts makes
+        no directories); close() removes them all. Removal from the tree
+        follows retire() in the same step, so it is looked at on the next turn.
+        """
+        try:
+            asyncio.get_running_loop().call_soon(self._drop_cgroup, node)
+        except RuntimeError:  # no loop (a synchronous teardown): close() removes it
+            pass
+
+    def _drop_cgroup(self, node: WorkerNode) -> None:
+        parent = node.parent
+        if parent is not None and any(child is node for child in parent.children):
+            return  # stopped, not removed
+        cgroup = self._kept_cgroups.get(node.spec.name)
+        if cgroup is not None and not any(h.spec.name == node.spec.name for h in self.handles):
+            del self._kept_cgroups[node.spec.name]
+            cgroup.remove(busy_ok=True)
 
     def exited(self, node: WorkerNode) -> None:
         """An incarnation ended (its handle already released its pipes)."""

@@ -48,6 +48,7 @@ PR_SET_CHILD_SUBREAPER = 36
 MAX_STATUS_BYTES = 64 * 1024
 
 _owned: set[int] = set()
+_holds = 0
 
 
 def read_available(fd: int, max_reads: int = 16, size: int = 65536) -> tuple[list[bytes], bool]:
@@ -80,6 +81,23 @@ def disown(pid: int) -> None:
     _owned.discard(pid)
 
 
+def hold_reaping() -> None:
+    """A child is being created whose PID its owner does not know yet: reap no orphan.
+
+    The spawn server's daemons are the manager's children from their first
+    instruction, before the reply naming them is read; one that died at once
+    must not be reaped as an orphan. :func:`release_reaping` ends the hold.
+    """
+    global _holds
+    _holds += 1
+
+
+def release_reaping() -> None:
+    """End one :func:`hold_reaping`."""
+    global _holds
+    _holds -= 1
+
+
 def reap_orphans(limit: int = 10_000) -> tuple[list[int], bool]:
     """Reap every exited child nobody owns; return the PIDs reaped and whether to come back.
 
@@ -95,7 +113,7 @@ def reap_orphans(limit: int = 10_000) -> tuple[list[int], bool]:
         if info is None or info.si_pid == 0:
             return reaped, False
         pid = info.si_pid
-        if pid in _owned:
+        if pid in _owned or _holds:
             return reaped, True
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)
