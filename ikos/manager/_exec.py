@@ -438,16 +438,19 @@ class ExecHandle:
         self.loop.create_task(self._clean_up(status), name=f"exec-cleanup:{self.spec.name}")
 
     def _cgroup_emptied(self) -> bool:
-        """Whether the daemon's cgroup held no process and is now removed (the usual
-        end of a daemon that was one process); else :meth:`_clean_up` kills what is left."""
+        """Whether the daemon's cgroup holds no process (the usual end of a daemon that
+        was one process): kept for its next run, or removed; else :meth:`_clean_up`
+        kills what is left."""
         assert self.cgroup is not None
         try:
             if self.cgroup.pids():
                 return False
         except OSError:
             return False
-        # nothing can join an empty cgroup of ours: its members are its only way in
-        return self.cgroup.remove()
+        # nothing can join an empty cgroup of ours: its members are its only way in.
+        # Kept for the next run when it can be (a restart reuses it: no rmdir now, no
+        # mkdir then); removed when the daemon leaves the tree (retire) or at close().
+        return self.cgroup.reusable or self.cgroup.remove()
 
     async def _clean_up(self, status: ExitStatus) -> None:
         try:
