@@ -707,9 +707,18 @@ def restarts(m: Manager, kills: int) -> tuple[list[float], list[float]]:
 
 def measure(cls: type[Manager], work: Path, tiny: Path, args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    m, out["launch_0"] = launch(cls, work, tiny, 0)
-    if hasattr(m, "ready_at"):
-        out["ready_0"] = m.ready_at - m.launch_started
+    # launched `repeats` times, as the other launches: the first launch of a run
+    # alone (cold caches) differed from the next by up to 2x
+    out["launch_0"], readies = [], []
+    for r in range(args.repeats):
+        m, dt = launch(cls, work, tiny, 0)
+        out["launch_0"].append(dt)
+        if hasattr(m, "ready_at"):
+            readies.append(m.ready_at - m.launch_started)
+        if r < args.repeats - 1:
+            m.close()
+    if readies:
+        out["ready_0"] = median(readies)
     try:
         time.sleep(2.0)
         out["uss_0"] = uss(manager_processes(m.pid))
@@ -865,9 +874,9 @@ def report(results: dict[str, dict[str, Any]], extra: dict[str, Any], sizes: lis
     row(
         "launch manager with 0 to answering (ms)",
         "launch_0",
-        lambda v: v * 1e3,
+        ms,
         "< 150 ms",
-        lambda v, t: v < 0.150,
+        lambda v, t: v < 150,  # v in ms, as the row shows it
     )
     for n in sorted(sizes):
         row(
@@ -919,8 +928,10 @@ def report(results: dict[str, dict[str, Any]], extra: dict[str, Any], sizes: lis
         f"N={min(sizes)} instance.",
         "Managed process: a 129-byte static program looping on pause(), comm 'run'.",
         "Memory counts every process of the manager that is not a managed process: ikosd, "
-        "its fd keeper, its IPC broker and its fork server (started only when a daemon needs "
-        "it: executables start by posix_spawn); supervisord; circusd; runsvdir plus one runsv "
+        "its fd keeper (C), its spawn server (C), and its IPC broker and fork server when "
+        "they run (the broker starts at the first IPC client, the fork server for the first "
+        "actor: neither runs for a tree of executables); supervisord; circusd; runsvdir "
+        "plus one runsv "
         "per service; s6-svscan plus one s6-supervise per service. USS per process = "
         f"(USS with {big} - USS with 0) / {big}; idle CPU over --idle seconds.",
         f"circus runs with check_delay = {Circus.check_delay} s, its fastest useful respawn "
@@ -941,14 +952,13 @@ def report(results: dict[str, dict[str, Any]], extra: dict[str, Any], sizes: lis
         "ikos and supervisord capture each child's stdout/stderr into log files by default "
         "(two pipes per child); circus, runit and s6 let it inherit theirs.",
         "ikos runs in its default kill_mode, control-group: every executable in a cgroup of "
-        "its own, joined before its first instruction (clone3 into the cgroup by the "
-        'ikos-cgexec trampoline); ikos-pg is kill_mode = "process-group" (posix_spawn, '
-        "no cgroup), the closest to what the peers do.",
+        "its own, joined before its first instruction (clone3 into the cgroup by ikos's "
+        'spawn server, ikos-cgexec serve); ikos-pg is kill_mode = "process-group" '
+        "(posix_spawn, no cgroup), the closest to what the peers do.",
         "Answering: ikos's control socket serves a status request, supervisord's XML-RPC "
         "and circus's endpoint answer; runit and s6 have no server (their first scan). "
         + (
-            f"ikos's ready line, which also waits for its IPC broker (a Python daemon of "
-            f"type notify) to be ready, came after {results['ikos']['ready_0'] * 1e3:.0f} ms."
+            f"ikos's ready line came after {results['ikos']['ready_0'] * 1e3:.0f} ms (median)."
             if "ready_0" in results["ikos"]
             else ""
         ),
