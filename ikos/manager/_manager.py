@@ -72,6 +72,7 @@ from ikos.manager._state import StateStore
 from ikos.platform._database import DatabaseUnavailable
 from ikos.platform._fdstore import FdStore
 from ikos.platform._forkserver import ForkServer
+from ikos.platform._heap import HeapTrimmer
 from ikos.platform._paths import InstancePaths
 from ikos.platform._process import become_subreaper, own, reap_orphans
 from ikos.platform._wire import ensure_secret
@@ -187,6 +188,8 @@ class Manager:
             list(extensions) if extensions is not None else default_extensions(metrics)
         )
         self._started: list[Extension] = []
+        #: gives the heap's free pages back after a burst of transitions (a wave)
+        self.heap = HeapTrimmer()
         self.ops = TreeOperations(self)
         self.state: StateStore | None = None
         self.recovery: Recovery | None = None
@@ -305,6 +308,7 @@ class Manager:
                 ext.on_transition(node, old, new, why)
             except Exception:  # an extension must never break the tree
                 log.exception("extension %s failed on a transition", ext.name)
+        self.heap.poke()
 
     def _journal(self, node: WorkerNode, old: State, new: State) -> None:
         handle = node.handle
@@ -566,6 +570,7 @@ class Manager:
     async def _release(self) -> None:
         """Stop the extensions and release every resource; keep the daemons' if abandoned."""
         loop = asyncio.get_running_loop()
+        self.heap.close()
         for ext in reversed(self._started):
             try:
                 await ext.stop()

@@ -572,6 +572,10 @@ class SpawnServer:
             raise
         finally:
             os.close(dirfd)
+        # A wave keeps hundreds of these coroutines waiting for their replies at once:
+        # their requests (~the environment, a few KiB each) must not wait with them,
+        # or the wave's peak stays in ikosd's heap as fragmentation once it is over.
+        del environ, env, text, payload, rights
         if self._timer is None:
             self._timer = loop.call_later(REPLY_TIMEOUT, self._stuck)
         try:
