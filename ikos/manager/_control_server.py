@@ -104,6 +104,9 @@ PUBLIC_STATUS_FIELDS = frozenset(
         "services",
         "requires",
         "after",
+        # "waiting": a socket-activated broker's stopped state is no outage; without
+        # it another user's `ikosctl status` would report one (exit 3)
+        "activation",
     }
 )
 
