@@ -19,16 +19,15 @@ trim, not at ikosd's start.
 from __future__ import annotations
 
 import asyncio
-import logging
+import functools
 from collections.abc import Callable
 from typing import Final
-
-log = logging.getLogger("ikos.heap")
 
 #: Seconds between the first event of a burst and the trim.
 DELAY: Final = 1.0
 
 
+@functools.cache
 def _load_trim() -> Callable[[int], int] | None:
     try:
         import ctypes
@@ -49,20 +48,21 @@ class HeapTrimmer:
         self.delay = delay
         self.trims = 0
         self._timer: asyncio.TimerHandle | None = None
-        self._trim: Callable[[int], int] | bool | None = False  # False: not loaded yet
+        self._unavailable = False  # no malloc_trim here: found at the first trim
 
     def poke(self) -> None:
         """Something allocated and freed a lot: trim soon (once for the whole burst)."""
-        if self._timer is None and self._trim is not None:
+        if self._timer is None and not self._unavailable:
             self._timer = asyncio.get_running_loop().call_later(self.delay, self._run)
 
     def _run(self) -> None:
         self._timer = None
-        if self._trim is False:
-            self._trim = _load_trim()
-        if callable(self._trim):
-            self._trim(0)
-            self.trims += 1
+        trim = _load_trim()
+        if trim is None:
+            self._unavailable = True
+            return
+        trim(0)
+        self.trims += 1
 
     def close(self) -> None:
         """Cancel a pending trim."""
