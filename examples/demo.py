@@ -469,9 +469,10 @@ def main(argv: list[str] | None = None) -> int:
             )
         # Python would report the closed stdout again when it flushes it at exit.
         with contextlib.suppress(OSError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        status = 0
-        return status
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, sys.stdout.fileno())
+            os.close(null)
+        return 0
     except DemoError as exc:
         print(f"demo: {exc}", file=sys.stderr, flush=True)
         if demo.proc is not None and demo.proc.poll() is None:
