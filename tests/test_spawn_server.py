@@ -13,7 +13,7 @@ import contextlib
 import os
 import signal
 import socket
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,21 @@ def cgroup() -> Iterator[DaemonCgroup]:
     manager.cleanup()
 
 
+@contextlib.asynccontextmanager
+async def serving(
+    helper: str, cgroup: DaemonCgroup
+) -> AsyncIterator[tuple[_cgexec.SpawnServer, int]]:
+    """A spawn server, and /dev/null for its daemons' stdio; both closed after."""
+    assert cgroup.v2_only is not None
+    server = _cgexec.SpawnServer(helper)
+    null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        yield server, null
+    finally:
+        server.close()
+        os.close(null)
+
+
 def _fds(pid: int) -> set[int]:
     directory = f"/proc/{pid}/fd"
     listing = f"/proc/{os.getpid()}/fd"
@@ -77,41 +92,37 @@ def test_starts_into_the_cgroup_as_our_child_and_reports_a_failed_exec(
     helper: str, cgroup: DaemonCgroup, tmp_path: Path
 ) -> None:
     async def main() -> None:
-        server = _cgexec.SpawnServer(helper)
-        null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-        out = os.open(tmp_path / "out", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        assert cgroup.v2_only is not None
-        try:
-            before = _fds(os.getpid())
-            pid, error = await server.spawn(
-                cgroup.v2_only,
-                "/bin/sh",
-                ["sh", "-c", "echo $IKOS_T; exec sleep 100008"],
-                {"IKOS_T": "hello"},
-                [null, out, out],
-            )
-            assert error == "" and pid is not None
-            assert cgroup.pids() == {pid}  # in its cgroup, and ours to wait for
-            assert Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1] == str(
-                os.getpid()
-            )
-            assert os.getsid(pid) == pid
-            wait_for(lambda: (tmp_path / "out").read_text() == "hello\n", message="its stdout")
-            # only its stdio: nor the server's socket nor the cgroup directory leaked in
-            wait_for(lambda: _fds(pid) == {0, 1, 2}, message="the daemon's descriptors")
-            assert server.pid is not None and _fds(server.pid) == {0, 1, 2, 3}
-            assert _fds(os.getpid()) - before == {server._sock.fileno()}  # type: ignore[union-attr]
-            _reap(pid)
+        async with serving(helper, cgroup) as (server, null):
+            out = os.open(tmp_path / "out", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                before = _fds(os.getpid())
+                pid, error = await server.spawn(
+                    cgroup.v2_only,
+                    "/bin/sh",
+                    ["sh", "-c", "echo $IKOS_T; exec sleep 100008"],
+                    {"IKOS_T": "hello"},
+                    [null, out, out],
+                )
+                assert error == "" and pid is not None
+                assert cgroup.pids() == {pid}  # in its cgroup, and ours to wait for
+                assert Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1] == str(
+                    os.getpid()
+                )
+                assert os.getsid(pid) == pid
+                wait_for(lambda: (tmp_path / "out").read_text() == "hello\n", message="its stdout")
+                # only its stdio: nor the server's socket nor the cgroup directory leaked in
+                wait_for(lambda: _fds(pid) == {0, 1, 2}, message="the daemon's descriptors")
+                assert server.pid is not None and _fds(server.pid) == {0, 1, 2, 3}
+                assert _fds(os.getpid()) - before == {server._sock.fileno()}  # type: ignore[union-attr]
+                _reap(pid)
 
-            missing = str(tmp_path / "missing")
-            pid, error = await server.spawn(cgroup.v2_only, missing, ["x"], {}, [null] * 3)
-            assert error == f"executable: No such file or directory: {missing}"
-            assert pid is not None and os.waitpid(pid, 0)[1] >> 8 == 127
-            assert server.usable
-        finally:
-            server.close()
-            os.close(null)
-            os.close(out)
+                missing = str(tmp_path / "missing")
+                pid, error = await server.spawn(cgroup.v2_only, missing, ["x"], {}, [null] * 3)
+                assert error == f"executable: No such file or directory: {missing}"
+                assert pid is not None and os.waitpid(pid, 0)[1] >> 8 == 127
+                assert server.usable
+            finally:
+                os.close(out)
 
     asyncio.run(main())
 
@@ -120,10 +131,7 @@ def test_survives_garbage_and_exits_when_the_manager_is_gone(
     helper: str, cgroup: DaemonCgroup
 ) -> None:
     async def main() -> None:
-        server = _cgexec.SpawnServer(helper)
-        null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-        assert cgroup.v2_only is not None
-        try:
+        async with serving(helper, cgroup) as (server, null):
             pid, _ = await server.spawn(
                 cgroup.v2_only, "/bin/sleep", ["sleep", "100009"], {}, [null] * 3
             )
@@ -162,9 +170,6 @@ def test_survives_garbage_and_exits_when_the_manager_is_gone(
             wait_for(lambda: _gone(spid), message="the server to exit at EOF")
             assert os.waitpid(spid, 0)[1] == 0
             server.pid = None
-        finally:
-            server.close()
-            os.close(null)
 
     asyncio.run(main())
 
@@ -173,10 +178,7 @@ def test_a_cancelled_start_leaves_nothing_and_a_dead_server_is_not_used(
     helper: str, cgroup: DaemonCgroup
 ) -> None:
     async def main() -> None:
-        server = _cgexec.SpawnServer(helper)
-        null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-        assert cgroup.v2_only is not None
-        try:
+        async with serving(helper, cgroup) as (server, null):
             start = asyncio.ensure_future(
                 server.spawn(cgroup.v2_only, "/bin/sleep", ["sleep", "100011"], {}, [null] * 3)
             )
@@ -199,9 +201,6 @@ def test_a_cancelled_start_leaves_nothing_and_a_dead_server_is_not_used(
             assert not server.usable and server.pid is None  # reaped
             with pytest.raises(OSError):
                 await server.spawn(cgroup.v2_only, "/bin/true", ["true"], {}, [null] * 3)
-        finally:
-            server.close()
-            os.close(null)
 
     asyncio.run(main())
 
@@ -210,26 +209,24 @@ def test_a_daemon_dead_before_its_reply_is_not_reaped_as_an_orphan(
     helper: str, cgroup: DaemonCgroup
 ) -> None:
     async def main() -> None:
-        server = _cgexec.SpawnServer(helper)
-        null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-        assert cgroup.v2_only is not None
-        try:
-            await server.spawn(cgroup.v2_only, "/bin/sleep", ["sleep", "100012"], {}, [null] * 3)
-            start = asyncio.ensure_future(
-                server.spawn(cgroup.v2_only, "/bin/sh", ["sh", "-c", "exit 7"], {}, [null] * 3)
-            )
-            await asyncio.sleep(0)  # sent; the reply is not read until the loop runs again
-            info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOWAIT)  # the daemon is a zombie
-            assert info is not None and info.si_status == 7
-            assert reap_orphans() == ([], True)  # held: come back later
-            pid, error = await start
-            assert error == "" and pid == info.si_pid
-            assert os.waitpid(pid, 0)[1] >> 8 == 7  # its status is still its handle's
-        finally:
-            for pid in cgroup.pids():
-                _reap(pid)
-            server.close()
-            os.close(null)
+        async with serving(helper, cgroup) as (server, null):
+            try:
+                await server.spawn(
+                    cgroup.v2_only, "/bin/sleep", ["sleep", "100012"], {}, [null] * 3
+                )
+                start = asyncio.ensure_future(
+                    server.spawn(cgroup.v2_only, "/bin/sh", ["sh", "-c", "exit 7"], {}, [null] * 3)
+                )
+                await asyncio.sleep(0)  # sent; the reply is not read until the loop runs again
+                info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOWAIT)  # the daemon is a zombie
+                assert info is not None and info.si_status == 7
+                assert reap_orphans() == ([], True)  # held: come back later
+                pid, error = await start
+                assert error == "" and pid == info.si_pid
+                assert os.waitpid(pid, 0)[1] >> 8 == 7  # its status is still its handle's
+            finally:
+                for pid in cgroup.pids():
+                    _reap(pid)
 
     asyncio.run(main())
 
@@ -238,25 +235,23 @@ def test_a_wave_larger_than_the_socket_buffer_is_pipelined(
     helper: str, cgroup: DaemonCgroup
 ) -> None:
     async def main() -> None:
-        server = _cgexec.SpawnServer(helper)
-        null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-        assert cgroup.v2_only is not None
-        env = {"IKOS_PAD": "x" * 8192}  # 200 requests: ~1.6 MB, several socket buffers
-        try:
-            results = await asyncio.gather(
-                *(
-                    server.spawn(cgroup.v2_only, "/bin/sleep", ["sleep", "100013"], env, [null] * 3)
-                    for _ in range(200)
+        async with serving(helper, cgroup) as (server, null):
+            env = {"IKOS_PAD": "x" * 8192}  # 200 requests: ~1.6 MB, several socket buffers
+            try:
+                results = await asyncio.gather(
+                    *(
+                        server.spawn(
+                            cgroup.v2_only, "/bin/sleep", ["sleep", "100013"], env, [null] * 3
+                        )
+                        for _ in range(200)
+                    )
                 )
-            )
-            pids = [pid for pid, error in results if pid is not None and not error]
-            assert len(set(pids)) == 200 and server.usable
-            assert cgroup.pids() == set(pids)
-        finally:
-            for pid in cgroup.pids():
-                _reap(pid)
-            server.close()
-            os.close(null)
+                pids = [pid for pid, error in results if pid is not None and not error]
+                assert len(set(pids)) == 200 and server.usable
+                assert cgroup.pids() == set(pids)
+            finally:
+                for pid in cgroup.pids():
+                    _reap(pid)
 
     asyncio.run(main())
 
