@@ -58,12 +58,12 @@ def activation_socket(run_dir: Path) -> Path:
     return run_dir / "ipc" / "activation.sock"
 
 
-def listening_socket(path: Path) -> socket.socket:
-    """A non-blocking stream socket listening at ``path`` (0666: every user connects)."""
+def listening_socket(path: Path, mode: int = 0o666, backlog: int = BACKLOG) -> socket.socket:
+    """A non-blocking stream socket listening at ``path`` (0666 unless said: every user)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
-        bind_unix(sock, path, 0o666)
-        sock.listen(BACKLOG)
+        bind_unix(sock, path, mode)
+        sock.listen(backlog)
         sock.setblocking(False)
     except OSError:
         sock.close()
@@ -89,14 +89,7 @@ class Handoff:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            bind_unix(self.sock, path, 0o600)
-            self.sock.listen(16)
-            self.sock.setblocking(False)
-        except OSError:
-            self.sock.close()
-            raise
+        self.sock = listening_socket(path, 0o600, 16)
 
     def give(self, listener: socket.socket) -> int:
         """Hand ``listener`` to every waiting peer of our uid; the number served."""
