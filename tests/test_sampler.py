@@ -20,6 +20,7 @@ import subprocess
 import sys
 import termios
 import urllib.request
+import uuid
 from typing import Any
 
 import psutil
@@ -30,6 +31,7 @@ from test_local_users import ctl_as, reachable, stranger  # noqa: F401 (fixtures
 from ikos._errors import ConfigError
 from ikos.manager._config import MonitorSettings, load_config, read_monitor_settings
 from ikos.monitor._sampler import Sampler, Target
+from ikos.platform._cgroups import CgroupManager, ResourceLimits
 
 MIB = 1024 * 1024
 FDS = 40
@@ -329,6 +331,44 @@ def test_uss_is_read_every_nth_pass_and_kept_between() -> None:
         finally:
             proc.kill()
             proc.wait()
+
+
+def test_a_daemon_that_moves_to_another_cgroup_is_followed() -> None:
+    # The sampler remembers a daemon's cgroup for its run instead of reading
+    # /proc/PID/cgroup every pass; a daemon that moves itself elsewhere must not
+    # keep being counted by its old cgroup's members.
+    cgroups = CgroupManager(f"ikos-test-{uuid.uuid4().hex[:8]}")
+    made = [cgroups.create(name, ResourceLimits(), track=True) for name in ("a", "b")]
+    if None in made:
+        cgroups.cleanup()
+        pytest.skip("cgroup v2 is not writable here: " + "; ".join(cgroups.warnings))
+    a, b = (cg for cg in made if cg is not None)
+    sleep = [PY, "-c", "import time; time.sleep(3600)"]
+    procs = [subprocess.Popen(sleep, start_new_session=True) for _ in range(3)]
+    try:
+        main, buddy, other = procs
+        for proc, cg in ((main, a), (buddy, a), (other, b)):
+            cg.add(proc.pid)
+        sampler = Sampler(uss=False)
+        assert sampler.sample([Target("x", main.pid)])["x"].processes == 2
+        assert sampler.sample([Target("x", main.pid)])["x"].processes == 2
+        b.add(main.pid)  # the daemon moves itself into b, next to `other`
+        usage = sampler.sample([Target("x", main.pid)])["x"]
+        assert usage.processes == 2 and usage.pid == main.pid
+        buddy.kill()
+        buddy.wait()
+        assert sampler.sample([Target("x", main.pid)])["x"].processes == 2  # b's, not a's
+        other.kill()
+        other.wait()
+        assert sampler.sample([Target("x", main.pid)])["x"].processes == 1
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+        for cg in (a, b):
+            cg.kill_all()
+            cg.remove()
+        cgroups.cleanup()
 
 
 @pytest.mark.skipif(

@@ -6,9 +6,9 @@ table), finds each daemon's other processes and reads each process's few
 files of ``/proc`` once per pass. It is synchronous and meant to run on a
 worker thread: nothing here touches the event loop.
 
-A daemon's processes are its cgroup's when it has one of its own (two small
-reads: ``/proc/PID/cgroup`` and that cgroup's ``cgroup.procs``, the set the
-manager kills and signals through), else its session's (ikos starts every
+A daemon's processes are its cgroup's when it has one of its own (its
+``cgroup.procs``, the set the manager kills and signals through; the path
+comes from ``/proc/PID/cgroup`` once per run), else its session's (ikos starts every
 daemon with ``setsid``): the session is found in one scan of ``/proc`` per
 pass shared by every daemon that needs it, never one scan per daemon.
 Rejected: ``psutil.Process.children(recursive=True)``, which scans ``/proc``
@@ -22,9 +22,12 @@ size of ``/proc/PID/fd`` (one ``stat``), the I/O counters ``/proc/PID/io``.
 psutil, even under ``oneshot()``, opened about eight files per process
 (``stat``, ``statm``, ``status``, ``io``, the fd directory, ``/proc/stat``
 for the boot time...): over 500 ``sleep`` processes, 104 ms of CPU per pass
-against 39 ms now; over the 500 daemons of bench/monitoring.py (half of them
+against 39 ms then; over the 500 daemons of bench/monitoring.py (half of them
 Python actors, whose USS is dear), 89 ms against 63 ms, 1.3 % of a core at
-the default 5 s interval (docs/performance.md).
+the default 5 s interval (docs/performance.md). Each file is read with raw
+``os`` calls (:func:`~ikos.platform._process.read_small`), half the system
+calls of ``open()``: over 500 tiny executables in cgroups, 25 ms per pass
+against 48 ms with ``open()`` and a ``/proc/PID/cgroup`` read every pass.
 
 CPU seconds are counted per run of a daemon (its main pid and that process's
 start time) and never go down within a run: a child that exits keeps its
@@ -51,7 +54,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ikos.monitor._text import TextFamily
-from ikos.platform._process import all_pids, stat_fields
+from ikos.platform._process import all_pids, read_small, stat_fields
 
 __all__ = ["Sampler", "Target", "Usage", "UsageCollector"]
 
@@ -144,6 +147,9 @@ class Sampler:
         #: the last USS read of each process, by (pid, start time), for the passes between
         self._uss: dict[tuple[int, float], int] = {}
         self._own_cgroup = _cgroup_of(os.getpid())
+        #: each daemon's cgroup path, by main pid: read once per run, not once per pass
+        self._cgroups: dict[int, str] = {}
+        self._mounts = list(_CGROUP_MOUNTS)
 
     def sample(self, targets: Sequence[Target]) -> dict[str, Usage]:
         """The usage of each target whose main process still runs, by daemon name.
@@ -190,6 +196,9 @@ class Sampler:
             self._uss = uss_seen
         for name in set(self._runs) - set(out):
             del self._runs[name]
+        if len(self._cgroups) > len(targets):
+            live = {t.pid for t in targets}
+            self._cgroups = {pid: path for pid, path in self._cgroups.items() if pid in live}
         return out
 
     def _with_uss(
@@ -244,13 +253,36 @@ class Sampler:
         )
 
     def _cgroup_members(self, pid: int) -> list[int] | None:
-        """The pids of ``pid``'s cgroup when it is not ikosd's own (None: use the session)."""
+        """The pids of ``pid``'s cgroup when it is not ikosd's own (None: use the session).
+
+        The path is remembered for the run: a daemon is in its cgroup from its
+        first instruction on. It is read again when the cgroup no longer holds
+        the main pid (the daemon moved itself), and never remembered while it
+        is ikosd's own (a start path that moves the child after the fork).
+        """
+        path = self._cgroups.get(pid)
+        if path is not None:
+            members = self._members(path)
+            if members is not None and pid in members:
+                return members
+            del self._cgroups[pid]
         path = _cgroup_of(pid)
         if path is None or path == self._own_cgroup or path == "/":
             return None
-        for mount in _CGROUP_MOUNTS:
-            with contextlib.suppress(OSError, ValueError), open(f"{mount}{path}/cgroup.procs") as f:
-                return [int(line) for line in f.read().split()]
+        self._cgroups[pid] = path
+        return self._members(path)
+
+    def _members(self, path: str) -> list[int] | None:
+        """The pids in cgroup ``path``, from the first mount that has it (tried first after)."""
+        for mount in self._mounts:
+            data = read_small(f"{mount}{path}/cgroup.procs")
+            if data is not None:
+                if mount != self._mounts[0]:
+                    self._mounts.remove(mount)
+                    self._mounts.insert(0, mount)
+                with contextlib.suppress(ValueError):
+                    return [int(line) for line in data.split()]
+                return None
         return None
 
 
@@ -278,8 +310,8 @@ def _figures_and_key(
     except OSError:  # gone (or, before Linux 6.2, another user's process)
         return None
     io_read = io_write = None
-    with contextlib.suppress(OSError, ValueError), open(f"/proc/{pid}/io", "rb") as f:
-        for line in f.read().splitlines():
+    with contextlib.suppress(ValueError):
+        for line in (read_small(f"/proc/{pid}/io") or b"").splitlines():
             if line.startswith(b"read_bytes:"):
                 io_read = int(line[11:])
             elif line.startswith(b"write_bytes:"):
@@ -334,10 +366,8 @@ def _open_fds(pid: int) -> int:
 
 def _uss_of(pid: int) -> int | None:
     """The unique set size of ``pid`` (its ``Private_*`` lines of smaps_rollup), if readable."""
-    try:
-        with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
-            data = f.read()
-    except OSError:
+    data = read_small(f"/proc/{pid}/smaps_rollup")
+    if data is None:
         return None
     total = 0
     for line in data.splitlines():
@@ -348,13 +378,9 @@ def _uss_of(pid: int) -> int | None:
 
 def _cgroup_of(pid: int) -> str | None:
     """The cgroup v2 path of ``pid`` (the ``0::`` line of ``/proc/PID/cgroup``), or None."""
-    try:
-        with open(f"/proc/{pid}/cgroup") as f:
-            for line in f:
-                if line.startswith("0::"):
-                    return line[3:].strip()
-    except OSError:
-        pass
+    for line in (read_small(f"/proc/{pid}/cgroup") or b"").splitlines():
+        if line.startswith(b"0::"):
+            return line[3:].strip().decode(errors="surrogateescape")
     return None
 
 

@@ -139,12 +139,30 @@ def stat_fields(pid: int) -> list[bytes] | None:
     cstime priority nice num_threads itrealvalue starttime vsize rss ...; so
     ``fields[3]`` is the session, ``fields[19]`` the start time in clock ticks.
     """
+    data = read_small(f"/proc/{pid}/stat")
+    return None if data is None else data.rpartition(b")")[2].split()
+
+
+def read_small(path: str) -> bytes | None:
+    """The whole content of a small kernel file (``/proc``, cgroupfs), or None if unreadable.
+
+    Raw ``os`` calls (open, reads until EOF, close), where ``open()`` adds
+    ``fstat``, ``ioctl(TCGETS)`` and ``lseek`` and builds a buffered file
+    object: the resource sampler reads a few such files per daemon per pass.
+    """
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
-    return data.rpartition(b")")[2].split()
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def proc_info(pid: int, *, zombies: bool = False) -> ProcInfo | None:
