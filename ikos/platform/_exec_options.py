@@ -301,6 +301,10 @@ class ExecOptions:
         (), _check_unit_commands, "commands run to stop, before the stop signal (ExecStop=)",
         restarts=False, to_json=_commands_json,
     )  # fmt: skip
+    exec_stop_post: tuple[UnitCommand, ...] = option(
+        (), _check_unit_commands, "commands run once stopped, crashed or failed to start, "
+        "before a restart (ExecStopPost=)", restarts=False, to_json=_commands_json,
+    )  # fmt: skip
     exec_reload: tuple[UnitCommand, ...] = option(
         (), _check_unit_commands, "commands run in order by a reload (ExecReload=)",
         restarts=False, to_json=_commands_json,

@@ -519,7 +519,7 @@ _ESSENTIAL = {
 _ACCUMULATING = frozenset({
     "Requires", "Wants", "BindsTo", "Requisite", "After", "Before", "Environment",
     "EnvironmentFile", "SupplementaryGroups", "ExecStart", "ExecStartPre", "ExecStartPost",
-    "ExecStop", "ExecReload", "SuccessExitStatus", "RestartPreventExitStatus",
+    "ExecStop", "ExecStopPost", "ExecReload", "SuccessExitStatus", "RestartPreventExitStatus",
     "RuntimeDirectory", "StateDirectory", "CacheDirectory", "LogsDirectory",
     "ConfigurationDirectory",
 })  # fmt: skip
@@ -789,7 +789,8 @@ def unit_fields(
         fields["expand_environment"] = True  # with ':', '$' reaches the program as written
     fields["args"] = args
     for key, option in (("ExecStartPre", "exec_start_pre"), ("ExecStartPost", "exec_start_post"),
-                        ("ExecStop", "exec_stop"), ("ExecReload", "exec_reload")):  # fmt: skip
+                        ("ExecStop", "exec_stop"), ("ExecReload", "exec_reload"),
+                        ("ExecStopPost", "exec_stop_post")):  # fmt: skip
         commands = m.commands(key)
         if key == "ExecStartPost":
             commands = (*starts[1:], *commands)
@@ -1041,6 +1042,7 @@ _HANDLERS: dict[tuple[str, str], _Handler] = {
     ("Service", "ExecStartPost"): _h_read_later,
     ("Service", "ExecStop"): _h_read_later,
     ("Service", "ExecReload"): _h_read_later,
+    ("Service", "ExecStopPost"): _h_read_later,
     ("Service", "User"): _option("user"),
     ("Service", "Group"): _option("group"),
     ("Service", "SupplementaryGroups"): _h_groups,
