@@ -1,0 +1,221 @@
+"""A unit's life around its main process, under the real ikosd.
+
+What systemd does beyond starting and stopping the main process, and ikos
+now does the same way: the unit's commands (ExecStartPre=, ExecReload=,
+ExecStopPost=...) run in the daemon's cgroup, so what they leave running
+is stopped with the daemon; ExecStopPost= runs after every end (a stop, a
+crash, a failed start) with ``$SERVICE_RESULT``, ``$EXIT_CODE`` and
+``$EXIT_STATUS``, before a restart; StartLimitBurst= within
+StartLimitIntervalSec= stops the restarts of a unit that keeps crashing.
+The parsing side of these directives is in ``tests/test_units.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import wait_for
+
+from ikos.platform._unit import load_unit
+
+
+def write_unit(directory: Path, name: str, text: str) -> Path:
+    path = directory / name
+    path.write_text(textwrap.dedent(text).lstrip())
+    return path
+
+
+def service_writing_to(directory: Path, name: str, body: str) -> tuple[Path, Path]:
+    """A directory ``out`` and the unit ``NAME.service`` whose [Service] is ``body``
+    with ``{out}`` replaced by it."""
+    out = directory / "out"
+    out.mkdir(exist_ok=True)
+    text = "[Service]\n" + textwrap.dedent(body).lstrip().replace("{out}", str(out))
+    return out, write_unit(directory, f"{name}.service", text)
+
+
+def run_units(ikosd_factory: Any, units: dict[str, Path]) -> Any:
+    tables = "".join(f'[executables.{name}]\nunit = "{path}"\n\n' for name, path in units.items())
+    config = "[root]\nmax_restarts = 50\nwithin = 60\n\n" + tables
+    return ikosd_factory(config=config, args=["--metrics", "off"])
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie is dead: the leftovers' parent is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def cgroup_of(pid: int) -> str:
+    with open(f"/proc/{pid}/cgroup") as f:
+        return next(line for line in f.read().splitlines() if line.startswith("0::"))
+
+
+def read_pid(path: Path) -> int:
+    return int(wait_for(lambda: path.exists() and path.read_text().strip(), 20, message=str(path)))
+
+
+# -- the commands in the daemon's cgroup -----------------------------------------------------
+
+
+def test_what_the_commands_leave_running_is_the_daemons(ikosd_factory: Any, tmp_path: Path) -> None:
+    out, unit = service_writing_to(
+        tmp_path,
+        "leaves",
+        """
+        ExecStartPre=/bin/sh -c 'sleep 1001 & echo $! > {out}/pre.$$$$'
+        ExecStart=/bin/sleep 1000
+        ExecReload=/bin/sh -c 'sleep 1002 & echo $! > {out}/reload'
+        Restart=always
+        RestartSec=0
+        """,
+    )
+    inst = run_units(ikosd_factory, {"leaves": unit})
+    pid = inst.wait_state("leaves", "running", timeout=30)["pid"]
+    [pre_file] = out.glob("pre.*")
+    pre = read_pid(pre_file)
+    pre_file.unlink()
+    inst.ctl("reload", "leaves", check=True)
+    reloaded = read_pid(out / "reload")
+    # in the daemon's cgroup, as systemd runs a unit's commands in the unit's cgroup
+    assert alive(pre) and alive(reloaded)
+    assert cgroup_of(pre) == cgroup_of(reloaded) == cgroup_of(pid)
+    assert cgroup_of(pid) != cgroup_of(os.getpid())
+
+    # the main process's end is still seen at once, and ends what the commands left
+    os.kill(pid, signal.SIGKILL)
+    new = inst.wait_running_new_pid("leaves", pid, timeout=30)
+    wait_for(lambda: not alive(pre) and not alive(reloaded), 20, message="leftovers killed")
+    [pre_file] = wait_for(lambda: list(out.glob("pre.*")), 20, message="ExecStartPre= again")
+    second = read_pid(pre_file)
+    assert alive(second) and cgroup_of(second) == cgroup_of(new)
+
+    inst.ctl("stop", "leaves", check=True)
+    inst.wait_state("leaves", "stopped")
+    wait_for(lambda: not alive(second), 20, message="the stop to kill ExecStartPre='s leftover")
+    inst.ctl("start", "leaves", check=True)  # the directory of a killed cgroup is not reused
+    third = inst.wait_running_new_pid("leaves", new, timeout=30)
+    assert alive(third)
+
+
+def test_process_group_mode_keeps_the_commands_apart(ikosd_factory: Any, tmp_path: Path) -> None:
+    out, unit = service_writing_to(
+        tmp_path,
+        "apart",
+        """
+        KillMode=process
+        ExecStartPre=/bin/sh -c 'sleep 1004 & echo $! > {out}/pre'
+        ExecStart=/bin/sleep 1000
+        """,
+    )
+    inst = run_units(ikosd_factory, {"apart": unit})
+    inst.wait_state("apart", "running", timeout=30)
+    pre = read_pid(out / "pre")
+    try:
+        inst.ctl("stop", "apart", check=True)
+        inst.wait_state("apart", "stopped")
+        assert alive(pre)  # KillMode=process: only the daemon's own session is stopped
+    finally:
+        os.kill(pre, signal.SIGKILL)
+
+
+# -- ExecStopPost= ---------------------------------------------------------------------------
+
+REPORT = "/bin/sh -c 'echo \"$SERVICE_RESULT $EXIT_CODE $EXIT_STATUS\" >> {out}/{name}'"
+
+
+def post_unit(directory: Path, out: Path, name: str, body: str) -> Path:
+    report = REPORT.format(out=out, name=name)
+    return write_unit(
+        directory, f"{name}.service", f"[Service]\n{textwrap.dedent(body)}ExecStopPost={report}\n"
+    )
+
+
+def lines(path: Path, count: int) -> list[str]:
+    def enough() -> list[str] | None:
+        got = path.read_text().splitlines() if path.exists() else []
+        return got if len(got) >= count else None
+
+    return wait_for(enough, 30, message=f"{count} lines in {path}")  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="module")
+def post_units(tmp_path_factory: Any) -> tuple[Path, dict[str, Path]]:
+    base = tmp_path_factory.mktemp("stop-post")
+    out = base / "out"
+    out.mkdir()
+    units = {
+        # a crash, then a stop; the first ExecStopPost= fails ('-'), the others still run
+        "crashes": post_unit(
+            base,
+            out,
+            "crashes",
+            f"""\
+            ExecStart=/bin/sleep 1000
+            Restart=always
+            ExecStopPost=-/bin/false
+            ExecStopPost=/bin/sh -c 'sleep 1003 & echo $! > {out}/post-leftover'
+            """,
+        ),
+        "exits": post_unit(base, out, "exits", "ExecStart=/bin/sh -c 'exit 3'\n"),
+        "prefails": post_unit(
+            base, out, "prefails", "ExecStartPre=/bin/false\nExecStart=/bin/sleep 1000\n"
+        ),
+        # TimeoutStopSec= bounds each ExecStopPost=: the next one runs, the stop ends
+        "slowpost": post_unit(
+            base,
+            out,
+            "slowpost",
+            """\
+            ExecStart=/bin/sleep 1000
+            TimeoutStopSec=1
+            ExecStopPost=/bin/sleep 1000
+            """,
+        ),
+    }
+    return out, units
+
+
+def test_stop_post_after_a_crash_and_a_stop(ikosd_factory: Any, post_units: Any) -> None:
+    out, units = post_units
+    inst = run_units(ikosd_factory, units)
+    pid = inst.wait_state("crashes", "running", timeout=30)["pid"]
+    os.kill(pid, signal.SIGKILL)
+    # ExecStopPost= ran before the restart: its line is there when the new run is
+    new = inst.wait_running_new_pid("crashes", pid, timeout=30)
+    assert (out / "crashes").read_text().splitlines() == ["signal killed KILL"]
+    leftover = read_pid(out / "post-leftover")
+    wait_for(lambda: not alive(leftover), 20, message="ExecStopPost='s leftover killed")
+    inst.ctl("stop", "crashes", check=True)
+    inst.wait_state("crashes", "stopped")
+    assert lines(out / "crashes", 2)[1] == "success killed TERM"
+    assert inst.status("crashes")["pid"] in (None, new)
+
+    # an exit with a status; a start whose ExecStartPre= failed (no main process)
+    assert lines(out / "exits", 1)[0] == "exit-code exited 3"
+    assert lines(out / "prefails", 1)[0].strip() == "exit-code"
+    assert inst.status("prefails")["state"] != "running"
+
+    # a stop-post command that outlives TimeoutStopSec= is killed; the stop completes
+    inst.wait_state("slowpost", "running", timeout=30)
+    inst.ctl("stop", "slowpost", check=True)
+    inst.wait_state("slowpost", "stopped", timeout=30)
+    assert lines(out / "slowpost", 1)[0] == "success killed TERM"
+    assert "exec_stop_post" in inst.log_text() and "timed out after 1 s" in inst.log_text()
+
+
+def test_stop_post_maps_from_the_unit(tmp_path: Path) -> None:
+    unit = write_unit(
+        tmp_path, "p.service", "[Service]\nExecStart=/bin/a\nExecStopPost=-/bin/b x\n"
+    )
+    spec = load_unit(unit)
+    assert [c.text() for c in spec.fields["exec_stop_post"]] == ["-/bin/b x"]
+    assert not any("ExecStopPost" in w for w in spec.warnings)
