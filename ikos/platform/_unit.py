@@ -810,6 +810,7 @@ def unit_fields(
         for kind, paths in m.directories.items():  # as systemd: $RUNTIME_DIRECTORY...
             if paths:
                 env[_DIRECTORIES[kind][1]] = ":".join(paths)
+    _start_limit(m, fields)
     # systemd's defaults where ikos's differ: no restart, 90 s to start and to stop
     fields.setdefault("restart_on", "no")
     fields.setdefault("start_timeout", 90.0)
@@ -1028,6 +1029,53 @@ def _h_stdin(m: _Mapper, d: Directive, f: dict[str, Any]) -> None:
     m.warn(d, f"{value} is not supported by ikos; standard input is /dev/null")
 
 
+#: systemd's start limit keys, in [Unit] since v230, in [Service] before (still read).
+_START_LIMIT_INTERVAL = ("StartLimitIntervalSec", "StartLimitInterval")
+#: systemd's DefaultStartLimitIntervalSec= and DefaultStartLimitBurst=, for the one
+#: of the two a unit leaves out.
+_START_LIMIT_DEFAULTS = (10.0, 5)
+
+
+def _start_limit(m: _Mapper, f: dict[str, Any]) -> None:
+    """StartLimitBurst= starts within StartLimitIntervalSec= as ``max_restarts`` in
+    ``restart_window``: Burst starts are the first one and Burst - 1 restarts.
+
+    A unit that sets neither gets no limit (systemd's defaults are not applied:
+    ikos's supervisors bound restarts already); 0 for either means no limit, as
+    in systemd; ``infinity`` is a window that never forgets.
+    """
+    interval_d = burst_d = None
+    for d in m.directives:  # the last assignment wins, in either section
+        if d.section in ("Unit", "Service") and d.key in _START_LIMIT_INTERVAL:
+            interval_d = d if d.value else None
+        elif d.section in ("Unit", "Service") and d.key == "StartLimitBurst":
+            burst_d = d if d.value else None
+    if interval_d is None and burst_d is None:
+        return
+    interval: float | None = _START_LIMIT_DEFAULTS[0]
+    burst = _START_LIMIT_DEFAULTS[1]
+    if interval_d is not None:
+        try:
+            interval = parse_timespan(m.value(interval_d))
+        except ValueError as exc:
+            raise m.fail(interval_d, str(exc)) from None
+    if burst_d is not None:
+        text = m.value(burst_d)
+        if not text.isdigit():
+            raise m.fail(burst_d, f"expected a number of starts (0 or more), got {text!r}")
+        burst = int(text)
+    if interval == 0 or burst == 0:
+        return
+    f["max_restarts"] = burst - 1
+    f["restart_window"] = _MAX_TIMEOUT if interval is None else interval
+
+
+def _h_start_limit_action(m: _Mapper, d: Directive, f: dict[str, Any]) -> None:
+    if m.value(d) != "none":
+        m.warn(d, f"{m.value(d)} is not supported by ikos: hitting the start limit only "
+                  "fails the daemon")  # fmt: skip
+
+
 _HANDLERS: dict[tuple[str, str], _Handler] = {
     ("Unit", "Description"): _h_description,
     ("Unit", "Requires"): _h_read_later,
@@ -1036,6 +1084,12 @@ _HANDLERS: dict[tuple[str, str], _Handler] = {
     ("Unit", "Requisite"): _h_read_later,
     ("Unit", "After"): _h_read_later,
     ("Unit", "Before"): _h_read_later,
+    **{
+        (section, key): _h_read_later
+        for section in ("Unit", "Service")
+        for key in (*_START_LIMIT_INTERVAL, "StartLimitBurst")
+    },
+    ("Unit", "StartLimitAction"): _h_start_limit_action,
     ("Service", "Type"): _h_type,
     ("Service", "ExecStart"): _h_read_later,
     ("Service", "ExecStartPre"): _h_read_later,
