@@ -528,6 +528,7 @@ def test_the_field_table_is_one_and_each_check_is_idempotent():
         "exec_start_post": ["/bin/true"],
         "exec_stop": ["@/bin/kill kill -TERM $MAINPID"],
         "exec_reload": ['+/usr/bin/x "\\x01 y"'],
+        "exec_stop_post": "-/bin/rm -f /run/x.lock",
         "reloadable": False,
         "expand_environment": True,
         "argv0": "redis",
@@ -538,6 +539,7 @@ def test_the_field_table_is_one_and_each_check_is_idempotent():
         "auto_restart": False,
         "restart_delay": 1,
         "max_restarts": 0,
+        "restart_window": 10,
         "restart_on": "on-failure",
     }
     assert set(samples) == set(EXEC_FIELDS)
