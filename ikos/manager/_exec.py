@@ -49,7 +49,12 @@ from ikos.platform._cgroups import CgroupManager, DaemonCgroup, instance_cgroup_
 from ikos.platform._forkserver import ForkServer
 from ikos.platform._notify import NotifyMessage, NotifySocket, main_pid
 from ikos.platform._paths import InstancePaths
-from ikos.platform._pidfile import DaemonPidFile, PidFileError, read_pid_file
+from ikos.platform._pidfile import (
+    PID_FILE_NOTES,
+    DaemonPidFile,
+    PidFileError,
+    read_pid_file,
+)
 from ikos.platform._process import (
     ExitStatus,
     ProcessHandle,
@@ -267,7 +272,11 @@ class ExecHandle:
         self._finishing = False
         # pid_file: read for forking, written by ikos for every other type
         self.pid_file = (
-            DaemonPidFile(plan.pid_file, owners=pid_file_owners(plan))
+            DaemonPidFile(
+                plan.pid_file,
+                owners=pid_file_owners(plan),
+                note=runtime.paths.run_dir / PID_FILE_NOTES / spec.name,
+            )
             if plan.pid_file and plan.type != "forking"
             else None
         )
