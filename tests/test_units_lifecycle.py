@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from conftest import wait_for
 
+from ikos._errors import ConfigError
 from ikos.platform._unit import load_unit
 
 
@@ -219,3 +220,59 @@ def test_stop_post_maps_from_the_unit(tmp_path: Path) -> None:
     spec = load_unit(unit)
     assert [c.text() for c in spec.fields["exec_stop_post"]] == ["-/bin/b x"]
     assert not any("ExecStopPost" in w for w in spec.warnings)
+
+
+# -- StartLimitIntervalSec= / StartLimitBurst= -----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("lines_", "expected"),
+    [
+        ("[Unit]\nStartLimitIntervalSec=30\nStartLimitBurst=3\n", (2, 30.0)),
+        ("[Service]\nStartLimitInterval=1min\nStartLimitBurst=4\n", (3, 60.0)),  # before v230
+        ("[Unit]\nStartLimitBurst=2\n", (1, 10.0)),  # systemd's default interval
+        ("[Unit]\nStartLimitIntervalSec=5\n", (4, 5.0)),  # and burst
+        ("[Unit]\nStartLimitIntervalSec=0\nStartLimitBurst=3\n", None),  # 0: no limit
+        ("[Unit]\nStartLimitBurst=0\n", None),
+        ("", None),  # nothing set: no limit (systemd's defaults are not applied)
+    ],
+)
+def test_start_limit_maps_to_max_restarts_in_a_window(
+    tmp_path: Path, lines_: str, expected: tuple[int, float] | None
+) -> None:
+    unit = write_unit(tmp_path, "l.service", lines_ + "[Service]\nExecStart=/bin/a\n")
+    fields = load_unit(unit).fields
+    got = (fields["max_restarts"], fields["restart_window"]) if "max_restarts" in fields else None
+    assert got == expected
+
+
+def test_a_bad_start_limit_names_file_and_line(tmp_path: Path) -> None:
+    unit = write_unit(
+        tmp_path, "b.service", "[Unit]\nStartLimitBurst=many\n[Service]\nExecStart=/a\n"
+    )
+    with pytest.raises(ConfigError, match=rf"{unit}:2: StartLimitBurst= expected a number"):
+        load_unit(unit)
+
+
+def test_a_unit_that_keeps_crashing_hits_its_start_limit(
+    ikosd_factory: Any, tmp_path: Path
+) -> None:
+    out, unit = service_writing_to(
+        tmp_path,
+        "flaps",
+        """
+        ExecStart=/bin/sh -c 'echo start >> {out}/starts; exit 1'
+        Restart=always
+        RestartSec=0
+        """,
+    )
+    unit.write_text("[Unit]\nStartLimitIntervalSec=60\nStartLimitBurst=3\n" + unit.read_text())
+    inst = run_units(ikosd_factory, {"flaps": unit})
+    st = inst.wait_gave_up("flaps")
+    # Burst starts in the interval: the first and two restarts, then start-limit-hit
+    assert (out / "starts").read_text().splitlines() == ["start"] * 3
+    assert st["restarts"] == 2
+    assert "within 60 s: start-limit-hit" in st["last_exit"]["reason"]
+    # an operator's start opens a new window, as systemd's reset-failed
+    inst.ctl("start", "flaps")
+    wait_for(lambda: len((out / "starts").read_text().splitlines()) >= 6, 30)
