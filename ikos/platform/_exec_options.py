@@ -242,6 +242,12 @@ class ExecOptions:
     working_directory: str | None = option(
         None, _path, "directory the daemon starts in ('~' is the user's home)"
     )
+    root_directory: str | None = option(
+        None,
+        _path,
+        "chroot here before exec, as root (RootDirectory=): the executable, working_directory "
+        "and the commands' programs are paths inside it",
+    )
     pid_file: str | None = option(
         None, _path, "PID file: read for type 'forking', else written while the daemon runs"
     )
