@@ -66,10 +66,12 @@ from ikos.platform._process import (
     signal_group,
 )
 from ikos.platform._spawn import (
+    DEFAULT_PATH,
     ExecPlan,
     StdioSpec,
     build_exec_plan,
     exec_in_child,
+    in_root,
     notify_socket_address,
 )
 from ikos.platform._unit import UnitCommand, expand_variables
@@ -138,6 +140,7 @@ def direct_spawn_possible(plan: ExecPlan) -> bool:
         and plan.umask is None
         and plan.working_directory is None
         and not plan.limits.rlimits()
+        and plan.root_directory is None  # chroot: only the fork server's child does it
     )
 
 
@@ -1449,9 +1452,14 @@ class ExecRuntime:
         argv = list(command.argv)
         if command.expand:
             argv[1:] = expand_variables(argv[1:], env)
-        program = argv[0] if "/" in argv[0] else shutil.which(argv[0], path=env.get("PATH"))
-        if program is None:
-            return None, f"{argv[0]} not found in PATH"
+        root = None if command.privileged else plan.root_directory  # '+': not in the chroot
+        program = argv[0]
+        if "/" not in program:
+            search = [in_root(root, d) for d in env.get("PATH", DEFAULT_PATH).split(os.pathsep)]
+            found = shutil.which(program, path=os.pathsep.join(search))
+            if found is None:
+                return None, f"{argv[0]} not found in PATH"
+            program = found if root is None else "/" + os.path.relpath(found, root)
         if command.argv0 is not None:
             argv[0] = command.argv0
         run = dataclasses.replace(
@@ -1469,7 +1477,11 @@ class ExecRuntime:
             stderr=StdioSpec("log"),
         )
         if command.privileged:  # '+': with ikosd's own privileges
-            run = dataclasses.replace(run, user=None, group=None, uid=None, gid=None, groups=None)
+            cwd = plan.working_directory
+            run = dataclasses.replace(
+                run, user=None, group=None, uid=None, gid=None, groups=None, root_directory=None,
+                working_directory=None if cwd is None else in_root(plan.root_directory, cwd),
+            )  # fmt: skip
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         try:
