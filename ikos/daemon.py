@@ -137,6 +137,7 @@ class DaemonConfig:
     name: str
     executable: str
     working_directory: str | None = None
+    root_directory: str | None = None
     pid_file: str | None = None
     user: str | int | None = None
     group: str | int | None = None

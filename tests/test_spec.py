@@ -510,6 +510,7 @@ def test_the_field_table_is_one_and_each_check_is_idempotent():
         "clear_environment": True,
         "working_directory": "~/www",
         "pid_file": "x.pid",
+        "root_directory": "/srv/jail",
         "user": 0,
         "group": "adm",
         "supplementary_groups": [4, "adm"],

@@ -13,7 +13,9 @@ The parsing side of these directives is in ``tests/test_units.py``.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import subprocess
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,10 @@ from typing import Any
 import pytest
 from conftest import wait_for
 
-from ikos._errors import ConfigError
+import ikos
+from ikos._errors import ConfigError, SpawnError
+from ikos.platform._paths import InstancePaths
+from ikos.platform._spawn import build_exec_plan
 from ikos.platform._unit import load_unit
 
 
@@ -276,3 +281,93 @@ def test_a_unit_that_keeps_crashing_hits_its_start_limit(
     # an operator's start opens a new window, as systemd's reset-failed
     inst.ctl("start", "flaps")
     wait_for(lambda: len((out / "starts").read_text().splitlines()) >= 6, 30)
+
+
+# -- RootDirectory= ---------------------------------------------------------------------------
+
+#: A static program for the chroot (nothing else is in it): writes "proof" in its working
+#: directory and its argv[1] there, then waits for a signal.
+JAILED = r"""
+#include <fcntl.h>
+#include <string.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    int fd = open("proof", O_WRONLY | O_CREAT | O_APPEND, 0644);
+    if (fd < 0) return 3;
+    const char *what = argc > 1 ? argv[1] : "-";
+    write(fd, what, strlen(what));
+    write(fd, "\n", 1);
+    close(fd);
+    if (argc > 2) return 0;  /* a command: done */
+    pause();
+    return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def jail(tmp_path_factory: Any) -> Path:
+    """A directory with /bin/jailed (static) and /data, to chroot into."""
+    cc = shutil.which("cc")
+    if cc is None or os.geteuid() != 0:
+        pytest.skip("needs a C compiler and root (chroot)")
+    root = tmp_path_factory.mktemp("jail")
+    (root / "bin").mkdir()
+    (root / "data").mkdir()
+    source = root.parent / "jailed.c"
+    source.write_text(JAILED)
+    built = subprocess.run(
+        [cc, "-static", "-Os", "-o", str(root / "bin" / "jailed"), str(source)],
+        capture_output=True,
+        text=True,
+    )
+    if built.returncode != 0:
+        pytest.skip(f"no static libc to build the chroot's program: {built.stderr[-300:]}")
+    return root
+
+
+def test_root_directory_chroots_the_daemon_and_its_commands(
+    ikosd_factory: Any, tmp_path: Path, jail: Path
+) -> None:
+    unit = write_unit(
+        tmp_path,
+        "jailed.service",
+        f"""
+        [Service]
+        RootDirectory={jail}
+        WorkingDirectory=/data
+        ExecStartPre=/bin/jailed pre done
+        ExecStart=jailed main
+        Restart=always
+        """,
+    )
+    inst = run_units(ikosd_factory, {"jailed": unit})
+    pid = inst.wait_state("jailed", "running", timeout=30)["pid"]
+    proof = jail / "data" / "proof"
+    assert lines(proof, 2) == ["pre", "main"]  # the paths were the jail's
+    assert os.readlink(f"/proc/{pid}/root") == str(jail)
+    assert os.readlink(f"/proc/{pid}/cwd") == str(jail / "data")
+    os.kill(pid, signal.SIGKILL)
+    new = inst.wait_running_new_pid("jailed", pid, timeout=30)
+    assert os.readlink(f"/proc/{new}/root") == str(jail)
+    inst.ctl("stop", "jailed", check=True)
+    inst.wait_state("jailed", "stopped")
+
+
+def test_root_directory_is_refused_where_it_cannot_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    unit = write_unit(
+        tmp_path, "r.service", f"[Service]\nRootDirectory={tmp_path}\nExecStart=/bin/a\n"
+    )
+    assert load_unit(unit).fields["root_directory"] == str(tmp_path)
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(ConfigError, match=rf"{unit}:2: RootDirectory= chroot into .* needs"):
+        load_unit(unit)
+    # at start too, naming the field: not root, or the directory gone since
+    spec = ikos.Exec("j", "/bin/a", root_directory=str(tmp_path / "gone"))
+    with pytest.raises(SpawnError, match=r"field .root_directory.: chroot into .* needs root"):
+        build_exec_plan(spec, InstancePaths.for_root(tmp_path))
+    monkeypatch.undo()
+    with pytest.raises(SpawnError, match=r"field .root_directory.: .*gone is not a directory"):
+        build_exec_plan(spec, InstancePaths.for_root(tmp_path))
