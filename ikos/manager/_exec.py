@@ -981,6 +981,15 @@ class ExecRuntime:
         except SpawnError as exc:
             await self.after_failed_start(spec, plan, cgroup, exc)
             raise
+        except asyncio.CancelledError:  # ikosd stopping: what the commands left goes too
+            if command_cgroup(spec, cgroup) is not None:
+                assert cgroup is not None
+                # no wait (being cancelled), and no cgroup.kill: the directory stays
+                # reusable for a daemon cloned into it later (see DaemonCgroup.reusable)
+                with contextlib.suppress(OSError):
+                    for pid in cgroup.pids():
+                        cgroup.signal_member(pid, signal.SIGKILL)
+            raise
 
     async def after_failed_start(
         self, spec: Exec, plan: ExecPlan, cgroup: DaemonCgroup | None, exc: SpawnError
