@@ -112,6 +112,25 @@ def test_what_the_commands_leave_running_is_the_daemons(ikosd_factory: Any, tmp_
     assert alive(third)
 
 
+def test_a_start_cut_short_by_ikosd_stopping_leaves_nothing(
+    ikosd_factory: Any, tmp_path: Path
+) -> None:
+    out, unit = service_writing_to(
+        tmp_path,
+        "stuck",
+        """
+        ExecStartPre=/bin/sh -c 'setsid sleep 1005 & echo $! > {out}/pre; exec sleep 1000'
+        ExecStart=/bin/sleep 1000
+        """,
+    )
+    config = f'[executables.stuck]\nunit = "{unit}"\n'
+    inst = ikosd_factory(config=config, args=["--metrics", "off"], wait_ready=False)
+    pre = read_pid(out / "pre")  # ikosd is not ready: its tree waits for this start
+    assert alive(pre)
+    assert inst.terminate() == 0
+    wait_for(lambda: not alive(pre), 20, message="ExecStartPre='s leftover killed")
+
+
 def test_process_group_mode_keeps_the_commands_apart(ikosd_factory: Any, tmp_path: Path) -> None:
     out, unit = service_writing_to(
         tmp_path,
