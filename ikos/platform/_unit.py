@@ -38,11 +38,13 @@ systemd's continuation and quoting rules.
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import os
 import pwd
 import re
 import resource
+import signal
 import socket
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -66,6 +68,7 @@ __all__ = [
     "read_unit",
     "split_command",
     "split_words",
+    "stop_post_environment",
     "unit_fields",
     "unit_files",
 ]
@@ -454,6 +457,59 @@ def expand_variables(words: Iterable[str], env: Mapping[str, str]) -> list[str]:
             _VAR_BRACED.sub(lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), ""), word)
         )
     return out
+
+
+#: Signals that end a daemon cleanly when it was asked to stop (systemd's rule for
+#: $SERVICE_RESULT: SIGHUP, SIGINT, SIGTERM and SIGPIPE, besides the stop signal).
+_CLEAN_STOP_SIGNALS = frozenset({signal.SIGHUP, signal.SIGINT, signal.SIGTERM, signal.SIGPIPE})
+#: $SERVICE_RESULT for the reasons ikos gives an end it caused (the start timed out...).
+_REASON_RESULTS = (("did not become ready", "timeout"), ("watchdog", "watchdog"),
+                   ("forking:", "protocol"), ("internal error", "resources"))  # fmt: skip
+
+
+def stop_post_environment(
+    code: int | None,
+    sig: int | None,
+    *,
+    reason: str = "",
+    success: Iterable[int | str] = (),
+    stop_signals: Iterable[int] | None = None,
+) -> dict[str, str]:
+    """ExecStopPost='s ``$SERVICE_RESULT``, ``$EXIT_CODE``, ``$EXIT_STATUS`` (systemd.exec(5)).
+
+    ``code``/``sig``: how the main process ended; ``reason``: why ikos ended
+    it, if it did (a start timeout, the watchdog, a forking daemon without
+    its main process); ``success``: SuccessExitStatus=; ``stop_signals``:
+    the stop signal(s) when a stop was asked for (None: it was not). A
+    stop ended by one of them, or by SIGHUP/SIGINT/SIGTERM/SIGPIPE, is a
+    ``success``; by another signal (the SIGKILL after the stop timeout), a
+    ``timeout``.
+
+    >>> stop_post_environment(None, 9)
+    {'EXIT_CODE': 'killed', 'EXIT_STATUS': 'KILL', 'SERVICE_RESULT': 'signal'}
+    >>> stop_post_environment(None, 15, stop_signals={15})["SERVICE_RESULT"]
+    'success'
+    """
+    env: dict[str, str] = {}
+    signame = None
+    if sig is not None:
+        with contextlib.suppress(ValueError):
+            signame = signal.Signals(sig).name
+        env["EXIT_CODE"], env["EXIT_STATUS"] = "killed", (signame or f"SIG{sig}")[3:]
+    elif code is not None:
+        env["EXIT_CODE"], env["EXIT_STATUS"] = "exited", str(code)
+    clean = set(success)
+    if reason:
+        result = next((r for start, r in _REASON_RESULTS if start in reason), "exit-code")
+    elif code == 0 or code in clean or (signame is not None and signame in clean):
+        result = "success"
+    elif stop_signals is not None and sig is not None:
+        asked = {*stop_signals, *_CLEAN_STOP_SIGNALS}
+        result = "success" if sig in asked else "timeout"
+    else:
+        result = "exit-code" if sig is None else "signal"
+    env["SERVICE_RESULT"] = result
+    return env
 
 
 # -- 3. directives to an Exec ------------------------------------------------------------------
