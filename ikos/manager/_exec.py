@@ -74,7 +74,7 @@ from ikos.platform._spawn import (
     in_root,
     notify_socket_address,
 )
-from ikos.platform._unit import UnitCommand, expand_variables
+from ikos.platform._unit import UnitCommand, expand_variables, stop_post_environment
 from ikos.supervision._runtime import WorkerNode
 from ikos.supervision._spec import Exec
 
@@ -214,14 +214,6 @@ def make_directories(spec: Exec, plan: ExecPlan) -> None:
             raise SpawnError(
                 spec.name, "directories", f"cannot create {path}: {exc.strerror or exc}"
             ) from None
-
-
-#: Signals that end a daemon cleanly when ikos asked it to stop (systemd's rule for
-#: $SERVICE_RESULT: SIGHUP, SIGINT, SIGTERM and SIGPIPE, besides the stop signal).
-_CLEAN_STOP_SIGNALS = frozenset({signal.SIGHUP, signal.SIGINT, signal.SIGTERM, signal.SIGPIPE})
-#: $SERVICE_RESULT for the reasons ikos gives an end it caused (ExecHandle.events).
-_OVERRIDE_RESULTS = (("did not become ready", "timeout"), ("watchdog", "watchdog"),
-                     ("forking:", "protocol"), ("internal error", "resources"))  # fmt: skip
 
 
 class ExecHandle:
@@ -456,36 +448,15 @@ class ExecHandle:
                 idle.set_result(None)
 
     def service_result(self, status: ExitStatus) -> dict[str, str]:
-        """ExecStopPost='s environment, as systemd.exec(5) documents it.
-
-        ``SERVICE_RESULT``: ``success``, ``exit-code``, ``signal``,
-        ``timeout``, ``watchdog``, ``protocol`` or ``resources``;
-        ``EXIT_CODE``: ``exited`` or ``killed``; ``EXIT_STATUS``: the exit
-        status, or the signal's name without ``SIG``.
-        """
-        env: dict[str, str] = {}
-        signame = None
-        if status.signal is not None:
-            with contextlib.suppress(ValueError):
-                signame = signal.Signals(status.signal).name
-            env["EXIT_CODE"], env["EXIT_STATUS"] = "killed", (signame or "SIG?")[3:]
-        elif status.code is not None:
-            env["EXIT_CODE"], env["EXIT_STATUS"] = "exited", str(status.code)
+        """ExecStopPost='s environment for this end (see :func:`stop_post_environment`)."""
         reason = next((str(e["reason"]) for e in reversed(self.events) if e.get("override")), "")
-        clean = self.spec.success_exit_status
-        if reason:
-            result = next((r for start, r in _OVERRIDE_RESULTS if start in reason), "exit-code")
-        elif status.code == 0 or status.code in clean or (signame is not None and signame in clean):
-            result = "success"
-        elif self.stop_requested and status.signal is not None:
-            asked = {self.spec.options.stop_signal, *_CLEAN_STOP_SIGNALS}
-            if self.spec.shutdown == "brutal_kill":
-                asked.add(signal.SIGKILL)
-            result = "success" if status.signal in asked else "timeout"
-        else:
-            result = "exit-code" if status.signal is None else "signal"
-        env["SERVICE_RESULT"] = result
-        return env
+        clean_stop = {self.spec.options.stop_signal}
+        if self.spec.shutdown == "brutal_kill":
+            clean_stop.add(signal.SIGKILL)
+        return stop_post_environment(
+            status.code, status.signal, reason=reason, success=self.spec.success_exit_status,
+            stop_signals=clean_stop if self.stop_requested else None,
+        )  # fmt: skip
 
     def _set_ready(self) -> None:
         if not self.ready.done():
