@@ -27,7 +27,7 @@ import ikos
 from ikos._errors import ConfigError, SpawnError
 from ikos.platform._paths import InstancePaths
 from ikos.platform._spawn import build_exec_plan
-from ikos.platform._unit import load_unit
+from ikos.platform._unit import load_unit, stop_post_environment
 
 
 def write_unit(directory: Path, name: str, text: str) -> Path:
@@ -235,6 +235,31 @@ def test_stop_post_after_a_crash_and_a_stop(ikosd_factory: Any, post_units: Any)
     inst.wait_state("slowpost", "stopped", timeout=30)
     assert lines(out / "slowpost", 1)[0] == "success killed TERM"
     assert "exec_stop_post" in inst.log_text() and "timed out after 1 s" in inst.log_text()
+
+
+@pytest.mark.parametrize(
+    ("code", "sig", "kwargs", "expected"),
+    [
+        (0, None, {}, ("success", "exited", "0")),
+        (3, None, {}, ("exit-code", "exited", "3")),
+        (3, None, {"success": [3]}, ("success", "exited", "3")),
+        (None, 9, {}, ("signal", "killed", "KILL")),
+        (None, 15, {"success": ["SIGTERM"]}, ("success", "killed", "TERM")),
+        (None, 15, {"stop_signals": {3}}, ("success", "killed", "TERM")),  # systemd's clean set
+        (None, 3, {"stop_signals": {3}}, ("success", "killed", "QUIT")),  # KillSignal=SIGQUIT
+        (None, 9, {"stop_signals": {15}}, ("timeout", "killed", "KILL")),  # the final SIGKILL
+        (None, 9, {"reason": "did not become ready within 1 s"}, ("timeout", "killed", "KILL")),
+        (None, 6, {"reason": "watchdog timeout"}, ("watchdog", "killed", "ABRT")),
+        (1, None, {"reason": "forking: no PID file"}, ("protocol", "exited", "1")),
+        (None, 9, {"reason": "field 'exec_start_post': x"}, ("exit-code", "killed", "KILL")),
+    ],
+)  # fmt: skip
+def test_stop_post_environment(
+    code: int | None, sig: int | None, kwargs: dict[str, Any], expected: tuple[str, ...]
+) -> None:
+    env = stop_post_environment(code, sig, **kwargs)
+    assert (env["SERVICE_RESULT"], env["EXIT_CODE"], env["EXIT_STATUS"]) == expected
+    assert stop_post_environment(None, None) == {"SERVICE_RESULT": "exit-code"}
 
 
 def test_stop_post_maps_from_the_unit(tmp_path: Path) -> None:
