@@ -137,6 +137,7 @@ class DaemonConfig:
     name: str
     executable: str
     working_directory: str | None = None
+    root_directory: str | None = None
     pid_file: str | None = None
     user: str | int | None = None
     group: str | int | None = None
@@ -144,6 +145,7 @@ class DaemonConfig:
     auto_restart: bool = True
     restart_delay: float = 0.0
     max_restarts: int | None = None
+    restart_window: float | None = None
     limits: ResourceLimits = field(default_factory=ResourceLimits)
     args: Sequence[str] = ()
     environment: Mapping[str, str] = field(default_factory=dict)
@@ -174,6 +176,7 @@ class DaemonConfig:
     exec_start_post: str | Sequence[str] | None = None
     exec_stop: str | Sequence[str] | None = None
     exec_reload: str | Sequence[str] | None = None
+    exec_stop_post: str | Sequence[str] | None = None
     reloadable: bool | None = None
     expand_environment: bool | None = None
     argv0: str | None = None

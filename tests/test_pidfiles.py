@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from conftest import wait_for
 
-from ikos.platform._pidfile import DaemonPidFile, PidFileError
+from ikos.platform._pidfile import DaemonPidFile, PidFileError, remove_stale_pid_files
 
 
 def content(path: Path) -> str | None:
@@ -88,6 +88,24 @@ def test_a_directory_or_another_users_file_is_refused(tmp_path: Path) -> None:
     # the daemon's own user may have rewritten it: that one is replaced
     DaemonPidFile(theirs, owners=[65534]).write(1234)
     assert content(theirs) == "1234\n"
+
+
+def test_stale_pid_files_are_found_through_their_notes(tmp_path: Path) -> None:
+    notes = tmp_path / "notes"
+    files = {name: tmp_path / f"{name}.pid" for name in ("dead", "kept", "reused", "gone")}
+    for name, path in files.items():
+        DaemonPidFile(path, note=notes / name).write(os.getpid() if name != "dead" else 999_999)
+    assert {p.name for p in notes.iterdir()} == set(files)
+    # "dead" names no process; "gone" names the PID the state recorded (it was stopped);
+    # "reused" names a live process that is not the one recorded: left alone
+    removed = remove_stale_pid_files(notes, keep=["kept"], gone={"gone": os.getpid()})
+    assert sorted(removed) == sorted(str(files[n]) for n in ("dead", "gone"))
+    assert files["kept"].exists() and files["reused"].exists()
+    assert [p.name for p in notes.iterdir()] == ["kept"]
+    # the note goes with the file when ikos removes it itself
+    pid_file = DaemonPidFile(files["kept"], note=notes / "kept")
+    pid_file.write(os.getpid())
+    assert pid_file.remove() and not list(notes.iterdir())
 
 
 # -- live ----------------------------------------------------------------------------
@@ -263,3 +281,26 @@ pid_file = "{path}"
     wait_for(lambda: content(path) == f"{main}\n", message="the PID file follows MAINPID=")
     assert inst.terminate() == 0
     assert not path.exists()
+
+
+def test_a_daemon_removed_from_the_tree_during_a_crash_loses_its_pid_file(
+    ikosd_factory: Any, tmp_path: Path
+) -> None:
+    path = tmp_path / "web.pid"
+    first = ikosd_factory(config=exec_config(path), name="same")
+    pid = first.wait_state("web", "running")["pid"]
+    wait_for(lambda: content(path) == f"{pid}\n")
+    first.crash()
+    # the next ikosd's tree no longer has it: as for any such orphan, the process is
+    # stopped (recovery: "it is no longer in the tree"), and now its PID file goes too
+    second = ikosd_factory(
+        config='[ikosd]\nmetrics = false\n\n[executables.other]\nexecutable = "/bin/sleep"\n'
+        'args = ["1000"]\n',
+        name="same",
+    )
+    second.wait_state("other", "running")
+    assert not path.exists(), "the stale PID file of the removed daemon"
+    wait_for(lambda: not os.path.exists(f"/proc/{pid}"), message="the orphan stopped")
+    assert "no longer in the tree" in second.log_text()
+    assert f"removed {path}, the PID file of a daemon that no longer runs" in second.log_text()
+    assert second.terminate() == 0

@@ -510,6 +510,7 @@ def test_the_field_table_is_one_and_each_check_is_idempotent():
         "clear_environment": True,
         "working_directory": "~/www",
         "pid_file": "x.pid",
+        "root_directory": "/srv/jail",
         "user": 0,
         "group": "adm",
         "supplementary_groups": [4, "adm"],
@@ -528,6 +529,7 @@ def test_the_field_table_is_one_and_each_check_is_idempotent():
         "exec_start_post": ["/bin/true"],
         "exec_stop": ["@/bin/kill kill -TERM $MAINPID"],
         "exec_reload": ['+/usr/bin/x "\\x01 y"'],
+        "exec_stop_post": "-/bin/rm -f /run/x.lock",
         "reloadable": False,
         "expand_environment": True,
         "argv0": "redis",
@@ -538,6 +540,7 @@ def test_the_field_table_is_one_and_each_check_is_idempotent():
         "auto_restart": False,
         "restart_delay": 1,
         "max_restarts": 0,
+        "restart_window": 10,
         "restart_on": "on-failure",
     }
     assert set(samples) == set(EXEC_FIELDS)

@@ -49,7 +49,12 @@ from ikos.platform._cgroups import CgroupManager, DaemonCgroup, instance_cgroup_
 from ikos.platform._forkserver import ForkServer
 from ikos.platform._notify import NotifyMessage, NotifySocket, main_pid
 from ikos.platform._paths import InstancePaths
-from ikos.platform._pidfile import DaemonPidFile, PidFileError, read_pid_file
+from ikos.platform._pidfile import (
+    PID_FILE_NOTES,
+    DaemonPidFile,
+    PidFileError,
+    read_pid_file,
+)
 from ikos.platform._process import (
     ExitStatus,
     ProcessHandle,
@@ -61,13 +66,15 @@ from ikos.platform._process import (
     signal_group,
 )
 from ikos.platform._spawn import (
+    DEFAULT_PATH,
     ExecPlan,
     StdioSpec,
     build_exec_plan,
     exec_in_child,
+    in_root,
     notify_socket_address,
 )
-from ikos.platform._unit import UnitCommand, expand_variables
+from ikos.platform._unit import UnitCommand, expand_variables, stop_post_environment
 from ikos.supervision._runtime import WorkerNode
 from ikos.supervision._spec import Exec
 
@@ -133,6 +140,7 @@ def direct_spawn_possible(plan: ExecPlan) -> bool:
         and plan.umask is None
         and plan.working_directory is None
         and not plan.limits.rlimits()
+        and plan.root_directory is None  # chroot: only the fork server's child does it
     )
 
 
@@ -172,6 +180,21 @@ def unit_plan(spec: Exec, plan: ExecPlan) -> ExecPlan:
     return dataclasses.replace(plan, argv=tuple(argv))
 
 
+def command_cgroup(spec: Exec, cgroup: DaemonCgroup | None) -> DaemonCgroup | None:
+    """Where a unit's commands run: the daemon's cgroup in ``control-group`` mode.
+
+    In ``process-group`` mode a stop reaches the daemon's session only, and the
+    commands keep their own fate, as before.
+    """
+    return cgroup if spec.options.kill_mode == "control-group" else None
+
+
+def stop_timeout(spec: Exec) -> float:
+    """Seconds a stop command may take: TimeoutStopSec= (``shutdown``), else 90 as systemd."""
+    shutdown = spec.shutdown
+    return float(shutdown) if isinstance(shutdown, int | float) else 90.0
+
+
 def make_directories(spec: Exec, plan: ExecPlan) -> None:
     """Create the ``directories`` (RuntimeDirectory= and the like), owned by the daemon.
 
@@ -197,6 +220,13 @@ class ExecHandle:
     """One run of an executable daemon; see the module docstring."""
 
     manages_start_timeout = True
+    # Class defaults, set on the instance only by a daemon that uses them (a unit's
+    # commands): a running executable without commands pays nothing for them.
+    #: True once a stop was asked for (before ExecStop=): $SERVICE_RESULT reads it.
+    stop_requested = False
+    #: Unit commands running now, and a future resolved when none is left.
+    _commands_running = 0
+    _commands_idle: asyncio.Future[None] | None = None
 
     def __init__(
         self,
@@ -237,7 +267,11 @@ class ExecHandle:
         self._finishing = False
         # pid_file: read for forking, written by ikos for every other type
         self.pid_file = (
-            DaemonPidFile(plan.pid_file, owners=pid_file_owners(plan))
+            DaemonPidFile(
+                plan.pid_file,
+                owners=pid_file_owners(plan),
+                note=runtime.paths.run_dir / PID_FILE_NOTES / spec.name,
+            )
             if plan.pid_file and plan.type != "forking"
             else None
         )
@@ -374,9 +408,7 @@ class ExecHandle:
             return True
         remaining = max(self.deadline - time.monotonic(), 0.1)
         try:
-            await self.rt.run_commands(
-                self.spec, self.plan, commands, "exec_start_post", remaining, self.pid
-            )
+            await self.run_commands(commands, "exec_start_post", remaining)
         except (SpawnError, ManagerError) as exc:
             self._fail(str(exc))
             return False
@@ -384,18 +416,47 @@ class ExecHandle:
 
     async def run_stop_commands(self) -> None:
         """ExecStop= commands, before the stop signal; failures are logged, as systemd does."""
+        self.stop_requested = True
         commands = self.spec.options.exec_stop
         if not commands or not self.alive:
             return
-        shutdown = self.spec.shutdown
-        timeout = float(shutdown) if isinstance(shutdown, int | float) else 90.0
         for command in commands:
             try:
-                await self.rt.run_commands(
-                    self.spec, self.plan, (command,), "exec_stop", timeout, self.pid
-                )
+                await self.run_commands((command,), "exec_stop", stop_timeout(self.spec))
             except (SpawnError, ManagerError) as exc:
                 log.warning("%s", exc)
+
+    async def run_commands(
+        self, commands: tuple[UnitCommand, ...], field: str, timeout: float
+    ) -> None:
+        """:meth:`ExecRuntime.run_commands` for this run: its main PID, in its cgroup.
+
+        Counted while they run: the daemon's end waits for them before it
+        kills what is left (systemd lets a control process finish, within its
+        timeout, when the main process exits meanwhile).
+        """
+        self._commands_running += 1
+        try:
+            await self.rt.run_commands(
+                self.spec, self.plan, commands, field, timeout, self.pid,
+                cgroup=command_cgroup(self.spec, self.cgroup),
+            )  # fmt: skip
+        finally:
+            self._commands_running -= 1
+            idle = self._commands_idle
+            if not self._commands_running and idle is not None and not idle.done():
+                idle.set_result(None)
+
+    def service_result(self, status: ExitStatus) -> dict[str, str]:
+        """ExecStopPost='s environment for this end (see :func:`stop_post_environment`)."""
+        reason = next((str(e["reason"]) for e in reversed(self.events) if e.get("override")), "")
+        clean_stop = {self.spec.options.stop_signal}
+        if self.spec.shutdown == "brutal_kill":
+            clean_stop.add(signal.SIGKILL)
+        return stop_post_environment(
+            status.code, status.signal, reason=reason, success=self.spec.success_exit_status,
+            stop_signals=clean_stop if self.stop_requested else None,
+        )  # fmt: skip
 
     def _set_ready(self) -> None:
         if not self.ready.done():
@@ -428,7 +489,8 @@ class ExecHandle:
             self.pid_file.remove()
         self.rt.logs.release(self.spec.name)
         self.rt.forget(self)
-        if self.cgroup is None or self._cgroup_emptied():
+        commands_after = self._commands_running or self.spec.options.exec_stop_post
+        if not commands_after and (self.cgroup is None or self._cgroup_emptied()):
             # nothing is left to kill (the session went in _before_reap, or the cgroup
             # is empty and gone): the tree hears of the exit now, not in a clean-up
             # task's turn later, on the restart's path
@@ -453,8 +515,23 @@ class ExecHandle:
         return self.cgroup.reusable or self.cgroup.remove()
 
     async def _clean_up(self, status: ExitStatus) -> None:
+        """Kill what is left, run ExecStopPost=, then tell the tree (which may restart it).
+
+        A unit command still running (ExecStop= when the main process exits
+        during it) is waited for first, within its own timeout. ExecStopPost=
+        runs before the tree hears of the end, as systemd runs it before a
+        restart; the commands' leftovers are killed after it.
+        """
         try:
-            await self._kill_leftovers()
+            if self._commands_running:
+                self._commands_idle = self.loop.create_future()
+                await self._commands_idle
+            post = self.spec.options.exec_stop_post
+            await self._kill_leftovers(keep=bool(post))
+            if post:
+                env = self.service_result(status)
+                await self.rt.run_stop_post(self.spec, self.plan, self.cgroup, env)
+                await self._kill_leftovers()
         except Exception:
             log.exception("%s: killing what is left of the daemon failed", self.spec.name)
         finally:
@@ -467,18 +544,21 @@ class ExecHandle:
         if handle is self.main and self.cgroup is None:
             signal_group(handle, signal.SIGKILL)
 
-    async def _kill_leftovers(self) -> None:
+    async def _kill_leftovers(self, *, keep: bool = False) -> None:
         # Without a cgroup, the main process's session was killed before the main
         # process was reaped (_before_reap); a session whose leader is gone (a forking
         # daemon's launcher) is not signalled at all: its number may name a stranger.
         # The emptied cgroup directory is kept for the next run if it can be (a restart
         # reuses it: no mkdir/rmdir per start); removed when the daemon leaves the tree
         # (retire) or at close().
-        if self.cgroup is not None:
-            with contextlib.suppress(OSError, IkosError):
-                await self.cgroup.kill_all_async(signal.SIGKILL, timeout=2.0)
-                if not self.cgroup.reusable:
-                    self.cgroup.remove()
+        # With ``keep``, the directory stays for ExecStopPost= to run in.
+        if self.cgroup is None:
+            return
+        if not keep:
+            await self.rt.empty_cgroup(self.spec.name, self.cgroup)
+            return
+        with contextlib.suppress(OSError, IkosError):
+            await self.cgroup.kill_all_async(signal.SIGKILL, timeout=2.0)
 
     # -- forking ---------------------------------------------------------------------
 
@@ -620,7 +700,12 @@ class ExecHandle:
         is signalled as a group only while its leader (the main process, or
         the first process when it is still there) is our unreaped child.
         Otherwise the main process alone gets the signal, through its pidfd.
+        Once the main process is over, nothing: :meth:`_clean_up` ends what is
+        left, and a stop's SIGKILL must not cut short ExecStopPost=, which has
+        its own timeout.
         """
+        if self._finishing:
+            return False
         sent = self.main.send_signal(sig)
         if self.cgroup is not None:
             with contextlib.suppress(OSError):
@@ -684,13 +769,8 @@ class ExecHandle:
         """
         self.reloading = None
         try:
-            await self.rt.run_commands(
-                self.spec,
-                self.plan,
-                self.spec.options.exec_reload,
-                "exec_reload",
-                self.spec.start_timeout,
-                self.pid,
+            await self.run_commands(
+                self.spec.options.exec_reload, "exec_reload", self.spec.start_timeout
             )
         except SpawnError as exc:
             raise ManagerError(str(exc)) from None
@@ -850,10 +930,80 @@ class ExecRuntime:
         assert isinstance(spec, Exec)
         plan = unit_plan(spec, build_exec_plan(spec, self.paths))
         make_directories(spec, plan)
-        if spec.options.exec_start_pre:
-            await self.run_commands(
-                spec, plan, spec.options.exec_start_pre, "exec_start_pre", spec.start_timeout
-            )
+        kill_mode = spec.options.kill_mode
+        # control-group (systemd's default KillMode): a tracking cgroup, joined by the
+        # child before exec, so no process of the daemon escapes its stop, setsid or
+        # not; process-group: no cgroup unless limits need one, signals go to the
+        # daemon's session, and the start can use the much faster posix_spawn
+        cgroup = None
+        if kill_mode == "control-group" or plan.limits.needs_cgroup:
+            cgroup = self._cgroup(spec, plan)
+        if not (spec.options.exec_start_pre or spec.options.exec_stop_post):
+            return await self._spawn_prepared(node, spec, plan, cgroup)
+        # a unit's commands: ExecStartPre= runs in the cgroup the daemon will have, and
+        # a start that fails runs ExecStopPost= then kills what its commands left there
+        try:
+            if spec.options.exec_start_pre:
+                await self.run_commands(
+                    spec, plan, spec.options.exec_start_pre, "exec_start_pre",
+                    spec.start_timeout, cgroup=command_cgroup(spec, cgroup),
+                )  # fmt: skip
+            return await self._spawn_prepared(node, spec, plan, cgroup)
+        except SpawnError as exc:
+            await self.after_failed_start(spec, plan, cgroup, exc)
+            raise
+        except asyncio.CancelledError:  # ikosd stopping: what the commands left goes too
+            if command_cgroup(spec, cgroup) is not None:
+                assert cgroup is not None
+                # no wait (being cancelled), and no cgroup.kill: the directory stays
+                # reusable for a daemon cloned into it later (see DaemonCgroup.reusable)
+                with contextlib.suppress(OSError):
+                    for pid in cgroup.pids():
+                        cgroup.signal_member(pid, signal.SIGKILL)
+            raise
+
+    async def after_failed_start(
+        self, spec: Exec, plan: ExecPlan, cgroup: DaemonCgroup | None, exc: SpawnError
+    ) -> None:
+        """A start failed before the daemon ran: ExecStopPost=, then kill what was left.
+
+        ``$SERVICE_RESULT`` is systemd's ``exit-code`` when a start command
+        failed, ``resources`` when the daemon could not be started; there is
+        no main process, so no ``$EXIT_CODE``/``$EXIT_STATUS``.
+        """
+        if spec.options.exec_stop_post:
+            result = "exit-code" if exc.field == "exec_start_pre" else "resources"
+            await self.run_stop_post(spec, plan, cgroup, {"SERVICE_RESULT": result})
+        if cgroup is not None:
+            await self.empty_cgroup(spec.name, cgroup)
+
+    async def run_stop_post(
+        self, spec: Exec, plan: ExecPlan, cgroup: DaemonCgroup | None, env: dict[str, str]
+    ) -> None:
+        """ExecStopPost= commands, all of them, failures logged; TimeoutStopSec= each."""
+        if cgroup is not None and not all(os.path.isdir(d) for d in cgroup.dirs):
+            cgroup = None  # removed meanwhile: run outside, nothing of the daemon is left
+        for command in spec.options.exec_stop_post:
+            try:
+                await self.run_commands(
+                    spec, plan, (command,), "exec_stop_post", stop_timeout(spec),
+                    cgroup=command_cgroup(spec, cgroup), env=env,
+                )  # fmt: skip
+            except (SpawnError, ManagerError) as exc:
+                log.warning("%s", exc)
+
+    async def empty_cgroup(self, daemon: str, cgroup: DaemonCgroup) -> None:
+        """Kill what is left in a daemon's cgroup; drop the directory if it is spent."""
+        with contextlib.suppress(OSError, IkosError):
+            await cgroup.kill_all_async(signal.SIGKILL, timeout=2.0)
+            if not cgroup.reusable:
+                if self._kept_cgroups.get(daemon) is cgroup:
+                    del self._kept_cgroups[daemon]
+                cgroup.remove()
+
+    async def _spawn_prepared(
+        self, node: WorkerNode, spec: Exec, plan: ExecPlan, cgroup: DaemonCgroup | None
+    ) -> ExecHandle:
         if plan.type == "notify" and self.notify is None:
             raise SpawnError(spec.name, "type", "notify needs the sd_notify socket, which failed")
         if plan.pid_file and plan.type != "forking":
@@ -866,14 +1016,6 @@ class ExecRuntime:
                 plan,
                 env=(*plan.env, ("WATCHDOG_USEC", str(int(spec.options.watchdog_sec * 1e6)))),
             )
-        kill_mode = spec.options.kill_mode
-        # control-group (systemd's default KillMode): a tracking cgroup, joined by the
-        # child before exec, so no process of the daemon escapes its stop, setsid or
-        # not; process-group: no cgroup unless limits need one, signals go to the
-        # daemon's session, and the start can use the much faster posix_spawn
-        cgroup = None
-        if kill_mode == "control-group" or plan.limits.needs_cgroup:
-            cgroup = self._cgroup(spec, plan)
         if cgroup is not None:
             plan = dataclasses.replace(plan, cgroup_procs=tuple(cgroup.procs_files))
         # the instance's marks are one shared tuple: only the daemon's own is made here
@@ -1243,17 +1385,26 @@ class ExecRuntime:
         field: str,
         timeout: float,
         main_pid: int | None = None,
+        *,
+        cgroup: DaemonCgroup | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         """Run a unit's commands in order, as the daemon runs (user, directory, environment).
 
-        Each gets ``$MAINPID`` when the daemon has one, its ``$VAR`` expanded
-        (unless written with ``:``), its output in the daemon's log, and
-        ``timeout`` seconds before its session is killed. A failure stops the
-        sequence with :class:`SpawnError` naming the daemon, ``field`` and the
-        command, unless the command was written with ``-`` (then it is logged).
+        Each gets ``$MAINPID`` when the daemon has one, ``env`` (ExecStopPost='s
+        ``$SERVICE_RESULT``...), its ``$VAR`` expanded (unless written with
+        ``:``), its output in the daemon's log, and ``timeout`` seconds before
+        its session is killed. With ``cgroup`` it joins the daemon's cgroup
+        before exec, as systemd runs a unit's commands in the unit's cgroup:
+        what it leaves running is the daemon's, stopped with it. A failure
+        stops the sequence with :class:`SpawnError` naming the daemon,
+        ``field`` and the command, unless the command was written with ``-``
+        (then it is logged).
         """
         for command in commands:
-            status, why = await self._run_command(spec, plan, command, timeout, main_pid)
+            status, why = await self._run_command(
+                spec, plan, command, timeout, main_pid, cgroup, env
+            )
             if status is not None and status.code == 0:
                 continue
             text = f"{command.text()}: {why}"
@@ -1269,18 +1420,26 @@ class ExecRuntime:
         command: UnitCommand,
         timeout: float,
         main_pid: int | None,
+        cgroup: DaemonCgroup | None,
+        extra_env: dict[str, str] | None,
     ) -> tuple[ExitStatus | None, str]:
         """One command through the fork server: its status (None: timed out) and what happened."""
         env = dict(plan.env)
         env.pop("NOTIFY_SOCKET", None)  # only the daemon speaks sd_notify (NotifyAccess=main)
         if main_pid is not None:
             env["MAINPID"] = str(main_pid)
+        env.update(extra_env or {})
         argv = list(command.argv)
         if command.expand:
             argv[1:] = expand_variables(argv[1:], env)
-        program = argv[0] if "/" in argv[0] else shutil.which(argv[0], path=env.get("PATH"))
-        if program is None:
-            return None, f"{argv[0]} not found in PATH"
+        root = None if command.privileged else plan.root_directory  # '+': not in the chroot
+        program = argv[0]
+        if "/" not in program:
+            search = [in_root(root, d) for d in env.get("PATH", DEFAULT_PATH).split(os.pathsep)]
+            found = shutil.which(program, path=os.pathsep.join(search))
+            if found is None:
+                return None, f"{argv[0]} not found in PATH"
+            program = found if root is None else "/" + os.path.relpath(found, root)
         if command.argv0 is not None:
             argv[0] = command.argv0
         run = dataclasses.replace(
@@ -1290,13 +1449,19 @@ class ExecRuntime:
             env=tuple(env.items()),
             type="simple",
             pid_file=None,
-            cgroup_procs=(),
+            # joined by writing cgroup.procs, not cloned into it: a directory that had
+            # cgroup.kill written (Linux 6.18 kills what is cloned into it) still works
+            cgroup_procs=() if cgroup is None else cgroup.procs_files,
             stdin=StdioSpec("null"),
             stdout=StdioSpec("log"),
             stderr=StdioSpec("log"),
         )
         if command.privileged:  # '+': with ikosd's own privileges
-            run = dataclasses.replace(run, user=None, group=None, uid=None, gid=None, groups=None)
+            cwd = plan.working_directory
+            run = dataclasses.replace(
+                run, user=None, group=None, uid=None, gid=None, groups=None, root_directory=None,
+                working_directory=None if cwd is None else in_root(plan.root_directory, cwd),
+            )  # fmt: skip
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         try:

@@ -22,6 +22,12 @@ which it trusts alone:
 3. **The daemons' cgroups** (``kill_mode = "control-group"``): what is left
    in the cgroup of a daemon that is not adopted is killed.
 
+The PID files ikos wrote for daemons that are not adopted (they ended, or
+were stopped here: removed from the tree meanwhile, still starting, not
+wanted) are removed, found through the links
+:class:`~ikos.platform._pidfile.DaemonPidFile` leaves in ``RUN/pid-files``:
+the new ikosd's tree may not name them any more.
+
 What was stopped is said in the log, daemon by daemon, with the reason
 ("state.db did not record it", "it was still starting"...). The stray
 processes are killed with SIGKILL through pidfds and waited for (bounded)
@@ -45,6 +51,7 @@ from ikos.manager._state import RunningRecord, StateStore
 from ikos.platform._cgroups import CgroupManager, instance_cgroup_name
 from ikos.platform._fdstore import FdStore
 from ikos.platform._paths import InstancePaths
+from ikos.platform._pidfile import PID_FILE_NOTES, remove_stale_pid_files
 from ikos.platform._process import ProcInfo, all_pids, environ_of, proc_info
 
 log = logging.getLogger("ikos.recovery")
@@ -268,6 +275,8 @@ class Recovery:
             if left:
                 log.error("processes that would not die after SIGKILL: %s", left)
         self.adoptable = plan.adoptable
+        gone = {name: record.pid for name, record in records.items()}
+        self._remove_pid_files(keep=self.adoptable, gone=gone)
         for name in [n for n in self.held_fds if n not in self.adoptable]:
             for key, fd in self.held_fds.pop(name).items():
                 os.close(fd)
@@ -304,3 +313,15 @@ class Recovery:
             os.close(fd)
         self.fdstore.drop(record.name)
         self.state.gone(record.name)
+        self._remove_pid_files(gone={record.name: record.pid}, only=(record.name,))
+
+    def _remove_pid_files(
+        self,
+        *,
+        gone: dict[str, int],
+        keep: Collection[str] = (),
+        only: Collection[str] | None = None,
+    ) -> None:
+        notes = self.paths.run_dir / PID_FILE_NOTES
+        for path in remove_stale_pid_files(notes, keep, gone, only=only):
+            log.info("removed %s, the PID file of a daemon that no longer runs", path)

@@ -242,6 +242,12 @@ class ExecOptions:
     working_directory: str | None = option(
         None, _path, "directory the daemon starts in ('~' is the user's home)"
     )
+    root_directory: str | None = option(
+        None,
+        _path,
+        "chroot here before exec, as root (RootDirectory=): the executable, working_directory "
+        "and the commands' programs are paths inside it",
+    )
     pid_file: str | None = option(
         None, _path, "PID file: read for type 'forking', else written while the daemon runs"
     )
@@ -300,6 +306,10 @@ class ExecOptions:
     exec_stop: tuple[UnitCommand, ...] = option(
         (), _check_unit_commands, "commands run to stop, before the stop signal (ExecStop=)",
         restarts=False, to_json=_commands_json,
+    )  # fmt: skip
+    exec_stop_post: tuple[UnitCommand, ...] = option(
+        (), _check_unit_commands, "commands run once stopped, crashed or failed to start, "
+        "before a restart (ExecStopPost=)", restarts=False, to_json=_commands_json,
     )  # fmt: skip
     exec_reload: tuple[UnitCommand, ...] = option(
         (), _check_unit_commands, "commands run in order by a reload (ExecReload=)",

@@ -46,7 +46,7 @@ import os
 import secrets
 import stat
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -274,13 +274,24 @@ class DaemonPidFile:
         pid_file.remove()          # only if it still names the PID written
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, owners: Iterable[int] = ()) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        owners: Iterable[int] = (),
+        note: str | os.PathLike[str] | None = None,
+    ) -> None:
         self.path = Path(path)
         #: Whose file at the name may be replaced: ikosd's user, and ``owners``
         #: (the daemon's own user, should it rewrite the file itself).
         self.owners = frozenset({os.geteuid(), *owners})
         #: The PID this object last wrote (None: nothing written, or removed).
         self.pid: int | None = None
+        #: A symbolic link to :attr:`path`, made at the first write and removed with the
+        #: file: how an ikosd after a crash finds the file of a daemon it no longer
+        #: knows (:func:`remove_stale_pid_files`).
+        self.note = None if note is None else Path(note)
+        self._noted = False
 
     def _open_dir(self) -> int:
         directory = self.path.parent
@@ -338,6 +349,9 @@ class DaemonPidFile:
         finally:
             os.close(dfd)
         self.pid = pid
+        if self.note is not None and not self._noted:
+            self._noted = True
+            _write_note(self.note, self.path)
 
     def remove(self) -> bool:
         """Remove the file if it still names the PID written last; whether it was removed.
@@ -348,6 +362,13 @@ class DaemonPidFile:
         pid, self.pid = self.pid, None
         if pid is None:
             return False
+        if self._noted and self.note is not None:
+            self._noted = False
+            with contextlib.suppress(OSError):
+                self.note.unlink()
+        return self._remove_naming(pid)
+
+    def _remove_naming(self, pid: int) -> bool:
         try:
             dfd = self._open_dir()
         except PidFileError:
@@ -366,6 +387,79 @@ class DaemonPidFile:
             return False
         finally:
             os.close(dfd)
+
+
+def _write_note(note: Path, target: Path) -> None:
+    """``note`` -> ``target``, replaced atomically; a failure costs only the clean-up
+    after a crash of ikosd, so it is not an error of the daemon's start."""
+    tmp = note.with_name(f".{note.name}.{secrets.token_hex(6)}.tmp")
+    try:
+        note.parent.mkdir(mode=0o755, exist_ok=True)
+        os.symlink(os.path.abspath(target), tmp)
+        os.rename(tmp, note)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+#: The directory of :attr:`DaemonPidFile.note` links, under the instance's run directory.
+PID_FILE_NOTES = "pid-files"
+
+
+def remove_stale_pid_files(
+    notes: str | os.PathLike[str],
+    keep: Iterable[str],
+    gone: Mapping[str, int],
+    *,
+    only: Iterable[str] | None = None,
+) -> list[str]:
+    """After a crash of ikosd: remove the PID files of the daemons it no longer runs.
+
+    ``notes`` is the directory of :attr:`DaemonPidFile.note` links, one per
+    daemon name; the daemons in ``keep`` (adopted: their new handle writes
+    the file again) are left alone. For every other daemon, the file is
+    removed if it still names the PID that ``gone`` records for it (a
+    process that ended, or that the recovery stopped) or a PID that no
+    longer runs; a file naming a live process of someone else is left
+    alone, as :meth:`DaemonPidFile.remove` does. With ``only``, just those
+    daemons are looked at. Returns the paths removed.
+    """
+    kept = set(keep)
+    wanted = None if only is None else set(only)
+    removed: list[str] = []
+    try:
+        entries = list(os.scandir(notes))
+    except OSError:
+        return removed
+    for entry in entries:
+        name = entry.name
+        if name.startswith(".") or name in kept or (wanted is not None and name not in wanted):
+            continue
+        try:
+            target = os.readlink(entry.path)
+        except OSError:
+            continue
+        pid_file = DaemonPidFile(target)
+        named = _named_pid(pid_file.path)
+        stale = named is not None and (named == gone.get(name) or not _alive(named))
+        if stale and named is not None and pid_file._remove_naming(named):
+            removed.append(str(pid_file.path))
+        with contextlib.suppress(OSError):
+            os.unlink(entry.path)
+    return removed
+
+
+def _named_pid(path: Path) -> int | None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        return _parse(os.read(fd, MAX_PID_FILE_BYTES + 1))
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def read_pid_file(

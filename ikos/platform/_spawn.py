@@ -121,6 +121,9 @@ class ExecPlan:
     log_path: str | None = None
     notify_socket: str | None = None
     cgroup_procs: tuple[str, ...] = ()
+    #: chroot(2) here before the working directory (``executable`` and
+    #: ``working_directory`` are paths inside it); only the fork server's child does it.
+    root_directory: str | None = None
 
     @property
     def environ(self) -> dict[str, str]:
@@ -458,16 +461,19 @@ def build_exec_plan(spec: ExecTarget, paths: InstancePaths) -> ExecPlan:
     if not root:  # only no-op changes were accepted above
         uid = gid = None
 
-    # Working directory.
+    # Root directory (chroot), then the working directory, which is inside it.
+    chroot = _root_directory(daemon, o.root_directory)
     cwd: str | None = None
     if o.working_directory is not None:
         text = o.working_directory
         if text == "~" or text.startswith("~/"):
             home = pw.pw_dir if pw is not None else os.path.expanduser("~")
             text = home + text[1:]
-        cwd = os.path.abspath(text)
-        if not os.path.isdir(cwd):
-            raise SpawnError(daemon, "working_directory", f"{cwd} is not a directory")
+        cwd = os.path.abspath(text) if chroot is None else os.path.normpath("/" + text)
+        if not os.path.isdir(in_root(chroot, cwd)):
+            raise SpawnError(
+                daemon, "working_directory", f"{in_root(chroot, cwd)} is not a directory"
+            )
 
     # Environment.
     env: dict[str, str] = {} if o.clear_environment else dict(_manager_environ())
@@ -489,14 +495,24 @@ def build_exec_plan(spec: ExecTarget, paths: InstancePaths) -> ExecPlan:
         raise SpawnError(
             daemon, "executable", f"expected a path or a command name, got {executable!r}"
         )
-    full = _resolve_executable(daemon, executable, env["PATH"], cwd)
+    if chroot is None:
+        full = host_full = _resolve_executable(daemon, executable, env["PATH"], cwd)
+    else:  # found, and checked, inside the root; exec'd by its path there after chroot
+        rooted_path = os.pathsep.join(in_root(chroot, d) for d in env["PATH"].split(os.pathsep))
+        name = (
+            in_root(chroot, os.path.join(cwd or "/", executable))
+            if "/" in executable
+            else executable
+        )
+        host_full = _resolve_executable(daemon, name, rooted_path, None)
+        full = "/" + os.path.relpath(host_full, chroot)
     if uid is not None and uid != 0:
         # execve runs after the privileges are dropped: check as that user.
         gids = [g for g in (groups if groups is not None else (gid,)) if g is not None]
         who = pw.pw_name if pw is not None else str(uid)
-        if not _can_execute(os.stat(full), uid, gids):
+        if not _can_execute(os.stat(host_full), uid, gids):
             raise SpawnError(daemon, "executable", f"{full} is not executable by user {who!r}")
-        blocked = _unsearchable_dir(full, uid, gids)
+        blocked = _unsearchable_dir(host_full, uid, gids)
         if blocked is not None:
             mode = f"{os.stat(blocked).st_mode & 0o777:03o}" if os.path.exists(blocked) else "?"
             raise SpawnError(
@@ -534,7 +550,31 @@ def build_exec_plan(spec: ExecTarget, paths: InstancePaths) -> ExecPlan:
         stop_signal=o.stop_signal,
         log_path=str(paths.log_dir / f"{daemon}.log"),
         notify_socket=notify_socket,
+        root_directory=chroot,
     )
+
+
+def in_root(root: str | None, path: str) -> str:
+    """Where ``path``, as seen inside ``root`` (None: no chroot), is from the manager."""
+    if root is None:
+        return path
+    return os.path.join(root, path.lstrip("/"))
+
+
+def _root_directory(daemon: str, value: str | None) -> str | None:
+    """The checked ``root_directory``: an existing directory, and ikosd must be root."""
+    if value is None:
+        return None
+    root = os.path.abspath(value)
+    if os.geteuid() != 0:
+        raise SpawnError(
+            daemon,
+            "root_directory",
+            f"chroot into {root} needs root (ikosd runs as uid {os.geteuid()})",
+        )
+    if not os.path.isdir(root):
+        raise SpawnError(daemon, "root_directory", f"{root} is not a directory")
+    return None if root == "/" else root
 
 
 # --- in the child -----------------------------------------------------------------------------
@@ -621,7 +661,7 @@ def exec_in_child(
 
     Order: new session, join ``plan.cgroup_procs``, stdio (``stdio_fds``
     maps 0/1/2 to fds to dup2 there and wins over the plan's mode; ``log``
-    requires one), rlimits, umask, working directory, supplementary groups,
+    requires one), rlimits, umask, chroot, working directory, supplementary groups,
     gid, uid (privileges dropped last), close every fd but ``keep_fds``
     (made inheritable) and ``error_fd``, reset signal dispositions and the
     signal mask, ``execve``. ``error_fd`` must be a CLOEXEC pipe: the first
@@ -649,6 +689,10 @@ def exec_in_child(
             if plan.umask is not None:
                 step[0] = "umask"
                 os.umask(plan.umask)
+            if plan.root_directory is not None:
+                step[0] = "root_directory"  # stdio and cgroup files were opened outside it
+                os.chroot(plan.root_directory)
+                os.chdir("/")  # never left with a directory outside the root
             if plan.working_directory is not None:
                 step[0] = "working_directory"
                 os.chdir(plan.working_directory)

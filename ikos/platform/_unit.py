@@ -20,12 +20,12 @@ Three pure steps, each testable without a process:
    directive ikos does not support (``FILE:LINE: Key= is not supported by
    ikos; ignored``) and raising :class:`UnitError` for a unit that cannot
    run as written (no ``ExecStart=``, an unknown ``Type=``, an essential
-   directive ikos lacks, such as ``RootDirectory=``).
+   directive ikos lacks, such as ``RootImage=``).
 
 The rule for "essential" (documented in ``docs/configuration.md``): a
 directive is essential when ignoring it would run another program, as
 another identity or with more privileges than the unit grants its
-processes' identity, or in another file system (``RootDirectory=``,
+processes' identity, or in another file system (``RootImage=``,
 ``DynamicUser=``, ``ExecCondition=``, ``StandardInput=socket``...).
 Sandboxing that only narrows what the process may do (``ProtectSystem=``,
 ``PrivateTmp=``, ``CapabilityBoundingSet=``...) is not: the daemon runs
@@ -38,11 +38,13 @@ systemd's continuation and quoting rules.
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import os
 import pwd
 import re
 import resource
+import signal
 import socket
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -66,6 +68,7 @@ __all__ = [
     "read_unit",
     "split_command",
     "split_words",
+    "stop_post_environment",
     "unit_fields",
     "unit_files",
 ]
@@ -456,6 +459,59 @@ def expand_variables(words: Iterable[str], env: Mapping[str, str]) -> list[str]:
     return out
 
 
+#: Signals that end a daemon cleanly when it was asked to stop (systemd's rule for
+#: $SERVICE_RESULT: SIGHUP, SIGINT, SIGTERM and SIGPIPE, besides the stop signal).
+_CLEAN_STOP_SIGNALS = frozenset({signal.SIGHUP, signal.SIGINT, signal.SIGTERM, signal.SIGPIPE})
+#: $SERVICE_RESULT for the reasons ikos gives an end it caused (the start timed out...).
+_REASON_RESULTS = (("did not become ready", "timeout"), ("watchdog", "watchdog"),
+                   ("forking:", "protocol"), ("internal error", "resources"))  # fmt: skip
+
+
+def stop_post_environment(
+    code: int | None,
+    sig: int | None,
+    *,
+    reason: str = "",
+    success: Iterable[int | str] = (),
+    stop_signals: Iterable[int] | None = None,
+) -> dict[str, str]:
+    """ExecStopPost='s ``$SERVICE_RESULT``, ``$EXIT_CODE``, ``$EXIT_STATUS`` (systemd.exec(5)).
+
+    ``code``/``sig``: how the main process ended; ``reason``: why ikos ended
+    it, if it did (a start timeout, the watchdog, a forking daemon without
+    its main process); ``success``: SuccessExitStatus=; ``stop_signals``:
+    the stop signal(s) when a stop was asked for (None: it was not). A
+    stop ended by one of them, or by SIGHUP/SIGINT/SIGTERM/SIGPIPE, is a
+    ``success``; by another signal (the SIGKILL after the stop timeout), a
+    ``timeout``.
+
+    >>> stop_post_environment(None, 9)
+    {'EXIT_CODE': 'killed', 'EXIT_STATUS': 'KILL', 'SERVICE_RESULT': 'signal'}
+    >>> stop_post_environment(None, 15, stop_signals={15})["SERVICE_RESULT"]
+    'success'
+    """
+    env: dict[str, str] = {}
+    signame = None
+    if sig is not None:
+        with contextlib.suppress(ValueError):
+            signame = signal.Signals(sig).name
+        env["EXIT_CODE"], env["EXIT_STATUS"] = "killed", (signame or f"SIG{sig}")[3:]
+    elif code is not None:
+        env["EXIT_CODE"], env["EXIT_STATUS"] = "exited", str(code)
+    clean = set(success)
+    if reason:
+        result = next((r for start, r in _REASON_RESULTS if start in reason), "exit-code")
+    elif code == 0 or code in clean or (signame is not None and signame in clean):
+        result = "success"
+    elif stop_signals is not None and sig is not None:
+        asked = {*stop_signals, *_CLEAN_STOP_SIGNALS}
+        result = "success" if sig in asked else "timeout"
+    else:
+        result = "exit-code" if sig is None else "signal"
+    env["SERVICE_RESULT"] = result
+    return env
+
+
 # -- 3. directives to an Exec ------------------------------------------------------------------
 
 
@@ -506,7 +562,6 @@ _DIRECTORIES = {
 }
 #: Directives ikos cannot honour and must not ignore: the unit is refused.
 _ESSENTIAL = {
-    "RootDirectory": "ikos runs daemons in the host's file system, not a chroot",
     "RootImage": "ikos does not mount disk images",
     "DynamicUser": "ikos does not allocate users; without one the daemon would run as root",
     "ExecCondition": "the condition decides whether the daemon runs at all",
@@ -519,7 +574,7 @@ _ESSENTIAL = {
 _ACCUMULATING = frozenset({
     "Requires", "Wants", "BindsTo", "Requisite", "After", "Before", "Environment",
     "EnvironmentFile", "SupplementaryGroups", "ExecStart", "ExecStartPre", "ExecStartPost",
-    "ExecStop", "ExecReload", "SuccessExitStatus", "RestartPreventExitStatus",
+    "ExecStop", "ExecStopPost", "ExecReload", "SuccessExitStatus", "RestartPreventExitStatus",
     "RuntimeDirectory", "StateDirectory", "CacheDirectory", "LogsDirectory",
     "ConfigurationDirectory",
 })  # fmt: skip
@@ -789,7 +844,8 @@ def unit_fields(
         fields["expand_environment"] = True  # with ':', '$' reaches the program as written
     fields["args"] = args
     for key, option in (("ExecStartPre", "exec_start_pre"), ("ExecStartPost", "exec_start_post"),
-                        ("ExecStop", "exec_stop"), ("ExecReload", "exec_reload")):  # fmt: skip
+                        ("ExecStop", "exec_stop"), ("ExecReload", "exec_reload"),
+                        ("ExecStopPost", "exec_stop_post")):  # fmt: skip
         commands = m.commands(key)
         if key == "ExecStartPost":
             commands = (*starts[1:], *commands)
@@ -809,6 +865,7 @@ def unit_fields(
         for kind, paths in m.directories.items():  # as systemd: $RUNTIME_DIRECTORY...
             if paths:
                 env[_DIRECTORIES[kind][1]] = ":".join(paths)
+    _start_limit(m, fields)
     # systemd's defaults where ikos's differ: no restart, 90 s to start and to stop
     fields.setdefault("restart_on", "no")
     fields.setdefault("start_timeout", 90.0)
@@ -885,6 +942,23 @@ def _h_workdir(m: _Mapper, d: Directive, f: dict[str, Any]) -> None:
         f.pop("working_directory", None)
         return
     f["working_directory"] = value
+
+
+def _h_root_directory(m: _Mapper, d: Directive, f: dict[str, Any]) -> None:
+    """A chroot, as systemd's RootDirectory= without its bind mounts (none by default).
+
+    Refused here, with file and line, where it cannot work: ikosd is not
+    root, or the directory is missing (checked again at each start).
+    """
+    value = m.value(d)
+    if not value.startswith("/"):
+        raise m.fail(d, f"expected an absolute path, got {value!r}")
+    if os.geteuid() != 0:
+        why = f"(it runs as uid {os.geteuid()}); the unit cannot run without it"
+        raise m.fail(d, f"chroot into {value} needs ikosd to run as root {why}")
+    if not os.path.isdir(value):
+        raise m.fail(d, f"{value} is not a directory")
+    f["root_directory"] = value
 
 
 def _h_environment(m: _Mapper, d: Directive, f: dict[str, Any]) -> None:
@@ -1027,6 +1101,53 @@ def _h_stdin(m: _Mapper, d: Directive, f: dict[str, Any]) -> None:
     m.warn(d, f"{value} is not supported by ikos; standard input is /dev/null")
 
 
+#: systemd's start limit keys, in [Unit] since v230, in [Service] before (still read).
+_START_LIMIT_INTERVAL = ("StartLimitIntervalSec", "StartLimitInterval")
+#: systemd's DefaultStartLimitIntervalSec= and DefaultStartLimitBurst=, for the one
+#: of the two a unit leaves out.
+_START_LIMIT_DEFAULTS = (10.0, 5)
+
+
+def _start_limit(m: _Mapper, f: dict[str, Any]) -> None:
+    """StartLimitBurst= starts within StartLimitIntervalSec= as ``max_restarts`` in
+    ``restart_window``: Burst starts are the first one and Burst - 1 restarts.
+
+    A unit that sets neither gets no limit (systemd's defaults are not applied:
+    ikos's supervisors bound restarts already); 0 for either means no limit, as
+    in systemd; ``infinity`` is a window that never forgets.
+    """
+    interval_d = burst_d = None
+    for d in m.directives:  # the last assignment wins, in either section
+        if d.section in ("Unit", "Service") and d.key in _START_LIMIT_INTERVAL:
+            interval_d = d if d.value else None
+        elif d.section in ("Unit", "Service") and d.key == "StartLimitBurst":
+            burst_d = d if d.value else None
+    if interval_d is None and burst_d is None:
+        return
+    interval: float | None = _START_LIMIT_DEFAULTS[0]
+    burst = _START_LIMIT_DEFAULTS[1]
+    if interval_d is not None:
+        try:
+            interval = parse_timespan(m.value(interval_d))
+        except ValueError as exc:
+            raise m.fail(interval_d, str(exc)) from None
+    if burst_d is not None:
+        text = m.value(burst_d)
+        if not text.isdigit():
+            raise m.fail(burst_d, f"expected a number of starts (0 or more), got {text!r}")
+        burst = int(text)
+    if interval == 0 or burst == 0:
+        return
+    f["max_restarts"] = burst - 1
+    f["restart_window"] = _MAX_TIMEOUT if interval is None else interval
+
+
+def _h_start_limit_action(m: _Mapper, d: Directive, f: dict[str, Any]) -> None:
+    if m.value(d) != "none":
+        m.warn(d, f"{m.value(d)} is not supported by ikos: hitting the start limit only "
+                  "fails the daemon")  # fmt: skip
+
+
 _HANDLERS: dict[tuple[str, str], _Handler] = {
     ("Unit", "Description"): _h_description,
     ("Unit", "Requires"): _h_read_later,
@@ -1035,16 +1156,24 @@ _HANDLERS: dict[tuple[str, str], _Handler] = {
     ("Unit", "Requisite"): _h_read_later,
     ("Unit", "After"): _h_read_later,
     ("Unit", "Before"): _h_read_later,
+    **{
+        (section, key): _h_read_later
+        for section in ("Unit", "Service")
+        for key in (*_START_LIMIT_INTERVAL, "StartLimitBurst")
+    },
+    ("Unit", "StartLimitAction"): _h_start_limit_action,
     ("Service", "Type"): _h_type,
     ("Service", "ExecStart"): _h_read_later,
     ("Service", "ExecStartPre"): _h_read_later,
     ("Service", "ExecStartPost"): _h_read_later,
     ("Service", "ExecStop"): _h_read_later,
     ("Service", "ExecReload"): _h_read_later,
+    ("Service", "ExecStopPost"): _h_read_later,
     ("Service", "User"): _option("user"),
     ("Service", "Group"): _option("group"),
     ("Service", "SupplementaryGroups"): _h_groups,
     ("Service", "WorkingDirectory"): _h_workdir,
+    ("Service", "RootDirectory"): _h_root_directory,
     ("Service", "Environment"): _h_environment,
     ("Service", "EnvironmentFile"): _h_envfile,
     ("Service", "UMask"): _h_umask,

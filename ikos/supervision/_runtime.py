@@ -600,6 +600,9 @@ class SupervisorNode(Node):
         self.queue: asyncio.Queue[tuple[Command, asyncio.Future[Any] | None]] = asyncio.Queue()
         self.task: asyncio.Task[None] | None = None
         self.timers: dict[Node, asyncio.TimerHandle] = {}  # pending back-off restarts
+        #: the recent restarts of each executable with a ``restart_window`` (a unit's
+        #: StartLimitIntervalSec=): its own intensity, forgotten once it gave up
+        self.restart_windows: dict[Node, RestartIntensity] = {}
         self._build_children()
 
     def _build_children(self) -> None:
@@ -798,10 +801,12 @@ class SupervisorNode(Node):
         limit = child.spec.max_restarts if isinstance(child.spec, Exec) else None
         if (
             limit is not None
-            and child.restarts >= limit
             and should_restart_spec(child.spec, reason)
+            and not self._restart_allowed(child, limit)
         ):
-            why = f"restart limit reached ({limit} restarts); last: {reason.reason}"
+            window = child.spec.restart_window if isinstance(child.spec, Exec) else None
+            within = "" if window is None else f" within {window:g} s: start-limit-hit"
+            why = f"restart limit reached ({limit} restarts{within}); last: {reason.reason}"
             child.last_exit = replace(reason, reason=why)
             child.set_state(State.FAILED, why)
             if isinstance(child, WorkerNode):
@@ -845,6 +850,20 @@ class SupervisorNode(Node):
                 self.timers[child] = timer
                 return
         await self._start_group(group, child)
+
+    def _restart_allowed(self, child: Node, limit: int) -> bool:
+        """Whether an executable may restart once more: ``max_restarts`` over its life,
+        or over a sliding ``restart_window`` (OTP's intensity rule, per child)."""
+        window = child.spec.restart_window if isinstance(child.spec, Exec) else None
+        if window is None:
+            return child.restarts < limit
+        recent = self.restart_windows.get(child) or RestartIntensity(limit, window)
+        recent, allowed = recent.add(self.clock())
+        if allowed:
+            self.restart_windows[child] = recent
+        else:  # it fails: a start by an operator begins a new window (systemd's reset-failed)
+            self.restart_windows.pop(child, None)
+        return allowed
 
     async def _restart_due(self, group: list[Node], child: Node, inc: int) -> None:
         if child.state is not State.BACKOFF or child.incarnation != inc:

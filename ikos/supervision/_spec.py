@@ -221,6 +221,13 @@ class Exec(_ChildBase):
         "restarts after which the daemon is failed (none: no limit)",
         restarts=False,
     )
+    restart_window: float | None = option(
+        None,
+        seconds(zero_ok=False),
+        "max_restarts counts the restarts of this many seconds, a sliding window "
+        "(systemd's StartLimitIntervalSec=); none: of the daemon's whole life",
+        restarts=False,
+    )
     restart_on: str | None = option(
         None, choice(RESTART_ON), "systemd's Restart=: which exits restart", restarts=False
     )
