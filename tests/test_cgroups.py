@@ -310,3 +310,34 @@ def test_a_daemons_directories_are_reused_until_removed_or_killed(
     os.waitpid(pid, 0)
     assert not fresh.reusable
     assert fresh.remove()
+
+
+def test_a_directory_left_by_an_earlier_run_is_made_anew_or_not_reused(
+    cgroups: CgroupManager, children: list[int]
+) -> None:
+    # A previous ikosd (crashed, or whose removal failed) may have written
+    # cgroup.kill to a daemon's directory; Linux then kills at once every
+    # process cloned into it. Nothing in cgroupfs says so: a new manager makes
+    # an empty leftover anew, and does not count on a busy one.
+    cg = cgroups.create("left", ResourceLimits(), track=True)
+    if cg is None:
+        pytest.skip("no writable cgroup v2 to track in")
+    inode = os.stat(cg.dirs[0]).st_ino
+    with open(os.path.join(cg.dirs[0], "cgroup.kill"), "w") as f:
+        f.write("1")  # written behind the DaemonCgroup's back, as by an earlier ikosd
+    later = CgroupManager(cgroups.instance)  # the next ikosd of the same instance
+    fresh = later.create("left", ResourceLimits(), track=True)
+    assert fresh is not None and fresh.dirs == cg.dirs
+    assert fresh.reusable and os.stat(fresh.dirs[0]).st_ino != inode
+    assert all(not found.reusable for found in later.existing().values())
+    pid = os.fork()
+    if pid == 0:
+        os.execv("/bin/sleep", ["sleep", "100017"])
+    children.append(pid)
+    fresh.add(pid)
+    busy = CgroupManager(cgroups.instance).create("left", ResourceLimits(), track=True)
+    assert busy is not None and not busy.reusable  # kept (it holds a process), not trusted
+    assert os.stat(busy.dirs[0]).st_ino == os.stat(fresh.dirs[0]).st_ino
+    assert pid in busy.pids()
+    assert fresh.kill_all()
+    os.waitpid(pid, 0)

@@ -341,7 +341,8 @@ class CgroupManager:
         is not applied adds a line to :attr:`warnings`. With ``track``, a
         cgroup is made for the daemon even without limits (where v2 is
         writable), so that all its processes can be listed and killed.
-        A cgroup left by a previous run under the same name is reused.
+        A directory left by a previous run under the same name is made anew
+        when empty, else kept but not reused (:func:`_fresh_directory`).
         """
         if not daemon or "/" in daemon or daemon.startswith("."):
             raise ValueError(f"invalid daemon name {daemon!r}")
@@ -356,13 +357,14 @@ class CgroupManager:
             return None
         dirs: dict[tuple[int, str], str] = {}  # (version, base) -> daemon dir
         applied: dict[str, str] = {}
+        inherited = False  # a directory this DaemonCgroup did not make (history unknown)
 
         def directory(place: _Place) -> str:
+            nonlocal inherited
             key = (place.version, place.base)
             if key not in dirs:
                 path = os.path.join(self._instance_dir(place), f"{daemon}.service")
-                with contextlib.suppress(FileExistsError):
-                    os.mkdir(path)
+                inherited |= not _fresh_directory(path)
                 dirs[key] = path
             return dirs[key]
 
@@ -391,6 +393,7 @@ class CgroupManager:
         if not dirs:
             return None
         cgroup = DaemonCgroup(daemon, tuple(sorted(dirs.values())), applied)
+        cgroup._never_killed = not inherited
         if len(dirs) == 1 and next(iter(dirs))[0] == 2:
             cgroup.v2_only = next(iter(dirs.values()))
         if len(applied) == len(wanted):  # else try again next time
@@ -409,7 +412,10 @@ class CgroupManager:
                 for entry in os.scandir(path):
                     if entry.is_dir(follow_symlinks=False) and entry.name.endswith(".service"):
                         found.setdefault(entry.name[: -len(".service")], []).append(entry.path)
-        return {name: DaemonCgroup(name, tuple(dirs), {}) for name, dirs in found.items()}
+        out = {name: DaemonCgroup(name, tuple(dirs), {}) for name, dirs in found.items()}
+        for cgroup in out.values():  # a previous ikosd may have written their cgroup.kill
+            cgroup._never_killed = False
+        return out
 
     def cleanup(self) -> None:
         """Remove this instance's (empty) directories in every hierarchy; keep busy ones."""
@@ -426,6 +432,30 @@ class CgroupManager:
                 os.rmdir(path)
             self._prepared.discard(path)
         self._made.clear()
+
+
+def _fresh_directory(path: str) -> bool:
+    """Make the cgroup directory ``path``; False if one stays there that was not made now.
+
+    A directory left by an earlier run (a crash of ikosd, a removal that
+    failed) may have had ``cgroup.kill`` written to it, and nothing in
+    cgroupfs says so; a process cloned into it would die at once (see
+    :attr:`DaemonCgroup.reusable`). So an empty one is removed and made again,
+    a new cgroup; one that still holds processes is kept, as not reusable.
+    """
+    try:
+        os.mkdir(path)
+        return True
+    except FileExistsError:
+        pass
+    try:
+        os.rmdir(path)
+        os.mkdir(path)
+        return True
+    except FileExistsError:  # made again meanwhile by someone else: not ours to trust
+        return False
+    except OSError:  # busy (members, children): keep it
+        return False
 
 
 class DaemonCgroup:
