@@ -17,7 +17,6 @@ status), and copies the daemons' output to its stdout and stderr
 from __future__ import annotations
 
 import argparse
-import asyncio
 import importlib
 import importlib.util
 import logging
@@ -30,11 +29,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ikos._errors import ConfigError, IkosError
-from ikos.manager._extension import Config, ConfigSource
+from ikos.platform._asyncio_tls import import_asyncio_without_tls
 from ikos.platform._paths import InstancePaths
 from ikos.supervision._spec import Supervisor
 
 if TYPE_CHECKING:
+    from ikos.manager._extension import Config, ConfigSource
     from ikos.manager._manager import Manager
 
 log = logging.getLogger("ikos.manager")
@@ -225,6 +225,8 @@ def prepare(
     are importable, in that order, so that ``class = "examples.demo:Echo"``
     works from where the file is as from where ikosd was started.
     """
+    from ikos.manager._extension import Config
+
     paths = InstancePaths.resolve(args.root) if args.root else InstancePaths.default()
     config_file = Path(args.config) if args.config else None
     if config_file is None and args.tree is None and paths.config_file.is_file():
@@ -315,6 +317,11 @@ def _first(*values: Any) -> Any:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ikosd`` command."""
+    # first, before the tree module or the manager import it: ikosd's asyncio
+    # has no ssl (libcrypto) until a TLS health check asks (docs/performance.md)
+    import_asyncio_without_tls()
+    import asyncio
+
     init = os.getpid() == 1
     # PID 1 drops the signals it has no handler for: from now until the manager's
     # handlers take over, a shutdown request is noted, not lost
@@ -390,6 +397,8 @@ async def _serve(manager: Manager, early: Sequence[int] = ()) -> int:
     in between, and nothing is left for the closing loop to restore.
     """
 
+    import asyncio
+
     def take_early() -> None:  # runs once manager.run() has put its own handlers in place
         if early:
             log.info("shutdown requested (signal %d) while ikosd was starting", early[0])
@@ -420,6 +429,8 @@ def run(
         if __name__ == "__main__":
             raise SystemExit(ikos.run(ikos.Supervisor("root", children=[...]), root=".demo"))
     """
+    import asyncio
+
     from ikos.manager._manager import Manager
 
     paths = InstancePaths.resolve(root)

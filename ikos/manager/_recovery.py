@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import os
 import select
@@ -43,6 +42,7 @@ from dataclasses import dataclass, field
 
 from ikos.manager._state import RunningRecord, StateStore
 from ikos.platform._cgroups import CgroupManager, instance_cgroup_name
+from ikos.platform._digest import sha256
 from ikos.platform._fdstore import FdStore
 from ikos.platform._paths import InstancePaths
 from ikos.platform._process import ProcInfo, all_pids, environ_of, proc_info
@@ -58,7 +58,7 @@ KILL_WAIT = 10.0
 
 def instance_mark(paths: InstancePaths) -> str:
     """The value of ``IKOS_INSTANCE`` for this instance (stable across restarts of ikosd)."""
-    return hashlib.sha256(str(paths.run_dir).encode()).hexdigest()[:16]
+    return sha256(str(paths.run_dir).encode()).hexdigest()[:16]
 
 
 @dataclass
