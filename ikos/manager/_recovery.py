@@ -93,10 +93,13 @@ def find_marked(mark: str) -> list[Marked]:
     """Every live process whose environment says it belongs to the instance ``mark``."""
     me = os.getpid()
     found = []
+    # decoding every process's environment was most of this scan (11-32 ms before
+    # ikosd answers, on a machine of 700 processes); only the marked are decoded
+    needle = f"{MARK_INSTANCE}={mark}".encode()
     for pid in all_pids():
         if pid == me:
             continue
-        env = environ_of(pid)
+        env = environ_of(pid, containing=needle)
         if env is None or env.get(MARK_INSTANCE) != mark:
             continue
         info = proc_info(pid)
