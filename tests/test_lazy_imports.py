@@ -218,3 +218,14 @@ def test_the_private_ikosd_of_ikos_local_maps_no_openssl() -> None:
     with ikos.local(tree=tree) as system:
         assert system.pid is not None
         assert openssl_mapped(system.pid) == []
+
+
+def test_the_builtin_sha256_gives_hashlib_s_digests() -> None:
+    # the short names of cgroups and caches must stay what a previous ikosd computed
+    import hashlib
+
+    from ikos.platform._digest import sha256
+
+    for data in (b"", b"/run/ikos", bytes(range(256)) * 70):
+        assert sha256(data).hexdigest() == hashlib.sha256(data).hexdigest()
+    assert type(sha256(b"")).__module__ in ("_sha256", "_sha2")  # not OpenSSL's

@@ -317,11 +317,6 @@ def _first(*values: Any) -> Any:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ikosd`` command."""
-    # first, before the tree module or the manager import it: ikosd's asyncio
-    # has no ssl (libcrypto) until a TLS health check asks (docs/performance.md)
-    import_asyncio_without_tls()
-    import asyncio
-
     init = os.getpid() == 1
     # PID 1 drops the signals it has no handler for: from now until the manager's
     # handlers take over, a shutdown request is noted, not lost
@@ -329,6 +324,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if init:
         for sig in _SHUTDOWN_SIGNALS:
             signal.signal(sig, lambda signum, frame: early.append(signum))
+    # before the tree module or the manager import it: ikosd's asyncio has no ssl
+    # (OpenSSL's libcrypto) until an https:// health check asks (docs/performance.md)
+    import_asyncio_without_tls()
+    import asyncio
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=(args.log_level or "info").upper(), format=LOG_FORMAT)
     try:
