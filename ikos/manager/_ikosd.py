@@ -17,7 +17,6 @@ status), and copies the daemons' output to its stdout and stderr
 from __future__ import annotations
 
 import argparse
-import asyncio
 import importlib
 import importlib.util
 import logging
@@ -30,11 +29,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ikos._errors import ConfigError, IkosError
-from ikos.manager._extension import Config, ConfigSource
+from ikos.platform._asyncio_tls import import_asyncio_without_tls
 from ikos.platform._paths import InstancePaths
 from ikos.supervision._spec import Supervisor
 
 if TYPE_CHECKING:
+    from ikos.manager._extension import Config, ConfigSource
     from ikos.manager._manager import Manager
 
 log = logging.getLogger("ikos.manager")
@@ -225,6 +225,8 @@ def prepare(
     are importable, in that order, so that ``class = "examples.demo:Echo"``
     works from where the file is as from where ikosd was started.
     """
+    from ikos.manager._extension import Config
+
     paths = InstancePaths.resolve(args.root) if args.root else InstancePaths.default()
     config_file = Path(args.config) if args.config else None
     if config_file is None and args.tree is None and paths.config_file.is_file():
@@ -322,6 +324,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if init:
         for sig in _SHUTDOWN_SIGNALS:
             signal.signal(sig, lambda signum, frame: early.append(signum))
+    # before the tree module or the manager import it: ikosd's asyncio has no ssl
+    # (OpenSSL's libcrypto) until an https:// health check asks (docs/performance.md)
+    import_asyncio_without_tls()
+    import asyncio
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=(args.log_level or "info").upper(), format=LOG_FORMAT)
     try:
@@ -390,6 +397,8 @@ async def _serve(manager: Manager, early: Sequence[int] = ()) -> int:
     in between, and nothing is left for the closing loop to restore.
     """
 
+    import asyncio
+
     def take_early() -> None:  # runs once manager.run() has put its own handlers in place
         if early:
             log.info("shutdown requested (signal %d) while ikosd was starting", early[0])
@@ -420,6 +429,8 @@ def run(
         if __name__ == "__main__":
             raise SystemExit(ikos.run(ikos.Supervisor("root", children=[...]), root=".demo"))
     """
+    import asyncio
+
     from ikos.manager._manager import Manager
 
     paths = InstancePaths.resolve(root)

@@ -16,7 +16,6 @@ and ikosd ignores repeats once its shutdown began.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import shutil
 import signal
@@ -27,8 +26,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ikos._codec import decode
-from ikos.manager._extension import Config
 from ikos.manager._ikosd import _serve, setup_logging
+from ikos.platform._asyncio_tls import import_asyncio_without_tls
 from ikos.platform._paths import InstancePaths
 
 #: Seconds between the watcher's SIGTERMs once the lifeline ended.
@@ -49,6 +48,11 @@ def watch_lifeline(fd: int) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the private ikosd; see the module docstring."""
+    import_asyncio_without_tls()  # as ikosd's main: no OpenSSL until an https check
+    import asyncio
+
+    from ikos.manager._extension import Config
+
     p = argparse.ArgumentParser(prog="ikos-local")
     p.add_argument("--root", required=True)
     p.add_argument("--tree-file", required=True)

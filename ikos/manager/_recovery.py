@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import os
 import select
@@ -49,6 +48,7 @@ from dataclasses import dataclass, field
 
 from ikos.manager._state import RunningRecord, StateStore
 from ikos.platform._cgroups import CgroupManager, instance_cgroup_name
+from ikos.platform._digest import sha256
 from ikos.platform._fdstore import FdStore
 from ikos.platform._paths import InstancePaths
 from ikos.platform._pidfile import PID_FILE_NOTES, remove_stale_pid_files
@@ -65,7 +65,7 @@ KILL_WAIT = 10.0
 
 def instance_mark(paths: InstancePaths) -> str:
     """The value of ``IKOS_INSTANCE`` for this instance (stable across restarts of ikosd)."""
-    return hashlib.sha256(str(paths.run_dir).encode()).hexdigest()[:16]
+    return sha256(str(paths.run_dir).encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -100,10 +100,13 @@ def find_marked(mark: str) -> list[Marked]:
     """Every live process whose environment says it belongs to the instance ``mark``."""
     me = os.getpid()
     found = []
+    # decoding every process's environment was most of this scan (11-32 ms before
+    # ikosd answers, on a machine of 700 processes); only the marked are decoded
+    needle = f"{MARK_INSTANCE}={mark}".encode()
     for pid in all_pids():
         if pid == me:
             continue
-        env = environ_of(pid)
+        env = environ_of(pid, containing=needle)
         if env is None or env.get(MARK_INSTANCE) != mark:
             continue
         info = proc_info(pid)

@@ -64,7 +64,6 @@ import array
 import asyncio
 import collections
 import contextlib
-import hashlib
 import logging
 import os
 import shutil
@@ -77,6 +76,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from ikos.platform._digest import sha256
 from ikos.platform._process import disown, hold_reaping, own, release_reaping
 
 log = logging.getLogger("ikos.cgexec")
@@ -306,7 +306,7 @@ int main(int argc, char **argv)
 
 #: The descriptor number the manager gives the trampoline's error pipe.
 ERROR_FD = 3
-_VERSION = hashlib.sha256(SOURCE.encode()).hexdigest()[:12]
+_VERSION = sha256(SOURCE.encode()).hexdigest()[:12]
 _NAME = f"ikos-cgexec-{_VERSION}"
 _COMPILERS = ("cc", "gcc", "clang")
 _found: str | None = None

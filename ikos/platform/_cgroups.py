@@ -34,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import hashlib
 import logging
 import os
 import signal
@@ -43,6 +42,7 @@ from collections.abc import Generator
 from dataclasses import dataclass
 
 from ikos._errors import SpawnError
+from ikos.platform._digest import sha256
 from ikos.platform._paths import InstancePaths
 from ikos.platform._process import signal_pid
 from ikos.platform._spawn import CGROUP_FIELDS, ResourceLimits
@@ -84,7 +84,7 @@ def cgroup_settings(limits: ResourceLimits, version: int) -> dict[str, list[tupl
 
 def instance_cgroup_name(paths: InstancePaths) -> str:
     """The cgroup directory name of an instance: ``ikos-`` and a hash of its run directory."""
-    digest = hashlib.sha256(str(paths.run_dir).encode()).hexdigest()[:12]
+    digest = sha256(str(paths.run_dir).encode()).hexdigest()[:12]
     return f"ikos-{digest}"
 
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import os
 import socket
@@ -42,6 +41,7 @@ import time
 from pathlib import Path
 
 from ikos.platform import _cgexec
+from ikos.platform._digest import sha256
 from ikos.platform._fdkeeper import recv, send
 from ikos.platform._process import disown, own
 from ikos.platform._unix import connect_unix, peer_credentials
@@ -61,7 +61,7 @@ def _keeper_name() -> str | None:
         source = KEEPER_SOURCE.read_bytes()
     except OSError:
         return None  # an installation without the source: the Python keeper
-    digest = hashlib.sha256(source + " ".join(_FLAGS).encode()).hexdigest()[:12]
+    digest = sha256(source + " ".join(_FLAGS).encode()).hexdigest()[:12]
     return f"ikos-fdkeeper-{digest}"
 
 

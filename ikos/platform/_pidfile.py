@@ -43,7 +43,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import secrets
 import stat
 import time
 from collections.abc import Iterable, Mapping
@@ -184,7 +183,7 @@ class PidFile:
         return (st.st_dev, st.st_ino) != (own.st_dev, own.st_ino)
 
     def _write_locked(self, pid: int) -> int:
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -331,7 +330,7 @@ class DaemonPidFile:
         if pid <= 0:
             raise ValueError(f"invalid PID {pid}")
         dfd = self._open_dir()
-        tmp = f".{self.path.name}.{secrets.token_hex(6)}.tmp"
+        tmp = f".{self.path.name}.{os.urandom(6).hex()}.tmp"
         try:
             self._check_at(dfd)
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC

@@ -190,12 +190,18 @@ def session_members(sid: int) -> list[int]:
     return out
 
 
-def environ_of(pid: int) -> dict[str, str] | None:
-    """The environment process ``pid`` was started with (None if it cannot be read)."""
+def environ_of(pid: int, *, containing: bytes = b"") -> dict[str, str] | None:
+    """The environment process ``pid`` was started with (None if it cannot be read).
+
+    With ``containing``, None too when those bytes are not in it: a scan of
+    every process for one variable then decodes only the few that may have it.
+    """
     try:
         with open(f"/proc/{pid}/environ", "rb") as f:
             raw = f.read()
     except OSError:
+        return None
+    if containing not in raw:
         return None
     env: dict[str, str] = {}
     for item in raw.split(b"\0"):

@@ -29,7 +29,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import grp
-import hashlib
 import os
 import pwd
 import re
@@ -45,6 +44,7 @@ from pathlib import Path
 from typing import Literal, NoReturn, TypeAlias, cast
 
 from ikos._errors import SpawnError
+from ikos.platform._digest import sha256
 from ikos.platform._exec_options import ExecTarget
 from ikos.platform._limits import CGROUP_FIELDS as CGROUP_FIELDS
 from ikos.platform._limits import RLIMIT_FIELDS as RLIMIT_FIELDS
@@ -369,7 +369,7 @@ def notify_socket_address(paths: InstancePaths) -> str:
     path = str(paths.run_dir / NOTIFY_SOCKET_NAME)
     if len(os.fsencode(path)) <= 107:
         return path
-    digest = hashlib.sha256(os.fsencode(paths.run_dir)).hexdigest()[:16]
+    digest = sha256(os.fsencode(paths.run_dir)).hexdigest()[:16]
     return f"@ikos-{digest}/notify"
 
 

@@ -20,10 +20,7 @@ message and lets a reader parse many frames from one ``recv``.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import os
-import secrets
 import socket
 import struct
 import time
@@ -50,7 +47,7 @@ def ensure_secret(path: Path) -> bytes:
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
-        os.write(fd, secrets.token_bytes(32))
+        os.write(fd, os.urandom(32))
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -72,7 +69,18 @@ def read_secret(path: Path) -> bytes:
 
 
 def _mac(secret: bytes, label: bytes, a: bytes, b: bytes) -> bytes:
-    return hmac.new(secret, label + a + b, hashlib.sha256).digest()
+    # hmac loads OpenSSL's libcrypto: imported at the first handshake, not by every
+    # process that imports this module (ikosd runs none for a tree of executables)
+    import hmac
+
+    return hmac.new(secret, label + a + b, "sha256").digest()
+
+
+def _same(a: bytes, b: bytes) -> bool:
+    """Constant-time comparison (``hmac.compare_digest``, imported on first use)."""
+    import hmac
+
+    return hmac.compare_digest(a, b)
 
 
 def _recv_exact(sock: socket.socket, n: int, deadline: float) -> bytes:
@@ -95,12 +103,12 @@ def client_handshake(sock: socket.socket, secret: bytes, timeout: float) -> int:
     Returns the server's frame limit: the largest frame it accepts.
     """
     deadline = time.monotonic() + timeout
-    nonce_c = secrets.token_bytes(NONCE)
+    nonce_c = os.urandom(NONCE)
     sock.settimeout(timeout)
     sock.sendall(MAGIC + nonce_c)
     answer = _recv_exact(sock, SERVER_LEN, deadline)
     nonce_s, limit, mac_s = answer[:NONCE], answer[NONCE:-MAC], answer[-MAC:]
-    if not hmac.compare_digest(mac_s, _mac(secret, b"server", nonce_c, nonce_s + limit)):
+    if not _same(mac_s, _mac(secret, b"server", nonce_c, nonce_s + limit)):
         raise AuthenticationError("the peer failed the HMAC challenge (wrong instance secret)")
     sock.sendall(_mac(secret, b"client", nonce_s, nonce_c))
     (max_frame,) = HEADER.unpack(limit)
@@ -139,15 +147,13 @@ class ServerHandshake:
                 raise AuthenticationError("not an ikos client (bad magic)")
             self._nonce_c = bytes(self._buf[len(MAGIC) : HELLO_LEN])
             del self._buf[:HELLO_LEN]
-            self._nonce_s = secrets.token_bytes(NONCE)
+            self._nonce_s = os.urandom(NONCE)
             limit = self._limit
             mac = _mac(self._secret, b"server", self._nonce_c, self._nonce_s + limit)
             out = self._nonce_s + limit + mac
         if len(self._buf) >= MAC:
             proof = bytes(self._buf[:MAC])
-            if not hmac.compare_digest(
-                proof, _mac(self._secret, b"client", self._nonce_s, self._nonce_c)
-            ):
+            if not _same(proof, _mac(self._secret, b"client", self._nonce_s, self._nonce_c)):
                 raise AuthenticationError("the client failed the HMAC challenge")
             self.done = True
             self.leftover = bytes(self._buf[MAC:])

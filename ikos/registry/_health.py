@@ -54,6 +54,7 @@ from typing import Literal, TypeAlias, cast
 from urllib.parse import urlsplit
 
 from ikos._errors import ConfigError
+from ikos.platform._asyncio_tls import enable_asyncio_tls
 from ikos.platform._process import run_command
 
 log = logging.getLogger(__name__)
@@ -189,6 +190,8 @@ async def probe_http(url: str, timeout: float) -> ProbeResult:
         f"GET {target} HTTP/1.1\r\nHost: {host_header}\r\nUser-Agent: ikos-health\r\n"
         "Accept: */*\r\nConnection: close\r\n\r\n"
     ).encode("ascii", "replace")
+    if parts.scheme == "https":
+        enable_asyncio_tls()  # ikosd's asyncio starts without ssl
     deadline = asyncio.get_running_loop().time() + timeout
     writer: asyncio.StreamWriter | None = None
     try:

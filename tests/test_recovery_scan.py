@@ -1,0 +1,56 @@
+"""The scan for processes carrying an instance's mark (``ikos.manager._recovery.find_marked``).
+
+It decodes only the environments that contain the marker's bytes; what it
+finds must stay exactly what a full decode finds: the process whose
+``IKOS_INSTANCE`` is the mark, not one whose value merely starts with it, nor
+one where the bytes appear in another variable.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+
+from ikos.manager._recovery import MARK_DAEMON, MARK_INSTANCE, find_marked
+from ikos.platform._process import environ_of
+
+MARK = "0123456789abcdef"
+
+
+@pytest.fixture
+def sleepers() -> Iterator[dict[str, int]]:
+    """Processes with look-alike environments: name -> pid (killed and reaped after)."""
+    envs = {
+        "marked": {MARK_INSTANCE: MARK, MARK_DAEMON: "web"},
+        "longer": {MARK_INSTANCE: MARK + "0"},  # the bytes are there, the value differs
+        "elsewhere": {"OTHER": f"{MARK_INSTANCE}={MARK}"},  # in another variable's value
+        "other": {MARK_INSTANCE: "fedcba9876543210"},
+    }
+    procs = {
+        name: subprocess.Popen(["/bin/sleep", "1000"], env={"PATH": os.defpath, **env})
+        for name, env in envs.items()
+    }
+    try:
+        yield {name: p.pid for name, p in procs.items()}
+    finally:
+        for p in procs.values():
+            p.kill()
+            p.wait()
+
+
+def test_find_marked_finds_exactly_the_marked_process(sleepers: dict[str, int]) -> None:
+    found = [(m.info.pid, m.daemon) for m in find_marked(MARK)]
+    assert found == [(sleepers["marked"], "web")]
+
+
+def test_environ_of_with_containing_decodes_only_what_contains_the_bytes(
+    sleepers: dict[str, int],
+) -> None:
+    needle = f"{MARK_INSTANCE}={MARK}".encode()
+    env = environ_of(sleepers["marked"], containing=needle)
+    assert env is not None and env[MARK_INSTANCE] == MARK
+    assert environ_of(sleepers["other"], containing=needle) is None
+    assert environ_of(sleepers["other"]) == {"PATH": os.defpath, MARK_INSTANCE: "fedcba9876543210"}
