@@ -391,7 +391,7 @@ class DaemonPidFile:
 def _write_note(note: Path, target: Path) -> None:
     """``note`` -> ``target``, replaced atomically; a failure costs only the clean-up
     after a crash of ikosd, so it is not an error of the daemon's start."""
-    tmp = note.with_name(f".{note.name}.{secrets.token_hex(6)}.tmp")
+    tmp = note.with_name(f".{note.name}.{os.urandom(6).hex()}.tmp")
     try:
         note.parent.mkdir(mode=0o755, exist_ok=True)
         os.symlink(os.path.abspath(target), tmp)
