@@ -25,6 +25,13 @@ A ``pid_file`` on a daemon of a type other than ``forking`` is written by
 ikos (:class:`~ikos.platform._pidfile.DaemonPidFile`) once the exec
 succeeded, rewritten when ``MAINPID=`` moves the main process (and when a
 new ikosd adopts the daemon), and removed when the daemon ends.
+
+A restart its supervisor is sure to make is sent to the spawn server from
+the exit's callback, before the exit is recorded, logged and told to the
+extensions (:meth:`ExecRuntime.restart_early`, runsv's order): the tree's
+own start then takes it, and a check queued behind the exit kills one it
+did not take. Rejected: building each daemon's next request in advance
+(its environment's bytes kept per daemon, for ~0.1 ms).
 """
 
 from __future__ import annotations
