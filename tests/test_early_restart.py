@@ -15,6 +15,7 @@ restart, run in both kill modes.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import os
 import signal
@@ -269,3 +270,33 @@ async def settle_queue(root: SupervisorNode) -> None:
 
     for _ in range(3):  # the exit, then the check queued behind it
         await root.call(noop)
+
+
+@real
+def test_the_keeper_keeps_the_old_pipes_only_for_the_successors_to_replace(
+    tmp_path: Path,
+) -> None:
+    """The keeper's `put` replaces a stream's pipe: an early restart drops nothing of the
+    run that ended, except a stream the successor has no pipe for."""
+
+    async def body(host: RuntimeHost, root: SupervisorNode, rt: ExecRuntime) -> None:
+        released: list[tuple[str, tuple[str, ...]]] = []
+        rt.logs.release = lambda name, streams=("stdout", "stderr"): released.append(  # type: ignore[method-assign]
+            (name, tuple(streams))
+        )
+        d, handle, _ = _running(host)
+        os.kill(handle.pid, signal.SIGKILL)
+        await _until(lambda: d.pid not in (None, handle.pid), "the restart")
+        second = d.handle
+        assert isinstance(second, ExecHandle) and second.started_by == EARLY
+        assert released == []  # both streams replaced by the successor's pipes
+        # the spec changes (a reload would): stdout no longer goes to the log
+        d.spec = dataclasses.replace(d.spec, stdout="null")
+        host.nodes["d"].backoff = host.nodes["d"].backoff.started(-10.0)  # ran long enough
+        os.kill(second.pid, signal.SIGKILL)
+        await _until(lambda: d.pid not in (None, second.pid), "the second restart")
+        assert isinstance(d.handle, ExecHandle) and d.handle.started_by == EARLY
+        assert released == [("d", ("stdout",))]
+        assert sorted(rt.logs._readers.values()) == ["d"]  # stderr only
+
+    _with_runtime(tmp_path, body)

@@ -1215,6 +1215,12 @@ class ExecRuntime:
             _close_pipes(pipes)
             return None
         self._early[node] = _EarlyStart(spec, node.incarnation + 1, plan, cgroup, pipes, reply)
+        # the last run's pipes stay with the keeper until this run's replace them
+        # (ExecHandle._finished); those no pipe of this run will replace go now
+        logged = {stream for _, std, stream in _stdio(handle.plan) if std.mode == "log"}
+        unmatched = tuple(logged - {stream for stream, _ in pipes})
+        if unmatched:
+            self.logs.release(spec.name, unmatched)
         return reply
 
     def check_early(self, node: WorkerNode) -> None:
