@@ -259,21 +259,26 @@ def test_kill_9_at_random_moments_never_leaves_a_second_copy(ikosd: Any, tmp_pat
     assert "it was still starting" in inst.log()
 
 
-PG_TREE = """
+ONE_TREE = """
 import ikos
 tree = ikos.Supervisor("root", max_restarts=1000, within=1, children=[
     ikos.Exec("pg", "/bin/sh", args=["-c", 'touch "{copies}/pg.$$"; exec sleep 100000'],
-              kill_mode="process-group", stdout="null", stderr="null"),
+              kill_mode="{kill_mode}", stdout="null", stderr="null"),
 ])
 """
 
 
-def test_kill_9_just_after_a_restart_leaves_exactly_one_copy(ikosd: Any, tmp_path: Path) -> None:
+@pytest.mark.parametrize("kill_mode", ["process-group", "control-group"])
+def test_kill_9_just_after_a_restart_leaves_exactly_one_copy(
+    ikosd: Any, tmp_path: Path, kill_mode: str
+) -> None:
     """The state store writes a restart's rows a few ms after the spawn (FLUSH_DELAY):
-    ikosd killed in that window, the next one still runs the daemon exactly once."""
+    ikosd killed in that window, the next one still runs the daemon exactly once. In
+    control-group mode the restart is sent before the exit is even recorded
+    (ExecRuntime.restart_early): killed then, the old row names the dead process."""
     where = tmp_path / "copies"
     where.mkdir()
-    inst = ikosd(PG_TREE.format(copies=where))
+    inst = ikosd(ONE_TREE.format(copies=where, kill_mode=kill_mode))
     proc = inst.start()
     for round_ in range(5):
         old = wait_for(lambda: copies(where, "pg"), message="a copy of pg")

@@ -25,6 +25,13 @@ A ``pid_file`` on a daemon of a type other than ``forking`` is written by
 ikos (:class:`~ikos.platform._pidfile.DaemonPidFile`) once the exec
 succeeded, rewritten when ``MAINPID=`` moves the main process (and when a
 new ikosd adopts the daemon), and removed when the daemon ends.
+
+A restart its supervisor is sure to make is sent to the spawn server from
+the exit's callback, before the exit is recorded, logged and told to the
+extensions (:meth:`ExecRuntime.restart_early`, runsv's order): the tree's
+own start then takes it, and a check queued behind the exit kills one it
+did not take. Rejected: building each daemon's next request in advance
+(its environment's bytes kept per daemon, for ~0.1 ms).
 """
 
 from __future__ import annotations
@@ -70,17 +77,20 @@ from ikos.platform._spawn import (
     ExecPlan,
     StdioSpec,
     build_exec_plan,
+    environ_generation,
     exec_in_child,
     in_root,
     notify_socket_address,
 )
 from ikos.platform._unit import UnitCommand, expand_variables, stop_post_environment
-from ikos.supervision._runtime import WorkerNode
+from ikos.supervision._runtime import ExitReason, SupervisorNode, WorkerNode
 from ikos.supervision._spec import Exec
 
 log = logging.getLogger("ikos.exec")
 
 EXEC_ENTRY = "ikos.manager._exec:exec_entry"
+#: ``started_by`` of a restart sent before its exit was recorded (ExecRuntime.restart_early).
+EARLY = "cgexec-server (early restart)"
 #: How often a forking daemon's PID file is read again while it is not valid yet.
 PID_FILE_POLL = 0.05
 
@@ -216,6 +226,32 @@ def make_directories(spec: Exec, plan: ExecPlan) -> None:
             ) from None
 
 
+def _close_pipes(pipes: list[tuple[str, int]]) -> None:
+    for _, r in pipes:
+        os.close(r)
+
+
+@dataclasses.dataclass(slots=True)
+class _EarlyStart:
+    """A restart sent before its exit was recorded (:meth:`ExecRuntime.restart_early`)."""
+
+    spec: Exec
+    #: The incarnation of the node whose start takes it.
+    incarnation: int
+    plan: ExecPlan
+    cgroup: DaemonCgroup
+    pipes: list[tuple[str, int]]
+    reply: asyncio.Future[tuple[int | None, str]]
+
+    def discard(self) -> None:
+        """ikosd is closing: nothing of it may be left (the cgroups are emptied next)."""
+        _close_pipes(self.pipes)
+        if self.reply.done():
+            _cgexec.kill_and_reap(self.reply.result()[0])
+        else:
+            self.reply.cancel()  # the reply, if it comes, kills and reaps it
+
+
 class ExecHandle:
     """One run of an executable daemon; see the module docstring."""
 
@@ -238,9 +274,15 @@ class ExecHandle:
         *,
         sid: int | None = None,
         adopted: bool = False,
+        node: WorkerNode | None = None,
     ) -> None:
         self.rt = runtime
         self.spec = spec
+        #: ikosd's environment when the plan was built: the plan is reused for an early
+        #: restart while it is the same (see ExecRuntime.restart_early).
+        self.environ_generation = environ_generation(check=False)
+        #: The tree's node this is a run of (None in unit tests of the handle alone).
+        self.node = node
         self.plan = plan
         self.proc = proc
         self.main = proc
@@ -485,17 +527,36 @@ class ExecHandle:
         self._finishing = True
         if self.watchdog is not None:
             self.watchdog.cancel()
+        # unit commands still running, or ExecStopPost= to run, come before the tree hears
+        # of the exit (in _clean_up), and so before any restart
+        commands_after = bool(self._commands_running or self.spec.options.exec_stop_post)
+        emptied = not commands_after and (self.cgroup is None or self._cgroup_emptied())
+        # the successor's start goes out first when the supervisor is sure to want it
+        # (runsv's order): what follows, and the exit's transition, come once it runs
+        # (the server replies once its exec is done), so that the successor is not
+        # kept waiting for a CPU by ikosd's bookkeeping
+        reply = self.rt.restart_early(self, status) if self.cgroup is not None and emptied else None
+        if reply is not None:
+            reply.add_done_callback(functools.partial(self._finished, status, True, True))
+        else:
+            self._finished(status, emptied, False)
+
+    def _finished(self, status: ExitStatus, emptied: bool, early: bool, _: object = None) -> None:
         if self.pid_file is not None:
             self.pid_file.remove()
-        self.rt.logs.release(self.spec.name)
+        if not early:  # else the successor's pipes replace them in the keeper
+            self.rt.logs.release(self.spec.name)
         self.rt.forget(self)
-        commands_after = self._commands_running or self.spec.options.exec_stop_post
-        if not commands_after and (self.cgroup is None or self._cgroup_emptied()):
+        if emptied:
             # nothing is left to kill (the session went in _before_reap, or the cgroup
             # is empty and gone): the tree hears of the exit now, not in a clean-up
             # task's turn later, on the restart's path
             if not self.exited.done():
                 self.exited.set_result(status)
+            if early and self.node is not None:
+                # after the callbacks set_result just queued (the tree's, which posts
+                # the exit to the supervisor): the check goes into its queue behind it
+                self.loop.call_soon(self.rt.check_early, self.node)
             return
         self.loop.create_task(self._clean_up(status), name=f"exec-cleanup:{self.spec.name}")
 
@@ -820,6 +881,8 @@ class ExecRuntime:
         self.spawn_helper: str | None = None
         #: The trampoline kept running to start daemons into cgroups, once one was.
         self.spawn_server: _cgexec.SpawnServer | None = None
+        #: Restarts sent before their exit was recorded, until their start takes them.
+        self._early: dict[WorkerNode, _EarlyStart] = {}
 
     async def start(self) -> None:
         self.spawn_helper = _cgexec.helper_path()
@@ -842,6 +905,9 @@ class ExecRuntime:
             self.spawn_helper = build.result()
 
     def close(self) -> None:
+        for early in self._early.values():
+            early.discard()
+        self._early.clear()
         if self.spawn_server is not None:
             self.spawn_server.close()
         if self.notify is not None:
@@ -915,6 +981,18 @@ class ExecRuntime:
             self.cgroups = CgroupManager(instance_cgroup_name(self.paths))
         return self.cgroups
 
+    def _cgroup_for(self, spec: Exec, plan: ExecPlan) -> DaemonCgroup | None:
+        """The cgroup a start of ``spec`` goes into (made now if need be), if any.
+
+        control-group (systemd's default KillMode): a tracking cgroup, joined by the
+        child before exec, so no process of the daemon escapes its stop, setsid or
+        not; process-group: no cgroup unless limits need one, signals go to the
+        daemon's session, and the start can use the much faster posix_spawn.
+        """
+        if spec.options.kill_mode == "control-group" or plan.limits.needs_cgroup:
+            return self._cgroup(spec, plan)
+        return None
+
     def _cgroup(self, spec: Exec, plan: ExecPlan) -> DaemonCgroup | None:
         cgroups = self._cgroup_manager()
         cg = cgroups.create(spec.name, plan.limits, track=True)
@@ -928,16 +1006,14 @@ class ExecRuntime:
     async def spawn(self, node: WorkerNode) -> ExecHandle:
         spec = node.spec
         assert isinstance(spec, Exec)
+        early = self._early.pop(node, None)
+        if early is not None:
+            if early.spec is spec and early.incarnation == node.incarnation:
+                return await self._take_early(node, early)
+            await self._abandon_early(early)
         plan = unit_plan(spec, build_exec_plan(spec, self.paths))
         make_directories(spec, plan)
-        kill_mode = spec.options.kill_mode
-        # control-group (systemd's default KillMode): a tracking cgroup, joined by the
-        # child before exec, so no process of the daemon escapes its stop, setsid or
-        # not; process-group: no cgroup unless limits need one, signals go to the
-        # daemon's session, and the start can use the much faster posix_spawn
-        cgroup = None
-        if kill_mode == "control-group" or plan.limits.needs_cgroup:
-            cgroup = self._cgroup(spec, plan)
+        cgroup = self._cgroup_for(spec, plan)
         if not (spec.options.exec_start_pre or spec.options.exec_stop_post):
             return await self._spawn_prepared(node, spec, plan, cgroup)
         # a unit's commands: ExecStartPre= runs in the cgroup the daemon will have, and
@@ -1011,6 +1087,17 @@ class ExecRuntime:
                 DaemonPidFile(plan.pid_file, owners=pid_file_owners(plan)).check()
             except PidFileError as exc:
                 raise SpawnError(spec.name, "pid_file", str(exc)) from None
+        plan = self._placed(spec, plan, cgroup)
+        if plan.type != "notify":
+            return await self._spawn(node, spec, plan, cgroup)
+        self._hold_notify()
+        try:
+            return await self._spawn(node, spec, plan, cgroup)
+        finally:
+            self._release_notify()
+
+    def _placed(self, spec: Exec, plan: ExecPlan, cgroup: DaemonCgroup | None) -> ExecPlan:
+        """The plan completed with the watchdog, ``cgroup`` and the instance's marks."""
         if self.watchdog_env(spec):
             plan = dataclasses.replace(
                 plan,
@@ -1024,13 +1111,7 @@ class ExecRuntime:
             marks = (*marks, (self.daemon_variable, spec.name))
         if marks:
             plan = dataclasses.replace(plan, env=(*plan.env, *marks))
-        if plan.type != "notify":
-            return await self._spawn(node, spec, plan, cgroup)
-        self._hold_notify()
-        try:
-            return await self._spawn(node, spec, plan, cgroup)
-        finally:
-            self._release_notify()
+        return plan
 
     async def _spawn(
         self, node: WorkerNode, spec: Exec, plan: ExecPlan, cgroup: DaemonCgroup | None
@@ -1082,7 +1163,7 @@ class ExecRuntime:
             for w in theirs:
                 os.close(w)
         proc = ProcessHandle(pid, status_fd=err_r, exec_pipe=True)
-        handle = ExecHandle(self, spec, plan, proc, cgroup)
+        handle = ExecHandle(self, spec, plan, proc, cgroup, node=node)
         handle.started_by = "fork-server"
         self.handles.append(handle)
         self.index(handle)
@@ -1112,8 +1193,43 @@ class ExecRuntime:
         the caller uses the trampoline.
         """
         assert cgroup.v2_only is not None
+        try:
+            pipes, theirs, stdio = self._served_stdio(spec, plan)
+        except _NotServed:
+            return None
+        except BaseException:
+            with contextlib.suppress(Exception):
+                cgroup.remove()
+            raise
+        try:
+            try:
+                pid, error = await server.spawn(
+                    cgroup.v2_only, plan.executable, plan.argv, plan.environ, stdio
+                )
+            except OSError:
+                raise _NotServed from None
+        except _NotServed:  # nothing was started: the trampoline does it
+            _close_pipes(pipes)
+            return None
+        except BaseException:
+            _close_pipes(pipes)
+            with contextlib.suppress(Exception):
+                cgroup.remove()
+            raise
+        finally:
+            for w in theirs:
+                os.close(w)
+        return await self._served(node, spec, plan, cgroup, pipes, pid, error)
+
+    def _served_stdio(
+        self, spec: Exec, plan: ExecPlan
+    ) -> tuple[list[tuple[str, int]], list[int], list[int]]:
+        """The three stdio descriptors of a start by the spawn server: (the log pipes'
+        read ends by stream, the descriptors to close once sent, the three to send).
+        Raises _NotServed (an inherited stream that is closed) or SpawnError, with
+        nothing left open."""
         pipes: list[tuple[str, int]] = []
-        theirs: list[int] = []  # closed here once sent
+        theirs: list[int] = []  # closed once sent
         stdio: list[int] = []
         try:
             for target, std, stream in _stdio(plan):
@@ -1141,28 +1257,27 @@ class ExecRuntime:
                 except OSError as exc:
                     raise SpawnError(spec.name, stream, f"cannot open {path}: {exc.strerror}")
                 stdio.append(theirs[-1])
-            try:
-                pid, error = await server.spawn(
-                    cgroup.v2_only, plan.executable, plan.argv, plan.environ, stdio
-                )
-            except OSError:
-                raise _NotServed from None
-        except _NotServed:  # nothing was started: the trampoline does it
-            for _, r in pipes:
-                os.close(r)
-            return None
         except BaseException:
-            for _, r in pipes:
-                os.close(r)
-            with contextlib.suppress(Exception):
-                cgroup.remove()
-            raise
-        finally:
+            _close_pipes(pipes)
             for w in theirs:
                 os.close(w)
+            raise
+        return pipes, theirs, stdio
+
+    async def _served(
+        self,
+        node: WorkerNode,
+        spec: Exec,
+        plan: ExecPlan,
+        cgroup: DaemonCgroup,
+        pipes: list[tuple[str, int]],
+        pid: int | None,
+        error: str,
+        started_by: str = "cgexec-server",
+    ) -> ExecHandle:
+        """The spawn server's reply to a start: the daemon's handle, or SpawnError."""
         if pid is None or error:
-            for _, r in pipes:
-                os.close(r)
+            _close_pipes(pipes)
             if pid is not None:  # its exec failed: our child (CLONE_PARENT), reaped here
                 with contextlib.suppress(ChildProcessError):
                     os.waitpid(pid, 0)
@@ -1176,7 +1291,134 @@ class ExecRuntime:
             raise SpawnError(spec.name, where if sep else None, reason if sep else error)
         for stream, r in pipes:
             self.logs.capture(spec.name, stream, r)
-        return self._direct_handle(node, spec, plan, pid, cgroup, "cgexec-server")
+        return self._direct_handle(node, spec, plan, pid, cgroup, started_by)
+
+    # -- restarts sent before the exit is recorded --------------------------------------
+
+    def restart_early(
+        self, handle: ExecHandle, status: ExitStatus
+    ) -> asyncio.Future[tuple[int | None, str]] | None:
+        """Send the start of ``handle``'s successor now, before the tree hears of the exit.
+
+        Only when the supervisor foresees that it will restart the daemon at once
+        and alone (:meth:`SupervisorNode.restarts_at_once`) and the start is a plain
+        one through the spawn server (no ExecStartPre=, not notify, no PID file to
+        check, an emptied cgroup of its own): the transition, the log line, the
+        state store and the extensions then run while the daemon starts, as runsv
+        restarts before it logs. The supervisor still decides: its start takes this
+        one (:meth:`spawn`); if it decides otherwise, :meth:`check_early`, queued
+        behind the exit, kills it. A crash of ikosd in between leaves an
+        unrecorded process with the instance's marker, which the next ikosd stops
+        before it starts the daemon again, as for any start not yet recorded.
+        """
+        node = handle.node
+        if node is None or node.handle is not handle or node in self._early:
+            return None
+        spec = node.spec
+        parent = node.parent
+        if not isinstance(spec, Exec) or not isinstance(parent, SupervisorNode):
+            return None
+        if spec.options.exec_start_pre or spec.options.exec_stop_post:
+            return None
+        if self.spawn_helper is None or not _cgexec.server_enabled():
+            return None
+        reason = ExitReason.from_process(status, handle.exit_event())
+        pending = sum(1 for n in self._early if n.parent is parent)
+        if not parent.restarts_at_once(node, reason, pending):
+            return None
+        try:
+            # the plan of the run that ended, as spawn() would build it again (same spec,
+            # same environment, the same emptied cgroup), unless a file is to be re-read
+            plan, cgroup = handle.plan, handle.cgroup
+            if (
+                spec is not handle.spec
+                or spec.options.environment_files
+                or cgroup is None
+                or not cgroup.reusable
+                or handle.environ_generation != environ_generation()
+            ):
+                fresh = unit_plan(spec, build_exec_plan(spec, self.paths))
+                cgroup = self._cgroup_for(spec, fresh)
+                plan = self._placed(spec, fresh, cgroup)
+            if plan.type == "notify" or plan.pid_file or not direct_spawn_possible(plan):
+                return None
+            make_directories(spec, plan)
+            if cgroup is None or cgroup.v2_only is None:
+                return None
+            server = self._spawn_server(cgroup)
+            if server is None:
+                return None
+            pipes, theirs, stdio = self._served_stdio(spec, plan)
+        except (IkosError, OSError, _NotServed):
+            return None  # the start the supervisor decides meets it again, and says so
+        try:
+            reply = server.spawn_now(
+                cgroup.v2_only, plan.executable, plan.argv, plan.environ, stdio
+            )
+        except OSError:
+            reply = None
+        finally:
+            for w in theirs:
+                os.close(w)
+        if reply is None:
+            _close_pipes(pipes)
+            return None
+        self._early[node] = _EarlyStart(spec, node.incarnation + 1, plan, cgroup, pipes, reply)
+        # the last run's pipes stay with the keeper until this run's replace them
+        # (ExecHandle._finished); those no pipe of this run will replace go now
+        logged = {stream for _, std, stream in _stdio(handle.plan) if std.mode == "log"}
+        unmatched = tuple(logged - {stream for stream, _ in pipes})
+        if unmatched:
+            self.logs.release(spec.name, unmatched)
+        return reply
+
+    def check_early(self, node: WorkerNode) -> None:
+        """Queue, behind the exit that the supervisor is to handle, the check that its
+        decision took the start sent early; a start it did not take is killed."""
+        if node not in self._early:
+            return
+        parent = node.parent
+        if parent is None:
+            asyncio.get_running_loop().create_task(self._early_taken(node))
+            return
+        parent.post(functools.partial(self._early_taken, node))
+
+    async def _early_taken(self, node: WorkerNode) -> None:
+        early = self._early.pop(node, None)
+        if early is not None:
+            await self._abandon_early(early)
+
+    async def _take_early(self, node: WorkerNode, early: _EarlyStart) -> ExecHandle:
+        # the last run's pipes were left with the keeper for this run's to replace: a
+        # start that fails drops them
+        try:
+            pid, error = await _cgexec.SpawnServer.reply(early.reply)
+        except BaseException:
+            _close_pipes(early.pipes)
+            self.logs.release(early.spec.name)
+            raise
+        try:
+            return await self._served(
+                node, early.spec, early.plan, early.cgroup, early.pipes, pid, error, EARLY
+            )
+        except BaseException:
+            self.logs.release(early.spec.name)
+            raise
+
+    async def _abandon_early(self, early: _EarlyStart) -> None:
+        """Kill a start sent early that the supervisor did not take, and all it forked."""
+        name = early.spec.name
+        _close_pipes(early.pipes)
+        self.logs.release(name)  # the last run's pipes, left with the keeper for this one's
+        pid, _ = await _cgexec.SpawnServer.reply(early.reply)
+        _cgexec.kill_and_reap(pid)
+        log.info("%s: the restart sent before its exit was handled was not taken: killed", name)
+        cgroup = early.cgroup
+        with contextlib.suppress(OSError, IkosError):
+            if cgroup.pids():  # it forked before it died: no reuse after a cgroup.kill
+                await cgroup.kill_all_async(signal.SIGKILL, timeout=2.0)
+            if not cgroup.reusable:
+                cgroup.remove()
 
     async def _spawn_direct(
         self,
@@ -1286,7 +1528,7 @@ class ExecRuntime:
         # posix_spawn (and the trampoline's or the server's vfork) return only once the
         # exec succeeded (or fail): ready as Type=exec
         proc.ready.set_result({"event": "ready", "pid": pid})
-        handle = ExecHandle(self, spec, plan, proc, cgroup)
+        handle = ExecHandle(self, spec, plan, proc, cgroup, node=node)
         handle.started_by = started_by
         self.handles.append(handle)
         self.index(handle)
@@ -1371,7 +1613,7 @@ class ExecRuntime:
         # its cgroup, if it has one, is how its processes are reached from now on: an
         # adopted process is no longer our child, so nothing pins its session's number
         cgroup = self._cgroup_manager().existing().get(spec.name)
-        handle = ExecHandle(self, spec, plan, proc, cgroup, sid=sid, adopted=True)
+        handle = ExecHandle(self, spec, plan, proc, cgroup, sid=sid, adopted=True, node=node)
         handle.started_by = "adopted"
         self.handles.append(handle)
         self.index(handle)

@@ -544,16 +544,8 @@ class SpawnServer:
         reaped. Raises OSError (the caller falls back to the trampoline) if
         the server cannot take the request; the request is then not started.
         """
-        if self._dead:
-            raise OSError("the spawn server is gone")
-        env = [f"{k}={v}" for k, v in environ.items()]
-        text = "\0".join((str(len(argv)), executable, *argv, *env)) + "\0"
-        payload = os.fsencode(text)  # one encoding for all: measured 0.2 ms a start before
-        if len(payload) > MAX_REQUEST or text.count("\0") != len(argv) + len(env) + 2:
-            raise OSError("the request does not fit the spawn server (size, or a NUL in it)")
+        payload = self._request(executable, argv, environ)
         sock = self._sock or self._start()
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[tuple[int | None, str]] = loop.create_future()
         dirfd = os.open(cgroup_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [dirfd, *stdio]))]
@@ -564,9 +556,6 @@ class SpawnServer:
                         break
                     except BlockingIOError:  # a wave fills the socket: wait for the server
                         await self._writable(sock)
-                # the daemon is our child before the reply names it
-                hold_reaping()
-                self._pending.append((done, []))
         except OSError:  # gone, or stuck with a full socket: not sent, nothing started
             self._fail("cannot send to the spawn server")
             raise
@@ -575,14 +564,67 @@ class SpawnServer:
         # A wave keeps hundreds of these coroutines waiting for their replies at once:
         # their requests (~the environment, a few KiB each) must not wait with them,
         # or the wave's peak stays in ikosd's heap as fragmentation once it is over.
-        del environ, env, text, payload, rights
+        del environ, payload, rights
+        return await self.reply(self._sent())
+
+    def spawn_now(
+        self,
+        cgroup_dir: str,
+        executable: str,
+        argv: Sequence[str],
+        environ: dict[str, str],
+        stdio: Sequence[int],
+    ) -> asyncio.Future[tuple[int | None, str]] | None:
+        """Send the request of :meth:`spawn` now, without a turn of the loop: the future
+        of its reply (wait for it with :meth:`reply`), or None when it cannot go out at
+        once (starts are waiting for room on the socket: they go first). Raises OSError
+        as :meth:`spawn` does. For a restart sent before its exit is recorded."""
+        payload = self._request(executable, argv, environ)
+        sock = self._sock or self._start()
+        if self._sending.locked():
+            return None
+        dirfd = os.open(cgroup_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [dirfd, *stdio]))]
+            sock.sendmsg([payload], rights)
+        except BlockingIOError:
+            return None
+        except OSError:
+            self._fail("cannot send to the spawn server")
+            raise
+        finally:
+            os.close(dirfd)
+        return self._sent()
+
+    def _request(self, executable: str, argv: Sequence[str], environ: dict[str, str]) -> bytes:
+        if self._dead:
+            raise OSError("the spawn server is gone")
+        env = [f"{k}={v}" for k, v in environ.items()]
+        text = "\0".join((str(len(argv)), executable, *argv, *env)) + "\0"
+        payload = os.fsencode(text)  # one encoding for all: measured 0.2 ms a start before
+        if len(payload) > MAX_REQUEST or text.count("\0") != len(argv) + len(env) + 2:
+            raise OSError("the request does not fit the spawn server (size, or a NUL in it)")
+        return payload
+
+    def _sent(self) -> asyncio.Future[tuple[int | None, str]]:
+        """A request went out: the future of its reply, in the order of the requests."""
+        done: asyncio.Future[tuple[int | None, str]] = asyncio.get_running_loop().create_future()
+        # the daemon is our child before the reply names it
+        hold_reaping()
+        self._pending.append((done, []))
         if self._timer is None:
-            self._timer = loop.call_later(REPLY_TIMEOUT, self._stuck)
+            self._timer = asyncio.get_running_loop().call_later(REPLY_TIMEOUT, self._stuck)
+        return done
+
+    @staticmethod
+    async def reply(done: asyncio.Future[tuple[int | None, str]]) -> tuple[int | None, str]:
+        """Wait for the reply ``done`` of a request; a daemon whose waiter was cancelled is
+        killed and reaped (at once, or when its reply comes)."""
         try:
             return await asyncio.shield(done)
         except asyncio.CancelledError:
             if done.done():  # the reply came: the daemon runs, and nobody will watch it
-                _kill_and_reap(done.result()[0])
+                kill_and_reap(done.result()[0])
             else:
                 done.cancel()  # the reply, when it comes, kills and reaps it
             raise
@@ -645,7 +687,7 @@ class SpawnServer:
                 self._timer = asyncio.get_running_loop().call_later(REPLY_TIMEOUT, self._stuck)
         error = "; ".join(errors) if word == "pid" else text
         if done.cancelled() or done.done():
-            _kill_and_reap(pid)
+            kill_and_reap(pid)
         else:
             done.set_result((pid, error))
 
@@ -701,7 +743,7 @@ def _reap_within(pid: int, timeout: float) -> None:
             time.sleep(0.001)
 
 
-def _kill_and_reap(pid: int | None) -> None:
+def kill_and_reap(pid: int | None) -> None:
     """A daemon started for a start that was given up: nothing of it may be left."""
     if pid is None:
         return

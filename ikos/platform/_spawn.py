@@ -376,6 +376,16 @@ def notify_socket_address(paths: InstancePaths) -> str:
 _environ_cache: tuple[dict[bytes, bytes], dict[str, str]] | None = None
 _PAIRS: dict[tuple[str, str], tuple[str, str]] = {}
 _MAX_PAIRS = 4096
+#: Counts the changes of ikosd's environment that :func:`_manager_environ` saw.
+_environ_generation = 0
+
+
+def _raw_environ() -> dict[bytes, bytes]:
+    """A copy of the environment's bytes mapping, to compare: CPython's ``os.environ``
+    and ``os.environb`` share one dict of bytes (``_data``), copied without a
+    decode or encode per variable (``dict(os.environb)`` took ~13 us for 34)."""
+    data = getattr(os.environ, "_data", None)
+    return dict(data) if isinstance(data, dict) else dict(os.environb)
 
 
 def _manager_environ() -> dict[str, str]:
@@ -384,11 +394,21 @@ def _manager_environ() -> dict[str, str]:
     Every plan holds its environment: decoding ``os.environ`` for each made
     new strings per daemon, 4 KiB of the manager's memory per executable.
     """
-    global _environ_cache
-    raw = dict(os.environb)  # the same bytes objects: cheap to compare
+    global _environ_cache, _environ_generation
+    raw = _raw_environ()  # the same bytes objects: cheap to compare
     if _environ_cache is None or _environ_cache[0] != raw:
         _environ_cache = (raw, dict(os.environ))
+        _environ_generation += 1
     return _environ_cache[1]
+
+
+def environ_generation(*, check: bool = True) -> int:
+    """The generation of ikosd's environment: a plan built under an older one holds
+    an environment that is no longer the manager's. ``check=False`` skips looking
+    at ``os.environ`` again (right after :func:`build_exec_plan` did)."""
+    if check or _environ_cache is None:
+        _manager_environ()
+    return _environ_generation
 
 
 def _shared_items(env: dict[str, str]) -> tuple[tuple[str, str], ...]:

@@ -603,6 +603,7 @@ class SupervisorNode(Node):
         #: the recent restarts of each executable with a ``restart_window`` (a unit's
         #: StartLimitIntervalSec=): its own intensity, forgotten once it gave up
         self.restart_windows: dict[Node, RestartIntensity] = {}
+        self._busy = False  # a command is running (see restarts_at_once)
         self._build_children()
 
     def _build_children(self) -> None:
@@ -636,6 +637,7 @@ class SupervisorNode(Node):
     async def _run(self) -> None:
         while True:
             command, fut = await self.queue.get()
+            self._busy = True
             try:
                 result = await command()
             except Exception as exc:
@@ -646,6 +648,8 @@ class SupervisorNode(Node):
             else:
                 if fut is not None and not fut.done():
                     fut.set_result(result)
+            finally:
+                self._busy = False
 
     def post(self, command: Command) -> None:
         """Queue a command without waiting for it."""
@@ -864,6 +868,55 @@ class SupervisorNode(Node):
         else:  # it fails: a start by an operator begins a new window (systemd's reset-failed)
             self.restart_windows.pop(child, None)
         return allowed
+
+    def _restart_foreseen(self, child: Node, limit: int, now: float) -> bool:
+        """:meth:`_restart_allowed`'s answer for a restart now, without counting it."""
+        window = child.spec.restart_window if isinstance(child.spec, Exec) else None
+        if window is None:
+            return child.restarts < limit
+        recent = self.restart_windows.get(child) or RestartIntensity(limit, window)
+        return recent.add(now)[1]
+
+    def restarts_at_once(self, child: Node, reason: ExitReason, pending: int = 0) -> bool:
+        """Whether :meth:`child_exited` for this exit of ``child`` would, run now, only start
+        ``child`` again at once: the child is running, this supervisor runs and has no
+        command before it, the strategy restarts the child alone, its restart type, limit
+        and restart intensity allow it (with ``pending`` restarts of this supervisor
+        already foreseen and not counted yet) and no back-off delay is due.
+
+        A forecast for the spawner, which may then send the start before the exit is
+        recorded, as runsv does (see ``ExecRuntime.restart_early``); the decision stays
+        :meth:`child_exited`'s, and a start it does not take is killed. It is never
+        wrong the other way for the time-dependent parts: intensity and back-off only
+        allow more as time passes.
+        """
+        if self._busy or not self.queue.empty() or self.state is not State.RUNNING:
+            return False
+        if child.state is not State.RUNNING or child.held or child not in self.children:
+            return False
+        if self._restart_group(child) != [child]:
+            return False
+        if not should_restart_spec(child.spec, reason):
+            return False
+        now = self.clock()
+        limit = child.spec.max_restarts if isinstance(child.spec, Exec) else None
+        if limit is not None and not self._restart_foreseen(child, limit, now):
+            return False
+        intensity = self.intensity
+        for _ in range(pending + 1):
+            intensity, allowed = intensity.add(now)
+            if not allowed:
+                return False
+        backoff = child.spec.backoff or self.spec.backoff or _fixed_delay(child.spec)
+        first_free = False
+        if backoff is None and isinstance(child.spec, Exec):
+            backoff, first_free = EXEC_RESTART_SPACING, True
+        if backoff is not None:
+            # u = 0: a delay that is 0 without jitter is 0 with any
+            _, delay = child.backoff.next_delay(backoff, now, 0.0, first_free=first_free)
+            if delay > 0:
+                return False
+        return True
 
     async def _restart_due(self, group: list[Node], child: Node, inc: int) -> None:
         if child.state is not State.BACKOFF or child.incarnation != inc:
