@@ -575,6 +575,42 @@ def test_children_start_in_waves_each_waiting_for_its_dependencies() -> None:
     run(spec, body)
 
 
+def test_a_wave_keeps_a_bounded_number_of_starts_in_flight_and_starts_every_member(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # one task per member made a wave of 500 raise the heap by 500 starts' frames at once,
+    # and what the wave left pinned those arenas (docs/performance.md, "Memory")
+    monkeypatch.setattr(runtime, "WAVE_CONCURRENCY", 3)
+    names = [f"w{i}" for i in range(8)]
+    spec = Supervisor("root", max_restarts=100, within=60, children=children(*names))
+
+    async def body(host: FakeHost, root: SupervisorNode) -> None:
+        host.scripts = {n: ["hang"] for n in names}
+        host.scripts["w1"] = ["refuse", "hang"]  # a failed start frees its place too
+        starting = asyncio.ensure_future(root.start())
+
+        def in_flight() -> list[str]:
+            return [n for n in names if host.starts(n) and not host.current(n).ready.done()]
+
+        await spin(lambda: len(in_flight()) == 3)
+        for _ in range(20):
+            await asyncio.sleep(0)
+        # w0 and w2 hang, w1 was refused: its worker went on to w3
+        assert in_flight() == ["w0", "w2", "w3"]
+        assert all(host.starts(n) == 0 for n in names[4:])
+        while not starting.done():
+            for n in in_flight():
+                host.current(n).ready.set_result({})
+                break
+            assert len(in_flight()) <= 3
+            await asyncio.sleep(0)
+        await starting
+        await settle(host, root)
+        assert all(worker(root, n).state is State.RUNNING for n in names)  # w1 restarted
+
+    run(spec, body)
+
+
 # -- operator requests --------------------------------------------------------------
 
 
