@@ -402,8 +402,11 @@ class WorkerNode(Node):
         st["target"] = spec.actor_path if isinstance(spec, Child) else spec.executable
         return st
 
-    async def start(self) -> None:
-        """Spawn and wait for readiness; raise :class:`StartFailed` otherwise."""
+    async def start(self, spawned: Callable[[], None] | None = None) -> None:
+        """Spawn and wait for readiness; raise :class:`StartFailed` otherwise.
+
+        ``spawned`` is called once the process is spawned (or its spawn failed),
+        before the wait for readiness."""
         if self.alive:
             return
         if self.state is State.RUNNING and self.handle is not None:
@@ -419,6 +422,9 @@ class WorkerNode(Node):
             reason = ExitReason(str(exc), at=time.time())
             self._stopped(reason)
             raise StartFailed(self.name, reason)
+        finally:
+            if spawned is not None:
+                spawned()
         self.handle = handle
         waiters: set[asyncio.Future[Any]] = {handle.ready, handle.exited}
         # an executable's handle enforces its own start timeout (EXTEND_TIMEOUT_USEC)
@@ -551,8 +557,24 @@ class WorkerNode(Node):
 #: that follows a run shorter than a second waits 0.1 s, 0.2 s, 0.4 s... up to
 #: 5 s. An executable whose exec keeps failing would otherwise be restarted as
 #: fast as the machine forks (systemd waits RestartSec=100ms every time).
-#: Starts in flight at once within a wave (see SupervisorNode._start_wave).
+#: Spawns in flight at once within a wave (see SupervisorNode._start_wave).
 WAVE_CONCURRENCY = 32
+
+
+class _Place:
+    """A place in a wave's semaphore, given back once however often it is released."""
+
+    __slots__ = ("_places",)
+
+    def __init__(self, places: asyncio.Semaphore) -> None:
+        self._places: asyncio.Semaphore | None = places
+
+    def release(self) -> None:
+        if self._places is not None:
+            self._places.release()
+            self._places = None
+
+
 EXEC_RESTART_SPACING = Backoff(min=0.1, max=5.0, random_factor=0.0, reset_after=1.0)
 
 
@@ -752,32 +774,48 @@ class SupervisorNode(Node):
             self.set_state(State.RUNNING, "children started")
 
     async def _start_wave(self, nodes: list[Node]) -> None:
-        """Start ``nodes`` together, at most :data:`WAVE_CONCURRENCY` at a time.
+        """Start ``nodes`` together, with at most :data:`WAVE_CONCURRENCY` spawns in flight.
 
-        Each start in flight holds a task, its coroutines' frames and its spawn
-        request; with one task per member, a wave of 500 executables raised the
-        heap by that much at once, and the long-lived records allocated during the
-        wave (handles, futures) then pinned the arenas the transient objects had
-        filled: a stop/start cycle of 500 left ~1.5 MiB more in ikosd. A few
-        workers taking the members in order keep the spawn requests pipelined
-        (the spawn server answers them one after the other anyway)."""
-        members = iter(nodes)
+        A spawn in flight holds a task, its coroutines' frames and its spawn
+        request; with all of a wave's members in flight at once, a wave of 500
+        executables raised the heap by that much, and the long-lived records
+        allocated during the wave (handles, futures) then pinned the arenas the
+        transient objects had filled: each stop/start cycle of 500 left ~1.5 MiB
+        more in ikosd. A member gives its place back once spawned, not once
+        ready: members slow to be ready (notify daemons, actors' ``on_start``)
+        still wait for readiness all together, and a nested supervisor takes
+        no place. The spawn requests stay pipelined (the spawn server answers
+        them one after the other anyway), in list order."""
+        loop = asyncio.get_running_loop()
+        places = asyncio.Semaphore(WAVE_CONCURRENCY)
+        running: set[asyncio.Task[bool]] = set()
+        for child in nodes:
+            await places.acquire()
+            task = loop.create_task(self._start_one(child, _Place(places)))
+            running.add(task)
+            task.add_done_callback(running.discard)
+        if running:
+            await asyncio.gather(*running)
 
-        async def worker() -> None:
-            for child in members:
-                await self._start_one(child)
+    async def _start_one(self, child: Node, place: _Place | None = None) -> bool:
+        """Start a child; a failure is posted back as an exit to count against intensity.
 
-        workers = min(WAVE_CONCURRENCY, len(nodes))
-        await asyncio.gather(*(worker() for _ in range(workers)))
-
-    async def _start_one(self, child: Node) -> bool:
-        """Start a child; a failure is posted back as an exit to count against intensity."""
+        ``place``: the wave's place this start holds, given back once the child's
+        process is spawned (:meth:`_start_wave`)."""
         try:
-            await child.start()
+            if isinstance(child, WorkerNode):
+                await child.start(place.release if place is not None else None)
+            else:
+                if place is not None:
+                    place.release()
+                await child.start()
             return True
         except StartFailed as exc:
             self.post(functools.partial(self.child_exited, child, child.incarnation, exc.reason))
             return False
+        finally:
+            if place is not None:
+                place.release()
 
     async def _do_terminate(self, why: str) -> None:
         self._cancel_timers()
