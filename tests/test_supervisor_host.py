@@ -621,6 +621,28 @@ def test_a_wave_keeps_a_bounded_number_of_spawns_in_flight_and_waits_for_readine
     run(spec, body)
 
 
+def test_a_wave_cancelled_midway_cancels_the_spawns_in_flight_and_starts_no_more(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(runtime, "WAVE_CONCURRENCY", 3)
+    names = [f"w{i}" for i in range(8)]
+    spec = Supervisor("root", children=children(*names))
+
+    async def body(host: FakeHost, root: SupervisorNode) -> None:
+        gate = host.spawn_gate = asyncio.Event()
+        starting = asyncio.ensure_future(root.start())
+        await spin(lambda: host.spawning == 3)
+        root.close()  # ikosd's final teardown cancels the supervisor's command
+        await spin(lambda: host.spawning == 0)
+        gate.set()
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert not any(host.starts(n) for n in names)
+        starting.cancel()
+
+    run(spec, body)
+
+
 # -- operator requests --------------------------------------------------------------
 
 

@@ -789,13 +789,20 @@ class SupervisorNode(Node):
         loop = asyncio.get_running_loop()
         places = asyncio.Semaphore(WAVE_CONCURRENCY)
         running: set[asyncio.Task[bool]] = set()
-        for child in nodes:
-            await places.acquire()
-            task = loop.create_task(self._start_one(child, _Place(places)))
-            running.add(task)
-            task.add_done_callback(running.discard)
-        if running:
-            await asyncio.gather(*running)
+        try:
+            for child in nodes:
+                await places.acquire()
+                task = loop.create_task(self._start_one(child, _Place(places)))
+                running.add(task)
+                task.add_done_callback(running.discard)
+            if running:
+                await asyncio.gather(*running)
+        except BaseException:
+            # cancelled (a shutdown during the wave): the starts go with it, as a
+            # gather's members would
+            for task in list(running):
+                task.cancel()
+            raise
 
     async def _start_one(self, child: Node, place: _Place | None = None) -> bool:
         """Start a child; a failure is posted back as an exit to count against intensity.
