@@ -146,6 +146,8 @@ class FakeHost:
         outcome = plan.pop(0) if plan else "ready"
         if outcome == "refuse":
             raise SpawnError(node.name, None, "refused by the test")
+        if outcome == "bug":
+            raise RuntimeError(f"{node.name}: a bug in the host")
         self._pid += 1
         proc = FakeProcess(
             self,
@@ -639,6 +641,23 @@ def test_a_wave_cancelled_midway_cancels_the_spawns_in_flight_and_starts_no_more
             await asyncio.sleep(0)
         assert not any(host.starts(n) for n in names)
         starting.cancel()
+
+    run(spec, body)
+
+
+def test_a_bug_in_one_start_of_a_wave_is_raised_once_the_wave_is_over(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # as a gather of every member did: not lost with its finished task
+    monkeypatch.setattr(runtime, "WAVE_CONCURRENCY", 3)
+    names = [f"w{i}" for i in range(8)]
+    spec = Supervisor("root", children=children(*names))
+
+    async def body(host: FakeHost, root: SupervisorNode) -> None:
+        host.scripts = {"w1": ["bug"]}
+        with pytest.raises(RuntimeError, match="w1: a bug in the host"):
+            await root.start()
+        assert all(host.starts(n) == 1 for n in names if n != "w1")
 
     run(spec, body)
 
