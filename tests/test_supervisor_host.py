@@ -587,6 +587,13 @@ def test_children_start_in_waves_each_waiting_for_its_dependencies() -> None:
     run(spec, body)
 
 
+def wave_of_eight(monkeypatch: pytest.MonkeyPatch) -> tuple[list[str], Supervisor]:
+    """Eight children in one wave, at most three spawns of it in flight."""
+    monkeypatch.setattr(runtime, "WAVE_CONCURRENCY", 3)
+    names = [f"w{i}" for i in range(8)]
+    return names, Supervisor("root", max_restarts=100, within=60, children=children(*names))
+
+
 def test_a_wave_keeps_a_bounded_number_of_spawns_in_flight_and_waits_for_readiness_together(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -594,9 +601,7 @@ def test_a_wave_keeps_a_bounded_number_of_spawns_in_flight_and_waits_for_readine
     # starts' frames and requests, and what the wave left pinned those arenas
     # (docs/performance.md, "Memory after stop/start cycles"); members slow to be ready
     # must still wait for readiness together, not a few at a time
-    monkeypatch.setattr(runtime, "WAVE_CONCURRENCY", 3)
-    names = [f"w{i}" for i in range(8)]
-    spec = Supervisor("root", max_restarts=100, within=60, children=children(*names))
+    names, spec = wave_of_eight(monkeypatch)
 
     async def body(host: FakeHost, root: SupervisorNode) -> None:
         host.spawn_gate = asyncio.Event()
@@ -626,9 +631,7 @@ def test_a_wave_keeps_a_bounded_number_of_spawns_in_flight_and_waits_for_readine
 def test_a_wave_cancelled_midway_cancels_the_spawns_in_flight_and_starts_no_more(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(runtime, "WAVE_CONCURRENCY", 3)
-    names = [f"w{i}" for i in range(8)]
-    spec = Supervisor("root", children=children(*names))
+    names, spec = wave_of_eight(monkeypatch)
 
     async def body(host: FakeHost, root: SupervisorNode) -> None:
         gate = host.spawn_gate = asyncio.Event()
@@ -649,9 +652,7 @@ def test_a_bug_in_one_start_of_a_wave_is_raised_once_the_wave_is_over(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # as a gather of every member did: not lost with its finished task
-    monkeypatch.setattr(runtime, "WAVE_CONCURRENCY", 3)
-    names = [f"w{i}" for i in range(8)]
-    spec = Supervisor("root", children=children(*names))
+    names, spec = wave_of_eight(monkeypatch)
 
     async def body(host: FakeHost, root: SupervisorNode) -> None:
         host.scripts = {"w1": ["bug"]}
