@@ -130,12 +130,24 @@ class FakeHost:
         self.nodes: dict[str, Node] = {}
         self.scripts: dict[str, list[str]] = {}
         self._pid = 1000
+        #: When set, spawns wait for it (counted in ``spawning``, its peak in ``most_spawning``).
+        self.spawn_gate: asyncio.Event | None = None
+        self.spawning = self.most_spawning = 0
 
     async def spawn(self, node: WorkerNode) -> FakeProcess:
+        if self.spawn_gate is not None:
+            self.spawning += 1
+            self.most_spawning = max(self.most_spawning, self.spawning)
+            try:
+                await self.spawn_gate.wait()
+            finally:
+                self.spawning -= 1
         plan = self.scripts.get(node.name)
         outcome = plan.pop(0) if plan else "ready"
         if outcome == "refuse":
             raise SpawnError(node.name, None, "refused by the test")
+        if outcome == "bug":
+            raise RuntimeError(f"{node.name}: a bug in the host")
         self._pid += 1
         proc = FakeProcess(
             self,
@@ -571,6 +583,82 @@ def test_children_start_in_waves_each_waiting_for_its_dependencies() -> None:
         # and stopping is one at a time, in reverse start order
         await root.terminate()
         assert host.signals == [(n, "SIGTERM") for n in ("side", "web", "api", "db")]
+
+    run(spec, body)
+
+
+def wave_of_eight(monkeypatch: pytest.MonkeyPatch) -> tuple[list[str], Supervisor]:
+    """Eight children in one wave, at most three spawns of it in flight."""
+    monkeypatch.setattr(runtime, "WAVE_CONCURRENCY", 3)
+    names = [f"w{i}" for i in range(8)]
+    return names, Supervisor("root", max_restarts=100, within=60, children=children(*names))
+
+
+def test_a_wave_keeps_a_bounded_number_of_spawns_in_flight_and_waits_for_readiness_together(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # all of a wave's members in flight at once made a wave of 500 raise the heap by 500
+    # starts' frames and requests, and what the wave left pinned those arenas
+    # (docs/performance.md, "Memory after stop/start cycles"); members slow to be ready
+    # must still wait for readiness together, not a few at a time
+    names, spec = wave_of_eight(monkeypatch)
+
+    async def body(host: FakeHost, root: SupervisorNode) -> None:
+        host.spawn_gate = asyncio.Event()
+        host.scripts = {n: ["hang"] for n in names}
+        host.scripts["w1"] = ["refuse"]  # a failed spawn gives its place back too
+        starting = asyncio.ensure_future(root.start())
+        await spin(lambda: host.spawning == 3)
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert host.spawning == 3 and not any(host.starts(n) for n in names)
+        host.spawn_gate.set()
+        hanging = [n for n in names if n != "w1"]
+        await spin(lambda: all(host.starts(n) == 1 for n in hanging))
+        assert host.most_spawning == 3
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert not starting.done()  # seven waiting for readiness at once
+        for n in hanging:
+            host.current(n).ready.set_result({})
+        await starting
+        await settle(host, root)
+        assert all(worker(root, n).state is State.RUNNING for n in names)  # w1 restarted
+
+    run(spec, body)
+
+
+def test_a_wave_cancelled_midway_cancels_the_spawns_in_flight_and_starts_no_more(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    names, spec = wave_of_eight(monkeypatch)
+
+    async def body(host: FakeHost, root: SupervisorNode) -> None:
+        gate = host.spawn_gate = asyncio.Event()
+        starting = asyncio.ensure_future(root.start())
+        await spin(lambda: host.spawning == 3)
+        root.close()  # ikosd's final teardown cancels the supervisor's command
+        await spin(lambda: host.spawning == 0)
+        gate.set()
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert not any(host.starts(n) for n in names)
+        starting.cancel()
+
+    run(spec, body)
+
+
+def test_a_bug_in_one_start_of_a_wave_is_raised_once_the_wave_is_over(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # as a gather of every member did: not lost with its finished task
+    names, spec = wave_of_eight(monkeypatch)
+
+    async def body(host: FakeHost, root: SupervisorNode) -> None:
+        host.scripts = {"w1": ["bug"]}
+        with pytest.raises(RuntimeError, match="w1: a bug in the host"):
+            await root.start()
+        assert all(host.starts(n) == 1 for n in names if n != "w1")
 
     run(spec, body)
 

@@ -154,7 +154,8 @@ class DaemonLogs:
         rl = self.logs.get(name)
         if rl is None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
-            rl = RotatingLog(self.log_dir / f"{name}.log", LOG_MAX_BYTES, LOG_BACKUPS)
+            # a str path: a Path per daemon would be ~0.6 KiB of parts kept
+            rl = RotatingLog(os.path.join(self.log_dir, f"{name}.log"), LOG_MAX_BYTES, LOG_BACKUPS)
             self.logs[name] = rl
         return rl
 

@@ -75,12 +75,20 @@ class RotatingLog:
             raise ValueError(f"max_bytes must be > 0, got {max_bytes}")
         if backups < 0:
             raise ValueError(f"backups must be >= 0, got {backups}")
-        self.path = Path(path)
+        # a str, not a Path: ikosd keeps one log per daemon, and a Path holds its
+        # parts as separate strings (~0.6 KiB a daemon); followers are few and
+        # usually none, so a tuple (the empty one shared) rather than a set each
+        self._path = os.fspath(path)
         self.max_bytes = max_bytes
         self.backups = backups
         self._file: BinaryIO | None = None
         self._size = 0
-        self._followers: set[LogFollower] = set()
+        self._followers: tuple[LogFollower, ...] = ()
+
+    @property
+    def path(self) -> Path:
+        """The log file, ``NAME.log``."""
+        return Path(self._path)
 
     def backup_path(self, n: int) -> Path:
         """The n-th rotated file, ``NAME.log.n``."""
@@ -89,7 +97,7 @@ class RotatingLog:
     def _open(self) -> BinaryIO:
         if self._file is None:
             flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
-            fd = os.open(self.path, flags, LOG_FILE_MODE)
+            fd = os.open(self._path, flags, LOG_FILE_MODE)
             try:
                 if stat.S_IMODE(os.fstat(fd).st_mode) != LOG_FILE_MODE:
                     os.fchmod(fd, LOG_FILE_MODE)  # left wider by an older ikos
@@ -111,11 +119,11 @@ class RotatingLog:
             follower.close()
         """
         follower = LogFollower(self, limit_bytes)
-        self._followers.add(follower)
+        self._followers = (*self._followers, follower)
         return follower
 
     def _unfollow(self, follower: LogFollower) -> None:
-        self._followers.discard(follower)
+        self._followers = tuple(f for f in self._followers if f is not follower)
 
     def write(self, stream: str, line: str, when: float | None = None) -> None:
         """Append one line (see :meth:`write_lines`)."""

@@ -397,6 +397,11 @@ class ProcessHandle:
 
     def _finish(self, status: ExitStatus) -> None:
         disown(self.pid)
+        # the hook is a bound method of the owner, which holds this handle: dropped once
+        # the process is reaped, the pair is freed by its reference counts when its
+        # owner lets go instead of waiting, with every object it holds, for a full
+        # collection of the cyclic garbage (see docs/performance.md, "Memory")
+        self.before_reap = None
         if self.pidfd is not None:
             with contextlib.suppress(ValueError, RuntimeError):
                 self.loop.remove_reader(self.pidfd)
