@@ -53,6 +53,17 @@ def tree():
 #: Loaded only when the configuration asks for what they do (ikos.ipc: by the actors
 #: and the broker, never by ikosd, which holds the broker's socket through the platform).
 NOT_FOR_A_PLAIN_TREE = ("networkx", "prometheus_client", "http.server", "tomllib", "ikos.ipc")
+#: The actor machinery (the spawner, the runtime an actor runs, the handover of an
+#: upgrade, the carried classes of ``ikosctl spawn``) and the unit files' reader: loaded
+#: with the first actor, the first unit. The actor types ``import ikos`` exports
+#: (Actor, ActorRef, Down, Timer) are not in the list: a tree module imports them.
+NOT_FOR_EXECUTABLES = (
+    "ikos.manager._actors",
+    "ikos.actors._runtime",
+    "ikos.actors._handover",
+    "ikos.actors._carried",
+    "ikos.platform._unit",
+)
 #: OpenSSL, which ikosd needs only for an https:// health check or an authenticated
 #: mailbox handshake: asyncio comes without ssl, digests from the built-in sha256
 #: (ikos.platform._asyncio_tls, ikos.platform._digest).
@@ -102,8 +113,32 @@ def test_a_tree_without_dependencies_and_metrics_off_loads_no_graph_nor_metrics(
     loaded = modules_of_a_run(ikosd_factory, tmp_path, maps=mapped)
     assert "ikos.manager._manager" in loaded and "asyncio" in loaded  # it is ikosd's list
     assert [m for m in NOT_FOR_A_PLAIN_TREE if m in loaded] == []
+    assert [m for m in NOT_FOR_EXECUTABLES if m in loaded] == []
     assert [m for m in NO_OPENSSL if m in loaded] == []
     assert mapped == []
+
+
+def test_an_actor_added_by_a_reload_to_a_tree_of_executables_runs(ikosd_factory: Any) -> None:
+    # the actors' spawner is made with the first actor: one that comes by a reload
+    # (after ikosd started without any) starts, answers, and stops with ikosd
+    inst = ikosd_factory(
+        config="""
+        [ikosd]
+        metrics = false
+        [executables.db]
+        executable = "/bin/sleep"
+        args = ["1000"]
+        """
+    )
+    assert inst.state("db") == "running"
+    config = inst.root.parent / "ikos.toml"
+    config.write_text(config.read_text() + '\n[actors.echo]\nclass = "examples.actors:Echo"\n')
+    res = inst.ctl("reload-config")
+    assert (res.returncode, res.stdout) == (0, "added: echo\n"), res.stderr
+    inst.wait_state("echo", "running")
+    assert inst.ctl("call", "echo", "back").stdout == "back\n"
+    assert inst.status("echo")["dead_letters"] == 0
+    assert inst.terminate() == 0
 
 
 def test_a_tree_with_dependencies_is_ordered_by_networkx(

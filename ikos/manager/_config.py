@@ -52,7 +52,6 @@ from ikos.monitor._alerts import KINDS as ALERT_KINDS
 from ikos.platform._fields import close_match
 from ikos.platform._limits import LIMIT_NAMES
 from ikos.platform._memfd import DEFAULT_SHM_THRESHOLD
-from ikos.platform._unit import UnitError, UnitSpec, link_units, load_unit, unit_files
 from ikos.supervision._placement import placement_of
 from ikos.supervision._spec import (
     EXEC_FIELDS,
@@ -75,6 +74,7 @@ if TYPE_CHECKING:
     # a configuration file loads none of them (docs/performance.md, "Launch")
     import tomllib
 
+    from ikos.platform._unit import UnitSpec
     from ikos.registry._health import HealthCheck
     from ikos.registry._service import ServiceInfo
 
@@ -1360,6 +1360,8 @@ class _Loader:
             if not isinstance(folder, str) or not folder:
                 raise t.error("directory", expected, folder)
             path = Path(folder) if Path(folder).is_absolute() else Path(self.file).parent / folder
+            from ikos.platform._unit import UnitError, load_unit, unit_files
+
             try:
                 units = [load_unit(p, root=self.instance_root) for p in unit_files(path)]
                 specs = [(u, exec_from_unit(u)) for u in units]
@@ -1484,6 +1486,8 @@ class _Loader:
             overrides["start_timeout"] = t.seconds("start_timeout", 30.0, zero_ok=False)
         if backoff is not None:
             overrides["backoff"] = backoff
+        from ikos.platform._unit import UnitError, load_unit
+
         try:
             unit = load_unit(path, name=name, root=self.instance_root)
             spec = exec_from_unit(
@@ -1503,6 +1507,8 @@ class _Loader:
             return
         known = {f"{e.name}.service": e.name for e in entries.values() if e.kind == "executables"}
         known.update({unit.unit_name: name for name, unit in self._units.items()})
+        from ikos.platform._unit import link_units
+
         deps, warnings = link_units(list(self._units.values()), known)
         self.warnings += warnings
         for name, (requires, after) in deps.items():

@@ -82,7 +82,7 @@ from ikos.platform._spawn import (
     in_root,
     notify_socket_address,
 )
-from ikos.platform._unit import UnitCommand, expand_variables, stop_post_environment
+from ikos.platform._unit_command import UnitCommand, expand_variables, stop_post_environment
 from ikos.supervision._runtime import ExitReason, SupervisorNode, WorkerNode
 from ikos.supervision._spec import Exec
 

@@ -49,12 +49,10 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ikos._errors import IkosError, ManagerError, NoSuchDaemon
 from ikos.actors._context import InstanceContext
-from ikos.actors._stats import ActorFigures
-from ikos.manager._actors import ActorSpawner
 from ikos.manager._exec import ExecHandle, ExecRuntime
 from ikos.manager._extension import (
     Config,
@@ -79,6 +77,10 @@ from ikos.platform._wire import ensure_secret
 from ikos.registry._graph import check_graph, start_order, start_waves
 from ikos.supervision._runtime import Node, Running, State, SupervisorNode, WorkerNode
 from ikos.supervision._spec import Supervisor, validate_tree
+
+if TYPE_CHECKING:  # imported with the first actor (docs/performance.md, "Launch")
+    from ikos.actors._stats import ActorFigures
+    from ikos.manager._actors import ActorSpawner
 
 log = logging.getLogger("ikos.manager")
 translog = logging.getLogger("ikos.daemon")
@@ -168,9 +170,9 @@ class Manager:
         self.fdstore = FdStore(paths.run_dir / "fdstore.sock")
         self.forkserver = ForkServer({MARK_INSTANCE: self.mark})
         self.logs = DaemonLogs(paths.log_dir, self.fdstore)
-        self.actors = ActorSpawner(
-            paths, self.forkserver, self.fdstore, self.logs, self._context, self._forked
-        )
+        # the actors' spawner, and the actor runtime it imports, come with the first
+        # actor (in the tree, a reload or ikosctl): a tree of executables does without
+        self._actors: ActorSpawner | None = None
         self.execs = ExecRuntime(
             paths,
             self.forkserver,
@@ -181,9 +183,8 @@ class Manager:
         )
         # issue 13: children placed on Ray; the bridge (and Ray) start with the first one
         self.ray = RaySpawner(paths, *(ray or (None, "ikos")))
-        self.spawners: dict[str, Spawner] = {
-            "actor": self.actors, "exec": self.execs, "ray": self.ray,
-        }  # fmt: skip
+        #: The spawners by kind; the actors' is added by :attr:`actors` when first needed.
+        self.spawners: dict[str, Spawner] = {"exec": self.execs, "ray": self.ray}
         self.extensions: list[Extension] = (
             list(extensions) if extensions is not None else default_extensions(metrics)
         )
@@ -272,11 +273,24 @@ class Manager:
         return [self.status_of(n) for n in self.walk()]
 
     @property
+    def actors(self) -> ActorSpawner:
+        """The actors' spawner, made (and its modules imported) on first use."""
+        if self._actors is None:
+            from ikos.manager._actors import ActorSpawner
+
+            self._actors = ActorSpawner(
+                self.paths, self.forkserver, self.fdstore, self.logs, self._context, self._forked
+            )
+            # ActorSpawner.start() has nothing to start: no await needed to add it late
+            self.spawners["actor"] = self._actors
+        return self._actors
+
+    @property
     def dead_letters(self) -> Mapping[str, int]:
-        return self.actors.dead_letters
+        return self._actors.dead_letters if self._actors is not None else {}
 
     def actor_figures(self, name: str) -> ActorFigures | None:
-        return self.actors.figures(name)
+        return self._actors.figures(name) if self._actors is not None else None
 
     def health(self) -> dict[str, Any]:
         """How ikosd itself is doing: its state store, fork server and reaper."""
@@ -356,18 +370,22 @@ class Manager:
         """The spawner of ``node``: by its kind, or Ray's for a child placed on Ray."""
         if getattr(node.spec, "placement", None) is not None:
             return self.ray
-        return self.spawners[node.kind]
+        return self._kind(node.kind)
+
+    def _kind(self, kind: str) -> Spawner:
+        """The spawner of the children of ``kind`` (the actors' made on first use)."""
+        return self.actors if kind == "actor" else self.spawners[kind]
 
     async def spawn(self, node: WorkerNode) -> Running:
         if getattr(node.spec, "placement", None) is not None:
             return await self.ray.spawn(node)  # owned by the Ray bridge: never adopted
         found = self.recovery.take(node.name, node.kind) if self.recovery is not None else None
         if found is None:
-            return await self.spawners[node.kind].spawn(node)
+            return await self._kind(node.kind).spawn(node)
         record, fds = found
         node.restarts = record.restarts
         try:
-            return self.spawners[node.kind].adopt(node, record.pid, record.sid, fds)
+            return self._kind(node.kind).adopt(node, record.pid, record.sid, fds)
         finally:
             for fd in fds.values():
                 os.close(fd)
@@ -512,7 +530,7 @@ class Manager:
         self.control = ControlServer(self, reader_gid=self.reader_gid)
         self.control.register("start_child", "control", self._verb_start_child)
         self.control.register("terminate_child", "control", self._verb_terminate_child)
-        for spawner in self.spawners.values():
+        for spawner in list(self.spawners.values()):
             await spawner.start()
         host = ExtensionHost(self, self.ops, self.control)
         for ext in self.extensions:
@@ -596,12 +614,11 @@ class Manager:
             self.state.close()
         if self._abandoned:
             self.fdstore.close()  # the keeper stays, holding the daemons' descriptors
-            for spawner in self.spawners.values():
-                if isinstance(spawner, ActorSpawner):
-                    spawner.listeners.clear()  # the keeper has them; the files stay
+            if self._actors is not None:
+                self._actors.listeners.clear()  # the keeper has them; the files stay
         else:
             self.fdstore.quit()
-            for spawner in self.spawners.values():
+            for spawner in list(self.spawners.values()):
                 spawner.close()
         with contextlib.suppress(FileNotFoundError):
             self.paths.instance_file.unlink()

@@ -38,10 +38,9 @@ import dataclasses
 import itertools
 import logging
 import re
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from ikos._errors import ConfigError, DaemonExists, IkosError, ManagerError
-from ikos.actors._carried import CarriedActor
 from ikos.manager._control_server import BadRequest, Request
 from ikos.manager._daemon_service import _refusal, start_error
 from ikos.manager._extension import Extension, ExtensionHost, Operations, TreeView
@@ -49,6 +48,9 @@ from ikos.manager._ipc_service import SYSTEM_BACKOFF
 from ikos.supervision._edit import find_spec
 from ikos.supervision._runtime import StartFailed
 from ikos.supervision._spec import NAME_RE, NAME_RULE, Child, Supervisor
+
+if TYPE_CHECKING:  # imported by the first spawn: ikosd's launch does without the actors
+    from ikos.actors._carried import CarriedActor
 
 log = logging.getLogger("ikos.spawn")
 
@@ -95,6 +97,8 @@ def carried_from_request(req: Request) -> CarriedActor:
         or not all(isinstance(p, str) and p.startswith("/") and len(p) < 4096 for p in path)
     ):
         raise BadRequest(f"'spawn': 'path' must be a list of at most {MAX_PATHS} absolute paths")
+    from ikos.actors._carried import CarriedActor
+
     return CarriedActor(class_path, payload, tuple(path))
 
 

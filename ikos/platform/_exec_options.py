@@ -44,7 +44,7 @@ from ikos.platform._fields import (
 )
 from ikos.platform._limits import ResourceLimits, check_limits, limits_json
 from ikos.platform._signals import parse_signal, signal_name
-from ikos.platform._unit import UnitCommand, parse_command_list
+from ikos.platform._unit_command import UnitCommand, parse_command_list
 
 __all__ = ["EXEC_OPTIONS", "EXEC_TYPES", "KILL_MODES", "ExecOptions", "ExecTarget"]
 

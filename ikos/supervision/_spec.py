@@ -22,7 +22,7 @@ import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeAlias
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 from ikos._errors import SpecError
 from ikos.platform._exec_options import EXEC_OPTIONS, ExecOptions
@@ -40,14 +40,10 @@ from ikos.platform._fields import (
     seconds,
 )
 from ikos.platform._signals import parse_signal, signal_name
-from ikos.platform._unit import (
-    UnitError,
-    UnitSpec,
-    link_units,
-    load_unit,
-    unit_files,
-)
 from ikos.supervision._placement import PlacementLike, Ray, placement_of
+
+if TYPE_CHECKING:  # the unit files' reader comes with the first unit (from_unit, from_units)
+    from ikos.platform._unit import UnitSpec
 
 log = logging.getLogger("ikos.unit")
 
@@ -303,6 +299,8 @@ class Exec(_ChildBase):
 
             Exec.from_unit("/lib/systemd/system/redis-server.service", "redis")
         """
+        from ikos.platform._unit import link_units, load_unit
+
         unit = load_unit(path, name=name, root=root)
         _, unknown = link_units([unit], {})
         for line in (*unit.warnings, *unknown):
@@ -360,6 +358,8 @@ def exec_from_unit(
     except SpecError as exc:
         if exc.key is not None and exc.key in overrides:
             raise
+        from ikos.platform._unit import UnitError
+
         raise UnitError(unit.file, None, None, str(exc)) from None
 
 
@@ -367,6 +367,8 @@ def units_in_directory(
     directory: str | os.PathLike[str], *, root: str | os.PathLike[str] | None = None
 ) -> tuple[list[Exec], list[str]]:
     """The executables of a directory's units, their dependencies linked, and the warnings."""
+    from ikos.platform._unit import link_units, load_unit, unit_files
+
     units = [load_unit(path, root=root) for path in unit_files(directory)]
     deps, warnings = link_units(units, {u.unit_name: u.name for u in units})
     specs = [exec_from_unit(u, *deps[u.name]) for u in units]
