@@ -99,7 +99,7 @@ def stdio_spec(mode: StdioMode) -> StdioSpec:
     return spec
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one kept per daemon: no __dict__
 class ExecPlan:
     """Everything a child must do to become the daemon, resolved and validated.
 
