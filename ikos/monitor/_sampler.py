@@ -184,6 +184,9 @@ class Sampler:
             if main is None:
                 continue
             key, figures = main
+            run = self._runs.get(target.name)
+            if run is not None and run.key == key:
+                key = run.key  # the one kept: not a new tuple and float per daemon a pass
             per_process = {key: figures}
             for pid in members[:MAX_PROCESSES]:
                 if pid != target.pid:

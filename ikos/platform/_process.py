@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import functools
 import json
 import logging
 import os
@@ -263,15 +264,20 @@ class ExitStatus:
     at: float
 
     def describe(self) -> str:
-        if self.signal is not None:
-            try:
-                name = signal.Signals(self.signal).name
-            except ValueError:
-                name = f"signal {self.signal}"
-            return f"killed by {name}"
-        if self.code is None:
-            return "exited (status unknown)"
-        return "exited normally" if self.code == 0 else f"exited with status {self.code}"
+        return _describe(self.code, self.signal)
+
+
+@functools.lru_cache(maxsize=256)  # one string per kind of end, not one per daemon's stop
+def _describe(code: int | None, signum: int | None) -> str:
+    if signum is not None:
+        try:
+            name = signal.Signals(signum).name
+        except ValueError:
+            name = f"signal {signum}"
+        return f"killed by {name}"
+    if code is None:
+        return "exited (status unknown)"
+    return "exited normally" if code == 0 else f"exited with status {code}"
 
 
 #: The status buffer of a process without a status pipe (never written to).
