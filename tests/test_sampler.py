@@ -470,3 +470,30 @@ def test_figures_read_from_proc_agree_with_psutil() -> None:
         finally:
             proc.kill()
             proc.wait()
+
+
+def test_a_daemon_s_passes_keep_one_key_for_its_run() -> None:
+    # Each pass read the main process's key (pid, start time) anew: the run's record,
+    # its CPU figures and the USS cache each held a tuple and a float of their own.
+    with subprocess.Popen(["/bin/sleep", "60"], start_new_session=True) as proc:
+        try:
+            sampler = Sampler()
+            target = Target("x", proc.pid)
+            for _ in range(3):
+                assert sampler.sample([target])["x"].pid == proc.pid
+            run = sampler._runs["x"]
+            assert next(k for k, _ in run.cpu if k == run.key) is run.key
+            assert next(k for k in sampler._uss if k == run.key) is run.key
+        finally:
+            proc.kill()
+
+
+def test_an_exit_s_description_is_one_string_per_kind_of_end() -> None:
+    from ikos.platform._process import ExitStatus
+
+    a, b = ExitStatus(None, 15, 1.0), ExitStatus(None, 15, 2.0)
+    assert a.describe() == "killed by SIGTERM" and a.describe() is b.describe()
+    assert ExitStatus(3, None, 0).describe() == "exited with status 3"
+    assert ExitStatus(0, None, 0).describe() == "exited normally"
+    assert ExitStatus(None, None, 0).describe() == "exited (status unknown)"
+    assert ExitStatus(None, 99, 0).describe() == "killed by signal 99"

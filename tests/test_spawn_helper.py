@@ -122,3 +122,30 @@ def test_plans_share_the_environment_and_see_its_changes(
     c = build_exec_plan(ikos.Exec("c", "/bin/true"), paths)
     assert c.environ["IKOS_TEST_SHARED_ENV"] == "changed"
     assert "IKOS_TEST_SHARED_ENV" not in a.environ
+
+
+def test_plans_share_one_environment_tuple_and_their_stdio_specs(tmp_path: Path) -> None:
+    """Per plan, only what is the daemon's own: ~40 pairs' tuple and three specs are shared."""
+    import dataclasses
+
+    import ikos
+    from ikos.platform._paths import InstancePaths
+    from ikos.platform._spawn import build_exec_plan, shared_env
+
+    paths = InstancePaths.for_root(tmp_path)
+    a = build_exec_plan(ikos.Exec("a", "/bin/true"), paths)
+    b = build_exec_plan(ikos.Exec("b", "/bin/true", stdout="null"), paths)
+    assert a.env is b.env
+    assert a.stdin is b.stdin is b.stdout
+    assert a.stdout is a.stderr is b.stderr
+    # the daemon's marker is kept apart from the shared tuple, and set over it
+    marks = (("IKOS_TEST_MARK", "instance"),)
+    placed = [
+        dataclasses.replace(p, env=shared_env((*p.env, *marks)), mark=("IKOS_TEST_DAEMON", n))
+        for p, n in ((a, "a"), (b, "b"))
+    ]
+    assert placed[0].env is placed[1].env
+    assert placed[0].environ["IKOS_TEST_DAEMON"] == "a"
+    assert placed[1].environ["IKOS_TEST_DAEMON"] == "b"
+    assert placed[1].environ["IKOS_TEST_MARK"] == "instance"
+    assert "IKOS_TEST_DAEMON" not in a.environ

@@ -81,6 +81,8 @@ from ikos.platform._spawn import (
     exec_in_child,
     in_root,
     notify_socket_address,
+    shared_env,
+    stdio_spec,
 )
 from ikos.platform._unit_command import UnitCommand, expand_variables, stop_post_environment
 from ikos.supervision._runtime import ExitReason, SupervisorNode, WorkerNode
@@ -263,6 +265,10 @@ class ExecHandle:
     #: Unit commands running now, and a future resolved when none is left.
     _commands_running = 0
     _commands_idle: asyncio.Future[None] | None = None
+    #: Exits ikosd decided itself (a timeout, a failure), which override the process's
+    #: own account; a tuple made for the few runs that have one.
+    events: tuple[dict[str, Any], ...] = ()
+    _notify_log: NotifyLog | None = None
 
     def __init__(
         self,
@@ -291,9 +297,15 @@ class ExecHandle:
         self.adopted = adopted
         self.cgroup = cgroup
         self.loop = asyncio.get_running_loop()
-        self.ready: asyncio.Future[dict[str, Any]] = self.loop.create_future()
+        kind = "simple" if adopted else plan.type
+        # ready at once (the exec is done, nothing runs before ready): the runtime's
+        # shared resolved future, not one more per running executable
+        at_once = proc.ready.done() and kind in ("simple", "exec")
+        at_once = at_once and not spec.options.exec_start_post
+        self.ready: asyncio.Future[dict[str, Any]] = (
+            runtime.started() if at_once else self.loop.create_future()
+        )
         self.exited: asyncio.Future[ExitStatus] = self.loop.create_future()
-        self.events: list[dict[str, Any]] = []
         self.status_text = ""
         # only a notify daemon waits for READY=1 (a future per handle is memory x N)
         self.notify_ready: asyncio.Future[None] | None = (
@@ -303,7 +315,6 @@ class ExecHandle:
         self.deadline = time.monotonic() + spec.start_timeout
         self.watchdog_usec = int(spec.options.watchdog_sec * 1e6)
         self.watchdog: asyncio.TimerHandle | None = None
-        self.notify_log = NotifyLog()
         #: How it was started: posix_spawn, posix_spawn+cgexec, fork-server or adopted.
         self.started_by = "fork-server"
         self._finishing = False
@@ -317,7 +328,8 @@ class ExecHandle:
             if plan.pid_file and plan.type != "forking"
             else None
         )
-        proc.before_reap = functools.partial(self._before_reap, proc)
+        if cgroup is None:  # else the cgroup, not the session, reaches what is left
+            proc.before_reap = functools.partial(self._before_reap, proc)
         # A task lives until the daemon is ready; then a callback on the main
         # process's exit watches it (_watch_main): no task, coroutine frames or
         # asyncio.wait per running daemon (see docs/performance.md). When the exec
@@ -325,8 +337,7 @@ class ExecHandle:
         # between it and ready, there is no task at all, not even during the start.
         self.task: asyncio.Task[None] | None = None
         self._watching = False
-        kind = "simple" if adopted else plan.type
-        if proc.ready.done() and kind in ("simple", "exec") and not spec.options.exec_start_post:
+        if at_once:
             self._write_pid_file()
             self._running()
         else:
@@ -339,6 +350,17 @@ class ExecHandle:
     @property
     def alive(self) -> bool:
         return not self.exited.done()
+
+    @property
+    def notify_log(self) -> NotifyLog:
+        """The bound on log lines about this run's notifications (made at the first)."""
+        if self._notify_log is None:
+            self._notify_log = NotifyLog()
+        return self._notify_log
+
+    def _override_exit(self, reason: str) -> None:
+        """Record why ikosd ended this run: it takes the place of the process's own reason."""
+        self.events = (*self.events, {"event": "exit", "reason": reason, "override": True})
 
     def exit_event(self) -> dict[str, Any] | None:
         for event in reversed(self.events):
@@ -502,12 +524,18 @@ class ExecHandle:
 
     def _set_ready(self) -> None:
         if not self.ready.done():
-            self.ready.set_result({"event": "ready", "pid": self.pid})
+            # the process's own ready event when it is the main one (the dict is the
+            # same, and read by no one: one of them less per running daemon)
+            started = self.proc.ready
+            if self.main is self.proc and started.done() and not started.cancelled():
+                self.ready.set_result(started.result())
+            else:
+                self.ready.set_result({"event": "ready", "pid": self.pid})
         self._arm_watchdog()
 
     def _timeout(self) -> None:
         why = f"did not become ready within {self.spec.start_timeout:g} s"
-        self.events.append({"event": "exit", "reason": why, "override": True})
+        self._override_exit(why)
         self.kill()
         self.loop.create_task(self._finish_after_kill())
 
@@ -516,7 +544,7 @@ class ExecHandle:
         self._finish(status)
 
     def _fail(self, why: str) -> None:
-        self.events.append({"event": "exit", "reason": why, "override": True})
+        self._override_exit(why)
         self.kill()
         self._finish(ExitStatus(None, signal.SIGKILL, time.time()))
 
@@ -642,9 +670,7 @@ class ExecHandle:
             if pid_file is None or _names_pid_1(pid_file) or expired or not members:
                 if expired:
                     error += f" (waited {self.spec.start_timeout:g} s for the daemon to write it)"
-                self.events.append(
-                    {"event": "exit", "reason": f"forking: {error}", "override": True}
-                )
+                self._override_exit(f"forking: {error}")
                 return None
             await asyncio.sleep(PID_FILE_POLL)
 
@@ -677,7 +703,8 @@ class ExecHandle:
         if pid == self.main.pid:
             return
         self.main = ProcessHandle(pid)
-        self.main.before_reap = functools.partial(self._before_reap, self.main)
+        if self.cgroup is None:
+            self.main.before_reap = functools.partial(self._before_reap, self.main)
         self.notify_log.log(logging.INFO, "%s: main process is now %d", self.spec.name, pid)
         self.rt.index(self)
         if self.proc.ready.done():
@@ -747,7 +774,7 @@ class ExecHandle:
 
     def _watchdog_expired(self) -> None:
         log.error("%s: watchdog timeout: killing it", self.spec.name)
-        self.events.append({"event": "exit", "reason": "watchdog timeout", "override": True})
+        self._override_exit("watchdog timeout")
         self.send_signal(signal.SIGABRT)
         self.loop.call_later(2.0, self.kill)
 
@@ -877,6 +904,7 @@ class ExecRuntime:
         self._kept_cgroups: dict[str, DaemonCgroup] = {}
         self.notify_log = NotifyLog()
         self._spawning_notify = 0
+        self._started: asyncio.Future[dict[str, Any]] | None = None
         #: The compiled cgroup trampoline (see ikos.platform._cgexec), once there is one.
         self.spawn_helper: str | None = None
         #: The trampoline kept running to start daemons into cgroups, once one was.
@@ -935,6 +963,15 @@ class ExecRuntime:
         self._spawning_notify -= 1
         if self._spawning_notify == 0 and self.notify is not None:
             asyncio.get_running_loop().add_reader(self.notify.fileno(), self._on_notify)
+
+    def started(self) -> asyncio.Future[dict[str, Any]]:
+        """A resolved ``ready`` future that the runs known to be ready at once share
+        (an exec already done): a future and its result less per running executable.
+        Its result says no more than ``ready``: nothing reads it (the pid is the run's)."""
+        if self._started is None:
+            self._started = asyncio.get_running_loop().create_future()
+            self._started.set_result({"event": "ready"})
+        return self._started
 
     def index(self, handle: ExecHandle) -> None:
         self._by_pid[handle.pid] = handle
@@ -1098,20 +1135,15 @@ class ExecRuntime:
 
     def _placed(self, spec: Exec, plan: ExecPlan, cgroup: DaemonCgroup | None) -> ExecPlan:
         """The plan completed with the watchdog, ``cgroup`` and the instance's marks."""
+        env = plan.env
         if self.watchdog_env(spec):
-            plan = dataclasses.replace(
-                plan,
-                env=(*plan.env, ("WATCHDOG_USEC", str(int(spec.options.watchdog_sec * 1e6)))),
-            )
-        if cgroup is not None:
-            plan = dataclasses.replace(plan, cgroup_procs=tuple(cgroup.procs_files))
-        # the instance's marks are one shared tuple: only the daemon's own is made here
-        marks = self._environ_items
-        if self.daemon_variable:
-            marks = (*marks, (self.daemon_variable, spec.name))
-        if marks:
-            plan = dataclasses.replace(plan, env=(*plan.env, *marks))
-        return plan
+            env = (*env, ("WATCHDOG_USEC", str(int(spec.options.watchdog_sec * 1e6))))
+        # the environment is one tuple shared by the daemons' plans (shared_env); the
+        # daemon's own variable, the only one unique to it, is kept apart (ExecPlan.mark)
+        env = shared_env((*env, *self._environ_items))
+        mark = (self.daemon_variable, spec.name) if self.daemon_variable else None
+        procs = plan.cgroup_procs if cgroup is None else tuple(cgroup.procs_files)
+        return dataclasses.replace(plan, env=env, mark=mark, cgroup_procs=procs)
 
     async def _spawn(
         self, node: WorkerNode, spec: Exec, plan: ExecPlan, cgroup: DaemonCgroup | None
@@ -1524,10 +1556,9 @@ class ExecRuntime:
         # posix_spawn has no gate: the row joins the loop turn's batch (the instance's
         # marker in the environment lets a later ikosd find it should this one die now)
         self._on_forked(node, pid, False)
-        proc = ProcessHandle(pid)
         # posix_spawn (and the trampoline's or the server's vfork) return only once the
         # exec succeeded (or fail): ready as Type=exec
-        proc.ready.set_result({"event": "ready", "pid": pid})
+        proc = ProcessHandle(pid, ready=self.started())
         handle = ExecHandle(self, spec, plan, proc, cgroup, node=node)
         handle.started_by = started_by
         self.handles.append(handle)
@@ -1666,7 +1697,7 @@ class ExecRuntime:
         extra_env: dict[str, str] | None,
     ) -> tuple[ExitStatus | None, str]:
         """One command through the fork server: its status (None: timed out) and what happened."""
-        env = dict(plan.env)
+        env = plan.environ
         env.pop("NOTIFY_SOCKET", None)  # only the daemon speaks sd_notify (NotifyAccess=main)
         if main_pid is not None:
             env["MAINPID"] = str(main_pid)
@@ -1694,9 +1725,9 @@ class ExecRuntime:
             # joined by writing cgroup.procs, not cloned into it: a directory that had
             # cgroup.kill written (Linux 6.18 kills what is cloned into it) still works
             cgroup_procs=() if cgroup is None else cgroup.procs_files,
-            stdin=StdioSpec("null"),
-            stdout=StdioSpec("log"),
-            stderr=StdioSpec("log"),
+            stdin=stdio_spec("null"),
+            stdout=stdio_spec("log"),
+            stderr=stdio_spec("log"),
         )
         if command.privileged:  # '+': with ikosd's own privileges
             cwd = plan.working_directory

@@ -73,7 +73,7 @@ class Target:
     pid: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one kept per running daemon: no __dict__
 class Usage:
     """One daemon's resource usage at ``sampled_at`` (Unix time), summed over its processes.
 
@@ -128,8 +128,9 @@ class _Run:
     """What the sampler remembers of one run of a daemon, between passes."""
 
     key: tuple[int, float]
-    #: CPU seconds of the run's processes seen last pass, by (pid, start time)
-    cpu: dict[tuple[int, float], float] = field(default_factory=dict)
+    #: CPU seconds of the run's processes seen last pass, as ((pid, start time), seconds)
+    #: pairs: a tuple of one pair for most daemons, a quarter of a one-entry dict's size
+    cpu: tuple[tuple[tuple[int, float], float], ...] = ()
     #: CPU seconds of the run's processes that have exited
     retired: float = 0.0
     total: float = 0.0
@@ -183,6 +184,9 @@ class Sampler:
             if main is None:
                 continue
             key, figures = main
+            run = self._runs.get(target.name)
+            if run is not None and run.key == key:
+                key = run.key  # the one kept: not a new tuple and float per daemon a pass
             per_process = {key: figures}
             for pid in members[:MAX_PROCESSES]:
                 if pid != target.pid:
@@ -230,8 +234,8 @@ class Sampler:
         else:
             previous = (run.total, run.at)
         cpu = {k: f.cpu for k, f in per_process.items()}
-        run.retired += sum(v for k, v in run.cpu.items() if k not in cpu)
-        run.cpu = cpu
+        run.retired += sum(v for k, v in run.cpu if k not in cpu)
+        run.cpu = tuple(cpu.items())
         run.total = max(run.total, run.retired + sum(cpu.values()))
         run.at = now
         percent = None

@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import functools
 import json
 import logging
 import os
@@ -263,32 +264,56 @@ class ExitStatus:
     at: float
 
     def describe(self) -> str:
-        if self.signal is not None:
-            try:
-                name = signal.Signals(self.signal).name
-            except ValueError:
-                name = f"signal {self.signal}"
-            return f"killed by {name}"
-        if self.code is None:
-            return "exited (status unknown)"
-        return "exited normally" if self.code == 0 else f"exited with status {self.code}"
+        return _describe(self.code, self.signal)
+
+
+@functools.lru_cache(maxsize=256)  # one string per kind of end, not one per daemon's stop
+def _describe(code: int | None, signum: int | None) -> str:
+    if signum is not None:
+        try:
+            name = signal.Signals(signum).name
+        except ValueError:
+            name = f"signal {signum}"
+        return f"killed by {name}"
+    if code is None:
+        return "exited (status unknown)"
+    return "exited normally" if code == 0 else f"exited with status {code}"
+
+
+#: The status buffer of a process without a status pipe (never written to).
+_NO_STATUS = bytearray()
 
 
 class ProcessHandle:
     """Watches one process from the running event loop."""
 
-    def __init__(self, pid: int, status_fd: int | None = None, *, exec_pipe: bool = False) -> None:
+    #: What the process reported on its status pipe (an actor's events, a failed
+    #: exec); a list made at the first, none for most executables.
+    events: list[dict[str, Any]] | tuple[()] = ()
+
+    def __init__(
+        self,
+        pid: int,
+        status_fd: int | None = None,
+        *,
+        exec_pipe: bool = False,
+        ready: asyncio.Future[dict[str, Any]] | None = None,
+    ) -> None:
+        """Watch ``pid``; ``ready``, a future already resolved, says its exec is done
+        (it may be shared by many handles: one future less per spawned executable)."""
         self.pid = pid
         own(pid)
         self.started_at = time.time()
         self.loop = asyncio.get_running_loop()
         self.exited: asyncio.Future[ExitStatus] = self.loop.create_future()
-        self.ready: asyncio.Future[dict[str, Any]] = self.loop.create_future()
-        self.events: list[dict[str, Any]] = []
+        self.ready: asyncio.Future[dict[str, Any]] = (
+            self.loop.create_future() if ready is None else ready
+        )
         #: Called once the process has exited and before it is reaped (children only).
         self.before_reap: Callable[[], None] | None = None
         self._status_fd = status_fd
-        self._status_buf = bytearray()
+        # a spawned or adopted executable has no status pipe, and no buffer for one
+        self._status_buf = bytearray() if status_fd is not None else _NO_STATUS
         # exec_pipe: the status pipe is a CLOEXEC error pipe of an exec: EOF with
         # nothing written means the exec succeeded; text is the failure.
         self._exec_pipe = exec_pipe
@@ -314,6 +339,11 @@ class ProcessHandle:
             if event.get("event") == "exit":
                 return dict(event)
         return None
+
+    def _record(self, event: dict[str, Any]) -> None:
+        if not isinstance(self.events, list):
+            self.events = []
+        self.events.append(event)
 
     def _read_status(self) -> None:
         fd = self._status_fd
@@ -345,7 +375,7 @@ class ProcessHandle:
                 continue
             if not isinstance(event, dict):
                 continue
-            self.events.append(event)
+            self._record(event)
             if event.get("event") == "ready" and not self.ready.done():
                 self.ready.set_result(event)
 
@@ -353,7 +383,7 @@ class ProcessHandle:
         text = bytes(self._status_buf).decode("utf-8", "replace").strip()
         self._status_buf.clear()
         if text:
-            self.events.append({"event": "exit", "reason": f"exec failed: {text}"})
+            self._record({"event": "exit", "reason": f"exec failed: {text}"})
         elif not self.ready.done():
             self.ready.set_result({"event": "ready", "pid": self.pid})
 

@@ -87,7 +87,19 @@ class StdioSpec:
         return f"{self.mode}:{self.path}" if self.path else self.mode
 
 
-@dataclass(frozen=True)
+#: The specs without a path, one of each: a plan holds three (immutable, so shared).
+_STDIO_MODES: dict[str, StdioSpec] = {}
+
+
+def stdio_spec(mode: StdioMode) -> StdioSpec:
+    """The shared :class:`StdioSpec` of a mode without a path (``null``, ``log``...)."""
+    spec = _STDIO_MODES.get(mode)
+    if spec is None:
+        spec = _STDIO_MODES[mode] = StdioSpec(mode)
+    return spec
+
+
+@dataclass(frozen=True, slots=True)  # one kept per daemon: no __dict__
 class ExecPlan:
     """Everything a child must do to become the daemon, resolved and validated.
 
@@ -111,9 +123,9 @@ class ExecPlan:
     gid: int | None = None
     groups: tuple[int, ...] | None = None
     umask: int | None = None
-    stdin: StdioSpec = field(default_factory=lambda: StdioSpec("null"))
-    stdout: StdioSpec = field(default_factory=lambda: StdioSpec("log"))
-    stderr: StdioSpec = field(default_factory=lambda: StdioSpec("log"))
+    stdin: StdioSpec = field(default_factory=lambda: stdio_spec("null"))
+    stdout: StdioSpec = field(default_factory=lambda: stdio_spec("log"))
+    stderr: StdioSpec = field(default_factory=lambda: stdio_spec("log"))
     limits: ResourceLimits = field(default_factory=ResourceLimits)
     pid_file: str | None = None
     reload_signal: int | None = None
@@ -124,11 +136,18 @@ class ExecPlan:
     #: chroot(2) here before the working directory (``executable`` and
     #: ``working_directory`` are paths inside it); only the fork server's child does it.
     root_directory: str | None = None
+    #: The daemon's own marker variable (name, value), set last over ``env``: kept
+    #: apart so that ``env``, the same for the daemons of an instance, is one tuple
+    #: shared by their plans (:func:`shared_env`), not a copy of ~40 pairs each.
+    mark: tuple[str, str] | None = None
 
     @property
     def environ(self) -> dict[str, str]:
         """The environment the executable starts with."""
-        return dict(self.env)
+        env = dict(self.env)
+        if self.mark is not None:
+            env[self.mark[0]] = self.mark[1]
+        return env
 
 
 def parse_environment_file(text: str) -> dict[str, str]:
@@ -202,7 +221,7 @@ def _parse_stdio(daemon: str, fd_name: str, value: str, base_dir: Path) -> Stdio
     # The form ("null", "file:PATH"...) was checked with the options: resolve the file.
     mode, sep, path = value.partition(":")
     if not sep:
-        return StdioSpec(cast(StdioMode, mode))
+        return stdio_spec(cast(StdioMode, mode))
     full = (base_dir / path).resolve() if not os.path.isabs(path) else Path(path)
     if fd_name == "stdin":
         if not full.is_file():
@@ -376,6 +395,8 @@ def notify_socket_address(paths: InstancePaths) -> str:
 _environ_cache: tuple[dict[bytes, bytes], dict[str, str]] | None = None
 _PAIRS: dict[tuple[str, str], tuple[str, str]] = {}
 _MAX_PAIRS = 4096
+_ENVS: dict[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]] = {}
+_MAX_ENVS = 128
 #: Counts the changes of ikosd's environment that :func:`_manager_environ` saw.
 _environ_generation = 0
 
@@ -421,7 +442,18 @@ def _shared_items(env: dict[str, str]) -> tuple[tuple[str, str], ...]:
             if len(_PAIRS) < _MAX_PAIRS:
                 _PAIRS[item] = item
         out.append(shared)
-    return tuple(out)
+    return shared_env(tuple(out))
+
+
+def shared_env(env: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+    """The one tuple equal to ``env`` that plans share (bounded): the daemons of an
+    instance mostly start with the same environment, ~8 bytes a variable each."""
+    shared = _ENVS.get(env)
+    if shared is None:
+        shared = env
+        if len(_ENVS) < _MAX_ENVS:
+            _ENVS[env] = env
+    return shared
 
 
 def build_exec_plan(spec: ExecTarget, paths: InstancePaths) -> ExecPlan:
