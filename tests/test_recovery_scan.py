@@ -13,6 +13,7 @@ import subprocess
 from collections.abc import Iterator
 
 import pytest
+from conftest import wait_for
 
 from ikos.manager._recovery import MARK_DAEMON, MARK_INSTANCE, find_marked
 from ikos.platform._process import environ_of
@@ -34,6 +35,10 @@ def sleepers() -> Iterator[dict[str, int]]:
         for name, env in envs.items()
     }
     try:
+        # Popen returns once exec has closed its error pipe, which is before the
+        # kernel sets up the new environment: /proc/PID/environ reads empty until then
+        for p in procs.values():
+            wait_for(lambda p=p: environ_of(p.pid), 60, message=f"{p.pid}'s environment")
         yield {name: p.pid for name, p in procs.items()}
     finally:
         for p in procs.values():
