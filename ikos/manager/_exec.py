@@ -1445,12 +1445,7 @@ class ExecRuntime:
         pid, _ = await _cgexec.SpawnServer.reply(early.reply)
         _cgexec.kill_and_reap(pid)
         log.info("%s: the restart sent before its exit was handled was not taken: killed", name)
-        cgroup = early.cgroup
-        with contextlib.suppress(OSError, IkosError):
-            if cgroup.pids():  # it forked before it died: no reuse after a cgroup.kill
-                await cgroup.kill_all_async(signal.SIGKILL, timeout=2.0)
-            if not cgroup.reusable:
-                cgroup.remove()
+        await self.empty_cgroup(name, early.cgroup)  # what it forked before it died
 
     async def _spawn_direct(
         self,
