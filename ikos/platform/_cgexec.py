@@ -546,25 +546,17 @@ class SpawnServer:
         """
         payload = self._request(executable, argv, environ)
         sock = self._sock or self._start()
-        dirfd = os.open(cgroup_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [dirfd, *stdio]))]
-            async with self._sending:  # in order, as the replies will come
-                while True:
-                    try:
-                        sock.sendmsg([payload], rights)
-                        break
-                    except BlockingIOError:  # a wave fills the socket: wait for the server
-                        await self._writable(sock)
-        except OSError:  # gone, or stuck with a full socket: not sent, nothing started
-            self._fail("cannot send to the spawn server")
-            raise
-        finally:
-            os.close(dirfd)
+        async with self._sending:  # in order, as the replies will come
+            while not self._send_once(sock, cgroup_dir, payload, stdio):
+                try:  # a wave fills the socket: wait for the server
+                    await self._writable(sock)
+                except OSError:  # gone, or stuck with a full socket: nothing started
+                    self._fail("cannot send to the spawn server")
+                    raise
         # A wave keeps hundreds of these coroutines waiting for their replies at once:
         # their requests (~the environment, a few KiB each) must not wait with them,
         # or the wave's peak stays in ikosd's heap as fragmentation once it is over.
-        del environ, payload, rights
+        del environ, payload
         return await self.reply(self._sent())
 
     def spawn_now(
@@ -581,20 +573,27 @@ class SpawnServer:
         as :meth:`spawn` does. For a restart sent before its exit is recorded."""
         payload = self._request(executable, argv, environ)
         sock = self._sock or self._start()
-        if self._sending.locked():
+        if self._sending.locked() or not self._send_once(sock, cgroup_dir, payload, stdio):
             return None
+        return self._sent()
+
+    def _send_once(
+        self, sock: socket.socket, cgroup_dir: str, payload: bytes, stdio: Sequence[int]
+    ) -> bool:
+        """Send one request with the cgroup directory and ``stdio`` attached; False when
+        the socket is full (nothing sent). OSError, the server given up, if it fails."""
         dirfd = os.open(cgroup_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [dirfd, *stdio]))]
             sock.sendmsg([payload], rights)
+            return True
         except BlockingIOError:
-            return None
-        except OSError:
+            return False
+        except OSError:  # gone: not sent, nothing started
             self._fail("cannot send to the spawn server")
             raise
         finally:
             os.close(dirfd)
-        return self._sent()
 
     def _request(self, executable: str, argv: Sequence[str], environ: dict[str, str]) -> bytes:
         if self._dead:
