@@ -931,10 +931,9 @@ class SupervisorNode(Node):
     def _restart_allowed(self, child: Node, limit: int) -> bool:
         """Whether an executable may restart once more: ``max_restarts`` over its life,
         or over a sliding ``restart_window`` (OTP's intensity rule, per child)."""
-        window = child.spec.restart_window if isinstance(child.spec, Exec) else None
-        if window is None:
+        recent = self._restart_window(child, limit)
+        if recent is None:
             return child.restarts < limit
-        recent = self.restart_windows.get(child) or RestartIntensity(limit, window)
         recent, allowed = recent.add(self.clock())
         if allowed:
             self.restart_windows[child] = recent
@@ -944,11 +943,15 @@ class SupervisorNode(Node):
 
     def _restart_foreseen(self, child: Node, limit: int, now: float) -> bool:
         """:meth:`_restart_allowed`'s answer for a restart now, without counting it."""
+        recent = self._restart_window(child, limit)
+        return child.restarts < limit if recent is None else recent.add(now)[1]
+
+    def _restart_window(self, child: Node, limit: int) -> RestartIntensity | None:
+        """The recent restarts of a child with a ``restart_window`` (None: no window)."""
         window = child.spec.restart_window if isinstance(child.spec, Exec) else None
         if window is None:
-            return child.restarts < limit
-        recent = self.restart_windows.get(child) or RestartIntensity(limit, window)
-        return recent.add(now)[1]
+            return None
+        return self.restart_windows.get(child) or RestartIntensity(limit, window)
 
     def restarts_at_once(self, child: Node, reason: ExitReason, pending: int = 0) -> bool:
         """Whether :meth:`child_exited` for this exit of ``child`` would, run now, only start
