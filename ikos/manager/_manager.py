@@ -590,11 +590,13 @@ class Manager:
         loop = asyncio.get_running_loop()
         self.heap.close()
         for ext in reversed(self._started):
+            log.debug("stopping the %s extension", ext.name)  # names the step a hang is in
             try:
                 await ext.stop()
             except Exception:
                 log.exception("extension %s failed to stop", ext.name)
         self._started.clear()
+        log.debug("extensions stopped; closing the control socket and the stores")
         if self.control is not None:
             with contextlib.suppress(Exception):
                 await self.control.close()
