@@ -21,9 +21,10 @@ import psutil
 import ikos
 from ikos.manager._exec import ExecRuntime
 from ikos.manager._logs import DaemonLogs
-from ikos.manager._state import process_create_time
+from ikos.manager._state import _create_time
 from ikos.platform._fdstore import FdStore
 from ikos.platform._paths import InstancePaths
+from ikos.platform._process import process_stamp
 
 
 def _exec_tasks() -> list[asyncio.Task[Any]]:
@@ -75,7 +76,9 @@ def test_a_running_executable_has_no_task_of_its_own(tmp_path: Path) -> None:
     asyncio.run(_run_one(tmp_path))
 
 
-def test_process_create_time_is_psutils() -> None:
+def test_the_create_time_written_for_an_earlier_ikos_is_psutils() -> None:
     for pid in (1, os.getpid(), os.getppid()):
-        assert process_create_time(pid) == psutil.Process(pid).create_time()
-    assert process_create_time(2**22 + 12345) is None  # above pid_max: no such process
+        stamp = process_stamp(pid)
+        assert stamp is not None
+        assert _create_time(stamp) == psutil.Process(pid).create_time()
+    assert process_stamp(2**22 + 12345) is None  # above pid_max: no such process

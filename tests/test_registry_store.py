@@ -14,11 +14,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
+import psutil._pslinux
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ikos._errors import IkosError, NoSuchDaemon, PermissionDenied
+from ikos.platform._process import process_stamp
 from ikos.registry._graph import DependencyCycle
 from ikos.registry._service import (
     InvalidService,
@@ -34,11 +37,10 @@ from ikos.registry._store import (
     RegistryEvent,
     RegistryStore,
     process_alive,
-    process_start_time,
 )
 
 ME = os.getpid()
-MY_START = process_start_time(ME)
+MY_START = process_stamp(ME)
 
 
 @pytest.fixture
@@ -252,7 +254,8 @@ def test_register_returns_the_stored_service(store: RegistryStore) -> None:
     stored = store.register(ServiceInfo("log", active=False), ME, MY_START)
     assert stored.active is True
     assert stored.pid == ME
-    assert stored.start_time == MY_START
+    assert stored.start_time is not None
+    assert abs(stored.start_time - psutil.Process(ME).create_time()) < 1.0  # a Unix time
     assert store.get("log") == stored
     assert store.owner_of("log") == (ME, MY_START)
     by_manager = store.register(ServiceInfo("dev"), None, None)
@@ -323,9 +326,7 @@ def test_get_unknown_raises_no_such_service(store: RegistryStore) -> None:
 def test_a_living_owner_keeps_its_name(
     store: RegistryStore, child: subprocess.Popen[bytes]
 ) -> None:
-    store.register(
-        ServiceInfo("net/dhcp", endpoint="one"), child.pid, process_start_time(child.pid)
-    )
+    store.register(ServiceInfo("net/dhcp", endpoint="one"), child.pid, process_stamp(child.pid))
     with pytest.raises(ServiceConflict) as err:
         store.register(ServiceInfo("net/dhcp", endpoint="two"), ME, MY_START)
     assert err.value.holder_pid == child.pid
@@ -342,7 +343,7 @@ def test_a_living_owner_keeps_its_name(
 def test_takeover_after_the_owner_died(store: RegistryStore) -> None:
     proc = _spawn_owner()
     try:
-        started = process_start_time(proc.pid)
+        started = process_stamp(proc.pid)
         store.register(ServiceInfo("net/dhcp"), proc.pid, started)
         assert process_alive(proc.pid, started)
     finally:
@@ -358,8 +359,8 @@ def test_a_reused_pid_is_not_the_owner(
 ) -> None:
     assert MY_START is not None
     # Our pid, but a start time of another process: the holder is gone.
-    store.register(ServiceInfo("s"), ME, MY_START - 1000)
-    assert not process_alive(ME, MY_START - 1000)
+    store.register(ServiceInfo("s"), ME, (MY_START[0], MY_START[1] - 1000))
+    assert not process_alive(ME, (MY_START[0], MY_START[1] - 1000))
     store.register(ServiceInfo("s"), child.pid, None)
     assert store.owner_of("s")[0] == child.pid
 
@@ -478,12 +479,77 @@ def test_a_failed_call_leaves_the_batch_intact(
         assert again.owner_of("a")[0] == child.pid
 
 
+def test_a_step_of_the_wall_clock_keeps_a_living_owner(
+    tmp_path: Path, child: subprocess.Popen[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CI failure of stop 19: after a 14 s step, a living owner was taken for dead.
+
+    The kernel computes ``/proc/stat``'s boot time from the wall clock, and
+    psutil's start times add it: a step moved them all. The owner is now its
+    boot and its start in ticks since it, which no step moves.
+    """
+    path = tmp_path / "registry.sqlite3"
+    with RegistryStore(path) as store:
+        store.register(ServiceInfo("net/dhcp"), child.pid, None)
+    created = psutil.Process(child.pid).create_time()
+    boot, now = psutil._pslinux.boot_time, time.time
+    monkeypatch.setattr(psutil._pslinux, "boot_time", lambda: boot() + 14.0)
+    monkeypatch.setattr(time, "time", lambda: now() + 14.0)
+    assert abs(psutil.Process(child.pid).create_time() - created - 14.0) < 0.01
+    with RegistryStore(path) as store:
+        assert store.reconcile_dead_owners() == []
+        assert process_alive(*store.owner_of("net/dhcp"))
+        with pytest.raises(ServiceConflict):
+            store.register(ServiceInfo("net/dhcp"), ME, None)
+
+
+def test_an_owner_of_another_boot_is_gone(store: RegistryStore) -> None:
+    assert MY_START is not None and process_alive(ME, MY_START)
+    assert not process_alive(ME, ("another-boot", MY_START[1]))
+    store.register(ServiceInfo("s"), ME, ("another-boot", MY_START[1]))
+    assert store.reconcile_dead_owners() == ["s"]
+
+
+def test_a_registry_of_an_ikos_before_stamps_is_read_and_gains_them(
+    tmp_path: Path, child: subprocess.Popen[bytes]
+) -> None:
+    path = tmp_path / "registry.sqlite3"
+    with RegistryStore(path) as store:
+        store.register(ServiceInfo("new"), None, None)
+    db = sqlite3.connect(path)  # as an ikos before stamps left it
+    db.execute("DROP TABLE services")
+    db.execute(
+        "CREATE TABLE services (name TEXT PRIMARY KEY, description TEXT NOT NULL,"
+        " version TEXT NOT NULL, type TEXT NOT NULL, endpoint TEXT NOT NULL,"
+        " capabilities TEXT NOT NULL, pid INTEGER, active INTEGER NOT NULL, start_time REAL,"
+        " owner TEXT, health TEXT NOT NULL, metadata TEXT NOT NULL, owner_pid INTEGER,"
+        " owner_start_time REAL) WITHOUT ROWID"
+    )
+    created = psutil.Process(child.pid).create_time()
+    for name, start in (("live", created), ("reused", created - 100)):
+        db.execute(
+            "INSERT INTO services VALUES (?, '', '', '', '', '[]', ?, 1, ?, NULL, 'unknown',"
+            " '{}', ?, ?)",
+            (name, child.pid, start, child.pid, start),
+        )
+    db.commit()
+    db.close()
+    with RegistryStore(path) as store:
+        assert store.owner_of("live") == (child.pid, created)
+        assert store.reconcile_dead_owners() == ["reused"]
+        store.register(ServiceInfo("live"), child.pid, None)  # rewritten: stamped
+        assert store.owner_of("live") == (child.pid, process_stamp(child.pid))
+    _kill_and_reap(child)
+    with RegistryStore(path) as store:
+        assert store.reconcile_dead_owners() == ["live"]
+
+
 def test_reconcile_at_start_marks_dead_owners_inactive(tmp_path: Path) -> None:
     path = tmp_path / "registry.sqlite3"
     proc = _spawn_owner()
     try:
         with RegistryStore(path) as store:
-            store.register(ServiceInfo("net/dhcp"), proc.pid, process_start_time(proc.pid))
+            store.register(ServiceInfo("net/dhcp"), proc.pid, process_stamp(proc.pid))
             store.register(ServiceInfo("log"), ME, MY_START)
             store.register(ServiceInfo("declared"), None, None)
             assert store.reconcile_dead_owners() == []

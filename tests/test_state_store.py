@@ -15,6 +15,7 @@ import sqlite3
 import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import psutil
@@ -27,14 +28,29 @@ from ikos.manager._daemon_service import DaemonStore
 from ikos.manager._recovery import Marked, Stray, kill_strays, plan_recovery
 from ikos.manager._state import RunningRecord, StateStore
 from ikos.platform._database import DatabaseUnavailable, open_database
-from ikos.platform._process import ProcInfo, proc_info
+from ikos.platform._process import ProcInfo, boot_id, proc_info, process_stamp
 from ikos.supervision._backoff import BackoffState, backoff_delay
 from ikos.supervision._spec import Backoff
 
 
 def record(name: str, pid: int, phase: str = "running", kind: str = "actor") -> RunningRecord:
-    created = psutil.Process(pid).create_time() if psutil.pid_exists(pid) else 0.0
-    return RunningRecord(name, kind, pid, created, pid, 0, time.time(), phase)
+    boot, ticks = process_stamp(pid) or (boot_id(), -1)
+    return RunningRecord(name, kind, pid, 0.0, pid, 0, time.time(), phase, boot, ticks)
+
+
+@pytest.fixture
+def clock_stepped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The wall clock as every reader sees it after a step of 14 s (a CI machine saw one).
+
+    The kernel computes ``/proc/stat``'s boot time from the wall clock, so a
+    step moves it, and with it every start time psutil gives (the start in
+    ticks since boot, plus that boot time); ``time.time()`` moves as well.
+    """
+    import psutil._pslinux
+
+    boot, now = psutil._pslinux.boot_time, time.time
+    monkeypatch.setattr(psutil._pslinux, "boot_time", lambda: boot() + 14.0)
+    monkeypatch.setattr(time, "time", lambda: now() + 14.0)
 
 
 @pytest.fixture
@@ -70,6 +86,43 @@ def test_rows_are_written_and_read_back(
     assert again["a"].still_running()
 
 
+def test_a_step_of_the_wall_clock_leaves_a_recorded_process_running(
+    tmp_path: Path, children: list[subprocess.Popen[bytes]], request: pytest.FixtureRequest
+) -> None:
+    """The CI failure of stop 19: a 14 s step made a live daemon look dead.
+
+    An ikosd restarted after such a step would not have adopted its own
+    daemons: the record is now the boot and the start in ticks since it.
+    """
+    pid = sleeper(children)
+    store = StateStore(tmp_path / "state.db")
+    store.starting("a", "exec", pid, pid, 0)
+    store.running("a", "exec", pid, pid, 0, 1.0)
+    assert store.flush()
+    store.close()
+    created = psutil.Process(pid).create_time()
+    request.getfixturevalue("clock_stepped")
+    assert abs(psutil.Process(pid).create_time() - created - 14.0) < 0.01  # the step is seen
+    again = StateStore(tmp_path / "state.db").load()["a"]
+    assert again.still_running()
+    assert again.stamp == process_stamp(pid)
+    plan = plan_recovery({"a": again}, {"a"}, [])
+    assert list(plan.adoptable) == ["a"] and not plan.ended
+
+
+def test_a_record_of_another_boot_or_a_reused_pid_is_not_running(
+    children: list[subprocess.Popen[bytes]],
+) -> None:
+    pid = sleeper(children)
+    mine = record("a", pid)
+    assert mine.still_running()
+    assert not replace(mine, boot_id="another-boot").still_running()
+    assert not replace(mine, start_ticks=mine.start_ticks - 1).still_running()
+    children[-1].kill()
+    children[-1].wait(timeout=10)
+    assert not mine.still_running()
+
+
 def test_a_full_database_keeps_rows_pending_and_retries_until_it_works(
     tmp_path: Path, children: list[subprocess.Popen[bytes]]
 ) -> None:
@@ -96,6 +149,39 @@ def test_a_full_database_keeps_rows_pending_and_retries_until_it_works(
         assert len(StateStore(tmp_path / "state.db").load()) == 500
 
     asyncio.run(scenario())
+
+
+def test_a_row_of_an_ikos_before_stamps_is_checked_by_its_start_time(
+    tmp_path: Path, children: list[subprocess.Popen[bytes]]
+) -> None:
+    pid = sleeper(children)
+    db = sqlite3.connect(tmp_path / "state.db")
+    db.execute(
+        "CREATE TABLE running (name TEXT PRIMARY KEY, kind TEXT NOT NULL, pid INTEGER NOT NULL,"
+        " create_time REAL NOT NULL, sid INTEGER NOT NULL, restarts INTEGER NOT NULL,"
+        " started_at REAL NOT NULL, phase TEXT NOT NULL DEFAULT 'running')"
+    )
+    created = psutil.Process(pid).create_time()
+    rows = [("live", pid, created), ("reused", pid, created - 100), ("gone", 2**22 - 7, 1.0)]
+    for name, row_pid, start in rows:
+        db.execute(
+            "INSERT INTO running VALUES (?, 'exec', ?, ?, ?, 0, 0, 'running')",
+            (name, row_pid, start, row_pid),
+        )
+    db.commit()
+    db.close()
+    store = StateStore(tmp_path / "state.db")
+    loaded = store.load()
+    assert {n: r.still_running() for n, r in loaded.items()} == {
+        "live": True,
+        "reused": False,
+        "gone": False,
+    }
+    assert loaded["live"].boot_id == ""
+    store.running("live", "exec", pid, pid, 0, 1.0)  # rewritten by this ikos: stamped
+    assert store.flush()
+    store.close()
+    assert StateStore(tmp_path / "state.db").load()["live"].stamp == process_stamp(pid)
 
 
 def test_a_state_db_of_an_older_ikos_gains_the_phase(tmp_path: Path) -> None:

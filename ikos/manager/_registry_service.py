@@ -56,6 +56,7 @@ from typing import TYPE_CHECKING, Any
 from ikos._errors import IkosError, ManagerError, PermissionDenied
 from ikos.manager._control_server import BadRequest, Request, Stream
 from ikos.manager._extension import Config, Extension, ExtensionHost, NodeView, Operations, TreeView
+from ikos.platform._process import process_stamp
 from ikos.registry._graph import DependencyCycle
 from ikos.registry._service import (
     InvalidService,
@@ -69,7 +70,6 @@ from ikos.registry._store import (
     RegistryEvent,
     RegistryStore,
     process_alive,
-    process_start_time,
 )
 from ikos.supervision._runtime import State
 
@@ -495,7 +495,7 @@ class RegistryService(Extension):
             service = self._services.get(name)
             if service is not None and service.owner is None:
                 info = store.get(name)
-                store.register(replace(info, owner=node.name), pid, process_start_time(pid))
+                store.register(replace(info, owner=node.name), pid, process_stamp(pid))
         declared = self._declared.get(node.name, ())
         if declared and self._watch(pid):
             for info in declared:
@@ -515,7 +515,7 @@ class RegistryService(Extension):
         if current is not None and current.active and current.pid == pid:
             return  # the daemon registered it itself while starting: its own entry wins
         stored = replace(info, owner=daemon, health=self._health_of(daemon, State.RUNNING))
-        start = process_start_time(pid)
+        start = process_stamp(pid)
         try:
             try:
                 store.register(stored, pid, start)
@@ -736,7 +736,7 @@ class RegistryService(Extension):
         data = {k: v for k, v in data.items() if k not in ("pid", "owner", "active", "health")}
         info = ServiceInfo.from_json(data)
         pid = req.pid
-        start = process_start_time(pid)
+        start = process_stamp(pid)
         if start is None:
             raise ManagerError(f"process {pid} exited before its registration was handled")
         owned = self._by_pid.get(pid, set())

@@ -2,7 +2,8 @@
 
 One SQLite database (WAL) under the state directory, one row per daemon
 process that ikosd created and that has not ended: its PID and the
-process's start time (so that a recycled PID is never mistaken for it), its
+process's stamp (its boot and its start in clock ticks since the boot, so
+that a recycled PID is never mistaken for it, whatever the wall clock did), its
 session, restart count, and its phase: ``starting`` from the moment the
 process exists (written and committed *before* it may run any user code:
 see the fork server's gate) and ``running`` once it is ready. After ``kill
@@ -39,7 +40,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import os
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -47,9 +47,16 @@ from pathlib import Path
 from typing import Any
 
 from ikos.platform._database import close_quietly, open_database
+from ikos.platform._process import CLOCK_TICKS, ProcessStamp, is_process, process_stamp
 
 log = logging.getLogger("ikos.state")
 
+# ``create_time`` is the process's start as a Unix time, as psutil computes it;
+# ``boot_id`` and ``start_ticks`` are its :data:`~ikos.platform._process.ProcessStamp`,
+# which is what identifies the process (a step of the wall clock moves the
+# first, never the second). A row without them was written by an ikos before
+# them, and is checked by ``create_time`` as that ikos did; ``create_time`` is
+# still written, so that such an ikos can read the rows of this one.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS running (
     name TEXT PRIMARY KEY,
@@ -59,7 +66,9 @@ CREATE TABLE IF NOT EXISTS running (
     sid INTEGER NOT NULL,
     restarts INTEGER NOT NULL,
     started_at REAL NOT NULL,
-    phase TEXT NOT NULL DEFAULT 'running'
+    phase TEXT NOT NULL DEFAULT 'running',
+    boot_id TEXT NOT NULL DEFAULT '',
+    start_ticks INTEGER NOT NULL DEFAULT -1
 );
 """
 #: How long a change waits to be written, so that the rows of a restart (the old
@@ -83,45 +92,62 @@ class RunningRecord:
     restarts: int
     started_at: float
     phase: str = "running"
+    boot_id: str = ""
+    start_ticks: int = -1
+
+    @property
+    def stamp(self) -> ProcessStamp:
+        """Which process the record names (:data:`~ikos.platform._process.ProcessStamp`)."""
+        return (self.boot_id, self.start_ticks)
 
     def still_running(self) -> bool:
-        """True when the same process (PID and start time) is alive and not a zombie."""
-        import psutil  # only with records to check: a fresh ikosd's launch does without it
-
-        try:
-            proc = psutil.Process(self.pid)
-            return (
-                abs(proc.create_time() - self.create_time) < 0.05
-                and proc.status() != psutil.STATUS_ZOMBIE
-            )
-        except psutil.Error:
-            return False
+        """True when the same process (PID and start) is alive and not a zombie."""
+        if self.boot_id:
+            return is_process(self.pid, self.stamp)
+        return _legacy_still_running(self.pid, self.create_time)
 
 
-def process_create_time(pid: int) -> float | None:
-    """The start time of process ``pid`` as psutil gives it, or None if it is gone.
+def _legacy_still_running(pid: int, create_time: float) -> bool:
+    """A row of an ikos before stamps: the start as psutil's Unix time (moved by a clock step)."""
+    import psutil
 
-    The same arithmetic as psutil (``starttime`` of ``/proc/PID/stat`` in clock
-    ticks, plus the boot time), so that the figures compare equal to psutil's;
-    read directly, because it is on every start's path and psutil reads
-    ``/proc/stat`` for the boot time and builds a ``Process`` each time.
-    """
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-        # the command name may hold spaces and parentheses: fields follow the last ")"
-        ticks = int(stat[stat.rindex(b")") + 2 :].split()[19])
-    except (OSError, ValueError, IndexError):
-        return None
-    return ticks / _CLOCK_TICKS + _boot_time()
+        proc = psutil.Process(pid)
+        return (
+            abs(proc.create_time() - create_time) < 0.05 and proc.status() != psutil.STATUS_ZOMBIE
+        )
+    except psutil.Error:
+        return False
 
 
-_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+def _create_time(stamp: ProcessStamp) -> float:
+    """The start of ``stamp`` as psutil gives it (ticks plus ``/proc/stat``'s boot time).
+
+    Written for an earlier ikos reading this one's rows; ``_boot_time`` is read
+    once per ikosd because psutil's is on every start's path.
+    """
+    return stamp[1] / CLOCK_TICKS + _boot_time()
+
+
+def _record(
+    name: str,
+    kind: str,
+    pid: int,
+    stamp: ProcessStamp,
+    sid: int,
+    restarts: int,
+    started_at: float,
+    phase: str,
+) -> RunningRecord:
+    created = _create_time(stamp)
+    return RunningRecord(
+        name, kind, pid, created, sid, restarts, started_at, phase, stamp[0], stamp[1]
+    )
 
 
 @functools.cache
 def _boot_time() -> float:
-    """The boot time psutil adds to a process's start (fixed for the life of the system)."""
+    """The boot time psutil adds to a process's start (read once per process)."""
     import psutil
 
     return float(psutil.boot_time())
@@ -148,10 +174,16 @@ class StateStore:
         columns = {row[1] for row in self.db.execute("PRAGMA table_info(running)")}
         if "phase" not in columns:  # written by an ikos before the phase existed
             self.db.execute("ALTER TABLE running ADD COLUMN phase TEXT NOT NULL DEFAULT 'running'")
+        if "boot_id" not in columns:  # written by an ikos before stamps
+            self.db.execute("ALTER TABLE running ADD COLUMN boot_id TEXT NOT NULL DEFAULT ''")
+            self.db.execute(
+                "ALTER TABLE running ADD COLUMN start_ticks INTEGER NOT NULL DEFAULT -1"
+            )
 
     def _read(self) -> dict[str, RunningRecord]:
         rows = self.db.execute(
-            "SELECT name, kind, pid, create_time, sid, restarts, started_at, phase FROM running"
+            "SELECT name, kind, pid, create_time, sid, restarts, started_at, phase, boot_id,"
+            " start_ticks FROM running"
         ).fetchall()
         return {r[0]: RunningRecord(*r) for r in rows}
 
@@ -173,10 +205,10 @@ class StateStore:
         written; when it is not (the disk is full), the row stays pending and
         the process must start anyway: supervision comes before bookkeeping.
         """
-        created = process_create_time(pid)
-        if created is None:
+        stamp = process_stamp(pid)
+        if stamp is None:
             return True  # already gone: there is nothing to find after a crash
-        self._put(RunningRecord(name, kind, pid, created, sid, restarts, time.time(), "starting"))
+        self._put(_record(name, kind, pid, stamp, sid, restarts, time.time(), "starting"))
         return self.flush() if now else False
 
     def running(
@@ -184,14 +216,12 @@ class StateStore:
     ) -> None:
         """The daemon ``name`` is ready (a new process, or one adopted)."""
         old = self.rows.get(name)
-        if old is not None and old.pid == pid:
-            created = old.create_time
-        else:
-            found = process_create_time(pid)
-            if found is None:
+        stamp = old.stamp if old is not None and old.pid == pid and old.boot_id else None
+        if stamp is None:
+            stamp = process_stamp(pid)
+            if stamp is None:
                 return
-            created = found
-        self._put(RunningRecord(name, kind, pid, created, sid, restarts, started_at, "running"))
+        self._put(_record(name, kind, pid, stamp, sid, restarts, started_at, "running"))
 
     def _put(self, record: RunningRecord) -> None:
         self.rows[record.name] = record
@@ -238,7 +268,7 @@ class StateStore:
                         self.db.execute("DELETE FROM running WHERE name = ?", (name,))
                     else:
                         self.db.execute(
-                            "INSERT OR REPLACE INTO running VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                            "INSERT OR REPLACE INTO running VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                             (
                                 row.name,
                                 row.kind,
@@ -248,6 +278,8 @@ class StateStore:
                                 row.restarts,
                                 row.started_at,
                                 row.phase,
+                                row.boot_id,
+                                row.start_ticks,
                             ),
                         )
                 self.db.execute("COMMIT")

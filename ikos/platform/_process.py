@@ -41,7 +41,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 log = logging.getLogger("ikos.process")
 
@@ -174,6 +174,57 @@ def proc_info(pid: int, *, zombies: bool = False) -> ProcInfo | None:
     if fields[0] == b"X" or (fields[0] == b"Z" and not zombies):
         return None
     return ProcInfo(pid, int(fields[1]), int(fields[3]), int(fields[19]))
+
+
+#: Which process a PID named when it was recorded, in a form that no change of
+#: the wall clock can move: the boot (``/proc/sys/kernel/random/boot_id``) and
+#: the process's start in clock ticks since that boot (``starttime`` of
+#: ``/proc/PID/stat``). A PID with the same stamp is the same process.
+#:
+#: Rejected: the start as a Unix time (``psutil.Process.create_time()``), which
+#: is the ticks plus the boot time of ``/proc/stat``, and the kernel computes
+#: that one from the wall clock: a step of the clock (NTP at boot, a virtual
+#: machine resumed and resynced) moves every process's "start time" by the
+#: step, so a process recorded before it no longer matches itself after it. A
+#: CI run saw the registry and the state store take live processes for dead
+#: after a 14 s step; an ikosd restarted after such a step would not have
+#: adopted its own daemons.
+ProcessStamp: TypeAlias = tuple[str, int]
+
+
+@functools.cache
+def boot_id() -> str:
+    """This boot's random id (``""`` where the kernel does not give one)."""
+    data = read_small("/proc/sys/kernel/random/boot_id")
+    return "" if data is None else data.decode("ascii", "replace").strip()
+
+
+def process_stamp(pid: int) -> ProcessStamp | None:
+    """The :data:`ProcessStamp` of live process ``pid`` (None when it is gone or a zombie)."""
+    info = proc_info(pid)
+    return None if info is None else (boot_id(), info.start_ticks)
+
+
+def is_process(pid: int, stamp: ProcessStamp) -> bool:
+    """Whether ``pid`` is still the process ``stamp`` recorded, alive and not a zombie."""
+    if stamp[0] != boot_id():
+        return False  # recorded in another boot: every process of it is gone
+    info = proc_info(pid)
+    return info is not None and info.start_ticks == stamp[1]
+
+
+#: Clock ticks per second, the unit of ``starttime`` in ``/proc/PID/stat``.
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def stamp_time(stamp: ProcessStamp) -> float:
+    """When the process of ``stamp`` started, as a Unix time, with the clock as it is now.
+
+    For display only: two calls on either side of a step of the wall clock
+    differ by the step. Identity is :func:`is_process`'s.
+    """
+    age = time.clock_gettime(time.CLOCK_BOOTTIME) - stamp[1] / CLOCK_TICKS
+    return round(time.time() - age, 2)
 
 
 def all_pids() -> list[int]:

@@ -10,7 +10,9 @@ burst of registrations into one fsync; ``autocommit=True`` commits after
 every call instead, for tests and simple tools.
 
 A registration belongs to its owner process, identified by pid *and*
-process start time (a pid alone is reused by the kernel). A name held by a
+process stamp (a pid alone is reused by the kernel; the stamp is the boot
+and the start in clock ticks since it, which no step of the wall clock
+moves: see :data:`~ikos.platform._process.ProcessStamp`). A name held by a
 living owner cannot be taken by another process; when the owner dies the
 manager calls :meth:`~RegistryStore.mark_owner_dead` and the service turns
 inactive, and a restarted owner re-registering it makes it active again.
@@ -46,6 +48,7 @@ from typing import Any, Literal, TypeAlias
 
 from ikos._errors import IkosError
 from ikos.platform._database import is_damage, move_aside
+from ikos.platform._process import ProcessStamp, is_process, process_stamp, stamp_time
 from ikos.registry._graph import DependencyCycle
 from ikos.registry._service import (
     HEALTH_STATES,
@@ -68,11 +71,12 @@ SCHEMA_VERSION = 1
 DEFAULT_MAX_SERVICES = 100_000
 MAX_DEPENDENCIES = 64
 PATTERN_MAX = 256
-# psutil derives a process's start time from the boot time, which each
-# process reads once from /proc/stat and which moves when the clock is
-# stepped; a margin of one second absorbs that between the registering
-# client and the manager, while a reused pid almost always starts later.
+# For rows of an ikos before stamps, which recorded the owner's start as a
+# Unix time: the margin that ikos allowed between two readings of it.
 START_TIME_TOLERANCE = 1.0
+#: Who owns a service, as recorded: a :data:`ProcessStamp`; a Unix start time in
+#: a row written by an ikos before stamps; None when the owner was already gone.
+OwnerStart: TypeAlias = "ProcessStamp | float | None"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS services (
@@ -89,7 +93,9 @@ CREATE TABLE IF NOT EXISTS services (
     health TEXT NOT NULL,
     metadata TEXT NOT NULL,         -- JSON object
     owner_pid INTEGER,              -- NULL: registered by the manager
-    owner_start_time REAL
+    owner_start_time REAL,          -- Unix time, for an ikos before stamps
+    owner_boot TEXT,                -- the owner's ProcessStamp: what identifies it
+    owner_ticks INTEGER
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS services_by_type ON services (type);
 CREATE INDEX IF NOT EXISTS services_by_owner_pid ON services (owner_pid);
@@ -109,8 +115,10 @@ CREATE INDEX IF NOT EXISTS dependencies_by_target ON dependencies (depends_on);
 
 _COLUMNS = (
     "name, description, version, type, endpoint, capabilities, pid, active,"
-    " start_time, owner, health, metadata, owner_pid, owner_start_time"
+    " start_time, owner, health, metadata, owner_pid, owner_start_time, owner_boot, owner_ticks"
 )
+#: The columns the stamps added to a file of an ikos before them.
+_STAMP_COLUMNS = ("owner_boot TEXT", "owner_ticks INTEGER")
 _GLOB_SPECIAL = re.compile(r"[*?\[]")
 # Greater than every character that a name can hold, so that
 # [prefix, prefix + _TOP) is the index range of names starting with prefix.
@@ -131,35 +139,27 @@ class RegistryEvent:
     info: ServiceInfo
 
 
-def process_start_time(pid: int) -> float | None:
-    """The start time (Unix time) of process ``pid``, ``None`` if there is none.
+def process_alive(pid: int, start: OwnerStart) -> bool:
+    """Whether process ``pid`` still runs and is the one ``start`` recorded.
 
-    This is the ``owner_start_time`` to pass to :meth:`RegistryStore.register`
-    along with a peer's pid.
+    ``start`` is what :meth:`RegistryStore.owner_of` gives: a stamp (see
+    :func:`~ikos.platform._process.is_process`), a Unix start time from an
+    ikos before stamps (compared as that ikos did, within
+    :data:`START_TIME_TOLERANCE`; a process of another user that cannot be
+    inspected counts as alive), or None to check the pid only. A zombie
+    counts as dead.
     """
-    import psutil  # by the first registration: ikosd's launch does without it
-
-    try:
-        return psutil.Process(pid).create_time()
-    except psutil.NoSuchProcess:
-        return None
-
-
-def process_alive(pid: int, start_time: float | None) -> bool:
-    """Whether process ``pid`` still runs and is the one that started at ``start_time``.
-
-    A zombie counts as dead; a process of another user that cannot be
-    inspected counts as alive. ``start_time=None`` checks the pid only.
-    """
+    if isinstance(start, tuple):
+        return is_process(pid, start)
     import psutil
 
     try:
         proc = psutil.Process(pid)
         if proc.status() == psutil.STATUS_ZOMBIE:
             return False
-        if start_time is None:
+        if start is None:
             return True
-        return abs(proc.create_time() - start_time) <= START_TIME_TOLERANCE
+        return abs(proc.create_time() - start) <= START_TIME_TOLERANCE
     except psutil.NoSuchProcess:
         return False
     except psutil.AccessDenied:
@@ -234,6 +234,13 @@ class RegistryStore:
                         conn.execute(statement)
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 conn.execute("COMMIT")
+            # A file of an ikos before stamps: the columns are added, and the version
+            # stays, so that such an ikos still opens the file (it writes its own
+            # columns by name, and its rows are read as it wrote them).
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(services)")}
+            for column in _STAMP_COLUMNS:
+                if column.split()[0] not in columns:
+                    conn.execute(f"ALTER TABLE services ADD COLUMN {column}")
         except BaseException:
             conn.close()
             raise
@@ -309,12 +316,12 @@ class RegistryStore:
         self,
         info: ServiceInfo,
         owner_pid: int | None,
-        owner_start_time: float | None,
+        owner_stamp: ProcessStamp | None = None,
     ) -> ServiceInfo:
         """Register ``info``, owned by process ``owner_pid`` (``None``: the manager).
 
-        ``owner_start_time`` is the owner's process start time (looked up
-        when ``None``), so that a reused pid is not taken for the owner.
+        ``owner_stamp`` is the owner's :func:`~ikos.platform._process.process_stamp`
+        (looked up when ``None``), so that a reused pid is not taken for the owner.
         A name held by another owner that is still alive raises
         :class:`ServiceConflict`; a re-registration by the same owner, by the
         manager, or after the holder died replaces the entry. The stored
@@ -326,11 +333,13 @@ class RegistryStore:
             not isinstance(owner_pid, int) or isinstance(owner_pid, bool) or owner_pid <= 0
         ):
             raise InvalidService("owner_pid", f"expected a positive integer, got {owner_pid!r}")
-        if owner_pid is not None and owner_start_time is None:
-            owner_start_time = process_start_time(owner_pid)
+        if owner_pid is not None and owner_stamp is None:
+            owner_stamp = process_stamp(owner_pid)
+        owner_start_time = None if owner_stamp is None else stamp_time(owner_stamp)
         with self._write() as events:
             row = self._conn.execute(
-                "SELECT active, owner_pid, owner_start_time FROM services WHERE name = ?",
+                "SELECT active, owner_pid, owner_start_time, owner_boot, owner_ticks"
+                " FROM services WHERE name = ?",
                 (info.name,),
             ).fetchone()
             if row is None:
@@ -338,13 +347,13 @@ class RegistryStore:
                 if count >= self.max_services:
                     raise RegistryFull(self.max_services)
             else:
-                was_active, holder_pid, holder_start = row
+                was_active, holder_pid = row[0], row[1]
                 if (
                     was_active
                     and owner_pid is not None
                     and holder_pid is not None
                     and holder_pid != owner_pid
-                    and process_alive(holder_pid, holder_start)
+                    and process_alive(holder_pid, _owner_start(row[2:]))
                 ):
                     raise ServiceConflict(info.name, holder_pid)
             stored = replace(
@@ -363,7 +372,7 @@ class RegistryStore:
             )
             self._conn.execute(
                 f"INSERT OR REPLACE INTO services ({_COLUMNS})"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     stored.name,
                     stored.description,
@@ -379,6 +388,8 @@ class RegistryStore:
                     json.dumps(stored.metadata),
                     owner_pid,
                     owner_start_time,
+                    None if owner_stamp is None else owner_stamp[0],
+                    None if owner_stamp is None else owner_stamp[1],
                 ),
             )
             self._conn.execute("DELETE FROM capabilities WHERE name = ?", (stored.name,))
@@ -413,8 +424,11 @@ class RegistryStore:
         """The service ``name``; :class:`NoSuchService` when there is none."""
         return self._get_full(name)[0]
 
-    def owner_of(self, name: str) -> tuple[int | None, float | None]:
-        """``(owner_pid, owner_start_time)`` of service ``name`` (``None`` pid: the manager)."""
+    def owner_of(self, name: str) -> tuple[int | None, OwnerStart]:
+        """``(owner_pid, owner_start)`` of service ``name`` (``None`` pid: the manager).
+
+        ``owner_start`` is for :func:`process_alive` (see :data:`OwnerStart`).
+        """
         _, pid, start = self._get_full(name)
         return pid, start
 
@@ -516,10 +530,10 @@ class RegistryStore:
                 f"SELECT {_COLUMNS} FROM services WHERE owner_pid IS NOT NULL AND active = 1"
                 " ORDER BY name"
             ).fetchall()
-            alive: dict[tuple[int, float | None], bool] = {}
+            alive: dict[tuple[int, OwnerStart], bool] = {}
             dead = []
             for row in rows:
-                key = (row[12], row[13])
+                key = (row[12], _owner_start(row[13:]))
                 if key not in alive:
                     alive[key] = process_alive(*key)
                 if not alive[key]:
@@ -573,13 +587,13 @@ class RegistryStore:
             for info in infos
         ]
 
-    def _get_full(self, name: str) -> tuple[ServiceInfo, int | None, float | None]:
+    def _get_full(self, name: str) -> tuple[ServiceInfo, int | None, OwnerStart]:
         row = self._conn.execute(
             f"SELECT {_COLUMNS} FROM services WHERE name = ?", (name,)
         ).fetchone()
         if row is None:
             raise NoSuchService(name)
-        return _info_from_row(row), row[12], row[13]
+        return _info_from_row(row), row[12], _owner_start(row[13:])
 
     # -- dependencies -------------------------------------------------------
 
@@ -659,6 +673,12 @@ class RegistryStore:
                     parent[dep] = node
                     stack.append(dep)
         return None
+
+
+def _owner_start(columns: tuple[Any, ...]) -> OwnerStart:
+    """The owner's start from ``(owner_start_time, owner_boot, owner_ticks)``."""
+    start_time, boot, ticks = columns
+    return start_time if boot is None else (boot, ticks)
 
 
 def _info_from_row(row: tuple[Any, ...]) -> ServiceInfo:
