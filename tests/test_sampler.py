@@ -497,3 +497,30 @@ def test_an_exit_s_description_is_one_string_per_kind_of_end() -> None:
     assert ExitStatus(0, None, 0).describe() == "exited normally"
     assert ExitStatus(None, None, 0).describe() == "exited (status unknown)"
     assert ExitStatus(None, 99, 0).describe() == "killed by signal 99"
+
+
+def test_a_step_of_the_wall_clock_between_passes_is_not_a_cpu_figure(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The CPU percentage divides the CPU seconds between two passes by the time
+    # between them: by the wall clock, a step of 14 s forward made a busy
+    # daemon look nearly idle, and a step backward made it None.
+    import time
+
+    script = "import time\nend = time.monotonic() + 60\nwhile time.monotonic() < end: pass\n"
+    with subprocess.Popen([PY, "-c", script], start_new_session=True) as proc:
+        try:
+            sampler = Sampler()
+            target = Target("x", proc.pid)
+            sampler.sample([target])
+            now = time.time
+            for step in (14.0, -28.0):
+                monkeypatch.setattr(time, "time", lambda s=step, now=now: now() + s)
+                now = time.time
+                begun = time.monotonic()
+                while time.monotonic() - begun < 0.3:  # CPU time for the burner to add
+                    os.sched_yield()
+                usage = sampler.sample([target])["x"]
+                assert usage.cpu_percent is not None and usage.cpu_percent > 5.0, step
+        finally:
+            proc.kill()

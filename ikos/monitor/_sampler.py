@@ -134,6 +134,8 @@ class _Run:
     #: CPU seconds of the run's processes that have exited
     retired: float = 0.0
     total: float = 0.0
+    #: when it was seen last, in monotonic time: a step of the wall clock between two
+    #: passes must not turn into a CPU percentage
     at: float = 0.0
 
 
@@ -226,7 +228,7 @@ class Sampler:
         key: tuple[int, float],
         per_process: dict[tuple[int, float], _Figures],
     ) -> Usage:
-        now = time.time()
+        now = time.monotonic()
         run = self._runs.get(target.name)
         if run is None or run.key != key:
             run = self._runs[target.name] = _Run(key)
@@ -253,7 +255,7 @@ class Sampler:
             io_read_bytes=_sum_known(f.io_read for f in figures),
             io_write_bytes=_sum_known(f.io_write for f in figures),
             processes=len(per_process),
-            sampled_at=now,
+            sampled_at=time.time(),
         )
 
     def _cgroup_members(self, pid: int) -> list[int] | None:
