@@ -798,3 +798,21 @@ def test_alerts_are_not_published_while_the_broker_does_not_run(tmp_path: Path) 
     publisher.open = False
     publisher.publish({"alert": "restarts"})
     assert (publisher.skipped, publisher.lost, publisher._thread) == (1, 0, None)
+
+
+def test_the_alert_service_s_clock_does_not_step_with_the_wall_clock(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The engine's "for" durations and restart windows are differences of this
+    # clock: by the wall clock, a step forward fired a pending alert at once.
+    import time
+
+    from ikos.manager._alert_service import AlertService
+
+    service = AlertService()
+    before = service._now()
+    assert abs(before - time.time()) < 1.0  # it reads as a date, for "since"
+    now = time.time
+    monkeypatch.setattr(time, "time", lambda: now() + 3600.0)
+    after = service._now()
+    assert 0.0 <= after - before < 1.0

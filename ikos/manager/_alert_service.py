@@ -105,6 +105,17 @@ class AlertService(Extension):
         self._publisher: _Publisher | None = None
         #: (alerts, fired by kind, suppressed) for the scrape thread, replaced whole
         self._figures: tuple[list[Alert], dict[str, int], int] = ([], {}, 0)
+        #: the engine's clock (see :meth:`_now`)
+        self._epoch = time.time() - time.monotonic()
+
+    def _now(self) -> float:
+        """The engine's time: the Unix time at start plus the monotonic time since.
+
+        Its ``for`` durations and restart windows must not jump with a step of
+        the wall clock (a step of 14 s forward would fire a 10 s alert at
+        once), and its ``since`` must still read as a date.
+        """
+        return self._epoch + time.monotonic()
 
     # -- life ---------------------------------------------------------------------------
 
@@ -148,7 +159,7 @@ class AlertService(Extension):
         names = {node.name for node in self._view.walk()}
         # what is kept per daemon goes with the daemon (a bound on memory)
         self._restarts_seen = {k: v for k, v in self._restarts_seen.items() if k in names}
-        self._handle(self.engine.forget(names, time.time()))
+        self._handle(self.engine.forget(names, self._now()))
 
     def _read(self, config: Config) -> AlertSettings:
         settings, _warnings = read_alert_settings(config.file)  # warnings: load_config's
@@ -164,7 +175,7 @@ class AlertService(Extension):
 
     def _sampled(self, latest: Mapping[str, Usage]) -> None:
         """A sampler pass ended: every running daemon's usage, then the sliding windows."""
-        now = time.time()
+        now = self._now()
         view = self._view
         assert view is not None
         changes: list[Change] = []
@@ -184,7 +195,7 @@ class AlertService(Extension):
 
     def on_transition(self, node: NodeView, old: State, new: State, why: str) -> None:
         self._gate(node, new)
-        now = time.time()
+        now = self._now()
         self._broadcast(
             {
                 "type": "transition",
@@ -241,11 +252,11 @@ class AlertService(Extension):
         self._timers.pop(name, None)
         node = self._view.find(name) if self._view is not None else None
         if node is not None and node.state is State.FAILED:
-            self._handle(self.engine.raise_event(name, "failed", time.time(), message))
+            self._handle(self.engine.raise_event(name, "failed", self._now(), message))
 
     def _health(self, daemon: str, old: str, new: str, why: str) -> None:
         """The registry's word: ``daemon``'s health went from ``old`` to ``new``."""
-        now = time.time()
+        now = self._now()
         if new == "critical":
             message = f"health of {daemon} is critical{why}"[:1000]
             self._handle(self.engine.raise_event(daemon, "health", now, message))
