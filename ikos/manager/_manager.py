@@ -47,7 +47,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -92,6 +92,12 @@ EXIT_UNCLEAN = 3
 SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGPWR)
 #: Every signal ikosd handles, ignored once it is done.
 HANDLED_SIGNALS = (*SHUTDOWN_SIGNALS, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+#: How long one step of the release after the tree stopped may take: an extension's
+#: stop, the control socket's close, the Ray bridge's. Past it ikosd logs an error
+#: naming the step and goes on, so that an unbounded wait in one of them never keeps
+#: it from releasing the rest and exiting (twice a test saw ikosd stop its whole
+#: tree and then never exit, its descriptor keeper still running).
+RELEASE_STEP_TIMEOUT = 10.0
 #: States in which a worker has a process: leaving them for stopped or failed ends it.
 _WITH_PROCESS = frozenset({State.STARTING, State.RUNNING, State.STOPPING})
 
@@ -591,21 +597,18 @@ class Manager:
         self.heap.close()
         for ext in reversed(self._started):
             log.debug("stopping the %s extension", ext.name)  # names the step a hang is in
-            try:
-                await ext.stop()
-            except Exception:
-                log.exception("extension %s failed to stop", ext.name)
+            await _release_step(ext.stop(), f"the {ext.name} extension's stop")
         self._started.clear()
         log.debug("extensions stopped; closing the control socket and the stores")
         if self.control is not None:
-            with contextlib.suppress(Exception):
-                await self.control.close()
+            await _release_step(self.control.close(), "the control socket's close")
         if self._reap_retry is not None:
             self._reap_retry.cancel()
         with contextlib.suppress(ValueError, RuntimeError):
             loop.remove_signal_handler(signal.SIGCHLD)
-        with contextlib.suppress(Exception):
-            await self.ray.aclose()  # every placed actor has stopped: the bridge leaves
+        # every placed actor has stopped: the bridge leaves
+        # (which may wait 20 s for the bridge to leave the cluster, then kill it)
+        await _release_step(self.ray.aclose(), "the Ray bridge's close", 40.0)
         self.forkserver.close()
         self.execs.close()
         self.logs.close()
@@ -796,6 +799,28 @@ class Manager:
 
     async def _verb_terminate_child(self, req: Any) -> Any:
         return await self.ops.terminate_child(req.text("name"))
+
+
+async def _release_step(
+    step: Coroutine[Any, Any, None], what: str, timeout: float | None = None
+) -> None:
+    """Run one step of the release, within ``timeout`` (default :data:`RELEASE_STEP_TIMEOUT`).
+
+    What goes wrong is logged, never raised.
+
+    A step that overruns is cancelled and not waited for: a step that would
+    not end would not end its cancellation either.
+    """
+    limit = RELEASE_STEP_TIMEOUT if timeout is None else timeout
+    task = asyncio.ensure_future(step)
+    done, _ = await asyncio.wait((task,), timeout=limit)
+    if not done:
+        task.cancel()
+        log.error("%s did not end within %g s: cancelled, ikosd releases the rest", what, limit)
+        return
+    exc = task.exception()
+    if exc is not None:
+        log.error("%s failed", what, exc_info=exc)
 
 
 def _handle_signal(
