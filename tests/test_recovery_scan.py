@@ -59,3 +59,58 @@ def test_environ_of_with_containing_decodes_only_what_contains_the_bytes(
     assert env is not None and env[MARK_INSTANCE] == MARK
     assert environ_of(sleepers["other"], containing=needle) is None
     assert environ_of(sleepers["other"]) == {"PATH": os.defpath, MARK_INSTANCE: "fedcba9876543210"}
+
+
+def test_a_process_caught_in_its_execve_is_found(
+    sleepers: dict[str, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Popen returns once exec closed its error pipe, before the kernel copied the
+    # environment into the new memory: read at once, /proc/PID/environ is empty
+    # about 4 times in 10 here. A daemon a crashed ikosd was starting at that
+    # moment must be found. The scan is given the new process first, as the
+    # scan of a machine of many processes may.
+    from ikos.manager import _recovery
+
+    newest: list[int] = []
+    monkeypatch.setattr(_recovery, "all_pids", lambda: [*newest, sleepers["marked"]])
+    for _ in range(40):
+        with subprocess.Popen(
+            ["/bin/sleep", "1000"], env={"PATH": os.defpath, MARK_INSTANCE: MARK}
+        ) as proc:
+            newest[:] = [proc.pid]
+            try:
+                found = {m.info.pid for m in find_marked(MARK)}
+            finally:
+                proc.kill()
+        assert found == {sleepers["marked"], proc.pid}
+
+
+def test_an_empty_environment_is_read_again_only_while_it_may_fill(
+    sleepers: dict[str, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ikos.manager import _recovery
+    from ikos.platform._process import may_gain_environ, read_small
+
+    # the marked process as the scan sees it mid-execve: empty, three times
+    reads = {"marked": 0}
+    target = f"/proc/{sleepers['marked']}/environ"
+
+    def reading(path: str) -> bytes | None:
+        if path == target and reads["marked"] < 3:
+            reads["marked"] += 1
+            return b""
+        return read_small(path)
+
+    monkeypatch.setattr(_recovery, "read_small", reading)
+    monkeypatch.setattr(_recovery, "may_gain_environ", lambda pid: True)
+    assert [m.info.pid for m in find_marked(MARK)] == [sleepers["marked"]]
+    assert reads["marked"] == 3
+    # a process started with no environment at all is not one: its command line shows
+    with subprocess.Popen(["/bin/sleep", "1000"], env={}) as bare:
+        try:
+            wait_for(lambda: read_small(f"/proc/{bare.pid}/cmdline"), 60)
+            assert read_small(f"/proc/{bare.pid}/environ") == b""
+            assert not may_gain_environ(bare.pid)
+        finally:
+            bare.kill()
+    assert not may_gain_environ(bare.pid)  # a zombie, then gone

@@ -52,7 +52,14 @@ from ikos.platform._digest import sha256
 from ikos.platform._fdstore import FdStore
 from ikos.platform._paths import InstancePaths
 from ikos.platform._pidfile import PID_FILE_NOTES, remove_stale_pid_files
-from ikos.platform._process import ProcInfo, all_pids, environ_of, proc_info
+from ikos.platform._process import (
+    ProcInfo,
+    all_pids,
+    may_gain_environ,
+    parse_environ,
+    proc_info,
+    read_small,
+)
 
 log = logging.getLogger("ikos.recovery")
 
@@ -61,6 +68,11 @@ MARK_INSTANCE = "IKOS_INSTANCE"
 MARK_DAEMON = "IKOS_DAEMON"
 #: How long the stray processes get to disappear after SIGKILL.
 KILL_WAIT = 10.0
+#: How often, and how far apart, the scan reads again the environment of a process
+#: caught in the middle of its execve (see :func:`find_marked`): 0.5 s at most, and
+#: only when there is such a process.
+ENVIRON_RETRIES = 50
+ENVIRON_RETRY_DELAY = 0.01
 
 
 def instance_mark(paths: InstancePaths) -> str:
@@ -103,15 +115,51 @@ def find_marked(mark: str) -> list[Marked]:
     # decoding every process's environment was most of this scan (11-32 ms before
     # ikosd answers, on a machine of 700 processes); only the marked are decoded
     needle = f"{MARK_INSTANCE}={mark}".encode()
-    for pid in all_pids():
-        if pid == me:
-            continue
-        env = environ_of(pid, containing=needle)
-        if env is None or env.get(MARK_INSTANCE) != mark:
-            continue
+    unsure = []
+
+    def check(pid: int, raw: bytes) -> None:
+        if needle not in raw:
+            return
+        env = parse_environ(raw)
+        if env.get(MARK_INSTANCE) != mark:
+            return
         info = proc_info(pid)
         if info is not None:
             found.append(Marked(info, env.get(MARK_DAEMON) or None))
+
+    for pid in all_pids():
+        if pid == me:
+            continue
+        raw = read_small(f"/proc/{pid}/environ")
+        if raw == b"":
+            unsure.append(pid)
+        elif raw is not None:
+            check(pid, raw)
+    # A process caught in the middle of its execve reads empty for a moment (a
+    # daemon a crashed ikosd was starting); kernel threads, zombies and processes
+    # started with no environment read empty for good. Each is read again, its
+    # command line first (see may_gain_environ), until it shows which it is.
+    for attempt in range(ENVIRON_RETRIES + 1):
+        if not unsure:
+            break
+        if attempt:
+            time.sleep(ENVIRON_RETRY_DELAY)
+        still = []
+        for pid in unsure:
+            filling = may_gain_environ(pid)  # before the environment is read again
+            raw = read_small(f"/proc/{pid}/environ")
+            if raw:
+                check(pid, raw)
+            elif raw is not None and filling:
+                still.append(pid)
+        unsure = still
+    if unsure:
+        log.warning(
+            "the scan for this instance's processes could not read the environment of"
+            " %s: if one was a daemon of a crashed ikosd, it is not adopted nor stopped",
+            ", ".join(map(str, unsure)),
+        )
+    found.sort(key=lambda m: m.info.pid)
     return found
 
 

@@ -248,13 +248,37 @@ def environ_of(pid: int, *, containing: bytes = b"") -> dict[str, str] | None:
     With ``containing``, None too when those bytes are not in it: a scan of
     every process for one variable then decodes only the few that may have it.
     """
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            raw = f.read()
-    except OSError:
+    raw = read_small(f"/proc/{pid}/environ")
+    if raw is None or containing not in raw:
         return None
-    if containing not in raw:
-        return None
+    return parse_environ(raw)
+
+
+#: ``PF_KTHREAD`` in the flags of ``/proc/PID/stat``: a kernel thread.
+_PF_KTHREAD = 0x00200000
+
+
+def may_gain_environ(pid: int) -> bool:
+    """Whether ``pid``, whose environment read empty, may show one a moment later.
+
+    A process in the middle of ``execve``, between the switch to its new
+    memory and the kernel's copy of its arguments and environment into it,
+    reads empty for a moment, command line included. A kernel thread and a
+    zombie, which have no memory of their own, read empty for good, and so
+    does the environment of a process started with none (its command line
+    does not). So a caller reads the environment again *after* this: a
+    process past its execve by then shows both.
+    """
+    fields = stat_fields(pid)
+    if fields is None or len(fields) < 7 or fields[0] in (b"Z", b"X"):
+        return False
+    if int(fields[6]) & _PF_KTHREAD:
+        return False
+    return read_small(f"/proc/{pid}/cmdline") == b""
+
+
+def parse_environ(raw: bytes) -> dict[str, str]:
+    """``/proc/PID/environ``'s bytes as a dict (an item without ``=`` is left out)."""
     env: dict[str, str] = {}
     for item in raw.split(b"\0"):
         key, sep, value = item.partition(b"=")
