@@ -415,3 +415,34 @@ def test_root_directory_is_refused_where_it_cannot_work(
     monkeypatch.undo()
     with pytest.raises(SpawnError, match=r"field .root_directory.: .*gone is not a directory"):
         build_exec_plan(spec, InstancePaths.for_root(tmp_path))
+
+
+def test_a_command_left_by_a_crashed_ikosd_is_found_by_its_mark(
+    ikosd_factory: Any, tmp_path: Path
+) -> None:
+    # KillMode=process: the commands run apart from the daemon's cgroup, so only
+    # their environment tells the next ikosd that they are this instance's
+    out, unit = service_writing_to(
+        tmp_path,
+        "stuck",
+        """
+        KillMode=process
+        ExecStartPre=/bin/sh -c 'echo $$$$ > {out}/pre; exec sleep 1000'
+        ExecStart=/bin/sleep 1000
+        """,
+    )
+    config = f'[executables.stuck]\nunit = "{unit}"\n'
+    inst = ikosd_factory(config=config, name="same", args=["--metrics", "off"], wait_ready=False)
+    pre = read_pid(out / "pre")  # ikosd is not ready: its tree waits for this start
+    wait_for(lambda: b"IKOS_DAEMON=stuck\0" in Path(f"/proc/{pre}/environ").read_bytes(), 20)
+    environ = Path(f"/proc/{pre}/environ").read_bytes()
+    assert b"IKOS_INSTANCE=" in environ
+    (out / "pre").unlink()
+    inst.crash()
+    assert alive(pre)  # the crash left it
+    again = ikosd_factory(config=config, name="same", args=["--metrics", "off"], wait_ready=False)
+    wait_for(
+        lambda: not alive(pre), 30, message="the next ikosd to stop the crashed start's command"
+    )
+    wait_for(lambda: f"pid {pre}" in again.log_text(), 20, message="a line naming it")
+    read_pid(out / "pre")  # and the start begins again

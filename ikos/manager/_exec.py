@@ -1694,6 +1694,11 @@ class ExecRuntime:
         """One command through the fork server: its status (None: timed out) and what happened."""
         env = plan.environ
         env.pop("NOTIFY_SOCKET", None)  # only the daemon speaks sd_notify (NotifyAccess=main)
+        # the instance's marks, as the daemon has them (a plan not yet placed has none):
+        # after a crash of ikosd, the next one finds a command still running by them
+        env.update(self._environ_items)
+        if self.daemon_variable:
+            env[self.daemon_variable] = spec.name
         if main_pid is not None:
             env["MAINPID"] = str(main_pid)
         env.update(extra_env or {})
