@@ -32,7 +32,7 @@ from typing import Any
 
 import pytest
 from conftest import IKOSD, REPO, Instance, stop_and_check, wait_for
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 import ikos
@@ -143,12 +143,16 @@ def test_no_bytes_make_the_dhcp_decoder_raise_anything_but_malformed(data: bytes
         _dhcp.decode(reply()[: _dhcp.MIN_REPLY] + data)
 
 
+@example(options=bytes([53, 1, 0]), now=0.0)  # found by CI at stop 20
 @given(st.binary(max_size=400), st.floats(0, 1e6))
 def test_any_options_give_a_sane_lease_or_a_named_refusal(options: bytes, now: float) -> None:
     try:
         lease = _dhcp.lease_from_ack(_dhcp.decode(reply(options=bytes([53, 1, 5]) + options)), now)
     except _dhcp.MalformedPacket as exc:
-        assert exc.reason in {"bad_option", "no_lease_time", "no_server_id", "bad_address"}
+        # a second option 53 is concatenated to the first (RFC 3396, as any repeated
+        # option): the message type is then two bytes, which is refused as missing
+        reasons = {"bad_option", "no_lease_time", "no_server_id", "bad_address", "no_type"}
+        assert exc.reason in reasons
         return
     assert 0 < lease.t1 <= lease.t2 <= lease.lease_time <= _dhcp.MAX_LEASE
     assert now < lease.renew_at <= lease.rebind_at <= lease.expires_at
