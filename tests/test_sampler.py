@@ -524,3 +524,35 @@ def test_a_step_of_the_wall_clock_between_passes_is_not_a_cpu_figure(
                 assert usage.cpu_percent is not None and usage.cpu_percent > 5.0, step
         finally:
             proc.kill()
+
+
+def test_the_sampler_stops_even_when_woken_in_the_turn_it_is_cancelled() -> None:
+    # Python 3.11's asyncio.wait_for returns its awaitable's result and drops a
+    # cancellation that arrives in the same turn as that result: a daemon's start
+    # woke the sampler ("soon") as ikosd stopped it, the loop went on, and ikosd
+    # hung after stopping its tree ("stopping the sampler extension").
+    import asyncio
+
+    from ikos.manager._sampler_service import SamplerService
+
+    async def scenario() -> int:
+        service = SamplerService()
+        passes = 0
+
+        async def sample_once() -> None:
+            nonlocal passes
+            passes += 1
+
+        service.sample_once = sample_once  # type: ignore[method-assign]
+        service._task = asyncio.get_running_loop().create_task(service._run())
+        while passes == 0:
+            await asyncio.sleep(0)
+        await asyncio.sleep(0.01)  # the loop waits for its wake-up
+        task = service._task
+        service._wake.set()  # the wake-up and the stop's cancellation in one turn
+        stopping = asyncio.ensure_future(service.stop())
+        done, _ = await asyncio.wait((stopping,), timeout=3)
+        assert done and task.done(), "the sampler's loop went on after its stop"
+        return passes
+
+    assert asyncio.run(scenario()) >= 1

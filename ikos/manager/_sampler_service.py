@@ -50,6 +50,7 @@ class SamplerService(Extension):
         self.latest: dict[str, Usage] = {}
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        self._stopping = False
         self._soon: asyncio.TimerHandle | None = None
         #: called on the loop with each pass's usage by daemon (the alert service's feed)
         self.listeners: list[Callable[[Mapping[str, Usage]], None]] = []
@@ -84,6 +85,12 @@ class SamplerService(Extension):
             self._soon.cancel()
             self._soon = None
         if self._task is not None:
+            # The flag, not only the cancellation: Python 3.11's wait_for returned the
+            # wake-up's result and dropped a cancellation that came in the same turn
+            # as a wake-up (a daemon's start sampled "soon"), and the loop went on:
+            # ikosd then stopped its tree and hung here (seen in the suite).
+            self._stopping = True
+            self._wake.set()
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
@@ -105,14 +112,17 @@ class SamplerService(Extension):
         self.settings = settings
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             try:
                 await self.sample_once()
             except Exception:  # a bug in a pass must not end sampling for good
                 log.exception("sampler: a pass failed")
+            if self._stopping:
+                break
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.settings.interval)
+                async with asyncio.timeout(self.settings.interval):  # keeps a cancellation
+                    await self._wake.wait()
 
     async def sample_once(self) -> None:
         """One pass: the running daemons' pids here, their processes read on a worker thread."""
