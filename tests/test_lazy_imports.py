@@ -51,8 +51,17 @@ def tree():
 """
 
 #: Loaded only when the configuration asks for what they do (ikos.ipc: by the actors
-#: and the broker, never by ikosd, which holds the broker's socket through the platform).
-NOT_FOR_A_PLAIN_TREE = ("networkx", "prometheus_client", "http.server", "tomllib", "ikos.ipc")
+#: and the broker, never by ikosd, which holds the broker's socket through the platform;
+#: the configuration file's reader, ikos.manager._config: with a file, the extensions'
+#: settings and their defaults are ikos.manager._settings).
+NOT_FOR_A_PLAIN_TREE = (
+    "networkx",
+    "prometheus_client",
+    "http.server",
+    "tomllib",
+    "ikos.ipc",
+    "ikos.manager._config",
+)
 #: The actor machinery (the spawner, the runtime an actor runs, the handover of an
 #: upgrade, the carried classes of ``ikosctl spawn``) and the unit files' reader: loaded
 #: with the first actor, the first unit. The actor types ``import ikos`` exports
