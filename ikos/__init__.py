@@ -46,14 +46,14 @@ from ikos._errors import (
 )
 from ikos._version import __version__
 from ikos.actors._actor import Actor, set_broadcast_source
-from ikos.actors._monitor import Down
-from ikos.actors._ref import ActorRef
-from ikos.actors._timers import Timer
 from ikos.supervision._placement import Ray
 from ikos.supervision._spec import Backoff, Child, Exec, Supervisor
 
 if TYPE_CHECKING:  # imported on first use: see _LAZY_NAMES
     from ikos import ipc as ipc
+    from ikos.actors._monitor import Down
+    from ikos.actors._ref import ActorRef
+    from ikos.actors._timers import Timer
     from ikos.manager._ikosd import run
     from ikos.manager._local import LocalSystem, local
     from ikos.supervision._client import spawn, start_child, terminate_child, upgrade
@@ -102,8 +102,12 @@ _LAZY_SUBMODULES = ("daemon", "ipc")
 #: Public names imported from their module on first use (PEP 562), by name. A
 #: tree module's ``import ikos`` needs the specs, not the manager's command, the
 #: local system or the client calls; and ikosd, which imports this package
-#: first, never needs the latter two (docs/performance.md, "Launch").
+#: first, never needs the latter two, nor, for a tree of executables, an actor's
+#: reference, its timers and its Down messages (docs/performance.md, "Launch").
 _LAZY_NAMES = {
+    "ActorRef": "ikos.actors._ref",
+    "Down": "ikos.actors._monitor",
+    "Timer": "ikos.actors._timers",
     "run": "ikos.manager._ikosd",
     "LocalSystem": "ikos.manager._local",
     "local": "ikos.manager._local",

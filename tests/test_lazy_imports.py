@@ -51,18 +51,31 @@ def tree():
 """
 
 #: Loaded only when the configuration asks for what they do (ikos.ipc: by the actors
-#: and the broker, never by ikosd, which holds the broker's socket through the platform).
-NOT_FOR_A_PLAIN_TREE = ("networkx", "prometheus_client", "http.server", "tomllib", "ikos.ipc")
+#: and the broker, never by ikosd, which holds the broker's socket through the platform;
+#: the configuration file's reader, ikos.manager._config: with a file, the extensions'
+#: settings and their defaults are ikos.manager._settings).
+NOT_FOR_A_PLAIN_TREE = (
+    "networkx",
+    "prometheus_client",
+    "http.server",
+    "tomllib",
+    "ikos.ipc",
+    "ikos.manager._config",
+)
 #: The actor machinery (the spawner, the runtime an actor runs, the handover of an
-#: upgrade, the carried classes of ``ikosctl spawn``) and the unit files' reader: loaded
-#: with the first actor, the first unit. The actor types ``import ikos`` exports
-#: (Actor, ActorRef, Down, Timer) are not in the list: a tree module imports them.
+#: upgrade, the carried classes of ``ikosctl spawn``), the unit files' reader, and the
+#: actor types ``import ikos`` exports on first use (ActorRef, Down, Timer; the monitor
+#: service imports them with the first Down): loaded with the first actor, the first
+#: unit. ``ikos.Actor`` itself is not in the list (a light module of its own).
 NOT_FOR_EXECUTABLES = (
     "ikos.manager._actors",
     "ikos.actors._runtime",
     "ikos.actors._handover",
     "ikos.actors._carried",
     "ikos.platform._unit",
+    "ikos.actors._ref",
+    "ikos.actors._monitor",
+    "ikos.actors._timers",
 )
 #: OpenSSL, which ikosd needs only for an https:// health check or an authenticated
 #: mailbox handshake: asyncio comes without ssl, digests from the built-in sha256
@@ -160,6 +173,12 @@ def test_import_ikos_for_a_tree_module_leaves_the_manager_out() -> None:
         "assert ikos.run is run and ikos.local is local, 'lazy names'\n"
         "from ikos import spawn, LocalSystem\n"
         "assert {'run', 'spawn', 'local', 'LocalSystem'} <= set(dir(ikos))\n"
+        "from ikos.actors._ref import ActorRef\n"
+        "from ikos.actors._monitor import Down\n"
+        "from ikos.actors._timers import Timer\n"
+        "assert (ikos.ActorRef, ikos.Down, ikos.Timer) == (ActorRef, Down, Timer), 'actors'\n"
+        "from ikos import *\n"
+        "assert ActorRef is ikos.ActorRef, 'star import'\n"
     )
     loaded = set(run_python(code).stdout.split())
     heavy = ("ikos.ipc", "ikos.manager._ikosd", "ikos.manager._local", "ikos.supervision._client")

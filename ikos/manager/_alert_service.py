@@ -48,10 +48,10 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 from ikos._errors import IkosError, ManagerError
-from ikos.manager._config import AlertSettings, read_alert_settings
 from ikos.manager._control_server import Stream
 from ikos.manager._extension import Config, Extension, ExtensionHost, NodeView, Operations, TreeView
 from ikos.manager._ipc_service import BROKER_NAME, SYSTEM_NAME
+from ikos.manager._settings import AlertSettings, read_alert_settings
 from ikos.monitor._alerts import Alert, AlertCollector, AlertEngine, Change, NotificationLimiter
 from ikos.monitor._sampler import Usage
 from ikos.platform._paths import InstancePaths

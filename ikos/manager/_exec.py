@@ -233,17 +233,27 @@ def _close_pipes(pipes: list[tuple[str, int]]) -> None:
         os.close(r)
 
 
-@dataclasses.dataclass(slots=True)
-class _EarlyStart:
+class _EarlyStart:  # a plain class: a dataclass compiles its methods at ikosd's every start
     """A restart sent before its exit was recorded (:meth:`ExecRuntime.restart_early`)."""
 
-    spec: Exec
-    #: The incarnation of the node whose start takes it.
-    incarnation: int
-    plan: ExecPlan
-    cgroup: DaemonCgroup
-    pipes: list[tuple[str, int]]
-    reply: asyncio.Future[tuple[int | None, str]]
+    __slots__ = ("cgroup", "incarnation", "pipes", "plan", "reply", "spec")
+
+    def __init__(
+        self,
+        spec: Exec,
+        incarnation: int,
+        plan: ExecPlan,
+        cgroup: DaemonCgroup,
+        pipes: list[tuple[str, int]],
+        reply: asyncio.Future[tuple[int | None, str]],
+    ) -> None:
+        self.spec = spec
+        #: The incarnation of the node whose start takes it.
+        self.incarnation = incarnation
+        self.plan = plan
+        self.cgroup = cgroup
+        self.pipes = pipes
+        self.reply = reply
 
     def discard(self) -> None:
         """ikosd is closing: nothing of it may be left (the cgroups are emptied next)."""

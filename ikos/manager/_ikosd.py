@@ -297,9 +297,9 @@ def metrics_address(
     them run side by side; an explicit address is used as given (``fallback``
     false: ikosd refuses to start when it cannot be bound).
     """
-    # deferred, as load_config is: ``import ikos`` reaches this module, and the
-    # configuration reader pulls in the registry's health checks and SQLite
-    from ikos.manager._config import DEFAULT_METRICS
+    # deferred: ``ikos.run`` reaches this module, and the settings bring the alert rules
+    # (without a configuration file, ikosd never loads its reader, ikos.manager._config)
+    from ikos.manager._settings import DEFAULT_METRICS
 
     if given is None:
         return None
@@ -336,7 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except IkosError as exc:
         print(f"ikosd: {exc}", file=sys.stderr)
         return 2
-    from ikos.manager._config import AUTO_METRICS
+    from ikos.manager._settings import AUTO_METRICS
 
     try:
         metrics = metrics_address(

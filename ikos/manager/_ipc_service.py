@@ -52,8 +52,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from ikos._errors import ConfigError, IkosError
-from ikos.manager._config import IpcSettings, read_ipc_settings
 from ikos.manager._extension import Config, Extension, ExtensionHost, NodeView, TreeView
+from ikos.manager._settings import IpcSettings, read_ipc_settings
 from ikos.platform._activation import ENV as ACTIVATION_ENV
 from ikos.platform._activation import (
     Handoff,

@@ -61,7 +61,7 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from ikos._errors import (
     ActorCrashed,
@@ -73,14 +73,16 @@ from ikos._errors import (
     ManagerError,
     PermissionDenied,
 )
-from ikos.actors._monitor import Addressed, Down, DuplicateDown, StaleDown
-from ikos.actors._ref import ActorRef
 from ikos.manager._control_server import BadRequest
 from ikos.manager._extension import Extension, ExtensionHost, NodeView, TreeView
 from ikos.platform._database import write_durably
 from ikos.platform._process import proc_info
 from ikos.supervision._runtime import ExitReason, State
 from ikos.supervision._spec import Supervisor
+
+if TYPE_CHECKING:
+    from ikos.actors._monitor import Down
+    from ikos.actors._ref import ActorRef
 
 log = logging.getLogger("ikos.monitors")
 
@@ -292,6 +294,8 @@ class MonitorService(Extension):
             self._close(outbox)
         watchers = self._watchers.get(name)
         if watchers:
+            from ikos.actors._monitor import Down  # with the first monitor (actors only)
+
             reason, detail = stop_reason(node.last_exit, stopped_by)
             down = Down(name, reason, detail, pid)
             for watcher in list(watchers.values()):
@@ -338,6 +342,8 @@ class MonitorService(Extension):
                 return {"name": target, "state": node.state.value}
             self._watch(outbox, target)
         if node.state not in _ALIVE:
+            from ikos.actors._monitor import Down
+
             self._post(outbox, Down(target, "noproc", f"{target} is {node.state.value}"))
         return {"name": target, "state": node.state.value}
 
@@ -422,6 +428,8 @@ class MonitorService(Extension):
                 self._watch(outbox, target)
                 watched = view.find(target) if view is not None else None
                 if watched is None or watched.state not in _ALIVE:
+                    from ikos.actors._monitor import Down
+
                     state = watched.state.value if watched is not None else "gone"
                     self._post(outbox, Down(target, "noproc", f"{target} is {state}"))
         self._save()
@@ -536,6 +544,8 @@ class MonitorService(Extension):
         full) is tried again later, the same Down first, without holding
         this thread in between; the watcher refuses a copy it already has.
         """
+        from ikos.actors._ref import ActorRef  # with the first Down: actors only
+
         view, loop = self._view, self._loop
         assert view is not None and loop is not None
         ref = ActorRef(outbox.name, root=view.paths.root)
@@ -561,6 +571,8 @@ class MonitorService(Extension):
 
     def _deliver(self, ref: ActorRef, outbox: _Outbox, seq: int, down: Down) -> bool:
         """Hand ``down`` over; False when it must be tried again (not confirmed)."""
+        from ikos.actors._monitor import Addressed, DuplicateDown, StaleDown
+
         try:
             ref.ask(Addressed(down, outbox.pid, seq), timeout=DELIVERY_TIMEOUT)
         except ActorCrashed:

@@ -24,8 +24,8 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from ikos._errors import IkosError
-from ikos.manager._config import MonitorSettings, read_monitor_settings
 from ikos.manager._extension import Config, Extension, ExtensionHost, NodeView, TreeView
+from ikos.manager._settings import MonitorSettings, read_monitor_settings
 from ikos.monitor._sampler import Sampler, Target, Usage, UsageCollector
 from ikos.supervision._runtime import State
 

@@ -216,12 +216,14 @@ class Change:
     at: float
 
 
-@dataclass
-class _Track:
+class _Track:  # a plain class: a dataclass compiles its methods at ikosd's every start
     """One (daemon, kind) under a threshold rule: since when its condition holds."""
 
-    above_since: float | None = None
-    below_since: float | None = None
+    __slots__ = ("above_since", "below_since")
+
+    def __init__(self) -> None:
+        self.above_since: float | None = None
+        self.below_since: float | None = None
 
 
 def _message(rule: Rule, daemon: str, value: float) -> str:

@@ -46,11 +46,10 @@ number of fds the kernel gives to anyone).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ikos.monitor._text import TextFamily
@@ -112,31 +111,65 @@ class Usage:
         }
 
 
-@dataclass(frozen=True)
+# The sampler's own records below are plain classes with slots, not dataclasses: ikosd
+# imports this module at every start, and a dataclass compiles its generated methods
+# then (docs/performance.md, "Launch"); nothing compares, hashes or prints them.
+
+
 class _Figures:
-    cpu: float
-    rss: int
-    uss: int | None
-    fds: int
-    threads: int
-    io_read: int | None
-    io_write: int | None
+    """One process's figures in one pass."""
+
+    __slots__ = ("cpu", "fds", "io_read", "io_write", "rss", "threads", "uss")
+
+    def __init__(
+        self,
+        *,
+        cpu: float,
+        rss: int,
+        uss: int | None,
+        fds: int,
+        threads: int,
+        io_read: int | None,
+        io_write: int | None,
+    ) -> None:
+        self.cpu = cpu
+        self.rss = rss
+        self.uss = uss
+        self.fds = fds
+        self.threads = threads
+        self.io_read = io_read
+        self.io_write = io_write
+
+    def with_uss(self, uss: int) -> _Figures:
+        """The same figures with ``uss`` (a copy: the one read may be kept elsewhere)."""
+        return _Figures(
+            cpu=self.cpu,
+            rss=self.rss,
+            uss=uss,
+            fds=self.fds,
+            threads=self.threads,
+            io_read=self.io_read,
+            io_write=self.io_write,
+        )
 
 
-@dataclass(slots=True)  # one per running daemon
-class _Run:
+class _Run:  # one per running daemon
     """What the sampler remembers of one run of a daemon, between passes."""
 
-    key: tuple[int, float]
-    #: CPU seconds of the run's processes seen last pass, as ((pid, start time), seconds)
-    #: pairs: a tuple of one pair for most daemons, a quarter of a one-entry dict's size
-    cpu: tuple[tuple[tuple[int, float], float], ...] = ()
-    #: CPU seconds of the run's processes that have exited
-    retired: float = 0.0
-    total: float = 0.0
-    #: when it was seen last, in monotonic time: a step of the wall clock between two
-    #: passes must not turn into a CPU percentage
-    at: float = 0.0
+    __slots__ = ("at", "cpu", "key", "retired", "total")
+
+    def __init__(self, key: tuple[int, float]) -> None:
+        self.key = key
+        #: CPU seconds of the run's processes seen last pass, as ((pid, start time),
+        #: seconds) pairs: a tuple of one pair for most daemons, a quarter of a
+        #: one-entry dict's size
+        self.cpu: tuple[tuple[tuple[int, float], float], ...] = ()
+        #: CPU seconds of the run's processes that have exited
+        self.retired = 0.0
+        self.total = 0.0
+        #: when it was seen last, in monotonic time: a step of the wall clock between
+        #: two passes must not turn into a CPU percentage
+        self.at = 0.0
 
 
 class Sampler:
@@ -218,7 +251,7 @@ class Sampler:
             uss = figures.uss if figures.uss is not None else self._uss.get(key)
             if uss is not None:
                 seen[key] = uss
-                figures = dataclasses.replace(figures, uss=uss)
+                figures = figures.with_uss(uss)
             out[key] = figures
         return out
 
@@ -333,16 +366,18 @@ def _figures_and_key(
     )
 
 
-@dataclass(frozen=True)
 class _Stat:
     """What the sampler takes from one ``/proc/PID/stat``."""
 
-    sid: int
-    #: start time, clock ticks after boot: with the pid, names one process for good
-    start: int
-    cpu: float
-    threads: int
-    rss: int
+    __slots__ = ("cpu", "rss", "sid", "start", "threads")
+
+    def __init__(self, *, sid: int, start: int, cpu: float, threads: int, rss: int) -> None:
+        self.sid = sid
+        #: start time, clock ticks after boot: with the pid, names one process for good
+        self.start = start
+        self.cpu = cpu
+        self.threads = threads
+        self.rss = rss
 
 
 def _read_stat(pid: int) -> _Stat | None:
@@ -390,12 +425,14 @@ def _cgroup_of(pid: int) -> str | None:
     return None
 
 
-@dataclass
 class _Scan:
     """One scan of ``/proc``: every live process's stat, and the pids of each session."""
 
-    stats: dict[int, _Stat] = field(default_factory=dict)
-    sessions: dict[int, list[int]] = field(default_factory=dict)
+    __slots__ = ("sessions", "stats")
+
+    def __init__(self) -> None:
+        self.stats: dict[int, _Stat] = {}
+        self.sessions: dict[int, list[int]] = {}
 
 
 def _scan() -> _Scan:

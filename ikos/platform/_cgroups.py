@@ -39,7 +39,6 @@ import os
 import signal
 import time
 from collections.abc import Generator
-from dataclasses import dataclass
 
 from ikos._errors import SpawnError
 from ikos.platform._digest import sha256
@@ -88,22 +87,40 @@ def instance_cgroup_name(paths: InstancePaths) -> str:
     return f"ikos-{digest}"
 
 
-@dataclass(frozen=True)
+# _Mount and _Place are plain classes, not dataclasses: ikosd imports this module at
+# every start, and a dataclass compiles its generated methods then (docs/performance.md,
+# "Launch"); nothing compares, hashes or prints them.
+
+
 class _Mount:
-    fstype: str  # "cgroup" or "cgroup2"
-    root: str  # the cgroup path mounted at mountpoint
-    mountpoint: str
-    read_only: bool
-    controllers: frozenset[str]  # v1 only
+    """One cgroup hierarchy of ``/proc/self/mountinfo``."""
+
+    __slots__ = ("controllers", "fstype", "mountpoint", "read_only", "root")
+
+    def __init__(
+        self,
+        fstype: str,
+        root: str,
+        mountpoint: str,
+        read_only: bool,
+        controllers: frozenset[str],
+    ) -> None:
+        self.fstype = fstype  # "cgroup" or "cgroup2"
+        self.root = root  # the cgroup path mounted at mountpoint
+        self.mountpoint = mountpoint
+        self.read_only = read_only
+        self.controllers = controllers  # v1 only
 
 
-@dataclass(frozen=True)
 class _Place:
     """Where one controller (or, with ``controller == ""``, v2 tracking) is usable."""
 
-    version: int
-    controller: str
-    base: str  # the manager's cgroup in this hierarchy: instance dirs go below
+    __slots__ = ("base", "controller", "version")
+
+    def __init__(self, version: int, controller: str, base: str) -> None:
+        self.version = version
+        self.controller = controller
+        self.base = base  # the manager's cgroup in this hierarchy: instance dirs go below
 
 
 def _unescape(field: str) -> str:

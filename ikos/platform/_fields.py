@@ -150,17 +150,36 @@ def json_value(value: Any) -> Any:
     return value
 
 
-@dataclasses.dataclass(frozen=True)
 class FieldSpec:
-    """One row of a field table: what :func:`option` declared for an attribute."""
+    """One row of a field table: what :func:`option` declared for an attribute.
 
-    name: str
-    default: Any
-    check: Check
-    doc: str
-    #: whether a change restarts a running daemon (else it applies at its next exit or stop)
-    restarts: bool
-    to_json: Callable[[Any], Any]
+    A plain class, not a dataclass: ikosd and every tree module import the
+    tables, and a dataclass compiles its generated methods at import
+    (docs/performance.md, "Launch"). Nothing compares or hashes the rows.
+    """
+
+    __slots__ = ("check", "default", "doc", "name", "restarts", "to_json")
+
+    def __init__(
+        self,
+        name: str,
+        default: Any,
+        check: Check,
+        doc: str,
+        restarts: bool,
+        to_json: Callable[[Any], Any],
+    ) -> None:
+        self.name = name
+        self.default = default
+        self.check = check
+        self.doc = doc
+        #: whether a change restarts a running daemon (else it applies at its next exit
+        #: or stop)
+        self.restarts = restarts
+        self.to_json = to_json
+
+    def __repr__(self) -> str:
+        return f"FieldSpec({self.name!r}, default={self.default!r})"
 
 
 def option(
