@@ -65,7 +65,7 @@ from ikos.manager._extension import (
 from ikos.manager._logs import DaemonLogs, OutputForwarder
 from ikos.manager._operations import TreeOperations
 from ikos.manager._ray import RayHandle, RaySpawner
-from ikos.manager._recovery import MARK_DAEMON, MARK_INSTANCE, Recovery, instance_mark
+from ikos.manager._recovery import MARK_DAEMON, MARK_INSTANCE, Marked, Recovery, instance_mark
 from ikos.manager._state import StateStore
 from ikos.platform._database import DatabaseUnavailable
 from ikos.platform._fdstore import FdStore
@@ -521,9 +521,6 @@ class Manager:
         return self.exit_code
 
     async def _serve(self) -> None:
-        from ikos.manager._control_server import ControlServer
-
-        assert self._stop is not None
         loop = asyncio.get_running_loop()
         if not become_subreaper():
             log.warning("could not become a child subreaper: exit statuses may be lost")
@@ -533,6 +530,17 @@ class Manager:
         # finds it full: under a storm of signals, printing that warning with its
         # traceback took all of the main thread's time (the loop never drained it)
         signal.set_wakeup_fd(signal.set_wakeup_fd(-1), warn_on_full_buffer=False)
+        scanning = Recovery.scan_soon(self.paths)  # while the extensions start
+        try:
+            await self._serve_scanned(scanning)
+        finally:
+            if not scanning.done():
+                scanning.cancel()  # a refusal before recovery: the thread ends on its own
+
+    async def _serve_scanned(self, scanning: asyncio.Future[list[Marked]]) -> None:
+        from ikos.manager._control_server import ControlServer
+
+        assert self._stop is not None
         self.control = ControlServer(self, reader_gid=self.reader_gid)
         self.control.register("start_child", "control", self._verb_start_child)
         self.control.register("terminate_child", "control", self._verb_terminate_child)
@@ -555,7 +563,7 @@ class Manager:
         # before the fork server exists: it carries the instance's marker too.
         assert self.state is not None
         self.recovery = Recovery(self.paths, self.state, self.fdstore)
-        await self.recovery.run({spec.name for _, spec in self._tree.walk()})
+        await self.recovery.run({spec.name for _, spec in self._tree.walk()}, scanning)
         # launched in the background for a tree of actors, else by the first spawn that
         # needs it (an executable posix_spawn cannot start): ikosd answers without
         # waiting for its preload, and a tree of executables never starts it

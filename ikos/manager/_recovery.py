@@ -297,8 +297,29 @@ class Recovery:
         self.adoptable: dict[str, RunningRecord] = {}
         self.held_fds: dict[str, dict[str, int]] = {}
 
-    async def run(self, tree_names: Collection[str]) -> None:
-        """Find what a previous ikosd left: adopt what can be, stop the rest, and say so."""
+    @staticmethod
+    def scan_soon(paths: InstancePaths) -> asyncio.Future[list[Marked]]:
+        """Begin the scan of ``/proc`` for the instance's processes, on a worker thread.
+
+        It grows with the machine (15-18 ms at 1,079 processes, helper "launch"):
+        begun before the extensions start, it runs while they do. Safe as long as
+        ikosd starts no process with the instance's mark before :meth:`run`, which
+        holds: the fork server, the first to carry it, is started after recovery.
+        """
+        return asyncio.ensure_future(asyncio.to_thread(find_marked, instance_mark(paths)))
+
+    def scan(self) -> asyncio.Future[list[Marked]]:
+        """:meth:`scan_soon` for this recovery's instance."""
+        return self.scan_soon(self.paths)
+
+    async def run(
+        self, tree_names: Collection[str], scanning: asyncio.Future[list[Marked]] | None = None
+    ) -> None:
+        """Find what a previous ikosd left: adopt what can be, stop the rest, and say so.
+
+        ``scanning`` is :func:`find_marked` for this instance begun earlier (see
+        :meth:`scan`); without it the scan runs here.
+        """
         try:
             self.held_fds = self.fdstore.open()
         except OSError as exc:
@@ -307,7 +328,7 @@ class Recovery:
         if state.damage:
             log.error("%s", state.damage)
         records = state.load()
-        marked = await asyncio.to_thread(find_marked, instance_mark(self.paths))
+        marked = await (scanning if scanning is not None else self.scan())
         plan = plan_recovery(records, tree_names, marked, state_damage=state.damage)
         for pid, stray in stray_cgroups(self.paths, set(plan.adoptable)).items():
             plan.strays.setdefault(pid, stray)
