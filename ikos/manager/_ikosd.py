@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from ikos._errors import ConfigError, IkosError
 from ikos.platform._asyncio_tls import import_asyncio_without_tls
+from ikos.platform._heap import hold_gc
 from ikos.platform._paths import InstancePaths
 from ikos.supervision._spec import Supervisor
 
@@ -317,6 +318,7 @@ def _first(*values: Any) -> Any:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ikosd`` command."""
+    hold_gc()  # until ikosd answers (the manager releases it)
     init = os.getpid() == 1
     # PID 1 drops the signals it has no handler for: from now until the manager's
     # handlers take over, a shutdown request is noted, not lost

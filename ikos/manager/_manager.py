@@ -70,7 +70,7 @@ from ikos.manager._state import StateStore
 from ikos.platform._database import DatabaseUnavailable
 from ikos.platform._fdstore import FdStore
 from ikos.platform._forkserver import ForkServer
-from ikos.platform._heap import HeapTrimmer
+from ikos.platform._heap import HeapTrimmer, release_gc
 from ikos.platform._paths import InstancePaths
 from ikos.platform._process import become_subreaper, own, reap_orphans
 from ikos.platform._wire import ensure_secret
@@ -575,6 +575,7 @@ class Manager:
         for mod, err in failed.items():
             log.warning("fork server could not preload %s: %s", mod, err)
         await self.control.start()  # listening once there is something to answer about
+        release_gc()  # held by ikosd's main() through its start
         self._handle_signals()
         self.root = SupervisorNode(self._tree, None, self, self._order, self._waves)
         self.node_added(self.root)
