@@ -60,7 +60,7 @@ def test_without_malloc_trim_it_does_nothing(monkeypatch: pytest.MonkeyPatch) ->
 def test_the_collector_held_for_the_start_is_frozen_and_back_on_at_release() -> None:
     import gc
 
-    from ikos.platform._heap import hold_gc, release_gc
+    from ikos.platform._gc import hold_gc, release_gc
 
     assert gc.isenabled()
     frozen = gc.get_freeze_count()

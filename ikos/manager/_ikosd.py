@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from ikos._errors import ConfigError, IkosError
 from ikos.platform._asyncio_tls import import_asyncio_without_tls
-from ikos.platform._heap import hold_gc
+from ikos.platform._gc import hold_gc
 from ikos.platform._paths import InstancePaths
 from ikos.supervision._spec import Supervisor
 

@@ -70,7 +70,8 @@ from ikos.manager._state import StateStore
 from ikos.platform._database import DatabaseUnavailable
 from ikos.platform._fdstore import FdStore
 from ikos.platform._forkserver import ForkServer
-from ikos.platform._heap import HeapTrimmer, release_gc
+from ikos.platform._gc import release_gc
+from ikos.platform._heap import HeapTrimmer
 from ikos.platform._paths import InstancePaths
 from ikos.platform._process import become_subreaper, own, reap_orphans
 from ikos.platform._wire import ensure_secret
