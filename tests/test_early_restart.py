@@ -216,7 +216,7 @@ def test_an_early_restart_is_the_one_the_supervisor_starts(tmp_path: Path) -> No
         assert host.log[-3:] == [("d", "failed"), ("d", "starting"), ("d", "running")]
         # the old pipes closed at their EOF, the two new ones read
         assert len(_open_fds()) == len(fds)
-        assert sorted(rt.logs._readers.values()) == ["d", "d"]
+        assert sorted(r.name for r in rt.logs._readers.values()) == ["d", "d"]
         # a second death within a second: the back-off is due, no early start
         os.kill(handle.pid, signal.SIGKILL)
         await _until(lambda: d.pid not in (None, handle.pid), "the delayed restart")
@@ -297,6 +297,6 @@ def test_the_keeper_keeps_the_old_pipes_only_for_the_successors_to_replace(
         await _until(lambda: d.pid not in (None, second.pid), "the second restart")
         assert isinstance(d.handle, ExecHandle) and d.handle.started_by == EARLY
         assert released == [("d", ("stdout",))]
-        assert sorted(rt.logs._readers.values()) == ["d"]  # stderr only
+        assert [r.name for r in rt.logs._readers.values()] == ["d"]  # stderr only
 
     _with_runtime(tmp_path, body)

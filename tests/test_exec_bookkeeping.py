@@ -58,7 +58,11 @@ async def _run_one(tmp_path: Path) -> None:
         # a notify future exists only for notify daemons
         assert handle.notify_ready is None
         # its stdout and stderr are read (the readers are slotted objects: _logs)
-        assert sorted(logs._readers.values()) == ["tick", "tick"]
+        assert sorted(r.name for r in logs._readers.values()) == ["tick", "tick"]
+        # by one epoll that the loop watches, not by a reader (handle, key) of the loop each
+        watched = asyncio.get_running_loop()._selector.get_map()  # type: ignore[attr-defined]
+        assert logs._epoll is not None and logs._epoll.fileno() in watched
+        assert not set(logs._readers) & set(watched)
 
         os.kill(handle.pid, signal.SIGKILL)
         status = await asyncio.wait_for(asyncio.shield(handle.exited), 30)

@@ -29,6 +29,7 @@ import asyncio
 import collections
 import contextlib
 import os
+import select
 import threading
 from pathlib import Path
 
@@ -147,7 +148,12 @@ class DaemonLogs:
         #: Where every line goes besides the log file (``log_to_stdout``), if anywhere.
         self.forwarder = forwarder
         self.logs: dict[str, RotatingLog] = {}
-        self._readers: dict[int, str] = {}
+        #: Each pipe's read end -> its reader.
+        self._readers: dict[int, _PipeReader] = {}
+        #: Every pipe is watched by this one epoll, itself one reader of the event loop:
+        #: a pipe costs its reader and an entry above, not an asyncio handle, context,
+        #: bound method and selector key of its own (~0.4 KiB; two pipes a daemon).
+        self._epoll: select.epoll | None = None
 
     def log_for(self, name: str) -> RotatingLog:
         """The (open) log file of daemon ``name``."""
@@ -163,9 +169,37 @@ class DaemonLogs:
         """Read ``fd`` (a pipe's read end, now ours) into ``name``'s log until EOF."""
         self.fdstore.put(name, stream, fd)
         os.set_blocking(fd, False)
-        reader = _PipeReader(self, name, stream, fd, self.log_for(name))
-        self._readers[fd] = name
-        asyncio.get_running_loop().add_reader(fd, reader.readable)
+        self._readers[fd] = _PipeReader(self, name, stream, fd, self.log_for(name))
+        if self._epoll is None:
+            self._epoll = select.epoll()
+            asyncio.get_running_loop().add_reader(self._epoll.fileno(), self._readable)
+        self._epoll.register(fd, select.EPOLLIN)
+
+    def _readable(self) -> None:
+        """Some pipes have bytes or their EOF: one turn of reading for each (level-triggered,
+        so a pipe with more than a turn's worth is readable again at the next turn)."""
+        if self._epoll is None:
+            return
+        for fd, _ in self._epoll.poll(0):
+            reader = self._readers.get(fd)
+            if reader is None:
+                continue
+            try:
+                reader.readable()
+            except Exception as exc:  # as the loop does for a reader: the other pipes read on
+                asyncio.get_running_loop().call_exception_handler(
+                    {"message": f"reading the {reader.stream} of {reader.name!r}", "exception": exc}
+                )
+
+    def _drop(self, fd: int) -> None:
+        """Stop watching pipe ``fd`` and close it (unwatched first: the keeper holds a copy
+        of the pipe, so closing ours alone would leave it in the epoll)."""
+        self._readers.pop(fd, None)
+        if self._epoll is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self._epoll.unregister(fd)
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
     def release(self, name: str, streams: tuple[str, ...] = ("stdout", "stderr")) -> None:
         """The daemon's process ended: its pipes are no longer worth keeping for a successor."""
@@ -187,13 +221,13 @@ class DaemonLogs:
 
     def close(self) -> None:
         """Stop reading every pipe and close every log file (ikosd is stopping)."""
-        loop = asyncio.get_running_loop()
         for fd in list(self._readers):
+            self._drop(fd)
+        if self._epoll is not None:
             with contextlib.suppress(ValueError, RuntimeError):
-                loop.remove_reader(fd)
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self._readers.clear()
+                asyncio.get_running_loop().remove_reader(self._epoll.fileno())
+            self._epoll.close()
+            self._epoll = None
         for rl in self.logs.values():
             rl.close()
         self.logs.clear()
@@ -228,6 +262,4 @@ class _PipeReader:
             if self.logs.forwarder is not None:
                 self.logs.forwarder.forward(self.name, self.stream, lines)
         if eof:
-            asyncio.get_running_loop().remove_reader(self.fd)
-            self.logs._readers.pop(self.fd, None)
-            os.close(self.fd)
+            self.logs._drop(self.fd)
