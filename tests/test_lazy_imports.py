@@ -66,8 +66,11 @@ NOT_FOR_A_PLAIN_TREE = (
 #: upgrade, the carried classes of ``ikosctl spawn``), the unit files' reader, and the
 #: actor types ``import ikos`` exports on first use (ActorRef, Down, Timer; the monitor
 #: service imports them with the first Down): loaded with the first actor, the first
-#: unit. ``ikos.Actor`` itself is not in the list (a light module of its own).
+#: unit. ``ikos.Actor`` itself is not in the list (a light module of its own). And
+#: psutil (~0.6 MiB of modules): ikosd reads ``/proc`` itself; only rows of an ikos
+#: before process stamps are checked through it.
 NOT_FOR_EXECUTABLES = (
+    "psutil",
     "ikos.manager._actors",
     "ikos.actors._runtime",
     "ikos.actors._handover",

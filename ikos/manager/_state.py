@@ -147,10 +147,16 @@ def _record(
 
 @functools.cache
 def _boot_time() -> float:
-    """The boot time psutil adds to a process's start (read once per process)."""
-    import psutil
+    """The boot time psutil adds to a process's start (read once per process).
 
-    return float(psutil.boot_time())
+    Read as ``psutil.boot_time()`` reads it, without importing psutil: ~0.6 MiB
+    of modules that ikosd, for a tree of executables, loaded for this line alone.
+    """
+    with open("/proc/stat", "rb") as f:
+        for line in f:
+            if line.startswith(b"btime"):
+                return float(line.split()[1])
+    raise RuntimeError("no 'btime' line in /proc/stat")
 
 
 class StateStore:
