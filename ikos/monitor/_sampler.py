@@ -53,12 +53,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from ikos.monitor._text import TextFamily
-from ikos.platform._process import all_pids, read_small, stat_fields
+from ikos.platform._process import CLOCK_TICKS, all_pids, read_small, stat_fields
 
 __all__ = ["Sampler", "Target", "Usage", "UsageCollector"]
 
 _CGROUP_MOUNTS = ("/sys/fs/cgroup", "/sys/fs/cgroup/unified")
-_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 #: Most processes read for one daemon in one pass (a fork bomb must not stall the sampler).
 MAX_PROCESSES = 4096
@@ -388,7 +387,7 @@ def _read_stat(pid: int) -> _Stat | None:
     return _Stat(
         sid=int(fields[3]),
         start=int(fields[19]),
-        cpu=(int(fields[11]) + int(fields[12])) / _CLOCK_TICKS,
+        cpu=(int(fields[11]) + int(fields[12])) / CLOCK_TICKS,
         threads=int(fields[17]),
         rss=int(fields[21]) * _PAGE_SIZE,
     )

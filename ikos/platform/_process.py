@@ -249,9 +249,7 @@ def environ_of(pid: int, *, containing: bytes = b"") -> dict[str, str] | None:
     every process for one variable then decodes only the few that may have it.
     """
     raw = read_small(f"/proc/{pid}/environ")
-    if raw is None or containing not in raw:
-        return None
-    return parse_environ(raw)
+    return None if raw is None else parse_environ(raw, containing=containing)
 
 
 #: ``PF_KTHREAD`` in the flags of ``/proc/PID/stat``: a kernel thread.
@@ -277,8 +275,13 @@ def may_gain_environ(pid: int) -> bool:
     return read_small(f"/proc/{pid}/cmdline") == b""
 
 
-def parse_environ(raw: bytes) -> dict[str, str]:
-    """``/proc/PID/environ``'s bytes as a dict (an item without ``=`` is left out)."""
+def parse_environ(raw: bytes, *, containing: bytes = b"") -> dict[str, str] | None:
+    """``/proc/PID/environ``'s bytes as a dict (an item without ``=`` is left out).
+
+    None when ``containing`` is not in them (see :func:`environ_of`).
+    """
+    if containing not in raw:
+        return None
     env: dict[str, str] = {}
     for item in raw.split(b"\0"):
         key, sep, value = item.partition(b"=")
