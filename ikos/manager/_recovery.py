@@ -118,10 +118,8 @@ def find_marked(mark: str) -> list[Marked]:
     unsure = []
 
     def check(pid: int, raw: bytes) -> None:
-        if needle not in raw:
-            return
-        env = parse_environ(raw)
-        if env.get(MARK_INSTANCE) != mark:
+        env = parse_environ(raw, containing=needle)
+        if env is None or env.get(MARK_INSTANCE) != mark:
             return
         info = proc_info(pid)
         if info is not None:
@@ -308,17 +306,12 @@ class Recovery:
         """
         return asyncio.ensure_future(asyncio.to_thread(find_marked, instance_mark(paths)))
 
-    def scan(self) -> asyncio.Future[list[Marked]]:
-        """:meth:`scan_soon` for this recovery's instance."""
-        return self.scan_soon(self.paths)
-
     async def run(
-        self, tree_names: Collection[str], scanning: asyncio.Future[list[Marked]] | None = None
+        self, tree_names: Collection[str], scanning: asyncio.Future[list[Marked]]
     ) -> None:
         """Find what a previous ikosd left: adopt what can be, stop the rest, and say so.
 
-        ``scanning`` is :func:`find_marked` for this instance begun earlier (see
-        :meth:`scan`); without it the scan runs here.
+        ``scanning`` is :meth:`scan_soon`'s scan for this instance, begun earlier.
         """
         try:
             self.held_fds = self.fdstore.open()
@@ -328,7 +321,7 @@ class Recovery:
         if state.damage:
             log.error("%s", state.damage)
         records = state.load()
-        marked = await (scanning if scanning is not None else self.scan())
+        marked = await scanning
         plan = plan_recovery(records, tree_names, marked, state_damage=state.damage)
         for pid, stray in stray_cgroups(self.paths, set(plan.adoptable)).items():
             plan.strays.setdefault(pid, stray)
