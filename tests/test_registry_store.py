@@ -709,3 +709,23 @@ def test_a_dependency_closing_a_cycle_is_refused_with_its_path(store: RegistrySt
     assert store.get_dependencies("auth") == []
     store.add_dependency("other", "dev")  # a diamond is no cycle
     assert pickle.loads(pickle.dumps(err.value)).cycle == err.value.cycle
+
+
+def test_an_owner_recorded_without_a_start_is_checked_by_its_pid_alone() -> None:
+    proc = _spawn_owner()
+    try:
+        assert process_alive(proc.pid, None)
+    finally:
+        _kill_and_reap(proc)
+    assert not process_alive(proc.pid, None)
+    zombie = subprocess.Popen(["/bin/true"])
+    try:
+        wait_for_zombie = time.monotonic() + 30
+        while (
+            time.monotonic() < wait_for_zombie
+            and os.waitid(os.P_PID, zombie.pid, os.WEXITED | os.WNOWAIT | os.WNOHANG) is None
+        ):
+            time.sleep(0.01)
+        assert not process_alive(zombie.pid, None)  # a zombie is dead
+    finally:
+        zombie.wait()

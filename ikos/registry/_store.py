@@ -48,7 +48,13 @@ from typing import Any, Literal, TypeAlias
 
 from ikos._errors import IkosError
 from ikos.platform._database import is_damage, move_aside
-from ikos.platform._process import ProcessStamp, is_process, process_stamp, stamp_time
+from ikos.platform._process import (
+    ProcessStamp,
+    is_process,
+    proc_info,
+    process_stamp,
+    stamp_time,
+)
 from ikos.registry._graph import DependencyCycle
 from ikos.registry._service import (
     HEALTH_STATES,
@@ -151,14 +157,14 @@ def process_alive(pid: int, start: OwnerStart) -> bool:
     """
     if isinstance(start, tuple):
         return is_process(pid, start)
-    import psutil
+    if start is None:
+        return proc_info(pid) is not None
+    import psutil  # for such rows only
 
     try:
         proc = psutil.Process(pid)
         if proc.status() == psutil.STATUS_ZOMBIE:
             return False
-        if start is None:
-            return True
         return abs(proc.create_time() - start) <= START_TIME_TOLERANCE
     except psutil.NoSuchProcess:
         return False
