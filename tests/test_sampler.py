@@ -512,16 +512,28 @@ def test_a_step_of_the_wall_clock_between_passes_is_not_a_cpu_figure(
         try:
             sampler = Sampler()
             target = Target("x", proc.pid)
-            sampler.sample([target])
+            before, at = sampler.sample([target])["x"].cpu_seconds, time.monotonic()
             now = time.time
             for step in (14.0, -28.0):
                 monkeypatch.setattr(time, "time", lambda s=step, now=now: now() + s)
                 now = time.time
-                begun = time.monotonic()
-                while time.monotonic() - begun < 0.3:  # CPU time for the burner to add
-                    os.sched_yield()
+                # until the burner has added CPU time (however loaded the machine)
+                wait_for(
+                    lambda b=before: (
+                        (u := Sampler().sample([target]).get("x")) and u.cpu_seconds > b
+                    ),
+                    HANG,
+                    message="the burner's CPU time",
+                )
                 usage = sampler.sample([target])["x"]
-                assert usage.cpu_percent is not None and usage.cpu_percent > 5.0, step
+                elapsed, at = time.monotonic() - at, time.monotonic()
+                used, before = usage.cpu_seconds - before, usage.cpu_seconds
+                assert used > 0
+                # the figure is this pass's CPU over the time between the passes; by the
+                # wall clock it was diluted by the 14 s (under an eighth of it), or None
+                expected = 100.0 * used / elapsed
+                assert usage.cpu_percent is not None, step
+                assert usage.cpu_percent > 0.5 * expected, (step, usage.cpu_percent, expected)
         finally:
             proc.kill()
 
