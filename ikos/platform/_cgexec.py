@@ -66,6 +66,7 @@ import collections
 import contextlib
 import logging
 import os
+import select
 import shutil
 import signal
 import socket
@@ -77,7 +78,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ikos.platform._digest import sha256
-from ikos.platform._process import disown, hold_reaping, own, release_reaping
+from ikos.platform._process import (
+    add_reap_guard,
+    disown,
+    hold_reaping,
+    own,
+    release_reaping,
+    remove_reap_guard,
+)
 
 log = logging.getLogger("ikos.cgexec")
 
@@ -95,6 +103,8 @@ SOURCE = r"""
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/epoll.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/vfs.h>
@@ -152,17 +162,66 @@ static void become(int errfd, char **argv)
 /* The spawn server: one request per SOCK_SEQPACKET message on fd SOCK, "ARGC\0EXE\0ARGV..\0ENV..\0"
    with SCM_RIGHTS [cgroup v2 dir, stdin, stdout, stderr]; clone3(INTO_CGROUP | VFORK | PARENT),
    so the daemon is the manager's child; reply "pid N" (after the child's own "field: reason"
-   message if its exec failed), or "request: ..." alone. Exits at EOF: the manager is gone. */
+   message if its exec failed), or "request: ..." alone. Exits at EOF: the manager is gone.
+
+   An armed restart, as runsv's: "arm\0ID\0FLAGS\0ARGC\0NUNIQUE\0EXE\0ARGV..\0UNIQUE..\0SHARED..\0"
+   with [pidfd of the running daemon, cgroup v2 dir, stdin, stdout unless FLAGS & 1, stderr
+   unless FLAGS & 2] (a flagged stream gets a new pipe, its read end sent back). When the pidfd
+   says the daemon ended, and its cgroup is empty, the server starts the same command at once
+   and says "auto ID pid N" with the pipes' read ends (or "auto ID field: reason" if nothing
+   started); else, or at "disarm\0ID\0", "skip ID". Each arm ends in exactly one
+   "auto" or "skip". Every message waiting on the socket is read before a pidfd is looked at:
+   a disarm sent before the manager signals the daemon is always seen before its end. The
+   SHARED environment (the same for most daemons of an instance) is kept once. */
 #define PARENT 0x00008000ULL
 #define MAX_REQUEST (256 * 1024)
 #define NFDS 4
+#define MAX_FDS 8
+#define SOCK_TOKEN UINT64_MAX
 
 static char request[MAX_REQUEST + 1];
+static char *ptrs[MAX_REQUEST / 2 + 4];
+static char *cargv[MAX_REQUEST / 2 + 4];
+static struct rlimit nofile;
+
+struct block { struct block *next; uint64_t hash; size_t len, refs, count; char data[]; };
+struct arm {
+    long id; /* 0: a free slot */
+    uint32_t gen;
+    int pidfd, cgfd, in, out, err, argc, nunique; /* out, err: -1 for a pipe */
+    char *head; /* EXE\0ARGV..\0UNIQUE..\0 */
+    struct block *shared;
+};
+static struct block *blocks;
+static struct arm *arms;
+static size_t narms;
+static int ep = -1;
 
 static void say(int sock, const char *text)
 {
     if (send(sock, text, strlen(text), MSG_NOSIGNAL) < 0)
         _exit(0); /* the manager is gone */
+}
+
+static void say_fds(int sock, const char *text, const int *fds, int n)
+{
+    union { char buf[CMSG_SPACE(sizeof(int) * 2)]; struct cmsghdr align; } ctl;
+    struct iovec iov = { (void *)text, strlen(text) };
+    struct msghdr mh;
+    memset(&mh, 0, sizeof mh);
+    mh.msg_iov = &iov;
+    mh.msg_iovlen = 1;
+    if (n > 0) {
+        mh.msg_control = ctl.buf;
+        mh.msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)n);
+        struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
+        c->cmsg_level = SOL_SOCKET;
+        c->cmsg_type = SCM_RIGHTS;
+        c->cmsg_len = CMSG_LEN(sizeof(int) * (size_t)n);
+        memcpy(CMSG_DATA(c), fds, sizeof(int) * (size_t)n);
+    }
+    if (sendmsg(sock, &mh, MSG_NOSIGNAL) < 0)
+        _exit(0);
 }
 
 static void child_fail(int sock, const char *field, const char *what, int err)
@@ -173,16 +232,271 @@ static void child_fail(int sock, const char *field, const char *what, int err)
     _exit(127);
 }
 
-static int serve(int sock)
+/* In the clone3 child (the server's memory, until the exec): become the daemon. */
+static void start(int sock, const int *stdio, const char *exe, char **argv, char **env)
 {
-    static char *ptrs[MAX_REQUEST / 2 + 4];
-    if (fcntl(sock, F_SETFD, FD_CLOEXEC) < 0)
-        return 127;
-    /* what the manager inherited and did not mark close-on-exec stops here */
-    syscall(SYS_close_range, sock + 1, ~0U, 0);
+    for (int i = 0; i < 3; i++)
+        if (dup2(stdio[i], i) < 0)
+            child_fail(sock, "stdio", "dup2", errno);
+    setrlimit(RLIMIT_NOFILE, &nofile); /* the manager's, not the server's raised one */
+    if (setsid() < 0)
+        child_fail(sock, "session", "setsid", errno);
+    execve(exe, argv, env);
+    child_fail(sock, "executable", exe, errno);
+}
+
+static long clone_into(int cgfd)
+{
+    struct clone_args_v2 args;
+    memset(&args, 0, sizeof args);
+    args.flags = INTO_CGROUP | VFORK | PARENT;
+    args.cgroup = (uint64_t)cgfd;
+    return syscall(SYS_clone3, &args, sizeof args);
+}
+
+static void closing(const int *fds, int n)
+{
+    for (int i = 0; i < n; i++)
+        if (fds[i] >= 0)
+            close(fds[i]);
+}
+
+static void spawn_request(int sock, long n, int *fds, int nfds, int truncated)
+{
+    int count = 0;
+    for (char *p = request; p < request + n; p += strlen(p) + 1)
+        ptrs[count++] = p;
+    long argc = count > 0 ? strtol(ptrs[0], NULL, 10) : -1;
+    if (nfds != NFDS || truncated || n == 0 || request[n - 1] != 0 || argc < 1
+        || argc > count - 2) {
+        closing(fds, nfds);
+        say(sock, "request: malformed spawn request");
+        return;
+    }
+    memcpy(cargv, ptrs + 2, (size_t)argc * sizeof *cargv);
+    cargv[argc] = NULL;
+    ptrs[count] = NULL;
+    long pid = clone_into(fds[0]);
+    if (pid == 0)
+        start(sock, fds + 1, ptrs[1], cargv, ptrs + 2 + argc);
+    int err = errno;
+    closing(fds, nfds);
+    char out[4200];
+    if (pid < 0)
+        snprintf(out, sizeof out, "cgroup: %s: clone3 into the cgroup", strerror(err));
+    else
+        snprintf(out, sizeof out, "pid %ld", pid);
+    say(sock, out);
+}
+
+static uint64_t fnv(const char *p, size_t n)
+{
+    uint64_t h = 14695981039346656037ULL;
+    for (size_t i = 0; i < n; i++)
+        h = (h ^ (unsigned char)p[i]) * 1099511628211ULL;
+    return h;
+}
+
+static struct block *share(const char *p, size_t len, size_t count)
+{
+    uint64_t h = fnv(p, len);
+    for (struct block *b = blocks; b; b = b->next)
+        if (b->hash == h && b->len == len && memcmp(b->data, p, len) == 0) {
+            b->refs++;
+            return b;
+        }
+    struct block *b = malloc(sizeof *b + len);
+    if (!b)
+        return NULL;
+    b->hash = h;
+    b->len = len;
+    b->refs = 1;
+    b->count = count;
+    memcpy(b->data, p, len);
+    b->next = blocks;
+    blocks = b;
+    return b;
+}
+
+static void unshare_block(struct block *b)
+{
+    if (--b->refs)
+        return;
+    for (struct block **at = &blocks; *at; at = &(*at)->next)
+        if (*at == b) {
+            *at = b->next;
+            break;
+        }
+    free(b);
+}
+
+static void drop(struct arm *a)
+{
+    int fds[5] = { a->pidfd, a->cgfd, a->in, a->out, a->err };
+    closing(fds, 5); /* the pidfd leaves the epoll set with its last descriptor */
+    free(a->head);
+    unshare_block(a->shared);
+    a->id = 0;
+    a->gen++;
+}
+
+static void end_arm(int sock, struct arm *a, const char *word)
+{
+    char msg[64];
+    snprintf(msg, sizeof msg, "%s %ld", word, a->id);
+    drop(a);
+    say(sock, msg);
+}
+
+static struct arm *find(long id)
+{
+    for (size_t i = 0; i < narms; i++)
+        if (arms[i].id == id)
+            return &arms[i];
+    return NULL;
+}
+
+static void arm_request(int sock, long n, int *fds, int nfds, int truncated)
+{
+    int count = 0;
+    for (char *p = request; p < request + n && count < 6; p += strlen(p) + 1)
+        ptrs[count++] = p;
+    long id = count > 1 ? strtol(ptrs[1], NULL, 10) : 0;
+    long flags = count > 2 ? strtol(ptrs[2], NULL, 10) : -1;
+    long argc = count > 3 ? strtol(ptrs[3], NULL, 10) : -1;
+    long nunique = count > 4 ? strtol(ptrs[4], NULL, 10) : -1;
+    int want = 3 + !(flags & 1) + !(flags & 2);
+    /* the head: EXE, ARGV, UNIQUE; the rest is the shared environment */
+    char *head = count == 6 ? ptrs[5] : NULL, *end = head;
+    for (long i = 0; head && i < 1 + argc + nunique; i++) {
+        if (end >= request + n) {
+            head = NULL;
+            break;
+        }
+        end += strlen(end) + 1;
+    }
+    size_t slot = narms;
+    for (size_t i = 0; i < narms; i++)
+        if (arms[i].id == 0) {
+            slot = i;
+            break;
+        }
+    if (id <= 0 || find(id) || flags < 0 || flags > 3 || argc < 1 || nunique < 0 || !head
+        || nfds != want || truncated || request[n - 1] != 0) {
+        closing(fds, nfds);
+        if (id > 0 && !find(id)) {
+            char msg[64];
+            snprintf(msg, sizeof msg, "skip %ld", id);
+            say(sock, msg);
+        }
+        return;
+    }
+    if (slot == narms) {
+        struct arm *more = realloc(arms, (narms + 1) * sizeof *arms);
+        if (!more)
+            goto refuse;
+        arms = more;
+        memset(&arms[narms], 0, sizeof *arms);
+        narms++;
+    }
+    struct arm *a = &arms[slot];
+    size_t shared_count = 0;
+    for (char *p = end; p < request + n; p += strlen(p) + 1)
+        shared_count++;
+    a->head = malloc((size_t)(end - head));
+    a->shared = a->head ? share(end, (size_t)(request + n - end), shared_count) : NULL;
+    if (!a->shared) {
+        free(a->head);
+        goto refuse;
+    }
+    memcpy(a->head, head, (size_t)(end - head));
+    a->id = id;
+    a->argc = (int)argc;
+    a->nunique = (int)nunique;
+    a->pidfd = fds[0];
+    a->cgfd = fds[1];
+    a->in = fds[2];
+    a->out = flags & 1 ? -1 : fds[3];
+    a->err = flags & 2 ? -1 : fds[3 + !(flags & 1)];
+    struct epoll_event ev = { .events = EPOLLIN, .data.u64 = ((uint64_t)a->gen << 32) | slot };
+    if (epoll_ctl(ep, EPOLL_CTL_ADD, a->pidfd, &ev) < 0) {
+        end_arm(sock, a, "skip");
+        return;
+    }
+    return;
+refuse:
+    closing(fds, nfds);
+    char msg[64];
+    snprintf(msg, sizeof msg, "skip %ld", id);
+    say(sock, msg);
+}
+
+/* The armed daemon ended: start it again now, if its cgroup is empty. */
+static void fire(int sock, struct arm *a)
+{
+    int procs = openat(a->cgfd, "cgroup.procs", O_RDONLY | O_CLOEXEC);
+    char c;
+    ssize_t got = procs < 0 ? 1 : read(procs, &c, 1);
+    if (procs >= 0)
+        close(procs);
+    if (got != 0) { /* what it left is the manager's to end first */
+        end_arm(sock, a, "skip");
+        return;
+    }
+    char msg[4300];
+    int mine[2] = { -1, -1 }, theirs[2] = { -1, -1 }, nmine = 0;
+    int stdio[3] = { a->in, a->out, a->err };
+    for (int k = 0; k < 2; k++) {
+        if (stdio[1 + k] >= 0)
+            continue;
+        int p[2];
+        if (pipe2(p, O_CLOEXEC) < 0) {
+            int err = errno;
+            closing(mine, 2);
+            closing(theirs, 2);
+            snprintf(msg, sizeof msg, "auto %ld stdio: %s: pipe", a->id, strerror(err));
+            drop(a);
+            say(sock, msg);
+            return;
+        }
+        mine[nmine++] = p[0];
+        theirs[k] = p[1];
+        stdio[1 + k] = p[1];
+    }
+    char *p = a->head, *exe = p;
+    p += strlen(p) + 1;
+    for (int i = 0; i < a->argc; i++, p += strlen(p) + 1)
+        cargv[i] = p;
+    cargv[a->argc] = NULL;
+    size_t e = 0;
+    for (char *q = a->shared->data; q < a->shared->data + a->shared->len; q += strlen(q) + 1)
+        ptrs[e++] = q;
+    for (int i = 0; i < a->nunique; i++, p += strlen(p) + 1)
+        ptrs[e++] = p;
+    ptrs[e] = NULL;
+    long pid = clone_into(a->cgfd);
+    if (pid == 0)
+        start(sock, stdio, exe, cargv, ptrs);
+    int err = errno;
+    closing(theirs, 2);
+    if (pid < 0) {
+        closing(mine, 2);
+        snprintf(msg, sizeof msg, "auto %ld cgroup: %s: clone3 into the cgroup", a->id,
+                 strerror(err));
+        nmine = 0;
+    } else
+        snprintf(msg, sizeof msg, "auto %ld pid %ld", a->id, pid);
+    drop(a);
+    say_fds(sock, msg, mine, nmine);
+    closing(mine, nmine);
+}
+
+/* Read every message waiting; 0 at EOF (the manager is gone). */
+static int drain(int sock)
+{
     for (;;) {
-        int fds[NFDS], nfds = 0;
-        union { char buf[CMSG_SPACE(sizeof(int) * 8)]; struct cmsghdr align; } ctl;
+        int fds[MAX_FDS], nfds = 0;
+        union { char buf[CMSG_SPACE(sizeof(int) * MAX_FDS)]; struct cmsghdr align; } ctl;
         struct iovec iov = { request, MAX_REQUEST };
         struct msghdr mh;
         memset(&mh, 0, sizeof mh);
@@ -190,13 +504,13 @@ static int serve(int sock)
         mh.msg_iovlen = 1;
         mh.msg_control = ctl.buf;
         mh.msg_controllen = sizeof ctl.buf;
-        ssize_t n = recvmsg(sock, &mh, MSG_CMSG_CLOEXEC);
+        ssize_t n = recvmsg(sock, &mh, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
         if (n == 0)
             return 0;
         if (n < 0) {
             if (errno == EINTR)
                 continue;
-            return 0;
+            return errno == EAGAIN || errno == EWOULDBLOCK;
         }
         for (struct cmsghdr *c = CMSG_FIRSTHDR(&mh); c; c = CMSG_NXTHDR(&mh, c)) {
             if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
@@ -204,52 +518,56 @@ static int serve(int sock)
             int k = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
             int *got = (int *)CMSG_DATA(c);
             for (int i = 0; i < k; i++) {
-                if (nfds < NFDS)
+                if (nfds < MAX_FDS)
                     fds[nfds++] = got[i];
                 else
                     close(got[i]);
             }
         }
         request[n] = 0;
-        int count = 0;
-        for (char *p = request; p < request + n; p += strlen(p) + 1)
-            ptrs[count++] = p;
-        long argc = count > 0 ? strtol(ptrs[0], NULL, 10) : -1;
-        if (nfds != NFDS || (mh.msg_flags & (MSG_TRUNC | MSG_CTRUNC)) || n == 0
-            || request[n - 1] != 0 || argc < 1 || argc > count - 2) {
-            for (int i = 0; i < nfds; i++)
-                close(fds[i]);
-            say(sock, "request: malformed spawn request");
-            continue;
+        int truncated = (mh.msg_flags & (MSG_TRUNC | MSG_CTRUNC)) != 0;
+        if (strcmp(request, "arm") == 0)
+            arm_request(sock, n, fds, nfds, truncated);
+        else if (strcmp(request, "disarm") == 0) {
+            closing(fds, nfds);
+            struct arm *a = n > 7 ? find(strtol(request + 7, NULL, 10)) : NULL;
+            if (a && a->id > 0)
+                end_arm(sock, a, "skip");
+        } else
+            spawn_request(sock, n, fds, nfds, truncated);
+    }
+}
+
+static int serve(int sock)
+{
+    if (fcntl(sock, F_SETFD, FD_CLOEXEC) < 0)
+        return 127;
+    /* what the manager inherited and did not mark close-on-exec stops here */
+    syscall(SYS_close_range, sock + 1, ~0U, 0);
+    /* room for the armed daemons' descriptors; each daemon gets the manager's limit back */
+    getrlimit(RLIMIT_NOFILE, &nofile);
+    struct rlimit raised = { nofile.rlim_max, nofile.rlim_max };
+    setrlimit(RLIMIT_NOFILE, &raised);
+    ep = epoll_create1(EPOLL_CLOEXEC);
+    struct epoll_event ev = { .events = EPOLLIN, .data.u64 = SOCK_TOKEN };
+    if (ep < 0 || epoll_ctl(ep, EPOLL_CTL_ADD, sock, &ev) < 0)
+        return 127;
+    for (;;) {
+        struct epoll_event got[64];
+        int k = epoll_wait(ep, got, 64, -1);
+        if (k < 0 && errno != EINTR)
+            return 0;
+        for (int j = 0; j < k; j++) {
+            /* before any end is acted on, every message sent before it */
+            if (!drain(sock))
+                return 0;
+            if (got[j].data.u64 == SOCK_TOKEN)
+                continue;
+            size_t slot = (size_t)(got[j].data.u64 & 0xffffffffULL);
+            uint32_t gen = (uint32_t)(got[j].data.u64 >> 32);
+            if (slot < narms && arms[slot].id > 0 && arms[slot].gen == gen)
+                fire(sock, &arms[slot]);
         }
-        static char *argv[MAX_REQUEST / 2 + 4];
-        memcpy(argv, ptrs + 2, (size_t)argc * sizeof *argv);
-        argv[argc] = NULL;
-        char **env = ptrs + 2 + argc;
-        ptrs[count] = NULL;
-        struct clone_args_v2 args;
-        memset(&args, 0, sizeof args);
-        args.flags = INTO_CGROUP | VFORK | PARENT;
-        args.cgroup = (uint64_t)fds[0];
-        long pid = syscall(SYS_clone3, &args, sizeof args);
-        if (pid == 0) {
-            for (int i = 0; i < 3; i++)
-                if (dup2(fds[1 + i], i) < 0)
-                    child_fail(sock, "stdio", "dup2", errno);
-            if (setsid() < 0)
-                child_fail(sock, "session", "setsid", errno);
-            execve(ptrs[1], argv, env);
-            child_fail(sock, "executable", ptrs[1], errno);
-        }
-        int err = errno;
-        for (int i = 0; i < nfds; i++)
-            close(fds[i]);
-        char out[4200];
-        if (pid < 0)
-            snprintf(out, sizeof out, "cgroup: %s: clone3 into the cgroup", strerror(err));
-        else
-            snprintf(out, sizeof out, "pid %ld", pid);
-        say(sock, out);
     }
 }
 
@@ -460,6 +778,13 @@ REPLY_TIMEOUT = 10.0
 #: How long close() waits for the server to exit at EOF before it kills it.
 CLOSE_TIMEOUT = 1.0
 _ALL_SIGNALS = frozenset(signal.valid_signals()) - {signal.SIGKILL, signal.SIGSTOP}
+#: Room for the descriptors a reply carries (an armed restart's two pipes).
+_RIGHTS_SPACE = socket.CMSG_SPACE(array.array("i").itemsize * 4)
+
+#: The end of an armed restart (:meth:`SpawnServer.arm`): None when the server did not
+#: start it (disarmed, the cgroup not empty, the server gone), else (the successor's PID
+#: or None, the failure text or "", the read ends of its new pipes, stdout's first).
+Restarted = tuple[int | None, str, list[int]] | None
 
 
 def server_enabled() -> bool:
@@ -490,12 +815,20 @@ class SpawnServer:
         self.pid: int | None = None
         self._sock: socket.socket | None = None
         self._dead = False
-        #: One per request sent, in order: (future of (pid or None, failure text), errors).
-        self._pending: collections.deque[tuple[asyncio.Future[tuple[int | None, str]], list[str]]]
+        #: One per request sent, in order: the future of its (pid or None, failure text).
+        self._pending: collections.deque[asyncio.Future[tuple[int | None, str]]]
         self._pending = collections.deque()
         self._timer: asyncio.TimerHandle | None = None
         self._sending = asyncio.Lock()
         self._ready: asyncio.Future[None] | None = None
+        #: Armed restarts not ended yet (see :meth:`arm`), by their number.
+        self._arms: dict[int, asyncio.Future[Restarted]] = {}
+        self._arm_seq = 0
+        #: The pidfds the armed restarts watch, polled before orphans are reaped.
+        self._watched: dict[int, int] = {}
+        self._watching = select.poll()
+        #: What a start's child reported (its exec failed) before the server's reply.
+        self._child_errors: list[str] = []
 
     @property
     def usable(self) -> bool:
@@ -527,6 +860,7 @@ class SpawnServer:
         own(self.pid)  # reaped in close(), not by the orphan reaper
         asyncio.get_running_loop().add_reader(ours.fileno(), self._readable)
         self._sock = ours
+        add_reap_guard(self.reap_guard)
         return ours
 
     async def spawn(
@@ -577,6 +911,87 @@ class SpawnServer:
             return None
         return self._sent()
 
+    def arm(
+        self,
+        pidfd: int,
+        cgroup_dir: str,
+        executable: str,
+        argv: Sequence[str],
+        shared_env: Sequence[str],
+        unique_env: Sequence[str],
+        stdio: Sequence[int | None],
+    ) -> tuple[int, asyncio.Future[Restarted]] | None:
+        """Have the server start ``executable`` again as soon as the process of ``pidfd``
+        ends, as runsv does, if the cgroup is empty then: (the arm's number, the future
+        of its end), or None when it cannot be sent now (nothing armed).
+
+        ``stdio`` is stdin's descriptor, then stdout's and stderr's, None for a new
+        pipe whose read end the end carries. ``shared_env`` is kept once by the server
+        for all the arms that send the same. The start is not the manager's decision:
+        the caller takes it as a restart sent early, and kills it if the supervisor
+        decides otherwise. :meth:`disarm` before any signal the manager sends.
+        """
+        sock = self._sock
+        if self._dead or sock is None or self._sending.locked():
+            return None
+        self._arm_seq += 1
+        number = self._arm_seq
+        flags = (stdio[1] is None) | (stdio[2] is None) << 1
+        fields = (
+            "arm", str(number), str(flags), str(len(argv)), str(len(unique_env)),
+            executable, *argv, *unique_env, *shared_env,
+        )  # fmt: skip
+        text = "\0".join(fields) + "\0"
+        payload = os.fsencode(text)
+        if len(payload) > MAX_REQUEST or text.count("\0") != len(fields):
+            return None
+        try:
+            dirfd = os.open(cgroup_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        fds = [pidfd, dirfd, *(fd for fd in stdio if fd is not None)]
+        try:
+            sock.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+        except BlockingIOError:
+            return None
+        except OSError:
+            self._fail("cannot send to the spawn server")
+            return None
+        finally:
+            os.close(dirfd)
+        done: asyncio.Future[Restarted] = asyncio.get_running_loop().create_future()
+        self._arms[number] = done
+        self._watched[number] = pidfd
+        self._watching.register(pidfd, select.POLLIN)
+        return number, done
+
+    def _unwatch(self, number: int) -> None:
+        pidfd = self._watched.pop(number, None)
+        if pidfd is not None:
+            self._watching.unregister(pidfd)
+
+    def reap_guard(self) -> bool:
+        """Read the server's news, then say whether orphans must wait: an armed daemon
+        has ended and its restart is not heard of yet, so the successor, our child
+        (``CLONE_PARENT``), may exist unnamed, even dead already. A reap guard (see
+        :func:`~ikos.platform._process.add_reap_guard`)."""
+        self._readable()
+        return bool(self._watched) and bool(self._watching.poll(0))
+
+    def disarm(self, number: int) -> bool:
+        """Withdraw arm ``number`` before the manager signals its daemon: the server reads
+        it before it looks at the daemon's end. False if it could not be sent (the
+        socket is full): a restart may then still come, for the caller to kill."""
+        if number not in self._arms or self._sock is None:
+            return True
+        try:
+            self._sock.send(b"disarm\0%d\0" % number)
+        except BlockingIOError:
+            return False
+        except OSError:
+            self._fail("cannot send to the spawn server")
+        return True
+
     def _send_once(
         self, sock: socket.socket, cgroup_dir: str, payload: bytes, stdio: Sequence[int]
     ) -> bool:
@@ -610,7 +1025,7 @@ class SpawnServer:
         done: asyncio.Future[tuple[int | None, str]] = asyncio.get_running_loop().create_future()
         # the daemon is our child before the reply names it
         hold_reaping()
-        self._pending.append((done, []))
+        self._pending.append(done)
         if self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(REPLY_TIMEOUT, self._stuck)
         return done
@@ -652,29 +1067,71 @@ class SpawnServer:
             raise OSError("the spawn server is gone")
 
     def _readable(self) -> None:
-        assert self._sock is not None
-        while True:
+        """Read every message waiting (also a reap guard: see :func:`add_reap_guard`)."""
+        while self._sock is not None:
+            fds: list[int] = []
             try:
-                data = self._sock.recv(8192)
+                data, ancillary, _, _ = self._sock.recvmsg(
+                    8192, _RIGHTS_SPACE, socket.MSG_CMSG_CLOEXEC
+                )
             except BlockingIOError:
                 return
             except OSError:
-                data = b""
+                data, ancillary = b"", []
+            for level, kind, cdata in ancillary:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    got = array.array("i")
+                    got.frombytes(cdata[: len(cdata) - len(cdata) % got.itemsize])
+                    fds.extend(got)
             if not data:
+                _close_all(fds)
                 self._fail("the spawn server exited")
                 return
-            self._reply(data.decode("utf-8", "replace").strip())
+            text = data.decode("utf-8", "replace").strip()
+            word, _, rest = text.partition(" ")
+            if word in ("auto", "skip"):
+                self._armed_news(word, rest, fds)
+                continue
+            _close_all(fds)
+            self._reply(text)
+
+    def _armed_news(self, word: str, rest: str, fds: list[int]) -> None:
+        """An armed restart was started ("auto") or dropped ("skip")."""
+        number_text, _, rest = rest.partition(" ")
+        number = int(number_text) if number_text.isdigit() else 0
+        pid = None
+        error = ""
+        if word == "auto":
+            what, _, pid_text = rest.partition(" ")
+            if what == "pid" and pid_text.isdigit():
+                pid = int(pid_text)
+                own(pid)
+                error = "; ".join(self._child_errors)
+            else:
+                error = rest
+            self._child_errors = []
+        self._unwatch(number)
+        done = self._arms.pop(number, None)
+        if done is None or done.done():  # nobody waits for it: nothing may be left
+            _close_all(fds)
+            kill_and_reap(pid)
+        elif word == "auto":
+            done.set_result((pid, error, fds))
+        else:
+            _close_all(fds)
+            done.set_result(None)
 
     def _reply(self, text: str) -> None:
+        word, _, rest = text.partition(" ")
+        if word != "pid" and not (text.startswith("request: ") or text.startswith("cgroup: ")):
+            # the child's own failure, just before the reply ("pid", or an armed "auto")
+            self._child_errors.append(text)
+            return
         if not self._pending:
             log.warning("spawn server: a reply to no request: %r", text[:200])
             return
-        done, errors = self._pending[0]
-        word, _, rest = text.partition(" ")
-        if word != "pid" and not (text.startswith("request: ") or text.startswith("cgroup: ")):
-            errors.append(text)  # the child's own failure, before the reply
-            return
-        self._pending.popleft()
+        done = self._pending.popleft()
+        errors, self._child_errors = self._child_errors, []
         pid = int(rest) if word == "pid" and rest.isdigit() else None
         if pid is not None:
             own(pid)
@@ -700,14 +1157,25 @@ class SpawnServer:
             log.warning("%s: starting through the one-shot trampoline from now on", why)
         self._dead = True
         self.close()
+        self._end_arms()
         while self._pending:
-            done, _ = self._pending.popleft()
+            done = self._pending.popleft()
             release_reaping()
             if not done.done():
                 done.set_result((None, why))
 
+    def _end_arms(self) -> None:
+        """The server is gone or going: no armed restart will come."""
+        for number in list(self._watched):
+            self._unwatch(number)
+        arms, self._arms = self._arms, {}
+        for done in arms.values():
+            if not done.done():
+                done.set_result(None)
+
     def close(self) -> None:
         """End the server (EOF on its socket) and reap it."""
+        remove_reap_guard(self.reap_guard)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -718,6 +1186,7 @@ class SpawnServer:
                 loop.remove_writer(self._sock.fileno())
             self._sock.close()
             self._sock = None
+        self._end_arms()
         if self._ready is not None and not self._ready.done():
             self._ready.set_result(None)
         if self.pid is not None:
@@ -740,6 +1209,12 @@ def _reap_within(pid: int, timeout: float) -> None:
                 os.waitpid(pid, 0)
                 return
             time.sleep(0.001)
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def kill_and_reap(pid: int | None) -> None:

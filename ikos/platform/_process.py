@@ -50,6 +50,7 @@ MAX_STATUS_BYTES = 64 * 1024
 
 _owned: set[int] = set()
 _holds = 0
+_guards: list[Callable[[], bool]] = []
 
 
 def read_available(fd: int, max_reads: int = 16, size: int = 65536) -> tuple[list[bytes], bool]:
@@ -99,12 +100,30 @@ def release_reaping() -> None:
     _holds -= 1
 
 
+def add_reap_guard(guard: Callable[[], bool]) -> None:
+    """Call ``guard`` before each :func:`reap_orphans`: it reads the news of children
+    created that their owner has not heard of yet (and owns them), and returns True
+    while such a child may exist unnamed: no orphan is reaped then."""
+    _guards.append(guard)
+
+
+def remove_reap_guard(guard: Callable[[], bool]) -> None:
+    """Undo :func:`add_reap_guard`."""
+    with contextlib.suppress(ValueError):
+        _guards.remove(guard)
+
+
 def reap_orphans(limit: int = 10_000) -> tuple[list[int], bool]:
     """Reap every exited child nobody owns; return the PIDs reaped and whether to come back.
 
     The second value is True when an owned child that exited stands first in
     line (its owner will collect it on its next turn): call again after that.
+    The reap guards run first: a child the spawn server started for an armed
+    restart, not named yet, is held (not reaped) even if it died at once.
     """
+    held = False
+    for guard in tuple(_guards):
+        held = guard() or held
     reaped: list[int] = []
     for _ in range(limit):
         try:
@@ -114,7 +133,7 @@ def reap_orphans(limit: int = 10_000) -> tuple[list[int], bool]:
         if info is None or info.si_pid == 0:
             return reaped, False
         pid = info.si_pid
-        if pid in _owned or _holds:
+        if pid in _owned or _holds or held:
             return reaped, True
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)
@@ -519,6 +538,18 @@ class ProcessHandle:
         self._close_status()
         if not self.exited.done():
             self.exited.set_result(status)
+
+    def watch(self, on: bool) -> None:
+        """Watch the pidfd for the exit (the default), or not while another process
+        watches it for us (the spawn server's armed restart): an exit meanwhile is seen
+        as soon as watching resumes. Not watching, ikosd's loop does not wake at the
+        exit, and leaves the CPU to the one that restarts the daemon."""
+        if self.pidfd is None or self.exited.done():
+            return
+        if on:
+            self.loop.add_reader(self.pidfd, self._on_exit)
+        else:
+            self.loop.remove_reader(self.pidfd)
 
     def unreaped_child(self) -> bool:
         """Whether the process is our child and not reaped yet (alive, or a zombie)."""
