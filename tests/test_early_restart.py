@@ -165,7 +165,9 @@ async def _until(condition: Callable[[], object], what: str) -> None:
 
 
 def _with_runtime(
-    tmp_path: Path, body: Callable[[RuntimeHost, SupervisorNode, ExecRuntime], Awaitable[None]]
+    tmp_path: Path,
+    body: Callable[[RuntimeHost, SupervisorNode, ExecRuntime], Awaitable[None]],
+    program: str = "/bin/sleep",
 ) -> None:
     helper = _cgexec.build()
     if helper is None:
@@ -183,7 +185,7 @@ def _with_runtime(
             "one_for_one",
             max_restarts=100,
             within=1,
-            children=[Exec("d", "/bin/sleep", args=["100021"])],
+            children=[Exec("d", program, args=["100021"])],
         )
         root = build(spec, host)  # type: ignore[arg-type]  # any Host will do
         try:

@@ -85,7 +85,7 @@ from ikos.platform._spawn import (
     stdio_spec,
 )
 from ikos.platform._unit_command import UnitCommand, expand_variables, stop_post_environment
-from ikos.supervision._runtime import ExitReason, SupervisorNode, WorkerNode
+from ikos.supervision._runtime import ExitReason, State, SupervisorNode, WorkerNode
 from ikos.supervision._spec import Exec
 
 log = logging.getLogger("ikos.exec")
@@ -93,6 +93,11 @@ log = logging.getLogger("ikos.exec")
 EXEC_ENTRY = "ikos.manager._exec:exec_entry"
 #: ``started_by`` of a restart sent before its exit was recorded (ExecRuntime.restart_early).
 EARLY = "cgexec-server (early restart)"
+#: ``started_by`` of a restart the spawn server started at the exit (ExecRuntime.arm_soon).
+ARMED = "cgexec-server (armed restart)"
+#: When a run is armed: once it has lived past the default restart spacing's reset (a
+#: later death is then restarted at once), then again if the forecast said no.
+ARM_AFTER = (1.05, 2.0, 4.0, 8.0, 16.0)
 #: How often a forking daemon's PID file is read again while it is not valid yet.
 PID_FILE_POLL = 0.05
 
@@ -228,6 +233,24 @@ def make_directories(spec: Exec, plan: ExecPlan) -> None:
             ) from None
 
 
+#: ``IKOS_ARMED_RESTARTS=off`` leaves restarts to ikosd's loop (restart_early) alone.
+_ARMING = os.environ.get("IKOS_ARMED_RESTARTS", "").lower() not in ("off", "0", "no")
+#: The end an arm is forecast for: any end restarts a permanent executable alike.
+_ANY_END = ExitReason("killed by SIGKILL", signal=signal.SIGKILL)
+
+
+def _open_stream(std: StdioSpec, target: int) -> int:
+    """A start's stdio descriptor ``target`` for a stream that is a file or the null device
+    (``std``: a plan's stdin/stdout/stderr): created, appended to or truncated as it says."""
+    path, flags = os.devnull, os.O_RDONLY if target == 0 else os.O_WRONLY
+    if std.mode in ("file", "append"):
+        assert std.path is not None
+        path = std.path
+        if target != 0:
+            flags |= os.O_CREAT | (os.O_APPEND if std.mode == "append" else os.O_TRUNC)
+    return os.open(path, flags | os.O_CLOEXEC, 0o644)
+
+
 def _close_pipes(pipes: list[tuple[str, int]]) -> None:
     for _, r in pipes:
         os.close(r)
@@ -236,7 +259,7 @@ def _close_pipes(pipes: list[tuple[str, int]]) -> None:
 class _EarlyStart:  # a plain class: a dataclass compiles its methods at ikosd's every start
     """A restart sent before its exit was recorded (:meth:`ExecRuntime.restart_early`)."""
 
-    __slots__ = ("cgroup", "incarnation", "pipes", "plan", "reply", "spec")
+    __slots__ = ("cgroup", "incarnation", "pipes", "plan", "reply", "spec", "started_by")
 
     def __init__(
         self,
@@ -246,8 +269,10 @@ class _EarlyStart:  # a plain class: a dataclass compiles its methods at ikosd's
         cgroup: DaemonCgroup,
         pipes: list[tuple[str, int]],
         reply: asyncio.Future[tuple[int | None, str]],
+        started_by: str = EARLY,
     ) -> None:
         self.spec = spec
+        self.started_by = started_by
         #: The incarnation of the node whose start takes it.
         self.incarnation = incarnation
         self.plan = plan
@@ -279,6 +304,10 @@ class ExecHandle:
     #: own account; a tuple made for the few runs that have one.
     events: tuple[dict[str, Any], ...] = ()
     _notify_log: NotifyLog | None = None
+    #: The restart armed in the spawn server (ExecRuntime.arm_soon): the server, the
+    #: arm's number, the future of its end; and the timer that will arm it.
+    _armed: tuple[_cgexec.SpawnServer, int, asyncio.Future[_cgexec.Restarted]] | None = None
+    _arm_timer: asyncio.TimerHandle | None = None
 
     def __init__(
         self,
@@ -491,6 +520,7 @@ class ExecHandle:
     async def run_stop_commands(self) -> None:
         """ExecStop= commands, before the stop signal; failures are logged, as systemd does."""
         self.stop_requested = True
+        self.disarm()
         commands = self.spec.options.exec_stop
         if not commands or not self.alive:
             return
@@ -565,6 +595,31 @@ class ExecHandle:
         self._finishing = True
         if self.watchdog is not None:
             self.watchdog.cancel()
+        if self._arm_timer is not None:
+            self._arm_timer.cancel()
+            self._arm_timer = None
+        armed = self._armed
+        if armed is not None:
+            # the server may be starting the successor already: its word comes first
+            self._armed = None
+            done = armed[2]
+            if done.done():
+                self._after_arm(status, done)
+            else:
+                done.add_done_callback(functools.partial(self._after_arm, status))
+            return
+        self._finish_now(status)
+
+    def _after_arm(self, status: ExitStatus, done: asyncio.Future[_cgexec.Restarted]) -> None:
+        """The armed restart's end, once the run it watched is over: the successor the
+        server started is taken as a restart sent early; else the exit goes on as usual."""
+        outcome = None if done.cancelled() else done.result()
+        if outcome is not None and self.rt.take_armed(self, *outcome):
+            self._finished(status, True, True)
+        else:
+            self._finish_now(status)
+
+    def _finish_now(self, status: ExitStatus) -> None:
         # unit commands still running, or ExecStopPost= to run, come before the tree hears
         # of the exit (in _clean_up), and so before any restart
         commands_after = bool(self._commands_running or self.spec.options.exec_stop_post)
@@ -790,6 +845,17 @@ class ExecHandle:
 
     # -- signals -------------------------------------------------------------------
 
+    def disarm(self) -> None:
+        """No restart by the spawn server from now on (a stop, or a signal from ikosd):
+        said to the server before any signal, and read by it before the daemon's end."""
+        if self._arm_timer is not None:
+            self._arm_timer.cancel()
+            self._arm_timer = None
+        if self._armed is not None:
+            server, number, _ = self._armed
+            # unsent (the socket full): a restart that comes is killed by check_early
+            server.disarm(number)
+
     def send_signal(self, sig: int) -> bool:
         """Signal the whole daemon: its cgroup (or session), main process included.
 
@@ -804,6 +870,7 @@ class ExecHandle:
         """
         if self._finishing:
             return False
+        self.disarm()
         sent = self.main.send_signal(sig)
         if self.cgroup is not None:
             with contextlib.suppress(OSError):
@@ -921,6 +988,8 @@ class ExecRuntime:
         self.spawn_server: _cgexec.SpawnServer | None = None
         #: Restarts sent before their exit was recorded, until their start takes them.
         self._early: dict[WorkerNode, _EarlyStart] = {}
+        #: Restarts armed in the spawn server, by supervisor (restarts foreseen).
+        self._armed: dict[SupervisorNode, int] = {}
 
     async def start(self) -> None:
         self.spawn_helper = _cgexec.helper_path()
@@ -1288,16 +1357,12 @@ class ExecRuntime:
                     theirs.append(w)
                     stdio.append(w)
                     continue
-                path, flags = os.devnull, os.O_RDONLY if target == 0 else os.O_WRONLY
-                if std.mode in ("file", "append"):
-                    assert std.path is not None
-                    path = std.path
-                    if target != 0:
-                        flags |= os.O_CREAT | (os.O_APPEND if std.mode == "append" else os.O_TRUNC)
                 try:
-                    theirs.append(os.open(path, flags | os.O_CLOEXEC, 0o644))
+                    theirs.append(_open_stream(std, target))
                 except OSError as exc:
-                    raise SpawnError(spec.name, stream, f"cannot open {path}: {exc.strerror}")
+                    raise SpawnError(
+                        spec.name, stream, f"cannot open {std.path or os.devnull}: {exc.strerror}"
+                    ) from None
                 stdio.append(theirs[-1])
         except BaseException:
             _close_pipes(pipes)
@@ -1365,7 +1430,7 @@ class ExecRuntime:
         if self.spawn_helper is None or not _cgexec.server_enabled():
             return None
         reason = ExitReason.from_process(status, handle.exit_event())
-        pending = sum(1 for n in self._early if n.parent is parent)
+        pending = sum(1 for n in self._early if n.parent is parent) + self._armed.get(parent, 0)
         if not parent.restarts_at_once(node, reason, pending):
             return None
         try:
@@ -1414,6 +1479,140 @@ class ExecRuntime:
             self.logs.release(spec.name, unmatched)
         return reply
 
+    # -- restarts armed in the spawn server ---------------------------------------------
+
+    def arm_soon(self, handle: ExecHandle, attempt: int = 0) -> None:
+        """Arm ``handle``'s restart in the spawn server once it has run long enough.
+
+        The server then starts the successor the moment the run ends, as
+        runsv does, with no turn of ikosd's loop in between: ikosd hears of
+        it with the exit and takes it as a restart sent early
+        (:meth:`restart_early`), so the supervisor still decides and a start
+        it does not take is killed. Armed only when the supervisor foresees
+        that any end of the run would be restarted at once and alone (a
+        permanent executable, restart intensity and back-off allowing, the
+        arm counted as a restart foreseen), for a plain start (no unit
+        commands, not notify, no PID file, the daemon's process the one
+        started, an emptied cgroup of its own). ikosd disarms before every
+        signal it sends (:meth:`ExecHandle.disarm`).
+        """
+        if attempt >= len(ARM_AFTER) or not _ARMING:
+            return
+        if self._armable(handle) is not None:
+            delay = ARM_AFTER[attempt] - (ARM_AFTER[attempt - 1] if attempt else 0.0)
+            handle._arm_timer = handle.loop.call_later(delay, self._try_arm, handle, attempt)
+
+    def _armable(self, handle: ExecHandle) -> SupervisorNode | None:
+        """The supervisor of a run whose restart may be armed (see :meth:`arm_soon`)."""
+        node, spec, plan, options = handle.node, handle.spec, handle.plan, handle.spec.options
+        if node is None or node.spec is not spec:  # node.handle: the last run's, at first
+            return None
+        parent = node.parent
+        if not isinstance(parent, SupervisorNode) or handle._finishing or handle.adopted:
+            return None
+        if spec.restart != "permanent" or not spec.auto_restart or spec.restart_prevent_exit_status:
+            return None
+        if spec.restart_on not in (None, "always"):
+            return None
+        if (
+            options.exec_start_pre or options.exec_start_post or options.exec_stop
+            or options.exec_stop_post or options.exec_reload or options.environment_files
+        ):  # fmt: skip
+            return None
+        if plan.type not in ("simple", "exec") or plan.pid_file or handle.main is not handle.proc:
+            return None
+        cgroup = handle.cgroup
+        if cgroup is None or not cgroup.reusable or cgroup.v2_only is None:
+            return None
+        return parent
+
+    def _try_arm(self, handle: ExecHandle, attempt: int) -> None:
+        handle._arm_timer = None
+        parent = self._armable(handle)
+        node, server, proc = handle.node, self.spawn_server, handle.proc
+        if parent is None or node is None or node.handle is not handle or proc.pidfd is None:
+            return
+        if handle.exited.done():
+            return
+        if server is None or not server.usable or handle._armed is not None:
+            return
+        if handle.environ_generation != environ_generation():
+            return  # the plan no longer holds ikosd's environment
+        pending = sum(1 for n in self._early if n.parent is parent) + self._armed.get(parent, 0)
+        if node.state is not State.RUNNING or not parent.restarts_at_once(node, _ANY_END, pending):
+            self.arm_soon(handle, attempt + 1)  # a busy supervisor, a back-off: later
+            return
+        plan = handle.plan
+        mark = plan.mark
+        shared = [f"{k}={v}" for k, v in plan.env if mark is None or k != mark[0]]
+        unique = [] if mark is None else [f"{mark[0]}={mark[1]}"]
+        stdio: list[int | None] = []
+        opened: list[int] = []
+        try:
+            for target, std, _ in _stdio(plan):
+                if std.mode == "log":
+                    stdio.append(None)  # a new pipe, made by the server
+                elif std.mode == "inherit":
+                    fcntl.fcntl(target, fcntl.F_GETFD)  # closed: not armed
+                    stdio.append(target)
+                elif std.mode == "file" and target != 0:
+                    return  # truncated at each start: not a second before it
+                else:
+                    opened.append(_open_stream(std, target))
+                    stdio.append(opened[-1])
+            assert handle.cgroup is not None and handle.cgroup.v2_only is not None
+            armed = server.arm(
+                proc.pidfd, handle.cgroup.v2_only, plan.executable, plan.argv, shared, unique,
+                stdio,
+            )  # fmt: skip
+        except OSError:
+            armed = None
+        finally:
+            for fd in opened:
+                os.close(fd)
+        if armed is None:
+            self.arm_soon(handle, attempt + 1)
+            return
+        handle._armed = (server, *armed)
+        self._armed[parent] = self._armed.get(parent, 0) + 1
+        # the server watches the exit now: ikosd's loop sleeps through it (the successor
+        # is started on a CPU ikosd does not compete for) and hears of it from the server
+        proc.watch(False)
+        armed[1].add_done_callback(functools.partial(self._arm_ended, parent, proc))
+
+    def _arm_ended(self, parent: SupervisorNode, proc: ProcessHandle, _: object) -> None:
+        proc.watch(True)  # the exit, if it came, is handled on the next turn
+        left = self._armed.get(parent, 0) - 1
+        if left > 0:
+            self._armed[parent] = left
+        else:
+            self._armed.pop(parent, None)
+
+    def take_armed(self, handle: ExecHandle, pid: int | None, error: str, fds: list[int]) -> bool:
+        """The successor the spawn server started at ``handle``'s end (see :meth:`arm_soon`),
+        kept as a restart sent early for the supervisor's start to take (else killed by
+        :meth:`check_early`); False if there is none to keep (nothing started, or a
+        start that cannot be the next run: killed)."""
+        node = handle.node
+        logged = [stream for _, std, stream in _stdio(handle.plan) if std.mode == "log"]
+        if pid is None or node is None or node.handle is not handle or node in self._early:
+            _cgexec._close_all(fds)
+            _cgexec.kill_and_reap(pid)
+            return False
+        stale = handle.environ_generation != environ_generation()  # ikosd's changed since
+        stale = stale or node.spec is not handle.spec or handle.cgroup is None
+        if stale or len(fds) != len(logged):
+            _cgexec._close_all(fds)
+            _cgexec.kill_and_reap(pid)
+            return False
+        reply: asyncio.Future[tuple[int | None, str]] = handle.loop.create_future()
+        reply.set_result((pid, error))
+        self._early[node] = _EarlyStart(
+            handle.spec, node.incarnation + 1, handle.plan, handle.cgroup,
+            list(zip(logged, fds, strict=True)), reply, ARMED,
+        )  # fmt: skip
+        return True
+
     def check_early(self, node: WorkerNode) -> None:
         """Queue, behind the exit that the supervisor is to handle, the check that its
         decision took the start sent early; a start it did not take is killed."""
@@ -1441,8 +1640,9 @@ class ExecRuntime:
             raise
         try:
             return await self._served(
-                node, early.spec, early.plan, early.cgroup, early.pipes, pid, error, EARLY
-            )
+                node, early.spec, early.plan, early.cgroup, early.pipes, pid, error,
+                early.started_by,
+            )  # fmt: skip
         except BaseException:
             self.logs.release(early.spec.name)
             raise
@@ -1568,6 +1768,8 @@ class ExecRuntime:
         handle.started_by = started_by
         self.handles.append(handle)
         self.index(handle)
+        if cgroup is not None:
+            self.arm_soon(handle)
         return handle
 
     @staticmethod
