@@ -1600,8 +1600,8 @@ class ExecRuntime:
             _cgexec.kill_and_reap(pid)
             return False
         stale = handle.environ_generation != environ_generation()  # ikosd's changed since
-        stale = stale or node.spec is not handle.spec or handle.cgroup is None
-        if stale or len(fds) != len(logged):
+        stale = stale or node.spec is not handle.spec
+        if stale or handle.cgroup is None or len(fds) != len(logged):
             _cgexec._close_all(fds)
             _cgexec.kill_and_reap(pid)
             return False
