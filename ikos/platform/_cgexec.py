@@ -332,8 +332,11 @@ static void unshare_block(struct block *b)
 
 static void drop(struct arm *a)
 {
+    /* out of the epoll set first: a closed descriptor leaves it only with its file's last
+       reference, and a child mid-exec still holds a copy (epoll_wait would spin on it) */
+    epoll_ctl(ep, EPOLL_CTL_DEL, a->pidfd, NULL);
     int fds[5] = { a->pidfd, a->cgfd, a->in, a->out, a->err };
-    closing(fds, 5); /* the pidfd leaves the epoll set with its last descriptor */
+    closing(fds, 5);
     free(a->head);
     unshare_block(a->shared);
     a->id = 0;
