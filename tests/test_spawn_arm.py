@@ -218,3 +218,23 @@ def test_the_server_refuses_a_malformed_arm_and_serves_on(message: bytes) -> Non
             server.close()
 
     asyncio.run(main())
+
+
+@real
+def test_a_dead_server_ends_its_arms_and_the_restart_comes_from_ikosd(tmp_path: Path) -> None:
+    async def body(host: RuntimeHost, root: SupervisorNode, rt: ExecRuntime) -> None:
+        d, handle, cgroup = _running(host)
+        first = handle.pid
+        await _armed(handle)
+        server = rt.spawn_server
+        assert server is not None and server.pid is not None
+        os.kill(server.pid, signal.SIGKILL)
+        # its socket's EOF: no restart will come from it, and ikosd watches the pidfd again
+        await _until(lambda: not server.usable, "the server given up")
+        assert handle._armed is not None and handle._armed[2].result() is None
+        os.kill(first, signal.SIGKILL)
+        await _until(lambda: d.pid not in (None, first), "the restart")
+        assert isinstance(d.handle, ExecHandle) and d.handle.started_by not in (ARMED, EARLY)
+        assert cgroup.pids() == {d.handle.pid} and rt._armed == {}
+
+    _with_runtime(tmp_path, body)
