@@ -226,15 +226,36 @@ def test_a_dead_server_ends_its_arms_and_the_restart_comes_from_ikosd(tmp_path: 
         d, handle, cgroup = _running(host)
         first = handle.pid
         await _armed(handle)
+        assert handle._armed is not None
+        ended = handle._armed[2]
         server = rt.spawn_server
         assert server is not None and server.pid is not None
         os.kill(server.pid, signal.SIGKILL)
         # its socket's EOF: no restart will come from it, and ikosd watches the pidfd again
         await _until(lambda: not server.usable, "the server given up")
-        assert handle._armed is not None and handle._armed[2].result() is None
+        assert ended.result() is None and handle._armed is None
         os.kill(first, signal.SIGKILL)
         await _until(lambda: d.pid not in (None, first), "the restart")
         assert isinstance(d.handle, ExecHandle) and d.handle.started_by not in (ARMED, EARLY)
         assert cgroup.pids() == {d.handle.pid} and rt._armed == {}
+
+    _with_runtime(tmp_path, body)
+
+
+@real
+def test_a_signal_that_does_not_end_the_daemon_disarms_until_it_is_armed_again(
+    tmp_path: Path,
+) -> None:
+    async def body(host: RuntimeHost, root: SupervisorNode, rt: ExecRuntime) -> None:
+        d, handle, _ = _running(host)
+        first = await _armed(handle)
+        assert handle.send_signal(signal.SIGCONT)  # ikosd's own signal: disarmed first
+        await _until(lambda: handle._armed is None, "the disarm's skip")
+        assert handle.alive and rt._armed == {}
+        again = await _armed(handle)  # armed anew after the spacing
+        assert again != first and handle._arms_sent == 2
+        os.kill(handle.pid, signal.SIGKILL)
+        await _until(lambda: d.pid not in (None, handle.pid), "the restart")
+        assert isinstance(d.handle, ExecHandle) and d.handle.started_by == ARMED
 
     _with_runtime(tmp_path, body)

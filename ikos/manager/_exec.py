@@ -308,6 +308,8 @@ class ExecHandle:
     #: arm's number, the future of its end; and the timer that will arm it.
     _armed: tuple[_cgexec.SpawnServer, int, asyncio.Future[_cgexec.Restarted]] | None = None
     _arm_timer: asyncio.TimerHandle | None = None
+    #: Arms sent for this run (bounded: see ExecRuntime._arm_ended).
+    _arms_sent = 0
 
     def __init__(
         self,
@@ -1510,6 +1512,8 @@ class ExecRuntime:
         parent = node.parent
         if not isinstance(parent, SupervisorNode) or handle._finishing or handle.adopted:
             return None
+        if handle.stop_requested:
+            return None
         if spec.restart != "permanent" or not spec.auto_restart or spec.restart_prevent_exit_status:
             return None
         if spec.restart_on not in (None, "always"):
@@ -1574,14 +1578,23 @@ class ExecRuntime:
             self.arm_soon(handle, attempt + 1)
             return
         handle._armed = (server, *armed)
+        handle._arms_sent += 1
         self._armed[parent] = self._armed.get(parent, 0) + 1
         # the server watches the exit now: ikosd's loop sleeps through it (the successor
         # is started on a CPU ikosd does not compete for) and hears of it from the server
         proc.watch(False)
-        armed[1].add_done_callback(functools.partial(self._arm_ended, parent, proc))
+        armed[1].add_done_callback(functools.partial(self._arm_ended, parent, handle))
 
-    def _arm_ended(self, parent: SupervisorNode, proc: ProcessHandle, _: object) -> None:
-        proc.watch(True)  # the exit, if it came, is handled on the next turn
+    def _arm_ended(
+        self, parent: SupervisorNode, handle: ExecHandle, done: asyncio.Future[_cgexec.Restarted]
+    ) -> None:
+        handle.proc.watch(True)  # the exit, if it came, is handled on the next turn
+        alive = not (handle._finishing or handle.exited.done() or handle.stop_requested)
+        again = handle._arms_sent < len(ARM_AFTER)
+        if alive and again and not done.cancelled() and done.result() is None:
+            # disarmed by a signal that did not end it (or the server said no): again later
+            handle._armed = None
+            self.arm_soon(handle)
         left = self._armed.get(parent, 0) - 1
         if left > 0:
             self._armed[parent] = left
