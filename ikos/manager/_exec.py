@@ -1525,6 +1525,8 @@ class ExecRuntime:
             return None
         if plan.type not in ("simple", "exec") or plan.pid_file or handle.main is not handle.proc:
             return None
+        if not direct_spawn_possible(plan):  # the server starts only what posix_spawn can
+            return None
         cgroup = handle.cgroup
         if cgroup is None or not cgroup.reusable or cgroup.v2_only is None:
             return None
