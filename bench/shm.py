@@ -21,7 +21,6 @@ so does the caller with the reply.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import multiprocessing as mp
 import os
 import statistics
@@ -84,9 +83,11 @@ def interleaved(paths: dict[str, Callable[[], None]], reps: int) -> dict[str, li
 def with_threshold(ref: Any, threshold: int) -> Any:
     """A reference to the same actor whose messages use ``threshold`` (a bench-only knob)."""
     import ikos
+    from ikos.actors._context import InstanceContext
 
+    ctx = ref._context()
     other = ikos.ActorRef(ref.name, root=ref._root)
-    other._ctx = dataclasses.replace(ref._context(), shm_threshold=threshold)
+    other._ctx = InstanceContext(ctx.paths, ctx.secret, ctx.max_frame, threshold)
     return other
 
 

@@ -15,7 +15,6 @@ import sqlite3
 import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import psutil
@@ -33,8 +32,14 @@ from ikos.supervision._backoff import BackoffState, backoff_delay
 from ikos.supervision._spec import Backoff
 
 
-def record(name: str, pid: int, phase: str = "running", kind: str = "actor") -> RunningRecord:
-    boot, ticks = process_stamp(pid) or (boot_id(), -1)
+def record(
+    name: str,
+    pid: int,
+    phase: str = "running",
+    kind: str = "actor",
+    stamp: tuple[str, int] | None = None,
+) -> RunningRecord:
+    boot, ticks = stamp or process_stamp(pid) or (boot_id(), -1)
     return RunningRecord(name, kind, pid, 0.0, pid, 0, time.time(), phase, boot, ticks)
 
 
@@ -116,8 +121,8 @@ def test_a_record_of_another_boot_or_a_reused_pid_is_not_running(
     pid = sleeper(children)
     mine = record("a", pid)
     assert mine.still_running()
-    assert not replace(mine, boot_id="another-boot").still_running()
-    assert not replace(mine, start_ticks=mine.start_ticks - 1).still_running()
+    assert not record("a", pid, stamp=("another-boot", mine.start_ticks)).still_running()
+    assert not record("a", pid, stamp=(mine.boot_id, mine.start_ticks - 1)).still_running()
     children[-1].kill()
     children[-1].wait(timeout=10)
     assert not mine.still_running()

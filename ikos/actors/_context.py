@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
 from ikos.platform._memfd import DEFAULT_SHM_THRESHOLD
@@ -23,15 +22,26 @@ from ikos.platform._paths import InstancePaths
 from ikos.platform._wire import DEFAULT_MAX_FRAME, read_secret
 
 
-@dataclass(frozen=True)
-class InstanceContext:
+class InstanceContext:  # a plain class: a dataclass compiles its methods at ikosd's every start
     """An instance's paths, secret, frame limit and shared-memory threshold, as seen by a
-    client (bytes-like payloads of at least ``shm_threshold`` bytes go by memfd)."""
+    client (bytes-like payloads of at least ``shm_threshold`` bytes go by memfd).
 
-    paths: InstancePaths
-    secret: bytes
-    max_frame: int = DEFAULT_MAX_FRAME
-    shm_threshold: int = DEFAULT_SHM_THRESHOLD
+    Made once per instance and process, and never changed, compared or hashed.
+    """
+
+    __slots__ = ("max_frame", "paths", "secret", "shm_threshold")
+
+    def __init__(
+        self,
+        paths: InstancePaths,
+        secret: bytes,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        shm_threshold: int = DEFAULT_SHM_THRESHOLD,
+    ) -> None:
+        self.paths = paths
+        self.secret = secret
+        self.max_frame = max_frame
+        self.shm_threshold = shm_threshold
 
 
 _lock = threading.Lock()

@@ -24,7 +24,6 @@ supervisor's queue, and the manager could not change without breaking them.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterator, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -42,23 +41,34 @@ if TYPE_CHECKING:
 Access = Literal["public", "private", "control"]
 
 
-@dataclass(frozen=True)
-class Config:
+class Config:  # a plain class: a dataclass compiles its methods at ikosd's every start
     """What ikosd runs: the tree, and what the configuration file declares beside it.
 
     ``services`` and ``health`` are the services each daemon offers and its
     health checks, by daemon name (``[actors.NAME.service]``,
     ``[[executables.NAME.health]]``); ``warnings`` the unknown keys of the
-    file, for whoever loaded it to show.
+    file, for whoever loaded it to show. Nothing compares, hashes or changes it: a
+    reload makes a new one.
     """
 
-    tree: Supervisor
-    file: Path | None = None
-    services: Mapping[str, tuple[ServiceInfo, ...]] = field(default_factory=dict)
-    health: Mapping[str, tuple[HealthCheck, ...]] = field(default_factory=dict)
-    warnings: tuple[str, ...] = ()
-    #: ``[control] readers``: the group whose members may read private verbs.
-    reader_group: str | None = None
+    __slots__ = ("file", "health", "reader_group", "services", "tree", "warnings")
+
+    def __init__(
+        self,
+        tree: Supervisor,
+        file: Path | None = None,
+        services: Mapping[str, tuple[ServiceInfo, ...]] | None = None,
+        health: Mapping[str, tuple[HealthCheck, ...]] | None = None,
+        warnings: tuple[str, ...] = (),
+        reader_group: str | None = None,
+    ) -> None:
+        self.tree = tree
+        self.file = file
+        self.services: Mapping[str, tuple[ServiceInfo, ...]] = {} if services is None else services
+        self.health: Mapping[str, tuple[HealthCheck, ...]] = {} if health is None else health
+        self.warnings = warnings
+        #: ``[control] readers``: the group whose members may read private verbs.
+        self.reader_group = reader_group
 
 
 #: Reads the configuration again (``ikosctl reload-config``, SIGHUP).
@@ -201,13 +211,15 @@ class Spawner(Protocol):
     def decorate_status(self, node: WorkerNode, status: dict[str, Any]) -> None: ...
 
 
-@dataclass(frozen=True)
-class ExtensionHost:
+class ExtensionHost:  # a plain class, as Config
     """What an extension gets when it starts."""
 
-    view: TreeView
-    ops: Operations
-    verbs: VerbRegistry
+    __slots__ = ("ops", "verbs", "view")
+
+    def __init__(self, view: TreeView, ops: Operations, verbs: VerbRegistry) -> None:
+        self.view = view
+        self.ops = ops
+        self.verbs = verbs
 
 
 class Extension:

@@ -44,7 +44,6 @@ import select
 import signal
 import time
 from collections.abc import Collection, Iterable
-from dataclasses import dataclass, field
 
 from ikos.manager._state import RunningRecord, StateStore
 from ikos.platform._cgroups import CgroupManager, instance_cgroup_name
@@ -80,32 +79,44 @@ def instance_mark(paths: InstancePaths) -> str:
     return sha256(str(paths.run_dir).encode()).hexdigest()[:16]
 
 
-@dataclass
+# Plain slotted classes, not dataclasses: a dataclass compiles its methods at every
+# start of ikosd (docs/performance.md, "Launch"). Nothing compares, hashes or copies them.
+
+
 class Marked:
     """A live process carrying this instance's marker."""
 
-    info: ProcInfo
-    daemon: str | None
+    __slots__ = ("daemon", "info")
+
+    def __init__(self, info: ProcInfo, daemon: str | None) -> None:
+        self.info = info
+        self.daemon = daemon
 
 
-@dataclass(frozen=True)
 class Stray:
     """A process to stop: what it is, why, and its start time (to know it is still it)."""
 
-    what: str
-    why: str
-    start_ticks: int | None
-    #: Found by its marker with no row in state.db (the state was lost).
-    unrecorded: bool = False
+    __slots__ = ("start_ticks", "unrecorded", "what", "why")
+
+    def __init__(
+        self, what: str, why: str, start_ticks: int | None, unrecorded: bool = False
+    ) -> None:
+        self.what = what
+        self.why = why
+        self.start_ticks = start_ticks
+        #: Found by its marker with no row in state.db (the state was lost).
+        self.unrecorded = unrecorded
 
 
-@dataclass
 class RecoveryPlan:
     """What a new ikosd found: daemons to adopt, processes to stop (by PID), and why."""
 
-    adoptable: dict[str, RunningRecord] = field(default_factory=dict)
-    strays: dict[int, Stray] = field(default_factory=dict)
-    ended: list[RunningRecord] = field(default_factory=list)
+    __slots__ = ("adoptable", "ended", "strays")
+
+    def __init__(self) -> None:
+        self.adoptable: dict[str, RunningRecord] = {}
+        self.strays: dict[int, Stray] = {}
+        self.ended: list[RunningRecord] = []
 
 
 def find_marked(mark: str) -> list[Marked]:
@@ -303,8 +314,13 @@ class Recovery:
         begun before the extensions start, it runs while they do. Safe as long as
         ikosd starts no process with the instance's mark before :meth:`run`, which
         holds: the fork server, the first to carry it, is started after recovery.
+
+        Handed to the executor here, not by a task of ``asyncio.to_thread``: such a task
+        first runs when the loop next gets control, and the extensions' starts do not
+        give it (the scan began at recovery's ``await``, 4-8 ms on its critical path).
         """
-        return asyncio.ensure_future(asyncio.to_thread(find_marked, instance_mark(paths)))
+        loop = asyncio.get_running_loop()
+        return loop.run_in_executor(None, find_marked, instance_mark(paths))
 
     async def run(
         self, tree_names: Collection[str], scanning: asyncio.Future[list[Marked]]

@@ -50,7 +50,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from ikos._errors import IkosError, ManagerError, PermissionDenied
@@ -116,14 +116,31 @@ def _registry_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-@dataclass(frozen=True)
+# The records below are plain slotted classes, not dataclasses: a dataclass compiles its
+# methods at every start of ikosd (docs/performance.md, "Launch"). Nothing compares,
+# hashes or copies them (a watcher is removed from its list by identity).
+
+
 class _Criteria:
     """What a waiter or watcher wants to hear about (every given field must match)."""
 
-    name: str | None = None
-    pattern: str | None = None
-    capability: str | None = None
-    type: str | None = None
+    __slots__ = ("capability", "name", "pattern", "type")
+
+    def __init__(
+        self,
+        name: str | None = None,
+        pattern: str | None = None,
+        capability: str | None = None,
+        type: str | None = None,
+    ) -> None:
+        self.name = name
+        self.pattern = pattern
+        self.capability = capability
+        self.type = type
+
+    def __repr__(self) -> str:  # the debug log of a waiter
+        given = ", ".join(f"{k}={v!r}" for k, v in self.store_args().items() if v is not None)
+        return f"_Criteria({given})"
 
     @classmethod
     def from_request(cls, req: Request) -> _Criteria:
@@ -171,35 +188,43 @@ class _Criteria:
         }
 
 
-@dataclass
 class _Watcher:
-    criteria: _Criteria
-    queue: asyncio.Queue[dict[str, Any]] = field(
-        default_factory=lambda: asyncio.Queue(WATCH_QUEUE_MAX)
-    )
-    overflowed: bool = False
+    """One ``watch`` stream: what it wants, its queue, and whether the queue overflowed."""
+
+    __slots__ = ("criteria", "overflowed", "queue")
+
+    def __init__(self, criteria: _Criteria) -> None:
+        self.criteria = criteria
+        self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(WATCH_QUEUE_MAX)
+        self.overflowed = False
 
 
-@dataclass
 class _Service:
     """What the service keeps in memory about one registered service."""
 
-    owner: str | None
-    pid: int | None
-    active: bool
-    health: str = "unknown"
+    __slots__ = ("active", "health", "owner", "pid")
+
+    def __init__(
+        self, owner: str | None, pid: int | None, active: bool, health: str = "unknown"
+    ) -> None:
+        self.owner = owner
+        self.pid = pid
+        self.active = active
+        self.health = health
 
 
-@dataclass
 class _Daemon:
     """One worker of the tree as the registry follows it."""
 
-    name: str
-    pid: int | None = None
-    monitor: HealthMonitor | None = None
-    task: asyncio.Task[None] | None = None
-    restarting: bool = False
-    early_heartbeat: str | None = None
+    __slots__ = ("early_heartbeat", "monitor", "name", "pid", "restarting", "task")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.pid: int | None = None
+        self.monitor: HealthMonitor | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.restarting = False
+        self.early_heartbeat: str | None = None
 
 
 class RegistryService(Extension):

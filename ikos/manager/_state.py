@@ -42,7 +42,6 @@ import functools
 import logging
 import sqlite3
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -80,20 +79,46 @@ FLUSH_DELAY = 0.002
 RETRY_DELAYS = (0.1, 0.5, 1.0, 2.0, 5.0)
 
 
-@dataclass(frozen=True)
-class RunningRecord:
-    """A daemon process as the state records it."""
+class RunningRecord:  # a plain class: a dataclass compiles its methods at ikosd's every start
+    """A daemon process as the state records it (read-only by convention: nothing sets,
+    compares or hashes it; a change of the row is a new record)."""
 
-    name: str
-    kind: str
-    pid: int
-    create_time: float
-    sid: int
-    restarts: int
-    started_at: float
-    phase: str = "running"
-    boot_id: str = ""
-    start_ticks: int = -1
+    __slots__ = (
+        "boot_id",
+        "create_time",
+        "kind",
+        "name",
+        "phase",
+        "pid",
+        "restarts",
+        "sid",
+        "start_ticks",
+        "started_at",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        kind: str,
+        pid: int,
+        create_time: float,
+        sid: int,
+        restarts: int,
+        started_at: float,
+        phase: str = "running",
+        boot_id: str = "",
+        start_ticks: int = -1,
+    ) -> None:
+        self.name = name
+        self.kind = kind
+        self.pid = pid
+        self.create_time = create_time
+        self.sid = sid
+        self.restarts = restarts
+        self.started_at = started_at
+        self.phase = phase
+        self.boot_id = boot_id
+        self.start_ticks = start_ticks
 
     @property
     def stamp(self) -> ProcessStamp:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import re
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Final, Literal, TypeAlias, cast
 
 __all__ = [
@@ -181,17 +181,46 @@ class AlertRules:
         return {kind: rule for kind, rule in merged.items() if rule is not None}
 
 
-@dataclass(frozen=True)
+# Alert and Change are plain slotted classes, not dataclasses: a dataclass compiles its
+# methods at every start of ikosd (docs/performance.md, "Launch"). Nothing compares,
+# hashes or changes them (the active set keeps them by (daemon, kind); a new value is
+# a copy, :meth:`Alert.with_value`).
+
+
 class Alert:
     """An alert as it is shown: ``since`` is when it fired (the engine's clock)."""
 
-    alert: str
-    daemon: str
-    severity: Severity
-    value: float | None
-    threshold: float | None
-    since: float
-    message: str
+    __slots__ = ("alert", "daemon", "message", "severity", "since", "threshold", "value")
+
+    def __init__(
+        self,
+        alert: str,
+        daemon: str,
+        severity: Severity,
+        value: float | None,
+        threshold: float | None,
+        since: float,
+        message: str,
+    ) -> None:
+        self.alert = alert
+        self.daemon = daemon
+        self.severity = severity
+        self.value = value
+        self.threshold = threshold
+        self.since = since
+        self.message = message
+
+    def with_value(self, value: float | None, severity: Severity | None = None) -> Alert:
+        """A copy showing ``value`` (and ``severity``): an alert once made is not changed."""
+        return Alert(
+            self.alert,
+            self.daemon,
+            self.severity if severity is None else severity,
+            value,
+            self.threshold,
+            self.since,
+            self.message,
+        )
 
     def to_json(self) -> dict[str, Any]:
         """The object of ``ikosctl alerts --json`` (docs/protocol.md)."""
@@ -206,14 +235,18 @@ class Alert:
         }
 
 
-@dataclass(frozen=True)
 class Change:
     """An alert that fired or resolved at ``at``, and the rule it follows."""
 
-    event: Literal["fired", "resolved"]
-    alert: Alert
-    rule: Rule
-    at: float
+    __slots__ = ("alert", "at", "event", "rule")
+
+    def __init__(
+        self, event: Literal["fired", "resolved"], alert: Alert, rule: Rule, at: float
+    ) -> None:
+        self.event = event
+        self.alert = alert
+        self.rule = rule
+        self.at = at
 
 
 class _Track:  # a plain class: a dataclass compiles its methods at ikosd's every start
@@ -348,7 +381,7 @@ class AlertEngine:
             )
             return [self._fire(fired, rule, now)]
         # active: keep showing the latest value; resolve after resolve_for below the line
-        self._active[key] = replace(alert, value=value, severity=rule.severity)
+        self._active[key] = alert.with_value(value, rule.severity)
         if value >= rule.resolve_threshold:
             track.below_since = None
             return []
@@ -414,7 +447,7 @@ class AlertEngine:
         return Change("fired", alert, rule, now)
 
     def _resolve(self, key: tuple[str, str], rule: Rule, now: float, value: float | None) -> Change:
-        alert = replace(self._active.pop(key), value=value)
+        alert = self._active.pop(key).with_value(value)
         return Change("resolved", alert, rule, now)
 
 

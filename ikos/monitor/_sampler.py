@@ -49,7 +49,6 @@ import contextlib
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from ikos.monitor._text import TextFamily
@@ -63,16 +62,22 @@ _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 MAX_PROCESSES = 4096
 
 
-@dataclass(frozen=True)
+# Target and Usage are plain slotted classes, not dataclasses: a dataclass compiles its
+# methods at every start of ikosd (docs/performance.md, "Launch"). Nothing compares,
+# hashes, copies or changes them.
+
+
 class Target:
     """A daemon to sample: its name and its main process."""
 
-    name: str
-    pid: int
+    __slots__ = ("name", "pid")
+
+    def __init__(self, name: str, pid: int) -> None:
+        self.name = name
+        self.pid = pid
 
 
-@dataclass(frozen=True, slots=True)  # one kept per running daemon: no __dict__
-class Usage:
+class Usage:  # one kept per running daemon: slotted, no __dict__
     """One daemon's resource usage at ``sampled_at`` (Unix time), summed over its processes.
 
     ``rss_bytes`` counts shared pages once per process (as ``ps`` does);
@@ -82,17 +87,46 @@ class Usage:
     the kernel does not let ikosd read them.
     """
 
-    pid: int
-    cpu_seconds: float
-    cpu_percent: float | None
-    rss_bytes: int
-    uss_bytes: int | None
-    open_fds: int
-    threads: int
-    io_read_bytes: int | None
-    io_write_bytes: int | None
-    processes: int
-    sampled_at: float
+    __slots__ = (
+        "cpu_percent",
+        "cpu_seconds",
+        "io_read_bytes",
+        "io_write_bytes",
+        "open_fds",
+        "pid",
+        "processes",
+        "rss_bytes",
+        "sampled_at",
+        "threads",
+        "uss_bytes",
+    )
+
+    def __init__(
+        self,
+        *,
+        pid: int,
+        cpu_seconds: float,
+        cpu_percent: float | None,
+        rss_bytes: int,
+        uss_bytes: int | None,
+        open_fds: int,
+        threads: int,
+        io_read_bytes: int | None,
+        io_write_bytes: int | None,
+        processes: int,
+        sampled_at: float,
+    ) -> None:
+        self.pid = pid
+        self.cpu_seconds = cpu_seconds
+        self.cpu_percent = cpu_percent
+        self.rss_bytes = rss_bytes
+        self.uss_bytes = uss_bytes
+        self.open_fds = open_fds
+        self.threads = threads
+        self.io_read_bytes = io_read_bytes
+        self.io_write_bytes = io_write_bytes
+        self.processes = processes
+        self.sampled_at = sampled_at
 
     def to_json(self) -> dict[str, Any]:
         """The ``usage`` object of a daemon's status (docs/operations.md)."""

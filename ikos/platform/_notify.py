@@ -62,8 +62,7 @@ _KEY_RE = re.compile(r"^[A-Za-z0-9_]+$")
 LOG_WINDOW = 10.0
 
 
-@dataclass(frozen=True)
-class SenderLimits:
+class SenderLimits:  # a plain class: a dataclass compiles its methods at ikosd's every start
     """Token buckets of notifications: ``rate`` per second, bursts of ``burst``.
 
     A daemon sends a handful of notifications in its life plus one
@@ -72,16 +71,28 @@ class SenderLimits:
     Root and the manager's own user are not limited (``exempt_uids``, by
     default those two): what the limits guard against is *another* user's
     flood, and a daemon of the instance's owner that reports ``READY=1``
-    after a burst of ``STATUS=`` lines must not lose it.
+    after a burst of ``STATUS=`` lines must not lose it. Never changed, compared or
+    hashed.
     """
 
-    pid_rate: float = 100.0
-    pid_burst: float = 200.0
-    uid_rate: float = 1000.0
-    uid_burst: float = 2000.0
-    #: Senders tracked at once; past it the idle buckets are forgotten (a full one is idle).
-    max_tracked: int = 4096
-    exempt_uids: frozenset[int] = frozenset({0, os.getuid()})
+    __slots__ = ("exempt_uids", "max_tracked", "pid_burst", "pid_rate", "uid_burst", "uid_rate")
+
+    def __init__(
+        self,
+        pid_rate: float = 100.0,
+        pid_burst: float = 200.0,
+        uid_rate: float = 1000.0,
+        uid_burst: float = 2000.0,
+        max_tracked: int = 4096,
+        exempt_uids: frozenset[int] = frozenset({0, os.getuid()}),
+    ) -> None:
+        self.pid_rate = pid_rate
+        self.pid_burst = pid_burst
+        self.uid_rate = uid_rate
+        self.uid_burst = uid_burst
+        #: Senders tracked at once; past it the idle buckets are forgotten (a full one is idle).
+        self.max_tracked = max_tracked
+        self.exempt_uids = exempt_uids
 
 
 class _Buckets:

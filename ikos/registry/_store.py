@@ -42,7 +42,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal, TypeAlias
 
@@ -131,18 +131,20 @@ _GLOB_SPECIAL = re.compile(r"[*?\[]")
 _TOP = "\U0010ffff"
 
 
-@dataclass(frozen=True)
-class RegistryEvent:
+class RegistryEvent:  # a plain class: a dataclass compiles its methods at ikosd's every start
     """A change of the registry: ``kind`` says what happened to ``info``.
 
     ``registered`` (new or replaced), ``unregistered`` (``info`` as it was),
     ``health`` (health changed), ``inactive`` (owner died or stopped),
     ``active`` (an inactive service came back, e.g. re-registered after a
-    restart).
+    restart). Never changed, compared or hashed.
     """
 
-    kind: EventKind
-    info: ServiceInfo
+    __slots__ = ("info", "kind")
+
+    def __init__(self, kind: EventKind, info: ServiceInfo) -> None:
+        self.kind = kind
+        self.info = info
 
 
 def process_alive(pid: int, start: OwnerStart) -> bool:
