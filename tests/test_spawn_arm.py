@@ -16,11 +16,13 @@ process, cgroup member, descriptor.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import functools
 import os
 import shutil
 import signal
+import socket
 from pathlib import Path
 
 import pytest
@@ -197,7 +199,13 @@ def _state(pid: int) -> str:
 
 @pytest.mark.parametrize(
     "message",
-    [b"arm\0", b"arm\0x\0", b"arm\0 7\0 0\0 1\0 0\0", b"disarm\0", b"disarm\0 99\0"],
+    [
+        b"arm\0",
+        b"arm\0x\0",
+        b"arm\0 7\0 0\0 1\0 0\0",
+        b"disarm\0",
+        b"disarm\0 99\0",
+    ],
 )
 def test_the_server_refuses_a_malformed_arm_and_serves_on(message: bytes) -> None:
     helper = _cgexec.build()
@@ -259,3 +267,39 @@ def test_a_signal_that_does_not_end_the_daemon_disarms_until_it_is_armed_again(
         assert isinstance(d.handle, ExecHandle) and d.handle.started_by == ARMED
 
     _with_runtime(tmp_path, body)
+
+
+def test_the_server_refuses_an_arm_whose_counts_exceed_the_message() -> None:
+    helper = _cgexec.build()
+    if helper is None:
+        pytest.skip("no C compiler to build the spawn helper")
+
+    async def main() -> None:
+        server = _cgexec.SpawnServer(helper)
+        sock = server._sock or server._start()
+        pidfd = os.pidfd_open(os.getpid())
+        root = os.open("/", os.O_RDONLY | os.O_DIRECTORY)
+        null = os.open(os.devnull, os.O_RDONLY)
+        try:
+            for number, argc, unique in ((8, 2**63 - 1, 1), (9, 1, 2**63 - 1), (10, 5, 0)):
+                ended: asyncio.Future[_cgexec.Restarted] = (
+                    asyncio.get_running_loop().create_future()
+                )
+                server._arms[number] = ended
+                fields = ["arm", str(number), "3", str(argc), str(unique), "/bin/true", "true"]
+                payload = "\0".join(fields).encode() + b"\0"
+                rights = [
+                    (socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [pidfd, root, null]))
+                ]
+                sock.sendmsg([payload], rights)
+                # refused ("skip"), not kept with a count that reads past its strings
+                assert await asyncio.wait_for(ended, 10) is None
+            assert (
+                server.usable and server.pid is not None and os.path.exists(f"/proc/{server.pid}")
+            )
+        finally:
+            for fd in (pidfd, root, null):
+                os.close(fd)
+            server.close()
+
+    asyncio.run(main())

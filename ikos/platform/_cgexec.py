@@ -371,6 +371,8 @@ static void arm_request(int sock, long n, int *fds, int nfds, int truncated)
     int want = 3 + !(flags & 1) + !(flags & 2);
     /* the head: EXE, ARGV, UNIQUE; the rest is the shared environment */
     char *head = count == 6 ? ptrs[5] : NULL, *end = head;
+    if (argc < 1 || argc > MAX_REQUEST / 2 || nunique < 0 || nunique > MAX_REQUEST / 2)
+        head = NULL; /* more strings than the message can hold (nor overflow the count) */
     for (long i = 0; head && i < 1 + argc + nunique; i++) {
         if (end >= request + n) {
             head = NULL;
