@@ -78,6 +78,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ikos.platform._digest import sha256
+from ikos.platform._memfd import RECV_FLAGS, close_all, fds_of
 from ikos.platform._process import (
     add_reap_guard,
     disown,
@@ -792,6 +793,11 @@ _RIGHTS_SPACE = socket.CMSG_SPACE(array.array("i").itemsize * 4)
 Restarted = tuple[int | None, str, list[int]] | None
 
 
+def armed_restarts_enabled() -> bool:
+    """Whether restarts may be armed in the server (``IKOS_ARMED_RESTARTS=off`` says no)."""
+    return os.environ.get("IKOS_ARMED_RESTARTS", "").lower() not in ("off", "0", "no")
+
+
 def server_enabled() -> bool:
     """Whether the spawn server may be used (``IKOS_SPAWN_SERVER=off`` says no)."""
     return os.environ.get("IKOS_SPAWN_SERVER", "").lower() not in ("off", "0", "no")
@@ -1076,20 +1082,17 @@ class SpawnServer:
         while self._sock is not None:
             fds: list[int] = []
             try:
-                data, ancillary, _, _ = self._sock.recvmsg(
-                    8192, _RIGHTS_SPACE, socket.MSG_CMSG_CLOEXEC
-                )
+                data, ancillary, flags, _ = self._sock.recvmsg(8192, _RIGHTS_SPACE, RECV_FLAGS)
             except BlockingIOError:
                 return
             except OSError:
-                data, ancillary = b"", []
-            for level, kind, cdata in ancillary:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    got = array.array("i")
-                    got.frombytes(cdata[: len(cdata) - len(cdata) % got.itemsize])
-                    fds.extend(got)
+                data, ancillary, flags = b"", [], 0
+            if ancillary:
+                # cut short, the read ends are closed: an "auto" without its pipes
+                with contextlib.suppress(ValueError):
+                    fds = fds_of(ancillary, flags)
             if not data:
-                _close_all(fds)
+                close_all(fds)
                 self._fail("the spawn server exited")
                 return
             text = data.decode("utf-8", "replace").strip()
@@ -1097,7 +1100,7 @@ class SpawnServer:
             if word in ("auto", "skip"):
                 self._armed_news(word, rest, fds)
                 continue
-            _close_all(fds)
+            close_all(fds)
             self._reply(text)
 
     def _armed_news(self, word: str, rest: str, fds: list[int]) -> None:
@@ -1118,12 +1121,12 @@ class SpawnServer:
         self._unwatch(number)
         done = self._arms.pop(number, None)
         if done is None or done.done():  # nobody waits for it: nothing may be left
-            _close_all(fds)
+            close_all(fds)
             kill_and_reap(pid)
         elif word == "auto":
             done.set_result((pid, error, fds))
         else:
-            _close_all(fds)
+            close_all(fds)
             done.set_result(None)
 
     def _reply(self, text: str) -> None:
@@ -1161,8 +1164,7 @@ class SpawnServer:
         if not self._dead:
             log.warning("%s: starting through the one-shot trampoline from now on", why)
         self._dead = True
-        self.close()
-        self._end_arms()
+        self.close()  # and ends the arms
         while self._pending:
             done = self._pending.popleft()
             release_reaping()
@@ -1214,12 +1216,6 @@ def _reap_within(pid: int, timeout: float) -> None:
                 os.waitpid(pid, 0)
                 return
             time.sleep(0.001)
-
-
-def _close_all(fds: list[int]) -> None:
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
 
 
 def kill_and_reap(pid: int | None) -> None:
