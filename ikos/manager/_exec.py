@@ -54,6 +54,7 @@ from ikos.manager._logs import DaemonLogs
 from ikos.platform import _cgexec
 from ikos.platform._cgroups import CgroupManager, DaemonCgroup, instance_cgroup_name
 from ikos.platform._forkserver import ForkServer
+from ikos.platform._memfd import close_all
 from ikos.platform._notify import NotifyMessage, NotifySocket, main_pid
 from ikos.platform._paths import InstancePaths
 from ikos.platform._pidfile import (
@@ -233,8 +234,6 @@ def make_directories(spec: Exec, plan: ExecPlan) -> None:
             ) from None
 
 
-#: ``IKOS_ARMED_RESTARTS=off`` leaves restarts to ikosd's loop (restart_early) alone.
-_ARMING = os.environ.get("IKOS_ARMED_RESTARTS", "").lower() not in ("off", "0", "no")
 #: The end an arm is forecast for: any end restarts a permanent executable alike.
 _ANY_END = ExitReason("killed by SIGKILL", signal=signal.SIGKILL)
 
@@ -1435,8 +1434,7 @@ class ExecRuntime:
         if self.spawn_helper is None or not _cgexec.server_enabled():
             return None
         reason = ExitReason.from_process(status, handle.exit_event())
-        pending = sum(1 for n in self._early if n.parent is parent) + self._armed.get(parent, 0)
-        if not parent.restarts_at_once(node, reason, pending):
+        if not parent.restarts_at_once(node, reason, self._foreseen(parent)):
             return None
         try:
             # the plan of the run that ended, as spawn() would build it again (same spec,
@@ -1484,6 +1482,11 @@ class ExecRuntime:
             self.logs.release(spec.name, unmatched)
         return reply
 
+    def _foreseen(self, parent: SupervisorNode) -> int:
+        """The restarts of ``parent``'s children foreseen and not counted by it yet: sent
+        early (their exits not handled) and armed in the spawn server."""
+        return sum(1 for n in self._early if n.parent is parent) + self._armed.get(parent, 0)
+
     # -- restarts armed in the spawn server ---------------------------------------------
 
     def arm_soon(self, handle: ExecHandle, attempt: int = 0) -> None:
@@ -1501,7 +1504,7 @@ class ExecRuntime:
         started, an emptied cgroup of its own). ikosd disarms before every
         signal it sends (:meth:`ExecHandle.disarm`).
         """
-        if attempt >= len(ARM_AFTER) or not _ARMING:
+        if attempt >= len(ARM_AFTER) or not _cgexec.armed_restarts_enabled():
             return
         if self._armable(handle) is not None:
             delay = ARM_AFTER[attempt] - (ARM_AFTER[attempt - 1] if attempt else 0.0)
@@ -1530,6 +1533,8 @@ class ExecRuntime:
             return None
         if not direct_spawn_possible(plan):  # the server starts only what posix_spawn can
             return None
+        if plan.stdout.mode == "file" or plan.stderr.mode == "file":
+            return None  # truncated at each start: not a second before it
         cgroup = handle.cgroup
         if cgroup is None or not cgroup.reusable or cgroup.v2_only is None:
             return None
@@ -1547,7 +1552,7 @@ class ExecRuntime:
             return
         if handle.environ_generation != environ_generation():
             return  # the plan no longer holds ikosd's environment
-        pending = sum(1 for n in self._early if n.parent is parent) + self._armed.get(parent, 0)
+        pending = self._foreseen(parent)
         if node.state is not State.RUNNING or not parent.restarts_at_once(node, _ANY_END, pending):
             self.arm_soon(handle, attempt + 1)  # a busy supervisor, a back-off: later
             return
@@ -1564,8 +1569,6 @@ class ExecRuntime:
                 elif std.mode == "inherit":
                     fcntl.fcntl(target, fcntl.F_GETFD)  # closed: not armed
                     stdio.append(target)
-                elif std.mode == "file" and target != 0:
-                    return  # truncated at each start: not a second before it
                 else:
                     opened.append(_open_stream(std, target))
                     stdio.append(opened[-1])
@@ -1613,14 +1616,12 @@ class ExecRuntime:
         start that cannot be the next run: killed)."""
         node = handle.node
         logged = [stream for _, std, stream in _stdio(handle.plan) if std.mode == "log"]
-        if pid is None or node is None or node.handle is not handle or node in self._early:
-            _cgexec._close_all(fds)
-            _cgexec.kill_and_reap(pid)
-            return False
-        stale = handle.environ_generation != environ_generation()  # ikosd's changed since
-        stale = stale or node.spec is not handle.spec
-        if stale or handle.cgroup is None or len(fds) != len(logged):
-            _cgexec._close_all(fds)
+        if (
+            pid is None or node is None or node.handle is not handle or node in self._early
+            or node.spec is not handle.spec or handle.cgroup is None or len(fds) != len(logged)
+            or handle.environ_generation != environ_generation()  # ikosd's changed since
+        ):  # fmt: skip
+            close_all(fds)
             _cgexec.kill_and_reap(pid)
             return False
         reply: asyncio.Future[tuple[int | None, str]] = handle.loop.create_future()
