@@ -97,3 +97,14 @@ def test_history_is_bounded_and_ordered(max_r: int, period: float, steps: list[f
         assert len(r.history) <= max_r + 1
         assert list(r.history) == sorted(r.history)
         assert r.history[-1] == now
+
+
+@given(max_restarts, within, gaps, st.integers(min_value=1, max_value=10))
+def test_allows_counts_what_add_would_decide_one_at_a_time(
+    max_r: int, period: float, steps: list[float], count: int
+) -> None:
+    times = list(accumulate(steps))
+    intensity, _ = run(RestartIntensity(max_r, period), times[:-1])
+    now = times[-1]
+    _, decisions = run(intensity, [now] * count)
+    assert intensity.allows(now, count) == all(decisions)

@@ -61,6 +61,11 @@ class RestartIntensity:
         bound = max(self.max_restarts, 0) + 1
         return RestartIntensity(self.max_restarts, self.within, kept[-bound:]), allowed
 
+    def allows(self, now: float, count: int) -> bool:
+        """Whether ``count`` restarts at ``now`` would all be allowed: :meth:`add`'s rule,
+        counted instead of applied ``count`` times (the new value is not needed)."""
+        return self.restarts_within(now) + count <= self.max_restarts
+
     def restarts_within(self, now: float) -> int:
         """How many recorded restarts lie in the window ending at ``now`` (for status)."""
         return sum(1 for t in self.history if now - t <= self.within)

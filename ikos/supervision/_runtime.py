@@ -992,9 +992,8 @@ class SupervisorNode(Node):
         limit = child.spec.max_restarts if isinstance(child.spec, Exec) else None
         if limit is not None and not self._restart_foreseen(child, limit, now):
             return False
-        # as many restarts at ``now`` as are foreseen, then this one: RestartIntensity.add's
-        # rule, counted (an arm per daemon of a wave of 500 must not loop 500 times)
-        if self.intensity.restarts_within(now) + pending + 1 > self.intensity.max_restarts:
+        # the restarts foreseen, then this one (an arm per daemon of a wave of 500)
+        if not self.intensity.allows(now, pending + 1):
             return False
         backoff = child.spec.backoff or self.spec.backoff or _fixed_delay(child.spec)
         first_free = False
